@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make demo` (the bookinfo demo on a simulated node) and
+# `make test` (lint, types, layering, then every test tier). Both bootstrap by themselves.
+PY := .venv/bin/python
+
+.PHONY: bootstrap demo test lint unit privileged e2e bench clean
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+demo: bootstrap
+	$(PY) -m agent.cli demo
+
+lint: bootstrap
+	.venv/bin/ruff check agent tests bench
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+
+test: lint
+	$(PY) -m pytest -q tests
+
+unit: bootstrap
+	$(PY) -m pytest -q tests/unit
+
+bench: bootstrap
+	$(PY) -m bench
+
+clean:
+	$(PY) -m agent.cli lab down || true
+	rm -rf .venv build *.egg-info

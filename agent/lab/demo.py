@@ -1,0 +1,15 @@
+"""`podfence demo` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def run(args: argparse.Namespace) -> int:
+    print("podfence demo: not built yet", file=sys.stderr)
+    return 1
