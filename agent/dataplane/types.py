@@ -67,3 +67,7 @@ class NodeState:
     identities: dict[int, tuple[IPAddress, ...]] = field(default_factory=dict)
     # The node's own addresses: always allowed to reach local pods (kubelet probes).
     node_ips: tuple[IPAddress, ...] = ()
+    # Every host-side pod interface the node layer found (ifindexes), known endpoint or not.
+    # The dataplane guards all of them: traffic of one that no endpoint claims follows the
+    # unknown-endpoint setting (default: dropped), so a new pod is never unfiltered.
+    pod_interfaces: frozenset[int] = frozenset()
