@@ -1,0 +1,84 @@
+"""Turns a node's compiled policy (agent.policy.compiled.NodePolicy) into Sync messages.
+
+A snapshot carries the whole NodePolicy; a delta carries only the endpoints and identities that
+differ between two consecutive NodePolicy values of the same node. Both are pure functions, so
+the server can build them outside its lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.api import podfence_pb2 as pb
+from agent.policy.compiled import AllowEntry, CidrRef, DirectionAllows, EndpointPolicy, NodePolicy
+
+
+def _allow(entry: AllowEntry) -> pb.Allow:
+    peer = entry.peer
+    if isinstance(peer, CidrRef):
+        block = pb.IPBlock(cidr=str(peer.cidr))
+        # `except` is a Python keyword, so the repeated field is reached with getattr.
+        getattr(block, "except").extend(str(e) for e in peer.excepts)
+        proto_peer = pb.Peer(cidr=block)
+    else:
+        proto_peer = pb.Peer(identity=peer.identity)
+    return pb.Allow(
+        peer=proto_peer,
+        protocol=entry.protocol,
+        port_first=entry.port_first,
+        port_last=entry.port_last,
+        policy=entry.policy,
+    )
+
+
+def _direction(direction: DirectionAllows) -> pb.DirectionPolicy:
+    return pb.DirectionPolicy(isolated=direction.isolated, allows=[_allow(a) for a in direction.allows])
+
+
+def encode_endpoint(endpoint: EndpointPolicy) -> pb.Endpoint:
+    return pb.Endpoint(
+        namespace=endpoint.namespace,
+        name=endpoint.name,
+        ips=[str(ip) for ip in endpoint.ips],
+        ingress=_direction(endpoint.ingress),
+        egress=_direction(endpoint.egress),
+    )
+
+
+def _identity(identity: int, ips: tuple[Any, ...]) -> pb.Identity:
+    return pb.Identity(id=identity, ips=[str(ip) for ip in ips])
+
+
+def snapshot_message(version: int, policy: NodePolicy) -> pb.ControlMessage:
+    return pb.ControlMessage(
+        version=version,
+        snapshot=pb.Snapshot(
+            endpoints=[encode_endpoint(policy.endpoints[key]) for key in sorted(policy.endpoints)],
+            identities=[_identity(i, policy.identities[i]) for i in sorted(policy.identities)],
+        ),
+    )
+
+
+def delta_message(version: int, before: NodePolicy, after: NodePolicy) -> pb.ControlMessage:
+    """What turns `before` into `after`; endpoints are keyed "namespace/name" on both sides."""
+    upserts = [
+        encode_endpoint(after.endpoints[key])
+        for key in sorted(after.endpoints)
+        if before.endpoints.get(key) != after.endpoints[key]
+    ]
+    removed = sorted(key for key in before.endpoints if key not in after.endpoints)
+    identity_upserts = [
+        _identity(i, after.identities[i])
+        for i in sorted(after.identities)
+        if before.identities.get(i) != after.identities[i]
+    ]
+    identity_removed = sorted(i for i in before.identities if i not in after.identities)
+    return pb.ControlMessage(
+        version=version,
+        delta=pb.Delta(
+            upsert_endpoints=upserts,
+            remove_endpoints=removed,
+            upsert_identities=identity_upserts,
+            remove_identities=identity_removed,
+        ),
+    )

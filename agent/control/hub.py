@@ -1,0 +1,275 @@
+"""The control service's core: one policy version counter, per-node streams, per-node status.
+
+Sources mutate the Resolver inside `PolicyHub.change()`; leaving that block bumps the global
+version and queues the new NodePolicy on the stream of every node whose policy actually changed
+(the Resolver tells which nodes are dirty). Each stream's queue is bounded: a stream that falls
+too far behind drops its queue and gets a fresh snapshot instead. The gRPC layer (server.py) only
+moves messages between a StreamHandle and the wire.
+
+Status semantics: a node's `applied_version` is the last version it acknowledged, except that a
+connected node that has acknowledged its latest change is reported at the current version — the
+versions since then did not change what that node enforces, so it is in sync with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.control.metrics import ControlMetrics
+from agent.policy.compiled import NodePolicy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PENDING = 32  # queued versions per stream before it is reset to a snapshot
+_REMEMBERED_VERSIONS = 4096  # per stream, to reject acks of versions it was never sent
+
+
+class PolicyResolver(Protocol):
+    """What the hub needs of agent.policy.resolver.Resolver."""
+
+    def upsert(self, obj: Any) -> None: ...
+    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+    def replace_all(self, objs: Any) -> None: ...
+    def node_policy(self, node: str) -> NodePolicy: ...
+    def take_dirty_nodes(self) -> set[str]: ...
+
+
+class StreamClosed(Exception):
+    """Raised to the stream's sender when it must end; carries why and whether it is the client's fault."""
+
+    def __init__(self, reason: str, client_error: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.client_error = client_error
+
+
+class AckError(ValueError):
+    """An ack that does not match anything this stream was sent (a malformed client message)."""
+
+
+@dataclass
+class Outgoing:
+    """One message to send: the node's whole policy at `version`, as a snapshot or as a delta."""
+
+    version: int
+    policy: NodePolicy
+    snapshot: bool
+    build_seconds: float = 0.0  # time already spent computing `policy`, for the snapshot histogram
+
+
+@dataclass
+class NodeRecord:
+    acked_version: int = 0
+    connected: bool = False
+    last_error: str | None = None
+    latest_change: int = 0  # version of the newest message queued for this node
+
+
+class StreamHandle:
+    """One node's open Sync stream: a bounded queue of versions to send, filled by the hub."""
+
+    def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int) -> None:
+        self.hub = hub
+        self.node = node
+        self.stream_id = stream_id
+        self._max_pending = max_pending
+        self._cond = threading.Condition()
+        self._queue: deque[Outgoing] = deque()
+        self._closed: StreamClosed | None = None
+        self._sent: set[int] = set()
+        self._sent_order: deque[int] = deque()
+        self.last_sent: NodePolicy | None = None  # what the agent has, if it applied everything
+        self.queued_policy: NodePolicy | None = None  # newest policy queued (hub side, under hub lock)
+
+    def push(self, item: Outgoing) -> bool:
+        """Queue a version; returns False when the stream was too far behind and got reset instead."""
+        with self._cond:
+            if self._closed is not None:
+                return True
+            reset = len(self._queue) >= self._max_pending
+            if reset:
+                self._queue.clear()
+                item = Outgoing(item.version, item.policy, snapshot=True, build_seconds=item.build_seconds)
+            self._queue.append(item)
+            self._cond.notify()
+            return not reset
+
+    def next(self, timeout: float | None = None) -> Outgoing | None:
+        """The next message to send; None on timeout; raises StreamClosed once closed."""
+        with self._cond:
+            if not self._queue and self._closed is None:
+                self._cond.wait(timeout)
+            if self._closed is not None:
+                raise self._closed
+            return self._queue.popleft() if self._queue else None
+
+    def mark_sent(self, version: int, policy: NodePolicy) -> None:
+        with self._cond:
+            self.last_sent = policy
+            self._sent.add(version)
+            self._sent_order.append(version)
+            if len(self._sent_order) > _REMEMBERED_VERSIONS:
+                self._sent.discard(self._sent_order.popleft())
+
+    def was_sent(self, version: int) -> bool:
+        with self._cond:
+            return version in self._sent
+
+    def close(self, reason: str, client_error: bool = False) -> None:
+        """Ends the stream (idempotent: the first reason wins)."""
+        with self._cond:
+            if self._closed is None:
+                self._closed = StreamClosed(reason, client_error)
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed is not None
+
+
+@dataclass
+class HubStatus:
+    version: int
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)  # copies, with the reported applied version
+
+
+class PolicyHub:
+    """Owns the Resolver, the version counter, the open streams and the per-node records."""
+
+    def __init__(
+        self,
+        resolver: PolicyResolver,
+        metrics: ControlMetrics | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        initial_version: int | None = None,
+    ) -> None:
+        self._resolver = resolver
+        self.metrics = metrics if metrics is not None else ControlMetrics()
+        self._max_pending = max_pending
+        # Wall-clock milliseconds as the starting point keep versions growing across restarts of
+        # this service, so a status reader never sees the version go backwards after a restart.
+        self._version = initial_version if initial_version is not None else time.time_ns() // 1_000_000
+        self._lock = threading.RLock()
+        self._streams: dict[str, StreamHandle] = {}
+        self._records: dict[str, NodeRecord] = {}
+        self._next_stream_id = 0
+        self.metrics.watch_hub(self._metric_view)
+
+    # --- sources ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def change(self) -> Iterator[PolicyResolver]:
+        """Mutate the resolver inside the block; on exit, publish one new version to affected nodes."""
+        with self._lock:
+            yield self._resolver
+            self._publish_locked()
+
+    def _publish_locked(self) -> None:
+        self._version += 1
+        version = self._version
+        changed = 0
+        for node in self._resolver.take_dirty_nodes():
+            stream = self._streams.get(node)
+            if stream is None:
+                continue  # it gets a snapshot when it connects
+            policy = self._resolver.node_policy(node)
+            if policy == stream.queued_policy:
+                continue
+            stream.queued_policy = policy
+            self._records[node].latest_change = version
+            changed += 1
+            if not stream.push(Outgoing(version, policy, snapshot=False)):
+                self.metrics.streams_reset_total.inc()
+                log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
+                            self._max_pending)
+        log.info("policy version %d: %d connected node(s) changed", version, changed)
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    def open_stream(self, node: str, last_applied_version: int) -> StreamHandle:
+        """Registers a node's new stream (closing an older one) and queues its snapshot."""
+        with self._lock:
+            self._next_stream_id += 1
+            handle = StreamHandle(self, node, self._next_stream_id, self._max_pending)
+            older = self._streams.get(node)
+            if older is not None:
+                older.close(f"superseded by a newer stream for node {node}")
+                log.info("node %s: newer stream replaces stream %d", node, older.stream_id)
+            self._streams[node] = handle
+            record = self._records.setdefault(node, NodeRecord())
+            record.connected = True
+            # The agent's own number: it may come from another replica, so never beyond ours.
+            record.acked_version = min(last_applied_version, self._version)
+            started = time.perf_counter()
+            policy = self._resolver.node_policy(node)
+            handle.queued_policy = policy
+            record.latest_change = self._version
+            handle.push(Outgoing(self._version, policy, snapshot=True,
+                                 build_seconds=time.perf_counter() - started))
+            log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
+                     self._version)
+            return handle
+
+    def close_stream(self, handle: StreamHandle, reason: str) -> None:
+        handle.close(reason)
+        with self._lock:
+            if self._streams.get(handle.node) is handle:
+                del self._streams[handle.node]
+                self._records[handle.node].connected = False
+                log.info("node %s disconnected: %s", handle.node, reason)
+
+    def ack(self, handle: StreamHandle, version: int, ok: bool, error: str) -> None:
+        """Records an agent's ack/nack; raises AckError for a version this stream was never sent."""
+        if not handle.was_sent(version):
+            raise AckError(f"ack for version {version}, which this stream was never sent")
+        with self._lock:
+            if self._streams.get(handle.node) is not handle:
+                return  # a superseded stream's late ack says nothing about the node now
+            record = self._records[handle.node]
+            if ok:
+                record.acked_version = max(record.acked_version, version)
+                record.last_error = None
+            else:
+                record.last_error = error or "unspecified dataplane error"
+                log.warning("node %s failed to apply version %d: %s", handle.node, version,
+                            record.last_error)
+
+    def close_all(self, reason: str) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.close(reason)
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def status(self) -> HubStatus:
+        with self._lock:
+            nodes = {}
+            for node, record in self._records.items():
+                in_sync = record.connected and record.last_error is None and (
+                    record.acked_version >= record.latest_change
+                )
+                nodes[node] = NodeRecord(
+                    acked_version=self._version if in_sync else record.acked_version,
+                    connected=record.connected,
+                    last_error=record.last_error,
+                    latest_change=record.latest_change,
+                )
+            return HubStatus(self._version, nodes)
+
+    def _metric_view(self) -> tuple[int, dict[str, tuple[int, bool]]]:
+        status = self.status()
+        return status.version, {n: (r.acked_version, r.connected) for n, r in status.nodes.items()}

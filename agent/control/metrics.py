@@ -1,0 +1,69 @@
+"""Prometheus metrics of the control service, registered on a registry the caller passes in.
+
+Gauges that describe live state (version, connected nodes, per-node lag) are read from the hub at
+scrape time by a custom collector, so they can never drift from what GetStatus reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class ControlMetrics:
+    """The metrics a control service updates as events happen (counters, histograms, gauges)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.snapshot_build_seconds = Histogram(
+            "podfence_control_snapshot_build_seconds",
+            "Time to compute one node's policy and encode it as a snapshot message.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.source_errors_total = Counter(
+            "podfence_control_source_errors",
+            "Errors reading the policy source (unparsable files, API errors).",
+            registry=self.registry,
+        )
+        self.invalid_objects = Gauge(
+            "podfence_control_invalid_objects",
+            "Objects currently skipped because they failed validation.",
+            registry=self.registry,
+        )
+        self.streams_reset_total = Counter(
+            "podfence_control_stream_resets",
+            "Streams that fell too far behind and were resynchronised with a snapshot.",
+            registry=self.registry,
+        )
+
+    def watch_hub(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
+        """Register the scrape-time gauges; `read` returns (version, {node: (applied, connected)})."""
+        self.registry.register(_HubCollector(read))
+
+
+class _HubCollector(Collector):
+    def __init__(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        version, nodes = self._read()
+        yield GaugeMetricFamily(
+            "podfence_control_policy_version", "The control service's current policy version.", value=version
+        )
+        yield GaugeMetricFamily(
+            "podfence_control_connected_nodes",
+            "Nodes with an open Sync stream.",
+            value=sum(1 for _, connected in nodes.values() if connected),
+        )
+        lag = GaugeMetricFamily(
+            "podfence_control_node_lag_versions",
+            "Versions between the current policy and what the node has applied (0: in sync).",
+            labels=["node"],
+        )
+        for node, (applied, _) in sorted(nodes.items()):
+            lag.add_metric([node], max(0, version - applied))
+        yield lag

@@ -1,0 +1,250 @@
+"""The control service's gRPC server: NodeSync.Sync streams, ControlStatus, and gRPC health.
+
+Sync requests are taken as raw bytes and parsed here, so a message that is not an AgentMessage
+ends only that stream, with INVALID_ARGUMENT (grpc's own deserializer would answer INTERNAL).
+Messages above the receive limit are refused by grpc itself with RESOURCE_EXHAUSTED.
+
+With mutual TLS the node name a stream may use is its client certificate's common name: an
+agent holding node A's certificate cannot ask for node B's policy (PERMISSION_DENIED).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.api import podfence_pb2 as pb
+from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control.encode import delta_message, snapshot_message
+from agent.control.hub import AckError, PolicyHub, StreamClosed, StreamHandle
+
+log = logging.getLogger(__name__)
+
+SYNC_SERVICE = "podfence.v1.NodeSync"
+STATUS_SERVICE = "podfence.v1.ControlStatus"
+# A Kubernetes node name is a DNS-1123 subdomain.
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Transport settings; the defaults suit a cluster of a few thousand nodes."""
+
+    # Largest message sent (a snapshot of a busy node) and largest accepted (agents send tiny ones).
+    max_send_bytes: int = 64 * 1024 * 1024
+    max_receive_bytes: int = 4 * 1024 * 1024
+    # Every open stream holds one worker thread, so this bounds the number of connected nodes.
+    max_workers: int = 2048
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    # Agents ping at most this often while idle (their keepalive must not be shorter).
+    min_client_ping_interval_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def read(cls, cert: str, key: str, ca: str) -> TlsFiles:
+        with open(cert, "rb") as c, open(key, "rb") as k, open(ca, "rb") as a:
+            return cls(c.read(), k.read(), a.read())
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
+        )
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class NodeSyncService:
+    """NodeSync.Sync: Hello, then a snapshot and deltas out, acks in."""
+
+    def __init__(self, hub: PolicyHub, require_client_cert: bool) -> None:
+        self._hub = hub
+        self._require_client_cert = require_client_cert
+
+    def sync(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+        try:
+            hello = self._read_hello(requests, context)
+        except _Abort as failure:
+            log.warning("refused a Sync stream from %s: %s", context.peer(), failure.details)
+            context.abort(failure.code, failure.details)
+            return
+        handle = self._hub.open_stream(hello.node_name, hello.last_applied_version)
+        context.add_callback(lambda: handle.close("the stream ended"))
+        reader = threading.Thread(
+            target=self._read_acks, args=(requests, handle), name=f"acks-{hello.node_name}", daemon=True
+        )
+        reader.start()
+        try:
+            yield from self._send(handle, context)
+        finally:
+            self._hub.close_stream(handle, "the stream ended")
+
+    def _read_hello(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.Hello:
+        raw = next(requests, None)
+        if raw is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before Hello")
+        message = _parse(raw)
+        if message.WhichOneof("body") != "hello":
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        node = message.hello.node_name
+        if len(node) > 253 or not _NODE_NAME.match(node):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {node!r}")
+        if self._require_client_cert:
+            names = [v.decode(errors="replace") for v in context.auth_context().get("x509_common_name", [])]
+            if node not in names:
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"client certificate for {names or 'no name'} may not subscribe as node {node!r}",
+                )
+        return message.hello
+
+    def _read_acks(self, requests: Iterator[bytes], handle: StreamHandle) -> None:
+        try:
+            for raw in requests:
+                message = _parse(raw)
+                if message.WhichOneof("body") != "ack":
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
+                ack = message.ack
+                try:
+                    self._hub.ack(handle, ack.version, ack.ok, ack.error)
+                except AckError as exc:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        except _Abort as failure:
+            log.warning("node %s sent a malformed message: %s", handle.node, failure.details)
+            handle.close(failure.details, client_error=True)
+        except grpc.RpcError:
+            pass  # the stream is gone; the sender side notices through the context callback
+        else:
+            handle.close("the agent closed its side of the stream")
+
+    def _send(self, handle: StreamHandle, context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+        while True:
+            try:
+                item = handle.next(timeout=5.0)
+            except StreamClosed as closed:
+                if closed.client_error:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, closed.reason)
+                if closed.reason.startswith("superseded"):
+                    context.abort(grpc.StatusCode.CANCELLED, closed.reason)
+                if closed.reason.startswith("shutting down"):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, closed.reason)
+                return
+            if item is None:
+                if not context.is_active():
+                    return
+                continue
+            if item.snapshot or handle.last_sent is None:
+                started = time.perf_counter()
+                message = snapshot_message(item.version, item.policy)
+                self._hub.metrics.snapshot_build_seconds.observe(
+                    item.build_seconds + time.perf_counter() - started
+                )
+            else:
+                message = delta_message(item.version, handle.last_sent, item.policy)
+            handle.mark_sent(item.version, item.policy)
+            yield message
+
+
+def _parse(raw: bytes) -> pb.AgentMessage:
+    try:
+        return pb.AgentMessage.FromString(raw)
+    except DecodeError as exc:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not an AgentMessage: {exc}") from exc
+
+
+class ControlStatusService(pb_grpc.ControlStatusServicer):
+    def __init__(self, hub: PolicyHub) -> None:
+        self._hub = hub
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        status = self._hub.status()
+        response = pb.StatusResponse(version=status.version)
+        for node, record in status.nodes.items():
+            response.nodes[node].CopyFrom(
+                pb.NodeStatus(
+                    applied_version=record.acked_version,
+                    connected=record.connected,
+                    last_error=record.last_error or "",
+                )
+            )
+        return response
+
+
+def create_server(
+    addr: str,
+    hub: PolicyHub,
+    credentials: TlsFiles | None = None,
+    settings: ServerSettings | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too."""
+    settings = settings or ServerSettings()
+    options = [
+        ("grpc.max_send_message_length", settings.max_send_bytes),
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
+        options=options,
+    )
+    sync = NodeSyncService(hub, require_client_cert=credentials is not None)
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SYNC_SERVICE,
+                {
+                    # No request deserializer: raw bytes, parsed by NodeSyncService itself.
+                    "Sync": grpc.stream_stream_rpc_method_handler(
+                        sync.sync, response_serializer=pb.ControlMessage.SerializeToString
+                    )
+                },
+            )
+        ]
+    )
+    pb_grpc.add_ControlStatusServicer_to_server(ControlStatusService(hub), server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SYNC_SERVICE, STATUS_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if credentials is not None:
+        port = server.add_secure_port(addr, credentials.server_credentials())
+    else:
+        port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr}")
+    return server, port, health_servicer
+
+
+def stop_server(server: grpc.Server, hub: PolicyHub, health_servicer: health.HealthServicer,
+                grace: float = 5.0) -> None:
+    """Graceful stop: report NOT_SERVING, end every stream (agents reconnect elsewhere), drain."""
+    health_servicer.enter_graceful_shutdown()
+    hub.close_all("shutting down")
+    server.stop(grace).wait()

@@ -1,0 +1,287 @@
+"""The agent's side of NodeSync: keeps this node's desired state in step with the control service.
+
+SyncClient opens one Sync stream, says Hello, replaces its state with each snapshot and patches it
+with each delta, hands the result (a dataplane NodeState) to `apply`, and acks the version only
+when `apply` returned. A failed `apply` is nacked with its error. Malformed data from the server is
+nacked too, and the stream is reopened so the next snapshot starts from a known state.
+
+While the control service is unreachable it reconnects with jittered exponential backoff and does
+nothing to the kernel: the last programmed state keeps being enforced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from agent.api import podfence_pb2 as pb
+from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.dataplane.types import (
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    NodeState,
+    Peer,
+)
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "podfence-agent/0.1.0"
+DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+# The server accepts idle pings every 10 s at most; 20 s finds a dead control service in ~30 s.
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class MalformedMessage(ValueError):
+    """The control service sent something that cannot be turned into a NodeState."""
+
+
+# --- proto -> dataplane types -----------------------------------------------------------------------
+
+
+def _ip(text: str, where: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise MalformedMessage(f"{where}: bad IP address {text!r}") from exc
+
+
+def _network(text: str, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise MalformedMessage(f"{where}: bad CIDR {text!r}") from exc
+
+
+def _allow(allow: pb.Allow, where: str) -> Allow:
+    kind = allow.peer.WhichOneof("kind")
+    peer: Peer
+    if kind == "identity":
+        peer = IdentityPeer(allow.peer.identity)
+    elif kind == "cidr":
+        block = allow.peer.cidr
+        cidr = _network(block.cidr, where)
+        excepts = tuple(_network(e, where) for e in getattr(block, "except"))
+        if any(e.version != cidr.version for e in excepts):
+            raise MalformedMessage(f"{where}: except of another IP family than {cidr}")
+        peer = CidrPeer(cidr, excepts)
+    else:
+        raise MalformedMessage(f"{where}: allow without a peer")
+    if allow.protocol > 255:
+        raise MalformedMessage(f"{where}: bad IP protocol {allow.protocol}")
+    if not allow.port_first <= allow.port_last <= 65535:
+        raise MalformedMessage(f"{where}: bad port range {allow.port_first}-{allow.port_last}")
+    return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy)
+
+
+def _direction(direction: pb.DirectionPolicy, where: str) -> DirectionPolicy:
+    if not direction.isolated and direction.allows:
+        raise MalformedMessage(f"{where}: allows on a direction that is not isolated")
+    return DirectionPolicy(direction.isolated, tuple(_allow(a, where) for a in direction.allows))
+
+
+def endpoint_from_proto(endpoint: pb.Endpoint) -> Endpoint:
+    key = f"{endpoint.namespace}/{endpoint.name}"
+    if not endpoint.namespace or not endpoint.name:
+        raise MalformedMessage(f"endpoint {key!r} without a namespace or name")
+    return Endpoint(
+        key=key,
+        ips=tuple(_ip(ip, f"endpoint {key}") for ip in endpoint.ips),
+        ingress=_direction(endpoint.ingress, f"endpoint {key} ingress"),
+        egress=_direction(endpoint.egress, f"endpoint {key} egress"),
+    )
+
+
+def _identity_ips(identity: pb.Identity) -> tuple[IPAddress, ...]:
+    return tuple(_ip(ip, f"identity {identity.id}") for ip in identity.ips)
+
+
+def apply_message(current: NodeState | None, message: pb.ControlMessage) -> NodeState:
+    """The state after `message`: a snapshot replaces `current`, a delta patches it."""
+    body = message.WhichOneof("body")
+    if body == "snapshot":
+        fresh = [endpoint_from_proto(e) for e in message.snapshot.endpoints]
+        return NodeState(
+            version=message.version,
+            endpoints={e.key: e for e in fresh},
+            identities={i.id: _identity_ips(i) for i in message.snapshot.identities},
+        )
+    if body != "delta":
+        raise MalformedMessage("a message that is neither snapshot nor delta")
+    if current is None:
+        raise MalformedMessage(f"delta {message.version} before any snapshot")
+    if message.version <= current.version:
+        raise MalformedMessage(f"delta {message.version} does not follow version {current.version}")
+    delta = message.delta
+    endpoints = dict(current.endpoints)
+    for key in delta.remove_endpoints:
+        endpoints.pop(key, None)
+    for proto_endpoint in delta.upsert_endpoints:
+        endpoint = endpoint_from_proto(proto_endpoint)
+        endpoints[endpoint.key] = endpoint
+    identities = dict(current.identities)
+    for identity_id in delta.remove_identities:
+        identities.pop(identity_id, None)
+    for identity in delta.upsert_identities:
+        identities[identity.id] = _identity_ips(identity)
+    return replace(current, version=message.version, endpoints=endpoints, identities=identities)
+
+
+# --- the client -------------------------------------------------------------------------------------
+
+
+class _StreamBroken(Exception):
+    """End this stream and reconnect (after the nack has been sent)."""
+
+
+class SyncClient:
+    """Keeps one Sync stream open to the control service and applies what it receives."""
+
+    def __init__(
+        self,
+        node_name: str,
+        target: str,
+        apply: Callable[[NodeState], None],
+        credentials: grpc.ChannelCredentials | None = None,
+        agent_version: str = AGENT_VERSION,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+    ) -> None:
+        self.node_name = node_name
+        self.target = target
+        self._apply = apply
+        self._credentials = credentials
+        self._agent_version = agent_version
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._options = [
+            *KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            *channel_options,
+        ]
+        self._connected = threading.Event()
+        self.last_applied_version = 0
+        self.state: NodeState | None = None  # the desired state built from the stream (applied or not)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Blocks until `stop` is set, reconnecting whenever the stream ends."""
+        delay = self._backoff_initial
+        while not stop.is_set():
+            synced = False
+            try:
+                synced = self._run_stream(stop)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if not stop.is_set():
+                    log.warning("sync stream to %s ended: %s %s", self.target, code,
+                                exc.details() if isinstance(exc, grpc.Call) else exc)
+            except _StreamBroken as exc:
+                log.warning("resynchronising with %s: %s", self.target, exc)
+            finally:
+                self._connected.clear()
+            if synced:
+                delay = self._backoff_initial  # a stream that worked restarts the backoff
+            # Full jitter keeps many agents from reconnecting in lock-step after a control restart.
+            stop.wait(random.uniform(self._backoff_initial / 2, delay))
+            delay = min(self._backoff_max, delay * 2)
+
+    def _channel(self) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options=self._options)
+        return grpc.insecure_channel(self.target, options=self._options)
+
+    def _run_stream(self, stop: threading.Event) -> bool:
+        """One stream's life; returns whether it delivered at least one message."""
+        outgoing: queue.Queue[pb.AgentMessage | None] = queue.Queue()
+        outgoing.put(
+            pb.AgentMessage(
+                hello=pb.Hello(
+                    node_name=self.node_name,
+                    agent_version=self._agent_version,
+                    last_applied_version=self.last_applied_version,
+                )
+            )
+        )
+
+        def requests() -> Iterator[pb.AgentMessage]:
+            while (message := outgoing.get()) is not None:
+                yield message
+
+        delivered = False
+        with self._channel() as channel:
+            call = pb_grpc.NodeSyncStub(channel).Sync(requests())
+            ended = threading.Event()
+            watcher = threading.Thread(
+                target=self._cancel_on_stop, args=(stop, ended, call), name="sync-stop", daemon=True
+            )
+            watcher.start()
+            broken = False
+            try:
+                for message in call:
+                    if broken:
+                        continue  # draining until the server ends the stream we half-closed
+                    self._connected.set()
+                    delivered = True
+                    outgoing.put(self._handle(message))
+                    if self.state is None:
+                        # Malformed: half-close after the nack so it is delivered, then reconnect
+                        # for a snapshot (nothing built on the broken state can be trusted).
+                        broken = True
+                        outgoing.put(None)
+            except grpc.RpcError:
+                if stop.is_set():
+                    return delivered
+                raise
+            finally:
+                ended.set()
+                outgoing.put(None)
+        if broken:
+            raise _StreamBroken("the control service sent a malformed message")
+        return delivered
+
+    @staticmethod
+    def _cancel_on_stop(stop: threading.Event, ended: threading.Event, call: Any) -> None:
+        while not ended.is_set():
+            if stop.wait(0.2):
+                call.cancel()
+                return
+
+    def _handle(self, message: pb.ControlMessage) -> pb.AgentMessage:
+        """Builds and applies the state `message` describes; returns the ack or nack to send."""
+        try:
+            state = apply_message(self.state, message)
+        except MalformedMessage as exc:
+            log.error("version %d from the control service is malformed: %s", message.version, exc)
+            self.state = None
+            return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=f"malformed: {exc}"))
+        self.state = state
+        try:
+            self._apply(state)
+        except Exception as exc:  # any failure of the dataplane is reported upstream, never fatal here
+            log.error("applying version %d failed: %s", message.version, exc)
+            return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=str(exc) or repr(exc)))
+        self.last_applied_version = message.version
+        log.debug("applied version %d (%d endpoints)", message.version, len(state.endpoints))
+        return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=True))
