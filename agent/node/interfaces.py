@@ -1,0 +1,304 @@
+"""Interface discovery: which host interfaces lead to pods, which pod IP sits behind which of them.
+
+The control service names pods and their IPs; it cannot know ifindexes. This module finds them
+from the kernel's own tables in the agent's network namespace, without naming conventions:
+
+- candidate pod interfaces are links whose peer lives in another network namespace (veths report
+  IFLA_LINK_NETNSID), bridge ports included, minus the uplink (the way to the default gateway, or
+  a link holding one of the node's addresses);
+- a pod IP maps to its host-side interface through a route lookup (routed CNIs: a /32 or /128 via
+  the veth) and, when that route points at a bridge, through the neighbour table (IP -> MAC) and the
+  bridge's forwarding database (MAC -> port);
+- the node's addresses are every non-link-local, non-loopback address here.
+
+`NetlinkMonitor` subscribes to link, address, route and neighbour (FDB included) notifications and
+wakes the reconcile loop, so a new pod interface is guarded within milliseconds of appearing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import rtnl
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_INCOMPLETE, NUD_PERMANENT
+
+from agent.dataplane.types import IPAddress
+
+log = logging.getLogger(__name__)
+
+# Neighbour states that carry no usable MAC yet.
+_NEIGH_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
+# The UDP "discard" port: an active probe only needs the kernel to resolve the pod's MAC, and a
+# datagram to a port nobody listens on is the least intrusive way to make it do so.
+_PROBE_PORT = 9
+_MONITOR_GROUPS = (
+    rtnl.RTMGRP_LINK
+    | rtnl.RTMGRP_NEIGH  # also carries bridge FDB notifications (AF_BRIDGE)
+    | rtnl.RTMGRP_IPV4_IFADDR
+    | rtnl.RTMGRP_IPV6_IFADDR
+    | rtnl.RTMGRP_IPV4_ROUTE
+    | rtnl.RTMGRP_IPV6_ROUTE
+)
+
+
+class DiscoveryError(Exception):
+    """Netlink refused a dump; the cause is chained."""
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str  # IFLA_INFO_KIND ("veth", "bridge", ...) or "" for physical devices
+    peer_netnsid: int | None  # set when the link's peer lives in another network namespace
+    master: int | None  # the bridge (or other master) this link is enslaved to
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One consistent look at this network namespace, taken by `InterfaceDiscovery.scan`."""
+
+    links: dict[int, Link]
+    node_ips: tuple[IPAddress, ...]
+    uplinks: frozenset[int]
+    pod_interfaces: frozenset[int]
+    # (bridge ifindex, MAC) -> port ifindex, from the bridge forwarding databases.
+    fdb: dict[tuple[int, str], int] = field(default_factory=dict)
+    # (ifindex, IP) -> MAC, from the neighbour tables (usable entries only).
+    neighbours: dict[tuple[int, IPAddress], str] = field(default_factory=dict)
+
+
+def _is_node_address(ip: IPAddress) -> bool:
+    return not (ip.is_link_local or ip.is_loopback)
+
+
+class InterfaceDiscovery:
+    """Reads links, addresses, routes, neighbours and FDB entries of the current netns.
+
+    Not thread-safe: the reconcile loop serialises its calls. `excluded_names` lets an operator
+    mark extra uplinks explicitly (never needed when the uplink carries the default route).
+    """
+
+    def __init__(
+        self,
+        *,
+        excluded_names: Iterable[str] = (),
+        active_probe: bool = True,
+        probe_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ipr = IPRoute()
+        self._excluded_names = frozenset(excluded_names)
+        self._active_probe = active_probe
+        self._probe_interval_s = probe_interval_s
+        self._clock = clock
+        self._last_probe: dict[IPAddress, float] = {}
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # -- one snapshot of the namespace -------------------------------------------------------
+
+    def scan(self) -> HostView:
+        try:
+            links = {link.index: link for link in self._links()}
+            addresses = self._addresses()
+            fdb = self._fdb()
+            neighbours = self._neighbours()
+            default_oifs, gateways = self._default_routes()
+        except NetlinkError as exc:
+            raise DiscoveryError(f"netlink dump failed: {exc}") from exc
+        node_ips = tuple(sorted({ip for _, ip in addresses if _is_node_address(ip)}, key=_ip_sort_key))
+        uplinks = set(default_oifs)
+        uplinks.update(index for index, ip in addresses if _is_node_address(ip))
+        uplinks.update(link.index for link in links.values() if link.name in self._excluded_names)
+        # When the default route leaves through a bridge, the uplink is the bridge port behind
+        # which the gateway's MAC was learned; that port may well be a veth into another netns.
+        for oif, gateway in gateways:
+            mac = neighbours.get((oif, gateway))
+            port = fdb.get((oif, mac)) if mac else None
+            if port is not None:
+                uplinks.add(port)
+        pod_interfaces = frozenset(
+            link.index
+            for link in links.values()
+            if link.peer_netnsid is not None and link.index not in uplinks
+        )
+        return HostView(
+            links=links,
+            node_ips=node_ips,
+            uplinks=frozenset(uplinks),
+            pod_interfaces=pod_interfaces,
+            fdb=fdb,
+            neighbours=neighbours,
+        )
+
+    def _links(self) -> list[Link]:
+        result = []
+        for msg in self._ipr.get_links():
+            info = msg.get("IFLA_LINKINFO")
+            kind = (info.get("IFLA_INFO_KIND") if info is not None else None) or ""
+            result.append(
+                Link(
+                    index=msg["index"],
+                    name=msg.get("IFLA_IFNAME") or "",
+                    kind=kind,
+                    peer_netnsid=msg.get("IFLA_LINK_NETNSID"),
+                    master=msg.get("IFLA_MASTER"),
+                )
+            )
+        return result
+
+    def _addresses(self) -> list[tuple[int, IPAddress]]:
+        result = []
+        for msg in self._ipr.get_addr():
+            raw = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            if raw:
+                result.append((msg["index"], ipaddress.ip_address(raw)))
+        return result
+
+    def _fdb(self) -> dict[tuple[int, str], int]:
+        entries: dict[tuple[int, str], int] = {}
+        for msg in self._ipr.fdb("dump"):
+            bridge = msg.get("NDA_MASTER")
+            mac = msg.get("NDA_LLADDR")
+            # Permanent entries are the ports' own MACs, not something learned behind them.
+            if bridge is None or not mac or msg["state"] & NUD_PERMANENT:
+                continue
+            entries[(bridge, mac.lower())] = msg["ifindex"]
+        return entries
+
+    def _neighbours(self) -> dict[tuple[int, IPAddress], str]:
+        entries: dict[tuple[int, IPAddress], str] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self._ipr.get_neighbours(family=family):
+                dst, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
+                if not dst or not mac or msg["state"] & _NEIGH_UNUSABLE:
+                    continue
+                entries[(msg["ifindex"], ipaddress.ip_address(dst))] = mac.lower()
+        return entries
+
+    def _default_routes(self) -> tuple[set[int], list[tuple[int, IPAddress]]]:
+        oifs: set[int] = set()
+        gateways: list[tuple[int, IPAddress]] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self._ipr.get_routes(family=family, table=254):
+                if msg["dst_len"] != 0:
+                    continue
+                for oif, gateway in _route_hops(msg):
+                    oifs.add(oif)
+                    if gateway is not None:
+                        gateways.append((oif, gateway))
+        return oifs, gateways
+
+    # -- pod IP -> host-side interface -------------------------------------------------------
+
+    def route_oif(self, ip: IPAddress) -> int | None:
+        """The interface the kernel would send `ip`'s packets out of (RTM_GETROUTE)."""
+        try:
+            replies = self._ipr.route("get", dst=str(ip))
+        except NetlinkError as exc:
+            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+                return None
+            raise DiscoveryError(f"route lookup of {ip} failed: {exc}") from exc
+        for msg in replies:
+            oif = msg.get("RTA_OIF")
+            if oif is not None:
+                return int(oif)
+        return None
+
+    def resolve(self, ip: IPAddress, view: HostView) -> int | None:
+        """The pod interface behind `ip`, or None when this node cannot tell (yet)."""
+        oif = self.route_oif(ip)
+        if oif is None:
+            return None
+        if oif in view.pod_interfaces:
+            return oif
+        link = view.links.get(oif)
+        if link is None or link.kind != "bridge":
+            return None
+        mac = view.neighbours.get((oif, ip))
+        if mac is None:
+            self._maybe_probe(ip)
+            return None
+        port = view.fdb.get((oif, mac))
+        return port if port in view.pod_interfaces else None
+
+    def _maybe_probe(self, ip: IPAddress) -> None:
+        """Make the kernel resolve a silent pod's MAC; the neighbour and FDB notifications that
+        follow wake the reconcile loop again. Rate-limited per IP."""
+        if not self._active_probe:
+            return
+        now = self._clock()
+        if now - self._last_probe.get(ip, -self._probe_interval_s) < self._probe_interval_s:
+            return
+        self._last_probe[ip] = now
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"", (str(ip), _PROBE_PORT))
+        except OSError as exc:  # a probe is best effort; discovery stays passive then
+            log.debug("neighbour probe of %s failed: %s", ip, exc)
+
+
+def _route_hops(msg: Any) -> list[tuple[int, IPAddress | None]]:
+    """(oif, gateway) of each next hop of a route message, multipath included."""
+    gateway_raw = msg.get("RTA_GATEWAY")
+    oif = msg.get("RTA_OIF")
+    hops: list[tuple[int, IPAddress | None]] = []
+    if oif is not None:
+        hops.append((int(oif), ipaddress.ip_address(gateway_raw) if gateway_raw else None))
+    for hop in msg.get("RTA_MULTIPATH") or ():
+        hop_gateway = hop.get("RTA_GATEWAY")
+        hops.append((int(hop["oif"]), ipaddress.ip_address(hop_gateway) if hop_gateway else None))
+    return hops
+
+
+def _ip_sort_key(ip: IPAddress) -> tuple[int, int]:
+    return (ip.version, int(ip))
+
+
+class NetlinkMonitor:
+    """Calls `on_change` whenever links, addresses, routes, neighbours or FDB entries change.
+
+    Notifications arriving together are coalesced: `on_change` only means "look again".
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=_MONITOR_GROUPS)
+
+    def run(self, stop: threading.Event, poll_s: float = 0.2) -> None:
+        """Blocks until `stop` is set."""
+        try:
+            while not stop.is_set():
+                readable, _, _ = select.select([self._ipr], [], [], poll_s)
+                if not readable:
+                    continue
+                try:
+                    self._drain()
+                except NetlinkError as exc:
+                    # ENOBUFS: the kernel dropped notifications; a full rescan covers what we missed.
+                    log.warning("netlink monitor lost notifications (%s); rescanning", exc)
+                self._on_change()
+        finally:
+            self._ipr.close()
+
+    def _drain(self) -> None:
+        while True:
+            self._ipr.get()
+            readable, _, _ = select.select([self._ipr], [], [], 0)
+            if not readable:
+                return

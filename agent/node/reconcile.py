@@ -1,0 +1,277 @@
+"""The reconcile loop: desired policy (from the control service) + discovered interfaces -> dataplane.
+
+Two things change what the kernel must enforce: a new policy version (the SyncClient calls
+`Reconciler.apply`, which returns only once the kernel enforces that version, so the version is
+acked, or raises so it is nacked) and the host's interfaces (the NetlinkMonitor calls
+`interfaces_changed`; `run` then re-resolves every pod IP and re-applies, no ack involved).
+
+Both paths go through one lock and one function: scan the namespace, fill in each endpoint's
+ifindex, the pod interfaces and the node IPs, and hand the complete NodeState to the dataplane
+unless it equals what the kernel already has.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from agent.dataplane.base import Dataplane, TemporaryDataplaneError
+from agent.dataplane.types import Endpoint, IPAddress, NodeState
+from agent.node.interfaces import DiscoveryError, HostView
+
+log = logging.getLogger(__name__)
+
+# Programming a version takes milliseconds when all is well; the upper buckets exist to show
+# retries (lock contention, vanished interfaces) rather than to resolve them finely.
+DEFAULT_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Discovery(Protocol):
+    """What the loop needs from interface discovery (InterfaceDiscovery, or a test double)."""
+
+    def scan(self) -> HostView: ...
+
+    def resolve(self, ip: IPAddress, view: HostView) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for TemporaryDataplaneError. A policy version is retried for at most `budget_s`
+    before it is nacked; the background loop keeps retrying the latest version after that."""
+
+    initial_s: float = 0.05
+    max_s: float = 2.0
+    budget_s: float = 10.0
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram kept here so the metrics collector reads it at scrape time."""
+
+    def __init__(self, buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self._counts = [0] * (len(self.bounds) + 1)  # last slot: above every bound (+Inf only)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._counts[bisect.bisect_left(self.bounds, seconds)] += 1
+            self._sum += seconds
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """([(upper bound, cumulative count)...] ending with +Inf, sum, count)."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return cumulative, total, running
+
+
+@dataclass(frozen=True)
+class ReconcileStatus:
+    applied_version: int | None  # last policy version the kernel enforces
+    last_error: str | None  # None once a later attempt succeeded
+    apply_errors_total: int
+    managed_endpoints: int
+    resolved_endpoints: int  # endpoints whose interface was found
+    pod_interfaces: int
+    adopted: bool  # the dataplane adopted kernel state left by a previous run
+
+
+class Reconciler:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        discovery: Discovery,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._dataplane = dataplane
+        self._discovery = discovery
+        self._retry = retry
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()  # serialises discovery and dataplane programming
+        self._desired: NodeState | None = None
+        self._programmed: NodeState | None = None
+        self._applied_version: int | None = None
+        self._last_error: str | None = None
+        self._errors_total = 0
+        self._adopted = False
+        self._changed = threading.Event()
+        self._changed_at = 0.0
+        self.programming_seconds = LatencyHistogram()
+        self.interface_seconds = LatencyHistogram()
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def apply(self, state: NodeState) -> None:
+        """SyncClient callback: returns once the kernel enforces `state`; raises to nack."""
+        started = self._clock()
+        with self._lock:
+            self._desired = state
+        delay = self._retry.initial_s
+        while True:
+            try:
+                with self._lock:
+                    self._program_locked(state)
+                break
+            except (TemporaryDataplaneError, DiscoveryError) as exc:
+                self._record_error(exc)
+                if self._clock() + delay - started > self._retry.budget_s:
+                    # The background loop keeps trying the stored desired state.
+                    self._changed.set()
+                    raise
+                log.warning("programming version %d failed, retrying in %.2fs: %s", state.version, delay, exc)
+                self._sleep(delay)
+                delay = min(delay * 2, self._retry.max_s)
+            except Exception as exc:
+                self._record_error(exc)
+                log.error("programming version %d failed permanently: %s", state.version, exc)
+                raise
+        self.programming_seconds.observe(self._clock() - started)
+
+    def interfaces_changed(self) -> None:
+        """NetlinkMonitor callback: look at the interfaces again soon."""
+        if not self._changed.is_set():
+            self._changed_at = self._clock()
+        self._changed.set()
+
+    def mark_adopted(self) -> None:
+        """The dataplane found and kept kernel state from a previous run (readiness)."""
+        self._adopted = True
+
+    # -- the background loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, resync_interval_s: float = 30.0, debounce_s: float = 0.002) -> None:
+        """Re-applies the latest desired state on interface changes (and every resync interval,
+        which covers notifications the kernel dropped). Blocks until `stop` is set."""
+        delay = self._retry.initial_s
+        while not stop.is_set():
+            triggered = self._changed.wait(timeout=resync_interval_s)
+            if stop.is_set():
+                return
+            if triggered and debounce_s > 0:
+                stop.wait(debounce_s)  # let a burst of notifications (veth pair + addresses) settle
+            changed_at = self._changed_at
+            self._changed.clear()
+            try:
+                changed = self.reconcile_once()
+            except (TemporaryDataplaneError, DiscoveryError) as exc:
+                log.warning("re-applying after an interface change failed, retrying in %.2fs: %s", delay, exc)
+                stop.wait(delay)
+                delay = min(delay * 2, self._retry.max_s)
+                self.interfaces_changed()
+                continue
+            except Exception as exc:
+                # Retrying the same state cannot help; the next change (or resync) tries again.
+                log.error("re-applying after an interface change failed: %s", exc)
+                continue
+            delay = self._retry.initial_s
+            if changed and triggered:
+                self.interface_seconds.observe(self._clock() - changed_at)
+
+    def reconcile_once(self) -> bool:
+        """Re-apply the latest desired state if discovery changed it; True if the kernel was updated."""
+        with self._lock:
+            if self._desired is None:
+                return False
+            try:
+                return self._program_locked(self._desired)
+            except Exception as exc:
+                self._record_error(exc)
+                raise
+
+    # -- the one place that programs the kernel ------------------------------------------------
+
+    def _program_locked(self, desired: NodeState) -> bool:
+        view = self._discovery.scan()
+        complete = self._complete(desired, view)
+        if complete == self._programmed:
+            self._applied_version = desired.version
+            return False
+        self._dataplane.apply(complete)
+        if self._programmed is None or self._programmed.pod_interfaces != complete.pod_interfaces:
+            log.info(
+                "guarding %d pod interfaces, %d of %d endpoints located",
+                len(complete.pod_interfaces),
+                sum(1 for ep in complete.endpoints.values() if ep.ifindex is not None),
+                len(complete.endpoints),
+                extra={"version": desired.version},
+            )
+        self._programmed = complete
+        self._applied_version = desired.version
+        self._last_error = None
+        return True
+
+    def _complete(self, desired: NodeState, view: HostView) -> NodeState:
+        located: dict[str, int | None] = {
+            key: self._locate(ep, view) for key, ep in desired.endpoints.items()
+        }
+        claims: dict[int, list[str]] = {}
+        for key, ifindex in located.items():
+            if ifindex is not None:
+                claims.setdefault(ifindex, []).append(key)
+        for ifindex, keys in claims.items():
+            if len(keys) > 1:
+                # A stale IP of a deleted pod can point at a new pod's interface. Enforcing either
+                # policy there could be wrong; leaving it unknown keeps it fail-closed.
+                log.warning("interface %d claimed by several endpoints %s; leaving it unknown", ifindex, keys)
+                for key in keys:
+                    located[key] = None
+        endpoints = {
+            key: ep if ep.ifindex == located[key] else replace(ep, ifindex=located[key])
+            for key, ep in desired.endpoints.items()
+        }
+        return replace(
+            desired, endpoints=endpoints, pod_interfaces=view.pod_interfaces, node_ips=view.node_ips
+        )
+
+    def _locate(self, endpoint: Endpoint, view: HostView) -> int | None:
+        for ip in endpoint.ips:
+            ifindex = self._discovery.resolve(ip, view)
+            if ifindex is not None:
+                return ifindex
+        return None
+
+    def _record_error(self, exc: BaseException) -> None:
+        self._errors_total += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+
+    # -- for metrics, readiness and logs -------------------------------------------------------
+
+    def status(self) -> ReconcileStatus:
+        programmed = self._programmed
+        endpoints = programmed.endpoints.values() if programmed is not None else ()
+        return ReconcileStatus(
+            applied_version=self._applied_version,
+            last_error=self._last_error,
+            apply_errors_total=self._errors_total,
+            managed_endpoints=len(endpoints),
+            resolved_endpoints=sum(1 for ep in endpoints if ep.ifindex is not None),
+            pod_interfaces=len(programmed.pod_interfaces) if programmed is not None else 0,
+            adopted=self._adopted,
+        )
+
+    def ready(self) -> bool:
+        return self._applied_version is not None or self._adopted
+
+    def endpoint_for_ifindex(self, ifindex: int) -> str | None:
+        """The endpoint key ("namespace/name") enforced on `ifindex`, for flow logs."""
+        programmed = self._programmed
+        if programmed is None:
+            return None
+        for key, ep in programmed.endpoints.items():
+            if ep.ifindex == ifindex:
+                return key
+        return None
+
