@@ -1,15 +1,180 @@
-"""`podfence control` (not built yet)."""
+"""`podfence control`: a policy source (folder or Kubernetes) feeding per-node gRPC streams.
+
+Stateless by design: everything it serves is derived from the source, so several replicas can run
+side by side and agents fail over between them (a reconnecting agent always gets a snapshot).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
+from agent.control.hub import DEFAULT_MAX_PENDING, PolicyHub
+from agent.control.metrics import ControlMetrics
+from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("--source", required=True, help="a folder of YAML/JSON objects, or 'kubernetes'")
+    parser.add_argument("--listen", default="0.0.0.0:9400", help="gRPC HOST:PORT (default %(default)s)")
+    parser.add_argument("--insecure", action="store_true", help="serve without TLS (must be asked for)")
+    parser.add_argument("--tls-cert", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA that signs agents' client certificates (PEM)")
+    parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
+    parser.add_argument(
+        "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
+    )
+    parser.add_argument("--poll-interval", type=float, default=0.2, help="folder poll period in seconds")
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest message sent to an agent"
+    )
+    parser.add_argument(
+        "--max-pending", type=int, default=DEFAULT_MAX_PENDING,
+        help="versions queued per stream before it is reset to a snapshot",
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | None]:
+    """(credentials, usage error)."""
+    given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    if args.insecure:
+        if given:
+            return None, "--insecure and --tls-* exclude each other"
+        return None, None
+    if len(given) != 3:
+        return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca (or pass --insecure explicitly)"
+    try:
+        return TlsFiles.read(args.tls_cert, args.tls_key, args.tls_ca), None
+    except OSError as exc:
+        return None, f"cannot read TLS files: {exc}"
+
+
+def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> ThreadingHTTPServer:
+    """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/healthz"):
+                ok = healthy.is_set()
+                body = b"ok\n" if ok else b"starting\n"
+                self.send_response(200 if ok else 503)
+                content_type = "text/plain"
+            elif self.path.startswith("/metrics"):
+                body = generate_latest(registry)
+                self.send_response(200)
+                content_type = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body = b"not found\n"
+                self.send_response(404)
+                content_type = "text/plain"
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would drown the service's own log
+
+    host, port = _split_host_port(addr)
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return httpd
+
+
+def _make_resolver() -> Any:
+    from agent.policy.resolver import Resolver
+
+    return Resolver()
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence control: not built yet", file=sys.stderr)
-    return 1
+    credentials, usage_error = _tls_from_args(args)
+    if usage_error:
+        print(f"podfence control: {usage_error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        _split_host_port(args.listen)
+        _split_host_port(args.metrics_listen)
+    except ValueError as exc:
+        print(f"podfence control: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    registry = CollectorRegistry()
+    hub = PolicyHub(_make_resolver(), ControlMetrics(registry), max_pending=args.max_pending)
+    stop = threading.Event()
+    source_thread: threading.Thread
+    if args.source == "kubernetes":
+        from agent.control.source_kubernetes import KubernetesSource, load_api_client
+
+        try:
+            api_client = load_api_client(args.kubeconfig)
+        except Exception as exc:
+            print(f"podfence control: no Kubernetes configuration: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        k8s = KubernetesSource(hub, api_client)
+        source_thread = threading.Thread(target=k8s.run, args=(stop,), name="source", daemon=True)
+        log.info("source: Kubernetes API (%s)", args.kubeconfig or "in-cluster")
+    else:
+        from pathlib import Path
+
+        from agent.control.source_folder import FolderSource
+
+        if not Path(args.source).is_dir():
+            print(f"podfence control: --source {args.source!r} is not a folder (nor 'kubernetes')",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        folder = FolderSource(args.source, hub, poll_interval=args.poll_interval)
+        folder.scan()  # serve nothing before the folder has been read once
+        source_thread = threading.Thread(target=folder.run, args=(stop,), name="source", daemon=True)
+        log.info("source: folder %s (polled every %.0f ms)", args.source, args.poll_interval * 1000)
+
+    healthy = threading.Event()
+    try:
+        httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        server, port, health_servicer = create_server(
+            args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes)
+        )
+    except (OSError, RuntimeError) as exc:
+        print(f"podfence control: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    source_thread.start()
+    healthy.set()
+    log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
+             "mutual TLS" if credentials else "insecure", args.metrics_listen)
+    while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
+        pass
+    stop_server(server, hub, health_servicer, grace=args.shutdown_grace)
+    httpd.shutdown()
+    log.info("control service stopped")
+    return EXIT_OK

@@ -1,15 +1,96 @@
-"""`podfence status` (not built yet)."""
+"""`podfence status`: the control service's view of every node (ControlStatus.GetStatus).
+
+With --json it prints exactly one object, the contract in DESIGN.md:
+{"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
+"last_error": <str|null>}}}. Without it, a table for people. Exit 1 when unreachable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
+
+import grpc
+
+from agent.api import podfence_pb2 as pb
+from agent.api import podfence_pb2_grpc as pb_grpc
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("--control", required=True, help="control service HOST:PORT")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-*)")
+    parser.add_argument("--tls-cert", help="client certificate (PEM)")
+    parser.add_argument("--tls-key", help="client private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
+
+
+def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
+    return {
+        "version": int(response.version),
+        "nodes": {
+            node: {
+                "applied_version": int(status.applied_version),
+                "connected": bool(status.connected),
+                "last_error": status.last_error or None,
+            }
+            for node, status in sorted(response.nodes.items())
+        },
+    }
+
+
+def fetch_status(
+    target: str, credentials: grpc.ChannelCredentials | None, timeout: float
+) -> pb.StatusResponse:
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+    )
+    with channel:
+        return pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+
+
+def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    if args.insecure:
+        return (None, "--insecure and --tls-* exclude each other") if given else (None, None)
+    if not given:
+        return None, None  # DESIGN.md's contract calls status without TLS flags: plain text then
+    if len(given) != 3:
+        return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca together"
+    try:
+        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k, open(args.tls_ca, "rb") as a:
+            return grpc.ssl_channel_credentials(a.read(), k.read(), c.read()), None
+    except OSError as exc:
+        return None, f"cannot read TLS files: {exc}"
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence status: not built yet", file=sys.stderr)
-    return 1
+    credentials, usage_error = _credentials(args)
+    if usage_error:
+        print(f"podfence status: {usage_error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        response = fetch_status(args.control, credentials, args.timeout)
+    except grpc.RpcError as exc:
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"podfence status: control service {args.control} unreachable: {details}", file=sys.stderr)
+        return EXIT_FAILURE
+    status = status_to_dict(response)
+    if args.json:
+        print(json.dumps(status))
+        return EXIT_OK
+    print(f"policy version {status['version']}")
+    rows = [("NODE", "APPLIED", "CONNECTED", "LAST ERROR")]
+    for node, entry in status["nodes"].items():
+        lag = status["version"] - entry["applied_version"]
+        applied = f"{entry['applied_version']}" + (f" (-{lag})" if lag else "")
+        rows.append((node, applied, "yes" if entry["connected"] else "no", entry["last_error"] or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return EXIT_OK

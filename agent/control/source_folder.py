@@ -1,0 +1,164 @@
+"""Policy source: a folder of YAML/JSON files as `kubectl get -o yaml` writes them.
+
+The folder is read once at start, then polled for changes every `poll_interval` seconds (200 ms
+by default; polling file signatures is portable, needs no inotify limits and is cheap for the
+few hundred files such a folder holds). Only files whose (inode, size, mtime) changed are re-read.
+
+Each file keeps its last good objects: a file that stops parsing keeps contributing what it held
+before, and its error is logged, counted and kept in `errors`/`last_error`. A single invalid
+object inside a parsable file is skipped with its own error. The objects of all files are merged
+and diffed against the previous merge, so an object that moves from one file to another is one
+update, not a delete then an add.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.control.hub import PolicyHub
+from agent.model.load import load_text
+from agent.model.objects import KubeObject
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" for a Namespace
+
+
+def object_key(obj: KubeObject) -> ObjectKey:
+    return (type(obj).__name__, getattr(obj, "namespace", ""), obj.name)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class FolderSource:
+    """Feeds a PolicyHub from a folder; `scan()` is one pass, `run(stop)` polls until stopped."""
+
+    def __init__(self, folder: str | Path, hub: PolicyHub, poll_interval: float = 0.2) -> None:
+        self.folder = Path(folder)
+        self._hub = hub
+        self.poll_interval = poll_interval
+        self._signatures: dict[Path, _Signature] = {}
+        self._good: dict[Path, dict[ObjectKey, KubeObject]] = {}
+        self._invalid: dict[Path, list[str]] = {}
+        self.errors: dict[Path, str] = {}  # files that do not parse, with why
+        self.last_error: str | None = None
+        self._merged: dict[ObjectKey, KubeObject] = {}
+        self._started = False
+
+    @property
+    def invalid_objects(self) -> list[str]:
+        return [error for errors in self._invalid.values() for error in errors]
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.poll_interval):
+            try:
+                self.scan()
+            except Exception:  # a surprise in one pass must not end the watch
+                log.exception("scanning %s failed", self.folder)
+                self._hub.metrics.source_errors_total.inc()
+
+    def scan(self) -> bool:
+        """Re-reads changed, new and deleted files; publishes one version if any object changed."""
+        current = self._list_files()
+        changed = False
+        for path in sorted(set(self._signatures) - set(current)):
+            log.info("file %s deleted", path)
+            del self._signatures[path]
+            self._good.pop(path, None)
+            self._invalid.pop(path, None)
+            self.errors.pop(path, None)
+            changed = True
+        for path, signature in sorted(current.items()):
+            if self._signatures.get(path) == signature:
+                continue
+            self._signatures[path] = signature
+            self._read(path)
+            changed = True
+        self._hub.metrics.invalid_objects.set(len(self.invalid_objects))
+        if not changed and self._started:
+            return False
+        return self._publish()
+
+    def _list_files(self) -> dict[Path, _Signature]:
+        files: dict[Path, _Signature] = {}
+        try:
+            candidates = [p for p in self.folder.rglob("*") if p.suffix in SUFFIXES]
+        except OSError as exc:
+            self._report(self.folder, f"cannot list {self.folder}: {exc}")
+            return dict(self._signatures)  # keep everything as it was
+        for path in candidates:
+            # Editors' swap and backup files, and kubectl's hidden caches, are not policy.
+            if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # deleted between listing and stat: the next pass sees it gone
+            if path.is_file():
+                files[path] = _Signature(st.st_ino, st.st_size, st.st_mtime_ns)
+        return files
+
+    def _read(self, path: Path) -> None:
+        try:
+            text = path.read_text(encoding="utf-8")
+            result = load_text(text, str(path))
+        except Exception as exc:  # unreadable or unparsable: keep this file's last good objects
+            self._report(path, f"{path}: {exc}")
+            return
+        self.errors.pop(path, None)
+        self._good[path] = {object_key(obj): obj for obj in result.objects}
+        messages = [str(error) for error in result.errors]
+        for message in messages:
+            if message not in self._invalid.get(path, []):
+                log.warning("skipping an invalid object in %s: %s", path, message)
+        self._invalid[path] = messages
+        log.info("read %s: %d object(s), %d invalid", path, len(result.objects), len(messages))
+
+    def _report(self, path: Path, message: str) -> None:
+        kept = len(self._good.get(path, {}))
+        log.error("%s (keeping its last %d good object(s))", message, kept)
+        self.errors[path] = message
+        self.last_error = message
+        self._hub.metrics.source_errors_total.inc()
+
+    def _publish(self) -> bool:
+        merged: dict[ObjectKey, KubeObject] = {}
+        owner: dict[ObjectKey, Path] = {}
+        for path in sorted(self._good):
+            for key, obj in self._good[path].items():
+                if key in owner:
+                    log.warning("%s %s/%s is defined in both %s and %s; using %s", key[0], key[1], key[2],
+                                owner[key], path, path)
+                merged[key] = obj
+                owner[key] = path
+        upserts = [obj for key, obj in merged.items() if self._merged.get(key) != obj]
+        deletes = [key for key in self._merged if key not in merged]
+        first = not self._started
+        self._started = True
+        if not first and not upserts and not deletes:
+            return False
+        with self._hub.change() as resolver:
+            if first:
+                resolver.replace_all(list(merged.values()))
+            else:
+                for kind, namespace, name in deletes:
+                    resolver.delete(kind, namespace, name)
+                for obj in upserts:
+                    resolver.upsert(obj)
+        self._merged = merged
+        log.info("folder %s: %d object(s); %d changed, %d removed", self.folder, len(merged),
+                 len(upserts), len(deletes))
+        return True
+
+    def objects(self) -> Iterable[KubeObject]:
+        return list(self._merged.values())

@@ -1,0 +1,241 @@
+"""Policy source: list+watch of Namespaces, Pods and NetworkPolicies on a Kubernetes API server.
+
+One thread per kind: list (remembering the list's resourceVersion), then watch from there,
+following every event's resourceVersion and the server's bookmarks. A 410 Gone (the version
+was compacted away) re-lists, and the re-list is diffed against what was known so deletions
+missed meanwhile are applied. Other errors back off exponentially with full jitter and resume
+the watch from the last resourceVersion. API objects become dicts with
+`ApiClient.sanitize_for_serialization` and then model objects with `parse_object`; an invalid
+object is skipped with its error (its previous valid form, if any, stays in force).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from agent.control.hub import PolicyHub
+from agent.model.load import parse_object
+from agent.model.objects import KubeObject
+
+log = logging.getLogger(__name__)
+
+ObjectKey = tuple[str, str]  # (namespace, name) within one kind
+ListFunction = Callable[..., Any]
+
+API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+
+
+class _Relist(Exception):
+    """The watch's resourceVersion is gone (410): list again."""
+
+
+def _api_list_functions(api_client: Any) -> dict[str, ListFunction]:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    networking = client.NetworkingV1Api(api_client)
+    return {
+        "Namespace": core.list_namespace,
+        "Pod": core.list_pod_for_all_namespaces,
+        "NetworkPolicy": networking.list_network_policy_for_all_namespaces,
+    }
+
+
+def load_api_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from --kubeconfig, else the in-cluster service account, else ~/.kube/config."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        return config.new_client_from_config()
+    return client.ApiClient()
+
+
+class KubernetesSource:
+    """Feeds a PolicyHub from the API server. `watch_factory` and `list_functions` are seams for tests."""
+
+    def __init__(
+        self,
+        hub: PolicyHub,
+        api_client: Any,
+        list_functions: dict[str, ListFunction] | None = None,
+        watch_factory: Callable[[], Any] | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        watch_timeout_seconds: int = 300,
+    ) -> None:
+        from kubernetes import watch
+
+        self._hub = hub
+        self._api_client = api_client
+        self._list_functions = list_functions or _api_list_functions(api_client)
+        self._watch_factory = watch_factory or watch.Watch
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._watch_timeout = watch_timeout_seconds
+        self._known: dict[str, dict[ObjectKey, KubeObject]] = {kind: {} for kind in self._list_functions}
+        self._invalid: dict[tuple[str, str, str], str] = {}
+        self._lock = threading.Lock()  # guards _invalid, shared by the per-kind threads
+        self.resource_versions: dict[str, str | None] = {kind: None for kind in self._list_functions}
+        self.relists: dict[str, int] = {kind: 0 for kind in self._list_functions}
+        self.last_error: str | None = None
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Watches every kind until `stop` is set."""
+        threads = [
+            threading.Thread(target=self.watch_kind, args=(kind, stop), name=f"watch-{kind}", daemon=True)
+            for kind in self._list_functions
+        ]
+        for thread in threads:
+            thread.start()
+        stop.wait()
+        for thread in threads:
+            thread.join(timeout=1.0)
+
+    def watch_kind(self, kind: str, stop: threading.Event, max_streams: int | None = None) -> None:
+        """List then watch one kind; `max_streams` bounds the watch calls (for replaying recordings)."""
+        delay = self._backoff_initial
+        streams = 0
+        while not stop.is_set() and (max_streams is None or streams < max_streams):
+            try:
+                if self.resource_versions[kind] is None:
+                    self.relist(kind)
+                streams += 1
+                self._watch_once(kind, stop)
+                delay = self._backoff_initial
+            except _Relist:
+                self.resource_versions[kind] = None
+                self.relists[kind] += 1
+                log.info("%s watch: resourceVersion expired (410 Gone); listing again", kind)
+            except Exception as exc:
+                if _status(exc) == 410:
+                    self.resource_versions[kind] = None
+                    self.relists[kind] += 1
+                    log.info("%s watch: 410 Gone; listing again", kind)
+                    continue
+                self.last_error = f"{kind} watch: {exc}"
+                self._hub.metrics.source_errors_total.inc()
+                pause = random.uniform(0, delay)
+                log.warning("%s watch failed (%s); retrying in %.1fs", kind, exc, pause)
+                stop.wait(pause)
+                delay = min(self._backoff_max, delay * 2)
+
+    def relist(self, kind: str) -> None:
+        """Lists `kind` and makes the resolver hold exactly the listed objects of that kind."""
+        result = self._list_functions[kind]()
+        listed: dict[ObjectKey, KubeObject] = {}
+        for item in getattr(result, "items", None) or []:
+            obj = self._parse(kind, self._to_dict(item))
+            if obj is not None:
+                listed[(getattr(obj, "namespace", ""), obj.name)] = obj
+        known = self._known[kind]
+        removed = [key for key in known if key not in listed]
+        changed = [obj for key, obj in listed.items() if known.get(key) != obj]
+        if removed or changed or not known:
+            with self._hub.change() as resolver:
+                for namespace, name in removed:
+                    resolver.delete(kind, namespace, name)
+                for obj in changed:
+                    resolver.upsert(obj)
+        self._known[kind] = listed
+        metadata = getattr(result, "metadata", None)
+        self.resource_versions[kind] = getattr(metadata, "resource_version", None) or "0"
+        log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,
+                 self.resource_versions[kind])
+
+    def _watch_once(self, kind: str, stop: threading.Event) -> None:
+        watcher = self._watch_factory()
+        stream = watcher.stream(
+            self._list_functions[kind],
+            resource_version=self.resource_versions[kind],
+            timeout_seconds=self._watch_timeout,
+            allow_watch_bookmarks=True,
+        )
+        for event in stream:
+            if stop.is_set():
+                watcher.stop()
+                return
+            self._handle_event(kind, event)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _handle_event(self, kind: str, event: dict[str, Any]) -> None:
+        event_type = event.get("type")
+        raw = event.get("raw_object")
+        if raw is None:
+            raw = self._to_dict(event.get("object"))
+        if event_type == "ERROR":
+            if raw.get("code") == 410:
+                raise _Relist()
+            raise RuntimeError(f"watch error event: {raw.get('message', raw)}")
+        version = (raw.get("metadata") or {}).get("resourceVersion")
+        if event_type == "BOOKMARK":
+            self.resource_versions[kind] = version or self.resource_versions[kind]
+            return
+        namespace = (raw.get("metadata") or {}).get("namespace", "") if kind != "Namespace" else ""
+        name = (raw.get("metadata") or {}).get("name", "")
+        known = self._known[kind]
+        if event_type == "DELETED":
+            if known.pop((namespace, name), None) is not None:
+                with self._hub.change() as resolver:
+                    resolver.delete(kind, namespace, name)
+            self._set_invalid(kind, namespace, name, None)
+        elif event_type in ("ADDED", "MODIFIED"):
+            obj = self._parse(kind, raw)
+            if obj is not None and known.get((namespace, name)) != obj:
+                known[(namespace, name)] = obj
+                with self._hub.change() as resolver:
+                    resolver.upsert(obj)
+        else:
+            log.debug("%s watch: ignoring event type %s", kind, event_type)
+        if version:
+            self.resource_versions[kind] = version
+
+    def _to_dict(self, obj: Any) -> dict[str, Any]:
+        if isinstance(obj, dict):
+            return obj
+        data = self._api_client.sanitize_for_serialization(obj)
+        return data if isinstance(data, dict) else {}
+
+    def _parse(self, kind: str, data: dict[str, Any]) -> KubeObject | None:
+        # Items of a list response carry no kind/apiVersion of their own.
+        data = {"kind": kind, "apiVersion": API_VERSIONS.get(kind, "v1"), **data}
+        metadata = data.get("metadata") or {}
+        namespace = metadata.get("namespace", "") if kind != "Namespace" else ""
+        name = metadata.get("name", "")
+        try:
+            obj = parse_object(data)
+        except Exception as exc:  # PolicyError names the object and field
+            detail = getattr(exc, "error", exc)
+            log.warning("skipping invalid %s %s/%s: %s", kind, namespace, name, detail)
+            self._set_invalid(kind, namespace, name, str(detail))
+            return None
+        self._set_invalid(kind, namespace, name, None)
+        return obj
+
+    def _set_invalid(self, kind: str, namespace: str, name: str, error: str | None) -> None:
+        with self._lock:
+            if error is None:
+                self._invalid.pop((kind, namespace, name), None)
+            else:
+                self._invalid[(kind, namespace, name)] = error
+            self._hub.metrics.invalid_objects.set(len(self._invalid))
+
+    @property
+    def invalid_objects(self) -> Iterable[str]:
+        with self._lock:
+            return list(self._invalid.values())
+
+
+def _status(exc: Exception) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
