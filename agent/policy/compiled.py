@@ -1,0 +1,112 @@
+"""The compiled, per-node form of NetworkPolicy: what the control service streams to each node.
+
+These are plain frozen values (hashable, comparable) so the control service can diff two
+versions of a node's policy and send only the endpoints that changed. See the package docstring
+for why allow lists are keyed by numeric identities and CIDRs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.model.objects import IPAddress, IPNetwork
+
+PROTOCOL_ANY = 0  # an AllowEntry with protocol 0 matches every IP protocol, ICMP included
+PORT_MIN, PORT_MAX = 0, 65535
+
+IPV4_ALL = ipaddress.ip_network("0.0.0.0/0")
+IPV6_ALL = ipaddress.ip_network("::/0")
+
+
+@dataclass(frozen=True)
+class IdentityRef:
+    """Every pod whose (namespace, labels) identity is `identity`; its IPs are in NodePolicy.identities."""
+
+    identity: int
+
+
+@dataclass(frozen=True)
+class CidrRef:
+    """Every address in `cidr` except those in `excepts` (an ipBlock, or a named-port pod's host route)."""
+
+    cidr: IPNetwork
+    excepts: tuple[IPNetwork, ...] = ()
+
+
+PeerRef = IdentityRef | CidrRef
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """Traffic with `peer` on `protocol` (0 = any) to ports [port_first, port_last] is allowed.
+
+    The port is the destination port: the endpoint's own port on ingress, the peer's on egress.
+    `policy` ("ns/name") says which NetworkPolicy contributed the entry, for counters and explain.
+    """
+
+    peer: PeerRef
+    protocol: int
+    port_first: int = PORT_MIN
+    port_last: int = PORT_MAX
+    policy: str = ""
+
+
+def _peer_sort_key(peer: PeerRef) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]]:
+    if isinstance(peer, IdentityRef):
+        return (0, peer.identity, 0, 0, ())
+    excepts = tuple((e.version, int(e.network_address), e.prefixlen) for e in peer.excepts)
+    return (1, peer.cidr.version, int(peer.cidr.network_address), peer.cidr.prefixlen, excepts)
+
+
+def entry_sort_key(entry: AllowEntry) -> tuple[object, ...]:
+    """A total order over entries (mixed IPv4/IPv6 networks do not compare natively)."""
+    return (_peer_sort_key(entry.peer), entry.protocol, entry.port_first, entry.port_last, entry.policy)
+
+
+def normalize_allows(entries: Iterable[AllowEntry]) -> tuple[AllowEntry, ...]:
+    """Sorted and deduplicated, so equal allow lists are equal tuples."""
+    return tuple(sorted(set(entries), key=entry_sort_key))
+
+
+@dataclass(frozen=True)
+class DirectionAllows:
+    """One direction of one endpoint. Not isolated = everything allowed (allows is then empty)."""
+
+    isolated: bool = False
+    allows: tuple[AllowEntry, ...] = ()  # sorted, deduplicated (see normalize_allows)
+
+    @property
+    def identities(self) -> frozenset[int]:
+        return frozenset(e.peer.identity for e in self.allows if isinstance(e.peer, IdentityRef))
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    """What the node must enforce on one local pod."""
+
+    namespace: str
+    name: str
+    ips: tuple[IPAddress, ...]
+    ingress: DirectionAllows
+    egress: DirectionAllows
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """Everything one node enforces: its endpoints and the IPs of every identity they reference.
+
+    `identities` holds only identities referenced by this node's allow lists; an identity whose
+    pods currently have no IP is present with an empty tuple (never silently omitted).
+    """
+
+    endpoints: Mapping[str, EndpointPolicy] = field(default_factory=dict)  # key "ns/name"
+    identities: Mapping[int, tuple[IPAddress, ...]] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((frozenset(self.endpoints.items()), frozenset(self.identities.items())))

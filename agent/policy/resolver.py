@@ -1,0 +1,645 @@
+"""Incremental resolver: cluster objects in, one NodePolicy per node out (no I/O).
+
+It is a small calculation graph, in the spirit of Calico Felix's calc graph:
+
+  pods ──► identities (namespace, labels) ──► peer-selector matches ──► policy templates ─┐
+  policies ──► selected pods ──────────────────────────────────────────────────────────────┴► endpoints
+  endpoints ──► NodePolicy per node
+
+Each stage keeps an index so one event touches only what depends on it:
+- a pod event moves the pod between identities; only a *new or vanished* identity is matched
+  against the peer selectors whose namespace scope includes the pod's namespace;
+- a namespace relabel re-evaluates only the namespace selectors in use;
+- a policy template (the policy's allow entries with peers resolved) is recomputed only when the
+  policy or one of its peer-selector match sets changed, and marks its selected endpoints dirty
+  only when the template really differs;
+- an endpoint's allow list is memoised by (its policies' template versions, its named ports), so
+  pods with the same policies share one computation;
+- node_policy() recomputes only that node's dirty endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agent.model.objects import (
+    IPAddress,
+    KubeObject,
+    Labels,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Peer,
+    Pod,
+    PolicyType,
+    Protocol,
+    Rule,
+    labels_from_dict,
+)
+from agent.policy.compiled import (
+    IPV4_ALL,
+    IPV6_ALL,
+    PORT_MAX,
+    PORT_MIN,
+    PROTOCOL_ANY,
+    AllowEntry,
+    CidrRef,
+    DirectionAllows,
+    EndpointPolicy,
+    IdentityRef,
+    NodePolicy,
+    PeerRef,
+    normalize_allows,
+)
+from agent.policy.state import ClusterState, effective_namespace_labels, takes_part_in_selectors
+
+KIND_NAMESPACE, KIND_POD, KIND_POLICY = "Namespace", "Pod", "NetworkPolicy"
+
+# (own namespace or None, namespace selector or None, pod selector or None): one peer's selectors.
+# Exactly one of the first two is set: no namespaceSelector means "the policy's own namespace".
+SelectorKey = tuple[str | None, LabelSelector | None, LabelSelector | None]
+
+# Endpoint memo entries are cheap to rebuild; the cap only bounds memory after long churn.
+_MEMO_LIMIT = 20_000
+
+
+def identity_id(namespace: str, labels: Labels) -> int:
+    """Stable 64-bit id of (namespace, label set): the same in every process and replica, never 0."""
+    canonical = json.dumps([namespace, [list(kv) for kv in labels]], separators=(",", ":"))
+    value = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big")
+    return value or 1
+
+
+def host_network(ip: IPAddress) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The single-address network of `ip` (/32 or /128)."""
+    return ipaddress.ip_network(ip)
+
+
+def port_ranges(rule: Rule) -> tuple[tuple[int, int, int], ...]:
+    """The numeric (protocol, first, last) ranges of a rule; no ports = every protocol and port."""
+    if not rule.ports:
+        return ((PROTOCOL_ANY, PORT_MIN, PORT_MAX),)
+    ranges: list[tuple[int, int, int]] = []
+    for spec in rule.ports:
+        if spec.port is None:
+            ranges.append((spec.protocol.number, PORT_MIN, PORT_MAX))
+        elif isinstance(spec.port, int):
+            last = spec.end_port if spec.end_port is not None else spec.port
+            ranges.append((spec.protocol.number, spec.port, last))
+    return tuple(ranges)
+
+
+def named_ports(rule: Rule) -> tuple[tuple[str, Protocol], ...]:
+    return tuple((spec.port, spec.protocol) for spec in rule.ports if isinstance(spec.port, str))
+
+
+def selector_key(policy: NetworkPolicy, peer: Peer) -> SelectorKey:
+    if peer.namespace_selector is None:
+        return (policy.namespace, None, peer.pod_selector)
+    return (None, peer.namespace_selector, peer.pod_selector)
+
+
+def policy_selector_keys(policy: NetworkPolicy) -> set[SelectorKey]:
+    return {
+        selector_key(policy, peer)
+        for rule in (*policy.ingress, *policy.egress)
+        for peer in rule.peers
+        if peer.ip_block is None
+    }
+
+
+def _has_egress_named_ports(policy: NetworkPolicy) -> bool:
+    return PolicyType.EGRESS in policy.policy_types and any(named_ports(r) for r in policy.egress)
+
+
+def is_endpoint(pod: Pod) -> bool:
+    return pod.node_name is not None and not pod.host_network and bool(pod.ips)
+
+
+@dataclass(frozen=True)
+class _NamedIngress:
+    """An ingress named port, resolved later against each selected pod's own container ports."""
+
+    peers: tuple[PeerRef, ...]
+    name: str
+    protocol: Protocol
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One policy with its peers resolved; independent of which pod it is applied to."""
+
+    ingress_entries: tuple[AllowEntry, ...]
+    ingress_named: tuple[_NamedIngress, ...]
+    egress_entries: tuple[AllowEntry, ...]
+
+
+class Resolver:
+    """Holds the cluster state and the compiled per-node policy, updated one event at a time."""
+
+    def __init__(self) -> None:
+        self._state = ClusterState()
+        # identities
+        self._pod_identity: dict[str, int] = {}
+        self._identity_pods: dict[int, set[str]] = defaultdict(set)
+        self._identity_info: dict[int, tuple[str, dict[str, str]]] = {}
+        self._ns_identities: dict[str, set[int]] = defaultdict(set)
+        self._identity_ips_cache: dict[int, tuple[IPAddress, ...]] = {}
+        # peer selectors
+        self._sel_matches: dict[SelectorKey, set[int]] = {}
+        self._sel_users: dict[SelectorKey, set[str]] = defaultdict(set)
+        self._ns_sel_matches: dict[LabelSelector, set[str]] = {}
+        self._ns_sel_keys: dict[LabelSelector, set[SelectorKey]] = defaultdict(set)
+        self._scope_index: dict[str, set[SelectorKey]] = defaultdict(set)  # namespace -> keys in scope
+        # policies
+        self._selected: dict[str, set[str]] = {}
+        self._selecting: dict[str, set[str]] = defaultdict(set)
+        self._ns_policies: dict[str, set[str]] = defaultdict(set)
+        self._templates: dict[str, _Template] = {}
+        self._template_version: dict[str, int] = {}
+        self._version_counter = 0
+        self._dirty_templates: set[str] = set()
+        self._egress_named_policies: set[str] = set()
+        self._named_port_pods: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
+        # endpoints and nodes
+        self._node_members: dict[str, set[str]] = defaultdict(set)
+        self._dirty_endpoints: dict[str, set[str]] = defaultdict(set)
+        self._dirty_nodes: set[str] = set()
+        self._node_cache: dict[str, NodePolicy] = {}
+        self._endpoint_cache: dict[str, dict[str, tuple[EndpointPolicy, frozenset[int]]]] = defaultdict(dict)
+        self._node_identities: dict[str, set[int]] = {}  # identities each node's last NodePolicy listed
+        self._memo: dict[tuple[object, ...], tuple[DirectionAllows, frozenset[int]]] = {}
+        self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ClusterState:
+        return self._state
+
+    def upsert(self, obj: KubeObject) -> None:
+        if isinstance(obj, Namespace):
+            self._put_namespace(obj.name, obj)
+        elif isinstance(obj, Pod):
+            self._put_pod(obj.key, obj)
+        else:
+            self._put_policy(obj.key, obj)
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        if kind == KIND_NAMESPACE:
+            self._put_namespace(name, None)
+        elif kind == KIND_POD:
+            self._put_pod(f"{namespace}/{name}", None)
+        elif kind == KIND_POLICY:
+            self._put_policy(f"{namespace}/{name}", None)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+
+    def replace_all(self, objs: Iterable[KubeObject]) -> None:
+        """Resync to exactly `objs`; unchanged objects cause no work and no dirtiness."""
+        fresh = ClusterState.from_objects(list(objs))
+        for key in set(self._state.policies) - set(fresh.policies):
+            self._put_policy(key, None)
+        for key in set(self._state.pods) - set(fresh.pods):
+            self._put_pod(key, None)
+        for name in set(self._state.namespaces) - set(fresh.namespaces):
+            self._put_namespace(name, None)
+        for ns in fresh.namespaces.values():
+            self._put_namespace(ns.name, ns)
+        for pod in fresh.pods.values():
+            self._put_pod(pod.key, pod)
+        for policy in fresh.policies.values():
+            self._put_policy(policy.key, policy)
+
+    def nodes(self) -> set[str]:
+        return {node for node, members in self._node_members.items() if members}
+
+    def take_dirty_nodes(self) -> set[str]:
+        self._flush_templates()
+        dirty, self._dirty_nodes = self._dirty_nodes, set()
+        return dirty
+
+    def node_policy(self, node: str) -> NodePolicy:
+        self._flush_templates()
+        cached = self._node_cache.get(node)
+        dirty = self._dirty_endpoints.pop(node, set())
+        if cached is not None and not dirty:
+            return cached
+        endpoints = self._endpoint_cache[node]
+        for key in dirty:
+            pod = self._state.pods.get(key)
+            if pod is not None and is_endpoint(pod) and pod.node_name == node:
+                endpoints[key] = self._compile_endpoint(pod)
+            else:
+                endpoints.pop(key, None)
+        referenced: set[int] = set()
+        for _, identities in endpoints.values():
+            referenced |= identities
+        policy = NodePolicy(
+            endpoints={key: endpoints[key][0] for key in sorted(endpoints)},
+            identities={i: self._identity_ips(i) for i in sorted(referenced)},
+        )
+        self._node_cache[node] = policy
+        self._node_identities[node] = referenced
+        return policy
+
+    # ---- namespaces ------------------------------------------------------------------------
+
+    def _put_namespace(self, name: str, ns: Namespace | None) -> None:
+        old = self._state.namespaces.get(name)
+        if old == ns:
+            return
+        self._ensure_known_namespace(name)
+        if ns is None:
+            del self._state.namespaces[name]
+        else:
+            self._state.namespaces[name] = ns
+        old_labels = effective_namespace_labels(name, old)
+        new_labels = effective_namespace_labels(name, ns)
+        if old_labels == new_labels:
+            return
+        for ns_selector, matching in self._ns_sel_matches.items():
+            was, now = name in matching, ns_selector.matches(new_labels)
+            if was == now:
+                continue
+            if now:
+                matching.add(name)
+            else:
+                matching.discard(name)
+            for key in self._ns_sel_keys[ns_selector]:
+                self._scope_changed(key, name, now)
+
+    def _ensure_known_namespace(self, name: str) -> None:
+        """Evaluates every namespace selector in use against a namespace seen for the first time."""
+        if name in self._known_namespaces:
+            return
+        self._known_namespaces.add(name)
+        labels = self._state.namespace_labels(name)
+        for ns_selector, matching in self._ns_sel_matches.items():
+            if ns_selector.matches(labels):
+                matching.add(name)
+                for key in self._ns_sel_keys[ns_selector]:
+                    self._scope_changed(key, name, True)
+
+    def _scope_changed(self, key: SelectorKey, namespace: str, in_scope: bool) -> None:
+        """Namespace `namespace` entered or left the scope of selector `key`."""
+        matches = self._sel_matches[key]
+        pod_selector = key[2]
+        if in_scope:
+            self._scope_index[namespace].add(key)
+            found = {
+                i
+                for i in self._ns_identities.get(namespace, ())
+                if pod_selector is None or pod_selector.matches(self._identity_info[i][1])
+            }
+            changed = bool(found - matches)
+            matches |= found
+        else:
+            self._scope_index[namespace].discard(key)
+            gone = matches & self._ns_identities.get(namespace, set())
+            changed = bool(gone)
+            matches -= gone
+        if changed:
+            self._dirty_templates |= self._sel_users[key]
+
+    # ---- pods and identities ---------------------------------------------------------------
+
+    def _put_pod(self, key: str, pod: Pod | None) -> None:
+        old = self._state.pods.get(key)
+        if old == pod:
+            return
+        if pod is None:
+            del self._state.pods[key]
+        else:
+            self._state.pods[key] = pod
+
+        old_identity = self._pod_identity.get(key)
+        new_identity = (
+            identity_id(pod.namespace, labels_from_dict(pod.labels))
+            if pod is not None and takes_part_in_selectors(pod)
+            else None
+        )
+        if old_identity != new_identity:
+            if old_identity is not None:
+                self._leave_identity(key, old_identity)
+            if new_identity is not None and pod is not None:
+                self._join_identity(key, new_identity, pod)
+        elif new_identity is not None and old is not None and pod is not None and old.ips != pod.ips:
+            self._identity_ips_changed(new_identity)
+
+        self._reindex_named_ports(key, old, pod)
+        if self._egress_named_policies and (
+            old is None or pod is None or (old.ips, old.ports, old.labels) != (pod.ips, pod.ports, pod.labels)
+        ):
+            self._dirty_templates |= self._egress_named_policies
+
+        if old is None or pod is None or old.labels != pod.labels or old.host_network != pod.host_network:
+            self._reselect(key, pod)
+        for node in {p.node_name for p in (old, pod) if p is not None and p.node_name is not None}:
+            self._mark_endpoint(node, key)
+        if old is not None and old.node_name is not None:
+            self._node_members[old.node_name].discard(key)
+        if pod is not None and is_endpoint(pod) and pod.node_name is not None:
+            self._node_members[pod.node_name].add(key)
+
+    def _reindex_named_ports(self, key: str, old: Pod | None, pod: Pod | None) -> None:
+        for source, add in ((old, False), (pod, True)):
+            if source is None:
+                continue
+            for port in source.ports:
+                if port.name is None:
+                    continue
+                pods = self._named_port_pods[(port.name, port.protocol)]
+                if add:
+                    pods.add(key)
+                else:
+                    pods.discard(key)
+
+    def _join_identity(self, key: str, identity: int, pod: Pod) -> None:
+        self._pod_identity[key] = identity
+        members = self._identity_pods[identity]
+        members.add(key)
+        self._identity_ips_cache.pop(identity, None)
+        if len(members) > 1:
+            self._identity_ips_changed(identity)
+            return
+        self._ensure_known_namespace(pod.namespace)
+        self._identity_info[identity] = (pod.namespace, dict(pod.labels))
+        self._ns_identities[pod.namespace].add(identity)
+        for sel in self._scope_index.get(pod.namespace, ()):
+            if sel[2] is None or sel[2].matches(pod.labels):
+                self._sel_matches[sel].add(identity)
+                self._dirty_templates |= self._sel_users[sel]
+
+    def _leave_identity(self, key: str, identity: int) -> None:
+        del self._pod_identity[key]
+        members = self._identity_pods[identity]
+        members.discard(key)
+        self._identity_ips_cache.pop(identity, None)
+        if members:
+            self._identity_ips_changed(identity)
+            return
+        del self._identity_pods[identity]
+        namespace, _ = self._identity_info.pop(identity)
+        self._ns_identities[namespace].discard(identity)
+        for sel in self._scope_index.get(namespace, ()):
+            matches = self._sel_matches[sel]
+            if identity in matches:
+                matches.discard(identity)
+                self._dirty_templates |= self._sel_users[sel]
+        self._identity_ips_changed(identity)
+
+    def _identity_ips(self, identity: int) -> tuple[IPAddress, ...]:
+        ips = self._identity_ips_cache.get(identity)
+        if ips is None:
+            found = {ip for key in self._identity_pods.get(identity, ()) for ip in self._state.pods[key].ips}
+            ips = tuple(sorted(found, key=lambda ip: (ip.version, int(ip))))
+            self._identity_ips_cache[identity] = ips
+        return ips
+
+    def _identity_ips_changed(self, identity: int) -> None:
+        """Nodes whose last NodePolicy listed this identity must rebuild their identity table."""
+        self._identity_ips_cache.pop(identity, None)
+        for node, referenced in self._node_identities.items():
+            if identity in referenced:
+                self._dirty_nodes.add(node)
+                self._node_cache.pop(node, None)
+
+    # ---- policies --------------------------------------------------------------------------
+
+    def _reselect(self, pod_key: str, pod: Pod | None) -> None:
+        """Recomputes which policies of its namespace select the pod."""
+        before = self._selecting.get(pod_key, set())
+        after: set[str] = set()
+        if pod is not None and takes_part_in_selectors(pod):
+            after = {
+                policy_key
+                for policy_key in self._ns_policies.get(pod.namespace, ())
+                if self._state.policies[policy_key].pod_selector.matches(pod.labels)
+            }
+        for policy_key in before - after:
+            self._selected[policy_key].discard(pod_key)
+        for policy_key in after - before:
+            self._selected[policy_key].add(pod_key)
+        if after:
+            self._selecting[pod_key] = after
+        else:
+            self._selecting.pop(pod_key, None)
+
+    def _put_policy(self, key: str, policy: NetworkPolicy | None) -> None:
+        old = self._state.policies.get(key)
+        if old == policy:
+            return
+        old_selected = self._selected.get(key, set())
+        if old is not None:
+            del self._state.policies[key]
+            self._ns_policies[old.namespace].discard(key)
+            for sel in policy_selector_keys(old):
+                self._release_selector(sel, key)
+            for pod_key in old_selected:
+                self._selecting[pod_key].discard(key)
+                if not self._selecting[pod_key]:
+                    del self._selecting[pod_key]
+            self._selected.pop(key, None)
+            self._templates.pop(key, None)
+            self._template_version.pop(key, None)
+            self._egress_named_policies.discard(key)
+            self._dirty_templates.discard(key)
+        new_selected: set[str] = set()
+        if policy is not None:
+            self._state.policies[key] = policy
+            self._ns_policies[policy.namespace].add(key)
+            for sel in policy_selector_keys(policy):
+                self._acquire_selector(sel, key)
+            new_selected = {
+                pod_key
+                for identity in self._ns_identities.get(policy.namespace, ())
+                if policy.pod_selector.matches(self._identity_info[identity][1])
+                for pod_key in self._identity_pods[identity]
+            }
+            self._selected[key] = new_selected
+            for pod_key in new_selected:
+                self._selecting[pod_key].add(key)
+            if _has_egress_named_ports(policy):
+                self._egress_named_policies.add(key)
+            self._templates[key] = self._compute_template(policy)
+            self._template_version[key] = self._next_version()
+            self._dirty_templates.discard(key)
+        for pod_key in old_selected | new_selected:
+            self._mark_pod_endpoint(pod_key)
+
+    def _acquire_selector(self, sel: SelectorKey, policy_key: str) -> None:
+        users = self._sel_users[sel]
+        users.add(policy_key)
+        if sel in self._sel_matches:
+            return
+        own_namespace, ns_selector, _ = sel
+        self._sel_matches[sel] = set()
+        if ns_selector is None:
+            assert own_namespace is not None
+            scope = {own_namespace}
+        else:
+            if ns_selector not in self._ns_sel_matches:
+                self._ns_sel_matches[ns_selector] = {
+                    n for n in self._known_namespaces if ns_selector.matches(self._state.namespace_labels(n))
+                }
+            self._ns_sel_keys[ns_selector].add(sel)
+            scope = self._ns_sel_matches[ns_selector]
+        for namespace in scope:
+            self._scope_changed(sel, namespace, True)
+
+    def _release_selector(self, sel: SelectorKey, policy_key: str) -> None:
+        users = self._sel_users[sel]
+        users.discard(policy_key)
+        if users:
+            return
+        del self._sel_users[sel]
+        del self._sel_matches[sel]
+        own_namespace, ns_selector, _ = sel
+        if ns_selector is None:
+            assert own_namespace is not None
+            self._scope_index[own_namespace].discard(sel)
+            return
+        for namespace in self._ns_sel_matches[ns_selector]:
+            self._scope_index[namespace].discard(sel)
+        keys = self._ns_sel_keys[ns_selector]
+        keys.discard(sel)
+        if not keys:
+            del self._ns_sel_keys[ns_selector]
+            del self._ns_sel_matches[ns_selector]
+
+    def _next_version(self) -> int:
+        self._version_counter += 1
+        return self._version_counter
+
+    def _flush_templates(self) -> None:
+        """Recomputes templates whose inputs changed; dirties endpoints only on a real difference."""
+        while self._dirty_templates:
+            key = self._dirty_templates.pop()
+            policy = self._state.policies.get(key)
+            if policy is None:
+                continue
+            template = self._compute_template(policy)
+            if template == self._templates.get(key):
+                continue
+            self._templates[key] = template
+            self._template_version[key] = self._next_version()
+            for pod_key in self._selected.get(key, ()):
+                self._mark_pod_endpoint(pod_key)
+
+    # ---- compilation ------------------------------------------------------------------------
+
+    def _peer_refs(self, policy: NetworkPolicy, rule: Rule) -> tuple[PeerRef, ...]:
+        if not rule.peers:
+            return (CidrRef(IPV4_ALL), CidrRef(IPV6_ALL))
+        refs: list[PeerRef] = []
+        for peer in rule.peers:
+            if peer.ip_block is not None:
+                refs.append(CidrRef(peer.ip_block.cidr, peer.ip_block.excepts))
+            else:
+                matches = self._sel_matches[selector_key(policy, peer)]
+                refs.extend(IdentityRef(i) for i in sorted(matches))
+        return tuple(refs)
+
+    def _named_port_destinations(
+        self, policy: NetworkPolicy, rule: Rule, name: str, protocol: Protocol
+    ) -> list[tuple[IPAddress, int]]:
+        """(pod IP, numeric port) of every pod a named egress port resolves to for this rule."""
+        found: list[tuple[IPAddress, int]] = []
+        for pod_key in self._named_port_pods.get((name, protocol), ()):
+            pod = self._state.pods[pod_key]
+            port = pod.named_port(name, protocol)
+            if port is None or not takes_part_in_selectors(pod):
+                continue
+            for ip in pod.ips:
+                if self._peer_matches_pod(policy, rule, pod, ip):
+                    found.append((ip, port))
+        return found
+
+    def _peer_matches_pod(self, policy: NetworkPolicy, rule: Rule, pod: Pod, ip: IPAddress) -> bool:
+        if not rule.peers:
+            return True
+        identity = self._pod_identity.get(pod.key)
+        for peer in rule.peers:
+            if peer.ip_block is not None:
+                if peer.ip_block.contains(ip):
+                    return True
+            elif identity is not None and identity in self._sel_matches[selector_key(policy, peer)]:
+                return True
+        return False
+
+    def _compute_template(self, policy: NetworkPolicy) -> _Template:
+        ingress_entries: list[AllowEntry] = []
+        ingress_named: list[_NamedIngress] = []
+        egress_entries: list[AllowEntry] = []
+        key = policy.key
+        if PolicyType.INGRESS in policy.policy_types:
+            for rule in policy.ingress:
+                peers = self._peer_refs(policy, rule)
+                for protocol, first, last in port_ranges(rule):
+                    ingress_entries.extend(AllowEntry(p, protocol, first, last, key) for p in peers)
+                ingress_named.extend(_NamedIngress(peers, name, proto) for name, proto in named_ports(rule))
+        if PolicyType.EGRESS in policy.policy_types:
+            for rule in policy.egress:
+                peers = self._peer_refs(policy, rule)
+                for protocol, first, last in port_ranges(rule):
+                    egress_entries.extend(AllowEntry(p, protocol, first, last, key) for p in peers)
+                for name, proto in named_ports(rule):
+                    for ip, port in self._named_port_destinations(policy, rule, name, proto):
+                        peer = CidrRef(host_network(ip))
+                        egress_entries.append(AllowEntry(peer, proto.number, port, port, key))
+        return _Template(
+            normalize_allows(ingress_entries), tuple(ingress_named), normalize_allows(egress_entries)
+        )
+
+    def _mark_pod_endpoint(self, pod_key: str) -> None:
+        pod = self._state.pods.get(pod_key)
+        if pod is not None and pod.node_name is not None:
+            self._mark_endpoint(pod.node_name, pod_key)
+
+    def _mark_endpoint(self, node: str, pod_key: str) -> None:
+        self._dirty_endpoints[node].add(pod_key)
+        self._dirty_nodes.add(node)
+        self._node_cache.pop(node, None)
+
+    def _compile_endpoint(self, pod: Pod) -> tuple[EndpointPolicy, frozenset[int]]:
+        policy_keys = sorted(self._selecting.get(pod.key, ()))
+        versions = tuple((k, self._template_version[k]) for k in policy_keys)
+        templates = [self._templates[k] for k in policy_keys]
+        policies = [self._state.policies[k] for k in policy_keys]
+        uses_named = any(t.ingress_named for t in templates)
+        ingress_key = ("ingress", versions, pod.ports if uses_named else ())
+        ingress = self._memo.get(ingress_key)
+        if ingress is None:
+            isolated = any(PolicyType.INGRESS in p.policy_types for p in policies)
+            entries: list[AllowEntry] = []
+            for template, policy in zip(templates, policies, strict=True):
+                entries.extend(template.ingress_entries)
+                for named in template.ingress_named:
+                    port = pod.named_port(named.name, named.protocol)
+                    if port is not None:
+                        number = named.protocol.number
+                        entries.extend(AllowEntry(p, number, port, port, policy.key) for p in named.peers)
+            ingress = self._remember(ingress_key, DirectionAllows(isolated, normalize_allows(entries)))
+        egress_key = ("egress", versions)
+        egress = self._memo.get(egress_key)
+        if egress is None:
+            isolated = any(PolicyType.EGRESS in p.policy_types for p in policies)
+            entries = [e for t in templates for e in t.egress_entries]
+            egress = self._remember(egress_key, DirectionAllows(isolated, normalize_allows(entries)))
+        endpoint = EndpointPolicy(pod.namespace, pod.name, pod.ips, ingress[0], egress[0])
+        return endpoint, ingress[1] | egress[1]
+
+    def _remember(
+        self, key: tuple[object, ...], allows: DirectionAllows
+    ) -> tuple[DirectionAllows, frozenset[int]]:
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        value = (allows, allows.identities)
+        self._memo[key] = value
+        return value
