@@ -31,7 +31,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_INCOMPLETE, NUD_PERMANENT
+from pyroute2.netlink.rtnl.ndmsg import NTF_USE, NUD_FAILED, NUD_INCOMPLETE, NUD_NONE, NUD_PERMANENT
 
 from agent.dataplane.types import IPAddress
 
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 
 # Neighbour states that carry no usable MAC yet.
 _NEIGH_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
-# The UDP "discard" port: an active probe only needs the kernel to resolve the pod's MAC, and a
-# datagram to a port nobody listens on is the least intrusive way to make it do so.
-_PROBE_PORT = 9
 _MONITOR_GROUPS = (
     rtnl.RTMGRP_LINK
     | rtnl.RTMGRP_NEIGH  # also carries bridge FDB notifications (AF_BRIDGE)
@@ -88,17 +85,19 @@ class InterfaceDiscovery:
 
     Not thread-safe: the reconcile loop serialises its calls. `excluded_names` lets an operator
     mark extra uplinks explicitly (never needed when the uplink carries the default route).
+    `netns` names a network namespace to look at instead of the current one (tests, the lab).
     """
 
     def __init__(
         self,
         *,
+        netns: str | None = None,
         excluded_names: Iterable[str] = (),
         active_probe: bool = True,
         probe_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._ipr = IPRoute()
+        self._ipr = IPRoute(netns=netns) if netns else IPRoute()
         self._excluded_names = frozenset(excluded_names)
         self._active_probe = active_probe
         self._probe_interval_s = probe_interval_s
@@ -230,25 +229,24 @@ class InterfaceDiscovery:
             return None
         mac = view.neighbours.get((oif, ip))
         if mac is None:
-            self._maybe_probe(ip)
+            self._maybe_probe(ip, oif)
             return None
         port = view.fdb.get((oif, mac))
         return port if port in view.pod_interfaces else None
 
-    def _maybe_probe(self, ip: IPAddress) -> None:
-        """Make the kernel resolve a silent pod's MAC; the neighbour and FDB notifications that
-        follow wake the reconcile loop again. Rate-limited per IP."""
+    def _maybe_probe(self, ip: IPAddress, bridge: int) -> None:
+        """Ask the kernel to resolve a silent pod's MAC (NTF_USE: what sending a packet would do,
+        without sending one from user space). The pod's reply fills the neighbour table and the
+        bridge FDB, whose notifications wake the reconcile loop again. Rate-limited per IP."""
         if not self._active_probe:
             return
         now = self._clock()
         if now - self._last_probe.get(ip, -self._probe_interval_s) < self._probe_interval_s:
             return
         self._last_probe[ip] = now
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.sendto(b"", (str(ip), _PROBE_PORT))
-        except OSError as exc:  # a probe is best effort; discovery stays passive then
+            self._ipr.neigh("replace", dst=str(ip), ifindex=bridge, flags=NTF_USE, state=NUD_NONE)
+        except NetlinkError as exc:  # a probe is best effort; discovery stays passive then
             log.debug("neighbour probe of %s failed: %s", ip, exc)
 
 
@@ -272,33 +270,41 @@ def _ip_sort_key(ip: IPAddress) -> tuple[int, int]:
 class NetlinkMonitor:
     """Calls `on_change` whenever links, addresses, routes, neighbours or FDB entries change.
 
-    Notifications arriving together are coalesced: `on_change` only means "look again".
+    Notifications arriving together are coalesced: `on_change` only means "look again". The
+    netlink socket is opened by `run`, on the thread that reads it (pyroute2's synchronous API
+    keeps its sockets per thread); `run` calls `on_change` once after subscribing, covering
+    anything that happened before.
     """
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], None], *, netns: str | None = None) -> None:
         self._on_change = on_change
-        self._ipr = IPRoute()
-        self._ipr.bind(groups=_MONITOR_GROUPS)
+        self._netns = netns
+        self.subscribed = threading.Event()
 
     def run(self, stop: threading.Event, poll_s: float = 0.2) -> None:
         """Blocks until `stop` is set."""
+        ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
         try:
+            ipr.bind(groups=_MONITOR_GROUPS)
+            self.subscribed.set()
+            self._on_change()
             while not stop.is_set():
-                readable, _, _ = select.select([self._ipr], [], [], poll_s)
+                readable, _, _ = select.select([ipr], [], [], poll_s)
                 if not readable:
                     continue
                 try:
-                    self._drain()
+                    _drain(ipr)
                 except NetlinkError as exc:
                     # ENOBUFS: the kernel dropped notifications; a full rescan covers what we missed.
                     log.warning("netlink monitor lost notifications (%s); rescanning", exc)
                 self._on_change()
         finally:
-            self._ipr.close()
+            ipr.close()
 
-    def _drain(self) -> None:
-        while True:
-            self._ipr.get()
-            readable, _, _ = select.select([self._ipr], [], [], 0)
-            if not readable:
-                return
+
+def _drain(ipr: IPRoute) -> None:
+    while True:
+        ipr.get()
+        readable, _, _ = select.select([ipr], [], [], 0)
+        if not readable:
+            return
