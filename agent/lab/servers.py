@@ -1,0 +1,123 @@
+"""The pods' servers: one process serving every lab pod's TCP, UDP and SCTP ports.
+
+Like agnhost in the upstream e2e pods, each server answers with the pod's name: TCP sends it and
+closes, UDP replies to each datagram, SCTP answers INIT with INIT ACK (see agent.lab.sctp). A socket
+belongs to the netns it was created in, so this process enters each pod's netns in turn, opens that
+pod's sockets there, and then serves them all from one selector loop.
+
+Run as `python -m agent.lab.servers CONFIG READY_FILE`; READY_FILE appears once every socket is bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pyroute2.netns import setns
+
+from agent.lab.sctp import CHUNK_INIT, IPPROTO_SCTP, build_init_ack, parse_ip_packet
+
+log = logging.getLogger(__name__)
+Handler = Callable[[socket.socket], None]
+
+
+def _tcp_handler(reply: bytes) -> Handler:
+    def accept(listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        # The client only needs the handshake; the reply is a courtesy, as agnhost sends the hostname.
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(reply)
+
+    return accept
+
+
+def _udp_handler(reply: bytes) -> Handler:
+    def answer(sock: socket.socket) -> None:
+        try:
+            _, peer = sock.recvfrom(2048)
+            sock.sendto(reply, peer)
+        except OSError:
+            pass
+
+    return answer
+
+
+def _sctp_handler(ports: set[int]) -> Handler:
+    def answer(sock: socket.socket) -> None:
+        try:
+            packet = sock.recv(65535)
+        except OSError:
+            return
+        parsed = parse_ip_packet(packet)
+        if parsed is None:
+            return
+        source, chunk = parsed
+        if chunk.chunk_type == CHUNK_INIT and chunk.dst_port in ports:
+            sock.sendto(build_init_ack(chunk, random.getrandbits(32) or 1), (source, 0))
+
+    return answer
+
+
+def open_pod_sockets(
+    netns_path: str, name: str, ports: list[tuple[int, str]]
+) -> list[tuple[socket.socket, Handler]]:
+    """Enter the pod's netns and bind its servers there."""
+    setns(netns_path, flags=0)
+    reply = (name + "\n").encode()
+    opened: list[tuple[socket.socket, Handler]] = []
+    sctp_ports = {port for port, proto in ports if proto == "SCTP"}
+    for port, proto in ports:
+        if proto == "TCP":
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.listen(128)
+            opened.append((sock, _tcp_handler(reply)))
+        elif proto == "UDP":
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("0.0.0.0", port))
+            opened.append((sock, _udp_handler(reply)))
+    if sctp_ports:
+        opened.append(
+            (socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP), _sctp_handler(sctp_ports))
+        )
+    for sock, _ in opened:
+        sock.setblocking(False)
+    return opened
+
+
+def serve(config: list[dict[str, object]], ready_file: Path) -> None:
+    selector = selectors.DefaultSelector()
+    for pod in config:
+        ports = [(int(port), str(proto)) for port, proto in pod["ports"]]  # type: ignore[attr-defined]
+        for sock, handler in open_pod_sockets(f"/run/netns/{pod['netns']}", str(pod["name"]), ports):
+            selector.register(sock, selectors.EVENT_READ, handler)
+    ready_file.write_text(str(os.getpid()))
+    while True:
+        for key, _ in selector.select():
+            key.data(key.fileobj)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s servers %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    config_path, ready_path = argv
+    serve(json.loads(Path(config_path).read_text()), Path(ready_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

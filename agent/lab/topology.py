@@ -1,0 +1,555 @@
+"""The node lab: simulated Kubernetes nodes and pods built from network namespaces on one machine.
+
+Each node is a netns (`pflab-<node>`) joined to the other nodes through a fabric bridge (its own
+netns, `pflab-fabric`) and to the root netns through a management veth on a lab-only /30, which is
+how agents inside a node reach the control service. Each pod is a netns with a veth to its node,
+wired the way a CNI plugin would wire it:
+
+* routed (ptp/Calico style): the pod owns a /32 and a default route via the link-local gateway
+  169.254.1.1, which the host side of every pod veth answers for; the node routes each pod /32 to
+  its veth.
+* bridged (bridge/flannel style): host veths are ports of a per-node bridge `cni0` that holds the
+  gateway address of the node's pod /24, with br_netfilter on so bridged replies see conntrack.
+
+ClusterIP Services are DNAT rules in nat PREROUTING and OUTPUT of every node, as kube-proxy's
+iptables mode writes them. Lab ranges are blackholed in the root netns and in every node (less
+specific than the real routes), so a missing route drops lab traffic instead of sending it out.
+
+Everything made here is recorded under /run/podfence-lab and removed by `teardown()`, which also
+works from a fresh process after a crash because it finds leftovers by the `pflab-` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+LAB_PREFIX = "pflab-"
+RUN_DIR = Path("/run/podfence-lab")
+NETNS_DIR = Path("/run/netns")
+BPF_FS = Path("/sys/fs/bpf")
+FABRIC_NETNS = LAB_PREFIX + "fabric"
+
+# Lab-only address plan. 10.240.<node>.0/24 pods, 10.241.0.0/16 Services, 10.250.0.0/24 the
+# node fabric, 10.251.<node>.0/30 the management links from the root netns.
+POD_SUPERNET = ipaddress.IPv4Network("10.240.0.0/16")
+SERVICE_SUPERNET = ipaddress.IPv4Network("10.241.0.0/16")
+FABRIC_NET = ipaddress.IPv4Network("10.250.0.0/24")
+MGMT_SUPERNET = ipaddress.IPv4Network("10.251.0.0/16")
+BLACKHOLED_IN_ROOT = (POD_SUPERNET, SERVICE_SUPERNET, FABRIC_NET, MGMT_SUPERNET)
+BLACKHOLED_IN_NODES = (POD_SUPERNET, SERVICE_SUPERNET)
+ROUTED_GATEWAY = "169.254.1.1"
+# Blackholes lose to any real route of the same prefix length; the metric documents that intent.
+BLACKHOLE_METRIC = 4000
+# Routes the lab adds to the root netns carry this protocol number, so teardown finds exactly them.
+LAB_ROUTE_PROTO = 0x9F
+POD_HOST_OFFSET = 10  # first pod address in a node's /24 (.1 is the bridged gateway)
+POD_PORT_NAME = "serve-{port}-{proto}"  # container port names, as the upstream e2e pods have them
+
+
+class CniMode(StrEnum):
+    ROUTED = "routed"
+    BRIDGED = "bridged"
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or torn down; the message says which step failed."""
+
+
+@dataclass(frozen=True)
+class ServerPort:
+    port: int
+    protocol: Protocol = Protocol.TCP
+
+    @property
+    def name(self) -> str:
+        return POD_PORT_NAME.format(port=self.port, proto=self.protocol.value.lower())
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """What a scenario asks for: a pod, the node it runs on, its labels and the ports it serves."""
+
+    namespace: str
+    name: str
+    node: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    ports: tuple[ServerPort, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class LabPod:
+    """A pod as built: its spec plus the addresses and names the lab chose for it."""
+
+    spec: PodSpec
+    ip: str
+    service_ip: str
+    netns: str
+    host_ifname: str
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+@dataclass(frozen=True)
+class LabNode:
+    name: str
+    index: int
+    netns: str
+    pod_cidr: str
+    fabric_ip: str
+    mgmt_ip: str  # the node's end of its management /30
+    mgmt_gateway: str  # the root netns end
+    pin_dir: str
+
+
+def node_name(index: int) -> str:
+    return f"node{index}"
+
+
+def _short_hash(text: str, length: int = 10) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def host_ifname(pod: PodSpec) -> str:
+    """Host-side veth name: hashed like Calico's cali<hash>, because IFNAMSIZ allows 15 bytes."""
+    return "pfv" + _short_hash(pod.key)
+
+
+def pod_netns_name(pod: PodSpec) -> str:
+    return f"{LAB_PREFIX}{pod.node}-{pod.namespace}-{pod.name}"
+
+
+def _netns_path(name: str) -> str:
+    return str(NETNS_DIR / name)
+
+
+def run_in_netns(
+    netns_name: str, argv: list[str], stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command inside a lab netns (network namespace only, mounts stay shared)."""
+    command = ["nsenter", f"--net={_netns_path(netns_name)}", "--", *argv]
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(argv)} in {netns_name} failed: {result.stderr.strip()}")
+    return result
+
+
+def _sysctl(netns_name: str, settings: dict[str, str]) -> None:
+    run_in_netns(netns_name, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())])
+
+
+@contextlib.contextmanager
+def _ipr(netns_name: str | None = None) -> Iterator[IPRoute]:
+    ipr = IPRoute(netns=netns_name) if netns_name else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LabError(f"interface {ifname} not found")
+    return int(found[0])
+
+
+@dataclass
+class Lab:
+    """A set of simulated nodes and pods. `build()` makes it, `teardown()` removes every trace."""
+
+    node_count: int = 2
+    mode: CniMode = CniMode.ROUTED
+    pods: dict[str, LabPod] = field(default_factory=dict)
+    nodes: dict[str, LabNode] = field(default_factory=dict)
+
+    # --- addressing -------------------------------------------------------------------------
+
+    @property
+    def control_address(self) -> str:
+        """Where a control service in the root netns listens so that every node can reach it."""
+        return self.nodes[node_name(1)].mgmt_gateway
+
+    def _plan_nodes(self) -> None:
+        for index in range(1, self.node_count + 1):
+            name = node_name(index)
+            mgmt = list(ipaddress.IPv4Network(f"10.251.{index}.0/30").hosts())
+            self.nodes[name] = LabNode(
+                name=name,
+                index=index,
+                netns=LAB_PREFIX + name,
+                pod_cidr=f"10.240.{index}.0/24",
+                fabric_ip=str(FABRIC_NET.network_address + index),
+                mgmt_gateway=str(mgmt[0]),
+                mgmt_ip=str(mgmt[1]),
+                pin_dir=str(BPF_FS / (LAB_PREFIX + name)),
+            )
+
+    def _plan_pods(self, specs: Iterable[PodSpec]) -> list[LabPod]:
+        per_node: dict[str, int] = {}
+        planned = []
+        for service_index, spec in enumerate(specs):
+            if spec.node not in self.nodes:
+                raise LabError(f"pod {spec.key} is on unknown node {spec.node!r}")
+            if spec.key in self.pods:
+                raise LabError(f"pod {spec.key} defined twice")
+            offset = per_node.get(spec.node, 0)
+            per_node[spec.node] = offset + 1
+            node_net = ipaddress.IPv4Network(self.nodes[spec.node].pod_cidr)
+            pod = LabPod(
+                spec=spec,
+                ip=str(node_net.network_address + POD_HOST_OFFSET + offset),
+                service_ip=str(SERVICE_SUPERNET.network_address + POD_HOST_OFFSET + service_index),
+                netns=pod_netns_name(spec),
+                host_ifname=host_ifname(spec),
+            )
+            self.pods[spec.key] = pod
+            planned.append(pod)
+        return planned
+
+    # --- building ---------------------------------------------------------------------------
+
+    def build(self, pod_specs: Iterable[PodSpec]) -> None:
+        """Create nodes, pods, services and servers. On failure, everything is torn down again."""
+        if any(n.startswith(LAB_PREFIX) for n in netns.listnetns()):
+            raise LabError("a lab is already up (run `podfence lab down` first)")
+        self._plan_nodes()
+        pods = self._plan_pods(pod_specs)
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            self._save_state()
+            self._build_root_blackholes()
+            self._build_fabric()
+            for node in self.nodes.values():
+                self._build_node(node)
+            for pod in pods:
+                self._build_pod(pod)
+            self._program_services()
+            start_servers(pods)
+            announce_pods(pods)
+        except BaseException:
+            teardown()
+            raise
+
+    def _build_root_blackholes(self) -> None:
+        with _ipr() as ipr:
+            for net in BLACKHOLED_IN_ROOT:
+                ipr.route(
+                    "replace",
+                    dst=str(net),
+                    type="blackhole",
+                    priority=BLACKHOLE_METRIC,
+                    proto=LAB_ROUTE_PROTO,
+                )
+
+    def _build_fabric(self) -> None:
+        netns.create(FABRIC_NETNS)
+        with _ipr(FABRIC_NETNS) as ipr:
+            ipr.link("add", ifname="fabric0", kind="bridge")
+            ipr.link("set", index=_index(ipr, "fabric0"), state="up")
+
+    def _build_node(self, node: LabNode) -> None:
+        netns.create(node.netns)
+        settings = {
+            "net.ipv4.ip_forward": "1",
+            "net.ipv4.conf.all.rp_filter": "0",
+            "net.ipv4.conf.default.rp_filter": "0",
+        }
+        if self.mode is CniMode.BRIDGED:
+            settings["net.bridge.bridge-nf-call-iptables"] = "1"
+            settings["net.bridge.bridge-nf-call-ip6tables"] = "1"
+        _sysctl(node.netns, settings)
+        fabric_port = f"{LAB_PREFIX}f{node.index}"
+        mgmt_root = f"{LAB_PREFIX}m{node.index}"
+        with _ipr(FABRIC_NETNS) as fabric:
+            fabric.link(
+                "add", ifname=fabric_port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": node.netns}
+            )
+            port_index = _index(fabric, fabric_port)
+            fabric.link("set", index=port_index, master=_index(fabric, "fabric0"), state="up")
+        with _ipr() as root:
+            root.link("add", ifname=mgmt_root, kind="veth", peer={"ifname": "mgmt0", "net_ns_fd": node.netns})
+            mgmt_index = _index(root, mgmt_root)
+            root.addr("add", index=mgmt_index, address=node.mgmt_gateway, prefixlen=30)
+            root.link("set", index=mgmt_index, state="up")
+        with _ipr(node.netns) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+            eth0 = _index(ipr, "eth0")
+            ipr.addr("add", index=eth0, address=node.fabric_ip, prefixlen=FABRIC_NET.prefixlen)
+            ipr.link("set", index=eth0, state="up")
+            mgmt0 = _index(ipr, "mgmt0")
+            ipr.addr("add", index=mgmt0, address=node.mgmt_ip, prefixlen=30)
+            ipr.link("set", index=mgmt0, state="up")
+            ipr.route("add", dst=str(MGMT_SUPERNET), gateway=node.mgmt_gateway, oif=mgmt0)
+            for net in BLACKHOLED_IN_NODES:
+                ipr.route("add", dst=str(net), type="blackhole", priority=BLACKHOLE_METRIC)
+            for other in self.nodes.values():
+                if other.name != node.name:
+                    ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
+            if self.mode is CniMode.BRIDGED:
+                ipr.link("add", ifname="cni0", kind="bridge")
+                cni0 = _index(ipr, "cni0")
+                gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
+                ipr.addr("add", index=cni0, address=str(gateway), prefixlen=24)
+                ipr.link("set", index=cni0, state="up")
+
+    def _build_pod(self, pod: LabPod) -> None:
+        node = self.nodes[pod.spec.node]
+        netns.create(pod.netns)
+        with _ipr(node.netns) as ipr:
+            ipr.link(
+                "add", ifname=pod.host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns}
+            )
+            host = _index(ipr, pod.host_ifname)
+            if self.mode is CniMode.ROUTED:
+                # Every host veth answers for the pods' gateway, so pods need no per-node config.
+                ipr.addr("add", index=host, address=ROUTED_GATEWAY, prefixlen=32, scope=253)
+                ipr.link("set", index=host, state="up")
+                ipr.route("add", dst=f"{pod.ip}/32", oif=host, scope=253, prefsrc=node.fabric_ip)
+            else:
+                ipr.link("set", index=host, master=_index(ipr, "cni0"), state="up")
+                # Hairpin lets a pod reach itself through its own Service, as the bridge plugin does.
+                ipr.brport("set", index=host, hairpin_mode=1)
+        with _ipr(pod.netns) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+            eth0 = _index(ipr, "eth0")
+            if self.mode is CniMode.ROUTED:
+                ipr.addr("add", index=eth0, address=pod.ip, prefixlen=32)
+                ipr.link("set", index=eth0, state="up")
+                ipr.route("add", dst=f"{ROUTED_GATEWAY}/32", oif=eth0, scope=253)
+                ipr.route("add", dst="0.0.0.0/0", gateway=ROUTED_GATEWAY, oif=eth0)
+            else:
+                gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
+                ipr.addr("add", index=eth0, address=pod.ip, prefixlen=24)
+                ipr.link("set", index=eth0, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=eth0)
+
+    def _program_services(self) -> None:
+        rules = [
+            "*nat",
+            ":KUBE-SERVICES - [0:0]",
+            "-A PREROUTING -j KUBE-SERVICES",
+            "-A OUTPUT -j KUBE-SERVICES",
+        ]
+        for pod in self.pods.values():
+            # One backend per Service; no port in the DNAT target keeps the probed port as it is.
+            rules.append(
+                f"-A KUBE-SERVICES -d {pod.service_ip}/32 -m comment --comment {pod.key} "
+                f"-j DNAT --to-destination {pod.ip}"
+            )
+        rules.append("COMMIT")
+        for node in self.nodes.values():
+            run_in_netns(node.netns, ["iptables-restore", "--noflush"], stdin="\n".join(rules) + "\n")
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        state = {
+            "node_count": self.node_count,
+            "mode": self.mode.value,
+            "nodes": [asdict(n) for n in self.nodes.values()],
+            "pods": [
+                {
+                    "spec": {
+                        **asdict(p.spec),
+                        "ports": [[sp.port, sp.protocol.value] for sp in p.spec.ports],
+                    },
+                    "ip": p.ip,
+                    "service_ip": p.service_ip,
+                    "netns": p.netns,
+                    "host_ifname": p.host_ifname,
+                }
+                for p in self.pods.values()
+            ],
+        }
+        (RUN_DIR / "state.json").write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def load(cls) -> Lab:
+        """The lab that is up right now, as recorded by `build()`."""
+        try:
+            state = json.loads((RUN_DIR / "state.json").read_text())
+        except FileNotFoundError as err:
+            raise LabError("no lab is up") from err
+        lab = cls(node_count=state["node_count"], mode=CniMode(state["mode"]))
+        for node in state["nodes"]:
+            lab.nodes[node["name"]] = LabNode(**node)
+        for raw in state["pods"]:
+            spec = raw["spec"]
+            pod_spec = PodSpec(
+                namespace=spec["namespace"],
+                name=spec["name"],
+                node=spec["node"],
+                labels=spec["labels"],
+                ports=tuple(ServerPort(port, Protocol(proto)) for port, proto in spec["ports"]),
+            )
+            lab.pods[pod_spec.key] = LabPod(
+                spec=pod_spec,
+                ip=raw["ip"],
+                service_ip=raw["service_ip"],
+                netns=raw["netns"],
+                host_ifname=raw["host_ifname"],
+            )
+        return lab
+
+
+# --- pod servers ----------------------------------------------------------------------------
+
+SERVERS_PID = "servers.pid"
+
+
+def start_servers(pods: Iterable[LabPod]) -> None:
+    """Start the one process that serves every pod's ports, and wait until all are bound."""
+    config = [
+        {
+            "netns": p.netns,
+            "name": p.spec.name,
+            "ports": [[sp.port, sp.protocol.value] for sp in p.spec.ports],
+        }
+        for p in pods
+    ]
+    config_path = RUN_DIR / "servers.json"
+    ready_path = RUN_DIR / "servers.ready"
+    config_path.write_text(json.dumps(config))
+    ready_path.unlink(missing_ok=True)
+    log_file = (RUN_DIR / "servers.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.lab.servers", str(config_path), str(ready_path)],
+        stdout=log_file,
+        stderr=log_file,
+        start_new_session=True,  # a Ctrl-C in the terminal reaches the lab's cleanup, not the servers
+    )
+    (RUN_DIR / SERVERS_PID).write_text(str(process.pid))
+    deadline = time.monotonic() + 15
+    while not ready_path.exists():
+        if process.poll() is not None:
+            raise LabError(f"pod servers exited with {process.returncode}; see {RUN_DIR / 'servers.log'}")
+        if time.monotonic() > deadline:
+            raise LabError("pod servers did not become ready within 15 s")
+        time.sleep(0.05)
+
+
+def announce_pods(pods: Iterable[LabPod]) -> None:
+    """Make each pod send a frame, as CNI plugins do with gratuitous ARP after configuring it.
+
+    Bridged nodes learn the pod's MAC into the bridge FDB only from its traffic; agents that find
+    a pod's bridge port through the FDB need that entry before the pod's first connection.
+    """
+    from agent.lab.prober import send_hello_from  # the prober owns entering pod namespaces
+
+    send_hello_from([p.netns for p in pods])
+
+
+# --- teardown -------------------------------------------------------------------------------
+
+
+def _stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    # The pid file may outlive its process; only signal a process that still runs our code.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        cmdline = b""
+    if b"agent." in cmdline or b"podfence" in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+
+
+def teardown() -> list[str]:
+    """Remove everything any lab made on this machine; returns what was removed. Idempotent."""
+    removed: list[str] = []
+    if RUN_DIR.exists():
+        for pid_file in sorted(RUN_DIR.glob("*.pid")):
+            _stop_pid_file(pid_file)
+            removed.append(f"process {pid_file.stem}")
+    for name in netns.listnetns():
+        if name.startswith(LAB_PREFIX):
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+                removed.append(f"netns {name}")
+    with _ipr() as root:
+        for link in root.get_links():
+            ifname = link.get_attr("IFLA_IFNAME")
+            if ifname and ifname.startswith(LAB_PREFIX):
+                with contextlib.suppress(NetlinkError):
+                    root.link("del", index=link["index"])
+                    removed.append(f"root link {ifname}")
+        for route in root.get_routes(family=2, table=254):
+            if route["proto"] == LAB_ROUTE_PROTO:
+                dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+                with contextlib.suppress(NetlinkError):
+                    root.route("del", dst=dst, type=route["type"], priority=route.get_attr("RTA_PRIORITY"))
+                    removed.append(f"root route {dst}")
+    for pin_dir in BPF_FS.glob(LAB_PREFIX + "*"):
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        removed.append(f"pins {pin_dir}")
+    if RUN_DIR.exists():
+        for leftover in RUN_DIR.glob("*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    return removed
+
+
+def leftovers() -> list[str]:
+    """What of a lab still exists (empty after a clean teardown); tests assert on this."""
+    found = [f"netns {n}" for n in netns.listnetns() if n.startswith(LAB_PREFIX)]
+    with _ipr() as root:
+        found += [
+            f"root link {link.get_attr('IFLA_IFNAME')}"
+            for link in root.get_links()
+            if (link.get_attr("IFLA_IFNAME") or "").startswith(LAB_PREFIX)
+        ]
+        found += [
+            f"root route {r.get_attr('RTA_DST')}/{r['dst_len']}"
+            for r in root.get_routes(family=2, table=254)
+            if r["proto"] == LAB_ROUTE_PROTO
+        ]
+    found += [f"pins {p}" for p in BPF_FS.glob(LAB_PREFIX + "*")]
+    if RUN_DIR.exists():
+        found += [f"pid file {p.name}" for p in RUN_DIR.glob("*.pid")]
+    return found
