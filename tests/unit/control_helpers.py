@@ -1,0 +1,243 @@
+"""Shared pieces of the control-service tests: a small cluster, a running control service on
+loopback, a recording agent (SyncClient whose `apply` records states instead of programming a
+kernel: the kernel is tested in the dataplane tiers), and a throwaway CA for mTLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.control.hub import PolicyHub
+from agent.control.metrics import ControlMetrics
+from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
+from agent.dataplane.types import NodeState
+from agent.model.objects import (
+    ContainerPort,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Peer,
+    Pod,
+    PolicyType,
+    PortSpec,
+    Protocol,
+    Rule,
+    labels_from_dict,
+)
+from agent.node.sync import SyncClient
+from agent.policy.resolver import Resolver
+
+WAIT = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- a small cluster ----------------------------------------------------------------------------------
+
+
+def pod(name: str, node: str, ip: str, app: str, namespace: str = "shop") -> Pod:
+    return Pod(
+        namespace=namespace,
+        name=name,
+        node_name=node,
+        labels={"app": app},
+        ips=(ipaddress.ip_address(ip),),
+        ports=(ContainerPort(8080, Protocol.TCP, "http"),),
+    )
+
+
+def allow_from(name: str, target_app: str, from_app: str, port: int, namespace: str = "shop"
+               ) -> NetworkPolicy:
+    """Ingress to `target_app` pods from `from_app` pods on TCP `port`."""
+    return NetworkPolicy(
+        namespace=namespace,
+        name=name,
+        pod_selector=LabelSelector(labels_from_dict({"app": target_app})),
+        policy_types=frozenset({PolicyType.INGRESS}),
+        ingress=(
+            Rule(
+                peers=(Peer(pod_selector=LabelSelector(labels_from_dict({"app": from_app}))),),
+                ports=(PortSpec(Protocol.TCP, port),),
+            ),
+        ),
+    )
+
+
+def small_cluster() -> list:
+    """web pods on n1 and n2, db on n3, a client on n1; web is isolated to client:8080."""
+    return [
+        Namespace("shop", {"team": "shop"}),
+        pod("web-1", "n1", "10.0.1.10", "web"),
+        pod("client-1", "n1", "10.0.1.11", "client"),
+        pod("web-2", "n2", "10.0.2.10", "web"),
+        pod("db-1", "n3", "10.0.3.10", "db"),
+        allow_from("web-from-client", "web", "client", 8080),
+    ]
+
+
+# --- a running control service ------------------------------------------------------------------------
+
+
+@dataclass
+class Control:
+    hub: PolicyHub
+    server: grpc.Server
+    port: int
+    health: object
+    metrics: ControlMetrics
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_server(self.server, self.hub, self.health, grace=0.5)  # type: ignore[arg-type]
+
+
+def start_control(
+    objects: list,
+    addr: str = "127.0.0.1:0",
+    tls: TlsFiles | None = None,
+    settings: ServerSettings | None = None,
+    initial_version: int = 100,
+    max_pending: int = 32,
+) -> Control:
+    metrics = ControlMetrics()
+    hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
+    with hub.change() as resolver:
+        resolver.replace_all(objects)
+    server, port, health = create_server(addr, hub, tls, settings)
+    server.start()
+    return Control(hub, server, port, health, metrics)
+
+
+# --- a recording agent --------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordingAgent:
+    """A SyncClient in a thread; every state handed to `apply` is recorded."""
+
+    node: str
+    target: str
+    credentials: grpc.ChannelCredentials | None = None
+    fail_with: Exception | None = None  # make apply raise this (a refusing dataplane)
+    states: list[NodeState] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    client: SyncClient | None = None
+    thread: threading.Thread | None = None
+    options: tuple = ()
+
+    def apply(self, state: NodeState) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.states.append(state)
+
+    def start(self) -> RecordingAgent:
+        self.client = SyncClient(
+            self.node, self.target, self.apply, credentials=self.credentials,
+            backoff_initial=0.05, backoff_max=0.3, channel_options=self.options,
+        )
+        self.thread = threading.Thread(target=self.client.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+            assert not self.thread.is_alive(), "SyncClient.run did not return after stop"
+
+    @property
+    def last(self) -> NodeState:
+        assert self.states, f"{self.node} applied nothing"
+        return self.states[-1]
+
+    def wait_for_state(self, predicate: Callable[[NodeState], bool], what: str = "a state") -> NodeState:
+        wait_until(lambda: bool(self.states) and predicate(self.states[-1]), what=f"{self.node}: {what}")
+        return self.states[-1]
+
+
+# --- a throwaway certificate authority ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: bytes
+    key: bytes
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+class TestCA:
+    """Issues certificates signed by one fresh EC key; servers get SANs for localhost/127.0.0.1."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("podfence test CA"))
+            .issuer_name(_name("podfence test CA"))
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.pem = self._cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, server: bool = False) -> Pem:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(self._key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return Pem(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+    def server_tls(self) -> TlsFiles:
+        issued = self.issue("podfence-control", server=True)
+        return TlsFiles(issued.cert, issued.key, self.pem)
+
+    def client_credentials(self, node: str) -> grpc.ChannelCredentials:
+        issued = self.issue(node)
+        return grpc.ssl_channel_credentials(self.pem, issued.key, issued.cert)

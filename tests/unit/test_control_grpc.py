@@ -1,0 +1,369 @@
+"""NodeSync over a real gRPC server on loopback: snapshots, deltas, per-node scoping, acks and
+status, reconnects, mTLS node identity, and malformed or oversized client messages."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import ipaddress
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.api import podfence_pb2 as pb
+from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control import status as status_cmd
+from agent.control.server import ServerSettings
+from agent.dataplane.base import TemporaryDataplaneError
+from agent.dataplane.types import CidrPeer, IdentityPeer
+from tests.unit.control_helpers import (
+    WAIT,
+    RecordingAgent,
+    TestCA,
+    allow_from,
+    pod,
+    small_cluster,
+    start_control,
+    wait_until,
+)
+
+
+@pytest.fixture
+def control():
+    ctl = start_control(small_cluster())
+    yield ctl
+    ctl.stop()
+
+
+@pytest.fixture
+def agents():
+    started: list[RecordingAgent] = []
+
+    def make(node: str, target: str, **kwargs) -> RecordingAgent:
+        agent = RecordingAgent(node, target, **kwargs).start()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.close()
+
+
+class RawStream:
+    """A hand-driven Sync stream, to see the exact messages (snapshot vs delta) on the wire."""
+
+    def __init__(self, target: str, node: str, last_applied: int = 0) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.outgoing: queue.Queue[pb.AgentMessage | None] = queue.Queue()
+        self.outgoing.put(pb.AgentMessage(hello=pb.Hello(node_name=node, last_applied_version=last_applied)))
+        self.call = pb_grpc.NodeSyncStub(self.channel).Sync(self._requests())
+        self.received: queue.Queue[pb.ControlMessage | grpc.RpcError] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self) -> Iterator[pb.AgentMessage]:
+        while (message := self.outgoing.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.received.put(message)
+        except grpc.RpcError as exc:
+            self.received.put(exc)
+
+    def next(self, timeout: float = WAIT) -> pb.ControlMessage:
+        item = self.received.get(timeout=timeout)
+        assert isinstance(item, pb.ControlMessage), f"stream ended: {item}"
+        return item
+
+    def ack(self, version: int, ok: bool = True, error: str = "") -> None:
+        self.outgoing.put(pb.AgentMessage(ack=pb.Ack(version=version, ok=ok, error=error)))
+
+    def ended_with(self, timeout: float = WAIT) -> grpc.StatusCode:
+        while True:
+            item = self.received.get(timeout=timeout)
+            if isinstance(item, grpc.RpcError):
+                return item.code()
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def _endpoint_keys(message: pb.ControlMessage) -> set[str]:
+    return {f"{e.namespace}/{e.name}" for e in message.snapshot.endpoints}
+
+
+def _status(ctl) -> dict:
+    out = io.StringIO()
+    args = argparse.Namespace(control=ctl.target, json=True, insecure=False, tls_cert=None, tls_key=None,
+                              tls_ca=None, timeout=5.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    return json.loads(out.getvalue())
+
+
+def test_snapshot_first_then_a_delta_with_only_what_changed(control):
+    stream = RawStream(control.target, "n1")
+    try:
+        first = stream.next()
+        assert first.WhichOneof("body") == "snapshot"
+        assert first.version == control.hub.version
+        assert _endpoint_keys(first) == {"shop/web-1", "shop/client-1"}
+        web = next(e for e in first.snapshot.endpoints if e.name == "web-1")
+        assert web.ingress.isolated and [a.port_first for a in web.ingress.allows] == [8080]
+        stream.ack(first.version)
+
+        with control.hub.change() as resolver:
+            resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
+        second = stream.next()
+        assert second.WhichOneof("body") == "delta"
+        assert second.version > first.version
+        assert [e.name for e in second.delta.upsert_endpoints] == ["web-1"]  # client-1 did not change
+        assert [a.port_first for a in second.delta.upsert_endpoints[0].ingress.allows] == [9090]
+        assert not second.delta.remove_endpoints
+
+        with control.hub.change() as resolver:
+            resolver.delete("Pod", "shop", "client-1")
+        third = stream.next()
+        assert list(third.delta.remove_endpoints) == ["shop/client-1"]
+    finally:
+        stream.close()
+
+
+def test_each_node_gets_only_its_own_pods_and_the_peers_they_reference(control, agents):
+    n1, n2, n3 = (agents(n, control.target) for n in ("n1", "n2", "n3"))
+    s1 = n1.wait_for_state(lambda s: bool(s.endpoints), "snapshot")
+    s2 = n2.wait_for_state(lambda s: bool(s.endpoints), "snapshot")
+    s3 = n3.wait_for_state(lambda s: bool(s.endpoints), "snapshot")
+    assert set(s1.endpoints) == {"shop/web-1", "shop/client-1"}
+    assert set(s2.endpoints) == {"shop/web-2"}
+    assert set(s3.endpoints) == {"shop/db-1"}
+    # web-2 on n2 admits the client identity, so n2 learns the client's IP; db-1 references nothing.
+    allow = s2.endpoints["shop/web-2"].ingress.allows[0]
+    assert isinstance(allow.peer, IdentityPeer)
+    assert s2.identities[allow.peer.identity] == (ipaddress.ip_address("10.0.1.11"),)
+    assert s3.identities == {}
+    assert s2.endpoints["shop/web-2"].ifindex is None  # the node layer finds interfaces, not sync
+
+
+def test_a_policy_change_reaches_every_affected_node_and_only_those(control, agents):
+    n1, n2, n3 = (agents(n, control.target) for n in ("n1", "n2", "n3"))
+    for agent in (n1, n2, n3):
+        agent.wait_for_state(lambda s: bool(s.endpoints), "snapshot")
+    wait_until(
+        lambda: all(v["applied_version"] == control.hub.version for v in _status(control)["nodes"].values()),
+        what="all nodes acked the snapshot",
+    )
+    applied_on_n3 = len(n3.states)
+
+    with control.hub.change() as resolver:
+        resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
+    version = control.hub.version
+    for agent in (n1, n2):
+        state = agent.wait_for_state(lambda s: s.version == version, "the new version")
+        web = next(e for k, e in state.endpoints.items() if k.startswith("shop/web"))
+        assert [a.port_first for a in web.ingress.allows] == [9090]
+    wait_until(lambda: _status(control)["nodes"]["n2"]["applied_version"] == version, what="n2 acked")
+    assert len(n3.states) == applied_on_n3, "n3 hosts no web pod and must not be sent anything"
+    # n3 is still reported in sync: nothing it enforces changed since its last ack.
+    assert _status(control)["nodes"]["n3"] == {"applied_version": version, "connected": True,
+                                               "last_error": None}
+
+
+def test_status_json_has_exactly_the_documented_shape(control, agents):
+    agent = agents("n1", control.target)
+    agent.wait_for_state(lambda s: bool(s.endpoints))
+    wait_until(lambda: _status(control)["nodes"].get("n1", {}).get("applied_version") == control.hub.version)
+    status = _status(control)
+    assert set(status) == {"version", "nodes"}
+    assert isinstance(status["version"], int) and status["version"] == control.hub.version
+    assert status["nodes"] == {"n1": {"applied_version": control.hub.version, "connected": True,
+                                      "last_error": None}}
+
+    agent.close()
+    wait_until(lambda: _status(control)["nodes"]["n1"]["connected"] is False, what="n1 shown disconnected")
+
+
+def test_status_exits_1_with_a_message_when_unreachable():
+    args = argparse.Namespace(control="127.0.0.1:1", json=True, insecure=False, tls_cert=None, tls_key=None,
+                              tls_ca=None, timeout=1.0)
+    err, out = io.StringIO(), io.StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        assert status_cmd.run(args) == 1
+    assert "unreachable" in err.getvalue() and out.getvalue() == ""
+
+
+def test_a_failed_apply_is_nacked_and_reported_without_advancing_the_applied_version(control, agents):
+    good = agents("n2", control.target)
+    good.wait_for_state(lambda s: bool(s.endpoints))
+    wait_until(lambda: _status(control)["nodes"]["n2"]["applied_version"] == control.hub.version)
+    before = _status(control)["nodes"]["n2"]["applied_version"]
+    good.fail_with = TemporaryDataplaneError("tc filter busy")
+
+    with control.hub.change() as resolver:
+        resolver.upsert(allow_from("web-from-client", "web", "client", 7070))
+    wait_until(lambda: _status(control)["nodes"]["n2"]["last_error"] == "tc filter busy", what="the nack")
+    node = _status(control)["nodes"]["n2"]
+    assert node["applied_version"] == before
+    assert good.client is not None and good.client.last_applied_version == before
+
+
+def test_agent_keeps_its_state_while_the_server_is_down_and_resyncs_after_restart(agents):
+    ctl = start_control(small_cluster(), initial_version=100)
+    port = ctl.port
+    agent = agents("n1", ctl.target)
+    agent.wait_for_state(lambda s: "shop/web-1" in s.endpoints)
+    wait_until(lambda: agent.client is not None and agent.client.last_applied_version == 101)
+    ctl.stop()
+    wait_until(lambda: agent.client is not None and not agent.client.connected, what="disconnect noticed")
+    applied = len(agent.states)
+
+    # While nothing listens the agent must leave the kernel alone (no apply calls at all).
+    threading.Event().wait(0.5)
+    assert len(agent.states) == applied
+
+    # The replacement (e.g. another replica) has other objects and its own version numbering.
+    objects = [*small_cluster(), pod("web-3", "n1", "10.0.1.12", "web")]
+    restarted = start_control(objects, addr=f"127.0.0.1:{port}", initial_version=500)
+    try:
+        state = agent.wait_for_state(lambda s: "shop/web-3" in s.endpoints, "a snapshot from the new server")
+        assert state.version == 501
+        wait_until(lambda: _status(restarted)["nodes"]["n1"]["applied_version"] == 501)
+    finally:
+        agent.close()
+        restarted.stop()
+
+
+def test_a_restarted_agent_resumes_with_a_fresh_snapshot(control, agents):
+    first = agents("n2", control.target)
+    first.wait_for_state(lambda s: bool(s.endpoints))
+    wait_until(lambda: first.client is not None and first.client.last_applied_version == control.hub.version)
+    first.close()
+    with control.hub.change() as resolver:
+        resolver.upsert(pod("web-9", "n2", "10.0.2.19", "web"))
+
+    second = agents("n2", control.target)
+    state = second.wait_for_state(lambda s: "shop/web-9" in s.endpoints, "snapshot with the new pod")
+    assert set(state.endpoints) == {"shop/web-2", "shop/web-9"}
+    wait_until(lambda: _status(control)["nodes"]["n2"] == {
+        "applied_version": control.hub.version, "connected": True, "last_error": None})
+
+
+def test_the_newest_stream_of_a_node_wins(control):
+    older = RawStream(control.target, "n1")
+    newer = None
+    try:
+        older.next()
+        newer = RawStream(control.target, "n1")
+        assert newer.next().WhichOneof("body") == "snapshot"
+        assert older.ended_with() == grpc.StatusCode.CANCELLED
+        # Updates go to the newer stream only.
+        with control.hub.change() as resolver:
+            resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
+        assert newer.next().WhichOneof("body") == "delta"
+        assert _status(control)["nodes"]["n1"]["connected"] is True
+    finally:
+        older.close()
+        if newer is not None:
+            newer.close()
+
+
+def _raw_sync(target: str, payloads: list[bytes]) -> grpc.StatusCode:
+    """Sends raw bytes as Sync requests through a generic (serializer-less) call."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream("/podfence.v1.NodeSync/Sync")(iter(payloads), timeout=WAIT)
+        with pytest.raises(grpc.RpcError) as failure:
+            for _ in call:
+                pass
+        return failure.value.code()
+
+
+def test_garbage_and_oversized_messages_are_refused_without_disturbing_other_streams(agents):
+    ctl = start_control(small_cluster(), settings=ServerSettings(max_receive_bytes=64 * 1024))
+    try:
+        bystander = agents("n2", ctl.target)
+        bystander.wait_for_state(lambda s: bool(s.endpoints))
+
+        assert _raw_sync(ctl.target, [b"\xff\xff\xff\xff garbage"]) == grpc.StatusCode.INVALID_ARGUMENT
+        ack_first = pb.AgentMessage(ack=pb.Ack(version=1, ok=True)).SerializeToString()
+        assert _raw_sync(ctl.target, [ack_first]) == grpc.StatusCode.INVALID_ARGUMENT
+        bad_name = pb.AgentMessage(hello=pb.Hello(node_name="Not A Node!")).SerializeToString()
+        assert _raw_sync(ctl.target, [bad_name]) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _raw_sync(ctl.target, [b"\x00" * (256 * 1024)]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A valid Hello followed by an ack of a version never sent: malformed, that stream closes.
+        hello = pb.AgentMessage(hello=pb.Hello(node_name="n9")).SerializeToString()
+        bogus_ack = pb.AgentMessage(ack=pb.Ack(version=123456, ok=True)).SerializeToString()
+        assert _raw_sync(ctl.target, [hello, bogus_ack]) == grpc.StatusCode.INVALID_ARGUMENT
+
+        with ctl.hub.change() as resolver:
+            resolver.upsert(allow_from("web-from-client", "web", "client", 6060))
+        version = ctl.hub.version
+        bystander.wait_for_state(lambda s: s.version == version, "the bystander still receives updates")
+        assert bystander.client is not None and bystander.client.connected
+    finally:
+        ctl.stop()
+
+
+def test_mtls_node_certificate_only_subscribes_as_its_own_node(agents):
+    ca = TestCA()
+    ctl = start_control(small_cluster(), addr="localhost:0", tls=ca.server_tls())
+    try:
+        target = f"localhost:{ctl.port}"
+        own = agents("n1", target, credentials=ca.client_credentials("n1"))
+        state = own.wait_for_state(lambda s: bool(s.endpoints), "n1 over mTLS")
+        assert set(state.endpoints) == {"shop/web-1", "shop/client-1"}
+
+        # The same certificate asking for n2's policy is refused.
+        with grpc.secure_channel(target, ca.client_credentials("n1")) as channel:
+            hello = pb.AgentMessage(hello=pb.Hello(node_name="n2"))
+            call = pb_grpc.NodeSyncStub(channel).Sync(iter([hello]), timeout=WAIT)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        # No client certificate at all: the TLS handshake fails.
+        anonymous = grpc.ssl_channel_credentials(ca.pem)
+        with grpc.secure_channel(target, anonymous) as channel:
+            hello = pb.AgentMessage(hello=pb.Hello(node_name="n1"))
+            with pytest.raises(grpc.RpcError) as no_cert:
+                list(pb_grpc.NodeSyncStub(channel).Sync(iter([hello]), timeout=5))
+            assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "n2" not in ctl.hub.status().nodes
+    finally:
+        ctl.stop()
+
+
+def test_health_service_reports_serving(control):
+    with grpc.insecure_channel(control.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "podfence.v1.NodeSync"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cidr_peers_arrive_as_dataplane_networks(agents):
+    from agent.model.objects import IPBlock, LabelSelector, NetworkPolicy, Peer, PolicyType, Rule
+
+    block = NetworkPolicy(
+        namespace="shop", name="db-from-range", pod_selector=LabelSelector(),
+        policy_types=frozenset({PolicyType.INGRESS}),
+        ingress=(Rule(peers=(Peer(ip_block=IPBlock(ipaddress.ip_network("192.168.0.0/16"),
+                                                   (ipaddress.ip_network("192.168.1.0/24"),))),)),),
+    )
+    ctl = start_control([*small_cluster(), block])
+    try:
+        agent = agents("n3", ctl.target)
+        state = agent.wait_for_state(lambda s: bool(s.endpoints))
+        peers = [a.peer for a in state.endpoints["shop/db-1"].ingress.allows]
+        expected = CidrPeer(ipaddress.ip_network("192.168.0.0/16"), (ipaddress.ip_network("192.168.1.0/24"),))
+        assert expected in peers
+    finally:
+        ctl.stop()
