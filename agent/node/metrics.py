@@ -1,0 +1,233 @@
+"""The agent's Prometheus metrics, read live at scrape time, and its /healthz and /readyz endpoints.
+
+One custom collector reads the dataplane's counters and maps, the reconcile loop's status and
+the sync client's connection state each time Prometheus scrapes; nothing is copied in between.
+
+Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
+times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
+the fixed set of dataplane maps (or ipsets).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from agent.dataplane.base import Dataplane
+from agent.node.reconcile import LatencyHistogram, Reconciler
+
+log = logging.getLogger(__name__)
+
+# --- optional dataplane features (the bpf dataplane has them all; others may not) ---------------
+
+
+@runtime_checkable
+class DropReasons(Protocol):
+    def drop_reason_counts(self) -> Mapping[str, int]:
+        """Packets dropped so far, per drop reason name."""
+
+
+@runtime_checkable
+class MapUsage(Protocol):
+    def map_usage(self) -> Mapping[str, tuple[int, int]]:
+        """Per map (or ipset): (entries in use, capacity)."""
+
+
+@runtime_checkable
+class EventsLost(Protocol):
+    def events_lost(self) -> int:
+        """Deny events the ring buffer could not take."""
+
+
+class SyncStatus(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+
+class AgentCollector(Collector):
+    def __init__(self, dataplane: Dataplane, reconciler: Reconciler, sync: SyncStatus | None) -> None:
+        self._dataplane = dataplane
+        self._reconciler = reconciler
+        self._sync = sync
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing would read the kernel at registration time; an empty describe() makes
+        # the registry call collect() only when scraped.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._endpoint_counters()
+        yield from self._dataplane_features()
+        status = self._reconciler.status()
+        yield _histogram(
+            "podfence_policy_programming_seconds",
+            "Time from receiving a policy version to the kernel enforcing it (retries included).",
+            self._reconciler.programming_seconds,
+        )
+        yield _histogram(
+            "podfence_interface_programming_seconds",
+            "Time from a netlink change (new pod interface, route, FDB entry) to the kernel enforcing it.",
+            self._reconciler.interface_seconds,
+        )
+        applied = GaugeMetricFamily(
+            "podfence_applied_version", "Last policy version the kernel enforces (-1: none yet)."
+        )
+        applied.add_metric([], -1 if status.applied_version is None else status.applied_version)
+        yield applied
+        connected = GaugeMetricFamily(
+            "podfence_sync_connected", "1 while the sync stream to the control service is up."
+        )
+        connected.add_metric([], 1 if self._sync is not None and self._sync.connected else 0)
+        yield connected
+        yield _gauge(
+            "podfence_managed_endpoints",
+            "Pods of this node the agent enforces policy for.",
+            status.managed_endpoints,
+        )
+        yield _gauge(
+            "podfence_located_endpoints",
+            "Managed pods whose host interface was found.",
+            status.resolved_endpoints,
+        )
+        yield _gauge(
+            "podfence_pod_interfaces",
+            "Host-side pod interfaces guarded (known pod or not).",
+            status.pod_interfaces,
+        )
+        errors = CounterMetricFamily(
+            "podfence_apply_errors", "Failed attempts to program the kernel (retried ones included)."
+        )
+        errors.add_metric([], status.apply_errors_total)
+        yield errors
+
+    def _endpoint_counters(self) -> Iterable[Metric]:
+        packets = CounterMetricFamily(
+            "podfence_endpoint_packets",
+            "Packets seen by the filter of a pod, per direction and verdict.",
+            labels=["endpoint", "direction", "verdict"],
+        )
+        octets = CounterMetricFamily(
+            "podfence_endpoint_bytes",
+            "Bytes seen by the filter of a pod, per direction and verdict.",
+            labels=["endpoint", "direction", "verdict"],
+        )
+        try:
+            counters = self._dataplane.counters()
+        except Exception as exc:  # a scrape must not fail because one kernel read did
+            log.warning("reading endpoint counters failed: %s", exc)
+            counters = []
+        for counter in counters:
+            allowed = [counter.key, counter.direction, "allowed"]
+            denied = [counter.key, counter.direction, "denied"]
+            packets.add_metric(allowed, counter.allowed_packets)
+            packets.add_metric(denied, counter.denied_packets)
+            octets.add_metric(allowed, counter.allowed_bytes)
+            octets.add_metric(denied, counter.denied_bytes)
+        return [packets, octets]
+
+    def _dataplane_features(self) -> Iterable[Metric]:
+        dataplane = self._dataplane
+        drops = CounterMetricFamily("podfence_drops", "Packets dropped, per drop reason.", labels=["reason"])
+        entries = GaugeMetricFamily("podfence_map_entries", "Entries in use per map.", labels=["map"])
+        capacity = GaugeMetricFamily("podfence_map_capacity", "Capacity per map.", labels=["map"])
+        lost = CounterMetricFamily("podfence_events_lost", "Deny events the ring buffer could not take.")
+        try:
+            if isinstance(dataplane, DropReasons):
+                for reason, count in sorted(dataplane.drop_reason_counts().items()):
+                    drops.add_metric([reason], count)
+            if isinstance(dataplane, MapUsage):
+                for name, (used, size) in sorted(dataplane.map_usage().items()):
+                    entries.add_metric([name], used)
+                    capacity.add_metric([name], size)
+            lost.add_metric([], dataplane.events_lost() if isinstance(dataplane, EventsLost) else 0)
+        except Exception as exc:
+            log.warning("reading dataplane statistics failed: %s", exc)
+        return [drops, entries, capacity, lost]
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], value)
+    return gauge
+
+
+def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> HistogramMetricFamily:
+    buckets, total, _ = histogram.snapshot()
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], [(_bucket_label(bound), count) for bound, count in buckets], total)
+    return family
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def register_agent_metrics(
+    registry: CollectorRegistry, dataplane: Dataplane, reconciler: Reconciler, sync: SyncStatus | None
+) -> AgentCollector:
+    collector = AgentCollector(dataplane, reconciler, sync)
+    registry.register(collector)
+    return collector
+
+
+# --- HTTP: /metrics, /healthz, /readyz ------------------------------------------------------------
+
+
+class _V6HTTPServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def start_http_server(
+    address: str, registry: CollectorRegistry, ready: Callable[[], bool]
+) -> tuple[ThreadingHTTPServer, int]:
+    """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread.
+    Returns the server (call shutdown() to stop) and the bound port."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._reply(200, encoder(registry), content_type)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                if ready():
+                    self._reply(200, b"ready\n")
+                else:
+                    self._reply(503, b"no policy version applied and no pinned state adopted yet\n")
+            else:
+                self._reply(404, b"not found\n")
+
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            # Prometheus scrapes every few seconds; per-request access logs would drown the rest.
+            pass
+
+    server = (_V6HTTPServer if ":" in host else ThreadingHTTPServer)((host, int(port_text)), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, server.server_address[1]
