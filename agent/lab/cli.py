@@ -1,15 +1,72 @@
-"""`podfence lab` (not built yet)."""
+"""`podfence lab`: build, inspect, probe and tear down the node lab from a shell.
+
+    podfence lab up [--nodes 2] [--mode routed|bridged] [--pods FILE]
+    podfence lab probe [--port 80] [--protocol TCP] [--to service|pod]
+    podfence lab down
+
+`up` leaves the lab running (pod servers in the background) and records it under /run/podfence-lab;
+`down` removes every lab namespace, root-netns link and route, pin directory and lab process,
+also after a crash.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from agent.lab.prober import Endpoint, probe_table
+from agent.lab.scenarios import pods_from_file, upstream_pods
+from agent.lab.topology import CniMode, Lab, LabError, teardown
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    actions = parser.add_subparsers(dest="lab_action", required=True)
+    up = actions.add_parser("up", help="build simulated nodes and pods")
+    up.add_argument("--nodes", type=int, default=2, help="number of nodes (default %(default)s)")
+    up.add_argument("--mode", choices=[m.value for m in CniMode], default=CniMode.ROUTED.value)
+    up.add_argument("--pods", type=Path, help="scenario YAML (default: the 9 upstream e2e pods)")
+    probe = actions.add_parser("probe", help="print the reachability matrix of the running lab")
+    probe.add_argument("--port", type=int, default=80)
+    probe.add_argument("--protocol", choices=["TCP", "UDP", "SCTP", "ICMP"], default="TCP")
+    probe.add_argument(
+        "--to", choices=["service", "pod"], default="service", help="probe ClusterIPs or pod IPs"
+    )
+    probe.add_argument("--timeout", type=float, default=1.0)
+    actions.add_parser("down", help="remove everything any lab created")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence lab: not built yet", file=sys.stderr)
-    return 1
+    try:
+        if args.lab_action == "up":
+            if args.nodes < 1 or args.nodes > 200:
+                print("podfence lab up: --nodes must be between 1 and 200", file=sys.stderr)
+                return EXIT_USAGE
+            pods = pods_from_file(args.pods, args.nodes) if args.pods else upstream_pods(args.nodes)
+            lab = Lab(node_count=args.nodes, mode=CniMode(args.mode))
+            lab.build(pods)
+            for pod in lab.pods.values():
+                ports = " ".join(f"{p.port}/{p.protocol.value}" for p in pod.spec.ports)
+                print(f"{pod.key:20} {pod.spec.node:8} pod {pod.ip:14} service {pod.service_ip:14} {ports}")
+            print(
+                f"lab up: {len(lab.nodes)} nodes ({lab.mode.value}), {len(lab.pods)} pods; "
+                f"control service address {lab.control_address}"
+            )
+            return EXIT_OK
+        if args.lab_action == "probe":
+            lab = Lab.load()
+            endpoints = [
+                Endpoint(p.key, p.netns, p.service_ip if args.to == "service" else p.ip)
+                for p in lab.pods.values()
+            ]
+            table = probe_table(endpoints, endpoints, args.port, args.protocol, args.timeout)
+            print(table.render(f"{args.protocol}/{args.port} to {args.to} (. allowed, X blocked):"))
+            return EXIT_OK
+        removed = teardown()
+        print(f"lab down: removed {len(removed)} objects")
+        return EXIT_OK
+    except LabError as err:
+        print(f"podfence lab {args.lab_action}: {err}", file=sys.stderr)
+        return EXIT_FAILURE

@@ -423,6 +423,14 @@ class Lab:
         return lab
 
 
+def child_environment() -> dict[str, str]:
+    """Environment for lab child processes, so they import this checkout's `agent` package."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 # --- pod servers ----------------------------------------------------------------------------
 
 SERVERS_PID = "servers.pid"
@@ -447,6 +455,7 @@ def start_servers(pods: Iterable[LabPod]) -> None:
         [sys.executable, "-m", "agent.lab.servers", str(config_path), str(ready_path)],
         stdout=log_file,
         stderr=log_file,
+        env=child_environment(),
         start_new_session=True,  # a Ctrl-C in the terminal reaches the lab's cleanup, not the servers
     )
     (RUN_DIR / SERVERS_PID).write_text(str(process.pid))
@@ -473,7 +482,7 @@ def announce_pods(pods: Iterable[LabPod]) -> None:
 # --- teardown -------------------------------------------------------------------------------
 
 
-def _stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
+def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -503,7 +512,7 @@ def teardown() -> list[str]:
     removed: list[str] = []
     if RUN_DIR.exists():
         for pid_file in sorted(RUN_DIR.glob("*.pid")):
-            _stop_pid_file(pid_file)
+            stop_pid_file(pid_file)
             removed.append(f"process {pid_file.stem}")
     for name in netns.listnetns():
         if name.startswith(LAB_PREFIX):
