@@ -102,6 +102,10 @@ def test_snapshot_and_delta_round_trip_into_node_state():
     assert state == apply_message(None, snapshot_message(6, after))
 
 
+def _first_allow(message: pb.ControlMessage) -> pb.Allow:
+    return message.snapshot.endpoints[0].ingress.allows[0]
+
+
 @pytest.mark.parametrize(
     ("mutate", "error"),
     [
@@ -113,10 +117,6 @@ def test_snapshot_and_delta_round_trip_into_node_state():
         (lambda m: m.snapshot.identities.add(id=7, ips=["fe80::zz"]), "bad IP address"),
     ],
 )
-def _first_allow(message: pb.ControlMessage) -> pb.Allow:
-    return message.snapshot.endpoints[0].ingress.allows[0]
-
-
 def test_malformed_server_data_is_rejected_with_a_clear_error(mutate, error):
     message = pb.ControlMessage(version=3, snapshot=pb.Snapshot(endpoints=[pb.Endpoint(
         namespace="shop", name="web-1", ips=["10.0.1.10"],
