@@ -1,15 +1,229 @@
-"""`podfence agent` (not built yet)."""
+"""`podfence agent`: the node agent — gRPC stream in, kernel filters out.
+
+Wiring, in start order: the dataplane (adopting what a previous run pinned, so enforcement never
+pauses), interface discovery and the reconcile loop, the netlink monitor, the metrics server,
+the sync client, and deny-event flow logs. SIGTERM/SIGINT stop the threads and release user-space
+resources; the kernel keeps enforcing the last programmed state (a restart or upgrade adopts it).
+
+Exit codes: 0 after a clean stop, 1 on a runtime failure (e.g. BPF unavailable: the message says
+which capability is missing), 2 on bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from agent.dataplane.base import Dataplane, DataplaneError
+from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.reconcile import Reconciler
+from agent.node.sync import SyncClient
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+# Flags `--map-size-<name>` -> BpfDataplane keyword argument; None leaves the dataplane's default.
+BPF_MAP_SIZE_FLAGS: dict[str, str] = {
+    "endpoints": "endpoints_max",
+    "policy": "policy_max",
+    "cidrs": "cidr_max",
+    "ipcache": "ipcache_max",
+    "conntrack": "conntrack_max",
+    "fragments": "frag_max",
+}
+
+
+@runtime_checkable
+class Adopting(Protocol):
+    """A dataplane that reports whether start() found kernel state from a previous run."""
+
+    adopted: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("--node", required=True, help="this node's name (pods with spec.nodeName == NODE)")
+    parser.add_argument("--control", required=True, metavar="HOST:PORT", help="the control service")
+    parser.add_argument("--dataplane", choices=["bpf", "iptables"], default="bpf")
+    parser.add_argument(
+        "--unknown-endpoints",
+        choices=["drop", "allow"],
+        default="drop",
+        help="traffic of pod interfaces no known pod claims yet (default: drop, fail-closed)",
+    )
+    parser.add_argument(
+        "--established-on-change",
+        choices=["keep", "reset"],
+        default="keep",
+        help="whether connections opened under a previous policy survive a policy change",
+    )
+    parser.add_argument("--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of pinned state")
+    parser.add_argument("--metrics-listen", default="0.0.0.0:9301", metavar="HOST:PORT")
+    parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
+    parser.add_argument("--tls-key", help="client private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext gRPC (only on a trusted network, for tests)"
+    )
+    parser.add_argument(
+        "--uplink",
+        action="append",
+        default=[],
+        metavar="IFNAME",
+        help="an extra interface never treated as a pod interface (the default-route one never is)",
+    )
+    for flag in BPF_MAP_SIZE_FLAGS:
+        parser.add_argument(
+            f"--map-size-{flag}", type=int, default=None, metavar="N", help=f"bpf {flag} map capacity"
+        )
+
+
+class UsageError(Exception):
+    pass
+
+
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """mTLS credentials, or None for --insecure. Never a silent plaintext fallback."""
+    tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    if args.insecure:
+        if any(tls):
+            raise UsageError("--insecure and --tls-* exclude each other")
+        return None
+    if not all(tls):
+        raise UsageError("give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure")
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes(),
+            certificate_chain=Path(args.tls_cert).read_bytes(),
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot read TLS material: {exc}") from exc
+
+
+def build_dataplane(args: argparse.Namespace) -> Dataplane:
+    if args.dataplane == "iptables":
+        from agent.dataplane.iptables import IptablesDataplane
+
+        return IptablesDataplane(
+            unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
+        )
+    from agent.dataplane.bpf import BpfDataplane  # type: ignore[attr-defined]  # until the bpf dataplane lands
+
+    sizes: dict[str, Any] = {
+        keyword: getattr(args, f"map_size_{flag}")
+        for flag, keyword in BPF_MAP_SIZE_FLAGS.items()
+        if getattr(args, f"map_size_{flag}") is not None
+    }
+    dataplane: Dataplane = BpfDataplane(
+        pin_dir=args.pin_dir,
+        unknown_endpoints=args.unknown_endpoints,
+        established_on_change=args.established_on_change,
+        **sizes,
+    )
+    return dataplane
+
+
+def _thread(
+    name: str, target: Callable[[], None], failed: threading.Event, stop: threading.Event
+) -> threading.Thread:
+    """A worker whose crash stops the whole agent (exit 1) instead of leaving it half alive."""
+
+    def guarded() -> None:
+        try:
+            target()
+        except Exception:
+            log.exception("%s failed; stopping the agent", name)
+            failed.set()
+            stop.set()
+
+    thread = threading.Thread(target=guarded, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence agent: not built yet", file=sys.stderr)
-    return 1
+    try:
+        credentials = channel_credentials(args)
+        if not args.node.strip():
+            raise UsageError("--node must not be empty")
+        if ":" not in args.control:
+            raise UsageError(f"--control must be HOST:PORT, not {args.control!r}")
+        if ":" not in args.metrics_listen:
+            raise UsageError(f"--metrics-listen must be HOST:PORT, not {args.metrics_listen!r}")
+    except UsageError as exc:
+        print(f"podfence agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        dataplane = build_dataplane(args)
+        dataplane.start()
+    except (DataplaneError, ImportError, OSError) as exc:
+        print(f"podfence agent: cannot start the {args.dataplane} dataplane: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    stop = threading.Event()
+    failed = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping (kernel enforcement stays in place)", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    discovery: InterfaceDiscovery | None = None
+    server = None
+    threads: list[threading.Thread] = []
+    try:
+        discovery = InterfaceDiscovery(excluded_names=args.uplink)
+        reconciler = Reconciler(dataplane, discovery)
+        if isinstance(dataplane, Adopting) and dataplane.adopted:
+            reconciler.mark_adopted()
+            log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
+        sync = SyncClient(args.node, args.control, reconciler.apply, credentials=credentials)
+        registry = CollectorRegistry()
+        register_agent_metrics(registry, dataplane, reconciler, sync)
+        server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
+        monitor = NetlinkMonitor(reconciler.interfaces_changed)
+        threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
+        threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
+        threads.append(_thread("sync", lambda: sync.run(stop), failed, stop))
+        if isinstance(dataplane, DenyEventSource):
+            flows = FlowLogger(dataplane)
+            threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
+        log.info(
+            "agent for node %s running: %s dataplane, control %s, metrics on port %d",
+            args.node,
+            dataplane.name,
+            args.control,
+            port,
+            extra={"node": args.node, "dataplane": dataplane.name, "control": args.control},
+        )
+        while not stop.wait(0.5):
+            pass
+    except (DataplaneError, OSError) as exc:
+        print(f"podfence agent: {exc}", file=sys.stderr)
+        failed.set()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if discovery is not None:
+            discovery.close()
+        dataplane.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_FAILURE if failed.is_set() else EXIT_OK
