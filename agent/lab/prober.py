@@ -31,28 +31,38 @@ PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
 DEFAULT_TIMEOUT = 1.0  # upstream's `agnhost connect --timeout=1s`
 MAX_WORKERS = 96
 
-_netns_fds: dict[str, int] = {}
+_netns_fds: dict[str, tuple[int, int]] = {}  # name -> (fd, inode of /run/netns/<name> when opened)
 _netns_fds_lock = threading.Lock()
 _thread_state = threading.local()
 
 
+def _netns_fd(netns_name: str) -> int:
+    """An fd for the namespace now called `netns_name`; a rebuilt lab reuses names, so check inodes."""
+    path = f"/run/netns/{netns_name}"
+    inode = os.stat(path).st_ino
+    with _netns_fds_lock:
+        cached = _netns_fds.get(netns_name)
+        if cached is not None and cached[1] == inode:
+            return cached[0]
+        if cached is not None:
+            os.close(cached[0])
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        _netns_fds[netns_name] = (fd, inode)
+        return fd
+
+
 def _enter(netns_name: str) -> None:
-    """Move the calling thread (only) into `netns_name`, reusing one fd per namespace."""
+    """Move the calling thread (only) into `netns_name`. Worker threads live for one batch of probes."""
     if getattr(_thread_state, "netns", None) == netns_name:
         return
-    with _netns_fds_lock:
-        fd = _netns_fds.get(netns_name)
-        if fd is None:
-            fd = os.open(f"/run/netns/{netns_name}", os.O_RDONLY | os.O_CLOEXEC)
-            _netns_fds[netns_name] = fd
-    setns(fd, flags=0)
+    setns(_netns_fd(netns_name), flags=0)
     _thread_state.netns = netns_name
 
 
 def forget_namespaces() -> None:
     """Close cached namespace fds (an open fd keeps a deleted netns alive)."""
     with _netns_fds_lock:
-        for fd in _netns_fds.values():
+        for fd, _ in _netns_fds.values():
             os.close(fd)
         _netns_fds.clear()
 
@@ -167,6 +177,30 @@ def run_probes(probes: Sequence[Probe], timeout: float = DEFAULT_TIMEOUT) -> dic
     with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(probes)), thread_name_prefix="probe") as pool:
         verdicts = list(pool.map(lambda p: run_probe(p, timeout), probes))
     return dict(zip(probes, verdicts, strict=True))
+
+
+def server_reply(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+    """What the server behind `probe` answers (the pod's name), or None if nothing answered.
+
+    Tells which backend a Service address reached, not only whether something did (TCP and UDP).
+    """
+
+    def fetch() -> str | None:
+        _enter(probe.source_netns)
+        kind = socket.SOCK_STREAM if probe.protocol == "TCP" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect((probe.address, probe.port))
+                if kind == socket.SOCK_DGRAM:
+                    sock.send(b"hostname\n")
+                return sock.recv(2048).decode(errors="replace").strip() or None
+            except OSError:
+                return None
+
+    # A helper thread, so the caller's own thread never changes namespace.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply") as pool:
+        return pool.submit(fetch).result()
 
 
 def send_hello_from(netns_names: Iterable[str]) -> None:

@@ -509,6 +509,9 @@ def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
 
 def teardown() -> list[str]:
     """Remove everything any lab made on this machine; returns what was removed. Idempotent."""
+    from agent.lab.prober import forget_namespaces
+
+    forget_namespaces()  # this process's cached fds would keep deleted namespaces alive
     removed: list[str] = []
     if RUN_DIR.exists():
         for pid_file in sorted(RUN_DIR.glob("*.pid")):

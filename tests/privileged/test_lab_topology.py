@@ -1,0 +1,137 @@
+"""The node lab itself, without podfence: addressing, Services, servers, prober and cleanup.
+
+Each module-scoped lab is built once per CNI mode and torn down at the end; the teardown test
+asserts that nothing of it is left in the root netns, /run/netns or bpffs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from agent.lab.prober import Endpoint, Probe, TruthTable, probe_table, run_probes, server_reply
+from agent.lab.scenarios import upstream_pods
+from agent.lab.topology import (
+    BLACKHOLED_IN_NODES,
+    BLACKHOLED_IN_ROOT,
+    RUN_DIR,
+    CniMode,
+    Lab,
+    LabError,
+    leftovers,
+    run_in_netns,
+    teardown,
+)
+
+RTN_BLACKHOLE = 6
+
+
+@pytest.fixture(scope="module", params=[CniMode.ROUTED, CniMode.BRIDGED], ids=lambda m: m.value)
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    teardown()  # a crashed earlier run must not make this one fail
+    built = Lab(node_count=2, mode=request.param)
+    built.build(upstream_pods(2))
+    try:
+        yield built
+    finally:
+        teardown()
+
+
+def _endpoints(lab: Lab, to: str = "service") -> list[Endpoint]:
+    return [Endpoint(p.key, p.netns, p.service_ip if to == "service" else p.ip) for p in lab.pods.values()]
+
+
+@pytest.mark.parametrize("protocol", ["TCP", "UDP", "SCTP"])
+@pytest.mark.parametrize("port", [80, 81])
+def test_without_policy_every_pod_reaches_every_service(lab: Lab, protocol: str, port: int) -> None:
+    endpoints = _endpoints(lab)
+    observed = probe_table(endpoints, endpoints, port, protocol)
+    expected = TruthTable.filled(observed.sources, observed.targets)
+    assert expected.differences(observed) == [], observed.render()
+
+
+def test_pod_ips_and_icmp_reachable(lab: Lab) -> None:
+    endpoints = _endpoints(lab, to="pod")
+    observed = probe_table(endpoints, endpoints, 0, "ICMP")
+    assert TruthTable.filled(observed.sources, observed.targets).differences(observed) == []
+
+
+def test_unserved_port_is_judged_blocked(lab: Lab) -> None:
+    pods = list(lab.pods.values())
+    probes = [
+        Probe(pods[0].key, pods[0].netns, pods[1].key, pods[1].service_ip, 82, protocol)
+        for protocol in ("TCP", "UDP", "SCTP")
+    ]
+    assert run_probes(probes, timeout=0.5) == {probe: False for probe in probes}
+
+
+def test_service_dnats_to_its_own_backend(lab: Lab) -> None:
+    source = lab.pods["x/a"]
+    for target in lab.pods.values():
+        if target is source:
+            continue  # hairpin to oneself is not modelled (upstream ignores loopback cells too)
+        for protocol in ("TCP", "UDP"):
+            probe = Probe(source.key, source.netns, target.key, target.service_ip, 80, protocol)
+            assert server_reply(probe) == target.spec.name, f"{target.service_ip} -> wrong backend"
+    for node in lab.nodes.values():
+        rules = run_in_netns(node.netns, ["iptables-save", "-t", "nat"]).stdout
+        for pod in lab.pods.values():
+            assert f"-d {pod.service_ip}/32" in rules and f"--to-destination {pod.ip}" in rules
+
+
+def _blackholes(netns_name: str | None) -> set[str]:
+    with IPRoute(netns=netns_name) if netns_name else IPRoute() as ipr:
+        return {
+            f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+            for r in ipr.get_routes(family=2, table=254)
+            if r["type"] == RTN_BLACKHOLE
+        }
+
+
+def test_lab_ranges_are_blackholed_in_root_and_every_node(lab: Lab) -> None:
+    assert {str(n) for n in BLACKHOLED_IN_ROOT} <= _blackholes(None)
+    for node in lab.nodes.values():
+        assert {str(n) for n in BLACKHOLED_IN_NODES} <= _blackholes(node.netns)
+        # An address inside the pod range with no pod behind it must hit the blackhole, not leave.
+        route = run_in_netns(node.netns, ["ip", "route", "get", "10.240.99.1"], check=False)
+        assert route.returncode != 0 or "blackhole" in route.stdout or "unreachable" in route.stderr
+
+
+def test_agents_can_find_pod_interfaces_without_names(lab: Lab) -> None:
+    """The contract the agent relies on: route lookup (routed) or bridge FDB (bridged) finds the pod."""
+    for pod in lab.pods.values():
+        node = lab.nodes[pod.spec.node]
+        if lab.mode is CniMode.ROUTED:
+            route = run_in_netns(node.netns, ["ip", "route", "get", pod.ip]).stdout
+            assert f"dev {pod.host_ifname}" in route
+        else:
+            # Not /sys/class/net: sysfs keeps showing the root netns after nsenter --net.
+            link = run_in_netns(pod.netns, ["ip", "-o", "link", "show", "eth0"]).stdout.split()
+            mac = link[link.index("link/ether") + 1]
+            fdb = run_in_netns(node.netns, ["bridge", "fdb", "show", "br", "cni0"]).stdout
+            assert f"{mac} dev {pod.host_ifname}" in fdb
+
+
+def test_building_a_second_lab_is_refused(lab: Lab) -> None:
+    with pytest.raises(LabError, match="already up"):
+        Lab().build(upstream_pods(2))
+
+
+def test_lab_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
+    teardown()
+    # A lab built by a process that dies without cleaning up, like a Ctrl-C'd or killed run.
+    crashed = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "lab", "up", "--mode", "bridged"], capture_output=True, text=True
+    )
+    assert crashed.returncode == 0, crashed.stderr
+    servers_pid = int((RUN_DIR / "servers.pid").read_text())
+    assert leftovers(), "the lab should exist before lab down"
+    down = subprocess.run([sys.executable, "-m", "agent.cli", "lab", "down"], capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    assert leftovers() == []
+    assert not Path(f"/proc/{servers_pid}").exists()
