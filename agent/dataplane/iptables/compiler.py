@@ -1,0 +1,319 @@
+"""NodeState -> desired iptables chains and ipsets. Pure: no I/O, so it is testable without root.
+
+Layout in the filter table of each family (iptables and ip6tables):
+
+    FORWARD --(hook)--> PF-FWD:  -j PF-FROM ; -j PF-TO
+    INPUT   --(hook)--> PF-FROM
+    PF-FROM: per endpoint and source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
+             then "-i <if> -j DROP" (anti-spoofing: any other source from that interface)
+    PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
+    PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; (ingress) node IPs -> RETURN; allows -> RETURN;
+                 DROP.
+
+Allowed traffic RETURNs instead of ACCEPTing, so other software's FORWARD/INPUT rules still
+see it: podfence only ever removes traffic. `-g` (goto) makes an endpoint chain's RETURN leave
+PF-FROM as well, so the spoof DROP below it is never reached by an allowed packet.
+
+Endpoint chain names carry a hash of their own rules: a changed policy is a new chain, built
+before the dispatch points at it (one iptables-restore commit swaps every jump at once), and an
+unchanged one keeps its name, its counters and its place across restarts.
+
+Sets: one hash:ip per identity and family (`pf-i4-<id>`), one hash:net per CIDR peer that has
+excepts (`pf-n4-<hash>`, excepts as `nomatch` entries, so excepts of one peer never carve out of
+another), and the node's own IPs (`pf-node4`). CIDR peers without excepts are matched inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from agent.dataplane.types import (
+    PROTO_ANY,
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    IPNetwork,
+    NodeState,
+)
+
+FAMILIES = (4, 6)
+CHAIN_PREFIX = "PF-"
+SET_PREFIX = "pf-"
+COMMENT_PREFIX = "podfence:"
+
+FORWARD_CHAIN = "PF-FWD"
+FROM_POD_CHAIN = "PF-FROM"
+TO_POD_CHAIN = "PF-TO"
+FIXED_CHAINS = (FORWARD_CHAIN, FROM_POD_CHAIN, TO_POD_CHAIN)
+# Built-in chain -> podfence chain it jumps to (the only rules podfence adds to others' chains).
+HOOKS = {"FORWARD": FORWARD_CHAIN, "INPUT": FROM_POD_CHAIN}
+
+# Rule comments: what each rule counts as, and which endpoint a dispatch rule serves.
+ALLOW = "podfence:allow"
+DENY = "podfence:deny"
+HOOK = "podfence:hook"
+NDP = "podfence:ndp"
+UNKNOWN = "podfence:unknown"
+DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
+SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
+
+EGRESS = "egress"
+INGRESS = "ingress"
+
+_PORT_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+_ICMPV6_NDP_TYPES = (133, 134, 135, 136)  # router/neighbour solicitation and advertisement
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A host-side pod interface as the kernel names it; `bridge` is its master bridge, if any."""
+
+    ifindex: int
+    name: str
+    bridge: str | None = None
+
+
+@dataclass(frozen=True)
+class IpSetSpec:
+    name: str
+    family: int
+    kind: str  # "hash:ip" | "hash:net"
+    members: frozenset[str]  # canonical "addr/len" or "addr/len nomatch" (see canonical_member)
+
+    @property
+    def inet(self) -> str:
+        return "inet" if self.family == 4 else "inet6"
+
+
+@dataclass
+class DesiredState:
+    sets: dict[str, IpSetSpec] = field(default_factory=dict)
+    # family -> chain name -> rule specs (the text after "-A <chain> "), in order
+    chains: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    # (key, direction) -> family -> endpoint chain name
+    endpoint_chains: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
+    uses_bridges: bool = False
+
+
+def canonical_member(text: str) -> str:
+    """One spelling per set entry, whatever `ipset save` or we wrote: "10.0.0.1/32 nomatch"."""
+    address, _, flag = text.partition(" ")
+    network = ipaddress.ip_network(address, strict=False)
+    return f"{network} nomatch" if flag.strip() == "nomatch" else str(network)
+
+
+def _short_hash(text: str, length: int = 8) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def _family(item: IPAddress | IPNetwork) -> int:
+    return item.version
+
+
+def _comment(text: str) -> str:
+    return f'-m comment --comment "{text}"'
+
+
+def _identity_set(identity: int, family: int) -> str:
+    return f"pf-i{family}-{identity}"
+
+
+def _node_set(family: int) -> str:
+    return f"pf-node{family}"
+
+
+class _Compiler:
+    def __init__(self, state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str) -> None:
+        self.state = state
+        self.interfaces = interfaces
+        self.unknown_endpoints = unknown_endpoints
+        self.out = DesiredState()
+
+    # -- sets ---------------------------------------------------------------------------------
+
+    def _add_set(self, name: str, family: int, kind: str, members: set[str]) -> str:
+        self.out.sets[name] = IpSetSpec(name, family, kind, frozenset(canonical_member(m) for m in members))
+        return name
+
+    def _identity_match(self, peer: IdentityPeer, family: int, side: str) -> str:
+        ips = {str(ip) for ip in self.state.identities.get(peer.identity, ()) if ip.version == family}
+        name = self._add_set(_identity_set(peer.identity, family), family, "hash:ip", ips)
+        return f"-m set --match-set {name} {side}"
+
+    def _cidr_match(self, peer: CidrPeer, family: int, side: str) -> str | None:
+        """The address part of a rule for `peer`, "" for any address, None if it matches nothing."""
+        flag = "-s" if side == "src" else "-d"
+        excepts = [e for e in peer.excepts if e.version == family and e.overlaps(peer.cidr)]
+        if any(peer.cidr.subnet_of(e) for e in excepts):  # type: ignore[arg-type]
+            return None
+        if not excepts:
+            return "" if peer.cidr.prefixlen == 0 else f"{flag} {peer.cidr}"
+        # hash:net cannot hold a /0: cover it with its two halves.
+        covers = list(peer.cidr.subnets(1)) if peer.cidr.prefixlen == 0 else [peer.cidr]
+        members = {str(c) for c in covers} | {f"{e} nomatch" for e in excepts}
+        key = f"{peer.cidr}|{','.join(sorted(str(e) for e in excepts))}"
+        name = self._add_set(f"pf-n{family}-{_short_hash(key, 12)}", family, "hash:net", members)
+        return f"-m set --match-set {name} {side}"
+
+    # -- rules --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _protocol_match(allow: Allow, family: int) -> str:
+        if allow.protocol == PROTO_ANY:
+            return ""
+        name = _PORT_PROTOCOLS.get(allow.protocol)
+        if name is None:
+            if allow.protocol == 58 and family == 6:
+                return "-p ipv6-icmp"
+            return f"-p {allow.protocol}"
+        if allow.port_first <= 0 and allow.port_last >= 65535:
+            return f"-p {name}"
+        ports = (
+            str(allow.port_first)
+            if allow.port_first == allow.port_last
+            else f"{allow.port_first}:{allow.port_last}"
+        )
+        return f"-p {name} -m {name} --dport {ports}"
+
+    def _allow_rule(self, allow: Allow, family: int, side: str) -> str | None:
+        peer = allow.peer
+        if isinstance(peer, IdentityPeer):
+            address: str | None = self._identity_match(peer, family, side)
+        else:
+            if _family(peer.cidr) != family:
+                return None
+            address = self._cidr_match(peer, family, side)
+        if address is None:
+            return None
+        parts = [address, self._protocol_match(allow, family), _comment(ALLOW), "-j RETURN"]
+        return " ".join(p for p in parts if p)
+
+    def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
+        policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
+        # Peers are the packet's source for ingress and its destination for egress.
+        side = "src" if direction == INGRESS else "dst"
+        rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_comment(ALLOW)} -j RETURN"]
+        if direction == INGRESS:
+            node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
+            node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
+            rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
+        if not policy.isolated:
+            rules.append(f"{_comment(ALLOW)} -j RETURN")
+        else:
+            seen: set[str] = set()
+            for allow in policy.allows:
+                rule = self._allow_rule(allow, family, side)
+                if rule is not None and rule not in seen:
+                    seen.add(rule)
+                    rules.append(rule)
+            rules.append(f"{_comment(DENY)} -j DROP")
+        letter = "I" if direction == INGRESS else "E"
+        name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
+        self.out.chains[family][name] = rules
+        self.out.endpoint_chains.setdefault((endpoint.key, direction), {})[family] = name
+        return name
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _from_match(interface: Interface) -> str:
+        if interface.bridge is not None:
+            return f"-m physdev --physdev-in {interface.name}"
+        return f"-i {interface.name}"
+
+    def _dispatch_endpoint(self, endpoint: Endpoint, interface: Interface, family: int) -> None:
+        from_rules = self.out.chains[family][FROM_POD_CHAIN]
+        to_rules = self.out.chains[family][TO_POD_CHAIN]
+        egress = self._endpoint_chain(endpoint, EGRESS, family)
+        ingress = self._endpoint_chain(endpoint, INGRESS, family)
+        own_ips = [ip for ip in endpoint.ips if ip.version == family]
+        came_from = self._from_match(interface)
+        for ip in own_ips:
+            width = 32 if family == 4 else 128
+            from_rules.append(
+                f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
+            )
+        if family == 6:
+            self._allow_ndp(came_from, from_rules)
+        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
+
+        to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
+        if interface.bridge is None:
+            to_rules.append(f"-o {interface.name} {to_comment} -g {ingress}")
+            return
+        # Bridged: pod-to-pod on the bridge is seen (with br_netfilter) as bridge->bridge with the
+        # ports in physdev; traffic routed into the bridge only has the bridge as out-interface
+        # (the port is chosen after FORWARD), so it is dispatched on the destination address.
+        to_rules.append(
+            f"-m physdev --physdev-out {interface.name} --physdev-is-bridged {to_comment} -g {ingress}"
+        )
+        for ip in own_ips:
+            to_rules.append(
+                f"-o {interface.bridge} -d {ip} -m physdev ! --physdev-is-bridged {to_comment} -g {ingress}"
+            )
+
+    @staticmethod
+    def _allow_ndp(came_from: str, rules: list[str]) -> None:
+        # IPv6 neighbour discovery uses link-local (or, for DAD, unspecified) sources; without it
+        # a pod cannot reach anything, and it never leaves the link.
+        for source in ("fe80::/10", "::/128"):
+            for icmp_type in _ICMPV6_NDP_TYPES:
+                rules.append(
+                    f"{came_from} -s {source} -p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} "
+                    f"{_comment(NDP)} -j RETURN"
+                )
+
+    def _dispatch_unknown(self, interface: Interface, family: int) -> None:
+        if self.unknown_endpoints == "allow":
+            return
+        comment = _comment(UNKNOWN)
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} -j DROP")
+        if interface.bridge is None:
+            to = f"-o {interface.name}"
+        else:
+            to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} -j DROP")
+
+    def compile(self) -> DesiredState:
+        claimed: dict[int, Endpoint] = {}
+        for key in sorted(self.state.endpoints):
+            endpoint = self.state.endpoints[key]
+            if endpoint.ifindex is not None and endpoint.ifindex in self.interfaces:
+                claimed.setdefault(endpoint.ifindex, endpoint)
+        for family in FAMILIES:
+            self.out.chains[family] = {
+                FORWARD_CHAIN: [f"-j {FROM_POD_CHAIN}", f"-j {TO_POD_CHAIN}"],
+                FROM_POD_CHAIN: [],
+                TO_POD_CHAIN: [],
+            }
+            # The node set exists even before any endpoint does, so it can be swapped in place.
+            node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
+            self._add_set(_node_set(family), family, "hash:ip", node_ips)
+            for ifindex in sorted(claimed):
+                self._dispatch_endpoint(claimed[ifindex], self.interfaces[ifindex], family)
+            for ifindex in sorted(self.state.pod_interfaces - claimed.keys()):
+                if ifindex in self.interfaces:
+                    self._dispatch_unknown(self.interfaces[ifindex], family)
+        self.out.uses_bridges = any(
+            self.interfaces[i].bridge is not None
+            for i in (set(claimed) | set(self.state.pod_interfaces))
+            if i in self.interfaces
+        )
+        return self.out
+
+
+def compile_state(
+    state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str = "drop"
+) -> DesiredState:
+    """The chains and sets that make the kernel enforce `state` on the given interfaces.
+
+    Endpoints whose interface is unknown (ifindex None or not in `interfaces`) get no dispatch:
+    there is no interface to filter yet, and its traffic cannot exist either."""
+    if unknown_endpoints not in ("drop", "allow"):
+        raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
+    return _Compiler(state, interfaces, unknown_endpoints).compile()

@@ -1,0 +1,319 @@
+"""IptablesDataplane: the `Dataplane` protocol on iptables (legacy x_tables) + ipset.
+
+For nodes where eBPF cannot be used. Same semantics as the eBPF dataplane: per-endpoint chains
+dispatched on the pod's host interface in FORWARD (after DNAT, before SNAT) and INPUT, peer
+identities as shared ipsets, replies through conntrack, anti-spoofing, silent drops.
+
+One `apply` = read the kernel, compile the desired state (compiler.py, pure), then write in
+dependency order: sets (created, or swapped with a filled temporary copy), then one
+iptables-restore commit per family that creates the changed endpoint chains, rewrites the
+dispatch to point at them and deletes the chains nothing points at any more, then the sets
+nothing references. Each commit is one atomic table swap, so there is no allow-all or
+deny-all window, per endpoint or otherwise.
+
+The traffic from the node to its pods (OUTPUT) is never filtered: the node's own traffic is
+always allowed, and the node's IPs are in every ingress chain for traffic it forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from agent.dataplane.base import CapacityError, EndpointCounters, PermanentDataplaneError
+from agent.dataplane.iptables import kernel
+from agent.dataplane.iptables.compiler import (
+    ALLOW,
+    CHAIN_PREFIX,
+    DENY,
+    DISPATCH,
+    EGRESS,
+    FAMILIES,
+    FIXED_CHAINS,
+    FROM_POD_CHAIN,
+    HOOKS,
+    INGRESS,
+    SET_PREFIX,
+    SPOOF,
+    TO_POD_CHAIN,
+    DesiredState,
+    Interface,
+    IpSetSpec,
+    compile_state,
+)
+from agent.dataplane.types import NodeState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IPSET_MAXELEM = 65536
+
+
+@dataclass
+class _Tally:
+    allowed_packets: int = 0
+    allowed_bytes: int = 0
+    denied_packets: int = 0
+    denied_bytes: int = 0
+
+    def add(self, other: _Tally) -> None:
+        self.allowed_packets += other.allowed_packets
+        self.allowed_bytes += other.allowed_bytes
+        self.denied_packets += other.denied_packets
+        self.denied_bytes += other.denied_bytes
+
+
+def endpoint_chain_owners(table: kernel.FilterTable) -> dict[str, tuple[str, str]]:
+    """Endpoint chain -> (key, direction), read back from the dispatch rules' comments."""
+    owners: dict[str, tuple[str, str]] = {}
+    for rule in table.rules:
+        if rule.chain in (FROM_POD_CHAIN, TO_POD_CHAIN) and rule.comment.startswith(DISPATCH + " "):
+            _, direction, key = rule.comment.split(" ", 2)
+            owners[rule.target] = (key, direction)
+    return owners
+
+
+def _tally_chains(
+    table: kernel.FilterTable, owners: dict[str, tuple[str, str]]
+) -> dict[tuple[str, str], _Tally]:
+    tallies: dict[tuple[str, str], _Tally] = {}
+    for rule in table.rules:
+        comment = rule.comment
+        if rule.chain in owners:
+            tally = tallies.setdefault(owners[rule.chain], _Tally())
+            if comment == ALLOW:
+                tally.allowed_packets += rule.packets
+                tally.allowed_bytes += rule.bytes
+            elif comment == DENY:
+                tally.denied_packets += rule.packets
+                tally.denied_bytes += rule.bytes
+        elif rule.chain == FROM_POD_CHAIN and comment.startswith(SPOOF + " "):
+            tally = tallies.setdefault((comment.split(" ", 1)[1], EGRESS), _Tally())
+            tally.denied_packets += rule.packets
+            tally.denied_bytes += rule.bytes
+    return tallies
+
+
+def _set_member_text(spec: IpSetSpec, member: str) -> str:
+    if spec.kind == "hash:ip":  # hash:ip takes plain addresses (a /len would mean a range)
+        return member.split("/", 1)[0]
+    return member
+
+
+class IptablesDataplane:
+    name = "iptables"
+
+    def __init__(
+        self,
+        unknown_endpoints: str = "drop",
+        established_on_change: str = "keep",
+        ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
+    ) -> None:
+        """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
+        endpoint claims. established_on_change: "keep" (default) lets connections opened under a
+        previous policy continue; "reset" deletes the conntrack entries of every endpoint whose
+        policy changed, so its next packet is judged by the new policy."""
+        if unknown_endpoints not in ("drop", "allow"):
+            raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
+        if established_on_change not in ("keep", "reset"):
+            raise ValueError(
+                f"established_on_change must be 'keep' or 'reset', not {established_on_change!r}"
+            )
+        self.unknown_endpoints = unknown_endpoints
+        self.established_on_change = established_on_change
+        self.ipset_maxelem = ipset_maxelem
+        self.adopted = False  # start() found endpoint chains left by a previous run
+        self._started = False
+        # Counters of endpoint chains replaced since start (rule counters die with their chain).
+        self._retired: dict[tuple[str, str], _Tally] = {}
+        self._last_state: NodeState | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create podfence's fixed chains if missing and hook them in; existing chains (a previous
+        run's enforcement) are kept as they are until the first apply replaces them."""
+        for family in FAMILIES:
+            table = kernel.read_filter_table(family)
+            missing = [c for c in FIXED_CHAINS if c not in table.chains]
+            if missing:
+                script = ["*filter", *(f":{c} - [0:0]" for c in missing)]
+                if "PF-FWD" in missing:
+                    script += [f"-A PF-FWD -j {FROM_POD_CHAIN}", f"-A PF-FWD -j {TO_POD_CHAIN}"]
+                kernel.restore_filter_table(family, "\n".join([*script, "COMMIT", ""]))
+            kernel.ensure_hooks(family, HOOKS)
+            if endpoint_chain_owners(table):
+                self.adopted = True
+        self._started = True
+        log.info("iptables dataplane started", extra={"adopted": self.adopted})
+
+    def close(self) -> None:
+        """Nothing held in user space: the kernel keeps enforcing what was applied."""
+
+    def teardown(self) -> None:
+        for family in FAMILIES:
+            kernel.remove_hooks(family)
+            table = kernel.read_filter_table(family)
+            ours = sorted(c for c in table.chains if c.startswith(CHAIN_PREFIX))
+            if ours:
+                script = ["*filter", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
+                kernel.restore_filter_table(family, "\n".join(script) + "\n")
+        kernel.destroy_sets(sorted(kernel.read_sets()))
+        self._started = False
+
+    # -- programming --------------------------------------------------------------------------
+
+    def apply(self, state: NodeState) -> None:
+        if not self._started:
+            self.start()
+        interfaces = self._interfaces(
+            {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
+        )
+        desired = compile_state(state, interfaces, self.unknown_endpoints)
+        for spec in desired.sets.values():
+            if len(spec.members) > self.ipset_maxelem:
+                raise CapacityError(
+                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
+                )
+        if desired.uses_bridges:
+            kernel.enable_bridge_netfilter()
+
+        sets_now = kernel.read_sets()
+        kernel.restore_sets(self._sets_script(desired, sets_now))
+        changed: set[tuple[str, str]] = set()
+        for family in FAMILIES:
+            table = kernel.read_filter_table(family)
+            changed |= self._commit_family(family, desired, table)
+        stale_sets = sorted(set(sets_now) - set(desired.sets))
+        kernel.destroy_sets(stale_sets)
+
+        if self.established_on_change == "reset" and changed:
+            keys = {key for key, _ in changed}
+            ips = [
+                str(ip) for key in sorted(keys) if key in state.endpoints for ip in state.endpoints[key].ips
+            ]
+            log.info(
+                "resetting connections of endpoints whose policy changed", extra={"endpoints": sorted(keys)}
+            )
+            kernel.forget_connections(ips)
+        self._last_state = state
+
+    def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
+        wanted = set(ifindexes)
+        if not wanted:
+            return {}
+        with IPRoute() as ipr:
+            links = {link["index"]: link for link in ipr.get_links()}
+        found: dict[int, Interface] = {}
+        for ifindex in wanted:
+            link = links.get(ifindex)
+            if link is None:
+                # Vanished with its pod: there is nothing left to filter for it.
+                log.debug("pod interface %d is gone", ifindex)
+                continue
+            bridge = None
+            master = links.get(link.get_attr("IFLA_MASTER") or -1)
+            if master is not None and master.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "bridge":
+                bridge = master.get_attr("IFLA_IFNAME")
+            found[ifindex] = Interface(ifindex, link.get_attr("IFLA_IFNAME"), bridge)
+        return found
+
+    def _sets_script(self, desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> str:
+        lines: list[str] = []
+        for name in sorted(desired.sets):
+            spec = desired.sets[name]
+            current = sets_now.get(name)
+            if current is not None and current.members == spec.members:
+                continue
+            header = f"{spec.kind} family {spec.inet} maxelem {self.ipset_maxelem}"
+            adds = sorted(_set_member_text(spec, m) for m in spec.members)
+            if current is None:
+                lines.append(f"create {name} {header}")
+                lines += [f"add {name} {m}" for m in adds]
+                continue
+            if (current.kind, current.family) != (spec.kind, spec.family):
+                raise PermanentDataplaneError(f"ipset {name} exists as {current.kind}/ipv{current.family}")
+            # Fill a copy, then swap it in: a lookup sees the old members or the new, never half.
+            temporary = f"{SET_PREFIX}tmp-{name[len(SET_PREFIX) :]}"[:31]
+            if temporary in sets_now:
+                lines.append(f"destroy {temporary}")
+            lines.append(f"create {temporary} {header}")
+            lines += [f"add {temporary} {m}" for m in adds]
+            lines += [f"swap {temporary} {name}", f"destroy {temporary}"]
+        return "\n".join(lines) + "\n" if lines else ""
+
+    def _commit_family(
+        self, family: int, desired: DesiredState, table: kernel.FilterTable
+    ) -> set[tuple[str, str]]:
+        """One atomic commit for this family; returns the (key, direction)s whose chain changed."""
+        chains = desired.chains[family]
+        owners_before = endpoint_chain_owners(table)
+        stale = sorted(
+            c
+            for c in table.chains
+            if c.startswith(CHAIN_PREFIX) and c not in chains and c not in FIXED_CHAINS
+        )
+        new = [c for c in chains if c not in table.chains and c not in FIXED_CHAINS]
+
+        # Flushing PF-FROM would zero its anti-spoofing counters: write them back with the rules.
+        spoof_counters = {
+            r.comment: (r.packets, r.bytes)
+            for r in table.chain_rules(FROM_POD_CHAIN)
+            if r.comment.startswith(SPOOF)
+        }
+        lines = ["*filter", *(f":{c} - [0:0]" for c in (*FIXED_CHAINS, *new, *stale))]
+        for chain in (*FIXED_CHAINS, *new):
+            for spec in chains[chain]:
+                prefix = ""
+                if chain == FROM_POD_CHAIN and f'"{SPOOF} ' in spec:
+                    comment = spec.split('--comment "', 1)[1].split('"', 1)[0]
+                    packets, byte_count = spoof_counters.get(comment, (0, 0))
+                    prefix = f"[{packets}:{byte_count}] "
+                lines.append(f"{prefix}-A {chain} {spec}")
+        lines += [f"-X {c}" for c in stale]
+        lines += ["COMMIT", ""]
+
+        # Keep what the replaced chains counted (read just before the commit that deletes them).
+        for owner, tally in _tally_chains(
+            table, {c: o for c, o in owners_before.items() if c in stale}
+        ).items():
+            self._retired.setdefault(owner, _Tally()).add(tally)
+        kernel.restore_filter_table(family, "\n".join(lines))
+
+        changed = set()
+        for chain, owner in owners_before.items():
+            now = desired.endpoint_chains.get(owner, {}).get(family)
+            if now is not None and now != chain:
+                changed.add(owner)
+        if new or stale:
+            log.info(
+                "ipv%d: %d endpoint chains built, %d removed",
+                family,
+                len(new),
+                len(stale),
+                extra={"family": family, "built": len(new), "removed": len(stale)},
+            )
+        return changed
+
+    # -- observation --------------------------------------------------------------------------
+
+    def counters(self) -> list[EndpointCounters]:
+        totals: dict[tuple[str, str], _Tally] = {}
+        for family in FAMILIES:
+            table = kernel.read_filter_table(family)
+            for owner, tally in _tally_chains(table, endpoint_chain_owners(table)).items():
+                totals.setdefault(owner, _Tally()).add(tally)
+        for owner, tally in self._retired.items():
+            if owner in totals:
+                totals[owner].add(tally)
+        return [
+            EndpointCounters(
+                key, direction, t.allowed_packets, t.allowed_bytes, t.denied_packets, t.denied_bytes
+            )
+            for (key, direction), t in sorted(totals.items())
+        ]
+
+
+__all__ = ["EGRESS", "INGRESS", "IptablesDataplane"]

@@ -1,0 +1,237 @@
+"""The iptables dataplane's kernel I/O: read back what is programmed, write it in batches.
+
+Reads use `iptables-legacy-save -c` / `ipset save`, whose text is exactly what the kernel holds
+(restart adopts it: the kernel is the truth). Writes of podfence's own chains go through
+`iptables-legacy-restore --noflush`: one commit replaces the whole legacy table in a single
+setsockopt, so every chain built and every jump swapped in it becomes visible at once, and
+other software's rules in the table are carried over untouched. The two hook rules podfence puts
+into built-in chains are inserted and removed one by one with python-iptables (libiptc), the
+library built for exactly that. Sets are written with `ipset restore` (create a temporary set,
+fill it, `swap`), so a set's members change in one step too.
+
+python-iptables and the *-legacy tools both drive x_tables (not nf_tables): `iptables-legacy-save`
+shows podfence's rules; Debian's default `iptables` (nft) does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
+from agent.dataplane.iptables.compiler import (
+    CHAIN_PREFIX,
+    COMMENT_PREFIX,
+    HOOK,
+    SET_PREFIX,
+    canonical_member,
+)
+
+log = logging.getLogger(__name__)
+
+_SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+_RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
+_BRIDGE_SYSCTLS = {4: "bridge-nf-call-iptables", 6: "bridge-nf-call-ip6tables"}
+_TEMPORARY_HINTS = ("Resource temporarily unavailable", "Another app is currently holding the xtables lock")
+_COMMENT = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
+_TARGET = re.compile(r"\s-[gj] (\S+)")
+
+
+@dataclass(frozen=True)
+class Rule:
+    chain: str
+    spec: str  # the text after "-A <chain> "
+    packets: int
+    bytes: int
+
+    @property
+    def comment(self) -> str:
+        match = _COMMENT.search(self.spec)
+        if match is None:
+            return ""
+        return match.group(1) if match.group(1) is not None else match.group(2)
+
+    @property
+    def target(self) -> str:
+        match = _TARGET.search(" " + self.spec)
+        return match.group(1) if match else ""
+
+
+@dataclass
+class FilterTable:
+    """The filter table of one family as the kernel holds it."""
+
+    chains: set[str] = field(default_factory=set)
+    rules: list[Rule] = field(default_factory=list)
+
+    def chain_rules(self, chain: str) -> list[Rule]:
+        return [r for r in self.rules if r.chain == chain]
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    kind: str
+    family: int
+    maxelem: int
+    members: frozenset[str]
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TemporaryDataplaneError(f"{argv[0]} could not run: {exc}") from exc
+    if done.returncode != 0:
+        message = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}"
+        if any(hint in done.stderr for hint in _TEMPORARY_HINTS):
+            raise TemporaryDataplaneError(message)
+        raise PermanentDataplaneError(message)
+    return done.stdout
+
+
+def read_filter_table(family: int) -> FilterTable:
+    table = FilterTable()
+    in_filter = False
+    for line in _run([_SAVE[family], "-c", "-t", "filter"]).splitlines():
+        if line.startswith("*"):
+            in_filter = line == "*filter"
+        elif not in_filter or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            table.chains.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("["):
+            counters, _, rest = line.partition("] ")
+            packets, _, byte_count = counters[1:].partition(":")
+            _, chain, spec = (rest + " ").split(" ", 2)  # "-A <chain> <spec>"
+            spec = spec.strip()
+            table.rules.append(Rule(chain, spec, int(packets), int(byte_count)))
+    return table
+
+
+def restore_filter_table(family: int, script: str) -> None:
+    """Commit `script` (a "*filter ... COMMIT" block) into the kernel in one atomic table swap."""
+    log.debug("restore ipv%d:\n%s", family, script)
+    _run([_RESTORE[family], "--noflush", "--wait", "--counters"], stdin=script)
+
+
+def read_sets() -> dict[str, KernelSet]:
+    """podfence's ipsets (by their prefix); other software's sets are not even parsed."""
+    headers: dict[str, tuple[str, int, int]] = {}
+    members: dict[str, set[str]] = {}
+    for line in _run(["ipset", "save"]).splitlines():
+        words = line.split()
+        if len(words) < 3 or not words[1].startswith(SET_PREFIX):
+            continue
+        if words[0] == "create":
+            options = dict(zip(words[3::2], words[4::2], strict=False))
+            family = 6 if options.get("family") == "inet6" else 4
+            headers[words[1]] = (words[2], family, int(options.get("maxelem", "65536")))
+            members.setdefault(words[1], set())
+        elif words[0] == "add":
+            members.setdefault(words[1], set()).add(canonical_member(" ".join(words[2:])))
+    return {
+        name: KernelSet(name, kind, family, maxelem, frozenset(members.get(name, ())))
+        for name, (kind, family, maxelem) in headers.items()
+    }
+
+
+def restore_sets(script: str) -> None:
+    if script:
+        log.debug("ipset restore:\n%s", script)
+        _run(["ipset", "restore"], stdin=script)
+
+
+def destroy_sets(names: list[str]) -> None:
+    for name in names:
+        if not name.startswith(SET_PREFIX):
+            raise ValueError(f"refusing to destroy a set podfence does not own: {name}")
+        try:
+            _run(["ipset", "destroy", name])
+        except PermanentDataplaneError as exc:
+            # Still referenced (by a rule another process added): leave it for the next sweep.
+            log.warning("could not destroy ipset %s: %s", name, exc)
+
+
+# -- hooks into built-in chains (python-iptables) ------------------------------------------------
+
+
+def _iptc_tables() -> dict[int, object]:
+    # Imported here: loading libxtables is only worth it on a node using this dataplane.
+    os.environ.setdefault("XTABLES_LIBDIR", "/usr/lib/x86_64-linux-gnu/xtables")
+    import iptc  # type: ignore[import-untyped]
+
+    return {4: iptc.Table(iptc.Table.FILTER), 6: iptc.Table6(iptc.Table6.FILTER)}
+
+
+def _is_hook(rule: object) -> bool:
+    return any(
+        m.name == "comment" and str(m.comment).startswith(COMMENT_PREFIX)
+        for m in rule.matches  # type: ignore[attr-defined]
+    )
+
+
+def ensure_hooks(family: int, hooks: dict[str, str]) -> None:
+    """First rule of each built-in chain: jump to podfence's chain (inserted once, kept after)."""
+    import iptc
+
+    table = _iptc_tables()[family]
+    try:
+        table.refresh()  # type: ignore[attr-defined]
+        for builtin, target in hooks.items():
+            chain = iptc.Chain(table, builtin)
+            if any(_is_hook(r) and r.target.name == target for r in chain.rules):
+                continue
+            rule = iptc.Rule6() if family == 6 else iptc.Rule()
+            rule.create_match("comment").comment = HOOK
+            rule.target = iptc.Target(rule, target)
+            chain.insert_rule(rule)
+    except iptc.IPTCError as exc:
+        raise TemporaryDataplaneError(f"cannot hook podfence into the ipv{family} filter table") from exc
+
+
+def remove_hooks(family: int) -> None:
+    import iptc
+
+    table = _iptc_tables()[family]
+    try:
+        table.refresh()  # type: ignore[attr-defined]
+        for builtin in ("INPUT", "FORWARD", "OUTPUT"):
+            chain = iptc.Chain(table, builtin)
+            for rule in list(chain.rules):
+                if _is_hook(rule) or rule.target.name.startswith(CHAIN_PREFIX):
+                    chain.delete_rule(rule)
+    except iptc.IPTCError as exc:
+        raise TemporaryDataplaneError(f"cannot unhook podfence from the ipv{family} filter table") from exc
+
+
+# -- other kernel knobs ------------------------------------------------------------------------------
+
+
+def enable_bridge_netfilter() -> None:
+    """Bridged pod-to-pod traffic reaches FORWARD only with br_netfilter on (per network namespace)."""
+    for family, name in _BRIDGE_SYSCTLS.items():
+        path = Path("/proc/sys/net/bridge") / name
+        try:
+            if path.read_text().strip() != "1":
+                path.write_text("1\n")
+        except OSError as exc:
+            raise PermanentDataplaneError(
+                f"bridged pod interfaces need br_netfilter ({path}) for ipv{family}"
+            ) from exc
+
+
+def forget_connections(ips: list[str]) -> None:
+    """Delete conntrack entries from or to these addresses (a policy change cuts them)."""
+    for ip in ips:
+        family = "ipv6" if ":" in ip else "ipv4"
+        for flag in ("--orig-src", "--orig-dst"):
+            # Exit status 1 means "nothing matched": not an error here.
+            subprocess.run(
+                ["conntrack", "-D", "-f", family, flag, ip], capture_output=True, check=False, timeout=30
+            )

@@ -1,0 +1,199 @@
+"""A simulated node for the iptables dataplane tests: network namespaces, veths, real traffic.
+
+One "node" netns with the node IP on its loopback, and "pod" netns attached by veth
+pairs (host side in the node, /32 routes, proxy ARP, as routed CNIs such as Calico do), plus a
+fake ClusterIP DNAT in the node's nat PREROUTING. The dataplane itself runs in a forked worker
+that entered the node netns (python-iptables programs the netns of the calling process).
+Every name starts with "pfi-" (namespaces) or "pfv" (interfaces inside them); nothing here
+touches the root namespace's networking.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+TRAFFIC = Path(__file__).with_name("iptables_traffic.py")
+PYTHON = sys.executable
+NODE_IP = "10.99.0.1"
+CLUSTER_IP = "10.96.0.10"
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return done
+
+
+@dataclass
+class Pod:
+    netns: str
+    host_if: str
+    ip: str
+    ifindex: int = 0
+
+
+@dataclass
+class Node:
+    prefix: str = field(default_factory=lambda: f"pfi-{secrets.token_hex(3)}")
+    pods: list[Pod] = field(default_factory=list)
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return f"{self.prefix}-node"
+
+    def create(self, pod_count: int) -> Node:
+        sh("ip", "netns", "add", self.netns)
+        self.in_node("ip", "link", "set", "lo", "up")
+        self.in_node("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # No dummy driver in this kernel: the node IP lives on lo.
+        self.in_node("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
+        # The service range needs a route so proxy ARP answers for ClusterIPs; DNAT rewrites first.
+        self.in_node("ip", "route", "add", "10.96.0.0/12", "dev", "lo")
+        for index in range(1, pod_count + 1):
+            self.add_pod(index)
+        return self
+
+    def add_pod(self, index: int) -> Pod:
+        pod = Pod(f"{self.prefix}-p{index}", f"pfv{index}", f"10.1.0.{index}")
+        sh("ip", "netns", "add", pod.netns)
+        self.in_node("ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+        self.in_node("ip", "link", "set", pod.host_if, "up")
+        self.in_node("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
+        # Proxy ARP answers after a random delay of up to 0.8 s by default: longer than a probe.
+        self.in_node("sysctl", "-qw", f"net.ipv4.neigh.{pod.host_if}.proxy_delay=0")
+        self.in_node("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
+        self.in_pod(pod, "ip", "link", "set", "lo", "up")
+        self.in_pod(pod, "ip", "link", "set", "eth0", "up")
+        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/32", "dev", "eth0")
+        self.in_pod(pod, "ip", "route", "add", "default", "dev", "eth0")
+        out = self.in_node("cat", f"/sys/class/net/{pod.host_if}/ifindex").stdout
+        pod.ifindex = int(out.strip())
+        self.pods.append(pod)
+        return pod
+
+    def in_node(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.netns, *argv, check=check)
+
+    def in_pod(self, pod: Pod, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", pod.netns, *argv, check=check)
+
+    def add_cluster_ip(self, port: int, backend: Pod, backend_port: int) -> None:
+        self.in_node(
+            "iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-d", CLUSTER_IP, "-p", "tcp",
+            "--dport", str(port), "-j", "DNAT", "--to-destination", f"{backend.ip}:{backend_port}",
+        )  # fmt: skip
+
+    def serve(
+        self, pod: Pod, *, tcp: tuple[int, ...] = (), udp: tuple[int, ...] = (), sctp_log: str | None = None
+    ) -> None:
+        """Echo servers in the pod (TCP and UDP) and a raw SCTP sink, until destroy()."""
+        argv = ["ip", "netns", "exec", pod.netns, PYTHON, str(TRAFFIC), "serve"]
+        argv += ["--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
+        if sctp_log:
+            argv += ["--sctp-log", sctp_log]
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        self.servers.append(server)
+
+    def probe(self, pod: Pod | None, kind: str, ip: str, port: int = 0, *extra: str) -> bool:
+        """One new connection (or ping) from `pod` (None: from the node); True if answered."""
+        netns = self.netns if pod is None else pod.netns
+        argv = [PYTHON, str(TRAFFIC), "probe", kind, ip, str(port), *extra]
+        done = sh("ip", "netns", "exec", netns, *argv, check=False)
+        if done.returncode not in (0, 1):
+            raise RuntimeError(f"probe failed: {done.stderr}")
+        return done.returncode == 0
+
+    def spawn(self, pod: Pod, *args: str) -> subprocess.Popen[str]:
+        argv = ["ip", "netns", "exec", pod.netns, PYTHON, str(TRAFFIC), *args]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.servers.append(process)
+        return process
+
+    def legacy_save(self, family: int = 4) -> str:
+        return self.in_node("iptables-legacy-save" if family == 4 else "ip6tables-legacy-save").stdout
+
+    def destroy(self) -> None:
+        for server in self.servers:
+            server.kill()
+            server.wait()
+        for pod in self.pods:
+            sh("ip", "netns", "del", pod.netns, check=False)
+        sh("ip", "netns", "del", self.netns, check=False)
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def _serve_worker(netns: str, conn: Connection, factory: Callable[[], Any]) -> None:
+    from pyroute2 import netns as pyroute2_netns
+
+    pyroute2_netns.setns(netns)
+    dataplane = factory()
+    while True:
+        method, args = conn.recv()
+        if method == "exit":
+            conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", getattr(dataplane, method)(*args)))
+        except Exception as exc:
+            conn.send(("error", exc))
+
+
+class DataplaneWorker:
+    """An IptablesDataplane living in a forked process inside the node netns.
+
+    Calls are forwarded over a pipe; killing the process is "the agent died" (no teardown)."""
+
+    def __init__(self, netns: str, factory: Callable[[], Any]) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_worker, args=(netns, child, factory), daemon=True)
+        self.process.start()
+
+    def call(self, method: str, *args: Any) -> Any:
+        self._conn.send((method, args))
+        if not self._conn.poll(120):
+            raise TimeoutError(f"dataplane worker did not answer {method}")
+        status, value = self._conn.recv()
+        if status == "error":
+            raise value
+        return value
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, 9)
+        self.process.join(10)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.call("exit")
+            except (OSError, EOFError, TimeoutError):
+                pass
+        self.kill()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,364 @@
+"""The iptables dataplane against real traffic: a node netns with three pod netns (iptables_netns.py).
+
+Each table row is {policy, packets that must pass, packets that must be dropped}; the packets are
+real TCP/UDP/ICMP/SCTP flows between the pods' network namespaces, judged by the kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.dataplane.base import CapacityError
+from agent.dataplane.iptables import IptablesDataplane
+from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from tests.privileged.iptables_netns import CLUSTER_IP, NODE_IP, DataplaneWorker, Node, Pod, ip, wait_for
+
+TCP, UDP, SCTP = 6, 17, 132
+
+if os.geteuid() != 0 or shutil.which("iptables-legacy-restore") is None or shutil.which("ipset") is None:
+    pytest.skip("needs root, iptables-legacy-restore and ipset", allow_module_level=True)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    lab = Node()
+    try:
+        lab.create(3)
+        for pod in lab.pods:
+            lab.serve(pod, tcp=(80, 8080), udp=(53, 54), sctp_log=str(tmp_path / f"{pod.netns}.sctp"))
+        yield lab
+    finally:
+        lab.destroy()
+
+
+@pytest.fixture
+def dataplane(node: Node) -> Iterator[DataplaneWorker]:
+    worker = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        yield worker
+    finally:
+        try:
+            worker.call("teardown")
+        finally:
+            worker.stop()
+
+
+def identity_of(pod: Pod) -> int:
+    return int(pod.ip.rsplit(".", 1)[1])
+
+
+def node_state(
+    node: Node,
+    ingress: dict[int, DirectionPolicy] | None = None,
+    egress: dict[int, DirectionPolicy] | None = None,
+    *,
+    version: int = 1,
+    unclaimed: tuple[int, ...] = (),
+    extra_identity_ips: dict[int, tuple[str, ...]] | None = None,
+) -> NodeState:
+    """Pods 1..3 as endpoints (pod i is identity i), except the `unclaimed` pod numbers."""
+    ingress, egress = ingress or {}, egress or {}
+    endpoints = {}
+    for number, pod in enumerate(node.pods, start=1):
+        if number in unclaimed:
+            continue
+        key = f"default/pod{number}"
+        endpoints[key] = Endpoint(
+            key,
+            (ip(pod.ip),),
+            ingress.get(number, DirectionPolicy()),
+            egress.get(number, DirectionPolicy()),
+            pod.ifindex,
+        )
+    identities = {identity_of(p): (ip(p.ip),) for p in node.pods}
+    for identity, extra in (extra_identity_ips or {}).items():
+        identities[identity] = identities.get(identity, ()) + tuple(ip(e) for e in extra)
+    return NodeState(
+        version=version,
+        endpoints=endpoints,
+        identities=identities,
+        node_ips=(ip(NODE_IP),),
+        pod_interfaces=frozenset(p.ifindex for p in node.pods),
+    )
+
+
+def isolated(*allows: Allow) -> DirectionPolicy:
+    return DirectionPolicy(isolated=True, allows=allows)
+
+
+def from_pod(pod: Pod, protocol: int = 0, first: int = 0, last: int = 65535) -> Allow:
+    return Allow(IdentityPeer(identity_of(pod)), protocol, first, last)
+
+
+def cidr(text: str, protocol: int = 0, first: int = 0, last: int = 65535, excepts: tuple[str, ...] = ()) -> Allow:
+    peer = CidrPeer(ipaddress.ip_network(text), tuple(ipaddress.ip_network(e) for e in excepts))
+    return Allow(peer, protocol, first, last)
+
+
+def assert_flows(node: Node, expected: list[tuple[str, Pod | None, str, str, int, bool]], sctp_dir: Path) -> None:
+    """Rows of (label, source pod or None for the node, kind, destination IP, port, must pass)."""
+    wrong = []
+    for label, source, kind, destination, port, must_pass in expected:
+        extra: tuple[str, ...] = ()
+        if kind == "sctp":
+            target = next(p for p in node.pods if p.ip == destination)
+            extra = ("--sctp-log", str(sctp_dir / f"{target.netns}.sctp"))
+        passed = node.probe(source, kind, destination, port, *extra)
+        if passed != must_pass:
+            wrong.append(f"{label}: {'passed' if passed else 'dropped'}")
+    assert not wrong, wrong
+
+
+def test_ingress_and_egress_allow_lists_on_real_traffic(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
+    p1, p2, p3 = node.pods
+    dataplane.call(
+        "apply",
+        node_state(
+            node,
+            ingress={2: isolated(from_pod(p1, TCP, 80, 80), from_pod(p1, UDP, 53, 53))},
+            egress={3: isolated(cidr("10.1.0.0/24", TCP, 8080, 8080, excepts=("10.1.0.2/32",)))},
+        ),
+    )
+    assert_flows(
+        node,
+        [
+            ("p1->p2 tcp/80 allowed by identity", p1, "tcp", p2.ip, 80, True),
+            ("p1->p2 tcp/8080 not in the list", p1, "tcp", p2.ip, 8080, False),
+            ("p1->p2 udp/53 allowed", p1, "udp", p2.ip, 53, True),
+            ("p1->p2 udp/54 not in the list", p1, "udp", p2.ip, 54, False),
+            ("p1->p2 icmp not in the list", p1, "icmp", p2.ip, 0, False),
+            ("p3->p2 tcp/80 other identity", p3, "tcp", p2.ip, 80, False),
+            ("p2->p1 tcp/80 neither side isolated", p2, "tcp", p1.ip, 80, True),
+            ("p2->p1 icmp neither side isolated", p2, "icmp", p1.ip, 0, True),
+            ("node->p2 tcp/8080 node IPs always allowed", None, "tcp", p2.ip, 8080, True),
+            ("p3->p1 tcp/8080 egress cidr", p3, "tcp", p1.ip, 8080, True),
+            ("p3->p2 tcp/8080 egress except", p3, "tcp", p2.ip, 8080, False),
+            ("p3->p1 tcp/80 egress port", p3, "tcp", p1.ip, 80, False),
+            ("p3->p1 icmp egress protocol", p3, "icmp", p1.ip, 0, False),
+            ("p3->node tcp/80 egress to the node is policy too", p3, "tcp", NODE_IP, 80, False),
+        ],
+        tmp_path,
+    )
+    counters = {(c.key, c.direction): c for c in dataplane.call("counters")}
+    assert counters["default/pod2", "ingress"].allowed_packets > 0
+    assert counters["default/pod2", "ingress"].denied_packets >= 4  # tcp/8080, udp/54, icmp, p3's tcp/80
+    assert counters["default/pod3", "egress"].denied_packets > 0
+    # Drops are silent: the probes above timed out rather than being refused (no RST/unreachable).
+    assert "REJECT" not in node.legacy_save()
+
+
+def test_sctp_only_rule_does_not_open_tcp_and_portless_rule_allows_icmp(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
+    p1, p2, p3 = node.pods
+    dataplane.call(
+        "apply", node_state(node, ingress={2: isolated(from_pod(p1, SCTP, 80, 80), from_pod(p3))})
+    )
+    assert_flows(
+        node,
+        [
+            ("p1->p2 sctp/80 allowed", p1, "sctp", p2.ip, 80, True),
+            ("p1->p2 sctp/81 other port", p1, "sctp", p2.ip, 81, False),
+            ("p1->p2 tcp/80 an SCTP rule must not open TCP", p1, "tcp", p2.ip, 80, False),
+            ("p1->p2 udp/53", p1, "udp", p2.ip, 53, False),
+            ("p3->p2 icmp by a rule without ports", p3, "icmp", p2.ip, 0, True),
+            ("p3->p2 tcp/8080 by a rule without ports", p3, "tcp", p2.ip, 8080, True),
+            ("p3->p2 udp/54 by a rule without ports", p3, "udp", p2.ip, 54, True),
+        ],
+        tmp_path,
+    )
+
+
+def test_egress_through_a_cluster_ip_is_judged_on_the_backend(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
+    p1, p2, _ = node.pods
+    node.add_cluster_ip(80, p2, 8080)
+    dataplane.call("apply", node_state(node, egress={1: isolated(cidr(f"{p2.ip}/32", TCP, 8080, 8080))}))
+    assert_flows(node, [("p1->ClusterIP:80 -> p2:8080", p1, "tcp", CLUSTER_IP, 80, True)], tmp_path)
+    dataplane.call(
+        "apply", node_state(node, version=2, egress={1: isolated(cidr(f"{CLUSTER_IP}/32", TCP, 80, 80))})
+    )
+    assert_flows(
+        node, [("allowing the ClusterIP itself is not allowing the backend", p1, "tcp", CLUSTER_IP, 80, False)],
+        tmp_path,
+    )  # fmt: skip
+
+
+def test_a_pod_that_changes_its_ip_is_dropped(node: Node, dataplane: DataplaneWorker, tmp_path: Path) -> None:
+    p1, p2, _ = node.pods
+    spoofed = "10.1.0.77"
+    node.in_pod(p1, "ip", "addr", "add", f"{spoofed}/32", "dev", "eth0")
+    node.in_node("ip", "route", "add", f"{spoofed}/32", "dev", p1.host_if)  # replies could come back
+    assert node.probe(p1, "tcp", p2.ip, 80, "--bind", spoofed), "the lab itself must route the new IP"
+    dataplane.call("apply", node_state(node))
+    assert node.probe(p1, "tcp", p2.ip, 80), "p1 with its own IP"
+    assert not node.probe(p1, "tcp", p2.ip, 80, "--bind", spoofed)
+    assert not node.probe(p1, "udp", p2.ip, 53, "--bind", spoofed)
+    counters = {(c.key, c.direction): c for c in dataplane.call("counters")}
+    assert counters["default/pod1", "egress"].denied_packets > 0
+
+
+def test_unknown_pod_interfaces_are_dropped_by_default(node: Node, tmp_path: Path) -> None:
+    p1, _, p3 = node.pods
+    for setting, must_pass in (("drop", False), ("allow", True)):
+        worker = DataplaneWorker(node.netns, lambda s=setting: IptablesDataplane(unknown_endpoints=s))
+        try:
+            worker.call("apply", node_state(node, unclaimed=(3,)))
+            assert_flows(
+                node,
+                [
+                    (f"{setting}: p1->unclaimed p3", p1, "tcp", p3.ip, 80, must_pass),
+                    (f"{setting}: unclaimed p3->p1", p3, "tcp", p1.ip, 80, must_pass),
+                ],
+                tmp_path,
+            )
+            worker.call("teardown")
+        finally:
+            worker.stop()
+
+
+def _stream_count(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _endpoint_chains(node: Node) -> set[str]:
+    return {line.split()[0][1:] for line in node.legacy_save().splitlines() if line.startswith((":PF-I", ":PF-E"))}
+
+
+def test_restart_under_traffic_keeps_established_streams_and_denials(node: Node, tmp_path: Path) -> None:
+    p1, p2, p3 = node.pods
+    state = node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))})
+    first = DataplaneWorker(node.netns, IptablesDataplane)
+    first.call("start")
+    first.call("apply", state)
+    chains_before = _endpoint_chains(node)
+    counter_file = tmp_path / "stream"
+    node.spawn(p1, "stream", p2.ip, "80", str(counter_file))
+    assert wait_for(lambda: _stream_count(counter_file) > 5)
+
+    first.kill()  # the agent dies: no close, no teardown
+    assert not node.probe(p3, "tcp", p2.ip, 80), "enforcement must outlive the agent"
+
+    second = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        second.call("start")
+        assert second.call("__getattribute__", "adopted")
+        before = _stream_count(counter_file)
+        second.call("apply", state)
+        assert _endpoint_chains(node) == chains_before, "an unchanged policy is adopted, not rebuilt"
+        assert wait_for(lambda: _stream_count(counter_file) > before + 10), "the established stream stalled"
+        assert not node.probe(p3, "tcp", p2.ip, 80)
+        assert node.probe(p1, "tcp", p2.ip, 80)
+        second.call("teardown")
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("on_change", ["keep", "reset"])
+def test_established_connections_on_policy_change(node: Node, tmp_path: Path, on_change: str) -> None:
+    p1, p2, _ = node.pods
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(established_on_change=on_change))
+    try:
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))}))
+        counter_file = tmp_path / "stream"
+        node.spawn(p1, "stream", p2.ip, "80", str(counter_file))
+        assert wait_for(lambda: _stream_count(counter_file) > 5)
+        worker.call("apply", node_state(node, version=2, ingress={2: isolated()}))
+        assert not node.probe(p1, "tcp", p2.ip, 80), "new connections follow the new policy at once"
+        time.sleep(0.3)
+        before = _stream_count(counter_file)
+        flowing = wait_for(lambda: _stream_count(counter_file) > before + 10, timeout=2)
+        assert flowing == (on_change == "keep")
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
+def test_other_softwares_rules_survive_start_apply_and_teardown(node: Node) -> None:
+    node.in_node("iptables-legacy", "-N", "FOREIGN")
+    node.in_node("iptables-legacy", "-A", "FOREIGN", "-s", "192.0.2.1", "-j", "ACCEPT")
+    node.in_node("iptables-legacy", "-A", "FORWARD", "-j", "FOREIGN")
+    node.in_node("iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+    node.in_node("ipset", "create", "foreign-set", "hash:ip")
+    node.in_node("ipset", "add", "foreign-set", "192.0.2.2")
+
+    def foreign_state() -> tuple[list[str], str]:
+        save = node.legacy_save()
+        rules = [line for line in save.splitlines() if "FOREIGN" in line or "--dport 22" in line]
+        return rules, node.in_node("ipset", "list", "foreign-set").stdout.split("Members:")[1]
+
+    original = foreign_state()
+    assert len(original[0]) == 4
+    worker = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        assert foreign_state() == original
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(node.pods[0]))}))
+        assert foreign_state() == original
+        assert "PF-" in node.legacy_save()
+        worker.call("teardown")
+        assert foreign_state() == original
+        assert "PF-" not in node.legacy_save() and "podfence" not in node.legacy_save()
+        assert "pf-" not in node.in_node("ipset", "list", "-n").stdout
+    finally:
+        worker.stop()
+
+
+def test_no_allow_all_or_deny_all_window_during_50_updates(node: Node, dataplane: DataplaneWorker) -> None:
+    p1, p2, _ = node.pods
+    flood = node.spawn(p1, "flood", p2.ip, "53", "54", "8")
+    for version in range(1, 51):
+        # Every update changes p2's chain (a new rule) and the identity set (an extra member).
+        extra = cidr("10.200.0.0/16", TCP, 1000 + version, 1000 + version)
+        dataplane.call(
+            "apply",
+            node_state(
+                node,
+                version=version,
+                ingress={2: isolated(from_pod(p1, UDP, 53, 53), extra)},
+                extra_identity_ips={identity_of(p1): ("10.1.0.200",) if version % 2 else ()},
+            ),
+        )
+    out, err = flood.communicate(timeout=30)
+    counts = json.loads(out)
+    assert counts["rounds"] > 50, err
+    assert counts["denied_echoed"] == 0, counts
+    assert counts["allowed_echoed"] == counts["rounds"], counts
+
+
+def test_full_ipset_is_a_capacity_error_before_any_change(node: Node) -> None:
+    p1, p2, _ = node.pods
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(ipset_maxelem=2))
+    try:
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(p1))}))
+        before = node.legacy_save(), node.in_node("ipset", "save").stdout
+        too_many = node_state(
+            node,
+            version=2,
+            ingress={2: isolated(from_pod(p1, TCP, 80, 80))},
+            extra_identity_ips={identity_of(p1): ("10.1.0.201", "10.1.0.202")},
+        )
+        with pytest.raises(CapacityError):
+            worker.call("apply", too_many)
+        after = node.legacy_save(), node.in_node("ipset", "save").stdout
+        strip = [line for line in before[0].splitlines() if not line.startswith("#")]
+        assert strip == [line for line in after[0].splitlines() if not line.startswith("#")]
+        assert before[1] == after[1]
+        worker.call("teardown")
+    finally:
+        worker.stop()
