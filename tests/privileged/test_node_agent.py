@@ -1,0 +1,317 @@
+"""The real `podfence agent` process in a node netns, fed by a real `podfence control` over gRPC.
+
+Topology (all namespaces named pfn-<id>-*): a node netns holding both processes (control on
+127.0.0.1) and routed pods (a /32 route per pod via its host veth, like ptp/Calico). Each pod
+runs a TCP listener; reachability is a TCP connect from one pod netns to another (a denied SYN
+is dropped silently, so a deny shows as a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PORT = 8080
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for network namespaces)"
+)
+
+LISTENER = textwrap.dedent(
+    f"""
+    import socket
+    PORT = {PORT}
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", PORT)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.close()
+    """
+)
+
+
+def sh(command: str) -> None:
+    subprocess.run(command, shell=True, check=True, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Pod:
+    name: str
+    ip: str
+    labels: dict[str, str]
+    netns: str
+
+
+class NodeLab:
+    def __init__(self, tmp: Path) -> None:
+        self.prefix = f"pfn-{uuid.uuid4().hex[:6]}"
+        self.node = f"{self.prefix}-node"
+        self.source = tmp / "source"
+        self.source.mkdir()
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.pods: dict[str, Pod] = {}
+        self.logs = tmp
+        self.pin_dir = Path(f"/sys/fs/bpf/{self.prefix}")
+
+    def build(self) -> None:
+        self._add_netns(self.node)
+        sh(f"ip netns exec {self.node} sysctl -qw net.ipv4.ip_forward=1")
+        # An uplink with the node's address and default route, as on a real node; its peer is
+        # in another netns too, so only the route and the address tell it from a pod's veth.
+        outside = f"{self.prefix}-out"
+        self._add_netns(outside)
+        sh(f"ip -n {self.node} link add up0 type veth peer name eth0 netns {outside}")
+        sh(f"ip -n {self.node} addr add 192.168.77.2/24 dev up0")
+        sh(f"ip -n {self.node} link set up0 up")
+        sh(f"ip -n {outside} link set eth0 up")
+        sh(f"ip -n {self.node} route add default via 192.168.77.1")
+        self._write(
+            "namespace.yaml",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns", "labels": {"name": "ns"}}},
+        )
+
+    def _add_netns(self, name: str) -> None:
+        sh(f"ip netns add {name}")
+        self.namespaces.append(name)
+        sh(f"ip -n {name} link set lo up")
+
+    def _write(self, filename: str, obj: dict) -> None:
+        # JSON is YAML; write atomically so the control service never reads half a file.
+        target = self.source / filename
+        scratch = target.with_suffix(".tmp")
+        scratch.write_text(json.dumps(obj))
+        scratch.rename(target)
+
+    def add_pod_interface(self, name: str, ip: str, labels: dict[str, str]) -> Pod:
+        """What a CNI plugin does: netns, veth, address, /32 route; nothing told podfence yet."""
+        netns = f"{self.prefix}-{name}"
+        self._add_netns(netns)
+        host = f"hv{name}"
+        sh(f"ip -n {self.node} link add {host} type veth peer name eth0 netns {netns}")
+        sh(f"ip -n {self.node} addr add 169.254.1.1/32 dev {host} scope link")
+        sh(f"ip -n {self.node} link set {host} up")
+        sh(f"ip -n {self.node} route add {ip}/32 dev {host}")
+        sh(f"ip -n {netns} addr add {ip}/32 dev eth0")
+        sh(f"ip -n {netns} link set eth0 up")
+        sh(f"ip -n {netns} route add 169.254.1.1/32 dev eth0 scope link")
+        sh(f"ip -n {netns} route add default via 169.254.1.1 dev eth0")
+        sh(f"ip netns exec {self.node} sysctl -qw net.ipv4.conf.{host}.proxy_arp=1")
+        self.processes.append(
+            subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER])
+        )
+        pod = Pod(name, ip, labels, netns)
+        self.pods[name] = pod
+        return pod
+
+    def publish_pod(self, pod: Pod) -> None:
+        """What the API server does: the pod object (scheduled here, with its IP) appears."""
+        self._write(
+            f"pod-{pod.name}.yaml",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": pod.name, "namespace": "ns", "labels": pod.labels},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"containerPort": PORT}]}]},
+                "status": {"podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+            },
+        )
+
+    def publish_policy(self, name: str, spec: dict) -> None:
+        self._write(
+            f"policy-{name}.yaml",
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": spec,
+            },
+        )
+
+    def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *argv],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    def log_text(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def connects(self, src: str, dst: str, timeout: float = 0.5) -> bool:
+        code = (
+            "import socket,sys\n"
+            f"try: socket.create_connection(('{self.pods[dst].ip}', {PORT}), timeout={timeout}).close()\n"
+            "except OSError: sys.exit(1)\n"
+        )
+        result = subprocess.run(["ip", "netns", "exec", self.pods[src].netns, sys.executable, "-c", code])
+        return result.returncode == 0
+
+    def fetch(self, url: str) -> tuple[int, str]:
+        code = (
+            "import sys, urllib.request, urllib.error\n"
+            f"try: r = urllib.request.urlopen('{url}', timeout=3)\n"
+            "except urllib.error.HTTPError as e: print(e.code); sys.exit(0)\n"
+            "print(r.status); print(r.read().decode())\n"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.node, sys.executable, "-c", code], capture_output=True, text=True
+        ).stdout
+        status, _, body = out.partition("\n")
+        return int(status or 0), body
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[NodeLab]:
+    built = NodeLab(tmp_path)
+    try:
+        built.build()
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.mark.parametrize("dataplane", ["iptables", "bpf"])
+def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str, tmp_path: Path):
+    if dataplane == "iptables" and not shutil.which("iptables-restore"):
+        pytest.skip("iptables-restore not installed")
+    if dataplane == "bpf":
+        from agent.dataplane import bpf
+
+        if not hasattr(bpf, "BpfDataplane"):
+            pytest.skip("agent.dataplane.bpf.BpfDataplane not available in this tree")
+    server = lab.add_pod_interface("server", "10.244.0.10", {"app": "server"})
+    client = lab.add_pod_interface("client", "10.244.0.11", {"app": "client"})
+    for pod in (server, client):
+        lab.publish_pod(pod)
+    lab.publish_policy(
+        "server-from-client",
+        {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                    "ports": [{"protocol": "TCP", "port": PORT}],
+                }
+            ],
+        },
+    )
+    grpc_port, metrics_port = free_port(), free_port()
+    lab.spawn(
+        "control", "control", "--source", str(lab.source), "--listen", f"127.0.0.1:{grpc_port}", "--insecure"
+    )
+    agent = lab.spawn(
+        "agent",
+        "--log-format",
+        "json",
+        "agent",
+        "--node",
+        "n1",
+        "--control",
+        f"127.0.0.1:{grpc_port}",
+        "--insecure",
+        "--dataplane",
+        dataplane,
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        "--pin-dir",
+        str(lab.pin_dir),
+    )
+    metrics = f"http://127.0.0.1:{metrics_port}"
+    try:
+        wait_for(lambda: lab.fetch(f"{metrics}/readyz")[0] == 200, 30, "the agent to apply a version")
+        assert wait_for(lambda: lab.connects("client", "server"), 10, "client -> server allowed") < 10
+
+        # A pod interface appears before the API server tells anyone about the pod.
+        newcomer = lab.add_pod_interface("newcomer", "10.244.0.12", {"app": "newcomer"})
+        time.sleep(0.3)
+        assert not lab.connects("newcomer", "client"), "an unknown pod interface must be dropped"
+        assert lab.connects("client", "server")
+
+        # Once its pod is known: its own (non-isolated) traffic flows, the server's policy holds.
+        lab.publish_pod(newcomer)
+        wait_for(lambda: lab.connects("newcomer", "client"), 15, "the newcomer's endpoint to be programmed")
+        assert not lab.connects("newcomer", "server"), "the server only admits the client"
+        assert lab.connects("client", "server")
+
+        status, body = lab.fetch(f"{metrics}/metrics")
+        assert status == 200
+        typed = {
+            line.split()[2].removesuffix("_total") for line in body.splitlines() if line.startswith("# TYPE ")
+        }
+        assert {
+            "podfence_endpoint_packets",
+            "podfence_endpoint_bytes",
+            "podfence_drops",
+            "podfence_policy_programming_seconds",
+            "podfence_applied_version",
+            "podfence_sync_connected",
+            "podfence_managed_endpoints",
+            "podfence_map_entries",
+            "podfence_map_capacity",
+            "podfence_events_lost",
+            "podfence_apply_errors",
+        } <= typed
+        assert "podfence_sync_connected 1.0" in body
+        assert "podfence_managed_endpoints 3.0" in body
+        denied = [
+            line
+            for line in body.splitlines()
+            if line.startswith("podfence_endpoint_packets_total")
+            and 'endpoint="ns/server"' in line
+            and 'verdict="denied"' in line
+        ]
+        assert denied and any(float(line.rsplit(" ", 1)[1]) > 0 for line in denied), denied
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(timeout=20)
+        print(lab.log_text("agent")[-4000:])
+    assert code == 0, lab.log_text("agent")[-2000:]
+    # Kernel enforcement outlives the agent process.
+    assert not lab.connects("newcomer", "server")
+    assert lab.connects("client", "server")
