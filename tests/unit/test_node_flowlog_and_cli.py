@@ -1,0 +1,125 @@
+"""Flow-log records and rate limit; `podfence agent` usage errors (exit 2, no silent plaintext)."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+
+import pytest
+
+from agent.cli import main
+from agent.logs import JsonFormatter
+from agent.node.flowlog import FlowLogger, TokenBucket
+
+
+class Reason(enum.IntEnum):
+    POLICY = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    endpoint: str | None
+    direction: str
+    protocol: int
+    src: ipaddress.IPv4Address
+    dst: ipaddress.IPv4Address
+    sport: int
+    dport: int
+    reason: Reason
+
+
+EVENT = Event(
+    "ns/web",
+    "ingress",
+    6,
+    ipaddress.ip_address("10.0.0.9"),
+    ipaddress.ip_address("10.0.0.5"),
+    40000,
+    22,
+    Reason.POLICY,
+)
+
+
+class NoEventsDouble:
+    def poll_events(self, timeout_ms: int) -> list[Event]:
+        return []
+
+
+def test_flow_record_is_structured(caplog):
+    flows = FlowLogger(NoEventsDouble())
+    with caplog.at_level(logging.INFO, logger="podfence.flow"):
+        flows.handle(EVENT)
+    (record,) = caplog.records
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["flow"] == {
+        "pod": "ns/web",
+        "direction": "ingress",
+        "protocol": "TCP",
+        "src": "10.0.0.9",
+        "dst": "10.0.0.5",
+        "sport": 40000,
+        "dport": 22,
+        "reason": "policy",
+        "verdict": "denied",
+    }
+    assert "10.0.0.9:40000 -> 10.0.0.5:22" in entry["msg"]
+
+
+def test_flow_log_is_rate_limited():
+    now = [0.0]
+    flows = FlowLogger(NoEventsDouble(), rate_per_s=10, burst=5, clock=lambda: now[0])
+    for _ in range(100):
+        flows.handle(EVENT)
+    assert (flows.logged, flows.suppressed) == (5, 95)
+    now[0] += 1.0  # one second refills 10 tokens, capped by the burst
+    for _ in range(100):
+        flows.handle(EVENT)
+    assert flows.logged == 10
+
+
+def test_token_bucket_refills_at_its_rate():
+    now = [0.0]
+    bucket = TokenBucket(rate_per_s=2, burst=1, clock=lambda: now[0])
+    assert bucket.take() and not bucket.take()
+    now[0] += 0.5
+    assert bucket.take() and not bucket.take()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["agent", "--node", "n1", "--control", "127.0.0.1:1"], "or --insecure"),
+        (["agent", "--node", "n1", "--control", "127.0.0.1:1", "--tls-cert", "c.pem"], "or --insecure"),
+        (
+            ["agent", "--node", "n1", "--control", "127.0.0.1:1", "--insecure", "--tls-ca", "ca.pem"],
+            "exclude each other",
+        ),
+        (["agent", "--node", "n1", "--control", "nohostport", "--insecure"], "HOST:PORT"),
+    ],
+)
+def test_bad_usage_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_required_flag_exits_2():
+    with pytest.raises(SystemExit) as exited:
+        main(["agent", "--control", "127.0.0.1:1", "--insecure"])
+    assert exited.value.code == 2
+
+
+def test_unreadable_tls_material_exits_2(tmp_path, capsys):
+    argv = ["agent", "--node", "n1", "--control", "127.0.0.1:1"]
+    argv += [
+        "--tls-cert",
+        str(tmp_path / "c"),
+        "--tls-key",
+        str(tmp_path / "k"),
+        "--tls-ca",
+        str(tmp_path / "a"),
+    ]
+    assert main(argv) == 2
+    assert "cannot read TLS material" in capsys.readouterr().err
