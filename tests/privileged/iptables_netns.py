@@ -10,6 +10,7 @@ touches the root namespace's networking.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import multiprocessing
 import os
@@ -69,7 +70,9 @@ class Node:
     def add_pod(self, index: int) -> Pod:
         pod = Pod(f"{self.prefix}-p{index}", f"pfv{index}", f"10.1.0.{index}")
         sh("ip", "netns", "add", pod.netns)
-        self.in_node("ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+        self.in_node(
+            "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
+        )
         self.in_node("ip", "link", "set", pod.host_if, "up")
         self.in_node("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
         # Proxy ARP answers after a random delay of up to 0.8 s by default: longer than a probe.
@@ -177,16 +180,14 @@ class DataplaneWorker:
         return value
 
     def kill(self) -> None:
-        if self.process.is_alive():
+        if self.process.is_alive() and self.process.pid is not None:
             os.kill(self.process.pid, 9)
         self.process.join(10)
 
     def stop(self) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(OSError, EOFError, TimeoutError):
                 self.call("exit")
-            except (OSError, EOFError, TimeoutError):
-                pass
         self.kill()
 
 

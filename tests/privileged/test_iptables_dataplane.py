@@ -6,6 +6,7 @@ real TCP/UDP/ICMP/SCTP flows between the pods' network namespaces, judged by the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -18,7 +19,15 @@ import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.iptables import IptablesDataplane
-from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.dataplane.types import (
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    NodeState,
+)
 from tests.privileged.iptables_netns import CLUSTER_IP, NODE_IP, DataplaneWorker, Node, Pod, ip, wait_for
 
 TCP, UDP, SCTP = 6, 17, 132
@@ -79,7 +88,7 @@ def node_state(
             egress.get(number, DirectionPolicy()),
             pod.ifindex,
         )
-    identities = {identity_of(p): (ip(p.ip),) for p in node.pods}
+    identities: dict[int, tuple[IPAddress, ...]] = {identity_of(p): (ip(p.ip),) for p in node.pods}
     for identity, extra in (extra_identity_ips or {}).items():
         identities[identity] = identities.get(identity, ()) + tuple(ip(e) for e in extra)
     return NodeState(
@@ -99,12 +108,16 @@ def from_pod(pod: Pod, protocol: int = 0, first: int = 0, last: int = 65535) -> 
     return Allow(IdentityPeer(identity_of(pod)), protocol, first, last)
 
 
-def cidr(text: str, protocol: int = 0, first: int = 0, last: int = 65535, excepts: tuple[str, ...] = ()) -> Allow:
+def cidr(
+    text: str, protocol: int = 0, first: int = 0, last: int = 65535, excepts: tuple[str, ...] = ()
+) -> Allow:
     peer = CidrPeer(ipaddress.ip_network(text), tuple(ipaddress.ip_network(e) for e in excepts))
     return Allow(peer, protocol, first, last)
 
 
-def assert_flows(node: Node, expected: list[tuple[str, Pod | None, str, str, int, bool]], sctp_dir: Path) -> None:
+def assert_flows(
+    node: Node, expected: list[tuple[str, Pod | None, str, str, int, bool]], sctp_dir: Path
+) -> None:
     """Rows of (label, source pod or None for the node, kind, destination IP, port, must pass)."""
     wrong = []
     for label, source, kind, destination, port, must_pass in expected:
@@ -162,9 +175,7 @@ def test_sctp_only_rule_does_not_open_tcp_and_portless_rule_allows_icmp(
     node: Node, dataplane: DataplaneWorker, tmp_path: Path
 ) -> None:
     p1, p2, p3 = node.pods
-    dataplane.call(
-        "apply", node_state(node, ingress={2: isolated(from_pod(p1, SCTP, 80, 80), from_pod(p3))})
-    )
+    dataplane.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, SCTP, 80, 80), from_pod(p3))}))
     assert_flows(
         node,
         [
@@ -190,10 +201,8 @@ def test_egress_through_a_cluster_ip_is_judged_on_the_backend(
     dataplane.call(
         "apply", node_state(node, version=2, egress={1: isolated(cidr(f"{CLUSTER_IP}/32", TCP, 80, 80))})
     )
-    assert_flows(
-        node, [("allowing the ClusterIP itself is not allowing the backend", p1, "tcp", CLUSTER_IP, 80, False)],
-        tmp_path,
-    )  # fmt: skip
+    label = "allowing the ClusterIP itself is not allowing the backend"
+    assert_flows(node, [(label, p1, "tcp", CLUSTER_IP, 80, False)], tmp_path)
 
 
 def test_a_pod_that_changes_its_ip_is_dropped(node: Node, dataplane: DataplaneWorker, tmp_path: Path) -> None:
@@ -213,7 +222,7 @@ def test_a_pod_that_changes_its_ip_is_dropped(node: Node, dataplane: DataplaneWo
 def test_unknown_pod_interfaces_are_dropped_by_default(node: Node, tmp_path: Path) -> None:
     p1, _, p3 = node.pods
     for setting, must_pass in (("drop", False), ("allow", True)):
-        worker = DataplaneWorker(node.netns, lambda s=setting: IptablesDataplane(unknown_endpoints=s))
+        worker = DataplaneWorker(node.netns, functools.partial(IptablesDataplane, unknown_endpoints=setting))
         try:
             worker.call("apply", node_state(node, unclaimed=(3,)))
             assert_flows(
@@ -237,7 +246,9 @@ def _stream_count(path: Path) -> int:
 
 
 def _endpoint_chains(node: Node) -> set[str]:
-    return {line.split()[0][1:] for line in node.legacy_save().splitlines() if line.startswith((":PF-I", ":PF-E"))}
+    return {
+        line.split()[0][1:] for line in node.legacy_save().splitlines() if line.startswith((":PF-I", ":PF-E"))
+    }
 
 
 def test_restart_under_traffic_keeps_established_streams_and_denials(node: Node, tmp_path: Path) -> None:
@@ -342,7 +353,7 @@ def test_no_allow_all_or_deny_all_window_during_50_updates(node: Node, dataplane
 
 
 def test_full_ipset_is_a_capacity_error_before_any_change(node: Node) -> None:
-    p1, p2, _ = node.pods
+    p1, _p2, _ = node.pods
     worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(ipset_maxelem=2))
     try:
         worker.call("apply", node_state(node, ingress={2: isolated(from_pod(p1))}))

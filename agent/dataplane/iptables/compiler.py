@@ -128,10 +128,13 @@ def _node_set(family: int) -> str:
 
 
 class _Compiler:
-    def __init__(self, state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str) -> None:
+    def __init__(
+        self, state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str, tcp_needs_syn: bool
+    ) -> None:
         self.state = state
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
+        self.tcp_needs_syn = tcp_needs_syn
         self.out = DesiredState()
 
     # -- sets ---------------------------------------------------------------------------------
@@ -198,6 +201,10 @@ class _Compiler:
         # Peers are the packet's source for ingress and its destination for egress.
         side = "src" if direction == INGRESS else "dst"
         rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_comment(ALLOW)} -j RETURN"]
+        if self.tcp_needs_syn:
+            # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
+            # entry (from whichever side speaks first); refusing it makes a deleted entry final.
+            rules.append(f"-p tcp ! --syn -m conntrack --ctstate NEW {_comment(DENY)} -j DROP")
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
@@ -308,12 +315,17 @@ class _Compiler:
 
 
 def compile_state(
-    state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str = "drop"
+    state: NodeState,
+    interfaces: dict[int, Interface],
+    unknown_endpoints: str = "drop",
+    tcp_needs_syn: bool = False,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
+    tcp_needs_syn: a TCP flow conntrack does not know must start with a SYN (set when
+    established connections are reset on policy change, so that a reset one stays cut).
     Endpoints whose interface is unknown (ifindex None or not in `interfaces`) get no dispatch:
     there is no interface to filter yet, and its traffic cannot exist either."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints).compile()
+    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn).compile()

@@ -114,7 +114,8 @@ class IptablesDataplane:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
         endpoint claims. established_on_change: "keep" (default) lets connections opened under a
         previous policy continue; "reset" deletes the conntrack entries of every endpoint whose
-        policy changed, so its next packet is judged by the new policy."""
+        policy changed, so its next packet is judged by the new policy (TCP flows must then
+        start with a SYN: a mid-stream packet never re-creates an entry)."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
@@ -171,7 +172,9 @@ class IptablesDataplane:
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
-        desired = compile_state(state, interfaces, self.unknown_endpoints)
+        desired = compile_state(
+            state, interfaces, self.unknown_endpoints, tcp_needs_syn=self.established_on_change == "reset"
+        )
         for spec in desired.sets.values():
             if len(spec.members) > self.ipset_maxelem:
                 raise CapacityError(
