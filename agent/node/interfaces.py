@@ -4,12 +4,16 @@ The control service names pods and their IPs; it cannot know ifindexes. This mod
 from the kernel's own tables in the agent's network namespace, without naming conventions:
 
 - candidate pod interfaces are links whose peer lives in another network namespace (veths report
-  IFLA_LINK_NETNSID), bridge ports included, minus the uplink (the way to the default gateway, or
-  a link holding one of the node's addresses);
+  IFLA_LINK_NETNSID), bridge ports included, minus the uplinks: links that routes send to a
+  gateway (the default route's above all), the bridge port behind such a gateway, and links
+  holding a node address on a subnet (a pod's host veth holds at most a /32 gateway address, as
+  the ptp plugin gives it);
 - a pod IP maps to its host-side interface through a route lookup (routed CNIs: a /32 or /128 via
   the veth) and, when that route points at a bridge, through the neighbour table (IP -> MAC) and the
   bridge's forwarding database (MAC -> port);
-- the node's addresses are every non-link-local, non-loopback address here.
+- the node's addresses are every non-link-local, non-loopback address here, plus IPv4 link-local
+  gateway addresses on pod interfaces (169.254.1.1 style): the node's own stack picks those as the
+  source of what it sends to its pods, and node traffic to local pods must always pass.
 
 `NetlinkMonitor` subscribes to link, address, route and neighbour (FDB included) notifications and
 wakes the reconcile loop, so a new pod interface is guarded within milliseconds of appearing.
@@ -115,15 +119,18 @@ class InterfaceDiscovery:
             addresses = self._addresses()
             fdb = self._fdb()
             neighbours = self._neighbours()
-            default_oifs, gateways = self._default_routes()
+            gateway_oifs, gateways = self._gateway_routes()
         except NetlinkError as exc:
             raise DiscoveryError(f"netlink dump failed: {exc}") from exc
-        node_ips = tuple(sorted({ip for _, ip in addresses if _is_node_address(ip)}, key=_ip_sort_key))
-        uplinks = set(default_oifs)
-        uplinks.update(index for index, ip in addresses if _is_node_address(ip))
+        uplinks = set(gateway_oifs)
+        uplinks.update(
+            index
+            for index, ip, prefixlen in addresses
+            if _is_node_address(ip) and prefixlen < ip.max_prefixlen
+        )
         uplinks.update(link.index for link in links.values() if link.name in self._excluded_names)
-        # When the default route leaves through a bridge, the uplink is the bridge port behind
-        # which the gateway's MAC was learned; that port may well be a veth into another netns.
+        # When a gateway sits behind a bridge, the uplink is the bridge port behind which the
+        # gateway's MAC was learned; that port may well be a veth into another netns.
         for oif, gateway in gateways:
             mac = neighbours.get((oif, gateway))
             port = fdb.get((oif, mac)) if mac else None
@@ -133,6 +140,17 @@ class InterfaceDiscovery:
             link.index
             for link in links.values()
             if link.peer_netnsid is not None and link.index not in uplinks
+        )
+        node_ips = tuple(
+            sorted(
+                {
+                    ip
+                    for index, ip, _ in addresses
+                    if _is_node_address(ip)
+                    or (ip.version == 4 and ip.is_link_local and index in pod_interfaces)
+                },
+                key=_ip_sort_key,
+            )
         )
         return HostView(
             links=links,
@@ -159,12 +177,13 @@ class InterfaceDiscovery:
             )
         return result
 
-    def _addresses(self) -> list[tuple[int, IPAddress]]:
+    def _addresses(self) -> list[tuple[int, IPAddress, int]]:
+        """(ifindex, address, prefix length) of every address here."""
         result = []
         for msg in self._ipr.get_addr():
             raw = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
             if raw:
-                result.append((msg["index"], ipaddress.ip_address(raw)))
+                result.append((msg["index"], ipaddress.ip_address(raw), msg["prefixlen"]))
         return result
 
     def _fdb(self) -> dict[tuple[int, str], int]:
@@ -188,17 +207,19 @@ class InterfaceDiscovery:
                 entries[(msg["ifindex"], ipaddress.ip_address(dst))] = mac.lower()
         return entries
 
-    def _default_routes(self) -> tuple[set[int], list[tuple[int, IPAddress]]]:
+    def _gateway_routes(self) -> tuple[set[int], list[tuple[int, IPAddress]]]:
+        """Interfaces that lead away from this node: the default route's, and every interface a
+        route sends to a next-hop gateway (pod routes are direct: the pod is the destination)."""
         oifs: set[int] = set()
         gateways: list[tuple[int, IPAddress]] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self._ipr.get_routes(family=family, table=254):
-                if msg["dst_len"] != 0:
-                    continue
                 for oif, gateway in _route_hops(msg):
-                    oifs.add(oif)
                     if gateway is not None:
+                        oifs.add(oif)
                         gateways.append((oif, gateway))
+                    elif msg["dst_len"] == 0:
+                        oifs.add(oif)
         return oifs, gateways
 
     # -- pod IP -> host-side interface -------------------------------------------------------

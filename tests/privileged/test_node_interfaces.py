@@ -99,20 +99,30 @@ def test_routed_pods_found_by_route_lookup(lab):
     routed_uplink(lab)
     lab.pod("a", "hv-a", "10.244.1.5", 32, gateway="169.254.1.1")
     lab.pod("b", "hv-b", "10.244.1.6", 32, gateway="169.254.1.1")
+    # Gateway addresses on host veths: link-local (Calico/lab style) and a /32 (ptp plugin style).
+    # A second way out carries no address at all, only a route to a next-hop gateway.
+    lab.add_netns(f"{lab.prefix}-out2")
     sh(
+        f"ip -n {lab.node} addr add 169.254.1.1/32 dev hv-a scope link",
+        f"ip -n {lab.node} addr add 10.244.1.1/32 dev hv-b",
         f"ip -n {lab.node} link set hv-a up",
         f"ip -n {lab.node} link set hv-b up",
         f"ip -n {lab.node} route add 10.244.1.5/32 dev hv-a",
         f"ip -n {lab.node} route add 10.244.1.6/32 dev hv-b",
+        f"ip -n {lab.node} link add up1 type veth peer name eth0 netns {lab.prefix}-out2",
+        f"ip -n {lab.node} link set up1 up",
+        f"ip -n {lab.node} route add 10.99.0.0/16 via 10.98.0.1 dev up1 onlink",
     )
     discovery = InterfaceDiscovery(netns=lab.node)
     try:
         view = discovery.scan()
-        hv_a, hv_b, uplink = ifindex(lab.node, "hv-a"), ifindex(lab.node, "hv-b"), ifindex(lab.node, "up0")
+        hv_a, hv_b = ifindex(lab.node, "hv-a"), ifindex(lab.node, "hv-b")
         assert view.pod_interfaces == {hv_a, hv_b}
-        assert uplink in view.uplinks
-        assert ipaddress.ip_address("192.168.50.2") in view.node_ips
-        assert all(not ip.is_link_local and not ip.is_loopback for ip in view.node_ips)
+        assert {ifindex(lab.node, "up0"), ifindex(lab.node, "up1")} <= view.uplinks
+        # The node sends to pod a from 169.254.1.1 (the route's preferred source): node traffic.
+        assert set(view.node_ips) == {
+            ipaddress.ip_address(ip) for ip in ("192.168.50.2", "169.254.1.1", "10.244.1.1")
+        }
         assert discovery.resolve(ipaddress.ip_address("10.244.1.5"), view) == hv_a
         assert discovery.resolve(ipaddress.ip_address("10.244.1.6"), view) == hv_b
         # Not local: the route leads to the uplink, which is never a pod interface.
