@@ -169,11 +169,16 @@ def evaluate(
 
 
 def parse_endpoint(state: ClusterState, text: str) -> Endpoint:
-    """An IP address, or "NAMESPACE/POD" naming a pod in `state`. Raises ValueError saying why not."""
+    """ "NAMESPACE/POD" naming a pod in `state`, or an IP address. An IP that belongs to a pod
+    stands for that pod (what the wire would show); any other IP is a bare address.
+    Raises ValueError saying what is wrong."""
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
-        pass
+        address = None
+    if address is not None:
+        owners = [p for p in state.pods.values() if address in p.ips and takes_part_in_selectors(p)]
+        return owners[0] if len(owners) == 1 else address
     if text.count("/") != 1:
         raise ValueError(f"{text!r} is neither NAMESPACE/POD nor an IP address")
     pod = state.pods.get(text)

@@ -1,15 +1,134 @@
-"""`podfence explain` (not built yet)."""
+"""`podfence explain`: judge one connection with the reference evaluator and say why.
+
+Reads the same folder the control service reads, so "why is this blocked?" is answered from the
+exact objects being enforced. Invalid objects are reported as warnings and left out, as the
+control service does; the verdict uses every valid object.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
+
+from agent.model.load import LoadResult, load_file, load_folder
+from agent.model.objects import Pod, Protocol
+from agent.policy.evaluator import DirectionVerdict, Endpoint, Verdict, evaluate, parse_endpoint
+from agent.policy.state import ClusterState
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class _BadInput(Exception):
+    """Input the user must fix; reported on stderr with exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "--source", required=True, help="folder (or file) of Namespace/Pod/NetworkPolicy YAML"
+    )
+    parser.add_argument("--from", required=True, metavar="NS/POD|IP", help="client pod or IP address")
+    parser.add_argument("--to", required=True, metavar="NS/POD|IP", help="server pod or IP address")
+    parser.add_argument("--port", required=True, help="destination port, 1-65535")
+    parser.add_argument(
+        "--protocol", default="TCP", type=str.upper, choices=[p.value for p in Protocol], help="default TCP"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _load(source: str) -> LoadResult:
+    path = Path(source)
+    if path.is_dir():
+        return load_folder(path)
+    if path.is_file():
+        return load_file(path)
+    raise _BadInput(f"--source {source!r}: no such file or directory")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise _BadInput(f"--port {text!r}: not a number") from None
+    if not 1 <= port <= 65535:
+        raise _BadInput(f"--port {port}: must be between 1 and 65535")
+    return port
+
+
+def _describe(endpoint: Endpoint) -> str:
+    if isinstance(endpoint, Pod):
+        ips = ", ".join(str(ip) for ip in endpoint.ips) or "no IP"
+        return f"{endpoint.key} ({ips})"
+    return str(endpoint)
+
+
+def _direction_json(verdict: DirectionVerdict) -> dict[str, Any]:
+    return {
+        "isolated": verdict.isolated,
+        "allowed": verdict.allowed,
+        "policies": list(verdict.policies),
+        "allowed_by": [{"policy": m.policy, "rule": m.index} for m in verdict.allowing],
+        "isolated_by": list(verdict.isolating),
+    }
+
+
+def _direction_text(name: str, subject: Endpoint, verdict: DirectionVerdict) -> str:
+    where = f"{name:7} on {_describe(subject)}"
+    if not isinstance(subject, Pod):
+        return f"  {where}: a bare IP has no {name} policy -> allowed"
+    if not verdict.isolated:
+        return f"  {where}: no policy selects it for {name} -> allowed"
+    isolating = ", ".join(verdict.isolating)
+    if verdict.allowed:
+        rules = ", ".join(f"{m.policy} {name} rule #{m.index}" for m in verdict.allowing)
+        return f"  {where}: isolated by {isolating}; allowed by {rules}"
+    return f"  {where}: isolated by {isolating}; no {name} rule of these policies matches -> denied"
+
+
+def render_text(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
+    outcome = "ALLOWED" if verdict.allowed else "DENIED"
+    return "\n".join(
+        [
+            f"{_describe(src)} -> {_describe(dst)} {protocol.value}/{port}: {outcome}",
+            _direction_text("egress", src, verdict.egress),
+            _direction_text("ingress", dst, verdict.ingress),
+        ]
+    )
+
+
+def render_json(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
+    return json.dumps(
+        {
+            "allowed": verdict.allowed,
+            "from": src.key if isinstance(src, Pod) else str(src),
+            "to": dst.key if isinstance(dst, Pod) else str(dst),
+            "protocol": protocol.value,
+            "port": port,
+            "egress": _direction_json(verdict.egress),
+            "ingress": _direction_json(verdict.ingress),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence explain: not built yet", file=sys.stderr)
-    return 1
+    try:
+        port = _port(args.port)
+        result = _load(args.source)
+        for error in result.errors:
+            print(f"warning: ignored invalid object: {error}", file=sys.stderr)
+        state = ClusterState.from_objects(result.objects)
+        try:
+            src = parse_endpoint(state, getattr(args, "from"))
+            dst = parse_endpoint(state, args.to)
+        except ValueError as exc:
+            raise _BadInput(str(exc)) from None
+    except _BadInput as exc:
+        print(f"podfence explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    protocol = Protocol(args.protocol)
+    verdict = evaluate(state, src, dst, protocol, port)
+    render = render_json if args.json else render_text
+    print(render(src, dst, protocol, port, verdict))
+    return EXIT_OK
