@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 
+from agent.control.status import fetch_status, status_to_dict
 from agent.lab.topology import RUN_DIR, Lab, LabError, child_environment, stop_pid_file
 
 log = logging.getLogger(__name__)
@@ -84,15 +86,26 @@ class PodfenceOnLab:
 
     # --- the folder source ------------------------------------------------------------------
 
-    def write_documents(self, file_name: str, documents: Iterable[dict[str, Any]]) -> None:
-        """Replace one file of the source atomically (the control service never sees half a file)."""
-        target = self.source_dir / file_name
-        partial = self.source_dir / f".{file_name}.partial"  # hidden: the folder source skips it
-        partial.write_text(yaml.safe_dump_all(list(documents), sort_keys=False))
-        partial.replace(target)
+    def write_documents(self, file_name: str, documents: Iterable[dict[str, Any]]) -> bool:
+        """Replace one file of the source atomically (the control service never sees half a file).
 
-    def remove_file(self, file_name: str) -> None:
-        (self.source_dir / file_name).unlink(missing_ok=True)
+        Returns whether the content changed; an unchanged file is not rewritten, so callers know
+        that no new policy version is coming.
+        """
+        target = self.source_dir / file_name
+        text = yaml.safe_dump_all(list(documents), sort_keys=False)
+        if target.exists() and target.read_text() == text:
+            return False
+        partial = self.source_dir / f".{file_name}.partial"  # hidden: the folder source skips it
+        partial.write_text(text)
+        partial.replace(target)
+        return True
+
+    def remove_file(self, file_name: str) -> bool:
+        target = self.source_dir / file_name
+        existed = target.exists()
+        target.unlink(missing_ok=True)
+        return existed
 
     def policy_files(self) -> list[Path]:
         return sorted(self.source_dir.glob("policy-*.yaml"))
@@ -202,7 +215,18 @@ class PodfenceOnLab:
     # --- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any] | None:
-        """`podfence status --json`, or None while the control service does not answer."""
+        """What `podfence status --json` prints, or None while the control service does not answer.
+
+        Polled often, so it calls the same client code in-process instead of starting a Python
+        process per poll; `status_via_cli` checks the command itself.
+        """
+        try:
+            return status_to_dict(fetch_status(self.control_address, None, timeout=2.0))
+        except grpc.RpcError:
+            return None
+
+    def status_via_cli(self) -> dict[str, Any] | None:
+        """`podfence status --control ADDR --json` as a user runs it, or None if it fails."""
         result = subprocess.run(
             [
                 sys.executable,

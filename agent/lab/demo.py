@@ -1,15 +1,289 @@
-"""`podfence demo` (not built yet)."""
+"""`podfence demo`: Istio's bookinfo on the node lab, before and after a security team's policies.
+
+The demo builds two simulated nodes with the bookinfo pods (mesh ingress, productpage, details,
+reviews v1/v2/v3, ratings), a cluster DNS pod and a client standing for the outside world; starts
+the control service and one agent per node; prints the TCP/UDP/ICMP reachability matrix with no
+policy, applies the policies in agent/lab/bookinfo/*.yaml, and prints it again against the
+application graph. Then the ingress pod is "compromised": as root in its own netns (it holds
+CAP_NET_ADMIN there) it flushes its iptables, tc and routes, re-adds a route and changes its IP,
+and must still fail to reach ratings, because the filters sit on the node side of its veth.
+
+Exit 0 only if every expectation held. Everything is removed afterwards, also on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import signal
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from agent.lab.cluster import DATAPLANES, PodfenceOnLab
+from agent.lab.prober import Probe, TruthTable, run_probes
+from agent.lab.scenarios import pods_from_file
+from agent.lab.topology import ROUTED_GATEWAY, CniMode, Lab, LabError, LabPod, run_in_netns, teardown
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+PROBE_TIMEOUT = 0.8
+SHORT_NAMES = {"istio-ingressgateway": "ingress"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One matrix column: a destination pod and a port/protocol on it (port 0 for ICMP)."""
+
+    pod: str  # short name
+    port: int
+    protocol: str
+
+    @property
+    def label(self) -> str:
+        if self.protocol == "ICMP":
+            return self.pod
+        suffix = "" if self.protocol == "TCP" else "/" + self.protocol.lower()
+        return f"{self.pod}:{self.port}{suffix}"
+
+
+def short_name(pod: LabPod) -> str:
+    return SHORT_NAMES.get(pod.spec.name, pod.spec.name)
+
+
+def bookinfo_files() -> Iterator[tuple[str, str]]:
+    """(file name, text) of the demo's package data: the pods and the policies, in order."""
+    folder = resources.files("agent.lab").joinpath("bookinfo")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            yield entry.name, entry.read_text()
+
+
+# The application graph: who must reach what once the policies are in (everything else is blocked).
+APP_GRAPH = {
+    ("client", "ingress:80"),
+    ("client", "ingress:443"),
+    ("ingress", "productpage:9080"),
+    ("productpage", "details:9080"),
+    *(("productpage", f"reviews-{v}:9080") for v in ("v1", "v2", "v3")),
+    *((f"reviews-{v}", "ratings:9080") for v in ("v1", "v2", "v3")),
+}
+SOURCES = ["client", "ingress", "productpage", "details", "reviews-v1", "reviews-v2", "reviews-v3", "ratings"]
+SERVICE_COLUMNS = [
+    Column("ingress", 80, "TCP"),
+    Column("ingress", 443, "TCP"),
+    Column("ingress", 15000, "TCP"),
+    Column("productpage", 9080, "TCP"),
+    Column("details", 9080, "TCP"),
+    *(Column(f"reviews-{v}", 9080, "TCP") for v in ("v1", "v2", "v3")),
+    Column("ratings", 9080, "TCP"),
+    Column("dns", 53, "UDP"),
+]
+ICMP_COLUMNS = [Column(name, 0, "ICMP") for name in ["ingress", "productpage", "details", "ratings", "dns"]]
+
+
+def expected_table(columns: list[Column], policies_applied: bool) -> TruthTable:
+    table = TruthTable(SOURCES, [c.label for c in columns])
+    for source in SOURCES:
+        for column in columns:
+            if column.pod == source:
+                table.ignored.add((source, column.label))
+            allowed = (source, column.label) in APP_GRAPH or (
+                column.pod == "dns" and column.protocol == "UDP"
+            )
+            table.cells[(source, column.label)] = allowed if policies_applied else True
+    return table
+
+
+class Demo:
+    def __init__(self, mode: CniMode, dataplane: str, workdir: Path) -> None:
+        self.lab = Lab(node_count=2, mode=mode)
+        self.workdir = workdir
+        self.podfence = PodfenceOnLab(self.lab, dataplane, source_dir=workdir / "source", log_dir=workdir)
+        self.failures: list[str] = []
+
+    def pod(self, short: str) -> LabPod:
+        return next(p for p in self.lab.pods.values() if short_name(p) == short)
+
+    def observe(self, columns: list[Column], sources: list[str] = SOURCES) -> TruthTable:
+        probes = {}
+        for source in sources:
+            for column in columns:
+                if column.pod == source:
+                    continue
+                src, dst = self.pod(source), self.pod(column.pod)
+                address = dst.ip if column.protocol == "ICMP" else dst.service_ip
+                probes[(source, column.label)] = Probe(
+                    source, src.netns, column.label, address, column.port, column.protocol
+                )
+        verdicts = run_probes(list(probes.values()), timeout=PROBE_TIMEOUT)
+        table = TruthTable(sources, [c.label for c in columns])
+        for source in sources:
+            for column in columns:
+                probe = probes.get((source, column.label))
+                table.cells[(source, column.label)] = verdicts[probe] if probe else True
+                if probe is None:
+                    table.ignored.add((source, column.label))
+        return table
+
+    def check_matrix(self, title: str, columns: list[Column], policies_applied: bool) -> None:
+        expected = expected_table(columns, policies_applied)
+        observed = self.observe(columns)
+        print(observed.render(f"{title} (rows: from, columns: to; . reachable, X blocked)"))
+        differences = expected.differences(observed)
+        for source, target, want, got in differences:
+            verdict = (
+                f"expected {'reachable' if want else 'blocked'}, got {'reachable' if got else 'blocked'}"
+            )
+            self.failures.append(f"{title}: {source} -> {target}: {verdict}")
+            print(f"  MISMATCH {source} -> {target}: {verdict}")
+        print()
+
+    def expect(self, description: str, source: str, column: Column, reachable: bool) -> None:
+        got = self.observe([column], [source]).cells[(source, column.label)]
+        ok = got == reachable
+        print(f"  [{'ok' if ok else 'FAIL'}] {description}: {'reachable' if got else 'blocked'}")
+        if not ok:
+            self.failures.append(f"{description}: expected {'reachable' if reachable else 'blocked'}")
+
+    def build(self) -> None:
+        pods_text = dict(bookinfo_files())["pods.yaml"]
+        (self.workdir / "pods.yaml").write_text(pods_text)
+        started = time.monotonic()
+        self.lab.build(pods_from_file(self.workdir / "pods.yaml", node_count=2))
+        print(
+            f"lab: 2 nodes ({self.lab.mode.value} CNI), {len(self.lab.pods)} pods, "
+            f"built in {time.monotonic() - started:.1f} s"
+        )
+        started = time.monotonic()
+        self.podfence.start()
+        print(
+            f"podfence: control service on {self.podfence.control_address}, "
+            f"agents on node1 and node2 ({self.podfence.dataplane} dataplane), ready in "
+            f"{time.monotonic() - started:.1f} s\n"
+        )
+
+    def apply_policies(self) -> None:
+        version = self.podfence.current_version()
+        documents: list[dict[str, Any]] = []
+        for name, text in bookinfo_files():
+            if name != "pods.yaml":
+                documents += [d for d in yaml.safe_load_all(text) if d]
+        self.podfence.write_documents("policies.yaml", documents)
+        applied = self.podfence.wait_applied(after_version=version)
+        names = ", ".join(f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in documents)
+        print(f"applied {len(documents)} policies (version {applied} acknowledged by every node): {names}\n")
+
+    def compromise_ingress(self) -> None:
+        ingress = self.pod("ingress")
+        node = self.lab.nodes[ingress.spec.node]
+        print("compromised ingress pod: root with CAP_NET_ADMIN in its own network namespace")
+        commands = [
+            ["iptables", "-F"],
+            ["iptables", "-t", "nat", "-F"],
+            ["iptables", "-t", "mangle", "-F"],
+            ["tc", "qdisc", "del", "dev", "eth0", "clsact"],
+            ["tc", "qdisc", "del", "dev", "eth0", "root"],
+            ["ip", "route", "flush", "table", "main"],
+        ]
+        if self.lab.mode is CniMode.ROUTED:
+            gateway = ROUTED_GATEWAY
+            commands.append(["ip", "route", "add", f"{gateway}/32", "dev", "eth0", "scope", "link"])
+        else:
+            gateway = str(ipaddress.ip_network(node.pod_cidr).network_address + 1)
+            commands.append(["ip", "route", "add", node.pod_cidr, "dev", "eth0"])
+        commands.append(["ip", "route", "add", "default", "via", gateway, "dev", "eth0"])
+        for argv in commands:
+            result = run_in_netns(ingress.netns, argv, check=False)
+            note = "" if result.returncode == 0 else f"   ({result.stderr.strip() or 'nothing to remove'})"
+            print(f"  # {' '.join(argv)}{note}")
+        self.expect(
+            "ingress -> ratings:9080 after flushing its own rules",
+            "ingress",
+            Column("ratings", 9080, "TCP"),
+            False,
+        )
+        self.expect(
+            "ingress -> productpage:9080 (its network still works)",
+            "ingress",
+            Column("productpage", 9080, "TCP"),
+            True,
+        )
+        self.expect("ingress -> ratings ICMP", "ingress", Column("ratings", 0, "ICMP"), False)
+        spoofed = str(ipaddress.ip_network(node.pod_cidr).network_address + 250)
+        for argv in (
+            ["ip", "addr", "flush", "dev", "eth0"],
+            [
+                "ip",
+                "addr",
+                "add",
+                f"{spoofed}/{32 if self.lab.mode is CniMode.ROUTED else 24}",
+                "dev",
+                "eth0",
+            ],
+            *commands[-2:],
+        ):
+            run_in_netns(ingress.netns, argv, check=False)
+            print(f"  # {' '.join(argv)}")
+        self.expect(f"ingress as {spoofed} -> ratings:9080", "ingress", Column("ratings", 9080, "TCP"), False)
+        self.expect(
+            "client -> ingress:15000 (Envoy admin) still", "client", Column("ingress", 15000, "TCP"), False
+        )
+        print()
+
+    def run(self) -> int:
+        self.build()
+        self.check_matrix("BEFORE policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, False)
+        self.check_matrix("BEFORE policies: ICMP echo to pod IPs", ICMP_COLUMNS, False)
+        self.apply_policies()
+        self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
+        self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
+        self.compromise_ingress()
+        if self.failures:
+            print(f"demo FAILED: {len(self.failures)} expectation(s) did not hold:")
+            for failure in self.failures:
+                print(f"  - {failure}")
+            return EXIT_FAILURE
+        print("demo passed: every expectation held")
+        return EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("--mode", choices=[m.value for m in CniMode], default=CniMode.ROUTED.value)
+    parser.add_argument("--dataplane", choices=DATAPLANES, default="bpf")
+    parser.add_argument("--keep-logs", type=Path, help="copy control/agent logs to this folder")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up the same way as Ctrl-C
 
 
 def run(args: argparse.Namespace) -> int:
-    print("podfence demo: not built yet", file=sys.stderr)
-    return 1
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    teardown()  # leftovers of an earlier, killed run
+    with tempfile.TemporaryDirectory(prefix="podfence-demo-") as workdir:
+        demo = Demo(CniMode(args.mode), args.dataplane, Path(workdir))
+        try:
+            return demo.run()
+        except LabError as err:
+            print(f"podfence demo: {err}", file=sys.stderr)
+            return EXIT_FAILURE
+        except KeyboardInterrupt:
+            print("podfence demo: interrupted, cleaning up", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            demo.podfence.stop()
+            if args.keep_logs:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                for log_file in Path(workdir).glob("*.log"):
+                    (args.keep_logs / log_file.name).write_bytes(log_file.read_bytes())
+            teardown()
+            print(f"cleaned up; demo took {time.monotonic() - started:.1f} s")

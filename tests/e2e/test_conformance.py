@@ -111,13 +111,15 @@ class LabRun:
         for obj in objects:
             by_kind[obj["kind"]].append(obj)
         version = self.podfence.current_version()
-        self.podfence.write_documents("namespaces.yaml", by_kind["Namespace"])
-        self.podfence.write_documents("pods.yaml", by_kind["Pod"])
-        if by_kind["NetworkPolicy"]:
+        changed = [
+            self.podfence.write_documents("namespaces.yaml", by_kind["Namespace"]),
+            self.podfence.write_documents("pods.yaml", by_kind["Pod"]),
             self.podfence.write_documents("policies.yaml", by_kind["NetworkPolicy"])
-        else:
-            self.podfence.remove_file("policies.yaml")
-        self.podfence.wait_applied(after_version=version)
+            if by_kind["NetworkPolicy"]
+            else self.podfence.remove_file("policies.yaml"),
+        ]
+        if any(changed):
+            self.podfence.wait_applied(after_version=version)
 
     def probe(self, port: int, protocol: str) -> TruthTable:
         endpoints = [Endpoint(m, pod.netns, pod.service_ip) for m, pod in self.by_model.items()]
