@@ -1,0 +1,387 @@
+"""Datapath cost: what enforcing policy costs traffic between two pods, same node and across nodes.
+
+Variants: no filter (the physical limit of this machine), the eBPF dataplane and the iptables
+dataplane, each with the allowing rule last among 10, 1,000 and 10,000 other rules on the
+destination pod. Each variant gets its own two-node topology (bench/_netlab.py), programmed once
+with a NodeState built here directly (no control service), then every metric is measured for
+every variant in rotating order, REPETITIONS times, so drift and the neighbours' load hit all
+variants alike. Reported: medians, and ratios taken per repetition against the no-filter figure
+of the same repetition (then the median), and the 10,000-rule vs 10-rule ratio.
+
+Metrics: TCP throughput (iperf3), TCP connections per second (connect, request, response, close;
+bench/_workload.py, a fixed number of closed-loop workers, so CPU cost shows up as rate), and UDP
+packets per second over many distinct flows (counted as delivered on the receiving pod's interface).
+
+Run: `.venv/bin/python -m bench.datapath` (root). `BENCH_QUICK=1` shortens every run for a smoke test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from agent.dataplane.types import (
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    NodeState,
+)
+from bench import _netlab
+from bench._netlab import Topology
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+REPETITIONS = 2 if QUICK else 3
+IPERF_SECONDS = 1 if QUICK else 2
+CRR_SECONDS = 1.0 if QUICK else 1.5
+CRR_WORKERS = 2  # one per core: the client saturates the machine in every variant alike
+UDP_SECONDS = 1.0 if QUICK else 1.5
+UDP_FLOWS = 1000
+RULE_COUNTS = (10, 1_000, 10_000)
+DATAPLANES = ("bpf", "iptables")
+PATHS = ("same_node", "cross_node")
+METRICS = ("tcp_gbps", "conn_per_s", "udp_pps")
+
+IPERF_PORT = 5201
+CRR_PORT = 7000
+UDP_PORT = 9000
+TCP, UDP = 6, 17
+CLIENT_IDENTITY = 1
+OTHER_IDENTITY_BASE = 100  # identities of the non-matching peers
+
+
+@dataclass
+class Variant:
+    name: str
+    dataplane: str | None  # None: no filter at all
+    rules: int
+    topology: Topology
+    live_dataplanes: list[tuple[str, Any]] = field(default_factory=list)  # (node netns, dataplane)
+    enforcing: bool = False  # a port no rule allows was dropped (checked after programming)
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+
+def other_allows(count: int) -> list[Allow]:
+    """`count` allows none of which matches the benchmark client: half identity peers, half CIDR
+    peers, each on its own TCP port, so no implementation can fold them into one rule."""
+    allows = []
+    for i in range(count):
+        port = 10_000 + i % 50_000
+        if i % 2 == 0:
+            allows.append(Allow(IdentityPeer(OTHER_IDENTITY_BASE + i), TCP, port, port, "bench/other"))
+        else:
+            net = ipaddress.IPv4Network((int(ipaddress.IPv4Address("10.201.0.0")) + i, 32))
+            allows.append(Allow(CidrPeer(net), TCP, port, port, "bench/other"))
+    return allows
+
+
+def other_identities(count: int) -> dict[int, tuple[IPAddress, ...]]:
+    base = int(ipaddress.IPv4Address("10.200.0.0"))
+    return {
+        OTHER_IDENTITY_BASE + i: (ipaddress.IPv4Address(base + i),) for i in range(0, count, 2)
+    }
+
+
+def node_state(topology: Topology, node: str, rules: int, version: int = 1) -> NodeState:
+    """The client pod may reach every server on the benchmark ports; the allowing rules come last."""
+    client = topology.pods["client"]
+    allowing = [
+        Allow(IdentityPeer(CLIENT_IDENTITY), TCP, IPERF_PORT, IPERF_PORT, "bench/allow"),
+        Allow(IdentityPeer(CLIENT_IDENTITY), TCP, CRR_PORT, CRR_PORT, "bench/allow"),
+        Allow(IdentityPeer(CLIENT_IDENTITY), UDP, UDP_PORT, UDP_PORT, "bench/allow"),
+    ]
+    ingress = DirectionPolicy(isolated=True, allows=(*other_allows(rules), *allowing))
+    endpoints = {}
+    for pod in topology.pods.values():
+        if pod.node != node:
+            continue
+        is_server = pod.name != "client"
+        endpoints[f"bench/{pod.name}"] = Endpoint(
+            key=f"bench/{pod.name}",
+            ips=(ipaddress.IPv4Address(pod.ip),),
+            ingress=ingress if is_server else DirectionPolicy(),
+            ifindex=pod.host_ifindex,
+        )
+    identities = other_identities(rules)
+    identities[CLIENT_IDENTITY] = (ipaddress.IPv4Address(client.ip),)
+    return NodeState(
+        version=version,
+        endpoints=endpoints,
+        identities=identities,
+        node_ips=(ipaddress.IPv4Address(topology.nodes[node].link_ip),),
+        pod_interfaces=frozenset(e.ifindex for e in endpoints.values() if e.ifindex is not None),
+    )
+
+
+def make_dataplane(kind: str, pin_dir: str) -> Any:
+    """A dataplane of `kind`; imported lazily so a missing one fails only its own variants."""
+    if kind == "iptables":
+        from agent.dataplane.iptables import IptablesDataplane
+
+        return IptablesDataplane()
+    from agent.dataplane.bpf import BpfDataplane  # type: ignore[attr-defined]
+
+    return BpfDataplane(pin_dir=pin_dir)
+
+
+# --- topology and servers ---------------------------------------------------------------------
+
+
+def build_variant(index: int, dataplane: str | None, rules: int) -> Variant:
+    name = f"{dataplane}_{rules}" if dataplane else "none"
+    topology = Topology(tag=f"d{index}")
+    topology.build(2, [("client", 1), ("local", 1), ("remote", 2)])
+    variant = Variant(name=name, dataplane=dataplane, rules=rules, topology=topology)
+    try:
+        start_servers(variant)
+        if dataplane is not None:
+            for node in topology.nodes.values():
+                state = node_state(topology, node.name, rules)
+                with _netlab.inside(node.netns):
+                    plane = make_dataplane(dataplane, node.pin_dir)
+                    variant.live_dataplanes.append((node.netns, plane))
+                    plane.start()
+                    plane.apply(state)
+        variant.enforcing = drops_unallowed_port(variant)
+        if dataplane is not None and not variant.enforcing:
+            raise RuntimeError(f"{name}: a port no rule allows was not dropped")
+    except BaseException:
+        destroy_variant(variant)
+        raise
+    return variant
+
+
+def start_servers(variant: Variant) -> None:
+    for pod_name in ("local", "remote"):
+        pod = variant.topology.pods[pod_name]
+        commands = [
+            ["iperf3", "-s", "-p", str(IPERF_PORT)],
+            _netlab.python_argv("bench._workload", "crr-server", str(CRR_PORT)),
+            _netlab.python_argv("bench._workload", "udp-sink", str(UDP_PORT)),
+        ]
+        for argv in commands:
+            process = subprocess.Popen(
+                _netlab.in_netns_argv(pod.netns, argv),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=_netlab.child_env(),
+                start_new_session=True,  # its own process group, stopped as a whole
+            )
+            variant.servers.append(process)
+            if argv[0] != "iperf3":
+                assert process.stdout is not None
+                if process.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"{argv} in {pod.netns} did not start")
+    _wait_for_port(variant.topology.pods["client"].netns, variant.topology.pods["local"].ip, IPERF_PORT)
+
+
+def _wait_for_port(client_netns: str, address: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    with _netlab.inside(client_netns):
+        while True:
+            with contextlib.suppress(OSError), socket_to(address, port):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address}:{port} not reachable from {client_netns}")
+            time.sleep(0.1)
+
+
+def drops_unallowed_port(variant: Variant) -> bool:
+    """True when a connection to a closed, unallowed port times out (dropped) instead of being
+    refused by the server pod's kernel (which means the packet got through)."""
+    import socket
+
+    client, server = variant.topology.pods["client"], variant.topology.pods["local"]
+    with _netlab.inside(client.netns), socket.socket() as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect((server.ip, CRR_PORT + 1))
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def socket_to(address: str, port: int) -> Iterator[None]:
+    import socket
+
+    with socket.create_connection((address, port), timeout=0.5):
+        yield
+
+
+def destroy_variant(variant: Variant) -> None:
+    for process in variant.servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for node_netns, plane in variant.live_dataplanes:
+        with contextlib.suppress(Exception), _netlab.inside(node_netns):
+            plane.teardown()
+    variant.topology.teardown()
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def measure_tcp_gbps(client_netns: str, address: str) -> float:
+    out = _netlab.run_in(
+        client_netns,
+        ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(IPERF_SECONDS), "-J"],
+        timeout=IPERF_SECONDS + 20,
+    )
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def measure_conn_per_s(client_netns: str, address: str) -> float:
+    argv = _netlab.python_argv(
+        "bench._workload", "crr-client", address, str(CRR_PORT), str(CRR_SECONDS), str(CRR_WORKERS)
+    )
+    result = subprocess.run(
+        _netlab.in_netns_argv(client_netns, argv),
+        capture_output=True, text=True, env=_netlab.child_env(), timeout=CRR_SECONDS + 30, check=True,
+    )
+    return float(result.stdout.strip())
+
+
+def _rx_packets(pod_netns: str) -> int:
+    with IPRoute(netns=pod_netns) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0]
+        stats = link.get_attr("IFLA_STATS64")
+        return int(stats["rx_packets"])
+
+
+def measure_udp_pps(client_netns: str, server_netns: str, address: str) -> float:
+    argv = _netlab.python_argv(
+        "bench._workload", "udp-blast", address, str(UDP_PORT), str(UDP_SECONDS), str(UDP_FLOWS)
+    )
+    process = subprocess.Popen(
+        _netlab.in_netns_argv(client_netns, argv), stdout=subprocess.PIPE, text=True, env=_netlab.child_env()
+    )
+    time.sleep(0.3)  # let it open its sockets and reach full rate before counting
+    before, started = _rx_packets(server_netns), time.monotonic()
+    time.sleep(UDP_SECONDS - 0.5)
+    after, ended = _rx_packets(server_netns), time.monotonic()
+    process.communicate(timeout=30)
+    return (after - before) / (ended - started)
+
+
+def measure(variant: Variant, path: str, metric: str) -> float:
+    pods = variant.topology.pods
+    client = pods["client"]
+    server = pods["local"] if path == "same_node" else pods["remote"]
+    if metric == "tcp_gbps":
+        return measure_tcp_gbps(client.netns, server.ip)
+    if metric == "conn_per_s":
+        return measure_conn_per_s(client.netns, server.ip)
+    return measure_udp_pps(client.netns, server.netns, server.ip)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def variant_plan() -> list[tuple[str | None, int]]:
+    return [(None, 0)] + [(plane, rules) for plane in DATAPLANES for rules in RULE_COUNTS]
+
+
+def summarise(samples: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
+    """samples[path][metric][variant] = one value per repetition, in repetition order."""
+    summary: dict[str, Any] = {}
+    for path, by_metric in samples.items():
+        for metric, by_variant in by_metric.items():
+            baseline = by_variant.get("none", [])
+            for name, values in by_variant.items():
+                entry = summary.setdefault(path, {}).setdefault(name, {})
+                entry[metric] = round(statistics.median(values), 4)
+                if name != "none" and baseline:
+                    ratios = [v / b for v, b in zip(values, baseline, strict=False) if b > 0]
+                    entry[f"{metric}_vs_none"] = round(statistics.median(ratios), 3)
+            for plane in DATAPLANES:
+                few, many = by_variant.get(f"{plane}_10"), by_variant.get(f"{plane}_10000")
+                if few and many:
+                    ratios = [m / f for m, f in zip(many, few, strict=False) if f > 0]
+                    summary[path][f"{plane}_10000"][f"{metric}_10000_vs_10"] = round(
+                        statistics.median(ratios), 3
+                    )
+    return summary
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets for eBPF at 10,000 rules, checked on the same-node path."""
+    bpf = summary.get("same_node", {}).get("bpf_10000")
+    if not bpf:
+        return {"checked": False}
+    checks = {
+        "tcp_gbps_vs_none >= 0.95": bpf.get("tcp_gbps_vs_none", 0) >= 0.95,
+        "conn_per_s_vs_none >= 0.90": bpf.get("conn_per_s_vs_none", 0) >= 0.90,
+        "conn_per_s_10000_vs_10 >= 0.97": bpf.get("conn_per_s_10000_vs_10", 0) >= 0.97,
+    }
+    return {"checked": True, **checks}
+
+
+def run() -> dict[str, Any]:
+    _netlab.remove_all(_netlab.PREFIX + "d")
+    variants: list[Variant] = []
+    unavailable: dict[str, str] = {}
+    started = time.monotonic()
+    setup_seconds: dict[str, float] = {}
+    try:
+        for index, (plane, rules) in enumerate(variant_plan()):
+            t0 = time.monotonic()
+            try:
+                variants.append(build_variant(index, plane, rules))
+            except Exception as exc:  # a dataplane that cannot run here is reported, not fatal
+                unavailable[f"{plane}_{rules}"] = repr(exc)
+                continue
+            setup_seconds[variants[-1].name] = round(time.monotonic() - t0, 2)
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for rep in range(REPETITIONS):
+            for path in PATHS:
+                for metric in METRICS:
+                    shift = rep + PATHS.index(path) + METRICS.index(metric)
+                    order = variants[shift % len(variants):] + variants[: shift % len(variants)]
+                    for variant in order:
+                        value = measure(variant, path, metric)
+                        samples.setdefault(path, {}).setdefault(metric, {}).setdefault(
+                            variant.name, []
+                        ).append(value)
+            print(f"datapath: repetition {rep + 1}/{REPETITIONS} done", flush=True)
+    finally:
+        for variant in variants:
+            destroy_variant(variant)
+    summary = summarise(samples)
+    return {
+        "enforcing": {v.name: v.enforcing for v in variants},
+        "repetitions": REPETITIONS,
+        "seconds": {"iperf": IPERF_SECONDS, "conn": CRR_SECONDS, "udp": UDP_SECONDS},
+        "conn_workers": CRR_WORKERS,
+        "udp_flows": UDP_FLOWS,
+        "setup_seconds": setup_seconds,
+        "unavailable": unavailable,
+        "results": summary,
+        "samples": samples,
+        "targets": targets(summary),
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
