@@ -60,7 +60,61 @@ billions of entries (the "billion laughs" attack); this cap turns that into an e
 
 MAX_LIST_DEPTH = 4  # a List inside a List is legal YAML but never what kubectl writes
 
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+class _NoDuplicateKeys:
+    """Rejects duplicate mapping keys, as kubectl does: with PyYAML's default the last `ingress:`
+    of a policy that has two would silently win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key_node.value!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc,no-any-return]
+
+
+class _PythonLoader(_NoDuplicateKeys, yaml.SafeLoader):
+    pass
+
+
+_FastLoader: type[Any] = _PythonLoader
+if hasattr(yaml, "CSafeLoader"):
+
+    class _CLoader(_NoDuplicateKeys, yaml.CSafeLoader):  # type: ignore[misc]
+        pass
+
+    _FastLoader = _CLoader
+
+MAX_FAST_NESTING = 1000
+"""libyaml's composer recurses on the C stack without a limit and crashes the whole process
+(SIGSEGV) at a few ten thousand nesting levels; texts that might nest deeper than this go to the
+pure-Python parser, which raises RecursionError instead."""
+
+
+def _nesting_upper_bound(text: str) -> int:
+    """Cheap over-estimate of how deeply a YAML text nests (flow brackets plus block indicators)."""
+    flow = deepest_flow = 0
+    deepest_block = 0
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        block = len(line) - len(stripped) + stripped.count("- ") + stripped.count("? ")
+        deepest_block = max(deepest_block, block)
+        for char in line:
+            if char in "[{":
+                flow += 1
+                deepest_flow = max(deepest_flow, flow)
+            elif char in "]}" and flow:
+                flow -= 1
+    return deepest_flow + deepest_block
+
 
 API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
 
@@ -619,7 +673,8 @@ def _add_document(result: LoadResult, doc: object, source: str, where: str, dept
 
 
 def _yaml_documents(text: str) -> Iterator[object]:
-    yield from yaml.load_all(text, Loader=_LOADER)
+    loader = _FastLoader if _nesting_upper_bound(text) <= MAX_FAST_NESTING else _PythonLoader
+    yield from yaml.load_all(text, Loader=loader)
 
 
 _DOCUMENT_SEPARATOR = re.compile(r"^---(?=[ \t]|$)", re.MULTILINE)
@@ -644,6 +699,19 @@ def _describe_yaml_error(exc: Exception, line_offset: int = 0) -> str:
     return f"invalid YAML: {problem}"
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def load_text(text: str, source: str = "<string>") -> LoadResult:
     """Every object of a YAML or JSON text; never raises for bad input."""
     result = LoadResult()
@@ -658,7 +726,10 @@ def load_text(text: str, source: str = "<string>") -> LoadResult:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=_json_object)
+        except _DuplicateKey as exc:
+            result.errors.append(_input_error(source, "", f"invalid JSON: duplicate key {exc.args[0]!r}"))
+            return result
         except (ValueError, RecursionError):
             pass  # YAML flow style also starts with '{' or '['; let the YAML parser judge
         else:
