@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
 import sys
 import tempfile
@@ -261,12 +262,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-logs", type=Path, help="copy control/agent logs to this folder")
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up the same way as Ctrl-C
-
-
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    demo_pid = os.getpid()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != demo_pid:
+            # pyroute2 forks helpers to create namespaces and stops them with SIGTERM; a helper must
+            # just die, never run the demo's cleanup (which would delete the lab being built).
+            os._exit(128 + signum)
+        raise KeyboardInterrupt  # SIGTERM cleans up the same way as Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupt)
     started = time.monotonic()
     teardown()  # leftovers of an earlier, killed run
     with tempfile.TemporaryDirectory(prefix="podfence-demo-") as workdir:

@@ -248,13 +248,14 @@ class TruthTable:
 
     def render(self, title: str = "", cell_text: dict[bool, str] | None = None) -> str:
         marks = cell_text or {True: ".", False: "X"}
-        width = max([len(t) for t in self.targets] + [3]) + 2
+        widths = [max(len(t), 3) + 2 for t in self.targets]
         lead = max([len(s) for s in self.sources] + [3]) + 1
         lines = [title] if title else []
-        lines.append(" " * lead + "".join(t.rjust(width) for t in self.targets))
+        lines.append(" " * lead + "".join(t.rjust(w) for t, w in zip(self.targets, widths, strict=True)))
         for s in self.sources:
             row = "".join(
-                (marks[self.cells[(s, t)]] if self.judged(s, t) else "-").rjust(width) for t in self.targets
+                (marks[self.cells[(s, t)]] if self.judged(s, t) else "-").rjust(w)
+                for t, w in zip(self.targets, widths, strict=True)
             )
             lines.append(s.rjust(lead) + row)
         return "\n".join(lines)
