@@ -27,6 +27,9 @@ from typing import Any
 TRAFFIC = Path(__file__).with_name("iptables_traffic.py")
 PYTHON = sys.executable
 NODE_IP = "10.99.0.1"
+NODE_IP6 = "fd99::1"
+BRIDGE = "pfvbr"
+BRIDGE_GATEWAY = "10.2.0.254"
 CLUSTER_IP = "10.96.0.10"
 
 
@@ -43,6 +46,7 @@ class Pod:
     host_if: str
     ip: str
     ifindex: int = 0
+    ip6: str | None = None
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Node:
         sh("ip", "netns", "add", self.netns)
         self.in_node("ip", "link", "set", "lo", "up")
         self.in_node("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.in_node("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self.in_node("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        self.in_node("ip", "addr", "add", f"{NODE_IP6}/128", "dev", "lo")
         # No dummy driver in this kernel: the node IP lives on lo.
         self.in_node("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
         # The service range needs a route so proxy ARP answers for ClusterIPs; DNAT rewrites first.
@@ -68,24 +75,46 @@ class Node:
         return self
 
     def add_pod(self, index: int) -> Pod:
-        pod = Pod(f"{self.prefix}-p{index}", f"pfv{index}", f"10.1.0.{index}")
+        """A routed pod (ptp/Calico style): 10.1.0.<index>/32 and fd00::<index>/128."""
+        pod = Pod(f"{self.prefix}-p{index}", f"pfv{index}", f"10.1.0.{index}", ip6=f"fd00::{index}")
+        self._veth(pod)
+        self.in_node("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
+        # Proxy ARP answers after a random delay of up to 0.8 s by default: longer than a probe.
+        self.in_node("sysctl", "-qw", f"net.ipv4.neigh.{pod.host_if}.proxy_delay=0")
+        self.in_node("ip", "addr", "add", "fe80::1/64", "dev", pod.host_if, "nodad")
+        self.in_node("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
+        self.in_node("ip", "-6", "route", "add", f"{pod.ip6}/128", "dev", pod.host_if)
+        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/32", "dev", "eth0")
+        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip6}/128", "dev", "eth0", "nodad")
+        self.in_pod(pod, "ip", "route", "add", "default", "dev", "eth0")
+        self.in_pod(pod, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+        return pod
+
+    def add_bridged_pod(self, index: int) -> Pod:
+        """A pod on the node's bridge (bridge/flannel style): 10.2.0.<index>/24 via the bridge."""
+        if not any(p.host_if.startswith("pfvb") for p in self.pods):
+            self.in_node("ip", "link", "add", BRIDGE, "type", "bridge")
+            self.in_node("ip", "addr", "add", f"{BRIDGE_GATEWAY}/24", "dev", BRIDGE)
+            self.in_node("ip", "link", "set", BRIDGE, "up")
+        pod = Pod(f"{self.prefix}-b{index}", f"pfvb{index}", f"10.2.0.{index}")
+        self._veth(pod)
+        self.in_node("ip", "link", "set", pod.host_if, "master", BRIDGE)
+        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+        self.in_pod(pod, "ip", "route", "add", "default", "via", BRIDGE_GATEWAY)
+        return pod
+
+    def _veth(self, pod: Pod) -> None:
         sh("ip", "netns", "add", pod.netns)
+        self.in_pod(pod, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
         self.in_node(
             "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
         )
         self.in_node("ip", "link", "set", pod.host_if, "up")
-        self.in_node("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
-        # Proxy ARP answers after a random delay of up to 0.8 s by default: longer than a probe.
-        self.in_node("sysctl", "-qw", f"net.ipv4.neigh.{pod.host_if}.proxy_delay=0")
-        self.in_node("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
         self.in_pod(pod, "ip", "link", "set", "lo", "up")
         self.in_pod(pod, "ip", "link", "set", "eth0", "up")
-        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/32", "dev", "eth0")
-        self.in_pod(pod, "ip", "route", "add", "default", "dev", "eth0")
         out = self.in_node("cat", f"/sys/class/net/{pod.host_if}/ifindex").stdout
         pod.ifindex = int(out.strip())
         self.pods.append(pod)
-        return pod
 
     def in_node(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.netns, *argv, check=check)

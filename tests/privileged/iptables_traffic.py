@@ -47,15 +47,25 @@ class _UdpEcho(socketserver.BaseRequestHandler):
 
 
 class _Tcp(socketserver.ThreadingTCPServer):
+    # "::" with IPV6_V6ONLY off (Linux's default) serves IPv4 and IPv6 alike.
+    address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
 
 
+class _Udp(socketserver.ThreadingUDPServer):
+    address_family = socket.AF_INET6
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def serve(args: argparse.Namespace) -> int:
     for port in _ports(args.tcp):
-        threading.Thread(target=_Tcp(("0.0.0.0", port), _TcpEcho).serve_forever, daemon=True).start()
+        threading.Thread(target=_Tcp(("::", port), _TcpEcho).serve_forever, daemon=True).start()
     for port in _ports(args.udp):
-        udp = socketserver.ThreadingUDPServer(("0.0.0.0", port), _UdpEcho)
+        udp = _Udp(("::", port), _UdpEcho)
         threading.Thread(target=udp.serve_forever, daemon=True).start()
     if args.sctp_log:
         threading.Thread(target=_sctp_sink, args=(args.sctp_log,), daemon=True).start()
@@ -103,32 +113,35 @@ def _icmp_checksum(data: bytes) -> int:
 
 
 def _probe_icmp(ip: str) -> bool:
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ipv6 = ":" in ip
+    raw = socket.socket(_family(ip), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if ipv6 else socket.IPPROTO_ICMP)
     ident = os.getpid() & 0xFFFF
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"podfence"
-    body = body[:2] + struct.pack("!H", _icmp_checksum(body)) + body[4:]
+    request, reply = (128, 129) if ipv6 else (8, 0)
+    body = struct.pack("!BBHHH", request, 0, 0, ident, 1) + b"podfence"
+    if not ipv6:  # the kernel fills in ICMPv6 checksums itself
+        body = body[:2] + struct.pack("!H", _icmp_checksum(body)) + body[4:]
     raw.sendto(body, (ip, 0))
     deadline = time.monotonic() + TIMEOUT
     while (left := deadline - time.monotonic()) > 0:
         if not select.select([raw], [], [], left)[0]:
             break
-        packet, (source, _) = raw.recvfrom(65535)
-        header_len = (packet[0] & 0x0F) * 4
+        packet, address = raw.recvfrom(65535)
+        header_len = 0 if ipv6 else (packet[0] & 0x0F) * 4  # IPv6 raw sockets get no IP header
         kind, _code, _sum, reply_id, _seq = struct.unpack("!BBHHH", packet[header_len : header_len + 8])
-        if source == ip and kind == 0 and reply_id == ident:
+        if address[0] == ip and kind == reply and reply_id == ident:
             return True
     return False
 
 
-def _bound(kind: int, bind: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+def _bound(ip: str, kind: int, bind: str | None) -> socket.socket:
+    sock = socket.socket(_family(ip), kind)
     if bind:
         sock.bind((bind, 0))
     return sock
 
 
 def _probe_tcp(ip: str, port: int, bind: str | None) -> bool:
-    sock = _bound(socket.SOCK_STREAM, bind)
+    sock = _bound(ip, socket.SOCK_STREAM, bind)
     sock.settimeout(TIMEOUT)
     try:
         sock.connect((ip, port))
@@ -141,7 +154,7 @@ def _probe_tcp(ip: str, port: int, bind: str | None) -> bool:
 
 
 def _probe_udp(ip: str, port: int, bind: str | None) -> bool:
-    sock = _bound(socket.SOCK_DGRAM, bind)
+    sock = _bound(ip, socket.SOCK_DGRAM, bind)
     sock.settimeout(TIMEOUT / 2)
     try:
         for _ in range(2):

@@ -28,7 +28,16 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
-from tests.privileged.iptables_netns import CLUSTER_IP, NODE_IP, DataplaneWorker, Node, Pod, ip, wait_for
+from tests.privileged.iptables_netns import (
+    CLUSTER_IP,
+    NODE_IP,
+    NODE_IP6,
+    DataplaneWorker,
+    Node,
+    Pod,
+    ip,
+    wait_for,
+)
 
 TCP, UDP, SCTP = 6, 17, 132
 
@@ -61,6 +70,10 @@ def dataplane(node: Node) -> Iterator[DataplaneWorker]:
             worker.stop()
 
 
+def addresses(pod: Pod) -> tuple[IPAddress, ...]:
+    return (ip(pod.ip),) + ((ip(pod.ip6),) if pod.ip6 else ())
+
+
 def identity_of(pod: Pod) -> int:
     return int(pod.ip.rsplit(".", 1)[1])
 
@@ -83,19 +96,19 @@ def node_state(
         key = f"default/pod{number}"
         endpoints[key] = Endpoint(
             key,
-            (ip(pod.ip),),
+            addresses(pod),
             ingress.get(number, DirectionPolicy()),
             egress.get(number, DirectionPolicy()),
             pod.ifindex,
         )
-    identities: dict[int, tuple[IPAddress, ...]] = {identity_of(p): (ip(p.ip),) for p in node.pods}
+    identities: dict[int, tuple[IPAddress, ...]] = {identity_of(p): addresses(p) for p in node.pods}
     for identity, extra in (extra_identity_ips or {}).items():
         identities[identity] = identities.get(identity, ()) + tuple(ip(e) for e in extra)
     return NodeState(
         version=version,
         endpoints=endpoints,
         identities=identities,
-        node_ips=(ip(NODE_IP),),
+        node_ips=(ip(NODE_IP), ip(NODE_IP6)),
         pod_interfaces=frozenset(p.ifindex for p in node.pods),
     )
 
@@ -169,6 +182,71 @@ def test_ingress_and_egress_allow_lists_on_real_traffic(
     assert counters["default/pod3", "egress"].denied_packets > 0
     # Drops are silent: the probes above timed out rather than being refused (no RST/unreachable).
     assert "REJECT" not in node.legacy_save()
+
+
+def test_ipv6_allow_lists_on_real_traffic(node: Node, dataplane: DataplaneWorker, tmp_path: Path) -> None:
+    p1, p2, p3 = node.pods
+    assert p1.ip6 and p2.ip6 and p3.ip6
+    dataplane.call(
+        "apply",
+        node_state(
+            node,
+            ingress={2: isolated(from_pod(p1, TCP, 80, 80), from_pod(p1, UDP, 53, 53))},
+            egress={3: isolated(cidr("fd00::/64", TCP, 8080, 8080, excepts=(f"{p2.ip6}/128",)))},
+        ),
+    )
+    assert_flows(
+        node,
+        [
+            ("v6 p1->p2 tcp/80 allowed by identity", p1, "tcp", p2.ip6, 80, True),
+            ("v6 p1->p2 tcp/8080 not in the list", p1, "tcp", p2.ip6, 8080, False),
+            ("v6 p1->p2 udp/53 allowed", p1, "udp", p2.ip6, 53, True),
+            ("v6 p1->p2 icmp not in the list", p1, "icmp", p2.ip6, 0, False),
+            ("v6 p3->p2 tcp/80 other identity", p3, "tcp", p2.ip6, 80, False),
+            ("v6 p2->p1 icmp neither side isolated", p2, "icmp", p1.ip6, 0, True),
+            ("v6 node->p2 tcp/8080 node IPs always allowed", None, "tcp", p2.ip6, 8080, True),
+            ("v6 p3->p1 tcp/8080 egress cidr", p3, "tcp", p1.ip6, 8080, True),
+            ("v6 p3->p2 tcp/8080 egress except", p3, "tcp", p2.ip6, 8080, False),
+            ("v4 still judged by the v4 rules", p1, "tcp", p2.ip, 80, True),
+        ],
+        tmp_path,
+    )
+
+
+def test_bridged_pods_are_filtered_with_br_netfilter_and_physdev(node: Node, tmp_path: Path) -> None:
+    p1, _, _ = node.pods
+    node.in_node("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")
+    b1, b2 = node.add_bridged_pod(11), node.add_bridged_pod(12)
+    for pod in (b1, b2):
+        node.serve(pod, tcp=(80, 8080), udp=(53,))
+    worker = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        worker.call(
+            "apply",
+            node_state(
+                node,
+                ingress={5: isolated(from_pod(b1, TCP, 80, 80))},
+                egress={4: isolated(cidr("10.2.0.0/24"))},
+            ),
+        )
+        assert node.in_node("cat", "/proc/sys/net/bridge/bridge-nf-call-iptables").stdout.strip() == "1"
+        assert_flows(
+            node,
+            [
+                ("b1->b2 tcp/80 bridged, allowed", b1, "tcp", b2.ip, 80, True),
+                ("b1->b2 tcp/8080 bridged, not in b2's list", b1, "tcp", b2.ip, 8080, False),
+                ("b1->b2 udp/53 bridged, not in b2's list", b1, "udp", b2.ip, 53, False),
+                ("p1->b2 tcp/80 routed into the bridge, other identity", p1, "tcp", b2.ip, 80, False),
+                ("b1->p1 tcp/80 routed out of the bridge, egress cidr", b1, "tcp", p1.ip, 80, False),
+                ("b2->b1 tcp/8080 bridged, neither side isolated", b2, "tcp", b1.ip, 8080, True),
+                ("b2->p1 tcp/80 routed, neither side isolated", b2, "tcp", p1.ip, 80, True),
+                ("node->b2 tcp/8080 node IPs always allowed", None, "tcp", b2.ip, 8080, True),
+            ],
+            tmp_path,
+        )
+        worker.call("teardown")
+    finally:
+        worker.stop()
 
 
 def test_sctp_only_rule_does_not_open_tcp_and_portless_rule_allows_icmp(

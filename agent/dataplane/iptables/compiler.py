@@ -245,8 +245,6 @@ class _Compiler:
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        if family == 6:
-            self._allow_ndp(came_from, from_rules)
         from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
@@ -265,15 +263,13 @@ class _Compiler:
             )
 
     @staticmethod
-    def _allow_ndp(came_from: str, rules: list[str]) -> None:
-        # IPv6 neighbour discovery uses link-local (or, for DAD, unspecified) sources; without it
-        # a pod cannot reach anything, and it never leaves the link.
-        for source in ("fe80::/10", "::/128"):
-            for icmp_type in _ICMPV6_NDP_TYPES:
-                rules.append(
-                    f"{came_from} -s {source} -p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} "
-                    f"{_comment(NDP)} -j RETURN"
-                )
+    def _ndp_rules() -> list[str]:
+        # IPv6 neighbour discovery (from link-local, unspecified or global sources) never leaves
+        # the link (hop limit 255 proves it was not routed); without it nothing else works.
+        return [
+            f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -m hl --hl-eq 255 {_comment(NDP)} -j RETURN"
+            for icmp_type in _ICMPV6_NDP_TYPES
+        ]
 
     def _dispatch_unknown(self, interface: Interface, family: int) -> None:
         if self.unknown_endpoints == "allow":
@@ -295,8 +291,8 @@ class _Compiler:
         for family in FAMILIES:
             self.out.chains[family] = {
                 FORWARD_CHAIN: [f"-j {FROM_POD_CHAIN}", f"-j {TO_POD_CHAIN}"],
-                FROM_POD_CHAIN: [],
-                TO_POD_CHAIN: [],
+                FROM_POD_CHAIN: self._ndp_rules() if family == 6 else [],
+                TO_POD_CHAIN: self._ndp_rules() if family == 6 else [],
             }
             # The node set exists even before any endpoint does, so it can be swapped in place.
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
