@@ -451,3 +451,54 @@ def test_full_ipset_is_a_capacity_error_before_any_change(node: Node) -> None:
         worker.call("teardown")
     finally:
         worker.stop()
+
+
+def test_start_sweeps_what_nothing_uses_and_apply_rehooks(node: Node) -> None:
+    p1, p2, p3 = node.pods
+    node.in_node("ipset", "create", "pf-i4-999", "hash:ip")
+    node.in_node("ipset", "create", "pf-tmp-i4-999", "hash:ip")
+    node.in_node("iptables-legacy", "-N", "PF-Eleftover-0")
+    node.in_node(
+        "iptables-legacy",
+        "-A",
+        "PF-Eleftover-0",
+        "-m",
+        "set",
+        "--match-set",
+        "pf-i4-999",
+        "src",
+        "-j",
+        "DROP",
+    )
+    worker = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        assert "PF-Eleftover-0" not in node.legacy_save()
+        assert not {"pf-i4-999", "pf-tmp-i4-999"} & set(node.in_node("ipset", "list", "-n").stdout.split())
+        assert not worker.call("__getattribute__", "adopted")
+
+        state = node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))})
+        worker.call("apply", state)
+        assert not node.probe(p3, "tcp", p2.ip, 80)
+        node.in_node("iptables-legacy", "-F", "FORWARD")  # another tool flushes the built-in chain
+        assert node.probe(p3, "tcp", p2.ip, 80), "the lab must show the hook is what filters"
+        worker.call("apply", state)
+        assert not node.probe(p3, "tcp", p2.ip, 80)
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
+def test_a_pod_with_cap_net_admin_cannot_lift_its_filters(node: Node, dataplane: DataplaneWorker) -> None:
+    p1, p2, _ = node.pods
+    dataplane.call("apply", node_state(node, egress={1: isolated(from_pod(p2, TCP, 80, 80))}))
+    assert not node.probe(p1, "tcp", p2.ip, 8080)
+    # Root in its own netns: it can flush every table it sees and re-address itself; podfence's
+    # rules live in the node's netns, on the host side of the veth, out of its reach.
+    for tool in ("iptables-legacy", "iptables"):
+        node.in_pod(p1, tool, "-P", "OUTPUT", "ACCEPT", check=False)
+        node.in_pod(p1, tool, "-F", check=False)
+    node.in_pod(p1, "ip", "addr", "add", "10.1.0.99/32", "dev", "eth0")
+    assert not node.probe(p1, "tcp", p2.ip, 8080)
+    assert not node.probe(p1, "tcp", p2.ip, 8080, "--bind", "10.1.0.99")
+    assert node.probe(p1, "tcp", p2.ip, 80)

@@ -33,6 +33,7 @@ from agent.dataplane.iptables.compiler import (
     EGRESS,
     FAMILIES,
     FIXED_CHAINS,
+    FORWARD_CHAIN,
     FROM_POD_CHAIN,
     HOOKS,
     INGRESS,
@@ -134,19 +135,35 @@ class IptablesDataplane:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create podfence's fixed chains if missing and hook them in; existing chains (a previous
-        run's enforcement) are kept as they are until the first apply replaces them."""
+        """Adopt what a previous run left: its chains keep enforcing, untouched, until the first
+        apply replaces what changed. Creates the fixed chains and hooks if missing, and sweeps
+        what nothing uses any more (chains nothing jumps to, sets no rule matches)."""
+        referenced_sets: set[str] = set()
         for family in FAMILIES:
             table = kernel.read_filter_table(family)
             missing = [c for c in FIXED_CHAINS if c not in table.chains]
-            if missing:
-                script = ["*filter", *(f":{c} - [0:0]" for c in missing)]
-                if "PF-FWD" in missing:
-                    script += [f"-A PF-FWD -j {FROM_POD_CHAIN}", f"-A PF-FWD -j {TO_POD_CHAIN}"]
+            jumped_to = {r.target for r in table.rules}
+            orphans = sorted(
+                c
+                for c in table.chains
+                if c.startswith(CHAIN_PREFIX) and c not in FIXED_CHAINS and c not in jumped_to
+            )
+            if missing or orphans:
+                script = ["*filter", *(f":{c} - [0:0]" for c in (*missing, *orphans))]
+                if FORWARD_CHAIN in missing:
+                    script += [
+                        f"-A {FORWARD_CHAIN} -j {FROM_POD_CHAIN}",
+                        f"-A {FORWARD_CHAIN} -j {TO_POD_CHAIN}",
+                    ]
+                script += [f"-X {c}" for c in orphans]
                 kernel.restore_filter_table(family, "\n".join([*script, "COMMIT", ""]))
             kernel.ensure_hooks(family, HOOKS)
             if endpoint_chain_owners(table):
                 self.adopted = True
+            referenced_sets |= {
+                name for r in table.rules if r.chain not in orphans for name in kernel.matched_sets(r.spec)
+            }
+        kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
 
@@ -169,6 +186,8 @@ class IptablesDataplane:
     def apply(self, state: NodeState) -> None:
         if not self._started:
             self.start()
+        for family in FAMILIES:
+            kernel.ensure_hooks(family, HOOKS)  # someone may have flushed FORWARD/INPUT since
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )

@@ -40,6 +40,7 @@ _BRIDGE_SYSCTLS = {4: "bridge-nf-call-iptables", 6: "bridge-nf-call-ip6tables"}
 _TEMPORARY_HINTS = ("Resource temporarily unavailable", "Another app is currently holding the xtables lock")
 _COMMENT = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
 _TARGET = re.compile(r"\s-[gj] (\S+)")
+_MATCH_SET = re.compile(r"--match-set (\S+)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class Rule:
     def target(self) -> str:
         match = _TARGET.search(" " + self.spec)
         return match.group(1) if match else ""
+
+
+def matched_sets(spec: str) -> list[str]:
+    """The ipsets a rule spec matches against."""
+    return _MATCH_SET.findall(spec)
 
 
 @dataclass
