@@ -1,0 +1,156 @@
+"""The iptables compiler without root: NodeState in, chains and ipsets out (no kernel involved).
+
+Traffic-level behaviour is tested in tests/privileged/test_iptables_dataplane.py; these pin the
+properties the writer relies on: stable chain names, set sharing, and the semantic traps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.dataplane.iptables.compiler import (
+    FROM_POD_CHAIN,
+    TO_POD_CHAIN,
+    Interface,
+    compile_state,
+)
+from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+
+IFACES = {
+    10: Interface(10, "veth-a"),
+    11: Interface(11, "veth-b"),
+    12: Interface(12, "veth-c", bridge="cni0"),
+}
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+OPEN = DirectionPolicy()
+
+
+def state(ingress_a: DirectionPolicy = OPEN, **kwargs: object) -> NodeState:
+    endpoints = {
+        "ns/a": Endpoint("ns/a", (ipaddress.ip_address("10.0.0.1"),), ingress=ingress_a, ifindex=10),
+        "ns/b": Endpoint("ns/b", (ipaddress.ip_address("10.0.0.2"),), ifindex=11),
+    }
+    identities = kwargs.pop("identities", {1: (ipaddress.ip_address("10.0.0.2"),)})
+    return NodeState(version=1, endpoints=endpoints, identities=identities, **kwargs)  # type: ignore[arg-type]
+
+
+def chain_of(desired: object, key: str, direction: str, family: int = 4) -> str:
+    return desired.endpoint_chains[key, direction][family]  # type: ignore[attr-defined,no-any-return]
+
+
+def test_chain_names_change_with_the_policy_only() -> None:
+    allow_b = DirectionPolicy(True, (Allow(IdentityPeer(1), 6, 80, 80),))
+    first = compile_state(state(allow_b), IFACES)
+    same = compile_state(state(allow_b, identities={1: (ipaddress.ip_address("10.0.0.9"),)}), IFACES)
+    changed = compile_state(state(DirectionPolicy(True, (Allow(IdentityPeer(1), 6, 81, 81),))), IFACES)
+    assert chain_of(first, "ns/a", "ingress") == chain_of(same, "ns/a", "ingress")
+    assert first.sets["pf-i4-1"].members != same.sets["pf-i4-1"].members  # membership: a set swap
+    assert chain_of(first, "ns/a", "ingress") != chain_of(changed, "ns/a", "ingress")
+    assert chain_of(first, "ns/b", "ingress") == chain_of(changed, "ns/b", "ingress")
+
+
+def test_each_cidr_peer_with_excepts_has_its_own_set() -> None:
+    policy = DirectionPolicy(
+        True,
+        (
+            Allow(CidrPeer(net("10.1.0.0/16"), (net("10.1.2.0/24"),))),
+            Allow(CidrPeer(net("10.1.2.0/24"))),  # inside the first one's except: still allowed
+            Allow(CidrPeer(net("0.0.0.0/0"), (net("192.168.0.0/16"),))),
+        ),
+    )
+    desired = compile_state(state(policy), IFACES)
+    rules = desired.chains[4][chain_of(desired, "ns/a", "ingress")]
+    net_sets = {name: spec for name, spec in desired.sets.items() if name.startswith("pf-n4-")}
+    assert len(net_sets) == 2
+    members = sorted(sorted(spec.members) for spec in net_sets.values())
+    assert members == [
+        ["0.0.0.0/1", "128.0.0.0/1", "192.168.0.0/16 nomatch"],  # hash:net cannot hold a /0
+        ["10.1.0.0/16", "10.1.2.0/24 nomatch"],
+    ]
+    assert any("-s 10.1.2.0/24" in r and "RETURN" in r for r in rules)
+    assert rules[-1].endswith("-j DROP")
+
+
+def test_an_except_covering_the_whole_cidr_matches_nothing() -> None:
+    policy = DirectionPolicy(True, (Allow(CidrPeer(net("10.1.0.0/24"), (net("10.1.0.0/16"),))),))
+    desired = compile_state(state(policy), IFACES)
+    rules = desired.chains[4][chain_of(desired, "ns/a", "ingress")]
+    assert not any("10.1.0.0" in r for r in rules)
+
+
+def test_protocols_and_ports() -> None:
+    policy = DirectionPolicy(
+        True,
+        (
+            Allow(IdentityPeer(1), 132, 80, 80),
+            Allow(IdentityPeer(1), 17, 1000, 2000),
+            Allow(IdentityPeer(1), 6, 0, 65535),
+            Allow(IdentityPeer(1)),
+        ),
+    )
+    rules = compile_state(state(policy), IFACES).chains[4]
+    chain = next(r for name, r in rules.items() if name.startswith("PF-I") and len(r) > 4)
+    allows = [r for r in chain if "--match-set pf-i4-1 src" in r]
+    assert "-p sctp -m sctp --dport 80 " in allows[0] and "tcp" not in allows[0]
+    assert "-p udp -m udp --dport 1000:2000 " in allows[1]
+    assert "-p tcp " in allows[2] and "--dport" not in allows[2]
+    assert " -p " not in allows[3]  # protocol 0: every protocol, ICMP included
+
+
+def test_dispatch_anti_spoofing_unknown_and_bridged_interfaces() -> None:
+    base = state(pod_interfaces=frozenset({10, 11, 12}))
+    multi = Endpoint("ns/m", (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("10.0.0.6")), ifindex=12)
+    with_bridged = NodeState(
+        1, {**base.endpoints, "ns/m": multi}, base.identities, (), frozenset({10, 11, 12, 13})
+    )
+    desired = compile_state(with_bridged, {**IFACES, 13: Interface(13, "veth-new")})
+    from_rules = desired.chains[4][FROM_POD_CHAIN]
+    to_rules = desired.chains[4][TO_POD_CHAIN]
+    veth_a = [r for r in from_rules if "-i veth-a " in r]
+    assert "-s 10.0.0.1/32" in veth_a[0] and "-g PF-E" in veth_a[0]
+    assert "podfence:spoof ns/a" in veth_a[-1] and veth_a[-1].endswith("-j DROP")
+    bridged = [r for r in from_rules if "--physdev-in veth-c " in r]
+    assert [r.split(" -s ")[1].split()[0] for r in bridged[:2]] == ["10.0.0.5/32", "10.0.0.6/32"]
+    assert bridged[-1].endswith("-j DROP")
+    assert any("--physdev-out veth-c --physdev-is-bridged" in r for r in to_rules)
+    assert any("-o cni0 -d 10.0.0.5" in r and "! --physdev-is-bridged" in r for r in to_rules)
+    assert '-i veth-new -m comment --comment "podfence:unknown" -j DROP' in from_rules
+    assert '-o veth-new -m comment --comment "podfence:unknown" -j DROP' in to_rules
+    allowed = compile_state(
+        with_bridged, {**IFACES, 13: Interface(13, "veth-new")}, unknown_endpoints="allow"
+    )
+    assert not any(
+        "veth-new" in r for r in allowed.chains[4][FROM_POD_CHAIN] + allowed.chains[4][TO_POD_CHAIN]
+    )
+    assert desired.uses_bridges
+
+
+def test_families_are_separate_and_interfaces_unknown_to_the_kernel_get_no_dispatch() -> None:
+    policy = DirectionPolicy(True, (Allow(CidrPeer(net("10.1.0.0/16"))), Allow(CidrPeer(net("fd00::/64")))))
+    unresolved = Endpoint("ns/x", (ipaddress.ip_address("10.0.0.7"),), ifindex=None)
+    base = state(policy)
+    desired = compile_state(NodeState(1, {**base.endpoints, "ns/x": unresolved}, base.identities), IFACES)
+    v4 = desired.chains[4][chain_of(desired, "ns/a", "ingress", 4)]
+    v6 = desired.chains[6][chain_of(desired, "ns/a", "ingress", 6)]
+    assert any("10.1.0.0/16" in r for r in v4) and not any("fd00::" in r for r in v4)
+    assert any("fd00::/64" in r for r in v6) and not any("10.1.0.0" in r for r in v6)
+    assert ("ns/x", "ingress") not in desired.endpoint_chains
+    # IPv4-only pod: every IPv6 packet from it is spoofed, except neighbour discovery.
+    v6_from = desired.chains[6][FROM_POD_CHAIN]
+    assert v6_from[0].startswith("-p ipv6-icmp") and "--hl-eq 255" in v6_from[0]
+    assert [r for r in v6_from if "veth-a" in r] == [
+        '-i veth-a -m comment --comment "podfence:spoof ns/a" -j DROP'
+    ]
+
+
+def test_reset_mode_refuses_tcp_pickup_mid_stream() -> None:
+    keep = compile_state(state(), IFACES)
+    reset = compile_state(state(), IFACES, tcp_needs_syn=True)
+    rules = reset.chains[4][chain_of(reset, "ns/a", "egress")]
+    assert "-p tcp ! --syn -m conntrack --ctstate NEW" in rules[1]
+    assert chain_of(keep, "ns/a", "egress") != chain_of(reset, "ns/a", "egress")
