@@ -28,6 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 PREFIX = "pfbench-"
 BPF_FS = Path("/sys/fs/bpf")
+BPF_STATE_DIR = Path("/run/podfence")
 GATEWAY = "169.254.1.1"
 NODE_LINK_NET = ipaddress.IPv4Network("10.78.0.0/24")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,8 @@ def remove_all(prefix: str = PREFIX) -> None:
                 netns.remove(name)
     for pin_dir in BPF_FS.glob(prefix + "*"):
         shutil.rmtree(pin_dir, ignore_errors=True)
+    for state_file in BPF_STATE_DIR.glob(prefix + "*"):  # BpfDataplane's id state beside the pins
+        state_file.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

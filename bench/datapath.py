@@ -135,7 +135,7 @@ def make_dataplane(kind: str, pin_dir: str) -> Any:
         from agent.dataplane.iptables import IptablesDataplane
 
         return IptablesDataplane()
-    from agent.dataplane.bpf import BpfDataplane  # type: ignore[attr-defined]
+    from agent.dataplane.bpf.dataplane import BpfDataplane
 
     return BpfDataplane(pin_dir=pin_dir)
 
