@@ -1,1 +1,23 @@
-"""TODO"""
+"""The eBPF dataplane: tc programs on each pod's host-side interface plus a netfilter (xt_bpf)
+egress hook, all policy in pinned maps. See bpf/README.md for the design.
+
+Public surface: `BpfDataplane` (implements agent.dataplane.base.Dataplane) and `DenyEvent`.
+BCC is imported lazily so that the pure compiler can be used (and unit-tested) without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.dataplane.bpf.dataplane import BpfDataplane, DenyEvent
+
+__all__ = ["BpfDataplane", "DenyEvent"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from agent.dataplane.bpf import dataplane
+
+        return getattr(dataplane, name)
+    raise AttributeError(name)

@@ -1,0 +1,136 @@
+"""Hooking the programs into the kernel: tc clsact filters (pyroute2) and the iptables rules that
+run the pinned netfilter program (xt_bpf) in FORWARD and INPUT.
+
+Only what podfence created is ever removed: our tc filters are recognised by their fixed
+priority/handle, our iptables rules live in our own chain (plus one jump per base chain,
+tagged with a comment).
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError, NetNS
+
+from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
+
+TC_PRIORITY = 0xC0DE & 0x7FFF  # fixed: identifies podfence's filters among others on clsact
+TC_HANDLE = 1
+TC_PARENT_INGRESS = "ffff:fff2"  # clsact ingress: packets FROM the pod (host side of its veth)
+TC_PARENT_EGRESS = "ffff:fff3"  # clsact egress: packets TO the pod
+
+IPTABLES_CHAIN = "PODFENCE-EGRESS"
+IPTABLES_COMMENT = "podfence: pod egress judged after DNAT"
+IPTABLES_BASE_CHAINS = ("FORWARD", "INPUT")
+IPTABLES_COMMANDS = ("iptables", "ip6tables")
+
+
+@contextmanager
+def netlink(netns: str | None) -> Iterator[Any]:
+    """A netlink socket in `netns` (None: the agent's own namespace)."""
+    try:
+        sock: Any = NetNS(netns) if netns else IPRoute()
+    except OSError as error:
+        raise TemporaryDataplaneError(f"cannot open netlink in netns {netns!r}: {error}") from error
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def attach_tc(sock: Any, ifindex: int, from_pod_fd: int, to_pod_fd: int) -> None:
+    """Create clsact if missing and (re)place our two filters; idempotent and atomic per hook."""
+    try:
+        sock.tc("add", "clsact", ifindex)
+    except NetlinkError as error:
+        if error.code == errno.ENODEV:
+            raise TemporaryDataplaneError(f"interface {ifindex} vanished") from error
+        if error.code != errno.EEXIST:
+            raise TemporaryDataplaneError(f"clsact on interface {ifindex}: {error}") from error
+    for parent, fd, name in (
+        (TC_PARENT_INGRESS, from_pod_fd, "podfence_from_pod"),
+        (TC_PARENT_EGRESS, to_pod_fd, "podfence_to_pod"),
+    ):
+        try:
+            sock.tc(
+                "replace-filter", "bpf", ifindex, TC_HANDLE, fd=fd, name=name, parent=parent,
+                classid=1, direct_action=True, prio=TC_PRIORITY,
+            )
+        except NetlinkError as error:
+            if error.code == errno.ENODEV:
+                raise TemporaryDataplaneError(f"interface {ifindex} vanished") from error
+            raise PermanentDataplaneError(f"tc filter on interface {ifindex}: {error}") from error
+
+
+def detach_tc(sock: Any, ifindex: int) -> None:
+    """Remove our two filters (not clsact: other tools may share it). Missing is fine."""
+    for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+        try:
+            sock.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIORITY)
+        except NetlinkError as error:
+            if error.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                raise TemporaryDataplaneError(f"removing tc filter on {ifindex}: {error}") from error
+
+
+def has_our_filters(sock: Any, ifindex: int) -> bool:
+    try:
+        filters = sock.get_filters(ifindex, parent=0xFFFFFFF2)
+    except NetlinkError:
+        return False
+    return any(f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIORITY for f in filters)
+
+
+class Iptables:
+    """podfence's own chain running the pinned egress program, for IPv4 and IPv6."""
+
+    def __init__(self, netns: str | None) -> None:
+        self._prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+
+    def _run(self, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [*self._prefix, command, "-w", *args]
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise TemporaryDataplaneError(f"{command} failed to run: {error}") from error
+        if check and result.returncode != 0:
+            raise TemporaryDataplaneError(f"{' '.join(argv)}: {result.stderr.strip()}")
+        return result
+
+    def install(self, pinned_program: str) -> None:
+        """Point our chain at `pinned_program` (atomic rule replace) and jump to it from the base chains."""
+        rule = ["-m", "bpf", "--object-pinned", pinned_program, "-m", "comment", "--comment",
+                IPTABLES_COMMENT, "-j", "DROP"]
+        for command in IPTABLES_COMMANDS:
+            if self._run(command, "-n", "-L", IPTABLES_CHAIN, check=False).returncode != 0:
+                self._run(command, "-N", IPTABLES_CHAIN)
+            if self._run(command, "-C", IPTABLES_CHAIN, *rule, check=False).returncode != 0:
+                listed = self._run(command, "-S", IPTABLES_CHAIN).stdout.splitlines()
+                if any(line.startswith(f"-A {IPTABLES_CHAIN}") for line in listed):
+                    self._run(command, "-R", IPTABLES_CHAIN, "1", *rule)
+                else:
+                    self._run(command, "-A", IPTABLES_CHAIN, *rule)
+            jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
+            for base in IPTABLES_BASE_CHAINS:
+                if self._run(command, "-C", base, *jump, check=False).returncode != 0:
+                    self._run(command, "-I", base, "1", *jump)
+
+    def remove(self) -> None:
+        jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
+        for command in IPTABLES_COMMANDS:
+            for base in IPTABLES_BASE_CHAINS:
+                while self._run(command, "-D", base, *jump, check=False).returncode == 0:
+                    pass
+            self._run(command, "-F", IPTABLES_CHAIN, check=False)
+            self._run(command, "-X", IPTABLES_CHAIN, check=False)
+
+
+def enable_bridge_netfilter(netns: str | None) -> None:
+    """Bridged pod traffic reaches FORWARD only with br_netfilter (kube-proxy needs it too)."""
+    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    subprocess.run(["modprobe", "br_netfilter"], capture_output=True, check=False)
+    for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"):
+        subprocess.run([*prefix, "sysctl", "-qw", f"{key}=1"], capture_output=True, check=False)

@@ -1,0 +1,304 @@
+"""The eBPF dataplane compiler: NodeState in, desired map contents out. Pure (no I/O).
+
+It turns allow lists into the shapes bpf/lib/policy.h looks up in bounded time:
+- identities referenced by some allow become *identity classes*: an address carrying identities
+  {3, 7} maps (ipcache) to the class id of that set;
+- CidrPeers (cidr minus excepts) become *CIDR classes*: every cidr and except is an LPM prefix,
+  and each prefix maps to the set of peers containing the addresses whose longest match it is;
+- each distinct allow list (DirectionPolicy content, whatever the direction) gets one policy id
+  (dedup), and expands to policy LPM entries (policy, kind, class, protocol, port prefix), a port
+  range becoming at most 30 prefixes.
+
+Ids are allocated against the previous `Allocation` so unchanged content keeps its id (no churn)
+and vanished ids are never reused, which is what lets the writer build the new state beside the
+old one. Endpoint counter slots are the exception: a bounded array, reused once free.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from agent.dataplane.bpf.structs import (
+    POLICY_PREFIX_ANY_PROTOCOL,
+    POLICY_PREFIX_PROTOCOL,
+    PeerKind,
+    addr_bytes,
+    network_prefix,
+)
+from agent.dataplane.types import (
+    PROTO_ANY,
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    IdentityPeer,
+    IPNetwork,
+    NodeState,
+)
+
+# (protocol, port_first, port_last, peer): the part of an Allow that decides verdicts
+Rule = tuple[int, int, int, CidrPeer | IdentityPeer]
+PolicyContent = frozenset[Rule]
+# (prefixlen, policy_id, peer_class, peer_kind, protocol, dport): one policy LPM entry
+PolicyEntry = tuple[int, int, int, int, int, int]
+CidrPrefix = tuple[int, bytes]  # (prefixlen in the 128-bit space, 16 address bytes)
+
+NOT_ISOLATED = 0  # policy id meaning "this direction allows everything"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Ids handed out so far, with the content each one stands for."""
+
+    policies: dict[PolicyContent, int] = field(default_factory=dict)
+    identity_classes: dict[frozenset[int], int] = field(default_factory=dict)
+    cidr_classes: dict[frozenset[CidrPeer], int] = field(default_factory=dict)
+    endpoint_slots: dict[str, int] = field(default_factory=dict)
+    next_id: int = 1  # shared counter for policy and class ids; never reused
+
+
+@dataclass(frozen=True)
+class EndpointEntry:
+    endpoint_key: str
+    endpoint_id: int
+    ingress_policy_id: int
+    egress_policy_id: int
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything the maps must hold for one NodeState (python-level keys, host order)."""
+
+    endpoints: dict[int, EndpointEntry]  # ifindex -> endpoint
+    endpoint_ips: dict[bytes, int]  # address -> ifindex
+    node_ips: frozenset[bytes]
+    ipcache: dict[bytes, int]  # address -> identity class
+    cidr: dict[CidrPrefix, int]  # prefix -> cidr class (0 = no peer)
+    policy: dict[PolicyEntry, int]  # entry -> number of rules producing it
+    allocation: Allocation
+    interfaces: frozenset[int]  # every ifindex to guard
+
+
+def port_range_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """Cover [first, last] of the 16-bit port space with (value, prefix bits) blocks, largest first."""
+    if not 0 <= first <= last <= 0xFFFF:
+        raise ValueError(f"invalid port range {first}-{last}")
+    blocks: list[tuple[int, int]] = []
+    start = first
+    while start <= last:
+        size_bits = 16
+        # the largest aligned block starting at `start` that does not pass `last`
+        while size_bits > 0 and (start & ((1 << size_bits) - 1) or start + (1 << size_bits) - 1 > last):
+            size_bits -= 1
+        blocks.append((start, 16 - size_bits))
+        start += 1 << size_bits
+    return blocks
+
+
+def policy_content(direction: DirectionPolicy) -> PolicyContent | None:
+    """The verdict-relevant content of a direction; None when it is not isolated."""
+    if not direction.isolated:
+        return None
+    return frozenset(_rule(allow) for allow in direction.allows)
+
+
+def _rule(allow: Allow) -> Rule:
+    if allow.protocol == PROTO_ANY:
+        return (PROTO_ANY, 0, 65535, allow.peer)
+    return (allow.protocol, allow.port_first, allow.port_last, allow.peer)
+
+
+def _same_family(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version
+
+
+def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[CidrPeer]]:
+    """For every cidr/except prefix: the peers containing the addresses whose longest match it is.
+
+    An address whose longest match is P lies inside a peer's cidr iff P is a subnet of that cidr
+    (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
+    over P's addresses.
+    """
+    peer_list = sorted(set(peers))
+    prefixes: set[IPNetwork] = set()
+    for peer in peer_list:
+        prefixes.add(peer.cidr)
+        prefixes.update(peer.excepts)
+    classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
+    for prefix in prefixes:
+        members = []
+        for peer in peer_list:
+            if not _same_family(prefix, peer.cidr) or not prefix.subnet_of(peer.cidr):  # type: ignore[arg-type]
+                continue
+            if any(_same_family(prefix, e) and prefix.subnet_of(e) for e in peer.excepts):  # type: ignore[arg-type]
+                continue
+            members.append(peer)
+        classes[prefix] = frozenset(members)
+    return classes
+
+
+def policy_entries(
+    policies: dict[PolicyContent, int],
+    identity_classes: dict[frozenset[int], int],
+    cidr_classes: dict[frozenset[CidrPeer], int],
+) -> dict[PolicyEntry, int]:
+    """Policy LPM entries for every policy against every class (callers pass unions on transitions)."""
+    identity_members: dict[int, list[int]] = {}
+    for identities, class_id in identity_classes.items():
+        for identity in identities:
+            identity_members.setdefault(identity, []).append(class_id)
+    cidr_members: dict[CidrPeer, list[int]] = {}
+    for members, class_id in cidr_classes.items():
+        for member in members:
+            cidr_members.setdefault(member, []).append(class_id)
+
+    entries: dict[PolicyEntry, int] = {}
+    for content, policy_id in policies.items():
+        for protocol, first, last, peer in content:
+            if isinstance(peer, IdentityPeer):
+                kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
+            else:
+                kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
+            for class_id in classes:
+                for entry in _rule_entries(policy_id, class_id, kind, protocol, first, last):
+                    entries[entry] = entries.get(entry, 0) + 1
+    return entries
+
+
+def _rule_entries(
+    policy_id: int, class_id: int, kind: int, protocol: int, first: int, last: int
+) -> Iterator[PolicyEntry]:
+    if protocol == PROTO_ANY:
+        yield (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
+        return
+    for value, bits in port_range_prefixes(first, last):
+        yield (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)
+
+
+def compile_node_state(state: NodeState, previous: Allocation | None = None) -> Desired:
+    """Desired map contents for `state`, reusing the ids of `previous` for unchanged content."""
+    previous = previous or Allocation()
+    counter = [previous.next_id]
+
+    def fresh_id() -> int:
+        # ids only grow: an id freed by this update may still be live until the writer's sweep
+        counter[0] += 1
+        return counter[0] - 1
+
+    # policies: dedupe by content across endpoints and directions
+    policies: dict[PolicyContent, int] = {}
+    endpoint_policy_ids: dict[str, tuple[int, int]] = {}
+    for key, endpoint in sorted(state.endpoints.items()):
+        ids = []
+        for direction in (endpoint.ingress, endpoint.egress):
+            content = policy_content(direction)
+            if content is None:
+                ids.append(NOT_ISOLATED)
+                continue
+            if content not in policies:
+                policies[content] = previous.policies.get(content) or fresh_id()
+            ids.append(policies[content])
+        endpoint_policy_ids[key] = (ids[0], ids[1])
+
+    referenced_identities: set[int] = set()
+    referenced_cidrs: set[CidrPeer] = set()
+    for content in policies:
+        for _protocol, _first, _last, peer in content:
+            if isinstance(peer, IdentityPeer):
+                referenced_identities.add(peer.identity)
+            else:
+                referenced_cidrs.add(peer)
+
+    # identity classes: the set of referenced identities each address carries
+    identities_of_address: dict[bytes, set[int]] = {}
+    for identity, addresses in state.identities.items():
+        if identity not in referenced_identities:
+            continue
+        for address in addresses:
+            identities_of_address.setdefault(addr_bytes(address), set()).add(identity)
+    identity_classes: dict[frozenset[int], int] = {}
+    ipcache: dict[bytes, int] = {}
+    for raw_address, identity_set in sorted(identities_of_address.items()):
+        frozen = frozenset(identity_set)
+        if frozen not in identity_classes:
+            identity_classes[frozen] = previous.identity_classes.get(frozen) or fresh_id()
+        ipcache[raw_address] = identity_classes[frozen]
+
+    # CIDR classes
+    cidr_classes: dict[frozenset[CidrPeer], int] = {}
+    cidr: dict[CidrPrefix, int] = {}
+    for prefix, peers in sorted(cidr_classes_of(referenced_cidrs).items(), key=lambda item: str(item[0])):
+        if not peers:
+            cidr[network_prefix(prefix)] = 0
+            continue
+        if peers not in cidr_classes:
+            cidr_classes[peers] = previous.cidr_classes.get(peers) or fresh_id()
+        cidr[network_prefix(prefix)] = cidr_classes[peers]
+
+    # endpoints and their counter slots (slots of endpoints still present are kept)
+    slots: dict[str, int] = {k: v for k, v in previous.endpoint_slots.items() if k in state.endpoints}
+    used = set(slots.values())
+    next_slot = 0
+    endpoints: dict[int, EndpointEntry] = {}
+    endpoint_ips: dict[bytes, int] = {}
+    for key, endpoint in sorted(state.endpoints.items()):
+        if key not in slots:
+            while next_slot in used:
+                next_slot += 1
+            slots[key] = next_slot
+            used.add(next_slot)
+        if endpoint.ifindex is None:
+            continue
+        ingress_id, egress_id = endpoint_policy_ids[key]
+        endpoints[endpoint.ifindex] = EndpointEntry(key, slots[key], ingress_id, egress_id)
+        for address in endpoint.ips:
+            endpoint_ips[addr_bytes(address)] = endpoint.ifindex
+
+    allocation = Allocation(
+        policies=policies,
+        identity_classes=identity_classes,
+        cidr_classes=cidr_classes,
+        endpoint_slots=slots,
+        next_id=counter[0],
+    )
+    return Desired(
+        endpoints=endpoints,
+        endpoint_ips=endpoint_ips,
+        node_ips=frozenset(addr_bytes(address) for address in state.node_ips),
+        ipcache=ipcache,
+        cidr=cidr,
+        policy=policy_entries(policies, identity_classes, cidr_classes),
+        allocation=allocation,
+        interfaces=frozenset(state.pod_interfaces) | frozenset(endpoints),
+    )
+
+
+def transition_policy_entries(old: Allocation | None, new: Allocation) -> dict[PolicyEntry, int]:
+    """Entries valid for every mix of old/new policy ids and old/new classes.
+
+    While the writer flips endpoints and classes one map update at a time, a packet may meet an
+    old policy id with a new class or the reverse; writing this superset first makes every such
+    mix answer as either the old or the new state would, so no deny-all or allow-all window opens.
+    """
+    if old is None:
+        return policy_entries(new.policies, new.identity_classes, new.cidr_classes)
+    return policy_entries(
+        {**old.policies, **new.policies},
+        {**old.identity_classes, **new.identity_classes},
+        {**old.cidr_classes, **new.cidr_classes},
+    )
+
+
+def cidr_prefix_order(prefixes: Iterable[CidrPrefix], longest_first: bool) -> list[CidrPrefix]:
+    """Order for LPM writes: insert longest first, delete shortest first (see writer)."""
+    return sorted(prefixes, key=lambda p: (p[0], p[1]), reverse=longest_first)
+
+
+def ip_network(prefix: CidrPrefix) -> IPNetwork:
+    """Inverse of structs.network_prefix, for messages and tests."""
+    length, raw = prefix
+    v6 = ipaddress.IPv6Address(raw)
+    if v6.ipv4_mapped is not None and length >= 96:
+        return ipaddress.IPv4Network((v6.ipv4_mapped, length - 96))
+    return ipaddress.IPv6Network((v6, length))

@@ -1,0 +1,546 @@
+"""BpfDataplane: makes the pinned BPF maps match a NodeState, in dependency order.
+
+Writer order for one apply (Felix's: add peers/policies, flip endpoints, remove old):
+  1. capacity check of every map against old+new entries, before touching anything;
+  2. policy LPM: the transition superset (old and new policy ids x old and new classes);
+  3. ipcache upserts; CIDR prefixes upserted longest first; node addresses added;
+  4. endpoint addresses, then endpoints (one map update flips an endpoint to its new policy ids);
+  5. tc filters on new interfaces (their endpoint entry exists already);
+  6. removals: detach vanished interfaces, delete their endpoints/addresses, node addresses,
+     ipcache entries, CIDR prefixes shortest first, then policy entries no longer wanted;
+  7. established_on_change="reset": conntrack entries of endpoints whose policy changed.
+Every intermediate state answers each packet as the old or the new state would, so no
+allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
+file beside the pins (in /run, the same lifetime as bpffs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.dataplane.base import (
+    CapacityError,
+    DataplaneError,
+    EndpointCounters,
+    PermanentDataplaneError,
+    TemporaryDataplaneError,
+)
+from agent.dataplane.bpf import attach, loader
+from agent.dataplane.bpf.compiler import (
+    Allocation,
+    CidrPrefix,
+    Desired,
+    EndpointEntry,
+    PolicyEntry,
+    compile_node_state,
+    transition_policy_entries,
+)
+from agent.dataplane.bpf.structs import (
+    REASON_MAX,
+    DenyEventStruct,
+    Direction,
+    Reason,
+    address_from_bytes,
+    make_addr,
+)
+from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
+
+log = logging.getLogger(__name__)
+
+NF_PROGRAM_PIN = "nf_egress"
+
+
+@dataclass(frozen=True)
+class DenyEvent:
+    endpoint: str  # endpoint key, "" when the interface has no endpoint
+    direction: str
+    protocol: int
+    source: str
+    destination: str
+    source_port: int
+    destination_port: int
+    reason: str
+
+
+@dataclass
+class _Live:
+    """What this process believes the kernel holds (read back from the maps on start)."""
+
+    endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
+    endpoint_ips: dict[bytes, int] = field(default_factory=dict)
+    node_ips: set[bytes] = field(default_factory=set)
+    ipcache: dict[bytes, int] = field(default_factory=dict)
+    cidr: dict[CidrPrefix, int] = field(default_factory=dict)
+    policy: set[PolicyEntry] = field(default_factory=set)
+    interfaces: set[int] = field(default_factory=set)
+    allocation: Allocation | None = None
+
+
+class BpfDataplane:
+    name = "bpf"
+
+    def __init__(
+        self,
+        pin_dir: str = "/sys/fs/bpf/podfence",
+        unknown_endpoints: str = "drop",
+        established_on_change: str = "keep",
+        ct_max: int = 65536,
+        policy_max: int = 65536,
+        ipcache_max: int = 65536,
+        cidr_max: int = 16384,
+        endpoints_max: int = 1024,
+        node_ips_max: int = 64,
+        frag_max: int = 8192,
+        event_rate: int = 100,
+        netns: str | None = None,
+        state_file: str | None = None,
+    ) -> None:
+        if unknown_endpoints not in ("drop", "allow"):
+            raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
+        if established_on_change not in ("keep", "reset"):
+            raise ValueError("established_on_change must be 'keep' or 'reset'")
+        self.pin_dir = pin_dir.rstrip("/")
+        self.established_on_change = established_on_change
+        self.netns = netns  # where the pod interfaces live (None: the agent's namespace)
+        self.knobs = loader.BuildKnobs(
+            pin_dir=self.pin_dir,
+            unknown_allow=unknown_endpoints == "allow",
+            ct_max=ct_max,
+            policy_max=policy_max,
+            ipcache_max=ipcache_max,
+            cidr_max=cidr_max,
+            endpoints_max=endpoints_max,
+            node_ips_max=node_ips_max,
+            frag_max=frag_max,
+            event_rate=event_rate,
+        )
+        self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
+        self._module: Any = None
+        self._programs: dict[str, Any] = {}
+        self._live = _Live()
+        self._events: list[DenyEvent] = []
+        self._iptables = attach.Iptables(netns)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compile, adopt pinned maps, swap the programs in place; enforcement never stops."""
+        self._module = loader.compile_module(self.knobs)
+        self._programs = loader.load_programs(self._module)
+        self._adopt()
+        self._install_nf_program()
+        with attach.netlink(self.netns) as sock:
+            for ifindex in sorted(self._live.interfaces):
+                with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
+                    self._attach(sock, ifindex)
+        try:
+            self._module[b"pf_events"].open_ring_buffer(self._on_event)
+        except Exception as error:
+            raise PermanentDataplaneError(f"cannot open the deny-event ring buffer: {error}") from error
+
+    def close(self) -> None:
+        """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
+        if self._module is not None:
+            with contextlib.suppress(Exception):
+                self._module.cleanup()
+        self._module = None
+        self._programs = {}
+
+    def teardown(self) -> None:
+        """Remove every filter, rule, pin and file podfence created."""
+        interfaces = set(self._live.interfaces) | set(self._live.endpoints)
+        interfaces |= set(self._read_state_file().get("interfaces", []))
+        with attach.netlink(self.netns) as sock:
+            for ifindex in interfaces:
+                attach.detach_tc(sock, ifindex)
+        self._iptables.remove()
+        self.close()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        self._live = _Live()
+
+    # ---- apply -------------------------------------------------------------------------------
+
+    def apply(self, state: NodeState) -> None:
+        if self._module is None:
+            raise PermanentDataplaneError("BpfDataplane.apply() before start()")
+        old_allocation = self._live.allocation
+        try:
+            desired = compile_node_state(state, old_allocation)
+        except ValueError as error:
+            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+        transition = transition_policy_entries(old_allocation, desired.allocation)
+        self._check_capacity(desired, transition)
+        try:
+            changed = self._write(desired, transition)
+        except DataplaneError:
+            raise
+        except Exception as error:  # BCC map errors are bare Exceptions / KeyErrors
+            raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
+        self._live.allocation = desired.allocation
+        self._save_state_file()
+        if changed and self.established_on_change == "reset":
+            self._reset_conntrack(changed)
+
+    def _check_capacity(self, desired: Desired, transition: dict[PolicyEntry, int]) -> None:
+        live = self._live
+        checks = [
+            ("pf_policy", len(live.policy | set(transition)), self.knobs.policy_max),
+            ("pf_ipcache", len(live.ipcache.keys() | desired.ipcache.keys()), self.knobs.ipcache_max),
+            ("pf_cidr", len(live.cidr.keys() | desired.cidr.keys()), self.knobs.cidr_max),
+            ("pf_endpoints", len(live.endpoints.keys() | desired.endpoints.keys()), self.knobs.endpoints_max),
+            ("pf_endpoint_ips", len(live.endpoint_ips.keys() | desired.endpoint_ips.keys()),
+             self.knobs.endpoints_max * 4),
+            ("pf_node_ips", len(live.node_ips | desired.node_ips), self.knobs.node_ips_max),
+        ]
+        slots = desired.allocation.endpoint_slots.values()
+        if slots and max(slots) >= self.knobs.endpoints_max:
+            checks.append(("pf_counters", max(slots) + 1, self.knobs.endpoints_max))
+        for name, needed, capacity in checks:
+            if needed > capacity:
+                raise CapacityError(
+                    f"BPF map {name} would need {needed} entries during this update but holds {capacity}; "
+                    "nothing was changed (raise the map size)"
+                )
+
+    def _write(self, desired: Desired, transition: dict[PolicyEntry, int]) -> set[str]:
+        module, live = self._module, self._live
+        policy_map, ipcache_map, cidr_map = module[b"pf_policy"], module[b"pf_ipcache"], module[b"pf_cidr"]
+
+        # 2. policies beside the old ones
+        for policy_entry, count in transition.items():
+            if policy_entry not in live.policy:
+                policy_map[_policy_key(policy_map, policy_entry)] = policy_map.Leaf(count, 0)
+                live.policy.add(policy_entry)
+        # 3. peers: ipcache, CIDR classes (longest prefix first), node addresses
+        for address, class_id in desired.ipcache.items():
+            if live.ipcache.get(address) != class_id:
+                ipcache_map[make_addr(address)] = ipcache_map.Leaf(class_id, 0)
+                live.ipcache[address] = class_id
+        for prefix in sorted(desired.cidr, reverse=True):
+            if live.cidr.get(prefix) != desired.cidr[prefix]:
+                cidr_map[_cidr_key(cidr_map, prefix)] = cidr_map.Leaf(desired.cidr[prefix], 0)
+                live.cidr[prefix] = desired.cidr[prefix]
+        node_map = module[b"pf_node_ips"]
+        for address in desired.node_ips - live.node_ips:
+            node_map[make_addr(address)] = node_map.Leaf(1, 0)
+            live.node_ips.add(address)
+        # 4. endpoints: addresses first (anti-spoofing admits them), then the flip
+        ip_map, endpoint_map = module[b"pf_endpoint_ips"], module[b"pf_endpoints"]
+        counters = module[b"pf_counters"]
+        for address, ifindex in desired.endpoint_ips.items():
+            if live.endpoint_ips.get(address) != ifindex:
+                ip_map[make_addr(address)] = ip_map.Leaf(ifindex, 0)
+                live.endpoint_ips[address] = ifindex
+        changed: set[str] = set()
+        for ifindex, entry in desired.endpoints.items():
+            previous = live.endpoints.get(ifindex)
+            if previous == entry:
+                continue
+            if previous is None or previous.endpoint_id != entry.endpoint_id:
+                self._zero_counters(counters, entry.endpoint_id)
+            endpoint_map[endpoint_map.Key(ifindex)] = endpoint_map.Leaf(
+                entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, 0
+            )
+            live.endpoints[ifindex] = entry
+            if previous is not None:
+                changed.add(entry.endpoint_key)
+        # 5. guard new interfaces, 6. then sweep what vanished
+        with attach.netlink(self.netns) as sock:
+            for ifindex in sorted(desired.interfaces - live.interfaces):
+                self._attach(sock, ifindex)
+                live.interfaces.add(ifindex)
+            for ifindex in sorted(live.interfaces - desired.interfaces):
+                attach.detach_tc(sock, ifindex)
+                live.interfaces.discard(ifindex)
+        for ifindex in set(live.endpoints) - set(desired.endpoints):
+            changed.add(live.endpoints[ifindex].endpoint_key)
+            _delete(endpoint_map, endpoint_map.Key(ifindex))
+            del live.endpoints[ifindex]
+        for address in set(live.endpoint_ips) - set(desired.endpoint_ips):
+            _delete(ip_map, make_addr(address))
+            del live.endpoint_ips[address]
+        for address in live.node_ips - desired.node_ips:
+            _delete(node_map, make_addr(address))
+            live.node_ips.discard(address)
+        for address in set(live.ipcache) - set(desired.ipcache):
+            _delete(ipcache_map, make_addr(address))
+            del live.ipcache[address]
+        for prefix in sorted(set(live.cidr) - set(desired.cidr)):
+            _delete(cidr_map, _cidr_key(cidr_map, prefix))
+            del live.cidr[prefix]
+        for stale_entry in sorted(live.policy - set(desired.policy)):
+            _delete(policy_map, _policy_key(policy_map, stale_entry))
+            live.policy.discard(stale_entry)
+        return changed
+
+    def _attach(self, sock: Any, ifindex: int) -> None:
+        attach.attach_tc(sock, ifindex, self._programs[loader.PROGRAM_FROM_POD].fd,
+                         self._programs[loader.PROGRAM_TO_POD].fd)
+
+    def _zero_counters(self, counters: Any, endpoint_id: int) -> None:
+        """A reused slot must not inherit the previous endpoint's numbers."""
+        for direction in Direction:
+            per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
+            counters[counters.Key(endpoint_id * 2 + direction)] = per_cpu
+
+    def _reset_conntrack(self, endpoint_keys: set[str]) -> None:
+        """Forget flows of endpoints whose policy changed: their next packet is judged afresh."""
+        addresses = {
+            address for address, ifindex in self._live.endpoint_ips.items()
+            if ifindex in self._live.endpoints and self._live.endpoints[ifindex].endpoint_key in endpoint_keys
+        }
+        # removed endpoints are no longer in endpoint_ips; their flows die with the interface
+        ct = self._module[b"pf_ct"]
+        for key in list(ct):
+            if bytes(key.saddr.bytes) in addresses or bytes(key.daddr.bytes) in addresses:
+                _delete(ct, key)
+
+    # ---- adoption and the state file ---------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Read what a previous run left in the pinned maps so the next apply is a diff."""
+        module, live = self._module, _Live()
+        saved = self._read_state_file()
+        slot_of_key: dict[int, str] = {v: k for k, v in saved.get("endpoint_slots", {}).items()}
+        for key, value in module[b"pf_endpoints"].items():
+            endpoint_key = slot_of_key.get(value.endpoint_id, f"adopted/{key.ifindex}")
+            live.endpoints[key.ifindex] = EndpointEntry(
+                endpoint_key, value.endpoint_id, value.ingress_policy_id, value.egress_policy_id
+            )
+        for key, value in module[b"pf_endpoint_ips"].items():
+            live.endpoint_ips[bytes(key.bytes)] = value.ifindex
+        live.node_ips = {bytes(key.bytes) for key in module[b"pf_node_ips"]}
+        live.ipcache = {bytes(k.bytes): v.class_id for k, v in module[b"pf_ipcache"].items()}
+        live.cidr = {(k.prefixlen, bytes(k.addr.bytes)): v.class_id for k, v in module[b"pf_cidr"].items()}
+        live.policy = {
+            (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
+            for k in module[b"pf_policy"]
+        }
+        live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
+        live.allocation = _allocation_from_json(saved) if saved else None
+        if live.allocation is None and (live.policy or live.ipcache or live.cidr):
+            # No record of what the ids mean: hand out ids above everything in use so new
+            # entries never collide with live ones (mixes may deny until the flip completes).
+            highest = max(
+                [e[1] for e in live.policy] + [e[2] for e in live.policy]
+                + list(live.ipcache.values()) + list(live.cidr.values()) + [0]
+            )
+            live.allocation = Allocation(next_id=highest + 1)
+        self._live = live
+
+    def _read_state_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_state_file(self) -> None:
+        allocation = self._live.allocation or Allocation()
+        data = _allocation_to_json(allocation)
+        data["interfaces"] = sorted(self._live.interfaces)
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, self.state_file)  # atomic: a crash leaves the old or the new file
+
+    def _install_nf_program(self) -> None:
+        """Pin the new egress program under a fresh name, point the iptables rule at it, unpin the old."""
+        from bcc import libbcc
+
+        fd = self._programs[loader.PROGRAM_NF_EGRESS].fd
+        pin = f"{self.pin_dir}/{NF_PROGRAM_PIN}_{time.monotonic_ns()}"  # bpffs names allow no dots
+        if libbcc.lib.bpf_obj_pin(fd, pin.encode()) != 0:
+            reason = os.strerror(ctypes.get_errno())
+            raise PermanentDataplaneError(f"cannot pin the egress program at {pin}: {reason}")
+        self._iptables.install(pin)
+        for name in os.listdir(self.pin_dir):
+            old = f"{self.pin_dir}/{name}"
+            if name.startswith(f"{NF_PROGRAM_PIN}_") and old != pin:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old)
+        if any(_is_bridge_port(self.netns, i) for i in self._live.interfaces):
+            attach.enable_bridge_netfilter(self.netns)
+
+    # ---- observability -------------------------------------------------------------------------
+
+    def counters(self) -> list[EndpointCounters]:
+        if self._module is None:
+            return []
+        table = self._module[b"pf_counters"]
+        result = []
+        for entry in sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key):
+            for direction in Direction:
+                per_cpu = table.getvalue(table.Key(entry.endpoint_id * 2 + direction))
+                result.append(EndpointCounters(
+                    key=entry.endpoint_key,
+                    direction=direction.name.lower(),
+                    allowed_packets=sum(v.allowed_packets for v in per_cpu),
+                    allowed_bytes=sum(v.allowed_bytes for v in per_cpu),
+                    denied_packets=sum(v.denied_packets for v in per_cpu),
+                    denied_bytes=sum(v.denied_bytes for v in per_cpu),
+                ))
+        return result
+
+    def drop_reason_counts(self) -> dict[str, int]:
+        if self._module is None:
+            return {}
+        table = self._module[b"pf_drop_reasons"]
+        return {
+            Reason(index).name.lower(): int(sum(table.getvalue(table.Key(index))))
+            for index in range(1, REASON_MAX)
+        }
+
+    def events_lost(self) -> int:
+        if self._module is None:
+            return 0
+        table = self._module[b"pf_events_lost"]
+        return int(sum(table.getvalue(table.Key(0))))
+
+    def map_usage(self) -> dict[str, tuple[int, int]]:
+        if self._module is None:
+            return {}
+        live, knobs = self._live, self.knobs
+        return {
+            "ct": (sum(1 for _ in self._module[b"pf_ct"]), knobs.ct_max),
+            "policy": (len(live.policy), knobs.policy_max),
+            "ipcache": (len(live.ipcache), knobs.ipcache_max),
+            "cidr": (len(live.cidr), knobs.cidr_max),
+            "endpoints": (len(live.endpoints), knobs.endpoints_max),
+        }
+
+    def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
+        if self._module is None:
+            return []
+        self._module.ring_buffer_poll(timeout_ms)
+        events, self._events = self._events, []
+        return events
+
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        raw = ctypes.cast(data, ctypes.POINTER(DenyEventStruct)).contents
+        endpoint = next(
+            (e.endpoint_key for e in self._live.endpoints.values() if e.endpoint_id == raw.endpoint_id), ""
+        )
+        reason = Reason(raw.reason).name.lower() if raw.reason < REASON_MAX else str(raw.reason)
+        self._events.append(DenyEvent(
+            endpoint=endpoint,
+            direction=Direction(raw.direction).name.lower(),
+            protocol=raw.protocol,
+            source=str(address_from_bytes(bytes(raw.saddr.bytes))),
+            destination=str(address_from_bytes(bytes(raw.daddr.bytes))),
+            source_port=_ntohs(raw.sport_be),
+            destination_port=_ntohs(raw.dport_be),
+            reason=reason,
+        ))
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _ntohs(value: int) -> int:
+    return int.from_bytes(int(value).to_bytes(2, "little"), "big")
+
+
+def _htons(value: int) -> int:
+    return _ntohs(value)
+
+
+def _policy_key(table: Any, entry: PolicyEntry) -> Any:
+    prefixlen, policy_id, peer_class, peer_kind, protocol, port = entry
+    return table.Key(prefixlen, policy_id, peer_class, peer_kind, protocol, _htons(port))
+
+
+def _cidr_key(table: Any, prefix: CidrPrefix) -> Any:
+    key = table.Key()
+    key.prefixlen = prefix[0]
+    ctypes.memmove(key.addr.bytes, prefix[1], 16)
+    return key
+
+
+def _delete(table: Any, key: Any) -> None:
+    with contextlib.suppress(KeyError):
+        del table[key]
+
+
+def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
+    try:
+        with attach.netlink(netns) as sock:
+            links = sock.get_links(ifindex)
+    except Exception:
+        return False
+    return bool(links) and links[0].get_attr("IFLA_MASTER") is not None and any(
+        (info := link.get_attr("IFLA_LINKINFO")) is not None
+        and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
+        for link in links
+    )
+
+
+def _peer_to_json(peer: CidrPeer | IdentityPeer) -> dict[str, Any]:
+    if isinstance(peer, IdentityPeer):
+        return {"identity": peer.identity}
+    return {"cidr": str(peer.cidr), "excepts": [str(e) for e in peer.excepts]}
+
+
+def _peer_from_json(data: dict[str, Any]) -> CidrPeer | IdentityPeer:
+    if "identity" in data:
+        return IdentityPeer(int(data["identity"]))
+    excepts = tuple(ipaddress.ip_network(e) for e in data["excepts"])
+    return CidrPeer(ipaddress.ip_network(data["cidr"]), excepts)
+
+
+def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
+    peer = _peer_from_json(data)
+    if not isinstance(peer, CidrPeer):
+        raise ValueError(f"not a CIDR peer: {data}")
+    return peer
+
+
+def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
+    return {
+        "policies": [
+            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in sorted(content, key=str)]]
+            for content, policy_id in allocation.policies.items()
+        ],
+        "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
+        "cidr_classes": [
+            [cid, [_peer_to_json(p) for p in sorted(peers)]] for peers, cid in allocation.cidr_classes.items()
+        ],
+        "endpoint_slots": allocation.endpoint_slots,
+        "next_id": allocation.next_id,
+    }
+
+
+def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
+    try:
+        return Allocation(
+            policies={
+                frozenset((int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules):
+                int(pid)
+                for pid, rules in data["policies"]
+            },
+            identity_classes={
+                frozenset(int(i) for i in ids): int(cid) for cid, ids in data["identity_classes"]
+            },
+            cidr_classes={
+                frozenset(_cidr_peer_from_json(p) for p in peers): int(cid)
+                for cid, peers in data["cidr_classes"]
+            },
+            endpoint_slots={str(k): int(v) for k, v in data["endpoint_slots"].items()},
+            next_id=int(data["next_id"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        log.warning("ignoring unreadable BPF state file: %s", error)
+        return None
+

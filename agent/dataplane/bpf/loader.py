@@ -1,0 +1,112 @@
+"""Build and load the BPF C in bpf/ with BCC: build knobs as -D flags, pinned maps, the three programs.
+
+BCC rewrites map method calls (`map.lookup(&key)`) only in the main translation unit, not in
+#included files, so the loader inlines the project's own `#include "..."` lines (podfence.h,
+lib/*.h) into one source text before compiling. That text is "the final program": setting
+PODFENCE_BPF_DUMP=1 prints it with the -D flags to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.dataplane.base import PermanentDataplaneError
+
+BPF_SOURCE_DIR = Path(__file__).resolve().parents[3] / "bpf"
+MAIN_SOURCE = "podfence.c"
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
+
+PROGRAM_FROM_POD = "tc_from_pod"
+PROGRAM_TO_POD = "tc_to_pod"
+PROGRAM_NF_EGRESS = "nf_egress"
+
+
+@dataclass(frozen=True)
+class BuildKnobs:
+    """Compile-time settings of the datapath; each becomes one -D flag."""
+
+    pin_dir: str
+    unknown_allow: bool
+    ct_max: int
+    policy_max: int
+    ipcache_max: int
+    cidr_max: int
+    endpoints_max: int
+    node_ips_max: int
+    frag_max: int
+    event_rate: int
+
+    def cflags(self) -> list[str]:
+        values: dict[str, int | str] = {
+            "PF_PIN_DIR": f'"{self.pin_dir}"',
+            "PF_UNKNOWN_ALLOW": int(self.unknown_allow),
+            "PF_CT_MAX": self.ct_max,
+            "PF_POLICY_MAX": self.policy_max,
+            "PF_IPCACHE_MAX": self.ipcache_max,
+            "PF_CIDR_MAX": self.cidr_max,
+            "PF_ENDPOINTS_MAX": self.endpoints_max,
+            "PF_NODE_IPS_MAX": self.node_ips_max,
+            "PF_FRAG_MAX": self.frag_max,
+            "PF_EVENT_RATE": self.event_rate,
+        }
+        return [f"-D{name}={value}" for name, value in values.items()]
+
+
+def inline_local_includes(path: Path, seen: set[Path] | None = None) -> str:
+    """The source at `path` with every project-local #include replaced by the file's text."""
+    seen = set() if seen is None else seen
+    path = path.resolve()
+    if path in seen:  # include guards would make it empty anyway
+        return ""
+    seen.add(path)
+    text = path.read_text()
+
+    def expand(match: re.Match[str]) -> str:
+        included = (BPF_SOURCE_DIR / match.group(1)).resolve()
+        if not included.is_file():
+            included = (path.parent / match.group(1)).resolve()
+        body = inline_local_includes(included, seen)
+        return f"/* ---- {match.group(1)} ---- */\n{body}\n/* ---- end {match.group(1)} ---- */"
+
+    return _LOCAL_INCLUDE.sub(expand, text)
+
+
+def program_text() -> str:
+    return inline_local_includes(BPF_SOURCE_DIR / MAIN_SOURCE)
+
+
+def compile_module(knobs: BuildKnobs) -> Any:
+    """Compile the datapath with BCC; pinned maps are created or re-opened under knobs.pin_dir."""
+    try:
+        from bcc import BPF
+    except ImportError as error:  # pragma: no cover - bootstrap installs python3-bpfcc
+        raise PermanentDataplaneError("BCC (python3-bpfcc) is not importable") from error
+    text = program_text()
+    cflags = knobs.cflags()
+    if os.environ.get("PODFENCE_BPF_DUMP") == "1":
+        print(f"/* podfence BPF program, cflags: {' '.join(cflags)} */\n{text}", file=sys.stderr)
+    os.makedirs(knobs.pin_dir, exist_ok=True)
+    try:
+        return BPF(text=text, cflags=cflags)
+    except Exception as error:  # BCC raises bare Exception for compile/load failures
+        raise PermanentDataplaneError(f"the BPF program failed to compile or load: {error}") from error
+
+
+def load_programs(module: Any) -> dict[str, Any]:
+    """Load the three programs into the kernel (verifier); returns name -> BCC function."""
+    from bcc import BPF
+
+    kinds = {
+        PROGRAM_FROM_POD: BPF.SCHED_CLS,
+        PROGRAM_TO_POD: BPF.SCHED_CLS,
+        PROGRAM_NF_EGRESS: BPF.SOCKET_FILTER,
+    }
+    try:
+        return {name: module.load_func(name.encode(), kind) for name, kind in kinds.items()}
+    except Exception as error:
+        raise PermanentDataplaneError(f"the kernel rejected a BPF program: {error}") from error

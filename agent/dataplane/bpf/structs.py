@@ -1,0 +1,201 @@
+"""Python mirrors of bpf/podfence.h: ctypes Structures for every map key/value and IntEnums for
+the reason/direction/peer-kind codes. tests/privileged/test_bpf_mirror.py checks them against the
+compiled program. Byte order lives in field names; `addr_bytes` is the one place that turns an
+ipaddress object into the 16-byte (v4-mapped) form the datapath uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from enum import IntEnum
+
+from agent.dataplane.types import IPAddress, IPNetwork
+
+
+class Reason(IntEnum):
+    """enum pf_reason: numbered once, never renumbered (metrics labels and events use the names)."""
+
+    ALLOWED = 0
+    POLICY = 1
+    SPOOFED_SOURCE = 2
+    UNKNOWN_ENDPOINT = 3
+    MALFORMED = 4
+    ORPHAN_FRAGMENT = 5
+    UNSUPPORTED_L2 = 6
+    SPOOFED_ARP = 7
+
+
+REASON_MAX = 8
+
+
+class Direction(IntEnum):
+    INGRESS = 0
+    EGRESS = 1
+
+
+class PeerKind(IntEnum):
+    IDENTITY = 1
+    CIDR = 2
+
+
+CT_EGRESS_OK = 0x01
+CT_INGRESS_OK = 0x02
+CT_FROM_POD = 0x04
+
+# Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
+POLICY_PREFIX_ANY_PROTOCOL = 72
+POLICY_PREFIX_PROTOCOL = 80
+POLICY_PREFIX_FULL = 96
+V4_MAPPED_PREFIX = 96
+
+
+class Addr(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint8 * 16)]
+
+
+class EndpointKey(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32)]
+
+
+class EndpointValue(ctypes.Structure):
+    _fields_ = [
+        ("endpoint_id", ctypes.c_uint32),
+        ("ingress_policy_id", ctypes.c_uint32),
+        ("egress_policy_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class EndpointIpValue(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class IpcacheValue(ctypes.Structure):
+    _fields_ = [("class_id", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class CidrKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", Addr)]
+
+
+class CidrValue(ctypes.Structure):
+    _fields_ = [("class_id", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class PolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("policy_id", ctypes.c_uint32),
+        ("peer_class", ctypes.c_uint32),
+        ("peer_kind", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("dport_be", ctypes.c_uint16),
+    ]
+
+
+class PolicyValue(ctypes.Structure):
+    _fields_ = [("rule_count", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class CtKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("daddr", Addr),
+        ("sport_be", ctypes.c_uint16),
+        ("dport_be", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class CtValue(ctypes.Structure):
+    _fields_ = [("last_seen_ns", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class FragKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("daddr", Addr),
+        ("id", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class FragValue(ctypes.Structure):
+    _fields_ = [
+        ("reason", ctypes.c_uint32),
+        ("sport_be", ctypes.c_uint16),
+        ("dport_be", ctypes.c_uint16),
+        ("last_seen_ns", ctypes.c_uint64),
+    ]
+
+
+class CounterValue(ctypes.Structure):
+    _fields_ = [
+        ("allowed_packets", ctypes.c_uint64),
+        ("allowed_bytes", ctypes.c_uint64),
+        ("denied_packets", ctypes.c_uint64),
+        ("denied_bytes", ctypes.c_uint64),
+    ]
+
+
+class DenyEventStruct(ctypes.Structure):
+    _fields_ = [
+        ("endpoint_id", ctypes.c_uint32),
+        ("direction", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("sport_be", ctypes.c_uint16),
+        ("dport_be", ctypes.c_uint16),
+        ("pad", ctypes.c_uint32),
+        ("saddr", Addr),
+        ("daddr", Addr),
+    ]
+
+
+class EventBudget(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_uint64), ("last_refill_ns", ctypes.c_uint64)]
+
+
+# map name in the program -> (key mirror, value mirror); the mirror test walks this table.
+MAP_MIRRORS: dict[str, tuple[type, type]] = {
+    "pf_endpoints": (EndpointKey, EndpointValue),
+    "pf_endpoint_ips": (Addr, EndpointIpValue),
+    "pf_node_ips": (Addr, IpcacheValue),
+    "pf_ipcache": (Addr, IpcacheValue),
+    "pf_cidr": (CidrKey, CidrValue),
+    "pf_policy": (PolicyKey, PolicyValue),
+    "pf_ct": (CtKey, CtValue),
+    "pf_frag": (FragKey, FragValue),
+    "pf_counters": (ctypes.c_uint32, CounterValue),
+    "pf_event_budget": (ctypes.c_int, EventBudget),
+}
+
+
+def addr_bytes(address: IPAddress) -> bytes:
+    """16-byte datapath form: IPv6 as is, IPv4 v4-mapped."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed).packed
+    return address.packed
+
+
+def address_from_bytes(raw: bytes) -> IPAddress:
+    v6 = ipaddress.IPv6Address(bytes(raw))
+    return v6.ipv4_mapped if v6.ipv4_mapped is not None else v6
+
+
+def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
+    """(prefixlen, 16 bytes) of a network in the datapath's single address space."""
+    if isinstance(network, ipaddress.IPv4Network):
+        return V4_MAPPED_PREFIX + network.prefixlen, addr_bytes(network.network_address)
+    return network.prefixlen, network.network_address.packed
+
+
+def make_addr(raw: bytes) -> Addr:
+    addr = Addr()
+    ctypes.memmove(addr.bytes, raw, 16)
+    return addr

@@ -1,0 +1,65 @@
+/* Build knobs (every one can be overridden with -D by agent/dataplane/bpf/loader.py) and the
+ * pinning helper. Maps declared with PF_PINNED live in bpffs under PF_PIN_DIR, so they outlive
+ * the agent: a restarted agent re-opens them instead of creating empty ones. */
+#ifndef PF_LIB_COMMON_H
+#define PF_LIB_COMMON_H
+
+#ifndef PF_PIN_DIR
+#define PF_PIN_DIR "/sys/fs/bpf/podfence"
+#endif
+#ifndef PF_CT_MAX
+#define PF_CT_MAX 65536
+#endif
+#ifndef PF_POLICY_MAX
+#define PF_POLICY_MAX 65536
+#endif
+#ifndef PF_IPCACHE_MAX
+#define PF_IPCACHE_MAX 65536
+#endif
+#ifndef PF_CIDR_MAX
+#define PF_CIDR_MAX 16384
+#endif
+#ifndef PF_ENDPOINTS_MAX
+#define PF_ENDPOINTS_MAX 1024
+#endif
+#ifndef PF_NODE_IPS_MAX
+#define PF_NODE_IPS_MAX 64
+#endif
+#ifndef PF_FRAG_MAX
+#define PF_FRAG_MAX 8192
+#endif
+/* 1 = traffic of a guarded interface that no endpoint claims passes; 0 = dropped */
+#ifndef PF_UNKNOWN_ALLOW
+#define PF_UNKNOWN_ALLOW 0
+#endif
+/* deny events per second per CPU (token bucket, burst = one second's worth) */
+#ifndef PF_EVENT_RATE
+#define PF_EVENT_RATE 100
+#endif
+#ifndef PF_EVENT_RING_PAGES
+#define PF_EVENT_RING_PAGES 64
+#endif
+/* conntrack idle timeouts, seconds */
+#ifndef PF_CT_TIMEOUT_TCP
+#define PF_CT_TIMEOUT_TCP 7200
+#endif
+#ifndef PF_CT_TIMEOUT_UDP
+#define PF_CT_TIMEOUT_UDP 120
+#endif
+#ifndef PF_CT_TIMEOUT_SCTP
+#define PF_CT_TIMEOUT_SCTP 7200
+#endif
+#ifndef PF_CT_TIMEOUT_ICMP
+#define PF_CT_TIMEOUT_ICMP 30
+#endif
+#ifndef PF_CT_TIMEOUT_OTHER
+#define PF_CT_TIMEOUT_OTHER 120
+#endif
+#define PF_FRAG_TIMEOUT_NS (30ULL * 1000000000ULL)
+
+#define PF_PINNED(type, key, value, name, max, flags) \
+	BPF_TABLE_PINNED(type, key, value, name, max, PF_PIN_DIR "/" #name, flags)
+
+#define PF_NSEC 1000000000ULL
+
+#endif /* PF_LIB_COMMON_H */

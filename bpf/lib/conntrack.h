@@ -1,0 +1,113 @@
+/* Stateful filtering. One LRU map keyed by the original direction's tuple; the value says which
+ * judgement admitted the flow:
+ *  - a packet matching the tuple as is passes a judgement point that already admitted it
+ *    (EGRESS_OK at the egress hook, INGRESS_OK at the ingress hook);
+ *  - a packet matching the reversed tuple is a reply and passes the OTHER side's judgement:
+ *    at the egress hook if the flow was admitted by ingress, at the ingress hook if it was
+ *    admitted by egress or sent by the pod itself (FROM_POD: recorded by tc ingress on the
+ *    pre-DNAT tuple, because replies of a Service connection come back with the ClusterIP as
+ *    source once conntrack has reversed the DNAT);
+ *  - an ICMP error whose embedded tuple (either way round) is tracked is related and passes.
+ * Entries idle longer than the protocol's timeout are ignored (and overwritten). */
+#ifndef PF_LIB_CONNTRACK_H
+#define PF_LIB_CONNTRACK_H
+
+PF_PINNED("lru_hash", struct pf_ct_key, struct pf_ct_value, pf_ct, PF_CT_MAX, 0);
+
+static __always_inline __u64 pf_ct_timeout_ns(__u8 protocol)
+{
+	switch (protocol) {
+	case PF_IPPROTO_TCP:
+		return PF_CT_TIMEOUT_TCP * PF_NSEC;
+	case PF_IPPROTO_UDP:
+		return PF_CT_TIMEOUT_UDP * PF_NSEC;
+	case PF_IPPROTO_SCTP:
+		return PF_CT_TIMEOUT_SCTP * PF_NSEC;
+	case PF_IPPROTO_ICMP:
+	case PF_IPPROTO_ICMPV6:
+		return PF_CT_TIMEOUT_ICMP * PF_NSEC;
+	default:
+		return PF_CT_TIMEOUT_OTHER * PF_NSEC;
+	}
+}
+
+static __always_inline void pf_ct_key_fill(struct pf_ct_key *key, const struct pf_addr *saddr,
+					   const struct pf_addr *daddr, __be16 sport_be, __be16 dport_be,
+					   __u8 protocol)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(&key->saddr, saddr, sizeof(key->saddr));
+	__builtin_memcpy(&key->daddr, daddr, sizeof(key->daddr));
+	key->sport_be = sport_be;
+	key->dport_be = dport_be;
+	key->protocol = protocol;
+}
+
+/* Flags of a live entry (0 if absent or expired); refreshes its timestamp when `touch`. */
+static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, int touch)
+{
+	struct pf_ct_value *entry = pf_ct.lookup(key);
+	if (!entry)
+		return 0;
+	if (now - entry->last_seen_ns > pf_ct_timeout_ns(key->protocol))
+		return 0;
+	if (touch)
+		entry->last_seen_ns = now;
+	return entry->flags;
+}
+
+static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag)
+{
+	struct pf_ct_value *entry = pf_ct.lookup(key);
+	if (entry && now - entry->last_seen_ns <= pf_ct_timeout_ns(key->protocol)) {
+		entry->last_seen_ns = now;
+		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
+		if (!(entry->flags & flag))
+			entry->flags |= flag;
+		return;
+	}
+	struct pf_ct_value fresh = {.last_seen_ns = now, .flags = flag};
+	pf_ct.update(key, &fresh);
+}
+
+#define PF_CT_MISS 0
+#define PF_CT_ESTABLISHED 1
+#define PF_CT_REPLY 2
+#define PF_CT_RELATED 3
+
+/* Is the packet part of (or related to) a flow admitted before? */
+static __always_inline int pf_ct_check(const struct pf_packet *pkt, int direction, __u64 now)
+{
+	struct pf_ct_key key;
+	__u32 same = direction == PF_DIR_EGRESS ? PF_CT_EGRESS_OK : PF_CT_INGRESS_OK;
+	__u32 other = direction == PF_DIR_EGRESS ? PF_CT_INGRESS_OK : (PF_CT_EGRESS_OK | PF_CT_FROM_POD);
+
+	if (pkt->flags & PF_PKT_ICMP_ERROR) {
+		/* the embedded packet was sent by the receiver of this error */
+		pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
+			       pkt->inner_dport_be, pkt->inner_protocol);
+		if (pf_ct_flags(&key, now, 0))
+			return PF_CT_RELATED;
+		pf_ct_key_fill(&key, &pkt->inner_daddr, &pkt->inner_saddr, pkt->inner_dport_be,
+			       pkt->inner_sport_be, pkt->inner_protocol);
+		if (pf_ct_flags(&key, now, 0))
+			return PF_CT_RELATED;
+		return PF_CT_MISS;
+	}
+	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	if (pf_ct_flags(&key, now, 1) & same)
+		return PF_CT_ESTABLISHED;
+	pf_ct_key_fill(&key, &pkt->daddr, &pkt->saddr, pkt->dport_be, pkt->sport_be, pkt->protocol);
+	if (pf_ct_flags(&key, now, 1) & other)
+		return PF_CT_REPLY;
+	return PF_CT_MISS;
+}
+
+static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now)
+{
+	struct pf_ct_key key;
+	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	pf_ct_mark(&key, now, flag);
+}
+
+#endif /* PF_LIB_CONNTRACK_H */

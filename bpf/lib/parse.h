@@ -1,0 +1,265 @@
+/* Packet parsing shared by every hook. All reads go through bpf_skb_load_bytes() so the same code
+ * works at tc (skb->data at the Ethernet header) and at the netfilter hook (skb->data at the IP
+ * header): the caller passes the offset of the L3 header. The helper bounds-checks every read;
+ * a failed read marks the packet malformed instead of reading past the end. */
+#ifndef PF_LIB_PARSE_H
+#define PF_LIB_PARSE_H
+
+#define PF_IPPROTO_ICMP 1
+#define PF_IPPROTO_TCP 6
+#define PF_IPPROTO_UDP 17
+#define PF_IPPROTO_ICMPV6 58
+#define PF_IPPROTO_SCTP 132
+
+#ifndef PF_MAX_IPV6_EXT_HEADERS
+#define PF_MAX_IPV6_EXT_HEADERS 8
+#endif
+
+#define PF_PKT_MALFORMED   0x01  /* a header could not be read or is invalid */
+#define PF_PKT_FRAG_FIRST  0x02  /* first fragment of a fragmented datagram */
+#define PF_PKT_FRAG_LATER  0x04  /* non-first fragment: no L4 header */
+#define PF_PKT_ICMP_ERROR  0x08  /* ICMP/ICMPv6 error: inner_* hold the embedded tuple */
+#define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
+#define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
+
+struct pf_packet {
+	struct pf_addr saddr;
+	struct pf_addr daddr;
+	__be16 sport_be;
+	__be16 dport_be;
+	__u8 protocol;
+	__u8 family;
+	__u16 flags;
+	__u32 frag_id;
+	/* embedded tuple of an ICMP error (the packet that caused it) */
+	struct pf_addr inner_saddr;
+	struct pf_addr inner_daddr;
+	__be16 inner_sport_be;
+	__be16 inner_dport_be;
+	__u8 inner_protocol;
+};
+
+static __always_inline void pf_addr_from_v4(struct pf_addr *addr, __be32 v4)
+{
+	__builtin_memset(addr, 0, sizeof(*addr));
+	addr->bytes[10] = 0xff;
+	addr->bytes[11] = 0xff;
+	__builtin_memcpy(&addr->bytes[12], &v4, 4);
+}
+
+static __always_inline int pf_is_icmp_error(__u8 protocol, __u8 type)
+{
+	if (protocol == PF_IPPROTO_ICMP)
+		return type == 3 || type == 11 || type == 12;  /* unreachable, time exceeded, param */
+	if (protocol == PF_IPPROTO_ICMPV6)
+		return type >= 1 && type <= 4;  /* unreachable, too big, time exceeded, param */
+	return 0;
+}
+
+static __always_inline int pf_is_echo(__u8 protocol, __u8 type, int *is_request)
+{
+	if ((protocol == PF_IPPROTO_ICMP && type == 8) || (protocol == PF_IPPROTO_ICMPV6 && type == 128)) {
+		*is_request = 1;
+		return 1;
+	}
+	if ((protocol == PF_IPPROTO_ICMP && type == 0) || (protocol == PF_IPPROTO_ICMPV6 && type == 129)) {
+		*is_request = 0;
+		return 1;
+	}
+	return 0;
+}
+
+/* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated. */
+static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8 protocol,
+					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type)
+{
+	*sport_be = 0;
+	*dport_be = 0;
+	*icmp_type = 0;
+	if (protocol == PF_IPPROTO_TCP || protocol == PF_IPPROTO_UDP || protocol == PF_IPPROTO_SCTP) {
+		__be16 ports[2];
+		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+			return -1;
+		*sport_be = ports[0];
+		*dport_be = ports[1];
+		if (protocol == PF_IPPROTO_TCP) {
+			__u8 doff;
+			/* a TCP header shorter than 20 bytes is malformed */
+			if (bpf_skb_load_bytes(skb, off + 12, &doff, 1) < 0 || (doff >> 4) < 5)
+				return -1;
+		}
+		return 0;
+	}
+	if (protocol == PF_IPPROTO_ICMP || protocol == PF_IPPROTO_ICMPV6) {
+		__u8 hdr[8];
+		int is_request = 0;
+		if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+			return -1;
+		*icmp_type = hdr[0];
+		if (pf_is_echo(protocol, hdr[0], &is_request)) {
+			__be16 id_be;
+			__builtin_memcpy(&id_be, &hdr[4], 2);
+			if (is_request)
+				*sport_be = id_be;
+			else
+				*dport_be = id_be;
+		}
+		return 0;
+	}
+	return 0;
+}
+
+/* IPv6 extension headers, walked with a bounded loop. Returns the L4 offset or -1. */
+static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, struct pf_packet *pkt)
+{
+	__u8 next = pkt->protocol;
+#pragma unroll
+	for (int i = 0; i < PF_MAX_IPV6_EXT_HEADERS; i++) {
+		__u8 ext[8];
+		switch (next) {
+		case 0:   /* hop-by-hop */
+		case 43:  /* routing */
+		case 60:  /* destination options */
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return -1;
+			next = ext[0];
+			off += ((__u32)ext[1] + 1) * 8;
+			break;
+		case 51:  /* authentication header: length in 4-byte units minus 2 */
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return -1;
+			next = ext[0];
+			off += ((__u32)ext[1] + 2) * 4;
+			break;
+		case 44: {  /* fragment */
+			__be16 frag_off_be;
+			__be32 id_be;
+			if (bpf_skb_load_bytes(skb, off, ext, 8) < 0)
+				return -1;
+			next = ext[0];
+			__builtin_memcpy(&frag_off_be, &ext[2], 2);
+			__builtin_memcpy(&id_be, &ext[4], 4);
+			pkt->frag_id = bpf_ntohl(id_be);
+			if (bpf_ntohs(frag_off_be) & 0xfff8)
+				pkt->flags |= PF_PKT_FRAG_LATER;
+			else if (bpf_ntohs(frag_off_be) & 0x1)
+				pkt->flags |= PF_PKT_FRAG_FIRST;
+			off += 8;
+			if (pkt->flags & PF_PKT_FRAG_LATER) {
+				pkt->protocol = next;
+				return off;
+			}
+			break;
+		}
+		default:
+			pkt->protocol = next;
+			return off;
+		}
+	}
+	/* more extension headers than we are willing to walk */
+	return -1;
+}
+
+/* Embedded header of an ICMP error at `off` (the inner IP header). Best effort: a missing inner
+ * L4 header leaves ports at 0. Returns 0 or -1. */
+static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off, struct pf_packet *pkt)
+{
+	__u8 icmp_type;
+	__u32 l4;
+	if (pkt->family == 4) {
+		struct iphdr inner;
+		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+			return -1;
+		pf_addr_from_v4(&pkt->inner_saddr, inner.saddr);
+		pf_addr_from_v4(&pkt->inner_daddr, inner.daddr);
+		pkt->inner_protocol = inner.protocol;
+		l4 = off + inner.ihl * 4;
+	} else {
+		struct ipv6hdr inner;
+		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0)
+			return -1;
+		__builtin_memcpy(&pkt->inner_saddr, &inner.saddr, 16);
+		__builtin_memcpy(&pkt->inner_daddr, &inner.daddr, 16);
+		pkt->inner_protocol = inner.nexthdr;
+		l4 = off + sizeof(inner);
+	}
+	if (pf_parse_ports(skb, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
+			   &icmp_type) < 0) {
+		pkt->inner_sport_be = 0;
+		pkt->inner_dport_be = 0;
+	}
+	return 0;
+}
+
+/* Parse L3 (at l3_off) and L4. `eth_proto_be` selects the family. Always fills what it could;
+ * sets PF_PKT_MALFORMED on failure. Returns 0 when the L3 header (addresses) is usable. */
+static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 eth_proto_be,
+				    struct pf_packet *pkt)
+{
+	__u32 l4;
+	__u8 icmp_type = 0;
+
+	if (eth_proto_be == bpf_htons(ETH_P_IP)) {
+		struct iphdr iph;
+		__u16 frag;
+		if (bpf_skb_load_bytes(skb, l3_off, &iph, sizeof(iph)) < 0 || iph.version != 4 || iph.ihl < 5) {
+			pkt->flags |= PF_PKT_MALFORMED;
+			return -1;
+		}
+		pkt->family = 4;
+		pf_addr_from_v4(&pkt->saddr, iph.saddr);
+		pf_addr_from_v4(&pkt->daddr, iph.daddr);
+		pkt->protocol = iph.protocol;
+		/* IHL > 5: options are skipped by the header length, never interpreted */
+		if (bpf_ntohs(iph.tot_len) < iph.ihl * 4) {
+			pkt->flags |= PF_PKT_MALFORMED;
+			return 0;
+		}
+		frag = bpf_ntohs(iph.frag_off);
+		pkt->frag_id = bpf_ntohs(iph.id);
+		if (frag & 0x1fff)
+			pkt->flags |= PF_PKT_FRAG_LATER;
+		else if (frag & 0x2000)
+			pkt->flags |= PF_PKT_FRAG_FIRST;
+		l4 = l3_off + iph.ihl * 4;
+	} else if (eth_proto_be == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		int off;
+		if (bpf_skb_load_bytes(skb, l3_off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6) {
+			pkt->flags |= PF_PKT_MALFORMED;
+			return -1;
+		}
+		pkt->family = 6;
+		__builtin_memcpy(&pkt->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(&pkt->daddr, &ip6.daddr, 16);
+		pkt->protocol = ip6.nexthdr;
+		off = pf_walk_ipv6_ext(skb, l3_off + sizeof(ip6), pkt);
+		if (off < 0) {
+			pkt->flags |= PF_PKT_MALFORMED;
+			return 0;
+		}
+		l4 = off;
+	} else {
+		pkt->flags |= PF_PKT_MALFORMED;
+		return -1;
+	}
+
+	if (pkt->flags & PF_PKT_FRAG_LATER)
+		return 0;
+	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type) < 0) {
+		pkt->flags |= PF_PKT_MALFORMED;
+		return 0;
+	}
+	if (pf_is_icmp_error(pkt->protocol, icmp_type)) {
+		pkt->flags |= PF_PKT_ICMP_ERROR;
+		if (pf_parse_icmp_inner(skb, l4 + 8, pkt) < 0)
+			pkt->flags |= PF_PKT_MALFORMED;
+	}
+	/* router/neighbour solicitation+advertisement, redirect, MLD: needed for IPv6 to work */
+	if (pkt->protocol == PF_IPPROTO_ICMPV6 &&
+	    ((icmp_type >= 130 && icmp_type <= 137) || icmp_type == 143))
+		pkt->flags |= PF_PKT_NDP;
+	return 0;
+}
+
+#endif /* PF_LIB_PARSE_H */

@@ -1,0 +1,188 @@
+/* podfence datapath: every program of the agent, compiled once at start by BCC.
+ *
+ *   tc_from_pod  tc ingress (clsact) of each pod's host-side interface: packets FROM the pod.
+ *                Anti-spoofing (IP source, ARP sender), unknown-endpoint guard, malformed and
+ *                orphan-fragment drops for egress-isolated pods; records the pre-DNAT tuple.
+ *   tc_to_pod    tc egress of the same interface: packets TO the pod, after routing and DNAT.
+ *                The ingress verdict of the destination pod.
+ *   nf_egress    socket filter run by iptables' bpf match (xt_bpf) in the filter table's FORWARD
+ *                and INPUT chains: after kube-proxy's DNAT, before SNAT. The egress verdict of
+ *                the source pod, found by its source address (anti-spoofed above). Returns
+ *                non-zero for packets to DROP.
+ *
+ * All policy lives in pinned maps (see lib/); a policy change never recompiles or re-attaches.
+ * See bpf/README.md for the design decisions.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "podfence.h"
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/endpoint.h"
+#include "lib/policy.h"
+#include "lib/conntrack.h"
+#include "lib/frag.h"
+#include "lib/metrics.h"
+
+#define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
+
+/* The verdict of one direction of one endpoint. Cost: <= 3 conntrack lookups, 1 node-address
+ * lookup, 1 ipcache + 1 CIDR LPM + 2 policy LPM lookups, or 1 fragment lookup. */
+static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
+				      __u64 now)
+{
+	__u32 policy_id = direction == PF_DIR_INGRESS ? ep->ingress_policy_id : ep->egress_policy_id;
+	__u32 reason;
+
+	if (pkt->flags & PF_PKT_NDP)
+		return PF_REASON_ALLOWED;
+	if (pkt->flags & PF_PKT_FRAG_LATER) {
+		reason = pf_frag_verdict(pkt, direction, now);
+		if (reason == PF_DROP_ORPHAN_FRAGMENT && policy_id == 0)
+			return PF_REASON_ALLOWED;
+		return reason;
+	}
+	if (!(pkt->flags & PF_PKT_MALFORMED) && pf_ct_check(pkt, direction, now) != PF_CT_MISS) {
+		reason = PF_REASON_ALLOWED;
+		goto out;
+	}
+	if (direction == PF_DIR_INGRESS && pf_is_node_ip(&pkt->saddr))
+		reason = PF_REASON_ALLOWED;
+	else if (policy_id == 0)
+		reason = PF_REASON_ALLOWED;
+	else if (pkt->flags & PF_PKT_MALFORMED)
+		return PF_DROP_MALFORMED;
+	else if (pf_policy_allows(policy_id, direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr,
+				  pkt->protocol, pkt->dport_be))
+		reason = PF_REASON_ALLOWED;
+	else
+		reason = PF_DROP_POLICY;
+
+	if (reason == PF_REASON_ALLOWED && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
+		pf_ct_admit(pkt, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now);
+out:
+	if (pkt->flags & PF_PKT_FRAG_FIRST)
+		pf_frag_remember(pkt, direction, reason, now);
+	return reason;
+}
+
+/* Counters, drop reasons and events for one verdict. */
+static __always_inline void pf_account(struct pf_packet *pkt, __u32 endpoint_id, int direction, __u32 reason,
+				       __u32 bytes, __u64 now)
+{
+	if (endpoint_id != PF_UNKNOWN_ENDPOINT_ID)
+		pf_count(endpoint_id, direction, reason == PF_REASON_ALLOWED, bytes);
+	if (reason != PF_REASON_ALLOWED) {
+		pf_count_drop(reason);
+		pf_emit_deny(pkt, endpoint_id, direction, reason, now);
+	}
+}
+
+static __always_inline int pf_unknown_endpoint(struct __sk_buff *skb, int direction, __u64 now)
+{
+	if (PF_UNKNOWN_ALLOW)
+		return TC_ACT_OK;
+	struct pf_packet pkt = {};
+	pf_parse(skb, ETH_HLEN, skb->protocol, &pkt);
+	pf_account(&pkt, PF_UNKNOWN_ENDPOINT_ID, direction, PF_DROP_UNKNOWN_ENDPOINT, skb->len, now);
+	return TC_ACT_SHOT;
+}
+
+/* ARP from a pod: the sender protocol address must be the pod's (0.0.0.0 for probes). */
+static __always_inline __u32 pf_check_arp(struct __sk_buff *skb)
+{
+	__u8 arp[28];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, arp, sizeof(arp)) < 0)
+		return PF_DROP_MALFORMED;
+	__be32 sender;
+	__builtin_memcpy(&sender, &arp[14], 4);
+	if (sender == 0)
+		return PF_REASON_ALLOWED;
+	struct pf_addr addr;
+	pf_addr_from_v4(&addr, sender);
+	return pf_source_belongs_to(&addr, skb->ifindex) ? PF_REASON_ALLOWED : PF_DROP_SPOOFED_ARP;
+}
+
+int tc_from_pod(struct __sk_buff *skb)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
+	struct pf_packet pkt = {};
+	__u32 reason = PF_REASON_ALLOWED;
+
+	if (!ep)
+		return pf_unknown_endpoint(skb, PF_DIR_EGRESS, now);
+
+	if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+		reason = pf_check_arp(skb);
+	} else if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)) {
+		reason = PF_DROP_UNSUPPORTED_L2;
+	} else if (pf_parse(skb, ETH_HLEN, skb->protocol, &pkt) < 0) {
+		/* without a readable IP header the source cannot be verified */
+		reason = PF_DROP_MALFORMED;
+	} else if (!pf_source_belongs_to(&pkt.saddr, skb->ifindex) &&
+		   !(pkt.family == 6 && (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr)))) {
+		reason = PF_DROP_SPOOFED_SOURCE;
+	} else if (ep->egress_policy_id && (pkt.flags & PF_PKT_MALFORMED)) {
+		reason = PF_DROP_MALFORMED;
+	} else if (pkt.flags & PF_PKT_FRAG_LATER) {
+		/* the egress verdict itself is given after reassembly by nf_egress; here only
+		 * fragments that belong to no datagram are refused */
+		if (ep->egress_policy_id && pf_frag_verdict(&pkt, PF_DIR_EGRESS, now) == PF_DROP_ORPHAN_FRAGMENT)
+			reason = PF_DROP_ORPHAN_FRAGMENT;
+	} else {
+		if (pkt.flags & PF_PKT_FRAG_FIRST)
+			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
+		if (!(pkt.flags & (PF_PKT_ICMP_ERROR | PF_PKT_NDP)))
+			pf_ct_admit(&pkt, PF_CT_FROM_POD, now);
+	}
+	if (reason != PF_REASON_ALLOWED) {
+		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+int tc_to_pod(struct __sk_buff *skb)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
+	struct pf_packet pkt = {};
+	__u32 reason;
+
+	if (!ep)
+		return pf_unknown_endpoint(skb, PF_DIR_INGRESS, now);
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
+		reason = ep->ingress_policy_id ? PF_DROP_UNSUPPORTED_L2 : PF_REASON_ALLOWED;
+	else if (pf_parse(skb, ETH_HLEN, skb->protocol, &pkt) < 0)
+		reason = ep->ingress_policy_id ? PF_DROP_MALFORMED : PF_REASON_ALLOWED;
+	else
+		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now);
+	pf_account(&pkt, ep->endpoint_id, PF_DIR_INGRESS, reason, skb->len, now);
+	return reason == PF_REASON_ALLOWED ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+int nf_egress(struct __sk_buff *skb)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pf_packet pkt = {};
+
+	/* at the netfilter hook skb->data is the IP header and the kernel has validated it */
+	if (pf_parse(skb, 0, skb->protocol, &pkt) < 0)
+		return 0;
+	struct pf_endpoint_ip_value *owner = pf_endpoint_ips.lookup(&pkt.saddr);
+	if (!owner)
+		return 0;  /* not sent by a local pod: its egress is not ours to judge */
+	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(owner->ifindex);
+	if (!ep)
+		return 0;
+	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
+	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
+	return reason != PF_REASON_ALLOWED;
+}

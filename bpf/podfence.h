@@ -1,0 +1,177 @@
+/* podfence: the ONE header of shared types.
+ *
+ * Every BPF map key/value struct and the verdict/drop-reason enum live here, included by the
+ * programs (podfence.c and bpf/lib) and mirrored in Python by agent/dataplane/bpf/structs.py; a test
+ * (tests/privileged/test_bpf_mirror.py) compares sizes and offsets against the compiled program.
+ *
+ * Conventions:
+ *  - explicit padding everywhere, so that C and ctypes agree without relying on compiler rules;
+ *  - byte order is in the field name: `_be` fields are network order, everything else host order;
+ *  - every address is 16 bytes: IPv6 as is, IPv4 as a v4-mapped address (::ffff:a.b.c.d), so one
+ *    map serves both families and an IPv4 prefix /n is stored as /(96+n).
+ */
+#ifndef PODFENCE_H
+#define PODFENCE_H
+
+/* Verdict and drop reasons: one numbered list shared by the datapath, the drop-reason counters,
+ * the deny events and the metrics labels. NEVER renumber; only append before PF_REASON_MAX. */
+enum pf_reason {
+	PF_REASON_ALLOWED = 0,          /* not a drop */
+	PF_DROP_POLICY = 1,             /* isolated and no allow matched */
+	PF_DROP_SPOOFED_SOURCE = 2,     /* IP source is not one of the pod's addresses */
+	PF_DROP_UNKNOWN_ENDPOINT = 3,   /* guarded interface that no endpoint claims */
+	PF_DROP_MALFORMED = 4,          /* truncated or invalid header */
+	PF_DROP_ORPHAN_FRAGMENT = 5,    /* non-first fragment whose first fragment was not seen */
+	PF_DROP_UNSUPPORTED_L2 = 6,     /* neither IPv4, IPv6 nor ARP from a pod */
+	PF_DROP_SPOOFED_ARP = 7,        /* ARP sender address is not one of the pod's addresses */
+	PF_REASON_MAX = 8,
+};
+
+/* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */
+enum pf_direction {
+	PF_DIR_INGRESS = 0,
+	PF_DIR_EGRESS = 1,
+};
+
+/* Peer kinds inside a policy key. */
+enum pf_peer_kind {
+	PF_PEER_IDENTITY = 1,  /* peer_class is an identity class (ipcache value) */
+	PF_PEER_CIDR = 2,      /* peer_class is a CIDR class (cidr LPM value) */
+};
+
+/* Conntrack flags: which judgement admitted the flow (see lib/conntrack.h). */
+#define PF_CT_EGRESS_OK  0x01  /* the source pod's egress policy admitted the original direction */
+#define PF_CT_INGRESS_OK 0x02  /* the destination pod's ingress policy admitted it */
+#define PF_CT_FROM_POD   0x04  /* a managed pod sent the original direction (pre-DNAT tuple) */
+
+struct pf_addr {
+	__u8 bytes[16];
+};
+
+/* endpoints: host-side ifindex -> the endpoint behind it. One map update flips an endpoint to
+ * new policy ids atomically. A policy id of 0 means "not isolated" (allow all) for that direction. */
+struct pf_endpoint_key {
+	__u32 ifindex;
+};
+
+struct pf_endpoint_value {
+	__u32 endpoint_id;          /* slot in the counters map */
+	__u32 ingress_policy_id;
+	__u32 egress_policy_id;
+	__u32 flags;                /* reserved, 0 */
+};
+
+/* endpoint_ips: a local pod's address -> its host-side ifindex. Used for anti-spoofing on tc
+ * ingress and to find the endpoint of a packet at the netfilter egress hook. */
+struct pf_endpoint_ip_value {
+	__u32 ifindex;
+	__u32 reserved;
+};
+
+/* ipcache: exact peer address -> identity class (the set of identities carrying that address).
+ * node_ips: the node's own addresses (value unused, presence is the fact). */
+struct pf_ipcache_value {
+	__u32 class_id;
+	__u32 reserved;
+};
+
+/* cidr: LPM trie, address prefix -> CIDR class. Each prefix maps to the set of CidrPeers whose
+ * (cidr minus excepts) contains the addresses whose longest match is that prefix; identical sets
+ * share one class id. A class containing no peer is stored as class 0 (matches nothing), which
+ * is how an `except` shadows its enclosing cidr. */
+struct pf_cidr_key {
+	__u32 prefixlen;            /* 0..128, IPv4 prefixes are 96 + n */
+	struct pf_addr addr;
+};
+
+struct pf_cidr_value {
+	__u32 class_id;
+	__u32 reserved;
+};
+
+/* policy: LPM trie over (policy_id, peer_class, peer_kind, protocol, dport_be), in this byte order.
+ *  - policy_id, peer_class and peer_kind are always matched exactly (prefix >= 72 bits);
+ *  - protocol 0 in a rule ("every protocol, every port") is a prefix of exactly 72 bits, so it
+ *    covers every protocol byte and every port;
+ *  - a port range becomes at most 30 prefixes of 80 + k bits (k = matched high bits of dport_be);
+ *  - a packet without ports (ICMP, other protocols) looks up dport 0 and so only matches
+ *    protocol-0 rules.
+ * Policy ids are shared by identical allow lists (dedup), whatever the direction. */
+struct pf_policy_key {
+	__u32 prefixlen;
+	__u32 policy_id;
+	__u32 peer_class;
+	__u8 peer_kind;
+	__u8 protocol;
+	__be16 dport_be;
+};
+
+struct pf_policy_value {
+	__u32 rule_count;           /* informational: how many allows produced this prefix */
+	__u32 reserved;
+};
+
+/* ct: LRU conntrack keyed by the ORIGINAL direction's tuple. For ICMP echo the id takes the place
+ * of the source port (request) or destination port (reply), so that a reply's reversed tuple is
+ * the request's tuple. Other protocols without ports use 0/0 (tracked by address pair). */
+struct pf_ct_key {
+	struct pf_addr saddr;
+	struct pf_addr daddr;
+	__be16 sport_be;
+	__be16 dport_be;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+struct pf_ct_value {
+	__u64 last_seen_ns;         /* bpf_ktime_get_ns() of the last packet */
+	__u32 flags;                /* PF_CT_* */
+	__u32 reserved;
+};
+
+/* frag: LRU, the verdict of a first fragment for the later fragments of the same datagram. */
+struct pf_frag_key {
+	struct pf_addr saddr;
+	struct pf_addr daddr;
+	__u32 id;                   /* IPv4 id (host order of the 16-bit field) or IPv6 fragment id */
+	__u8 protocol;
+	__u8 direction;
+	__u8 pad[2];
+};
+
+struct pf_frag_value {
+	__u32 reason;               /* enum pf_reason of the first fragment */
+	__be16 sport_be;
+	__be16 dport_be;
+	__u64 last_seen_ns;
+};
+
+/* counters: per-CPU array indexed by endpoint_id * 2 + direction. */
+struct pf_counter_value {
+	__u64 allowed_packets;
+	__u64 allowed_bytes;
+	__u64 denied_packets;
+	__u64 denied_bytes;
+};
+
+/* deny events sent through the ring buffer (rate limited per CPU). */
+struct pf_deny_event {
+	__u32 endpoint_id;
+	__u8 direction;
+	__u8 reason;
+	__u8 protocol;
+	__u8 family;                /* 4 or 6 */
+	__be16 sport_be;
+	__be16 dport_be;
+	__u32 pad;
+	struct pf_addr saddr;
+	struct pf_addr daddr;
+};
+
+/* event_budget: per-CPU token bucket for deny events. */
+struct pf_event_budget {
+	__u64 tokens;
+	__u64 last_refill_ns;
+};
+
+#endif /* PODFENCE_H */
