@@ -14,6 +14,7 @@ Exit 0 only if every expectation held. Everything is removed afterwards, also on
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import os
 import signal
@@ -256,9 +257,28 @@ class Demo:
         return EXIT_OK
 
 
+def choose_dataplane(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    try:
+        bpf = importlib.import_module("agent.dataplane.bpf")
+        if hasattr(bpf, "BpfDataplane"):
+            return "bpf"
+        reason = "agent.dataplane.bpf has no BpfDataplane"
+    except ImportError as err:
+        reason = str(err)
+    print(f"bpf dataplane not available ({reason}): using iptables")
+    return "iptables"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=[m.value for m in CniMode], default=CniMode.ROUTED.value)
-    parser.add_argument("--dataplane", choices=DATAPLANES, default="bpf")
+    parser.add_argument(
+        "--dataplane",
+        choices=["auto", *DATAPLANES],
+        default="auto",
+        help="auto: bpf where its dataplane is available, else iptables (default %(default)s)",
+    )
     parser.add_argument("--keep-logs", type=Path, help="copy control/agent logs to this folder")
 
 
@@ -276,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     teardown()  # leftovers of an earlier, killed run
     with tempfile.TemporaryDirectory(prefix="podfence-demo-") as workdir:
-        demo = Demo(CniMode(args.mode), args.dataplane, Path(workdir))
+        demo = Demo(CniMode(args.mode), choose_dataplane(args.dataplane), Path(workdir))
         try:
             return demo.run()
         except LabError as err:

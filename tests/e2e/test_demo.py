@@ -1,0 +1,36 @@
+"""`podfence demo` end to end: it must pass, finish inside a minute and leave nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.lab.topology import leftovers
+from tests.e2e.test_conformance import _missing_dataplane
+
+DEMO_BUDGET_S = 60
+
+
+@pytest.mark.parametrize("mode", ["routed", "bridged"])
+@pytest.mark.parametrize("dataplane", ["bpf", "iptables"])
+def test_demo_passes_quickly_and_cleans_up(dataplane: str, mode: str) -> None:
+    missing = _missing_dataplane(dataplane)
+    if missing:
+        pytest.skip(missing)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--dataplane", dataplane, "--mode", mode],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_BUDGET_S * 2,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "demo passed: every expectation held" in result.stdout
+    assert "[ok] ingress -> ratings:9080 after flushing its own rules: blocked" in result.stdout
+    assert elapsed < DEMO_BUDGET_S, f"demo took {elapsed:.1f} s"
+    assert leftovers() == []
