@@ -103,6 +103,7 @@ class Reconciler:
         self._lock = threading.Lock()  # serialises discovery and dataplane programming
         self._desired: NodeState | None = None
         self._programmed: NodeState | None = None
+        self._programmed_wiring: dict[int, tuple[str, int | None]] = {}
         self._applied_version: int | None = None
         self._last_error: str | None = None
         self._errors_total = 0
@@ -196,10 +197,19 @@ class Reconciler:
     def _program_locked(self, desired: NodeState) -> bool:
         view = self._discovery.scan()
         complete = self._complete(desired, view)
-        if complete == self._programmed:
+        # Dataplanes derive more than the ifindex from a pod interface (its name, the bridge it
+        # is a port of: iptables matches bridged traffic with physdev), so a veth that joins a
+        # bridge after it appeared must be programmed again even though NodeState is unchanged.
+        wiring = {
+            index: (link.name, link.master)
+            for index in complete.pod_interfaces
+            if (link := view.links.get(index)) is not None
+        }
+        if complete == self._programmed and wiring == self._programmed_wiring:
             self._applied_version = desired.version
             return False
         self._dataplane.apply(complete)
+        self._programmed_wiring = wiring
         if self._programmed is None or self._programmed.pod_interfaces != complete.pod_interfaces:
             log.info(
                 "guarding %d pod interfaces, %d of %d endpoints located",
@@ -228,6 +238,22 @@ class Reconciler:
                 log.warning("interface %d claimed by several endpoints %s; leaving it unknown", ifindex, keys)
                 for key in keys:
                     located[key] = None
+        # Sticky locations: a quiet bridged pod's neighbour and FDB entries age out (300 s by
+        # default), and dropping its policy then would turn it into an unknown endpoint. Keep
+        # the interface found before while it still exists and no fresh lookup claims it.
+        previous = self._programmed.endpoints if self._programmed is not None else {}
+        claimed = {ifindex for ifindex in located.values() if ifindex is not None} | set(claims)
+        for key, ifindex in located.items():
+            before = previous[key].ifindex if key in previous else None
+            if (
+                ifindex is None
+                and before is not None
+                and before in view.pod_interfaces
+                and before not in claimed
+                and previous[key].ips == desired.endpoints[key].ips
+            ):
+                located[key] = before
+                claimed.add(before)
         endpoints = {
             key: ep if ep.ifindex == located[key] else replace(ep, ifindex=located[key])
             for key, ep in desired.endpoints.items()
@@ -274,4 +300,3 @@ class Reconciler:
             if ep.ifindex == ifindex:
                 return key
         return None
-

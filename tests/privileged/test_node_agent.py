@@ -61,7 +61,8 @@ class Pod:
 
 
 class NodeLab:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, cni: str) -> None:
+        self.cni = cni
         self.prefix = f"pfn-{uuid.uuid4().hex[:6]}"
         self.node = f"{self.prefix}-node"
         self.source = tmp / "source"
@@ -84,6 +85,12 @@ class NodeLab:
         sh(f"ip -n {self.node} link set up0 up")
         sh(f"ip -n {outside} link set eth0 up")
         sh(f"ip -n {self.node} route add default via 192.168.77.1")
+        if self.cni == "bridged":
+            sh(f"ip -n {self.node} link add br0 type bridge")
+            sh(f"ip -n {self.node} addr add 10.244.0.1/24 dev br0")
+            sh(f"ip -n {self.node} link set br0 up")
+            # Bridged traffic through iptables and conntrack, as the bridge CNI plugin sets it.
+            sh(f"ip netns exec {self.node} sysctl -qw net.bridge.bridge-nf-call-iptables=1")
         self._write(
             "namespace.yaml",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns", "labels": {"name": "ns"}}},
@@ -102,19 +109,23 @@ class NodeLab:
         scratch.rename(target)
 
     def add_pod_interface(self, name: str, ip: str, labels: dict[str, str]) -> Pod:
-        """What a CNI plugin does: netns, veth, address, /32 route; nothing told podfence yet."""
+        """What a CNI plugin does: netns, veth, address, route or bridge port; podfence is not told."""
         netns = f"{self.prefix}-{name}"
         self._add_netns(netns)
         host = f"hv{name}"
         sh(f"ip -n {self.node} link add {host} type veth peer name eth0 netns {netns}")
-        sh(f"ip -n {self.node} addr add 169.254.1.1/32 dev {host} scope link")
-        sh(f"ip -n {self.node} link set {host} up")
-        sh(f"ip -n {self.node} route add {ip}/32 dev {host}")
-        sh(f"ip -n {netns} addr add {ip}/32 dev eth0")
         sh(f"ip -n {netns} link set eth0 up")
-        sh(f"ip -n {netns} route add 169.254.1.1/32 dev eth0 scope link")
-        sh(f"ip -n {netns} route add default via 169.254.1.1 dev eth0")
-        sh(f"ip netns exec {self.node} sysctl -qw net.ipv4.conf.{host}.proxy_arp=1")
+        if self.cni == "routed":  # ptp/Calico style
+            sh(f"ip -n {self.node} addr add 169.254.1.1/32 dev {host} scope link")
+            sh(f"ip -n {self.node} link set {host} up")
+            sh(f"ip -n {self.node} route add {ip}/32 dev {host}")
+            sh(f"ip -n {netns} addr add {ip}/32 dev eth0")
+            sh(f"ip -n {netns} route add 169.254.1.1/32 dev eth0 scope link")
+            sh(f"ip -n {netns} route add default via 169.254.1.1 dev eth0")
+        else:  # bridge plugin / flannel style
+            sh(f"ip -n {self.node} link set {host} master br0 up")
+            sh(f"ip -n {netns} addr add {ip}/24 dev eth0")
+            sh(f"ip -n {netns} route add default via 10.244.0.1 dev eth0")
         self.processes.append(
             subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER])
         )
@@ -205,9 +216,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[NodeLab]:
-    built = NodeLab(tmp_path)
+@pytest.fixture(params=["routed", "bridged"])
+def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeLab]:
+    built = NodeLab(tmp_path, request.param)
     try:
         built.build()
         yield built

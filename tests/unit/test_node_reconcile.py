@@ -11,7 +11,7 @@ import pytest
 
 from agent.dataplane.base import CapacityError, EndpointCounters, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import HostView
+from agent.node.interfaces import HostView, Link
 from agent.node.reconcile import LatencyHistogram, Reconciler, RetryPolicy
 
 POD_A = ipaddress.ip_address("10.0.0.5")
@@ -52,12 +52,16 @@ class ScriptedDiscoveryDouble:
     def __init__(self) -> None:
         self.pod_interfaces: frozenset[int] = frozenset()
         self.routes: dict[IPAddress, int] = {}
+        self.links: dict[int, Link] = {}
         self.scans = 0
 
     def scan(self) -> HostView:
         self.scans += 1
         return HostView(
-            links={}, node_ips=(NODE_IP,), uplinks=frozenset({1}), pod_interfaces=self.pod_interfaces
+            links=dict(self.links),
+            node_ips=(NODE_IP,),
+            uplinks=frozenset({1}),
+            pod_interfaces=self.pod_interfaces,
         )
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
@@ -194,6 +198,40 @@ def test_reapplies_on_interface_change_without_a_new_version(doubles):
         reconciler.interfaces_changed()
         loop.join(timeout=5)
     assert not loop.is_alive()
+
+
+def test_veth_joining_a_bridge_is_programmed_again(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({11})
+    discovery.links = {11: Link(11, "veth1", "veth", peer_netnsid=0, master=None)}
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.apply(_desired(1))
+    assert reconciler.reconcile_once() is False  # nothing changed
+
+    discovery.links = {11: Link(11, "veth1", "veth", peer_netnsid=0, master=3)}
+    assert reconciler.reconcile_once() is True
+    assert len(dataplane.applied) == 2
+
+
+def test_location_sticks_while_the_interface_exists(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({7, 8})
+    discovery.routes = {POD_A: 7}
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.apply(_desired(1, ("ns/a", POD_A)))
+    assert dataplane.applied[-1].endpoints["ns/a"].ifindex == 7
+
+    discovery.routes = {}  # the FDB entry aged out: the lookup finds nothing now
+    reconciler.reconcile_once()
+    assert dataplane.applied[-1].endpoints["ns/a"].ifindex == 7
+
+    discovery.routes = {POD_B: 7}  # a fresh lookup claims the interface for another pod
+    reconciler.apply(_desired(2, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert {k: e.ifindex for k, e in dataplane.applied[-1].endpoints.items()} == {"ns/a": None, "ns/b": 7}
+
+    discovery.pod_interfaces = frozenset({8})  # the veth is gone
+    reconciler.reconcile_once()
+    assert {e.ifindex for e in dataplane.applied[-1].endpoints.values()} == {None}
 
 
 def test_interface_change_before_any_version_programs_nothing(doubles):
