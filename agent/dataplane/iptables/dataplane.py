@@ -18,6 +18,7 @@ always allowed, and the node's IPs are in every ingress chain for traffic it for
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -123,6 +124,8 @@ class IptablesDataplane:
             raise ValueError(
                 f"established_on_change must be 'keep' or 'reset', not {established_on_change!r}"
             )
+        if established_on_change == "reset" and shutil.which("conntrack") is None:
+            raise PermanentDataplaneError("established_on_change='reset' needs the conntrack tool")
         self.unknown_endpoints = unknown_endpoints
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
