@@ -3,6 +3,7 @@
     serve --tcp 80,81 --udp 53 [--sctp-log FILE]   echo servers (+ a raw SCTP sink); prints "ready"
     probe tcp|udp|icmp|sctp IP PORT [--bind IP] [--sctp-log FILE]
                                                    one new flow; exit 0 if answered, 1 if not
+    probe tcp-refused|udp-refused IP PORT          exit 0 if a RST / ICMP unreachable came back
     stream IP PORT FILE                            one TCP connection, a message every 20 ms;
                                                    FILE holds the number of echoes received so far
     flood IP ALLOWED_PORT DENIED_PORT SECONDS      a new UDP flow to each port per round; prints
@@ -171,7 +172,28 @@ def _probe_udp(ip: str, port: int, bind: str | None) -> bool:
         sock.close()
 
 
+def _probe_refused(ip: str, port: int, kind: int) -> bool:
+    """True if the peer said no: a TCP RST, or an ICMP port unreachable (a connected UDP socket)."""
+    sock = socket.socket(_family(ip), kind)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.connect((ip, port))
+        if kind == socket.SOCK_DGRAM:
+            sock.send(b"ping")
+            sock.recv(16)
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 def probe(args: argparse.Namespace) -> int:
+    if args.kind in ("tcp-refused", "udp-refused"):
+        kind = socket.SOCK_STREAM if args.kind == "tcp-refused" else socket.SOCK_DGRAM
+        return 0 if _probe_refused(args.ip, args.port, kind) else 1
     if args.kind == "tcp":
         answered = _probe_tcp(args.ip, args.port, args.bind)
     elif args.kind == "udp":
@@ -226,7 +248,7 @@ def main() -> int:
     serve_parser.add_argument("--udp", default="")
     serve_parser.add_argument("--sctp-log")
     probe_parser = commands.add_parser("probe")
-    probe_parser.add_argument("kind", choices=["tcp", "udp", "icmp", "sctp"])
+    probe_parser.add_argument("kind", choices=["tcp", "udp", "icmp", "sctp", "tcp-refused", "udp-refused"])
     probe_parser.add_argument("ip")
     probe_parser.add_argument("port", type=int)
     probe_parser.add_argument("--bind")

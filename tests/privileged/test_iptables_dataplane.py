@@ -249,6 +249,35 @@ def test_bridged_pods_are_filtered_with_br_netfilter_and_physdev(node: Node, tmp
         worker.stop()
 
 
+def test_drops_are_silent_and_icmp_errors_of_allowed_flows_pass(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
+    p1, p2, _ = node.pods
+    closed = 9999  # nothing listens there: the kernel answers RST / ICMP port unreachable
+    assert node.probe(p1, "tcp-refused", p2.ip, closed) and node.probe(p1, "udp-refused", p2.ip, closed)
+    dataplane.call(
+        "apply",
+        node_state(
+            node,
+            # p1 accepts nothing from p2; p2's RST or ICMP error must still reach p1 as RELATED/reply.
+            ingress={
+                1: isolated(),
+                2: isolated(from_pod(p1, TCP, closed, closed), from_pod(p1, UDP, closed, closed)),
+            },
+        ),
+    )
+    assert_flows(
+        node,
+        [
+            ("p1->p2 tcp: RST of an allowed flow", p1, "tcp-refused", p2.ip, closed, True),
+            ("p1->p2 udp: ICMP port unreachable of an allowed flow", p1, "udp-refused", p2.ip, closed, True),
+            ("p1->p2 tcp/8081 denied: no RST, silence", p1, "tcp-refused", p2.ip, 8081, False),
+            ("p1->p2 udp/8081 denied: no ICMP error, silence", p1, "udp-refused", p2.ip, 8081, False),
+        ],
+        tmp_path,
+    )
+
+
 def test_sctp_only_rule_does_not_open_tcp_and_portless_rule_allows_icmp(
     node: Node, dataplane: DataplaneWorker, tmp_path: Path
 ) -> None:
