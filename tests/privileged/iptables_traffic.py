@@ -6,7 +6,8 @@
     probe tcp-refused|udp-refused IP PORT          exit 0 if a RST / ICMP unreachable came back
     stream IP PORT FILE                            one TCP connection, a message every 20 ms;
                                                    FILE holds the number of echoes received so far
-    flood IP ALLOWED_PORT DENIED_PORT SECONDS      a new UDP flow to each port per round; prints
+    flood IP ALLOWED_PORT DENIED_PORT SECONDS [--until FILE]
+                                                   a new UDP flow to each port per round; prints
                                                    JSON counts of rounds and echoes per port
 
 Standard library only. This kernel has no SCTP sockets: SCTP is sent and received on raw IP
@@ -223,7 +224,7 @@ def stream(args: argparse.Namespace) -> int:
 def flood(args: argparse.Namespace) -> int:
     counts = {"rounds": 0, "allowed_echoed": 0, "denied_echoed": 0}
     deadline = time.monotonic() + args.seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (args.until and os.path.exists(args.until)):
         allowed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a new source port: a new flow
         denied = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         allowed.sendto(b"a", (args.ip, args.allowed_port))
@@ -262,6 +263,7 @@ def main() -> int:
     flood_parser.add_argument("allowed_port", type=int)
     flood_parser.add_argument("denied_port", type=int)
     flood_parser.add_argument("seconds", type=float)
+    flood_parser.add_argument("--until", help="stop early once this file exists")
     args = parser.parse_args()
     handlers = {"serve": serve, "probe": probe, "stream": stream, "flood": flood}
     return handlers[args.command](args)

@@ -437,9 +437,14 @@ def test_other_softwares_rules_survive_start_apply_and_teardown(node: Node) -> N
         worker.stop()
 
 
-def test_no_allow_all_or_deny_all_window_during_50_updates(node: Node, dataplane: DataplaneWorker) -> None:
+def test_no_allow_all_or_deny_all_window_during_50_updates(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
     p1, p2, _ = node.pods
-    flood = node.spawn(p1, "flood", p2.ip, "53", "54", "8")
+    done = tmp_path / "updates-done"
+    dataplane.call("apply", node_state(node, version=0, ingress={2: isolated(from_pod(p1, UDP, 53, 53))}))
+    flood = node.spawn(p1, "flood", p2.ip, "53", "54", "120", "--until", str(done))
+    time.sleep(0.3)  # the flood is under way before the first update
     for version in range(1, 51):
         # Every update changes p2's chain (a new rule) and the identity set (an extra member).
         extra = cidr("10.200.0.0/16", TCP, 1000 + version, 1000 + version)
@@ -452,6 +457,8 @@ def test_no_allow_all_or_deny_all_window_during_50_updates(node: Node, dataplane
                 extra_identity_ips={identity_of(p1): ("10.1.0.200",) if version % 2 else ()},
             ),
         )
+    time.sleep(0.3)
+    done.touch()
     out, err = flood.communicate(timeout=30)
     counts = json.loads(out)
     assert counts["rounds"] > 50, err
