@@ -69,9 +69,10 @@ static __always_inline int pf_is_echo(__u8 protocol, __u8 type, int *is_request)
 	return 0;
 }
 
-/* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated. */
+/* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated.
+ * `full_header`: also require a complete TCP header (not for the 8 bytes an ICMP error quotes). */
 static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8 protocol,
-					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type)
+					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, int full_header)
 {
 	*sport_be = 0;
 	*dport_be = 0;
@@ -82,7 +83,7 @@ static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8
 			return -1;
 		*sport_be = ports[0];
 		*dport_be = ports[1];
-		if (protocol == PF_IPPROTO_TCP) {
+		if (protocol == PF_IPPROTO_TCP && full_header) {
 			__u8 doff;
 			/* a TCP header shorter than 20 bytes is malformed */
 			if (bpf_skb_load_bytes(skb, off + 12, &doff, 1) < 0 || (doff >> 4) < 5)
@@ -184,7 +185,7 @@ static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off,
 		l4 = off + sizeof(inner);
 	}
 	if (pf_parse_ports(skb, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
-			   &icmp_type) < 0) {
+			   &icmp_type, 0) < 0) {
 		pkt->inner_sport_be = 0;
 		pkt->inner_dport_be = 0;
 	}
@@ -246,7 +247,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 
 	if (pkt->flags & PF_PKT_FRAG_LATER)
 		return 0;
-	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type) < 0) {
+	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, 1) < 0) {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return 0;
 	}

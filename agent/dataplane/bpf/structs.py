@@ -176,6 +176,40 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
 }
 
 
+# mirror -> C struct name in bpf/podfence.h
+C_STRUCT_NAMES: dict[type, str] = {
+    Addr: "pf_addr",
+    EndpointKey: "pf_endpoint_key",
+    EndpointValue: "pf_endpoint_value",
+    EndpointIpValue: "pf_endpoint_ip_value",
+    IpcacheValue: "pf_ipcache_value",
+    CidrKey: "pf_cidr_key",
+    CidrValue: "pf_cidr_value",
+    PolicyKey: "pf_policy_key",
+    PolicyValue: "pf_policy_value",
+    CtKey: "pf_ct_key",
+    CtValue: "pf_ct_value",
+    FragKey: "pf_frag_key",
+    FragValue: "pf_frag_value",
+    CounterValue: "pf_counter_value",
+    DenyEventStruct: "pf_deny_event",
+    EventBudget: "pf_event_budget",
+}
+
+# Python constant -> C enumerator/macro of the same value
+C_CONSTANTS: dict[str, int] = {
+    **{("PF_REASON_ALLOWED" if r is Reason.ALLOWED else f"PF_DROP_{r.name}"): int(r) for r in Reason},
+    "PF_REASON_MAX": REASON_MAX,
+    "PF_DIR_INGRESS": Direction.INGRESS,
+    "PF_DIR_EGRESS": Direction.EGRESS,
+    "PF_PEER_IDENTITY": PeerKind.IDENTITY,
+    "PF_PEER_CIDR": PeerKind.CIDR,
+    "PF_CT_EGRESS_OK": CT_EGRESS_OK,
+    "PF_CT_INGRESS_OK": CT_INGRESS_OK,
+    "PF_CT_FROM_POD": CT_FROM_POD,
+}
+
+
 def addr_bytes(address: IPAddress) -> bytes:
     """16-byte datapath form: IPv6 as is, IPv4 v4-mapped."""
     if isinstance(address, ipaddress.IPv4Address):

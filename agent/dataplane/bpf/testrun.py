@@ -1,0 +1,57 @@
+"""BPF_PROG_TEST_RUN through the bpf() syscall (ctypes): run a loaded program on one packet.
+
+Used by the packet-table tests and handy for debugging a verdict without any traffic. The
+packet is run on the caller's loopback device, so its skb->ifindex is 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+SYS_BPF = 321  # x86_64
+BPF_PROG_TEST_RUN = 10
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def run_program(prog_fd: int, frame: bytes) -> int:
+    """The program's return value for `frame` (an Ethernet frame)."""
+    data_in = ctypes.create_string_buffer(frame, len(frame))
+    data_out = ctypes.create_string_buffer(len(frame) + 256)
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(frame),
+        data_size_out=len(data_out),
+        data_in=ctypes.addressof(data_in),
+        data_out=ctypes.addressof(data_out),
+        repeat=1,
+    )
+    if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"BPF_PROG_TEST_RUN: {os.strerror(error)}")
+    return int(attr.retval)
