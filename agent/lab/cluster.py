@@ -198,7 +198,8 @@ class PodfenceOnLab:
         self.wait_applied(timeout=timeout)
 
     def stop(self) -> None:
-        for name in list(self.processes):
+        # Agents first: a control service that goes away first only fills their logs with retries.
+        for name in sorted(self.processes, key=lambda n: n == "control"):
             stop_pid_file(RUN_DIR / f"{name}.pid", grace_seconds=5.0)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.processes.pop(name).wait(timeout=1)
