@@ -92,7 +92,7 @@ def tcp6(src: str, dst: str, sport: int = 40000, dport: int = 80, extensions: tu
     payload = l4(TCP, sport, dport)
     chain = [*extensions, TCP]
     headers = b""
-    for index, kind in enumerate(extensions):
+    for index in range(len(extensions)):
         headers += ext_header(chain[index + 1])
     return eth(ETH_IP6, ipv6(src, dst, chain[0], headers + payload))
 

@@ -1,0 +1,220 @@
+"""The eBPF dataplane compiler as state lists: NodeState in, desired map contents out (no root)."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from agent.dataplane.bpf.compiler import (
+    NOT_ISOLATED,
+    Allocation,
+    cidr_classes_of,
+    compile_node_state,
+    port_range_prefixes,
+    transition_policy_entries,
+)
+from agent.dataplane.bpf.structs import (
+    POLICY_PREFIX_ANY_PROTOCOL,
+    POLICY_PREFIX_PROTOCOL,
+    PeerKind,
+    addr_bytes,
+    network_prefix,
+)
+from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+
+OPEN = DirectionPolicy()
+net = ipaddress.ip_network
+addr = ipaddress.ip_address
+
+
+def covered(blocks: list[tuple[int, int]]) -> set[int]:
+    ports: set[int] = set()
+    for value, bits in blocks:
+        size = 1 << (16 - bits)
+        assert value % size == 0, "a prefix block must be aligned"
+        ports.update(range(value, value + size))
+    return ports
+
+
+@pytest.mark.parametrize(
+    ("first", "last"), [(0, 65535), (80, 80), (1000, 2000), (1, 65534), (0, 0), (65535, 65535), (1024, 2047)]
+)
+def test_port_range_prefixes_cover_exactly_the_range(first: int, last: int) -> None:
+    blocks = port_range_prefixes(first, last)
+    assert covered(blocks) == set(range(first, last + 1))
+    assert len(blocks) <= 30
+
+
+def test_port_range_prefixes_random_ranges_stay_exact_and_bounded() -> None:
+    rng = random.Random(4)
+    for _ in range(200):
+        first = rng.randrange(65536)
+        last = rng.randrange(first, 65536)
+        blocks = port_range_prefixes(first, last)
+        assert covered(blocks) == set(range(first, last + 1))
+        assert len(blocks) <= 30
+
+
+def test_port_range_rejects_inverted_range() -> None:
+    with pytest.raises(ValueError):
+        port_range_prefixes(10, 9)
+
+
+def longest_match_class(classes: dict, address: ipaddress.IPv4Address) -> frozenset:
+    matches = [p for p in classes if p.version == address.version and address in p]
+    if not matches:
+        return frozenset()
+    return classes[max(matches, key=lambda p: p.prefixlen)]
+
+
+def test_cidr_classes_give_each_address_exactly_the_peers_containing_it() -> None:
+    first = CidrPeer(net("10.0.0.0/8"), (net("10.1.0.0/16"),))
+    second = CidrPeer(net("10.1.0.0/16"), (net("10.1.2.0/24"),))
+    third = CidrPeer(net("10.1.2.3/32"))
+    classes = cidr_classes_of([first, second, third])
+    for text in ("10.0.0.1", "10.1.0.1", "10.1.2.1", "10.1.2.3", "11.0.0.1", "10.255.255.255"):
+        address = addr(text)
+        expected = {
+            p
+            for p in (first, second, third)
+            if address in p.cidr and not any(address in e for e in p.excepts)
+        }
+        assert longest_match_class(classes, address) == expected, text
+
+
+def test_except_of_another_peer_does_not_remove_an_address() -> None:
+    wide = CidrPeer(net("10.0.0.0/8"))
+    carved = CidrPeer(net("10.0.0.0/8"), (net("10.9.0.0/16"),))
+    classes = cidr_classes_of([wide, carved])
+    assert longest_match_class(classes, addr("10.9.0.1")) == {wide}
+    assert longest_match_class(classes, addr("10.8.0.1")) == {wide, carved}
+
+
+def endpoint(
+    key: str,
+    ip: str,
+    ifindex: int | None,
+    ingress: DirectionPolicy = OPEN,
+    egress: DirectionPolicy = OPEN,
+) -> Endpoint:
+    return Endpoint(key, (addr(ip),), ingress, egress, ifindex)
+
+
+def iso(*allows: Allow) -> DirectionPolicy:
+    return DirectionPolicy(True, allows)
+
+
+def test_identical_allow_lists_share_one_policy_id_across_endpoints_and_directions() -> None:
+    rules = iso(Allow(IdentityPeer(1), 6, 80, 80))
+    state = NodeState(
+        1,
+        {
+            "ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules),
+            "ns/b": endpoint("ns/b", "10.0.0.2", 6, egress=rules),
+            "ns/c": endpoint("ns/c", "10.0.0.3", 7),
+        },
+        {1: (addr("10.0.0.9"),)},
+    )
+    desired = compile_node_state(state)
+    a, b, c = desired.endpoints[5], desired.endpoints[6], desired.endpoints[7]
+    assert a.ingress_policy_id == b.egress_policy_id != NOT_ISOLATED
+    assert a.egress_policy_id == b.ingress_policy_id == NOT_ISOLATED
+    assert (c.ingress_policy_id, c.egress_policy_id) == (NOT_ISOLATED, NOT_ISOLATED)
+    class_id = desired.ipcache[addr_bytes(addr("10.0.0.9"))]
+    assert desired.policy == {
+        (POLICY_PREFIX_PROTOCOL + 16, a.ingress_policy_id, class_id, PeerKind.IDENTITY, 6, 80): 1
+    }
+
+
+def test_isolated_without_allows_has_a_policy_id_but_no_entries() -> None:
+    state = NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=iso())})
+    desired = compile_node_state(state)
+    assert desired.endpoints[5].ingress_policy_id != NOT_ISOLATED
+    assert desired.policy == {}
+
+
+def test_protocol_any_is_one_short_prefix_and_cidr_excepts_become_class_zero() -> None:
+    peer = CidrPeer(net("192.168.0.0/16"), (net("192.168.1.0/24"),))
+    state = NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, egress=iso(Allow(peer)))})
+    desired = compile_node_state(state)
+    policy_id = desired.endpoints[5].egress_policy_id
+    outer = desired.cidr[network_prefix(net("192.168.0.0/16"))]
+    assert desired.cidr[network_prefix(net("192.168.1.0/24"))] == 0
+    assert desired.policy == {(POLICY_PREFIX_ANY_PROTOCOL, policy_id, outer, PeerKind.CIDR, 0, 0): 1}
+
+
+def test_only_referenced_identities_reach_the_ipcache_and_shared_addresses_get_a_combined_class() -> None:
+    state = NodeState(
+        1,
+        {
+            "ns/a": endpoint(
+                "ns/a", "10.0.0.1", 5, ingress=iso(Allow(IdentityPeer(1)), Allow(IdentityPeer(2)))
+            )
+        },
+        {1: (addr("10.0.0.7"), addr("10.0.0.8")), 2: (addr("10.0.0.8"),), 3: (addr("10.0.0.9"),)},
+    )
+    desired = compile_node_state(state)
+    assert set(desired.ipcache) == {addr_bytes(addr("10.0.0.7")), addr_bytes(addr("10.0.0.8"))}
+    classes = desired.allocation.identity_classes
+    assert desired.ipcache[addr_bytes(addr("10.0.0.8"))] == classes[frozenset({1, 2})]
+    assert desired.ipcache[addr_bytes(addr("10.0.0.7"))] == classes[frozenset({1})]
+
+
+def test_endpoints_without_interface_are_not_programmed_but_every_pod_interface_is_guarded() -> None:
+    state = NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", None)}, pod_interfaces=frozenset({5, 9}))
+    desired = compile_node_state(state)
+    assert desired.endpoints == {}
+    assert desired.interfaces == {5, 9}
+
+
+def test_unchanged_content_keeps_its_ids_and_new_content_never_reuses_one() -> None:
+    rules_a = iso(Allow(IdentityPeer(1), 6, 80, 80))
+    rules_b = iso(Allow(IdentityPeer(1), 6, 443, 443))
+    identities = {1: (addr("10.0.0.7"),)}
+    first = compile_node_state(
+        NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_a)}, identities)
+    )
+    second = compile_node_state(
+        NodeState(2, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_b)}, identities), first.allocation
+    )
+    third = compile_node_state(
+        NodeState(3, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_b)}, identities),
+        second.allocation,
+    )
+    assert second.endpoints[5].ingress_policy_id != first.endpoints[5].ingress_policy_id
+    assert third.endpoints[5] == second.endpoints[5]
+    assert third.policy == second.policy
+    assert second.allocation.next_id > first.allocation.next_id
+    assert second.endpoints[5].endpoint_id == first.endpoints[5].endpoint_id  # counters slot kept
+
+
+def test_transition_entries_cover_old_and_new_policies_against_old_and_new_classes() -> None:
+    identities_old = {1: (addr("10.0.0.7"),)}
+    identities_new = {1: (addr("10.0.0.7"),), 2: (addr("10.0.0.7"),)}  # 10.0.0.7 gains identity 2
+    old_rules = iso(Allow(IdentityPeer(1), 6, 80, 80))
+    new_rules = iso(Allow(IdentityPeer(1), 6, 80, 80), Allow(IdentityPeer(2), 17, 53, 53))
+    old = compile_node_state(
+        NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=old_rules)}, identities_old)
+    )
+    new = compile_node_state(
+        NodeState(2, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=new_rules)}, identities_new),
+        old.allocation,
+    )
+    transition = transition_policy_entries(old.allocation, new.allocation)
+    old_policy, new_policy = old.endpoints[5].ingress_policy_id, new.endpoints[5].ingress_policy_id
+    old_class = old.ipcache[addr_bytes(addr("10.0.0.7"))]
+    new_class = new.ipcache[addr_bytes(addr("10.0.0.7"))]
+    assert old_class != new_class
+    keys = {(e[1], e[2], e[4], e[5]) for e in transition}
+    for policy in (old_policy, new_policy):  # tcp/80 from identity 1 holds for every mix
+        for class_id in (old_class, new_class):
+            assert (policy, class_id, 6, 80) in keys
+    assert (new_policy, new_class, 17, 53) in keys
+    assert (old_policy, new_class, 17, 53) not in keys  # old content never gains the new allow
+    assert set(old.policy) | set(new.policy) <= set(transition)
+
+
+def test_allocation_default_is_empty() -> None:
+    assert Allocation().next_id == 1
