@@ -133,7 +133,6 @@ class IptablesDataplane:
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], _Tally] = {}
-        self._last_state: NodeState | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -189,8 +188,9 @@ class IptablesDataplane:
     def apply(self, state: NodeState) -> None:
         if not self._started:
             self.start()
-        for family in FAMILIES:
-            kernel.ensure_hooks(family, HOOKS)  # someone may have flushed FORWARD/INPUT since
+        else:
+            for family in FAMILIES:
+                kernel.ensure_hooks(family, HOOKS)  # someone may have flushed FORWARD/INPUT since
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
@@ -223,7 +223,6 @@ class IptablesDataplane:
                 "resetting connections of endpoints whose policy changed", extra={"endpoints": sorted(keys)}
             )
             kernel.forget_connections(ips)
-        self._last_state = state
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
