@@ -1,0 +1,196 @@
+"""Renders bench/results.json (written by `python -m bench`) as Markdown tables in bench/RESULTS.md.
+
+The known benchmarks (datapath, propagation, coldstart, footprint) get purpose-made tables; any
+other module's result is flattened into a key/value table, so a new benchmark shows up without
+changes here. Run: `.venv/bin/python -m bench.report [results.json] [RESULTS.md]`.
+(No `run()` here on purpose: `python -m bench` treats every module with one as a benchmark.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+METRIC_TITLES = {"tcp_gbps": "TCP Gbit/s", "conn_per_s": "conn/s", "udp_pps": "UDP pkt/s"}
+PATH_TITLES = {"same_node": "same node", "cross_node": "across nodes"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _errors(result: dict[str, Any]) -> list[str]:
+    return [f"- `{key}` failed: `{value['error']}`" for key, value in result.items()
+            if isinstance(value, dict) and "error" in value]
+
+
+def render_datapath(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{result.get('repetitions')} interleaved repetitions; medians; ratios are per-repetition "
+        "ratios against the no-filter run of the same repetition (median). "
+        f"Runs: iperf3 {result['seconds']['iperf']} s, {result.get('conn_workers')} connection workers "
+        f"for {result['seconds']['conn']} s, {result.get('udp_flows')} UDP flows for "
+        f"{result['seconds']['udp']} s.",
+        "",
+    ]
+    for path, variants in result.get("results", {}).items():
+        lines.append(f"**{PATH_TITLES.get(path, path)}**")
+        lines.append("")
+        header = ["variant"]
+        for title in METRIC_TITLES.values():
+            header += [title, f"{title} vs none"]
+        header += ["conn/s 10k vs 10"]
+        rows = []
+        for name, entry in variants.items():
+            row: list[Any] = [name]
+            for metric in METRIC_TITLES:
+                row += [entry.get(metric), entry.get(f"{metric}_vs_none")]
+            row.append(entry.get("conn_per_s_10000_vs_10"))
+            rows.append(row)
+        lines += _table(header, rows)
+    targets = result.get("targets", {})
+    if targets.get("checked"):
+        lines.append("eBPF 10,000-rule targets (same node): " + ", ".join(
+            f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets.items() if name != "checked"))
+        lines.append("")
+    if result.get("unavailable"):
+        lines += [f"- variant `{k}` could not run: `{v}`" for k, v in result["unavailable"].items()] + [""]
+    return lines
+
+
+def render_propagation(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{result.get('pods')} pods on the node; folder poll {result.get('poll_interval_s')} s; "
+        f"probe every {result.get('probe_interval_ms')} ms.",
+        "",
+    ]
+    keys = ["edits", "missed", "p50_ms", "p99_ms", "max_ms", "to_allow_p50_ms", "to_deny_p50_ms",
+            "meets_target"]
+    rows = [[name, *(entry.get(k) for k in keys)] for name, entry in result.items()
+            if isinstance(entry, dict) and "error" not in entry]
+    lines += _table(["dataplane", *keys], rows)
+    return lines + _errors(result)
+
+
+def render_coldstart(result: dict[str, Any]) -> list[str]:
+    lines = [f"{result.get('pods')} endpoints, {result.get('repetitions')} repetitions (medians).", ""]
+    bpf = result.get("bpf_in_process", {})
+    if "error" not in bpf:
+        lines += _table(
+            ["BpfDataplane in process", "start() = compile + load (s)", "apply() = programming (s)",
+             "re-apply unchanged (s)", "programming < 2 s"],
+            [["bpf", bpf.get("compile_and_load_s"), bpf.get("programming_s"),
+              bpf.get("reapply_unchanged_s"), bpf.get("meets_target")]],
+        )
+    rows = []
+    for name, entry in result.items():
+        if name.endswith("_agent_process") and "error" not in entry:
+            for start, figures in entry.items():
+                rows.append([name.removesuffix("_agent_process"), start, figures.get("to_enforced_s"),
+                             figures.get("programming_sum_s")])
+    if rows:
+        lines += _table(["agent process", "start", "spawn to all enforced (s)",
+                         "agent's programming histogram sum (s)"], rows)
+    return lines + _errors(result)
+
+
+def render_footprint(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{result.get('pods')} pods; idle {result.get('idle_seconds')} s; churn "
+        f"{result.get('churn_rate_per_s')} events/s.",
+        "",
+    ]
+    keys = ["idle_cpu_percent", "idle_rss_mib", "startup_peak_rss_mib", "churn_seconds", "churn_cpu_s",
+            "churn_cpu_percent", "churn_peak_rss_mib", "rss_after_churn_mib"]
+    rows = []
+    for dataplane, entry in result.items():
+        if isinstance(entry, dict) and "error" not in entry:
+            for process in ("agent", "control"):
+                if process in entry:
+                    rows.append([dataplane, process, *(entry[process].get(k) for k in keys)])
+    lines += _table(["dataplane", "process", *keys], rows)
+    return lines + _errors(result)
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list):
+        if len(value) <= 6:
+            yield prefix, ", ".join(_fmt(v) for v in value)
+    else:
+        yield prefix, value
+
+
+def render_generic(result: Any) -> list[str]:
+    return _table(["figure", "value"], [[k, v] for k, v in _flatten(result)])
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "datapath": render_datapath,
+    "propagation": render_propagation,
+    "coldstart": render_coldstart,
+    "footprint": render_footprint,
+}
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# podfence benchmark results",
+        "",
+        f"Date: {results.get('date', '?')}. Machine: {results.get('machine', '?')}.",
+        "Produced by `make bench` (`python -m bench`), rendered by `python -m bench.report`.",
+        "Absolute figures on this shared machine are noisy; compare the ratios measured in one run.",
+        "",
+    ]
+    for name, result in results.items():
+        if name in ("date", "machine"):
+            continue
+        lines += [f"## {name}", ""]
+        if isinstance(result, dict) and set(result) == {"error"}:
+            lines += [f"Failed: `{result['error']}`", ""]
+            continue
+        renderer = RENDERERS.get(name)
+        try:
+            lines += renderer(result) if renderer else render_generic(result)
+        except (KeyError, TypeError, AttributeError):  # an older result shape: show it raw
+            lines += render_generic(result)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    source = Path(argv[0]) if argv else HERE / "results.json"
+    target = Path(argv[1]) if len(argv) > 1 else HERE / "RESULTS.md"
+    try:
+        results = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {source}: {exc}", file=sys.stderr)
+        return 2
+    target.write_text(render(results))
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,89 @@
+"""Unit tests of the benchmarks' pure parts: the rule-heavy NodeState, the ratio summary, the
+propagation prober's flip detection and the Markdown report. (The measurements themselves need
+root and namespaces; they run under `make bench`.)"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from agent.dataplane.types import CidrPeer, IdentityPeer
+from bench import datapath, propagation, report
+from bench._netlab import BenchNode, BenchPod, Topology
+
+
+def _topology() -> Topology:
+    topology = Topology(tag="unit")
+    for index in (1, 2):
+        topology.nodes[f"n{index}"] = BenchNode(f"n{index}", index, f"ns-n{index}", f"10.78.0.{index}", "/x")
+    for name, node, ip, ifindex in (("client", "n1", "10.77.1.10", 5), ("local", "n1", "10.77.1.11", 6),
+                                    ("remote", "n2", "10.77.2.10", 7)):
+        topology.pods[name] = BenchPod(name, node, ip, f"ns-{name}", f"pfb{name}", ifindex)
+    return topology
+
+
+def test_node_state_puts_the_allowing_rules_last_among_non_matching_ones() -> None:
+    topology = _topology()
+    state = datapath.node_state(topology, "n1", rules=1_000)
+    server = state.endpoints["bench/local"]
+    assert server.ingress.isolated
+    assert len(server.ingress.allows) == 1_000 + 3
+    allowing = server.ingress.allows[-3:]
+    assert {a.peer for a in allowing} == {IdentityPeer(datapath.CLIENT_IDENTITY)}
+    assert state.identities[datapath.CLIENT_IDENTITY] == (ipaddress.IPv4Address("10.77.1.10"),)
+    client_ip = ipaddress.IPv4Address("10.77.1.10")
+    for allow in server.ingress.allows[:-3]:
+        if isinstance(allow.peer, CidrPeer):
+            assert client_ip not in allow.peer.cidr
+        else:
+            assert client_ip not in state.identities[allow.peer.identity]
+    # the client endpoint is present (so it is not an unknown, dropped interface) and not isolated
+    assert not state.endpoints["bench/client"].ingress.isolated
+    assert state.pod_interfaces == frozenset({5, 6})
+    assert "bench/remote" not in state.endpoints
+
+
+def test_summary_ratios_are_per_repetition_against_no_filter() -> None:
+    samples = {"same_node": {"conn_per_s": {
+        "none": [100.0, 200.0, 100.0],
+        "bpf_10": [90.0, 180.0, 100.0],
+        "bpf_10000": [81.0, 180.0, 95.0],
+    }}}
+    summary = datapath.summarise(samples)
+    assert summary["same_node"]["bpf_10"]["conn_per_s_vs_none"] == 0.9
+    assert summary["same_node"]["bpf_10000"]["conn_per_s_10000_vs_10"] == 0.95
+    assert summary["same_node"]["none"]["conn_per_s"] == 100.0
+    assert "conn_per_s_vs_none" not in summary["same_node"]["none"]
+
+
+def _probe(sent: float, allowed: bool) -> propagation.Probe:
+    return propagation.Probe(sent, socket.socket(), allowed)
+
+
+def test_flip_is_the_start_of_the_final_settled_run_of_the_new_verdict() -> None:
+    probes = [_probe(0.000, True), _probe(0.002, False), _probe(0.004, True)]
+    probes += [_probe(0.006 + 0.002 * i, False) for i in range(propagation.SETTLE_PROBES)]
+    try:
+        assert propagation._settled_flip(probes, new_verdict=False) == 0.006
+        assert propagation._settled_flip(probes[:-1], new_verdict=False) is None  # not settled yet
+    finally:
+        for probe in probes:
+            probe.sock.close()
+
+
+def test_report_renders_known_and_unknown_benchmarks() -> None:
+    results = {
+        "date": "2026-11-22",
+        "machine": "box x86_64 6.18",
+        "propagation": {"pods": 100, "poll_interval_s": 0.02, "probe_interval_ms": 2.0,
+                        "bpf": {"edits": 50, "missed": 0, "p50_ms": 31.5, "p99_ms": 80.0},
+                        "iptables": {"error": "boom"}},
+        "something_new": {"a": {"b": 1.5}},
+        "broken": {"error": "RuntimeError('x')"},
+    }
+    text = report.render(results)
+    assert "Date: 2026-11-22. Machine: box x86_64 6.18." in text
+    assert "| bpf | 50 | 0 | 31.5 | 80.0 |" in text
+    assert "`iptables` failed: `boom`" in text
+    assert "| a.b | 1.5 |" in text
+    assert "Failed: `RuntimeError('x')`" in text
