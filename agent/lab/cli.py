@@ -1,6 +1,6 @@
 """`podfence lab`: build, inspect, probe and tear down the node lab from a shell.
 
-    podfence lab up [--nodes 2] [--mode routed|bridged] [--pods FILE]
+    podfence lab up [--nodes 2] [--mode routed|bridged] [--pods FILE] [--podfence bpf|iptables]
     podfence lab probe [--port 80] [--protocol TCP] [--to service|pod]
     podfence lab down
 
@@ -15,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.prober import Endpoint, probe_table
 from agent.lab.scenarios import pods_from_file, upstream_pods
-from agent.lab.topology import CniMode, Lab, LabError, teardown
+from agent.lab.topology import RUN_DIR, CniMode, Lab, LabError, teardown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -28,6 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default %(default)s)")
     up.add_argument("--mode", choices=[m.value for m in CniMode], default=CniMode.ROUTED.value)
     up.add_argument("--pods", type=Path, help="scenario YAML (default: the 9 upstream e2e pods)")
+    up.add_argument(
+        "--podfence",
+        choices=DATAPLANES,
+        help="also start the control service and an agent per node with this dataplane",
+    )
+    up.add_argument(
+        "--source",
+        type=Path,
+        default=RUN_DIR / "source",
+        help="with --podfence: the folder source to watch (default %(default)s); drop policies in it",
+    )
     probe = actions.add_parser("probe", help="print the reachability matrix of the running lab")
     probe.add_argument("--port", type=int, default=80)
     probe.add_argument("--protocol", choices=["TCP", "UDP", "SCTP", "ICMP"], default="TCP")
@@ -54,6 +66,17 @@ def run(args: argparse.Namespace) -> int:
                 f"lab up: {len(lab.nodes)} nodes ({lab.mode.value}), {len(lab.pods)} pods; "
                 f"control service address {lab.control_address}"
             )
+            if args.podfence:
+                podfence = PodfenceOnLab(lab, args.podfence, source_dir=args.source)
+                try:
+                    podfence.start()
+                except LabError:
+                    teardown()
+                    raise
+                print(
+                    f"podfence: {args.podfence} agents on every node, folder source {args.source}; "
+                    f"try: podfence status --control {podfence.control_address} --json"
+                )
             return EXIT_OK
         if args.lab_action == "probe":
             lab = Lab.load()

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 DATAPLANES = ("bpf", "iptables")
+FAILED_APPLY_GRACE_S = 5.0
 
 
 def free_port(address: str) -> int:
@@ -266,6 +267,7 @@ class PodfenceOnLab:
         """
         deadline = time.monotonic() + timeout
         bump_deadline = time.monotonic() + 3.0
+        failing_since: float | None = None
         while True:
             self._check_alive()
             status = self.status()
@@ -281,6 +283,21 @@ class PodfenceOnLab:
                 )
                 if moved and applied:
                     return version
+                # A node that reports an error for the version it has not applied is not slow, it
+                # failed; give it a moment to retry, then stop waiting.
+                failing = [
+                    name
+                    for name, node in nodes.items()
+                    if node.get("last_error") and int(node.get("applied_version", -1)) < version
+                ]
+                if not failing:
+                    failing_since = None
+                elif failing_since is None:
+                    failing_since = time.monotonic()
+                elif time.monotonic() - failing_since > FAILED_APPLY_GRACE_S:
+                    raise LabError(
+                        f"nodes {failing} failed to apply version {version}: {status}\n{self.logs()}"
+                    )
             if time.monotonic() > deadline:
                 raise LabError(f"nodes did not apply the policy in {timeout} s: {status}\n{self.logs()}")
             time.sleep(0.1)

@@ -143,6 +143,9 @@ def lab_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     try:
         lab.build(_lab_pods())
         podfence.start()
+        # The contract the steps rely on, checked once through the real command line.
+        status = podfence.status_via_cli()
+        assert status is not None and set(status["nodes"]) == set(lab.nodes), status
         yield LabRun(lab, podfence)
     finally:
         podfence.stop()
