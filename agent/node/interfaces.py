@@ -10,7 +10,9 @@ from the kernel's own tables in the agent's network namespace, without naming co
   the ptp plugin gives it);
 - a pod IP maps to its host-side interface through a route lookup (routed CNIs: a /32 or /128 via
   the veth) and, when that route points at a bridge, through the neighbour table (IP -> MAC) and the
-  bridge's forwarding database (MAC -> port);
+  bridge's forwarding database (MAC -> port); a pod that never got learned (the dataplane drops
+  an unknown pod's first packets, ARP included) is found by the address its side of the veth
+  holds, read through the peer's netnsid, when exactly one bridge port's peer holds it;
 - the node's addresses are every non-link-local, non-loopback address here, plus IPv4 link-local
   gateway addresses on pod interfaces (169.254.1.1 style): the node's own stack picks those as the
   source of what it sends to its pods, and node traffic to local pods must always pass.
@@ -21,6 +23,7 @@ wakes the reconcile loop, so a new pod interface is guarded within milliseconds 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -32,9 +35,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import rtnl
+from pyroute2 import AsyncIPRoute, IPRoute
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, rtnl
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_USE, NUD_FAILED, NUD_INCOMPLETE, NUD_NONE, NUD_PERMANENT
 
 from agent.dataplane.types import IPAddress
@@ -64,6 +69,7 @@ class Link:
     kind: str  # IFLA_INFO_KIND ("veth", "bridge", ...) or "" for physical devices
     peer_netnsid: int | None  # set when the link's peer lives in another network namespace
     master: int | None  # the bridge (or other master) this link is enslaved to
+    peer_index: int | None = None  # IFLA_LINK: the peer's ifindex inside that namespace
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class HostView:
     fdb: dict[tuple[int, str], int] = field(default_factory=dict)
     # (ifindex, IP) -> MAC, from the neighbour tables (usable entries only).
     neighbours: dict[tuple[int, IPAddress], str] = field(default_factory=dict)
+    # Filled lazily by `resolve`: bridge port ifindex -> addresses its peer holds in the pod.
+    peer_addresses: dict[int, frozenset[IPAddress]] = field(default_factory=dict, compare=False)
 
 
 def _is_node_address(ip: IPAddress) -> bool:
@@ -101,6 +109,7 @@ class InterfaceDiscovery:
         probe_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._netns = netns
         self._ipr = IPRoute(netns=netns) if netns else IPRoute()
         self._excluded_names = frozenset(excluded_names)
         self._active_probe = active_probe
@@ -173,6 +182,7 @@ class InterfaceDiscovery:
                     kind=kind,
                     peer_netnsid=msg.get("IFLA_LINK_NETNSID"),
                     master=msg.get("IFLA_MASTER"),
+                    peer_index=msg.get("IFLA_LINK"),
                 )
             )
         return result
@@ -249,11 +259,57 @@ class InterfaceDiscovery:
         if link is None or link.kind != "bridge":
             return None
         mac = view.neighbours.get((oif, ip))
-        if mac is None:
-            self._maybe_probe(ip, oif)
-            return None
-        port = view.fdb.get((oif, mac))
-        return port if port in view.pod_interfaces else None
+        port = view.fdb.get((oif, mac)) if mac is not None else None
+        if port in view.pod_interfaces:
+            return port
+        self._maybe_probe(ip, oif)
+        return self._port_holding(ip, oif, view)
+
+    def _port_holding(self, ip: IPAddress, bridge: int, view: HostView) -> int | None:
+        """The bridge port whose peer (inside the pod) holds `ip`, when exactly one does.
+
+        The fallback for a pod the neighbour table and FDB do not know: a new pod whose first
+        packets (ARP included) the dataplane drops as an unknown endpoint never gets learned, so
+        only the pod's own interface can tell. What a pod says about itself is trusted only when
+        unambiguous; a pod claiming another's address makes both unknown (fail-closed).
+        """
+        ports = [
+            link
+            for link in view.links.values()
+            if link.master == bridge and link.index in view.pod_interfaces and link.peer_index is not None
+        ]
+        holders = [link.index for link in ports if ip in self._peer_addresses_of(link, view)]
+        return holders[0] if len(holders) == 1 else None
+
+    def _peer_addresses_of(self, link: Link, view: HostView) -> frozenset[IPAddress]:
+        cached = view.peer_addresses.get(link.index)
+        if cached is None:
+            try:
+                cached = frozenset(asyncio.run(self._dump_peer_addresses(link)))
+            except (NetlinkError, OSError) as exc:
+                log.debug("reading the addresses behind %s failed: %s", link.name, exc)
+                cached = frozenset()
+            view.peer_addresses[link.index] = cached
+        return cached
+
+    async def _dump_peer_addresses(self, link: Link) -> list[IPAddress]:
+        # RTM_GETADDR with IFA_TARGET_NETNSID reads another namespace through its netnsid; the
+        # kernel honours it on strict-checking sockets only (and pyroute2 mistypes the attribute).
+        request = _TargetNetnsAddrRequest()
+        request["family"] = socket.AF_UNSPEC
+        request["attrs"] = [("IFA_TARGET_NETNSID", link.peer_netnsid)]
+        options: dict[str, Any] = {"strict_check": True}
+        if self._netns:
+            options["netns"] = self._netns
+        async with AsyncIPRoute(**options) as ipr:
+            replies = await ipr.nlm_request(
+                request, msg_type=RTM_GETADDR, msg_flags=NLM_F_REQUEST | NLM_F_DUMP
+            )
+            return [
+                ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+                async for msg in replies
+                if msg["index"] == link.peer_index and msg.get("IFA_ADDRESS")
+            ]
 
     def _maybe_probe(self, ip: IPAddress, bridge: int) -> None:
         """Ask the kernel to resolve a silent pod's MAC (NTF_USE: what sending a packet would do,
@@ -269,6 +325,17 @@ class InterfaceDiscovery:
             self._ipr.neigh("replace", dst=str(ip), ifindex=bridge, flags=NTF_USE, state=NUD_NONE)
         except NetlinkError as exc:  # a probe is best effort; discovery stays passive then
             log.debug("neighbour probe of %s failed: %s", ip, exc)
+
+
+class _TargetNetnsAddrRequest(ifaddrmsg):
+    """ifaddrmsg with IFA_TARGET_NETNSID as the kernel defines it (s32; pyroute2 says asciiz)."""
+
+    nla_map = tuple(
+        (name, "int32") if name == "IFA_TARGET_NETNSID" else (name, kind) for name, kind in ifaddrmsg.nla_map
+    )
+    # pyroute2 compiles nla_map once per class and the flag is inherited from ifaddrmsg; without
+    # resetting it this subclass would silently reuse the parent's compiled (mistyped) table.
+    _nlmsg_base__compiled_nla = False
 
 
 def _route_hops(msg: Any) -> list[tuple[int, IPAddress | None]]:

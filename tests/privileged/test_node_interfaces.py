@@ -145,9 +145,13 @@ def test_bridged_pods_found_through_neighbours_and_fdb(lab):
         f"ip -n {lab.node} route add default via 10.9.0.254",
     )
     pods = {}
-    for name, ip in (("a", "10.9.0.5"), ("b", "10.9.0.6"), ("silent", "10.9.0.7")):
+    addresses = {"a": "10.9.0.5", "b": "10.9.0.6", "silent": "10.9.0.7", "mute": "10.9.0.8"}
+    addresses |= {"dup1": "10.9.0.9", "dup2": "10.9.0.9"}
+    for name, ip in addresses.items():
         pods[name] = lab.pod(name, f"hv-{name}", ip, 24, gateway="10.9.0.1")
         sh(f"ip -n {lab.node} link set hv-{name} master br0 up")
+    # What an unknown pod looks like to the node when the dataplane drops its ARP: never learned.
+    sh(f"ip -n {pods['mute']} link set eth0 arp off")
     time.sleep(0.2)  # let the bridge ports reach forwarding state
     for name in ("a", "b"):
         talk(pods[name], "10.9.0.1")
@@ -163,16 +167,20 @@ def test_bridged_pods_found_through_neighbours_and_fdb(lab):
         assert discovery.resolve(ipaddress.ip_address("10.9.0.5"), view) == ports["a"]
         assert discovery.resolve(ipaddress.ip_address("10.9.0.6"), view) == ports["b"]
 
-        # A pod that never spoke: unknown at first (fail-closed), then the active probe makes
-        # the kernel resolve its MAC and the bridge learn its port from the reply.
+        # Pods that never spoke are found by the address their end of the veth holds; two pods
+        # holding one address are ambiguous and stay unknown (fail-closed).
+        assert discovery.resolve(ipaddress.ip_address("10.9.0.7"), view) == ports["silent"]
+        assert discovery.resolve(ipaddress.ip_address("10.9.0.8"), view) == ports["mute"]
+        assert discovery.resolve(ipaddress.ip_address("10.9.0.9"), view) is None
+        # The active probe (NTF_USE) also made the kernel resolve the silent pod's MAC, so the
+        # neighbour/FDB path finds it from now on.
         silent = ipaddress.ip_address("10.9.0.7")
-        assert discovery.resolve(silent, view) is None
         deadline = time.monotonic() + 5
-        found = None
-        while found is None and time.monotonic() < deadline:
+        while (bridge, silent) not in discovery.scan().neighbours:
+            assert time.monotonic() < deadline, "the neighbour probe did not resolve the silent pod"
             time.sleep(0.05)
-            found = discovery.resolve(silent, discovery.scan())
-        assert found == ports["silent"]
+        learned = discovery.scan()
+        assert learned.fdb[(bridge, learned.neighbours[(bridge, silent)])] == ports["silent"]
     finally:
         discovery.close()
 
