@@ -8,7 +8,6 @@ drop reason as `extra` fields, so `--log-format json` turns it into a flow recor
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -21,10 +20,10 @@ _PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 
 class DenyEvent(Protocol):
-    """What a dataplane reports for one denied packet."""
+    """What a dataplane reports for one denied packet (agent.dataplane.bpf.DenyEvent)."""
 
     @property
-    def endpoint(self) -> str | None: ...  # "namespace/name"; None for an unknown pod interface
+    def endpoint(self) -> str: ...  # "namespace/name"; "" for a pod interface no endpoint claims
 
     @property
     def direction(self) -> str: ...  # "ingress" (to the pod) | "egress" (from the pod)
@@ -33,19 +32,19 @@ class DenyEvent(Protocol):
     def protocol(self) -> int: ...
 
     @property
-    def src(self) -> Any: ...
+    def source(self) -> str: ...
 
     @property
-    def dst(self) -> Any: ...
+    def destination(self) -> str: ...
 
     @property
-    def sport(self) -> int: ...
+    def source_port(self) -> int: ...
 
     @property
-    def dport(self) -> int: ...
+    def destination_port(self) -> int: ...
 
     @property
-    def reason(self) -> Any: ...  # a drop-reason enum member (or its name)
+    def reason(self) -> str: ...  # drop reason name, as in podfence_drops_total{reason}
 
 
 @runtime_checkable
@@ -73,16 +72,15 @@ class TokenBucket:
 
 def flow_fields(event: DenyEvent) -> dict[str, Any]:
     """The structured fields of one flow record."""
-    reason = event.reason
     return {
         "pod": event.endpoint or "<unknown endpoint>",
         "direction": event.direction,
         "protocol": _PROTOCOL_NAMES.get(event.protocol, str(event.protocol)),
-        "src": str(event.src),
-        "dst": str(event.dst),
-        "sport": event.sport,
-        "dport": event.dport,
-        "reason": (reason.name if isinstance(reason, enum.Enum) else str(reason)).lower(),
+        "src": event.source,
+        "dst": event.destination,
+        "sport": event.source_port,
+        "dport": event.destination_port,
+        "reason": event.reason,
         "verdict": "denied",
     }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,14 +35,16 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# Flags `--map-size-<name>` -> BpfDataplane keyword argument; None leaves the dataplane's default.
+# Flags `--map-size-<map>` -> BpfDataplane keyword; the map names are those of the
+# podfence_map_capacity{map=...} metric. Unset flags keep the dataplane's defaults.
 BPF_MAP_SIZE_FLAGS: dict[str, str] = {
-    "endpoints": "endpoints_max",
+    "ct": "ct_max",
     "policy": "policy_max",
-    "cidrs": "cidr_max",
     "ipcache": "ipcache_max",
-    "conntrack": "conntrack_max",
-    "fragments": "frag_max",
+    "cidr": "cidr_max",
+    "endpoints": "endpoints_max",
+    "node-ips": "node_ips_max",
+    "frag": "frag_max",
 }
 
 
@@ -85,8 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag in BPF_MAP_SIZE_FLAGS:
         parser.add_argument(
-            f"--map-size-{flag}", type=int, default=None, metavar="N", help=f"bpf {flag} map capacity"
+            f"--map-size-{flag}",
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"bpf {flag} map capacity (entries)",
         )
+    parser.add_argument(
+        "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+    )
 
 
 class UsageError(Exception):
@@ -112,6 +122,32 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
         raise UsageError(f"cannot read TLS material: {exc}") from exc
 
 
+def _dest(map_flag: str) -> str:
+    return "map_size_" + map_flag.replace("-", "_")
+
+
+def bpffs_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The bpf filesystem mount point that `path` lives under, or None."""
+    target = os.path.abspath(path)
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return None
+    # The longest mount point containing `path` is where it lives (mounts listed later win ties).
+    covering: tuple[str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        # id parent major:minor root mount-point options [optional...] - fstype source options
+        if "-" not in fields:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        fstype = fields[fields.index("-") + 1]
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and (covering is None or len(mount_point) >= len(covering[0])):
+            covering = (mount_point, fstype)
+    return covering[0] if covering is not None and covering[1] == "bpf" else None
+
+
 def build_dataplane(args: argparse.Namespace) -> Dataplane:
     if args.dataplane == "iptables":
         from agent.dataplane.iptables import IptablesDataplane
@@ -119,13 +155,16 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         return IptablesDataplane(
             unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
         )
-    from agent.dataplane.bpf import BpfDataplane  # type: ignore[attr-defined]  # until the bpf dataplane lands
+    from agent.dataplane.bpf import BpfDataplane
 
+    options = vars(args)
     sizes: dict[str, Any] = {
-        keyword: getattr(args, f"map_size_{flag}")
+        keyword: options[_dest(flag)]
         for flag, keyword in BPF_MAP_SIZE_FLAGS.items()
-        if getattr(args, f"map_size_{flag}") is not None
+        if options[_dest(flag)] is not None
     }
+    if args.event_rate is not None:
+        sizes["event_rate"] = args.event_rate
     dataplane: Dataplane = BpfDataplane(
         pin_dir=args.pin_dir,
         unknown_endpoints=args.unknown_endpoints,
@@ -166,6 +205,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"podfence agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    if args.dataplane == "bpf" and bpffs_mount_of(args.pin_dir) is None:
+        print(
+            f"podfence agent: --pin-dir {args.pin_dir} is not on a bpf filesystem; mount bpffs"
+            " (mount -t bpf bpf /sys/fs/bpf; in a pod: a hostPath with bidirectional propagation),"
+            " or use --dataplane iptables",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     try:
         dataplane = build_dataplane(args)
         dataplane.start()
@@ -185,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
     server = None
     threads: list[threading.Thread] = []
     try:
-        discovery = InterfaceDiscovery(excluded_names=args.uplink)
+        # From PODFENCE_UPLINK the list arrives as one comma-separated string.
+        uplinks = args.uplink.split(",") if isinstance(args.uplink, str) else args.uplink
+        discovery = InterfaceDiscovery(excluded_names=[name.strip() for name in uplinks if name.strip()])
         reconciler = Reconciler(dataplane, discovery)
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()

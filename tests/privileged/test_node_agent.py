@@ -160,7 +160,8 @@ class NodeLab:
     def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *argv],
+            # nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs.
+            ["nsenter", f"--net=/run/netns/{self.node}", "--", sys.executable, "-m", "agent.cli", *argv],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -275,7 +276,11 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
     )
     metrics = f"http://127.0.0.1:{metrics_port}"
     try:
-        wait_for(lambda: lab.fetch(f"{metrics}/readyz")[0] == 200, 30, "the agent to apply a version")
+        def ready() -> bool:
+            assert agent.poll() is None, f"the agent exited: {lab.log_text('agent')[-2000:]}"
+            return lab.fetch(f"{metrics}/readyz")[0] == 200
+
+        wait_for(ready, 60, "the agent to apply a version")
         assert wait_for(lambda: lab.connects("client", "server"), 10, "client -> server allowed") < 10
 
         # A pod interface appears before the API server tells anyone about the pod.

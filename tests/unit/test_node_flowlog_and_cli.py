@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -15,32 +13,19 @@ from agent.logs import JsonFormatter
 from agent.node.flowlog import FlowLogger, TokenBucket
 
 
-class Reason(enum.IntEnum):
-    POLICY = 1
-
-
 @dataclass(frozen=True)
 class Event:
-    endpoint: str | None
+    endpoint: str
     direction: str
     protocol: int
-    src: ipaddress.IPv4Address
-    dst: ipaddress.IPv4Address
-    sport: int
-    dport: int
-    reason: Reason
+    source: str
+    destination: str
+    source_port: int
+    destination_port: int
+    reason: str
 
 
-EVENT = Event(
-    "ns/web",
-    "ingress",
-    6,
-    ipaddress.ip_address("10.0.0.9"),
-    ipaddress.ip_address("10.0.0.5"),
-    40000,
-    22,
-    Reason.POLICY,
-)
+EVENT = Event("ns/web", "ingress", 6, "10.0.0.9", "10.0.0.5", 40000, 22, "policy")
 
 
 class NoEventsDouble:
