@@ -12,9 +12,15 @@ Nothing here raises on bad input from `load_*`: each invalid object becomes one 
 errors too, and every valid object is still returned. `parse_object` is the strict single-object
 form used by sources that already hold a dict (it raises `PolicyError`).
 
-Deliberate differences from the API server, each towards reading what a real cluster accepted:
-duplicate `policyTypes` entries are accepted (the API server accepts them too), fields podfence
-does not use are not validated, and a file holding only comments or whitespace is simply empty.
+Where this is stricter or looser than the API server, on purpose:
+- a NetworkPolicy without `spec.podSelector` is rejected (the API server would decode it as `{}`,
+  selecting every pod; in a hand-written file that is far more often a mistake than the intent);
+- duplicate keys in YAML/JSON are rejected, as kubectl rejects them (PyYAML would keep the last);
+- duplicate `policyTypes` entries are accepted, as the API server accepts them;
+- IPv4 CIDRs with leading zeros (`010.0.0.0/8`) are read as decimal, as the API server's legacy
+  CIDR parsing does, so a policy a cluster holds is never dropped here;
+- fields podfence does not use are not validated, and a text holding only comments or
+  whitespace is simply empty.
 """
 
 from __future__ import annotations
@@ -66,18 +72,20 @@ class _NoDuplicateKeys:
     of a policy that has two would silently win."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping",
-                        node.start_mark,
-                        f"found duplicate key {key_node.value!r}",
-                        key_node.start_mark,
-                    )
-                seen.add(key)
+        values = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        if len(set(values)) != len(values):  # cheap test first; the exact one only on a collision
+            seen: set[tuple[str, str]] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping",
+                            node.start_mark,
+                            f"found duplicate key {key_node.value!r}",
+                            key_node.start_mark,
+                        )
+                    seen.add(key)
         return super().construct_mapping(node, deep=deep)  # type: ignore[misc,no-any-return]
 
 
@@ -124,6 +132,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _IANA_SVC_NAME = re.compile(r"[-a-z0-9]+")
+_IPV4_WITH_LEADING_ZEROS = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")  # Go's ParseCIDRSloppy reads them
 _CIDR_SYNTAX = re.compile(r"[0-9A-Fa-f:.]+/(0|[1-9][0-9]{0,2})")  # Go's ParseCIDR: address/prefix only
 
 
@@ -354,8 +363,11 @@ class _Parser:
         try:
             if not _CIDR_SYNTAX.fullmatch(text):
                 raise ValueError(text)
+            address, _, prefix = text.partition("/")
+            if _IPV4_WITH_LEADING_ZEROS.fullmatch(address):
+                address = ".".join(str(int(octet)) for octet in address.split("."))
             # Host bits set (10.0.0.1/8) are accepted and masked, as the API server does.
-            return ipaddress.ip_network(text, strict=False)
+            return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
         except ValueError:
             self.fail(path, f'invalid CIDR "{text}"')
 

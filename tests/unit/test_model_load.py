@@ -355,6 +355,7 @@ def test_rule_and_peer_shapes_keep_the_difference_between_absent_and_empty() -> 
         ("192.168.1.77/24", ["192.168.1.128/25"], "192.168.1.0/24"),
         ("fd00::1234/64", ["fd00::1:0/112"], "fd00::/64"),
         ("10.9.9.9/32", [], "10.9.9.9/32"),
+        ("010.001.2.3/16", ["10.1.2.0/24"], "10.1.0.0/16"),  # leading zeros: decimal, as Go's sloppy parser
     ],
 )
 def test_cidr_host_bits_are_masked_like_the_api_server(cidr: str, excepts: list[str], masked: str) -> None:
