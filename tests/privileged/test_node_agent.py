@@ -276,6 +276,7 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
     )
     metrics = f"http://127.0.0.1:{metrics_port}"
     try:
+
         def ready() -> bool:
             assert agent.poll() is None, f"the agent exited: {lab.log_text('agent')[-2000:]}"
             return lab.fetch(f"{metrics}/readyz")[0] == 200
@@ -331,3 +332,15 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
     # Kernel enforcement outlives the agent process.
     assert not lab.connects("newcomer", "server")
     assert lab.connects("client", "server")
+    if dataplane == "bpf":
+        # Deny events became structured flow records naming the pod and the reason.
+        records = [json.loads(line) for line in lab.log_text("agent").splitlines() if line.startswith("{")]
+        flows = [r["flow"] for r in records if "flow" in r]
+        assert any(
+            f["pod"] == "ns/server"
+            and f["reason"] == "policy"
+            and f["src"] == newcomer.ip
+            and f["dport"] == PORT
+            for f in flows
+        ), flows[-10:]
+        assert any(f["pod"] == "<unknown endpoint>" and f["reason"] == "unknown_endpoint" for f in flows)
