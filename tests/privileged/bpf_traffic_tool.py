@@ -137,6 +137,21 @@ def stream(host: str, port: int, seconds: float) -> int:
     return 0 if failed == 0 else 1
 
 
+def probe(host: str, port: int, stop_file: str) -> int:
+    """New TCP connections back to back until stop_file exists; prints successes and failures."""
+    successes = failures = 0
+    errors: dict[str, int] = {}
+    while not os.path.exists(stop_file):
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                successes += 1
+        except OSError as error:
+            failures += 1
+            errors[str(error)] = errors.get(str(error), 0) + 1
+    print(f"successes={successes} failures={failures} errors={errors}", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "serve":
@@ -148,6 +163,8 @@ def main(argv: list[str]) -> int:
         return udp_once(args[0], int(args[1]))
     if command == "ping":
         return ping_once(args[0])
+    if command == "probe":
+        return probe(args[0], int(args[1]), args[2])
     if command == "stream":
         return stream(args[0], int(args[1]), float(args[2]))
     raise SystemExit(f"unknown command {command}")
