@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.prober import Endpoint, probe_table
 from agent.lab.scenarios import pods_from_file, upstream_pods
-from agent.lab.topology import RUN_DIR, CniMode, Lab, LabError, teardown
+from agent.lab.topology import RUN_DIR, CniMode, Lab, LabError, LabPod, teardown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up = actions.add_parser("up", help="build simulated nodes and pods")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default %(default)s)")
     up.add_argument("--mode", choices=[m.value for m in CniMode], default=CniMode.ROUTED.value)
+    up.add_argument("--ipv6", action="store_true", help="dual-stack: IPv6 addresses and Services too")
     up.add_argument("--pods", type=Path, help="scenario YAML (default: the 9 upstream e2e pods)")
     up.add_argument(
         "--podfence",
@@ -47,7 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--to", choices=["service", "pod"], default="service", help="probe ClusterIPs or pod IPs"
     )
     probe.add_argument("--timeout", type=float, default=1.0)
+    probe.add_argument("--family", choices=["4", "6"], default="4", help="IPv4 or (dual-stack labs) IPv6")
     actions.add_parser("down", help="remove everything any lab created")
+
+
+def lab_address(pod: LabPod, to: str, family: str) -> str:
+    """The address a probe aims at: the pod's Service ClusterIP or its own IP, in one family."""
+    if family == "6":
+        address = pod.service_ip6 if to == "service" else pod.ip6
+        if address is None:
+            raise LabError(f"pod {pod.key} has no IPv6 address")
+        return address
+    return pod.service_ip if to == "service" else pod.ip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,11 +69,14 @@ def run(args: argparse.Namespace) -> int:
                 print("podfence lab up: --nodes must be between 1 and 200", file=sys.stderr)
                 return EXIT_USAGE
             pods = pods_from_file(args.pods, args.nodes) if args.pods else upstream_pods(args.nodes)
-            lab = Lab(node_count=args.nodes, mode=CniMode(args.mode))
+            lab = Lab(node_count=args.nodes, mode=CniMode(args.mode), ipv6=args.ipv6)
             lab.build(pods)
             for pod in lab.pods.values():
                 ports = " ".join(f"{p.port}/{p.protocol.value}" for p in pod.spec.ports)
-                print(f"{pod.key:20} {pod.spec.node:8} pod {pod.ip:14} service {pod.service_ip:14} {ports}")
+                v6 = f" pod6 {pod.ip6} service6 {pod.service_ip6}" if pod.ip6 else ""
+                print(
+                    f"{pod.key:20} {pod.spec.node:8} pod {pod.ip:14} service {pod.service_ip:14} {ports}{v6}"
+                )
             print(
                 f"lab up: {len(lab.nodes)} nodes ({lab.mode.value}), {len(lab.pods)} pods; "
                 f"control service address {lab.control_address}"
@@ -80,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.lab_action == "probe":
             lab = Lab.load()
+            if args.family == "6" and not lab.ipv6:
+                print("podfence lab probe: this lab has no IPv6 (build it with --ipv6)", file=sys.stderr)
+                return EXIT_USAGE
             endpoints = [
-                Endpoint(p.key, p.netns, p.service_ip if args.to == "service" else p.ip)
-                for p in lab.pods.values()
+                Endpoint(p.key, p.netns, lab_address(p, args.to, args.family)) for p in lab.pods.values()
             ]
             table = probe_table(endpoints, endpoints, args.port, args.protocol, args.timeout)
             print(table.render(f"{args.protocol}/{args.port} to {args.to} (. allowed, X blocked):"))

@@ -68,7 +68,11 @@ def pod_object(lab: Lab, key: str, labels: dict[str, str]) -> dict[str, Any]:
             ]
             or [{"name": "main", "image": "podfence-lab/servers"}],
         },
-        "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+        "status": {
+            "phase": "Running",
+            "podIP": pod.ip,
+            "podIPs": [{"ip": pod.ip}, *([{"ip": pod.ip6}] if pod.ip6 else [])],
+        },
     }
 
 

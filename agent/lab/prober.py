@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from pyroute2.netns import setns
 
-from agent.lab.sctp import CHUNK_INIT_ACK, IPPROTO_SCTP, build_init, parse_ip_packet
+from agent.lab.sctp import CHUNK_INIT_ACK, IPPROTO_SCTP, build_init, parse_sctp, strip_ipv4_header
 
 PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
 DEFAULT_TIMEOUT = 1.0  # upstream's `agnhost connect --timeout=1s`
@@ -77,8 +77,12 @@ class Probe:
     protocol: str
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def _tcp(address: str, port: int, timeout: float) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(address), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((address, port))
@@ -88,7 +92,7 @@ def _tcp(address: str, port: int, timeout: float) -> bool:
 
 
 def _udp(address: str, port: int, timeout: float) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((address, port))
@@ -101,23 +105,21 @@ def _udp(address: str, port: int, timeout: float) -> bool:
 def _sctp(address: str, port: int, timeout: float) -> bool:
     src_port = random.randint(32768, 60999)
     tag = random.getrandbits(32) or 1
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP) as sock:
+
+    def is_init_ack(payload: bytes, source: str) -> bool:
+        chunk = parse_sctp(payload)
+        return (
+            chunk is not None
+            and source == address
+            and chunk.chunk_type == CHUNK_INIT_ACK
+            and chunk.src_port == port
+            and chunk.dst_port == src_port
+            and chunk.verification_tag == tag
+        )
+
+    with socket.socket(_family(address), socket.SOCK_RAW, IPPROTO_SCTP) as sock:
         sock.sendto(build_init(src_port, port, tag), (address, 0))
-        return _await(sock, timeout, lambda packet: _is_init_ack(packet, address, port, src_port, tag))
-
-
-def _is_init_ack(packet: bytes, address: str, port: int, src_port: int, tag: int) -> bool:
-    parsed = parse_ip_packet(packet)
-    if parsed is None:
-        return False
-    source, chunk = parsed
-    return (
-        source == address
-        and chunk.chunk_type == CHUNK_INIT_ACK
-        and chunk.src_port == port
-        and chunk.dst_port == src_port
-        and chunk.verification_tag == tag
-    )
+        return _await(sock, timeout, is_init_ack)
 
 
 def _icmp_checksum(data: bytes) -> int:
@@ -132,26 +134,36 @@ def _icmp_checksum(data: bytes) -> int:
 def _icmp(address: str, timeout: float) -> bool:
     ident, seq = random.getrandbits(16), 1
     payload = b"podfence-lab"
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    request = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident, seq) + payload
+    v6 = _family(address) == socket.AF_INET6
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    header = struct.pack("!BBHHH", request_type, 0, 0, ident, seq)
+    # The kernel fills in the ICMPv6 checksum (it covers the IPv6 pseudo-header); ICMPv4's is ours.
+    checksum = 0 if v6 else _icmp_checksum(header + payload)
+    request = struct.pack("!BBHHH", request_type, 0, checksum, ident, seq) + payload
 
-    def is_reply(packet: bytes) -> bool:
-        offset = (packet[0] & 0x0F) * 4
-        icmp_type, _, _, reply_ident, reply_seq = struct.unpack_from("!BBHHH", packet, offset)
-        source = ".".join(str(b) for b in packet[12:16])
-        return icmp_type == 0 and reply_ident == ident and reply_seq == seq and source == address
+    def is_reply(message: bytes, source: str) -> bool:
+        if len(message) < 8:
+            return False
+        icmp_type, _, _, reply_ident, reply_seq = struct.unpack_from("!BBHHH", message)
+        return icmp_type == reply_type and (reply_ident, reply_seq) == (ident, seq) and source == address
 
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    protocol = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(_family(address), socket.SOCK_RAW, protocol) as sock:
         sock.sendto(request, (address, 0))
         return _await(sock, timeout, is_reply)
 
 
-def _await(sock: socket.socket, timeout: float, matches: Callable[[bytes], bool]) -> bool:
-    """Read a raw socket until a packet satisfies `matches` or the timeout passes."""
+def _await(sock: socket.socket, timeout: float, matches: Callable[[bytes, str], bool]) -> bool:
+    """Read a raw socket until a packet (payload, source address) satisfies `matches`, or time out."""
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
         readable, _, _ = select.select([sock], [], [], remaining)
-        if readable and matches(sock.recv(65535)):
+        if not readable:
+            continue
+        packet, (source, *_) = sock.recvfrom(65535)
+        # Raw IPv4 sockets read the IP header too; raw IPv6 sockets read only the payload.
+        payload = strip_ipv4_header(packet) if sock.family == socket.AF_INET else packet
+        if payload is not None and matches(payload, source):
             return True
     return False
 
@@ -188,7 +200,7 @@ def server_reply(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> str | None:
     def fetch() -> str | None:
         _enter(probe.source_netns)
         kind = socket.SOCK_STREAM if probe.protocol == "TCP" else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, kind) as sock:
+        with socket.socket(_family(probe.address), kind) as sock:
             sock.settimeout(timeout)
             try:
                 sock.connect((probe.address, probe.port))

@@ -79,15 +79,8 @@ def build_init_ack(init: InitChunk, initiate_tag: int) -> bytes:
     return _with_checksum(header + chunk)
 
 
-def parse_ip_packet(packet: bytes) -> tuple[str, InitChunk] | None:
-    """Source address and first chunk of an IPv4 datagram read from a raw SCTP socket.
-
-    Returns None for anything that is not a well-formed SCTP INIT or INIT ACK with a valid checksum.
-    """
-    if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] != IPPROTO_SCTP:
-        return None
-    header_length = (packet[0] & 0x0F) * 4
-    sctp = packet[header_length:]
+def parse_sctp(sctp: bytes) -> InitChunk | None:
+    """The first chunk of an SCTP packet, if it is a well-formed INIT or INIT ACK with a valid checksum."""
     if len(sctp) < _COMMON_HEADER.size + _INIT_BODY.size:
         return None
     src_port, dst_port, vtag, checksum = _COMMON_HEADER.unpack_from(sctp)
@@ -96,5 +89,22 @@ def parse_ip_packet(packet: bytes) -> tuple[str, InitChunk] | None:
     chunk_type, _flags, _length, initiate_tag, *_ = _INIT_BODY.unpack_from(sctp, _COMMON_HEADER.size)
     if chunk_type not in (CHUNK_INIT, CHUNK_INIT_ACK):
         return None
-    source = ".".join(str(b) for b in packet[12:16])
-    return source, InitChunk(src_port, dst_port, vtag, chunk_type, initiate_tag)
+    return InitChunk(src_port, dst_port, vtag, chunk_type, initiate_tag)
+
+
+def strip_ipv4_header(packet: bytes) -> bytes | None:
+    """The payload of an IPv4 datagram as a raw IPv4 socket reads it (raw IPv6 sockets get no header)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    return packet[(packet[0] & 0x0F) * 4 :]
+
+
+def parse_ip_packet(packet: bytes) -> tuple[str, InitChunk] | None:
+    """Source address and first chunk of an IPv4 datagram read from a raw SCTP socket."""
+    if len(packet) < 20 or packet[9] != IPPROTO_SCTP:
+        return None
+    payload = strip_ipv4_header(packet)
+    chunk = parse_sctp(payload) if payload is not None else None
+    if chunk is None:
+        return None
+    return ".".join(str(b) for b in packet[12:16]), chunk

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyroute2.netns import setns
 
-from agent.lab.sctp import CHUNK_INIT, IPPROTO_SCTP, build_init_ack, parse_ip_packet
+from agent.lab.sctp import CHUNK_INIT, IPPROTO_SCTP, build_init_ack, parse_sctp, strip_ipv4_header
 
 log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket], None]
@@ -58,15 +58,15 @@ def _udp_handler(reply: bytes) -> Handler:
 def _sctp_handler(ports: set[int]) -> Handler:
     def answer(sock: socket.socket) -> None:
         try:
-            packet = sock.recv(65535)
+            packet, (source, *_) = sock.recvfrom(65535)
         except OSError:
             return
-        parsed = parse_ip_packet(packet)
-        if parsed is None:
-            return
-        source, chunk = parsed
-        if chunk.chunk_type == CHUNK_INIT and chunk.dst_port in ports:
-            sock.sendto(build_init_ack(chunk, random.getrandbits(32) or 1), (source, 0))
+        # Raw IPv4 sockets read the IP header too; raw IPv6 sockets read only the payload.
+        payload = strip_ipv4_header(packet) if sock.family == socket.AF_INET else packet
+        chunk = parse_sctp(payload) if payload is not None else None
+        if chunk is not None and chunk.chunk_type == CHUNK_INIT and chunk.dst_port in ports:
+            with contextlib.suppress(OSError):
+                sock.sendto(build_init_ack(chunk, random.getrandbits(32) or 1), (source, 0))
 
     return answer
 
@@ -80,20 +80,22 @@ def open_pod_sockets(
     opened: list[tuple[socket.socket, Handler]] = []
     sctp_ports = {port for port, proto in ports if proto == "SCTP"}
     for port, proto in ports:
+        # One dual-stack socket per port serves IPv4 (as mapped addresses) and IPv6 alike.
         if proto == "TCP":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))
+            sock.bind(("::", port))
             sock.listen(128)
             opened.append((sock, _tcp_handler(reply)))
         elif proto == "UDP":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("0.0.0.0", port))
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
             opened.append((sock, _udp_handler(reply)))
     if sctp_ports:
-        opened.append(
-            (socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP), _sctp_handler(sctp_ports))
-        )
+        for family in (socket.AF_INET, socket.AF_INET6):
+            opened.append((socket.socket(family, socket.SOCK_RAW, IPPROTO_SCTP), _sctp_handler(sctp_ports)))
     for sock, _ in opened:
         sock.setblocking(False)
     return opened

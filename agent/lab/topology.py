@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,9 +55,17 @@ POD_SUPERNET = ipaddress.IPv4Network("10.240.0.0/16")
 SERVICE_SUPERNET = ipaddress.IPv4Network("10.241.0.0/16")
 FABRIC_NET = ipaddress.IPv4Network("10.250.0.0/24")
 MGMT_SUPERNET = ipaddress.IPv4Network("10.251.0.0/16")
+# IPv6 (dual-stack labs): the same plan under fd00:10:240::/48 (pods, /64 per node),
+# fd00:10:241::/48 (Services) and fd00:10:250::/64 (fabric); management stays IPv4.
+POD6_SUPERNET = ipaddress.IPv6Network("fd00:10:240::/48")
+SERVICE6_SUPERNET = ipaddress.IPv6Network("fd00:10:241::/48")
+FABRIC6_NET = ipaddress.IPv6Network("fd00:10:250::/64")
 BLACKHOLED_IN_ROOT = (POD_SUPERNET, SERVICE_SUPERNET, FABRIC_NET, MGMT_SUPERNET)
+BLACKHOLED6_IN_ROOT = (POD6_SUPERNET, SERVICE6_SUPERNET, ipaddress.IPv6Network("fd00:10:250::/48"))
 BLACKHOLED_IN_NODES = (POD_SUPERNET, SERVICE_SUPERNET)
+BLACKHOLED6_IN_NODES = (POD6_SUPERNET, SERVICE6_SUPERNET)
 ROUTED_GATEWAY = "169.254.1.1"
+ROUTED_GATEWAY6 = "fe80::1"  # link-local, like Calico's; every host veth holds it
 # Blackholes lose to any real route of the same prefix length; the metric documents that intent.
 BLACKHOLE_METRIC = 4000
 # Routes the lab adds to the root netns carry this protocol number, so teardown finds exactly them.
@@ -114,6 +123,8 @@ class LabPod:
     service_ip: str
     netns: str
     host_ifname: str
+    ip6: str | None = None  # set in dual-stack labs
+    service_ip6: str | None = None
 
     @property
     def key(self) -> str:
@@ -130,6 +141,16 @@ class LabNode:
     mgmt_ip: str  # the node's end of its management /30
     mgmt_gateway: str  # the root netns end
     pin_dir: str
+    pod_cidr6: str | None = None
+    fabric_ip6: str | None = None
+
+
+# New namespaces would run duplicate address detection on every address for about a second; the lab
+# assigns unique addresses itself, so DAD only delays pods.
+IPV6_SETTINGS = {
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+}
 
 
 def node_name(index: int) -> str:
@@ -190,6 +211,7 @@ class Lab:
 
     node_count: int = 2
     mode: CniMode = CniMode.ROUTED
+    ipv6: bool = False  # dual-stack: every pod and Service also gets an IPv6 address
     pods: dict[str, LabPod] = field(default_factory=dict)
     nodes: dict[str, LabNode] = field(default_factory=dict)
 
@@ -213,6 +235,8 @@ class Lab:
                 mgmt_gateway=str(mgmt[0]),
                 mgmt_ip=str(mgmt[1]),
                 pin_dir=str(BPF_FS / (LAB_PREFIX + name)),
+                pod_cidr6=str(ipaddress.IPv6Network(f"fd00:10:240:{index:x}::/64")) if self.ipv6 else None,
+                fabric_ip6=str(FABRIC6_NET.network_address + index) if self.ipv6 else None,
             )
 
     def _plan_pods(self, specs: Iterable[PodSpec]) -> list[LabPod]:
@@ -225,13 +249,20 @@ class Lab:
                 raise LabError(f"pod {spec.key} defined twice")
             offset = per_node.get(spec.node, 0)
             per_node[spec.node] = offset + 1
-            node_net = ipaddress.IPv4Network(self.nodes[spec.node].pod_cidr)
+            node = self.nodes[spec.node]
+            node_net = ipaddress.IPv4Network(node.pod_cidr)
+            ip6 = service_ip6 = None
+            if node.pod_cidr6:
+                ip6 = str(ipaddress.IPv6Network(node.pod_cidr6).network_address + POD_HOST_OFFSET + offset)
+                service_ip6 = str(SERVICE6_SUPERNET.network_address + POD_HOST_OFFSET + service_index)
             pod = LabPod(
                 spec=spec,
                 ip=str(node_net.network_address + POD_HOST_OFFSET + offset),
                 service_ip=str(SERVICE_SUPERNET.network_address + POD_HOST_OFFSET + service_index),
                 netns=pod_netns_name(spec),
                 host_ifname=host_ifname(spec),
+                ip6=ip6,
+                service_ip6=service_ip6,
             )
             self.pods[spec.key] = pod
             planned.append(pod)
@@ -271,6 +302,15 @@ class Lab:
                     priority=BLACKHOLE_METRIC,
                     proto=LAB_ROUTE_PROTO,
                 )
+            for net6 in BLACKHOLED6_IN_ROOT if self.ipv6 else ():
+                ipr.route(
+                    "replace",
+                    family=socket.AF_INET6,
+                    dst=str(net6),
+                    type="blackhole",
+                    priority=BLACKHOLE_METRIC,
+                    proto=LAB_ROUTE_PROTO,
+                )
 
     def _build_fabric(self) -> None:
         netns.create(FABRIC_NETNS)
@@ -285,6 +325,9 @@ class Lab:
             "net.ipv4.conf.all.rp_filter": "0",
             "net.ipv4.conf.default.rp_filter": "0",
         }
+        if self.ipv6:
+            settings.update(IPV6_SETTINGS)
+            settings["net.ipv6.conf.all.forwarding"] = "1"
         if self.mode is CniMode.BRIDGED:
             settings["net.bridge.bridge-nf-call-iptables"] = "1"
             settings["net.bridge.bridge-nf-call-ip6tables"] = "1"
@@ -316,16 +359,40 @@ class Lab:
             for other in self.nodes.values():
                 if other.name != node.name:
                     ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
+            if self.ipv6:
+                ipr.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=FABRIC6_NET.prefixlen)
+                for net6 in BLACKHOLED6_IN_NODES:
+                    ipr.route(
+                        "add",
+                        family=socket.AF_INET6,
+                        dst=str(net6),
+                        type="blackhole",
+                        priority=BLACKHOLE_METRIC,
+                    )
+                for other in self.nodes.values():
+                    if other.name != node.name:
+                        ipr.route(
+                            "add",
+                            family=socket.AF_INET6,
+                            dst=other.pod_cidr6,
+                            gateway=other.fabric_ip6,
+                            oif=eth0,
+                        )
             if self.mode is CniMode.BRIDGED:
                 ipr.link("add", ifname="cni0", kind="bridge")
                 cni0 = _index(ipr, "cni0")
                 gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
                 ipr.addr("add", index=cni0, address=str(gateway), prefixlen=24)
+                if node.pod_cidr6:
+                    gateway6 = ipaddress.IPv6Network(node.pod_cidr6).network_address + 1
+                    ipr.addr("add", index=cni0, address=str(gateway6), prefixlen=64)
                 ipr.link("set", index=cni0, state="up")
 
     def _build_pod(self, pod: LabPod) -> None:
         node = self.nodes[pod.spec.node]
         netns.create(pod.netns)
+        if self.ipv6:
+            _sysctl(pod.netns, IPV6_SETTINGS)
         with _ipr(node.netns) as ipr:
             ipr.link(
                 "add", ifname=pod.host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns}
@@ -336,6 +403,11 @@ class Lab:
                 ipr.addr("add", index=host, address=ROUTED_GATEWAY, prefixlen=32, scope=253)
                 ipr.link("set", index=host, state="up")
                 ipr.route("add", dst=f"{pod.ip}/32", oif=host, scope=253, prefsrc=node.fabric_ip)
+                if pod.ip6:
+                    ipr.addr("add", index=host, address=ROUTED_GATEWAY6, prefixlen=64)
+                    ipr.route(
+                        "add", family=socket.AF_INET6, dst=f"{pod.ip6}/128", oif=host, prefsrc=node.fabric_ip6
+                    )
             else:
                 ipr.link("set", index=host, master=_index(ipr, "cni0"), state="up")
                 # Hairpin lets a pod reach itself through its own Service, as the bridge plugin does.
@@ -348,11 +420,18 @@ class Lab:
                 ipr.link("set", index=eth0, state="up")
                 ipr.route("add", dst=f"{ROUTED_GATEWAY}/32", oif=eth0, scope=253)
                 ipr.route("add", dst="0.0.0.0/0", gateway=ROUTED_GATEWAY, oif=eth0)
+                if pod.ip6:
+                    ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=128)
+                    ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=ROUTED_GATEWAY6, oif=eth0)
             else:
                 gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
                 ipr.addr("add", index=eth0, address=pod.ip, prefixlen=24)
                 ipr.link("set", index=eth0, state="up")
                 ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=eth0)
+                if pod.ip6 and node.pod_cidr6:
+                    gateway6 = ipaddress.IPv6Network(node.pod_cidr6).network_address + 1
+                    ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=64)
+                    ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=str(gateway6), oif=eth0)
 
     def _program_services(self) -> None:
         rules = [
@@ -368,8 +447,18 @@ class Lab:
                 f"-j DNAT --to-destination {pod.ip}"
             )
         rules.append("COMMIT")
+        rules6 = [*rules[:4]]
+        rules6 += [
+            f"-A KUBE-SERVICES -d {pod.service_ip6}/128 -m comment --comment {pod.key} "
+            f"-j DNAT --to-destination {pod.ip6}"
+            for pod in self.pods.values()
+            if pod.ip6
+        ]
+        rules6.append("COMMIT")
         for node in self.nodes.values():
             run_in_netns(node.netns, ["iptables-restore", "--noflush"], stdin="\n".join(rules) + "\n")
+            if self.ipv6:
+                run_in_netns(node.netns, ["ip6tables-restore", "--noflush"], stdin="\n".join(rules6) + "\n")
 
     # --- state ------------------------------------------------------------------------------
 
@@ -377,6 +466,7 @@ class Lab:
         state = {
             "node_count": self.node_count,
             "mode": self.mode.value,
+            "ipv6": self.ipv6,
             "nodes": [asdict(n) for n in self.nodes.values()],
             "pods": [
                 {
@@ -388,6 +478,8 @@ class Lab:
                     "service_ip": p.service_ip,
                     "netns": p.netns,
                     "host_ifname": p.host_ifname,
+                    "ip6": p.ip6,
+                    "service_ip6": p.service_ip6,
                 }
                 for p in self.pods.values()
             ],
@@ -401,7 +493,7 @@ class Lab:
             state = json.loads((RUN_DIR / "state.json").read_text())
         except FileNotFoundError as err:
             raise LabError("no lab is up") from err
-        lab = cls(node_count=state["node_count"], mode=CniMode(state["mode"]))
+        lab = cls(node_count=state["node_count"], mode=CniMode(state["mode"]), ipv6=state.get("ipv6", False))
         for node in state["nodes"]:
             lab.nodes[node["name"]] = LabNode(**node)
         for raw in state["pods"]:
@@ -419,6 +511,8 @@ class Lab:
                 service_ip=raw["service_ip"],
                 netns=raw["netns"],
                 host_ifname=raw["host_ifname"],
+                ip6=raw.get("ip6"),
+                service_ip6=raw.get("service_ip6"),
             )
         return lab
 
@@ -529,12 +623,19 @@ def teardown() -> list[str]:
                 with contextlib.suppress(NetlinkError):
                     root.link("del", index=link["index"])
                     removed.append(f"root link {ifname}")
-        for route in root.get_routes(family=2, table=254):
-            if route["proto"] == LAB_ROUTE_PROTO:
-                dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
-                with contextlib.suppress(NetlinkError):
-                    root.route("del", dst=dst, type=route["type"], priority=route.get_attr("RTA_PRIORITY"))
-                    removed.append(f"root route {dst}")
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in root.get_routes(family=family, table=254):
+                if route["proto"] == LAB_ROUTE_PROTO:
+                    dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+                    with contextlib.suppress(NetlinkError):
+                        root.route(
+                            "del",
+                            family=family,
+                            dst=dst,
+                            type=route["type"],
+                            priority=route.get_attr("RTA_PRIORITY"),
+                        )
+                        removed.append(f"root route {dst}")
     for pin_dir in BPF_FS.glob(LAB_PREFIX + "*"):
         shutil.rmtree(pin_dir, ignore_errors=True)
         removed.append(f"pins {pin_dir}")
@@ -558,7 +659,8 @@ def leftovers() -> list[str]:
         ]
         found += [
             f"root route {r.get_attr('RTA_DST')}/{r['dst_len']}"
-            for r in root.get_routes(family=2, table=254)
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in root.get_routes(family=family, table=254)
             if r["proto"] == LAB_ROUTE_PROTO
         ]
     found += [f"pins {p}" for p in BPF_FS.glob(LAB_PREFIX + "*")]

@@ -17,6 +17,8 @@ from pyroute2 import IPRoute
 from agent.lab.prober import Endpoint, Probe, TruthTable, probe_table, run_probes, server_reply
 from agent.lab.scenarios import upstream_pods
 from agent.lab.topology import (
+    BLACKHOLED6_IN_NODES,
+    BLACKHOLED6_IN_ROOT,
     BLACKHOLED_IN_NODES,
     BLACKHOLED_IN_ROOT,
     RUN_DIR,
@@ -31,10 +33,15 @@ from agent.lab.topology import (
 RTN_BLACKHOLE = 6
 
 
-@pytest.fixture(scope="module", params=[CniMode.ROUTED, CniMode.BRIDGED], ids=lambda m: m.value)
+@pytest.fixture(
+    scope="module",
+    params=[(mode, ipv6) for ipv6 in (False, True) for mode in CniMode],
+    ids=lambda p: p[0].value + ("-dualstack" if p[1] else ""),
+)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     teardown()  # a crashed earlier run must not make this one fail
-    built = Lab(node_count=2, mode=request.param)
+    mode, ipv6 = request.param
+    built = Lab(node_count=2, mode=mode, ipv6=ipv6)
     built.build(upstream_pods(2))
     try:
         yield built
@@ -42,17 +49,53 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         teardown()
 
 
-def _endpoints(lab: Lab, to: str = "service") -> list[Endpoint]:
-    return [Endpoint(p.key, p.netns, p.service_ip if to == "service" else p.ip) for p in lab.pods.values()]
+def _endpoints(lab: Lab, to: str = "service", family: int = 4) -> list[Endpoint]:
+    endpoints = []
+    for p in lab.pods.values():
+        address = (
+            (p.service_ip if to == "service" else p.ip)
+            if family == 4
+            else (p.service_ip6 if to == "service" else p.ip6)
+        )
+        assert address is not None
+        endpoints.append(Endpoint(p.key, p.netns, address))
+    return endpoints
+
+
+def _ipv4_only(lab: Lab) -> bool:
+    """On an IPv4-only lab the IPv6 checks reduce to: no pod got an IPv6 address or Service."""
+    if lab.ipv6:
+        return False
+    assert all(p.ip6 is None and p.service_ip6 is None for p in lab.pods.values())
+    return True
 
 
 @pytest.mark.parametrize("protocol", ["TCP", "UDP", "SCTP"])
-@pytest.mark.parametrize("port", [80, 81])
-def test_without_policy_every_pod_reaches_every_service(lab: Lab, protocol: str, port: int) -> None:
-    endpoints = _endpoints(lab)
-    observed = probe_table(endpoints, endpoints, port, protocol)
-    expected = TruthTable.filled(observed.sources, observed.targets)
-    assert expected.differences(observed) == [], observed.render()
+def test_dual_stack_pods_reach_every_ipv6_service(lab: Lab, protocol: str) -> None:
+    if _ipv4_only(lab):
+        return
+    endpoints = _endpoints(lab, family=6)
+    observed = probe_table(endpoints, endpoints, 80, protocol)
+    assert TruthTable.filled(observed.sources, observed.targets).differences(observed) == [], (
+        observed.render()
+    )
+
+
+def test_dual_stack_icmpv6_and_backends(lab: Lab) -> None:
+    if _ipv4_only(lab):
+        return
+    endpoints = _endpoints(lab, to="pod", family=6)
+    observed = probe_table(endpoints, endpoints, 0, "ICMP")
+    assert TruthTable.filled(observed.sources, observed.targets).differences(observed) == []
+    source = lab.pods["x/a"]
+    for target in lab.pods.values():
+        if target is not source:
+            assert target.service_ip6 is not None
+            probe = Probe(source.key, source.netns, target.key, target.service_ip6, 81, "TCP")
+            assert server_reply(probe) == target.spec.name
+    assert {str(n) for n in BLACKHOLED6_IN_ROOT} <= _blackholes(None, family=10)
+    for node in lab.nodes.values():
+        assert {str(n) for n in BLACKHOLED6_IN_NODES} <= _blackholes(node.netns, family=10)
 
 
 def test_pod_ips_and_icmp_reachable(lab: Lab) -> None:
@@ -84,11 +127,11 @@ def test_service_dnats_to_its_own_backend(lab: Lab) -> None:
             assert f"-d {pod.service_ip}/32" in rules and f"--to-destination {pod.ip}" in rules
 
 
-def _blackholes(netns_name: str | None) -> set[str]:
+def _blackholes(netns_name: str | None, family: int = 2) -> set[str]:
     with IPRoute(netns=netns_name) if netns_name else IPRoute() as ipr:
         return {
             f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
-            for r in ipr.get_routes(family=2, table=254)
+            for r in ipr.get_routes(family=family, table=254)
             if r["type"] == RTN_BLACKHOLE
         }
 
@@ -126,7 +169,9 @@ def test_lab_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     teardown()
     # A lab built by a process that dies without cleaning up, like a Ctrl-C'd or killed run.
     crashed = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "lab", "up", "--mode", "bridged"], capture_output=True, text=True
+        [sys.executable, "-m", "agent.cli", "lab", "up", "--mode", "bridged", "--ipv6"],
+        capture_output=True,
+        text=True,
     )
     assert crashed.returncode == 0, crashed.stderr
     servers_pid = int((RUN_DIR / "servers.pid").read_text())
