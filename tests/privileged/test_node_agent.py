@@ -206,6 +206,8 @@ class NodeLab:
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
+        # The bpf dataplane keeps its id bookkeeping beside the pins' lifetime, in /run.
+        Path(f"/run/podfence/{self.pin_dir.name}.bpf-state.json").unlink(missing_ok=True)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
@@ -344,3 +346,70 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
             for f in flows
         ), flows[-10:]
         assert any(f["pod"] == "<unknown endpoint>" and f["reason"] == "unknown_endpoint" for f in flows)
+
+
+@pytest.mark.parametrize("lab", ["routed"], indirect=True)
+def test_agent_kill_and_restart_keeps_enforcing(lab: NodeLab):
+    from agent.dataplane import bpf
+
+    if not hasattr(bpf, "BpfDataplane"):
+        pytest.skip("agent.dataplane.bpf.BpfDataplane not available in this tree")
+    pods = {
+        name: lab.add_pod_interface(name, f"10.244.0.{20 + i}", {"app": name})
+        for i, name in enumerate(("server", "client", "intruder"))
+    }
+    for pod in pods.values():
+        lab.publish_pod(pod)
+    lab.publish_policy(
+        "server-from-client",
+        {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}],
+        },
+    )
+    grpc_port = free_port()
+    lab.spawn(
+        "control", "control", "--source", str(lab.source), "--listen", f"127.0.0.1:{grpc_port}", "--insecure"
+    )
+
+    def start_agent(name: str) -> tuple[subprocess.Popen[bytes], str]:
+        metrics_port = free_port()
+        process = lab.spawn(
+            name,
+            "agent",
+            "--node",
+            "n1",
+            "--control",
+            f"127.0.0.1:{grpc_port}",
+            "--insecure",
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+            "--pin-dir",
+            str(lab.pin_dir),
+        )
+        url = f"http://127.0.0.1:{metrics_port}"
+
+        def ready() -> bool:
+            assert process.poll() is None, lab.log_text(name)[-2000:]
+            return lab.fetch(f"{url}/readyz")[0] == 200
+
+        wait_for(ready, 60, f"{name} to apply a version")
+        return process, url
+
+    first, _ = start_agent("agent-1")
+    wait_for(lambda: lab.connects("client", "server"), 10, "client -> server allowed")
+    assert not lab.connects("intruder", "server")
+
+    first.kill()  # SIGKILL: no clean-up of any kind
+    first.wait(timeout=10)
+    assert lab.connects("client", "server"), "allowed traffic must keep flowing without the agent"
+    assert not lab.connects("intruder", "server"), "denied traffic must stay denied without the agent"
+
+    second, url = start_agent("agent-2")
+    assert lab.connects("client", "server")
+    assert not lab.connects("intruder", "server")
+    _, body = lab.fetch(f"{url}/metrics")
+    assert "podfence_managed_endpoints 3.0" in body
+    assert "podfence_apply_errors_total 0.0" in body
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=20) == 0
