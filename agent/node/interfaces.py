@@ -382,7 +382,7 @@ class NetlinkMonitor:
                     continue
                 try:
                     _drain(ipr)
-                except NetlinkError as exc:
+                except (NetlinkError, OSError) as exc:
                     # ENOBUFS: the kernel dropped notifications; a full rescan covers what we missed.
                     log.warning("netlink monitor lost notifications (%s); rescanning", exc)
                 self._on_change()
