@@ -11,6 +11,9 @@ wired the way a CNI plugin would wire it:
 * bridged (bridge/flannel style): host veths are ports of a per-node bridge `cni0` that holds the
   gateway address of the node's pod /24, with br_netfilter on so bridged replies see conntrack.
 
+A dual-stack lab (`ipv6=True`) gives every pod, Service and node link an IPv6 address as well,
+routed the same way (fe80::1 as the routed gateway, the bridge's address in bridged mode).
+
 ClusterIP Services are DNAT rules in nat PREROUTING and OUTPUT of every node, as kube-proxy's
 iptables mode writes them. Lab ranges are blackholed in the root netns and in every node (less
 specific than the real routes), so a missing route drops lab traffic instead of sending it out.
@@ -40,6 +43,8 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.lab.prober import forget_namespaces, send_hello_from
 
 log = logging.getLogger(__name__)
 
@@ -568,8 +573,6 @@ def announce_pods(pods: Iterable[LabPod]) -> None:
     Bridged nodes learn the pod's MAC into the bridge FDB only from its traffic; agents that find
     a pod's bridge port through the FDB need that entry before the pod's first connection.
     """
-    from agent.lab.prober import send_hello_from  # the prober owns entering pod namespaces
-
     send_hello_from([p.netns for p in pods])
 
 
@@ -589,7 +592,10 @@ def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
         cmdline = b""
     if b"agent." in cmdline or b"podfence" in cmdline:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGTERM)
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGTERM)  # a session leader we started: its helpers go too
+            else:
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
@@ -603,8 +609,6 @@ def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
 
 def teardown() -> list[str]:
     """Remove everything any lab made on this machine; returns what was removed. Idempotent."""
-    from agent.lab.prober import forget_namespaces
-
     forget_namespaces()  # this process's cached fds would keep deleted namespaces alive
     removed: list[str] = []
     if RUN_DIR.exists():
