@@ -8,6 +8,11 @@ every variant in rotating order, REPETITIONS times, so drift and the neighbours'
 variants alike. Reported: medians, and ratios taken per repetition against the no-filter figure
 of the same repetition (then the median), and the 10,000-rule vs 10-rule ratio.
 
+A second baseline, `none_conntrack`, is the same topology with connection tracking switched on in
+the node namespaces (kube-proxy's `--ctstate INVALID -j DROP` rule in FORWARD), which is what a
+real Kubernetes node pays before any policy: ratios against it are reported beside
+(`*_vs_conntrack`), the targets stay against `none`.
+
 Metrics: TCP throughput (iperf3), TCP connections per second (connect, request, response, close;
 bench/_workload.py, a fixed number of closed-loop workers, so CPU cost shows up as rate), and UDP
 packets per second over many distinct flows (counted as delivered on the receiving pod's interface).
@@ -46,7 +51,7 @@ from bench._netlab import Topology
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 REPETITIONS = 2 if QUICK else 3
 IPERF_SECONDS = 1 if QUICK else 2
-CRR_SECONDS = 1.0 if QUICK else 1.5
+CRR_SECONDS = 1.0 if QUICK else 1.2
 CRR_WORKERS = 2  # one per core: the client saturates the machine in every variant alike
 UDP_SECONDS = 1.0 if QUICK else 1.5
 UDP_FLOWS = 1000
@@ -66,7 +71,7 @@ OTHER_IDENTITY_BASE = 100  # identities of the non-matching peers
 @dataclass
 class Variant:
     name: str
-    dataplane: str | None  # None: no filter at all
+    dataplane: str | None  # None: no filter at all; "conntrack": no filter, conntrack on
     rules: int
     topology: Topology
     live_dataplanes: list[tuple[str, Any]] = field(default_factory=list)  # (node netns, dataplane)
@@ -143,14 +148,29 @@ def make_dataplane(kind: str, pin_dir: str) -> Any:
 # --- topology and servers ---------------------------------------------------------------------
 
 
+KUBE_PROXY_CONNTRACK_RULE = ["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID",
+                             "-j", "DROP"]
+
+
+def variant_name(dataplane: str | None, rules: int) -> str:
+    if dataplane is None:
+        return "none"
+    if dataplane == "conntrack":
+        return "none_conntrack"
+    return f"{dataplane}_{rules}"
+
+
 def build_variant(index: int, dataplane: str | None, rules: int) -> Variant:
-    name = f"{dataplane}_{rules}" if dataplane else "none"
+    name = variant_name(dataplane, rules)
     topology = Topology(tag=f"d{index}")
     topology.build(2, [("client", 1), ("local", 1), ("remote", 2)])
     variant = Variant(name=name, dataplane=dataplane, rules=rules, topology=topology)
     try:
         start_servers(variant)
-        if dataplane is not None:
+        if dataplane == "conntrack":
+            for node in topology.nodes.values():
+                _netlab.run_in(node.netns, KUBE_PROXY_CONNTRACK_RULE)
+        elif dataplane is not None:
             for node in topology.nodes.values():
                 state = node_state(topology, node.name, rules)
                 with _netlab.inside(node.netns):
@@ -159,7 +179,7 @@ def build_variant(index: int, dataplane: str | None, rules: int) -> Variant:
                     plane.start()
                     plane.apply(state)
         variant.enforcing = drops_unallowed_port(variant)
-        if dataplane is not None and not variant.enforcing:
+        if dataplane in DATAPLANES and not variant.enforcing:
             raise RuntimeError(f"{name}: a port no rule allows was not dropped")
     except BaseException:
         destroy_variant(variant)
@@ -299,7 +319,13 @@ def measure(variant: Variant, path: str, metric: str) -> float:
 
 
 def variant_plan() -> list[tuple[str | None, int]]:
-    return [(None, 0)] + [(plane, rules) for plane in DATAPLANES for rules in RULE_COUNTS]
+    baselines: list[tuple[str | None, int]] = [(None, 0), ("conntrack", 0)]
+    return baselines + [(plane, rules) for plane in DATAPLANES for rules in RULE_COUNTS]
+
+
+def _plan_position(name: str) -> int:
+    names = [variant_name(plane, rules) for plane, rules in variant_plan()]
+    return names.index(name) if name in names else len(names)
 
 
 def summarise(samples: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
@@ -307,13 +333,15 @@ def summarise(samples: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str
     summary: dict[str, Any] = {}
     for path, by_metric in samples.items():
         for metric, by_variant in by_metric.items():
-            baseline = by_variant.get("none", [])
-            for name, values in by_variant.items():
+            for name, values in sorted(by_variant.items(), key=lambda item: _plan_position(item[0])):
                 entry = summary.setdefault(path, {}).setdefault(name, {})
                 entry[metric] = round(statistics.median(values), 4)
-                if name != "none" and baseline:
+                for baseline_name, suffix in (("none", "vs_none"), ("none_conntrack", "vs_conntrack")):
+                    baseline = by_variant.get(baseline_name, [])
+                    if name.startswith("none") or not baseline:
+                        continue
                     ratios = [v / b for v, b in zip(values, baseline, strict=False) if b > 0]
-                    entry[f"{metric}_vs_none"] = round(statistics.median(ratios), 3)
+                    entry[f"{metric}_{suffix}"] = round(statistics.median(ratios), 3)
             for plane in DATAPLANES:
                 few, many = by_variant.get(f"{plane}_10"), by_variant.get(f"{plane}_10000")
                 if few and many:
@@ -349,7 +377,7 @@ def run() -> dict[str, Any]:
             try:
                 variants.append(build_variant(index, plane, rules))
             except Exception as exc:  # a dataplane that cannot run here is reported, not fatal
-                unavailable[f"{plane}_{rules}"] = repr(exc)
+                unavailable[variant_name(plane, rules)] = repr(exc)
                 continue
             setup_seconds[variants[-1].name] = round(time.monotonic() - t0, 2)
         samples: dict[str, dict[str, dict[str, list[float]]]] = {}

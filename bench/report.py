@@ -68,6 +68,16 @@ def render_datapath(result: dict[str, Any]) -> list[str]:
             row.append(entry.get("conn_per_s_10000_vs_10"))
             rows.append(row)
         lines += _table(header, rows)
+        against_conntrack = [
+            [name, *(entry.get(f"{metric}_vs_conntrack") for metric in METRIC_TITLES)]
+            for name, entry in variants.items()
+            if any(f"{metric}_vs_conntrack" in entry for metric in METRIC_TITLES)
+        ]
+        if against_conntrack:
+            lines += _table(
+                ["variant", *(f"{title} vs none_conntrack" for title in METRIC_TITLES.values())],
+                against_conntrack,
+            )
     targets = result.get("targets", {})
     if targets.get("checked"):
         lines.append("eBPF 10,000-rule targets (same node): " + ", ".join(
