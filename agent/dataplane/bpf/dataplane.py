@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,10 @@ class BpfDataplane:
         self._live = _Live()
         self._events: list[DenyEvent] = []
         self._iptables = attach.Iptables(netns)
+        # apply() runs on the reconcile thread while metrics and flow logs read from others
+        self._lock = threading.Lock()
+        self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
+        self._bridge_netfilter_enabled = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class BpfDataplane:
         self._module = loader.compile_module(self.knobs)
         self._programs = loader.load_programs(self._module)
         self._adopt()
+        self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
         self._install_nf_program()
         with attach.netlink(self.netns) as sock:
             for ifindex in sorted(self._live.interfaces):
@@ -181,15 +187,18 @@ class BpfDataplane:
         except ValueError as error:
             raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
         transition = transition_policy_entries(old_allocation, desired.allocation)
-        self._check_capacity(desired, transition)
-        try:
-            changed = self._write(desired, transition)
-        except DataplaneError:
-            raise
-        except Exception as error:  # BCC map errors are bare Exceptions / KeyErrors
-            raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
-        self._live.allocation = desired.allocation
-        self._save_state_file()
+        with self._lock:
+            self._check_capacity(desired, transition)
+            try:
+                changed = self._write(desired, transition)
+            except DataplaneError:
+                raise
+            except Exception as error:  # BCC map errors are bare Exceptions / KeyErrors
+                raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
+            finally:
+                self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+            self._live.allocation = desired.allocation
+            self._save_state_file()
         if changed and self.established_on_change == "reset":
             self._reset_conntrack(changed)
 
@@ -257,8 +266,14 @@ class BpfDataplane:
             if previous is not None:
                 changed.add(entry.endpoint_key)
         # 5. guard new interfaces, 6. then sweep what vanished
+        new_interfaces = desired.interfaces - live.interfaces
+        # bridged pods reach FORWARD (the egress judge) only through br_netfilter
+        bridged = not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces)
+        if bridged:
+            attach.enable_bridge_netfilter(self.netns)
+            self._bridge_netfilter_enabled = True
         with attach.netlink(self.netns) as sock:
-            for ifindex in sorted(desired.interfaces - live.interfaces):
+            for ifindex in sorted(new_interfaces):
                 self._attach(sock, ifindex)
                 live.interfaces.add(ifindex)
             for ifindex in sorted(live.interfaces - desired.interfaces):
@@ -371,8 +386,6 @@ class BpfDataplane:
             if name.startswith(f"{NF_PROGRAM_PIN}_") and old != pin:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(old)
-        if any(_is_bridge_port(self.netns, i) for i in self._live.interfaces):
-            attach.enable_bridge_netfilter(self.netns)
 
     # ---- observability -------------------------------------------------------------------------
 
@@ -381,7 +394,9 @@ class BpfDataplane:
             return []
         table = self._module[b"pf_counters"]
         result = []
-        for entry in sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key):
+        with self._lock:
+            entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
+        for entry in entries:
             for direction in Direction:
                 per_cpu = table.getvalue(table.Key(entry.endpoint_id * 2 + direction))
                 result.append(EndpointCounters(
@@ -413,13 +428,16 @@ class BpfDataplane:
         if self._module is None:
             return {}
         live, knobs = self._live, self.knobs
-        return {
-            "ct": (sum(1 for _ in self._module[b"pf_ct"]), knobs.ct_max),
-            "policy": (len(live.policy), knobs.policy_max),
-            "ipcache": (len(live.ipcache), knobs.ipcache_max),
-            "cidr": (len(live.cidr), knobs.cidr_max),
-            "endpoints": (len(live.endpoints), knobs.endpoints_max),
-        }
+        with self._lock:
+            usage = {
+                "policy": (len(live.policy), knobs.policy_max),
+                "ipcache": (len(live.ipcache), knobs.ipcache_max),
+                "cidr": (len(live.cidr), knobs.cidr_max),
+                "endpoints": (len(live.endpoints), knobs.endpoints_max),
+            }
+        # conntrack is written by the datapath only: count what the kernel holds
+        usage["ct"] = (sum(1 for _ in self._module[b"pf_ct"]), knobs.ct_max)
+        return usage
 
     def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
         if self._module is None:
@@ -430,9 +448,7 @@ class BpfDataplane:
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
         raw = ctypes.cast(data, ctypes.POINTER(DenyEventStruct)).contents
-        endpoint = next(
-            (e.endpoint_key for e in self._live.endpoints.values() if e.endpoint_id == raw.endpoint_id), ""
-        )
+        endpoint = self._endpoint_names.get(raw.endpoint_id, "")
         reason = Reason(raw.reason).name.lower() if raw.reason < REASON_MAX else str(raw.reason)
         self._events.append(DenyEvent(
             endpoint=endpoint,
