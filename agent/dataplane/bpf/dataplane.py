@@ -268,8 +268,7 @@ class BpfDataplane:
         # 5. guard new interfaces, 6. then sweep what vanished
         new_interfaces = desired.interfaces - live.interfaces
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
-        bridged = not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces)
-        if bridged:
+        if not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces):
             attach.enable_bridge_netfilter(self.netns)
             self._bridge_netfilter_enabled = True
         with attach.netlink(self.netns) as sock:
