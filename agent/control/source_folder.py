@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.control.hub import PolicyHub
-from agent.model.load import load_text
+from agent.model.load import load_file
 from agent.model.objects import KubeObject
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,11 @@ class FolderSource:
         return files
 
     def _read(self, path: Path) -> None:
-        try:
-            text = path.read_text(encoding="utf-8")
-            result = load_text(text, str(path))
-        except Exception as exc:  # unreadable or unparsable: keep this file's last good objects
-            self._report(path, f"{path}: {exc}")
+        result = load_file(path)
+        if result.unreadable:
+            # A half-written or broken file: none of it replaces what the file held before, so an
+            # editor's intermediate save never drops policy that is in force.
+            self._report(path, "; ".join(str(error) for error in result.unreadable))
             return
         self.errors.pop(path, None)
         self._good[path] = {object_key(obj): obj for obj in result.objects}

@@ -101,15 +101,15 @@ class KubernetesSource:
         for thread in threads:
             thread.join(timeout=1.0)
 
-    def watch_kind(self, kind: str, stop: threading.Event, max_streams: int | None = None) -> None:
-        """List then watch one kind; `max_streams` bounds the watch calls (for replaying recordings)."""
+    def watch_kind(self, kind: str, stop: threading.Event, max_attempts: int | None = None) -> None:
+        """List then watch one kind; `max_attempts` bounds the (re-list and) watch rounds, for replays."""
         delay = self._backoff_initial
-        streams = 0
-        while not stop.is_set() and (max_streams is None or streams < max_streams):
+        attempts = 0
+        while not stop.is_set() and (max_attempts is None or attempts < max_attempts):
+            attempts += 1
             try:
                 if self.resource_versions[kind] is None:
                     self.relist(kind)
-                streams += 1
                 self._watch_once(kind, stop)
                 delay = self._backoff_initial
             except _Relist:
