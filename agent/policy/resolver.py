@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.model.objects import (
     IPAddress,
+    IPBlock,
     KubeObject,
     Labels,
     LabelSelector,
@@ -113,8 +114,32 @@ def policy_selector_keys(policy: NetworkPolicy) -> set[SelectorKey]:
     }
 
 
-def _has_egress_named_ports(policy: NetworkPolicy) -> bool:
-    return PolicyType.EGRESS in policy.policy_types and any(named_ports(r) for r in policy.egress)
+@dataclass(frozen=True)
+class _NamedEgressDeps:
+    """What a policy's named egress ports depend on: pods with these port names that match these
+    selectors, or (for ipBlock and peer-less rules) any pod with these port names."""
+
+    names: frozenset[tuple[str, Protocol]]
+    selectors: frozenset[SelectorKey]
+    any_pod: bool
+
+
+def named_egress_deps(policy: NetworkPolicy) -> _NamedEgressDeps | None:
+    if PolicyType.EGRESS not in policy.policy_types:
+        return None
+    names: set[tuple[str, Protocol]] = set()
+    selectors: set[SelectorKey] = set()
+    any_pod = False
+    for rule in policy.egress:
+        rule_names = named_ports(rule)
+        if not rule_names:
+            continue
+        names.update(rule_names)
+        any_pod = any_pod or not rule.peers or any(p.ip_block is not None for p in rule.peers)
+        selectors.update(selector_key(policy, p) for p in rule.peers if p.ip_block is None)
+    if not names:
+        return None
+    return _NamedEgressDeps(frozenset(names), frozenset(selectors), any_pod)
 
 
 def is_endpoint(pod: Pod) -> bool:
@@ -164,7 +189,8 @@ class Resolver:
         self._template_version: dict[str, int] = {}
         self._version_counter = 0
         self._dirty_templates: set[str] = set()
-        self._egress_named_policies: set[str] = set()
+        self._named_egress: dict[str, _NamedEgressDeps] = {}
+        self._named_egress_by_name: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
         self._named_port_pods: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
         # endpoints and nodes
         self._node_members: dict[str, set[str]] = defaultdict(set)
@@ -172,8 +198,12 @@ class Resolver:
         self._dirty_nodes: set[str] = set()
         self._node_cache: dict[str, NodePolicy] = {}
         self._endpoint_cache: dict[str, dict[str, tuple[EndpointPolicy, frozenset[int]]]] = defaultdict(dict)
-        self._node_identities: dict[str, set[int]] = {}  # identities each node's last NodePolicy listed
+        # identity -> how many of the node's endpoints reference it; the keys are the node's identity table
+        self._node_identity_refs: dict[str, Counter[int]] = defaultdict(Counter)
+        self._stale_identities: dict[str, set[int]] = defaultdict(set)  # referenced, IPs changed since
         self._memo: dict[tuple[object, ...], tuple[DirectionAllows, frozenset[int]]] = {}
+        self._memo_keys_by_policy: dict[str, set[tuple[object, ...]]] = defaultdict(set)
+        self._last_identities: dict[str, Mapping[int, tuple[IPAddress, ...]]] = {}
         self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
 
     # ---- public API -------------------------------------------------------------------------
@@ -227,25 +257,36 @@ class Resolver:
     def node_policy(self, node: str) -> NodePolicy:
         self._flush_templates()
         cached = self._node_cache.get(node)
-        dirty = self._dirty_endpoints.pop(node, set())
-        if cached is not None and not dirty:
+        if cached is not None:
             return cached
         endpoints = self._endpoint_cache[node]
-        for key in dirty:
+        refs = self._node_identity_refs[node]
+        previous_identities = dict(self._last_identities.get(node, {}))
+        for key in self._dirty_endpoints.pop(node, set()):
+            old = endpoints.pop(key, None)
+            if old is not None:
+                refs.subtract(old[1])
             pod = self._state.pods.get(key)
             if pod is not None and is_endpoint(pod) and pod.node_name == node:
-                endpoints[key] = self._compile_endpoint(pod)
-            else:
-                endpoints.pop(key, None)
-        referenced: set[int] = set()
-        for _, identities in endpoints.values():
-            referenced |= identities
+                endpoints[key] = compiled = self._compile_endpoint(pod)
+                refs.update(compiled[1])
+        stale = self._stale_identities.pop(node, set())
+        identities = {}
+        for identity, count in refs.items():
+            if count <= 0:
+                continue
+            ips = previous_identities.get(identity)
+            if ips is None or identity in stale:
+                ips = self._identity_ips(identity)
+            identities[identity] = ips
+        if len(refs) > 2 * len(identities) + 64:  # drop zero counts now and then, not on every call
+            refs = self._node_identity_refs[node] = Counter({i: c for i, c in refs.items() if c > 0})
         policy = NodePolicy(
             endpoints={key: endpoints[key][0] for key in sorted(endpoints)},
-            identities={i: self._identity_ips(i) for i in sorted(referenced)},
+            identities=dict(sorted(identities.items())),
         )
         self._node_cache[node] = policy
-        self._node_identities[node] = referenced
+        self._last_identities[node] = policy.identities
         return policy
 
     # ---- namespaces ------------------------------------------------------------------------
@@ -333,10 +374,8 @@ class Resolver:
             self._identity_ips_changed(new_identity)
 
         self._reindex_named_ports(key, old, pod)
-        if self._egress_named_policies and (
-            old is None or pod is None or (old.ips, old.ports, old.labels) != (pod.ips, pod.ports, pod.labels)
-        ):
-            self._dirty_templates |= self._egress_named_policies
+        if self._named_egress:
+            self._dirty_named_egress(old, pod, {i for i in (old_identity, new_identity) if i is not None})
 
         if old is None or pod is None or old.labels != pod.labels or old.host_network != pod.host_network:
             self._reselect(key, pod)
@@ -346,6 +385,35 @@ class Resolver:
             self._node_members[old.node_name].discard(key)
         if pod is not None and is_endpoint(pod) and pod.node_name is not None:
             self._node_members[pod.node_name].add(key)
+
+    def _dirty_named_egress(self, old: Pod | None, pod: Pod | None, identities: set[int]) -> None:
+        """Marks the templates whose named egress ports may resolve differently after this pod event."""
+        if (
+            old is not None
+            and pod is not None
+            and (old.ips, old.ports, old.labels, old.host_network)
+            == (
+                pod.ips,
+                pod.ports,
+                pod.labels,
+                pod.host_network,
+            )
+        ):
+            return
+        names = {
+            (p.name, p.protocol)
+            for source in (old, pod)
+            if source is not None
+            for p in source.ports
+            if p.name
+        }
+        for name in names:
+            for policy_key in self._named_egress_by_name.get(name, ()):
+                deps = self._named_egress[policy_key]
+                if deps.any_pod or any(
+                    identity in self._sel_matches[sel] for sel in deps.selectors for identity in identities
+                ):
+                    self._dirty_templates.add(policy_key)
 
     def _reindex_named_ports(self, key: str, old: Pod | None, pod: Pod | None) -> None:
         for source, add in ((old, False), (pod, True)):
@@ -405,8 +473,9 @@ class Resolver:
     def _identity_ips_changed(self, identity: int) -> None:
         """Nodes whose last NodePolicy listed this identity must rebuild their identity table."""
         self._identity_ips_cache.pop(identity, None)
-        for node, referenced in self._node_identities.items():
-            if identity in referenced:
+        for node, refs in self._node_identity_refs.items():
+            if refs.get(identity, 0) > 0:
+                self._stale_identities[node].add(identity)
                 self._dirty_nodes.add(node)
                 self._node_cache.pop(node, None)
 
@@ -448,7 +517,10 @@ class Resolver:
             self._selected.pop(key, None)
             self._templates.pop(key, None)
             self._template_version.pop(key, None)
-            self._egress_named_policies.discard(key)
+            self._forget(key)
+            deps = self._named_egress.pop(key, None)
+            for name in deps.names if deps else ():
+                self._named_egress_by_name[name].discard(key)
             self._dirty_templates.discard(key)
         new_selected: set[str] = set()
         if policy is not None:
@@ -465,8 +537,11 @@ class Resolver:
             self._selected[key] = new_selected
             for pod_key in new_selected:
                 self._selecting[pod_key].add(key)
-            if _has_egress_named_ports(policy):
-                self._egress_named_policies.add(key)
+            deps = named_egress_deps(policy)
+            if deps is not None:
+                self._named_egress[key] = deps
+                for name in deps.names:
+                    self._named_egress_by_name[name].add(key)
             self._templates[key] = self._compute_template(policy)
             self._template_version[key] = self._next_version()
             self._dirty_templates.discard(key)
@@ -529,6 +604,7 @@ class Resolver:
                 continue
             self._templates[key] = template
             self._template_version[key] = self._next_version()
+            self._forget(key)
             for pod_key in self._selected.get(key, ()):
                 self._mark_pod_endpoint(pod_key)
 
@@ -548,30 +624,30 @@ class Resolver:
 
     def _named_port_destinations(
         self, policy: NetworkPolicy, rule: Rule, name: str, protocol: Protocol
-    ) -> list[tuple[IPAddress, int]]:
+    ) -> set[tuple[IPAddress, int]]:
         """(pod IP, numeric port) of every pod a named egress port resolves to for this rule."""
-        found: list[tuple[IPAddress, int]] = []
-        for pod_key in self._named_port_pods.get((name, protocol), ()):
-            pod = self._state.pods[pod_key]
+        found: set[tuple[IPAddress, int]] = set()
+
+        def add(pod: Pod, ip_filter: IPBlock | None) -> None:
             port = pod.named_port(name, protocol)
             if port is None or not takes_part_in_selectors(pod):
-                continue
-            for ip in pod.ips:
-                if self._peer_matches_pod(policy, rule, pod, ip):
-                    found.append((ip, port))
-        return found
+                return
+            found.update((ip, port) for ip in pod.ips if ip_filter is None or ip_filter.contains(ip))
 
-    def _peer_matches_pod(self, policy: NetworkPolicy, rule: Rule, pod: Pod, ip: IPAddress) -> bool:
+        with_name = self._named_port_pods.get((name, protocol), set())
         if not rule.peers:
-            return True
-        identity = self._pod_identity.get(pod.key)
+            for pod_key in with_name:
+                add(self._state.pods[pod_key], None)
         for peer in rule.peers:
             if peer.ip_block is not None:
-                if peer.ip_block.contains(ip):
-                    return True
-            elif identity is not None and identity in self._sel_matches[selector_key(policy, peer)]:
-                return True
-        return False
+                for pod_key in with_name:
+                    add(self._state.pods[pod_key], peer.ip_block)
+                continue
+            for identity in self._sel_matches[selector_key(policy, peer)]:
+                for pod_key in self._identity_pods[identity]:
+                    if pod_key in with_name:
+                        add(self._state.pods[pod_key], None)
+        return found
 
     def _compute_template(self, policy: NetworkPolicy) -> _Template:
         ingress_entries: list[AllowEntry] = []
@@ -590,7 +666,10 @@ class Resolver:
                 for protocol, first, last in port_ranges(rule):
                     egress_entries.extend(AllowEntry(p, protocol, first, last, key) for p in peers)
                 for name, proto in named_ports(rule):
-                    for ip, port in self._named_port_destinations(policy, rule, name, proto):
+                    for ip, port in sorted(
+                        self._named_port_destinations(policy, rule, name, proto),
+                        key=lambda d: (d[0].version, int(d[0]), d[1]),
+                    ):
                         peer = CidrRef(host_network(ip))
                         egress_entries.append(AllowEntry(peer, proto.number, port, port, key))
         return _Template(
@@ -625,21 +704,33 @@ class Resolver:
                     if port is not None:
                         number = named.protocol.number
                         entries.extend(AllowEntry(p, number, port, port, policy.key) for p in named.peers)
-            ingress = self._remember(ingress_key, DirectionAllows(isolated, normalize_allows(entries)))
+            ingress = self._remember(
+                ingress_key, policy_keys, DirectionAllows(isolated, normalize_allows(entries))
+            )
         egress_key = ("egress", versions)
         egress = self._memo.get(egress_key)
         if egress is None:
             isolated = any(PolicyType.EGRESS in p.policy_types for p in policies)
             entries = [e for t in templates for e in t.egress_entries]
-            egress = self._remember(egress_key, DirectionAllows(isolated, normalize_allows(entries)))
+            egress = self._remember(
+                egress_key, policy_keys, DirectionAllows(isolated, normalize_allows(entries))
+            )
         endpoint = EndpointPolicy(pod.namespace, pod.name, pod.ips, ingress[0], egress[0])
         return endpoint, ingress[1] | egress[1]
 
     def _remember(
-        self, key: tuple[object, ...], allows: DirectionAllows
+        self, key: tuple[object, ...], policy_keys: list[str], allows: DirectionAllows
     ) -> tuple[DirectionAllows, frozenset[int]]:
         if len(self._memo) >= _MEMO_LIMIT:
             self._memo.clear()
+            self._memo_keys_by_policy.clear()
         value = (allows, allows.identities)
         self._memo[key] = value
+        for policy_key in policy_keys:
+            self._memo_keys_by_policy[policy_key].add(key)
         return value
+
+    def _forget(self, policy_key: str) -> None:
+        """Drops memoised allow lists built from an outdated template of `policy_key`."""
+        for key in self._memo_keys_by_policy.pop(policy_key, ()):
+            self._memo.pop(key, None)

@@ -1,0 +1,234 @@
+"""Resolver benchmark: full resolution and incremental updates on a synthetic large cluster.
+
+10,000 pods in 500 namespaces on 100 nodes, 2,000 policies mixing same-namespace pod selectors,
+namespace selectors (by label and by the automatic name label), `{}` selectors, ipBlocks with
+excepts, numeric and named ports (ingress and egress). Reports full resolution time (all objects
+in, NodePolicy for every node out), median/p99 incremental update time per event kind (the event
+plus take_dirty_nodes() plus node_policy() for every dirty node, i.e. what the control service
+does per event) and peak RSS. Run: `.venv/bin/python -m bench.resolver` (or via `make bench`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+from agent.model.objects import (
+    ContainerPort,
+    IPBlock,
+    KubeObject,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Operator,
+    Peer,
+    Pod,
+    PolicyType,
+    PortSpec,
+    Protocol,
+    Requirement,
+    Rule,
+    labels_from_dict,
+)
+from agent.policy.resolver import Resolver
+
+NAMESPACES, PODS, POLICIES, NODES = 500, 10_000, 2_000, 100
+APPS_PER_NAMESPACE = 5
+SAMPLES = 200
+SEED = 20261122
+
+IN, EG = frozenset({PolicyType.INGRESS}), frozenset({PolicyType.EGRESS})
+PORTS = (ContainerPort(8080, Protocol.TCP, "http"), ContainerPort(9090, Protocol.TCP, "metrics"))
+
+
+def sel(**labels: str) -> LabelSelector:
+    return LabelSelector(match_labels=labels_from_dict(labels))
+
+
+def namespace(i: int, team: int) -> Namespace:
+    return Namespace(f"ns-{i}", {"team": f"t{team}", "env": "prod" if i % 3 else "dev"})
+
+
+def pod(ns: int, index: int, app: int) -> Pod:
+    serial = ns * 100 + index
+    address = ipaddress.ip_address("10.128.0.0") + serial
+    return Pod(
+        namespace=f"ns-{ns}",
+        name=f"pod-{index}",
+        node_name=f"node-{serial % NODES}",
+        labels={"app": f"app-{app}", "tier": "front" if app == 0 else "back"},
+        ips=(address,),
+        ports=PORTS,
+    )
+
+
+def policy(rng: random.Random, ns: int, index: int, port: int = 8080) -> NetworkPolicy:
+    """One of eight shapes, chosen by index so the mix is stable."""
+    name, namespace_name = f"pol-{index}", f"ns-{ns}"
+    app = sel(app=f"app-{index % APPS_PER_NAMESPACE}")
+    tcp = (PortSpec(Protocol.TCP, port),)
+    shape = index % 8
+    if shape == 0:  # default deny both ways
+        return NetworkPolicy(namespace_name, name, LabelSelector(), IN | EG)
+    if shape == 1:  # same-namespace app -> app on a numeric port
+        peer = Peer(pod_selector=sel(app=f"app-{(index + 1) % APPS_PER_NAMESPACE}"))
+        return NetworkPolicy(namespace_name, name, app, IN, ingress=(Rule((peer,), tcp),))
+    if shape == 2:  # another team's namespaces, one app, named port
+        peer = Peer(namespace_selector=sel(team=f"t{rng.randrange(50)}"), pod_selector=sel(tier="front"))
+        return NetworkPolicy(
+            namespace_name, name, app, IN, ingress=(Rule((peer,), (PortSpec(Protocol.TCP, "http"),)),)
+        )
+    if shape == 3:  # monitoring from one named namespace, on the metrics port
+        peer = Peer(
+            namespace_selector=sel(**{"kubernetes.io/metadata.name": f"ns-{rng.randrange(NAMESPACES)}"})
+        )
+        return NetworkPolicy(
+            namespace_name,
+            name,
+            LabelSelector(),
+            IN,
+            ingress=(Rule((peer,), (PortSpec(Protocol.TCP, "metrics"),)),),
+        )
+    if shape == 4:  # egress to the outside world except private ranges, plus DNS
+        block = IPBlock(ipaddress.ip_network("0.0.0.0/0"), (ipaddress.ip_network("10.0.0.0/8"),))
+        dns = Rule(ports=(PortSpec(Protocol.UDP, 53), PortSpec(Protocol.TCP, 53)))
+        return NetworkPolicy(namespace_name, name, app, EG, egress=(Rule((Peer(ip_block=block),), tcp), dns))
+    if shape == 5:  # egress to an app of selected namespaces by expression, named port resolved per pod
+        expression = Requirement("env", Operator.IN, frozenset({"prod"}))
+        peer = Peer(
+            namespace_selector=LabelSelector(
+                match_labels=(("team", f"t{rng.randrange(50)}"),), match_expressions=(expression,)
+            ),
+            pod_selector=sel(app="app-1"),
+        )
+        return NetworkPolicy(
+            namespace_name, name, app, EG, egress=(Rule((peer,), (PortSpec(Protocol.TCP, "http"),)),)
+        )
+    if shape == 6:  # every pod of prod namespaces may reach the front end (wide peer)
+        peer = Peer(namespace_selector=sel(env="prod"), pod_selector=sel(tier="front"))
+        return NetworkPolicy(namespace_name, name, sel(tier="front"), IN, ingress=(Rule((peer,), tcp),))
+    # shape 7: ranged ports from a CIDR with excepts
+    block = IPBlock(ipaddress.ip_network("10.0.0.0/8"), (ipaddress.ip_network("10.10.0.0/16"),))
+    return NetworkPolicy(
+        namespace_name,
+        name,
+        app,
+        IN,
+        ingress=(Rule((Peer(ip_block=block),), (PortSpec(Protocol.TCP, 30000, 32767),)),),
+    )
+
+
+def build_cluster(rng: random.Random) -> tuple[list[Namespace], list[Pod], list[NetworkPolicy]]:
+    namespaces = [namespace(i, i % 50) for i in range(NAMESPACES)]
+    per_namespace = PODS // NAMESPACES
+    pods = [pod(ns, i, i % APPS_PER_NAMESPACE) for ns in range(NAMESPACES) for i in range(per_namespace)]
+    per_ns_policies = POLICIES // NAMESPACES
+    policies = [
+        policy(rng, ns, ns * per_ns_policies + j) for ns in range(NAMESPACES) for j in range(per_ns_policies)
+    ]
+    return namespaces, pods, policies
+
+
+def _quantiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+        "max_ms": round(ordered[-1] * 1000, 3),
+    }
+
+
+def _timed_update(resolver: Resolver, event: Callable[[], None]) -> tuple[float, int]:
+    start = time.perf_counter()
+    event()
+    dirty = resolver.take_dirty_nodes()
+    for node in dirty:
+        resolver.node_policy(node)
+    return time.perf_counter() - start, len(dirty)
+
+
+def run() -> dict[str, object]:
+    rng = random.Random(SEED)
+    namespaces, pods, policies = build_cluster(rng)
+    objects: list[KubeObject] = [*namespaces, *pods, *policies]
+
+    start = time.perf_counter()
+    resolver = Resolver()
+    resolver.replace_all(objects)
+    loaded = time.perf_counter()
+    node_policies = {node: resolver.node_policy(node) for node in resolver.nodes()}
+    resolver.take_dirty_nodes()
+    full = time.perf_counter() - start
+    entries = sum(
+        len(e.ingress.allows) + len(e.egress.allows)
+        for np in node_policies.values()
+        for e in np.endpoints.values()
+    )
+
+    pods_by_key = {p.key: p for p in pods}
+    keys = sorted(pods_by_key)
+    samples: dict[str, list[float]] = {
+        "pod_added": [],
+        "pod_relabelled": [],
+        "namespace_relabelled": [],
+        "policy_changed": [],
+    }
+    dirty_counts: dict[str, list[int]] = {k: [] for k in samples}
+
+    def record(kind: str, event: Callable[[], None]) -> None:
+        elapsed, dirty = _timed_update(resolver, event)
+        samples[kind].append(elapsed)
+        dirty_counts[kind].append(dirty)
+
+    for i in range(SAMPLES):
+        ns = rng.randrange(NAMESPACES)
+        new_pod = pod(ns, 90 + i % 10, rng.randrange(APPS_PER_NAMESPACE))
+        record("pod_added", lambda p=new_pod: resolver.upsert(p))  # type: ignore[misc]
+
+        key = keys[rng.randrange(len(keys))]
+        old = pods_by_key[key]
+        relabelled = Pod(
+            old.namespace,
+            old.name,
+            old.node_name,
+            {**old.labels, "app": f"app-{rng.randrange(APPS_PER_NAMESPACE)}"},
+            old.ips,
+            old.ports,
+        )
+        pods_by_key[key] = relabelled
+        record("pod_relabelled", lambda p=relabelled: resolver.upsert(p))  # type: ignore[misc]
+
+        ns_index = rng.randrange(NAMESPACES)
+        relabelled_ns = namespace(ns_index, rng.randrange(50))
+        record("namespace_relabelled", lambda n=relabelled_ns: resolver.upsert(n))  # type: ignore[misc]
+
+        index = rng.randrange(POLICIES)
+        changed = policy(random.Random(index), index // (POLICIES // NAMESPACES), index, port=8000 + i)
+        record("policy_changed", lambda p=changed: resolver.upsert(p))  # type: ignore[misc]
+
+    all_samples = [s for v in samples.values() for s in v]
+    return {
+        "cluster": {"namespaces": NAMESPACES, "pods": PODS, "policies": POLICIES, "nodes": NODES},
+        "full_resolution_s": round(full, 3),
+        "full_load_s": round(loaded - start, 3),
+        "full_node_policies_s": round(full - (loaded - start), 3),
+        "allow_entries_total": entries,
+        "incremental": {
+            kind: {**_quantiles(v), "mean_dirty_nodes": round(statistics.mean(dirty_counts[kind]), 2)}
+            for kind, v in samples.items()
+        },
+        "incremental_all": _quantiles(all_samples),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "targets": {"full_resolution_s": 2.0, "incremental_median_ms": 5.0, "peak_rss_mb": 400},
+    }
+
+
+if __name__ == "__main__":
+    json.dump(run(), sys.stdout, indent=2)
+    print()
