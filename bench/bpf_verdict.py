@@ -1,0 +1,88 @@
+"""Cost of one eBPF verdict vs the number of rules: BPF_PROG_TEST_RUN on the real programs.
+
+The pod's ingress policy holds N allows, each from its own identity (own address) and port;
+the measured packets come from the LAST rule's peer. Measured per packet (kernel-timed mean over
+REPEAT runs, median of ROUNDS): a denied first packet (the full lookup chain: conntrack misses,
+node address, ipcache, CIDR LPM, policy LPM), an allowed first packet and an established one.
+The claim to check: cost independent of N (ratio 10,000 rules / 10 rules close to 1).
+
+Run: `.venv/bin/python -m bench.bpf_verdict` (root).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import statistics
+import subprocess
+from typing import Any
+
+from agent.dataplane.bpf import loader
+from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.testrun import run_program_timed
+from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from tests.privileged import bpf_frames as frames
+
+RULE_COUNTS = (10, 1000, 10000)
+REPEAT = 200000
+ROUNDS = 5
+POD = "10.0.0.1"
+
+
+def _peer(index: int) -> str:
+    return str(ipaddress.IPv4Address("10.64.0.0") + index)
+
+
+def _state(rules: int) -> NodeState:
+    allows = tuple(Allow(IdentityPeer(i), 6, 1000 + i % 50000, 1000 + i % 50000) for i in range(rules))
+    pod = Endpoint("bench/pod", (ipaddress.ip_address(POD),), DirectionPolicy(True, allows), ifindex=1)
+    identities = {i: (ipaddress.ip_address(_peer(i)),) for i in range(rules)}
+    return NodeState(1, {pod.key: pod}, identities, (), frozenset({1}))
+
+
+def _measure(plane: BpfDataplane, rules: int) -> dict[str, float]:
+    plane.apply(_state(rules))
+    last = rules - 1
+    fd = plane._programs[loader.PROGRAM_TO_POD].fd
+    denied = frames.tcp4(_peer(last), POD, dport=1000 + last % 50000 + 1)
+    allowed_first = frames.tcp4(_peer(last), POD, dport=1000 + last % 50000)
+    results: dict[str, list[float]] = {"denied_ns": [], "established_ns": []}
+    for _ in range(ROUNDS):
+        verdict, ns = run_program_timed(fd, denied, REPEAT)
+        assert verdict == 2, "the denied probe must be dropped"
+        results["denied_ns"].append(ns)
+        verdict, ns = run_program_timed(fd, allowed_first, REPEAT)  # run 1 admits, the rest are established
+        assert verdict == 0, "the allowed probe must pass"
+        results["established_ns"].append(ns)
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def run() -> dict[str, Any]:
+    prefix = f"pfb-{secrets.token_hex(3)}"
+    netns = f"{prefix}-bench"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    plane = BpfDataplane(
+        pin_dir=f"/sys/fs/bpf/{prefix}",
+        netns=netns,
+        policy_max=262144,
+        ipcache_max=65536,
+        state_file=f"/run/podfence-bench/{prefix}.json",
+    )
+    try:
+        plane.start()
+        figures = {rules: _measure(plane, rules) for rules in RULE_COUNTS}
+    finally:
+        plane.teardown()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    low, high = figures[RULE_COUNTS[0]], figures[RULE_COUNTS[-1]]
+    return {
+        "per_rule_count": {str(k): v for k, v in figures.items()},
+        "ratio_10000_vs_10": {name: round(high[name] / low[name], 3) for name in low},
+        "repeat": REPEAT,
+        "rounds": ROUNDS,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
