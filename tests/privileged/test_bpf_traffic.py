@@ -353,3 +353,26 @@ def test_fifty_policy_changes_open_no_window(node: Node, dataplane: BpfDataplane
     counters = {(x.key, x.direction): x for x in dataplane.counters()}
     assert counters[("ns/pod2", "ingress")].denied_packets == 0
     assert counters[("ns/pod2", "ingress")].allowed_packets > 0
+
+
+def test_removed_pod_is_swept_and_a_vanished_interface_does_not_fail_the_update(
+    node: Node, dataplane: BpfDataplane
+) -> None:
+    a, b, c = node.pods
+    dataplane.apply(state(node, endpoint(a, egress=isolated(from_pod(c))), endpoint(b), endpoint(c)))
+    assert dataplane.map_usage()["endpoints"][0] == 3
+    assert dataplane.map_usage()["ipcache"][0] == 2  # c's two addresses, referenced by a's egress
+    node.run("ip", "link", "del", c.host_if)  # the pod is deleted: its veth goes away
+    gone = NodeState(
+        version=2,
+        endpoints={e.key: e for e in (endpoint(a, egress=isolated(from_pod(c))), endpoint(b))},
+        identities={IDENTITY_OF_POD[p.index]: (ip(p.ip), ip(p.ip6)) for p in (a, b)},
+        node_ips=(ip(NODE_IP),),
+        pod_interfaces=frozenset({a.ifindex, b.ifindex, 99999}),  # 99999: vanished before attach
+    )
+    dataplane.apply(gone)
+    usage = dataplane.map_usage()
+    assert usage["endpoints"][0] == 2
+    assert usage["ipcache"][0] == 0 and usage["policy"][0] == 0  # c's identity has no address left
+    assert a.tcp(b.ip, 8080) is False  # a's egress still isolated (its only peer is gone)
+    assert b.tcp(a.ip, 8080)

@@ -29,6 +29,10 @@ IPTABLES_BASE_CHAINS = ("FORWARD", "INPUT")
 IPTABLES_COMMANDS = ("iptables", "ip6tables")
 
 
+class InterfaceVanished(TemporaryDataplaneError):
+    """The interface disappeared (pod deleted) between discovery and attach."""
+
+
 @contextmanager
 def netlink(netns: str | None) -> Iterator[Any]:
     """A netlink socket in `netns` (None: the agent's own namespace)."""
@@ -48,7 +52,7 @@ def attach_tc(sock: Any, ifindex: int, from_pod_fd: int, to_pod_fd: int) -> None
         sock.tc("add", "clsact", ifindex)
     except NetlinkError as error:
         if error.code == errno.ENODEV:
-            raise TemporaryDataplaneError(f"interface {ifindex} vanished") from error
+            raise InterfaceVanished(f"interface {ifindex} vanished") from error
         if error.code != errno.EEXIST:
             raise TemporaryDataplaneError(f"clsact on interface {ifindex}: {error}") from error
     for parent, fd, name in (
@@ -62,7 +66,7 @@ def attach_tc(sock: Any, ifindex: int, from_pod_fd: int, to_pod_fd: int) -> None
             )
         except NetlinkError as error:
             if error.code == errno.ENODEV:
-                raise TemporaryDataplaneError(f"interface {ifindex} vanished") from error
+                raise InterfaceVanished(f"interface {ifindex} vanished") from error
             raise PermanentDataplaneError(f"tc filter on interface {ifindex}: {error}") from error
 
 

@@ -273,7 +273,12 @@ class BpfDataplane:
             self._bridge_netfilter_enabled = True
         with attach.netlink(self.netns) as sock:
             for ifindex in sorted(new_interfaces):
-                self._attach(sock, ifindex)
+                try:
+                    self._attach(sock, ifindex)
+                except attach.InterfaceVanished:
+                    # nothing left to guard; the node layer drops it from the next snapshot
+                    log.info("pod interface %d vanished before it could be guarded", ifindex)
+                    continue
                 live.interfaces.add(ifindex)
             for ifindex in sorted(live.interfaces - desired.interfaces):
                 attach.detach_tc(sock, ifindex)
