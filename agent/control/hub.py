@@ -211,8 +211,9 @@ class PolicyHub:
             self._streams[node] = handle
             record = self._records.setdefault(node, NodeRecord())
             record.connected = True
-            # The agent's own number: it may come from another replica, so never beyond ours.
-            record.acked_version = min(last_applied_version, self._version)
+            # The agent's own number may come from another replica; whatever it says, it has not
+            # acked the snapshot queued below yet, so it stays below that snapshot's version.
+            record.acked_version = min(last_applied_version, self._version - 1)
             started = time.perf_counter()
             policy = self._resolver.node_policy(node)
             handle.queued_policy = policy

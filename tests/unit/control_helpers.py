@@ -139,6 +139,7 @@ class RecordingAgent:
     target: str
     credentials: grpc.ChannelCredentials | None = None
     fail_with: Exception | None = None  # make apply raise this (a refusing dataplane)
+    hold: threading.Event | None = None  # while set here and not yet set, apply blocks (a stuck kernel)
     states: list[NodeState] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     client: SyncClient | None = None
@@ -146,6 +147,8 @@ class RecordingAgent:
     options: tuple = ()
 
     def apply(self, state: NodeState) -> None:
+        if self.hold is not None:
+            self.hold.wait(WAIT)
         if self.fail_with is not None:
             raise self.fail_with
         self.states.append(state)

@@ -367,3 +367,24 @@ def test_cidr_peers_arrive_as_dataplane_networks(agents):
         assert expected in peers
     finally:
         ctl.stop()
+
+
+def test_a_stuck_agent_does_not_hold_back_the_others_and_catches_up_later(control, agents):
+    release = threading.Event()
+    stuck = agents("n1", control.target)
+    stuck.wait_for_state(lambda s: bool(s.endpoints))
+    fast = agents("n2", control.target)
+    fast.wait_for_state(lambda s: bool(s.endpoints))
+    stuck.hold = release
+
+    for port in range(9100, 9140):
+        with control.hub.change() as resolver:
+            resolver.upsert(allow_from("web-from-client", "web", "client", port))
+    final = control.hub.version
+    fast.wait_for_state(lambda s: s.version == final, "n2 reaches the last version while n1 is stuck")
+    assert _status(control)["nodes"]["n1"]["applied_version"] < final
+
+    release.set()
+    state = stuck.wait_for_state(lambda s: s.version == final, "n1 catches up once unstuck")
+    assert [a.port_first for a in state.endpoints["shop/web-1"].ingress.allows] == [9139]
+    wait_until(lambda: _status(control)["nodes"]["n1"]["applied_version"] == final, what="n1 acked")
