@@ -20,11 +20,12 @@ Each stage keeps an index so one event touches only what depends on it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.model.objects import (
@@ -76,8 +77,9 @@ def identity_id(namespace: str, labels: Labels) -> int:
     return value or 1
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def host_network(ip: IPAddress) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The single-address network of `ip` (/32 or /128)."""
+    """The single-address network of `ip` (/32 or /128); cached, as building one parses text."""
     return ipaddress.ip_network(ip)
 
 
@@ -142,6 +144,11 @@ def named_egress_deps(policy: NetworkPolicy) -> _NamedEgressDeps | None:
     return _NamedEgressDeps(frozenset(names), frozenset(selectors), any_pod)
 
 
+def _named_port_inputs(pod: Pod) -> tuple[object, ...]:
+    """The parts of a pod that named egress ports resolve from."""
+    return (pod.ips, pod.ports, pod.labels, pod.host_network)
+
+
 def is_endpoint(pod: Pod) -> bool:
     return pod.node_name is not None and not pod.host_network and bool(pod.ips)
 
@@ -190,7 +197,8 @@ class Resolver:
         self._version_counter = 0
         self._dirty_templates: set[str] = set()
         self._named_egress: dict[str, _NamedEgressDeps] = {}
-        self._named_egress_by_name: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
+        self._named_egress_any_by_name: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
+        self._named_egress_by_selector: dict[SelectorKey, set[str]] = defaultdict(set)
         self._named_port_pods: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
         # endpoints and nodes
         self._node_members: dict[str, set[str]] = defaultdict(set)
@@ -198,12 +206,12 @@ class Resolver:
         self._dirty_nodes: set[str] = set()
         self._node_cache: dict[str, NodePolicy] = {}
         self._endpoint_cache: dict[str, dict[str, tuple[EndpointPolicy, frozenset[int]]]] = defaultdict(dict)
-        # identity -> how many of the node's endpoints reference it; the keys are the node's identity table
+        # identity -> how many of the node's endpoints reference it; the table holds those with a count
         self._node_identity_refs: dict[str, Counter[int]] = defaultdict(Counter)
         self._stale_identities: dict[str, set[int]] = defaultdict(set)  # referenced, IPs changed since
         self._memo: dict[tuple[object, ...], tuple[DirectionAllows, frozenset[int]]] = {}
         self._memo_keys_by_policy: dict[str, set[tuple[object, ...]]] = defaultdict(set)
-        self._last_identities: dict[str, Mapping[int, tuple[IPAddress, ...]]] = {}
+        self._node_identity_table: dict[str, dict[int, tuple[IPAddress, ...]]] = defaultdict(dict)
         self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
 
     # ---- public API -------------------------------------------------------------------------
@@ -261,32 +269,31 @@ class Resolver:
             return cached
         endpoints = self._endpoint_cache[node]
         refs = self._node_identity_refs[node]
-        previous_identities = dict(self._last_identities.get(node, {}))
+        table = self._node_identity_table[node]
         for key in self._dirty_endpoints.pop(node, set()):
             old = endpoints.pop(key, None)
-            if old is not None:
-                refs.subtract(old[1])
+            old_identities = old[1] if old is not None else frozenset()
+            new_identities: frozenset[int] = frozenset()
             pod = self._state.pods.get(key)
             if pod is not None and is_endpoint(pod) and pod.node_name == node:
                 endpoints[key] = compiled = self._compile_endpoint(pod)
-                refs.update(compiled[1])
-        stale = self._stale_identities.pop(node, set())
-        identities = {}
-        for identity, count in refs.items():
-            if count <= 0:
-                continue
-            ips = previous_identities.get(identity)
-            if ips is None or identity in stale:
-                ips = self._identity_ips(identity)
-            identities[identity] = ips
-        if len(refs) > 2 * len(identities) + 64:  # drop zero counts now and then, not on every call
-            refs = self._node_identity_refs[node] = Counter({i: c for i, c in refs.items() if c > 0})
+                new_identities = compiled[1]
+            for identity in old_identities - new_identities:
+                refs[identity] -= 1
+                if not refs[identity]:
+                    del refs[identity], table[identity]
+            for identity in new_identities - old_identities:
+                refs[identity] += 1
+                if refs[identity] == 1:
+                    table[identity] = self._identity_ips(identity)
+        for identity in self._stale_identities.pop(node, set()):
+            if identity in table:
+                table[identity] = self._identity_ips(identity)
         policy = NodePolicy(
-            endpoints={key: endpoints[key][0] for key in sorted(endpoints)},
-            identities=dict(sorted(identities.items())),
+            endpoints={key: compiled[0] for key, compiled in endpoints.items()},
+            identities=dict(table),
         )
         self._node_cache[node] = policy
-        self._last_identities[node] = policy.identities
         return policy
 
     # ---- namespaces ------------------------------------------------------------------------
@@ -387,18 +394,10 @@ class Resolver:
             self._node_members[pod.node_name].add(key)
 
     def _dirty_named_egress(self, old: Pod | None, pod: Pod | None, identities: set[int]) -> None:
-        """Marks the templates whose named egress ports may resolve differently after this pod event."""
-        if (
-            old is not None
-            and pod is not None
-            and (old.ips, old.ports, old.labels, old.host_network)
-            == (
-                pod.ips,
-                pod.ports,
-                pod.labels,
-                pod.host_network,
-            )
-        ):
+        """Marks the templates whose named egress ports may resolve differently after this pod event:
+        those with a peer-less or ipBlock rule naming one of the pod's ports, and those with a
+        selector that matches the pod's (old or new) identity."""
+        if old is not None and pod is not None and _named_port_inputs(old) == _named_port_inputs(pod):
             return
         names = {
             (p.name, p.protocol)
@@ -407,13 +406,17 @@ class Resolver:
             for p in source.ports
             if p.name
         }
+        if not names:
+            return
         for name in names:
-            for policy_key in self._named_egress_by_name.get(name, ()):
-                deps = self._named_egress[policy_key]
-                if deps.any_pod or any(
-                    identity in self._sel_matches[sel] for sel in deps.selectors for identity in identities
-                ):
-                    self._dirty_templates.add(policy_key)
+            self._dirty_templates |= self._named_egress_any_by_name.get(name, set())
+        namespace = (pod or old).namespace  # type: ignore[union-attr]
+        for sel in self._scope_index.get(namespace, ()):
+            users = self._named_egress_by_selector.get(sel)
+            if users and not identities.isdisjoint(self._sel_matches[sel]):
+                self._dirty_templates.update(
+                    k for k in users if not names.isdisjoint(self._named_egress[k].names)
+                )
 
     def _reindex_named_ports(self, key: str, old: Pod | None, pod: Pod | None) -> None:
         for source, add in ((old, False), (pod, True)):
@@ -519,8 +522,8 @@ class Resolver:
             self._template_version.pop(key, None)
             self._forget(key)
             deps = self._named_egress.pop(key, None)
-            for name in deps.names if deps else ():
-                self._named_egress_by_name[name].discard(key)
+            if deps is not None:
+                self._index_named_egress(key, deps, add=False)
             self._dirty_templates.discard(key)
         new_selected: set[str] = set()
         if policy is not None:
@@ -540,13 +543,22 @@ class Resolver:
             deps = named_egress_deps(policy)
             if deps is not None:
                 self._named_egress[key] = deps
-                for name in deps.names:
-                    self._named_egress_by_name[name].add(key)
+                self._index_named_egress(key, deps, add=True)
             self._templates[key] = self._compute_template(policy)
             self._template_version[key] = self._next_version()
             self._dirty_templates.discard(key)
         for pod_key in old_selected | new_selected:
             self._mark_pod_endpoint(pod_key)
+
+    def _index_named_egress(self, policy_key: str, deps: _NamedEgressDeps, add: bool) -> None:
+        indexes: list[set[str]] = [self._named_egress_by_selector[sel] for sel in deps.selectors]
+        if deps.any_pod:
+            indexes.extend(self._named_egress_any_by_name[name] for name in deps.names)
+        for index in indexes:
+            if add:
+                index.add(policy_key)
+            else:
+                index.discard(policy_key)
 
     def _acquire_selector(self, sel: SelectorKey, policy_key: str) -> None:
         users = self._sel_users[sel]
