@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     hub = PolicyHub(_make_resolver(), ControlMetrics(registry), max_pending=args.max_pending)
     stop = threading.Event()
     source_thread: threading.Thread
+    # Set once the source has been read completely: before that a snapshot would tell agents to
+    # enforce an empty cluster, so no Sync stream is served until then.
+    synced = threading.Event()
     if args.source == "kubernetes":
         from agent.control.source_kubernetes import KubernetesSource, load_api_client
 
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"podfence control: no Kubernetes configuration: {exc}", file=sys.stderr)
             return EXIT_USAGE
         k8s = KubernetesSource(hub, api_client)
+        synced = k8s.synced
         source_thread = threading.Thread(target=k8s.run, args=(stop,), name="source", daemon=True)
         log.info("source: Kubernetes API (%s)", args.kubeconfig or "in-cluster")
     else:
@@ -147,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         folder = FolderSource(args.source, hub, poll_interval=args.poll_interval)
-        folder.scan()  # serve nothing before the folder has been read once
+        folder.scan()
+        synced.set()
         source_thread = threading.Thread(target=folder.run, args=(stop,), name="source", daemon=True)
         log.info("source: folder %s (polled every %.0f ms)", args.source, args.poll_interval * 1000)
 
@@ -167,8 +172,15 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
     source_thread.start()
+    if not synced.is_set():
+        log.info("waiting for the first full list of the source before serving agents")
+    while not synced.wait(1.0):
+        if stop.is_set():
+            log.info("stopped before the source was read")
+            httpd.shutdown()
+            return EXIT_OK
+    server.start()
     healthy.set()
     log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
              "mutual TLS" if credentials else "insecure", args.metrics_listen)

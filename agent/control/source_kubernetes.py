@@ -86,6 +86,8 @@ class KubernetesSource:
         self.resource_versions: dict[str, str | None] = {kind: None for kind in self._list_functions}
         self.relists: dict[str, int] = {kind: 0 for kind in self._list_functions}
         self.last_error: str | None = None
+        self._listed: set[str] = set()
+        self.synced = threading.Event()  # every kind has been listed once
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -147,6 +149,9 @@ class KubernetesSource:
                 for obj in changed:
                     resolver.upsert(obj)
         self._known[kind] = listed
+        self._listed.add(kind)
+        if self._listed >= set(self._list_functions):
+            self.synced.set()
         metadata = getattr(result, "metadata", None)
         self.resource_versions[kind] = getattr(metadata, "resource_version", None) or "0"
         log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,

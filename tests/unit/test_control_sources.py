@@ -254,7 +254,9 @@ def test_kubernetes_pods_list_watch_bookmark_and_relist_after_410():
         model="V1PodList",
     )
     source = _k8s_source(hub, "Pod", api)
+    assert not source.synced.is_set()
     source.watch_kind("Pod", threading.Event(), max_attempts=4)
+    assert source.synced.is_set(), "the only kind has been listed: agents may be served"
 
     # Watches resume from the list's version, then from the newest event; 410 (either form) re-lists.
     assert api.watch_resource_versions == ["100", "200", "201", "250"]
