@@ -184,5 +184,7 @@ int nf_egress(struct __sk_buff *skb)
 		return 0;
 	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
+	if (reason != PF_REASON_ALLOWED)
+		pf_ct_forget_unjudged(&pkt);
 	return reason != PF_REASON_ALLOWED;
 }

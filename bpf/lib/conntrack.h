@@ -110,4 +110,16 @@ static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag,
 	pf_ct_mark(&key, now, flag);
 }
 
+/* An egress deny withdraws what tc_from_pod recorded for the same tuple, so a peer cannot answer
+ * a packet the pod was not allowed to send. (A DNATed tuple differs; its reply could only come
+ * from conntrack's un-DNAT of a confirmed connection, which a dropped packet never confirms.) */
+static __always_inline void pf_ct_forget_unjudged(const struct pf_packet *pkt)
+{
+	struct pf_ct_key key;
+	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	struct pf_ct_value *entry = pf_ct.lookup(&key);
+	if (entry && entry->flags == PF_CT_FROM_POD)
+		pf_ct.delete(&key);
+}
+
 #endif /* PF_LIB_CONNTRACK_H */

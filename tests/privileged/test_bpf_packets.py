@@ -297,6 +297,11 @@ def test_replies_and_related_icmp_errors_of_allowed_flows(plane: BpfDataplane) -
     assert verdict(plane, "to_pod", error)
     stray_error = f.icmp4_error("10.0.3.3", POD, f.strip_eth(f.tcp4(POD, PEER7, sport=40009, dport=80)))
     assert not verdict(plane, "to_pod", stray_error)
+    # a pod's own packet that its egress denies does not open its ingress for the "reply"
+    denied_request = f.tcp4(POD, PEER7, sport=40003, dport=81)
+    assert verdict(plane, "from_pod", denied_request)
+    assert not verdict(plane, "egress", denied_request)
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=81, dport=40003))
     # ICMP echo: the reply's reversed tuple is the request's
     ping = f.packet4(POD, PEER8, f.ICMP, icmp_type=8, icmp_id=99)
     pong = f.packet4(PEER8, POD, f.ICMP, icmp_type=0, icmp_id=99)

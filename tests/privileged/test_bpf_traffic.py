@@ -376,3 +376,20 @@ def test_removed_pod_is_swept_and_a_vanished_interface_does_not_fail_the_update(
     assert usage["ipcache"][0] == 0 and usage["policy"][0] == 0  # c's identity has no address left
     assert a.tcp(b.ip, 8080) is False  # a's egress still isolated (its only peer is gone)
     assert b.tcp(a.ip, 8080)
+
+
+def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_flushed(
+    node: Node, dataplane: BpfDataplane
+) -> None:
+    a, b, c = node.pods
+    denying = state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c))
+    dataplane.apply(denying)
+    assert not a.tcp(b.ip, 8080)
+    node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")  # e.g. another tool inserting at the top
+    assert a.tcp(b.ip, 8080)  # bypassed until the next apply: that is what the repair is for
+    dataplane.apply(denying)
+    assert not a.tcp(b.ip, 8080)
+    node.run("iptables", "-F", "PODFENCE-EGRESS")
+    dataplane.apply(denying)
+    assert not a.tcp(b.ip, 8080)
+    assert "-A FORWARD -j ACCEPT" in node.run("iptables", "-S", "FORWARD").stdout  # others' rules untouched

@@ -105,22 +105,33 @@ class Iptables:
         return result
 
     def install(self, pinned_program: str) -> None:
-        """Point our chain at `pinned_program` (atomic rule replace) and jump to it from the base chains."""
+        """Make our chain run `pinned_program` and be the FIRST rule of FORWARD and INPUT.
+
+        Idempotent and cheap when nothing changed (one `-S` listing per family), so it runs on
+        every apply: a firewall reload or kube-proxy inserting above us is repaired at once.
+        A changed program is swapped with an atomic rule replace.
+        """
         rule = ["-m", "bpf", "--object-pinned", pinned_program, "-m", "comment", "--comment",
                 IPTABLES_COMMENT, "-j", "DROP"]
+        jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
         for command in IPTABLES_COMMANDS:
-            if self._run(command, "-n", "-L", IPTABLES_CHAIN, check=False).returncode != 0:
+            lines = self._run(command, "-S").stdout.splitlines()
+            if f"-N {IPTABLES_CHAIN}" not in lines:
                 self._run(command, "-N", IPTABLES_CHAIN)
-            if self._run(command, "-C", IPTABLES_CHAIN, *rule, check=False).returncode != 0:
-                listed = self._run(command, "-S", IPTABLES_CHAIN).stdout.splitlines()
-                if any(line.startswith(f"-A {IPTABLES_CHAIN}") for line in listed):
-                    self._run(command, "-R", IPTABLES_CHAIN, "1", *rule)
-                else:
-                    self._run(command, "-A", IPTABLES_CHAIN, *rule)
-            jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
+            ours = [line for line in lines if line.startswith(f"-A {IPTABLES_CHAIN} ")]
+            if not ours:
+                self._run(command, "-A", IPTABLES_CHAIN, *rule)
+            elif pinned_program not in ours[0] or len(ours) > 1:
+                self._run(command, "-R", IPTABLES_CHAIN, "1", *rule)
+                for _ in ours[1:]:
+                    self._run(command, "-D", IPTABLES_CHAIN, "2")
             for base in IPTABLES_BASE_CHAINS:
-                if self._run(command, "-C", base, *jump, check=False).returncode != 0:
-                    self._run(command, "-I", base, "1", *jump)
+                rules = [line for line in lines if line.startswith(f"-A {base} ")]
+                if rules and rules[0].endswith(f"-j {IPTABLES_CHAIN}"):
+                    continue
+                while self._run(command, "-D", base, *jump, check=False).returncode == 0:
+                    pass
+                self._run(command, "-I", base, "1", *jump)
 
     def remove(self) -> None:
         jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]

@@ -135,6 +135,7 @@ class BpfDataplane:
         self._lock = threading.Lock()
         self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
         self._bridge_netfilter_enabled = False
+        self._nf_pin = ""  # bpffs path of the egress program the iptables rule runs
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -199,6 +200,7 @@ class BpfDataplane:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
             self._live.allocation = desired.allocation
             self._save_state_file()
+            self._iptables.install(self._nf_pin)  # self-heal the egress hook (reloads, reordering)
         if changed and self.established_on_change == "reset":
             self._reset_conntrack(changed)
 
@@ -385,6 +387,7 @@ class BpfDataplane:
             reason = os.strerror(ctypes.get_errno())
             raise PermanentDataplaneError(f"cannot pin the egress program at {pin}: {reason}")
         self._iptables.install(pin)
+        self._nf_pin = pin
         for name in os.listdir(self.pin_dir):
             old = f"{self.pin_dir}/{name}"
             if name.startswith(f"{NF_PROGRAM_PIN}_") and old != pin:
