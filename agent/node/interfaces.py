@@ -46,6 +46,19 @@ from agent.dataplane.types import IPAddress
 
 log = logging.getLogger(__name__)
 
+_RTN_UNICAST = 1
+# Rule attributes that make a rule select only some packets (so the main table is not the answer).
+_RULE_SELECTORS = (
+    "FRA_FWMARK",
+    "FRA_IIFNAME",
+    "FRA_OIFNAME",
+    "FRA_UID_RANGE",
+    "FRA_L3MDEV",
+    "FRA_IP_PROTO",
+    "FRA_SPORT_RANGE",
+    "FRA_DPORT_RANGE",
+)
+_FR_ACT_TO_TBL = 1
 # Neighbour states that carry no usable MAC yet.
 _NEIGH_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
 _MONITOR_GROUPS = (
@@ -72,6 +85,33 @@ class Link:
     peer_index: int | None = None  # IFLA_LINK: the peer's ifindex inside that namespace
 
 
+class RouteTable:
+    """Longest-prefix match over the main table's routes, done here instead of one RTM_GETROUTE
+    per pod IP (a full pass on a 100-pod node was dominated by those round trips). Only exact
+    while routing rules are the default ones (local, main, default); scan() checks that."""
+
+    def __init__(self) -> None:
+        # family -> prefix length -> network as int -> (priority, oif or None for non-unicast)
+        self._by_length: dict[int, dict[int, dict[int, tuple[int, int | None]]]] = {4: {}, 6: {}}
+
+    def add(self, version: int, network: int, prefixlen: int, priority: int, oif: int | None) -> None:
+        table = self._by_length[version].setdefault(prefixlen, {})
+        current = table.get(network)
+        if current is None or priority < current[0]:
+            table[network] = (priority, oif)
+
+    def lookup(self, ip: IPAddress) -> int | None:
+        by_length = self._by_length[ip.version]
+        width = ip.max_prefixlen
+        value = int(ip)
+        for prefixlen in sorted(by_length, reverse=True):
+            network = value & (((1 << prefixlen) - 1) << (width - prefixlen)) if prefixlen else 0
+            hit = by_length[prefixlen].get(network)
+            if hit is not None:
+                return hit[1]
+        return None
+
+
 @dataclass(frozen=True)
 class HostView:
     """One consistent look at this network namespace, taken by `InterfaceDiscovery.scan`."""
@@ -84,6 +124,8 @@ class HostView:
     fdb: dict[tuple[int, str], int] = field(default_factory=dict)
     # (ifindex, IP) -> MAC, from the neighbour tables (usable entries only).
     neighbours: dict[tuple[int, IPAddress], str] = field(default_factory=dict)
+    # The main routing table, when the routing rules are the default ones (else None: ask the kernel).
+    routes: RouteTable | None = field(default=None, compare=False)
     # Filled lazily by `resolve`: bridge port ifindex -> addresses its peer holds in the pod.
     peer_addresses: dict[int, frozenset[IPAddress]] = field(default_factory=dict, compare=False)
 
@@ -128,7 +170,8 @@ class InterfaceDiscovery:
             addresses = self._addresses()
             fdb = self._fdb()
             neighbours = self._neighbours()
-            gateway_oifs, gateways = self._gateway_routes()
+            gateway_oifs, gateways, main_table = self._main_routes()
+            routes = main_table if self._default_rules_only() else None
         except NetlinkError as exc:
             raise DiscoveryError(f"netlink dump failed: {exc}") from exc
         uplinks = set(gateway_oifs)
@@ -168,7 +211,15 @@ class InterfaceDiscovery:
             pod_interfaces=pod_interfaces,
             fdb=fdb,
             neighbours=neighbours,
+            routes=routes,
         )
+
+    def scan_links(self) -> dict[int, Link]:
+        """Links only: the cheap first look after a notification (one dump, no per-pod lookups)."""
+        try:
+            return {link.index: link for link in self._links()}
+        except NetlinkError as exc:
+            raise DiscoveryError(f"netlink dump failed: {exc}") from exc
 
     def _links(self) -> list[Link]:
         result = []
@@ -217,20 +268,59 @@ class InterfaceDiscovery:
                 entries[(msg["ifindex"], ipaddress.ip_address(dst))] = mac.lower()
         return entries
 
-    def _gateway_routes(self) -> tuple[set[int], list[tuple[int, IPAddress]]]:
-        """Interfaces that lead away from this node: the default route's, and every interface a
-        route sends to a next-hop gateway (pod routes are direct: the pod is the destination)."""
+    def _main_routes(self) -> tuple[set[int], list[tuple[int, IPAddress]], RouteTable]:
+        """The main table, plus what leads away from this node: the default route's interface and
+        every interface a route sends to a next-hop gateway (pod routes are direct)."""
         oifs: set[int] = set()
         gateways: list[tuple[int, IPAddress]] = []
-        for family in (socket.AF_INET, socket.AF_INET6):
+        table = RouteTable()
+        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
             for msg in self._ipr.get_routes(family=family, table=254):
-                for oif, gateway in _route_hops(msg):
+                hops = _route_hops(msg)
+                for oif, gateway in hops:
                     if gateway is not None:
                         oifs.add(oif)
                         gateways.append((oif, gateway))
                     elif msg["dst_len"] == 0:
                         oifs.add(oif)
-        return oifs, gateways
+                destination = msg.get("RTA_DST")
+                network = int(ipaddress.ip_address(destination)) if destination else 0
+                unicast = msg["type"] == _RTN_UNICAST and hops
+                table.add(
+                    version,
+                    network,
+                    msg["dst_len"],
+                    msg.get("RTA_PRIORITY") or 0,
+                    hops[0][0] if unicast else None,
+                )
+        return oifs, gateways, table
+
+    def _default_rules_only(self) -> bool:
+        """True when every IPv4/IPv6 routing rule is a plain lookup of local, main or default."""
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in self._ipr.get_rules(family=family):
+                table = rule.get("FRA_TABLE") or rule["table"]
+                plain = (
+                    rule["action"] == _FR_ACT_TO_TBL
+                    and table in (253, 254, 255)
+                    and not rule["src_len"]
+                    and not rule["dst_len"]
+                    and not rule["tos"]
+                    and rule.get("FRA_SUPPRESS_PREFIXLEN") in (None, 0xFFFFFFFF)
+                    and all(
+                        rule.get(attr) is None
+                        for attr in (
+                            "FRA_FWMARK",
+                            "FRA_IIFNAME",
+                            "FRA_OIFNAME",
+                            "FRA_UID_RANGE",
+                            "FRA_L3MDEV",
+                        )
+                    )
+                )
+                if not plain:
+                    return False
+        return True
 
     # -- pod IP -> host-side interface -------------------------------------------------------
 
@@ -250,7 +340,7 @@ class InterfaceDiscovery:
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         """The pod interface behind `ip`, or None when this node cannot tell (yet)."""
-        oif = self.route_oif(ip)
+        oif = view.routes.lookup(ip) if view.routes is not None else self.route_oif(ip)
         if oif is None:
             return None
         if oif in view.pod_interfaces:

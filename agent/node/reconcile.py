@@ -22,7 +22,7 @@ from typing import Protocol
 
 from agent.dataplane.base import Dataplane, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import DiscoveryError, HostView
+from agent.node.interfaces import DiscoveryError, HostView, Link
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class Discovery(Protocol):
     """What the loop needs from interface discovery (InterfaceDiscovery, or a test double)."""
 
     def scan(self) -> HostView: ...
+
+    def scan_links(self) -> dict[int, Link]: ...
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None: ...
 
@@ -104,6 +106,7 @@ class Reconciler:
         self._desired: NodeState | None = None
         self._programmed: NodeState | None = None
         self._programmed_wiring: dict[int, tuple[str, int | None]] = {}
+        self._last_view: HostView | None = None
         self._applied_version: int | None = None
         self._last_error: str | None = None
         self._errors_total = 0
@@ -166,7 +169,7 @@ class Reconciler:
             changed_at = self._changed_at
             self._changed.clear()
             try:
-                changed = self.reconcile_once()
+                self.reconcile_once(changed_at if triggered else None)
             except (TemporaryDataplaneError, DiscoveryError) as exc:
                 log.warning("re-applying after an interface change failed, retrying in %.2fs: %s", delay, exc)
                 stop.wait(delay)
@@ -178,24 +181,55 @@ class Reconciler:
                 log.error("re-applying after an interface change failed: %s", exc)
                 continue
             delay = self._retry.initial_s
-            if changed and triggered:
-                self.interface_seconds.observe(self._clock() - changed_at)
 
-    def reconcile_once(self) -> bool:
-        """Re-apply the latest desired state if discovery changed it; True if the kernel was updated."""
+    def reconcile_once(self, changed_at: float | None = None) -> bool:
+        """Re-apply the latest desired state if discovery changed it; True if the kernel was updated.
+
+        Two passes: new pod interfaces are guarded first from a bare link dump (their traffic is
+        dropped as unknown from then on), then a full scan locates endpoints, which costs a route
+        lookup per pod IP. `changed_at` (a netlink notification's time) feeds
+        podfence_interface_programming_seconds with the first pass that changed the kernel.
+        """
         with self._lock:
             if self._desired is None:
                 return False
             try:
-                return self._program_locked(self._desired)
+                guarded = self._guard_new_interfaces_locked()
+                if guarded and changed_at is not None:
+                    self.interface_seconds.observe(self._clock() - changed_at)
+                changed = self._program_locked(self._desired)
             except Exception as exc:
                 self._record_error(exc)
                 raise
+        if changed and not guarded and changed_at is not None:
+            self.interface_seconds.observe(self._clock() - changed_at)
+        return guarded or changed
+
+    def _guard_new_interfaces_locked(self) -> bool:
+        programmed, view = self._programmed, self._last_view
+        if programmed is None or view is None:
+            return False
+        links = self._discovery.scan_links()
+        fresh = {
+            index
+            for index, link in links.items()
+            if link.peer_netnsid is not None
+            and index not in view.uplinks
+            and index not in programmed.pod_interfaces
+        }
+        if not fresh:
+            return False
+        guarded = replace(programmed, pod_interfaces=programmed.pod_interfaces | fresh)
+        self._dataplane.apply(guarded)
+        self._programmed = guarded
+        self._programmed_wiring |= {index: (links[index].name, links[index].master) for index in fresh}
+        return True
 
     # -- the one place that programs the kernel ------------------------------------------------
 
     def _program_locked(self, desired: NodeState) -> bool:
         view = self._discovery.scan()
+        self._last_view = view
         complete = self._complete(desired, view)
         # Dataplanes derive more than the ifindex from a pod interface (its name, the bridge it
         # is a port of: iptables matches bridged traffic with physdev), so a veth that joins a

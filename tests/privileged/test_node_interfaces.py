@@ -127,6 +127,16 @@ def test_routed_pods_found_by_route_lookup(lab):
         assert discovery.resolve(ipaddress.ip_address("10.244.1.6"), view) == hv_b
         # Not local: the route leads to the uplink, which is never a pod interface.
         assert discovery.resolve(ipaddress.ip_address("10.244.2.9"), view) is None
+        # The in-process longest-prefix match agrees with the kernel's own lookup...
+        assert view.routes is not None
+        for text in ("10.244.1.5", "10.244.1.6", "10.244.2.9", "192.168.50.77", "10.99.3.4", "8.8.8.8"):
+            ip = ipaddress.ip_address(text)
+            assert view.routes.lookup(ip) == discovery.route_oif(ip), text
+        # ...and policy routing makes discovery ask the kernel instead.
+        sh(f"ip -n {lab.node} rule add fwmark 7 table 100")
+        view = discovery.scan()
+        assert view.routes is None
+        assert discovery.resolve(ipaddress.ip_address("10.244.1.5"), view) == hv_a
     finally:
         discovery.close()
 

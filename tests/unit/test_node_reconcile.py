@@ -55,10 +55,17 @@ class ScriptedDiscoveryDouble:
         self.links: dict[int, Link] = {}
         self.scans = 0
 
+    def scan_links(self) -> dict[int, Link]:
+        # Pod interfaces without an explicit Link are plain veths whose peer is in netns 0.
+        return {
+            index: Link(index, f"veth{index}", "veth", peer_netnsid=0, master=None)
+            for index in self.pod_interfaces
+        } | self.links
+
     def scan(self) -> HostView:
         self.scans += 1
         return HostView(
-            links=dict(self.links),
+            links=self.scan_links(),
             node_ips=(NODE_IP,),
             uplinks=frozenset({1}),
             pod_interfaces=self.pod_interfaces,
