@@ -312,7 +312,7 @@ def test_garbage_and_oversized_messages_are_refused_without_disturbing_other_str
         ctl.stop()
 
 
-def test_mtls_node_certificate_only_subscribes_as_its_own_node(agents):
+def test_mtls_node_certificate_only_subscribes_as_its_own_node(agents, tmp_path):
     ca = TestCA()
     ctl = start_control(small_cluster(), addr="localhost:0", tls=ca.server_tls())
     try:
@@ -337,6 +337,19 @@ def test_mtls_node_certificate_only_subscribes_as_its_own_node(agents):
                 list(pb_grpc.NodeSyncStub(channel).Sync(iter([hello]), timeout=5))
             assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "n2" not in ctl.hub.status().nodes
+
+        # `podfence status` over mTLS with an operator's certificate.
+        operator = ca.issue("operator")
+        for name, data in (("cert.pem", operator.cert), ("key.pem", operator.key), ("ca.pem", ca.pem)):
+            (tmp_path / name).write_bytes(data)
+        args = argparse.Namespace(
+            control=target, json=True, insecure=False, tls_cert=str(tmp_path / "cert.pem"),
+            tls_key=str(tmp_path / "key.pem"), tls_ca=str(tmp_path / "ca.pem"), timeout=5.0,
+        )
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert status_cmd.run(args) == 0
+        assert json.loads(out.getvalue())["nodes"]["n1"]["connected"] is True
     finally:
         ctl.stop()
 
