@@ -153,6 +153,17 @@ def is_endpoint(pod: Pod) -> bool:
     return pod.node_name is not None and not pod.host_network and bool(pod.ips)
 
 
+def _union(parts: list[tuple[AllowEntry, ...]]) -> tuple[AllowEntry, ...]:
+    """Normalised union of normalised allow lists; a single non-empty one is reused as is (the
+    common case: one policy selects the pod)."""
+    non_empty = [part for part in parts if part]
+    if not non_empty:
+        return ()
+    if len(non_empty) == 1:
+        return non_empty[0]
+    return normalize_allows(entry for part in non_empty for entry in part)
+
+
 @dataclass(frozen=True)
 class _NamedIngress:
     """An ingress named port, resolved later against each selected pod's own container ports."""
@@ -708,25 +719,25 @@ class Resolver:
         ingress = self._memo.get(ingress_key)
         if ingress is None:
             isolated = any(PolicyType.INGRESS in p.policy_types for p in policies)
-            entries: list[AllowEntry] = []
+            parts = [t.ingress_entries for t in templates]
+            named_entries: list[AllowEntry] = []
             for template, policy in zip(templates, policies, strict=True):
-                entries.extend(template.ingress_entries)
                 for named in template.ingress_named:
                     port = pod.named_port(named.name, named.protocol)
                     if port is not None:
                         number = named.protocol.number
-                        entries.extend(AllowEntry(p, number, port, port, policy.key) for p in named.peers)
-            ingress = self._remember(
-                ingress_key, policy_keys, DirectionAllows(isolated, normalize_allows(entries))
-            )
+                        named_entries.extend(
+                            AllowEntry(p, number, port, port, policy.key) for p in named.peers
+                        )
+            parts.append(normalize_allows(named_entries))
+            allows = DirectionAllows(isolated, _union(parts))
+            ingress = self._remember(ingress_key, policy_keys, allows)
         egress_key = ("egress", versions)
         egress = self._memo.get(egress_key)
         if egress is None:
             isolated = any(PolicyType.EGRESS in p.policy_types for p in policies)
-            entries = [e for t in templates for e in t.egress_entries]
-            egress = self._remember(
-                egress_key, policy_keys, DirectionAllows(isolated, normalize_allows(entries))
-            )
+            allows = DirectionAllows(isolated, _union([t.egress_entries for t in templates]))
+            egress = self._remember(egress_key, policy_keys, allows)
         endpoint = EndpointPolicy(pod.namespace, pod.name, pod.ips, ingress[0], egress[0])
         return endpoint, ingress[1] | egress[1]
 
