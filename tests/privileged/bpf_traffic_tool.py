@@ -78,6 +78,21 @@ def udp_once(host: str, port: int) -> int:
             return 1
 
 
+def udp_refused(host: str, port: int) -> int:
+    """Exit 0 if a datagram to a closed port comes back as ICMP port unreachable (ECONNREFUSED)."""
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect((host, port))
+        try:
+            sock.send(b"anyone?")
+            sock.recv(16)
+        except ConnectionRefusedError:
+            return 0
+        except OSError:
+            return 1
+    return 1
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -161,6 +176,8 @@ def main(argv: list[str]) -> int:
         return tcp_once(args[0], int(args[1]))
     if command == "udp":
         return udp_once(args[0], int(args[1]))
+    if command == "udp-refused":
+        return udp_refused(args[0], int(args[1]))
     if command == "ping":
         return ping_once(args[0])
     if command == "probe":

@@ -393,3 +393,49 @@ def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_f
     dataplane.apply(denying)
     assert not a.tcp(b.ip, 8080)
     assert "-A FORWARD -j ACCEPT" in node.run("iptables", "-S", "FORWARD").stdout  # others' rules untouched
+
+
+def test_icmp_errors_related_to_an_allowed_flow_reach_an_isolated_pod(
+    node: Node, dataplane: BpfDataplane
+) -> None:
+    a, b, c = node.pods
+    dataplane.apply(
+        state(
+            node, endpoint(a, ingress=isolated(), egress=isolated(from_pod(b, UDP))), endpoint(b), endpoint(c)
+        )
+    )
+    refused = a.run(sys.executable, str(TOOL), "udp-refused", b.ip, "7777", check=False)
+    assert refused.returncode == 0  # b's port unreachable passed a's isolated ingress as related
+    refused6 = a.run(sys.executable, str(TOOL), "udp-refused", b.ip6, "7777", check=False)
+    assert refused6.returncode == 0
+    # an unrelated ICMP message (c's echo request) does not
+    assert not c.ping(a.ip)
+
+
+@pytest.mark.parametrize("on_change", ["keep", "reset"])
+def test_established_connections_on_policy_change(node: Node, on_change: str) -> None:
+    a, b, c = node.pods
+    plane = BpfDataplane(
+        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, established_on_change=on_change
+    )
+    plane.start()
+    try:
+        plane.apply(
+            state(node, endpoint(a), endpoint(b, ingress=isolated(from_pod(a, TCP, 8080, 8080))), endpoint(c))
+        )
+        stream = subprocess.Popen(
+            in_netns(a.netns, sys.executable, str(TOOL), "stream", b.ip, "8080", "4"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert stream.stdout is not None and stream.stdout.readline().strip() == "connected"
+        time.sleep(1)
+        plane.apply(state(node, endpoint(a), endpoint(b, ingress=isolated()), endpoint(c), version=2))
+        out, _ = stream.communicate(timeout=30)
+        assert not a.tcp(b.ip, 8080)  # new connections follow the new policy at once, either way
+        if on_change == "keep":
+            assert "failed=0" in out, out
+        else:
+            assert "failed=0" not in out, out
+    finally:
+        plane.teardown()
