@@ -1,5 +1,6 @@
 """Fan-out benchmark: 200 agent streams on one control service; one policy change touching every
-node; time from the policy file's write until every node has applied (and acked) the new version.
+node; time from the policy file's write until every node has applied the new version (recorded by
+the agents) and until the control service has every ack (its status, polled every 10 ms after that).
 
 The control service runs as its own process (`podfence control --source DIR`), so its RSS and CPU
 are its own; the agents are SyncClient threads in this process, each on its own connection, whose
@@ -25,6 +26,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.api import podfence_pb2 as pb
+from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.dataplane.types import NodeState
 from agent.node.sync import SyncClient
 
@@ -170,6 +173,21 @@ def _wait_serving(target: str, process: subprocess.Popen[bytes]) -> None:
     raise TimeoutError("control service did not become ready")
 
 
+def _wait_all_acked(target: str) -> float:
+    """When GetStatus first shows every node at the current version (acks received and recorded)."""
+    deadline = time.monotonic() + TIMEOUT
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ControlStatusStub(channel)
+        while time.monotonic() < deadline:
+            status = stub.GetStatus(pb.StatusRequest(), timeout=5)
+            if len(status.nodes) == NODES and all(
+                n.applied_version == status.version for n in status.nodes.values()
+            ):
+                return time.monotonic()
+            time.sleep(0.01)
+    raise TimeoutError("the control service never saw every ack")
+
+
 def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="podfence-fanout-") as folder:
         root = Path(folder)
@@ -202,7 +220,8 @@ def run() -> dict[str, Any]:
             connect_seconds = time.monotonic() - connect_started
             time.sleep(1.0)  # let the snapshot acks settle before measuring
             cpu_before = _proc_cpu_seconds(control.pid)
-            latencies = []
+            latencies: list[float] = []
+            acked: list[float] = []  # confirmed by the control service's status (polled every 10 ms)
             for i in range(1, CHANGES + 1):
                 new_port = 10_000 + i
                 done = board.expect(new_port)
@@ -211,6 +230,7 @@ def run() -> dict[str, Any]:
                 if not done.wait(TIMEOUT):
                     raise TimeoutError(f"change {i} did not reach every node")
                 latencies.append(board.last(new_port) - started)
+                acked.append(_wait_all_acked(target) - started)
                 time.sleep(0.2)  # acks drain; changes do not overlap
             cpu_seconds = _proc_cpu_seconds(control.pid) - cpu_before
             rss_mb, peak_rss_mb = _proc_memory_mb(control.pid)
@@ -232,6 +252,8 @@ def run() -> dict[str, Any]:
             "fanout_p50_ms": round(_percentile(latencies, 0.50) * 1000, 1),
             "fanout_p99_ms": round(_percentile(latencies, 0.99) * 1000, 1),
             "fanout_max_ms": round(max(latencies) * 1000, 1),
+            "acks_confirmed_p50_ms": round(_percentile(acked, 0.50) * 1000, 1),
+            "acks_confirmed_p99_ms": round(_percentile(acked, 0.99) * 1000, 1),
             "control_rss_mb": round(rss_mb, 1),
             "control_peak_rss_mb": round(peak_rss_mb, 1),
             "control_cpu_seconds_per_change": round(cpu_seconds / CHANGES, 4),
@@ -242,7 +264,7 @@ def run() -> dict[str, Any]:
 def main() -> int:
     result = run()
     print(json.dumps(result, indent=2))
-    ok = result["fanout_p99_ms"] < 500 and result["control_peak_rss_mb"] < 300
+    ok = result["acks_confirmed_p99_ms"] < 500 and result["control_peak_rss_mb"] < 300
     return 0 if ok else 1
 
 
