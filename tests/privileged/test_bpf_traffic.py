@@ -98,6 +98,7 @@ def from_pod(pod: Pod, protocol: int = TCP, first: int = 0, last: int = 65535) -
 
 def test_identity_allow_and_deny_tcp_udp_icmp_both_directions(node: Node, dataplane: BpfDataplane) -> None:
     a, b, c = node.pods
+    assert not dataplane.adopted  # a fresh pin directory
     dataplane.apply(
         state(
             node,
@@ -231,6 +232,7 @@ def test_agent_kill_9_keeps_enforcing_and_a_restart_adopts_the_state(node: Node,
         assert a.tcp(b.ip, 8080)
         restarted = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
         restarted.start()  # adopts the pinned maps, swaps programs in place
+        assert restarted.adopted
         restarted.apply(node_state)
         assert not a.tcp(c.ip, 8080)
         out, _ = stream.communicate(timeout=20)

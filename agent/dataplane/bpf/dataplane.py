@@ -136,6 +136,8 @@ class BpfDataplane:
         self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
         self._bridge_netfilter_enabled = False
         self._nf_pin = ""  # bpffs path of the egress program the iptables rule runs
+        # True once start() found state of a previous run in the pinned maps (read by the node layer)
+        self.adopted = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -360,6 +362,7 @@ class BpfDataplane:
             )
             live.allocation = Allocation(next_id=highest + 1)
         self._live = live
+        self.adopted = bool(live.endpoints or live.endpoint_ips or live.policy or live.interfaces)
 
     def _read_state_file(self) -> dict[str, Any]:
         try:
