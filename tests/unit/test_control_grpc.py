@@ -401,3 +401,44 @@ def test_a_stuck_agent_does_not_hold_back_the_others_and_catches_up_later(contro
     state = stuck.wait_for_state(lambda s: s.version == final, "n1 catches up once unstuck")
     assert [a.port_first for a in state.endpoints["shop/web-1"].ingress.allows] == [9139]
     wait_until(lambda: _status(control)["nodes"]["n1"]["applied_version"] == final, what="n1 acked")
+
+
+class MalformedControl(pb_grpc.NodeSyncServicer):
+    """Test double of a broken control service (ours cannot be made to send bad data): the first
+    stream gets a snapshot with an invalid IP, later streams a valid one. Records every ack."""
+
+    def __init__(self) -> None:
+        self.acks: queue.Queue[tuple[int, pb.Ack]] = queue.Queue()
+        self.streams = 0
+
+    def Sync(self, request_iterator, context):
+        self.streams += 1
+        stream = self.streams
+        hello = next(request_iterator)
+        assert hello.hello.node_name == "n1"
+        ips = ["10.0.0.300"] if stream == 1 else ["10.0.0.30"]
+        yield pb.ControlMessage(version=7 + stream, snapshot=pb.Snapshot(
+            endpoints=[pb.Endpoint(namespace="shop", name="web-1", ips=ips)]))
+        for message in request_iterator:
+            self.acks.put((stream, message.ack))
+
+
+def test_the_agent_nacks_malformed_server_data_and_resyncs_without_crashing(agents):
+    from concurrent import futures
+
+    double = MalformedControl()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_NodeSyncServicer_to_server(double, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        agent = agents("n1", f"127.0.0.1:{port}")
+        stream, nack = double.acks.get(timeout=WAIT)
+        assert stream == 1 and not nack.ok and nack.version == 8
+        assert "malformed" in nack.error and "10.0.0.300" in nack.error
+        stream, ack = double.acks.get(timeout=WAIT)
+        assert stream == 2 and ack.ok and ack.version == 9
+        assert [s.version for s in agent.states] == [9], "the malformed version never reached apply"
+        assert agent.last.endpoints["shop/web-1"].ips == (ipaddress.ip_address("10.0.0.30"),)
+    finally:
+        server.stop(0)
