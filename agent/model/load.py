@@ -4,8 +4,9 @@ Input is what `kubectl get -o yaml|json` writes or what the API server returns: 
 multi-document YAML, `kind: List` and typed lists (`PodList`, ...). Validation follows the API
 server (Kubernetes `pkg/apis/networking/validation`, `pkg/apis/core/validation` for the parts of a
 Pod podfence reads, and apimachinery's label and selector validation), including its defaulting:
-a missing port protocol is TCP, and a NetworkPolicy without `policyTypes` gets `Ingress`, plus
-`Egress` when it has egress rules.
+a missing port protocol is TCP, a NetworkPolicy without `policyTypes` gets `Ingress`, plus
+`Egress` when it has egress rules, and a namespaced object without `metadata.namespace` is in
+"default" (where `kubectl apply` without `-n` would put it).
 
 Nothing here raises on bad input from `load_*`: each invalid object becomes one `ModelError`
 (the first problem found, with the API-style field path), documents that cannot be parsed become
@@ -283,6 +284,8 @@ class _Parser:
         for key, label_value in self.mapping(value, path).items():
             if not isinstance(key, str):
                 self.fail(path, f"label key {key!r} must be a string")
+            if label_value is None:
+                label_value = ""  # `app:` with no value: Go's decoder reads JSON null as ""
             if not isinstance(label_value, str):
                 self.fail(path, f"value of label {key!r} must be a string, not a {_type_name(label_value)}")
             problem = label_key_problem(key)

@@ -424,6 +424,11 @@ def test_pod_defaults_and_host_network() -> None:
     assert [(p.port, p.protocol, p.name) for p in parsed.ports] == [(53, Protocol.TCP, None)]
 
 
+def test_a_label_without_a_value_is_empty_as_in_go() -> None:
+    result = load_text("kind: Namespace\nmetadata:\n  name: a\n  labels:\n    flag:\n    team: x\n")
+    assert result.objects == [Namespace("a", {"flag": "", "team": "x"})]
+
+
 def test_unknown_kinds_are_counted_not_errors() -> None:
     result = load_text(
         "kind: Service\nmetadata: {name: s}\n---\nkind: ConfigMap\n---\nkind: Namespace\n"
