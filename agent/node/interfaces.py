@@ -43,6 +43,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_USE, NUD_FAILED, NUD_INCOMPLETE, NUD_NONE, NUD_PERMANENT
 
 from agent.dataplane.types import IPAddress
+from agent.node.linkdump import dump_links
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class InterfaceDiscovery:
             neighbours = self._neighbours()
             gateway_oifs, gateways, main_table = self._main_routes()
             routes = main_table if self._default_rules_only() else None
-        except NetlinkError as exc:
+        except (NetlinkError, OSError) as exc:
             raise DiscoveryError(f"netlink dump failed: {exc}") from exc
         uplinks = set(gateway_oifs)
         uplinks.update(
@@ -218,10 +219,19 @@ class InterfaceDiscovery:
         """Links only: the cheap first look after a notification (one dump, no per-pod lookups)."""
         try:
             return {link.index: link for link in self._links()}
-        except NetlinkError as exc:
+        except (NetlinkError, OSError) as exc:
             raise DiscoveryError(f"netlink dump failed: {exc}") from exc
 
     def _links(self) -> list[Link]:
+        if self._netns is None:
+            # The lean dump reads the calling thread's namespace, which is ours.
+            return [
+                Link(raw.index, raw.name, raw.kind, raw.peer_netnsid, raw.master, raw.peer_index)
+                for raw in dump_links()
+            ]
+        return self._links_pyroute2()
+
+    def _links_pyroute2(self) -> list[Link]:
         result = []
         for msg in self._ipr.get_links():
             info = msg.get("IFLA_LINKINFO")

@@ -7,10 +7,12 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -294,3 +296,37 @@ def test_new_pod_interface_reaches_the_dataplane_within_milliseconds(lab):
         f" {upper[2] * 1000:.1f} ms after it was started (max {upper[-1] * 1000:.1f} ms)"
     )
     assert upper[2] < 0.25
+
+
+LINK_COMPARISON = """
+import json
+from agent.node.interfaces import InterfaceDiscovery
+discovery = InterfaceDiscovery()
+lean = sorted(map(repr, discovery._links()))
+full = sorted(map(repr, discovery._links_pyroute2()))
+print(json.dumps({"lean": lean, "full": full}))
+"""
+
+
+def test_lean_link_dump_matches_pyroute2(lab):
+    routed_uplink(lab)
+    lab.pod("a", "hv-a", "10.244.1.5", 32)
+    sh(
+        f"ip -n {lab.node} link add br0 type bridge",
+        f"ip -n {lab.node} link set hv-a master br0",
+        f"ip -n {lab.node} link add hv-b type veth peer name hv-b-peer",  # both ends here: no netnsid
+    )
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{lab.node}", "--", sys.executable, "-c", LINK_COMPARISON],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    dumps = json.loads(out)
+    assert dumps["lean"] == dumps["full"]
+    assert len(dumps["lean"]) == 6  # lo, up0, hv-a, br0, hv-b, hv-b-peer
+    assert any(
+        "name='hv-a', kind='veth', peer_netnsid=" in text and "master=None" not in text
+        for text in dumps["lean"]
+    )
