@@ -306,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
             print("podfence demo: interrupted, cleaning up", file=sys.stderr)
             return EXIT_FAILURE
         finally:
+            if os.getpid() != demo_pid:
+                os._exit(1)  # an interrupted forked helper (see `interrupt`): not ours to clean up
             demo.podfence.stop()
             if args.keep_logs:
                 args.keep_logs.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,7 @@ class Lab:
         self._plan_nodes()
         pods = self._plan_pods(pod_specs)
         RUN_DIR.mkdir(parents=True, exist_ok=True)
+        builder_pid = os.getpid()
         try:
             self._save_state()
             self._build_root_blackholes()
@@ -294,6 +295,10 @@ class Lab:
             start_servers(pods)
             announce_pods(pods)
         except BaseException:
+            if os.getpid() != builder_pid:
+                # A helper pyroute2 forked to create a namespace, interrupted (Ctrl-C reaches the
+                # whole process group) before it could exit: it must not tear down the lab.
+                os._exit(1)
             teardown()
             raise
 
