@@ -169,8 +169,11 @@ class InterfaceDiscovery:
         try:
             links = {link.index: link for link in self._links()}
             addresses = self._addresses()
-            fdb = self._fdb()
-            neighbours = self._neighbours()
+            # Neighbours and FDB entries only matter behind a bridge; routed nodes skip both
+            # dumps (the FDB alone holds a few multicast entries per veth).
+            bridged = any(link.kind == "bridge" for link in links.values())
+            fdb = self._fdb() if bridged else {}
+            neighbours = self._neighbours() if bridged else {}
             gateway_oifs, gateways, main_table = self._main_routes()
             routes = main_table if self._default_rules_only() else None
         except (NetlinkError, OSError) as exc:
