@@ -17,5 +17,5 @@ def test_env_var_name() -> None:
 def test_log_format_from_env(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("PODFENCE_LOG_FORMAT", "json")
     parser, _ = build_parser()
-    args = parser.parse_args(["status", "x"])
+    args = parser.parse_args(["status", "--control", "x"])
     assert args.log_format == "json"
