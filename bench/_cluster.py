@@ -11,6 +11,8 @@ so every pod is isolated and every endpoint carries allows.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import signal
 import socket
@@ -125,6 +127,7 @@ class Processes:
     control_port: int = field(default_factory=free_port)
     control_metrics_port: int = field(default_factory=free_port)
     agent_metrics_port: int = field(default_factory=free_port)
+    agent_log_level: str = "info"  # "debug" logs each applied version (propagation's breakdown)
     control: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
@@ -146,7 +149,7 @@ class Processes:
         self.control = self._spawn(
             "control",
             _netlab.python_argv(
-                "agent.cli", "control", "--source", str(self.folder), "--insecure",
+                "agent.cli", "--log-format", "json", "control", "--source", str(self.folder), "--insecure",
                 "--listen", f"127.0.0.1:{self.control_port}",
                 "--metrics-listen", f"127.0.0.1:{self.control_metrics_port}",
                 "--poll-interval", str(self.poll_interval),
@@ -158,7 +161,8 @@ class Processes:
         self.agent = self._spawn(
             "agent",
             _netlab.python_argv(
-                "agent.cli", "agent", "--node", NODE, "--control", f"127.0.0.1:{self.control_port}",
+                "agent.cli", "--log-format", "json", "--log-level", self.agent_log_level,
+                "agent", "--node", NODE, "--control", f"127.0.0.1:{self.control_port}",
                 "--insecure", "--dataplane", self.dataplane, "--pin-dir", self.node.pin_dir,
                 "--metrics-listen", f"127.0.0.1:{self.agent_metrics_port}",
             ),
@@ -207,6 +211,22 @@ class Processes:
         _stop(self.agent)
         _stop(self.control)
         self.agent = self.control = None
+
+
+def read_json_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a process (other lines, e.g. from BCC's compiler, are skipped)."""
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+    return entries
+
+
+def log_time(entry: dict[str, Any]) -> float:
+    """Wall-clock seconds of a JSON log entry ("2026-11-22T06:10:38.123Z")."""
+    stamp = datetime.datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def _stop(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:

@@ -18,6 +18,7 @@ Run: `.venv/bin/python -m bench.coldstart` (root). `BENCH_QUICK=1`: one repetiti
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -79,12 +80,23 @@ def node_state(topology: Topology) -> NodeState:
     )
 
 
+def one_endpoint_changed(state: NodeState) -> NodeState:
+    """`state` with the first endpoint admitting one more identity: a typical single policy edit."""
+    key = next(iter(state.endpoints))
+    endpoint = state.endpoints[key]
+    extra = Allow(IdentityPeer(1), TCP, 9090, 9090, "bench/edit")
+    ingress = DirectionPolicy(isolated=True, allows=(*endpoint.ingress.allows, extra))
+    endpoints = {**state.endpoints, key: dataclasses.replace(endpoint, ingress=ingress)}
+    return dataclasses.replace(state, version=state.version + 1, endpoints=endpoints)
+
+
 def in_process(topology: Topology) -> dict[str, Any]:
     from agent.dataplane.bpf.dataplane import BpfDataplane
 
     node = topology.nodes[_cluster.NODE]
     state = node_state(topology)
-    start_s, apply_s, reapply_s = [], [], []
+    changed = one_endpoint_changed(state)
+    start_s, apply_s, reapply_s, change_s = [], [], [], []
     with _netlab.inside(node.netns):
         for _ in range(REPETITIONS):
             plane = BpfDataplane(pin_dir=node.pin_dir)
@@ -96,21 +108,40 @@ def in_process(topology: Topology) -> dict[str, Any]:
                 t2 = time.perf_counter()
                 plane.apply(state)  # unchanged state: what a periodic resync costs
                 t3 = time.perf_counter()
+                plane.apply(changed)  # one endpoint's allows changed: what a policy edit costs
+                t4 = time.perf_counter()
             finally:
                 plane.teardown()
             start_s.append(t1 - t0)
             apply_s.append(t2 - t1)
             reapply_s.append(t3 - t2)
+            change_s.append(t4 - t3)
     programming = statistics.median(apply_s)
     return {
         "endpoints": len(state.endpoints),
         "compile_and_load_s": round(statistics.median(start_s), 3),
         "programming_s": round(programming, 3),
         "reapply_unchanged_s": round(statistics.median(reapply_s), 3),
+        "apply_one_endpoint_changed_s": round(statistics.median(change_s), 3),
         "samples": {"start": start_s, "apply": apply_s},
         "target_programming_s": TARGET_PROGRAMMING_S,
         "meets_target": programming < TARGET_PROGRAMMING_S,
     }
+
+
+def interface_scan(topology: Topology) -> dict[str, Any]:
+    """One netlink scan of the node's interfaces, as the agent makes before every apply (it finds
+    each pod's host interface from it): a fixed cost of every policy change, beside apply()."""
+    from agent.node.interfaces import InterfaceDiscovery
+
+    seconds = []
+    with _netlab.inside(topology.nodes[_cluster.NODE].netns):
+        discovery = InterfaceDiscovery()
+        for _ in range(5):
+            started = time.perf_counter()
+            view = discovery.scan()
+            seconds.append(time.perf_counter() - started)
+    return {"pod_interfaces": len(view.pod_interfaces), "scan_s": round(statistics.median(seconds), 3)}
 
 
 def remove_kernel_state(dataplane: str, topology: Topology) -> None:
@@ -165,12 +196,20 @@ def whole_agent(dataplane: str, topology: Topology, workdir: Path) -> dict[str, 
 
 
 def run() -> dict[str, Any]:
-    results: dict[str, Any] = {"pods": PODS, "repetitions": REPETITIONS}
+    results: dict[str, Any] = {
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # the neighbours' load, for context
+        "pods": PODS,
+        "repetitions": REPETITIONS,
+    }
     with _cluster.node_with_pods("c0", PODS) as topology, tempfile.TemporaryDirectory() as tmp:
         try:
             results["bpf_in_process"] = in_process(topology)
         except Exception as exc:  # reported beside the other figures
             results["bpf_in_process"] = {"error": repr(exc)}
+        try:
+            results["agent_interface_scan"] = interface_scan(topology)
+        except Exception as exc:
+            results["agent_interface_scan"] = {"error": repr(exc)}
         for dataplane in PROCESS_DATAPLANES:
             try:
                 results[f"{dataplane}_agent_process"] = whole_agent(dataplane, topology, Path(tmp))

@@ -367,6 +367,7 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     _netlab.remove_all(_netlab.PREFIX + "d")
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # the neighbours' load, for context
     variants: list[Variant] = []
     unavailable: dict[str, str] = {}
     started = time.monotonic()
@@ -397,6 +398,7 @@ def run() -> dict[str, Any]:
             destroy_variant(variant)
     summary = summarise(samples)
     return {
+        "load_average": load_at_start,
         "enforcing": {v.name: v.enforcing for v in variants},
         "repetitions": REPETITIONS,
         "seconds": {"iperf": IPERF_SECONDS, "conn": CRR_SECONDS, "udp": UDP_SECONDS},

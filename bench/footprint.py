@@ -115,7 +115,12 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    results: dict[str, Any] = {"pods": PODS, "idle_seconds": IDLE_SECONDS, "churn_rate_per_s": CHURN_RATE}
+    results: dict[str, Any] = {
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # the neighbours' load, for context
+        "pods": PODS,
+        "idle_seconds": IDLE_SECONDS,
+        "churn_rate_per_s": CHURN_RATE,
+    }
     for index, dataplane in enumerate(DATAPLANES):
         try:
             results[dataplane] = measure(dataplane, f"f{index}")

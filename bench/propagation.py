@@ -19,12 +19,12 @@ import errno
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import statistics
 import struct
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ SETTLE_PROBES = 10  # consecutive probes with the new verdict that end one measu
 EDIT_TIMEOUT = 5.0
 PAUSE_BETWEEN_EDITS = 0.2
 TARGET_P99_MS = 100.0
+LOG_ROOT = Path("/tmp/pfbench-propagation")
 LINGER_RESET = struct.pack("ii", 1, 0)  # close without a FIN or TIME_WAIT
 DATAPLANES = tuple(os.environ.get("BENCH_DATAPLANES", "bpf,iptables").split(","))
 TARGET, CLIENT = "p0", "p2"  # p2 is app a2; the ring policy of p0's app (a0) admits only a1
@@ -122,20 +123,58 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def breakdown(edits: list[tuple[float, float]], control_log: Path, agent_log: Path) -> dict[str, Any]:
+    """Median time of each stage, from the processes' JSON logs (millisecond timestamps):
+    write -> control service's new version (folder poll + resolve), -> agent has applied it
+    (stream + reconcile + kernel programming), -> the prober saw the new verdict."""
+    versions = [
+        (_cluster.log_time(e), int(e["msg"].split()[2].rstrip(":")))
+        for e in _cluster.read_json_log(control_log)
+        if e.get("msg", "").startswith("policy version ")
+    ]
+    applied = [
+        (_cluster.log_time(e), int(e["msg"].split()[2]))
+        for e in _cluster.read_json_log(agent_log)
+        if e.get("msg", "").startswith("applied version ")
+    ]
+    control_ms, agent_ms, kernel_ms = [], [], []
+    for wall, latency in edits:
+        version = next(((t, v) for t, v in versions if t >= wall - 0.001), None)
+        if version is None:
+            continue
+        done = next((t for t, v in applied if v >= version[1] and t >= version[0] - 0.001), None)
+        if done is None:
+            continue
+        control_ms.append((version[0] - wall) * 1000)
+        agent_ms.append((done - version[0]) * 1000)
+        kernel_ms.append((wall + latency - done) * 1000)
+    stages: dict[str, Any] = {
+        "matched_edits": len(control_ms),
+        "write_to_control_version": _median_or_none(control_ms),
+        "control_version_to_agent_applied": _median_or_none(agent_ms),
+        "agent_applied_to_verdict_seen": _median_or_none(kernel_ms),
+    }
+    return stages
+
+
 def _median_or_none(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
 def measure(dataplane: str, tag: str) -> dict[str, Any]:
-    with _cluster.node_with_pods(tag, PODS) as topology, tempfile.TemporaryDirectory() as tmp:
-        folder, workdir = Path(tmp) / "source", Path(tmp)
-        folder.mkdir()
+    workdir = LOG_ROOT / dataplane  # kept after the run: the processes' logs explain outliers
+    shutil.rmtree(workdir, ignore_errors=True)
+    folder = workdir / "source"
+    folder.mkdir(parents=True)
+    with _cluster.node_with_pods(tag, PODS) as topology:
         labels = {TARGET: {"role": "target"}, CLIENT: {"role": "client"}}
         _cluster.write_base_folder(folder, topology, labels)
         gate = folder / "30-gate.yaml"
         _cluster.write_yaml(gate, [gate_policy(allow=True)])
         target, client = topology.pods[TARGET], topology.pods[CLIENT]
-        processes = _cluster.Processes(topology, folder, workdir, dataplane, POLL_INTERVAL)
+        processes = _cluster.Processes(
+            topology, folder, workdir, dataplane, POLL_INTERVAL, agent_log_level="debug"
+        )
         server = _netlab.in_netns_argv(
             target.netns, _netlab.python_argv("bench._workload", "crr-server", str(_cluster.SERVE_PORT))
         )
@@ -148,22 +187,32 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
             processes.wait(lambda: processes.caught_up(PODS), "agent caught up", 120)
             latencies: dict[str, list[float]] = {"to_deny": [], "to_allow": []}
             missed = 0
+            edits: list[tuple[float, float]] = []  # (wall-clock write time, seconds to the flip)
             allow = True
             with _netlab.inside(client.netns):
                 for _ in range(EDITS):
                     allow = not allow
-                    since = time.monotonic()
+                    since, wall = time.monotonic(), time.time()
                     _cluster.write_yaml(gate, [gate_policy(allow)])
                     latency = probe_until_flip(target.ip, _cluster.SERVE_PORT, allow, since)
                     if latency is None:
                         missed += 1
                     else:
                         latencies["to_allow" if allow else "to_deny"].append(latency * 1000)
+                        edits.append((wall, latency))
                     time.sleep(PAUSE_BETWEEN_EDITS)
+            metrics = processes.agent_metrics()
         finally:
             processes.stop()
             os.killpg(server_process.pid, signal.SIGKILL)
             server_process.wait()
+        stages = breakdown(edits, workdir / "control.log", workdir / "agent.log")
+        # The agent's own measure of dataplane.apply() time, averaged over every apply it made.
+        count = metrics.get("podfence_policy_programming_seconds_count", 0)
+        if count:
+            stages["agent_apply_mean_ms"] = round(
+                1000 * metrics["podfence_policy_programming_seconds_sum"] / count, 1
+            )
         every = latencies["to_allow"] + latencies["to_deny"]
         if not every:
             return {"error": f"no edit took effect within {EDIT_TIMEOUT} s", "missed": missed}
@@ -175,6 +224,7 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
             "max_ms": round(max(every), 1),
             "to_allow_p50_ms": _median_or_none(latencies["to_allow"]),
             "to_deny_p50_ms": _median_or_none(latencies["to_deny"]),
+            "stages_p50_ms": stages,
             "target_p99_ms": TARGET_P99_MS,
             "meets_target": percentile(every, 0.99) < TARGET_P99_MS and missed == 0,
         }
@@ -182,6 +232,7 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     results: dict[str, Any] = {
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # the neighbours' load, for context
         "pods": PODS,
         "poll_interval_s": POLL_INTERVAL,
         "probe_interval_ms": PROBE_INTERVAL * 1000,

@@ -108,10 +108,15 @@ def render_coldstart(result: dict[str, Any]) -> list[str]:
     if "error" not in bpf:
         lines += _table(
             ["BpfDataplane in process", "start() = compile + load (s)", "apply() = programming (s)",
-             "re-apply unchanged (s)", "programming < 2 s"],
+             "re-apply unchanged (s)", "apply, one endpoint changed (s)", "programming < 2 s"],
             [["bpf", bpf.get("compile_and_load_s"), bpf.get("programming_s"),
-              bpf.get("reapply_unchanged_s"), bpf.get("meets_target")]],
+              bpf.get("reapply_unchanged_s"), bpf.get("apply_one_endpoint_changed_s"),
+              bpf.get("meets_target")]],
         )
+    scan = result.get("agent_interface_scan", {})
+    if "scan_s" in scan:
+        lines += [f"The agent's interface scan before each apply ({scan.get('pod_interfaces')} pod "
+                  f"interfaces): {_fmt(scan['scan_s'])} s.", ""]
     rows = []
     for name, entry in result.items():
         if name.endswith("_agent_process") and "error" not in entry:
@@ -181,6 +186,9 @@ def render(results: dict[str, Any]) -> str:
         if isinstance(result, dict) and set(result) == {"error"}:
             lines += [f"Failed: `{result['error']}`", ""]
             continue
+        if isinstance(result, dict) and "load_average" in result:
+            load = "/".join(_fmt(x) for x in result["load_average"])
+            lines += [f"Load average (1/5/15 min) when it started: {load} on this shared machine.", ""]
         renderer = RENDERERS.get(name)
         try:
             lines += renderer(result) if renderer else render_generic(result)
