@@ -441,3 +441,32 @@ def test_established_connections_on_policy_change(node: Node, on_change: str) ->
             assert "failed=0" not in out, out
     finally:
         plane.teardown()
+
+
+def test_reset_also_cuts_flows_of_a_peer_that_left_the_allowed_identity(node: Node) -> None:
+    a, b, c = node.pods
+    plane = BpfDataplane(
+        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, established_on_change="reset"
+    )
+    plane.start()
+    try:
+        allowed = state(
+            node, endpoint(a), endpoint(b, ingress=isolated(from_pod(a, TCP, 8080, 8080))), endpoint(c)
+        )
+        plane.apply(allowed)
+        stream = subprocess.Popen(
+            in_netns(a.netns, sys.executable, str(TOOL), "stream", b.ip, "8080", "4"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert stream.stdout is not None and stream.stdout.readline().strip() == "connected"
+        time.sleep(1)
+        # same allow list (same policy id); only a's membership of identity 101 ends
+        identities = dict(allowed.identities)
+        identities[IDENTITY_OF_POD[1]] = ()
+        plane.apply(NodeState(2, allowed.endpoints, identities, allowed.node_ips, allowed.pod_interfaces))
+        out, _ = stream.communicate(timeout=30)
+        assert "failed=0" not in out, out
+        assert not a.tcp(b.ip, 8080)
+    finally:
+        plane.teardown()

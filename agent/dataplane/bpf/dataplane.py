@@ -8,7 +8,8 @@ Writer order for one apply (Felix's: add peers/policies, flip endpoints, remove 
   5. tc filters on new interfaces (their endpoint entry exists already);
   6. removals: detach vanished interfaces, delete their endpoints/addresses, node addresses,
      ipcache entries, CIDR prefixes shortest first, then policy entries no longer wanted;
-  7. established_on_change="reset": conntrack entries of endpoints whose policy changed.
+  7. established_on_change="reset": conntrack entries of endpoints whose policy changed and of
+     peers whose identity or CIDR class changed.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
 file beside the pins (in /run, the same lifetime as bpffs).
@@ -85,6 +86,18 @@ class _Live:
     policy: set[PolicyEntry] = field(default_factory=set)
     interfaces: set[int] = field(default_factory=set)
     allocation: Allocation | None = None
+
+
+@dataclass
+class _Changes:
+    """What an apply changed, for established_on_change="reset"."""
+
+    endpoint_keys: set[str] = field(default_factory=set)
+    peer_addresses: set[bytes] = field(default_factory=set)
+    prefixes: set[CidrPrefix] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.endpoint_keys or self.peer_addresses or self.prefixes)
 
 
 class BpfDataplane:
@@ -193,7 +206,7 @@ class BpfDataplane:
         with self._lock:
             self._check_capacity(desired, transition)
             try:
-                changed = self._write(desired, transition)
+                changes = self._write(desired, transition)
             except DataplaneError:
                 raise
             except Exception as error:  # BCC map errors are bare Exceptions / KeyErrors
@@ -203,8 +216,8 @@ class BpfDataplane:
             self._live.allocation = desired.allocation
             self._save_state_file()
             self._iptables.install(self._nf_pin)  # self-heal the egress hook (reloads, reordering)
-        if changed and self.established_on_change == "reset":
-            self._reset_conntrack(changed)
+        if changes and self.established_on_change == "reset":
+            self._reset_conntrack(changes)
 
     def _check_capacity(self, desired: Desired, transition: dict[PolicyEntry, int]) -> None:
         live = self._live
@@ -227,8 +240,9 @@ class BpfDataplane:
                     "nothing was changed (raise the map size)"
                 )
 
-    def _write(self, desired: Desired, transition: dict[PolicyEntry, int]) -> set[str]:
+    def _write(self, desired: Desired, transition: dict[PolicyEntry, int]) -> _Changes:
         module, live = self._module, self._live
+        changes = _Changes()
         policy_map, ipcache_map, cidr_map = module[b"pf_policy"], module[b"pf_ipcache"], module[b"pf_cidr"]
 
         # 2. policies beside the old ones
@@ -241,10 +255,12 @@ class BpfDataplane:
             if live.ipcache.get(address) != class_id:
                 ipcache_map[make_addr(address)] = ipcache_map.Leaf(class_id, 0)
                 live.ipcache[address] = class_id
+                changes.peer_addresses.add(address)
         for prefix in sorted(desired.cidr, reverse=True):
             if live.cidr.get(prefix) != desired.cidr[prefix]:
                 cidr_map[_cidr_key(cidr_map, prefix)] = cidr_map.Leaf(desired.cidr[prefix], 0)
                 live.cidr[prefix] = desired.cidr[prefix]
+                changes.prefixes.add(prefix)
         node_map = module[b"pf_node_ips"]
         for address in desired.node_ips - live.node_ips:
             node_map[make_addr(address)] = node_map.Leaf(1, 0)
@@ -256,7 +272,6 @@ class BpfDataplane:
             if live.endpoint_ips.get(address) != ifindex:
                 ip_map[make_addr(address)] = ip_map.Leaf(ifindex, 0)
                 live.endpoint_ips[address] = ifindex
-        changed: set[str] = set()
         for ifindex, entry in desired.endpoints.items():
             previous = live.endpoints.get(ifindex)
             if previous == entry:
@@ -268,7 +283,7 @@ class BpfDataplane:
             )
             live.endpoints[ifindex] = entry
             if previous is not None:
-                changed.add(entry.endpoint_key)
+                changes.endpoint_keys.add(entry.endpoint_key)
         # 5. guard new interfaces, 6. then sweep what vanished
         new_interfaces = desired.interfaces - live.interfaces
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
@@ -288,7 +303,7 @@ class BpfDataplane:
                 attach.detach_tc(sock, ifindex)
                 live.interfaces.discard(ifindex)
         for ifindex in set(live.endpoints) - set(desired.endpoints):
-            changed.add(live.endpoints[ifindex].endpoint_key)
+            changes.endpoint_keys.add(live.endpoints[ifindex].endpoint_key)
             _delete(endpoint_map, endpoint_map.Key(ifindex))
             del live.endpoints[ifindex]
         for address in set(live.endpoint_ips) - set(desired.endpoint_ips):
@@ -300,13 +315,15 @@ class BpfDataplane:
         for address in set(live.ipcache) - set(desired.ipcache):
             _delete(ipcache_map, make_addr(address))
             del live.ipcache[address]
+            changes.peer_addresses.add(address)
         for prefix in sorted(set(live.cidr) - set(desired.cidr)):
             _delete(cidr_map, _cidr_key(cidr_map, prefix))
             del live.cidr[prefix]
+            changes.prefixes.add(prefix)
         for stale_entry in sorted(live.policy - set(desired.policy)):
             _delete(policy_map, _policy_key(policy_map, stale_entry))
             live.policy.discard(stale_entry)
-        return changed
+        return changes
 
     def _attach(self, sock: Any, ifindex: int) -> None:
         attach.attach_tc(sock, ifindex, self._programs[loader.PROGRAM_FROM_POD].fd,
@@ -318,17 +335,28 @@ class BpfDataplane:
             per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
             counters[counters.Key(endpoint_id * 2 + direction)] = per_cpu
 
-    def _reset_conntrack(self, endpoint_keys: set[str]) -> None:
-        """Forget flows of endpoints whose policy changed: their next packet is judged afresh."""
-        addresses = {
+    def _reset_conntrack(self, changes: _Changes) -> None:
+        """Forget flows whose verdict may differ now: endpoints with new policy ids, peers whose
+        identity class changed, addresses under a changed CIDR prefix. Their next packet is
+        judged afresh against the new policy."""
+        addresses = set(changes.peer_addresses) | {
             address for address, ifindex in self._live.endpoint_ips.items()
-            if ifindex in self._live.endpoints and self._live.endpoints[ifindex].endpoint_key in endpoint_keys
+            if ifindex in self._live.endpoints
+            and self._live.endpoints[ifindex].endpoint_key in changes.endpoint_keys
         }
         # removed endpoints are no longer in endpoint_ips; their flows die with the interface
+        prefixes = [(plen, int.from_bytes(raw, "big") >> (128 - plen)) for plen, raw in changes.prefixes]
+
+        def under_changed_prefix(raw: bytes) -> bool:
+            value = int.from_bytes(raw, "big")
+            return any(value >> (128 - length) == network for length, network in prefixes)
+
         ct = self._module[b"pf_ct"]
         for key in list(ct):
-            if bytes(key.saddr.bytes) in addresses or bytes(key.daddr.bytes) in addresses:
-                _delete(ct, key)
+            for side in (bytes(key.saddr.bytes), bytes(key.daddr.bytes)):
+                if side in addresses or (prefixes and under_changed_prefix(side)):
+                    _delete(ct, key)
+                    break
 
     # ---- adoption and the state file ---------------------------------------------------------------
 
