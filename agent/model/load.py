@@ -108,20 +108,24 @@ MAX_FAST_NESTING = 1000
 pure-Python parser, which raises RecursionError instead."""
 
 
+_FLOW_BRACKETS = re.compile(r"[\[\]{}]")
+_LINE_INDICATORS = re.compile(r"^( *)(.*)$", re.MULTILINE)
+
+
 def _nesting_upper_bound(text: str) -> int:
-    """Cheap over-estimate of how deeply a YAML text nests (flow brackets plus block indicators)."""
+    """Cheap over-estimate of how deeply a YAML text nests: flow brackets (even inside quoted
+    strings) plus, per line, the indentation and the block indicators `- ` and `? `."""
     flow = deepest_flow = 0
+    for bracket in _FLOW_BRACKETS.finditer(text):
+        if bracket.group() in "[{":
+            flow += 1
+            deepest_flow = max(deepest_flow, flow)
+        elif flow:
+            flow -= 1
     deepest_block = 0
-    for line in text.splitlines():
-        stripped = line.lstrip(" ")
-        block = len(line) - len(stripped) + stripped.count("- ") + stripped.count("? ")
-        deepest_block = max(deepest_block, block)
-        for char in line:
-            if char in "[{":
-                flow += 1
-                deepest_flow = max(deepest_flow, flow)
-            elif char in "]}" and flow:
-                flow -= 1
+    for line in _LINE_INDICATORS.finditer(text):
+        indent, rest = line.groups()
+        deepest_block = max(deepest_block, len(indent) + rest.count("- ") + rest.count("? "))
     return deepest_flow + deepest_block
 
 
