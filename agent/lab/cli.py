@@ -68,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
             if args.nodes < 1 or args.nodes > 200:
                 print("podfence lab up: --nodes must be between 1 and 200", file=sys.stderr)
                 return EXIT_USAGE
-            pods = pods_from_file(args.pods, args.nodes) if args.pods else upstream_pods(args.nodes)
+            try:
+                pods = pods_from_file(args.pods, args.nodes) if args.pods else upstream_pods(args.nodes)
+            except LabError as err:
+                print(f"podfence lab up: {err}", file=sys.stderr)
+                return EXIT_USAGE  # a bad scenario file is bad input, not a runtime failure
             lab = Lab(node_count=args.nodes, mode=CniMode(args.mode), ipv6=args.ipv6)
             lab.build(pods)
             for pod in lab.pods.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -33,4 +34,30 @@ def test_demo_passes_quickly_and_cleans_up(dataplane: str, mode: str) -> None:
     assert "demo passed: every expectation held" in result.stdout
     assert "[ok] ingress -> ratings:9080 after flushing its own rules: blocked" in result.stdout
     assert elapsed < DEMO_BUDGET_S, f"demo took {elapsed:.1f} s"
+    assert leftovers() == []
+
+
+def test_interrupted_demo_cleans_up() -> None:
+    """Ctrl-C in the middle of the demo (lab built, podfence running) still leaves nothing behind."""
+    if _missing_dataplane("iptables"):
+        pytest.skip(str(_missing_dataplane("iptables")))
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "demo", "--dataplane", "iptables"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert demo.stdout is not None
+    try:
+        for line in demo.stdout:
+            if line.startswith("BEFORE policies"):
+                break
+        assert leftovers(), "the lab should be up while the demo runs"
+        demo.send_signal(signal.SIGINT)
+        output = demo.communicate(timeout=30)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 1
+    assert "interrupted, cleaning up" in output
     assert leftovers() == []
