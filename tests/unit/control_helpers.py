@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -90,6 +91,39 @@ def small_cluster() -> list:
         pod("db-1", "n3", "10.0.3.10", "db"),
         allow_from("web-from-client", "web", "client", 8080),
     ]
+
+
+# --- the same cluster as kubectl writes it ------------------------------------------------------------
+
+
+def ns_doc(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}}
+
+
+def pod_doc(name: str, node: str, ip: str, app: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": name, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x",
+                                                   "ports": [{"containerPort": 8080, "name": "http"}]}]},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+    }
+
+
+def policy_doc(name: str, target_app: str, port: int, cidr: str = "10.0.0.0/8") -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {"podSelector": {"matchLabels": {"app": target_app}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}], "ports": [{"port": port}]}]},
+    }
+
+
+PODS = [
+    pod_doc("web-1", "n1", "10.0.1.10", "web"),
+    pod_doc("web-2", "n2", "10.0.2.10", "web"),
+    pod_doc("db-1", "n3", "10.0.3.10", "db"),
+]
 
 
 # --- a running control service ------------------------------------------------------------------------

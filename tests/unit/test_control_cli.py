@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.unit.control_helpers import RecordingAgent, wait_until
-from tests.unit.test_control_sources import PODS, ns_doc, policy_doc
+from tests.unit.control_helpers import PODS, RecordingAgent, ns_doc, policy_doc, wait_until
 
 CLI = [sys.executable, "-m", "agent.cli"]
 

@@ -21,39 +21,7 @@ from agent.control.source_folder import FolderSource
 from agent.control.source_kubernetes import KubernetesSource
 from agent.model.load import parse_object
 from agent.policy.resolver import Resolver
-from tests.unit.control_helpers import RecordingAgent, start_control
-
-# --- objects as kubectl writes them ---------------------------------------------------------------------
-
-
-def ns_doc(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}}
-
-
-def pod_doc(name: str, node: str, ip: str, app: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": "shop", "name": name, "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x",
-                                                   "ports": [{"containerPort": 8080, "name": "http"}]}]},
-        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
-    }
-
-
-def policy_doc(name: str, target_app: str, port: int, cidr: str = "10.0.0.0/8") -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"namespace": "shop", "name": name},
-        "spec": {"podSelector": {"matchLabels": {"app": target_app}}, "policyTypes": ["Ingress"],
-                 "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}], "ports": [{"port": port}]}]},
-    }
-
-
-PODS = [
-    pod_doc("web-1", "n1", "10.0.1.10", "web"),
-    pod_doc("web-2", "n2", "10.0.2.10", "web"),
-    pod_doc("db-1", "n3", "10.0.3.10", "db"),
-]
+from tests.unit.control_helpers import PODS, RecordingAgent, ns_doc, pod_doc, policy_doc, start_control
 
 
 def write(path: Path, *docs: dict[str, Any]) -> None:
