@@ -43,6 +43,7 @@ enum pf_peer_kind {
 #define PF_CT_EGRESS_OK  0x01  /* the source pod's egress policy admitted the original direction */
 #define PF_CT_INGRESS_OK 0x02  /* the destination pod's ingress policy admitted it */
 #define PF_CT_FROM_POD   0x04  /* a managed pod sent the original direction (pre-DNAT tuple) */
+#define PF_CT_CLOSING    0x08  /* TCP FIN or RST seen: the entry expires after the closing timeout */
 
 struct pf_addr {
 	__u8 bytes[16];

@@ -43,6 +43,9 @@
 #ifndef PF_CT_TIMEOUT_TCP
 #define PF_CT_TIMEOUT_TCP 7200
 #endif
+#ifndef PF_CT_TIMEOUT_TCP_CLOSING
+#define PF_CT_TIMEOUT_TCP_CLOSING 10
+#endif
 #ifndef PF_CT_TIMEOUT_UDP
 #define PF_CT_TIMEOUT_UDP 120
 #endif

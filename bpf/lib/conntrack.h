@@ -8,7 +8,8 @@
  *    pre-DNAT tuple, because replies of a Service connection come back with the ClusterIP as
  *    source once conntrack has reversed the DNAT);
  *  - an ICMP error whose embedded tuple (either way round) is tracked is related and passes.
- * Entries idle longer than the protocol's timeout are ignored (and overwritten). */
+ * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
+ * switches an entry to the short closing timeout, a later bare SYN on the same tuple back. */
 #ifndef PF_LIB_CONNTRACK_H
 #define PF_LIB_CONNTRACK_H
 
@@ -43,23 +44,38 @@ static __always_inline void pf_ct_key_fill(struct pf_ct_key *key, const struct p
 	key->protocol = protocol;
 }
 
-/* Flags of a live entry (0 if absent or expired); refreshes its timestamp when `touch`. */
-static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, int touch)
+static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *entry, __u8 protocol)
+{
+	if (entry->flags & PF_CT_CLOSING)
+		return PF_CT_TIMEOUT_TCP_CLOSING * PF_NSEC;
+	return pf_ct_timeout_ns(protocol);
+}
+
+/* Flags of a live entry (0 if absent or expired). With `pkt`: refreshes the timestamp and
+ * follows TCP's end (FIN/RST: closing timeout) and a reuse of the tuple (a bare SYN). */
+static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const struct pf_packet *pkt)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
 	if (!entry)
 		return 0;
-	if (now - entry->last_seen_ns > pf_ct_timeout_ns(key->protocol))
+	if (now - entry->last_seen_ns > pf_ct_entry_timeout_ns(entry, key->protocol))
 		return 0;
-	if (touch)
+	if (pkt) {
 		entry->last_seen_ns = now;
+		if (pkt->protocol == PF_IPPROTO_TCP) {
+			if (pkt->tcp_flags & 0x05)
+				entry->flags |= PF_CT_CLOSING;
+			else if ((pkt->tcp_flags & 0x12) == 0x02)
+				entry->flags &= ~PF_CT_CLOSING;
+		}
+	}
 	return entry->flags;
 }
 
 static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
-	if (entry && now - entry->last_seen_ns <= pf_ct_timeout_ns(key->protocol)) {
+	if (entry && now - entry->last_seen_ns <= pf_ct_entry_timeout_ns(entry, key->protocol)) {
 		entry->last_seen_ns = now;
 		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
 		if (!(entry->flags & flag))
@@ -86,19 +102,19 @@ static __always_inline int pf_ct_check(const struct pf_packet *pkt, int directio
 		/* the embedded packet was sent by the receiver of this error */
 		pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
 			       pkt->inner_dport_be, pkt->inner_protocol);
-		if (pf_ct_flags(&key, now, 0))
+		if (pf_ct_flags(&key, now, NULL))
 			return PF_CT_RELATED;
 		pf_ct_key_fill(&key, &pkt->inner_daddr, &pkt->inner_saddr, pkt->inner_dport_be,
 			       pkt->inner_sport_be, pkt->inner_protocol);
-		if (pf_ct_flags(&key, now, 0))
+		if (pf_ct_flags(&key, now, NULL))
 			return PF_CT_RELATED;
 		return PF_CT_MISS;
 	}
 	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
-	if (pf_ct_flags(&key, now, 1) & same)
+	if (pf_ct_flags(&key, now, pkt) & same)
 		return PF_CT_ESTABLISHED;
 	pf_ct_key_fill(&key, &pkt->daddr, &pkt->saddr, pkt->dport_be, pkt->sport_be, pkt->protocol);
-	if (pf_ct_flags(&key, now, 1) & other)
+	if (pf_ct_flags(&key, now, pkt) & other)
 		return PF_CT_REPLY;
 	return PF_CT_MISS;
 }

@@ -31,6 +31,7 @@ struct pf_packet {
 	__u8 family;
 	__u16 flags;
 	__u32 frag_id;
+	__u8 tcp_flags;  /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
 	/* embedded tuple of an ICMP error (the packet that caused it) */
 	struct pf_addr inner_saddr;
 	struct pf_addr inner_daddr;
@@ -248,6 +249,10 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 	if (pkt->flags & PF_PKT_FRAG_LATER)
 		return 0;
 	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, 1) < 0) {
+		pkt->flags |= PF_PKT_MALFORMED;
+		return 0;
+	}
+	if (pkt->protocol == PF_IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &pkt->tcp_flags, 1) < 0) {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return 0;
 	}

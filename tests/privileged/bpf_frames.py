@@ -15,9 +15,16 @@ def eth(ethertype: int, payload: bytes) -> bytes:
     return MAC_A + MAC_B + struct.pack("!H", ethertype) + payload
 
 
-def l4(protocol: int, sport: int = 40000, dport: int = 80, icmp_type: int = 8, icmp_id: int = 7) -> bytes:
+def l4(
+    protocol: int,
+    sport: int = 40000,
+    dport: int = 80,
+    icmp_type: int = 8,
+    icmp_id: int = 7,
+    tcp_flags: int = 0x02,
+) -> bytes:
     if protocol == TCP:
-        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, tcp_flags, 65535, 0, 0)
     if protocol == UDP:
         return struct.pack("!HHHH", sport, dport, 8, 0)
     if protocol == SCTP:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from agent.dataplane.bpf import loader
+from agent.dataplane.bpf import loader, structs
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
@@ -319,3 +320,44 @@ def test_unknown_endpoint_is_dropped(plane: BpfDataplane) -> None:
     assert plane.drop_reason_counts()["unknown_endpoint"] >= 2
     apply(plane, None, None, version=2)
     assert verdict(plane, "to_pod", f.tcp4(PEER7, POD))
+
+
+def test_deny_events_are_rate_limited_in_the_kernel_and_every_deny_is_either_sent_or_lost(
+    plane: BpfDataplane,
+) -> None:
+    apply(plane, iso(), None)
+    plane.poll_events(0)  # drain what earlier tests produced
+    lost_before = plane.events_lost()
+    denies = 600  # far above the default bucket (100 per CPU and second) when sent back to back
+    for port in range(denies):
+        assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=50000, dport=1000 + port))
+    received = plane.poll_events(100)
+    lost = plane.events_lost() - lost_before
+    assert len(received) + lost == denies
+    assert lost > 0
+    assert all(e.reason == "policy" and e.direction == "ingress" and e.endpoint == "ns/pod" for e in received)
+    assert {e.destination_port for e in received} <= set(range(1000, 1000 + denies))
+
+
+def test_tcp_fin_or_rst_moves_the_flow_to_the_closing_timeout_and_a_new_syn_back(plane: BpfDataplane) -> None:
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None)
+    syn = f.tcp4(PEER7, POD, sport=41000, dport=80)
+    rst = f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 41000, 80, tcp_flags=0x14)))
+    assert verdict(plane, "to_pod", syn)
+
+    def flow_flags() -> int:
+        table = plane._module[b"pf_ct"]
+        for key, value in table.items():
+            if (
+                key.protocol == f.TCP
+                and key.sport_be == socket.htons(41000)
+                and key.dport_be == socket.htons(80)
+            ):
+                return int(value.flags)
+        raise AssertionError("flow not tracked")
+
+    assert not flow_flags() & structs.CT_CLOSING
+    assert verdict(plane, "to_pod", rst)  # part of the flow: passes, and marks it closing
+    assert flow_flags() & structs.CT_CLOSING and flow_flags() & structs.CT_INGRESS_OK
+    assert verdict(plane, "to_pod", syn)  # the tuple reused by a new connection
+    assert not flow_flags() & structs.CT_CLOSING

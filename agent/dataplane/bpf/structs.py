@@ -42,6 +42,7 @@ class PeerKind(IntEnum):
 CT_EGRESS_OK = 0x01
 CT_INGRESS_OK = 0x02
 CT_FROM_POD = 0x04
+CT_CLOSING = 0x08
 
 # Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
 POLICY_PREFIX_ANY_PROTOCOL = 72
@@ -207,6 +208,7 @@ C_CONSTANTS: dict[str, int] = {
     "PF_CT_EGRESS_OK": CT_EGRESS_OK,
     "PF_CT_INGRESS_OK": CT_INGRESS_OK,
     "PF_CT_FROM_POD": CT_FROM_POD,
+    "PF_CT_CLOSING": CT_CLOSING,
 }
 
 
