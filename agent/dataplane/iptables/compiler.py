@@ -10,6 +10,9 @@ Layout in the filter table of each family (iptables and ip6tables):
     PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; (ingress) node IPs -> RETURN; allows -> RETURN;
                  DROP.
 
+In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
+PF-TO: without it no IPv6 packet could flow at all.
+
 Allowed traffic RETURNs instead of ACCEPTing, so other software's FORWARD/INPUT rules still
 see it: podfence only ever removes traffic. `-g` (goto) makes an endpoint chain's RETURN leave
 PF-FROM as well, so the spoof DROP below it is never reached by an allowed packet.
