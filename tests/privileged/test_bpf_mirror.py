@@ -119,3 +119,29 @@ def test_map_types_derived_by_bcc_match_the_mirrors(datapath: Any, map_name: str
     assert ctypes.sizeof(value_type) == ctypes.sizeof(value_mirror)
     assert _layout(table.Key) == _layout(key_mirror)
     assert _layout(value_type) == _layout(value_mirror)
+
+
+def test_dump_flag_prints_the_final_program_with_its_flags(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PODFENCE_BPF_DUMP", "1")
+    pin_dir = f"/sys/fs/bpf/pfb-{secrets.token_hex(3)}"
+    knobs = loader.BuildKnobs(
+        pin_dir=pin_dir,
+        unknown_allow=True,
+        ct_max=64,
+        policy_max=64,
+        ipcache_max=64,
+        cidr_max=64,
+        endpoints_max=8,
+        node_ips_max=8,
+        frag_max=64,
+        event_rate=10,
+    )
+    try:
+        loader.compile_module(knobs).cleanup()
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)
+    dumped = capfd.readouterr().err
+    assert "-DPF_UNKNOWN_ALLOW=1" in dumped
+    assert "int nf_egress(struct __sk_buff *skb)" in dumped and "struct pf_policy_key {" in dumped
