@@ -62,8 +62,10 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 a mistake (or an attack on the control service), and parsing it would stall every other update."""
 
 MAX_ITEMS_PER_OBJECT = 200_000
-"""Bounds the list entries walked for one object. YAML aliases can make a small text expand into
-billions of entries (the "billion laughs" attack); this cap turns that into an error."""
+MAX_ITEMS_PER_TEXT = 4_000_000
+"""Bound the list entries (and objects) walked for one object and for one text. YAML aliases can
+make a small text expand into billions of entries (the "billion laughs" attack), within one
+object or by repeating one large object; these caps turn that into errors."""
 
 MAX_LIST_DEPTH = 4  # a List inside a List is legal YAML but never what kubectl writes
 
@@ -221,15 +223,25 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+@dataclass
+class _Budget:
+    """List entries one text may still make the parser walk (shared by all its objects)."""
+
+    items_left: int = field(default_factory=lambda: MAX_ITEMS_PER_TEXT)
+
+
 class _Parser:
     """Parses one object; every check that fails raises PolicyError naming this object."""
 
-    def __init__(self, kind: str, namespace: str | None, name: str | None, source: str) -> None:
+    def __init__(
+        self, kind: str, namespace: str | None, name: str | None, source: str, budget: _Budget
+    ) -> None:
         self.kind = kind
         self.namespace = namespace
         self.name = name
         self.source = source
         self._items_left = MAX_ITEMS_PER_OBJECT
+        self._budget = budget
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise PolicyError(ModelError(self.kind, self.namespace, self.name, path, message, self.source))
@@ -251,8 +263,11 @@ class _Parser:
         if not isinstance(value, list | tuple):
             self.fail(path, f"must be a list, not a {_type_name(value)}")
         self._items_left -= len(value)
+        self._budget.items_left -= len(value)
         if self._items_left < 0:
             self.fail(path, f"too many list entries in one object (limit {MAX_ITEMS_PER_OBJECT})")
+        if self._budget.items_left < 0:
+            self.fail(path, f"too many list entries in one input (limit {MAX_ITEMS_PER_TEXT})")
         return list(value)
 
     def string(self, value: object, path: str) -> str | None:
@@ -590,10 +605,13 @@ _PARSERS: dict[str, Callable[[_Parser, Mapping[Any, Any]], KubeObject]] = {
 }
 
 
-def parse_object(doc: Mapping[Any, Any], source: str = "") -> KubeObject | None:
+def parse_object(
+    doc: Mapping[Any, Any], source: str = "", _budget: _Budget | None = None
+) -> KubeObject | None:
     """One API object (as a dict) → a validated model object; None for kinds podfence ignores.
 
     Raises PolicyError for an invalid Namespace, Pod or NetworkPolicy, or a document without a kind.
+    `source` (a file name, say) is carried into the error.
     """
     if not isinstance(doc, Mapping):
         raise PolicyError(
@@ -607,7 +625,7 @@ def parse_object(doc: Mapping[Any, Any], source: str = "") -> KubeObject | None:
     if kind not in _PARSERS:
         return None
     namespace, name = _metadata_identity(doc, kind)
-    parser = _Parser(kind, namespace, name, source)
+    parser = _Parser(kind, namespace, name, source, _budget or _Budget())
     api_version = doc.get("apiVersion")
     if api_version is not None and api_version != API_VERSIONS[kind]:
         parser.fail(
@@ -646,7 +664,9 @@ def _within(where: str, path: str) -> str:
     return f"{where}: {path}" if where and path else where or path
 
 
-def _add_document(result: LoadResult, doc: object, source: str, where: str, depth: int = 0) -> None:
+def _add_document(
+    result: LoadResult, doc: object, source: str, where: str, budget: _Budget, depth: int = 0
+) -> None:
     if doc is None:
         return  # an empty document, e.g. after a trailing '---'
     if not isinstance(doc, Mapping):
@@ -669,13 +689,19 @@ def _add_document(result: LoadResult, doc: object, source: str, where: str, dept
             return
         # Typed lists (PodList) from the API may leave kind/apiVersion off their items.
         item_kind = kind[: -len("List")] if kind != "List" else None
+        budget.items_left -= len(items)
+        if budget.items_left < 0:
+            result.errors.append(
+                _input_error(source, _within(where, "items"), f"too many items (limit {MAX_ITEMS_PER_TEXT})")
+            )
+            return
         for i, item in enumerate(items):
             if item_kind and isinstance(item, Mapping) and "kind" not in item:
                 item = {"kind": item_kind, **item}
-            _add_document(result, item, source, _within(where, f"items[{i}]"), depth + 1)
+            _add_document(result, item, source, _within(where, f"items[{i}]"), budget, depth + 1)
         return
     try:
-        obj = parse_object(doc, source)
+        obj = parse_object(doc, source, budget)
     except PolicyError as exc:
         error = exc.error
         if not error.kind and where:
@@ -742,6 +768,7 @@ def load_text(text: str, source: str = "<string>") -> LoadResult:
     if "\x00" in text:
         result.errors.append(_input_error(source, "", "contains NUL bytes: not a YAML or JSON text"))
         return result
+    budget = _Budget()
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:
@@ -752,19 +779,19 @@ def load_text(text: str, source: str = "<string>") -> LoadResult:
         except (ValueError, RecursionError):
             pass  # YAML flow style also starts with '{' or '['; let the YAML parser judge
         else:
-            _add_document(result, document, source, "")
+            _add_document(result, document, source, "", budget)
             return result
     try:
         documents = list(_yaml_documents(text))
     except (yaml.YAMLError, ValueError, RecursionError, OverflowError) as exc:
-        return _load_chunks(text, source, exc)
+        return _load_chunks(text, source, exc, budget)
     many = len(documents) > 1
     for index, document in enumerate(documents):
-        _add_document(result, document, source, f"document {index + 1}" if many else "")
+        _add_document(result, document, source, f"document {index + 1}" if many else "", budget)
     return result
 
 
-def _load_chunks(text: str, source: str, first_error: Exception) -> LoadResult:
+def _load_chunks(text: str, source: str, first_error: Exception, budget: _Budget) -> LoadResult:
     """After a YAML error, parses each '---' chunk alone so one bad document loses only itself."""
     result = LoadResult()
     chunks = _split_documents(text)
@@ -779,7 +806,7 @@ def _load_chunks(text: str, source: str, first_error: Exception) -> LoadResult:
             result.errors.append(_input_error(source, where, _describe_yaml_error(exc, first_line - 1)))
             continue
         for document in documents:
-            _add_document(result, document, source, where)
+            _add_document(result, document, source, where, budget)
     return result
 
 

@@ -554,6 +554,22 @@ def test_alias_bomb_is_bounded() -> None:
     assert [(e.name, "too many list entries" in e.message) for e in result.errors] == [("bomb", True)]
 
 
+def test_repeating_one_large_object_is_bounded_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each object stays under the per-object cap; aliases repeat it. Scaled down: 50 objects of
+    # 300 ports against a text budget of 5,000 entries.
+    monkeypatch.setattr(load_module, "MAX_ITEMS_PER_TEXT", 5_000)
+    ports = ", ".join(["*p"] * 300)
+    text = (
+        "kind: List\nports: &p {port: 80}\nspec: &s {podSelector: {}, ingress: [{ports: [" + ports + "]}]}\n"
+        "items:\n"
+        + "".join(f"- {{kind: NetworkPolicy, metadata: {{name: p{i}}}, spec: *s}}\n" for i in range(50))
+    )
+    result = load_text(text)
+    assert 10 <= len(result.objects) < 20  # 5,000 / (300 ports + 1 rule) = 16 objects fit
+    assert result.errors and all("too many list entries in one input" in e.message for e in result.errors)
+    assert len(result.objects) + len(result.errors) == 50
+
+
 def test_deeply_nested_input_is_an_error() -> None:
     depth = 100_000
     for text in ("[" * depth + "]" * depth, '{"a": ' * depth + "1" + "}" * depth):
