@@ -612,6 +612,50 @@ def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
     pid_file.unlink(missing_ok=True)
 
 
+def _lab_netns_inodes() -> set[int]:
+    inodes = set()
+    for name in netns.listnetns():
+        if name.startswith(LAB_PREFIX):
+            with contextlib.suppress(OSError):
+                inodes.add(os.stat(NETNS_DIR / name).st_ino)
+    return inodes
+
+
+def stop_processes_in_lab_namespaces(grace_seconds: float = 3.0) -> list[int]:
+    """SIGTERM (then SIGKILL) every process living in a lab netns, pid file or not.
+
+    Catches what pid files miss after a crash: agents started by hand inside a node, servers whose
+    pid file was deleted. Only the main thread's netns is visible in /proc/<pid>/ns/net, so a
+    process that merely has a thread in a lab netns (like the prober's caller) is left alone.
+    """
+    inodes = _lab_netns_inodes()
+    if not inodes:
+        return []
+    victims = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            link = os.readlink(proc / "ns" / "net")  # "net:[<inode>]"
+        except OSError:
+            continue
+        if int(link[5:-1]) in inodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGTERM)
+                victims.append(int(proc.name))
+    deadline = time.monotonic() + grace_seconds
+    while victims and time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in victims):
+        for pid in victims:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    for pid in victims:
+        with contextlib.suppress(OSError):  # gone already: nothing to do
+            if int(os.readlink(f"/proc/{pid}/ns/net")[5:-1]) in inodes:
+                os.kill(pid, signal.SIGKILL)
+    return victims
+
+
 def teardown() -> list[str]:
     """Remove everything any lab made on this machine; returns what was removed. Idempotent."""
     forget_namespaces()  # this process's cached fds would keep deleted namespaces alive
@@ -620,6 +664,7 @@ def teardown() -> list[str]:
         for pid_file in sorted(RUN_DIR.glob("*.pid")):
             stop_pid_file(pid_file)
             removed.append(f"process {pid_file.stem}")
+    removed += [f"stray process {pid}" for pid in stop_processes_in_lab_namespaces()]
     for name in netns.listnetns():
         if name.startswith(LAB_PREFIX):
             with contextlib.suppress(OSError):

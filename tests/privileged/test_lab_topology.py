@@ -175,8 +175,11 @@ def test_lab_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     )
     assert crashed.returncode == 0, crashed.stderr
     servers_pid = int((RUN_DIR / "servers.pid").read_text())
+    # A process someone started inside a node by hand: no pid file names it.
+    stray = subprocess.Popen(["nsenter", "--net=/run/netns/pflab-node1", "sleep", "300"])
     assert leftovers(), "the lab should exist before lab down"
     down = subprocess.run([sys.executable, "-m", "agent.cli", "lab", "down"], capture_output=True, text=True)
     assert down.returncode == 0, down.stderr
     assert leftovers() == []
     assert not Path(f"/proc/{servers_pid}").exists()
+    assert stray.wait(timeout=5) == -15  # SIGTERM from lab down
