@@ -262,13 +262,16 @@ class _Parser:
             return []
         if not isinstance(value, list | tuple):
             self.fail(path, f"must be a list, not a {_type_name(value)}")
-        self._items_left -= len(value)
-        self._budget.items_left -= len(value)
+        self._spend(len(value), path)
+        return list(value)
+
+    def _spend(self, entries: int, path: str) -> None:
+        self._items_left -= entries
+        self._budget.items_left -= entries
         if self._items_left < 0:
             self.fail(path, f"too many list entries in one object (limit {MAX_ITEMS_PER_OBJECT})")
         if self._budget.items_left < 0:
             self.fail(path, f"too many list entries in one input (limit {MAX_ITEMS_PER_TEXT})")
-        return list(value)
 
     def string(self, value: object, path: str) -> str | None:
         """An optional string: None when absent."""
@@ -300,7 +303,9 @@ class _Parser:
 
     def labels(self, value: object, path: str) -> dict[str, str]:
         labels: dict[str, str] = {}
-        for key, label_value in self.mapping(value, path).items():
+        raw = self.mapping(value, path)
+        self._spend(len(raw), path)  # a label map can be an alias, repeated like a list
+        for key, label_value in raw.items():
             if not isinstance(key, str):
                 self.fail(path, f"label key {key!r} must be a string")
             if label_value is None:
