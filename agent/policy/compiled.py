@@ -51,6 +51,13 @@ class AllowEntry:
     port_first: int = PORT_MIN
     port_last: int = PORT_MAX
     policy: str = ""
+    # Computed once: allow lists are re-sorted on every union, and a Python key call per entry
+    # per sort dominated the resolver's update time.
+    sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        key = (_peer_sort_key(self.peer), self.protocol, self.port_first, self.port_last, self.policy)
+        object.__setattr__(self, "sort_key", key)
 
 
 def _peer_sort_key(peer: PeerRef) -> tuple[int, int, int, int, tuple[tuple[int, int, int], ...]]:
@@ -62,12 +69,14 @@ def _peer_sort_key(peer: PeerRef) -> tuple[int, int, int, int, tuple[tuple[int, 
 
 def entry_sort_key(entry: AllowEntry) -> tuple[object, ...]:
     """A total order over entries (mixed IPv4/IPv6 networks do not compare natively)."""
-    return (_peer_sort_key(entry.peer), entry.protocol, entry.port_first, entry.port_last, entry.policy)
+    return entry.sort_key
 
 
 def normalize_allows(entries: Iterable[AllowEntry]) -> tuple[AllowEntry, ...]:
     """Sorted and deduplicated, so equal allow lists are equal tuples."""
-    return tuple(sorted(set(entries), key=entry_sort_key))
+    # Keyed by sort_key (equal iff the entries are equal): plain tuples hash and compare in C.
+    unique = {entry.sort_key: entry for entry in entries}
+    return tuple(unique[key] for key in sorted(unique))
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,12 @@ def is_endpoint(pod: Pod) -> bool:
     return pod.node_name is not None and not pod.host_network and bool(pod.ips)
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _identity_ref(identity: int) -> IdentityRef:
+    """Shared IdentityRef objects: a wide selector puts the same identities in many templates."""
+    return IdentityRef(identity)
+
+
 def _union(parts: list[tuple[AllowEntry, ...]]) -> tuple[AllowEntry, ...]:
     """Normalised union of normalised allow lists; a single non-empty one is reused as is (the
     common case: one policy selects the pod)."""
@@ -216,7 +222,8 @@ class Resolver:
         self._dirty_endpoints: dict[str, set[str]] = defaultdict(set)
         self._dirty_nodes: set[str] = set()
         self._node_cache: dict[str, NodePolicy] = {}
-        self._endpoint_cache: dict[str, dict[str, tuple[EndpointPolicy, frozenset[int]]]] = defaultdict(dict)
+        self._endpoint_cache: dict[str, dict[str, EndpointPolicy]] = defaultdict(dict)
+        self._endpoint_identities: dict[str, dict[str, frozenset[int]]] = defaultdict(dict)
         # identity -> how many of the node's endpoints reference it; the table holds those with a count
         self._node_identity_refs: dict[str, Counter[int]] = defaultdict(Counter)
         self._stale_identities: dict[str, set[int]] = defaultdict(set)  # referenced, IPs changed since
@@ -279,16 +286,17 @@ class Resolver:
         if cached is not None:
             return cached
         endpoints = self._endpoint_cache[node]
+        endpoint_identities = self._endpoint_identities[node]
         refs = self._node_identity_refs[node]
         table = self._node_identity_table[node]
         for key in self._dirty_endpoints.pop(node, set()):
-            old = endpoints.pop(key, None)
-            old_identities = old[1] if old is not None else frozenset()
+            endpoints.pop(key, None)
+            old_identities = endpoint_identities.pop(key, frozenset())
             new_identities: frozenset[int] = frozenset()
             pod = self._state.pods.get(key)
             if pod is not None and is_endpoint(pod) and pod.node_name == node:
-                endpoints[key] = compiled = self._compile_endpoint(pod)
-                new_identities = compiled[1]
+                endpoints[key], new_identities = self._compile_endpoint(pod)
+                endpoint_identities[key] = new_identities
             for identity in old_identities - new_identities:
                 refs[identity] -= 1
                 if not refs[identity]:
@@ -301,7 +309,7 @@ class Resolver:
             if identity in table:
                 table[identity] = self._identity_ips(identity)
         policy = NodePolicy(
-            endpoints={key: compiled[0] for key, compiled in endpoints.items()},
+            endpoints=dict(endpoints),
             identities=dict(table),
         )
         self._node_cache[node] = policy
@@ -642,7 +650,7 @@ class Resolver:
                 refs.append(CidrRef(peer.ip_block.cidr, peer.ip_block.excepts))
             else:
                 matches = self._sel_matches[selector_key(policy, peer)]
-                refs.extend(IdentityRef(i) for i in sorted(matches))
+                refs.extend(_identity_ref(i) for i in sorted(matches))
         return tuple(refs)
 
     def _named_port_destinations(
