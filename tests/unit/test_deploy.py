@@ -239,6 +239,7 @@ def test_agent_daemonset_has_what_a_kernel_enforcer_needs() -> None:
     assert volumes[mounts["/run/xtables.lock"]["name"]]["hostPath"]["type"] == "FileOrCreate"
     env = container_env(container)
     assert env["PODFENCE_NODE"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["PODFENCE_PIN_DIR"].startswith("/sys/fs/bpf/")  # pins land in the host's bpffs
     metrics_port = host_port(env["PODFENCE_METRICS_LISTEN"])[1]
     assert metrics_port == 9301
     assert (
