@@ -192,6 +192,9 @@ def test_control_service_selects_the_deployment_and_exposes_its_ports() -> None:
     deployment = find("Deployment", "podfence-control")
     template = deployment["spec"]["template"]
     assert deployment["spec"]["replicas"] == 2
+    # Host network: no NetworkPolicy can cut agents off from it; replicas never share a node's ports.
+    assert template["spec"]["hostNetwork"] is True
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
     assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     container = template["spec"]["containers"][0]
