@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
-from agent.lab.prober import Probe, TruthTable, run_probes
+from agent.lab.dns import service_name
+from agent.lab.prober import Probe, TruthTable, resolve, run_probes
 from agent.lab.scenarios import pods_from_file
 from agent.lab.topology import ROUTED_GATEWAY, CniMode, Lab, LabError, LabPod, run_in_netns, teardown
 
@@ -183,6 +184,18 @@ class Demo:
         names = ", ".join(f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in documents)
         print(f"applied {len(documents)} policies (version {applied} acknowledged by every node): {names}\n")
 
+    def check_dns(self) -> None:
+        """Name resolution through the DNS policy: every pod may ask the lab's cluster DNS."""
+        dns_pod, details = self.pod("dns"), self.pod("details")
+        name = service_name(details.spec.namespace, details.spec.name)
+        for source in ("productpage", "ingress"):
+            answer = resolve(self.pod(source).netns, dns_pod.service_ip, name, timeout=PROBE_TIMEOUT)
+            ok = answer == [details.service_ip]
+            print(f"  [{'ok' if ok else 'FAIL'}] {source} resolves {name} via DNS: {answer}")
+            if not ok:
+                self.failures.append(f"{source} could not resolve {name} (got {answer})")
+        print()
+
     def compromise_ingress(self) -> None:
         ingress = self.pod("ingress")
         node = self.lab.nodes[ingress.spec.node]
@@ -247,6 +260,7 @@ class Demo:
         self.apply_policies()
         self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
         self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
+        self.check_dns()
         self.compromise_ingress()
         if self.failures:
             print(f"demo FAILED: {len(self.failures)} expectation(s) did not hold:")

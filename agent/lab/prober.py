@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from pyroute2.netns import setns
 
+from agent.lab import dns
 from agent.lab.sctp import CHUNK_INIT_ACK, IPPROTO_SCTP, build_init, parse_sctp, strip_ipv4_header
 
 PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
@@ -213,6 +214,31 @@ def server_reply(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> str | None:
     # A helper thread, so the caller's own thread never changes namespace.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply") as pool:
         return pool.submit(fetch).result()
+
+
+def resolve(
+    source_netns: str, dns_server: str, name: str, timeout: float = DEFAULT_TIMEOUT
+) -> list[str] | None:
+    """Ask `dns_server` (UDP 53) from inside `source_netns` for the A or AAAA records of `name`.
+
+    None when no answer came (blocked, or no DNS there); otherwise the addresses, maybe none.
+    """
+
+    def lookup() -> list[str] | None:
+        _enter(source_netns)
+        query_id = random.getrandbits(16)
+        qtype = dns.TYPE_AAAA if _family(dns_server) == socket.AF_INET6 else dns.TYPE_A
+        with socket.socket(_family(dns_server), socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect((dns_server, 53))
+                sock.send(dns.build_query(query_id, name, qtype))
+                return dns.parse_response(sock.recv(4096), query_id)
+            except OSError:
+                return None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dns") as pool:
+        return pool.submit(lookup).result()
 
 
 def send_hello_from(netns_names: Iterable[str]) -> None:

@@ -21,13 +21,16 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pyroute2.netns import setns
 
+from agent.lab import dns
 from agent.lab.sctp import CHUNK_INIT, IPPROTO_SCTP, build_init_ack, parse_sctp, strip_ipv4_header
 
 log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket], None]
+DNS_PORT = 53
 
 
 def _tcp_handler(reply: bytes) -> Handler:
@@ -44,13 +47,14 @@ def _tcp_handler(reply: bytes) -> Handler:
     return accept
 
 
-def _udp_handler(reply: bytes) -> Handler:
+def _udp_handler(reply: bytes, dns_records: dict[str, list[str]] | None = None) -> Handler:
+    """Echo the pod's name; on a DNS port, answer well-formed DNS queries from `dns_records`."""
+
     def answer(sock: socket.socket) -> None:
-        try:
-            _, peer = sock.recvfrom(2048)
-            sock.sendto(reply, peer)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            datagram, peer = sock.recvfrom(2048)
+            dns_answer = dns.answer(datagram, dns_records) if dns_records is not None else None
+            sock.sendto(dns_answer or reply, peer)
 
     return answer
 
@@ -72,7 +76,7 @@ def _sctp_handler(ports: set[int]) -> Handler:
 
 
 def open_pod_sockets(
-    netns_path: str, name: str, ports: list[tuple[int, str]]
+    netns_path: str, name: str, ports: list[tuple[int, str]], dns_records: dict[str, list[str]] | None = None
 ) -> list[tuple[socket.socket, Handler]]:
     """Enter the pod's netns and bind its servers there."""
     setns(netns_path, flags=0)
@@ -92,7 +96,7 @@ def open_pod_sockets(
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(("::", port))
-            opened.append((sock, _udp_handler(reply)))
+            opened.append((sock, _udp_handler(reply, dns_records if port == DNS_PORT else None)))
     if sctp_ports:
         for family in (socket.AF_INET, socket.AF_INET6):
             opened.append((socket.socket(family, socket.SOCK_RAW, IPPROTO_SCTP), _sctp_handler(sctp_ports)))
@@ -101,11 +105,12 @@ def open_pod_sockets(
     return opened
 
 
-def serve(config: list[dict[str, object]], ready_file: Path) -> None:
+def serve(config: dict[str, Any], ready_file: Path) -> None:
     selector = selectors.DefaultSelector()
-    for pod in config:
-        ports = [(int(port), str(proto)) for port, proto in pod["ports"]]  # type: ignore[attr-defined]
-        for sock, handler in open_pod_sockets(f"/run/netns/{pod['netns']}", str(pod["name"]), ports):
+    for pod in config["pods"]:
+        ports = [(int(port), str(proto)) for port, proto in pod["ports"]]
+        netns_path = f"/run/netns/{pod['netns']}"
+        for sock, handler in open_pod_sockets(netns_path, str(pod["name"]), ports, config["dns_records"]):
             selector.register(sock, selectors.EVENT_READ, handler)
     ready_file.write_text(str(os.getpid()))
     while True:

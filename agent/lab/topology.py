@@ -44,6 +44,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.lab.dns import service_name
 from agent.lab.prober import forget_namespaces, send_hello_from
 
 log = logging.getLogger(__name__)
@@ -541,15 +542,26 @@ SERVERS_PID = "servers.pid"
 
 
 def start_servers(pods: Iterable[LabPod]) -> None:
-    """Start the one process that serves every pod's ports, and wait until all are bound."""
-    config = [
-        {
-            "netns": p.netns,
-            "name": p.spec.name,
-            "ports": [[sp.port, sp.protocol.value] for sp in p.spec.ports],
-        }
+    """Start the one process that serves every pod's ports, and wait until all are bound.
+
+    A pod serving UDP 53 is the cluster DNS: it resolves every pod's Service name (agent.lab.dns).
+    """
+    pods = list(pods)
+    records = {
+        service_name(p.spec.namespace, p.spec.name): [a for a in (p.service_ip, p.service_ip6) if a]
         for p in pods
-    ]
+    }
+    config = {
+        "pods": [
+            {
+                "netns": p.netns,
+                "name": p.spec.name,
+                "ports": [[sp.port, sp.protocol.value] for sp in p.spec.ports],
+            }
+            for p in pods
+        ],
+        "dns_records": records,
+    }
     config_path = RUN_DIR / "servers.json"
     ready_path = RUN_DIR / "servers.ready"
     config_path.write_text(json.dumps(config))
