@@ -41,20 +41,37 @@ networking:
   disableDefaultCNI: false   # kindnet: connectivity only, no NetworkPolicy enforcement
 nodes:
 - role: control-plane
+  extraMounts: &kernel   # BCC compiles against the host kernel's headers, which kind nodes share
+  - {hostPath: /lib/modules, containerPath: /lib/modules, readOnly: true}
+  - {hostPath: /usr/src, containerPath: /usr/src, readOnly: true}
 - role: worker
+  extraMounts: *kernel
 - role: worker
+  extraMounts: *kernel
 KIND
 kind create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$KUBECONFIG_FILE" --wait 120s
 export KUBECONFIG="$KUBECONFIG_FILE"
 
 docker build -t "$IMAGE" -f deploy/Dockerfile .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
-# The manifests name their image; point them at the one just loaded.
-for manifest in deploy/*.yaml; do
-  sed "s#image: .*podfence.*#image: $IMAGE#" "$manifest" | kubectl apply -f -
+
+# As deploy/README.md says: the manifests name their image (point them at the one just loaded), the
+# control service's certificate is a Secret, each node gets its own client certificate on the host.
+PKI="$WORK/pki"
+deploy/issue-node-cert.sh -d "$PKI" ca
+deploy/issue-node-cert.sh -d "$PKI" server
+sed "s#image: .*podfence.*#image: $IMAGE#" deploy/control.yaml | kubectl apply -f -
+kubectl -n podfence-system create secret generic podfence-control-tls \
+  --from-file=tls.crt="$PKI/server.crt" --from-file=tls.key="$PKI/server.key" --from-file=ca.crt="$PKI/ca.crt"
+for node in $(kubectl get nodes -o name | cut -d/ -f2); do
+  deploy/issue-node-cert.sh -d "$PKI" node "$node"
+  docker exec "$node" mkdir -p /etc/podfence/pki
+  for file in node.crt node.key ca.crt; do docker cp "$PKI/nodes/$node/$file" "$node:/etc/podfence/pki/$file"; done
+  docker exec "$node" chmod 0600 /etc/podfence/pki/node.key
 done
-kubectl -n podfence-system rollout status daemonset --timeout=180s
+sed "s#image: .*podfence.*#image: $IMAGE#" deploy/daemonset.yaml | kubectl apply -f -
 kubectl -n podfence-system rollout status deployment --timeout=180s
+kubectl -n podfence-system rollout status daemonset/podfence-agent --timeout=300s
 
 K8S_VERSION="${K8S_VERSION:-$(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')}"
 curl -fsSL "https://dl.k8s.io/${K8S_VERSION}/kubernetes-test-linux-amd64.tar.gz" | tar -xz -C "$WORK"
