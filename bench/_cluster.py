@@ -127,7 +127,7 @@ class Processes:
     control_port: int = field(default_factory=free_port)
     control_metrics_port: int = field(default_factory=free_port)
     agent_metrics_port: int = field(default_factory=free_port)
-    agent_log_level: str = "info"  # "debug" logs each applied version (propagation's breakdown)
+    agent_log_level: str = "info"
     control: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
