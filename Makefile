@@ -22,7 +22,7 @@ unit: bootstrap
 	$(PY) -m pytest -q tests/unit
 
 bench: bootstrap
-	$(PY) -m bench
+	$(PY) -m bench; status=$$?; $(PY) -m bench.report; exit $$status
 
 clean:
 	$(PY) -m agent.cli lab down || true
