@@ -77,6 +77,7 @@ BLACKHOLE_METRIC = 4000
 # Routes the lab adds to the root netns carry this protocol number, so teardown finds exactly them.
 LAB_ROUTE_PROTO = 0x9F
 POD_HOST_OFFSET = 10  # first pod address in a node's /24 (.1 is the bridged gateway)
+MAX_POD_HOST = 249  # .250 and up stay free: the demo's compromised pod moves to .250
 POD_PORT_NAME = "serve-{port}-{proto}"  # container port names, as the upstream e2e pods have them
 
 
@@ -255,6 +256,10 @@ class Lab:
                 raise LabError(f"pod {spec.key} defined twice")
             offset = per_node.get(spec.node, 0)
             per_node[spec.node] = offset + 1
+            if POD_HOST_OFFSET + offset > MAX_POD_HOST:
+                raise LabError(
+                    f"node {spec.node} cannot hold more than {MAX_POD_HOST - POD_HOST_OFFSET + 1} pods"
+                )
             node = self.nodes[spec.node]
             node_net = ipaddress.IPv4Network(node.pod_cidr)
             ip6 = service_ip6 = None
