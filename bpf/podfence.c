@@ -127,6 +127,9 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else if (!pf_source_belongs_to(&pkt.saddr, skb->ifindex) &&
 		   !(pkt.family == 6 && (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr)))) {
 		reason = PF_DROP_SPOOFED_SOURCE;
+	} else if ((pkt.flags & PF_PKT_NDP_ADVERT) && !pf_is_link_local_v6(&pkt.inner_saddr) &&
+		   !pf_source_belongs_to(&pkt.inner_saddr, skb->ifindex)) {
+		reason = PF_DROP_SPOOFED_NDP;
 	} else if (ep->egress_policy_id && (pkt.flags & PF_PKT_MALFORMED)) {
 		reason = PF_DROP_MALFORMED;
 	} else if (pkt.flags & PF_PKT_FRAG_LATER) {

@@ -24,7 +24,8 @@ enum pf_reason {
 	PF_DROP_ORPHAN_FRAGMENT = 5,    /* non-first fragment whose first fragment was not seen */
 	PF_DROP_UNSUPPORTED_L2 = 6,     /* neither IPv4, IPv6 nor ARP from a pod */
 	PF_DROP_SPOOFED_ARP = 7,        /* ARP sender address is not one of the pod's addresses */
-	PF_REASON_MAX = 8,
+	PF_DROP_SPOOFED_NDP = 8,        /* neighbour advertisement for an address the pod does not own */
+	PF_REASON_MAX = 9,
 };
 
 /* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */

@@ -20,6 +20,7 @@
 #define PF_PKT_FRAG_LATER  0x04  /* non-first fragment: no L4 header */
 #define PF_PKT_ICMP_ERROR  0x08  /* ICMP/ICMPv6 error: inner_* hold the embedded tuple */
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
+#define PF_PKT_NDP_ADVERT  0x20  /* neighbour advertisement: inner_saddr holds its target address */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 struct pf_packet {
@@ -265,6 +266,13 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 	if (pkt->protocol == PF_IPPROTO_ICMPV6 &&
 	    ((icmp_type >= 130 && icmp_type <= 137) || icmp_type == 143))
 		pkt->flags |= PF_PKT_NDP;
+	if (pkt->protocol == PF_IPPROTO_ICMPV6 && icmp_type == 136) {
+		/* the advertised target decides whose address the host's neighbour cache learns */
+		if (bpf_skb_load_bytes(skb, l4 + 8, &pkt->inner_saddr, sizeof(pkt->inner_saddr)) < 0)
+			pkt->flags |= PF_PKT_MALFORMED;
+		else
+			pkt->flags |= PF_PKT_NDP_ADVERT;
+	}
 	return 0;
 }
 

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ def iso(*allows: Allow) -> DirectionPolicy:
 
 def ident(identity: int, protocol: int = 0, first: int = 0, last: int = 65535) -> Allow:
     return Allow(IdentityPeer(identity), protocol, first, last)
+
+
+def advert(source: str, target: str) -> bytes:
+    """ICMPv6 neighbour advertisement for `target` (the address the host's cache will learn)."""
+    body = struct.pack("!BBHI16s", 136, 0, 0, 0x60000000, ipaddress.IPv6Address(target).packed)
+    return f.eth(f.ETH_IP6, f.ipv6(source, "fe80::1", f.ICMP6, body))
 
 
 def frag_first(dport: int, ident_: int) -> bytes:
@@ -199,6 +206,8 @@ ROWS = [
                 "from_pod",
                 f.eth(f.ETH_IP6, f.ipv6("fe80::2", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135))),
             ),
+            ("from_pod", advert("fe80::2", POD6)),
+            ("from_pod", advert("fe80::2", "fe80::2")),
         ),
         dropped=(
             ("from_pod", f.tcp4("10.0.0.99", PEER7)),
@@ -206,6 +215,7 @@ ROWS = [
             ("from_pod", f.tcp4(PEER7, POD)),
             ("from_pod", f.arp("10.0.0.99", "10.0.0.254")),
             ("from_pod", f.eth(0x88CC, b"\0" * 46)),
+            ("from_pod", advert("fe80::2", PEER7_6)),  # neighbour-cache poisoning for another address
         ),
     ),
     Row(

@@ -24,9 +24,10 @@ class Reason(IntEnum):
     ORPHAN_FRAGMENT = 5
     UNSUPPORTED_L2 = 6
     SPOOFED_ARP = 7
+    SPOOFED_NDP = 8
 
 
-REASON_MAX = 8
+REASON_MAX = 9
 
 
 class Direction(IntEnum):
