@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
@@ -371,3 +372,29 @@ def test_tcp_fin_or_rst_moves_the_flow_to_the_closing_timeout_and_a_new_syn_back
     assert flow_flags() & structs.CT_CLOSING and flow_flags() & structs.CT_INGRESS_OK
     assert verdict(plane, "to_pod", syn)  # the tuple reused by a new connection
     assert not flow_flags() & structs.CT_CLOSING
+
+
+def test_a_half_written_update_is_finished_by_the_retry_without_id_reuse(
+    plane: BpfDataplane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None)
+    pod = Endpoint("ns/pod", (ipaddress.ip_address(POD),), iso(ident(8, f.TCP, 443, 443)), ifindex=1)
+    failing = NodeState(2, {pod.key: pod}, IDENTITIES, (ipaddress.ip_address(NODE),), frozenset({1, 77}))
+
+    def attach_fails(_sock: object, ifindex: int) -> None:
+        # stands in for a netlink failure on the new interface, which a test cannot provoke
+        raise PermanentDataplaneError(f"injected failure attaching {ifindex}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plane, "_attach", attach_fails)
+        with pytest.raises(PermanentDataplaneError, match="injected"):
+            plane.apply(failing)
+    # the endpoint flip happened before the failure: the new policy is already in force
+    assert verdict(plane, "to_pod", f.tcp4(PEER8, POD, dport=443))
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, dport=80, sport=40100))
+    # a retry with yet another content must not reuse an id that is live in the maps
+    apply(plane, iso(ident(7, f.UDP, 53, 53)), None, version=3)
+    assert verdict(plane, "to_pod", f.packet4(PEER7, POD, f.UDP, dport=53))
+    assert not verdict(plane, "to_pod", f.tcp4(PEER8, POD, dport=443, sport=40101))
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, dport=80, sport=40102))
+    assert plane.map_usage()["policy"][0] == 1

@@ -207,9 +207,14 @@ class BpfDataplane:
             self._check_capacity(desired, transition)
             try:
                 changes = self._write(desired, transition)
-            except DataplaneError:
-                raise
-            except Exception as error:  # BCC map errors are bare Exceptions / KeyErrors
+            except Exception as error:
+                # Half written: ids of both allocations may be live in the maps now. Remember
+                # both, so the retry never hands a live id to different content.
+                self._live.allocation = _merge_allocations(old_allocation, desired.allocation)
+                self._save_state_file()
+                if isinstance(error, DataplaneError):
+                    raise
+                # BCC map errors are bare Exceptions / KeyErrors
                 raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
             finally:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
@@ -538,6 +543,18 @@ def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
         (info := link.get_attr("IFLA_LINKINFO")) is not None
         and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
         for link in links
+    )
+
+
+def _merge_allocations(old: Allocation | None, new: Allocation) -> Allocation:
+    if old is None:
+        return new
+    return Allocation(
+        policies={**old.policies, **new.policies},
+        identity_classes={**old.identity_classes, **new.identity_classes},
+        cidr_classes={**old.cidr_classes, **new.cidr_classes},
+        endpoint_slots={**old.endpoint_slots, **new.endpoint_slots},
+        next_id=max(old.next_id, new.next_id),
     )
 
 
