@@ -144,6 +144,31 @@ def named_egress_deps(policy: NetworkPolicy) -> _NamedEgressDeps | None:
     return _NamedEgressDeps(frozenset(names), frozenset(selectors), any_pod)
 
 
+# Where one selector's identities land in a policy's template: (is ingress, numeric port ranges)
+# per rule that names it. None = some rule pairs it with named ports; recompute the template.
+_Slots = tuple[tuple[bool, tuple[tuple[int, int, int], ...]], ...]
+
+
+def patch_plan(policy: NetworkPolicy) -> dict[SelectorKey, _Slots | None]:
+    slots: dict[SelectorKey, list[tuple[bool, tuple[tuple[int, int, int], ...]]]] = defaultdict(list)
+    with_named: set[SelectorKey] = set()
+    for is_ingress, policy_type, rules in (
+        (True, PolicyType.INGRESS, policy.ingress),
+        (False, PolicyType.EGRESS, policy.egress),
+    ):
+        if policy_type not in policy.policy_types:
+            continue
+        for rule in rules:
+            for peer in rule.peers:
+                if peer.ip_block is not None:
+                    continue
+                sel = selector_key(policy, peer)
+                slots[sel].append((is_ingress, port_ranges(rule)))
+                if named_ports(rule):
+                    with_named.add(sel)
+    return {sel: None if sel in with_named else tuple(s) for sel, s in slots.items()}
+
+
 def _named_port_inputs(pod: Pod) -> tuple[object, ...]:
     """The parts of a pod that named egress ports resolve from."""
     return (pod.ips, pod.ports, pod.labels, pod.host_network)
@@ -213,6 +238,7 @@ class Resolver:
         self._template_version: dict[str, int] = {}
         self._version_counter = 0
         self._dirty_templates: set[str] = set()
+        self._patch_plans: dict[str, dict[SelectorKey, _Slots | None]] = {}
         self._named_egress: dict[str, _NamedEgressDeps] = {}
         self._named_egress_any_by_name: dict[tuple[str, Protocol], set[str]] = defaultdict(set)
         self._named_egress_by_selector: dict[SelectorKey, set[str]] = defaultdict(set)
@@ -364,15 +390,16 @@ class Resolver:
                 for i in self._ns_identities.get(namespace, ())
                 if pod_selector is None or pod_selector.matches(self._identity_info[i][1])
             }
-            changed = bool(found - matches)
-            matches |= found
+            added = found - matches
+            matches |= added
+            if added:
+                self._selector_changed(key, added, set())
         else:
             self._scope_index[namespace].discard(key)
             gone = matches & self._ns_identities.get(namespace, set())
-            changed = bool(gone)
             matches -= gone
-        if changed:
-            self._dirty_templates |= self._sel_users[key]
+            if gone:
+                self._selector_changed(key, set(), gone)
 
     # ---- pods and identities ---------------------------------------------------------------
 
@@ -464,7 +491,7 @@ class Resolver:
         for sel in self._scope_index.get(pod.namespace, ()):
             if sel[2] is None or sel[2].matches(pod.labels):
                 self._sel_matches[sel].add(identity)
-                self._dirty_templates |= self._sel_users[sel]
+                self._selector_changed(sel, {identity}, set())
 
     def _leave_identity(self, key: str, identity: int) -> None:
         del self._pod_identity[key]
@@ -481,7 +508,7 @@ class Resolver:
             matches = self._sel_matches[sel]
             if identity in matches:
                 matches.discard(identity)
-                self._dirty_templates |= self._sel_users[sel]
+                self._selector_changed(sel, set(), {identity})
         self._identity_ips_changed(identity)
 
     def _identity_ips(self, identity: int) -> tuple[IPAddress, ...]:
@@ -539,6 +566,7 @@ class Resolver:
             self._selected.pop(key, None)
             self._templates.pop(key, None)
             self._template_version.pop(key, None)
+            self._patch_plans.pop(key, None)
             self._forget(key)
             deps = self._named_egress.pop(key, None)
             if deps is not None:
@@ -565,6 +593,7 @@ class Resolver:
                 self._index_named_egress(key, deps, add=True)
             self._templates[key] = self._compute_template(policy)
             self._template_version[key] = self._next_version()
+            self._patch_plans[key] = patch_plan(policy)
             self._dirty_templates.discard(key)
         for pod_key in old_selected | new_selected:
             self._mark_pod_endpoint(pod_key)
@@ -619,6 +648,69 @@ class Resolver:
             del self._ns_sel_keys[ns_selector]
             del self._ns_sel_matches[ns_selector]
 
+    def _selector_changed(self, sel: SelectorKey, added: set[int], removed: set[int]) -> None:
+        """Identities joined or left selector `sel`: patch the templates that use it in place (a wide
+        selector is shared by many policies, and rebuilding each from scratch is what made one
+        new identity cost a full recompute of every policy using it), or queue a recompute."""
+        for policy_key in self._sel_users.get(sel, ()):
+            template = self._templates.get(policy_key)
+            if template is None or policy_key in self._dirty_templates:
+                continue  # being built, or about to be rebuilt from the current matches anyway
+            plan = self._patch_plans[policy_key]
+            slots = plan.get(sel, ())
+            if slots is None or (
+                removed
+                and any(i in self._sel_matches[other] for other in plan if other != sel for i in removed)
+            ):
+                self._dirty_templates.add(policy_key)
+                continue
+            if not slots:
+                continue  # the selector is only in rules of a direction the policy does not enforce
+            patched = _Template(
+                self._patched(
+                    template.ingress_entries, policy_key, [r for i, r in slots if i], added, removed
+                ),
+                template.ingress_named,
+                self._patched(
+                    template.egress_entries, policy_key, [r for i, r in slots if not i], added, removed
+                ),
+            )
+            self._set_template(policy_key, patched)
+
+    @staticmethod
+    def _patched(
+        entries: tuple[AllowEntry, ...],
+        policy_key: str,
+        slot_ranges: list[tuple[tuple[int, int, int], ...]],
+        added: set[int],
+        removed: set[int],
+    ) -> tuple[AllowEntry, ...]:
+        if not slot_ranges:
+            return entries
+        if removed:
+            entries = tuple(
+                e for e in entries if not (isinstance(e.peer, IdentityRef) and e.peer.identity in removed)
+            )
+        if added:
+            fresh = [
+                AllowEntry(_identity_ref(identity), protocol, first, last, policy_key)
+                for identity in added
+                for ranges in slot_ranges
+                for protocol, first, last in ranges
+            ]
+            entries = normalize_allows([*entries, *fresh])
+        return entries
+
+    def _set_template(self, policy_key: str, template: _Template) -> None:
+        """Installs a changed template; its selected endpoints must recompile."""
+        if template == self._templates.get(policy_key):
+            return
+        self._templates[policy_key] = template
+        self._template_version[policy_key] = self._next_version()
+        self._forget(policy_key)
+        for pod_key in self._selected.get(policy_key, ()):
+            self._mark_pod_endpoint(pod_key)
+
     def _next_version(self) -> int:
         self._version_counter += 1
         return self._version_counter
@@ -630,14 +722,7 @@ class Resolver:
             policy = self._state.policies.get(key)
             if policy is None:
                 continue
-            template = self._compute_template(policy)
-            if template == self._templates.get(key):
-                continue
-            self._templates[key] = template
-            self._template_version[key] = self._next_version()
-            self._forget(key)
-            for pod_key in self._selected.get(key, ()):
-                self._mark_pod_endpoint(pod_key)
+            self._set_template(key, self._compute_template(policy))
 
     # ---- compilation ------------------------------------------------------------------------
 

@@ -334,6 +334,25 @@ def test_namespace_relabel_changes_namespace_selector_matches() -> None:
     assert resolver.node_policy("n1").endpoints["x/a"].ingress.identities == frozenset()
 
 
+def test_identity_leaving_one_selector_stays_allowed_through_another() -> None:
+    """Two peers of one policy match x/b; after a relabel only one does, and x/b must stay allowed
+    (incremental template patches must not drop entries another selector still justifies)."""
+    two_ways = Rule(peers=(Peer(pod_selector=sel(app="b")), Peer(namespace_selector=sel(team="blue"))))
+    resolver = Resolver()
+    for obj in (*BASE, policy("x", "p", sel(app="a"), IN, ingress=two_ways)):
+        resolver.upsert(obj)
+    assert ident("x", app="b") in resolver.node_policy("n1").endpoints["x/a"].ingress.identities
+    resolver.upsert(Namespace("x", {"team": "red"}))
+    after = resolver.node_policy("n1")
+    assert after.endpoints["x/a"].ingress.identities == {ident("x", app="b")}
+    fresh = Resolver()
+    for obj in resolver.state.namespaces.values():
+        fresh.upsert(obj)
+    for obj in [*resolver.state.pods.values(), *resolver.state.policies.values()]:
+        fresh.upsert(obj)
+    assert fresh.node_policy("n1") == after
+
+
 # ---- property tests --------------------------------------------------------------------------
 
 NAMESPACES = ("n1", "n2", "n3")
