@@ -17,6 +17,16 @@ the IP -> identity table, never any endpoint's allow list; and the allow list is
 key, which is what a BPF hash map does in O(1). Why not identity per pod: churn would rewrite allow
 lists on every pod start.
 
+Decisions where Kubernetes leaves room (the evaluator and the compiler follow the same ones):
+- hostNetwork pods are seen only by their IPs: no policy isolates them, no pod selector matches
+  them, and they are never endpoints (state.takes_part_in_selectors).
+- A namespace without a Namespace object still exists for selectors, with only the automatic
+  `kubernetes.io/metadata.name` label, which every namespace carries (state.effective_namespace_labels).
+- A referenced identity whose pods have no IP yet is listed with an empty IP tuple, not omitted.
+- Named ports match only pods; on egress they compile to the destination pod's /32 or /128.
+- Every endpoint's allow list is sorted and deduplicated (compiled.normalize_allows), so equal
+  lists compare equal and the control service can diff NodePolicy values cheaply.
+
 Modules: compiled (output types), state (ClusterState and shared semantics), resolver
 (incremental compiler), evaluator (the oracle, working on objects directly), check (answers a
 question from the compiled form, to test the compiler against the oracle), explain (the CLI).
