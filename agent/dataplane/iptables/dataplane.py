@@ -23,8 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.dataplane.base import CapacityError, EndpointCounters, PermanentDataplaneError
+from agent.dataplane.base import (
+    CapacityError,
+    EndpointCounters,
+    PermanentDataplaneError,
+    TemporaryDataplaneError,
+)
 from agent.dataplane.iptables import kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
@@ -228,8 +234,11 @@ class IptablesDataplane:
         wanted = set(ifindexes)
         if not wanted:
             return {}
-        with IPRoute() as ipr:
-            links = {link["index"]: link for link in ipr.get_links()}
+        try:
+            with IPRoute() as ipr:
+                links = {link["index"]: link for link in ipr.get_links()}
+        except (NetlinkError, OSError) as exc:
+            raise TemporaryDataplaneError("cannot list the node's interfaces") from exc
         found: dict[int, Interface] = {}
         for ifindex in wanted:
             link = links.get(ifindex)
