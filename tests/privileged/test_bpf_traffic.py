@@ -31,7 +31,7 @@ from agent.dataplane.types import (
     IdentityPeer,
     NodeState,
 )
-from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip
+from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip, sh
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
@@ -468,5 +468,75 @@ def test_reset_also_cuts_flows_of_a_peer_that_left_the_allowed_identity(node: No
         out, _ = stream.communicate(timeout=30)
         assert "failed=0" not in out, out
         assert not a.tcp(b.ip, 8080)
+    finally:
+        plane.teardown()
+
+
+@pytest.fixture
+def bridged_node() -> Iterator[Node]:
+    """Pods as ports of one bridge (flannel / bridge plugin style) instead of routed /32s."""
+    lab = Node()
+    sh("ip", "netns", "add", lab.netns)
+    try:
+        lab.run("ip", "link", "set", "lo", "up")
+        lab.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        lab.run("ip", "link", "add", "pfbbr0", "type", "bridge")
+        lab.run("ip", "addr", "add", "10.3.0.1/24", "dev", "pfbbr0")
+        lab.run("ip", "link", "set", "pfbbr0", "up")
+        for index in (1, 2, 3):
+            pod = Pod(
+                index, f"{lab.prefix}-p{index}", f"pfbv{index}", f"10.3.0.{index + 1}", f"fd00:3::{index + 1}"
+            )
+            sh("ip", "netns", "add", pod.netns)
+            lab.run(
+                "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
+            )
+            lab.run("ip", "link", "set", pod.host_if, "master", "pfbbr0")
+            lab.run("ip", "link", "set", pod.host_if, "up")
+            pod.run("ip", "link", "set", "lo", "up")
+            pod.run("ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            pod.run("ip", "link", "set", "eth0", "up")
+            pod.run("ip", "route", "add", "default", "via", "10.3.0.1")
+            pod.ifindex = int(lab.run("ip", "-o", "link", "show", "dev", pod.host_if).stdout.split(":", 1)[0])
+            lab.pods.append(pod)
+            lab.serve(pod, *SERVED_PORTS)
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def test_bridged_pods_are_judged_through_br_netfilter(bridged_node: Node) -> None:
+    node = bridged_node
+    a, b, c = node.pods
+    assert a.tcp(c.ip, 8080)  # bridged, unfiltered
+    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane.start()
+    try:
+        plane.apply(
+            NodeState(
+                version=1,
+                endpoints={
+                    e.key: e
+                    for e in (
+                        Endpoint(
+                            "ns/a",
+                            (ip(a.ip),),
+                            egress=isolated(Allow(IdentityPeer(2), TCP, 8080, 8080)),
+                            ifindex=a.ifindex,
+                        ),
+                        Endpoint("ns/b", (ip(b.ip),), ifindex=b.ifindex),
+                        Endpoint("ns/c", (ip(c.ip),), ifindex=c.ifindex),
+                    )
+                },
+                identities={2: (ip(b.ip),)},
+                node_ips=(ip("10.3.0.1"),),
+                pod_interfaces=frozenset(p.ifindex for p in node.pods),
+            )
+        )
+        enabled = node.run("sysctl", "-n", "net.bridge.bridge-nf-call-iptables").stdout.strip()
+        assert enabled == "1"
+        assert a.tcp(b.ip, 8080)
+        assert not a.tcp(b.ip, 9090) and not a.tcp(c.ip, 8080)  # same L2 segment, still judged
+        assert c.tcp(b.ip, 9090)
     finally:
         plane.teardown()
