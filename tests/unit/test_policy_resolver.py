@@ -353,6 +353,24 @@ def test_identity_leaving_one_selector_stays_allowed_through_another() -> None:
     assert fresh.node_policy("n1") == after
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(range(8)))
+def test_state_list_in_any_order_compiles_the_same(order: list[int]) -> None:
+    """Felix-style replay: the same objects, upserted in any order, give the same node state."""
+    objects = [
+        *BASE,
+        policy("x", "p1", sel(app="a"), IN, ingress=Rule(peers=(Peer(namespace_selector=sel(team="red")),))),
+        policy("x", "p2", LabelSelector(), EG, egress=Rule(ports=(PortSpec(TCP, "http"),))),
+        policy(
+            "y", "p3", LabelSelector(), IN | EG, ingress=Rule(peers=(Peer(pod_selector=LabelSelector()),))
+        ),
+    ]
+    expected = compile_objects(*objects, node="n1"), compile_objects(*objects, node="n2")
+    shuffled = [objects[i] for i in order]
+    assert (compile_objects(*shuffled, node="n1"), compile_objects(*shuffled, node="n2")) == expected
+    assert expected[0].endpoints["x/a"].ingress.identities == {ident("y", app="b")}
+
+
 # ---- property tests --------------------------------------------------------------------------
 
 NAMESPACES = ("n1", "n2", "n3")
