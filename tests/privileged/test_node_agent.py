@@ -288,7 +288,11 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
 
         # A pod interface appears before the API server tells anyone about the pod.
         newcomer = lab.add_pod_interface("newcomer", "10.244.0.12", {"app": "newcomer"})
-        time.sleep(0.3)
+        wait_for(
+            lambda: "podfence_pod_interfaces 3.0" in lab.fetch(f"{metrics}/metrics")[1],
+            10,
+            "the agent to guard the new interface",
+        )
         assert not lab.connects("newcomer", "client"), "an unknown pod interface must be dropped"
         assert lab.connects("client", "server")
 
