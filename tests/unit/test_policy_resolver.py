@@ -114,8 +114,9 @@ def test_identity_id_is_stable_nonzero_and_order_independent() -> None:
     assert first == identity_id("x", labels_from_dict({"b": "2", "a": "1"}))
     assert first != identity_id("y", (("a", "1"), ("b", "2")))
     assert first != 0
-    # Pinned: a replica built elsewhere must derive the same number.
-    assert identity_id("x", ()) == identity_id("x", ())
+    # Pinned: every replica and agent version must derive the same number (no hash() salt).
+    assert identity_id("x", ()) == 878998481475687746
+    assert identity_id("shop", (("app", "web"),)) == 17340157442421852903
     assert isinstance(first, int) and 0 < first < 2**64
 
 
