@@ -6,7 +6,8 @@ connection state are the dataplane's business.
 
 A connection from `src` to `dst` is allowed iff egress allows it on the source pod AND ingress
 allows it on the destination pod. A bare IP (or a hostNetwork pod, which is seen only by its IPs)
-has no policy of its own, so that side's direction is not isolated.
+has no policy of its own, so that side's direction is not isolated. An ipBlock matches a pod if
+it contains any of the pod's IPs; to judge one address of a dual-stack pod, pass that IP.
 """
 
 from __future__ import annotations
