@@ -33,6 +33,7 @@ struct pf_packet {
 	__u16 flags;
 	__u32 frag_id;
 	__u8 tcp_flags;  /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
+	__u8 hop_limit;  /* IPv6 only */
 	/* embedded tuple of an ICMP error (the packet that caused it) */
 	struct pf_addr inner_saddr;
 	struct pf_addr inner_daddr;
@@ -233,6 +234,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 			return -1;
 		}
 		pkt->family = 6;
+		pkt->hop_limit = ip6.hop_limit;
 		__builtin_memcpy(&pkt->saddr, &ip6.saddr, 16);
 		__builtin_memcpy(&pkt->daddr, &ip6.daddr, 16);
 		pkt->protocol = ip6.nexthdr;
@@ -262,9 +264,12 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 		if (pf_parse_icmp_inner(skb, l4 + 8, pkt) < 0)
 			pkt->flags |= PF_PKT_MALFORMED;
 	}
-	/* router/neighbour solicitation+advertisement, redirect, MLD: needed for IPv6 to work */
+	/* Router/neighbour solicitation+advertisement and redirect (hop limit 255), MLD (hop limit 1):
+	 * needed for IPv6 to work, and with those hop limits provably from the same link (RFC 4861,
+	 * 3810), so a routed packet cannot pass as link plumbing. */
 	if (pkt->protocol == PF_IPPROTO_ICMPV6 &&
-	    ((icmp_type >= 130 && icmp_type <= 137) || icmp_type == 143))
+	    ((icmp_type >= 133 && icmp_type <= 137 && pkt->hop_limit == 255) ||
+	     ((icmp_type >= 130 && icmp_type <= 132) || icmp_type == 143) && pkt->hop_limit == 1))
 		pkt->flags |= PF_PKT_NDP;
 	if (pkt->protocol == PF_IPPROTO_ICMPV6 && icmp_type == 136) {
 		/* the advertised target decides whose address the host's neighbour cache learns */

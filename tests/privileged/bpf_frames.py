@@ -63,13 +63,13 @@ def ipv4(
     return header + options + payload
 
 
-def ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
+def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 64) -> bytes:
     header = struct.pack(
         "!IHBB16s16s",
         6 << 28,
         len(payload),
         next_header,
-        64,
+        hop_limit,
         ipaddress.IPv6Address(src).packed,
         ipaddress.IPv6Address(dst).packed,
     )

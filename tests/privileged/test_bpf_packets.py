@@ -220,6 +220,19 @@ ROWS = [
         ),
     ),
     Row(
+        "neighbour discovery passes an isolated pod only from its own link",
+        iso(),
+        None,
+        allowed=(
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6("fe80::1", POD6, f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255))),
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.ICMP6, f.l4(f.ICMP6, icmp_type=136), 255))),
+        ),
+        dropped=(  # routed (hop limit decremented): not link plumbing, so judged like any ICMPv6
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 63))),
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.ICMP6, f.l4(f.ICMP6, icmp_type=130), 64))),
+        ),
+    ),
+    Row(
         "node addresses always reach the pod",
         iso(),
         None,
