@@ -417,3 +417,73 @@ def test_agent_kill_and_restart_keeps_enforcing(lab: NodeLab):
     assert "podfence_apply_errors_total 0.0" in body
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("lab", ["routed"], indirect=True)
+def test_agent_over_mutual_tls_only_as_its_own_node(lab: NodeLab, tmp_path: Path):
+    if not shutil.which("iptables-restore"):
+        pytest.skip("iptables-restore not installed")
+    from tests.unit.control_helpers import TestCA
+
+    ca = TestCA()
+    files = {"ca.pem": ca.pem}
+    server = ca.issue("podfence-control", server=True)
+    files |= {"server.pem": server.cert, "server-key.pem": server.key}
+    for node in ("n1", "n2"):
+        issued = ca.issue(node)
+        files |= {f"{node}.pem": issued.cert, f"{node}-key.pem": issued.key}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pod = lab.add_pod_interface("server", "10.244.0.30", {"app": "server"})
+    lab.publish_pod(pod)
+    grpc_port = free_port()
+    lab.spawn(
+        "control",
+        "control",
+        "--source",
+        str(lab.source),
+        "--listen",
+        f"127.0.0.1:{grpc_port}",
+        "--tls-cert",
+        str(tmp_path / "server.pem"),
+        "--tls-key",
+        str(tmp_path / "server-key.pem"),
+        "--tls-ca",
+        str(tmp_path / "ca.pem"),
+    )
+
+    def agent(name: str, certificate_of: str) -> tuple[subprocess.Popen[bytes], str]:
+        metrics_port = free_port()
+        process = lab.spawn(
+            name,
+            "agent",
+            "--node",
+            "n1",
+            "--control",
+            f"127.0.0.1:{grpc_port}",
+            "--dataplane",
+            "iptables",
+            "--tls-cert",
+            str(tmp_path / f"{certificate_of}.pem"),
+            "--tls-key",
+            str(tmp_path / f"{certificate_of}-key.pem"),
+            "--tls-ca",
+            str(tmp_path / "ca.pem"),
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+        )
+        return process, f"http://127.0.0.1:{metrics_port}"
+
+    impostor, impostor_url = agent("agent-impostor", "n2")
+    time.sleep(3)
+    assert impostor.poll() is None
+    assert lab.fetch(f"{impostor_url}/readyz")[0] == 503, "a node-n2 certificate must not get n1's policy"
+    impostor.send_signal(signal.SIGTERM)
+    assert impostor.wait(timeout=20) == 0
+    assert "PERMISSION_DENIED" in lab.log_text("agent-impostor")
+
+    genuine, genuine_url = agent("agent-n1", "n1")
+    wait_for(lambda: lab.fetch(f"{genuine_url}/readyz")[0] == 200, 30, "n1's agent over mTLS")
+    assert "podfence_managed_endpoints 1.0" in lab.fetch(f"{genuine_url}/metrics")[1]
+    genuine.send_signal(signal.SIGTERM)
+    assert genuine.wait(timeout=20) == 0
