@@ -538,3 +538,19 @@ def test_a_pod_with_cap_net_admin_cannot_lift_its_filters(node: Node, dataplane:
     assert not node.probe(p1, "tcp", p2.ip, 8080)
     assert not node.probe(p1, "tcp", p2.ip, 8080, "--bind", "10.1.0.99")
     assert node.probe(p1, "tcp", p2.ip, 80)
+
+
+def test_counters_survive_a_policy_change(node: Node, dataplane: DataplaneWorker) -> None:
+    p1, p2, _ = node.pods
+    dataplane.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))}))
+    assert node.probe(p1, "tcp", p2.ip, 80) and not node.probe(p1, "tcp", p2.ip, 8080)
+    before = {(c.key, c.direction): c for c in dataplane.call("counters")}["default/pod2", "ingress"]
+    assert before.allowed_packets > 0 and before.denied_packets > 0 and before.denied_bytes > 0
+    # A new policy is a new chain: what the replaced chain counted must not vanish from the totals.
+    dataplane.call("apply", node_state(node, version=2, ingress={2: isolated(from_pod(p1, TCP, 81, 81))}))
+    after = {(c.key, c.direction): c for c in dataplane.call("counters")}["default/pod2", "ingress"]
+    assert after.allowed_packets >= before.allowed_packets
+    assert after.denied_packets >= before.denied_packets
+    assert not node.probe(p1, "tcp", p2.ip, 80)
+    latest = {(c.key, c.direction): c for c in dataplane.call("counters")}["default/pod2", "ingress"]
+    assert latest.denied_packets > after.denied_packets
