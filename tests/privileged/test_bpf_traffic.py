@@ -540,3 +540,25 @@ def test_bridged_pods_are_judged_through_br_netfilter(bridged_node: Node) -> Non
         assert c.tcp(b.ip, 9090)
     finally:
         plane.teardown()
+
+
+def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
+    a, b, c = node.pods
+    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane.start()
+    plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
+    # another tool's filter on the same clsact, and its own iptables rule
+    foreign_filter = "prio 7 u32 match u32 0 0 flowid :1"  # no tc action modules on this kernel
+    node.run("tc", "filter", "add", "dev", a.host_if, "ingress", *foreign_filter.split())
+    node.run("iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")
+    ours = node.run("tc", "filter", "show", "dev", a.host_if, "ingress").stdout
+    assert "podfence_from_pod" in ours and "u32" in ours
+    assert not a.tcp(b.ip, 8080)
+    plane.teardown()
+    left = node.run("tc", "filter", "show", "dev", a.host_if, "ingress").stdout
+    assert "podfence" not in left and "u32" in left
+    assert "podfence_to_pod" not in node.run("tc", "filter", "show", "dev", a.host_if, "egress").stdout
+    rules = node.run("iptables", "-S").stdout
+    assert "PODFENCE" not in rules and "--dport 9 -j ACCEPT" in rules
+    assert not os.path.exists(node.pin_dir) and not os.path.exists(node.state_file)
+    assert a.tcp(b.ip, 8080)  # nothing of podfence enforces any more
