@@ -256,6 +256,7 @@ class Resolver:
         self._memo: dict[tuple[object, ...], tuple[DirectionAllows, frozenset[int]]] = {}
         self._memo_keys_by_policy: dict[str, set[tuple[object, ...]]] = defaultdict(set)
         self._node_identity_table: dict[str, dict[int, tuple[IPAddress, ...]]] = defaultdict(dict)
+        self._node_identities_snapshot: dict[str, dict[int, tuple[IPAddress, ...]]] = {}
         self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
 
     # ---- public API -------------------------------------------------------------------------
@@ -315,6 +316,7 @@ class Resolver:
         endpoint_identities = self._endpoint_identities[node]
         refs = self._node_identity_refs[node]
         table = self._node_identity_table[node]
+        changed_ips = False
         for key in self._dirty_endpoints.pop(node, set()):
             endpoints.pop(key, None)
             old_identities = endpoint_identities.pop(key, frozenset())
@@ -327,17 +329,22 @@ class Resolver:
                 refs[identity] -= 1
                 if not refs[identity]:
                     del refs[identity], table[identity]
+                    changed_ips = True
             for identity in new_identities - old_identities:
                 refs[identity] += 1
                 if refs[identity] == 1:
                     table[identity] = self._identity_ips(identity)
+                    changed_ips = True
         for identity in self._stale_identities.pop(node, set()):
             if identity in table:
                 table[identity] = self._identity_ips(identity)
-        policy = NodePolicy(
-            endpoints=dict(endpoints),
-            identities=dict(table),
-        )
+                changed_ips = True
+        # The identity table is the big part (every identity the node's allow lists name); copy it
+        # only when it changed, otherwise the new snapshot shares the previous, equal one.
+        previous = self._node_identities_snapshot.get(node)
+        if previous is None or changed_ips:
+            previous = self._node_identities_snapshot[node] = dict(table)
+        policy = NodePolicy(endpoints=dict(endpoints), identities=previous)
         self._node_cache[node] = policy
         return policy
 
