@@ -458,16 +458,29 @@ def _ip_sort_key(ip: IPAddress) -> tuple[int, int]:
     return (ip.version, int(ip))
 
 
+# What a notification is about, for the reconcile loop to decide how much to look at again.
+LINK, ADDRESS, ROUTE, NEIGHBOUR = "link", "address", "route", "neighbour"
+EVERYTHING = frozenset({LINK, ADDRESS, ROUTE, NEIGHBOUR})
+_KIND_OF_EVENT = {"LINK": LINK, "ADDR": ADDRESS, "ROUTE": ROUTE, "NEIGH": NEIGHBOUR}
+
+
+def _kind_of(event: str) -> str:
+    """RTM_NEWNEIGH -> "neighbour"; anything unexpected counts as a link change (look at all)."""
+    suffix = event.removeprefix("RTM_").removeprefix("NEW").removeprefix("DEL")
+    return _KIND_OF_EVENT.get(suffix, LINK)
+
+
 class NetlinkMonitor:
-    """Calls `on_change` whenever links, addresses, routes, neighbours or FDB entries change.
+    """Calls `on_change(kinds)` whenever links, addresses, routes, neighbours or FDB entries change;
+    `kinds` says which of LINK, ADDRESS, ROUTE, NEIGHBOUR (FDB entries are neighbours) changed.
 
     Notifications arriving together are coalesced: `on_change` only means "look again". The
     netlink socket is opened by `run`, on the thread that reads it (pyroute2's synchronous API
-    keeps its sockets per thread); `run` calls `on_change` once after subscribing, covering
-    anything that happened before.
+    keeps its sockets per thread); `run` calls `on_change(EVERYTHING)` once after subscribing,
+    covering anything that happened before, and again whenever the kernel dropped notifications.
     """
 
-    def __init__(self, on_change: Callable[[], None], *, netns: str | None = None) -> None:
+    def __init__(self, on_change: Callable[[frozenset[str]], None], *, netns: str | None = None) -> None:
         self._on_change = on_change
         self._netns = netns
         self.subscribed = threading.Event()
@@ -478,24 +491,27 @@ class NetlinkMonitor:
         try:
             ipr.bind(groups=_MONITOR_GROUPS)
             self.subscribed.set()
-            self._on_change()
+            self._on_change(EVERYTHING)
             while not stop.is_set():
                 readable, _, _ = select.select([ipr], [], [], poll_s)
                 if not readable:
                     continue
                 try:
-                    _drain(ipr)
+                    kinds = _drain(ipr)
                 except (NetlinkError, OSError) as exc:
                     # ENOBUFS: the kernel dropped notifications; a full rescan covers what we missed.
                     log.warning("netlink monitor lost notifications (%s); rescanning", exc)
-                self._on_change()
+                    kinds = EVERYTHING
+                if kinds:
+                    self._on_change(kinds)
         finally:
             ipr.close()
 
 
-def _drain(ipr: IPRoute) -> None:
+def _drain(ipr: IPRoute) -> frozenset[str]:
+    kinds: set[str] = set()
     while True:
-        ipr.get()
+        kinds.update(_kind_of(str(msg.get("event", ""))) for msg in ipr.get())
         readable, _, _ = select.select([ipr], [], [], 0)
         if not readable:
-            return
+            return frozenset(kinds)

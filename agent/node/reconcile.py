@@ -16,13 +16,13 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from agent.dataplane.base import Dataplane, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import DiscoveryError, HostView, Link
+from agent.node.interfaces import EVERYTHING, NEIGHBOUR, DiscoveryError, HostView, Link
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class Reconciler:
         self._errors_total = 0
         self._adopted = False
         self._changed = threading.Event()
+        self._pending_lock = threading.Lock()
+        self._pending_kinds: set[str] = set()
         self._changed_at = 0.0
         self.programming_seconds = LatencyHistogram()
         self.interface_seconds = LatencyHistogram()
@@ -133,7 +135,7 @@ class Reconciler:
                 self._record_error(exc)
                 if self._clock() + delay - started > self._retry.budget_s:
                     # The background loop keeps trying the stored desired state.
-                    self._changed.set()
+                    self.interfaces_changed()
                     raise
                 log.warning("programming version %d failed, retrying in %.2fs: %s", state.version, delay, exc)
                 self._sleep(delay)
@@ -144,11 +146,13 @@ class Reconciler:
                 raise
         self.programming_seconds.observe(self._clock() - started)
 
-    def interfaces_changed(self) -> None:
+    def interfaces_changed(self, kinds: Iterable[str] = EVERYTHING) -> None:
         """NetlinkMonitor callback: look at the interfaces again soon."""
-        if not self._changed.is_set():
-            self._changed_at = self._clock()
-        self._changed.set()
+        with self._pending_lock:
+            self._pending_kinds |= set(kinds)
+            if not self._changed.is_set():
+                self._changed_at = self._clock()
+            self._changed.set()
 
     def mark_adopted(self) -> None:
         """The dataplane found and kept kernel state from a previous run (readiness)."""
@@ -166,8 +170,14 @@ class Reconciler:
                 return
             if triggered and debounce_s > 0:
                 stop.wait(debounce_s)  # let a burst of notifications (veth pair + addresses) settle
-            changed_at = self._changed_at
-            self._changed.clear()
+            with self._pending_lock:
+                changed_at, kinds = self._changed_at, self._pending_kinds
+                self._pending_kinds = set()
+                self._changed.clear()
+            if triggered and kinds <= {NEIGHBOUR} and self._all_located():
+                # Neighbour and FDB churn (ARP refreshes, ageing) cannot improve on locations
+                # that are all known, and locations stick; on a busy node this is most events.
+                continue
             try:
                 self.reconcile_once(changed_at if triggered else None)
             except (TemporaryDataplaneError, DiscoveryError) as exc:
@@ -204,6 +214,15 @@ class Reconciler:
         if changed and not guarded and changed_at is not None:
             self.interface_seconds.observe(self._clock() - changed_at)
         return guarded or changed
+
+    def _all_located(self) -> bool:
+        programmed = self._programmed
+        return (
+            programmed is not None
+            and self._desired is not None
+            and programmed.version == self._desired.version
+            and all(ep.ifindex is not None for ep in programmed.endpoints.values())
+        )
 
     def _guard_new_interfaces_locked(self) -> bool:
         programmed, view = self._programmed, self._last_view

@@ -200,7 +200,7 @@ def test_bridged_pods_found_through_neighbours_and_fdb(lab):
 def test_monitor_reports_a_new_pod_interface_quickly(lab):
     routed_uplink(lab)
     changed = threading.Event()
-    monitor = NetlinkMonitor(changed.set, netns=lab.node)
+    monitor = NetlinkMonitor(lambda kinds: changed.set(), netns=lab.node)
     discovery = InterfaceDiscovery(netns=lab.node)
     stop = threading.Event()
     thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)

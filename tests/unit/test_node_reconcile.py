@@ -284,3 +284,31 @@ def _wait_for(condition, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
+
+
+def test_neighbour_churn_is_ignored_once_every_endpoint_is_located(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({7})
+    discovery.routes = {POD_A: 7}
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.apply(_desired(1, ("ns/a", POD_A)))
+    stop = threading.Event()
+    loop = threading.Thread(target=reconciler.run, args=(stop,), kwargs={"debounce_s": 0}, daemon=True)
+    loop.start()
+    try:
+        scans = discovery.scans
+        reconciler.interfaces_changed({"neighbour"})
+        time.sleep(0.1)
+        assert discovery.scans == scans  # nothing to locate: no scan at all
+
+        reconciler.apply(_desired(2, ("ns/a", POD_A), ("ns/b", POD_B)))  # ns/b not found yet
+        scans = discovery.scans
+        discovery.routes = {POD_A: 7, POD_B: 8}
+        discovery.pod_interfaces = frozenset({7, 8})
+        reconciler.interfaces_changed({"neighbour"})
+        _wait_for(lambda: dataplane.applied[-1].endpoints["ns/b"].ifindex == 8)
+        assert discovery.scans > scans
+    finally:
+        stop.set()
+        reconciler.interfaces_changed()
+        loop.join(timeout=5)
