@@ -477,6 +477,8 @@ class BpfDataplane:
                 "ipcache": (len(live.ipcache), knobs.ipcache_max),
                 "cidr": (len(live.cidr), knobs.cidr_max),
                 "endpoints": (len(live.endpoints), knobs.endpoints_max),
+                "endpoint_ips": (len(live.endpoint_ips), knobs.endpoints_max * 4),
+                "node_ips": (len(live.node_ips), knobs.node_ips_max),
             }
         # conntrack is written by the datapath only: count what the kernel holds
         usage["ct"] = (sum(1 for _ in self._module[b"pf_ct"]), knobs.ct_max)
