@@ -158,7 +158,10 @@ class BpfDataplane:
         """Compile, adopt pinned maps, swap the programs in place; enforcement never stops."""
         self._module = loader.compile_module(self.knobs)
         self._programs = loader.load_programs(self._module)
-        self._adopt()
+        try:
+            self._adopt()
+        except Exception as error:  # a pinned map of another layout, unreadable maps
+            raise PermanentDataplaneError(f"cannot adopt the pinned maps in {self.pin_dir}: {error}") from error
         self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
         self._install_nf_program()
         with attach.netlink(self.netns) as sock:
