@@ -161,7 +161,8 @@ class BpfDataplane:
         try:
             self._adopt()
         except Exception as error:  # a pinned map of another layout, unreadable maps
-            raise PermanentDataplaneError(f"cannot adopt the pinned maps in {self.pin_dir}: {error}") from error
+            message = f"cannot adopt the pinned maps in {self.pin_dir}: {error}"
+            raise PermanentDataplaneError(message) from error
         self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
         self._install_nf_program()
         with attach.netlink(self.netns) as sock:
