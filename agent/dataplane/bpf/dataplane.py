@@ -460,10 +460,13 @@ class BpfDataplane:
         if self._module is None:
             return {}
         table = self._module[b"pf_drop_reasons"]
-        return {
-            Reason(index).name.lower(): int(sum(table.getvalue(table.Key(index))))
-            for index in range(1, REASON_MAX)
-        }
+        counts = {}
+        for index in range(1, REASON_MAX):
+            try:
+                counts[Reason(index).name.lower()] = int(sum(table.getvalue(table.Key(index))))
+            except Exception:  # a map pinned by an older version with fewer reasons
+                counts[Reason(index).name.lower()] = 0
+        return counts
 
     def events_lost(self) -> int:
         if self._module is None:
