@@ -3,6 +3,21 @@
 One custom collector reads the dataplane's counters and maps, the reconcile loop's status and
 the sync client's connection state each time Prometheus scrapes; nothing is copied in between.
 
+Metrics (all read at scrape time):
+  podfence_endpoint_packets_total{endpoint,direction,verdict}  packets judged per pod
+  podfence_endpoint_bytes_total{endpoint,direction,verdict}    bytes judged per pod
+  podfence_drops_total{reason}                  drops per reason (bpf drop-reason list)
+  podfence_policy_programming_seconds           histogram: version received -> kernel enforces it
+  podfence_interface_programming_seconds        histogram: netlink change -> kernel enforces it
+  podfence_applied_version                      last version enforced (-1: none yet)
+  podfence_sync_connected                       1 while the stream to the control service is up
+  podfence_managed_endpoints                    pods of this node with policy
+  podfence_located_endpoints                    ... whose host interface was found
+  podfence_pod_interfaces                       host-side pod interfaces guarded
+  podfence_map_entries{map}, podfence_map_capacity{map}   map usage against capacity
+  podfence_events_lost_total                    deny events the ring buffer dropped
+  podfence_apply_errors_total                   failed programming attempts (retries included)
+
 Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
 times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
 the fixed set of dataplane maps (or ipsets).
