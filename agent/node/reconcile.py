@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from agent.dataplane.base import Dataplane, TemporaryDataplaneError
+from agent.dataplane.base import Dataplane, DataplaneError, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
 from agent.node.interfaces import EVERYTHING, NEIGHBOUR, DiscoveryError, HostView, Link
 
@@ -142,7 +142,13 @@ class Reconciler:
                 delay = min(delay * 2, self._retry.max_s)
             except Exception as exc:
                 self._record_error(exc)
-                log.error("programming version %d failed permanently: %s", state.version, exc)
+                # A DataplaneError explains itself; anything else is a bug worth its traceback.
+                log.error(
+                    "programming version %d failed permanently: %s",
+                    state.version,
+                    exc,
+                    exc_info=not isinstance(exc, DataplaneError),
+                )
                 raise
         self.programming_seconds.observe(self._clock() - started)
 
@@ -188,7 +194,11 @@ class Reconciler:
                 continue
             except Exception as exc:
                 # Retrying the same state cannot help; the next change (or resync) tries again.
-                log.error("re-applying after an interface change failed: %s", exc)
+                log.error(
+                    "re-applying after an interface change failed: %s",
+                    exc,
+                    exc_info=not isinstance(exc, DataplaneError),
+                )
                 continue
             delay = self._retry.initial_s
 
