@@ -218,3 +218,13 @@ def test_transition_entries_cover_old_and_new_policies_against_old_and_new_class
 
 def test_allocation_default_is_empty() -> None:
     assert Allocation().next_id == 1
+
+
+def test_dual_stack_cidr_peers_compile_and_stay_per_family() -> None:
+    v4 = CidrPeer(net("10.0.0.0/8"), (net("10.1.0.0/16"),))
+    v6 = CidrPeer(net("fd00::/48"), (net("fd00:0:0:1::/64"),))
+    state = NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, egress=iso(Allow(v4), Allow(v6)))})
+    desired = compile_node_state(state)
+    assert desired.cidr[network_prefix(net("10.1.0.0/16"))] == 0
+    assert desired.cidr[network_prefix(net("fd00:0:0:1::/64"))] == 0
+    assert desired.cidr[network_prefix(net("10.0.0.0/8"))] != desired.cidr[network_prefix(net("fd00::/48"))]

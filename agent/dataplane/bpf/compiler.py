@@ -109,6 +109,11 @@ def _rule(allow: Allow) -> Rule:
     return (allow.protocol, allow.port_first, allow.port_last, allow.peer)
 
 
+def peer_sort_key(peer: CidrPeer) -> tuple[int, str]:
+    """A total order over peers of both families (IPv4Network and IPv6Network do not compare)."""
+    return (peer.cidr.version, str(peer))
+
+
 def _same_family(a: IPNetwork, b: IPNetwork) -> bool:
     return a.version == b.version
 
@@ -120,7 +125,7 @@ def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[Cidr
     (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
     over P's addresses.
     """
-    peer_list = sorted(set(peers))
+    peer_list = sorted(set(peers), key=peer_sort_key)
     prefixes: set[IPNetwork] = set()
     for peer in peer_list:
         prefixes.add(peer.cidr)

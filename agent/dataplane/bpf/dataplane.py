@@ -45,6 +45,7 @@ from agent.dataplane.bpf.compiler import (
     EndpointEntry,
     PolicyEntry,
     compile_node_state,
+    peer_sort_key,
     transition_policy_entries,
 )
 from agent.dataplane.bpf.structs import (
@@ -595,7 +596,8 @@ def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
         ],
         "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
         "cidr_classes": [
-            [cid, [_peer_to_json(p) for p in sorted(peers)]] for peers, cid in allocation.cidr_classes.items()
+            [cid, [_peer_to_json(p) for p in sorted(peers, key=peer_sort_key)]]
+            for peers, cid in allocation.cidr_classes.items()
         ],
         "endpoint_slots": allocation.endpoint_slots,
         "next_id": allocation.next_id,
