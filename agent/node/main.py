@@ -133,19 +133,25 @@ def bpffs_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | 
         lines = Path(mountinfo).read_text().splitlines()
     except OSError:
         return None
-    # The longest mount point containing `path` is where it lives (mounts listed later win ties).
-    covering: tuple[str, str] | None = None
+    # Mounts in order; a mount hides every earlier one at or below its mount point (as
+    # `ip netns exec` remounting /sys hides /sys/fs/bpf). The longest visible one containing
+    # `path` is where it lives.
+    visible: dict[str, str] = {}
     for line in lines:
         fields = line.split()
         # id parent major:minor root mount-point options [optional...] - fstype source options
         if "-" not in fields:
             continue
         mount_point = fields[4].replace("\\040", " ")
-        fstype = fields[fields.index("-") + 1]
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and (covering is None or len(mount_point) >= len(covering[0])):
-            covering = (mount_point, fstype)
-    return covering[0] if covering is not None and covering[1] == "bpf" else None
+        for hidden in [m for m in visible if _under(m, mount_point)]:
+            del visible[hidden]
+        visible[mount_point] = fields[fields.index("-") + 1]
+    covering = max((m for m in visible if _under(target, m)), key=len, default=None)
+    return covering if covering is not None and visible[covering] == "bpf" else None
+
+
+def _under(path: str, mount_point: str) -> bool:
+    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
 
 
 def build_dataplane(args: argparse.Namespace) -> Dataplane:

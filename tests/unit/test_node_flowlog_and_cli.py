@@ -11,6 +11,7 @@ import pytest
 from agent.cli import main
 from agent.logs import JsonFormatter
 from agent.node.flowlog import FlowLogger, TokenBucket
+from agent.node.main import bpffs_mount_of
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,23 @@ def test_unreadable_tls_material_exits_2(tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "cannot read TLS material" in capsys.readouterr().err
+
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+23 22 0:22 / /sys rw,nosuid shared:2 - sysfs sysfs rw
+24 23 0:23 / /sys/fs/bpf rw,nosuid shared:3 - bpf bpf rw,mode=700
+25 23 0:24 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw
+"""
+
+
+def test_bpffs_mount_found_for_paths_under_it_only(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+    assert bpffs_mount_of("/sys/fs/bpf/podfence", str(mountinfo)) == "/sys/fs/bpf"
+    assert bpffs_mount_of("/sys/fs/bpf", str(mountinfo)) == "/sys/fs/bpf"
+    assert bpffs_mount_of("/sys/fs/bpfx/podfence", str(mountinfo)) is None
+    assert bpffs_mount_of("/sys/fs/cgroup/x", str(mountinfo)) is None
+    # `ip netns exec` remounts /sys: a later sysfs mount hides the bpffs under it.
+    mountinfo.write_text(MOUNTINFO + "30 22 0:40 / /sys rw - sysfs sysfs rw\n")
+    assert bpffs_mount_of("/sys/fs/bpf/podfence", str(mountinfo)) is None
