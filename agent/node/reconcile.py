@@ -107,6 +107,7 @@ class Reconciler:
         self._programmed: NodeState | None = None
         self._programmed_wiring: dict[int, tuple[str, int | None]] = {}
         self._last_view: HostView | None = None
+        self._refused_version: int | None = None  # the dataplane refused it for good (permanent error)
         self._applied_version: int | None = None
         self._last_error: str | None = None
         self._errors_total = 0
@@ -180,9 +181,10 @@ class Reconciler:
                 changed_at, kinds = self._changed_at, self._pending_kinds
                 self._pending_kinds = set()
                 self._changed.clear()
-            if triggered and kinds <= {NEIGHBOUR} and self._all_located():
+            if triggered and kinds <= {NEIGHBOUR} and (self._all_located() or self._refused_desired()):
                 # Neighbour and FDB churn (ARP refreshes, ageing) cannot improve on locations
                 # that are all known, and locations stick; on a busy node this is most events.
+                # Nor can it make a state the dataplane refused (a full map) acceptable.
                 continue
             try:
                 self.reconcile_once(changed_at if triggered else None)
@@ -224,6 +226,10 @@ class Reconciler:
         if changed and not guarded and changed_at is not None:
             self.interface_seconds.observe(self._clock() - changed_at)
         return guarded or changed
+
+    def _refused_desired(self) -> bool:
+        desired = self._desired
+        return desired is not None and self._refused_version == desired.version
 
     def _all_located(self) -> bool:
         programmed = self._programmed
@@ -284,6 +290,7 @@ class Reconciler:
         self._programmed = complete
         self._applied_version = desired.version
         self._last_error = None
+        self._refused_version = None
         return True
 
     def _complete(self, desired: NodeState, view: HostView) -> NodeState:
@@ -333,6 +340,8 @@ class Reconciler:
         return None
 
     def _record_error(self, exc: BaseException) -> None:
+        if not isinstance(exc, TemporaryDataplaneError | DiscoveryError) and self._desired is not None:
+            self._refused_version = self._desired.version
         self._errors_total += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
 

@@ -312,3 +312,28 @@ def test_neighbour_churn_is_ignored_once_every_endpoint_is_located(doubles):
         stop.set()
         reconciler.interfaces_changed()
         loop.join(timeout=5)
+
+
+def test_a_refused_version_is_retried_on_interface_changes_not_on_neighbour_churn(doubles):
+    dataplane, discovery = doubles
+    dataplane.errors = [CapacityError("endpoints map full")]
+    reconciler = Reconciler(dataplane, discovery)
+    with pytest.raises(CapacityError):
+        reconciler.apply(_desired(3, ("ns/a", POD_A)))
+    stop = threading.Event()
+    loop = threading.Thread(target=reconciler.run, args=(stop,), kwargs={"debounce_s": 0}, daemon=True)
+    loop.start()
+    try:
+        scans = discovery.scans
+        reconciler.interfaces_changed({"neighbour"})
+        time.sleep(0.1)
+        assert discovery.scans == scans
+
+        reconciler.interfaces_changed({"link"})  # e.g. a pod went away: the state may fit now
+        _wait_for(lambda: len(dataplane.applied) == 1)
+        assert dataplane.applied[0].version == 3
+        assert reconciler.status().applied_version == 3
+    finally:
+        stop.set()
+        reconciler.interfaces_changed()
+        loop.join(timeout=5)
