@@ -228,3 +228,95 @@ def test_dual_stack_cidr_peers_compile_and_stay_per_family() -> None:
     assert desired.cidr[network_prefix(net("10.1.0.0/16"))] == 0
     assert desired.cidr[network_prefix(net("fd00:0:0:1::/64"))] == 0
     assert desired.cidr[network_prefix(net("10.0.0.0/8"))] != desired.cidr[network_prefix(net("fd00::/48"))]
+
+
+def simulated_datapath_allows(desired, policy_id: int, peer, protocol: int, port: int) -> bool:  # type: ignore[no-untyped-def]
+    """What bpf/lib/policy.h answers for these maps: ipcache + CIDR LPM, then policy LPM."""
+    raw = addr_bytes(peer)
+    value = int.from_bytes(raw, "big")
+    cidr_matches = [
+        (plen, cls)
+        for (plen, prefix), cls in desired.cidr.items()
+        if value >> (128 - plen) == int.from_bytes(prefix, "big") >> (128 - plen)
+    ]
+    cidr_class = max(cidr_matches)[1] if cidr_matches else 0
+    for kind, class_id in ((PeerKind.IDENTITY, desired.ipcache.get(raw, 0)), (PeerKind.CIDR, cidr_class)):
+        if not class_id:
+            continue
+        for plen, pid, cls, entry_kind, entry_protocol, entry_port in desired.policy:
+            if (pid, cls, entry_kind) != (policy_id, class_id, kind):
+                continue
+            if plen == POLICY_PREFIX_ANY_PROTOCOL:
+                return True
+            bits = plen - POLICY_PREFIX_PROTOCOL
+            if entry_protocol == protocol and port >> (16 - bits) == entry_port >> (16 - bits):
+                return True
+    return False
+
+
+def reference_allows(allows, identities, peer, protocol: int, port: int) -> bool:  # type: ignore[no-untyped-def]
+    for allow in allows:
+        if isinstance(allow.peer, IdentityPeer):
+            matched = peer in identities.get(allow.peer.identity, ())
+        else:
+            matched = (
+                peer.version == allow.peer.cidr.version
+                and peer in allow.peer.cidr
+                and not any(peer.version == e.version and peer in e for e in allow.peer.excepts)
+            )
+        if matched and (
+            allow.protocol == 0
+            or (allow.protocol == protocol and allow.port_first <= port <= allow.port_last)
+        ):
+            return True
+    return False
+
+
+def test_compiled_maps_answer_like_the_allow_lists_on_random_states() -> None:
+    rng = random.Random(20261122)
+    pool = [addr(f"10.{a}.{b}.{c}") for a in (0, 1) for b in (0, 5) for c in (1, 9)]
+    pool += [addr(f"fd00:{a}::{c}") for a in (0, 1) for c in (1, 9)]
+    prefixes = [
+        net("10.0.0.0/8"),
+        net("10.1.0.0/16"),
+        net("10.1.5.0/24"),
+        net("10.0.0.9/32"),
+        net("fd00::/16"),
+        net("fd00:1::/32"),
+        net("0.0.0.0/0"),
+    ]
+    outcomes = {True: 0, False: 0}
+    for _ in range(60):
+        identities = {i: tuple(rng.sample(pool, rng.randint(0, 4))) for i in range(1, 5)}
+        allows = []
+        for _ in range(rng.randint(0, 5)):
+            if rng.random() < 0.5:
+                peer = IdentityPeer(rng.randint(1, 5))
+            else:
+                cidr = rng.choice(prefixes)
+                excepts = tuple(
+                    p
+                    for p in prefixes
+                    if p != cidr and p.version == cidr.version and p.subnet_of(cidr) and rng.random() < 0.5
+                )  # type: ignore[arg-type]
+                peer = CidrPeer(cidr, excepts)
+            protocol = rng.choice([0, 6, 17, 132])
+            first = rng.randint(0, 70)
+            allows.append(Allow(peer, protocol, first, rng.randint(first, 80)) if protocol else Allow(peer))
+        state = NodeState(1, {"ns/a": endpoint("ns/a", "10.9.9.9", 5, ingress=iso(*allows))}, identities)
+        desired = compile_node_state(state)
+        policy_id = desired.endpoints[5].ingress_policy_id
+        for _ in range(60):
+            peer = rng.choice(pool)
+            protocol = rng.choice([1, 6, 17, 132])
+            port = 0 if protocol == 1 else rng.randint(0, 90)
+            expected = reference_allows(allows, identities, peer, protocol, port)
+            outcomes[expected] += 1
+            assert simulated_datapath_allows(desired, policy_id, peer, protocol, port) == expected, (
+                allows,
+                identities,
+                peer,
+                protocol,
+                port,
+            )
+    assert outcomes[True] > 100 and outcomes[False] > 100  # both verdicts were exercised
