@@ -18,12 +18,18 @@ from pathlib import Path
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.prober import Endpoint, probe_table
 from agent.lab.scenarios import pods_from_file, upstream_pods
-from agent.lab.topology import RUN_DIR, CniMode, Lab, LabError, LabPod, teardown
+from agent.lab.topology import DEFAULT_LOCK_WAIT_S, RUN_DIR, CniMode, Lab, LabError, LabPod, teardown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lock-wait",
+        type=float,
+        default=DEFAULT_LOCK_WAIT_S,
+        help="seconds to wait while another process uses the lab (default %(default)s)",
+    )
     actions = parser.add_subparsers(dest="lab_action", required=True)
     up = actions.add_parser("up", help="build simulated nodes and pods")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default %(default)s)")
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"podfence lab up: {err}", file=sys.stderr)
                 return EXIT_USAGE  # a bad scenario file is bad input, not a runtime failure
             lab = Lab(node_count=args.nodes, mode=CniMode(args.mode), ipv6=args.ipv6)
-            lab.build(pods)
+            lab.build(pods, lock_wait_seconds=args.lock_wait)
             for pod in lab.pods.values():
                 ports = " ".join(f"{p.port}/{p.protocol.value}" for p in pod.spec.ports)
                 v6 = f" pod6 {pod.ip6} service6 {pod.service_ip6}" if pod.ip6 else ""
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     podfence.start()
                 except LabError:
-                    teardown()
+                    teardown(args.lock_wait)
                     raise
                 print(
                     f"podfence: {args.podfence} agents on every node, folder source {args.source}; "
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             table = probe_table(endpoints, endpoints, args.port, args.protocol, args.timeout)
             print(table.render(f"{args.protocol}/{args.port} to {args.to} (. allowed, X blocked):"))
             return EXIT_OK
-        removed = teardown()
+        removed = teardown(args.lock_wait)
         print(f"lab down: removed {len(removed)} objects")
         return EXIT_OK
     except LabError as err:

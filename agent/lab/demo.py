@@ -34,7 +34,16 @@ from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.dns import service_name
 from agent.lab.prober import Probe, TruthTable, resolve, run_probes
 from agent.lab.scenarios import pods_from_file
-from agent.lab.topology import ROUTED_GATEWAY, CniMode, Lab, LabError, LabPod, run_in_netns, teardown
+from agent.lab.topology import (
+    DEFAULT_LOCK_WAIT_S,
+    ROUTED_GATEWAY,
+    CniMode,
+    Lab,
+    LabError,
+    LabPod,
+    run_in_netns,
+    teardown,
+)
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 PROBE_TIMEOUT = 0.8
@@ -106,7 +115,10 @@ def expected_table(columns: list[Column], policies_applied: bool) -> TruthTable:
 
 
 class Demo:
-    def __init__(self, mode: CniMode, dataplane: str, workdir: Path) -> None:
+    def __init__(
+        self, mode: CniMode, dataplane: str, workdir: Path, lock_wait: float = DEFAULT_LOCK_WAIT_S
+    ) -> None:
+        self.lock_wait = lock_wait
         self.lab = Lab(node_count=2, mode=mode)
         self.workdir = workdir
         self.podfence = PodfenceOnLab(self.lab, dataplane, source_dir=workdir / "source", log_dir=workdir)
@@ -160,7 +172,9 @@ class Demo:
         pods_text = dict(bookinfo_files())["pods.yaml"]
         (self.workdir / "pods.yaml").write_text(pods_text)
         started = time.monotonic()
-        self.lab.build(pods_from_file(self.workdir / "pods.yaml", node_count=2))
+        self.lab.build(
+            pods_from_file(self.workdir / "pods.yaml", node_count=2), lock_wait_seconds=self.lock_wait
+        )
         print(
             f"lab: 2 nodes ({self.lab.mode.value} CNI), {len(self.lab.pods)} pods, "
             f"built in {time.monotonic() - started:.1f} s"
@@ -294,6 +308,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: bpf where its dataplane is available, else iptables (default %(default)s)",
     )
     parser.add_argument("--keep-logs", type=Path, help="copy control/agent logs to this folder")
+    parser.add_argument(
+        "--lock-wait",
+        type=float,
+        default=DEFAULT_LOCK_WAIT_S,
+        help="seconds to wait while another process uses the lab (default %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,9 +328,13 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     started = time.monotonic()
-    teardown()  # leftovers of an earlier, killed run
+    try:
+        teardown(args.lock_wait)  # leftovers of an earlier, killed run
+    except LabError as err:
+        print(f"podfence demo: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     with tempfile.TemporaryDirectory(prefix="podfence-demo-") as workdir:
-        demo = Demo(CniMode(args.mode), choose_dataplane(args.dataplane), Path(workdir))
+        demo = Demo(CniMode(args.mode), choose_dataplane(args.dataplane), Path(workdir), args.lock_wait)
         try:
             return demo.run()
         except LabError as err:
@@ -327,5 +351,5 @@ def run(args: argparse.Namespace) -> int:
                 args.keep_logs.mkdir(parents=True, exist_ok=True)
                 for log_file in Path(workdir).glob("*.log"):
                     (args.keep_logs / log_file.name).write_bytes(log_file.read_bytes())
-            teardown()
+            teardown(args.lock_wait)
             print(f"cleaned up; demo took {time.monotonic() - started:.1f} s")

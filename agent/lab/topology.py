@@ -25,6 +25,7 @@ works from a fresh process after a crash because it finds leftovers by the `pfla
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -54,6 +55,8 @@ RUN_DIR = Path("/run/podfence-lab")
 NETNS_DIR = Path("/run/netns")
 BPF_FS = Path("/sys/fs/bpf")
 FABRIC_NETNS = LAB_PREFIX + "fabric"
+LOCK_PATH = Path("/run/podfence-lab.lock")  # outside RUN_DIR, which teardown empties
+DEFAULT_LOCK_WAIT_S = 10.0
 
 # Lab-only address plan. 10.240.<node>.0/24 pods, 10.241.0.0/16 Services, 10.250.0.0/24 the
 # node fabric, 10.251.<node>.0/30 the management links from the root netns.
@@ -281,9 +284,16 @@ class Lab:
 
     # --- building ---------------------------------------------------------------------------
 
-    def build(self, pod_specs: Iterable[PodSpec]) -> None:
-        """Create nodes, pods, services and servers. On failure, everything is torn down again."""
+    def build(self, pod_specs: Iterable[PodSpec], lock_wait_seconds: float = DEFAULT_LOCK_WAIT_S) -> None:
+        """Create nodes, pods, services and servers. On failure, everything is torn down again.
+
+        The calling process holds the lab lock from here until `teardown()` (or until it exits).
+        """
+        held_before = _held_lock is not None
+        acquire_lab_lock(lock_wait_seconds)
         if any(n.startswith(LAB_PREFIX) for n in netns.listnetns()):
+            if not held_before:
+                release_lab_lock()
             raise LabError("a lab is already up (run `podfence lab down` first)")
         self._plan_nodes()
         pods = self._plan_pods(pod_specs)
@@ -629,6 +639,52 @@ def stop_pid_file(pid_file: Path, grace_seconds: float = 3.0) -> None:
     pid_file.unlink(missing_ok=True)
 
 
+# --- one lab per machine ----------------------------------------------------------------------
+#
+# The lab's names are fixed (pflab-node1, ...), so two processes building labs at once would tear
+# down each other's. A process holds this flock from build() until its teardown(); others wait
+# for it. The kernel drops the lock when the holder dies, so a crash never leaves it held.
+
+_held_lock: int | None = None
+
+
+def _lock_holder() -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f"pid {int(LOCK_PATH.read_text().strip())}"
+    return "another process"
+
+
+def acquire_lab_lock(wait_seconds: float = DEFAULT_LOCK_WAIT_S) -> None:
+    """Hold the machine-wide lab lock (idempotent within a process); LabError if busy too long."""
+    global _held_lock
+    if _held_lock is not None:
+        return
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _lock_holder()
+                os.close(fd)
+                raise LabError(
+                    f"the lab is in use by {holder} (a test run or demo?); try again later"
+                ) from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_lock = fd
+
+
+def release_lab_lock() -> None:
+    global _held_lock
+    if _held_lock is not None:
+        os.close(_held_lock)  # closing the only fd of the open file drops the flock
+        _held_lock = None
+
+
 def _lab_netns_inodes() -> set[int]:
     inodes = set()
     for name in netns.listnetns():
@@ -673,8 +729,19 @@ def stop_processes_in_lab_namespaces(grace_seconds: float = 3.0) -> list[int]:
     return victims
 
 
-def teardown() -> list[str]:
-    """Remove everything any lab made on this machine; returns what was removed. Idempotent."""
+def teardown(lock_wait_seconds: float = DEFAULT_LOCK_WAIT_S) -> list[str]:
+    """Remove everything any lab made on this machine; returns what was removed. Idempotent.
+
+    Waits up to `lock_wait_seconds` for a process that is using the lab right now to finish.
+    """
+    acquire_lab_lock(lock_wait_seconds)
+    try:
+        return _remove_everything()
+    finally:
+        release_lab_lock()
+
+
+def _remove_everything() -> list[str]:
     forget_namespaces()  # this process's cached fds would keep deleted namespaces alive
     removed: list[str] = []
     if RUN_DIR.exists():

@@ -41,6 +41,9 @@ DATAPLANE_CLASSES = {
     "iptables": ("agent.dataplane.iptables", "IptablesDataplane"),
 }
 
+# Another test session may be using the lab; wait for it (within pytest's 300 s per test).
+LAB_LOCK_WAIT_S = 240.0
+
 
 def _missing_dataplane(dataplane: str) -> str | None:
     module_name, class_name = DATAPLANE_CLASSES[dataplane]
@@ -136,12 +139,12 @@ def lab_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     missing = _missing_dataplane(dataplane)
     if missing:
         pytest.skip(missing)
-    teardown()
+    teardown(LAB_LOCK_WAIT_S)
     lab = Lab(node_count=2, mode=mode)
     work = tmp_path_factory.mktemp(f"{dataplane}-{mode.value}")
     podfence = PodfenceOnLab(lab, dataplane, source_dir=work / "source", log_dir=work / "logs")
     try:
-        lab.build(_lab_pods())
+        lab.build(_lab_pods(), lock_wait_seconds=LAB_LOCK_WAIT_S)
         podfence.start()
         # The contract the steps rely on, checked once through the real command line.
         status = podfence.status_via_cli()
@@ -149,7 +152,7 @@ def lab_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield LabRun(lab, podfence)
     finally:
         podfence.stop()
-        teardown()
+        teardown(LAB_LOCK_WAIT_S)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{c.id:02d}" for c in CASES])

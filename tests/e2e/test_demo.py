@@ -23,7 +23,18 @@ def test_demo_passes_quickly_and_cleans_up(dataplane: str, mode: str) -> None:
         pytest.skip(missing)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "demo", "--dataplane", dataplane, "--mode", mode],
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "demo",
+            "--dataplane",
+            dataplane,
+            "--mode",
+            mode,
+            "--lock-wait",
+            "240",
+        ],
         capture_output=True,
         text=True,
         timeout=DEMO_BUDGET_S * 2,
@@ -42,7 +53,7 @@ def test_interrupted_demo_cleans_up() -> None:
     if _missing_dataplane("iptables"):
         pytest.skip(str(_missing_dataplane("iptables")))
     demo = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "demo", "--dataplane", "iptables"],
+        [sys.executable, "-m", "agent.cli", "demo", "--dataplane", "iptables", "--lock-wait", "240"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -16,7 +16,7 @@ from agent.lab.cluster import PodfenceOnLab
 from agent.lab.prober import Endpoint, TruthTable, comparison, probe_table
 from agent.lab.scenarios import upstream_pods
 from agent.lab.topology import CniMode, Lab, teardown
-from tests.e2e.test_conformance import _missing_dataplane
+from tests.e2e.test_conformance import LAB_LOCK_WAIT_S, _missing_dataplane
 
 PODS = [f"{ns}/{pod}" for ns in "xyz" for pod in "abc"]
 
@@ -33,17 +33,17 @@ def podfence(
     missing = _missing_dataplane(dataplane)
     if missing:
         pytest.skip(missing)
-    teardown()
+    teardown(LAB_LOCK_WAIT_S)
     lab = Lab(node_count=2, mode=mode, ipv6=True)
     work = tmp_path_factory.mktemp(f"dualstack-{dataplane}-{mode.value}")
     running = PodfenceOnLab(lab, dataplane, source_dir=work / "source", log_dir=work / "logs")
     try:
-        lab.build(upstream_pods(2))
+        lab.build(upstream_pods(2), lock_wait_seconds=LAB_LOCK_WAIT_S)
         running.start()
         yield running
     finally:
         running.stop()
-        teardown()
+        teardown(LAB_LOCK_WAIT_S)
 
 
 def _policy(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,9 @@ from agent.lab.topology import (
 
 RTN_BLACKHOLE = 6
 
+# Another test session may be using the lab; wait for it (within pytest's 300 s per test).
+LAB_LOCK_WAIT_S = 240.0
+
 
 @pytest.fixture(
     scope="module",
@@ -39,14 +42,14 @@ RTN_BLACKHOLE = 6
     ids=lambda p: p[0].value + ("-dualstack" if p[1] else ""),
 )
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    teardown()  # a crashed earlier run must not make this one fail
+    teardown(LAB_LOCK_WAIT_S)  # a crashed earlier run must not make this one fail
     mode, ipv6 = request.param
     built = Lab(node_count=2, mode=mode, ipv6=ipv6)
-    built.build(upstream_pods(2))
+    built.build(upstream_pods(2), lock_wait_seconds=LAB_LOCK_WAIT_S)
     try:
         yield built
     finally:
-        teardown()
+        teardown(LAB_LOCK_WAIT_S)
 
 
 def _endpoints(lab: Lab, to: str = "service", family: int = 4) -> list[Endpoint]:
@@ -166,10 +169,10 @@ def test_building_a_second_lab_is_refused(lab: Lab) -> None:
 
 
 def test_lab_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
-    teardown()
+    teardown(LAB_LOCK_WAIT_S)
     # A lab built by a process that dies without cleaning up, like a Ctrl-C'd or killed run.
     crashed = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "lab", "up", "--mode", "bridged", "--ipv6"],
+        [sys.executable, "-m", "agent.cli", "lab", "--lock-wait", "240", "up", "--mode", "bridged", "--ipv6"],
         capture_output=True,
         text=True,
     )
@@ -178,7 +181,11 @@ def test_lab_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     # A process someone started inside a node by hand: no pid file names it.
     stray = subprocess.Popen(["nsenter", "--net=/run/netns/pflab-node1", "sleep", "300"])
     assert leftovers(), "the lab should exist before lab down"
-    down = subprocess.run([sys.executable, "-m", "agent.cli", "lab", "down"], capture_output=True, text=True)
+    down = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "lab", "--lock-wait", "240", "down"],
+        capture_output=True,
+        text=True,
+    )
     assert down.returncode == 0, down.stderr
     assert leftovers() == []
     assert not Path(f"/proc/{servers_pid}").exists()
