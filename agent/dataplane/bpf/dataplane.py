@@ -1,15 +1,9 @@
 """BpfDataplane: makes the pinned BPF maps match a NodeState, in dependency order.
 
-Writer order for one apply (Felix's: add peers/policies, flip endpoints, remove old):
-  1. capacity check of every map against old+new entries, before touching anything;
-  2. policy LPM: the transition superset (old and new policy ids x old and new classes);
-  3. ipcache upserts; CIDR prefixes upserted longest first; node addresses added;
-  4. endpoint addresses, then endpoints (one map update flips an endpoint to its new policy ids);
-  5. tc filters on new interfaces (their endpoint entry exists already);
-  6. removals: detach vanished interfaces, delete their endpoints/addresses, node addresses,
-     ipcache entries, CIDR prefixes shortest first, then policy entries no longer wanted;
-  7. established_on_change="reset": conntrack entries of endpoints whose policy changed and of
-     peers whose identity or CIDR class changed.
+One apply: compile (compiler.py, pure), check every map's capacity against old+new entries
+before touching anything, execute the ordered plan (plan.py, pure: add policies and peers, flip
+endpoints, remove old), then with established_on_change="reset" forget the conntrack entries of
+endpoints whose policy changed and of peers whose identity or CIDR class changed.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
 file beside the pins (in /run, the same lifetime as bpffs).
@@ -48,6 +42,7 @@ from agent.dataplane.bpf.compiler import (
     peer_sort_key,
     transition_policy_entries,
 )
+from agent.dataplane.bpf.plan import PUT, Op, plan_update
 from agent.dataplane.bpf.structs import (
     REASON_MAX,
     DenyEventStruct,
@@ -251,89 +246,90 @@ class BpfDataplane:
                 )
 
     def _write(self, desired: Desired, transition: dict[PolicyEntry, int]) -> _Changes:
-        module, live = self._module, self._live
-        changes = _Changes()
-        policy_map, ipcache_map, cidr_map = module[b"pf_policy"], module[b"pf_ipcache"], module[b"pf_cidr"]
-
-        # 2. policies beside the old ones
-        for policy_entry, count in transition.items():
-            if policy_entry not in live.policy:
-                policy_map[_policy_key(policy_map, policy_entry)] = policy_map.Leaf(count, 0)
-                live.policy.add(policy_entry)
-        # 3. peers: ipcache, CIDR classes (longest prefix first), node addresses
-        for address, class_id in desired.ipcache.items():
-            if live.ipcache.get(address) != class_id:
-                ipcache_map[make_addr(address)] = ipcache_map.Leaf(class_id, 0)
-                live.ipcache[address] = class_id
-                changes.peer_addresses.add(address)
-        for prefix in sorted(desired.cidr, reverse=True):
-            if live.cidr.get(prefix) != desired.cidr[prefix]:
-                cidr_map[_cidr_key(cidr_map, prefix)] = cidr_map.Leaf(desired.cidr[prefix], 0)
-                live.cidr[prefix] = desired.cidr[prefix]
-                changes.prefixes.add(prefix)
-        node_map = module[b"pf_node_ips"]
-        for address in desired.node_ips - live.node_ips:
-            node_map[make_addr(address)] = node_map.Leaf(1, 0)
-            live.node_ips.add(address)
-        # 4. endpoints: addresses first (anti-spoofing admits them), then the flip
-        ip_map, endpoint_map = module[b"pf_endpoint_ips"], module[b"pf_endpoints"]
-        counters = module[b"pf_counters"]
-        for address, ifindex in desired.endpoint_ips.items():
-            if live.endpoint_ips.get(address) != ifindex:
-                ip_map[make_addr(address)] = ip_map.Leaf(ifindex, 0)
-                live.endpoint_ips[address] = ifindex
-        for ifindex, entry in desired.endpoints.items():
-            previous = live.endpoints.get(ifindex)
-            if previous == entry:
-                continue
-            if previous is None or previous.endpoint_id != entry.endpoint_id:
-                self._zero_counters(counters, entry.endpoint_id)
-            endpoint_map[endpoint_map.Key(ifindex)] = endpoint_map.Leaf(
-                entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, 0
-            )
-            live.endpoints[ifindex] = entry
-            if previous is not None:
-                changes.endpoint_keys.add(entry.endpoint_key)
-        # 5. guard new interfaces, 6. then sweep what vanished
-        new_interfaces = desired.interfaces - live.interfaces
+        """Execute the plan (plan.py) op by op; `self._live` follows each op that succeeded."""
+        ops = plan_update(self._live, desired, transition)
+        new_interfaces = [op.key for op in ops if op.table == "tc" and op.action == PUT]
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
         if not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces):
             attach.enable_bridge_netfilter(self.netns)
             self._bridge_netfilter_enabled = True
+        changes = _Changes()
         with attach.netlink(self.netns) as sock:
-            for ifindex in sorted(new_interfaces):
+            for op in ops:
+                self._execute(op, sock, changes)
+        return changes
+
+    def _execute(self, op: Op, sock: Any, changes: _Changes) -> None:
+        module, live = self._module, self._live
+        put = op.action == PUT
+        if op.table == "policy":
+            table = module[b"pf_policy"]
+            if put:
+                table[_policy_key(table, op.key)] = table.Leaf(op.value, 0)
+                live.policy.add(op.key)
+            else:
+                _delete(table, _policy_key(table, op.key))
+                live.policy.discard(op.key)
+        elif op.table in ("ipcache", "endpoint_ips"):
+            table = module[b"pf_ipcache" if op.table == "ipcache" else b"pf_endpoint_ips"]
+            contents = live.ipcache if op.table == "ipcache" else live.endpoint_ips
+            if put:
+                table[make_addr(op.key)] = table.Leaf(op.value, 0)
+                contents[op.key] = op.value
+            else:
+                _delete(table, make_addr(op.key))
+                contents.pop(op.key, None)
+            if op.table == "ipcache":
+                changes.peer_addresses.add(op.key)
+        elif op.table == "cidr":
+            table = module[b"pf_cidr"]
+            if put:
+                table[_cidr_key(table, op.key)] = table.Leaf(op.value, 0)
+                live.cidr[op.key] = op.value
+            else:
+                _delete(table, _cidr_key(table, op.key))
+                live.cidr.pop(op.key, None)
+            changes.prefixes.add(op.key)
+        elif op.table == "node_ips":
+            table = module[b"pf_node_ips"]
+            if put:
+                table[make_addr(op.key)] = table.Leaf(1, 0)
+                live.node_ips.add(op.key)
+            else:
+                _delete(table, make_addr(op.key))
+                live.node_ips.discard(op.key)
+        elif op.table == "counters":
+            self._zero_counters(module[b"pf_counters"], op.key)
+        elif op.table == "endpoints":
+            table = module[b"pf_endpoints"]
+            previous = live.endpoints.get(op.key)
+            if put:
+                entry: EndpointEntry = op.value
+                table[table.Key(op.key)] = table.Leaf(
+                    entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, 0
+                )
+                live.endpoints[op.key] = entry
+                if previous is not None:
+                    changes.endpoint_keys.add(entry.endpoint_key)
+            else:
+                _delete(table, table.Key(op.key))
+                live.endpoints.pop(op.key, None)
+                if previous is not None:
+                    changes.endpoint_keys.add(previous.endpoint_key)
+        elif op.table == "tc":
+            if put:
                 try:
-                    self._attach(sock, ifindex)
+                    self._attach(sock, op.key)
                 except attach.InterfaceVanished:
                     # nothing left to guard; the node layer drops it from the next snapshot
-                    log.info("pod interface %d vanished before it could be guarded", ifindex)
-                    continue
-                live.interfaces.add(ifindex)
-            for ifindex in sorted(live.interfaces - desired.interfaces):
-                attach.detach_tc(sock, ifindex)
-                live.interfaces.discard(ifindex)
-        for ifindex in set(live.endpoints) - set(desired.endpoints):
-            changes.endpoint_keys.add(live.endpoints[ifindex].endpoint_key)
-            _delete(endpoint_map, endpoint_map.Key(ifindex))
-            del live.endpoints[ifindex]
-        for address in set(live.endpoint_ips) - set(desired.endpoint_ips):
-            _delete(ip_map, make_addr(address))
-            del live.endpoint_ips[address]
-        for address in live.node_ips - desired.node_ips:
-            _delete(node_map, make_addr(address))
-            live.node_ips.discard(address)
-        for address in set(live.ipcache) - set(desired.ipcache):
-            _delete(ipcache_map, make_addr(address))
-            del live.ipcache[address]
-            changes.peer_addresses.add(address)
-        for prefix in sorted(set(live.cidr) - set(desired.cidr)):
-            _delete(cidr_map, _cidr_key(cidr_map, prefix))
-            del live.cidr[prefix]
-            changes.prefixes.add(prefix)
-        for stale_entry in sorted(live.policy - set(desired.policy)):
-            _delete(policy_map, _policy_key(policy_map, stale_entry))
-            live.policy.discard(stale_entry)
-        return changes
+                    log.info("pod interface %d vanished before it could be guarded", op.key)
+                    return
+                live.interfaces.add(op.key)
+            else:
+                attach.detach_tc(sock, op.key)
+                live.interfaces.discard(op.key)
+        else:  # pragma: no cover - plan.py and this executor are written together
+            raise PermanentDataplaneError(f"unknown plan operation {op}")
 
     def _attach(self, sock: Any, ifindex: int) -> None:
         attach.attach_tc(sock, ifindex, self._programs[loader.PROGRAM_FROM_POD].fd,
