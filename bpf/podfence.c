@@ -56,8 +56,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_REASON_ALLOWED;
 	else if (pkt->flags & PF_PKT_MALFORMED)
 		return PF_DROP_MALFORMED;
-	else if (pf_policy_allows(policy_id, direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr,
-				  pkt->protocol, pkt->dport_be))
+	else if (pf_policy_allows(policy_id, ep->generation,
+				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be))
 		reason = PF_REASON_ALLOWED;
 	else
 		reason = PF_DROP_POLICY;

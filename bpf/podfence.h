@@ -50,8 +50,10 @@ struct pf_addr {
 	__u8 bytes[16];
 };
 
-/* endpoints: host-side ifindex -> the endpoint behind it. One map update flips an endpoint to
- * new policy ids atomically. A policy id of 0 means "not isolated" (allow all) for that direction. */
+/* endpoints: host-side ifindex -> the endpoint behind it. One map update flips an endpoint to new
+ * policy ids AND the peer-map generation it reads, atomically: a packet sees either the old
+ * policies with the old peer classes or the new ones with the new, never a mix. A policy id of 0
+ * means "not isolated" (allow all) for that direction. */
 struct pf_endpoint_key {
 	__u32 ifindex;
 };
@@ -60,7 +62,7 @@ struct pf_endpoint_value {
 	__u32 endpoint_id;          /* slot in the counters map */
 	__u32 ingress_policy_id;
 	__u32 egress_policy_id;
-	__u32 flags;                /* reserved, 0 */
+	__u32 generation;           /* which generation of pf_ipcache / pf_cidr entries to read */
 };
 
 /* endpoint_ips: a local pod's address -> its host-side ifindex. Used for anti-spoofing on tc
@@ -70,8 +72,14 @@ struct pf_endpoint_ip_value {
 	__u32 reserved;
 };
 
-/* ipcache: exact peer address -> identity class (the set of identities carrying that address).
- * node_ips: the node's own addresses (value unused, presence is the fact). */
+/* ipcache: (generation, exact peer address) -> identity class (the set of identities carrying
+ * that address). A changed peer set is written as a new generation beside the old one.
+ * node_ips (keyed by struct pf_addr): the node's own addresses (value unused, presence is the fact). */
+struct pf_ipcache_key {
+	__u32 generation;
+	struct pf_addr addr;
+};
+
 struct pf_ipcache_value {
 	__u32 class_id;
 	__u32 reserved;
@@ -82,7 +90,8 @@ struct pf_ipcache_value {
  * share one class id. A class containing no peer is stored as class 0 (matches nothing), which
  * is how an `except` shadows its enclosing cidr. */
 struct pf_cidr_key {
-	__u32 prefixlen;            /* 0..128, IPv4 prefixes are 96 + n */
+	__u32 prefixlen;            /* 32 (generation, always exact) + 0..128; IPv4 prefixes are 32+96+n */
+	__u32 generation;
 	struct pf_addr addr;
 };
 

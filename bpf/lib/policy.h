@@ -6,7 +6,7 @@
 #ifndef PF_LIB_POLICY_H
 #define PF_LIB_POLICY_H
 
-PF_PINNED("hash", struct pf_addr, struct pf_ipcache_value, pf_ipcache, PF_IPCACHE_MAX, 0);
+PF_PINNED("hash", struct pf_ipcache_key, struct pf_ipcache_value, pf_ipcache, PF_IPCACHE_MAX, 0);
 PF_PINNED("lpm_trie", struct pf_cidr_key, struct pf_cidr_value, pf_cidr, PF_CIDR_MAX, BPF_F_NO_PREALLOC);
 PF_PINNED("lpm_trie", struct pf_policy_key, struct pf_policy_value, pf_policy, PF_POLICY_MAX, BPF_F_NO_PREALLOC);
 
@@ -24,16 +24,18 @@ static __always_inline int pf_policy_hit(__u32 policy_id, __u32 peer_class, __u8
 	return pf_policy.lookup(&key) != NULL;
 }
 
-/* Does policy `policy_id` admit `peer` for (protocol, dport)? */
-static __always_inline int pf_policy_allows(__u32 policy_id, const struct pf_addr *peer, __u8 protocol,
-					    __be16 dport_be)
+/* Does policy `policy_id` admit `peer` (classes of peer-map `generation`) for (protocol, dport)? */
+static __always_inline int pf_policy_allows(__u32 policy_id, __u32 generation, const struct pf_addr *peer,
+					    __u8 protocol, __be16 dport_be)
 {
-	struct pf_ipcache_value *identity = pf_ipcache.lookup((struct pf_addr *)peer);
+	struct pf_ipcache_key ipcache_key = {.generation = generation};
+	__builtin_memcpy(&ipcache_key.addr, peer, sizeof(ipcache_key.addr));
+	struct pf_ipcache_value *identity = pf_ipcache.lookup(&ipcache_key);
 	if (identity && identity->class_id &&
 	    pf_policy_hit(policy_id, identity->class_id, PF_PEER_IDENTITY, protocol, dport_be))
 		return 1;
 
-	struct pf_cidr_key cidr_key = {.prefixlen = 128};
+	struct pf_cidr_key cidr_key = {.prefixlen = 32 + 128, .generation = generation};
 	__builtin_memcpy(&cidr_key.addr, peer, sizeof(cidr_key.addr));
 	struct pf_cidr_value *cidr = pf_cidr.lookup(&cidr_key);
 	if (cidr && cidr->class_id && pf_policy_hit(policy_id, cidr->class_id, PF_PEER_CIDR, protocol, dport_be))

@@ -13,7 +13,6 @@ from agent.dataplane.bpf.compiler import (
     cidr_classes_of,
     compile_node_state,
     port_range_prefixes,
-    transition_policy_entries,
 )
 from agent.dataplane.bpf.structs import (
     POLICY_PREFIX_ANY_PROTOCOL,
@@ -188,32 +187,6 @@ def test_unchanged_content_keeps_its_ids_and_new_content_never_reuses_one() -> N
     assert third.policy == second.policy
     assert second.allocation.next_id > first.allocation.next_id
     assert second.endpoints[5].endpoint_id == first.endpoints[5].endpoint_id  # counters slot kept
-
-
-def test_transition_entries_cover_old_and_new_policies_against_old_and_new_classes() -> None:
-    identities_old = {1: (addr("10.0.0.7"),)}
-    identities_new = {1: (addr("10.0.0.7"),), 2: (addr("10.0.0.7"),)}  # 10.0.0.7 gains identity 2
-    old_rules = iso(Allow(IdentityPeer(1), 6, 80, 80))
-    new_rules = iso(Allow(IdentityPeer(1), 6, 80, 80), Allow(IdentityPeer(2), 17, 53, 53))
-    old = compile_node_state(
-        NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=old_rules)}, identities_old)
-    )
-    new = compile_node_state(
-        NodeState(2, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=new_rules)}, identities_new),
-        old.allocation,
-    )
-    transition = transition_policy_entries(old.allocation, new.allocation)
-    old_policy, new_policy = old.endpoints[5].ingress_policy_id, new.endpoints[5].ingress_policy_id
-    old_class = old.ipcache[addr_bytes(addr("10.0.0.7"))]
-    new_class = new.ipcache[addr_bytes(addr("10.0.0.7"))]
-    assert old_class != new_class
-    keys = {(e[1], e[2], e[4], e[5]) for e in transition}
-    for policy in (old_policy, new_policy):  # tcp/80 from identity 1 holds for every mix
-        for class_id in (old_class, new_class):
-            assert (policy, class_id, 6, 80) in keys
-    assert (new_policy, new_class, 17, 53) in keys
-    assert (old_policy, new_class, 17, 53) not in keys  # old content never gains the new allow
-    assert set(old.policy) | set(new.policy) <= set(transition)
 
 
 def test_allocation_default_is_empty() -> None:

@@ -12,6 +12,8 @@ It turns allow lists into the shapes bpf/lib/policy.h looks up in bounded time:
 Ids are allocated against the previous `Allocation` so unchanged content keeps its id (no churn)
 and vanished ids are never reused, which is what lets the writer build the new state beside the
 old one. Endpoint counter slots are the exception: a bounded array, reused once free.
+Peer classes are written per generation by the writer (plan.py), so the compiler's output is
+generation-free.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class EndpointEntry:
     endpoint_id: int
     ingress_policy_id: int
     egress_policy_id: int
+    generation: int = 0  # peer-map generation; chosen by the writer's plan, not the compiler
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def policy_entries(
     identity_classes: dict[frozenset[int], int],
     cidr_classes: dict[frozenset[CidrPeer], int],
 ) -> dict[PolicyEntry, int]:
-    """Policy LPM entries for every policy against every class (callers pass unions on transitions)."""
+    """Policy LPM entries for every policy against every class."""
     identity_members: dict[int, list[int]] = {}
     for identities, class_id in identity_classes.items():
         for identity in identities:
@@ -277,27 +280,6 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
         allocation=allocation,
         interfaces=frozenset(state.pod_interfaces) | frozenset(endpoints),
     )
-
-
-def transition_policy_entries(old: Allocation | None, new: Allocation) -> dict[PolicyEntry, int]:
-    """Entries valid for every mix of old/new policy ids and old/new classes.
-
-    While the writer flips endpoints and classes one map update at a time, a packet may meet an
-    old policy id with a new class or the reverse; writing this superset first makes every such
-    mix answer as either the old or the new state would, so no deny-all or allow-all window opens.
-    """
-    if old is None:
-        return policy_entries(new.policies, new.identity_classes, new.cidr_classes)
-    return policy_entries(
-        {**old.policies, **new.policies},
-        {**old.identity_classes, **new.identity_classes},
-        {**old.cidr_classes, **new.cidr_classes},
-    )
-
-
-def cidr_prefix_order(prefixes: Iterable[CidrPrefix], longest_first: bool) -> list[CidrPrefix]:
-    """Order for LPM writes: insert longest first, delete shortest first (see writer)."""
-    return sorted(prefixes, key=lambda p: (p[0], p[1]), reverse=longest_first)
 
 
 def ip_network(prefix: CidrPrefix) -> IPNetwork:

@@ -40,10 +40,10 @@ from agent.dataplane.bpf.compiler import (
     PolicyEntry,
     compile_node_state,
     peer_sort_key,
-    transition_policy_entries,
 )
-from agent.dataplane.bpf.plan import PUT, Op, plan_update
+from agent.dataplane.bpf.plan import PUT, CidrKey, IpcacheKey, Op, peak_sizes, peer_view, plan_update
 from agent.dataplane.bpf.structs import (
+    GENERATION_PREFIX,
     REASON_MAX,
     DenyEventStruct,
     Direction,
@@ -77,8 +77,8 @@ class _Live:
     endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
     endpoint_ips: dict[bytes, int] = field(default_factory=dict)
     node_ips: set[bytes] = field(default_factory=set)
-    ipcache: dict[bytes, int] = field(default_factory=dict)
-    cidr: dict[CidrPrefix, int] = field(default_factory=dict)
+    ipcache: dict[IpcacheKey, int] = field(default_factory=dict)
+    cidr: dict[CidrKey, int] = field(default_factory=dict)
     policy: set[PolicyEntry] = field(default_factory=set)
     interfaces: set[int] = field(default_factory=set)
     allocation: Allocation | None = None
@@ -202,11 +202,12 @@ class BpfDataplane:
             desired = compile_node_state(state, old_allocation)
         except ValueError as error:
             raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
-        transition = transition_policy_entries(old_allocation, desired.allocation)
         with self._lock:
-            self._check_capacity(desired, transition)
+            ops = plan_update(self._live, desired)
+            self._check_capacity(desired, ops)
+            changes = self._semantic_changes(desired)
             try:
-                changes = self._write(desired, transition)
+                self._write(ops)
             except Exception as error:
                 # Half written: ids of both allocations may be live in the maps now. Remember
                 # both, so the retry never hands a live id to different content.
@@ -224,20 +225,20 @@ class BpfDataplane:
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
 
-    def _check_capacity(self, desired: Desired, transition: dict[PolicyEntry, int]) -> None:
-        live = self._live
+    def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
+        peaks = peak_sizes(self._live, ops)
+        knobs = self.knobs
         checks = [
-            ("pf_policy", len(live.policy | set(transition)), self.knobs.policy_max),
-            ("pf_ipcache", len(live.ipcache.keys() | desired.ipcache.keys()), self.knobs.ipcache_max),
-            ("pf_cidr", len(live.cidr.keys() | desired.cidr.keys()), self.knobs.cidr_max),
-            ("pf_endpoints", len(live.endpoints.keys() | desired.endpoints.keys()), self.knobs.endpoints_max),
-            ("pf_endpoint_ips", len(live.endpoint_ips.keys() | desired.endpoint_ips.keys()),
-             self.knobs.endpoints_max * 4),
-            ("pf_node_ips", len(live.node_ips | desired.node_ips), self.knobs.node_ips_max),
+            ("pf_policy", peaks["policy"], knobs.policy_max),
+            ("pf_ipcache", peaks["ipcache"], knobs.ipcache_max),
+            ("pf_cidr", peaks["cidr"], knobs.cidr_max),
+            ("pf_endpoints", peaks["endpoints"], knobs.endpoints_max),
+            ("pf_endpoint_ips", peaks["endpoint_ips"], knobs.endpoints_max * 4),
+            ("pf_node_ips", peaks["node_ips"], knobs.node_ips_max),
         ]
         slots = desired.allocation.endpoint_slots.values()
-        if slots and max(slots) >= self.knobs.endpoints_max:
-            checks.append(("pf_counters", max(slots) + 1, self.knobs.endpoints_max))
+        if slots and max(slots) >= knobs.endpoints_max:
+            checks.append(("pf_counters", max(slots) + 1, knobs.endpoints_max))
         for name, needed, capacity in checks:
             if needed > capacity:
                 raise CapacityError(
@@ -245,21 +246,40 @@ class BpfDataplane:
                     "nothing was changed (raise the map size)"
                 )
 
-    def _write(self, desired: Desired, transition: dict[PolicyEntry, int]) -> _Changes:
+    def _semantic_changes(self, desired: Desired) -> _Changes:
+        """What the update changes for verdicts (not which entries move between generations)."""
+        live, changes = self._live, _Changes()
+        generations = {entry.generation for entry in live.endpoints.values()}
+        old_ipcache, old_cidr = peer_view(live, generations.pop()) if len(generations) == 1 else ({}, {})
+        changes.peer_addresses = {
+            a
+            for a in old_ipcache.keys() | desired.ipcache.keys()
+            if old_ipcache.get(a) != desired.ipcache.get(a)
+        }
+        changes.prefixes = {
+            p for p in old_cidr.keys() | desired.cidr.keys() if old_cidr.get(p) != desired.cidr.get(p)
+        }
+        for ifindex, previous in live.endpoints.items():
+            entry = desired.endpoints.get(ifindex)
+            if entry is None or (previous.ingress_policy_id, previous.egress_policy_id) != (
+                entry.ingress_policy_id,
+                entry.egress_policy_id,
+            ):
+                changes.endpoint_keys.add(previous.endpoint_key)
+        return changes
+
+    def _write(self, ops: list[Op]) -> None:
         """Execute the plan (plan.py) op by op; `self._live` follows each op that succeeded."""
-        ops = plan_update(self._live, desired, transition)
         new_interfaces = [op.key for op in ops if op.table == "tc" and op.action == PUT]
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
         if not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces):
             attach.enable_bridge_netfilter(self.netns)
             self._bridge_netfilter_enabled = True
-        changes = _Changes()
         with attach.netlink(self.netns) as sock:
             for op in ops:
-                self._execute(op, sock, changes)
-        return changes
+                self._execute(op, sock)
 
-    def _execute(self, op: Op, sock: Any, changes: _Changes) -> None:
+    def _execute(self, op: Op, sock: Any) -> None:
         module, live = self._module, self._live
         put = op.action == PUT
         if op.table == "policy":
@@ -270,17 +290,25 @@ class BpfDataplane:
             else:
                 _delete(table, _policy_key(table, op.key))
                 live.policy.discard(op.key)
-        elif op.table in ("ipcache", "endpoint_ips"):
-            table = module[b"pf_ipcache" if op.table == "ipcache" else b"pf_endpoint_ips"]
-            contents = live.ipcache if op.table == "ipcache" else live.endpoint_ips
+        elif op.table == "ipcache":
+            table = module[b"pf_ipcache"]
+            key = table.Key()
+            key.generation = op.key[0]
+            ctypes.memmove(key.addr.bytes, op.key[1], 16)
+            if put:
+                table[key] = table.Leaf(op.value, 0)
+                live.ipcache[op.key] = op.value
+            else:
+                _delete(table, key)
+                live.ipcache.pop(op.key, None)
+        elif op.table == "endpoint_ips":
+            table = module[b"pf_endpoint_ips"]
             if put:
                 table[make_addr(op.key)] = table.Leaf(op.value, 0)
-                contents[op.key] = op.value
+                live.endpoint_ips[op.key] = op.value
             else:
                 _delete(table, make_addr(op.key))
-                contents.pop(op.key, None)
-            if op.table == "ipcache":
-                changes.peer_addresses.add(op.key)
+                live.endpoint_ips.pop(op.key, None)
         elif op.table == "cidr":
             table = module[b"pf_cidr"]
             if put:
@@ -289,7 +317,6 @@ class BpfDataplane:
             else:
                 _delete(table, _cidr_key(table, op.key))
                 live.cidr.pop(op.key, None)
-            changes.prefixes.add(op.key)
         elif op.table == "node_ips":
             table = module[b"pf_node_ips"]
             if put:
@@ -302,20 +329,15 @@ class BpfDataplane:
             self._zero_counters(module[b"pf_counters"], op.key)
         elif op.table == "endpoints":
             table = module[b"pf_endpoints"]
-            previous = live.endpoints.get(op.key)
             if put:
                 entry: EndpointEntry = op.value
                 table[table.Key(op.key)] = table.Leaf(
-                    entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, 0
+                    entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
                 )
                 live.endpoints[op.key] = entry
-                if previous is not None:
-                    changes.endpoint_keys.add(entry.endpoint_key)
             else:
                 _delete(table, table.Key(op.key))
                 live.endpoints.pop(op.key, None)
-                if previous is not None:
-                    changes.endpoint_keys.add(previous.endpoint_key)
         elif op.table == "tc":
             if put:
                 try:
@@ -332,8 +354,12 @@ class BpfDataplane:
             raise PermanentDataplaneError(f"unknown plan operation {op}")
 
     def _attach(self, sock: Any, ifindex: int) -> None:
-        attach.attach_tc(sock, ifindex, self._programs[loader.PROGRAM_FROM_POD].fd,
-                         self._programs[loader.PROGRAM_TO_POD].fd)
+        attach.attach_tc(
+            sock,
+            ifindex,
+            self._programs[loader.PROGRAM_FROM_POD].fd,
+            self._programs[loader.PROGRAM_TO_POD].fd,
+        )
 
     def _zero_counters(self, counters: Any, endpoint_id: int) -> None:
         """A reused slot must not inherit the previous endpoint's numbers."""
@@ -346,7 +372,8 @@ class BpfDataplane:
         identity class changed, addresses under a changed CIDR prefix. Their next packet is
         judged afresh against the new policy."""
         addresses = set(changes.peer_addresses) | {
-            address for address, ifindex in self._live.endpoint_ips.items()
+            address
+            for address, ifindex in self._live.endpoint_ips.items()
             if ifindex in self._live.endpoints
             and self._live.endpoints[ifindex].endpoint_key in changes.endpoint_keys
         }
@@ -374,13 +401,22 @@ class BpfDataplane:
         for key, value in module[b"pf_endpoints"].items():
             endpoint_key = slot_of_key.get(value.endpoint_id, f"adopted/{key.ifindex}")
             live.endpoints[key.ifindex] = EndpointEntry(
-                endpoint_key, value.endpoint_id, value.ingress_policy_id, value.egress_policy_id
+                endpoint_key,
+                value.endpoint_id,
+                value.ingress_policy_id,
+                value.egress_policy_id,
+                value.generation,
             )
         for key, value in module[b"pf_endpoint_ips"].items():
             live.endpoint_ips[bytes(key.bytes)] = value.ifindex
         live.node_ips = {bytes(key.bytes) for key in module[b"pf_node_ips"]}
-        live.ipcache = {bytes(k.bytes): v.class_id for k, v in module[b"pf_ipcache"].items()}
-        live.cidr = {(k.prefixlen, bytes(k.addr.bytes)): v.class_id for k, v in module[b"pf_cidr"].items()}
+        live.ipcache = {
+            (k.generation, bytes(k.addr.bytes)): v.class_id for k, v in module[b"pf_ipcache"].items()
+        }
+        live.cidr = {
+            (k.generation, k.prefixlen - GENERATION_PREFIX, bytes(k.addr.bytes)): v.class_id
+            for k, v in module[b"pf_cidr"].items()
+        }
         live.policy = {
             (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
             for k in module[b"pf_policy"]
@@ -391,8 +427,11 @@ class BpfDataplane:
             # No record of what the ids mean: hand out ids above everything in use so new
             # entries never collide with live ones (mixes may deny until the flip completes).
             highest = max(
-                [e[1] for e in live.policy] + [e[2] for e in live.policy]
-                + list(live.ipcache.values()) + list(live.cidr.values()) + [0]
+                [e[1] for e in live.policy]
+                + [e[2] for e in live.policy]
+                + list(live.ipcache.values())
+                + list(live.cidr.values())
+                + [0]
             )
             live.allocation = Allocation(next_id=highest + 1)
         self._live = live
@@ -443,14 +482,16 @@ class BpfDataplane:
         for entry in entries:
             for direction in Direction:
                 per_cpu = table.getvalue(table.Key(entry.endpoint_id * 2 + direction))
-                result.append(EndpointCounters(
-                    key=entry.endpoint_key,
-                    direction=direction.name.lower(),
-                    allowed_packets=sum(v.allowed_packets for v in per_cpu),
-                    allowed_bytes=sum(v.allowed_bytes for v in per_cpu),
-                    denied_packets=sum(v.denied_packets for v in per_cpu),
-                    denied_bytes=sum(v.denied_bytes for v in per_cpu),
-                ))
+                result.append(
+                    EndpointCounters(
+                        key=entry.endpoint_key,
+                        direction=direction.name.lower(),
+                        allowed_packets=sum(v.allowed_packets for v in per_cpu),
+                        allowed_bytes=sum(v.allowed_bytes for v in per_cpu),
+                        denied_packets=sum(v.denied_packets for v in per_cpu),
+                        denied_bytes=sum(v.denied_bytes for v in per_cpu),
+                    )
+                )
         return result
 
     def drop_reason_counts(self) -> dict[str, int]:
@@ -499,16 +540,18 @@ class BpfDataplane:
         raw = ctypes.cast(data, ctypes.POINTER(DenyEventStruct)).contents
         endpoint = self._endpoint_names.get(raw.endpoint_id, "")
         reason = Reason(raw.reason).name.lower() if raw.reason < REASON_MAX else str(raw.reason)
-        self._events.append(DenyEvent(
-            endpoint=endpoint,
-            direction=Direction(raw.direction).name.lower(),
-            protocol=raw.protocol,
-            source=str(address_from_bytes(bytes(raw.saddr.bytes))),
-            destination=str(address_from_bytes(bytes(raw.daddr.bytes))),
-            source_port=_ntohs(raw.sport_be),
-            destination_port=_ntohs(raw.dport_be),
-            reason=reason,
-        ))
+        self._events.append(
+            DenyEvent(
+                endpoint=endpoint,
+                direction=Direction(raw.direction).name.lower(),
+                protocol=raw.protocol,
+                source=str(address_from_bytes(bytes(raw.saddr.bytes))),
+                destination=str(address_from_bytes(bytes(raw.daddr.bytes))),
+                source_port=_ntohs(raw.sport_be),
+                destination_port=_ntohs(raw.dport_be),
+                reason=reason,
+            )
+        )
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -527,10 +570,12 @@ def _policy_key(table: Any, entry: PolicyEntry) -> Any:
     return table.Key(prefixlen, policy_id, peer_class, peer_kind, protocol, _htons(port))
 
 
-def _cidr_key(table: Any, prefix: CidrPrefix) -> Any:
+def _cidr_key(table: Any, cidr_key: CidrKey) -> Any:
+    generation, prefixlen, address = cidr_key
     key = table.Key()
-    key.prefixlen = prefix[0]
-    ctypes.memmove(key.addr.bytes, prefix[1], 16)
+    key.prefixlen = GENERATION_PREFIX + prefixlen
+    key.generation = generation
+    ctypes.memmove(key.addr.bytes, address, 16)
     return key
 
 
@@ -545,10 +590,14 @@ def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
             links = sock.get_links(ifindex)
     except Exception:
         return False
-    return bool(links) and links[0].get_attr("IFLA_MASTER") is not None and any(
-        (info := link.get_attr("IFLA_LINKINFO")) is not None
-        and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
-        for link in links
+    return (
+        bool(links)
+        and links[0].get_attr("IFLA_MASTER") is not None
+        and any(
+            (info := link.get_attr("IFLA_LINKINFO")) is not None
+            and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
+            for link in links
+        )
     )
 
 
@@ -604,8 +653,9 @@ def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
     try:
         return Allocation(
             policies={
-                frozenset((int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules):
-                int(pid)
+                frozenset(
+                    (int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules
+                ): int(pid)
                 for pid, rules in data["policies"]
             },
             identity_classes={
@@ -621,4 +671,3 @@ def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
     except (KeyError, TypeError, ValueError) as error:
         log.warning("ignoring unreadable BPF state file: %s", error)
         return None
-

@@ -50,6 +50,7 @@ POLICY_PREFIX_ANY_PROTOCOL = 72
 POLICY_PREFIX_PROTOCOL = 80
 POLICY_PREFIX_FULL = 96
 V4_MAPPED_PREFIX = 96
+GENERATION_PREFIX = 32  # the CIDR LPM key's generation field, always matched exactly
 
 
 class Addr(ctypes.Structure):
@@ -65,7 +66,7 @@ class EndpointValue(ctypes.Structure):
         ("endpoint_id", ctypes.c_uint32),
         ("ingress_policy_id", ctypes.c_uint32),
         ("egress_policy_id", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
+        ("generation", ctypes.c_uint32),
     ]
 
 
@@ -73,12 +74,16 @@ class EndpointIpValue(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
+class IpcacheKey(ctypes.Structure):
+    _fields_ = [("generation", ctypes.c_uint32), ("addr", Addr)]
+
+
 class IpcacheValue(ctypes.Structure):
     _fields_ = [("class_id", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
 class CidrKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", Addr)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("generation", ctypes.c_uint32), ("addr", Addr)]
 
 
 class CidrValue(ctypes.Structure):
@@ -168,7 +173,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_endpoints": (EndpointKey, EndpointValue),
     "pf_endpoint_ips": (Addr, EndpointIpValue),
     "pf_node_ips": (Addr, IpcacheValue),
-    "pf_ipcache": (Addr, IpcacheValue),
+    "pf_ipcache": (IpcacheKey, IpcacheValue),
     "pf_cidr": (CidrKey, CidrValue),
     "pf_policy": (PolicyKey, PolicyValue),
     "pf_ct": (CtKey, CtValue),
@@ -184,6 +189,7 @@ C_STRUCT_NAMES: dict[type, str] = {
     EndpointKey: "pf_endpoint_key",
     EndpointValue: "pf_endpoint_value",
     EndpointIpValue: "pf_endpoint_ip_value",
+    IpcacheKey: "pf_ipcache_key",
     IpcacheValue: "pf_ipcache_value",
     CidrKey: "pf_cidr_key",
     CidrValue: "pf_cidr_value",
