@@ -11,6 +11,7 @@ Two independent checks:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
 from agent.dataplane.bpf.testrun import run_program
 
@@ -145,3 +147,41 @@ def test_dump_flag_prints_the_final_program_with_its_flags(
     dumped = capfd.readouterr().err
     assert "-DPF_UNKNOWN_ALLOW=1" in dumped
     assert "int nf_egress(struct __sk_buff *skb)" in dumped and "struct pf_policy_key {" in dumped
+
+
+def test_pins_of_another_layout_are_refused_and_a_resized_pin_reports_its_real_capacity() -> None:
+    from bcc import BPF
+
+    pin_dir = f"/sys/fs/bpf/pfb-{secrets.token_hex(3)}"
+    os.makedirs(pin_dir)
+    knobs = loader.BuildKnobs(
+        pin_dir=pin_dir,
+        unknown_allow=False,
+        ct_max=64,
+        policy_max=64,
+        ipcache_max=64,
+        cidr_max=64,
+        endpoints_max=8,
+        node_ips_max=8,
+        frag_max=64,
+        event_rate=10,
+    )
+    try:
+        # what an older version with 16-byte ipcache keys would have left pinned
+        old = BPF(
+            text=f'BPF_TABLE_PINNED("hash", struct {{ char a[16]; }}, u64, pf_ipcache, 8, '
+            f'"{pin_dir}/pf_ipcache");'.encode()
+        )
+        old.cleanup()
+        module = loader.compile_module(knobs)
+        with pytest.raises(PermanentDataplaneError, match="pf_ipcache has key/value sizes 16/8"):
+            loader.verify_pinned_layouts(module)
+        module.cleanup()
+        shutil.rmtree(pin_dir)
+        loader.compile_module(knobs).cleanup()  # pins of this layout, 64 conntrack entries
+        bigger = loader.compile_module(dataclasses.replace(knobs, ct_max=128))
+        capacities, warnings = loader.verify_pinned_layouts(bigger)
+        bigger.cleanup()
+        assert capacities["pf_ct"] == 64 and any("pf_ct" in w for w in warnings)
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

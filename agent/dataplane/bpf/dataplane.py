@@ -145,6 +145,7 @@ class BpfDataplane:
         self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
         self._bridge_netfilter_enabled = False
         self._nf_pin = ""  # bpffs path of the egress program the iptables rule runs
+        self._capacity: dict[str, int] = {}  # real max_entries of the pinned maps (a pin keeps its size)
         # True once start() found state of a previous run in the pinned maps (read by the node layer)
         self.adopted = False
 
@@ -153,6 +154,9 @@ class BpfDataplane:
     def start(self) -> None:
         """Compile, adopt pinned maps, swap the programs in place; enforcement never stops."""
         self._module = loader.compile_module(self.knobs)
+        self._capacity, warnings = loader.verify_pinned_layouts(self._module)
+        for warning in warnings:
+            log.warning("%s", warning)
         self._programs = loader.load_programs(self._module)
         try:
             self._adopt()
@@ -228,21 +232,27 @@ class BpfDataplane:
     def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
         peaks = peak_sizes(self._live, ops)
         knobs = self.knobs
-        checks = [
-            ("pf_policy", peaks["policy"], knobs.policy_max),
-            ("pf_ipcache", peaks["ipcache"], knobs.ipcache_max),
-            ("pf_cidr", peaks["cidr"], knobs.cidr_max),
-            ("pf_endpoints", peaks["endpoints"], knobs.endpoints_max),
-            ("pf_endpoint_ips", peaks["endpoint_ips"], knobs.endpoints_max * 4),
-            ("pf_node_ips", peaks["node_ips"], knobs.node_ips_max),
-        ]
+        requested = {
+            "pf_policy": knobs.policy_max,
+            "pf_ipcache": knobs.ipcache_max,
+            "pf_cidr": knobs.cidr_max,
+            "pf_endpoints": knobs.endpoints_max,
+            "pf_endpoint_ips": knobs.endpoints_max * 4,
+            "pf_node_ips": knobs.node_ips_max,
+            "pf_counters": knobs.endpoints_max * 2,
+        }
+
+        def capacity(name: str) -> int:
+            return min(requested[name], self._capacity.get(name, requested[name]))
+
+        checks = [(f"pf_{table}", size, capacity(f"pf_{table}")) for table, size in peaks.items()]
         slots = desired.allocation.endpoint_slots.values()
-        if slots and max(slots) >= knobs.endpoints_max:
-            checks.append(("pf_counters", max(slots) + 1, knobs.endpoints_max))
-        for name, needed, capacity in checks:
-            if needed > capacity:
+        if slots and (max(slots) + 1) * 2 > capacity("pf_counters"):
+            checks.append(("pf_counters", (max(slots) + 1) * 2, capacity("pf_counters")))
+        for name, needed, room in checks:
+            if needed > room:
                 raise CapacityError(
-                    f"BPF map {name} would need {needed} entries during this update but holds {capacity}; "
+                    f"BPF map {name} would need {needed} entries during this update but holds {room}; "
                     "nothing was changed (raise the map size)"
                 )
 

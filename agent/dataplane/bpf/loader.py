@@ -8,6 +8,7 @@ PODFENCE_BPF_DUMP=1 prints it with the -D flags to stderr.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import sys
@@ -95,6 +96,66 @@ def compile_module(knobs: BuildKnobs) -> Any:
         return BPF(text=text, cflags=cflags)
     except Exception as error:  # BCC raises bare Exception for compile/load failures
         raise PermanentDataplaneError(f"the BPF program failed to compile or load: {error}") from error
+
+
+PINNED_MAPS = (
+    "pf_endpoints",
+    "pf_endpoint_ips",
+    "pf_node_ips",
+    "pf_ipcache",
+    "pf_cidr",
+    "pf_policy",
+    "pf_ct",
+    "pf_frag",
+    "pf_counters",
+    "pf_drop_reasons",
+    "pf_events_lost",
+)
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("rest", ctypes.c_uint8 * 128),
+    ]
+
+
+def verify_pinned_layouts(module: Any) -> tuple[dict[str, int], list[str]]:
+    """Refuse pinned maps whose key/value layout is not this program's (left by another version):
+    BCC re-opens a pin whatever its layout, and a mismatch would be misread, not rejected.
+    Returns every map's real capacity (a pin keeps its size) and warnings where it differs from
+    the requested one."""
+    from bcc import libbcc
+
+    warnings = []
+    capacities: dict[str, int] = {}
+    for name in PINNED_MAPS:
+        table = module[name.encode()]
+        info = _MapInfo()
+        length = ctypes.c_uint32(ctypes.sizeof(info))
+        if libbcc.lib.bpf_obj_get_info(table.get_fd(), ctypes.byref(info), ctypes.byref(length)) != 0:
+            raise PermanentDataplaneError(f"cannot read the layout of pinned map {name}")
+        value_type = getattr(table, "sLeaf", table.Leaf)
+        expected = (ctypes.sizeof(table.Key), ctypes.sizeof(value_type))
+        if (info.key_size, info.value_size) != expected:
+            raise PermanentDataplaneError(
+                f"pinned map {name} has key/value sizes {info.key_size}/{info.value_size}, this version "
+                f"needs {expected[0]}/{expected[1]}: remove the old pins first (podfence teardown)"
+            )
+        if info.max_entries != table.max_entries:
+            warnings.append(
+                f"pinned map {name} keeps its {info.max_entries} entries (asked {table.max_entries})"
+            )
+        capacities[name] = int(info.max_entries)
+    return capacities, warnings
 
 
 def load_programs(module: Any) -> dict[str, Any]:
