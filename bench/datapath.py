@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import signal
 import statistics
@@ -191,7 +192,8 @@ def start_servers(variant: Variant) -> None:
     for pod_name in ("local", "remote"):
         pod = variant.topology.pods[pod_name]
         commands = [
-            ["iperf3", "-s", "-p", str(IPERF_PORT)],
+            # A test whose client vanished would keep the server busy forever: restart when idle.
+            ["iperf3", "-s", "-p", str(IPERF_PORT), "--idle-timeout", "10", "--rcv-timeout", "5000"],
             _netlab.python_argv("bench._workload", "crr-server", str(CRR_PORT)),
             _netlab.python_argv("bench._workload", "udp-sink", str(UDP_PORT)),
         ]
@@ -265,8 +267,9 @@ def destroy_variant(variant: Variant) -> None:
 def measure_tcp_gbps(client_netns: str, address: str) -> float:
     out = _netlab.run_in(
         client_netns,
-        ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(IPERF_SECONDS), "-J"],
-        timeout=IPERF_SECONDS + 20,
+        ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(IPERF_SECONDS), "-J",
+         "--connect-timeout", "3000", "--rcv-timeout", "5000"],
+        timeout=IPERF_SECONDS + 15,
     )
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
@@ -323,6 +326,12 @@ def variant_plan() -> list[tuple[str | None, int]]:
     return baselines + [(plane, rules) for plane in DATAPLANES for rules in RULE_COUNTS]
 
 
+def _paired_ratios(values: list[float], baseline: list[float]) -> list[float]:
+    """value/baseline of each repetition where both were measured."""
+    pairs = zip(values, baseline, strict=False)
+    return [v / b for v, b in pairs if math.isfinite(v) and math.isfinite(b) and b > 0]
+
+
 def _plan_position(name: str) -> int:
     names = [variant_name(plane, rules) for plane, rules in variant_plan()]
     return names.index(name) if name in names else len(names)
@@ -335,20 +344,25 @@ def summarise(samples: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str
         for metric, by_variant in by_metric.items():
             for name, values in sorted(by_variant.items(), key=lambda item: _plan_position(item[0])):
                 entry = summary.setdefault(path, {}).setdefault(name, {})
-                entry[metric] = round(statistics.median(values), 4)
+                measured = [v for v in values if math.isfinite(v)]
+                if not measured:
+                    continue
+                entry[metric] = round(statistics.median(measured), 4)
                 for baseline_name, suffix in (("none", "vs_none"), ("none_conntrack", "vs_conntrack")):
                     baseline = by_variant.get(baseline_name, [])
                     if name.startswith("none") or not baseline:
                         continue
-                    ratios = [v / b for v, b in zip(values, baseline, strict=False) if b > 0]
-                    entry[f"{metric}_{suffix}"] = round(statistics.median(ratios), 3)
+                    ratios = _paired_ratios(values, baseline)
+                    if ratios:
+                        entry[f"{metric}_{suffix}"] = round(statistics.median(ratios), 3)
             for plane in DATAPLANES:
                 few, many = by_variant.get(f"{plane}_10"), by_variant.get(f"{plane}_10000")
                 if few and many:
-                    ratios = [m / f for m, f in zip(many, few, strict=False) if f > 0]
-                    summary[path][f"{plane}_10000"][f"{metric}_10000_vs_10"] = round(
-                        statistics.median(ratios), 3
-                    )
+                    ratios = _paired_ratios(many, few)
+                    if ratios:
+                        summary[path][f"{plane}_10000"][f"{metric}_10000_vs_10"] = round(
+                            statistics.median(ratios), 3
+                        )
     return summary
 
 
@@ -382,13 +396,19 @@ def run() -> dict[str, Any]:
                 continue
             setup_seconds[variants[-1].name] = round(time.monotonic() - t0, 2)
         samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+        failures: list[str] = []
         for rep in range(REPETITIONS):
             for path in PATHS:
                 for metric in METRICS:
                     shift = rep + PATHS.index(path) + METRICS.index(metric)
                     order = variants[shift % len(variants):] + variants[: shift % len(variants)]
                     for variant in order:
-                        value = measure(variant, path, metric)
+                        try:
+                            value = measure(variant, path, metric)
+                        except (subprocess.SubprocessError, RuntimeError, ValueError, KeyError) as exc:
+                            # One stuck run must not void the others; it is reported and left out.
+                            failures.append(f"{variant.name} {path} {metric} rep {rep + 1}: {exc!r}")
+                            value = math.nan
                         samples.setdefault(path, {}).setdefault(metric, {}).setdefault(
                             variant.name, []
                         ).append(value)
@@ -406,8 +426,14 @@ def run() -> dict[str, Any]:
         "udp_flows": UDP_FLOWS,
         "setup_seconds": setup_seconds,
         "unavailable": unavailable,
+        "failed_samples": failures,
         "results": summary,
-        "samples": samples,
+        "samples": {  # None: a failed run (see failed_samples); JSON has no NaN
+            path: {metric: {name: [v if math.isfinite(v) else None for v in values]
+                            for name, values in by_variant.items()}
+                   for metric, by_variant in by_metric.items()}
+            for path, by_metric in samples.items()
+        },
         "targets": targets(summary),
         "wall_seconds": round(time.monotonic() - started, 1),
     }

@@ -87,3 +87,12 @@ def test_report_renders_known_and_unknown_benchmarks() -> None:
     assert "`iptables` failed: `boom`" in text
     assert "| a.b | 1.5 |" in text
     assert "Failed: `RuntimeError('x')`" in text
+
+
+def test_summary_leaves_out_failed_runs() -> None:
+    nan = float("nan")
+    samples = {"cross_node": {"tcp_gbps": {"none": [10.0, nan, 10.0], "bpf_10": [9.0, 9.0, nan]}}}
+    summary = datapath.summarise(samples)
+    assert summary["cross_node"]["none"]["tcp_gbps"] == 10.0
+    assert summary["cross_node"]["bpf_10"]["tcp_gbps"] == 9.0
+    assert summary["cross_node"]["bpf_10"]["tcp_gbps_vs_none"] == 0.9  # only repetition 1 pairs up
