@@ -562,3 +562,23 @@ def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
     assert "PODFENCE" not in rules and "--dport 9 -j ACCEPT" in rules
     assert not os.path.exists(node.pin_dir) and not os.path.exists(node.state_file)
     assert a.tcp(b.ip, 8080)  # nothing of podfence enforces any more
+
+
+def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:
+    a, b, c = node.pods
+    first = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    first.start()
+    first.apply(state(node, endpoint(a), endpoint(b), endpoint(c)))
+    first.close()
+    saved = Path(node.state_file).read_text()
+    first.teardown()  # removes pins, filters and the state file...
+    Path(node.state_file).write_text(saved)  # ...but suppose /run kept an old state file
+    fresh = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    fresh.start()
+    try:
+        assert not fresh.adopted
+        # no filter went on the interfaces the stale file named: nothing is guarded yet
+        assert "podfence" not in node.run("tc", "filter", "show", "dev", a.host_if, "ingress").stdout
+        assert a.tcp(b.ip, 8080)
+    finally:
+        fresh.teardown()

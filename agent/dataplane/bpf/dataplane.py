@@ -431,6 +431,11 @@ class BpfDataplane:
             (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
             for k in module[b"pf_policy"]
         }
+        if not (live.endpoints or live.endpoint_ips or live.policy or live.ipcache or live.cidr):
+            # Fresh pins (bpffs was emptied, e.g. reboot or an uninstall that kept /run): the state
+            # file describes a kernel that no longer exists, and its ifindexes may now name other
+            # interfaces. Start clean.
+            saved = {}
         live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
         live.allocation = _allocation_from_json(saved) if saved else None
         if live.allocation is None and (live.policy or live.ipcache or live.cidr):
