@@ -582,3 +582,34 @@ def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:
         assert a.tcp(b.ip, 8080)
     finally:
         fresh.teardown()
+
+
+def test_restart_without_the_state_file_reconciles_without_reusing_live_ids(node: Node) -> None:
+    a, b, c = node.pods
+    first = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    first.start()
+    # a: isolated without allows (a policy id with no entries at all); b allows only from c
+    first.apply(
+        state(node, endpoint(a, egress=isolated()), endpoint(b, ingress=isolated(from_pod(c))), endpoint(c))
+    )
+    first.close()
+    Path(node.state_file).unlink()  # /run lost, pins kept
+    second = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    second.start()
+    try:
+        assert second.adopted
+        assert not a.tcp(b.ip, 8080) and c.tcp(b.ip, 8080)
+        second.apply(
+            state(
+                node,
+                endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080))),
+                endpoint(b, ingress=isolated(from_pod(a), from_pod(c))),
+                endpoint(c),
+                version=2,
+            )
+        )
+        assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080) and c.tcp(b.ip, 8080)
+        usage = second.map_usage()
+        assert usage["endpoints"][0] == 3 and usage["policy"][0] == 3  # the old ids were swept
+    finally:
+        second.teardown()

@@ -438,14 +438,17 @@ class BpfDataplane:
             saved = {}
         live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
         live.allocation = _allocation_from_json(saved) if saved else None
-        if live.allocation is None and (live.policy or live.ipcache or live.cidr):
-            # No record of what the ids mean: hand out ids above everything in use so new
-            # entries never collide with live ones (mixes may deny until the flip completes).
+        if live.allocation is None and (live.policy or live.ipcache or live.cidr or live.endpoints):
+            # No record of what the ids mean: hand out ids above everything in use (endpoints'
+            # policy ids too: an isolated endpoint without allows has no policy entry) so new
+            # entries never give a live id a different meaning before the flips.
             highest = max(
                 [e[1] for e in live.policy]
                 + [e[2] for e in live.policy]
                 + list(live.ipcache.values())
                 + list(live.cidr.values())
+                + [e.ingress_policy_id for e in live.endpoints.values()]
+                + [e.egress_policy_id for e in live.endpoints.values()]
                 + [0]
             )
             live.allocation = Allocation(next_id=highest + 1)
