@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
-from agent.lab.prober import Endpoint, probe_table
+from agent.lab.prober import PROTOCOLS, Endpoint, probe_table
 from agent.lab.scenarios import pods_from_file, upstream_pods
 from agent.lab.topology import DEFAULT_LOCK_WAIT_S, RUN_DIR, CniMode, Lab, LabError, LabPod, teardown
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     probe = actions.add_parser("probe", help="print the reachability matrix of the running lab")
     probe.add_argument("--port", type=int, default=80)
-    probe.add_argument("--protocol", choices=["TCP", "UDP", "SCTP", "ICMP"], default="TCP")
+    probe.add_argument("--protocol", choices=PROTOCOLS, default="TCP")
     probe.add_argument(
         "--to", choices=["service", "pod"], default="service", help="probe ClusterIPs or pod IPs"
     )

@@ -28,7 +28,7 @@ from pyroute2.netns import setns
 from agent.lab import dns
 from agent.lab.sctp import CHUNK_INIT_ACK, IPPROTO_SCTP, build_init, parse_sctp, strip_ipv4_header
 
-PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
+PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")  # what run_probe understands
 DEFAULT_TIMEOUT = 1.0  # upstream's `agnhost connect --timeout=1s`
 MAX_WORKERS = 96
 
@@ -180,7 +180,7 @@ def run_probe(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> bool:
         return _sctp(probe.address, probe.port, timeout)
     if probe.protocol == "ICMP":
         return _icmp(probe.address, timeout)
-    raise ValueError(f"unknown protocol {probe.protocol!r}")
+    raise ValueError(f"unknown protocol {probe.protocol!r} (known: {', '.join(PROTOCOLS)})")
 
 
 def run_probes(probes: Sequence[Probe], timeout: float = DEFAULT_TIMEOUT) -> dict[Probe, bool]:
