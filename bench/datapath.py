@@ -50,11 +50,13 @@ from bench import _netlab
 from bench._netlab import Topology
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-REPETITIONS = 2 if QUICK else 3
-IPERF_SECONDS = 1 if QUICK else 2
-CRR_SECONDS = 1.0 if QUICK else 1.2
+# The neighbours' load comes in bursts of seconds: many short interleaved runs and their median
+# resist it better than a few long ones.
+REPETITIONS = 2 if QUICK else 5
+IPERF_SECONDS = 1
+CRR_SECONDS = 1.0
 CRR_WORKERS = 2  # one per core: the client saturates the machine in every variant alike
-UDP_SECONDS = 1.0 if QUICK else 1.5
+UDP_SECONDS = 1.0 if QUICK else 1.2
 UDP_FLOWS = 1000
 RULE_COUNTS = (10, 1_000, 10_000)
 DATAPLANES = ("bpf", "iptables")
@@ -268,7 +270,7 @@ def measure_tcp_gbps(client_netns: str, address: str) -> float:
     out = _netlab.run_in(
         client_netns,
         ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(IPERF_SECONDS), "-J",
-         "--connect-timeout", "3000", "--rcv-timeout", "5000"],
+         "--connect-timeout", "3000"],
         timeout=IPERF_SECONDS + 15,
     )
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
@@ -371,10 +373,10 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     bpf = summary.get("same_node", {}).get("bpf_10000")
     if not bpf:
         return {"checked": False}
-    checks = {
-        "tcp_gbps_vs_none >= 0.95": bpf.get("tcp_gbps_vs_none", 0) >= 0.95,
-        "conn_per_s_vs_none >= 0.90": bpf.get("conn_per_s_vs_none", 0) >= 0.90,
-        "conn_per_s_10000_vs_10 >= 0.97": bpf.get("conn_per_s_10000_vs_10", 0) >= 0.97,
+    wanted = {"tcp_gbps_vs_none": 0.95, "conn_per_s_vs_none": 0.90, "conn_per_s_10000_vs_10": 0.97}
+    checks = {  # None: not measured (every run of it failed)
+        f"{name} >= {floor:.2f}": (bpf[name] >= floor if name in bpf else None)
+        for name, floor in wanted.items()
     }
     return {"checked": True, **checks}
 

@@ -80,9 +80,13 @@ def render_datapath(result: dict[str, Any]) -> list[str]:
             )
     targets = result.get("targets", {})
     if targets.get("checked"):
+        verdicts = {True: "met", False: "NOT met", None: "not measured"}
         lines.append("eBPF 10,000-rule targets (same node): " + ", ".join(
-            f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets.items() if name != "checked"))
+            f"{name}: {verdicts[ok]}" for name, ok in targets.items() if name != "checked"))
         lines.append("")
+    if result.get("failed_samples"):
+        lines += [f"{len(result['failed_samples'])} run(s) failed and were left out "
+                  "(`failed_samples` in results.json).", ""]
     if result.get("unavailable"):
         lines += [f"- variant `{k}` could not run: `{v}`" for k, v in result["unavailable"].items()] + [""]
     return lines
