@@ -103,6 +103,15 @@ def render_propagation(result: dict[str, Any]) -> list[str]:
     rows = [[name, *(entry.get(k) for k in keys)] for name, entry in result.items()
             if isinstance(entry, dict) and "error" not in entry]
     lines += _table(["dataplane", *keys], rows)
+    stage_keys = ["write_to_control_version", "control_version_to_verdict_seen", "agent_apply_mean_ms"]
+    stage_rows = [
+        [name, *(entry["stages_p50_ms"].get(k) for k in stage_keys)]
+        for name, entry in result.items()
+        if isinstance(entry, dict) and "stages_p50_ms" in entry
+    ]
+    if stage_rows:
+        lines += ["Where the time goes (ms; medians, the agent's apply is its own histogram's mean):", ""]
+        lines += _table(["dataplane", *stage_keys], stage_rows)
     return lines + _errors(result)
 
 
@@ -193,6 +202,8 @@ def render(results: dict[str, Any]) -> str:
         if isinstance(result, dict) and "load_average" in result:
             load = "/".join(_fmt(x) for x in result["load_average"])
             lines += [f"Load average (1/5/15 min) when it started: {load} on this shared machine.", ""]
+        if isinstance(result, dict) and "note" in result:
+            lines += [f"Note: {result['note']}", ""]
         renderer = RENDERERS.get(name)
         try:
             lines += renderer(result) if renderer else render_generic(result)
