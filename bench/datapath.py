@@ -59,7 +59,7 @@ CRR_WORKERS = 2  # one per core: the client saturates the machine in every varia
 UDP_SECONDS = 1.0 if QUICK else 1.2
 UDP_FLOWS = 1000
 RULE_COUNTS = (10, 1_000, 10_000)
-DATAPLANES = ("bpf", "iptables")
+DATAPLANES = tuple(os.environ.get("BENCH_DATAPLANES", "bpf,iptables").split(","))
 PATHS = ("same_node", "cross_node")
 METRICS = ("tcp_gbps", "conn_per_s", "udp_pps")
 
