@@ -50,7 +50,10 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
-	if (direction == PF_DIR_INGRESS && pf_is_node_ip(&pkt->saddr))
+	if (PF_TCP_NEEDS_SYN && pkt->protocol == PF_IPPROTO_TCP && !(pkt->flags & PF_PKT_MALFORMED) &&
+	    (pkt->tcp_flags & 0x12) != 0x02)
+		reason = PF_DROP_POLICY;  /* not a SYN, and no flow to continue: see PF_TCP_NEEDS_SYN */
+	else if (direction == PF_DIR_INGRESS && pf_is_node_ip(&pkt->saddr))
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;

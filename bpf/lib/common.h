@@ -32,6 +32,12 @@
 #ifndef PF_UNKNOWN_ALLOW
 #define PF_UNKNOWN_ALLOW 0
 #endif
+/* established_on_change=reset: a TCP flow conntrack does not know must start with a SYN.
+ * Without it, after a reset the peer's next mid-stream segment would be judged as a flow of
+ * its own (the other way round) and its replies would revive the flow the new policy denies. */
+#ifndef PF_TCP_NEEDS_SYN
+#define PF_TCP_NEEDS_SYN 0
+#endif
 /* deny events per second per CPU (token bucket, burst = one second's worth) */
 #ifndef PF_EVENT_RATE
 #define PF_EVENT_RATE 100

@@ -6,6 +6,8 @@
     probe tcp-refused|udp-refused IP PORT          exit 0 if a RST / ICMP unreachable came back
     stream IP PORT FILE                            one TCP connection, a message every 20 ms;
                                                    FILE holds the number of echoes received so far
+    udp-stream IP PORT FILE                        the same over UDP from one source port (one
+                                                   conntrack flow); unanswered datagrams are skipped
     flood IP ALLOWED_PORT DENIED_PORT SECONDS [--until FILE]
                                                    a new UDP flow to each port per round; prints
                                                    JSON counts of rounds and echoes per port
@@ -221,6 +223,21 @@ def stream(args: argparse.Namespace) -> int:
         time.sleep(0.02)
 
 
+def udp_stream(args: argparse.Namespace) -> int:
+    sock = socket.socket(_family(args.ip), socket.SOCK_DGRAM)
+    sock.connect((args.ip, args.port))  # one source port for the whole run: one flow
+    echoed = 0
+    while True:
+        sock.send(b"x")
+        # A dropped datagram is not an error: keep sending on the same flow, count what returns.
+        if select.select([sock], [], [], 0.1)[0] and sock.recv(16) == b"x":
+            echoed += 1
+            with open(args.file + ".tmp", "w") as out:
+                out.write(str(echoed))
+            os.replace(args.file + ".tmp", args.file)
+        time.sleep(0.02)
+
+
 def flood(args: argparse.Namespace) -> int:
     counts = {"rounds": 0, "allowed_echoed": 0, "denied_echoed": 0}
     deadline = time.monotonic() + args.seconds
@@ -258,6 +275,10 @@ def main() -> int:
     stream_parser.add_argument("ip")
     stream_parser.add_argument("port", type=int)
     stream_parser.add_argument("file")
+    udp_stream_parser = commands.add_parser("udp-stream")
+    udp_stream_parser.add_argument("ip")
+    udp_stream_parser.add_argument("port", type=int)
+    udp_stream_parser.add_argument("file")
     flood_parser = commands.add_parser("flood")
     flood_parser.add_argument("ip")
     flood_parser.add_argument("allowed_port", type=int)
@@ -265,7 +286,7 @@ def main() -> int:
     flood_parser.add_argument("seconds", type=float)
     flood_parser.add_argument("--until", help="stop early once this file exists")
     args = parser.parse_args()
-    handlers = {"serve": serve, "probe": probe, "stream": stream, "flood": flood}
+    handlers = {"serve": serve, "probe": probe, "stream": stream, "udp-stream": udp_stream, "flood": flood}
     return handlers[args.command](args)
 
 

@@ -387,6 +387,22 @@ def test_tcp_fin_or_rst_moves_the_flow_to_the_closing_timeout_and_a_new_syn_back
     assert not flow_flags() & structs.CT_CLOSING
 
 
+def test_reset_mode_admits_a_new_tcp_flow_only_from_a_syn(plane: BpfDataplane) -> None:
+    # The module plane runs with established_on_change="reset": after its conntrack entry is
+    # deleted, a flow's mid-stream segment from either side must not start a flow of its own.
+    apply(plane, None, None)  # not isolated: only the SYN rule can drop here
+    ack_in = f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 42000, 80, tcp_flags=0x10)))
+    ack_out = f.eth(f.ETH_IP, f.ipv4(POD, PEER7, f.TCP, f.l4(f.TCP, 80, 42000, tcp_flags=0x18)))
+    syn_ack = f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 42001, 80, tcp_flags=0x12)))
+    assert not verdict(plane, "to_pod", ack_in)
+    assert not verdict(plane, "egress", ack_out)
+    assert not verdict(plane, "to_pod", syn_ack)  # a SYN-ACK only answers a tracked SYN
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=42000, dport=80))  # a SYN starts it
+    assert verdict(plane, "to_pod", ack_in)  # ... and the flow then continues
+    assert verdict(plane, "egress", ack_out)  # with its replies
+    assert verdict(plane, "to_pod", f.packet4(PEER7, POD, f.UDP, sport=42002, dport=53))  # TCP only
+
+
 def test_a_half_written_update_is_finished_by_the_retry_without_id_reuse(
     plane: BpfDataplane, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -407,6 +407,73 @@ def test_established_connections_on_policy_change(node: Node, tmp_path: Path, on
         worker.stop()
 
 
+def _udp_stream_flows_on(node: Node, client: Pod, destination: str, counter_file: Path) -> bool:
+    """Whether a UDP stream from `client` (one flow: one source port) still gets echoes."""
+    time.sleep(0.3)  # datagrams in flight when the policy changed are echoed still
+    before = _stream_count(counter_file)
+    return wait_for(lambda: _stream_count(counter_file) > before + 10, timeout=2)
+
+
+@pytest.mark.parametrize("on_change", ["keep", "reset"])
+def test_established_udp_flow_on_policy_change(node: Node, tmp_path: Path, on_change: str) -> None:
+    p1, p2, _ = node.pods
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(established_on_change=on_change))
+    try:
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, UDP, 53, 53))}))
+        counter_file = tmp_path / "udp-stream"
+        node.spawn(p1, "udp-stream", p2.ip, "53", str(counter_file))
+        assert wait_for(lambda: _stream_count(counter_file) > 5)
+        worker.call("apply", node_state(node, version=2, ingress={2: isolated()}))
+        assert not node.probe(p1, "udp", p2.ip, 53), "new flows follow the new policy at once"
+        assert _udp_stream_flows_on(node, p1, p2.ip, counter_file) == (on_change == "keep")
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
+def test_reset_cuts_udp_flows_of_a_peer_that_left_the_allowed_identity(node: Node, tmp_path: Path) -> None:
+    p1, p2, _ = node.pods
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(established_on_change="reset"))
+    try:
+        allow = Allow(IdentityPeer(77), UDP, 53, 53)
+        worker.call(
+            "apply",
+            node_state(node, ingress={2: isolated(allow)}, extra_identity_ips={77: (p1.ip, str(p1.ip6))}),
+        )
+        chains_before = _endpoint_chains(node)
+        counter_file = tmp_path / "udp-stream"
+        node.spawn(p1, "udp-stream", p2.ip, "53", str(counter_file))
+        assert wait_for(lambda: _stream_count(counter_file) > 5)
+        # The same allow list (the same chains); only p1's membership of identity 77 ends.
+        worker.call("apply", node_state(node, version=2, ingress={2: isolated(allow)}))
+        assert _endpoint_chains(node) == chains_before
+        assert not node.probe(p1, "udp", p2.ip, 53)
+        assert not _udp_stream_flows_on(node, p1, p2.ip, counter_file)
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
+def test_reset_cuts_udp_flows_that_reached_the_pod_through_a_cluster_ip(node: Node, tmp_path: Path) -> None:
+    p1, p2, _ = node.pods
+    node.in_node(
+        "iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-d", CLUSTER_IP, "-p", "udp",
+        "--dport", "5353", "-j", "DNAT", "--to-destination", f"{p2.ip}:53",
+    )  # fmt: skip
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(established_on_change="reset"))
+    try:
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, UDP, 53, 53))}))
+        counter_file = tmp_path / "udp-stream"
+        node.spawn(p1, "udp-stream", CLUSTER_IP, "5353", str(counter_file))
+        assert wait_for(lambda: _stream_count(counter_file) > 5)
+        # The flow's original destination is the ClusterIP; only its reply names p2.
+        worker.call("apply", node_state(node, version=2, ingress={2: isolated()}))
+        assert not _udp_stream_flows_on(node, p1, CLUSTER_IP, counter_file)
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
 def test_other_softwares_rules_survive_start_apply_and_teardown(node: Node) -> None:
     node.in_node("iptables-legacy", "-N", "FOREIGN")
     node.in_node("iptables-legacy", "-A", "FOREIGN", "-s", "192.0.2.1", "-j", "ACCEPT")

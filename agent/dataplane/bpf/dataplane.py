@@ -4,6 +4,12 @@ One apply: compile (compiler.py, pure), check every map's capacity against old+n
 before touching anything, execute the ordered plan (plan.py, pure: add policies and peers, flip
 endpoints, remove old), then with established_on_change="reset" forget the conntrack entries of
 endpoints whose policy changed and of peers whose identity or CIDR class changed.
+
+established_on_change: "keep" (default) lets flows the conntrack map already admitted continue
+whatever the new policy says. "reset" deletes those flows' entries (every protocol) after the
+flips, so their next packet is judged as new: dropped if now denied, re-admitted if still allowed;
+TCP must then restart with a SYN (the program is built with -DPF_TCP_NEEDS_SYN=1), so every TCP
+connection of an affected endpoint or peer ends. The iptables dataplane's modes behave the same.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
 file beside the pins (in /run, the same lifetime as bpffs).
@@ -133,6 +139,7 @@ class BpfDataplane:
             node_ips_max=node_ips_max,
             frag_max=frag_max,
             event_rate=event_rate,
+            tcp_needs_syn=established_on_change == "reset",
         )
         self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
         self._module: Any = None

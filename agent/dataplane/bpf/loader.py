@@ -41,6 +41,7 @@ class BuildKnobs:
     node_ips_max: int
     frag_max: int
     event_rate: int
+    tcp_needs_syn: bool = False  # established_on_change="reset" (see bpf/lib/common.h)
 
     def cflags(self) -> list[str]:
         values: dict[str, int | str] = {
@@ -54,6 +55,7 @@ class BuildKnobs:
             "PF_NODE_IPS_MAX": self.node_ips_max,
             "PF_FRAG_MAX": self.frag_max,
             "PF_EVENT_RATE": self.event_rate,
+            "PF_TCP_NEEDS_SYN": int(self.tcp_needs_syn),
         }
         return [f"-D{name}={value}" for name, value in values.items()]
 

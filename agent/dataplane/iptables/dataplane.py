@@ -104,6 +104,19 @@ def _tally_chains(
     return tallies
 
 
+def _changed_members(desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> set[str]:
+    """Addresses (or networks) that join or leave a set kept under its name: a peer whose identity
+    changed. The chains matching the set are unchanged, so only this says whose flows moved.
+    New and removed sets need nothing here: the chains using them change, and with them the
+    endpoint's chain name."""
+    moved: set[str] = set()
+    for name, spec in desired.sets.items():
+        current = sets_now.get(name)
+        if current is not None:
+            moved |= {member.split(" ", 1)[0] for member in current.members ^ spec.members}
+    return moved
+
+
 def _set_member_text(spec: IpSetSpec, member: str) -> str:
     if spec.kind == "hash:ip":  # hash:ip takes plain addresses (a /len would mean a range)
         return member.split("/", 1)[0]
@@ -120,10 +133,21 @@ class IptablesDataplane:
         ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
     ) -> None:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
-        endpoint claims. established_on_change: "keep" (default) lets connections opened under a
-        previous policy continue; "reset" deletes the conntrack entries of every endpoint whose
-        policy changed, so its next packet is judged by the new policy (TCP flows must then
-        start with a SYN: a mid-stream packet never re-creates an entry)."""
+        endpoint claims.
+
+        established_on_change, what a policy change does to flows conntrack already knows:
+        - "keep" (default): they continue until they end or time out, whatever the new policy
+          says; only new flows are judged by it.
+        - "reset": after the new chains and sets are committed, the conntrack entries of every
+          protocol (TCP, UDP, SCTP, ICMP, others) are deleted for the addresses of each endpoint
+          whose chain changed and of each peer address that joined or left a set (an identity
+          change), on the original and the reply tuple (so flows through a ClusterIP count).
+          The next packet of such a flow is judged as new: dropped if the policy now denies it,
+          re-admitted if it still allows it. TCP is stricter: a new TCP flow must start with a
+          SYN (conntrack's mid-stream pickup would otherwise let the peer's next segment rebuild
+          the flow the other way round), so every TCP connection of an affected endpoint or
+          peer ends, allowed or not, and clients reconnect under the new policy. The bpf
+          dataplane behaves the same way (its `established_on_change`)."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
@@ -212,6 +236,7 @@ class IptablesDataplane:
             kernel.enable_bridge_netfilter()
 
         sets_now = kernel.read_sets()
+        moved_peers = _changed_members(desired, sets_now)
         kernel.restore_sets(self._sets_script(desired, sets_now))
         changed: set[tuple[str, str]] = set()
         for family in FAMILIES:
@@ -220,15 +245,14 @@ class IptablesDataplane:
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
 
-        if self.established_on_change == "reset" and changed:
+        if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
-            ips = [
-                str(ip) for key in sorted(keys) if key in state.endpoints for ip in state.endpoints[key].ips
-            ]
+            addresses = {str(ip) for key in keys if key in state.endpoints for ip in state.endpoints[key].ips}
             log.info(
-                "resetting connections of endpoints whose policy changed", extra={"endpoints": sorted(keys)}
+                "resetting connections of endpoints whose policy changed and of peers that moved",
+                extra={"endpoints": sorted(keys), "peers": sorted(moved_peers)},
             )
-            kernel.forget_connections(ips)
+            kernel.forget_connections(sorted(addresses | moved_peers))
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)

@@ -15,6 +15,7 @@ shows podfence's rules; Debian's default `iptables` (nft) does not.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -232,15 +233,27 @@ def enable_bridge_netfilter() -> None:
             ) from exc
 
 
-def forget_connections(ips: list[str]) -> None:
-    """Delete conntrack entries from or to these addresses (a policy change cuts them)."""
-    for ip in ips:
-        family = "ipv6" if ":" in ip else "ipv4"
-        for flag in ("--orig-src", "--orig-dst"):
-            argv = ["conntrack", "-D", "-f", family, flag, ip]
+def forget_connections(addresses: list[str]) -> None:
+    """Delete the conntrack entries of every protocol from or to these addresses or networks
+    ("10.1.0.7", "fd00::/64"), so the next packet of each flow is judged as new.
+
+    A host address is matched on both tuples: the reply tuple is where a pod reached through a
+    ClusterIP (DNAT: the original destination is the service address) or a NodePort appears.
+    conntrack takes CIDR notation for the original tuple only, so a network is matched there."""
+    for address in addresses:
+        network = ipaddress.ip_network(address, strict=False)
+        family = f"ipv{network.version}"
+        flags: tuple[str, ...]
+        if network.prefixlen == network.max_prefixlen:
+            text = str(network.network_address)
+            flags = ("--orig-src", "--orig-dst", "--reply-src", "--reply-dst")
+        else:
+            text, flags = str(network), ("--orig-src", "--orig-dst")
+        for flag in flags:
+            argv = ["conntrack", "-D", "-f", family, flag, text]
             try:
                 # Exit status 1 means "nothing matched": not an error here.
                 subprocess.run(argv, capture_output=True, check=False, timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 # The policy is in place already; only old connections outlive it. Say so loudly.
-                log.error("could not reset connections of %s: %s", ip, exc)
+                log.error("could not reset connections of %s: %s", address, exc)
