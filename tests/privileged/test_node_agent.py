@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.readme_tables import documented_metrics, exposition_problems
+
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8080
 pytestmark = pytest.mark.skipif(
@@ -255,9 +257,17 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
             ],
         },
     )
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, control_metrics_port = free_port(), free_port(), free_port()
     lab.spawn(
-        "control", "control", "--source", str(lab.source), "--listen", f"127.0.0.1:{grpc_port}", "--insecure"
+        "control",
+        "control",
+        "--source",
+        str(lab.source),
+        "--listen",
+        f"127.0.0.1:{grpc_port}",
+        "--insecure",
+        "--metrics-listen",
+        f"127.0.0.1:{control_metrics_port}",
     )
     agent = lab.spawn(
         "agent",
@@ -302,24 +312,22 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
         assert not lab.connects("newcomer", "server"), "the server only admits the client"
         assert lab.connects("client", "server")
 
+        # Every metric the README documents, exposed by the process it names (type, labels too).
+        documented = documented_metrics()
         status, body = lab.fetch(f"{metrics}/metrics")
         assert status == 200
-        typed = {
-            line.split()[2].removesuffix("_total") for line in body.splitlines() if line.startswith("# TYPE ")
-        }
-        assert {
-            "podfence_endpoint_packets",
-            "podfence_endpoint_bytes",
-            "podfence_drops",
-            "podfence_policy_programming_seconds",
-            "podfence_applied_version",
-            "podfence_sync_connected",
-            "podfence_managed_endpoints",
-            "podfence_map_entries",
-            "podfence_map_capacity",
-            "podfence_events_lost",
-            "podfence_apply_errors",
-        } <= typed
+        assert exposition_problems(documented["agent"], body) == []
+        control_metrics = f"http://127.0.0.1:{control_metrics_port}/metrics"
+        # The ack of the newcomer's version may still be on its way.
+        wait_for(
+            lambda: 'podfence_control_node_lag_versions{node="n1"} 0.0' in lab.fetch(control_metrics)[1],
+            10,
+            "the control service to see node n1 in sync",
+        )
+        control_status, control_body = lab.fetch(control_metrics)
+        assert control_status == 200
+        assert exposition_problems(documented["control"], control_body) == []
+        assert "podfence_control_connected_nodes 1.0" in control_body
         assert "podfence_sync_connected 1.0" in body
         assert "podfence_managed_endpoints 3.0" in body
         denied = [
