@@ -17,8 +17,9 @@ from the kernel's own tables in the agent's network namespace, without naming co
   gateway addresses on pod interfaces (169.254.1.1 style): the node's own stack picks those as the
   source of what it sends to its pods, and node traffic to local pods must always pass.
 
-`NetlinkMonitor` subscribes to link, address, route and neighbour (FDB included) notifications and
-wakes the reconcile loop, so a new pod interface is guarded within milliseconds of appearing.
+`NetlinkMonitor` subscribes to link, address, route, routing rule and neighbour (FDB included)
+notifications and wakes the reconcile loop, so a new pod interface is guarded within milliseconds
+of appearing.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ _MONITOR_GROUPS = (
     | rtnl.RTMGRP_IPV6_IFADDR
     | rtnl.RTMGRP_IPV4_ROUTE
     | rtnl.RTMGRP_IPV6_ROUTE
+    | rtnl.RTMGRP_IPV4_RULE  # rules decide whether the route table read by scan() is exact
+    | rtnl.RTMGRP_IPV6_RULE
 )
 
 
@@ -129,6 +132,11 @@ class HostView:
     routes: RouteTable | None = field(default=None, compare=False)
     # Filled lazily by `resolve`: bridge port ifindex -> addresses its peer holds in the pod.
     peer_addresses: dict[int, frozenset[IPAddress]] = field(default_factory=dict, compare=False)
+
+    @property
+    def bridged(self) -> bool:
+        """Whether neighbours and FDB entries take part in locating pods here."""
+        return any(link.kind == "bridge" for link in self.links.values())
 
 
 def _is_node_address(ip: IPAddress) -> bool:
@@ -461,7 +469,7 @@ def _ip_sort_key(ip: IPAddress) -> tuple[int, int]:
 # What a notification is about, for the reconcile loop to decide how much to look at again.
 LINK, ADDRESS, ROUTE, NEIGHBOUR = "link", "address", "route", "neighbour"
 EVERYTHING = frozenset({LINK, ADDRESS, ROUTE, NEIGHBOUR})
-_KIND_OF_EVENT = {"LINK": LINK, "ADDR": ADDRESS, "ROUTE": ROUTE, "NEIGH": NEIGHBOUR}
+_KIND_OF_EVENT = {"LINK": LINK, "ADDR": ADDRESS, "ROUTE": ROUTE, "RULE": ROUTE, "NEIGH": NEIGHBOUR}
 
 
 def _kind_of(event: str) -> str:
@@ -471,8 +479,9 @@ def _kind_of(event: str) -> str:
 
 
 class NetlinkMonitor:
-    """Calls `on_change(kinds)` whenever links, addresses, routes, neighbours or FDB entries change;
-    `kinds` says which of LINK, ADDRESS, ROUTE, NEIGHBOUR (FDB entries are neighbours) changed.
+    """Calls `on_change(kinds)` whenever links, addresses, routes, routing rules, neighbours or FDB
+    entries change; `kinds` says which of LINK, ADDRESS, ROUTE (rules included), NEIGHBOUR (FDB
+    entries included) changed.
 
     Notifications arriving together are coalesced: `on_change` only means "look again". The
     netlink socket is opened by `run`, on the thread that reads it (pyroute2's synchronous API

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.metrics import register_agent_metrics, start_http_server
 from agent.node.reconcile import Reconciler
@@ -241,18 +242,23 @@ def run(args: argparse.Namespace) -> int:
         # From PODFENCE_UPLINK the list arrives as one comma-separated string.
         uplinks = args.uplink.split(",") if isinstance(args.uplink, str) else args.uplink
         discovery = InterfaceDiscovery(excluded_names=[name.strip() for name in uplinks if name.strip()])
-        reconciler = Reconciler(dataplane, discovery)
+        # The NetlinkMonitor below feeds interfaces_changed, so policy versions may reuse a scan.
+        reconciler = Reconciler(dataplane, discovery, reuse_views=True)
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
         sync = SyncClient(args.node, args.control, reconciler.apply, credentials=credentials)
+        hook_guard = HookGuard(dataplane) if isinstance(dataplane, HookRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync)
+        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
         server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
         monitor = NetlinkMonitor(reconciler.interfaces_changed)
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
         threads.append(_thread("sync", lambda: sync.run(stop), failed, stop))
+        if hook_guard is not None:
+            guard = hook_guard
+            threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))

@@ -11,7 +11,7 @@ import pytest
 
 from agent.dataplane.base import CapacityError, EndpointCounters, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import HostView, Link
+from agent.node.interfaces import DiscoveryError, HostView, Link
 from agent.node.reconcile import LatencyHistogram, Reconciler, RetryPolicy
 
 POD_A = ipaddress.ip_address("10.0.0.5")
@@ -337,3 +337,91 @@ def test_a_refused_version_is_retried_on_interface_changes_not_on_neighbour_chur
         stop.set()
         reconciler.interfaces_changed()
         loop.join(timeout=5)
+
+
+def test_a_policy_version_reuses_the_scan_until_a_notification_says_it_changed(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({7, 8})
+    discovery.routes = {POD_A: 7, POD_B: 8}
+    reconciler = Reconciler(dataplane, discovery, reuse_views=True)
+    reconciler.apply(_desired(1, ("ns/a", POD_A)))
+    reconciler.apply(_desired(2, ("ns/a", POD_A)))
+    assert discovery.scans == 2  # no notification yet: nothing vouches for the first scan
+
+    reconciler.interfaces_changed()  # what the monitor says once it has subscribed
+    reconciler.apply(_desired(3, ("ns/a", POD_A)))
+    scans = discovery.scans
+    reconciler.apply(_desired(4, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert discovery.scans == scans
+    assert {k: e.ifindex for k, e in dataplane.applied[-1].endpoints.items()} == {"ns/a": 7, "ns/b": 8}
+
+    # A routed node's view holds no neighbours: their churn does not make it stale.
+    reconciler.interfaces_changed({"neighbour"})
+    reconciler.apply(_desired(5, ("ns/a", POD_A)))
+    assert discovery.scans == scans
+
+    discovery.pod_interfaces = frozenset({7})  # ns/b's veth is gone
+    reconciler.interfaces_changed({"link"})
+    reconciler.apply(_desired(6, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert discovery.scans == scans + 1
+    assert dataplane.applied[-1].pod_interfaces == frozenset({7})
+    assert dataplane.applied[-1].endpoints["ns/b"].ifindex is None
+
+
+def test_neighbour_churn_makes_a_bridged_view_stale(doubles):
+    dataplane, discovery = doubles
+    discovery.links = {3: Link(3, "br0", "bridge", peer_netnsid=None, master=None)}
+    reconciler = Reconciler(dataplane, discovery, reuse_views=True)
+    reconciler.interfaces_changed()
+    reconciler.apply(_desired(1))
+    scans = discovery.scans
+    reconciler.interfaces_changed({"neighbour"})
+    reconciler.apply(_desired(2))
+    assert discovery.scans == scans + 1
+
+
+def test_without_reuse_every_version_scans(doubles):
+    dataplane, discovery = doubles
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.interfaces_changed()
+    for version in (1, 2, 3):
+        reconciler.apply(_desired(version))
+    assert discovery.scans == 3
+
+
+def test_a_retry_and_the_background_loop_scan_afresh(doubles):
+    dataplane, discovery = doubles
+    reconciler = Reconciler(dataplane, discovery, sleep=_no_sleep, reuse_views=True)
+    reconciler.interfaces_changed()
+    reconciler.apply(_desired(1, ("ns/a", POD_A)))
+    scans = discovery.scans
+    dataplane.errors = [TemporaryDataplaneError("interface vanished")]
+    reconciler.apply(_desired(2, ("ns/a", POD_A)))
+    assert discovery.scans == scans + 1  # the first try reused the view, the retry did not
+
+    reconciler.reconcile_once()  # what the periodic resync runs: it covers dropped notifications
+    assert discovery.scans == scans + 2
+
+
+def test_a_failed_scan_leaves_no_view_to_reuse(doubles):
+    dataplane, discovery = doubles
+    reconciler = Reconciler(dataplane, discovery, sleep=_no_sleep, reuse_views=True)
+    reconciler.interfaces_changed()
+    reconciler.apply(_desired(1))
+    real_scan = discovery.scan
+    failures = [DiscoveryError("netlink dump failed")]
+
+    def flaky_scan() -> HostView:
+        if failures:
+            raise failures.pop()
+        return real_scan()
+
+    discovery.scan = flaky_scan  # type: ignore[method-assign]
+    reconciler.interfaces_changed({"route"})
+    discovery.pod_interfaces = frozenset({7})
+    discovery.routes = {POD_A: 7}
+    reconciler.apply(_desired(2, ("ns/a", POD_A)))  # the scan fails once, the retry scans again
+    assert dataplane.applied[-1].endpoints["ns/a"].ifindex == 7
+    scans = discovery.scans
+    reconciler.apply(_desired(3, ("ns/a", POD_A)))
+    assert discovery.scans == scans
