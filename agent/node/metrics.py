@@ -17,6 +17,8 @@ Metrics (all read at scrape time):
   podfence_map_entries{map}, podfence_map_capacity{map}   map usage against capacity
   podfence_events_lost_total                    deny events the ring buffer dropped
   podfence_apply_errors_total                   failed programming attempts (retries included)
+  podfence_hook_repairs_total                   netfilter hooks put back first after another tool
+                                                inserted rules above them or removed them
 
 Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
 times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
@@ -73,11 +75,23 @@ class SyncStatus(Protocol):
     def connected(self) -> bool: ...
 
 
+class HookRepairCount(Protocol):
+    @property
+    def repairs(self) -> int: ...
+
+
 class AgentCollector(Collector):
-    def __init__(self, dataplane: Dataplane, reconciler: Reconciler, sync: SyncStatus | None) -> None:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        reconciler: Reconciler,
+        sync: SyncStatus | None,
+        hook_guard: HookRepairCount | None = None,
+    ) -> None:
         self._dataplane = dataplane
         self._reconciler = reconciler
         self._sync = sync
+        self._hook_guard = hook_guard
 
     def describe(self) -> Iterable[Metric]:
         # Describing would read the kernel at registration time; an empty describe() makes
@@ -128,6 +142,12 @@ class AgentCollector(Collector):
         )
         errors.add_metric([], status.apply_errors_total)
         yield errors
+        repairs = CounterMetricFamily(
+            "podfence_hook_repairs",
+            "podfence netfilter hooks put back first after another tool moved or removed them.",
+        )
+        repairs.add_metric([], self._hook_guard.repairs if self._hook_guard is not None else 0)
+        yield repairs
 
     def _endpoint_counters(self) -> Iterable[Metric]:
         packets = CounterMetricFamily(
@@ -192,9 +212,13 @@ def _bucket_label(bound: float) -> str:
 
 
 def register_agent_metrics(
-    registry: CollectorRegistry, dataplane: Dataplane, reconciler: Reconciler, sync: SyncStatus | None
+    registry: CollectorRegistry,
+    dataplane: Dataplane,
+    reconciler: Reconciler,
+    sync: SyncStatus | None,
+    hook_guard: HookRepairCount | None = None,
 ) -> AgentCollector:
-    collector = AgentCollector(dataplane, reconciler, sync)
+    collector = AgentCollector(dataplane, reconciler, sync, hook_guard)
     registry.register(collector)
     return collector
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from agent.dataplane.types import (
     IdentityPeer,
     NodeState,
 )
+from agent.node.hookguard import HookGuard
 from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip, sh
 
 pytestmark = pytest.mark.skipif(
@@ -395,6 +397,30 @@ def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_f
     dataplane.apply(denying)
     assert not a.tcp(b.ip, 8080)
     assert "-A FORWARD -j ACCEPT" in node.run("iptables", "-S", "FORWARD").stdout  # others' rules untouched
+
+
+def test_the_periodic_hook_check_outranks_a_rule_inserted_above_the_egress_hook(
+    node: Node, dataplane: BpfDataplane
+) -> None:
+    a, b, c = node.pods
+    dataplane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
+    guard = HookGuard(dataplane, interval_s=0.5)
+    stop = threading.Event()
+    checker = threading.Thread(target=guard.run, args=(stop,))
+    checker.start()
+    try:
+        assert not a.tcp(b.ip, 8080)
+        node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")  # no apply follows this time
+        deadline = time.monotonic() + 3
+        while guard.repairs == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.repairs == 1, "no repair within the check period"
+        assert not a.tcp(b.ip, 8080)
+        forward = [line for line in node.run("iptables", "-S", "FORWARD").stdout.splitlines() if "-A" in line]
+        assert forward[0].endswith("-j PODFENCE-EGRESS") and forward[1] == "-A FORWARD -j ACCEPT", forward
+    finally:
+        stop.set()
+        checker.join(5)
 
 
 def test_icmp_errors_related_to_an_allowed_flow_reach_an_isolated_pod(

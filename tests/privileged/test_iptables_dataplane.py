@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
+from agent.node.hookguard import HookGuard
 from tests.privileged.iptables_netns import (
     CLUSTER_IP,
     NODE_IP,
@@ -590,6 +592,45 @@ def test_start_sweeps_what_nothing_uses_and_apply_rehooks(node: Node) -> None:
         worker.call("teardown")
     finally:
         worker.stop()
+
+
+class _WorkerHooks:
+    """The worker's dataplane as the agent's HookGuard sees it."""
+
+    def __init__(self, worker: DataplaneWorker) -> None:
+        self.worker = worker
+
+    def repair_hooks(self) -> list[str]:
+        return list(self.worker.call("repair_hooks"))
+
+
+def test_a_rule_inserted_above_the_hook_is_outranked_again_within_the_check_period(
+    node: Node, dataplane: DataplaneWorker
+) -> None:
+    p1, p2, p3 = node.pods
+    dataplane.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))}))
+    guard = HookGuard(_WorkerHooks(dataplane), interval_s=0.5)
+    stop = threading.Event()
+    checker = threading.Thread(target=guard.run, args=(stop,))
+    checker.start()
+    try:
+        assert not node.probe(p3, "tcp", p2.ip, 80)
+        for family in ("iptables-legacy", "ip6tables-legacy"):
+            node.in_node(family, "-I", "FORWARD", "1", "-j", "ACCEPT")  # another tool, later
+        assert wait_for(lambda: guard.repairs >= 2, timeout=3), "no repair within the check period"
+        assert not node.probe(p3, "tcp", p2.ip, 80)
+        assert not node.probe(p3, "tcp", p2.ip6 or "", 80)
+        assert node.probe(p1, "tcp", p2.ip, 80)
+        for family in (4, 6):
+            saved = node.legacy_save(family).splitlines()
+            forward = [line for line in saved if line.startswith("-A FORWARD")]
+            assert forward[0].endswith("-j PF-FWD") and forward[1] == "-A FORWARD -j ACCEPT", forward
+        repairs = guard.repairs
+        time.sleep(1.2)  # hooks in place: later checks change nothing
+        assert guard.repairs == repairs
+    finally:
+        stop.set()
+        checker.join(5)
 
 
 def test_a_pod_with_cap_net_admin_cannot_lift_its_filters(node: Node, dataplane: DataplaneWorker) -> None:

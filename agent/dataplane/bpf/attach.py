@@ -104,16 +104,20 @@ class Iptables:
             raise TemporaryDataplaneError(f"{' '.join(argv)}: {result.stderr.strip()}")
         return result
 
-    def install(self, pinned_program: str) -> None:
+    def install(self, pinned_program: str) -> list[str]:
         """Make our chain run `pinned_program` and be the FIRST rule of FORWARD and INPUT.
 
         Idempotent and cheap when nothing changed (one `-S` listing per family), so it runs on
-        every apply: a firewall reload or kube-proxy inserting above us is repaired at once.
-        A changed program is swapped with an atomic rule replace.
+        every apply and from the agent's periodic hook check: a firewall reload or a tool
+        inserting above us is repaired. Returns what had to be fixed ([] when all was in place).
+        A changed program is swapped with an atomic rule replace; a misplaced jump is moved to
+        the top in one iptables-restore transaction (delete ours + insert at 1), so there is no
+        moment without it. Other software's rules are never touched.
         """
         rule = ["-m", "bpf", "--object-pinned", pinned_program, "-m", "comment", "--comment",
-                IPTABLES_COMMENT, "-j", "DROP"]
-        jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
+                IPTABLES_COMMENT, "-j", "DROP"]  # fmt: skip
+        jump = f'-m comment --comment "{IPTABLES_COMMENT}" -j {IPTABLES_CHAIN}'
+        fixed: list[str] = []
         for command in IPTABLES_COMMANDS:
             lines = self._run(command, "-S").stdout.splitlines()
             if f"-N {IPTABLES_CHAIN}" not in lines:
@@ -121,17 +125,34 @@ class Iptables:
             ours = [line for line in lines if line.startswith(f"-A {IPTABLES_CHAIN} ")]
             if not ours:
                 self._run(command, "-A", IPTABLES_CHAIN, *rule)
+                fixed.append(f"{command} {IPTABLES_CHAIN} rule")
             elif pinned_program not in ours[0] or len(ours) > 1:
                 self._run(command, "-R", IPTABLES_CHAIN, "1", *rule)
                 for _ in ours[1:]:
                     self._run(command, "-D", IPTABLES_CHAIN, "2")
+                fixed.append(f"{command} {IPTABLES_CHAIN} rule")
+            script = ["*filter"]
             for base in IPTABLES_BASE_CHAINS:
                 rules = [line for line in lines if line.startswith(f"-A {base} ")]
                 if rules and rules[0].endswith(f"-j {IPTABLES_CHAIN}"):
                     continue
-                while self._run(command, "-D", base, *jump, check=False).returncode == 0:
-                    pass
-                self._run(command, "-I", base, "1", *jump)
+                jumps = [line for line in rules if line.endswith(f"-j {IPTABLES_CHAIN}")]
+                script += [f"-D {base} {jump}" for _ in jumps] + [f"-I {base} 1 {jump}"]
+                fixed.append(f"{command} {base} jump")
+            if len(script) > 1:
+                self._restore(command, "\n".join([*script, "COMMIT", ""]))
+        return fixed
+
+    def _restore(self, command: str, script: str) -> None:
+        argv = [*self._prefix, f"{command}-restore", "--noflush", "-w"]
+        try:
+            result = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise TemporaryDataplaneError(f"{command}-restore failed to run: {error}") from error
+        if result.returncode != 0:
+            # e.g. a jump deleted by someone else between the listing and this commit: nothing
+            # was changed (one transaction); the next check sees the new state and retries
+            raise TemporaryDataplaneError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
     def remove(self) -> None:
         jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]

@@ -236,6 +236,14 @@ class BpfDataplane:
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
 
+    def repair_hooks(self) -> list[str]:
+        """Put the egress hook back where it must be (first in FORWARD and INPUT, running the
+        current program) if something moved or removed it; returns what was repaired."""
+        if self._module is None or not self._nf_pin:
+            return []
+        with self._lock:
+            return self._iptables.install(self._nf_pin)
+
     def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
         peaks = peak_sizes(self._live, ops)
         knobs = self.knobs

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -163,6 +164,10 @@ class IptablesDataplane:
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], _Tally] = {}
+        # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
+        # agent's hook check) on others. A scrape between "old chain counted into _retired" and
+        # "old chain deleted" would count it twice, and the next scrape would go down.
+        self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -216,11 +221,32 @@ class IptablesDataplane:
     # -- programming --------------------------------------------------------------------------
 
     def apply(self, state: NodeState) -> None:
+        with self._lock:
+            self._apply_locked(state)
+
+    def repair_hooks(self) -> list[str]:
+        """Make podfence's jumps the first rules of FORWARD and INPUT again (both families) if
+        another tool inserted rules above them or removed them; returns what was repaired.
+        Cheap when all is in place: one iptables-save of the filter table per family."""
+        if not self._started:
+            return []
+        with self._lock:
+            return self._repair_hooks_locked()
+
+    def _repair_hooks_locked(self) -> list[str]:
+        repaired = []
+        for family in FAMILIES:
+            script = kernel.hooks_first_script(kernel.read_filter_table(family), HOOKS)
+            if script:
+                kernel.restore_filter_table(family, script)
+                repaired += [
+                    f"ipv{family} {line.split()[1]}" for line in script.splitlines() if line.startswith("-I ")
+                ]
+        return repaired
+
+    def _apply_locked(self, state: NodeState) -> None:
         if not self._started:
             self.start()
-        else:
-            for family in FAMILIES:
-                kernel.ensure_hooks(family, HOOKS)  # someone may have flushed FORWARD/INPUT since
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
@@ -242,6 +268,11 @@ class IptablesDataplane:
         for family in FAMILIES:
             table = kernel.read_filter_table(family)
             changed |= self._commit_family(family, desired, table)
+        # After the commits, which (re)create podfence's chains: someone may have flushed
+        # FORWARD/INPUT or inserted rules above the hooks since the last apply.
+        repaired = self._repair_hooks_locked()
+        if repaired:
+            log.warning("podfence hooks were not first; moved back to the top: %s", ", ".join(repaired))
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
 
@@ -358,13 +389,14 @@ class IptablesDataplane:
 
     def counters(self) -> list[EndpointCounters]:
         totals: dict[tuple[str, str], _Tally] = {}
-        for family in FAMILIES:
-            table = kernel.read_filter_table(family)
-            for owner, tally in _tally_chains(table, endpoint_chain_owners(table)).items():
-                totals.setdefault(owner, _Tally()).add(tally)
-        for owner, tally in self._retired.items():
-            if owner in totals:
-                totals[owner].add(tally)
+        with self._lock:  # the kernel's chains and _retired from the same moment
+            for family in FAMILIES:
+                table = kernel.read_filter_table(family)
+                for owner, tally in _tally_chains(table, endpoint_chain_owners(table)).items():
+                    totals.setdefault(owner, _Tally()).add(tally)
+            for owner, tally in self._retired.items():
+                if owner in totals:
+                    totals[owner].add(tally)
         return [
             EndpointCounters(
                 key, direction, t.allowed_packets, t.allowed_bytes, t.denied_packets, t.denied_bytes

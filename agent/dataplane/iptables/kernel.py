@@ -202,6 +202,26 @@ def ensure_hooks(family: int, hooks: dict[str, str]) -> None:
         raise TemporaryDataplaneError(f"cannot hook podfence into the ipv{family} filter table") from exc
 
 
+def hooks_first_script(table: FilterTable, hooks: dict[str, str]) -> str:
+    """The iptables-restore script that makes each hook the FIRST rule of its built-in chain
+    again ("" when every hook is first already). A rule another tool inserted above ours would
+    decide for pods' packets before podfence does (an ACCEPT lets them escape policy).
+
+    Ours are deleted by their exact spec and one is inserted at the top in the same commit, so
+    there is no moment without the hook, and no other rule is touched. Should a hook vanish
+    between the read and the commit, the delete fails and the whole commit with it."""
+    lines: list[str] = []
+    for builtin, target in hooks.items():
+        rules = table.chain_rules(builtin)
+        ours = [i for i, r in enumerate(rules) if r.comment == HOOK and r.target == target]
+        if ours == [0]:
+            continue
+        spec = f'-m comment --comment "{HOOK}" -j {target}'
+        lines += [f"-D {builtin} {spec}" for _ in ours]
+        lines.append(f"-I {builtin} 1 {spec}")
+    return "\n".join(["*filter", *lines, "COMMIT", ""]) if lines else ""
+
+
 def remove_hooks(family: int) -> None:
     import iptc
 

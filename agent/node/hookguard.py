@@ -1,0 +1,58 @@
+"""The periodic hook check: podfence's netfilter hooks must stay the first rules of their chains.
+
+Both dataplanes judge pod traffic from rules that podfence puts at the top of the filter table's
+FORWARD and INPUT (the iptables dispatch; the bpf dataplane's xt_bpf egress rule). Another tool
+that later inserts an ACCEPT above them lets pods escape policy until the next apply, which may
+be long in a quiet cluster. HookGuard asks the dataplane every few seconds to check and repair
+(`repair_hooks`, one filter-table read per family when all is well), counts the repairs for
+podfence_hook_repairs_total and logs the first one as a warning (a tool that keeps fighting for
+the top would otherwise fill the log; later repairs are in the metric and at debug level).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol, runtime_checkable
+
+from agent.dataplane.base import DataplaneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 2.0
+
+
+@runtime_checkable
+class HookRepairing(Protocol):
+    def repair_hooks(self) -> list[str]:
+        """Put podfence's hooks back first where they are not; returns what was repaired."""
+
+
+class HookGuard:
+    def __init__(self, dataplane: HookRepairing, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        self._dataplane = dataplane
+        self.interval_s = interval_s
+        self.repairs = 0  # hooks put back since the agent started (podfence_hook_repairs_total)
+        self._warned = False
+
+    def check_once(self) -> list[str]:
+        try:
+            repaired = self._dataplane.repair_hooks()
+        except DataplaneError as exc:
+            # A busy xtables lock or a table changing under us: the next check tries again.
+            log.warning("checking podfence's netfilter hooks failed: %s", exc)
+            return []
+        if repaired:
+            self.repairs += len(repaired)
+            message = "podfence hooks were no longer first (another tool changed the chains); restored: %s"
+            if not self._warned:
+                log.warning(message, ", ".join(repaired), extra={"repaired": repaired})
+                self._warned = True
+            else:
+                log.debug(message, ", ".join(repaired), extra={"repaired": repaired})
+        return repaired
+
+    def run(self, stop: threading.Event) -> None:
+        """Checks every `interval_s` until `stop` is set."""
+        while not stop.wait(self.interval_s):
+            self.check_once()
