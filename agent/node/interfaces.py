@@ -517,10 +517,27 @@ class NetlinkMonitor:
             ipr.close()
 
 
+_RT_TABLE_LOCAL = 255
+
+
+def _can_change_a_scan(msg: Any) -> bool:
+    """False for the two notifications no `scan()` or `resolve()` result depends on: IPv6
+    link-local addresses (never a node address, never an uplink's subnet) and routes of the local
+    table (scan reads the main one; a pod IP is never local). Each new interface brings a burst
+    of both a second or two later, once IPv6 duplicate address detection ends."""
+    event = str(msg.get("event", ""))
+    if event in ("RTM_NEWADDR", "RTM_DELADDR") and msg.get("family") == socket.AF_INET6:
+        raw = msg.get("IFA_ADDRESS")
+        return not (raw and ipaddress.ip_address(raw).is_link_local)
+    if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+        return (msg.get("RTA_TABLE") or msg.get("table")) != _RT_TABLE_LOCAL
+    return True
+
+
 def _drain(ipr: IPRoute) -> frozenset[str]:
     kinds: set[str] = set()
     while True:
-        kinds.update(_kind_of(str(msg.get("event", ""))) for msg in ipr.get())
+        kinds.update(_kind_of(str(msg.get("event", ""))) for msg in ipr.get() if _can_change_a_scan(msg))
         readable, _, _ = select.select([ipr], [], [], 0)
         if not readable:
             return frozenset(kinds)

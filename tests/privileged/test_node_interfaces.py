@@ -224,6 +224,42 @@ def test_monitor_reports_a_new_pod_interface_quickly(lab):
     assert not thread.is_alive()
 
 
+def test_monitor_ignores_ipv6_link_local_addresses_and_local_routes(lab):
+    """The burst each new interface brings once IPv6 DAD ends changes nothing scan() reads."""
+    sh(
+        f"ip -n {lab.node} link add d0 type veth peer name d1",
+        f"ip -n {lab.node} link set d0 addrgenmode none",
+        f"ip -n {lab.node} link set d1 addrgenmode none",
+        f"ip -n {lab.node} link set d0 up",
+        f"ip -n {lab.node} link set d1 up",
+        f"ip -n {lab.node} -6 addr add fe80::1/64 dev d0 nodad",  # the fe80::/64 route exists now
+    )
+    reports: list[frozenset[str]] = []
+    monitor = NetlinkMonitor(reports.append, netns=lab.node)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert monitor.subscribed.wait(timeout=5)
+        deadline = time.monotonic() + 2
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reports.clear()  # the initial "look at everything"
+        # RTM_NEWADDR (IPv6 link-local) and RTM_NEWROUTE "local fe80::1234 table local", nothing else.
+        sh(f"ip -n {lab.node} -6 addr add fe80::1234/64 dev d0 nodad")
+        time.sleep(0.3)
+        assert reports == []
+        sh(f"ip -n {lab.node} addr add 10.99.0.1/24 dev d0")  # a node address and subnet route
+        deadline = time.monotonic() + 2
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reports and "address" in set().union(*reports)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
 class RecordingDataplaneDouble:
     """Records applied states with their arrival time (the kernel side is tested elsewhere)."""
 
