@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
         sync = SyncClient(args.node, args.control, reconciler.apply, credentials=credentials)
+        reconciler.on_recovered(sync.applied_late)
         hook_guard = HookGuard(dataplane) if isinstance(dataplane, HookRepairing) else None
         registry = CollectorRegistry()
         register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)

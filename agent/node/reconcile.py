@@ -124,6 +124,10 @@ class Reconciler:
         self._pending_kinds: set[str] = set()
         self._changed_at = 0.0
         self._reuse_views = reuse_views
+        # A version whose programming failed (nacked, or about to be). If the background loop
+        # programs it later, `_on_recovered` is told so the version is acked after all.
+        self._failed_version: int | None = None
+        self._on_recovered: Callable[[int], None] | None = None
         # What notifications said changed since _last_view was taken, and whether any came at all:
         # the monitor's first call follows its subscription, before which nothing vouches for a
         # view (both under _pending_lock).
@@ -177,6 +181,11 @@ class Reconciler:
             if not self._changed.is_set():
                 self._changed_at = self._clock()
             self._changed.set()
+
+    def on_recovered(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(version)` when the background loop programs a version that had failed
+        (SyncClient.applied_late: it was nacked, now it is acked)."""
+        self._on_recovered = callback
 
     def mark_adopted(self) -> None:
         """The dataplane found and kept kernel state from a previous run (readiness)."""
@@ -232,6 +241,7 @@ class Reconciler:
         with self._lock:
             if self._desired is None:
                 return False
+            version, failed = self._desired.version, self._failed_version
             try:
                 guarded = self._guard_new_interfaces_locked()
                 if guarded and changed_at is not None:
@@ -242,6 +252,11 @@ class Reconciler:
                 raise
         if changed and not guarded and changed_at is not None:
             self.interface_seconds.observe(self._clock() - changed_at)
+        if failed == version and self._on_recovered is not None:
+            log.info(
+                "version %d is programmed after all (it had failed)", version, extra={"version": version}
+            )
+            self._on_recovered(version)
         return guarded or changed
 
     def _refused_desired(self) -> bool:
@@ -291,7 +306,7 @@ class Reconciler:
             if (link := view.links.get(index)) is not None
         }
         if complete == self._programmed and wiring == self._programmed_wiring:
-            self._applied_version = desired.version
+            self._succeeded_locked(desired.version)
             return False
         self._dataplane.apply(complete)
         self._programmed_wiring = wiring
@@ -304,10 +319,15 @@ class Reconciler:
                 extra={"version": desired.version},
             )
         self._programmed = complete
-        self._applied_version = desired.version
+        self._succeeded_locked(desired.version)
+        return True
+
+    def _succeeded_locked(self, version: int) -> None:
+        # The kernel enforces `version` now: an earlier failure is no longer the node's state.
+        self._applied_version = version
         self._last_error = None
         self._refused_version = None
-        return True
+        self._failed_version = None
 
     def _host_view_locked(self, fresh: bool) -> HostView:
         """The last scan while notifications say it still holds (see the module docstring), else a new one."""
@@ -378,6 +398,8 @@ class Reconciler:
         return None
 
     def _record_error(self, exc: BaseException) -> None:
+        if self._desired is not None:
+            self._failed_version = self._desired.version
         if not isinstance(exc, TemporaryDataplaneError | DiscoveryError) and self._desired is not None:
             self._refused_version = self._desired.version
         self._errors_total += 1

@@ -2,8 +2,10 @@
 
 SyncClient opens one Sync stream, says Hello, replaces its state with each snapshot and patches it
 with each delta, hands the result (a dataplane NodeState) to `apply`, and acks the version only
-when `apply` returned. A failed `apply` is nacked with its error. Malformed data from the server is
-nacked too, and the stream is reopened so the next snapshot starts from a known state.
+when `apply` returned. A failed `apply` is nacked with its error; if the reconcile loop programs
+that version later after all (a full map freed, an interface that came back), `applied_late`
+acks it then, so the control service does not keep showing a stale error. Malformed data from
+the server is nacked too, and the stream is reopened so the next snapshot starts from a known state.
 
 While the control service is unreachable it reconnects with jittered exponential backoff and does
 nothing to the kernel: the last programmed state keeps being enforced.
@@ -179,6 +181,11 @@ class SyncClient:
         ]
         self._connected = threading.Event()
         self.last_applied_version = 0
+        # Late acks come from the reconcile thread; the lock keeps each after its version's nack.
+        self._ack_lock = threading.Lock()
+        self._outgoing: queue.Queue[pb.AgentMessage | None] | None = None  # the open stream's
+        self._nacked_version: int | None = None  # nacked because apply failed
+        self._late_version: int | None = None  # programmed after apply() had failed
         self.state: NodeState | None = None  # the desired state built from the stream (applied or not)
 
     @property
@@ -195,8 +202,12 @@ class SyncClient:
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if not stop.is_set():
-                    log.warning("sync stream to %s ended: %s %s", self.target, code,
-                                exc.details() if isinstance(exc, grpc.Call) else exc)
+                    log.warning(
+                        "sync stream to %s ended: %s %s",
+                        self.target,
+                        code,
+                        exc.details() if isinstance(exc, grpc.Call) else exc,
+                    )
             except _StreamBroken as exc:
                 log.warning("resynchronising with %s: %s", self.target, exc)
             finally:
@@ -229,6 +240,8 @@ class SyncClient:
             while (message := outgoing.get()) is not None:
                 yield message
 
+        with self._ack_lock:
+            self._outgoing, self._nacked_version = outgoing, None
         delivered = False
         with self._channel() as channel:
             call = pb_grpc.NodeSyncStub(channel).Sync(requests())
@@ -244,7 +257,7 @@ class SyncClient:
                         continue  # draining until the server ends the stream we half-closed
                     self._connected.set()
                     delivered = True
-                    outgoing.put(self._handle(message))
+                    self._send_reply(outgoing, self._handle(message))
                     if self.state is None:
                         # Malformed: half-close after the nack so it is delivered, then reconnect
                         # for a snapshot (nothing built on the broken state can be trusted).
@@ -256,6 +269,8 @@ class SyncClient:
                 raise
             finally:
                 ended.set()
+                with self._ack_lock:
+                    self._outgoing = None
                 outgoing.put(None)
         if broken:
             raise _StreamBroken("the control service sent a malformed message")
@@ -268,6 +283,35 @@ class SyncClient:
                 call.cancel()
                 return
 
+    def applied_late(self, version: int) -> None:
+        """Reconciler callback: `version`, whose apply failed, is programmed now: ack it (after its
+        nack, if that is still to be sent). Without a stream, the next Hello says it."""
+        with self._ack_lock:
+            self._late_version = version
+            if self._nacked_version == version:
+                self._ack_late_locked(version)
+
+    def _send_reply(self, outgoing: queue.Queue[pb.AgentMessage | None], reply: pb.AgentMessage) -> None:
+        with self._ack_lock:
+            outgoing.put(reply)
+            applied_failed = (
+                not reply.ack.ok and self.state is not None and self.state.version == reply.ack.version
+            )
+            if not applied_failed:
+                return
+            self._nacked_version = reply.ack.version
+            if self._late_version == reply.ack.version:  # programmed while apply() was giving up
+                self._ack_late_locked(reply.ack.version)
+
+    def _ack_late_locked(self, version: int) -> None:
+        self._nacked_version = None
+        if self.state is None or self.state.version != version:
+            return  # a later version has been received since; its own ack speaks for the node
+        self.last_applied_version = version
+        if self._outgoing is not None:
+            self._outgoing.put(pb.AgentMessage(ack=pb.Ack(version=version, ok=True)))
+        log.info("acked version %d: programmed after its nack", version, extra={"version": version})
+
     def _handle(self, message: pb.ControlMessage) -> pb.AgentMessage:
         """Builds and applies the state `message` describes; returns the ack or nack to send."""
         try:
@@ -277,6 +321,8 @@ class SyncClient:
             self.state = None
             return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=f"malformed: {exc}"))
         self.state = state
+        with self._ack_lock:
+            self._late_version = None  # only a success from here on can ack this version late
         try:
             self._apply(state)
         except Exception as exc:  # any failure of the dataplane is reported upstream, never fatal here
