@@ -1,4 +1,9 @@
-"""`make bench`: runs every benchmark module that exists and collects results into bench/results.json."""
+"""`make bench`: runs every benchmark module that exists and collects results into bench/results.json.
+
+Each module is imported and run on its own: a module that fails to import (a missing tool, a
+syntax error) or whose run() raises is recorded as {"error": ...} in results.json and the others
+still run. The exit status is 1 if any module failed.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +18,39 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-def main() -> int:
+def run_module(qualified_name: str) -> tuple[object, bool] | None:
+    """(the module's results, True), or ({"error": ..., "stage": ...}, False) if its import or
+    its run() failed; None if it has no run() (a helper, not a benchmark)."""
+    stage = "import"
+    try:
+        module = importlib.import_module(qualified_name)
+        run = getattr(module, "run", None)
+        if run is None:
+            return None
+        print(f"== {qualified_name}", flush=True)
+        stage = "run"
+        return run(), True
+    except Exception as exc:  # one failing benchmark must not hide the others' figures
+        print(f"{qualified_name} failed ({stage}): {exc!r}", file=sys.stderr)
+        return {"error": repr(exc), "stage": stage}, False
+
+
+def main(package: str = "bench", directory: Path | None = None, results_path: Path = RESULTS) -> int:
+    directory = directory or Path(__file__).resolve().parent
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()} {platform.release()}",
     }
-    names = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")]
+    names = [m.name for m in pkgutil.iter_modules([str(directory)]) if not m.name.startswith("_")]
     failed = 0
     for name in sorted(names):
-        module = importlib.import_module(f"bench.{name}")
-        run = getattr(module, "run", None)
-        if run is None:
+        outcome = run_module(f"{package}.{name}")
+        if outcome is None:
             continue
-        print(f"== bench.{name}", flush=True)
-        try:
-            results[name] = run()
-        except Exception as exc:  # one failing benchmark must not hide the others' figures
-            failed += 1
-            results[name] = {"error": repr(exc)}
-            print(f"bench.{name} failed: {exc!r}", file=sys.stderr)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS}")
+        results[name], ok = outcome
+        failed += not ok
+    results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {results_path}")
     return 1 if failed else 0
 
 
