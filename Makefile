@@ -21,6 +21,12 @@ test: lint
 unit: bootstrap
 	$(PY) -m pytest -q tests/unit
 
+privileged: bootstrap
+	$(PY) -m pytest -q tests/privileged
+
+e2e: bootstrap
+	$(PY) -m pytest -q tests/e2e
+
 bench: bootstrap
 	$(PY) -m bench; status=$$?; $(PY) -m bench.report; exit $$status
 
