@@ -3,6 +3,9 @@
 Each module is imported and run on its own: a module that fails to import (a missing tool, a
 syntax error) or whose run() raises is recorded as {"error": ...} in results.json and the others
 still run. The exit status is 1 if any module failed.
+
+`python -m bench NAME...` runs only the named modules and replaces just their entries in the
+existing results.json, each with a note saying when it was measured apart from the full run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pkgutil
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -35,24 +39,41 @@ def run_module(qualified_name: str) -> tuple[object, bool] | None:
         return {"error": repr(exc), "stage": stage}, False
 
 
-def main(package: str = "bench", directory: Path | None = None, results_path: Path = RESULTS) -> int:
+def main(
+    package: str = "bench",
+    directory: Path | None = None,
+    results_path: Path = RESULTS,
+    only: Sequence[str] = (),
+) -> int:
     directory = directory or Path(__file__).resolve().parent
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()} {platform.release()}",
     }
     names = [m.name for m in pkgutil.iter_modules([str(directory)]) if not m.name.startswith("_")]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            print(f"no benchmark module named {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        names = list(only)
+        if results_path.exists():
+            results = {**json.loads(results_path.read_text()), "machine": results["machine"]}
     failed = 0
     for name in sorted(names):
         outcome = run_module(f"{package}.{name}")
         if outcome is None:
             continue
-        results[name], ok = outcome
+        result, ok = outcome
         failed += not ok
+        if only and isinstance(result, dict):
+            stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            result["note"] = f"measured by `python -m bench {name}` at {stamp}, apart from the full run"
+        results[name] = result
     results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {results_path}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(only=sys.argv[1:]))

@@ -49,3 +49,17 @@ def test_a_failing_import_or_run_is_recorded_and_the_others_still_run(
     assert results["c_raises"] == {"error": "RuntimeError('iperf3 timed out')", "stage": "run"}
     assert "d_helper" not in results
     assert {"date", "machine"} <= results.keys()
+
+
+def test_named_modules_replace_only_their_entries(package: tuple[str, Path], tmp_path: Path):
+    name, directory = package
+    results_path = tmp_path / "results.json"
+    results_path.write_text(json.dumps({"date": "2026-01-01", "b_fine": {"ratio": 0.1}, "other": {"x": 1}}))
+    assert main(name, directory, results_path, only=["b_fine"]) == 0
+    results = json.loads(results_path.read_text())
+    assert results["other"] == {"x": 1}  # untouched, and still from the full run's date
+    assert results["date"] == "2026-01-01"
+    assert results["b_fine"]["ratio"] == 0.9
+    assert "apart from the full run" in results["b_fine"]["note"]
+    assert "c_raises" not in results
+    assert main(name, directory, results_path, only=["no_such_module"]) == 2
