@@ -236,13 +236,16 @@ class IptablesDataplane:
     def _repair_hooks_locked(self) -> list[str]:
         repaired = []
         for family in FAMILIES:
-            script = kernel.hooks_first_script(kernel.read_filter_table(family), HOOKS)
-            if script:
-                kernel.restore_filter_table(family, script)
-                repaired += [
-                    f"ipv{family} {line.split()[1]}" for line in script.splitlines() if line.startswith("-I ")
-                ]
+            repaired += self._move_hooks_first(family, kernel.read_filter_table(family))
         return repaired
+
+    @staticmethod
+    def _move_hooks_first(family: int, table: kernel.FilterTable) -> list[str]:
+        script = kernel.hooks_first_script(table, HOOKS)
+        if not script:
+            return []
+        kernel.restore_filter_table(family, script)
+        return [f"ipv{family} {line.split()[1]}" for line in script.splitlines() if line.startswith("-I ")]
 
     def _apply_locked(self, state: NodeState) -> None:
         if not self._started:
@@ -265,12 +268,14 @@ class IptablesDataplane:
         moved_peers = _changed_members(desired, sets_now)
         kernel.restore_sets(self._sets_script(desired, sets_now))
         changed: set[tuple[str, str]] = set()
+        repaired: list[str] = []
         for family in FAMILIES:
             table = kernel.read_filter_table(family)
             changed |= self._commit_family(family, desired, table)
-        # After the commits, which (re)create podfence's chains: someone may have flushed
-        # FORWARD/INPUT or inserted rules above the hooks since the last apply.
-        repaired = self._repair_hooks_locked()
+            # After the commit, which (re)creates podfence's chains: someone may have flushed
+            # FORWARD/INPUT or inserted rules above the hooks since the last apply. The commit
+            # left the built-in chains alone, so the table read before it still shows them.
+            repaired += self._move_hooks_first(family, table)
         if repaired:
             log.warning("podfence hooks were not first; moved back to the top: %s", ", ".join(repaired))
         stale_sets = sorted(set(sets_now) - set(desired.sets))
