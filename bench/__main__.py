@@ -51,6 +51,7 @@ def main(
         "machine": f"{platform.node()} {platform.machine()} {platform.release()}",
     }
     names = [m.name for m in pkgutil.iter_modules([str(directory)]) if not m.name.startswith("_")]
+    machine = results["machine"]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -58,7 +59,7 @@ def main(
             return 2
         names = list(only)
         if results_path.exists():
-            results = {**json.loads(results_path.read_text()), "machine": results["machine"]}
+            results = json.loads(results_path.read_text())  # date and machine: the full run's
     failed = 0
     for name in sorted(names):
         outcome = run_module(f"{package}.{name}")
@@ -68,7 +69,9 @@ def main(
         failed += not ok
         if only and isinstance(result, dict):
             stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            result["note"] = f"measured by `python -m bench {name}` at {stamp}, apart from the full run"
+            result["note"] = (
+                f"measured by `python -m bench {name}` at {stamp} on {machine}, apart from the full run."
+            )
         results[name] = result
     results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {results_path}")
