@@ -9,11 +9,18 @@
  *    source once conntrack has reversed the DNAT);
  *  - an ICMP error whose embedded tuple (either way round) is tracked is related and passes.
  * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
- * switches an entry to the short closing timeout, a later bare SYN on the same tuple back. */
+ * switches an entry to the short closing timeout, a later bare SYN on the same tuple back.
+ *
+ * A flow's packets are judged on several CPUs (each direction, three hooks). An entry is written
+ * only when something changes: its timestamp once it is older than 1/PF_CT_REFRESH_SHARE of its
+ * timeout (so an idle flow still expires within one share of the timeout), its flags when a flag
+ * is new. Writing on every packet made the entry's cache line bounce between CPUs. */
 #ifndef PF_LIB_CONNTRACK_H
 #define PF_LIB_CONNTRACK_H
 
 PF_PINNED("lru_hash", struct pf_ct_key, struct pf_ct_value, pf_ct, PF_CT_MAX, 0);
+
+#define PF_CT_REFRESH_SHARE 64
 
 static __always_inline __u64 pf_ct_timeout_ns(__u8 protocol)
 {
@@ -58,14 +65,17 @@ static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const
 	struct pf_ct_value *entry = pf_ct.lookup(key);
 	if (!entry)
 		return 0;
-	if (now - entry->last_seen_ns > pf_ct_entry_timeout_ns(entry, key->protocol))
+	__u64 timeout = pf_ct_entry_timeout_ns(entry, key->protocol);
+	__u64 age = now - entry->last_seen_ns;
+	if (age > timeout)
 		return 0;
 	if (pkt) {
-		entry->last_seen_ns = now;
+		if (age > timeout / PF_CT_REFRESH_SHARE)
+			entry->last_seen_ns = now;
 		if (pkt->protocol == PF_IPPROTO_TCP) {
-			if (pkt->tcp_flags & 0x05)
+			if ((pkt->tcp_flags & 0x05) && !(entry->flags & PF_CT_CLOSING))
 				entry->flags |= PF_CT_CLOSING;
-			else if ((pkt->tcp_flags & 0x12) == 0x02)
+			else if ((pkt->tcp_flags & 0x12) == 0x02 && (entry->flags & PF_CT_CLOSING))
 				entry->flags &= ~PF_CT_CLOSING;
 		}
 	}
@@ -75,8 +85,10 @@ static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const
 static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
-	if (entry && now - entry->last_seen_ns <= pf_ct_entry_timeout_ns(entry, key->protocol)) {
-		entry->last_seen_ns = now;
+	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key->protocol) : 0;
+	if (entry && now - entry->last_seen_ns <= timeout) {
+		if (now - entry->last_seen_ns > timeout / PF_CT_REFRESH_SHARE)
+			entry->last_seen_ns = now;
 		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
 		if (!(entry->flags & flag))
 			entry->flags |= flag;

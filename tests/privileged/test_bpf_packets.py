@@ -16,6 +16,7 @@ import secrets
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -385,6 +386,32 @@ def test_tcp_fin_or_rst_moves_the_flow_to_the_closing_timeout_and_a_new_syn_back
     assert flow_flags() & structs.CT_CLOSING and flow_flags() & structs.CT_INGRESS_OK
     assert verdict(plane, "to_pod", syn)  # the tuple reused by a new connection
     assert not flow_flags() & structs.CT_CLOSING
+
+
+def test_a_flow_entry_is_rewritten_only_once_its_timestamp_is_a_share_of_the_timeout_old(
+    plane: BpfDataplane,
+) -> None:
+    apply(plane, iso(ident(7, f.UDP, 53, 53)), None)
+    datagram = f.packet4(PEER7, POD, f.UDP, sport=42000, dport=53)
+    assert verdict(plane, "to_pod", datagram)
+    table = plane._module[b"pf_ct"]
+    (key,) = [k for k in table if k.protocol == f.UDP and k.sport_be == socket.htons(42000)]
+
+    def age_by(seconds: float) -> int:
+        value = table[key]
+        value.last_seen_ns = time.monotonic_ns() - int(seconds * 1e9)  # bpf_ktime_get_ns's clock
+        table[key] = value
+        return int(value.last_seen_ns)
+
+    # UDP's timeout is 120 s: refreshed only when older than 120/64 = 1.875 s.
+    stamp = age_by(1.0)
+    assert verdict(plane, "to_pod", datagram)
+    assert table[key].last_seen_ns == stamp
+    before = time.monotonic_ns()
+    age_by(60.0)
+    assert verdict(plane, "to_pod", datagram)
+    assert table[key].last_seen_ns >= before
+    assert table[key].flags & structs.CT_INGRESS_OK
 
 
 def test_reset_mode_admits_a_new_tcp_flow_only_from_a_syn(plane: BpfDataplane) -> None:
