@@ -112,7 +112,7 @@ static __always_inline __u32 pf_check_arp(struct __sk_buff *skb)
 
 int tc_from_pod(struct __sk_buff *skb)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
 	struct pf_packet pkt = {};
 	__u32 reason = PF_REASON_ALLOWED;
@@ -155,7 +155,7 @@ int tc_from_pod(struct __sk_buff *skb)
 
 int tc_to_pod(struct __sk_buff *skb)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
 	struct pf_packet pkt = {};
 	__u32 reason;
@@ -176,7 +176,7 @@ int tc_to_pod(struct __sk_buff *skb)
 
 int nf_egress(struct __sk_buff *skb)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = pf_now();
 	struct pf_packet pkt = {};
 
 	/* at the netfilter hook skb->data is the IP header and the kernel has validated it */

@@ -135,7 +135,7 @@ struct pf_ct_key {
 };
 
 struct pf_ct_value {
-	__u64 last_seen_ns;         /* bpf_ktime_get_ns() of the last packet */
+	__u64 last_seen_ns;         /* pf_now() (coarse CLOCK_MONOTONIC) of the last packet */
 	__u32 flags;                /* PF_CT_* */
 	__u32 reserved;
 };
