@@ -116,6 +116,13 @@ ROWS = [
         ),
     ),
     Row(
+        "an ipv6 cidr covering ::ffff:0:0/96 (where ipv4 is kept) does not open ipv4",
+        None,
+        iso(Allow(CidrPeer(ipaddress.ip_network("::/0")))),
+        allowed=(("egress", f.tcp6(POD6, "2001:db8::1")),),
+        dropped=(("egress", f.tcp4(POD, "192.0.2.1")), ("egress", f.packet4(POD, PEER8, f.UDP))),
+    ),
+    Row(
         "port range 1000-2000",
         iso(ident(7, f.TCP, 1000, 2000)),
         None,

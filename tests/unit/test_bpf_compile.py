@@ -91,6 +91,26 @@ def test_except_of_another_peer_does_not_remove_an_address() -> None:
     assert longest_match_class(classes, addr("10.8.0.1")) == {wide, carved}
 
 
+def test_an_ipv6_prefix_over_the_v4_mapped_space_is_never_an_ipv4_address_longest_match() -> None:
+    everywhere6 = CidrPeer(net("::/0"))
+    ten = CidrPeer(net("10.0.0.0/8"))
+    classes = cidr_classes_of([everywhere6, ten])
+
+    def datapath_match(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> frozenset:
+        """The longest match in the datapath's single space, where IPv4 is v4-mapped."""
+        value = int.from_bytes(addr_bytes(address), "big")
+        matches = []
+        for prefix in classes:
+            length, raw = network_prefix(prefix)
+            if value >> (128 - length) == int.from_bytes(raw, "big") >> (128 - length):
+                matches.append((length, prefix))
+        return classes[max(matches, key=lambda match: match[0])[1]] if matches else frozenset()
+
+    assert datapath_match(addr("192.0.2.1")) == frozenset()
+    assert datapath_match(addr("10.1.2.3")) == {ten}
+    assert datapath_match(addr("2001:db8::1")) == {everywhere6}
+
+
 def endpoint(
     key: str,
     ip: str,
