@@ -160,6 +160,11 @@ static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, st
 			return off;
 		}
 	}
+	/* PF_MAX_IPV6_EXT_HEADERS walked: what follows may still be the upper layer */
+	if (next != 0 && next != 43 && next != 44 && next != 51 && next != 60) {
+		pkt->protocol = next;
+		return off;
+	}
 	/* more extension headers than we are willing to walk */
 	return -1;
 }

@@ -167,6 +167,7 @@ ROWS = [
         allowed=(
             ("to_pod", f.tcp6(PEER7_6, POD6, extensions=(0,))),
             ("to_pod", f.tcp6(PEER7_6, POD6, extensions=(0, 60))),
+            ("to_pod", f.tcp6(PEER7_6, POD6, extensions=(60,) * 8)),  # as many as we walk (was dropped)
         ),
         dropped=(
             ("to_pod", f.tcp6(PEER7_6, POD6, dport=81, extensions=(0, 60))),
