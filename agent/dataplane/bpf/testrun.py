@@ -1,7 +1,8 @@
 """BPF_PROG_TEST_RUN through the bpf() syscall (ctypes): run a loaded program on one packet.
 
 Used by the packet-table tests and handy for debugging a verdict without any traffic. The
-packet is run on the caller's loopback device, so its skb->ifindex is 1.
+packet is run on the caller's loopback device (skb->ifindex 1) unless `ifindex` names another
+device of the calling thread's network namespace (the kernel looks it up there).
 """
 
 from __future__ import annotations
@@ -39,12 +40,32 @@ class _TestRunAttr(ctypes.Structure):
     ]
 
 
-def run_program(prog_fd: int, frame: bytes) -> int:
-    """The program's return value for `frame` (an Ethernet frame)."""
-    return run_program_timed(prog_fd, frame, repeat=1)[0]
+class _SkbContext(ctypes.Structure):
+    """The head of struct __sk_buff (uapi/linux/bpf.h) up to `ifindex`: the kernel accepts a
+    shorter context and reads the rest as zero."""
+
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32),
+        ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+    ]
 
 
-def run_program_timed(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int]:
+def run_program(prog_fd: int, frame: bytes, ifindex: int = 0) -> int:
+    """The program's return value for `frame` (an Ethernet frame), received on `ifindex`
+    (0: the loopback device)."""
+    return run_program_timed(prog_fd, frame, repeat=1, ifindex=ifindex)[0]
+
+
+def run_program_timed(prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0) -> tuple[int, int]:
     """(return value, mean kernel-measured nanoseconds per run) over `repeat` runs."""
     data_in = ctypes.create_string_buffer(frame, len(frame))
     data_out = ctypes.create_string_buffer(len(frame) + 256)
@@ -56,6 +77,10 @@ def run_program_timed(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int
         data_out=ctypes.addressof(data_out),
         repeat=repeat,
     )
+    context = _SkbContext(ifindex=ifindex)
+    if ifindex:
+        attr.ctx_in = ctypes.addressof(context)
+        attr.ctx_size_in = ctypes.sizeof(context)
     if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"BPF_PROG_TEST_RUN: {os.strerror(error)}")
