@@ -835,3 +835,59 @@ def test_spoofed_sources_from_the_pod_are_dropped(
         destination = PEER7_4 if source.version == 4 else PEER7_6
     protocol, payload = l4_bytes(kind, source.version, 40000, dport)
     hostile_verdict(hostile, "egress", ip_frame(source.version, source, destination, protocol, payload))
+
+
+def fragment(family: int, source: IPAddress, ident: int, dport: int | None) -> bytes:
+    """The first fragment of a TCP datagram to port `dport`, or (None) a later fragment."""
+    body = b"x" * 16 if dport is None else f.l4(f.TCP, 40000, dport)
+    if family == 4:
+        return f.eth(
+            f.ETH_IP,
+            f.ipv4(
+                str(source),
+                str(POD_4),
+                f.TCP,
+                body,
+                frag_id=ident,
+                more_fragments=dport is not None,
+                frag_offset=0 if dport is not None else 24,
+            ),
+        )
+    header = f.frag6_header(f.TCP, 0 if dport is not None else 24, dport is not None, ident)
+    return f.eth(f.ETH_IP6, f.ipv6(str(source), str(POD_6), 44, header + body))
+
+
+@FUZZ
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from((4, 6)),
+            st.sampled_from((1, 2, 3)),
+            st.sampled_from(("first allowed", "first denied", "later", "later from another source")),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_fragments_in_any_order_follow_only_their_own_first_fragment(hostile: Bench, events: list) -> None:
+    hostile.forget_flows()
+    remembered: dict[tuple[int, int], bool] = {}  # (family, id) -> verdict of the last first fragment
+    for family, ident, event in events:
+        peer = PEER7_4 if family == 4 else PEER7_6
+        if event.startswith("first"):
+            allowed = event == "first allowed"
+            frame = fragment(family, peer, ident, 80 if allowed else 81)
+            expected, reason = allowed, Reason.POLICY
+            remembered[(family, ident)] = allowed
+        elif event == "later":
+            frame = fragment(family, peer, ident, None)
+            seen = remembered.get((family, ident))
+            expected, reason = bool(seen), Reason.ORPHAN_FRAGMENT if seen is None else Reason.POLICY
+        else:  # same id, another sender: a datagram of its own, whose first fragment never came
+            frame = fragment(family, REMOTE4[1] if family == 4 else REMOTE6[1], ident, None)
+            expected, reason = False, Reason.ORPHAN_FRAGMENT
+        before = hostile.drop_reasons()
+        verdict = hostile.passes("to_pod", frame, hostile.ifindexes[0])
+        counted = {k: v - before[k] for k, v in hostile.drop_reasons().items() if v != before[k]}
+        assert verdict == expected, f"{event} {family} {ident}: {'pass' if verdict else 'drop'}"
+        assert counted == ({} if expected else {reason.name.lower(): 1}), f"{event}: {counted}"
