@@ -66,7 +66,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_DROP_POLICY;
 
 	if (reason == PF_REASON_ALLOWED && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
-		pf_ct_admit(pkt, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now);
+		pf_ct_admit(pkt, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
+			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0);
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);
@@ -144,7 +145,7 @@ int tc_from_pod(struct __sk_buff *skb)
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
 			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
 		if (!(pkt.flags & (PF_PKT_ICMP_ERROR | PF_PKT_NDP)))
-			pf_ct_admit(&pkt, PF_CT_FROM_POD, now);
+			pf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1);
 	}
 	if (reason != PF_REASON_ALLOWED) {
 		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
@@ -182,6 +183,12 @@ int nf_egress(struct __sk_buff *skb)
 	/* at the netfilter hook skb->data is the IP header and the kernel has validated it */
 	if (pf_parse(skb, 0, skb->protocol, &pkt) < 0)
 		return 0;
+	/* most packets belong to a known flow: one or two conntrack lookups, no endpoint lookups */
+	struct pf_ct_value *flow = pf_ct_egress_flow(&pkt, now);
+	if (flow) {
+		pf_count(flow->source_slot - 1, PF_DIR_EGRESS, 1, skb->len);
+		return 0;
+	}
 	struct pf_endpoint_ip_value *owner = pf_endpoint_ips.lookup(&pkt.saddr);
 	if (!owner)
 		return 0;  /* not sent by a local pod: its egress is not ours to judge */

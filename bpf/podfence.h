@@ -137,7 +137,9 @@ struct pf_ct_key {
 struct pf_ct_value {
 	__u64 last_seen_ns;         /* pf_now() (coarse CLOCK_MONOTONIC) of the last packet */
 	__u32 flags;                /* PF_CT_* */
-	__u32 reserved;
+	__u32 source_slot;          /* endpoint_id + 1 of the local pod that sent the original
+				     * direction (0: none or unknown): its egress counters, so that
+				     * nf_egress counts an established packet without finding the pod */
 };
 
 /* frag: LRU, the verdict of a first fragment for the later fragments of the same datagram. */

@@ -58,17 +58,18 @@ static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *en
 	return pf_ct_timeout_ns(protocol);
 }
 
-/* Flags of a live entry (0 if absent or expired). With `pkt`: refreshes the timestamp and
+/* The live entry of `key` (NULL if absent or expired). With `pkt`: refreshes the timestamp and
  * follows TCP's end (FIN/RST: closing timeout) and a reuse of the tuple (a bare SYN). */
-static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const struct pf_packet *pkt)
+static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __u64 now,
+							const struct pf_packet *pkt)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
 	if (!entry)
-		return 0;
+		return NULL;
 	__u64 timeout = pf_ct_entry_timeout_ns(entry, key->protocol);
 	__u64 age = now - entry->last_seen_ns;
 	if (age > timeout)
-		return 0;
+		return NULL;
 	if (pkt) {
 		if (age > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
@@ -79,10 +80,17 @@ static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const
 				entry->flags &= ~PF_CT_CLOSING;
 		}
 	}
-	return entry->flags;
+	return entry;
 }
 
-static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag)
+static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const struct pf_packet *pkt)
+{
+	struct pf_ct_value *entry = pf_ct_entry(key, now, pkt);
+	return entry ? entry->flags : 0;
+}
+
+/* `source_slot`: endpoint_id + 1 of the local pod sending the original direction, 0 if none. */
+static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag, __u32 source_slot)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
 	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key->protocol) : 0;
@@ -92,9 +100,11 @@ static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 f
 		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
 		if (!(entry->flags & flag))
 			entry->flags |= flag;
+		if (source_slot && entry->source_slot != source_slot)
+			entry->source_slot = source_slot;
 		return;
 	}
-	struct pf_ct_value fresh = {.last_seen_ns = now, .flags = flag};
+	struct pf_ct_value fresh = {.last_seen_ns = now, .flags = flag, .source_slot = source_slot};
 	pf_ct.update(key, &fresh);
 }
 
@@ -131,11 +141,32 @@ static __always_inline int pf_ct_check(const struct pf_packet *pkt, int directio
 	return PF_CT_MISS;
 }
 
-static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now)
+static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now, __u32 source_slot)
 {
 	struct pf_ct_key key;
 	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
-	pf_ct_mark(&key, now, flag);
+	pf_ct_mark(&key, now, flag, source_slot);
+}
+
+/* nf_egress's fast path: the live entry of a packet's own tuple, when that names the sending
+ * pod's counter slot and the flow is known: the source pod's egress admitted this direction
+ * (PF_CT_ESTABLISHED), or this is a reply to what the destination's ingress admitted
+ * (PF_CT_REPLY). Exactly the packets pf_judge passes through pf_ct_check, minus the ones it
+ * treats apart (fragments, ICMP errors, neighbour discovery, malformed); found without looking
+ * up the pod. NULL: judge it in full. */
+static __always_inline struct pf_ct_value *pf_ct_egress_flow(const struct pf_packet *pkt, __u64 now)
+{
+	if (pkt->flags & (PF_PKT_MALFORMED | PF_PKT_IS_FRAGMENT | PF_PKT_ICMP_ERROR | PF_PKT_NDP))
+		return NULL;
+	struct pf_ct_key key;
+	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	struct pf_ct_value *entry = pf_ct_entry(&key, now, pkt);
+	if (!entry || entry->source_slot == 0)
+		return NULL;
+	if (entry->flags & PF_CT_EGRESS_OK)
+		return entry;
+	pf_ct_key_fill(&key, &pkt->daddr, &pkt->saddr, pkt->dport_be, pkt->sport_be, pkt->protocol);
+	return pf_ct_flags(&key, now, pkt) & PF_CT_INGRESS_OK ? entry : NULL;
 }
 
 /* An egress deny withdraws what tc_from_pod recorded for the same tuple, so a peer cannot answer

@@ -422,6 +422,50 @@ def test_a_flow_entry_is_rewritten_only_once_its_timestamp_is_a_share_of_the_tim
     assert table[key].flags & structs.CT_INGRESS_OK
 
 
+def egress_allowed_packets(plane: BpfDataplane) -> int:
+    (counters,) = [c for c in plane.counters() if c.key == "ns/pod" and c.direction == "egress"]
+    return counters.allowed_packets
+
+
+def test_egress_fast_path_passes_known_flows_only_and_counts_them_for_the_pod(plane: BpfDataplane) -> None:
+    apply(plane, None, iso(ident(7, f.TCP, 80, 80)))  # the pod may open TCP 80 to PEER7 only
+    out = f.tcp4(POD, PEER7, sport=43000, dport=80)
+    assert verdict(plane, "from_pod", out)  # records the tuple and the pod's counter slot
+    assert verdict(plane, "egress", out)  # judged in full, admitted
+    before = egress_allowed_packets(plane)
+    assert verdict(plane, "egress", out)  # the fast path: known flow, counted for the pod
+    assert egress_allowed_packets(plane) == before + 1
+    # It is the fast path: without the pod's address entry the full judgement would pass the
+    # packet uncounted ("not sent by a local pod"); the flow's entry alone names the pod.
+    addresses = plane._module[b"pf_endpoint_ips"]
+    (pod_key,) = [k for k in addresses if bytes(k.bytes)[12:] == socket.inet_aton(POD)]
+    saved = addresses[pod_key]
+    del addresses[pod_key]
+    try:
+        assert verdict(plane, "egress", out)
+        assert egress_allowed_packets(plane) == before + 2
+    finally:
+        addresses[pod_key] = saved
+
+    # What tc_from_pod records is no admission: a port the policy refuses stays refused.
+    refused = f.tcp4(POD, PEER7, sport=43001, dport=81)
+    for _ in range(2):
+        assert verdict(plane, "from_pod", refused)
+        assert not verdict(plane, "egress", refused)
+
+    # A reply to what the pod's (open) ingress admitted passes without an egress rule for it.
+    assert verdict(plane, "to_pod", f.tcp4(PEER8, POD, sport=44000, dport=8080))
+    reply = f.eth(f.ETH_IP, f.ipv4(POD, PEER8, f.TCP, f.l4(f.TCP, 8080, 44000, tcp_flags=0x12)))  # SYN-ACK
+    assert verdict(plane, "from_pod", reply)
+    before = egress_allowed_packets(plane)
+    assert verdict(plane, "egress", reply)
+    assert verdict(plane, "egress", reply)
+    assert egress_allowed_packets(plane) == before + 2
+    # ... but not a packet of the pod's own to PEER8 on another tuple.
+    assert verdict(plane, "from_pod", f.tcp4(POD, PEER8, sport=8080, dport=44001))
+    assert not verdict(plane, "egress", f.tcp4(POD, PEER8, sport=8080, dport=44001))
+
+
 def test_reset_mode_admits_a_new_tcp_flow_only_from_a_syn(plane: BpfDataplane) -> None:
     # The module plane runs with established_on_change="reset": after its conntrack entry is
     # deleted, a flow's mid-stream segment from either side must not start a flow of its own.

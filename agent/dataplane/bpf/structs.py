@@ -117,7 +117,11 @@ class CtKey(ctypes.Structure):
 
 
 class CtValue(ctypes.Structure):
-    _fields_ = [("last_seen_ns", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [
+        ("last_seen_ns", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("source_slot", ctypes.c_uint32),  # endpoint_id + 1 of the sending local pod, 0: none
+    ]
 
 
 class FragKey(ctypes.Structure):
