@@ -73,26 +73,34 @@ static __always_inline int pf_is_echo(__u8 protocol, __u8 type, int *is_request)
 }
 
 /* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated.
- * `full_header`: also require a complete TCP header (not for the 8 bytes an ICMP error quotes). */
+ * `tcp_flags`: also require a complete TCP header and return its flags (NULL for the 8 bytes an
+ * ICMP error quotes). */
 static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8 protocol,
-					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, int full_header)
+					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, __u8 *tcp_flags)
 {
 	*sport_be = 0;
 	*dport_be = 0;
 	*icmp_type = 0;
+	if (protocol == PF_IPPROTO_TCP && tcp_flags) {
+		/* ports, sequence and acknowledgement numbers, data offset and flags in one read */
+		__u8 tcp[14];
+		if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) == 0) {
+			__builtin_memcpy(sport_be, &tcp[0], 2);
+			__builtin_memcpy(dport_be, &tcp[2], 2);
+			if ((tcp[12] >> 4) < 5)
+				return -1;  /* a TCP header shorter than 20 bytes is malformed */
+			*tcp_flags = tcp[13];
+			return 0;
+		}
+		/* truncated: malformed, but its ports (when there) still name the flow in events */
+	}
 	if (protocol == PF_IPPROTO_TCP || protocol == PF_IPPROTO_UDP || protocol == PF_IPPROTO_SCTP) {
 		__be16 ports[2];
 		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
 			return -1;
 		*sport_be = ports[0];
 		*dport_be = ports[1];
-		if (protocol == PF_IPPROTO_TCP && full_header) {
-			__u8 doff;
-			/* a TCP header shorter than 20 bytes is malformed */
-			if (bpf_skb_load_bytes(skb, off + 12, &doff, 1) < 0 || (doff >> 4) < 5)
-				return -1;
-		}
-		return 0;
+		return protocol == PF_IPPROTO_TCP && tcp_flags ? -1 : 0;
 	}
 	if (protocol == PF_IPPROTO_ICMP || protocol == PF_IPPROTO_ICMPV6) {
 		__u8 hdr[8];
@@ -193,7 +201,7 @@ static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off,
 		l4 = off + sizeof(inner);
 	}
 	if (pf_parse_ports(skb, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
-			   &icmp_type, 0) < 0) {
+			   &icmp_type, NULL) < 0) {
 		pkt->inner_sport_be = 0;
 		pkt->inner_dport_be = 0;
 	}
@@ -256,11 +264,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 
 	if (pkt->flags & PF_PKT_FRAG_LATER)
 		return 0;
-	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, 1) < 0) {
-		pkt->flags |= PF_PKT_MALFORMED;
-		return 0;
-	}
-	if (pkt->protocol == PF_IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &pkt->tcp_flags, 1) < 0) {
+	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, &pkt->tcp_flags) < 0) {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return 0;
 	}

@@ -65,6 +65,12 @@ def advert(source: str, target: str) -> bytes:
     return f.eth(f.ETH_IP6, f.ipv6(source, "fe80::1", f.ICMP6, body))
 
 
+def short_data_offset(frame: bytes) -> bytes:
+    """An IPv4 TCP frame whose header claims 4 words (less than TCP's 20-byte minimum)."""
+    at = 14 + 20 + 12
+    return frame[:at] + bytes([4 << 4]) + frame[at + 1 :]
+
+
 def frag_first(dport: int, ident_: int) -> bytes:
     return f.eth(
         f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 40000, dport), frag_id=ident_, more_fragments=True)
@@ -198,6 +204,8 @@ ROWS = [
         allowed=(("to_pod", f.tcp4(PEER7, POD)),),
         dropped=(
             ("to_pod", f.tcp4(PEER7, POD)[: 14 + 20 + 2]),  # tcp header cut
+            ("to_pod", f.tcp4(PEER7, POD)[: 14 + 20 + 13]),  # data offset there, flags not
+            ("to_pod", short_data_offset(f.tcp4(PEER7, POD))),  # claims a 16-byte TCP header
             # (a cut IP header cannot be test-run: the kernel refuses it before the program)
             ("to_pod", f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, b"")[:20].replace(b"\x45", b"\x44", 1))),
             ("from_pod", f.tcp4(POD, PEER7)[: 14 + 20 + 2]),
