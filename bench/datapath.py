@@ -51,8 +51,8 @@ from bench._netlab import Topology
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 # The neighbours' load comes in bursts of seconds: many short interleaved runs and their median
-# resist it better than a few long ones.
-REPETITIONS = 2 if QUICK else 5
+# resist it better than a few long ones. Seven keep the whole `make bench` under ~15 minutes.
+REPETITIONS = 2 if QUICK else 7
 IPERF_SECONDS = 1
 CRR_SECONDS = 1.0
 CRR_WORKERS = 2  # one per core: the client saturates the machine in every variant alike
@@ -334,6 +334,11 @@ def _paired_ratios(values: list[float], baseline: list[float]) -> list[float]:
     return [v / b for v, b in pairs if math.isfinite(v) and math.isfinite(b) and b > 0]
 
 
+def _range(ratios: list[float]) -> list[float]:
+    """The spread of the per-repetition ratios: [lowest, highest]."""
+    return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
 def _plan_position(name: str) -> int:
     names = [variant_name(plane, rules) for plane, rules in variant_plan()]
     return names.index(name) if name in names else len(names)
@@ -357,14 +362,15 @@ def summarise(samples: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str
                     ratios = _paired_ratios(values, baseline)
                     if ratios:
                         entry[f"{metric}_{suffix}"] = round(statistics.median(ratios), 3)
+                        entry[f"{metric}_{suffix}_range"] = _range(ratios)
             for plane in DATAPLANES:
                 few, many = by_variant.get(f"{plane}_10"), by_variant.get(f"{plane}_10000")
                 if few and many:
                     ratios = _paired_ratios(many, few)
                     if ratios:
-                        summary[path][f"{plane}_10000"][f"{metric}_10000_vs_10"] = round(
-                            statistics.median(ratios), 3
-                        )
+                        entry = summary[path][f"{plane}_10000"]
+                        entry[f"{metric}_10000_vs_10"] = round(statistics.median(ratios), 3)
+                        entry[f"{metric}_10000_vs_10_range"] = _range(ratios)
     return summary
 
 
@@ -378,7 +384,8 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
         f"{name} >= {floor:.2f}": (bpf[name] >= floor if name in bpf else None)
         for name, floor in wanted.items()
     }
-    return {"checked": True, **checks}
+    spread = {name: [bpf[name], *bpf[f"{name}_range"]] for name in wanted if f"{name}_range" in bpf}
+    return {"checked": True, **checks, "median_lowest_highest": spread}
 
 
 def run() -> dict[str, Any]:

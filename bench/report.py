@@ -82,8 +82,14 @@ def render_datapath(result: dict[str, Any]) -> list[str]:
     if targets.get("checked"):
         verdicts = {True: "met", False: "NOT met", None: "not measured"}
         lines.append("eBPF 10,000-rule targets (same node): " + ", ".join(
-            f"{name}: {verdicts[ok]}" for name, ok in targets.items() if name != "checked"))
+            f"{name}: {verdicts[ok]}" for name, ok in targets.items()
+            if name not in ("checked", "median_lowest_highest")))
         lines.append("")
+        spread = targets.get("median_lowest_highest", {})
+        if spread:
+            lines.append("Their spread over the repetitions (median; lowest-highest per-repetition ratio): "
+                         + ", ".join(f"{name} {m} ({lo}-{hi})" for name, (m, lo, hi) in spread.items()))
+            lines.append("")
     if result.get("failed_samples"):
         lines += [f"{len(result['failed_samples'])} run(s) failed and were left out "
                   "(`failed_samples` in results.json).", ""]

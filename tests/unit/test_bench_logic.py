@@ -54,6 +54,17 @@ def test_summary_ratios_are_per_repetition_against_no_filter() -> None:
     assert summary["same_node"]["bpf_10000"]["conn_per_s_10000_vs_10"] == 0.95
     assert summary["same_node"]["none"]["conn_per_s"] == 100.0
     assert "conn_per_s_vs_none" not in summary["same_node"]["none"]
+    # the spread: lowest and highest per-repetition ratio
+    assert summary["same_node"]["bpf_10000"]["conn_per_s_vs_none_range"] == [0.81, 0.95]
+    assert summary["same_node"]["bpf_10000"]["conn_per_s_10000_vs_10_range"] == [0.9, 1.0]
+    checked = datapath.targets(summary)
+    assert checked["conn_per_s_vs_none >= 0.90"] is True
+    assert checked["median_lowest_highest"]["conn_per_s_vs_none"] == [0.9, 0.81, 0.95]
+    assert "conn_per_s_vs_none 0.9 (0.81-0.95)" in "\n".join(
+        report.render_datapath(
+            {"results": summary, "targets": checked, "seconds": {"iperf": 1, "conn": 1, "udp": 1}}
+        )
+    )
 
 
 def _probe(sent: float, allowed: bool) -> propagation.Probe:
