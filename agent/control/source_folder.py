@@ -1,8 +1,10 @@
 """Policy source: a folder of YAML/JSON files as `kubectl get -o yaml` writes them.
 
 The folder is read once at start, then polled for changes every `poll_interval` seconds (200 ms
-by default; polling file signatures is portable, needs no inotify limits and is cheap for the
-few hundred files such a folder holds). Only files whose (inode, size, mtime) changed are re-read.
+by default; polling file signatures is portable and cheap for the few hundred files such a folder
+holds). Where inotify works, a watch on the folder and its subfolders ends each wait early, so an
+edit is read within milliseconds; the polling stays, covering whatever inotify misses (watch
+limits, filesystems without it). Only files whose (inode, size, mtime) changed are re-read.
 
 Each file keeps its last good objects: a file that stops parsing keeps contributing what it held
 before, and its error is logged, counted and kept in `errors`/`last_error`. A single invalid
@@ -14,18 +16,25 @@ update, not a delete then an add.
 from __future__ import annotations
 
 import logging
+import stat
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.control.hub import PolicyHub
+from agent.control.inotify import DirectoryWatch
 from agent.model.load import load_file
 from agent.model.objects import KubeObject
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
+# After a wake-up, how long to let the rest of a burst of events land (an atomic replace is a
+# create, a write, a close and a rename) before reading the folder.
+SETTLE_S = 0.002
+STOP_CHECK_S = 0.25
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" for a Namespace
 
 
@@ -54,18 +63,40 @@ class FolderSource:
         self.last_error: str | None = None
         self._merged: dict[ObjectKey, KubeObject] = {}
         self._started = False
+        self._directories: list[Path] = [self.folder]  # the folder and its subfolders, for inotify
 
     @property
     def invalid_objects(self) -> list[str]:
         return [error for errors in self._invalid.values() for error in errors]
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.poll_interval):
-            try:
-                self.scan()
-            except Exception:  # a surprise in one pass must not end the watch
-                log.exception("scanning %s failed", self.folder)
-                self._hub.metrics.source_errors_total.inc()
+    def run(self, stop: threading.Event, use_inotify: bool = True) -> None:
+        watch = DirectoryWatch.open() if use_inotify else None
+        try:
+            while not self._wait(stop, watch):
+                try:
+                    self.scan()
+                except Exception:  # a surprise in one pass must not end the watch
+                    log.exception("scanning %s failed", self.folder)
+                    self._hub.metrics.source_errors_total.inc()
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _wait(self, stop: threading.Event, watch: DirectoryWatch | None) -> bool:
+        """Until the next pass is due (a change or the poll interval); True once `stop` is set."""
+        if watch is None:
+            return stop.wait(self.poll_interval)
+        watch.watch(self._directories)
+        deadline = time.monotonic() + self.poll_interval
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # in slices, so that `stop` ends a long poll interval promptly
+            if watch.wait(min(remaining, STOP_CHECK_S)):
+                stop.wait(SETTLE_S)
+                break
+        return stop.is_set()
 
     def scan(self) -> bool:
         """Re-reads changed, new and deleted files; publishes one version if any object changed."""
@@ -92,20 +123,28 @@ class FolderSource:
     def _list_files(self) -> dict[Path, _Signature]:
         files: dict[Path, _Signature] = {}
         try:
-            candidates = [p for p in self.folder.rglob("*") if p.suffix in SUFFIXES]
+            entries = list(self.folder.rglob("*"))
         except OSError as exc:
             self._report(self.folder, f"cannot list {self.folder}: {exc}")
             return dict(self._signatures)  # keep everything as it was
-        for path in candidates:
+        directories = [self.folder]
+        for path in entries:
             # Editors' swap and backup files, and kubectl's hidden caches, are not policy.
             if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                continue
+            if path.suffix not in SUFFIXES:
+                if path.is_dir():
+                    directories.append(path)
                 continue
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # deleted between listing and stat: the next pass sees it gone
-            if path.is_file():
+            if stat.S_ISDIR(st.st_mode):
+                directories.append(path)
+            elif stat.S_ISREG(st.st_mode):
                 files[path] = _Signature(st.st_ino, st.st_size, st.st_mtime_ns)
+        self._directories = directories
         return files
 
     def _read(self, path: Path) -> None:

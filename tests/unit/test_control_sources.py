@@ -139,6 +139,45 @@ def test_the_polling_thread_picks_up_an_edit_within_the_poll_interval(folder_env
         thread.join(timeout=2)
 
 
+def test_inotify_wakes_the_source_long_before_its_poll_interval(folder_env):
+    folder, _ctl, source, agents = folder_env
+    source.poll_interval = 30.0  # only a wake-up can explain an edit seen within a second
+    (folder / "team").mkdir()
+    source.scan()  # lists the new subfolder, so the watch covers it
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.1)  # the watch is in place once run() waits
+        write(folder / "team" / "web-more.yaml", policy_doc("web-more", "web", 7070))
+        written = time.monotonic()
+        agents["n2"].wait_for_state(
+            lambda s: sorted(a.port_first for a in s.endpoints["shop/web-2"].ingress.allows) == [7070, 8080],
+            "the edit in a subfolder",
+        )
+        assert time.monotonic() - written < 1.0
+    finally:
+        stop.set()
+        thread.join(timeout=2)  # a stop ends even a 30 s poll interval at once
+    assert not thread.is_alive()
+
+
+def test_without_inotify_the_source_still_polls(folder_env):
+    folder, _ctl, source, agents = folder_env
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), kwargs={"use_inotify": False}, daemon=True)
+    thread.start()
+    try:
+        write(folder / "web-policy.yaml", policy_doc("web-in", "web", 6161))
+        agents["n2"].wait_for_state(
+            lambda s: [a.port_first for a in s.endpoints["shop/web-2"].ingress.allows] == [6161],
+            "the polled edit",
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
 # --- Kubernetes source: a recorded API server -----------------------------------------------------------
 
 
