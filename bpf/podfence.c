@@ -136,6 +136,11 @@ int tc_from_pod(struct __sk_buff *skb)
 		reason = PF_DROP_SPOOFED_NDP;
 	} else if (ep->egress_policy_id && (pkt.flags & PF_PKT_MALFORMED)) {
 		reason = PF_DROP_MALFORMED;
+	} else if (ep->egress_policy_id && pkt.family == 6 && !(pkt.flags & PF_PKT_NDP) &&
+		   (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr))) {
+		/* a link-local or unspecified source names no pod, so nf_egress could not tie the
+		 * packet to this pod and would pass it unjudged: judge its egress here */
+		reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
 	} else if (pkt.flags & PF_PKT_FRAG_LATER) {
 		/* the egress verdict itself is given after reassembly by nf_egress; here only
 		 * fragments that belong to no datagram are refused */

@@ -718,9 +718,8 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
         admissible, expected_reason = False, Reason.MALFORMED
     elif said.later_fragment:
         admissible, expected_reason = False, Reason.ORPHAN_FRAGMENT
-    elif link_local_or_unspecified(said.source):
-        admissible = True  # documented: tc passes them, and nf_egress never sees them as the pod's
     else:
+        # link-local or unspecified sources included: tc_from_pod judges those itself
         admissible = said.link_plumbing or oracle_egress(
             state,
             GUARDED,

@@ -250,6 +250,25 @@ ROWS = [
         ),
     ),
     Row(
+        "link-local sources of an egress-isolated pod are judged at tc (nf_egress cannot tie them to the pod)",
+        None,
+        iso(Allow(CidrPeer(ipaddress.ip_network("fe80::/64")), f.TCP, 22, 22)),
+        allowed=(
+            ("from_pod", f.tcp6("fe80::2", "fe80::1", dport=22)),
+            (
+                "from_pod",
+                f.eth(f.ETH_IP6, f.ipv6("fe80::2", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255)),
+            ),
+            ("from_pod", f.eth(f.ETH_IP6, f.ipv6("::", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255))),
+        ),
+        dropped=(
+            ("from_pod", f.tcp6("fe80::2", "fe80::1", dport=23)),
+            ("from_pod", f.tcp6("fe80::2", "fd00::1", dport=22)),
+            ("from_pod", f.tcp6("::", "fe80::1", dport=80)),
+            ("from_pod", f.eth(f.ETH_IP6, f.ipv6("fe80::2", "fe80::1", f.UDP, f.l4(f.UDP, 40000, 53)))),
+        ),
+    ),
+    Row(
         "node addresses always reach the pod",
         iso(),
         None,
