@@ -250,7 +250,7 @@ ROWS = [
         ),
     ),
     Row(
-        "link-local sources of an egress-isolated pod are judged at tc (nf_egress cannot tie them to the pod)",
+        "link-local sources of an egress-isolated pod are judged at tc (nf_egress cannot tie them to it)",
         None,
         iso(Allow(CidrPeer(ipaddress.ip_network("fe80::/64")), f.TCP, 22, 22)),
         allowed=(
@@ -259,7 +259,10 @@ ROWS = [
                 "from_pod",
                 f.eth(f.ETH_IP6, f.ipv6("fe80::2", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255)),
             ),
-            ("from_pod", f.eth(f.ETH_IP6, f.ipv6("::", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255))),
+            (
+                "from_pod",
+                f.eth(f.ETH_IP6, f.ipv6("::", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255)),
+            ),
         ),
         dropped=(
             ("from_pod", f.tcp6("fe80::2", "fe80::1", dport=23)),
