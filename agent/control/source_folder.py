@@ -2,9 +2,11 @@
 
 The folder is read once at start, then polled for changes every `poll_interval` seconds (200 ms
 by default; polling file signatures is portable and cheap for the few hundred files such a folder
-holds). Where inotify works, a watch on the folder and its subfolders ends each wait early, so an
-edit is read within milliseconds; the polling stays, covering whatever inotify misses (watch
-limits, filesystems without it). Only files whose (inode, size, mtime) changed are re-read.
+holds). Where inotify works, a watch on the folder and its subfolders ends a wait early, so an
+edit after a quiet poll interval is read within milliseconds; edits closer together than that
+are still read once per poll interval, so a burst (pod churn) becomes a few versions, not one
+per file write. The polling stays, covering whatever inotify misses (watch limits, filesystems
+without it). Only files whose (inode, size, mtime) changed are re-read.
 
 Each file keeps its last good objects: a file that stops parsing keeps contributing what it held
 before, and its error is logged, counted and kept in `errors`/`last_error`. A single invalid
@@ -64,6 +66,7 @@ class FolderSource:
         self._merged: dict[ObjectKey, KubeObject] = {}
         self._started = False
         self._directories: list[Path] = [self.folder]  # the folder and its subfolders, for inotify
+        self._last_pass = float("-inf")  # when run() last read the folder (monotonic)
 
     @property
     def invalid_objects(self) -> list[str]:
@@ -73,6 +76,7 @@ class FolderSource:
         watch = DirectoryWatch.open() if use_inotify else None
         try:
             while not self._wait(stop, watch):
+                self._last_pass = time.monotonic()
                 try:
                     self.scan()
                 except Exception:  # a surprise in one pass must not end the watch
@@ -94,7 +98,8 @@ class FolderSource:
                 break
             # in slices, so that `stop` ends a long poll interval promptly
             if watch.wait(min(remaining, STOP_CHECK_S)):
-                stop.wait(SETTLE_S)
+                # At once after a quiet interval; within a burst, one pass per poll interval.
+                stop.wait(max(SETTLE_S, self._last_pass + self.poll_interval - time.monotonic()))
                 break
         return stop.is_set()
 

@@ -162,6 +162,26 @@ def test_inotify_wakes_the_source_long_before_its_poll_interval(folder_env):
     assert not thread.is_alive()
 
 
+def test_a_burst_of_edits_is_read_once_per_poll_interval_not_once_per_write(folder_env):
+    folder, ctl, source, _agents = folder_env
+    source.poll_interval = 0.5
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.6)  # a quiet interval: the first edit is read at once
+        before = ctl.hub.version
+        for port in range(6200, 6210):  # ten writes in ~0.2 s
+            write(folder / "web-policy.yaml", policy_doc("web-in", "web", port))
+            time.sleep(0.02)
+        time.sleep(1.2)
+        # the first write at once, the rest of the burst one poll interval later
+        assert 1 <= ctl.hub.version - before <= 3
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
 def test_without_inotify_the_source_still_polls(folder_env):
     folder, _ctl, source, agents = folder_env
     stop = threading.Event()
