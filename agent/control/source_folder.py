@@ -66,7 +66,7 @@ class FolderSource:
         self._merged: dict[ObjectKey, KubeObject] = {}
         self._started = False
         self._directories: list[Path] = [self.folder]  # the folder and its subfolders, for inotify
-        self._last_pass = float("-inf")  # when run() last read the folder (monotonic)
+        self._last_woken = float("-inf")  # when an inotify wake-up last led to a pass (monotonic)
 
     @property
     def invalid_objects(self) -> list[str]:
@@ -76,7 +76,6 @@ class FolderSource:
         watch = DirectoryWatch.open() if use_inotify else None
         try:
             while not self._wait(stop, watch):
-                self._last_pass = time.monotonic()
                 try:
                     self.scan()
                 except Exception:  # a surprise in one pass must not end the watch
@@ -99,7 +98,8 @@ class FolderSource:
             # in slices, so that `stop` ends a long poll interval promptly
             if watch.wait(min(remaining, STOP_CHECK_S)):
                 # At once after a quiet interval; within a burst, one pass per poll interval.
-                stop.wait(max(SETTLE_S, self._last_pass + self.poll_interval - time.monotonic()))
+                stop.wait(max(SETTLE_S, self._last_woken + self.poll_interval - time.monotonic()))
+                self._last_woken = time.monotonic()
                 break
         return stop.is_set()
 

@@ -162,6 +162,25 @@ def test_inotify_wakes_the_source_long_before_its_poll_interval(folder_env):
     assert not thread.is_alive()
 
 
+def test_an_edit_after_a_quiet_interval_is_read_at_once_whatever_the_polls_did(folder_env):
+    folder, ctl, source, _agents = folder_env
+    source.poll_interval = 0.4
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # one periodic pass at 0.4 s: not a reason to wait for the next
+        before = ctl.hub.version
+        write(folder / "web-policy.yaml", policy_doc("web-in", "web", 6300))
+        written = time.monotonic()
+        while ctl.hub.version == before and time.monotonic() - written < 2:
+            time.sleep(0.002)
+        assert time.monotonic() - written < 0.15
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
 def test_a_burst_of_edits_is_read_once_per_poll_interval_not_once_per_write(folder_env):
     folder, ctl, source, _agents = folder_env
     source.poll_interval = 0.5
