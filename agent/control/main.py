@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
     )
     parser.add_argument(
-        "--poll-interval", type=float, default=0.2, help="folder poll period in seconds (inotify is sooner)"
+        "--poll-interval",
+        type=float,
+        default=0.2,
+        help="folder poll period in seconds (file-system events are sooner)",
     )
     parser.add_argument(
         "--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest message sent to an agent"
@@ -156,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
         folder.scan()
         synced.set()
         source_thread = threading.Thread(target=folder.run, args=(stop,), name="source", daemon=True)
-        log.info("source: folder %s (inotify, polled every %.0f ms)", args.source, args.poll_interval * 1000)
+        log.info(
+            "source: folder %s (file-system events, polled every %.0f ms)",
+            args.source,
+            args.poll_interval * 1000,
+        )
 
     healthy = threading.Event()
     try:

@@ -2,11 +2,12 @@
 
 The folder is read once at start, then polled for changes every `poll_interval` seconds (200 ms
 by default; polling file signatures is portable and cheap for the few hundred files such a folder
-holds). Where inotify works, a watch on the folder and its subfolders ends a wait early, so an
-edit after a quiet poll interval is read within milliseconds; edits closer together than that
-are still read once per poll interval, so a burst (pod churn) becomes a few versions, not one
-per file write. The polling stays, covering whatever inotify misses (watch limits, filesystems
-without it). Only files whose (inode, size, mtime) changed are re-read.
+holds). Where file-system events work (watchdog: inotify on Linux), a watch on the folder and its
+subfolders ends a wait early, so an edit after a quiet poll interval is read within milliseconds;
+edits closer together than that are still read once per poll interval, so a burst (pod churn)
+becomes a few versions, not one per file write. The polling stays, covering whatever the events
+miss (watch limits, filesystems without them, a folder replaced). Only files whose (inode, size,
+mtime) changed are re-read.
 
 Each file keeps its last good objects: a file that stops parsing keeps contributing what it held
 before, and its error is logged, counted and kept in `errors`/`last_error`. A single invalid
@@ -25,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.control.folder_watch import FolderWatch
 from agent.control.hub import PolicyHub
-from agent.control.inotify import DirectoryWatch
 from agent.model.load import load_file
 from agent.model.objects import KubeObject
 
@@ -65,15 +66,14 @@ class FolderSource:
         self.last_error: str | None = None
         self._merged: dict[ObjectKey, KubeObject] = {}
         self._started = False
-        self._directories: list[Path] = [self.folder]  # the folder and its subfolders, for inotify
-        self._last_woken = float("-inf")  # when an inotify wake-up last led to a pass (monotonic)
+        self._last_woken = float("-inf")  # when a file-system event last led to a pass (monotonic)
 
     @property
     def invalid_objects(self) -> list[str]:
         return [error for errors in self._invalid.values() for error in errors]
 
-    def run(self, stop: threading.Event, use_inotify: bool = True) -> None:
-        watch = DirectoryWatch.open() if use_inotify else None
+    def run(self, stop: threading.Event, use_events: bool = True) -> None:
+        watch = FolderWatch.open(self.folder) if use_events else None
         try:
             while not self._wait(stop, watch):
                 try:
@@ -85,11 +85,10 @@ class FolderSource:
             if watch is not None:
                 watch.close()
 
-    def _wait(self, stop: threading.Event, watch: DirectoryWatch | None) -> bool:
+    def _wait(self, stop: threading.Event, watch: FolderWatch | None) -> bool:
         """Until the next pass is due (a change or the poll interval); True once `stop` is set."""
         if watch is None:
             return stop.wait(self.poll_interval)
-        watch.watch(self._directories)
         deadline = time.monotonic() + self.poll_interval
         while not stop.is_set():
             remaining = deadline - time.monotonic()
@@ -132,24 +131,18 @@ class FolderSource:
         except OSError as exc:
             self._report(self.folder, f"cannot list {self.folder}: {exc}")
             return dict(self._signatures)  # keep everything as it was
-        directories = [self.folder]
         for path in entries:
             # Editors' swap and backup files, and kubectl's hidden caches, are not policy.
             if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
                 continue
             if path.suffix not in SUFFIXES:
-                if path.is_dir():
-                    directories.append(path)
                 continue
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # deleted between listing and stat: the next pass sees it gone
-            if stat.S_ISDIR(st.st_mode):
-                directories.append(path)
-            elif stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode):
                 files[path] = _Signature(st.st_ino, st.st_size, st.st_mtime_ns)
-        self._directories = directories
         return files
 
     def _read(self, path: Path) -> None:

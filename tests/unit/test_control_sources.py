@@ -139,16 +139,15 @@ def test_the_polling_thread_picks_up_an_edit_within_the_poll_interval(folder_env
         thread.join(timeout=2)
 
 
-def test_inotify_wakes_the_source_long_before_its_poll_interval(folder_env):
+def test_file_system_events_wake_the_source_long_before_its_poll_interval(folder_env):
     folder, _ctl, source, agents = folder_env
     source.poll_interval = 30.0  # only a wake-up can explain an edit seen within a second
     (folder / "team").mkdir()
-    source.scan()  # lists the new subfolder, so the watch covers it
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        time.sleep(0.1)  # the watch is in place once run() waits
+        time.sleep(0.1)  # the watch is in place once run() waits; it covers new subfolders too
         write(folder / "team" / "web-more.yaml", policy_doc("web-more", "web", 7070))
         written = time.monotonic()
         agents["n2"].wait_for_state(
@@ -201,10 +200,10 @@ def test_a_burst_of_edits_is_read_once_per_poll_interval_not_once_per_write(fold
         thread.join(timeout=2)
 
 
-def test_without_inotify_the_source_still_polls(folder_env):
+def test_without_file_system_events_the_source_still_polls(folder_env):
     folder, _ctl, source, agents = folder_env
     stop = threading.Event()
-    thread = threading.Thread(target=source.run, args=(stop,), kwargs={"use_inotify": False}, daemon=True)
+    thread = threading.Thread(target=source.run, args=(stop,), kwargs={"use_events": False}, daemon=True)
     thread.start()
     try:
         write(folder / "web-policy.yaml", policy_doc("web-in", "web", 6161))
