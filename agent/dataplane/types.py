@@ -14,14 +14,30 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTO_ANY = 0  # an Allow with protocol 0 admits every IP protocol (ICMP included), every port
+V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def canonical_network(network: IPNetwork) -> IPNetwork:
+    """An IPv6 prefix inside ::ffff:0:0/96 as the IPv4 prefix it spells, as Go's net package
+    (the API server, every Go CNI) reads it; the datapaths never see IPv4 in IPv6 clothing."""
+    if network.version == 6 and network.subnet_of(V4_MAPPED_SPACE):  # type: ignore[arg-type]
+        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 @dataclass(frozen=True, order=True)
 class CidrPeer:
-    """A CIDR minus its excepts. Host routes (/32, /128) carry per-pod named-port allows."""
+    """A CIDR minus its excepts. Host routes (/32, /128) carry per-pod named-port allows.
+    Prefixes are kept canonical (see canonical_network), whoever builds the peer."""
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cidr", canonical_network(self.cidr))
+        object.__setattr__(self, "excepts", tuple(canonical_network(e) for e in self.excepts))
 
 
 @dataclass(frozen=True, order=True)

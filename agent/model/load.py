@@ -140,6 +140,7 @@ _QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _IANA_SVC_NAME = re.compile(r"[-a-z0-9]+")
 _IPV4_WITH_LEADING_ZEROS = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")  # Go's ParseCIDRSloppy reads them
+_V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")
 _CIDR_SYNTAX = re.compile(r"[0-9A-Fa-f:.]+/(0|[1-9][0-9]{0,2})")  # Go's ParseCIDR: address/prefix only
 
 
@@ -394,9 +395,15 @@ class _Parser:
             if _IPV4_WITH_LEADING_ZEROS.fullmatch(address):
                 address = ".".join(str(int(octet)) for octet in address.split("."))
             # Host bits set (10.0.0.1/8) are accepted and masked, as the API server does.
-            return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+            network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
         except ValueError:
             self.fail(path, f'invalid CIDR "{text}"')
+        if network.version == 6 and network.subnet_of(_V4_MAPPED_SPACE):  # type: ignore[arg-type]
+            # Go's net package (the API server, Go CNIs) reads ::ffff:10.0.0.0/104 as 10.0.0.0/8
+            mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+            assert mapped is not None
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        return network
 
 
 def _metadata_identity(doc: Mapping[Any, Any], kind: str) -> tuple[str | None, str | None]:

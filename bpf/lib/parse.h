@@ -50,6 +50,12 @@ static __always_inline void pf_addr_from_v4(struct pf_addr *addr, __be32 v4)
 	__builtin_memcpy(&addr->bytes[12], &v4, 4);
 }
 
+static __always_inline int pf_is_v4_mapped(const struct pf_addr *addr)
+{
+	const __u32 *words = (const __u32 *)addr->bytes;
+	return words[0] == 0 && words[1] == 0 && words[2] == bpf_htonl(0x0000ffff);
+}
+
 static __always_inline int pf_is_icmp_error(__u8 protocol, __u8 type)
 {
 	if (protocol == PF_IPPROTO_ICMP)
@@ -251,6 +257,16 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 		__builtin_memcpy(&pkt->saddr, &ip6.saddr, 16);
 		__builtin_memcpy(&pkt->daddr, &ip6.daddr, 16);
 		pkt->protocol = ip6.nexthdr;
+		/* ::ffff:0:0/96 is how IPv4 addresses sit in the maps; on the wire it only deceives
+		 * (Linux drops such sources on receive). A v4-mapped source names no one: unusable
+		 * header. A v4-mapped destination: malformed, dropped where the direction is isolated
+		 * instead of being judged as the IPv4 address it spells. */
+		if (pf_is_v4_mapped(&pkt->saddr)) {
+			pkt->flags |= PF_PKT_MALFORMED;
+			return -1;
+		}
+		if (pf_is_v4_mapped(&pkt->daddr))
+			pkt->flags |= PF_PKT_MALFORMED;
 		off = pf_walk_ipv6_ext(skb, l3_off + sizeof(ip6), pkt);
 		if (off < 0) {
 			pkt->flags |= PF_PKT_MALFORMED;

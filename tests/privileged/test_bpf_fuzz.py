@@ -88,6 +88,11 @@ REMOTE6 = tuple(
     for a in ("fd00:1::7", "fd00:1::8", "fd00:1:0:5::9", "2001:db8::1", "2001:db8:ffff::2", "2a00::5")
 )
 POOL = {4: (*POD4, NODE4, *REMOTE4), 6: (*POD6, NODE6, *REMOTE6)}
+# IPv4 in IPv6 clothing: a pod's, a remote's and the node's IPv4 address, v4-mapped. Packets
+# carry them (where they must be judged malformed, never as the IPv4 address), CIDRs spell them
+# (CidrPeer reads those as IPv4, like Go); no identity or pod owns one.
+MAPPED6 = tuple(ipaddress.ip_address(f"::ffff:{a}") for a in (POD4[0], REMOTE4[2], NODE4))
+PACKET_POOL = {4: POOL[4], 6: (*POOL[6], *MAPPED6)}
 IDENTITY_IDS = (1, 2, 3, 4, 5)  # 5 is never given addresses: an allow of it matches nothing
 PORTS = (0, 1, 53, 80, 443, 1023, 1024, 5000, 8080, 32768, 65535)
 PEER_PROTOCOLS = (PROTO_ANY, f.TCP, f.UDP, f.SCTP)
@@ -256,6 +261,10 @@ def _claim_ipv6(ip: bytes) -> Claim:
     if len(ip) < 40 or ip[0] >> 4 != 6:
         return Claim("bad_l3")
     result = Claim("ip", 6, ipaddress.IPv6Address(ip[8:24]), ipaddress.IPv6Address(ip[24:40]), ip[6])
+    if result.source.ipv4_mapped is not None:  # type: ignore[union-attr]
+        return Claim("bad_l3")  # names no one (Linux drops it on receive)
+    # a v4-mapped destination is malformed, never judged as the IPv4 address it spells
+    result.malformed = result.destination.ipv4_mapped is not None  # type: ignore[union-attr]
     hop_limit = ip[7]
     offset = 40
     walked = 0
@@ -428,11 +437,11 @@ def cidr_peers(draw: st.DrawFn) -> CidrPeer:
     family = draw(st.sampled_from((4, 6)))
     width = 32 if family == 4 else 128
     interesting = (0, 8, 16, 24, 28, 31, 32) if family == 4 else (0, 16, 32, 48, 64, 96, 112, 127, 128)
-    base = draw(st.sampled_from(POOL[family]))
+    base = draw(st.sampled_from(PACKET_POOL[family]))
     # the whole address space of a family is common in policies ("0.0.0.0/0", "::/0")
     length = draw(st.one_of(st.just(0), st.sampled_from(interesting), st.integers(0, width)))
     cidr = ipaddress.ip_network(f"{base}/{length}", strict=False)
-    inside = [a for a in POOL[family] if a in cidr]
+    inside = [a for a in PACKET_POOL[family] if a in cidr]
     excepts = []
     for _ in range(draw(st.integers(0, 2))):
         address = draw(st.sampled_from(inside))
@@ -537,8 +546,8 @@ def probes(draw: st.DrawFn, state: NodeState) -> Probe:
         family = family_of(endpoint.ips[0])
     own = (POD4 if family == 4 else POD6)[min(slot, SLOTS - 1)] if slot < SLOTS else POOL[family][0]
     if hook == "from_pod":
-        own = draw(st.sampled_from(POOL[family]))  # its own address, or a spoofed one
-    remote = draw(st.sampled_from(POOL[family]))
+        own = draw(st.sampled_from(PACKET_POOL[family]))  # its own address, or a spoofed one
+    remote = draw(st.sampled_from(PACKET_POOL[family]))
     kind = draw(st.sampled_from(("tcp", "udp", "sctp", "echo", "other")))
     blocks = draw(st.lists(st.sampled_from(IPV4_OPTION_BLOCKS), max_size=3)) if family == 4 else []
     extensions = (
@@ -571,14 +580,22 @@ def probes(draw: st.DrawFn, state: NodeState) -> Probe:
 
 def expected(state: NodeState, probe: Probe) -> bool:
     endpoint = state.endpoints.get(f"ns/pod{probe.slot}")
+    # bpf/README.md: an IPv6 header carrying a v4-mapped address is malformed (a source: always
+    # dropped from a pod), so it passes only a direction that is not isolated
+    mapped_remote = probe.remote in MAPPED6
     if probe.hook == "to_pod":
         if endpoint is None:
             return False  # a guarded interface no endpoint claims (unknown_endpoints="drop")
+        if mapped_remote:
+            return not endpoint.ingress.isolated
         return oracle_to_pod(state, endpoint, probe.remote, *probe.l4())
     if probe.hook == "from_pod":
-        return endpoint is not None and probe.own in endpoint.ips  # anti-spoofing
+        own = endpoint is not None and probe.own in endpoint.ips  # anti-spoofing
+        return own and not (mapped_remote and endpoint.egress.isolated)  # type: ignore[union-attr]
     if endpoint is None:
         return False  # dropped on its veth already
+    if mapped_remote:
+        return not endpoint.egress.isolated
     return oracle_egress(state, endpoint, probe.remote, *probe.l4())
 
 
@@ -654,6 +671,8 @@ HOSTILE_BASES = (  # (hook, frame): allowed and denied well-formed frames of the
     ("egress", tcp(6, POD_6, PEER7_6, 443, extensions=((43, 0), (51, 0)))),
     ("egress", udp(6, POD_6, REMOTE6[2], 53)),
     ("egress", tcp(4, POD_4, PEER7_4, 80)),
+    ("to_pod", tcp(6, MAPPED6[1], POD_6, 80)),  # IPv4 in IPv6 clothing, both ways
+    ("egress", udp(6, POD_6, ipaddress.ip_address("::ffff:10.1.0.5"), 53)),
 )
 
 

@@ -21,6 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.dataplane.types import CidrPeer
 from agent.model import LoadResult, PolicyError, load_file, load_folder, load_text, parse_object
 from agent.model import load as load_module
 from agent.model.objects import (
@@ -371,6 +372,30 @@ def test_cidr_host_bits_are_masked_like_the_api_server(cidr: str, excepts: list[
     assert block is not None
     assert str(block.cidr) == masked
     assert [str(e) for e in block.excepts] == [str(ipaddress.ip_network(e, strict=False)) for e in excepts]
+
+
+def test_ipv4_mapped_ipv6_cidrs_are_the_ipv4_prefixes_they_spell_as_in_go() -> None:
+    """Go's net package (API server, Go CNIs) matches ::ffff:10.0.0.0/104 against IPv4 10.x;
+    kept as IPv6 it would match nothing here but collide with 10.0.0.0/8 in the BPF maps."""
+    parsed = parse_object(
+        {
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p"},
+            "spec": {
+                "podSelector": {},
+                "egress": [
+                    {"to": [{"ipBlock": {"cidr": "::ffff:10.1.2.3/104", "except": ["::ffff:a01:0/112"]}}]}
+                ],
+            },
+        }
+    )
+    assert isinstance(parsed, NetworkPolicy)
+    block = parsed.egress[0].peers[0].ip_block
+    assert block is not None
+    assert block.cidr == ipaddress.ip_network("10.0.0.0/8")
+    assert block.excepts == (ipaddress.ip_network("10.1.0.0/16"),)
+    assert CidrPeer(ipaddress.ip_network("::ffff:0:0/96")) == CidrPeer(ipaddress.ip_network("0.0.0.0/0"))
+    assert CidrPeer(ipaddress.ip_network("::/0")).cidr.version == 6  # covers it, is not inside it
 
 
 def test_except_with_host_bits_is_masked() -> None:

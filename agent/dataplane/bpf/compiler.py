@@ -31,6 +31,7 @@ from agent.dataplane.bpf.structs import (
 )
 from agent.dataplane.types import (
     PROTO_ANY,
+    V4_MAPPED_SPACE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -47,7 +48,6 @@ PolicyEntry = tuple[int, int, int, int, int, int]
 CidrPrefix = tuple[int, bytes]  # (prefixlen in the 128-bit space, 16 address bytes)
 
 NOT_ISOLATED = 0  # policy id meaning "this direction allows everything"
-_V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")  # where IPv4 addresses sit in the maps
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[Cidr
     # IPv4 lives at ::ffff:0:0/96 of the one LPM space, so an IPv6 prefix covering it (::/0)
     # would be every IPv4 address's longest match: 0.0.0.0/0 (the /96) shadows it with the
     # IPv4 peers' own class (empty unless some peer is 0.0.0.0/0).
-    if any(p.version == 6 and _V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
+    if any(p.version == 6 and V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
         prefixes.add(ipaddress.IPv4Network("0.0.0.0/0"))
     classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
     for prefix in prefixes:
