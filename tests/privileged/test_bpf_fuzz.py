@@ -7,6 +7,8 @@ and well-formed first packets. BpfDataplane.apply programs the maps exactly as t
 each packet runs through the program of the hook that judges it, and its verdict must equal
 `oracle_*` below, which reads agent/dataplane/types.py's meaning (never the compiler's output).
 Conntrack and fragment maps are emptied before every packet, so each one is a first packet.
+The same differential runs against the established_on_change="reset" build too, where a TCP
+packet that no flow knows must be a bare SYN.
 
 Hostile: one endpoint isolated both ways with a narrow allow list. Mutated frames (truncated at
 every length, random header bytes, any IHL, long IPv6 extension chains, fragments out of order,
@@ -99,6 +101,8 @@ PEER_PROTOCOLS = (PROTO_ANY, f.TCP, f.UDP, f.SCTP)
 OTHER_PROTOCOLS = (2, 4, 41, 47, 50, 59, 89, 103, 112, 115, 253)
 EXTENSION_TYPES = (0, 43, 44, 51, 60)  # hop-by-hop, routing, fragment, AH, destination options
 DOCUMENTED_EXTENSION_BOUND = 8  # bpf/README.md: "more than 8 is malformed"
+# SYN, SYN+ACK, ACK, PSH+ACK, FIN+ACK, RST, none, SYN+FIN
+TCP_FLAGS = (0x02, 0x02, 0x12, 0x10, 0x18, 0x11, 0x04, 0x00, 0x03)
 
 
 def family_of(address: IPAddress) -> int:
@@ -145,10 +149,12 @@ def oracle_egress(
 # ---- frames ------------------------------------------------------------------------------------------
 
 
-def l4_bytes(kind: str, family: int, sport: int, dport: int, icmp_id: int = 7) -> tuple[int, bytes]:
-    """(IP protocol, L4 header) of a well-formed first packet of `kind`."""
+def l4_bytes(
+    kind: str, family: int, sport: int, dport: int, icmp_id: int = 7, tcp_flags: int = 0x02
+) -> tuple[int, bytes]:
+    """(IP protocol, L4 header) of a well-formed first packet of `kind` (TCP: a SYN by default)."""
     if kind == "tcp":
-        return f.TCP, f.l4(f.TCP, sport, dport)  # a SYN
+        return f.TCP, f.l4(f.TCP, sport, dport, tcp_flags=tcp_flags)
     if kind == "udp":
         return f.UDP, f.l4(f.UDP, sport, dport)
     if kind == "sctp":
@@ -403,13 +409,16 @@ class Bench:
         return self.plane.drop_reason_counts()
 
 
-@pytest.fixture(scope="module")
-def bench() -> Iterator[Bench]:
+@contextmanager
+def _bench(established_on_change: str) -> Iterator[Bench]:
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-fuzz"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     plane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}", netns=netns, state_file=f"/run/podfence-tests/{prefix}.json"
+        pin_dir=f"/sys/fs/bpf/{prefix}",
+        netns=netns,
+        state_file=f"/run/podfence-tests/{prefix}.json",
+        established_on_change=established_on_change,
     )
     try:
         ifindexes = []
@@ -427,6 +436,19 @@ def bench() -> Iterator[Bench]:
     finally:
         plane.teardown()
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[Bench]:
+    with _bench("keep") as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def reset_bench() -> Iterator[Bench]:
+    """The build of established_on_change="reset" (-DPF_TCP_NEEDS_SYN=1)."""
+    with _bench("reset") as made:
+        yield made
 
 
 # ---- strategies ---------------------------------------------------------------------------------------
@@ -508,12 +530,20 @@ class Probe:
     dport: int
     options: bytes = b""
     extensions: tuple[tuple[int, int], ...] = ()
+    tcp_flags: int = 0x02
+
+    @property
+    def opens_no_tcp_flow(self) -> bool:
+        """A TCP packet that is not a bare SYN (SYN without ACK): it cannot start a flow."""
+        return self.kind == "tcp" and self.tcp_flags & 0x12 != 0x02
 
     def frame(self) -> bytes:
         if self.kind == "other":
             protocol, payload = self.protocol, b"\0" * 8
         else:
-            protocol, payload = l4_bytes(self.kind, self.family, self.sport, self.dport, icmp_id=self.sport)
+            protocol, payload = l4_bytes(
+                self.kind, self.family, self.sport, self.dport, icmp_id=self.sport, tcp_flags=self.tcp_flags
+            )
         if self.hook == "to_pod":
             source, destination = self.remote, self.own
         else:
@@ -572,22 +602,28 @@ def probes(draw: st.DrawFn, state: NodeState) -> Probe:
         draw(st.one_of(st.sampled_from(PORTS), st.integers(0, 65535))),
         b"".join(blocks),
         tuple(extensions),
+        draw(st.sampled_from(TCP_FLAGS)),
     )
 
 
 # ---- 1. differential ----------------------------------------------------------------------------------
 
 
-def expected(state: NodeState, probe: Probe) -> bool:
+def expected(state: NodeState, probe: Probe, tcp_needs_syn: bool = False) -> bool:
+    """`tcp_needs_syn`: the reset-mode build, where a TCP packet no flow knows must be a bare SYN
+    wherever a verdict is given (to_pod, egress), isolated or not, from the node too."""
     endpoint = state.endpoints.get(f"ns/pod{probe.slot}")
     # bpf/README.md: an IPv6 header carrying a v4-mapped address is malformed (a source: always
     # dropped from a pod), so it passes only a direction that is not isolated
     mapped_remote = probe.remote in MAPPED6
+    refused_mid_stream = tcp_needs_syn and probe.opens_no_tcp_flow and not mapped_remote
     if probe.hook == "to_pod":
         if endpoint is None:
             return False  # a guarded interface no endpoint claims (unknown_endpoints="drop")
         if mapped_remote:
             return not endpoint.ingress.isolated
+        if refused_mid_stream:
+            return False
         return oracle_to_pod(state, endpoint, probe.remote, *probe.l4())
     if probe.hook == "from_pod":
         own = endpoint is not None and probe.own in endpoint.ips  # anti-spoofing
@@ -596,12 +632,26 @@ def expected(state: NodeState, probe: Probe) -> bool:
         return False  # dropped on its veth already
     if mapped_remote:
         return not endpoint.egress.isolated
+    if refused_mid_stream:
+        return False
     return oracle_egress(state, endpoint, probe.remote, *probe.l4())
 
 
 @FUZZ
 @given(data=st.data())
 def test_first_packet_verdicts_match_the_allow_list_semantics(bench: Bench, data: st.DataObject) -> None:
+    check_first_packets(bench, data, tcp_needs_syn=False)
+
+
+@FUZZ
+@given(data=st.data())
+def test_reset_mode_build_refuses_mid_stream_tcp_and_otherwise_matches(
+    reset_bench: Bench, data: st.DataObject
+) -> None:
+    check_first_packets(reset_bench, data, tcp_needs_syn=True)
+
+
+def check_first_packets(bench: Bench, data: st.DataObject, tcp_needs_syn: bool) -> None:
     state = with_ifindexes(data.draw(node_states(), label="state"), bench)
     bench.apply(state)
     for probe in data.draw(st.lists(probes(state), min_size=1, max_size=8), label="probes"):
@@ -615,7 +665,8 @@ def test_first_packet_verdicts_match_the_allow_list_semantics(bench: Bench, data
         else:
             verdict = bench.egress_path(frame, ifindex)
         assert verdict is not None, f"the kernel refused a well-formed frame {frame.hex()}"
-        assert verdict == expected(state, probe), f"{probe} -> {'pass' if verdict else 'drop'}: {frame.hex()}"
+        shown = f"{probe} -> {'pass' if verdict else 'drop'}: {frame.hex()}"
+        assert verdict == expected(state, probe, tcp_needs_syn), shown
 
 
 # ---- 2. hostile ---------------------------------------------------------------------------------------
