@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.metrics import register_agent_metrics, start_http_server
@@ -98,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
     parser.add_argument(
         "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+    )
+    parser.add_argument(
+        "--hook-check-interval",
+        type=float,
+        default=DEFAULT_HOOK_CHECK_S,
+        metavar="SECONDS",
+        help="how often the netfilter hooks are checked (and put back first) after other tools' changes",
     )
 
 
@@ -209,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--control must be HOST:PORT, not {args.control!r}")
         if ":" not in args.metrics_listen:
             raise UsageError(f"--metrics-listen must be HOST:PORT, not {args.metrics_listen!r}")
+        if not 0.1 <= args.hook_check_interval <= 3600:  # also refuses nan
+            interval = args.hook_check_interval
+            raise UsageError(f"--hook-check-interval must be 0.1 to 3600 seconds, not {interval}")
     except UsageError as exc:
         print(f"podfence agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -255,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
         sync = SyncClient(args.node, args.control, reconciler.apply, credentials=credentials)
         reconciler.on_recovered(sync.applied_late)
-        hook_guard = HookGuard(dataplane) if isinstance(dataplane, HookRepairing) else None
+        hook_guard = (
+            HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
+        )
         registry = CollectorRegistry()
         register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
         server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
