@@ -9,6 +9,8 @@ moves messages between a StreamHandle and the wire.
 Status semantics: a node's `applied_version` is the last version it acknowledged, except that a
 connected node that has acknowledged its latest change is reported at the current version — the
 versions since then did not change what that node enforces, so it is in sync with them.
+A node that stays disconnected longer than `forget_after_s` is forgotten (status, metrics), so
+a cluster that replaces its nodes does not grow this replica's node list forever.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ from agent.policy.compiled import NodePolicy
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 32  # queued versions per stream before it is reset to a snapshot
+DEFAULT_FORGET_AFTER_S = 3600.0  # a disconnected node stays in status and metrics this long
 _REMEMBERED_VERSIONS = 4096  # per stream, to reject acks of versions it was never sent
 
 
@@ -70,6 +73,7 @@ class NodeRecord:
     connected: bool = False
     last_error: str | None = None
     latest_change: int = 0  # version of the newest message queued for this node
+    disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
 
 
 class StreamHandle:
@@ -150,10 +154,14 @@ class PolicyHub:
         metrics: ControlMetrics | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         initial_version: int | None = None,
+        forget_after_s: float = DEFAULT_FORGET_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolver = resolver
         self.metrics = metrics if metrics is not None else ControlMetrics()
         self._max_pending = max_pending
+        self._forget_after_s = forget_after_s
+        self._clock = clock
         # Wall-clock milliseconds as the starting point keep versions growing across restarts of
         # this service, so a status reader never sees the version go backwards after a restart.
         self._version = initial_version if initial_version is not None else time.time_ns() // 1_000_000
@@ -211,6 +219,7 @@ class PolicyHub:
             self._streams[node] = handle
             record = self._records.setdefault(node, NodeRecord())
             record.connected = True
+            record.disconnected_at = None
             # The agent's own number may come from another replica; whatever it says, it has not
             # acked the snapshot queued below yet, so it stays below that snapshot's version.
             record.acked_version = min(last_applied_version, self._version - 1)
@@ -229,7 +238,9 @@ class PolicyHub:
         with self._lock:
             if self._streams.get(handle.node) is handle:
                 del self._streams[handle.node]
-                self._records[handle.node].connected = False
+                record = self._records[handle.node]
+                record.connected = False
+                record.disconnected_at = self._clock()
                 log.info("node %s disconnected: %s", handle.node, reason)
 
     def ack(self, handle: StreamHandle, version: int, ok: bool, error: str) -> None:
@@ -258,6 +269,7 @@ class PolicyHub:
 
     def status(self) -> HubStatus:
         with self._lock:
+            self._forget_long_gone_locked()
             nodes = {}
             for node, record in self._records.items():
                 in_sync = record.connected and record.last_error is None and (
@@ -268,8 +280,17 @@ class PolicyHub:
                     connected=record.connected,
                     last_error=record.last_error,
                     latest_change=record.latest_change,
+                    disconnected_at=record.disconnected_at,
                 )
             return HubStatus(self._version, nodes)
+
+    def _forget_long_gone_locked(self) -> None:
+        horizon = self._clock() - self._forget_after_s
+        for node, record in list(self._records.items()):
+            gone = record.disconnected_at
+            if gone is not None and gone < horizon and node not in self._streams:
+                del self._records[node]
+                log.info("node %s forgotten: disconnected for more than %.0f s", node, self._forget_after_s)
 
     def _metric_view(self) -> tuple[int, dict[str, tuple[int, bool]]]:
         status = self.status()

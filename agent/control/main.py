@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from agent.control.hub import DEFAULT_MAX_PENDING, PolicyHub
+from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
 
@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pending", type=int, default=DEFAULT_MAX_PENDING,
         help="versions queued per stream before it is reset to a snapshot",
+    )
+    parser.add_argument(
+        "--forget-disconnected-after",
+        type=float,
+        default=DEFAULT_FORGET_AFTER_S,
+        metavar="SECONDS",
+        help="drop a node from status and metrics once disconnected this long",
     )
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
 
@@ -123,12 +130,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         _split_host_port(args.listen)
         _split_host_port(args.metrics_listen)
+        horizon = args.forget_disconnected_after
+        if not horizon > 0:  # also refuses nan
+            raise ValueError(f"--forget-disconnected-after must be > 0 seconds, not {horizon}")
     except ValueError as exc:
         print(f"podfence control: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     registry = CollectorRegistry()
-    hub = PolicyHub(_make_resolver(), ControlMetrics(registry), max_pending=args.max_pending)
+    hub = PolicyHub(
+        _make_resolver(),
+        ControlMetrics(registry),
+        max_pending=args.max_pending,
+        forget_after_s=args.forget_disconnected_after,
+    )
     stop = threading.Event()
     source_thread: threading.Thread
     # Set once the source has been read completely: before that a snapshot would tell agents to

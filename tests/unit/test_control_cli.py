@@ -39,6 +39,12 @@ def test_control_rejects_a_source_that_is_not_a_folder(tmp_path):
     assert done.returncode == 2 and "not a folder" in done.stderr
 
 
+def test_control_rejects_a_forget_horizon_that_is_not_positive(tmp_path):
+    done = subprocess.run([*CLI, "control", "--source", str(tmp_path), "--insecure",
+                           "--forget-disconnected-after", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--forget-disconnected-after must be > 0" in done.stderr
+
+
 @pytest.fixture
 def control_process(tmp_path: Path):
     (tmp_path / "objects.yaml").write_text(yaml.safe_dump_all([ns_doc("shop"), *PODS,

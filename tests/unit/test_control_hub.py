@@ -82,6 +82,25 @@ def test_a_newer_stream_closes_the_older_and_disconnects_are_remembered():
     assert "n2" in hub.status().nodes
 
 
+def test_a_node_disconnected_past_the_horizon_is_forgotten_and_comes_back_on_reconnect():
+    now = [100.0]
+    metrics = ControlMetrics()
+    hub = PolicyHub(Resolver(), metrics, initial_version=10, forget_after_s=60, clock=lambda: now[0])
+    gone, staying = hub.open_stream("n1", 0), hub.open_stream("n2", 0)
+    hub.close_stream(gone, "ended")
+    now[0] += 59
+    assert set(hub.status().nodes) == {"n1", "n2"}  # still within the horizon: shown disconnected
+    lag_labels = {s.labels["node"] for m in metrics.registry.collect() for s in m.samples if "lag" in s.name}
+    assert lag_labels == {"n1", "n2"}
+    now[0] += 2
+    assert set(hub.status().nodes) == {"n2"}, "the connected node is never forgotten"
+    lag_labels = {s.labels["node"] for m in metrics.registry.collect() for s in m.samples if "lag" in s.name}
+    assert lag_labels == {"n2"}, "its metric series goes with it"
+    hub.open_stream("n1", 0)
+    assert hub.status().nodes["n1"].connected
+    assert staying.node == "n2" and hub.status().nodes["n2"].connected
+
+
 def test_snapshot_and_delta_round_trip_into_node_state():
     hub = make_hub()
     before = hub._resolver.node_policy("n1")
