@@ -382,9 +382,11 @@ class _Parser:
         try:
             if "%" in text:  # Python accepts IPv6 zone ids; Kubernetes does not
                 raise ValueError(text)
-            return ipaddress.ip_address(text)
+            address = ipaddress.ip_address(text)
         except ValueError:
             self.fail(path, f'must be a valid IP address, not "{text}"')
+        # ::ffff:10.0.0.5 is 10.0.0.5 to Go (To4) and so to the kubelet and every Go CNI
+        return address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
 
     def cidr(self, value: object, path: str) -> IPNetwork:
         text = self.required_string(value, path)

@@ -420,6 +420,7 @@ def test_except_with_host_bits_is_masked() -> None:
         ({"podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}, ["10.0.0.5", "fd00::5"]),
         ({"podIPs": [{"ip": "fd00::5"}, {"ip": "10.0.0.5"}]}, ["fd00::5", "10.0.0.5"]),
         ({"podIP": "10.0.0.5"}, ["10.0.0.5"]),
+        ({"podIPs": [{"ip": "::ffff:10.0.0.5"}]}, ["10.0.0.5"]),  # IPv4-mapped is IPv4, as in Go
         ({"podIP": "", "podIPs": []}, []),
         ({"phase": "Pending"}, []),
         (
