@@ -24,7 +24,7 @@ import pytest
 
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
-from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from tests.privileged import bpf_frames as f
@@ -536,3 +536,14 @@ def test_a_half_written_update_is_finished_by_the_retry_without_id_reuse(
     assert not verdict(plane, "to_pod", f.tcp4(PEER8, POD, dport=443, sport=40101))
     assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, dport=80, sport=40102))
     assert plane.map_usage()["policy"][0] == 1
+
+
+def test_conntrack_usage_counts_what_the_kernel_holds(plane: BpfDataplane) -> None:
+    apply(plane, iso(ident(7, f.UDP, 53, 53)), None)
+    plane._module[b"pf_ct"].clear()
+    for sport in range(43000, 43000 + 300):  # one flow each
+        assert verdict(plane, "to_pod", f.packet4(PEER7, POD, f.UDP, sport=sport, dport=53))
+    held = sum(1 for _ in plane._module[b"pf_ct"])  # one get_next_key per entry
+    assert held >= 300
+    assert plane.map_usage()["ct"][0] == held  # batched lookups, a few syscalls
+    assert count_entries(plane._module[b"pf_ct"], chunk=7) == held  # many batches, same answer

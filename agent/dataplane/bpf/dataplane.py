@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import json
 import logging
@@ -559,7 +560,7 @@ class BpfDataplane:
                 "node_ips": (len(live.node_ips), knobs.node_ips_max),
             }
         # conntrack is written by the datapath only: count what the kernel holds
-        usage["ct"] = (sum(1 for _ in self._module[b"pf_ct"]), knobs.ct_max)
+        usage["ct"] = (count_entries(self._module[b"pf_ct"]), knobs.ct_max)
         return usage
 
     def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
@@ -610,6 +611,30 @@ def _cidr_key(table: Any, cidr_key: CidrKey) -> Any:
     key.generation = generation
     ctypes.memmove(key.addr.bytes, address, 16)
     return key
+
+
+def count_entries(table: Any, chunk: int = 8192) -> int:
+    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead
+    of one get_next_key per entry (a full 65,536-entry conntrack: ~250 ms iterated from Python)."""
+    from bcc.libbcc import lib
+
+    size = min(chunk, table.max_entries)
+    keys, values = (table.Key * size)(), (table.Leaf * size)()
+    token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+    total, first = 0, True
+    while True:
+        count.value = size
+        result = lib.bpf_lookup_batch(
+            table.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
+            ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count),
+        )  # fmt: skip
+        error = ctypes.get_errno()
+        total += count.value
+        if result != 0:
+            if error == errno.ENOENT:
+                return total  # walked to the end
+            raise TemporaryDataplaneError(f"counting entries: {os.strerror(error)}")
+        token_in.value, first = token_out.value, False
 
 
 def _delete(table: Any, key: Any) -> None:
