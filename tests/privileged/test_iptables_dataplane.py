@@ -20,6 +20,7 @@ import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.iptables import IptablesDataplane
+from agent.dataplane.iptables.compiler import TO_POD_CHAIN
 from agent.dataplane.types import (
     Allow,
     CidrPeer,
@@ -659,3 +660,34 @@ def test_counters_survive_a_policy_change(node: Node, dataplane: DataplaneWorker
     assert not node.probe(p1, "tcp", p2.ip, 80)
     latest = {(c.key, c.direction): c for c in dataplane.call("counters")}["default/pod2", "ingress"]
     assert latest.denied_packets > after.denied_packets
+
+
+def test_a_family_the_change_does_not_touch_is_not_rewritten_and_tampering_is_repaired(
+    node: Node, dataplane: DataplaneWorker
+) -> None:
+    """An IPv4-only change writes nothing into ip6tables (its dispatch counters keep counting:
+    a rewrite would zero them); a fixed chain flushed by someone else is rebuilt by the next
+    apply even when the policy did not change."""
+    p1, p2, p3 = node.pods
+    assert p2.ip6
+    dataplane.call("apply", node_state(node, ingress={2: isolated(from_pod(p1, TCP, 80, 80))}))
+    assert node.probe(p1, "tcp", p2.ip6, 80)
+
+    def v6_dispatch_packets() -> int:
+        return sum(
+            int(line[1:].split(":", 1)[0])
+            for line in node.in_node("ip6tables-legacy-save", "-c").stdout.splitlines()
+            if line.startswith("[") and f" -A {TO_POD_CHAIN} " in line
+        )
+
+    counted = v6_dispatch_packets()
+    assert counted > 0, "the lab must show the v6 dispatch counts packets"
+    v4_only = isolated(from_pod(p1, TCP, 80, 80), cidr(f"{p3.ip}/32", UDP, 53, 53))
+    dataplane.call("apply", node_state(node, ingress={2: v4_only}, version=2))
+    assert v6_dispatch_packets() >= counted, "ip6tables was rewritten by an IPv4-only change"
+    assert node.probe(p3, "udp", p2.ip, 53) and not node.probe(p3, "tcp", p2.ip, 80)
+
+    node.in_node("ip6tables-legacy", "-F", TO_POD_CHAIN)  # another tool flushes podfence's chain
+    assert node.probe(p3, "tcp", p2.ip6, 80), "the lab must show the flushed chain is what filtered"
+    dataplane.call("apply", node_state(node, ingress={2: v4_only}, version=3))
+    assert not node.probe(p3, "tcp", p2.ip6, 80) and node.probe(p1, "tcp", p2.ip6, 80)

@@ -9,7 +9,8 @@ dependency order: sets (created, or swapped with a filled temporary copy), then 
 iptables-restore commit per family that creates the changed endpoint chains, rewrites the
 dispatch to point at them and deletes the chains nothing points at any more, then the sets
 nothing references. Each commit is one atomic table swap, so there is no allow-all or
-deny-all window, per endpoint or otherwise.
+deny-all window, per endpoint or otherwise. A family in which the change alters nothing (the
+kernel still holds what the last commit wrote) gets no commit at all.
 
 The traffic from the node to its pods (OUTPUT) is never filtered: the node's own traffic is
 always allowed, and the node's IPs are in every ingress chain for traffic it forwards.
@@ -164,6 +165,9 @@ class IptablesDataplane:
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], _Tally] = {}
+        # What the last commit wrote into the fixed chains, per family: an apply that changes
+        # nothing in a family (e.g. the IPv6 half of an IPv4-only change) writes nothing there.
+        self._committed: dict[int, dict[str, tuple[str, ...]]] = {}
         # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
@@ -201,6 +205,7 @@ class IptablesDataplane:
                 name for r in table.rules if r.chain not in orphans for name in kernel.matched_sets(r.spec)
             }
         kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
+        self._committed = {}
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
 
@@ -216,6 +221,7 @@ class IptablesDataplane:
                 script = ["*filter", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
                 kernel.restore_filter_table(family, "\n".join(script) + "\n")
         kernel.destroy_sets(sorted(kernel.read_sets()))
+        self._committed = {}
         self._started = False
 
     # -- programming --------------------------------------------------------------------------
@@ -349,6 +355,14 @@ class IptablesDataplane:
             if c.startswith(CHAIN_PREFIX) and c not in chains and c not in FIXED_CHAINS
         )
         new = [c for c in chains if c not in table.chains and c not in FIXED_CHAINS]
+        fixed = {c: tuple(chains[c]) for c in FIXED_CHAINS}
+        if (
+            not new
+            and not stale
+            and self._committed.get(family) == fixed
+            and all(c in table.chains and len(table.chain_rules(c)) == len(fixed[c]) for c in FIXED_CHAINS)
+        ):
+            return set()  # the kernel holds what the last commit wrote: one restore saved
 
         # Flushing PF-FROM would zero its anti-spoofing counters: write them back with the rules.
         spoof_counters = {
@@ -374,6 +388,7 @@ class IptablesDataplane:
         ).items():
             self._retired.setdefault(owner, _Tally()).add(tally)
         kernel.restore_filter_table(family, "\n".join(lines))
+        self._committed[family] = fixed
 
         changed = set()
         for chain, owner in owners_before.items():
