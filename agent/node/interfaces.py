@@ -43,8 +43,8 @@ from pyroute2.netlink.rtnl import RTM_GETADDR
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_USE, NUD_FAILED, NUD_INCOMPLETE, NUD_NONE, NUD_PERMANENT
 
+from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import IPAddress
-from agent.node.linkdump import dump_links
 
 log = logging.getLogger(__name__)
 

@@ -147,8 +147,10 @@ class _Compiler:
         return name
 
     def _identity_match(self, peer: IdentityPeer, family: int, side: str) -> str:
-        ips = {str(ip) for ip in self.state.identities.get(peer.identity, ()) if ip.version == family}
-        name = self._add_set(_identity_set(peer.identity, family), family, "hash:ip", ips)
+        name = _identity_set(peer.identity, family)
+        if name not in self.out.sets:  # many rules name one identity: its members are built once
+            ips = {str(ip) for ip in self.state.identities.get(peer.identity, ()) if ip.version == family}
+            self._add_set(name, family, "hash:ip", ips)
         return f"-m set --match-set {name} {side}"
 
     def _cidr_match(self, peer: CidrPeer, family: int, side: str) -> str | None:
@@ -161,9 +163,11 @@ class _Compiler:
             return "" if peer.cidr.prefixlen == 0 else f"{flag} {peer.cidr}"
         # hash:net cannot hold a /0: cover it with its two halves.
         covers = list(peer.cidr.subnets(1)) if peer.cidr.prefixlen == 0 else [peer.cidr]
-        members = {str(c) for c in covers} | {f"{e} nomatch" for e in excepts}
         key = f"{peer.cidr}|{','.join(sorted(str(e) for e in excepts))}"
-        name = self._add_set(f"pf-n{family}-{_short_hash(key, 12)}", family, "hash:net", members)
+        name = f"pf-n{family}-{_short_hash(key, 12)}"  # named by its content: built once
+        if name not in self.out.sets:
+            members = {str(c) for c in covers} | {f"{e} nomatch" for e in excepts}
+            self._add_set(name, family, "hash:net", members)
         return f"-m set --match-set {name} {side}"
 
     # -- rules --------------------------------------------------------------------------------

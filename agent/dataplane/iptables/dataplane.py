@@ -24,9 +24,6 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from agent.dataplane.base import (
     CapacityError,
     EndpointCounters,
@@ -54,6 +51,7 @@ from agent.dataplane.iptables.compiler import (
     IpSetSpec,
     compile_state,
 )
+from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
 
 log = logging.getLogger(__name__)
@@ -301,9 +299,8 @@ class IptablesDataplane:
         if not wanted:
             return {}
         try:
-            with IPRoute() as ipr:
-                links = {link["index"]: link for link in ipr.get_links()}
-        except (NetlinkError, OSError) as exc:
+            links = {link.index: link for link in dump_links()}  # lean: ~10x pyroute2's decode
+        except OSError as exc:
             raise TemporaryDataplaneError("cannot list the node's interfaces") from exc
         found: dict[int, Interface] = {}
         for ifindex in wanted:
@@ -312,11 +309,9 @@ class IptablesDataplane:
                 # Vanished with its pod: there is nothing left to filter for it.
                 log.debug("pod interface %d is gone", ifindex)
                 continue
-            bridge = None
-            master = links.get(link.get_attr("IFLA_MASTER") or -1)
-            if master is not None and master.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "bridge":
-                bridge = master.get_attr("IFLA_IFNAME")
-            found[ifindex] = Interface(ifindex, link.get_attr("IFLA_IFNAME"), bridge)
+            master = links.get(link.master) if link.master is not None else None
+            bridge = master.name if master is not None and master.kind == "bridge" else None
+            found[ifindex] = Interface(ifindex, link.name, bridge)
         return found
 
     def _sets_script(self, desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> str:
