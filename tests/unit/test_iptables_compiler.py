@@ -154,3 +154,15 @@ def test_reset_mode_refuses_tcp_pickup_mid_stream() -> None:
     rules = reset.chains[4][chain_of(reset, "ns/a", "egress")]
     assert "-p tcp ! --syn -m conntrack --ctstate NEW" in rules[1]
     assert chain_of(keep, "ns/a", "egress") != chain_of(reset, "ns/a", "egress")
+
+
+def test_an_ipv4_mapped_peer_is_refused_before_any_ipv6_allow() -> None:
+    everything6 = DirectionPolicy(True, (Allow(CidrPeer(net("::/0"))),))
+    desired = compile_state(state(everything6), IFACES)
+    ingress6 = desired.chains[6][chain_of(desired, "ns/a", "ingress", 6)]
+    mapped = [i for i, r in enumerate(ingress6) if r.startswith("-s ::ffff:0:0/96 ") and r.endswith(" DROP")]
+    allow_all = [i for i, r in enumerate(ingress6) if r.endswith("-j RETURN") and "--match-set" not in r]
+    assert mapped and allow_all[-1] > mapped[0], ingress6  # ::/0 comes after the refusal
+    assert not any("::ffff:0:0/96" in r for r in desired.chains[4][chain_of(desired, "ns/a", "ingress")])
+    open_chain = desired.chains[6][chain_of(desired, "ns/b", "ingress", 6)]
+    assert not any("::ffff:0:0/96" in r for r in open_chain)  # not isolated: untouched

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from agent.dataplane.types import (
     PROTO_ANY,
+    V4_MAPPED_SPACE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -219,6 +220,11 @@ class _Compiler:
         if not policy.isolated:
             rules.append(f"{_comment(ALLOW)} -j RETURN")
         else:
+            if family == 6:
+                # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
+                # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
             seen: set[str] = set()
             for allow in policy.allows:
                 rule = self._allow_rule(allow, family, side)
