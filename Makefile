@@ -15,8 +15,9 @@ lint: bootstrap
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
+# --durations: the slowest tests are listed, to keep the suite well inside CI's time limit
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 unit: bootstrap
 	$(PY) -m pytest -q tests/unit
