@@ -162,11 +162,11 @@ class _Compiler:
             return None
         if not excepts:
             return "" if peer.cidr.prefixlen == 0 else f"{flag} {peer.cidr}"
-        # hash:net cannot hold a /0: cover it with its two halves.
-        covers = list(peer.cidr.subnets(1)) if peer.cidr.prefixlen == 0 else [peer.cidr]
         key = f"{peer.cidr}|{','.join(sorted(str(e) for e in excepts))}"
         name = f"pf-n{family}-{_short_hash(key, 12)}"  # named by its content: built once
         if name not in self.out.sets:
+            # hash:net cannot hold a /0: cover it with its two halves.
+            covers = list(peer.cidr.subnets(1)) if peer.cidr.prefixlen == 0 else [peer.cidr]
             members = {str(c) for c in covers} | {f"{e} nomatch" for e in excepts}
             self._add_set(name, family, "hash:net", members)
         return f"-m set --match-set {name} {side}"
