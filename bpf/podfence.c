@@ -5,10 +5,13 @@
  *                orphan-fragment drops for egress-isolated pods; records the pre-DNAT tuple.
  *   tc_to_pod    tc egress of the same interface: packets TO the pod, after routing and DNAT.
  *                The ingress verdict of the destination pod.
- *   nf_egress    socket filter run by iptables' bpf match (xt_bpf) in the filter table's FORWARD
- *                and INPUT chains: after kube-proxy's DNAT, before SNAT. The egress verdict of
- *                the source pod, found by its source address (anti-spoofed above). Returns
- *                non-zero for packets to DROP.
+ *   nf_egress_link  netfilter program linked at FORWARD and LOCAL_IN (IPv4, IPv6): after
+ *                kube-proxy's DNAT, before SNAT. The egress verdict of the source pod, found by
+ *                its source address (anti-spoofed above). Kernel >= 6.4; loaded by
+ *                agent/dataplane/bpf/netfilter.py.
+ *   nf_egress    the same verdict as a socket filter, run by iptables' bpf match (xt_bpf) in
+ *                the filter table's FORWARD and INPUT chains where netfilter links cannot be
+ *                used. Returns non-zero for packets to DROP.
  *
  * All policy lives in pinned maps (see lib/); a policy change never recompiles or re-attaches.
  * See bpf/README.md for the design decisions.
@@ -21,6 +24,7 @@
 
 #include "podfence.h"
 #include "lib/common.h"
+#include "lib/kfunc.h"
 #include "lib/parse.h"
 #include "lib/endpoint.h"
 #include "lib/policy.h"
@@ -90,8 +94,9 @@ static __always_inline int pf_unknown_endpoint(struct __sk_buff *skb, int direct
 {
 	if (PF_UNKNOWN_ALLOW)
 		return TC_ACT_OK;
+	struct pf_source src = {.skb = skb};
 	struct pf_packet pkt = {};
-	pf_parse(skb, ETH_HLEN, skb->protocol, &pkt);
+	pf_parse(&src, ETH_HLEN, skb->protocol, &pkt);
 	pf_account(&pkt, PF_UNKNOWN_ENDPOINT_ID, direction, PF_DROP_UNKNOWN_ENDPOINT, skb->len, now);
 	return TC_ACT_SHOT;
 }
@@ -115,6 +120,7 @@ int tc_from_pod(struct __sk_buff *skb)
 {
 	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
+	struct pf_source src = {.skb = skb};
 	struct pf_packet pkt = {};
 	__u32 reason = PF_REASON_ALLOWED;
 
@@ -125,7 +131,7 @@ int tc_from_pod(struct __sk_buff *skb)
 		reason = pf_check_arp(skb);
 	} else if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)) {
 		reason = PF_DROP_UNSUPPORTED_L2;
-	} else if (pf_parse(skb, ETH_HLEN, skb->protocol, &pkt) < 0) {
+	} else if (pf_parse(&src, ETH_HLEN, skb->protocol, &pkt) < 0) {
 		/* without a readable IP header the source cannot be verified */
 		reason = PF_DROP_MALFORMED;
 	} else if (!pf_source_belongs_to(&pkt.saddr, skb->ifindex) &&
@@ -163,6 +169,7 @@ int tc_to_pod(struct __sk_buff *skb)
 {
 	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
+	struct pf_source src = {.skb = skb};
 	struct pf_packet pkt = {};
 	__u32 reason;
 
@@ -172,7 +179,7 @@ int tc_to_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
 		reason = ep->ingress_policy_id ? PF_DROP_UNSUPPORTED_L2 : PF_REASON_ALLOWED;
-	else if (pf_parse(skb, ETH_HLEN, skb->protocol, &pkt) < 0)
+	else if (pf_parse(&src, ETH_HLEN, skb->protocol, &pkt) < 0)
 		reason = ep->ingress_policy_id ? PF_DROP_MALFORMED : PF_REASON_ALLOWED;
 	else
 		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now);
@@ -180,18 +187,19 @@ int tc_to_pod(struct __sk_buff *skb)
 	return reason == PF_REASON_ALLOWED ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
-int nf_egress(struct __sk_buff *skb)
+/* The egress verdict after DNAT; returns 1 for packets to DROP. At the netfilter hooks the
+ * packet starts at its IP header, which the kernel has validated. */
+static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 eth_proto_be, __u32 len,
+					   __u64 now)
 {
-	__u64 now = pf_now();
 	struct pf_packet pkt = {};
 
-	/* at the netfilter hook skb->data is the IP header and the kernel has validated it */
-	if (pf_parse(skb, 0, skb->protocol, &pkt) < 0)
+	if (pf_parse(src, 0, eth_proto_be, &pkt) < 0)
 		return 0;
 	/* most packets belong to a known flow: one or two conntrack lookups, no endpoint lookups */
 	struct pf_ct_value *flow = pf_ct_egress_flow(&pkt, now);
 	if (flow) {
-		pf_count(flow->source_slot - 1, PF_DIR_EGRESS, 1, skb->len);
+		pf_count(flow->source_slot - 1, PF_DIR_EGRESS, 1, len);
 		return 0;
 	}
 	struct pf_endpoint_ip_value *owner = pf_endpoint_ips.lookup(&pkt.saddr);
@@ -201,8 +209,51 @@ int nf_egress(struct __sk_buff *skb)
 	if (!ep)
 		return 0;
 	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
-	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
+	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, len, now);
 	if (reason != PF_REASON_ALLOWED)
 		pf_ct_forget_unjudged(&pkt);
 	return reason != PF_REASON_ALLOWED;
+}
+
+/* Run by iptables' bpf match (xt_bpf): non-zero = the rule matches, its target DROPs. */
+int nf_egress(struct __sk_buff *skb)
+{
+	struct pf_source src = {.skb = skb};
+	return pf_egress_drops(&src, skb->protocol, skb->len, pf_now());
+}
+
+/* The head of struct nf_hook_state (include/linux/netfilter.h) and struct bpf_nf_ctx
+ * (include/linux/filter.h), the context of a netfilter program */
+struct pf_nf_hook_state {
+	__u8 hook;
+	__u8 pf;  /* NFPROTO_IPV4 or NFPROTO_IPV6: the family of the link */
+};
+
+struct pf_nf_ctx {
+	const struct pf_nf_hook_state *state;
+	void *skb;
+};
+
+#define PF_NFPROTO_IPV4 2
+#define PF_NFPROTO_IPV6 10
+#define PF_NF_DROP 0
+#define PF_NF_ACCEPT 1
+
+/* The same verdict run by netfilter links (kernel >= 6.4) at FORWARD and LOCAL_IN, one link per
+ * family and hook, without iptables' rule evaluation around it. Loaded through the kfunc path
+ * (lib/kfunc.h). */
+int nf_egress_link(struct pf_nf_ctx *ctx)
+{
+	const struct pf_nf_hook_state *state = ctx->state;
+	struct pf_dynptr ptr;
+
+	/* cannot fail for flags 0; refused anyway rather than passed unread */
+	if (pf_dynptr_from_skb(ctx->skb, 0, &ptr))
+		return PF_NF_DROP;
+	struct pf_source src = {.dynptr = &ptr};
+	__u8 family = state->pf;
+	__be16 eth_proto_be = family == PF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
+			      family == PF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0;
+	__u32 len = pf_dynptr_size(&ptr);
+	return pf_egress_drops(&src, eth_proto_be, len, bpf_ktime_get_ns()) ? PF_NF_DROP : PF_NF_ACCEPT;
 }

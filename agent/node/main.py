@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="keep",
         help="whether connections opened under a previous policy survive a policy change",
     )
+    parser.add_argument(
+        "--egress-hook",
+        choices=["auto", "netfilter", "iptables"],
+        default="auto",
+        help="bpf: where the egress verdict runs after DNAT: netfilter links (Linux 6.4+), an iptables "
+        "xt_bpf rule, or auto (links where the kernel can)",
+    )
     parser.add_argument("--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of pinned state")
     parser.add_argument("--metrics-listen", default="0.0.0.0:9301", metavar="HOST:PORT")
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
@@ -185,6 +192,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         pin_dir=args.pin_dir,
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
+        egress_hook=args.egress_hook,
         **sizes,
     )
     return dataplane
@@ -282,13 +290,20 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
+        egress_hook = getattr(dataplane, "egress_hook_in_use", "")
         log.info(
-            "agent for node %s running: %s dataplane, control %s, metrics on port %d",
+            "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",
             args.node,
             dataplane.name,
+            f" (egress verdict on {egress_hook} hooks)" if egress_hook else "",
             args.control,
             port,
-            extra={"node": args.node, "dataplane": dataplane.name, "control": args.control},
+            extra={
+                "node": args.node,
+                "dataplane": dataplane.name,
+                "control": args.control,
+                "egress_hook": egress_hook,
+            },
         )
         while not stop.wait(0.5):
             pass

@@ -73,7 +73,15 @@
 
 /* CLOCK_MONOTONIC at tick resolution (1-10 ms): every timeout here is seconds long, and the
  * coarse clock needs no clock-source read, which cost each program ~30 ns per packet on a VM
- * (bpf_stats run_time_ns, same-node TCP and connection benchmarks). */
+ * (bpf_stats run_time_ns, same-node TCP and connection benchmarks). Netfilter programs may not
+ * read it and use bpf_ktime_get_ns(): the same clock, up to a tick ahead. */
 #define pf_now() bpf_ktime_get_coarse_ns()
+
+/* now - then, 0 when `then` was written by a program reading the precise clock a tick ahead
+ * of this one's coarse `now` (an unsigned difference would wrap and expire the entry). */
+static __always_inline __u64 pf_elapsed(__u64 now, __u64 then)
+{
+	return now > then ? now - then : 0;
+}
 
 #endif /* PF_LIB_COMMON_H */

@@ -67,7 +67,7 @@ static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __
 	if (!entry)
 		return NULL;
 	__u64 timeout = pf_ct_entry_timeout_ns(entry, key->protocol);
-	__u64 age = now - entry->last_seen_ns;
+	__u64 age = pf_elapsed(now, entry->last_seen_ns);
 	if (age > timeout)
 		return NULL;
 	if (pkt) {
@@ -94,8 +94,8 @@ static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 f
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
 	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key->protocol) : 0;
-	if (entry && now - entry->last_seen_ns <= timeout) {
-		if (now - entry->last_seen_ns > timeout / PF_CT_REFRESH_SHARE)
+	if (entry && pf_elapsed(now, entry->last_seen_ns) <= timeout) {
+		if (pf_elapsed(now, entry->last_seen_ns) > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
 		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
 		if (!(entry->flags & flag))

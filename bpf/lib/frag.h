@@ -35,7 +35,7 @@ static __always_inline __u32 pf_frag_verdict(struct pf_packet *pkt, int directio
 	struct pf_frag_key key;
 	pf_frag_key_fill(&key, pkt, direction);
 	struct pf_frag_value *first = pf_frag.lookup(&key);
-	if (!first || now - first->last_seen_ns > PF_FRAG_TIMEOUT_NS)
+	if (!first || pf_elapsed(now, first->last_seen_ns) > PF_FRAG_TIMEOUT_NS)
 		return PF_DROP_ORPHAN_FRAGMENT;
 	/* ports of the first fragment make events and counters of later fragments meaningful */
 	pkt->sport_be = first->sport_be;

@@ -47,7 +47,7 @@ static __always_inline int pf_event_take_token(__u64 now)
 	struct pf_event_budget *budget = pf_event_budget.lookup(&zero);
 	if (!budget)
 		return 0;
-	__u64 elapsed = now - budget->last_refill_ns;
+	__u64 elapsed = pf_elapsed(now, budget->last_refill_ns);
 	if (elapsed >= PF_NSEC / PF_EVENT_RATE) {
 		__u64 earned = elapsed / (PF_NSEC / PF_EVENT_RATE);
 		__u64 tokens = budget->tokens + earned;

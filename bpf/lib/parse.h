@@ -1,7 +1,7 @@
-/* Packet parsing shared by every hook. All reads go through bpf_skb_load_bytes() so the same code
- * works at tc (skb->data at the Ethernet header) and at the netfilter hook (skb->data at the IP
- * header): the caller passes the offset of the L3 header. The helper bounds-checks every read;
- * a failed read marks the packet malformed instead of reading past the end. */
+/* Packet parsing shared by every hook. All reads go through pf_load() so the same code works at
+ * tc (skb->data at the Ethernet header) and at the netfilter hooks (skb->data at the IP header):
+ * the caller passes the offset of the L3 header. The helpers behind pf_load bounds-check every
+ * read; a failed read marks the packet malformed instead of reading past the end. */
 #ifndef PF_LIB_PARSE_H
 #define PF_LIB_PARSE_H
 
@@ -22,6 +22,21 @@
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
 #define PF_PKT_NDP_ADVERT  0x20  /* neighbour advertisement: inner_saddr holds its target address */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
+
+/* Where a program reads packet bytes: tc and xt_bpf programs through their skb with
+ * bpf_skb_load_bytes(), the netfilter-link program through a dynptr over its skb (netfilter
+ * programs have no skb helpers). Exactly one is set; inlined, the choice costs nothing. */
+struct pf_source {
+	struct __sk_buff *skb;
+	struct pf_dynptr *dynptr;
+};
+
+static __always_inline int pf_load(const struct pf_source *src, __u32 off, void *dst, __u32 len)
+{
+	if (src->dynptr)
+		return pf_dynptr_read(dst, len, src->dynptr, off, 0);
+	return bpf_skb_load_bytes(src->skb, off, dst, len);
+}
 
 struct pf_packet {
 	struct pf_addr saddr;
@@ -81,7 +96,7 @@ static __always_inline int pf_is_echo(__u8 protocol, __u8 type, int *is_request)
 /* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated.
  * `tcp_flags`: also require a complete TCP header and return its flags (NULL for the 8 bytes an
  * ICMP error quotes). */
-static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8 protocol,
+static __always_inline int pf_parse_ports(const struct pf_source *src, __u32 off, __u8 protocol,
 					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, __u8 *tcp_flags)
 {
 	*sport_be = 0;
@@ -90,7 +105,7 @@ static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8
 	if (protocol == PF_IPPROTO_TCP && tcp_flags) {
 		/* ports, sequence and acknowledgement numbers, data offset and flags in one read */
 		__u8 tcp[14];
-		if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) == 0) {
+		if (pf_load(src, off, tcp, sizeof(tcp)) == 0) {
 			__builtin_memcpy(sport_be, &tcp[0], 2);
 			__builtin_memcpy(dport_be, &tcp[2], 2);
 			if ((tcp[12] >> 4) < 5)
@@ -102,7 +117,7 @@ static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8
 	}
 	if (protocol == PF_IPPROTO_TCP || protocol == PF_IPPROTO_UDP || protocol == PF_IPPROTO_SCTP) {
 		__be16 ports[2];
-		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+		if (pf_load(src, off, ports, sizeof(ports)) < 0)
 			return -1;
 		*sport_be = ports[0];
 		*dport_be = ports[1];
@@ -111,7 +126,7 @@ static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8
 	if (protocol == PF_IPPROTO_ICMP || protocol == PF_IPPROTO_ICMPV6) {
 		__u8 hdr[8];
 		int is_request = 0;
-		if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+		if (pf_load(src, off, hdr, sizeof(hdr)) < 0)
 			return -1;
 		*icmp_type = hdr[0];
 		if (pf_is_echo(protocol, hdr[0], &is_request)) {
@@ -128,7 +143,7 @@ static __always_inline int pf_parse_ports(struct __sk_buff *skb, __u32 off, __u8
 }
 
 /* IPv6 extension headers, walked with a bounded loop. Returns the L4 offset or -1. */
-static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, struct pf_packet *pkt)
+static __always_inline int pf_walk_ipv6_ext(const struct pf_source *src, __u32 off, struct pf_packet *pkt)
 {
 	__u8 next = pkt->protocol;
 #pragma unroll
@@ -138,13 +153,13 @@ static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, st
 		case 0:   /* hop-by-hop */
 		case 43:  /* routing */
 		case 60:  /* destination options */
-			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+			if (pf_load(src, off, ext, 2) < 0)
 				return -1;
 			next = ext[0];
 			off += ((__u32)ext[1] + 1) * 8;
 			break;
 		case 51:  /* authentication header: length in 4-byte units minus 2 */
-			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+			if (pf_load(src, off, ext, 2) < 0)
 				return -1;
 			next = ext[0];
 			off += ((__u32)ext[1] + 2) * 4;
@@ -152,7 +167,7 @@ static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, st
 		case 44: {  /* fragment */
 			__be16 frag_off_be;
 			__be32 id_be;
-			if (bpf_skb_load_bytes(skb, off, ext, 8) < 0)
+			if (pf_load(src, off, ext, 8) < 0)
 				return -1;
 			next = ext[0];
 			__builtin_memcpy(&frag_off_be, &ext[2], 2);
@@ -185,13 +200,13 @@ static __always_inline int pf_walk_ipv6_ext(struct __sk_buff *skb, __u32 off, st
 
 /* Embedded header of an ICMP error at `off` (the inner IP header). Best effort: a missing inner
  * L4 header leaves ports at 0. Returns 0 or -1. */
-static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off, struct pf_packet *pkt)
+static __always_inline int pf_parse_icmp_inner(const struct pf_source *src, __u32 off, struct pf_packet *pkt)
 {
 	__u8 icmp_type;
 	__u32 l4;
 	if (pkt->family == 4) {
 		struct iphdr inner;
-		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+		if (pf_load(src, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
 			return -1;
 		pf_addr_from_v4(&pkt->inner_saddr, inner.saddr);
 		pf_addr_from_v4(&pkt->inner_daddr, inner.daddr);
@@ -199,14 +214,14 @@ static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off,
 		l4 = off + inner.ihl * 4;
 	} else {
 		struct ipv6hdr inner;
-		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0)
+		if (pf_load(src, off, &inner, sizeof(inner)) < 0)
 			return -1;
 		__builtin_memcpy(&pkt->inner_saddr, &inner.saddr, 16);
 		__builtin_memcpy(&pkt->inner_daddr, &inner.daddr, 16);
 		pkt->inner_protocol = inner.nexthdr;
 		l4 = off + sizeof(inner);
 	}
-	if (pf_parse_ports(skb, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
+	if (pf_parse_ports(src, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
 			   &icmp_type, NULL) < 0) {
 		pkt->inner_sport_be = 0;
 		pkt->inner_dport_be = 0;
@@ -216,7 +231,7 @@ static __always_inline int pf_parse_icmp_inner(struct __sk_buff *skb, __u32 off,
 
 /* Parse L3 (at l3_off) and L4. `eth_proto_be` selects the family. Always fills what it could;
  * sets PF_PKT_MALFORMED on failure. Returns 0 when the L3 header (addresses) is usable. */
-static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 eth_proto_be,
+static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, __be16 eth_proto_be,
 				    struct pf_packet *pkt)
 {
 	__u32 l4;
@@ -225,7 +240,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 	if (eth_proto_be == bpf_htons(ETH_P_IP)) {
 		struct iphdr iph;
 		__u16 frag;
-		if (bpf_skb_load_bytes(skb, l3_off, &iph, sizeof(iph)) < 0 || iph.version != 4 || iph.ihl < 5) {
+		if (pf_load(src, l3_off, &iph, sizeof(iph)) < 0 || iph.version != 4 || iph.ihl < 5) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return -1;
 		}
@@ -248,7 +263,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 	} else if (eth_proto_be == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		int off;
-		if (bpf_skb_load_bytes(skb, l3_off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6) {
+		if (pf_load(src, l3_off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return -1;
 		}
@@ -267,7 +282,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 		}
 		if (pf_is_v4_mapped(&pkt->daddr))
 			pkt->flags |= PF_PKT_MALFORMED;
-		off = pf_walk_ipv6_ext(skb, l3_off + sizeof(ip6), pkt);
+		off = pf_walk_ipv6_ext(src, l3_off + sizeof(ip6), pkt);
 		if (off < 0) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return 0;
@@ -280,13 +295,13 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 
 	if (pkt->flags & PF_PKT_FRAG_LATER)
 		return 0;
-	if (pf_parse_ports(skb, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, &pkt->tcp_flags) < 0) {
+	if (pf_parse_ports(src, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, &pkt->tcp_flags) < 0) {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return 0;
 	}
 	if (pf_is_icmp_error(pkt->protocol, icmp_type)) {
 		pkt->flags |= PF_PKT_ICMP_ERROR;
-		if (pf_parse_icmp_inner(skb, l4 + 8, pkt) < 0)
+		if (pf_parse_icmp_inner(src, l4 + 8, pkt) < 0)
 			pkt->flags |= PF_PKT_MALFORMED;
 	}
 	/* Router/neighbour solicitation+advertisement and redirect (hop limit 255), MLD (hop limit 1):
@@ -298,7 +313,7 @@ static __always_inline int pf_parse(struct __sk_buff *skb, __u32 l3_off, __be16 
 		pkt->flags |= PF_PKT_NDP;
 	if (pkt->protocol == PF_IPPROTO_ICMPV6 && icmp_type == 136) {
 		/* the advertised target decides whose address the host's neighbour cache learns */
-		if (bpf_skb_load_bytes(skb, l4 + 8, &pkt->inner_saddr, sizeof(pkt->inner_saddr)) < 0)
+		if (pf_load(src, l4 + 8, &pkt->inner_saddr, sizeof(pkt->inner_saddr)) < 0)
 			pkt->flags |= PF_PKT_MALFORMED;
 		else
 			pkt->flags |= PF_PKT_NDP_ADVERT;

@@ -7,14 +7,16 @@ and well-formed first packets. BpfDataplane.apply programs the maps exactly as t
 each packet runs through the program of the hook that judges it, and its verdict must equal
 `oracle_*` below, which reads agent/dataplane/types.py's meaning (never the compiler's output).
 Conntrack and fragment maps are emptied before every packet, so each one is a first packet.
-The same differential runs against the established_on_change="reset" build too, where a TCP
-packet that no flow knows must be a bare SYN.
+The egress verdict is drawn from either egress program (the netfilter-link one and the xt_bpf
+one), so both must answer the oracle. The same differential runs against the
+established_on_change="reset" build too, where a TCP packet that no flow knows must be a bare SYN.
 
 Hostile: one endpoint isolated both ways with a narrow allow list. Mutated frames (truncated at
 every length, random header bytes, any IHL, long IPv6 extension chains, fragments out of order,
 spoofed sources) never pass unless the oracle admits the tuple the frame claims, as read by
 `claim()`, an independent parser of the RFC 791/8200 layouts. A frame that parser finds malformed
-is dropped, and counted under the reason (structs.Reason) the datapath documents.
+is dropped, and counted under the reason (structs.Reason) the datapath documents. The two egress
+programs give every hostile frame the same verdict.
 
 The endpoints sit behind veths in a private "pfb-" netns. A test run names the host-side ifindex
 in the skb context, and the kernel resolves it in the caller's network namespace, so each run is
@@ -41,7 +43,7 @@ from hypothesis import strategies as st
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.structs import Reason
-from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
+from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import (
     PROTO_ANY,
     Allow,
@@ -351,6 +353,7 @@ class Bench:
     ifindexes: tuple[int, ...]  # host-side veths in the netns; the last one no endpoint claims
     version: int = 0
     refused: set[int] = field(default_factory=set)  # frame lengths the kernel would not test-run
+    egress: str = "nf_egress_link"  # which egress program egress_path runs (EGRESS_PROGRAMS)
 
     @contextmanager
     def _inside(self) -> Iterator[None]:
@@ -389,12 +392,17 @@ class Bench:
         )
         try:
             with self._inside():
-                result = run_program(programs[name].fd, frame, ifindex)
+                if hook == "nf_egress_link":
+                    result = run_netfilter_program(self.plane._links.program_fd, frame)
+                else:
+                    result = run_program(programs[name].fd, frame, ifindex)
         except OSError as error:
-            if error.errno != errno.EINVAL:
+            if error.errno not in (errno.EINVAL, errno.EPROTO):  # EPROTO: not IP, no netfilter hook runs
                 raise
             self.refused.add(len(frame))
             return None
+        if hook == "nf_egress_link":
+            return result == NF_ACCEPT
         if hook == "nf_egress":
             return result == 0
         assert result in (TC_ACT_OK, TC_ACT_SHOT)
@@ -403,7 +411,7 @@ class Bench:
     def egress_path(self, frame: bytes, ifindex: int) -> bool | None:
         """A packet from a pod: tc ingress of its veth, then the netfilter egress judge."""
         first = self.passes("from_pod", frame, ifindex)
-        return first and self.passes("nf_egress", frame)
+        return first and self.passes(self.egress, frame)
 
     def drop_reasons(self) -> dict[str, int]:
         return self.plane.drop_reason_counts()
@@ -608,6 +616,8 @@ def probes(draw: st.DrawFn, state: NodeState) -> Probe:
 
 # ---- 1. differential ----------------------------------------------------------------------------------
 
+EGRESS_PROGRAMS = ("nf_egress_link", "nf_egress")  # netfilter link; xt_bpf (where links cannot be used)
+
 
 def expected(state: NodeState, probe: Probe, tcp_needs_syn: bool = False) -> bool:
     """`tcp_needs_syn`: the reset-mode build, where a TCP packet no flow knows must be a bare SYN
@@ -654,6 +664,7 @@ def test_reset_mode_build_refuses_mid_stream_tcp_and_otherwise_matches(
 def check_first_packets(bench: Bench, data: st.DataObject, tcp_needs_syn: bool) -> None:
     state = with_ifindexes(data.draw(node_states(), label="state"), bench)
     bench.apply(state)
+    bench.egress = data.draw(st.sampled_from(EGRESS_PROGRAMS), label="egress program")
     for probe in data.draw(st.lists(probes(state), min_size=1, max_size=8), label="probes"):
         bench.forget_flows()
         frame = probe.frame()
@@ -731,6 +742,15 @@ def link_local_or_unspecified(address: IPAddress | None) -> bool:
     return address is not None and address.version == 6 and (address.is_link_local or address.is_unspecified)
 
 
+def check_egress_programs_agree(bench: Bench, frame: bytes, ifindex: int) -> None:
+    """From a clean start, the frame leaving the pod gets the same egress verdict from both programs."""
+    verdicts = []
+    for program in EGRESS_PROGRAMS:
+        bench.forget_flows()
+        verdicts.append(bench.passes("from_pod", frame, ifindex) and bench.passes(program, frame))
+    assert verdicts[0] == verdicts[1], f"{frame.hex()}: {dict(zip(EGRESS_PROGRAMS, verdicts, strict=True))}"
+
+
 def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
     """Run one frame at the guarded pod; assert no allow the claimed tuple does not earn, and
     the documented drop reason for frames that are not even well-formed. False if the kernel
@@ -748,6 +768,8 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
     if verdict is None:
         return False  # the kernel refused to run it: no program ever sees such a frame
     counted = {k: v - before[k] for k, v in bench.drop_reasons().items() if v != before[k]}
+    if hook != "to_pod" and said.layer == "ip" and not link_local_or_unspecified(said.source):
+        check_egress_programs_agree(bench, frame, ifindex)
     shown = f"{hook} {frame.hex()} claims {said} -> {'pass' if verdict else 'drop'} {counted}"
 
     expected_reason = None  # a drop whose reason the datapath documents

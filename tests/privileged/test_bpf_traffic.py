@@ -382,9 +382,87 @@ def test_removed_pod_is_swept_and_a_vanished_interface_does_not_fail_the_update(
     assert b.tcp(a.ip, 8080)
 
 
-def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_flushed(
+@pytest.fixture
+def xt_dataplane(node: Node) -> Iterator[BpfDataplane]:
+    """The egress verdict from the iptables rule (xt_bpf), as on kernels without netfilter links."""
+    plane = BpfDataplane(
+        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="iptables"
+    )
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.teardown()
+
+
+def link_pins(node: Node) -> list[str]:
+    return sorted(name for name in os.listdir(node.pin_dir) if name.startswith("nf_link_"))
+
+
+def test_netfilter_links_judge_egress_and_no_iptables_change_bypasses_them(
     node: Node, dataplane: BpfDataplane
 ) -> None:
+    a, b, c = node.pods
+    assert dataplane.egress_hook_in_use == "netfilter"  # this kernel (6.4+) has netfilter links
+    allow_b = endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080)))
+    dataplane.apply(state(node, allow_b, endpoint(b), endpoint(c)))
+    assert "PODFENCE" not in node.run("iptables", "-S").stdout + node.run("ip6tables", "-S").stdout
+    assert len(link_pins(node)) == 4  # IPv4 and IPv6, FORWARD and LOCAL_IN
+    assert a.tcp(b.ip, 8080) and a.tcp(b.ip6, 8080)
+    assert not a.tcp(c.ip, 8080) and not a.tcp(c.ip6, 8080)
+    # what let pods escape an iptables rule has no hold on a hook of its own
+    node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")
+    node.run("ip6tables", "-I", "FORWARD", "1", "-j", "ACCEPT")
+    assert not a.tcp(c.ip, 8080) and not a.tcp(c.ip6, 8080)
+    node.run("iptables", "-F")
+    node.run("iptables", "-P", "FORWARD", "ACCEPT")
+    assert not a.tcp(c.ip, 8080)
+    assert a.tcp(b.ip, 8080)
+
+
+def test_an_unpinned_netfilter_link_is_linked_again_by_the_hook_check(
+    node: Node, dataplane: BpfDataplane
+) -> None:
+    a, b, c = node.pods
+    dataplane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
+    assert not a.tcp(b.ip, 8080)
+    forward = next(name for name in link_pins(node) if name.startswith("nf_link_ipv4_forward_"))
+    os.unlink(f"{node.pin_dir}/{forward}")  # the last reference: the kernel unhooks the link
+    assert a.tcp(b.ip, 8080)
+    assert dataplane.repair_hooks() == ["netfilter link ipv4_forward"]
+    assert not a.tcp(b.ip, 8080)
+    assert len(link_pins(node)) == 4 and dataplane.repair_hooks() == []
+
+
+def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Node) -> None:
+    a, b, c = node.pods
+    allow_b = endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080)))
+    node_state = state(node, allow_b, endpoint(b), endpoint(c))
+    planes = []
+    try:
+        for hook in ("iptables", "netfilter", "iptables"):
+            plane = BpfDataplane(
+                pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook=hook
+            )
+            plane.start()  # over the previous one's pins: adopts the maps, replaces the hook
+            planes.append(plane)
+            plane.apply(node_state)
+            assert plane.egress_hook_in_use == hook
+            iptables_rules = "PODFENCE-EGRESS" in node.run("iptables", "-S", "FORWARD").stdout
+            assert iptables_rules == (hook == "iptables")
+            assert len(link_pins(node)) == (4 if hook == "netfilter" else 0)
+            assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080)
+            assert not a.tcp(c.ip6, 8080)
+    finally:
+        for plane in planes:
+            plane.close()
+        BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+
+
+def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_flushed(
+    node: Node, xt_dataplane: BpfDataplane
+) -> None:
+    dataplane = xt_dataplane
     a, b, c = node.pods
     denying = state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c))
     dataplane.apply(denying)
@@ -400,8 +478,9 @@ def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_f
 
 
 def test_the_periodic_hook_check_outranks_a_rule_inserted_above_the_egress_hook(
-    node: Node, dataplane: BpfDataplane
+    node: Node, xt_dataplane: BpfDataplane
 ) -> None:
+    dataplane = xt_dataplane
     a, b, c = node.pods
     dataplane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
     guard = HookGuard(dataplane, interval_s=0.5)

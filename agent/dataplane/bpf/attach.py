@@ -9,6 +9,7 @@ tagged with a comment).
 from __future__ import annotations
 
 import errno
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,9 +155,15 @@ class Iptables:
             # was changed (one transaction); the next check sees the new state and retries
             raise TemporaryDataplaneError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
+    def available(self) -> bool:
+        """Are the iptables tools installed (the netfilter-link hook does without them)?"""
+        return all(shutil.which(command) for command in IPTABLES_COMMANDS)
+
     def remove(self) -> None:
         jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
         for command in IPTABLES_COMMANDS:
+            if f"-N {IPTABLES_CHAIN}" not in self._run(command, "-S", check=False).stdout.splitlines():
+                continue  # no chain, so no jump to it either
             for base in IPTABLES_BASE_CHAINS:
                 while self._run(command, "-D", base, *jump, check=False).returncode == 0:
                     pass

@@ -13,6 +13,11 @@ connection of an affected endpoint or peer ends. The iptables dataplane's modes 
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
 file beside the pins (in /run, the same lifetime as bpffs).
+
+egress_hook: where the egress verdict (after DNAT) runs. "netfilter": netfilter links
+(netfilter.py, kernel >= 6.4); "iptables": an xt_bpf rule first in FORWARD and INPUT; "auto"
+(default): links where the kernel can, else the rule. Switching either way installs the new hook
+before removing the old one.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, loader
+from agent.dataplane.bpf import attach, loader, netfilter
 from agent.dataplane.bpf.compiler import (
     Allocation,
     CidrPrefix,
@@ -63,6 +68,7 @@ from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 log = logging.getLogger(__name__)
 
 NF_PROGRAM_PIN = "nf_egress"
+EGRESS_HOOKS = ("auto", "netfilter", "iptables")
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,10 @@ class BpfDataplane:
         event_rate: int = 100,
         netns: str | None = None,
         state_file: str | None = None,
+        egress_hook: str = "auto",
     ) -> None:
+        if egress_hook not in EGRESS_HOOKS:
+            raise ValueError(f"egress_hook must be one of {', '.join(EGRESS_HOOKS)}")
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
         if established_on_change not in ("keep", "reset"):
@@ -147,7 +156,10 @@ class BpfDataplane:
         self._programs: dict[str, Any] = {}
         self._live = _Live()
         self._events: list[DenyEvent] = []
+        self.egress_hook = egress_hook
+        self.egress_hook_in_use = ""  # "netfilter" or "iptables" once started
         self._iptables = attach.Iptables(netns)
+        self._links = netfilter.NetfilterLinks(self.pin_dir, netns)
         # apply() runs on the reconcile thread while metrics and flow logs read from others
         self._lock = threading.Lock()
         self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
@@ -172,7 +184,7 @@ class BpfDataplane:
             message = f"cannot adopt the pinned maps in {self.pin_dir}: {error}"
             raise PermanentDataplaneError(message) from error
         self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-        self._install_nf_program()
+        self._install_egress_hook()
         with attach.netlink(self.netns) as sock:
             for ifindex in sorted(self._live.interfaces):
                 with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
@@ -189,6 +201,7 @@ class BpfDataplane:
                 self._module.cleanup()
         self._module = None
         self._programs = {}
+        self._links.close()
 
     def teardown(self) -> None:
         """Remove every filter, rule, pin and file podfence created."""
@@ -197,7 +210,9 @@ class BpfDataplane:
         with attach.netlink(self.netns) as sock:
             for ifindex in interfaces:
                 attach.detach_tc(sock, ifindex)
-        self._iptables.remove()
+        self._links.remove()
+        if self._iptables.available():
+            self._iptables.remove()
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -233,17 +248,22 @@ class BpfDataplane:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
             self._live.allocation = desired.allocation
             self._save_state_file()
-            self._iptables.install(self._nf_pin)  # self-heal the egress hook (reloads, reordering)
+            self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
 
     def repair_hooks(self) -> list[str]:
         """Put the egress hook back where it must be (first in FORWARD and INPUT, running the
         current program) if something moved or removed it; returns what was repaired."""
-        if self._module is None or not self._nf_pin:
+        if self._module is None or not self.egress_hook_in_use:
             return []
         with self._lock:
-            return self._iptables.install(self._nf_pin)
+            return self._repair_egress_hook()
+
+    def _repair_egress_hook(self) -> list[str]:
+        if self.egress_hook_in_use == "netfilter":
+            return self._links.repair()
+        return self._iptables.install(self._nf_pin)
 
     def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
         peaks = peak_sizes(self._live, ops)
@@ -487,6 +507,27 @@ class BpfDataplane:
         temporary.write_text(json.dumps(data))
         os.replace(temporary, self.state_file)  # atomic: a crash leaves the old or the new file
 
+    def _install_egress_hook(self) -> None:
+        """Run this agent's egress program from netfilter links or the iptables rule, and only then
+        remove the other kind of hook (left by an earlier run with another setting or kernel)."""
+        if self.egress_hook != "iptables":
+            try:
+                program_fd = netfilter.load_program(self._module, loader.PROGRAM_NF_EGRESS_LINK)
+                self._links.install(program_fd)
+            except netfilter.NetfilterUnsupported as error:
+                if self.egress_hook == "netfilter":
+                    raise
+                log.warning("no netfilter links, the egress verdict runs from iptables (xt_bpf): %s", error)
+            else:
+                self.egress_hook_in_use = "netfilter"
+                if self._iptables.available():
+                    self._iptables.remove()
+                self._unpin_nf_programs(keep="")
+                return
+        self._install_nf_program()
+        self.egress_hook_in_use = "iptables"
+        self._links.remove()
+
     def _install_nf_program(self) -> None:
         """Pin the new egress program under a fresh name, point the iptables rule at it, unpin the old."""
         from bcc import libbcc
@@ -498,9 +539,12 @@ class BpfDataplane:
             raise PermanentDataplaneError(f"cannot pin the egress program at {pin}: {reason}")
         self._iptables.install(pin)
         self._nf_pin = pin
+        self._unpin_nf_programs(keep=pin)
+
+    def _unpin_nf_programs(self, keep: str) -> None:
         for name in os.listdir(self.pin_dir):
             old = f"{self.pin_dir}/{name}"
-            if name.startswith(f"{NF_PROGRAM_PIN}_") and old != pin:
+            if name.startswith(f"{NF_PROGRAM_PIN}_") and old != keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(old)
 

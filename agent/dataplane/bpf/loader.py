@@ -25,6 +25,7 @@ _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 PROGRAM_FROM_POD = "tc_from_pod"
 PROGRAM_TO_POD = "tc_to_pod"
 PROGRAM_NF_EGRESS = "nf_egress"
+PROGRAM_NF_EGRESS_LINK = "nf_egress_link"  # loaded by netfilter.py, not by BCC
 
 
 @dataclass(frozen=True)

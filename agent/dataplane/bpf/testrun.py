@@ -2,7 +2,8 @@
 
 Used by the packet-table tests and handy for debugging a verdict without any traffic. The
 packet is run on the caller's loopback device (skb->ifindex 1) unless `ifindex` names another
-device of the calling thread's network namespace (the kernel looks it up there).
+device of the calling thread's network namespace (the kernel looks it up there). A netfilter
+program is run as if at the hook and family named in its context (kernel >= 6.4).
 """
 
 from __future__ import annotations
@@ -57,6 +58,43 @@ class _SkbContext(ctypes.Structure):
         ("ingress_ifindex", ctypes.c_uint32),
         ("ifindex", ctypes.c_uint32),
     ]
+
+
+class _NetfilterHookState(ctypes.Structure):
+    """struct nf_hook_state as BPF_PROG_TEST_RUN takes it: only hook and pf may be set."""
+
+    _fields_ = [
+        ("hook", ctypes.c_uint8),
+        ("pf", ctypes.c_uint8),
+        ("pointers", ctypes.c_uint64 * 5),  # in, out, sk, net, okfn: must be NULL
+    ]
+
+
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+NF_INET_FORWARD = 2
+NF_ACCEPT = 1
+
+
+def run_netfilter_program(prog_fd: int, frame: bytes, hook: int = NF_INET_FORWARD) -> int:
+    """A netfilter program's verdict (NF_ACCEPT 1, NF_DROP 0) for `frame` (an Ethernet frame;
+    the family follows its EtherType, the kernel refuses any other with EPROTO)."""
+    ethertype = frame[12:14]
+    family = NFPROTO_IPV6 if ethertype == b"\x86\xdd" else NFPROTO_IPV4
+    data_in = ctypes.create_string_buffer(frame, len(frame))
+    state = _NetfilterHookState(hook=hook, pf=family)
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(frame),
+        data_in=ctypes.addressof(data_in),
+        repeat=1,
+        ctx_in=ctypes.addressof(state),
+        ctx_size_in=ctypes.sizeof(state),
+    )
+    if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"BPF_PROG_TEST_RUN: {os.strerror(error)}")
+    return int(attr.retval)
 
 
 def run_program(prog_fd: int, frame: bytes, ifindex: int = 0) -> int:
