@@ -18,6 +18,8 @@ bench/_workload.py, a fixed number of closed-loop workers, so CPU cost shows up 
 packets per second over many distinct flows (counted as delivered on the receiving pod's interface).
 
 Run: `.venv/bin/python -m bench.datapath` (root). `BENCH_QUICK=1` shortens every run for a smoke test.
+`BENCH_DATAPLANES` (default `bpf,iptables`) picks the dataplanes; `bpfxt` is the eBPF dataplane with
+its egress verdict on the xt_bpf rule instead of netfilter links (`--egress-hook iptables`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ def make_dataplane(kind: str, pin_dir: str) -> Any:
         return IptablesDataplane()
     from agent.dataplane.bpf.dataplane import BpfDataplane
 
+    if kind == "bpfxt":  # the eBPF dataplane with its egress verdict on the xt_bpf rule
+        return BpfDataplane(pin_dir=pin_dir, egress_hook="iptables")
     return BpfDataplane(pin_dir=pin_dir)
 
 

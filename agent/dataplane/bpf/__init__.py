@@ -1,5 +1,6 @@
-"""The eBPF dataplane: tc programs on each pod's host-side interface plus a netfilter (xt_bpf)
-egress hook, all policy in pinned maps. See bpf/README.md for the design.
+"""The eBPF dataplane: tc programs on each pod's host-side interface plus a netfilter egress hook
+(BPF netfilter links, or an xt_bpf rule on older kernels), all policy in pinned maps. See
+bpf/README.md for the design.
 
 Public surface: `BpfDataplane` (implements agent.dataplane.base.Dataplane) and `DenyEvent`.
 BCC is imported lazily so that the pure compiler can be used (and unit-tested) without it.
