@@ -4,8 +4,9 @@ Both dataplanes judge pod traffic from rules that podfence puts at the top of th
 FORWARD and INPUT (the iptables dispatch; the bpf dataplane's xt_bpf egress rule where it has no
 netfilter links). Another tool that later inserts an ACCEPT above them lets pods escape policy
 until the next apply, which may be long in a quiet cluster. (The bpf dataplane's netfilter links
-cannot be outranked that way; the check only links again one that someone unpinned.) HookGuard asks the dataplane every few seconds to check and repair
-(`repair_hooks`, one filter-table read per family when all is well), counts the repairs for
+cannot be outranked that way; the check only links again one that someone unpinned.)
+HookGuard asks the dataplane every few seconds to check and repair (`repair_hooks`, one
+filter-table read per family when all is well), counts the repairs for
 podfence_hook_repairs_total and logs the first one as a warning (a tool that keeps fighting for
 the top would otherwise fill the log; later repairs are in the metric and at debug level).
 """
