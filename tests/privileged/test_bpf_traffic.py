@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.base import CapacityError
+from agent.dataplane.bpf import netfilter
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.types import (
     Allow,
@@ -457,6 +458,33 @@ def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Nod
         for plane in planes:
             plane.close()
         BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+
+
+def test_auto_falls_back_to_the_iptables_rule_where_the_kernel_refuses_netfilter_links(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(module: object, name: str) -> int:  # stands in for a kernel older than 6.4
+        raise netfilter.NetfilterUnsupported("simulated: no BPF_PROG_TYPE_NETFILTER")
+
+    monkeypatch.setattr(netfilter, "load_program", refused)
+    a, b, c = node.pods
+    strict = BpfDataplane(
+        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="netfilter"
+    )
+    with pytest.raises(netfilter.NetfilterUnsupported):
+        strict.start()  # asked for links explicitly: a clear error, no silent downgrade
+    strict.teardown()
+    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane.start()
+    try:
+        assert plane.egress_hook_in_use == "iptables"
+        assert "no netfilter links" in caplog.text and "simulated" in caplog.text
+        plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
+        assert "PODFENCE-EGRESS" in node.run("iptables", "-S", "FORWARD").stdout and not link_pins(node)
+        assert not a.tcp(b.ip, 8080) and not a.tcp(b.ip6, 8080)
+        assert b.tcp(a.ip, 8080)
+    finally:
+        plane.teardown()
 
 
 def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_flushed(
