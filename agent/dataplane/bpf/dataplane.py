@@ -253,8 +253,9 @@ class BpfDataplane:
             self._reset_conntrack(changes)
 
     def repair_hooks(self) -> list[str]:
-        """Put the egress hook back where it must be (first in FORWARD and INPUT, running the
-        current program) if something moved or removed it; returns what was repaired."""
+        """Put the egress hook back where it must be if something moved or removed it (the xt_bpf
+        rule first in FORWARD and INPUT running the current program; every netfilter link pinned);
+        returns what was repaired."""
         if self._module is None or not self.egress_hook_in_use:
             return []
         with self._lock:
