@@ -46,7 +46,7 @@ class HookGuard:
             return []
         if repaired:
             self.repairs += len(repaired)
-            message = "podfence hooks were no longer first (another tool changed the chains); restored: %s"
+            message = "podfence hooks were moved or removed (another tool changed the chains or pins); restored: %s"
             if not self._warned:
                 log.warning(message, ", ".join(repaired), extra={"repaired": repaired})
                 self._warned = True
