@@ -46,7 +46,7 @@ class HookGuard:
             return []
         if repaired:
             self.repairs += len(repaired)
-            message = "podfence hooks were moved or removed (another tool changed the chains or pins); restored: %s"
+            message = "podfence hooks were moved or removed (by another tool); restored: %s"
             if not self._warned:
                 log.warning(message, ", ".join(repaired), extra={"repaired": repaired})
                 self._warned = True
