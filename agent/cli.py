@@ -1,4 +1,4 @@
-"""The `podfence` command line: one subcommand per role (control, agent, status, explain, lab, demo).
+"""The `podfence` command line: subcommands control, agent, status, explain, lab, demo, teardown.
 
 Every flag can also be set through a PODFENCE_<FLAG> environment variable (dashes become
 underscores), so manifests configure podfence with env vars. Exit codes: 0 success,
@@ -48,6 +48,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("evaluate one connection with the reference evaluator", "agent.policy.explain"),
     "lab": ("build or tear down simulated nodes on this machine", "agent.lab.cli"),
     "demo": ("run the bookinfo demo on the node lab", "agent.lab.demo"),
+    "teardown": ("remove podfence's kernel state from this node (agent stopped)", "agent.node.teardown"),
 }
 
 

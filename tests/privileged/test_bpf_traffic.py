@@ -697,6 +697,28 @@ def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
     assert a.tcp(b.ip, 8080)  # nothing of podfence enforces any more
 
 
+def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state_file(node: Node) -> None:
+    a, b, c = node.pods
+    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane.start()
+    plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b, ingress=isolated()), endpoint(c)))
+    plane.close()  # the agent stopped: its enforcement stays
+    os.unlink(node.state_file)  # and the record of its interfaces is gone
+    node.run("iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")  # another tool's
+    assert not a.tcp(c.ip, 8080) and not c.tcp(b.ip, 8080)
+    argv = [sys.executable, "-m", "agent.cli", "teardown", "--dataplane", "bpf", "--pin-dir", node.pin_dir]
+    done = subprocess.run(
+        in_netns(node.netns, *argv), capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
+    assert done.returncode == 0, done.stderr
+    assert a.tcp(c.ip, 8080) and c.tcp(b.ip, 8080)  # nothing of podfence enforces any more
+    for pod in node.pods:
+        assert "podfence" not in node.run("tc", "filter", "show", "dev", pod.host_if, "ingress").stdout
+        assert "podfence" not in node.run("tc", "filter", "show", "dev", pod.host_if, "egress").stdout
+    assert not os.path.exists(node.pin_dir)
+    assert "--dport 9 -j ACCEPT" in node.run("iptables", "-S").stdout
+
+
 def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:
     a, b, c = node.pods
     first = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)

@@ -204,10 +204,14 @@ class BpfDataplane:
         self._links.close()
 
     def teardown(self) -> None:
-        """Remove every filter, rule, pin and file podfence created."""
+        """Remove every filter, rule, pin and file podfence created (started or not: also our tc
+        filters on interfaces no record names, e.g. after the state file was lost)."""
         interfaces = set(self._live.interfaces) | set(self._live.endpoints)
         interfaces |= set(self._read_state_file().get("interfaces", []))
         with attach.netlink(self.netns) as sock:
+            for link in sock.get_links():
+                if link["index"] not in interfaces and attach.has_our_filters(sock, link["index"]):
+                    interfaces.add(link["index"])
             for ifindex in interfaces:
                 attach.detach_tc(sock, ifindex)
         self._links.remove()

@@ -1,0 +1,54 @@
+"""`podfence teardown`: remove what podfence put into this node's kernel.
+
+Enforcement outlives the agent on purpose (pinned maps, tc filters, netfilter links, iptables
+chains and ipsets stay when the agent exits or its DaemonSet is deleted), so a node is never
+left open by a crash or an upgrade. This removes it, and only it: never another tool's filters,
+rules or sets, never `clsact` itself. Stop the agent first: a running agent puts its hooks back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from agent.dataplane.base import DataplaneError
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataplane",
+        choices=["bpf", "iptables", "all"],
+        default="all",
+        help="whose state to remove (default: both dataplanes')",
+    )
+    parser.add_argument(
+        "--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of the pinned state"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    failed = False
+    if args.dataplane in ("bpf", "all"):
+        from agent.dataplane.bpf import BpfDataplane
+
+        try:
+            BpfDataplane(pin_dir=args.pin_dir).teardown()
+            print(f"podfence teardown: removed the bpf dataplane's filters, hooks and pins ({args.pin_dir})")
+        except (DataplaneError, ImportError, OSError) as exc:
+            print(f"podfence teardown: bpf dataplane: {exc}", file=sys.stderr)
+            failed = True
+    if args.dataplane in ("iptables", "all"):
+        if args.dataplane == "all" and not shutil.which("iptables-legacy"):
+            return EXIT_FAILURE if failed else EXIT_OK  # no iptables here: nothing of ours either
+        from agent.dataplane.iptables import IptablesDataplane
+
+        try:
+            IptablesDataplane().teardown()
+            print("podfence teardown: removed the iptables dataplane's chains and sets")
+        except (DataplaneError, ImportError, OSError) as exc:
+            print(f"podfence teardown: iptables dataplane: {exc}", file=sys.stderr)
+            failed = True
+    return EXIT_FAILURE if failed else EXIT_OK
