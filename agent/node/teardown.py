@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"podfence teardown: bpf dataplane: {exc}", file=sys.stderr)
             failed = True
     if args.dataplane in ("iptables", "all"):
-        if args.dataplane == "all" and not shutil.which("iptables-legacy"):
-            return EXIT_FAILURE if failed else EXIT_OK  # no iptables here: nothing of ours either
+        tools = ("iptables-legacy", "ip6tables-legacy", "ipset")
+        if args.dataplane == "all" and not all(shutil.which(tool) for tool in tools):
+            return EXIT_FAILURE if failed else EXIT_OK  # the iptables dataplane never ran here
         from agent.dataplane.iptables import IptablesDataplane
 
         try:
