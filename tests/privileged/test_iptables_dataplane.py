@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -502,6 +503,25 @@ def test_other_softwares_rules_survive_start_apply_and_teardown(node: Node) -> N
         assert "pf-" not in node.in_node("ipset", "list", "-n").stdout
     finally:
         worker.stop()
+
+
+def test_podfence_teardown_removes_a_stopped_agents_chains_and_sets_only(node: Node) -> None:
+    node.in_node("iptables-legacy", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")
+    node.in_node("ipset", "create", "foreign-set", "hash:ip")
+    worker = DataplaneWorker(node.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        worker.call("apply", node_state(node, ingress={2: isolated(from_pod(node.pods[0]))}))
+    finally:
+        worker.stop()  # the agent stopped without a teardown: its rules stay
+    assert "PF-" in node.legacy_save()
+    argv = [sys.executable, "-m", "agent.cli", "teardown", "--dataplane", "iptables"]
+    done = node.in_node(*argv, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "PF-" not in node.legacy_save() and "podfence" not in node.legacy_save()
+    assert "--dport 9 -j ACCEPT" in node.legacy_save()
+    sets = node.in_node("ipset", "list", "-n").stdout.split()
+    assert "foreign-set" in sets and not any(name.startswith("pf-") for name in sets)
 
 
 def test_no_allow_all_or_deny_all_window_during_50_updates(
