@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import struct
 import time
@@ -31,8 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
+from agent.dataplane.bpf.syscall import bpf
 
-SYS_BPF = 321  # x86_64
 BPF_PROG_LOAD = 5
 BPF_LINK_CREATE = 28
 BPF_PROG_TYPE_NETFILTER = 32
@@ -68,9 +67,6 @@ _HOOK_NAMES = {
 # DNAT (PREROUTING), before SNAT (POSTROUTING; LOCAL_IN's NAT runs at +100).
 LINK_PRIORITY = -1
 LINK_PIN_PREFIX = "nf_link_"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
 
 class NetfilterUnsupported(PermanentDataplaneError):
     """This kernel cannot run the egress verdict as a netfilter link (older than 6.4, no BTF, or
@@ -109,14 +105,6 @@ class _NetfilterLinkAttr(ctypes.Structure):
         ("priority", ctypes.c_int32),
         ("netfilter_flags", ctypes.c_uint32),
     ]
-
-
-def _bpf(command: int, attr: ctypes.Structure) -> int:
-    result = int(_libc.syscall(SYS_BPF, command, ctypes.byref(attr), ctypes.sizeof(attr)))
-    if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return result
 
 
 def kfunc_btf_ids(names: list[str]) -> dict[str, int]:
@@ -175,12 +163,12 @@ def load_program(module: Any, name: str) -> int:
         expected_attach_type=BPF_NETFILTER,
     )
     try:
-        return _bpf(BPF_PROG_LOAD, attr)
+        return bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
     except OSError as first:
         # again with the verifier's log, only needed to explain the refusal
         attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buffer), ctypes.addressof(log_buffer)
         with contextlib.suppress(OSError):
-            os.close(_bpf(BPF_PROG_LOAD, attr))
+            os.close(bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD"))
         tail = " | ".join(log_buffer.value.decode(errors="replace").strip().splitlines()[-3:])
         message = f"the kernel refused {name} as a netfilter program: {first}; {tail}"
         raise NetfilterUnsupported(message) from first
@@ -279,7 +267,7 @@ class NetfilterLinks:
         )
         with _inside(self.netns):
             try:
-                link_fd = _bpf(BPF_LINK_CREATE, attr)
+                link_fd = bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
             except OSError as error:
                 raise NetfilterUnsupported(f"netfilter link at {_HOOK_NAMES[hook]}: {error}") from error
         try:

@@ -9,16 +9,12 @@ program is run as if at the hook and family named in its context (kernel >= 6.4)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import os
 
-SYS_BPF = 321  # x86_64
+from agent.dataplane.bpf.syscall import bpf
+
 BPF_PROG_TEST_RUN = 10
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
 
 class _TestRunAttr(ctypes.Structure):
     _fields_ = [
@@ -91,9 +87,7 @@ def run_netfilter_program(prog_fd: int, frame: bytes, hook: int = NF_INET_FORWAR
         ctx_in=ctypes.addressof(state),
         ctx_size_in=ctypes.sizeof(state),
     )
-    if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"BPF_PROG_TEST_RUN: {os.strerror(error)}")
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return int(attr.retval)
 
 
@@ -119,7 +113,5 @@ def run_program_timed(prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0)
     if ifindex:
         attr.ctx_in = ctypes.addressof(context)
         attr.ctx_size_in = ctypes.sizeof(context)
-    if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"BPF_PROG_TEST_RUN: {os.strerror(error)}")
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return int(attr.retval), int(attr.duration)
