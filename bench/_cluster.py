@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.dataplane.netns import inside
 from bench import _netlab
 from bench._netlab import Topology
 
@@ -105,7 +106,7 @@ def free_port() -> int:
 def scrape(netns_name: str, port: int) -> dict[str, float]:
     """Every sample of a /metrics page served inside `netns_name`, keyed by name{labels}."""
     url = f"http://127.0.0.1:{port}/metrics"
-    with _netlab.inside(netns_name), urllib.request.urlopen(url, timeout=2) as response:
+    with inside(netns_name), urllib.request.urlopen(url, timeout=2) as response:
         text = response.read().decode()
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,20 +150,6 @@ def remove_all(prefix: str = PREFIX) -> None:
         shutil.rmtree(pin_dir, ignore_errors=True)
     for state_file in BPF_STATE_DIR.glob(prefix + "*"):  # BpfDataplane's id state beside the pins
         state_file.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def inside(netns_name: str) -> Iterator[None]:
-    """Run the block with this thread in `netns_name` (kernel libraries and subprocesses follow)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{netns_name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        netns.setns(target, flags=0)
-        yield
-    finally:
-        netns.setns(home, flags=0)
-        os.close(target)
-        os.close(home)
 
 
 def in_netns_argv(netns_name: str, argv: Sequence[str]) -> list[str]:

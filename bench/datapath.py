@@ -39,6 +39,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from agent.dataplane.netns import inside
 from agent.dataplane.types import (
     Allow,
     CidrPeer,
@@ -180,7 +181,7 @@ def build_variant(index: int, dataplane: str | None, rules: int) -> Variant:
         elif dataplane is not None:
             for node in topology.nodes.values():
                 state = node_state(topology, node.name, rules)
-                with _netlab.inside(node.netns):
+                with inside(node.netns):
                     plane = make_dataplane(dataplane, node.pin_dir)
                     variant.live_dataplanes.append((node.netns, plane))
                     plane.start()
@@ -222,7 +223,7 @@ def start_servers(variant: Variant) -> None:
 
 def _wait_for_port(client_netns: str, address: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    with _netlab.inside(client_netns):
+    with inside(client_netns):
         while True:
             with contextlib.suppress(OSError), socket_to(address, port):
                 return
@@ -237,7 +238,7 @@ def drops_unallowed_port(variant: Variant) -> bool:
     import socket
 
     client, server = variant.topology.pods["client"], variant.topology.pods["local"]
-    with _netlab.inside(client.netns), socket.socket() as sock:
+    with inside(client.netns), socket.socket() as sock:
         sock.settimeout(0.5)
         try:
             sock.connect((server.ip, CRR_PORT + 1))
@@ -262,7 +263,7 @@ def destroy_variant(variant: Variant) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     for node_netns, plane in variant.live_dataplanes:
-        with contextlib.suppress(Exception), _netlab.inside(node_netns):
+        with contextlib.suppress(Exception), inside(node_netns):
             plane.teardown()
     variant.topology.teardown()
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.dataplane.netns import inside
 from bench import _cluster, _netlab
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -178,7 +179,7 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
             missed = 0
             edits: list[tuple[float, float]] = []  # (wall-clock write time, seconds to the flip)
             allow = True
-            with _netlab.inside(client.netns):
+            with inside(client.netns):
                 for _ in range(EDITS):
                     allow = not allow
                     since, wall = time.monotonic(), time.time()

@@ -26,11 +26,11 @@ import ctypes
 import os
 import struct
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 from agent.dataplane.bpf.syscall import bpf
+from agent.dataplane.netns import inside
 
 BPF_PROG_LOAD = 5
 BPF_LINK_CREATE = 28
@@ -174,29 +174,6 @@ def load_program(module: Any, name: str) -> int:
         raise NetfilterUnsupported(message) from first
 
 
-@contextlib.contextmanager
-def _inside(netns: str | None) -> Iterator[None]:
-    """This thread in `netns` for the block: a netfilter link hooks the caller's namespace."""
-    if netns is None:
-        yield
-        return
-    from pyroute2 import netns as pyroute2_netns
-
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        os.close(home)
-        raise TemporaryDataplaneError(f"network namespace {netns}: {error}") from error
-    try:
-        pyroute2_netns.setns(target, flags=0)
-        yield
-    finally:
-        pyroute2_netns.setns(home, flags=0)
-        os.close(target)
-        os.close(home)
-
-
 def _pin(fd: int, path: str) -> None:
     from bcc import libbcc
 
@@ -265,7 +242,7 @@ class NetfilterLinks:
             hooknum=hooknum,
             priority=LINK_PRIORITY,
         )
-        with _inside(self.netns):
+        with inside(self.netns):  # a link hooks the namespace of the thread that creates it
             try:
                 link_fd = bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
             except OSError as error:
