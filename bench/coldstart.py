@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.dataplane.netns import inside
 from agent.dataplane.types import (
     Allow,
     CidrPeer,
@@ -37,7 +38,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
-from bench import _cluster, _netlab
+from bench import _cluster
 from bench._netlab import Topology
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -97,7 +98,7 @@ def in_process(topology: Topology) -> dict[str, Any]:
     state = node_state(topology)
     changed = one_endpoint_changed(state)
     start_s, apply_s, reapply_s, change_s = [], [], [], []
-    with _netlab.inside(node.netns):
+    with inside(node.netns):
         for _ in range(REPETITIONS):
             plane = BpfDataplane(pin_dir=node.pin_dir)
             try:
@@ -135,7 +136,7 @@ def interface_scan(topology: Topology) -> dict[str, Any]:
     from agent.node.interfaces import InterfaceDiscovery
 
     seconds = []
-    with _netlab.inside(topology.nodes[_cluster.NODE].netns):
+    with inside(topology.nodes[_cluster.NODE].netns):
         discovery = InterfaceDiscovery()
         for _ in range(5):
             started = time.perf_counter()
@@ -147,7 +148,7 @@ def interface_scan(topology: Topology) -> dict[str, Any]:
 def remove_kernel_state(dataplane: str, topology: Topology) -> None:
     """What a stopped agent left in the node: removed so the next start is cold."""
     node = topology.nodes[_cluster.NODE]
-    with _netlab.inside(node.netns):
+    with inside(node.netns):
         if dataplane == "bpf":
             from agent.dataplane.bpf.dataplane import BpfDataplane
 

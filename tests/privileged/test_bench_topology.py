@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import netns
 
-from bench import _netlab, datapath
+from agent.dataplane.netns import inside
+from bench import datapath
 from bench._netlab import Topology
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_SYS_ADMIN) to create netns")
@@ -30,7 +31,7 @@ def topology() -> Iterator[Topology]:
 
 def _refused_or_connected(client_netns: str, address: str, port: int) -> str:
     """'refused' proves the SYN reached the destination pod's kernel and its RST came back."""
-    with _netlab.inside(client_netns), socket.socket() as sock:
+    with inside(client_netns), socket.socket() as sock:
         sock.settimeout(2)
         try:
             sock.connect((address, port))
@@ -56,7 +57,7 @@ def test_iptables_node_with_the_benchmark_state_drops_an_unallowed_port(topology
     from agent.dataplane.iptables import IptablesDataplane
 
     node = topology.nodes["n1"]
-    with _netlab.inside(node.netns):
+    with inside(node.netns):
         plane = IptablesDataplane()
         plane.start()
         plane.apply(datapath.node_state(topology, "n1", rules=10))
