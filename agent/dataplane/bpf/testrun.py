@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
+from agent.dataplane.bpf.netfilter import NF_INET_FORWARD, NFPROTO_IPV4, NFPROTO_IPV6
 from agent.dataplane.bpf.syscall import bpf
 
 BPF_PROG_TEST_RUN = 10
@@ -66,9 +67,6 @@ class _NetfilterHookState(ctypes.Structure):
     ]
 
 
-NFPROTO_IPV4 = 2
-NFPROTO_IPV6 = 10
-NF_INET_FORWARD = 2
 NF_ACCEPT = 1
 
 
