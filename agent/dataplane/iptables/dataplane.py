@@ -22,6 +22,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent.dataplane.base import (
@@ -88,8 +89,8 @@ def _tally_chains(
 ) -> dict[tuple[str, str], _Tally]:
     tallies: dict[tuple[str, str], _Tally] = {}
     for rule in table.rules:
-        comment = rule.comment
         if rule.chain in owners:
+            comment = rule.comment
             tally = tallies.setdefault(owners[rule.chain], _Tally())
             if comment == ALLOW:
                 tally.allowed_packets += rule.packets
@@ -97,8 +98,8 @@ def _tally_chains(
             elif comment == DENY:
                 tally.denied_packets += rule.packets
                 tally.denied_bytes += rule.bytes
-        elif rule.chain == FROM_POD_CHAIN and comment.startswith(SPOOF + " "):
-            tally = tallies.setdefault((comment.split(" ", 1)[1], EGRESS), _Tally())
+        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(SPOOF + " "):
+            tally = tallies.setdefault((rule.comment.split(" ", 1)[1], EGRESS), _Tally())
             tally.denied_packets += rule.packets
             tally.denied_bytes += rule.bytes
     return tallies
@@ -254,27 +255,23 @@ class IptablesDataplane:
     def _apply_locked(self, state: NodeState) -> None:
         if not self._started:
             self.start()
-        interfaces = self._interfaces(
-            {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
-        )
-        desired = compile_state(
-            state, interfaces, self.unknown_endpoints, tcp_needs_syn=self.established_on_change == "reset"
-        )
-        for spec in desired.sets.values():
-            if len(spec.members) > self.ipset_maxelem:
-                raise CapacityError(
-                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
-                )
-        if desired.uses_bridges:
-            kernel.enable_bridge_netfilter()
+        # The sets and the first family's table are read (by subprocesses) while the state
+        # compiles: an edit is enforced for IPv4 ~15 ms sooner. The other family is read after
+        # the first commit, so that it does not compete for the CPUs on the first one's path.
+        first = FAMILIES[0]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
+            first_table = reads.submit(kernel.read_filter_table, first)
+            sets_read = reads.submit(kernel.read_sets)
+            desired = self._compile(state)
+            tables = {first: first_table.result()}
+            sets_now = sets_read.result()
 
-        sets_now = kernel.read_sets()
         moved_peers = _changed_members(desired, sets_now)
         kernel.restore_sets(self._sets_script(desired, sets_now))
         changed: set[tuple[str, str]] = set()
         repaired: list[str] = []
         for family in FAMILIES:
-            table = kernel.read_filter_table(family)
+            table = tables[family] if family in tables else kernel.read_filter_table(family)
             changed |= self._commit_family(family, desired, table)
             # After the commit, which (re)creates podfence's chains: someone may have flushed
             # FORWARD/INPUT or inserted rules above the hooks since the last apply. The commit
@@ -293,6 +290,22 @@ class IptablesDataplane:
                 extra={"endpoints": sorted(keys), "peers": sorted(moved_peers)},
             )
             kernel.forget_connections(sorted(addresses | moved_peers))
+
+    def _compile(self, state: NodeState) -> DesiredState:
+        interfaces = self._interfaces(
+            {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
+        )
+        desired = compile_state(
+            state, interfaces, self.unknown_endpoints, tcp_needs_syn=self.established_on_change == "reset"
+        )
+        for spec in desired.sets.values():
+            if len(spec.members) > self.ipset_maxelem:
+                raise CapacityError(
+                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
+                )
+        if desired.uses_bridges:
+            kernel.enable_bridge_netfilter()
+        return desired
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
@@ -377,7 +390,8 @@ class IptablesDataplane:
         lines += [f"-X {c}" for c in stale]
         lines += ["COMMIT", ""]
 
-        # Keep what the replaced chains counted (read just before the commit that deletes them).
+        # Keep what the replaced chains counted (read in this apply, before the commit that
+        # deletes them; what they count in between is lost).
         for owner, tally in _tally_chains(
             table, {c: o for c, o in owners_before.items() if c in stale}
         ).items():

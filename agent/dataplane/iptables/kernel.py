@@ -15,6 +15,7 @@ shows podfence's rules; Debian's default `iptables` (nft) does not.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -51,14 +52,14 @@ class Rule:
     packets: int
     bytes: int
 
-    @property
+    @functools.cached_property  # asked for every rule by several passes of one apply
     def comment(self) -> str:
         match = _COMMENT.search(self.spec)
         if match is None:
             return ""
         return match.group(1) if match.group(1) is not None else match.group(2)
 
-    @property
+    @functools.cached_property
     def target(self) -> str:
         match = _TARGET.search(" " + self.spec)
         return match.group(1) if match else ""
