@@ -23,7 +23,7 @@ from typing import Any
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.testrun import run_program_timed
-from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, IPAddress, NodeState
 from tests.privileged import bpf_frames as frames
 
 RULE_COUNTS = (10, 1000, 10000)
@@ -39,7 +39,9 @@ def _peer(index: int) -> str:
 def _state(rules: int) -> NodeState:
     allows = tuple(Allow(IdentityPeer(i), 6, 1000 + i % 50000, 1000 + i % 50000) for i in range(rules))
     pod = Endpoint("bench/pod", (ipaddress.ip_address(POD),), DirectionPolicy(True, allows), ifindex=1)
-    identities = {i: (ipaddress.ip_address(_peer(i)),) for i in range(rules)}
+    identities: dict[int, tuple[IPAddress, ...]] = {
+        i: (ipaddress.ip_address(_peer(i)),) for i in range(rules)
+    }
     return NodeState(1, {pod.key: pod}, identities, (), frozenset({1}))
 
 

@@ -786,14 +786,11 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
             admissible, expected_reason = False, Reason.MALFORMED
         elif said.layer == "ip" and said.later_fragment:
             admissible, expected_reason = False, Reason.ORPHAN_FRAGMENT  # nothing remembered
+        elif said.layer != "ip":
+            admissible = False
         else:
-            admissible = said.layer == "ip" and oracle_to_pod(
-                state,
-                GUARDED,
-                said.source,
-                said.protocol,
-                said.dport,  # type: ignore[arg-type]
-            )
+            assert said.source is not None  # every "ip" claim names both addresses
+            admissible = oracle_to_pod(state, GUARDED, said.source, said.protocol, said.dport)
     elif said.layer == "arp":
         admissible = said.arp_sender in (ipaddress.IPv4Address(0), POD_4)
         if not said.malformed and not admissible:
@@ -812,12 +809,9 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
         admissible, expected_reason = False, Reason.ORPHAN_FRAGMENT
     else:
         # link-local or unspecified sources included: tc_from_pod judges those itself
+        assert said.destination is not None  # every "ip" claim names both addresses
         admissible = said.link_plumbing or oracle_egress(
-            state,
-            GUARDED,
-            said.destination,
-            said.protocol,
-            said.dport,  # type: ignore[arg-type]
+            state, GUARDED, said.destination, said.protocol, said.dport
         )
     assert admissible or not verdict, f"allowed what the claimed tuple does not earn: {shown}"
     if expected_reason is not None:

@@ -31,6 +31,7 @@ from agent.dataplane.types import (
     DirectionPolicy,
     Endpoint,
     IdentityPeer,
+    IPAddress,
     NodeState,
 )
 from agent.node.hookguard import HookGuard
@@ -85,7 +86,9 @@ def isolated(*allows: Allow) -> DirectionPolicy:
 
 def state(node: Node, *endpoints: Endpoint, version: int = 1, unknown: tuple[Pod, ...] = ()) -> NodeState:
     by_key = {e.key: e for e in endpoints}
-    identities = {IDENTITY_OF_POD[p.index]: (ip(p.ip), ip(p.ip6)) for p in node.pods}
+    identities: dict[int, tuple[IPAddress, ...]] = {
+        IDENTITY_OF_POD[p.index]: (ip(p.ip), ip(p.ip6)) for p in node.pods
+    }
     return NodeState(
         version=version,
         endpoints=by_key,

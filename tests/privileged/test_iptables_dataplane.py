@@ -633,8 +633,8 @@ def test_a_rule_inserted_above_the_hook_is_outranked_again_within_the_check_peri
     checker.start()
     try:
         assert not node.probe(p3, "tcp", p2.ip, 80)
-        for family in ("iptables-legacy", "ip6tables-legacy"):
-            node.in_node(family, "-I", "FORWARD", "1", "-j", "ACCEPT")  # another tool, later
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            node.in_node(tool, "-I", "FORWARD", "1", "-j", "ACCEPT")  # another tool, later
         assert wait_for(lambda: guard.repairs >= 2, timeout=3), "no repair within the check period"
         assert not node.probe(p3, "tcp", p2.ip, 80)
         assert not node.probe(p3, "tcp", p2.ip6 or "", 80)

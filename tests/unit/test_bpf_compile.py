@@ -21,7 +21,15 @@ from agent.dataplane.bpf.structs import (
     addr_bytes,
     network_prefix,
 )
-from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.dataplane.types import (
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    NodeState,
+)
 
 OPEN = DirectionPolicy()
 net = ipaddress.ip_network
@@ -61,7 +69,7 @@ def test_port_range_rejects_inverted_range() -> None:
         port_range_prefixes(10, 9)
 
 
-def longest_match_class(classes: dict, address: ipaddress.IPv4Address) -> frozenset:
+def longest_match_class(classes: dict, address: IPAddress) -> frozenset:
     matches = [p for p in classes if p.version == address.version and address in p]
     if not matches:
         return frozenset()
@@ -191,7 +199,7 @@ def test_endpoints_without_interface_are_not_programmed_but_every_pod_interface_
 def test_unchanged_content_keeps_its_ids_and_new_content_never_reuses_one() -> None:
     rules_a = iso(Allow(IdentityPeer(1), 6, 80, 80))
     rules_b = iso(Allow(IdentityPeer(1), 6, 443, 443))
-    identities = {1: (addr("10.0.0.7"),)}
+    identities: dict[int, tuple[IPAddress, ...]] = {1: (addr("10.0.0.7"),)}
     first = compile_node_state(
         NodeState(1, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_a)}, identities)
     )
@@ -284,14 +292,14 @@ def test_compiled_maps_answer_like_the_allow_lists_on_random_states() -> None:
         allows = []
         for _ in range(rng.randint(0, 5)):
             if rng.random() < 0.5:
-                peer = IdentityPeer(rng.randint(1, 5))
+                peer: IdentityPeer | CidrPeer = IdentityPeer(rng.randint(1, 5))
             else:
                 cidr = rng.choice(prefixes)
                 excepts = tuple(
                     p
                     for p in prefixes
-                    if p != cidr and p.version == cidr.version and p.subnet_of(cidr) and rng.random() < 0.5
-                )  # type: ignore[arg-type]
+                    if p != cidr and p.version == cidr.version and p.subnet_of(cidr) and rng.random() < 0.5  # type: ignore[arg-type]
+                )
                 peer = CidrPeer(cidr, excepts)
             protocol = rng.choice([0, 6, 17, 132])
             first = rng.randint(0, 70)
@@ -300,15 +308,15 @@ def test_compiled_maps_answer_like_the_allow_lists_on_random_states() -> None:
         desired = compile_node_state(state)
         policy_id = desired.endpoints[5].ingress_policy_id
         for _ in range(60):
-            peer = rng.choice(pool)
+            probe = rng.choice(pool)
             protocol = rng.choice([1, 6, 17, 132])
             port = 0 if protocol == 1 else rng.randint(0, 90)
-            expected = reference_allows(allows, identities, peer, protocol, port)
+            expected = reference_allows(allows, identities, probe, protocol, port)
             outcomes[expected] += 1
-            assert simulated_datapath_allows(desired, policy_id, peer, protocol, port) == expected, (
+            assert simulated_datapath_allows(desired, policy_id, probe, protocol, port) == expected, (
                 allows,
                 identities,
-                peer,
+                probe,
                 protocol,
                 port,
             )

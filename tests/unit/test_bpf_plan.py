@@ -114,8 +114,8 @@ def random_direction(rng: random.Random) -> DirectionPolicy:
             excepts = tuple(
                 p
                 for p in PREFIXES
-                if p != cidr and p.version == cidr.version and p.subnet_of(cidr) and rng.random() < 0.5
-            )  # type: ignore[arg-type]
+                if p != cidr and p.version == cidr.version and p.subnet_of(cidr) and rng.random() < 0.5  # type: ignore[arg-type]
+            )
             peer = CidrPeer(cidr, excepts)
         protocol = rng.choice([0, 6, 17])
         first = rng.randint(0, 60)

@@ -11,6 +11,7 @@ from agent.api import podfence_pb2 as pb
 from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, PolicyHub, StreamClosed
 from agent.control.metrics import ControlMetrics
+from agent.dataplane.types import IdentityPeer
 from agent.node.sync import MalformedMessage, apply_message
 from agent.policy.resolver import Resolver
 from tests.unit.control_helpers import allow_from, pod, small_cluster
@@ -26,7 +27,9 @@ def make_hub(max_pending: int = 32) -> PolicyHub:
 def test_a_change_bumps_the_version_once_and_queues_only_for_affected_streams():
     hub = make_hub()
     n1, n3 = hub.open_stream("n1", 0), hub.open_stream("n3", 0)
-    assert n1.next(0).snapshot and n3.next(0).snapshot
+    first_n1, first_n3 = n1.next(0), n3.next(0)
+    assert first_n1 is not None and first_n1.snapshot
+    assert first_n3 is not None and first_n3.snapshot
     with hub.change() as resolver:
         resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
         resolver.upsert(pod("web-7", "n1", "10.0.1.17", "web"))
@@ -116,6 +119,7 @@ def test_snapshot_and_delta_round_trip_into_node_state():
     assert state.version == 6 and set(state.endpoints) == {"shop/web-1"}
     (allow,) = state.endpoints["shop/web-1"].ingress.allows
     assert allow.port_first == 9090
+    assert isinstance(allow.peer, IdentityPeer)
     assert state.identities[allow.peer.identity] == (ipaddress.ip_address("10.0.2.11"),)
     # The delta route and a fresh snapshot agree exactly.
     assert state == apply_message(None, snapshot_message(6, after))

@@ -317,7 +317,8 @@ def test_kubernetes_pods_list_watch_bookmark_and_relist_after_410():
 
 def test_kubernetes_invalid_objects_and_watch_errors_are_counted_not_fatal():
     metrics = ControlMetrics()
-    hub = PolicyHub(Resolver(), metrics, initial_version=1)
+    resolver = Resolver()
+    hub = PolicyHub(resolver, metrics, initial_version=1)
     bad = policy_doc("bad", "web", 99999)
     good = policy_doc("web-in", "web", 8080)
     api = RecordedApi(
@@ -333,5 +334,5 @@ def test_kubernetes_invalid_objects_and_watch_errors_are_counted_not_fatal():
     assert api.watch_resource_versions == ["10", "11"], "after an error the watch resumes, no re-list"
     assert source.relists["NetworkPolicy"] == 0
     assert "connection reset" in (source.last_error or "")
-    policies = hub._resolver.state.policies
+    policies = resolver.state.policies
     assert set(policies) == {"shop/web-in"}

@@ -20,7 +20,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes_validate
 import pytest
@@ -341,7 +341,11 @@ def handshake(pki: Path, client_dir: Path, server_name: str) -> str:
     def serve() -> None:
         try:
             with server_ctx.wrap_socket(left, server_side=True) as tls:
-                subject = dict(item[0] for item in tls.getpeercert()["subject"])
+                cert = tls.getpeercert()
+                assert cert is not None, "CERT_REQUIRED: the handshake fails without a client certificate"
+                # typeshed types every certificate field as one union; "subject" is the RDN tuple.
+                rdns = cast("tuple[tuple[tuple[str, str], ...], ...]", cert["subject"])
+                subject = dict(rdn[0] for rdn in rdns)
                 seen["cn"] = subject["commonName"]
                 tls.sendall(b"ok")
         except (ssl.SSLError, OSError) as exc:

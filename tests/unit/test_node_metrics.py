@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import HostView
+from agent.node.interfaces import HostView, Link
 from agent.node.metrics import register_agent_metrics, start_http_server
 from agent.node.reconcile import Reconciler
 
@@ -68,6 +68,9 @@ class CountingDataplaneDouble:
 class OneInterfaceDiscoveryDouble:
     def scan(self) -> HostView:
         return HostView(links={}, node_ips=(), uplinks=frozenset(), pod_interfaces=frozenset({5}))
+
+    def scan_links(self) -> dict[int, Link]:
+        return dict(self.scan().links)
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return 5

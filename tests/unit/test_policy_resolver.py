@@ -349,7 +349,9 @@ def test_identity_leaving_one_selector_stays_allowed_through_another() -> None:
     fresh = Resolver()
     for obj in resolver.state.namespaces.values():
         fresh.upsert(obj)
-    for obj in [*resolver.state.pods.values(), *resolver.state.policies.values()]:
+    for obj in resolver.state.pods.values():
+        fresh.upsert(obj)
+    for obj in resolver.state.policies.values():
         fresh.upsert(obj)
     assert fresh.node_policy("n1") == after
 

@@ -20,8 +20,8 @@ from agent.control.metrics import ControlMetrics
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.bpf import BpfDataplane
 from agent.dataplane.bpf.structs import Reason
-from agent.dataplane.types import NodeState
-from agent.node.interfaces import HostView
+from agent.dataplane.types import IPAddress, NodeState
+from agent.node.interfaces import HostView, Link
 from agent.node.main import BPF_MAP_SIZE_FLAGS
 from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
@@ -166,7 +166,10 @@ class NoInterfacesDouble:
     def scan(self) -> HostView:
         return HostView(links={}, node_ips=(), uplinks=frozenset(), pod_interfaces=frozenset())
 
-    def resolve(self, ip, view):  # type: ignore[no-untyped-def]
+    def scan_links(self) -> dict[int, Link]:
+        return dict(self.scan().links)
+
+    def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return None
 
 
