@@ -14,14 +14,14 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.iptables import IptablesDataplane
-from agent.dataplane.iptables.compiler import TO_POD_CHAIN
+from agent.dataplane.iptables.compiler import GROUP_MIN_ALLOWS, TO_POD_CHAIN
 from agent.dataplane.types import (
     Allow,
     CidrPeer,
@@ -133,7 +133,7 @@ def cidr(
 
 
 def assert_flows(
-    node: Node, expected: list[tuple[str, Pod | None, str, str, int, bool]], sctp_dir: Path
+    node: Node, expected: Sequence[tuple[str, Pod | None, str, str, int, bool]], sctp_dir: Path
 ) -> None:
     """Rows of (label, source pod or None for the node, kind, destination IP, port, must pass)."""
     wrong = []
@@ -215,6 +215,49 @@ def test_ipv6_allow_lists_on_real_traffic(node: Node, dataplane: DataplaneWorker
         ],
         tmp_path,
     )
+
+
+def test_many_single_port_allows_go_through_one_set_on_real_traffic(
+    node: Node, dataplane: DataplaneWorker, tmp_path: Path
+) -> None:
+    p1, p2, p3 = node.pods
+    assert p2.ip6
+    fillers = tuple(from_pod(p3, TCP, 1000 + i, 1000 + i) for i in range(GROUP_MIN_ALLOWS - 2))
+    ingress = isolated(
+        from_pod(p1, TCP, 80, 80),
+        from_pod(p1, UDP, 53, 53),
+        *fillers,
+        cidr(f"{p3.ip}/32", TCP, 8080, 8080),
+        from_pod(p3, UDP, 54, 60),  # a range: a rule of its own
+    )
+    dataplane.call("apply", node_state(node, ingress={2: ingress}))
+    saved, saved6 = node.legacy_save(), node.legacy_save(6)
+    assert "--match-set pf-g4i-" in saved and "--match-set pf-g6i-" in saved6
+    assert "--dport 80 " not in saved and "--dport 54:60 " in saved
+    expected = [
+        ("p1->p2 tcp/80 in the set", p1, "tcp", p2.ip, 80, True),
+        ("p1->p2 udp/53 in the set", p1, "udp", p2.ip, 53, True),
+        ("p1->p2 tcp/8080 the port is the CIDR's, not p1's", p1, "tcp", p2.ip, 8080, False),
+        ("p1->p2 udp/54 the range is p3's", p1, "udp", p2.ip, 54, False),
+        ("p3->p2 tcp/8080 CIDR entry", p3, "tcp", p2.ip, 8080, True),
+        ("p3->p2 tcp/80 p1's entry, not p3's", p3, "tcp", p2.ip, 80, False),
+        ("p3->p2 udp/54 range rule beside the set", p3, "udp", p2.ip, 54, True),
+        ("p1->p2 icmp in no entry", p1, "icmp", p2.ip, 0, False),
+        ("v6 p1->p2 tcp/80 in the v6 set", p1, "tcp", p2.ip6, 80, True),
+        ("v6 p1->p2 tcp/8080 not for p1", p1, "tcp", p2.ip6, 8080, False),
+    ]
+    assert_flows(node, expected, tmp_path)
+
+    # p3 joins p1's identity: only the set's members change (a swap), and p3 gets p1's ports
+    moved = node_state(node, ingress={2: ingress}, version=2, extra_identity_ips={identity_of(p1): (p3.ip,)})
+    dataplane.call("apply", moved)
+    assert node.legacy_save().count("-A PF-I") == saved.count("-A PF-I")
+    assert [line for line in node.legacy_save().splitlines() if line.startswith(":PF-I")] == [
+        line for line in saved.splitlines() if line.startswith(":PF-I")
+    ], "the chain is unchanged"
+    assert_flows(node, [("p3->p2 tcp/80 after joining p1's identity", p3, "tcp", p2.ip, 80, True)], tmp_path)
+    counters = {(c.key, c.direction): c for c in dataplane.call("counters")}
+    assert counters["default/pod2", "ingress"].allowed_packets > 0
 
 
 def test_bridged_pods_are_filtered_with_br_netfilter_and_physdev(node: Node, tmp_path: Path) -> None:

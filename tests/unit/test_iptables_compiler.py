@@ -10,9 +10,12 @@ import ipaddress
 
 from agent.dataplane.iptables.compiler import (
     FROM_POD_CHAIN,
+    GROUP_MIN_ALLOWS,
     TO_POD_CHAIN,
     Interface,
+    canonical_member,
     compile_state,
+    member_address,
 )
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 
@@ -166,3 +169,72 @@ def test_an_ipv4_mapped_peer_is_refused_before_any_ipv6_allow() -> None:
     assert not any("::ffff:0:0/96" in r for r in desired.chains[4][chain_of(desired, "ns/a", "ingress")])
     open_chain = desired.chains[6][chain_of(desired, "ns/b", "ingress", 6)]
     assert not any("::ffff:0:0/96" in r for r in open_chain)  # not isolated: untouched
+
+
+def many_port_allows(count: int) -> tuple[Allow, ...]:
+    """`count` allows of one port each, alternating identity 1 and a CIDR without excepts."""
+    return tuple(
+        Allow(IdentityPeer(1), 6, 1000 + i, 1000 + i)
+        if i % 2 == 0
+        else Allow(CidrPeer(net(f"10.9.{i}.0/24")), 17, 53, 53)
+        for i in range(count)
+    )
+
+
+def test_many_single_port_allows_are_matched_through_one_hash_net_port_set() -> None:
+    others = (
+        Allow(IdentityPeer(1), 6, 2000, 2010),  # a range
+        Allow(CidrPeer(net("10.8.0.0/16"), (net("10.8.1.0/24"),)), 6, 80, 80),  # excepts
+        Allow(CidrPeer(net("0.0.0.0/0")), 6, 443, 443),  # a /0
+        Allow(IdentityPeer(1), 1, 0, 65535),  # no ports
+    )
+    policy = DirectionPolicy(True, many_port_allows(GROUP_MIN_ALLOWS) + others)
+    identities = {1: (ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("fd00::2"))}
+    desired = compile_state(state(policy, identities=identities), IFACES)
+    chain = desired.chains[4][chain_of(desired, "ns/a", "ingress")]
+    grouped = [r for r in chain if "--match-set pf-g4i-" in r]
+    assert len(grouped) == 1 and " src,dst " in grouped[0] and grouped[0].endswith("-j RETURN")
+    spec = desired.sets[grouped[0].split("--match-set ", 1)[1].split(" ", 1)[0]]
+    assert spec.kind == "hash:net,port" and spec.family == 4
+    assert spec.members == {f"10.0.0.2/32,tcp:{1000 + i}" for i in range(0, GROUP_MIN_ALLOWS, 2)} | {
+        f"10.9.{i}.0/24,udp:53" for i in range(1, GROUP_MIN_ALLOWS, 2)
+    }
+    # what a set cannot hold keeps its own rule, after the set's, before the final DROP
+    assert "--dport 2000:2010" in chain[-5] and "pf-n4-" in chain[-4] and "--dport 443" in chain[-3]
+    assert "-p 1 " in chain[-2] and chain[-1].endswith("-j DROP")
+    # IPv6: the v4 CIDRs match nothing, so only half the allows are for this family: below the
+    # threshold, a rule each
+    chain6 = desired.chains[6][chain_of(desired, "ns/a", "ingress", 6)]
+    assert not [n for n in desired.sets if n.startswith("pf-g6")]
+    assert (
+        sum("--match-set pf-i6-1 src -p tcp -m tcp --dport 10" in r for r in chain6) == GROUP_MIN_ALLOWS // 2
+    )
+
+
+def test_grouped_set_is_named_by_endpoint_so_a_peer_moving_is_a_set_swap() -> None:
+    policy = DirectionPolicy(True, many_port_allows(GROUP_MIN_ALLOWS))
+    before = compile_state(state(policy), IFACES)
+    moved = compile_state(state(policy, identities={1: (ipaddress.ip_address("10.0.0.9"),)}), IFACES)
+    assert chain_of(before, "ns/a", "ingress") == chain_of(moved, "ns/a", "ingress")
+    name = next(n for n in before.sets if n.startswith("pf-g4i-"))
+    assert "10.0.0.2/32,tcp:1000" in before.sets[name].members
+    assert "10.0.0.9/32,tcp:1000" in moved.sets[name].members
+
+
+def test_few_allows_or_too_many_entries_keep_a_rule_each() -> None:
+    few = compile_state(state(DirectionPolicy(True, many_port_allows(GROUP_MIN_ALLOWS - 1))), IFACES)
+    assert not [n for n in few.sets if n.startswith("pf-g")]
+    policy = DirectionPolicy(True, many_port_allows(GROUP_MIN_ALLOWS))
+    too_big = compile_state(state(policy), IFACES, set_limit=GROUP_MIN_ALLOWS - 1)
+    assert not [n for n in too_big.sets if n.startswith("pf-g")]
+    rules = too_big.chains[4][chain_of(too_big, "ns/a", "ingress")]
+    assert sum(r.endswith("-j RETURN") and "podfence:allow" in r for r in rules) >= GROUP_MIN_ALLOWS
+
+
+def test_set_entries_have_one_spelling() -> None:
+    assert (
+        canonical_member("10.9.0.1,tcp:80") == canonical_member("10.9.0.1/32,tcp:80") == "10.9.0.1/32,tcp:80"
+    )
+    assert canonical_member("fd00::1,udp:53") == "fd00::1/128,udp:53"
+    assert canonical_member("10.9.0.0/24 nomatch") == "10.9.0.0/24 nomatch"
+    assert member_address("10.9.0.1/32,tcp:80") == "10.9.0.1/32"

@@ -24,6 +24,14 @@ unchanged one keeps its name, its counters and its place across restarts.
 Sets: one hash:ip per identity and family (`pf-i4-<id>`), one hash:net per CIDR peer that has
 excepts (`pf-n4-<hash>`, excepts as `nomatch` entries, so excepts of one peer never carve out of
 another), and the node's own IPs (`pf-node4`). CIDR peers without excepts are matched inline.
+
+An endpoint chain with GROUP_MIN_ALLOWS or more allows of one protocol and one port each (from
+an identity, or a CIDR without excepts) matches all of those through one hash:net,port set
+(`pf-g4i-<endpoint hash>`: "peer net,tcp:port" entries) and one rule: a new connection then
+costs one set lookup instead of a walk over thousands of rules. The set is named after the
+endpoint and direction, not its content, so a peer joining or leaving an identity is a set swap,
+as for the identity sets. Fewer such allows keep a rule each, which reads better in
+iptables-save and costs the same.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ EGRESS = "egress"
 INGRESS = "ingress"
 
 _PORT_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+GROUP_MIN_ALLOWS = 8
+DEFAULT_SET_LIMIT = 65536  # a grouped set that would hold more entries is not built
 _ICMPV6_NDP_TYPES = (133, 134, 135, 136)  # router/neighbour solicitation and advertisement
 
 
@@ -86,8 +96,8 @@ class Interface:
 class IpSetSpec:
     name: str
     family: int
-    kind: str  # "hash:ip" | "hash:net"
-    members: frozenset[str]  # canonical "addr/len" or "addr/len nomatch" (see canonical_member)
+    kind: str  # "hash:ip" | "hash:net" | "hash:net,port"
+    members: frozenset[str]  # canonical "addr/len", "addr/len nomatch", "addr/len,tcp:80" (canonical_member)
 
     @property
     def inet(self) -> str:
@@ -105,10 +115,19 @@ class DesiredState:
 
 
 def canonical_member(text: str) -> str:
-    """One spelling per set entry, whatever `ipset save` or we wrote: "10.0.0.1/32 nomatch"."""
-    address, _, flag = text.partition(" ")
-    network = ipaddress.ip_network(address, strict=False)
-    return f"{network} nomatch" if flag.strip() == "nomatch" else str(network)
+    """One spelling per set entry, whatever `ipset save` or we wrote: "10.0.0.1/32 nomatch",
+    "10.0.0.1/32,tcp:80" (ipset saves a host without its /32)."""
+    entry, _, flag = text.partition(" ")
+    address, comma, port = entry.partition(",")
+    member = str(ipaddress.ip_network(address, strict=False))
+    if comma:
+        member = f"{member},{port}"
+    return f"{member} nomatch" if flag.strip() == "nomatch" else member
+
+
+def member_address(member: str) -> str:
+    """The address (or network) part of a canonical set entry."""
+    return member.split(" ", 1)[0].split(",", 1)[0]
 
 
 def _short_hash(text: str, length: int = 8) -> str:
@@ -133,18 +152,25 @@ def _node_set(family: int) -> str:
 
 class _Compiler:
     def __init__(
-        self, state: NodeState, interfaces: dict[int, Interface], unknown_endpoints: str, tcp_needs_syn: bool
+        self,
+        state: NodeState,
+        interfaces: dict[int, Interface],
+        unknown_endpoints: str,
+        tcp_needs_syn: bool,
+        set_limit: int,
     ) -> None:
         self.state = state
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
+        self.set_limit = set_limit
         self.out = DesiredState()
 
     # -- sets ---------------------------------------------------------------------------------
 
-    def _add_set(self, name: str, family: int, kind: str, members: set[str]) -> str:
-        self.out.sets[name] = IpSetSpec(name, family, kind, frozenset(canonical_member(m) for m in members))
+    def _add_set(self, name: str, family: int, kind: str, members: set[str], canonical: bool = False) -> str:
+        spelled = frozenset(members) if canonical else frozenset(canonical_member(m) for m in members)
+        self.out.sets[name] = IpSetSpec(name, family, kind, spelled)
         return name
 
     def _identity_match(self, peer: IdentityPeer, family: int, side: str) -> str:
@@ -170,6 +196,49 @@ class _Compiler:
             members = {str(c) for c in covers} | {f"{e} nomatch" for e in excepts}
             self._add_set(name, family, "hash:net", members)
         return f"-m set --match-set {name} {side}"
+
+    def _port_entries(self, allow: Allow, family: int) -> set[str] | None:
+        """The hash:net,port entries (canonical) of an allow of one protocol and one port from an
+        identity or a CIDR without excepts; None for any other allow."""
+        protocol = _PORT_PROTOCOLS.get(allow.protocol)
+        if protocol is None or allow.port_first != allow.port_last or allow.port_first <= 0:
+            return None
+        peer = allow.peer
+        if isinstance(peer, IdentityPeer):
+            members = self.state.identities.get(peer.identity, ())
+            networks = [ipaddress.ip_network(ip) for ip in members if ip.version == family]
+        elif (
+            peer.cidr.version != family
+            or peer.cidr.prefixlen == 0  # hash:net,port cannot hold a /0
+            or any(e.version == family and e.overlaps(peer.cidr) for e in peer.excepts)
+        ):
+            return None
+        else:
+            networks = [peer.cidr]
+        return {f"{network},{protocol}:{allow.port_first}" for network in networks}
+
+    def _grouped_allows(
+        self, endpoint: Endpoint, direction: str, family: int, side: str, allows: tuple[Allow, ...]
+    ) -> tuple[str | None, list[Allow]]:
+        """One set rule for the allows _port_entries can hold, if there are GROUP_MIN_ALLOWS of
+        them (and their entries fit in a set), and the allows left to write one rule each."""
+        entries: set[str] = set()
+        rest: list[Allow] = []
+        held = 0
+        for allow in allows:
+            found = self._port_entries(allow, family)
+            if found is None:
+                rest.append(allow)
+            else:
+                entries |= found
+                held += 1
+        if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
+            return None, list(allows)
+        letter = "i" if direction == INGRESS else "e"
+        name = f"{SET_PREFIX}g{family}{letter}-{_short_hash(endpoint.key, 12)}"
+        self._add_set(name, family, "hash:net,port", entries, canonical=True)
+        # the peer is the packet's source (ingress) or destination (egress); the port its destination
+        return f"-m set --match-set {name} {side},dst {_comment(ALLOW)} -j RETURN", rest
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -225,8 +294,11 @@ class _Compiler:
                 # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
                 flag = "-s" if side == "src" else "-d"
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
+            grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows)
+            if grouped is not None:
+                rules.append(grouped)
             seen: set[str] = set()
-            for allow in policy.allows:
+            for allow in rest:
                 rule = self._allow_rule(allow, family, side)
                 if rule is not None and rule not in seen:
                     seen.add(rule)
@@ -328,13 +400,15 @@ def compile_state(
     interfaces: dict[int, Interface],
     unknown_endpoints: str = "drop",
     tcp_needs_syn: bool = False,
+    set_limit: int = DEFAULT_SET_LIMIT,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
     tcp_needs_syn: a TCP flow conntrack does not know must start with a SYN (set when
     established connections are reset on policy change, so that a reset one stays cut).
     Endpoints whose interface is unknown (ifindex None or not in `interfaces`) get no dispatch:
-    there is no interface to filter yet, and its traffic cannot exist either."""
+    there is no interface to filter yet, and its traffic cannot exist either.
+    set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem)."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn).compile()
+    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit).compile()

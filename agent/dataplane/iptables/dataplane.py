@@ -51,6 +51,7 @@ from agent.dataplane.iptables.compiler import (
     Interface,
     IpSetSpec,
     compile_state,
+    member_address,
 )
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
@@ -114,7 +115,7 @@ def _changed_members(desired: DesiredState, sets_now: dict[str, kernel.KernelSet
     for name, spec in desired.sets.items():
         current = sets_now.get(name)
         if current is not None:
-            moved |= {member.split(" ", 1)[0] for member in current.members ^ spec.members}
+            moved |= {member_address(member) for member in current.members ^ spec.members}
     return moved
 
 
@@ -296,7 +297,11 @@ class IptablesDataplane:
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
         desired = compile_state(
-            state, interfaces, self.unknown_endpoints, tcp_needs_syn=self.established_on_change == "reset"
+            state,
+            interfaces,
+            self.unknown_endpoints,
+            tcp_needs_syn=self.established_on_change == "reset",
+            set_limit=self.ipset_maxelem,
         )
         for spec in desired.sets.values():
             if len(spec.members) > self.ipset_maxelem:
