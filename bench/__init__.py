@@ -7,5 +7,5 @@ module also runs alone: `python -m bench.<name>` prints its JSON.
 The node-level benchmarks (datapath, propagation, coldstart, footprint) build their own network
 namespaces named `pfbench-*` (bench/_netlab.py) and remove them afterwards. Knobs, as environment
 variables: BENCH_QUICK=1 (shorter runs, for a smoke test), BENCH_DATAPLANES=bpf,iptables (which
-dataplanes to measure).
+dataplanes to measure), BENCH_REPETITIONS=N (datapath: more repetitions on a noisy day).
 """

@@ -17,9 +17,10 @@ Metrics: TCP throughput (iperf3), TCP connections per second (connect, request, 
 bench/_workload.py, a fixed number of closed-loop workers, so CPU cost shows up as rate), and UDP
 packets per second over many distinct flows (counted as delivered on the receiving pod's interface).
 
-Run: `.venv/bin/python -m bench.datapath` (root). `BENCH_QUICK=1` shortens every run for a smoke test.
-`BENCH_DATAPLANES` (default `bpf,iptables`) picks the dataplanes; `bpfxt` is the eBPF dataplane with
-its egress verdict on the xt_bpf rule instead of netfilter links (`--egress-hook iptables`).
+Run: `.venv/bin/python -m bench.datapath` (root). `BENCH_QUICK=1` shortens every run for a smoke test;
+`BENCH_REPETITIONS=N` sets the number of repetitions. `BENCH_DATAPLANES` (default `bpf,iptables`)
+picks the dataplanes; `bpfxt` is the eBPF dataplane with its egress verdict on the xt_bpf rule
+instead of netfilter links (`--egress-hook iptables`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ from bench._netlab import Topology
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 # The neighbours' load comes in bursts of seconds: many short interleaved runs and their median
-# resist it better than a few long ones. Seven keep the whole `make bench` under ~15 minutes.
-REPETITIONS = 2 if QUICK else 7
+# resist it better than a few long ones. Seven keep the whole `make bench` under ~15 minutes;
+# BENCH_REPETITIONS asks for more on a noisy day.
+REPETITIONS = int(os.environ.get("BENCH_REPETITIONS", "2" if QUICK else "7"))
 IPERF_SECONDS = 1
 CRR_SECONDS = 1.0
 CRR_WORKERS = 2  # one per core: the client saturates the machine in every variant alike
