@@ -149,7 +149,9 @@ class IptablesDataplane:
           SYN (conntrack's mid-stream pickup would otherwise let the peer's next segment rebuild
           the flow the other way round), so every TCP connection of an affected endpoint or
           peer ends, allowed or not, and clients reconnect under the new policy. The bpf
-          dataplane behaves the same way (its `established_on_change`)."""
+          dataplane behaves the same way (its `established_on_change`). An endpoint whose
+          single-port allows sit in one hash:net,port set keeps its chain when only that set's
+          entries change: then the peers that entered or left the set are the ones reset."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
