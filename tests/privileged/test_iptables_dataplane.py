@@ -498,6 +498,29 @@ def test_reset_cuts_udp_flows_of_a_peer_that_left_the_allowed_identity(node: Nod
         worker.stop()
 
 
+def test_reset_cuts_flows_whose_entry_left_a_grouped_set(node: Node, tmp_path: Path) -> None:
+    p1, p2, p3 = node.pods
+    worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(established_on_change="reset"))
+    fillers = tuple(from_pod(p3, TCP, 1000 + i, 1000 + i) for i in range(GROUP_MIN_ALLOWS))
+    try:
+        worker.call("apply", node_state(node, ingress={2: isolated(*fillers, from_pod(p1, UDP, 53, 53))}))
+        chains_before = _endpoint_chains(node)
+        counter_file = tmp_path / "udp-stream"
+        node.spawn(p1, "udp-stream", p2.ip, "53", str(counter_file))
+        assert wait_for(lambda: _stream_count(counter_file) > 5)
+        # p1's entry moves from udp/53 to udp/54: the same chain, only the set's entries change
+        worker.call(
+            "apply", node_state(node, version=2, ingress={2: isolated(*fillers, from_pod(p1, UDP, 54, 54))})
+        )
+        assert _endpoint_chains(node) == chains_before
+        assert not _stream_still_flows(counter_file), "the flow the set no longer admits was cut"
+        assert not node.probe(p1, "udp", p2.ip, 53)
+        assert node.probe(p1, "udp", p2.ip, 54)
+        worker.call("teardown")
+    finally:
+        worker.stop()
+
+
 def test_reset_cuts_udp_flows_that_reached_the_pod_through_a_cluster_ip(node: Node, tmp_path: Path) -> None:
     p1, p2, _ = node.pods
     node.in_node(
