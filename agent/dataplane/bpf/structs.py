@@ -188,7 +188,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
 
 
 # mirror -> C struct name in bpf/podfence.h
-C_STRUCT_NAMES: dict[type, str] = {
+C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     Addr: "pf_addr",
     EndpointKey: "pf_endpoint_key",
     EndpointValue: "pf_endpoint_value",
