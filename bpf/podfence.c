@@ -2,7 +2,8 @@
  *
  *   tc_from_pod  tc ingress (clsact) of each pod's host-side interface: packets FROM the pod.
  *                Anti-spoofing (IP source, ARP sender), unknown-endpoint guard, malformed and
- *                orphan-fragment drops for egress-isolated pods; records the pre-DNAT tuple.
+ *                orphan-fragment drops for egress-isolated pods; records the pre-DNAT tuple of
+ *                new flows.
  *   tc_to_pod    tc egress of the same interface: packets TO the pod, after routing and DNAT.
  *                The ingress verdict of the destination pod.
  *   nf_egress_link  netfilter program linked at FORWARD and LOCAL_IN (IPv4, IPv6): after
@@ -34,7 +35,7 @@
 
 #define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
 
-/* The verdict of one direction of one endpoint. Cost: <= 3 conntrack lookups, 1 node-address
+/* The verdict of one direction of one endpoint. Cost: <= 2 conntrack lookups, 1 node-address
  * lookup, 1 ipcache + 1 CIDR LPM + 2 policy LPM lookups, or 1 fragment lookup. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
 				      __u64 now)
@@ -71,7 +72,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 
 	if (reason == PF_REASON_ALLOWED && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
 		pf_ct_admit(pkt, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
-			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0);
+			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
+			    direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0);
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);
@@ -116,6 +118,17 @@ static __always_inline __u32 pf_check_arp(struct __sk_buff *skb)
 	return pf_source_belongs_to(&addr, skb->ifindex) ? PF_REASON_ALLOWED : PF_DROP_SPOOFED_ARP;
 }
 
+/* Does a packet from a pod open a flow, so that its pre-DNAT tuple must be recorded? A TCP flow
+ * opens with a bare SYN: its later segments find the entry the SYN made (the pod's own replies
+ * are no flow of its own), which spares tc_from_pod a conntrack lookup per segment. Other
+ * protocols have no such mark: every datagram may open one. */
+static __always_inline int pf_opens_flow(const struct pf_packet *pkt)
+{
+	if (pkt->flags & (PF_PKT_ICMP_ERROR | PF_PKT_NDP))
+		return 0;
+	return pkt->protocol != PF_IPPROTO_TCP || (pkt->tcp_flags & 0x12) == 0x02;
+}
+
 int tc_from_pod(struct __sk_buff *skb)
 {
 	__u64 now = pf_now();
@@ -155,8 +168,8 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else {
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
 			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
-		if (!(pkt.flags & (PF_PKT_ICMP_ERROR | PF_PKT_NDP)))
-			pf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1);
+		if (pf_opens_flow(&pkt))
+			pf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);
 	}
 	if (reason != PF_REASON_ALLOWED) {
 		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
@@ -196,10 +209,10 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 
 	if (pf_parse(src, 0, eth_proto_be, &pkt) < 0)
 		return 0;
-	/* most packets belong to a known flow: one or two conntrack lookups, no endpoint lookups */
-	struct pf_ct_value *flow = pf_ct_egress_flow(&pkt, now);
-	if (flow) {
-		pf_count(flow->source_slot - 1, PF_DIR_EGRESS, 1, len);
+	/* most packets belong to a known flow: one conntrack lookup, no endpoint lookups */
+	__u32 slot = pf_ct_egress_slot(&pkt, now);
+	if (slot) {
+		pf_count(slot - 1, PF_DIR_EGRESS, 1, len);
 		return 0;
 	}
 	struct pf_endpoint_ip_value *owner = pf_endpoint_ips.lookup(&pkt.saddr);
@@ -255,5 +268,5 @@ int nf_egress_link(struct pf_nf_ctx *ctx)
 	__be16 eth_proto_be = family == PF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
 			      family == PF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0;
 	__u32 len = pf_dynptr_size(&ptr);
-	return pf_egress_drops(&src, eth_proto_be, len, bpf_ktime_get_ns()) ? PF_NF_DROP : PF_NF_ACCEPT;
+	return pf_egress_drops(&src, eth_proto_be, len, pf_nf_now()) ? PF_NF_DROP : PF_NF_ACCEPT;
 }

@@ -40,11 +40,15 @@ enum pf_peer_kind {
 	PF_PEER_CIDR = 2,      /* peer_class is a CIDR class (cidr LPM value) */
 };
 
-/* Conntrack flags: which judgement admitted the flow (see lib/conntrack.h). */
-#define PF_CT_EGRESS_OK  0x01  /* the source pod's egress policy admitted the original direction */
-#define PF_CT_INGRESS_OK 0x02  /* the destination pod's ingress policy admitted it */
-#define PF_CT_FROM_POD   0x04  /* a managed pod sent the original direction (pre-DNAT tuple) */
-#define PF_CT_CLOSING    0x08  /* TCP FIN or RST seen: the entry expires after the closing timeout */
+/* Conntrack flags, kept per way of a flow: which judgement admitted packets going that way
+ * (see lib/conntrack.h). */
+#define PF_CT_EGRESS_OK  0x01  /* the sending pod's egress policy admitted them */
+#define PF_CT_INGRESS_OK 0x02  /* the receiving pod's ingress policy admitted them */
+#define PF_CT_FROM_POD   0x04  /* a managed pod opened the flow this way (pre-DNAT tuple) */
+
+/* The two ways of a flow relative to its conntrack key: PF_WAY_AB runs from end a to end b. */
+#define PF_WAY_AB 0
+#define PF_WAY_BA 1
 
 struct pf_addr {
 	__u8 bytes[16];
@@ -122,24 +126,30 @@ struct pf_policy_value {
 	__u32 reserved;
 };
 
-/* ct: LRU conntrack keyed by the ORIGINAL direction's tuple. For ICMP echo the id takes the place
- * of the source port (request) or destination port (reply), so that a reply's reversed tuple is
- * the request's tuple. Other protocols without ports use 0/0 (tracked by address pair). */
+/* ct: LRU conntrack, ONE entry per flow whichever way a packet runs. The key holds the flow's two
+ * ends in canonical order, the lower (address, port) as end a (addresses compared as two 64-bit
+ * words, then the port), so a packet and its reply build the same key and find the entry with
+ * one lookup; which way the packet runs (PF_WAY_AB: from a to b) comes out of building the key.
+ * For ICMP echo the id takes the place of the requester's port (the responder's is 0), so request
+ * and reply are one flow. Other protocols without ports use 0/0 (tracked by address pair). */
 struct pf_ct_key {
-	struct pf_addr saddr;
-	struct pf_addr daddr;
-	__be16 sport_be;
-	__be16 dport_be;
+	struct pf_addr addr_a;
+	struct pf_addr addr_b;
+	__be16 port_a_be;
+	__be16 port_b_be;
 	__u8 protocol;
 	__u8 pad[3];
 };
 
 struct pf_ct_value {
 	__u64 last_seen_ns;         /* pf_now() (coarse CLOCK_MONOTONIC) of the last packet */
-	__u32 flags;                /* PF_CT_* */
-	__u32 source_slot;          /* endpoint_id + 1 of the local pod that sent the original
-				     * direction (0: none or unknown): its egress counters, so that
-				     * nf_egress counts an established packet without finding the pod */
+	__u32 slot[2];              /* per way: endpoint_id + 1 of the local pod that sends that way
+				     * (0: none or unknown): its egress counters, so that nf_egress
+				     * counts an established packet without finding the pod */
+	__u8 flags[2];              /* per way: PF_CT_* */
+	__u8 closing;               /* 1: TCP FIN or RST seen, the entry expires after the closing
+				     * timeout */
+	__u8 pad[5];
 };
 
 /* frag: LRU, the verdict of a first fragment for the later fragments of the same datagram. */
@@ -185,6 +195,13 @@ struct pf_deny_event {
 struct pf_event_budget {
 	__u64 tokens;
 	__u64 last_refill_ns;
+};
+
+/* nf_clock: per-CPU, the netfilter program's last precise clock reading and the jiffies it was
+ * taken at (lib/common.h). */
+struct pf_nf_clock {
+	__u64 jiffies;
+	__u64 now_ns;
 };
 
 #endif /* PODFENCE_H */

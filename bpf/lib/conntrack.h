@@ -1,20 +1,22 @@
-/* Stateful filtering. One LRU map keyed by the original direction's tuple; the value says which
- * judgement admitted the flow:
- *  - a packet matching the tuple as is passes a judgement point that already admitted it
- *    (EGRESS_OK at the egress hook, INGRESS_OK at the ingress hook);
- *  - a packet matching the reversed tuple is a reply and passes the OTHER side's judgement:
- *    at the egress hook if the flow was admitted by ingress, at the ingress hook if it was
- *    admitted by egress or sent by the pod itself (FROM_POD: recorded by tc ingress on the
- *    pre-DNAT tuple, because replies of a Service connection come back with the ClusterIP as
- *    source once conntrack has reversed the DNAT);
- *  - an ICMP error whose embedded tuple (either way round) is tracked is related and passes.
+/* Stateful filtering. One LRU map, one entry per flow: the key holds the flow's two ends in
+ * canonical order (podfence.h), so a packet and its reply find the same entry with ONE lookup.
+ * Per way of the flow (a->b, b->a) the entry records which judgement admitted packets going that
+ * way, and the counter slot of the local pod that sends them:
+ *  - a packet passes a judgement point that already admitted its own way (EGRESS_OK at the
+ *    egress hook, INGRESS_OK at the ingress hook);
+ *  - a packet is a reply when the OTHER way was admitted by the other side's judgement: at the
+ *    egress hook if the other way was admitted by ingress, at the ingress hook if it was admitted
+ *    by egress or opened by the pod itself (FROM_POD: recorded by tc ingress on the pre-DNAT
+ *    tuple, because replies of a Service connection come back with the ClusterIP as source once
+ *    conntrack has reversed the DNAT);
+ *  - an ICMP error whose embedded tuple is tracked is related and passes.
  * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
  * switches an entry to the short closing timeout, a later bare SYN on the same tuple back.
  *
- * A flow's packets are judged on several CPUs (each direction, three hooks). An entry is written
- * only when something changes: its timestamp once it is older than 1/PF_CT_REFRESH_SHARE of its
- * timeout (so an idle flow still expires within one share of the timeout), its flags when a flag
- * is new. Writing on every packet made the entry's cache line bounce between CPUs. */
+ * A flow's packets are judged on several CPUs (each way, three hooks). An entry is written only
+ * when something changes: its timestamp once it is older than 1/PF_CT_REFRESH_SHARE of its
+ * timeout (so an idle flow still expires within one share of the timeout), a flag or slot when
+ * new. Writing on every packet made the entry's cache line bounce between CPUs. */
 #ifndef PF_LIB_CONNTRACK_H
 #define PF_LIB_CONNTRACK_H
 
@@ -39,21 +41,74 @@ static __always_inline __u64 pf_ct_timeout_ns(__u8 protocol)
 	}
 }
 
-static __always_inline void pf_ct_key_fill(struct pf_ct_key *key, const struct pf_addr *saddr,
-					   const struct pf_addr *daddr, __be16 sport_be, __be16 dport_be,
-					   __u8 protocol)
+/* Does end (addr, port) sort after end (other, other_port)? The canonical order of key ends. */
+static __always_inline int pf_end_after(const struct pf_addr *addr, __be16 port_be, const struct pf_addr *other,
+					__be16 other_port_be)
 {
+	const __u64 *a = (const __u64 *)addr->bytes, *b = (const __u64 *)other->bytes;
+	if (a[0] != b[0])
+		return a[0] > b[0];
+	if (a[1] != b[1])
+		return a[1] > b[1];
+	return port_be > other_port_be;
+}
+
+/* The key of the flow of a packet (saddr, sport) -> (daddr, dport); returns the way the packet
+ * runs relative to it (PF_WAY_AB when the source is end a). */
+static __always_inline int pf_ct_key_fill(struct pf_ct_key *key, const struct pf_addr *saddr,
+					  const struct pf_addr *daddr, __be16 sport_be, __be16 dport_be,
+					  __u8 protocol)
+{
+	int way = pf_end_after(saddr, sport_be, daddr, dport_be) ? PF_WAY_BA : PF_WAY_AB;
+	const struct pf_addr *a = way == PF_WAY_AB ? saddr : daddr;
+	const struct pf_addr *b = way == PF_WAY_AB ? daddr : saddr;
+
 	__builtin_memset(key, 0, sizeof(*key));
-	__builtin_memcpy(&key->saddr, saddr, sizeof(key->saddr));
-	__builtin_memcpy(&key->daddr, daddr, sizeof(key->daddr));
-	key->sport_be = sport_be;
-	key->dport_be = dport_be;
+	__builtin_memcpy(&key->addr_a, a, sizeof(key->addr_a));
+	__builtin_memcpy(&key->addr_b, b, sizeof(key->addr_b));
+	key->port_a_be = way == PF_WAY_AB ? sport_be : dport_be;
+	key->port_b_be = way == PF_WAY_AB ? dport_be : sport_be;
 	key->protocol = protocol;
+	return way;
+}
+
+static __always_inline int pf_ct_packet_key(struct pf_ct_key *key, const struct pf_packet *pkt)
+{
+	return pf_ct_key_fill(key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+}
+
+/* Per-way fields, chosen by branches: the verifier refuses a variable offset into the stack. */
+static __always_inline __u8 pf_ct_way_flags(const struct pf_ct_value *entry, int way)
+{
+	return way == PF_WAY_AB ? entry->flags[0] : entry->flags[1];
+}
+
+static __always_inline __u32 pf_ct_way_slot(const struct pf_ct_value *entry, int way)
+{
+	return way == PF_WAY_AB ? entry->slot[0] : entry->slot[1];
+}
+
+/* Adds `flag` to `way` and sets the non-zero slots of the sender (this way) and the receiver
+ * (the other way); writes only what changes. */
+static __always_inline void pf_ct_way_mark(struct pf_ct_value *entry, int way, __u8 flag, __u32 sender_slot,
+					   __u32 receiver_slot)
+{
+	__u8 *flags = way == PF_WAY_AB ? &entry->flags[0] : &entry->flags[1];
+	__u32 *sender = way == PF_WAY_AB ? &entry->slot[0] : &entry->slot[1];
+	__u32 *receiver = way == PF_WAY_AB ? &entry->slot[1] : &entry->slot[0];
+
+	/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
+	if (flag && !(*flags & flag))
+		*flags |= flag;
+	if (sender_slot && *sender != sender_slot)
+		*sender = sender_slot;
+	if (receiver_slot && *receiver != receiver_slot)
+		*receiver = receiver_slot;
 }
 
 static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *entry, __u8 protocol)
 {
-	if (entry->flags & PF_CT_CLOSING)
+	if (entry->closing)
 		return PF_CT_TIMEOUT_TCP_CLOSING * PF_NSEC;
 	return pf_ct_timeout_ns(protocol);
 }
@@ -74,38 +129,34 @@ static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __
 		if (age > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
 		if (pkt->protocol == PF_IPPROTO_TCP) {
-			if ((pkt->tcp_flags & 0x05) && !(entry->flags & PF_CT_CLOSING))
-				entry->flags |= PF_CT_CLOSING;
-			else if ((pkt->tcp_flags & 0x12) == 0x02 && (entry->flags & PF_CT_CLOSING))
-				entry->flags &= ~PF_CT_CLOSING;
+			if ((pkt->tcp_flags & 0x05) && !entry->closing)
+				entry->closing = 1;
+			else if ((pkt->tcp_flags & 0x12) == 0x02 && entry->closing)
+				entry->closing = 0;
 		}
 	}
 	return entry;
 }
 
-static __always_inline __u32 pf_ct_flags(struct pf_ct_key *key, __u64 now, const struct pf_packet *pkt)
+/* Records that `flag` admitted the packet's way. `sender_slot` / `receiver_slot`: endpoint_id + 1
+ * of the local pod sending / receiving it (0: none or not known here); the receiver sends the
+ * replies, so its slot is the other way's. */
+static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now, __u32 sender_slot,
+					__u32 receiver_slot)
 {
-	struct pf_ct_value *entry = pf_ct_entry(key, now, pkt);
-	return entry ? entry->flags : 0;
-}
-
-/* `source_slot`: endpoint_id + 1 of the local pod sending the original direction, 0 if none. */
-static __always_inline void pf_ct_mark(struct pf_ct_key *key, __u64 now, __u32 flag, __u32 source_slot)
-{
-	struct pf_ct_value *entry = pf_ct.lookup(key);
-	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key->protocol) : 0;
+	struct pf_ct_key key;
+	int way = pf_ct_packet_key(&key, pkt);
+	struct pf_ct_value *entry = pf_ct.lookup(&key);
+	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key.protocol) : 0;
 	if (entry && pf_elapsed(now, entry->last_seen_ns) <= timeout) {
 		if (pf_elapsed(now, entry->last_seen_ns) > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
-		/* not atomic: a flag lost to a concurrent update only costs a re-judgement */
-		if (!(entry->flags & flag))
-			entry->flags |= flag;
-		if (source_slot && entry->source_slot != source_slot)
-			entry->source_slot = source_slot;
+		pf_ct_way_mark(entry, way, flag, sender_slot, receiver_slot);
 		return;
 	}
-	struct pf_ct_value fresh = {.last_seen_ns = now, .flags = flag, .source_slot = source_slot};
-	pf_ct.update(key, &fresh);
+	struct pf_ct_value fresh = {.last_seen_ns = now};
+	pf_ct_way_mark(&fresh, way, flag, sender_slot, receiver_slot);
+	pf_ct.update(&key, &fresh);
 }
 
 #define PF_CT_MISS 0
@@ -121,52 +172,40 @@ static __always_inline int pf_ct_check(const struct pf_packet *pkt, int directio
 	__u32 other = direction == PF_DIR_EGRESS ? PF_CT_INGRESS_OK : (PF_CT_EGRESS_OK | PF_CT_FROM_POD);
 
 	if (pkt->flags & PF_PKT_ICMP_ERROR) {
-		/* the embedded packet was sent by the receiver of this error */
+		/* the embedded packet went either way of a tracked flow */
 		pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
 			       pkt->inner_dport_be, pkt->inner_protocol);
-		if (pf_ct_flags(&key, now, NULL))
-			return PF_CT_RELATED;
-		pf_ct_key_fill(&key, &pkt->inner_daddr, &pkt->inner_saddr, pkt->inner_dport_be,
-			       pkt->inner_sport_be, pkt->inner_protocol);
-		if (pf_ct_flags(&key, now, NULL))
-			return PF_CT_RELATED;
-		return PF_CT_MISS;
+		struct pf_ct_value *related = pf_ct_entry(&key, now, NULL);
+		return related && (related->flags[0] | related->flags[1]) ? PF_CT_RELATED : PF_CT_MISS;
 	}
-	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
-	if (pf_ct_flags(&key, now, pkt) & same)
+	int way = pf_ct_packet_key(&key, pkt);
+	struct pf_ct_value *entry = pf_ct_entry(&key, now, pkt);
+	if (!entry)
+		return PF_CT_MISS;
+	if (pf_ct_way_flags(entry, way) & same)
 		return PF_CT_ESTABLISHED;
-	pf_ct_key_fill(&key, &pkt->daddr, &pkt->saddr, pkt->dport_be, pkt->sport_be, pkt->protocol);
-	if (pf_ct_flags(&key, now, pkt) & other)
+	if (pf_ct_way_flags(entry, !way) & other)
 		return PF_CT_REPLY;
 	return PF_CT_MISS;
 }
 
-static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now, __u32 source_slot)
-{
-	struct pf_ct_key key;
-	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
-	pf_ct_mark(&key, now, flag, source_slot);
-}
-
-/* nf_egress's fast path: the live entry of a packet's own tuple, when that names the sending
- * pod's counter slot and the flow is known: the source pod's egress admitted this direction
- * (PF_CT_ESTABLISHED), or this is a reply to what the destination's ingress admitted
- * (PF_CT_REPLY). Exactly the packets pf_judge passes through pf_ct_check, minus the ones it
- * treats apart (fragments, ICMP errors, neighbour discovery, malformed); found without looking
- * up the pod. NULL: judge it in full. */
-static __always_inline struct pf_ct_value *pf_ct_egress_flow(const struct pf_packet *pkt, __u64 now)
+/* nf_egress's fast path: the counter slot (+1) of the local pod sending the packet, when its flow
+ * is known: the source pod's egress admitted this way (PF_CT_ESTABLISHED), or this is a reply to
+ * what the sender's ingress admitted (PF_CT_REPLY). Exactly the packets pf_judge passes through
+ * pf_ct_check, minus the ones it treats apart (fragments, ICMP errors, neighbour discovery,
+ * malformed); found without looking up the pod. 0: judge it in full. */
+static __always_inline __u32 pf_ct_egress_slot(const struct pf_packet *pkt, __u64 now)
 {
 	if (pkt->flags & (PF_PKT_MALFORMED | PF_PKT_IS_FRAGMENT | PF_PKT_ICMP_ERROR | PF_PKT_NDP))
-		return NULL;
+		return 0;
 	struct pf_ct_key key;
-	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	int way = pf_ct_packet_key(&key, pkt);
 	struct pf_ct_value *entry = pf_ct_entry(&key, now, pkt);
-	if (!entry || entry->source_slot == 0)
-		return NULL;
-	if (entry->flags & PF_CT_EGRESS_OK)
-		return entry;
-	pf_ct_key_fill(&key, &pkt->daddr, &pkt->saddr, pkt->dport_be, pkt->sport_be, pkt->protocol);
-	return pf_ct_flags(&key, now, pkt) & PF_CT_INGRESS_OK ? entry : NULL;
+	__u32 slot = entry ? pf_ct_way_slot(entry, way) : 0;
+	if (slot && ((pf_ct_way_flags(entry, way) & PF_CT_EGRESS_OK) ||
+		     (pf_ct_way_flags(entry, !way) & PF_CT_INGRESS_OK)))
+		return slot;
+	return 0;
 }
 
 /* An egress deny withdraws what tc_from_pod recorded for the same tuple, so a peer cannot answer
@@ -175,10 +214,16 @@ static __always_inline struct pf_ct_value *pf_ct_egress_flow(const struct pf_pac
 static __always_inline void pf_ct_forget_unjudged(const struct pf_packet *pkt)
 {
 	struct pf_ct_key key;
-	pf_ct_key_fill(&key, &pkt->saddr, &pkt->daddr, pkt->sport_be, pkt->dport_be, pkt->protocol);
+	int way = pf_ct_packet_key(&key, pkt);
 	struct pf_ct_value *entry = pf_ct.lookup(&key);
-	if (entry && entry->flags == PF_CT_FROM_POD)
+	if (!entry || pf_ct_way_flags(entry, way) != PF_CT_FROM_POD)
+		return;
+	if (!pf_ct_way_flags(entry, !way))
 		pf_ct.delete(&key);
+	else if (way == PF_WAY_AB)
+		entry->flags[0] = 0;
+	else
+		entry->flags[1] = 0;
 }
 
 #endif /* PF_LIB_CONNTRACK_H */

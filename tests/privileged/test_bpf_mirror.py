@@ -185,3 +185,33 @@ def test_pins_of_another_layout_are_refused_and_a_resized_pin_reports_its_real_c
         assert capacities["pf_ct"] == 64 and any("pf_ct" in w for w in warnings)
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def test_flow_state_pins_of_another_layout_are_replaced_by_fresh_maps() -> None:
+    """An agent upgrade whose conntrack layout changed starts, forgetting only the flows."""
+    from bcc import BPF
+
+    pin_dir = f"/sys/fs/bpf/pfb-{secrets.token_hex(3)}"
+    os.makedirs(pin_dir)
+    knobs = loader.BuildKnobs(
+        pin_dir=pin_dir, unknown_allow=False, ct_max=64, policy_max=64, ipcache_max=64, cidr_max=64,
+        endpoints_max=8, node_ips_max=8, frag_max=64, event_rate=10,
+    )
+    try:
+        # the conntrack of the version before one entry per flow: 40-byte keys, 16-byte values
+        old = BPF(
+            text=f'BPF_TABLE_PINNED("lru_hash", struct {{ char a[40]; }}, struct {{ char v[16]; }}, '
+            f'pf_ct, 8, "{pin_dir}/pf_ct");'.encode()
+        )
+        old.cleanup()
+        assert loader.retire_stale_flow_state(pin_dir) == [
+            "pinned map pf_ct had another version's layout (40/16 bytes per key/value): replaced by an "
+            "empty one, its flows are judged again"
+        ]
+        module = loader.compile_module(knobs)
+        capacities, _ = loader.verify_pinned_layouts(module)  # would raise on the old layout
+        module.cleanup()
+        assert capacities["pf_ct"] == 64
+        assert loader.retire_stale_flow_state(pin_dir) == []  # this version's own pins stay
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

@@ -402,28 +402,55 @@ def test_deny_events_are_rate_limited_in_the_kernel_and_every_deny_is_either_sen
     assert {e.destination_port for e in received} <= set(range(1000, 1000 + denies))
 
 
+def flow_entry(
+    plane: BpfDataplane, protocol: int, source: tuple[str, int], destination: tuple[str, int]
+) -> tuple[structs.CtKey, structs.CtValue, int]:
+    """The one conntrack entry of a flow, whichever way its packets ran, and the way
+    (structs.WAY_*) that runs from `source` to `destination` ((address, port) pairs)."""
+    def end(address: str, port: int) -> tuple[bytes, int]:
+        return structs.addr_bytes(ipaddress.ip_address(address)), socket.htons(port)
+
+    matches = []
+    for key, value in plane._module[b"pf_ct"].items():
+        a = (bytes(key.addr_a.bytes), int(key.port_a_be))
+        b = (bytes(key.addr_b.bytes), int(key.port_b_be))
+        if key.protocol == protocol and {a, b} == {end(*source), end(*destination)}:
+            matches.append((key, value, structs.WAY_AB if a == end(*source) else structs.WAY_BA))
+    assert len(matches) == 1, f"{len(matches)} entries for one flow"
+    return matches[0]
+
+
+def test_a_flow_and_its_replies_share_one_conntrack_entry_in_canonical_order(plane: BpfDataplane) -> None:
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None)
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=41500, dport=80))
+    reply = f.packet4(POD, PEER7, f.TCP, sport=80, dport=41500, tcp_flags=0x12)  # SYN+ACK
+    assert verdict(plane, "from_pod", reply)
+    assert verdict(plane, "egress", reply)
+    key, value, way = flow_entry(plane, f.TCP, (PEER7, 41500), (POD, 80))
+    assert value.flags[way] == structs.CT_INGRESS_OK  # the peer's way, admitted by the pod's ingress
+    assert value.flags[1 - way] == 0  # the pod's replies opened nothing of their own
+    assert value.slot[1 - way] != 0  # but their egress counters are known
+    ends = [(bytes(key.addr_a.bytes), key.port_a_be), (bytes(key.addr_b.bytes), key.port_b_be)]
+    words = [(*struct.unpack("=QQ", address), port) for address, port in ends]
+    assert words[0] < words[1]  # end a sorts first: 64-bit words in host order, then the port
+
+
 def test_tcp_fin_or_rst_moves_the_flow_to_the_closing_timeout_and_a_new_syn_back(plane: BpfDataplane) -> None:
     apply(plane, iso(ident(7, f.TCP, 80, 80)), None)
     syn = f.tcp4(PEER7, POD, sport=41000, dport=80)
     rst = f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 41000, 80, tcp_flags=0x14)))
     assert verdict(plane, "to_pod", syn)
 
-    def flow_flags() -> int:
-        table = plane._module[b"pf_ct"]
-        for key, value in table.items():
-            if (
-                key.protocol == f.TCP
-                and key.sport_be == socket.htons(41000)
-                and key.dport_be == socket.htons(80)
-            ):
-                return int(value.flags)
-        raise AssertionError("flow not tracked")
+    def flow() -> tuple[bool, int]:
+        """(closing, flags of the way peer -> pod) of the one entry of the flow."""
+        _, value, way = flow_entry(plane, f.TCP, (PEER7, 41000), (POD, 80))
+        return bool(value.closing), int(value.flags[way])
 
-    assert not flow_flags() & structs.CT_CLOSING
+    assert flow() == (False, structs.CT_INGRESS_OK)
     assert verdict(plane, "to_pod", rst)  # part of the flow: passes, and marks it closing
-    assert flow_flags() & structs.CT_CLOSING and flow_flags() & structs.CT_INGRESS_OK
+    assert flow() == (True, structs.CT_INGRESS_OK)
     assert verdict(plane, "to_pod", syn)  # the tuple reused by a new connection
-    assert not flow_flags() & structs.CT_CLOSING
+    assert flow() == (False, structs.CT_INGRESS_OK)
 
 
 def test_a_flow_entry_is_rewritten_only_once_its_timestamp_is_a_share_of_the_timeout_old(
@@ -433,7 +460,7 @@ def test_a_flow_entry_is_rewritten_only_once_its_timestamp_is_a_share_of_the_tim
     datagram = f.packet4(PEER7, POD, f.UDP, sport=42000, dport=53)
     assert verdict(plane, "to_pod", datagram)
     table = plane._module[b"pf_ct"]
-    (key,) = [k for k in table if k.protocol == f.UDP and k.sport_be == socket.htons(42000)]
+    key, _, way = flow_entry(plane, f.UDP, (PEER7, 42000), (POD, 53))
 
     def age_by(seconds: float) -> int:
         value = table[key]
@@ -449,7 +476,7 @@ def test_a_flow_entry_is_rewritten_only_once_its_timestamp_is_a_share_of_the_tim
     age_by(60.0)
     assert verdict(plane, "to_pod", datagram)
     assert table[key].last_seen_ns >= before
-    assert table[key].flags & structs.CT_INGRESS_OK
+    assert table[key].flags[way] & structs.CT_INGRESS_OK
 
 
 def egress_allowed_packets(plane: BpfDataplane) -> int:

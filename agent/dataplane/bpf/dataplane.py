@@ -173,9 +173,10 @@ class BpfDataplane:
 
     def start(self) -> None:
         """Compile, adopt pinned maps, swap the programs in place; enforcement never stops."""
+        retired = loader.retire_stale_flow_state(self.pin_dir)
         self._module = loader.compile_module(self.knobs)
         self._capacity, warnings = loader.verify_pinned_layouts(self._module)
-        for warning in warnings:
+        for warning in retired + warnings:
             log.warning("%s", warning)
         self._programs = loader.load_programs(self._module)
         try:
@@ -437,7 +438,7 @@ class BpfDataplane:
 
         ct = self._module[b"pf_ct"]
         for key in list(ct):
-            for side in (bytes(key.saddr.bytes), bytes(key.daddr.bytes)):
+            for side in (bytes(key.addr_a.bytes), bytes(key.addr_b.bytes)):
                 if side in addresses or (prefixes and under_changed_prefix(side)):
                     _delete(ct, key)
                     break

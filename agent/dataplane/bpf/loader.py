@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.dataplane.base import PermanentDataplaneError
+from agent.dataplane.bpf import structs
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parents[3] / "bpf"
 MAIN_SOURCE = "podfence.c"
@@ -82,6 +83,43 @@ def inline_local_includes(path: Path, seen: set[Path] | None = None) -> str:
 
 def program_text() -> str:
     return inline_local_includes(BPF_SOURCE_DIR / MAIN_SOURCE)
+
+
+# Pinned maps that hold only flow state, which the datapath rebuilds from the next packets: a pin of
+# another layout (left by another version) is replaced by a fresh map instead of refused.
+FLOW_STATE_MAPS = ("pf_ct", "pf_frag")
+
+
+def retire_stale_flow_state(pin_dir: str) -> list[str]:
+    """Unpin flow-state maps whose key/value sizes are not this version's, so that compiling (next)
+    creates them afresh; the programs still attached keep their old map until they are replaced.
+    Returns a warning per retired map. Forgetting flows fails closed: their next packet is judged
+    again (a reply of an egress-only flow may be dropped once)."""
+    from bcc import libbcc
+
+    warnings = []
+    for name in FLOW_STATE_MAPS:
+        path = Path(pin_dir) / name
+        if not path.exists():
+            continue
+        key, value = structs.MAP_MIRRORS[name]
+        fd = libbcc.lib.bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise PermanentDataplaneError(f"cannot open pinned map {path}")
+        try:
+            info = _MapInfo()
+            length = ctypes.c_uint32(ctypes.sizeof(info))
+            if libbcc.lib.bpf_obj_get_info(fd, ctypes.byref(info), ctypes.byref(length)) != 0:
+                raise PermanentDataplaneError(f"cannot read the layout of pinned map {path}")
+        finally:
+            os.close(fd)
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            path.unlink()
+            warnings.append(
+                f"pinned map {name} had another version's layout ({info.key_size}/{info.value_size} "
+                f"bytes per key/value): replaced by an empty one, its flows are judged again"
+            )
+    return warnings
 
 
 def compile_module(knobs: BuildKnobs) -> Any:

@@ -40,10 +40,12 @@ class PeerKind(IntEnum):
     CIDR = 2
 
 
+# Conntrack flags, per way of a flow; the ways relative to the canonical key (end a < end b).
 CT_EGRESS_OK = 0x01
 CT_INGRESS_OK = 0x02
 CT_FROM_POD = 0x04
-CT_CLOSING = 0x08
+WAY_AB = 0
+WAY_BA = 1
 
 # Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
 POLICY_PREFIX_ANY_PROTOCOL = 72
@@ -106,11 +108,13 @@ class PolicyValue(ctypes.Structure):
 
 
 class CtKey(ctypes.Structure):
+    """A flow's two ends in canonical order: (addr_a, port_a) sorts before (addr_b, port_b)."""
+
     _fields_ = [
-        ("saddr", Addr),
-        ("daddr", Addr),
-        ("sport_be", ctypes.c_uint16),
-        ("dport_be", ctypes.c_uint16),
+        ("addr_a", Addr),
+        ("addr_b", Addr),
+        ("port_a_be", ctypes.c_uint16),
+        ("port_b_be", ctypes.c_uint16),
         ("protocol", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 3),
     ]
@@ -119,8 +123,10 @@ class CtKey(ctypes.Structure):
 class CtValue(ctypes.Structure):
     _fields_ = [
         ("last_seen_ns", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("source_slot", ctypes.c_uint32),  # endpoint_id + 1 of the sending local pod, 0: none
+        ("slot", ctypes.c_uint32 * 2),  # per way: endpoint_id + 1 of the sending local pod, 0: none
+        ("flags", ctypes.c_uint8 * 2),  # per way: CT_*
+        ("closing", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
     ]
 
 
@@ -172,6 +178,10 @@ class EventBudget(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint64), ("last_refill_ns", ctypes.c_uint64)]
 
 
+class NfClock(ctypes.Structure):
+    _fields_ = [("jiffies", ctypes.c_uint64), ("now_ns", ctypes.c_uint64)]
+
+
 # map name in the program -> (key mirror, value mirror); the mirror test walks this table.
 MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_endpoints": (EndpointKey, EndpointValue),
@@ -184,6 +194,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
     "pf_event_budget": (ctypes.c_int, EventBudget),
+    "pf_nf_clock": (ctypes.c_int, NfClock),
 }
 
 
@@ -206,6 +217,7 @@ C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     CounterValue: "pf_counter_value",
     DenyEventStruct: "pf_deny_event",
     EventBudget: "pf_event_budget",
+    NfClock: "pf_nf_clock",
 }
 
 # Python constant -> C enumerator/macro of the same value
@@ -219,7 +231,8 @@ C_CONSTANTS: dict[str, int] = {
     "PF_CT_EGRESS_OK": CT_EGRESS_OK,
     "PF_CT_INGRESS_OK": CT_INGRESS_OK,
     "PF_CT_FROM_POD": CT_FROM_POD,
-    "PF_CT_CLOSING": CT_CLOSING,
+    "PF_WAY_AB": WAY_AB,
+    "PF_WAY_BA": WAY_BA,
 }
 
 
