@@ -16,6 +16,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 METRIC_TITLES = {"tcp_gbps": "TCP Gbit/s", "conn_per_s": "conn/s", "udp_pps": "UDP pkt/s"}
+SLICED_TITLES = {"conn_per_s_sliced": "conn/s", "tcp_gbps_sliced": "TCP Gbit/s"}
 PATH_TITLES = {"same_node": "same node", "cross_node": "across nodes"}
 
 
@@ -44,10 +45,48 @@ def _errors(result: dict[str, Any]) -> list[str]:
             if isinstance(value, dict) and "error" in value]
 
 
+def _ratio(entry: dict[str, Any], name: str) -> str:
+    """A median ratio with its [lowest, highest] over the repetitions."""
+    if name not in entry:
+        return "-"
+    low_high = entry.get(f"{name}_range")
+    return f"{_fmt(entry[name])} ({_fmt(low_high[0])}-{_fmt(low_high[1])})" if low_high else _fmt(entry[name])
+
+
+def render_sliced(result: dict[str, Any]) -> list[str]:
+    sliced = result["sliced"]
+    lines = [
+        f"**Time-sliced** ({sliced['repetitions']} runs; in each, every variant in turn: connections "
+        f"in slots of {sliced['conn']['slot_seconds']} s, {sliced['conn']['seconds_per_variant']} s per "
+        f"variant, one bulk TCP stream per variant in slots of {sliced['stream']['slot_seconds']} s, "
+        f"{sliced['stream']['seconds_per_variant']} s per variant). Ratios of each run's totals, median "
+        "(lowest-highest) over the runs; `none_again` is the A/A control.",
+        "",
+    ]
+    for path, variants in result.get("results", {}).items():
+        rows = []
+        for name, entry in variants.items():
+            if not any(metric in entry for metric in SLICED_TITLES):
+                continue
+            row: list[Any] = [name]
+            for metric in SLICED_TITLES:
+                row += [entry.get(metric), _ratio(entry, f"{metric}_vs_none"),
+                        _ratio(entry, f"{metric}_vs_conntrack")]
+            row.append(_ratio(entry, "conn_per_s_sliced_10000_vs_10"))
+            rows.append(row)
+        if rows:
+            header = ["variant"]
+            for title in SLICED_TITLES.values():
+                header += [title, f"{title} vs none", f"{title} vs none_conntrack"]
+            lines += [f"{PATH_TITLES.get(path, path)}, time-sliced:", ""]
+            lines += _table([*header, "conn/s 10k vs 10"], rows)
+    return lines
+
+
 def render_datapath(result: dict[str, Any]) -> list[str]:
     lines = [
-        f"{result.get('repetitions')} interleaved repetitions; medians; ratios are per-repetition "
-        "ratios against the no-filter run of the same repetition (median). "
+        f"**Per-run**: {result.get('repetitions')} interleaved repetitions; medians; ratios are "
+        "per-repetition ratios against the no-filter run of the same repetition (median). "
         f"Runs: iperf3 {result['seconds']['iperf']} s, {result.get('conn_workers')} connection workers "
         f"for {result['seconds']['conn']} s, {result.get('udp_flows')} UDP flows for "
         f"{result['seconds']['udp']} s.",
@@ -78,13 +117,22 @@ def render_datapath(result: dict[str, Any]) -> list[str]:
                 ["variant", *(f"{title} vs none_conntrack" for title in METRIC_TITLES.values())],
                 against_conntrack,
             )
+    if "sliced" in result:
+        lines += render_sliced(result)
     targets = result.get("targets", {})
     if targets.get("checked"):
         verdicts = {True: "met", False: "NOT met", None: "not measured"}
+        decided_by = targets.get("decided_by", {})
         lines.append("eBPF 10,000-rule targets (same node): " + ", ".join(
-            f"{name}: {verdicts[ok]}" for name, ok in targets.items()
-            if name not in ("checked", "median_lowest_highest")))
+            f"{name}: {verdicts[ok]}" + (f" (`{decided_by[name]}`)" if name in decided_by else "")
+            for name, ok in targets.items()
+            if name not in ("checked", "median_lowest_highest", "decided_by", "aa_control")))
         lines.append("")
+        control = {k: v for k, v in targets.get("aa_control", {}).items() if v is not None}
+        if control:
+            lines.append("A/A control (`none_again` vs `none`): "
+                         + ", ".join(f"{name} {_fmt(value)}" for name, value in control.items()))
+            lines.append("")
         spread = targets.get("median_lowest_highest", {})
         if spread:
             lines.append("Their spread over the repetitions (median; lowest-highest per-repetition ratio): "

@@ -8,7 +8,7 @@ import ipaddress
 import socket
 
 from agent.dataplane.types import CidrPeer, IdentityPeer
-from bench import datapath, propagation, report
+from bench import _workload, datapath, propagation, report
 from bench._netlab import BenchNode, BenchPod, Topology
 
 
@@ -27,12 +27,12 @@ def test_node_state_puts_the_allowing_rules_last_among_non_matching_ones() -> No
     state = datapath.node_state(topology, "n1", rules=1_000)
     server = state.endpoints["bench/local"]
     assert server.ingress.isolated
-    assert len(server.ingress.allows) == 1_000 + 3
-    allowing = server.ingress.allows[-3:]
+    assert len(server.ingress.allows) == 1_000 + 4
+    allowing = server.ingress.allows[-4:]
     assert {a.peer for a in allowing} == {IdentityPeer(datapath.CLIENT_IDENTITY)}
     assert state.identities[datapath.CLIENT_IDENTITY] == (ipaddress.IPv4Address("10.77.1.10"),)
     client_ip = ipaddress.IPv4Address("10.77.1.10")
-    for allow in server.ingress.allows[:-3]:
+    for allow in server.ingress.allows[:-4]:
         if isinstance(allow.peer, CidrPeer):
             assert client_ip not in allow.peer.cidr
         else:
@@ -107,3 +107,40 @@ def test_summary_leaves_out_failed_runs() -> None:
     assert summary["cross_node"]["none"]["tcp_gbps"] == 10.0
     assert summary["cross_node"]["bpf_10"]["tcp_gbps"] == 9.0
     assert summary["cross_node"]["bpf_10"]["tcp_gbps_vs_none"] == 0.9  # only repetition 1 pairs up
+
+
+def test_time_slices_visit_every_variant_once_a_round_in_an_order_every_worker_shares() -> None:
+    first, second = _workload.Slices(100.0, 0.02, 4), _workload.Slices(100.0, 0.02, 4)
+    orders = []
+    for round_ in range(40):
+        moments = [100.0 + (round_ * 4 + k) * 0.02 + 0.005 for k in range(4)]
+        order = [first.at(t)[1] for t in moments]
+        assert sorted(order) == [0, 1, 2, 3]
+        assert [second.at(t)[1] for t in moments] == order  # another worker, the same schedule
+        assert all(first.at(t)[0] == round_ for t in moments)
+        orders.append(tuple(order))
+    assert len(set(orders)) > 4  # no variant always follows the same one
+
+
+def test_time_sliced_figures_decide_the_targets_and_the_aa_control_is_reported() -> None:
+    samples = {"same_node": {
+        # per run: the neighbours' bursts make the A/A control read 0.7-1.3
+        "conn_per_s": {"none": [100.0, 100.0], "none_again": [130.0, 70.0], "bpf_10": [70.0, 120.0],
+                       "bpf_10000": [60.0, 110.0]},
+        "conn_per_s_sliced": {"none": [100.0, 100.0], "none_again": [99.0, 101.0], "bpf_10": [95.0, 94.0],
+                              "bpf_10000": [93.0, 92.0]},
+    }}
+    summary = datapath.summarise(samples)
+    checked = datapath.targets(summary)
+    assert checked["conn_per_s_vs_none >= 0.90"] is True
+    assert checked["decided_by"]["conn_per_s_vs_none >= 0.90"] == "conn_per_s_sliced_vs_none"
+    assert checked["conn_per_s_10000_vs_10 >= 0.97"] is True  # 93/95, 92/94
+    assert checked["tcp_gbps_vs_none >= 0.95"] is None  # not measured
+    assert checked["aa_control"]["conn_per_s_sliced_vs_none"] == 1.0
+    assert summary["same_node"]["none_again"]["conn_per_s_vs_none_range"] == [0.7, 1.3]
+    result = {"results": summary, "targets": checked, "seconds": {"iperf": 1, "conn": 1, "udp": 1},
+              "sliced": {"repetitions": 2, "conn": {"slot_seconds": 0.02, "seconds_per_variant": 8.0},
+                         "stream": {"slot_seconds": 0.25, "seconds_per_variant": 3.0}}}
+    text = "\n".join(report.render_datapath(result))
+    assert "| bpf_10000 | 92.5 | 0.925 (0.92-0.93) |" in text
+    assert "A/A control (`none_again` vs `none`): conn_per_s_sliced_vs_none 1" in text
