@@ -126,6 +126,10 @@ struct pf_policy_value {
 	__u32 reserved;
 };
 
+/* policy_exact: hash, the entries of single ports (prefixlen always 96) in the same key, so that
+ * the allows most rules make cost one hash lookup whatever their number; policy (the LPM trie)
+ * keeps port ranges and protocol-0 allows. An entry lives in exactly one of the two. */
+
 /* ct: LRU conntrack, ONE entry per flow whichever way a packet runs. The key holds the flow's two
  * ends in canonical order, the lower (address, port) as end a (addresses compared as two 64-bit
  * words, then the port), so a packet and its reply build the same key and find the entry with

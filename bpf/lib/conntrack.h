@@ -11,7 +11,9 @@
  *    conntrack has reversed the DNAT);
  *  - an ICMP error whose embedded tuple is tracked is related and passes.
  * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
- * switches an entry to the short closing timeout, a later bare SYN on the same tuple back.
+ * switches an entry to the short closing timeout. A bare SYN on a closing entry opens a NEW
+ * connection on the same tuple: the entry forgets what the old one was admitted for, so the new
+ * one is judged by the policy of now (as kernel conntrack, and so the iptables dataplane, does).
  *
  * A flow's packets are judged on several CPUs (each way, three hooks). An entry is written only
  * when something changes: its timestamp once it is older than 1/PF_CT_REFRESH_SHARE of its
@@ -106,6 +108,24 @@ static __always_inline void pf_ct_way_mark(struct pf_ct_value *entry, int way, _
 		*receiver = receiver_slot;
 }
 
+/* Does `pkt` open a new connection on the tuple of `entry`, whose connection is closing? */
+static __always_inline int pf_ct_reopens(const struct pf_ct_value *entry, const struct pf_packet *pkt)
+{
+	return entry->closing && pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x12) == 0x02;
+}
+
+/* Forgets the closed connection of `entry` in place; the admissions go first, so that a reader on
+ * another CPU sees them gone before the entry looks live again. */
+static __always_inline void pf_ct_restart(struct pf_ct_value *entry, __u64 now)
+{
+	entry->flags[0] = 0;
+	entry->flags[1] = 0;
+	entry->slot[0] = 0;
+	entry->slot[1] = 0;
+	entry->last_seen_ns = now;
+	entry->closing = 0;
+}
+
 static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *entry, __u8 protocol)
 {
 	if (entry->closing)
@@ -114,7 +134,8 @@ static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *en
 }
 
 /* The live entry of `key` (NULL if absent or expired). With `pkt`: refreshes the timestamp and
- * follows TCP's end (FIN/RST: closing timeout) and a reuse of the tuple (a bare SYN). */
+ * follows TCP's end (FIN/RST: closing timeout) and a reuse of the tuple (a bare SYN: the entry
+ * is restarted, no admission left). */
 static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __u64 now,
 							const struct pf_packet *pkt)
 {
@@ -126,14 +147,14 @@ static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __
 	if (age > timeout)
 		return NULL;
 	if (pkt) {
+		if (pf_ct_reopens(entry, pkt)) {
+			pf_ct_restart(entry, now);
+			return entry;
+		}
 		if (age > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
-		if (pkt->protocol == PF_IPPROTO_TCP) {
-			if ((pkt->tcp_flags & 0x05) && !entry->closing)
-				entry->closing = 1;
-			else if ((pkt->tcp_flags & 0x12) == 0x02 && entry->closing)
-				entry->closing = 0;
-		}
+		if (pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x05) && !entry->closing)
+			entry->closing = 1;
 	}
 	return entry;
 }
@@ -149,7 +170,9 @@ static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag,
 	struct pf_ct_value *entry = pf_ct.lookup(&key);
 	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key.protocol) : 0;
 	if (entry && pf_elapsed(now, entry->last_seen_ns) <= timeout) {
-		if (pf_elapsed(now, entry->last_seen_ns) > timeout / PF_CT_REFRESH_SHARE)
+		if (pf_ct_reopens(entry, pkt))
+			pf_ct_restart(entry, now);
+		else if (pf_elapsed(now, entry->last_seen_ns) > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
 		pf_ct_way_mark(entry, way, flag, sender_slot, receiver_slot);
 		return;

@@ -1,14 +1,17 @@
 /* Policy lookups. The cost of a verdict is bounded whatever the number of rules or peers:
  * one ipcache hash lookup (peer address -> identity class), one CIDR LPM lookup (peer address ->
- * CIDR class) and at most one policy LPM lookup for each. The user-space compiler
- * (agent/dataplane/bpf/compiler.py) expands selectors, except blocks and port ranges into
- * these maps; nothing here loops over rules. */
+ * CIDR class) and for each at most one exact-port hash lookup and one policy LPM lookup. The
+ * user-space compiler (agent/dataplane/bpf/compiler.py) expands selectors, except blocks and port
+ * ranges into these maps; nothing here loops over rules. Single-port allows sit in a hash: an LPM
+ * lookup walks one trie node per distinguishing bit, each a cache miss, and with 10,000 rules
+ * that cost 5 % of the connection rate (bench/datapath.py, time-sliced, 2026-12-04). */
 #ifndef PF_LIB_POLICY_H
 #define PF_LIB_POLICY_H
 
 PF_PINNED("hash", struct pf_ipcache_key, struct pf_ipcache_value, pf_ipcache, PF_IPCACHE_MAX, 0);
 PF_PINNED("lpm_trie", struct pf_cidr_key, struct pf_cidr_value, pf_cidr, PF_CIDR_MAX, BPF_F_NO_PREALLOC);
 PF_PINNED("lpm_trie", struct pf_policy_key, struct pf_policy_value, pf_policy, PF_POLICY_MAX, BPF_F_NO_PREALLOC);
+PF_PINNED("hash", struct pf_policy_key, struct pf_policy_value, pf_policy_exact, PF_POLICY_MAX, 0);
 
 static __always_inline int pf_policy_hit(__u32 policy_id, __u32 peer_class, __u8 peer_kind, __u8 protocol,
 					 __be16 dport_be)
@@ -21,7 +24,7 @@ static __always_inline int pf_policy_hit(__u32 policy_id, __u32 peer_class, __u8
 		.protocol = protocol,
 		.dport_be = dport_be,
 	};
-	return pf_policy.lookup(&key) != NULL;
+	return pf_policy_exact.lookup(&key) != NULL || pf_policy.lookup(&key) != NULL;
 }
 
 /* Does policy `policy_id` admit `peer` (classes of peer-map `generation`) for (protocol, dport)? */

@@ -402,6 +402,43 @@ def test_deny_events_are_rate_limited_in_the_kernel_and_every_deny_is_either_sen
     assert {e.destination_port for e in received} <= set(range(1000, 1000 + denies))
 
 
+@pytest.fixture(scope="module")
+def keep_plane() -> Iterator[BpfDataplane]:
+    """A dataplane with established_on_change="keep" (the default): flows outlive policy changes."""
+    prefix = f"pfb-{secrets.token_hex(3)}"
+    netns = f"{prefix}-keep"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    dataplane = BpfDataplane(pin_dir=f"/sys/fs/bpf/{prefix}", netns=netns,
+                             state_file=f"/run/podfence-tests/{prefix}.json")
+    try:
+        dataplane.start()
+        yield dataplane
+    finally:
+        dataplane.teardown()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_a_new_connection_on_a_closed_connections_tuple_gets_the_policy_of_now(
+    keep_plane: BpfDataplane,
+) -> None:
+    plane = keep_plane
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None)
+    syn = f.tcp4(PEER7, POD, sport=45000, dport=80)
+    ack = f.packet4(PEER7, POD, f.TCP, sport=45000, dport=80, tcp_flags=0x10)
+    rst = f.packet4(PEER7, POD, f.TCP, sport=45000, dport=80, tcp_flags=0x14)
+    other_syn = f.tcp4(PEER7, POD, sport=45001, dport=80)
+    other_ack = f.packet4(PEER7, POD, f.TCP, sport=45001, dport=80, tcp_flags=0x10)
+    assert verdict(plane, "to_pod", syn) and verdict(plane, "to_pod", ack)
+    assert verdict(plane, "to_pod", other_syn)
+    assert verdict(plane, "to_pod", rst)  # the first connection ends
+    apply(plane, iso(ident(7, f.TCP, 443, 443)), None, version=2)  # port 80 no longer allowed
+    assert verdict(plane, "to_pod", other_ack)  # keep: the open connection carries on
+    assert not verdict(plane, "to_pod", syn)  # a new connection on the closed one's tuple: denied
+    assert not verdict(plane, "to_pod", ack)  # and nothing of the old admission is left
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None, version=3)
+    assert verdict(plane, "to_pod", syn)  # allowed again: admitted afresh
+
+
 def flow_entry(
     plane: BpfDataplane, protocol: int, source: tuple[str, int], destination: tuple[str, int]
 ) -> tuple[structs.CtKey, structs.CtValue, int]:
@@ -562,7 +599,8 @@ def test_a_half_written_update_is_finished_by_the_retry_without_id_reuse(
     assert verdict(plane, "to_pod", f.packet4(PEER7, POD, f.UDP, dport=53))
     assert not verdict(plane, "to_pod", f.tcp4(PEER8, POD, dport=443, sport=40101))
     assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, dport=80, sport=40102))
-    assert plane.map_usage()["policy"][0] == 1
+    usage = plane.map_usage()
+    assert (usage["policy_exact"][0], usage["policy"][0]) == (1, 0)  # UDP 53: one port, the hash
 
 
 def test_conntrack_usage_counts_what_the_kernel_holds(plane: BpfDataplane) -> None:
@@ -574,3 +612,29 @@ def test_conntrack_usage_counts_what_the_kernel_holds(plane: BpfDataplane) -> No
     assert held >= 300
     assert plane.map_usage()["ct"][0] == held  # batched lookups, a few syscalls
     assert count_entries(plane._module[b"pf_ct"], chunk=7) == held  # many batches, same answer
+
+
+def test_single_port_entries_an_older_version_left_in_the_lpm_trie_move_to_the_hash(
+    plane: BpfDataplane,
+) -> None:
+    """After an upgrade no single-port allow may stay behind in the trie, where the writer would
+    never delete it: the new agent moves them at start, and the verdicts never change."""
+    apply(plane, iso(ident(7, f.TCP, 80, 80), ident(7, f.TCP, 1000, 1003)), None)
+    trie, exact = plane._module[b"pf_policy"], plane._module[b"pf_policy_exact"]
+    (single,) = list(exact.keys())
+    assert {k.prefixlen for k in trie} == {structs.POLICY_PREFIX_FULL - 2}  # 1000-1003
+    # what the previous version kept: the single port in the trie, none in the hash
+    key = trie.Key(single.prefixlen, single.policy_id, single.peer_class, single.peer_kind,
+                   single.protocol, single.dport_be)
+    trie[key] = trie.Leaf(1, 0)
+    del exact[single]
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44000, dport=80))  # the trie allows
+    plane.close()
+    plane.start()
+    exact, trie = plane._module[b"pf_policy_exact"], plane._module[b"pf_policy"]
+    assert len(list(exact.keys())) == 1
+    assert {k.prefixlen for k in trie} == {structs.POLICY_PREFIX_FULL - 2}
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44001, dport=80))
+    apply(plane, iso(ident(7, f.TCP, 1000, 1003)), None, version=2)  # the port-80 rule goes
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44002, dport=80))
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44003, dport=1002))

@@ -53,9 +53,19 @@ from agent.dataplane.bpf.compiler import (
     compile_node_state,
     peer_sort_key,
 )
-from agent.dataplane.bpf.plan import PUT, CidrKey, IpcacheKey, Op, peak_sizes, peer_view, plan_update
+from agent.dataplane.bpf.plan import (
+    PUT,
+    CidrKey,
+    IpcacheKey,
+    Op,
+    is_exact,
+    peak_sizes,
+    peer_view,
+    plan_update,
+)
 from agent.dataplane.bpf.structs import (
     GENERATION_PREFIX,
+    POLICY_PREFIX_FULL,
     REASON_MAX,
     DenyEventStruct,
     Direction,
@@ -190,10 +200,29 @@ class BpfDataplane:
             for ifindex in sorted(self._live.interfaces):
                 with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
                     self._attach(sock, ifindex)
+        self._move_exact_policy_entries()
         try:
             self._module[b"pf_events"].open_ring_buffer(self._on_event)
         except Exception as error:
             raise PermanentDataplaneError(f"cannot open the deny-event ring buffer: {error}") from error
+
+    def _move_exact_policy_entries(self) -> None:
+        """A version before pf_policy_exact kept single-port entries in the LPM trie: copy each
+        into the hash, then delete it from the trie, so the writer finds every entry where it
+        looks (a stale copy would keep allowing after its rule is gone). The allow is in one map
+        or both at every moment; this runs once the programs, which read both, are in place."""
+        trie, exact = self._module[b"pf_policy"], self._module[b"pf_policy_exact"]
+        # the trie's own keys: a lookup there would answer with the longest match, maybe another
+        stranded = [(key, trie[key]) for key in list(trie.keys())
+                    if key.prefixlen == POLICY_PREFIX_FULL]
+        for key, value in stranded:
+            entry = (key.prefixlen, key.policy_id, key.peer_class, key.peer_kind, key.protocol,
+                     _ntohs(key.dport_be))
+            exact[_policy_key(exact, entry)] = exact.Leaf(value.rule_count, 0)
+            _delete(trie, key)
+        if stranded:
+            log.info("moved %d single-port policy entries from the LPM trie to pf_policy_exact",
+                     len(stranded))
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -276,6 +305,7 @@ class BpfDataplane:
         knobs = self.knobs
         requested = {
             "pf_policy": knobs.policy_max,
+            "pf_policy_exact": knobs.policy_max,
             "pf_ipcache": knobs.ipcache_max,
             "pf_cidr": knobs.cidr_max,
             "pf_endpoints": knobs.endpoints_max,
@@ -335,7 +365,7 @@ class BpfDataplane:
         module, live = self._module, self._live
         put = op.action == PUT
         if op.table == "policy":
-            table = module[b"pf_policy"]
+            table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
             if put:
                 table[_policy_key(table, op.key)] = table.Leaf(op.value, 0)
                 live.policy.add(op.key)
@@ -471,7 +501,8 @@ class BpfDataplane:
         }
         live.policy = {
             (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
-            for k in module[b"pf_policy"]
+            for name in (b"pf_policy", b"pf_policy_exact")
+            for k in module[name]
         }
         if not (live.endpoints or live.endpoint_ips or live.policy or live.ipcache or live.cidr):
             # Fresh pins (bpffs was emptied, e.g. reboot or an uninstall that kept /run): the state
@@ -601,8 +632,10 @@ class BpfDataplane:
             return {}
         live, knobs = self._live, self.knobs
         with self._lock:
+            exact = sum(1 for entry in live.policy if is_exact(entry))
             usage = {
-                "policy": (len(live.policy), knobs.policy_max),
+                "policy": (len(live.policy) - exact, knobs.policy_max),
+                "policy_exact": (exact, knobs.policy_max),
                 "ipcache": (len(live.ipcache), knobs.ipcache_max),
                 "cidr": (len(live.cidr), knobs.cidr_max),
                 "endpoints": (len(live.endpoints), knobs.endpoints_max),

@@ -146,6 +146,7 @@ PINNED_MAPS = (
     "pf_ipcache",
     "pf_cidr",
     "pf_policy",
+    "pf_policy_exact",
     "pf_ct",
     "pf_frag",
     "pf_counters",

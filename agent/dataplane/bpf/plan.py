@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired, EndpointEntry, PolicyEntry
+from agent.dataplane.bpf.structs import POLICY_PREFIX_FULL
 
 PUT, DELETE = "put", "delete"
 IpcacheKey = tuple[int, bytes]  # (generation, address)
@@ -117,7 +118,9 @@ def plan_update(live: MapContents, desired: Desired) -> list[Op]:
 
 
 def peak_sizes(live: MapContents, ops: list[Op]) -> dict[str, int]:
-    """Entries each map holds at its fullest while the plan runs (all puts precede all deletes)."""
+    """Entries each map holds at its fullest while the plan runs (all puts precede all deletes).
+    Policy entries of single ports are counted apart (`policy_exact`: the writer keeps them in a
+    hash beside the LPM trie)."""
     held: dict[str, set[Any]] = {
         "policy": set(live.policy),
         "ipcache": set(live.ipcache),
@@ -129,4 +132,12 @@ def peak_sizes(live: MapContents, ops: list[Op]) -> dict[str, int]:
     for op in ops:
         if op.action == PUT and op.table in held:
             held[op.table].add(op.key)
-    return {table: len(keys) for table, keys in held.items()}
+    sizes = {table: len(keys) for table, keys in held.items()}
+    sizes["policy_exact"] = sum(1 for entry in held["policy"] if is_exact(entry))
+    sizes["policy"] -= sizes["policy_exact"]
+    return sizes
+
+
+def is_exact(entry: PolicyEntry) -> bool:
+    """Does a policy entry name one port of one protocol (the writer's hash, not the LPM trie)?"""
+    return entry[0] == POLICY_PREFIX_FULL

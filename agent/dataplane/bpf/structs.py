@@ -190,6 +190,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_ipcache": (IpcacheKey, IpcacheValue),
     "pf_cidr": (CidrKey, CidrValue),
     "pf_policy": (PolicyKey, PolicyValue),
+    "pf_policy_exact": (PolicyKey, PolicyValue),
     "pf_ct": (CtKey, CtValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
