@@ -354,22 +354,25 @@ def measure(variant: Variant, path: str, metric: str) -> float:
     return measure_udp_pps(client.netns, server.netns, server.ip)
 
 
-def measure_sliced(variants: list[Variant], path: str, metric: str) -> dict[str, float]:
+def measure_sliced(
+    variants: list[Variant], path: str, metric: str, seconds: float | None = None
+) -> dict[str, float]:
     """One time-sliced run over every variant: connections per second, or Gbit/s of the bulk
-    stream, per variant, from the totals of the complete rounds."""
+    stream, per variant, from the totals of the complete rounds. `seconds`: per variant (default
+    CRR_SLICED_SECONDS / STREAM_SLICED_SECONDS)."""
     targets = [f"{v.topology.pods['client'].netns}={server_pod(v, path).ip}" for v in variants]
     if metric == "conn_per_s_sliced":
-        slot, seconds = CRR_SLICE_SECONDS, CRR_SLICED_SECONDS * len(variants)
-        argv = _netlab.python_argv("bench._workload", "crr-sliced", str(CRR_PORT), str(seconds),
+        slot, total = CRR_SLICE_SECONDS, (seconds or CRR_SLICED_SECONDS) * len(variants)
+        argv = _netlab.python_argv("bench._workload", "crr-sliced", str(CRR_PORT), str(total),
                                    str(CRR_WORKERS), str(slot), *targets)
         unit = 1.0
     else:
-        slot, seconds = STREAM_SLICE_SECONDS, STREAM_SLICED_SECONDS * len(variants)
-        argv = _netlab.python_argv("bench._workload", "stream-sliced", str(STREAM_PORT), str(seconds),
+        slot, total = STREAM_SLICE_SECONDS, (seconds or STREAM_SLICED_SECONDS) * len(variants)
+        argv = _netlab.python_argv("bench._workload", "stream-sliced", str(STREAM_PORT), str(total),
                                    str(slot), *targets)
         unit = 8 / 1e9  # bytes -> Gbit
     result = subprocess.run(argv, capture_output=True, text=True, env=_netlab.child_env(),
-                            timeout=seconds + 60, check=False)
+                            timeout=total + 60, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{metric} {path}: {result.stderr.strip()[-300:]}")
     rounds = json.loads(result.stdout)["rounds"]

@@ -63,3 +63,29 @@ def test_iptables_node_with_the_benchmark_state_drops_an_unallowed_port(topology
         plane.apply(datapath.node_state(topology, "n1", rules=10))
     variant = datapath.Variant("iptables_10", "iptables", 10, topology)
     assert datapath.drops_unallowed_port(variant) is True
+
+
+def test_time_sliced_runs_measure_every_variant_through_its_own_namespace() -> None:
+    """Two unfiltered variants and one whose server pod refuses every connection: the time-sliced
+    runner must switch namespaces (a variant it never entered would read 0) and attribute each
+    slot to the right variant (the refusing one reads 0)."""
+    variants = []
+    try:
+        for index, tag in enumerate(("a", "b", "c")):
+            topology = Topology(tag=f"s{os.getpid()}{tag}")
+            topology.build(2, [("client", 1), ("local", 1), ("remote", 2)])
+            variant = datapath.Variant(f"v{index}", None, 0, topology)
+            variants.append(variant)
+            datapath.start_servers(variant)
+        refusing = variants[2].topology.pods["local"].netns
+        datapath._netlab.run_in(
+            refusing, ["iptables", "-A", "INPUT", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
+        )
+        connections = datapath.measure_sliced(variants, "same_node", "conn_per_s_sliced", seconds=0.3)
+        assert connections["v0"] > 100 and connections["v1"] > 100
+        assert connections["v2"] == 0
+        stream = datapath.measure_sliced(variants[:2], "same_node", "tcp_gbps_sliced", seconds=0.6)
+        assert stream["v0"] > 0.1 and stream["v1"] > 0.1  # Gbit/s
+    finally:
+        for variant in variants:
+            datapath.destroy_variant(variant)
