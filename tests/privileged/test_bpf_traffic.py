@@ -464,6 +464,31 @@ def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Nod
         BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
 
 
+def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_them(node: Node) -> None:
+    """The kernel allows one BPF link per hook and priority: the new agent's links must take the
+    other priority, not fall back to the iptables rule (which `netfilter` would refuse)."""
+    a, b, c = node.pods
+    node_state = state(node, endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080))), endpoint(b),
+                       endpoint(c))
+    planes = []
+    try:
+        for generation in range(3):
+            plane = BpfDataplane(
+                pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="netfilter"
+            )
+            plane.start()  # raises if a link cannot be made
+            planes.append(plane)
+            plane.apply(node_state)
+            assert plane.egress_hook_in_use == "netfilter", generation
+            assert len(link_pins(node)) == 4  # the old generation's links are gone
+            assert "PODFENCE-EGRESS" not in node.run("iptables", "-S").stdout
+            assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080)
+    finally:
+        for plane in planes:
+            plane.close()
+        BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+
+
 def test_auto_falls_back_to_the_iptables_rule_where_the_kernel_refuses_netfilter_links(
     node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

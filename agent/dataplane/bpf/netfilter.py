@@ -16,13 +16,16 @@ kfuncs refuses the load: `NetfilterUnsupported`, and the dataplane falls back to
 
 The links are pinned in the pin directory, so enforcement outlives the agent. A new agent links
 its program first and only then unpins the links of the old one: for a moment both judge (the
-same maps, the same verdicts), never neither.
+same maps, the same verdicts), never neither. The kernel refuses two BPF links at one hook with
+the same priority (EBUSY), so the new links take whichever of LINK_PRIORITIES the old ones leave
+free.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import struct
 import time
@@ -65,7 +68,9 @@ _HOOK_NAMES = {
 }
 # Just before the filter tables (NF_IP_PRI_FILTER = 0), after conntrack, mangle and kube-proxy's
 # DNAT (PREROUTING), before SNAT (POSTROUTING; LOCAL_IN's NAT runs at +100).
-LINK_PRIORITY = -1
+# Just before the filter tables (0), after conntrack, mangle and DNAT; two, so that a new agent's
+# links can sit beside the old ones for the handover.
+LINK_PRIORITIES = (-1, -2)
 LINK_PIN_PREFIX = "nf_link_"
 
 class NetfilterUnsupported(PermanentDataplaneError):
@@ -235,18 +240,23 @@ class NetfilterLinks:
 
     def _link(self, hook: tuple[int, int], stamp: int) -> str:
         family, hooknum = hook
-        attr = _NetfilterLinkAttr(
-            prog_fd=self._program_fd,
-            attach_type=BPF_NETFILTER,
-            pf=family,
-            hooknum=hooknum,
-            priority=LINK_PRIORITY,
-        )
-        with inside(self.netns):  # a link hooks the namespace of the thread that creates it
-            try:
-                link_fd = bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
-            except OSError as error:
-                raise NetfilterUnsupported(f"netfilter link at {_HOOK_NAMES[hook]}: {error}") from error
+        link_fd = -1
+        for priority in LINK_PRIORITIES:
+            attr = _NetfilterLinkAttr(
+                prog_fd=self._program_fd,
+                attach_type=BPF_NETFILTER,
+                pf=family,
+                hooknum=hooknum,
+                priority=priority,
+            )
+            with inside(self.netns):  # a link hooks the namespace of the thread that creates it
+                try:
+                    link_fd = bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
+                    break
+                except OSError as error:
+                    if error.errno == errno.EBUSY and priority != LINK_PRIORITIES[-1]:
+                        continue  # a link of the previous agent holds this priority
+                    raise NetfilterUnsupported(f"netfilter link at {_HOOK_NAMES[hook]}: {error}") from error
         try:
             pin = f"{self.pin_dir}/{LINK_PIN_PREFIX}{_HOOK_NAMES[hook]}_{stamp}"
             _pin(link_fd, pin)
