@@ -281,16 +281,15 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def plane() -> Iterator[BpfDataplane]:
+def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
+    """A started dataplane in a netns of its own with its own pins; torn down afterwards."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-pkt"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    # "reset": each row changes the pod's policy, so flows admitted by an earlier row are forgotten
     dataplane = BpfDataplane(
         pin_dir=f"/sys/fs/bpf/{prefix}",
         netns=netns,
-        established_on_change="reset",
+        established_on_change=established_on_change,
         state_file=f"/run/podfence-tests/{prefix}.json",
     )
     try:
@@ -299,6 +298,12 @@ def plane() -> Iterator[BpfDataplane]:
     finally:
         dataplane.teardown()
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[BpfDataplane]:
+    # "reset": each row changes the pod's policy, so flows admitted by an earlier row are forgotten
+    yield from started_plane("reset")
 
 
 def apply(
@@ -404,18 +409,8 @@ def test_deny_events_are_rate_limited_in_the_kernel_and_every_deny_is_either_sen
 
 @pytest.fixture(scope="module")
 def keep_plane() -> Iterator[BpfDataplane]:
-    """A dataplane with established_on_change="keep" (the default): flows outlive policy changes."""
-    prefix = f"pfb-{secrets.token_hex(3)}"
-    netns = f"{prefix}-keep"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    dataplane = BpfDataplane(pin_dir=f"/sys/fs/bpf/{prefix}", netns=netns,
-                             state_file=f"/run/podfence-tests/{prefix}.json")
-    try:
-        dataplane.start()
-        yield dataplane
-    finally:
-        dataplane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    """established_on_change="keep" (the default): flows outlive policy changes."""
+    yield from started_plane("keep")
 
 
 def test_a_new_connection_on_a_closed_connections_tuple_gets_the_policy_of_now(
