@@ -114,8 +114,11 @@ static __always_inline int pf_ct_reopens(const struct pf_ct_value *entry, const 
 	return entry->closing && pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x12) == 0x02;
 }
 
-/* Forgets the closed connection of `entry` in place; the admissions go first, so that a reader on
- * another CPU sees them gone before the entry looks live again. */
+/* Forgets the closed connection of `entry` in place (a fresh entry would cost an LRU insert per
+ * reused tuple). The admissions go first, so that a reader on another CPU sees them gone before
+ * the entry looks live again: stores keep their order on x86; a weakly ordered CPU could show a
+ * reader the old admissions for the nanoseconds of the rewrite, as the old entry showed them
+ * until the SYN came. */
 static __always_inline void pf_ct_restart(struct pf_ct_value *entry, __u64 now)
 {
 	entry->flags[0] = 0;

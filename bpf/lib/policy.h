@@ -11,7 +11,7 @@
 PF_PINNED("hash", struct pf_ipcache_key, struct pf_ipcache_value, pf_ipcache, PF_IPCACHE_MAX, 0);
 PF_PINNED("lpm_trie", struct pf_cidr_key, struct pf_cidr_value, pf_cidr, PF_CIDR_MAX, BPF_F_NO_PREALLOC);
 PF_PINNED("lpm_trie", struct pf_policy_key, struct pf_policy_value, pf_policy, PF_POLICY_MAX, BPF_F_NO_PREALLOC);
-PF_PINNED("hash", struct pf_policy_key, struct pf_policy_value, pf_policy_exact, PF_POLICY_MAX, 0);
+PF_PINNED("hash", struct pf_policy_key, struct pf_policy_value, pf_policy_exact, PF_POLICY_MAX, BPF_F_NO_PREALLOC);
 
 static __always_inline int pf_policy_hit(__u32 policy_id, __u32 peer_class, __u8 peer_kind, __u8 protocol,
 					 __be16 dport_be)
