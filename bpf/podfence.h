@@ -46,6 +46,11 @@ enum pf_peer_kind {
 #define PF_CT_INGRESS_OK 0x02  /* the receiving pod's ingress policy admitted them */
 #define PF_CT_FROM_POD   0x04  /* a managed pod opened the flow this way (pre-DNAT tuple) */
 
+/* How a TCP flow's entry is closing: a FIN each way, or a RST. */
+#define PF_CT_FIN_AB     0x01
+#define PF_CT_FIN_BA     0x02
+#define PF_CT_RST        0x04
+
 /* The two ways of a flow relative to its conntrack key: PF_WAY_AB runs from end a to end b. */
 #define PF_WAY_AB 0
 #define PF_WAY_BA 1
@@ -150,9 +155,9 @@ struct pf_ct_value {
 	__u32 slot[2];              /* per way: endpoint_id + 1 of the local pod that sends that way
 				     * (0: none or unknown): its egress counters, so that nf_egress
 				     * counts an established packet without finding the pod */
-	__u8 flags[2];              /* per way: PF_CT_* */
-	__u8 closing;               /* 1: TCP FIN or RST seen, the entry expires after the closing
-				     * timeout */
+	__u8 flags[2];              /* per way: PF_CT_EGRESS_OK | PF_CT_INGRESS_OK | PF_CT_FROM_POD */
+	__u8 closing;               /* PF_CT_FIN_AB | PF_CT_FIN_BA | PF_CT_RST seen; any: the entry
+				     * expires after the closing timeout */
 	__u8 pad[5];
 };
 

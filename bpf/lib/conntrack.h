@@ -11,9 +11,10 @@
  *    conntrack has reversed the DNAT);
  *  - an ICMP error whose embedded tuple is tracked is related and passes.
  * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
- * switches an entry to the short closing timeout. A bare SYN on a closing entry opens a NEW
- * connection on the same tuple: the entry forgets what the old one was admitted for, so the new
- * one is judged by the policy of now (as kernel conntrack, and so the iptables dataplane, does).
+ * switches an entry to the short closing timeout. A bare SYN on an entry whose connection ended
+ * (a RST, or a FIN each way) opens a NEW connection on the same tuple: the entry forgets what the
+ * old one was admitted for, so the new one is judged by the policy of now (as kernel conntrack,
+ * and so the iptables dataplane, does).
  *
  * A flow's packets are judged on several CPUs (each way, three hooks). An entry is written only
  * when something changes: its timestamp once it is older than 1/PF_CT_REFRESH_SHARE of its
@@ -108,10 +109,29 @@ static __always_inline void pf_ct_way_mark(struct pf_ct_value *entry, int way, _
 		*receiver = receiver_slot;
 }
 
-/* Does `pkt` open a new connection on the tuple of `entry`, whose connection is closing? */
+/* Does `pkt` open a new connection on the tuple of `entry`, whose connection has ended: reset, or
+ * finished both ways (as kernel conntrack reopens from CLOSE and TIME_WAIT)? A connection closed
+ * one way only may still carry data the other way, and is not restarted by a SYN someone sends
+ * on its tuple. */
 static __always_inline int pf_ct_reopens(const struct pf_ct_value *entry, const struct pf_packet *pkt)
 {
-	return entry->closing && pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x12) == 0x02;
+	int ended = (entry->closing & PF_CT_RST) ||
+		    (entry->closing & (PF_CT_FIN_AB | PF_CT_FIN_BA)) == (PF_CT_FIN_AB | PF_CT_FIN_BA);
+	return ended && pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x12) == 0x02;
+}
+
+/* Notes a FIN (per way) or RST of `pkt` in the entry's closing state; writes only what is new. */
+static __always_inline void pf_ct_note_close(struct pf_ct_value *entry, int way, const struct pf_packet *pkt)
+{
+	if (pkt->protocol != PF_IPPROTO_TCP)
+		return;
+	__u8 seen = 0;
+	if (pkt->tcp_flags & 0x04)
+		seen |= PF_CT_RST;
+	if (pkt->tcp_flags & 0x01)
+		seen |= way == PF_WAY_AB ? PF_CT_FIN_AB : PF_CT_FIN_BA;
+	if (seen & ~entry->closing)
+		entry->closing |= seen;
 }
 
 /* Forgets the closed connection of `entry` in place (a fresh entry would cost an LRU insert per
@@ -139,7 +159,7 @@ static __always_inline __u64 pf_ct_entry_timeout_ns(const struct pf_ct_value *en
 /* The live entry of `key` (NULL if absent or expired). With `pkt`: refreshes the timestamp and
  * follows TCP's end (FIN/RST: closing timeout) and a reuse of the tuple (a bare SYN: the entry
  * is restarted, no admission left). */
-static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __u64 now,
+static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, int way, __u64 now,
 							const struct pf_packet *pkt)
 {
 	struct pf_ct_value *entry = pf_ct.lookup(key);
@@ -156,8 +176,7 @@ static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, __
 		}
 		if (age > timeout / PF_CT_REFRESH_SHARE)
 			entry->last_seen_ns = now;
-		if (pkt->protocol == PF_IPPROTO_TCP && (pkt->tcp_flags & 0x05) && !entry->closing)
-			entry->closing = 1;
+		pf_ct_note_close(entry, way, pkt);
 	}
 	return entry;
 }
@@ -201,11 +220,11 @@ static __always_inline int pf_ct_check(const struct pf_packet *pkt, int directio
 		/* the embedded packet went either way of a tracked flow */
 		pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
 			       pkt->inner_dport_be, pkt->inner_protocol);
-		struct pf_ct_value *related = pf_ct_entry(&key, now, NULL);
+		struct pf_ct_value *related = pf_ct_entry(&key, PF_WAY_AB, now, NULL);
 		return related && (related->flags[0] | related->flags[1]) ? PF_CT_RELATED : PF_CT_MISS;
 	}
 	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct_entry(&key, now, pkt);
+	struct pf_ct_value *entry = pf_ct_entry(&key, way, now, pkt);
 	if (!entry)
 		return PF_CT_MISS;
 	if (pf_ct_way_flags(entry, way) & same)
@@ -226,7 +245,7 @@ static __always_inline __u32 pf_ct_egress_slot(const struct pf_packet *pkt, __u6
 		return 0;
 	struct pf_ct_key key;
 	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct_entry(&key, now, pkt);
+	struct pf_ct_value *entry = pf_ct_entry(&key, way, now, pkt);
 	__u32 slot = entry ? pf_ct_way_slot(entry, way) : 0;
 	if (slot && ((pf_ct_way_flags(entry, way) & PF_CT_EGRESS_OK) ||
 		     (pf_ct_way_flags(entry, !way) & PF_CT_INGRESS_OK)))

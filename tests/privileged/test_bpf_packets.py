@@ -434,6 +434,28 @@ def test_a_new_connection_on_a_closed_connections_tuple_gets_the_policy_of_now(
     assert verdict(plane, "to_pod", syn)  # allowed again: admitted afresh
 
 
+def test_a_syn_does_not_restart_a_connection_closed_one_way_only(keep_plane: BpfDataplane) -> None:
+    """Half closed, a connection may still carry data the other way: a SYN someone sends on its
+    tuple must not wipe its admission. Once it is closed both ways, a SYN is a new connection."""
+    plane = keep_plane
+    apply(plane, iso(ident(7, f.TCP, 80, 80)), None, version=10)
+    syn = f.tcp4(PEER7, POD, sport=46000, dport=80)
+    peer_fin = f.packet4(PEER7, POD, f.TCP, sport=46000, dport=80, tcp_flags=0x11)
+    pod_fin = f.packet4(POD, PEER7, f.TCP, sport=80, dport=46000, tcp_flags=0x11)
+    assert verdict(plane, "to_pod", syn) and verdict(plane, "to_pod", peer_fin)
+    _, value, way = flow_entry(plane, f.TCP, (PEER7, 46000), (POD, 80))
+    assert value.closing == (structs.CT_FIN_AB if way == structs.WAY_AB else structs.CT_FIN_BA)
+    assert verdict(plane, "to_pod", syn)
+    _, value, _ = flow_entry(plane, f.TCP, (PEER7, 46000), (POD, 80))
+    assert value.flags[way] == structs.CT_INGRESS_OK and value.closing  # not restarted
+    assert verdict(plane, "egress", pod_fin)  # the pod's reply, and its own FIN
+    _, value, _ = flow_entry(plane, f.TCP, (PEER7, 46000), (POD, 80))
+    assert value.closing == structs.CT_FIN_AB | structs.CT_FIN_BA
+    assert verdict(plane, "to_pod", syn)  # a new connection: judged (allowed) and admitted afresh
+    _, value, _ = flow_entry(plane, f.TCP, (PEER7, 46000), (POD, 80))
+    assert value.closing == 0 and value.flags[way] == structs.CT_INGRESS_OK
+
+
 def flow_entry(
     plane: BpfDataplane, protocol: int, source: tuple[str, int], destination: tuple[str, int]
 ) -> tuple[structs.CtKey, structs.CtValue, int]:

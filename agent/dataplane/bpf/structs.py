@@ -46,6 +46,10 @@ CT_INGRESS_OK = 0x02
 CT_FROM_POD = 0x04
 WAY_AB = 0
 WAY_BA = 1
+# CtValue.closing: what of a TCP flow's end was seen
+CT_FIN_AB = 0x01
+CT_FIN_BA = 0x02
+CT_RST = 0x04
 
 # Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
 POLICY_PREFIX_ANY_PROTOCOL = 72
@@ -234,6 +238,9 @@ C_CONSTANTS: dict[str, int] = {
     "PF_CT_FROM_POD": CT_FROM_POD,
     "PF_WAY_AB": WAY_AB,
     "PF_WAY_BA": WAY_BA,
+    "PF_CT_FIN_AB": CT_FIN_AB,
+    "PF_CT_FIN_BA": CT_FIN_BA,
+    "PF_CT_RST": CT_RST,
 }
 
 
