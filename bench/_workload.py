@@ -17,10 +17,9 @@
 Servers print "ready" once listening, so the benchmark can wait for them.
 
 Why time slices: this machine's neighbours take the CPU in bursts of seconds, which is what made
-runs of a second each spread 0.6-1.4x against themselves. Slices of 50 ms rotated over every
-variant put each burst on all variants alike; a variant's figure is the median over rounds of
-its slice against the baseline's slice of the same round (adjacent in time), so one burst moves
-only the rounds it falls in.
+runs of a second each spread 0.6-1.4x against themselves. Slots of tens of milliseconds rotated
+over every variant put each burst on all variants alike, so the totals of one run compare the
+variants as if they had run side by side (bench/datapath.py takes the ratios of the totals).
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ def _setns(fd: int) -> None:
 
 
 class Slices:
-    """Slot k of `length` seconds from `start` belongs to variant `owner(k)`: each round of
+    """Slots of `length` seconds from `start`, each given to one variant: each round of
     len(variants) slots visits every variant once, in an order shuffled per round by a seed every
     worker shares (so all workers are in the same variant at once, and no variant always follows
     the same one)."""
@@ -208,6 +207,7 @@ def stream_sliced(
         os.close(fd)
         streams.append(socket.create_connection((address, port), timeout=5))
     _setns(home)
+    os.close(home)
     chunk = memoryview(bytearray(STREAM_CHUNK))
     slices = Slices(time.monotonic() + 0.1, slice_s, len(targets))
     end = slices.start + seconds

@@ -36,7 +36,8 @@
 #define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
 
 /* The verdict of one direction of one endpoint. Cost: <= 2 conntrack lookups, 1 node-address
- * lookup, 1 ipcache + 1 CIDR LPM + 2 policy LPM lookups, or 1 fragment lookup. */
+ * lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM lookups, or 1 fragment
+ * lookup. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
 				      __u64 now)
 {

@@ -67,9 +67,8 @@ _HOOK_NAMES = {
     (NFPROTO_IPV6, NF_INET_LOCAL_IN): "ipv6_input",
 }
 # Just before the filter tables (NF_IP_PRI_FILTER = 0), after conntrack, mangle and kube-proxy's
-# DNAT (PREROUTING), before SNAT (POSTROUTING; LOCAL_IN's NAT runs at +100).
-# Just before the filter tables (0), after conntrack, mangle and DNAT; two, so that a new agent's
-# links can sit beside the old ones for the handover.
+# DNAT (PREROUTING), before SNAT (POSTROUTING; LOCAL_IN's NAT runs at +100). Two of them, so that
+# a new agent's links can sit beside the old ones for the handover.
 LINK_PRIORITIES = (-1, -2)
 LINK_PIN_PREFIX = "nf_link_"
 
