@@ -7,8 +7,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import pytest
+
+from agent.dataplane.bpf import loader
 from agent.dataplane.types import CidrPeer, IdentityPeer
-from bench import _workload, datapath, propagation, report
+from bench import _workload, datapath, hook_floor, propagation, report
 from bench._netlab import BenchNode, BenchPod, Topology
 
 
@@ -144,3 +147,29 @@ def test_time_sliced_figures_decide_the_targets_and_the_aa_control_is_reported()
     text = "\n".join(report.render_datapath(result))
     assert "| bpf_10000 | 92.5 | 0.925 (0.92-0.93) |" in text
     assert "A/A control (`none_again` vs `none`): conn_per_s_sliced_vs_none 1" in text
+
+
+def test_hook_floor_makes_exactly_the_named_programs_pass_at_once() -> None:
+    source = loader.program_text()
+    tc_only = hook_floor.passing_text(source, ("tc",))
+    marker = "/* bench/hook_floor.py */"
+    assert tc_only.count(f"return TC_ACT_OK;  {marker}") == 2
+    assert "return PF_NF_ACCEPT;  " + marker not in tc_only
+    both = hook_floor.passing_text(source, ("tc", "nf"))
+    assert both.count(marker) == 3
+    # the statement is the first of each body, so nothing of the program runs before it
+    assert "int nf_egress_link(struct pf_nf_ctx *ctx)\n{\n\treturn PF_NF_ACCEPT;" in both
+    with pytest.raises(RuntimeError, match="tc_from_pod"):
+        hook_floor.passing_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
+
+
+def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:
+    # 1/rate: none 20 us, full 25 us, hooks only 21 us, nf passing 23 us, tc passing 24 us
+    rates = {"none": 50_000.0, "bpf_10000": 40_000.0, "tc_passes": 1e6 / 24, "nf_passes": 1e6 / 23,
+             "hooks_only": 1e6 / 21}
+    summary = hook_floor.summarise([rates, {name: rate * 0.5 for name, rate in rates.items()}])
+    assert summary["none"] == {"conn_per_s": 37_500}
+    assert summary["bpf_10000"]["vs_none"] == 0.8
+    # the halved run adds twice the time: the median of 5 and 10 us
+    assert summary["bpf_10000"]["added_us_per_conn"] == 7.5
+    assert summary["split_us_per_conn"] == {"hooks": 1.5, "tc_work": 3.0, "nf_work": 4.5}
