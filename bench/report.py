@@ -1,6 +1,6 @@
 """Renders bench/results.json (written by `python -m bench`) as Markdown tables in bench/RESULTS.md.
 
-The known benchmarks (datapath, propagation, coldstart, footprint) get purpose-made tables; any
+The known benchmarks (datapath, propagation, coldstart, footprint, hook_floor) get purpose-made tables; any
 other module's result is flattened into a key/value table, so a new benchmark shows up without
 changes here. Run: `.venv/bin/python -m bench.report [results.json] [RESULTS.md]`.
 (No `run()` here on purpose: `python -m bench` treats every module with one as a benchmark.)
@@ -214,6 +214,38 @@ def render_footprint(result: dict[str, Any]) -> list[str]:
     return lines + _errors(result)
 
 
+HOOK_FLOOR_TITLES = {
+    "none": "no filter",
+    "bpf_10000": "eBPF, 10,000 rules",
+    "tc_passes": "the same, tc programs pass at once",
+    "nf_passes": "the same, netfilter program passes at once",
+    "hooks_only": "the same, every program passes at once (the hooks alone)",
+}
+
+
+def render_hook_floor(result: dict[str, Any]) -> list[str]:
+    figures = result["same_node_conn_per_s"]
+    lines = [
+        f"Same-node connections, time-sliced: {result['runs']} runs, {result['seconds_per_variant']} s per "
+        "variant in each; ratio = median of the per-run ratios, added = 1/rate minus that of no filter.",
+        "",
+    ]
+    rows = [[HOOK_FLOOR_TITLES.get(name, name), entry.get("conn_per_s"), entry.get("vs_none"),
+             entry.get("added_us_per_conn")]
+            for name, entry in figures.items() if name != "split_us_per_conn"]
+    lines += _table(["variant", "conn/s", "vs no filter", "added µs per connection"], rows)
+    split = figures.get("split_us_per_conn")
+    if split:
+        lines += [
+            f"Added per connection: the hooks {_fmt(split['hooks'])} µs; the tc programs' work "
+            f"{_fmt(split['tc_work'])} µs and the netfilter program's {_fmt(split['nf_work'])} µs, each "
+            "measured with the other group passing at once (together they cost less than the sum: the "
+            "first program to touch a flow's entry pays its cache misses).",
+            "",
+        ]
+    return lines
+
+
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(value, dict):
         for key, inner in value.items():
@@ -234,6 +266,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "propagation": render_propagation,
     "coldstart": render_coldstart,
     "footprint": render_footprint,
+    "hook_floor": render_hook_floor,
 }
 
 

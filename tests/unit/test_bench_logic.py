@@ -173,3 +173,12 @@ def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:
     # the halved run adds twice the time: the median of 5 and 10 us
     assert summary["bpf_10000"]["added_us_per_conn"] == 7.5
     assert summary["split_us_per_conn"] == {"hooks": 1.5, "tc_work": 3.0, "nf_work": 4.5}
+
+
+def test_report_renders_the_hook_floor_table_and_split() -> None:
+    rates = {"none": 50_000.0, "bpf_10000": 40_000.0, "tc_passes": 45_000.0, "nf_passes": 44_000.0,
+             "hooks_only": 48_000.0}
+    result = {"same_node_conn_per_s": hook_floor.summarise([rates]), "runs": 1, "seconds_per_variant": 6.0}
+    text = report.render({"date": "d", "machine": "m", "hook_floor": result})
+    assert "| eBPF, 10,000 rules | 40,000 | 0.8 | 5 |" in text
+    assert "Added per connection: the hooks 0.83 µs" in text
