@@ -1,24 +1,29 @@
-"""Where the eBPF dataplane's connection cost goes: the hooks themselves, or the programs' work.
+"""Where the eBPF dataplane's connection cost goes: the hooks themselves, the programs' basic
+per-packet work, or their flow state and policy lookups.
 
-The same-node connection rate (bench/datapath.py's time-sliced instrument) of five variants in
+The same-node connection rate (bench/datapath.py's time-sliced instrument) of six variants in
 one run: no filter; the eBPF dataplane at 10,000 rules; and the same dataplane built from a
-source whose tc programs (`tc_passes`), netfilter program (`nf_passes`) or all three
-(`hooks_only`) return "pass" as their first statement. Those variants keep every hook in place
-(clsact and its filters on each pod interface, the netfilter links at FORWARD and LOCAL_IN) but do
-no work, so what `hooks_only` adds per connection over no filter is what the kernel charges for
-running a BPF program at those hooks at all: the floor no program can go under.
+rewritten source:
+  - tc_passes / nf_passes / hooks_only: the tc programs, the netfilter program, or all three
+    return "pass" as their first statement. Every hook stays in place (clsact and its filters on
+    each pod interface, the netfilter links at FORWARD and LOCAL_IN) but does no work, so what
+    hooks_only adds per connection over no filter is what the kernel charges for running a BPF
+    program at those hooks at all: the floor no program can go under.
+  - no_flow_state: the programs parse, look up the endpoint and the anti-spoofing address and
+    count, but neither touch the flow table nor look up policy.
 
 Reported per variant: median connections/s, the median of the per-run ratios against no filter,
-and what the variant adds per connection (1/rate - 1/rate of no filter, microseconds). The split
-`tc_work` = nf_passes - hooks_only and `nf_work` = tc_passes - hooks_only: what each group of
-programs' work adds when it runs alone. (The two overlap: the first program to touch a flow's
-entry pays its cache misses, so tc_work + nf_work exceeds full - hooks_only.)
+and what it adds per connection (1/rate - 1/rate of no filter, microseconds). The split:
+hooks; tc_work = nf_passes - hooks_only and nf_work = tc_passes - hooks_only (each group's work
+measured alone; together they cost less than the sum, because the first program to touch a
+flow's entry pays its cache misses); basics = no_flow_state - hooks_only;
+flow_state_and_policy = full - no_flow_state.
 
-The passing variants exist in this benchmark alone: they are built by rewriting the program text
-handed to BCC for their compile, never through a knob of the agent. Each rewrite must match
+The rewritten variants exist in this benchmark alone: they are built by rewriting the program
+text handed to BCC for their compile, never through a knob of the agent. Each rewrite must match
 exactly once, and each variant is checked on a port no rule allows: the server pod's ingress
-policy refuses it in tc_to_pod, so the full dataplane and `nf_passes` must drop it, while
-`tc_passes` and `hooks_only` must let it through (the client is not egress-isolated).
+policy refuses it in tc_to_pod, so the full dataplane and nf_passes must drop it, the others
+must let it through (the client is not egress-isolated).
 
 Run: `.venv/bin/python -m bench.hook_floor` (root). `BENCH_QUICK=1` for a smoke test,
 `BENCH_FLOOR_RUNS=N` for the number of time-sliced runs (default 10).
@@ -41,31 +46,48 @@ RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "2" if QUICK else "10"))
 SECONDS_PER_VARIANT = 1.0 if QUICK else 6.0
 RULES = 10_000
 
-# The first line of each program's body, and what a passing variant puts in front of it.
-PROGRAM_OPENINGS = {
+MARK = "  /* bench/hook_floor.py */"
+
+
+def _passes_at_once(opening: str, statement: str) -> tuple[str, str]:
+    return opening, f"{opening}\n\t{statement}{MARK}"
+
+
+# Rewrites of the program source, (text, replacement) each; every text must occur exactly once.
+# tc, nf: the programs of the group return "pass" as their first statement. flows: the programs
+# keep parsing, the endpoint and anti-spoofing lookups and the counters, but neither read nor
+# write the flow table nor look up policy (every packet passes as if established).
+REWRITES = {
     "tc": (
-        ("int tc_from_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
-        ("int tc_to_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
+        _passes_at_once("int tc_from_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
+        _passes_at_once("int tc_to_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
     ),
-    "nf": (("int nf_egress_link(struct pf_nf_ctx *ctx)\n{", "return PF_NF_ACCEPT;"),),
+    "nf": (_passes_at_once("int nf_egress_link(struct pf_nf_ctx *ctx)\n{", "return PF_NF_ACCEPT;"),),
+    "flows": (
+        ("\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now);\n\tpf_account",
+         f"\t\treason = PF_REASON_ALLOWED;{MARK}\n\tpf_account"),
+        ("\t\t\tpf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);", f"\t\t\t;{MARK}"),
+        ("\t__u32 slot = pf_ct_egress_slot(&pkt, now);", f"\t__u32 slot = 1;{MARK}"),
+    ),
 }
 
-# name -> (which program groups pass at once, drops the unallowed port)
+# name -> (the rewrites it is built with, whether it drops the port no rule allows)
 VARIANTS = {
     "tc_passes": (("tc",), False),
     "nf_passes": (("nf",), True),
+    "no_flow_state": (("flows",), False),
     "hooks_only": (("tc", "nf"), False),
 }
 
 
 def passing_text(text: str, groups: tuple[str, ...]) -> str:
-    """`text` with every program of `groups` returning pass as its first statement."""
+    """`text` with the rewrites of `groups` made."""
     for group in groups:
-        for opening, statement in PROGRAM_OPENINGS[group]:
-            if text.count(opening) != 1:
-                first_line = opening.splitlines()[0]
-                raise RuntimeError(f"the program opening {first_line!r} is not in the source exactly once")
-            text = text.replace(opening, f"{opening}\n\t{statement}  /* bench/hook_floor.py */")
+        for original, replacement in REWRITES[group]:
+            if text.count(original) != 1:
+                first_line = original.strip().splitlines()[0]
+                raise RuntimeError(f"{first_line!r} is not in the program source exactly once")
+            text = text.replace(original, replacement)
     return text
 
 
@@ -107,11 +129,13 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
             added[name] = statistics.median(1e6 / v - 1e6 / b for v, b in paired)
             entry["added_us_per_conn"] = round(added[name], 2)
         summary[name] = entry
-    if {"hooks_only", "nf_passes", "tc_passes"} <= added.keys():
+    if {"bpf_10000", "hooks_only", "nf_passes", "tc_passes", "no_flow_state"} <= added.keys():
         summary["split_us_per_conn"] = {
             "hooks": round(added["hooks_only"], 2),
             "tc_work": round(added["nf_passes"] - added["hooks_only"], 2),
             "nf_work": round(added["tc_passes"] - added["hooks_only"], 2),
+            "basics": round(added["no_flow_state"] - added["hooks_only"], 2),
+            "flow_state_and_policy": round(added["bpf_10000"] - added["no_flow_state"], 2),
         }
     return summary
 

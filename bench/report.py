@@ -219,6 +219,7 @@ HOOK_FLOOR_TITLES = {
     "bpf_10000": "eBPF, 10,000 rules",
     "tc_passes": "the same, tc programs pass at once",
     "nf_passes": "the same, netfilter program passes at once",
+    "no_flow_state": "the same, no flow table or policy lookups (parse, endpoint lookups, counters)",
     "hooks_only": "the same, every program passes at once (the hooks alone)",
 }
 
@@ -237,7 +238,9 @@ def render_hook_floor(result: dict[str, Any]) -> list[str]:
     split = figures.get("split_us_per_conn")
     if split:
         lines += [
-            f"Added per connection: the hooks {_fmt(split['hooks'])} µs; the tc programs' work "
+            f"Added per connection: the hooks {_fmt(split['hooks'])} µs; the programs' basic work "
+            f"(parse, endpoint lookups, counters) {_fmt(split['basics'])} µs; flow state and policy "
+            f"{_fmt(split['flow_state_and_policy'])} µs. By program group: the tc programs' work "
             f"{_fmt(split['tc_work'])} µs and the netfilter program's {_fmt(split['nf_work'])} µs, each "
             "measured with the other group passing at once (together they cost less than the sum: the "
             "first program to touch a flow's entry pays its cache misses).",

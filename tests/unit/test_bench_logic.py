@@ -159,25 +159,31 @@ def test_hook_floor_makes_exactly_the_named_programs_pass_at_once() -> None:
     assert both.count(marker) == 3
     # the statement is the first of each body, so nothing of the program runs before it
     assert "int nf_egress_link(struct pf_nf_ctx *ctx)\n{\n\treturn PF_NF_ACCEPT;" in both
+    no_flows = hook_floor.passing_text(source, ("flows",))
+    assert no_flows.count(marker) == 3
+    assert "pf_ct_admit(&pkt, PF_CT_FROM_POD" not in no_flows
+    assert "pf_ct_egress_slot(&pkt, now)" not in no_flows
     with pytest.raises(RuntimeError, match="tc_from_pod"):
         hook_floor.passing_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
 
 
 def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:
-    # 1/rate: none 20 us, full 25 us, hooks only 21 us, nf passing 23 us, tc passing 24 us
+    # 1/rate: none 20 us, full 25 us, hooks only 21 us, nf passing 23 us, tc passing 24 us,
+    # without flow state 22 us
     rates = {"none": 50_000.0, "bpf_10000": 40_000.0, "tc_passes": 1e6 / 24, "nf_passes": 1e6 / 23,
-             "hooks_only": 1e6 / 21}
+             "no_flow_state": 1e6 / 22, "hooks_only": 1e6 / 21}
     summary = hook_floor.summarise([rates, {name: rate * 0.5 for name, rate in rates.items()}])
     assert summary["none"] == {"conn_per_s": 37_500}
     assert summary["bpf_10000"]["vs_none"] == 0.8
     # the halved run adds twice the time: the median of 5 and 10 us
     assert summary["bpf_10000"]["added_us_per_conn"] == 7.5
-    assert summary["split_us_per_conn"] == {"hooks": 1.5, "tc_work": 3.0, "nf_work": 4.5}
+    assert summary["split_us_per_conn"] == {"hooks": 1.5, "tc_work": 3.0, "nf_work": 4.5, "basics": 1.5,
+                                            "flow_state_and_policy": 4.5}
 
 
 def test_report_renders_the_hook_floor_table_and_split() -> None:
     rates = {"none": 50_000.0, "bpf_10000": 40_000.0, "tc_passes": 45_000.0, "nf_passes": 44_000.0,
-             "hooks_only": 48_000.0}
+             "no_flow_state": 46_000.0, "hooks_only": 48_000.0}
     result = {"same_node_conn_per_s": hook_floor.summarise([rates]), "runs": 1, "seconds_per_variant": 6.0}
     text = report.render({"date": "d", "machine": "m", "hook_floor": result})
     assert "| eBPF, 10,000 rules | 40,000 | 0.8 | 5 |" in text
