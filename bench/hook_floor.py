@@ -80,7 +80,7 @@ VARIANTS = {
 }
 
 
-def passing_text(text: str, groups: tuple[str, ...]) -> str:
+def rewritten_text(text: str, groups: tuple[str, ...]) -> str:
     """`text` with the rewrites of `groups` made."""
     for group in groups:
         for original, replacement in REWRITES[group]:
@@ -92,19 +92,19 @@ def passing_text(text: str, groups: tuple[str, ...]) -> str:
 
 
 @contextlib.contextmanager
-def programs_passing(groups: tuple[str, ...]) -> Iterator[None]:
-    """While inside, dataplanes compile the passing variant of the source."""
+def programs_rewritten(groups: tuple[str, ...]) -> Iterator[None]:
+    """While inside, dataplanes compile the source with the rewrites of `groups`."""
     original = loader.program_text
-    loader.program_text = lambda: passing_text(original(), groups)
+    loader.program_text = lambda: rewritten_text(original(), groups)
     try:
         yield
     finally:
         loader.program_text = original
 
 
-def build_passing_variant(index: int, name: str) -> datapath.Variant:
+def build_rewritten_variant(index: int, name: str) -> datapath.Variant:
     groups, drops = VARIANTS[name]
-    with programs_passing(groups):
+    with programs_rewritten(groups):
         variant = datapath.build_variant(index, "bpf", RULES, must_enforce=False)
     variant.name = name
     if variant.enforcing != drops:
@@ -148,7 +148,7 @@ def run() -> dict[str, Any]:
         variants.append(datapath.build_variant(60, None, 0))
         variants.append(datapath.build_variant(61, "bpf", RULES))
         for index, name in enumerate(VARIANTS, start=62):
-            variants.append(build_passing_variant(index, name))
+            variants.append(build_rewritten_variant(index, name))
         runs = []
         for number in range(RUNS):
             runs.append(

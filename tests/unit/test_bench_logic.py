@@ -151,20 +151,20 @@ def test_time_sliced_figures_decide_the_targets_and_the_aa_control_is_reported()
 
 def test_hook_floor_makes_exactly_the_named_programs_pass_at_once() -> None:
     source = loader.program_text()
-    tc_only = hook_floor.passing_text(source, ("tc",))
+    tc_only = hook_floor.rewritten_text(source, ("tc",))
     marker = "/* bench/hook_floor.py */"
     assert tc_only.count(f"return TC_ACT_OK;  {marker}") == 2
     assert "return PF_NF_ACCEPT;  " + marker not in tc_only
-    both = hook_floor.passing_text(source, ("tc", "nf"))
+    both = hook_floor.rewritten_text(source, ("tc", "nf"))
     assert both.count(marker) == 3
     # the statement is the first of each body, so nothing of the program runs before it
     assert "int nf_egress_link(struct pf_nf_ctx *ctx)\n{\n\treturn PF_NF_ACCEPT;" in both
-    no_flows = hook_floor.passing_text(source, ("flows",))
+    no_flows = hook_floor.rewritten_text(source, ("flows",))
     assert no_flows.count(marker) == 3
     assert "pf_ct_admit(&pkt, PF_CT_FROM_POD" not in no_flows
     assert "pf_ct_egress_slot(&pkt, now)" not in no_flows
     with pytest.raises(RuntimeError, match="tc_from_pod"):
-        hook_floor.passing_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
+        hook_floor.rewritten_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
 
 
 def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:
