@@ -119,12 +119,12 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
     names = [name for name in runs[0] if name != "none"] if runs else []
     added: dict[str, float] = {}
     for name in ["none", *names]:
-        rates = [run[name] for run in runs if run.get(name) and run.get("none")]
-        if not rates:
+        # (this variant, no filter) of every run that measured both
+        paired = [(run[name], run["none"]) for run in runs if run.get(name) and run.get("none")]
+        if not paired:
             continue
-        entry: dict[str, float] = {"conn_per_s": round(statistics.median(rates))}
+        entry: dict[str, float] = {"conn_per_s": round(statistics.median(v for v, _ in paired))}
         if name != "none":
-            paired = [(run[name], run["none"]) for run in runs if run.get(name) and run.get("none")]
             entry["vs_none"] = round(statistics.median(v / b for v, b in paired), 3)
             added[name] = statistics.median(1e6 / v - 1e6 / b for v, b in paired)
             entry["added_us_per_conn"] = round(added[name], 2)

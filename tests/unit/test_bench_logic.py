@@ -149,7 +149,7 @@ def test_time_sliced_figures_decide_the_targets_and_the_aa_control_is_reported()
     assert "A/A control (`none_again` vs `none`): conn_per_s_sliced_vs_none 1" in text
 
 
-def test_hook_floor_makes_exactly_the_named_programs_pass_at_once() -> None:
+def test_hook_floor_rewrites_exactly_the_named_parts_of_the_programs() -> None:
     source = loader.program_text()
     tc_only = hook_floor.rewritten_text(source, ("tc",))
     marker = "/* bench/hook_floor.py */"
