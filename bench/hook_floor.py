@@ -64,10 +64,14 @@ REWRITES = {
     ),
     "nf": (_passes_at_once("int nf_egress_link(struct pf_nf_ctx *ctx)\n{", "return PF_NF_ACCEPT;"),),
     "flows": (
-        ("\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now);\n\tpf_account",
-         f"\t\treason = PF_REASON_ALLOWED;{MARK}\n\tpf_account"),
-        ("\t\t\tpf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);", f"\t\t\t;{MARK}"),
-        ("\t__u32 slot = pf_ct_egress_slot(&pkt, now);", f"\t__u32 slot = 1;{MARK}"),
+        ("\t\tpf_flow_of(&flow, &pkt, now);\n\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow);",
+         f"\t\treason = PF_REASON_ALLOWED;{MARK}"),
+        ("\t\t\tpf_ct_find(&flow, &pkt, now);\n"
+         "\t\t\tpf_ct_admit(&flow, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);",
+         f"\t\t\t;{MARK}"),
+        ("\tpf_flow_of(&flow, &pkt, now);\n"
+         "\t__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);",
+         f"\t__u32 slot = 1;{MARK}"),
     ),
 }
 

@@ -35,11 +35,29 @@
 
 #define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
 
-/* The verdict of one direction of one endpoint. Cost: <= 2 conntrack lookups, 1 node-address
- * lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM lookups, or 1 fragment
- * lookup. */
+/* Is `pkt` one whose flow pf_judge looks up (pf_ct_find)? Not so for neighbour discovery, later
+ * fragments and malformed packets (judged without conntrack), nor for ICMP errors (judged by the
+ * flow they quote). */
+static __always_inline int pf_tracked(const struct pf_packet *pkt)
+{
+	return !(pkt->flags & (PF_PKT_NDP | PF_PKT_FRAG_LATER | PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR));
+}
+
+/* The flow of `pkt` where pf_judge reads it; zeroed where it does not, so that no path the
+ * verifier walks reads it unwritten. */
+static __always_inline void pf_flow_of(struct pf_ct_flow *flow, const struct pf_packet *pkt, __u64 now)
+{
+	__builtin_memset(flow, 0, sizeof(*flow));
+	if (pf_tracked(pkt))
+		pf_ct_find(flow, pkt, now);
+}
+
+/* The verdict of one direction of one endpoint. `flow`: the packet's flow (pf_flow_of), so that
+ * the lookup that found it also serves the admission. Cost: <= 1 conntrack lookup (pf_flow_of)
+ * and 1 insert, 1 node-address lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM
+ * lookups, or 1 fragment lookup. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
-				      __u64 now)
+				      __u64 now, struct pf_ct_flow *flow)
 {
 	__u32 policy_id = direction == PF_DIR_INGRESS ? ep->ingress_policy_id : ep->egress_policy_id;
 	__u32 reason;
@@ -52,7 +70,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 			return PF_REASON_ALLOWED;
 		return reason;
 	}
-	if (!(pkt->flags & PF_PKT_MALFORMED) && pf_ct_check(pkt, direction, now) != PF_CT_MISS) {
+	if (!(pkt->flags & PF_PKT_MALFORMED) &&
+	    (pkt->flags & PF_PKT_ICMP_ERROR ? pf_ct_related(pkt, now) : pf_ct_state(flow, direction))) {
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
@@ -72,7 +91,7 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_DROP_POLICY;
 
 	if (reason == PF_REASON_ALLOWED && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
-		pf_ct_admit(pkt, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
+		pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
 			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
 			    direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0);
 out:
@@ -160,7 +179,9 @@ int tc_from_pod(struct __sk_buff *skb)
 		   (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr))) {
 		/* a link-local or unspecified source names no pod, so nf_egress could not tie the
 		 * packet to this pod and would pass it unjudged: judge its egress here */
-		reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
+		struct pf_ct_flow flow;
+		pf_flow_of(&flow, &pkt, now);
+		reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow);
 	} else if (pkt.flags & PF_PKT_FRAG_LATER) {
 		/* the egress verdict itself is given after reassembly by nf_egress; here only
 		 * fragments that belong to no datagram are refused */
@@ -169,8 +190,11 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else {
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
 			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
-		if (pf_opens_flow(&pkt))
-			pf_ct_admit(&pkt, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);
+		if (pf_opens_flow(&pkt)) {
+			struct pf_ct_flow flow;
+			pf_ct_find(&flow, &pkt, now);
+			pf_ct_admit(&flow, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);
+		}
 	}
 	if (reason != PF_REASON_ALLOWED) {
 		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
@@ -195,8 +219,11 @@ int tc_to_pod(struct __sk_buff *skb)
 		reason = ep->ingress_policy_id ? PF_DROP_UNSUPPORTED_L2 : PF_REASON_ALLOWED;
 	else if (pf_parse(&src, ETH_HLEN, skb->protocol, &pkt) < 0)
 		reason = ep->ingress_policy_id ? PF_DROP_MALFORMED : PF_REASON_ALLOWED;
-	else
-		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now);
+	else {
+		struct pf_ct_flow flow;
+		pf_flow_of(&flow, &pkt, now);
+		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow);
+	}
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_INGRESS, reason, skb->len, now);
 	return reason == PF_REASON_ALLOWED ? TC_ACT_OK : TC_ACT_SHOT;
 }
@@ -210,8 +237,11 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 
 	if (pf_parse(src, 0, eth_proto_be, &pkt) < 0)
 		return 0;
-	/* most packets belong to a known flow: one conntrack lookup, no endpoint lookups */
-	__u32 slot = pf_ct_egress_slot(&pkt, now);
+	/* most packets belong to a known flow: one conntrack lookup, no endpoint lookups (a first
+	 * fragment is judged in full, which remembers its verdict for the later ones) */
+	struct pf_ct_flow flow;
+	pf_flow_of(&flow, &pkt, now);
+	__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);
 	if (slot) {
 		pf_count(slot - 1, PF_DIR_EGRESS, 1, len);
 		return 0;
@@ -222,10 +252,10 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(owner->ifindex);
 	if (!ep)
 		return 0;
-	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now);
+	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow);
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, len, now);
 	if (reason != PF_REASON_ALLOWED)
-		pf_ct_forget_unjudged(&pkt);
+		pf_ct_forget_unjudged(&flow);
 	return reason != PF_REASON_ALLOWED;
 }
 

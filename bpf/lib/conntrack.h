@@ -181,27 +181,36 @@ static __always_inline struct pf_ct_value *pf_ct_entry(struct pf_ct_key *key, in
 	return entry;
 }
 
-/* Records that `flag` admitted the packet's way. `sender_slot` / `receiver_slot`: endpoint_id + 1
- * of the local pod sending / receiving it (0: none or not known here); the receiver sends the
- * replies, so its slot is the other way's. */
-static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag, __u64 now, __u32 sender_slot,
+/* A packet's flow: its key, the way the packet runs relative to it, and its live entry (NULL:
+ * none, or expired). Found once per program run, then read and admitted through: the SYN of a
+ * connection used to look its entry up six times on its way through the three programs. */
+struct pf_ct_flow {
+	struct pf_ct_key key;
+	struct pf_ct_value *entry;
+	int way;
+};
+
+/* Finds the flow of `pkt`; its entry, if live, is refreshed and follows TCP's end and a reuse of
+ * the tuple (pf_ct_entry). */
+static __always_inline void pf_ct_find(struct pf_ct_flow *flow, const struct pf_packet *pkt, __u64 now)
+{
+	flow->way = pf_ct_packet_key(&flow->key, pkt);
+	flow->entry = pf_ct_entry(&flow->key, flow->way, now, pkt);
+}
+
+/* Records that `flag` admitted the packet's way of `flow` (found by pf_ct_find for this packet).
+ * `sender_slot` / `receiver_slot`: endpoint_id + 1 of the local pod sending / receiving it (0:
+ * none or not known here); the receiver sends the replies, so its slot is the other way's. */
+static __always_inline void pf_ct_admit(struct pf_ct_flow *flow, __u32 flag, __u64 now, __u32 sender_slot,
 					__u32 receiver_slot)
 {
-	struct pf_ct_key key;
-	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct.lookup(&key);
-	__u64 timeout = entry ? pf_ct_entry_timeout_ns(entry, key.protocol) : 0;
-	if (entry && pf_elapsed(now, entry->last_seen_ns) <= timeout) {
-		if (pf_ct_reopens(entry, pkt))
-			pf_ct_restart(entry, now);
-		else if (pf_elapsed(now, entry->last_seen_ns) > timeout / PF_CT_REFRESH_SHARE)
-			entry->last_seen_ns = now;
-		pf_ct_way_mark(entry, way, flag, sender_slot, receiver_slot);
+	if (flow->entry) {
+		pf_ct_way_mark(flow->entry, flow->way, flag, sender_slot, receiver_slot);
 		return;
 	}
 	struct pf_ct_value fresh = {.last_seen_ns = now};
-	pf_ct_way_mark(&fresh, way, flag, sender_slot, receiver_slot);
-	pf_ct.update(&key, &fresh);
+	pf_ct_way_mark(&fresh, flow->way, flag, sender_slot, receiver_slot);
+	pf_ct.update(&flow->key, &fresh);
 }
 
 #define PF_CT_MISS 0
@@ -209,46 +218,42 @@ static __always_inline void pf_ct_admit(const struct pf_packet *pkt, __u32 flag,
 #define PF_CT_REPLY 2
 #define PF_CT_RELATED 3
 
-/* Is the packet part of (or related to) a flow admitted before? */
-static __always_inline int pf_ct_check(const struct pf_packet *pkt, int direction, __u64 now)
+/* Is the ICMP error `pkt` related to a tracked flow? The embedded packet went either way of it. */
+static __always_inline int pf_ct_related(const struct pf_packet *pkt, __u64 now)
 {
 	struct pf_ct_key key;
+	pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be, pkt->inner_dport_be,
+		       pkt->inner_protocol);
+	struct pf_ct_value *related = pf_ct_entry(&key, PF_WAY_AB, now, NULL);
+	return related && (related->flags[0] | related->flags[1]) ? PF_CT_RELATED : PF_CT_MISS;
+}
+
+/* Is the packet of `flow` part of a flow admitted before, seen from `direction`'s judgement? */
+static __always_inline int pf_ct_state(const struct pf_ct_flow *flow, int direction)
+{
 	__u32 same = direction == PF_DIR_EGRESS ? PF_CT_EGRESS_OK : PF_CT_INGRESS_OK;
 	__u32 other = direction == PF_DIR_EGRESS ? PF_CT_INGRESS_OK : (PF_CT_EGRESS_OK | PF_CT_FROM_POD);
+	const struct pf_ct_value *entry = flow->entry;
 
-	if (pkt->flags & PF_PKT_ICMP_ERROR) {
-		/* the embedded packet went either way of a tracked flow */
-		pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
-			       pkt->inner_dport_be, pkt->inner_protocol);
-		struct pf_ct_value *related = pf_ct_entry(&key, PF_WAY_AB, now, NULL);
-		return related && (related->flags[0] | related->flags[1]) ? PF_CT_RELATED : PF_CT_MISS;
-	}
-	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct_entry(&key, way, now, pkt);
 	if (!entry)
 		return PF_CT_MISS;
-	if (pf_ct_way_flags(entry, way) & same)
+	if (pf_ct_way_flags(entry, flow->way) & same)
 		return PF_CT_ESTABLISHED;
-	if (pf_ct_way_flags(entry, !way) & other)
+	if (pf_ct_way_flags(entry, !flow->way) & other)
 		return PF_CT_REPLY;
 	return PF_CT_MISS;
 }
 
-/* nf_egress's fast path: the counter slot (+1) of the local pod sending the packet, when its flow
- * is known: the source pod's egress admitted this way (PF_CT_ESTABLISHED), or this is a reply to
- * what the sender's ingress admitted (PF_CT_REPLY). Exactly the packets pf_judge passes through
- * pf_ct_check, minus the ones it treats apart (fragments, ICMP errors, neighbour discovery,
- * malformed); found without looking up the pod. 0: judge it in full. */
-static __always_inline __u32 pf_ct_egress_slot(const struct pf_packet *pkt, __u64 now)
+/* nf_egress's fast path: the counter slot (+1) of the local pod sending the packet of `flow`, when
+ * the flow is known: the source pod's egress admitted this way (PF_CT_ESTABLISHED), or this is a
+ * reply to what the sender's ingress admitted (PF_CT_REPLY). Exactly the packets pf_judge passes
+ * through pf_ct_state, found without looking up the pod. 0: judge it in full. */
+static __always_inline __u32 pf_ct_egress_slot(const struct pf_ct_flow *flow)
 {
-	if (pkt->flags & (PF_PKT_MALFORMED | PF_PKT_IS_FRAGMENT | PF_PKT_ICMP_ERROR | PF_PKT_NDP))
-		return 0;
-	struct pf_ct_key key;
-	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct_entry(&key, way, now, pkt);
-	__u32 slot = entry ? pf_ct_way_slot(entry, way) : 0;
-	if (slot && ((pf_ct_way_flags(entry, way) & PF_CT_EGRESS_OK) ||
-		     (pf_ct_way_flags(entry, !way) & PF_CT_INGRESS_OK)))
+	const struct pf_ct_value *entry = flow->entry;
+	__u32 slot = entry ? pf_ct_way_slot(entry, flow->way) : 0;
+	if (slot && ((pf_ct_way_flags(entry, flow->way) & PF_CT_EGRESS_OK) ||
+		     (pf_ct_way_flags(entry, !flow->way) & PF_CT_INGRESS_OK)))
 		return slot;
 	return 0;
 }
@@ -256,16 +261,14 @@ static __always_inline __u32 pf_ct_egress_slot(const struct pf_packet *pkt, __u6
 /* An egress deny withdraws what tc_from_pod recorded for the same tuple, so a peer cannot answer
  * a packet the pod was not allowed to send. (A DNATed tuple differs; its reply could only come
  * from conntrack's un-DNAT of a confirmed connection, which a dropped packet never confirms.) */
-static __always_inline void pf_ct_forget_unjudged(const struct pf_packet *pkt)
+static __always_inline void pf_ct_forget_unjudged(struct pf_ct_flow *flow)
 {
-	struct pf_ct_key key;
-	int way = pf_ct_packet_key(&key, pkt);
-	struct pf_ct_value *entry = pf_ct.lookup(&key);
-	if (!entry || pf_ct_way_flags(entry, way) != PF_CT_FROM_POD)
+	struct pf_ct_value *entry = flow->entry;
+	if (!entry || pf_ct_way_flags(entry, flow->way) != PF_CT_FROM_POD)
 		return;
-	if (!pf_ct_way_flags(entry, !way))
-		pf_ct.delete(&key);
-	else if (way == PF_WAY_AB)
+	if (!pf_ct_way_flags(entry, !flow->way))
+		pf_ct.delete(&flow->key);
+	else if (flow->way == PF_WAY_AB)
 		entry->flags[0] = 0;
 	else
 		entry->flags[1] = 0;

@@ -97,19 +97,33 @@ static __always_inline int pf_is_echo(__u8 protocol, __u8 type, int *is_request)
 	return 0;
 }
 
+/* The first bytes of an L4 header: enough for every field read here (TCP: ports to flags).
+ * pf_parse reads them in the same read as the IP header where the packet is long enough and no
+ * options or extension headers sit between: one read per packet instead of two, in each of the
+ * three programs a packet meets. */
+#define PF_L4_HEAD 14
+
+/* `len` (<= PF_L4_HEAD) bytes of the L4 header at `off` into `l4`, unless `have` says they are
+ * there already. */
+static __always_inline int pf_l4_bytes(const struct pf_source *src, __u32 off, __u8 *l4, int have, __u32 len)
+{
+	return have ? 0 : pf_load(src, off, l4, len);
+}
+
 /* Ports (or ICMP echo id) of an L4 header at `off`; returns 0 on success, -1 if truncated.
  * `tcp_flags`: also require a complete TCP header and return its flags (NULL for the 8 bytes an
- * ICMP error quotes). */
+ * ICMP error quotes). `l4`: PF_L4_HEAD bytes of room, holding the header's first bytes if `have`. */
 static __always_inline int pf_parse_ports(const struct pf_source *src, __u32 off, __u8 protocol,
-					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, __u8 *tcp_flags)
+					  __be16 *sport_be, __be16 *dport_be, __u8 *icmp_type, __u8 *tcp_flags,
+					  __u8 *l4, int have)
 {
 	*sport_be = 0;
 	*dport_be = 0;
 	*icmp_type = 0;
 	if (protocol == PF_IPPROTO_TCP && tcp_flags) {
 		/* ports, sequence and acknowledgement numbers, data offset and flags in one read */
-		__u8 tcp[14];
-		if (pf_load(src, off, tcp, sizeof(tcp)) == 0) {
+		__u8 *tcp = l4;
+		if (pf_l4_bytes(src, off, l4, have, PF_L4_HEAD) == 0) {
 			__builtin_memcpy(sport_be, &tcp[0], 2);
 			__builtin_memcpy(dport_be, &tcp[2], 2);
 			if ((tcp[12] >> 4) < 5)
@@ -120,17 +134,16 @@ static __always_inline int pf_parse_ports(const struct pf_source *src, __u32 off
 		/* truncated: malformed, but its ports (when there) still name the flow in events */
 	}
 	if (protocol == PF_IPPROTO_TCP || protocol == PF_IPPROTO_UDP || protocol == PF_IPPROTO_SCTP) {
-		__be16 ports[2];
-		if (pf_load(src, off, ports, sizeof(ports)) < 0)
+		if (pf_l4_bytes(src, off, l4, have, 4) < 0)
 			return -1;
-		*sport_be = ports[0];
-		*dport_be = ports[1];
+		__builtin_memcpy(sport_be, &l4[0], 2);
+		__builtin_memcpy(dport_be, &l4[2], 2);
 		return protocol == PF_IPPROTO_TCP && tcp_flags ? -1 : 0;
 	}
 	if (protocol == PF_IPPROTO_ICMP || protocol == PF_IPPROTO_ICMPV6) {
-		__u8 hdr[8];
+		__u8 *hdr = l4;
 		int is_request = 0;
-		if (pf_load(src, off, hdr, sizeof(hdr)) < 0)
+		if (pf_l4_bytes(src, off, l4, have, 8) < 0)
 			return -1;
 		*icmp_type = hdr[0];
 		if (pf_is_echo(protocol, hdr[0], &is_request)) {
@@ -207,6 +220,7 @@ static __always_inline int pf_walk_ipv6_ext(const struct pf_source *src, __u32 o
 static __always_inline int pf_parse_icmp_inner(const struct pf_source *src, __u32 off, struct pf_packet *pkt)
 {
 	__u8 icmp_type;
+	__u8 ports[PF_L4_HEAD];
 	__u32 l4;
 	if (pkt->family == 4) {
 		struct iphdr inner;
@@ -226,7 +240,7 @@ static __always_inline int pf_parse_icmp_inner(const struct pf_source *src, __u3
 		l4 = off + sizeof(inner);
 	}
 	if (pf_parse_ports(src, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
-			   &icmp_type, NULL) < 0) {
+			   &icmp_type, NULL, ports, 0) < 0) {
 		pkt->inner_sport_be = 0;
 		pkt->inner_dport_be = 0;
 	}
@@ -240,42 +254,60 @@ static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, _
 {
 	__u32 l4;
 	__u8 icmp_type = 0;
+	__u8 l4_head[PF_L4_HEAD];
+	int have_l4 = 0;  /* l4_head holds the L4 header's first bytes */
 
 	if (eth_proto_be == bpf_htons(ETH_P_IP)) {
-		struct iphdr iph;
+		struct {
+			struct iphdr ip;
+			__u8 l4[PF_L4_HEAD];
+		} head;
 		__u16 frag;
-		if (pf_load(src, l3_off, &iph, sizeof(iph)) < 0 || iph.version != 4 || iph.ihl < 5) {
+		const struct iphdr *iph = &head.ip;
+		have_l4 = pf_load(src, l3_off, &head, sizeof(head.ip) + PF_L4_HEAD) == 0;
+		if ((!have_l4 && pf_load(src, l3_off, &head.ip, sizeof(head.ip)) < 0) || iph->version != 4 ||
+		    iph->ihl < 5) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return -1;
 		}
 		pkt->family = 4;
-		pf_addr_from_v4(&pkt->saddr, iph.saddr);
-		pf_addr_from_v4(&pkt->daddr, iph.daddr);
-		pkt->protocol = iph.protocol;
+		pf_addr_from_v4(&pkt->saddr, iph->saddr);
+		pf_addr_from_v4(&pkt->daddr, iph->daddr);
+		pkt->protocol = iph->protocol;
 		/* IHL > 5: options are skipped by the header length, never interpreted */
-		if (bpf_ntohs(iph.tot_len) < iph.ihl * 4) {
+		if (bpf_ntohs(iph->tot_len) < iph->ihl * 4) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return 0;
 		}
-		frag = bpf_ntohs(iph.frag_off);
-		pkt->frag_id = bpf_ntohs(iph.id);
+		frag = bpf_ntohs(iph->frag_off);
+		pkt->frag_id = bpf_ntohs(iph->id);
 		if (frag & 0x1fff)
 			pkt->flags |= PF_PKT_FRAG_LATER;
 		else if (frag & 0x2000)
 			pkt->flags |= PF_PKT_FRAG_FIRST;
-		l4 = l3_off + iph.ihl * 4;
+		l4 = l3_off + iph->ihl * 4;
+		/* with options, the bytes read after the fixed header are options */
+		if (have_l4 && iph->ihl == 5)
+			__builtin_memcpy(l4_head, head.l4, PF_L4_HEAD);
+		else
+			have_l4 = 0;
 	} else if (eth_proto_be == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
+		struct {
+			struct ipv6hdr ip;
+			__u8 l4[PF_L4_HEAD];
+		} head;
 		int off;
-		if (pf_load(src, l3_off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6) {
+		const struct ipv6hdr *ip6 = &head.ip;
+		have_l4 = pf_load(src, l3_off, &head, sizeof(head.ip) + PF_L4_HEAD) == 0;
+		if ((!have_l4 && pf_load(src, l3_off, &head.ip, sizeof(head.ip)) < 0) || ip6->version != 6) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return -1;
 		}
 		pkt->family = 6;
-		pkt->hop_limit = ip6.hop_limit;
-		__builtin_memcpy(&pkt->saddr, &ip6.saddr, 16);
-		__builtin_memcpy(&pkt->daddr, &ip6.daddr, 16);
-		pkt->protocol = ip6.nexthdr;
+		pkt->hop_limit = ip6->hop_limit;
+		__builtin_memcpy(&pkt->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(&pkt->daddr, &ip6->daddr, 16);
+		pkt->protocol = ip6->nexthdr;
 		/* ::ffff:0:0/96 is how IPv4 addresses sit in the maps; on the wire it only deceives
 		 * (Linux drops such sources on receive). A v4-mapped source names no one: unusable
 		 * header. A v4-mapped destination: malformed, dropped where the direction is isolated
@@ -286,12 +318,17 @@ static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, _
 		}
 		if (pf_is_v4_mapped(&pkt->daddr))
 			pkt->flags |= PF_PKT_MALFORMED;
-		off = pf_walk_ipv6_ext(src, l3_off + sizeof(ip6), pkt);
+		off = pf_walk_ipv6_ext(src, l3_off + sizeof(*ip6), pkt);
 		if (off < 0) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return 0;
 		}
 		l4 = off;
+		/* after extension headers, the bytes read after the fixed header are theirs */
+		if (have_l4 && off == l3_off + sizeof(head.ip))
+			__builtin_memcpy(l4_head, head.l4, PF_L4_HEAD);
+		else
+			have_l4 = 0;
 	} else {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return -1;
@@ -299,7 +336,8 @@ static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, _
 
 	if (pkt->flags & PF_PKT_FRAG_LATER)
 		return 0;
-	if (pf_parse_ports(src, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, &pkt->tcp_flags) < 0) {
+	if (pf_parse_ports(src, l4, pkt->protocol, &pkt->sport_be, &pkt->dport_be, &icmp_type, &pkt->tcp_flags,
+			   l4_head, have_l4) < 0) {
 		pkt->flags |= PF_PKT_MALFORMED;
 		return 0;
 	}

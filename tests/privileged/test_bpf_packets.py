@@ -65,6 +65,10 @@ def advert(source: str, target: str) -> bytes:
     return f.eth(f.ETH_IP6, f.ipv6(source, "fe80::1", f.ICMP6, body))
 
 
+def udp4(source: str, destination: str, dport: int, payload: bytes) -> bytes:
+    return f.eth(f.ETH_IP, f.ipv4(source, destination, f.UDP, f.l4(f.UDP, 40000, dport) + payload))
+
+
 def short_data_offset(frame: bytes) -> bytes:
     """An IPv4 TCP frame whose header claims 4 words (less than TCP's 20-byte minimum)."""
     at = 14 + 20 + 12
@@ -165,6 +169,27 @@ ROWS = [
             ("to_pod", f.tcp4(PEER7, POD, options=b"\x01" * 40)),
         ),
         dropped=(("to_pod", f.tcp4(PEER7, POD, dport=81, options=b"\x01\x01\x01\x00")),),
+    ),
+    Row(
+        # pf_parse reads the first 14 bytes of L4 with the IP header when the packet has them, and
+        # apart from it when it is shorter (a UDP or ICMP header with little or no payload)
+        "ports are the same whether l4 is read with the ip header or apart from it",
+        iso(ident(7, f.UDP, 53, 53), ident(7, f.ICMP)),
+        None,
+        allowed=(
+            ("to_pod", udp4(PEER7, POD, 53, b"")),
+            ("to_pod", udp4(PEER7, POD, 53, b"payload!")),
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.UDP, f.l4(f.UDP, 40000, 53)))),
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.UDP, f.l4(f.UDP, 40000, 53) + b"payload!"))),
+            ("to_pod", f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.ICMP, f.l4(f.ICMP) + b"ping" * 4))),
+        ),
+        dropped=(
+            ("to_pod", udp4(PEER7, POD, 54, b"")),
+            ("to_pod", udp4(PEER7, POD, 54, b"payload!")),
+            ("to_pod", udp4(PEER8, POD, 53, b"payload!")),
+            ("to_pod", f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.UDP, f.l4(f.UDP, 40000, 54) + b"payload!"))),
+            ("to_pod", f.eth(f.ETH_IP, f.ipv4(PEER7, POD, f.TCP, f.l4(f.TCP, 40000, 53)))),
+        ),
     ),
     Row(
         "ipv6 extension headers are walked",

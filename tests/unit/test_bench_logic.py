@@ -161,8 +161,9 @@ def test_hook_floor_rewrites_exactly_the_named_parts_of_the_programs() -> None:
     assert "int nf_egress_link(struct pf_nf_ctx *ctx)\n{\n\treturn PF_NF_ACCEPT;" in both
     no_flows = hook_floor.rewritten_text(source, ("flows",))
     assert no_flows.count(marker) == 3
-    assert "pf_ct_admit(&pkt, PF_CT_FROM_POD" not in no_flows
-    assert "pf_ct_egress_slot(&pkt, now)" not in no_flows
+    assert "pf_ct_admit(&flow, PF_CT_FROM_POD" not in no_flows
+    assert "pf_ct_egress_slot(&flow)" not in no_flows
+    assert "pf_judge(&pkt, ep, PF_DIR_INGRESS" not in no_flows
     with pytest.raises(RuntimeError, match="tc_from_pod"):
         hook_floor.rewritten_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
 
