@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.types import CidrPeer, IdentityPeer
-from bench import _workload, datapath, hook_floor, propagation, report
+from bench import _workload, datapath, hook_floor, propagation, report, resolver
 from bench._netlab import BenchNode, BenchPod, Topology
 
 
@@ -189,3 +191,17 @@ def test_report_renders_the_hook_floor_table_and_split() -> None:
     text = report.render({"date": "d", "machine": "m", "hook_floor": result})
     assert "| eBPF, 10,000 rules | 40,000 | 0.8 | 5 |" in text
     assert "Added per connection: the hooks 0.83 µs" in text
+
+
+def test_resolver_peak_rss_is_its_own_process_images_not_its_parents() -> None:
+    # `make bench` runs the resolver after modules that grow the process by hundreds of MB; the
+    # resolver measures in a child, whose ru_maxrss would still carry this (parent's) peak
+    ballast = bytearray(300 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touched: resident, not just reserved
+    child = subprocess.run(
+        [sys.executable, "-c", "from bench.resolver import peak_rss_kib; print(peak_rss_kib())"],
+        capture_output=True, text=True, check=True,
+    )
+    del ballast
+    assert resolver.peak_rss_kib() > 300 * 1024
+    assert int(child.stdout) < 150 * 1024
