@@ -220,7 +220,7 @@ static __always_inline int pf_walk_ipv6_ext(const struct pf_source *src, __u32 o
 static __always_inline int pf_parse_icmp_inner(const struct pf_source *src, __u32 off, struct pf_packet *pkt)
 {
 	__u8 icmp_type;
-	__u8 ports[PF_L4_HEAD];
+	__u8 quoted_l4[PF_L4_HEAD];  /* the quoted packet's L4 header, read apart */
 	__u32 l4;
 	if (pkt->family == 4) {
 		struct iphdr inner;
@@ -240,7 +240,7 @@ static __always_inline int pf_parse_icmp_inner(const struct pf_source *src, __u3
 		l4 = off + sizeof(inner);
 	}
 	if (pf_parse_ports(src, l4, pkt->inner_protocol, &pkt->inner_sport_be, &pkt->inner_dport_be,
-			   &icmp_type, NULL, ports, 0) < 0) {
+			   &icmp_type, NULL, quoted_l4, 0) < 0) {
 		pkt->inner_sport_be = 0;
 		pkt->inner_dport_be = 0;
 	}
