@@ -8,12 +8,13 @@ import ipaddress
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.types import CidrPeer, IdentityPeer
-from bench import _workload, datapath, hook_floor, propagation, report, resolver
+from bench import _workload, datapath, hook_floor, propagation, report, resolver, side_by_side
 from bench._netlab import BenchNode, BenchPod, Topology
 
 
@@ -205,3 +206,26 @@ def test_resolver_peak_rss_is_its_own_process_images_not_its_parents() -> None:
     del ballast
     assert resolver.peak_rss_kib() > 300 * 1024
     assert int(child.stdout) < 150 * 1024
+
+
+def test_side_by_side_compiles_the_sources_of_a_revision_with_their_own_includes(tmp_path: Path) -> None:
+    sources = side_by_side.bpf_sources_of("HEAD", tmp_path)
+    common = sources / "lib" / "common.h"
+    common.write_text(common.read_text() + "\n/* from HEAD */\n")
+    with side_by_side.programs_from(sources):
+        text = loader.program_text()
+    assert "/* from HEAD */" in text  # an include resolved in the revision's folder, not the tree's
+    assert "/* from HEAD */" not in loader.program_text()  # and the working tree's again after
+    assert sources != loader.BPF_SOURCE_DIR
+
+
+def test_side_by_side_summary_compares_the_builds_round_by_round() -> None:
+    runs = [{"none": 100.0, "old": 80.0, "new": 88.0}, {"none": 50.0, "old": 45.0, "new": 45.0},
+            {"none": 90.0, "old": 81.0, "new": 83.7}]
+    before = {("old", "tc_to_pod"): (1_000, 10), ("new", "tc_to_pod"): (0, 0)}
+    after = {("old", "tc_to_pod"): (5_000, 30), ("new", "tc_to_pod"): (3_000, 20), ("new", "idle"): (7, 0)}
+    summary = side_by_side.summarise(runs, before, after)
+    assert summary["new_vs_old_per_run"] == [1.1, 1.0, 1.033]
+    assert summary["new_vs_old"] == 1.033
+    assert summary["vs_none"] == {"old": 0.9, "new": 0.9}
+    assert summary["ns_per_program_run"] == {"old": {"tc_to_pod": 200.0}, "new": {"tc_to_pod": 150.0}}
