@@ -46,12 +46,13 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import IPRoute
 
+from agent.dataplane.bpf import loader
 from agent.dataplane.netns import inside
 from agent.dataplane.types import (
     Allow,
@@ -192,6 +193,19 @@ def variant_name(dataplane: str | None, rules: int) -> str:
     if dataplane in BASELINES:
         return BASELINES[dataplane]
     return f"{dataplane}_{rules}"
+
+
+@contextlib.contextmanager
+def compiled_from(program_text: Callable[[], str]) -> Iterator[None]:
+    """While inside, the eBPF dataplanes built here compile `program_text()` instead of the working
+    tree's program: bench/hook_floor.py's rewritten sources, bench/side_by_side.py's other
+    revision. A benchmark's lever only, never a knob of the agent."""
+    original = loader.program_text
+    loader.program_text = program_text
+    try:
+        yield
+    finally:
+        loader.program_text = original
 
 
 def build_variant(index: int, dataplane: str | None, rules: int, must_enforce: bool = True) -> Variant:

@@ -35,7 +35,6 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from agent.dataplane.bpf import loader
@@ -95,15 +94,10 @@ def rewritten_text(text: str, groups: tuple[str, ...]) -> str:
     return text
 
 
-@contextlib.contextmanager
-def programs_rewritten(groups: tuple[str, ...]) -> Iterator[None]:
+def programs_rewritten(groups: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:
     """While inside, dataplanes compile the source with the rewrites of `groups`."""
     original = loader.program_text
-    loader.program_text = lambda: rewritten_text(original(), groups)
-    try:
-        yield
-    finally:
-        loader.program_text = original
+    return datapath.compiled_from(lambda: rewritten_text(original(), groups))
 
 
 def build_rewritten_variant(index: int, name: str) -> datapath.Variant:

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +41,18 @@ def bpf_sources_of(revision: str, into: Path) -> Path:
     return into / "bpf"
 
 
-@contextlib.contextmanager
-def programs_from(bpf_dir: Path) -> Iterator[None]:
+def programs_from(bpf_dir: Path) -> contextlib.AbstractContextManager[None]:
     """While inside, dataplanes compile the sources in `bpf_dir` (includes resolved there too)."""
-    original_text, original_dir = loader.program_text, loader.BPF_SOURCE_DIR
 
     def text() -> str:
+        original_dir = loader.BPF_SOURCE_DIR
         loader.BPF_SOURCE_DIR = bpf_dir
         try:
             return loader.inline_local_includes(bpf_dir / loader.MAIN_SOURCE)
         finally:
             loader.BPF_SOURCE_DIR = original_dir
 
-    loader.program_text = text
-    try:
-        yield
-    finally:
-        loader.program_text = original_text
+    return datapath.compiled_from(text)
 
 
 def loaded_programs() -> dict[int, dict[str, Any]]:

@@ -169,6 +169,9 @@ def test_hook_floor_rewrites_exactly_the_named_parts_of_the_programs() -> None:
     assert "pf_judge(&pkt, ep, PF_DIR_INGRESS" not in no_flows
     with pytest.raises(RuntimeError, match="tc_from_pod"):
         hook_floor.rewritten_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
+    with hook_floor.programs_rewritten(("tc",)):  # what the variants compile while being built
+        assert loader.program_text().count(marker) == 2
+    assert marker not in loader.program_text()
 
 
 def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:
