@@ -249,23 +249,6 @@ def agent_pid(processes: Processes) -> int:
     return processes.agent.pid
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """Current (VmRSS) and peak (VmHWM) resident set size."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
 @contextlib.contextmanager
 def node_with_pods(tag: str, pod_count: int) -> Iterator[Topology]:
     _netlab.remove_all(f"{_netlab.PREFIX}{tag}-")

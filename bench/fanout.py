@@ -30,6 +30,7 @@ from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.dataplane.types import NodeState
 from agent.node.sync import SyncClient
+from bench import _proc
 
 NODES = 200
 PODS_PER_NODE = 2
@@ -137,20 +138,6 @@ class _Board:
             return max(self._times[port].values())
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _proc_memory_mb(pid: int) -> tuple[float, float]:
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":", 1)
-            values[key] = int(value.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
 def _percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))  # nearest rank
@@ -219,7 +206,7 @@ def run() -> dict[str, Any]:
                 raise TimeoutError("not every node got its first snapshot")
             connect_seconds = time.monotonic() - connect_started
             time.sleep(1.0)  # let the snapshot acks settle before measuring
-            cpu_before = _proc_cpu_seconds(control.pid)
+            cpu_before = _proc.cpu_seconds(control.pid)
             latencies: list[float] = []
             acked: list[float] = []  # confirmed by the control service's status (polled every 10 ms)
             for i in range(1, CHANGES + 1):
@@ -232,8 +219,9 @@ def run() -> dict[str, Any]:
                 latencies.append(board.last(new_port) - started)
                 acked.append(_wait_all_acked(target) - started)
                 time.sleep(0.2)  # acks drain; changes do not overlap
-            cpu_seconds = _proc_cpu_seconds(control.pid) - cpu_before
-            rss_mb, peak_rss_mb = _proc_memory_mb(control.pid)
+            cpu_seconds = _proc.cpu_seconds(control.pid) - cpu_before
+            memory = _proc.memory_kib(control.pid)
+            rss_mb, peak_rss_mb = memory["VmRSS"] / 1024, memory["VmHWM"] / 1024
         finally:
             stop.set()
             for thread in threads:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import _cluster
+from bench import _cluster, _proc
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 PODS = 100
@@ -44,7 +44,7 @@ def churn_pod(index: int) -> dict[str, Any]:
 
 def sample(pids: dict[str, int]) -> dict[str, dict[str, float]]:
     return {
-        name: {"cpu_s": _cluster.cpu_seconds(pid), **_cluster.memory_kib(pid)} for name, pid in pids.items()
+        name: {"cpu_s": _proc.cpu_seconds(pid), **_proc.memory_kib(pid)} for name, pid in pids.items()
     }
 
 
@@ -60,7 +60,7 @@ def churn(folder: Path, pids: dict[str, int]) -> dict[str, float]:
         else:
             path.unlink()
         for name, pid in pids.items():
-            peak[name] = max(peak[name], _cluster.memory_kib(pid)["VmRSS"])
+            peak[name] = max(peak[name], _proc.memory_kib(pid)["VmRSS"])
         delay = started + (event + 1) / CHURN_RATE - time.monotonic()
         if delay > 0:
             time.sleep(delay)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ from agent.model.objects import (
     labels_from_dict,
 )
 from agent.policy.resolver import Resolver
+from bench import _proc
 
 NAMESPACES, PODS, POLICIES, NODES = 500, 10_000, 2_000, 100
 APPS_PER_NAMESPACE = 5
@@ -141,10 +143,7 @@ def build_cluster(rng: random.Random) -> tuple[list[Namespace], list[Pod], list[
 def peak_rss_kib() -> int:
     """This process image's peak RSS (VmHWM). Not getrusage's ru_maxrss: that one survives
     execve, so a child started by a large parent reports the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _proc.memory_kib(os.getpid())["VmHWM"]
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
