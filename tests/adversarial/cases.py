@@ -70,6 +70,37 @@ def attacker_egress_isolated(lab: Lab) -> NodeState:
     return lab.state(egress={ATTACKER: isolated()})
 
 
+def everyone_isolated(lab: Lab) -> NodeState:
+    """Every pod isolated both ways, nothing allowed: no frame may pass between pods."""
+    return lab.state(
+        ingress={i: isolated() for i in range(len(lab.members))},
+        egress={i: isolated() for i in range(len(lab.members))},
+    )
+
+
+def attacker_isolated(lab: Lab) -> NodeState:
+    """The attacker may send nothing and receive nothing; everyone else is open."""
+    return lab.state(ingress={ATTACKER: isolated()}, egress={ATTACKER: isolated()})
+
+
+def attacker_reaches_only_the_node(lab: Lab) -> NodeState:
+    """The attacker's egress allows the node's addresses only (an ipBlock of each)."""
+    import ipaddress
+
+    return lab.state(
+        egress={
+            ATTACKER: isolated(
+                *(Allow(CidrPeer(ipaddress.ip_network(f"{a}/{a.max_prefixlen}"))) for a in lab.node_ips)
+            )
+        }
+    )
+
+
+def everyone_open(lab: Lab) -> NodeState:
+    """Every pod an endpoint, nothing isolated: only what no pod may ever send is dropped."""
+    return lab.state()
+
+
 POLICIES: dict[str, Callable[[Lab], NodeState]] = {
     f.__name__: f
     for f in (
@@ -78,8 +109,16 @@ POLICIES: dict[str, Callable[[Lab], NodeState]] = {
         victim_takes_bystander_only,
         victim_takes_unowned_range,
         attacker_egress_isolated,
+        everyone_isolated,
+        attacker_isolated,
+        attacker_reaches_only_the_node,
+        everyone_open,
     )
 }
+
+
+class GotThrough(AssertionError):
+    """A guarded lab delivered what the case's policy forbids."""
 
 
 @dataclass(frozen=True)
@@ -120,15 +159,16 @@ def check_guarded(lab: Lab, case: Case) -> None:
     got_through = delivered(lab, case, expect=False)
     after = lab.guard_impl.drop_reasons()
     counted = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-    where = f"{lab.dataplane} on a {lab.topology} node"
-    assert not got_through, f"{case.name}: passed {where} (policy {case.policy})"
+    if got_through:
+        where = f"{lab.dataplane} on a {lab.topology} node"
+        raise GotThrough(f"{case.name}: passed {where} (policy {case.policy})")
     if case.reason is not None and lab.dataplane == "bpf":
         assert counted.get(case.reason, 0) > 0, f"{case.name}: dropped, but counted as {counted}"
 
 
 def run_twice(lab: Lab, case: Case) -> None:
     """The whole protocol for one case, alone (the pending-fix cases use this)."""
-    lab.unguarded()
+    lab.ensure_unguarded()
     check_unguarded(lab, case)
-    lab.guard(POLICIES[case.policy](lab))
+    lab.ensure_guarded(case.policy, POLICIES[case.policy])
     check_guarded(lab, case)

@@ -23,11 +23,12 @@ SPORT = 40001
 
 def ident16(mark: bytes) -> int:
     """An IPv4 identification drawn from the marker (the marker's random part)."""
-    return int.from_bytes(mark[-4:], "big") & 0xFFFF or 1
+    return int(mark[-4:], 16) or 1
 
 
 def ident32(mark: bytes) -> int:
-    return int.from_bytes(mark[-8:-4] + mark[-4:], "big") & 0xFFFFFFFF or 1
+    """An IPv6 fragment id drawn from the marker."""
+    return int(mark[-8:], 16) or 1
 
 
 def frame(

@@ -299,8 +299,29 @@ class Lab:
             self.guard(policy(self), name)
 
     def _forget_kernel_flows(self) -> None:
+        """Between cases: no connection, and no MAC a case taught the bridge (a case that spoofs
+        the victim's MAC would otherwise steal the next case's frames)."""
         self.node.in_node("conntrack", "-F", check=False)
         self.node.in_node("conntrack", "-F", "-f", "ipv6", check=False)
+        if self.topology == "bridged":
+            self.forget_macs()
+        self.announce()
+
+    def announce(self) -> None:
+        """Every pod broadcasts an ARP request from its own address: the bridge learns its port
+        and the node its MAC, so no case's frame is flooded or queued behind address resolution
+        (unless the case wants it)."""
+        from scapy.layers.l2 import ARP, Ether
+
+        gateway = BRIDGE_GATEWAY if self.topology == "bridged" else NODE_IP
+        for member in self.members:
+            request = ARP(op=1, hwsrc=member.mac, psrc=member.ip, pdst=gateway)
+            self.sender(member).send(bytes(Ether(src=member.mac, dst="ff:ff:ff:ff:ff:ff") / request))
+        time.sleep(0.02)
+
+    def forget_macs(self) -> None:
+        """Empty the bridge's forwarding database: the next frames to a pod are flooded."""
+        self.node.in_node("ip", "link", "set", BRIDGE, "type", "bridge", "fdb_flush")
 
     # ---- traffic ---------------------------------------------------------------------------
 
@@ -386,22 +407,10 @@ def build(topology: str, dataplane: str) -> Lab:
     lab = Lab(node, topology, guard, members)
     try:
         lab.unguarded()
-        _learn_neighbours(lab)
     except BaseException:
         lab.close()
         raise
     return lab
-
-
-def _learn_neighbours(lab: Lab) -> None:
-    """Resolve every pod's MAC on the node (and the bridge's FDB) before the first case, so a
-    case's first frame is not held in a neighbour queue longer than the delivery bound."""
-    for member in lab.members:
-        lab.node.in_node("ping", "-c1", "-W1", member.ip, check=False)
-        lab.node.in_node("ping", "-6", "-c1", "-W1", member.ip6, check=False)
-        for other in lab.members:
-            if other is not member:
-                lab.node.in_pod(member.pod, "ping", "-c1", "-W1", other.ip, check=False)
 
 
 @contextlib.contextmanager
