@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
@@ -47,11 +48,11 @@ def frame(
     return bytes(Ether(src=sender.mac, dst=destination) / l3)
 
 
-def ip4(lab: Lab, src: str | None = None, dst: str | None = None, **kw: object) -> IP:
+def ip4(lab: Lab, src: str | None = None, dst: str | None = None, **kw: Any) -> IP:
     return IP(src=src or lab.attacker.ip, dst=dst or lab.victim.ip, **kw)
 
 
-def ip6(lab: Lab, src: str | None = None, dst: str | None = None, **kw: object) -> IPv6:
+def ip6(lab: Lab, src: str | None = None, dst: str | None = None, **kw: Any) -> IPv6:
     return IPv6(src=src or lab.attacker.ip6, dst=dst or lab.victim.ip6, **kw)
 
 
@@ -109,5 +110,5 @@ def fragments4(lab: Lab, mark: bytes, dport: int, *, first_l4: int | None = None
     return [frame(lab, first), frame(lab, later)]
 
 
-def echo4(lab: Lab, mark: bytes, **kw: object) -> bytes:
+def echo4(lab: Lab, mark: bytes, **kw: Any) -> bytes:
     return frame(lab, ip4(lab, **kw) / ICMP(type=8, id=7, seq=1) / Raw(mark))

@@ -89,19 +89,19 @@ class Sniffer:
                 self.sock.recv(65535)
 
     def wait_for(self, match: Callable[[bytes], bool], timeout: float) -> bool:
+        """Read arriving frames until one `match`es (True) or `timeout` passes (False); frames
+        already queued are always read, even with no time left."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if not ready:
-                return False
             with contextlib.suppress(BlockingIOError):
                 while True:
                     frame, address = self.sock.recvfrom(65535)
                     if address[2] != PACKET_OUTGOING and match(frame):
                         return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self.sock], [], [], left)
 
     def close(self) -> None:
         self.sock.close()
@@ -354,8 +354,10 @@ class Lab:
         return sniffer.wait_for(match, DELIVERY_WAIT_S if expect else DROP_WAIT_S)
 
     def close(self) -> None:
-        for item in [*self.senders.values(), *self.sniffers.values()]:
-            item.close()
+        for sender in self.senders.values():
+            sender.close()
+        for sniffer in self.sniffers.values():
+            sniffer.close()
         try:
             self.guard_impl.close()
         finally:

@@ -10,7 +10,9 @@ the case as an ordinary test already: there the filter holds today and must keep
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -23,10 +25,10 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
-from scapy.packet import Raw
+from scapy.packet import Packet, Raw
 
 from tests.adversarial import frames as fr
-from tests.adversarial.cases import Case, run_twice
+from tests.adversarial.cases import Case, Frames, run_twice
 from tests.adversarial.harness import ATTACKER, BYSTANDER, COMBOS, Lab, Member
 
 FLOW_SPORT, FLOW_DPORT = 5353, 7000  # the victim's tracked flow to the bystander
@@ -51,8 +53,8 @@ class Pending:
         return self.item + (f"; {self.fixed_on}" if self.fixed_on else "; not fixed yet")
 
 
-def _send(lab: Lab, sender: Member, receiver: Member, l3: object) -> None:
-    lab.sender(sender).send(fr.frame(lab, l3, sender, receiver))  # type: ignore[arg-type]
+def _send(lab: Lab, sender: Member, receiver: Member, l3: Packet) -> None:
+    lab.sender(sender).send(fr.frame(lab, l3, sender, receiver))
     time.sleep(0.05)  # the flow state is written while the frame crosses the node
 
 
@@ -81,7 +83,7 @@ def _forged_error6(lab: Lab, mark: bytes) -> list[bytes]:
 # ---- item 2: conntrack seeded by packets the kernel discards before the egress verdict ---------
 
 
-def _seed(**ip_fields: object) -> object:
+def _seed(**ip_fields: Any) -> Callable[[Lab], None]:
     def setup(lab: Lab) -> None:
         a, b = lab.attacker, lab.bystander
         l3 = IP(src=a.ip, dst=b.ip, **ip_fields) / UDP(sport=SEED_SPORT, dport=SEED_DPORT) / Raw(b"seed")
@@ -118,11 +120,11 @@ def _reply6(lab: Lab, mark: bytes) -> list[bytes]:
 # ---- items 3-5: layer 2 on a bridge ----------------------------------------------------------------
 
 
-def _tagged(tag: object) -> object:
+def _tagged(tag: Packet) -> Frames:
     def frames(lab: Lab, mark: bytes) -> list[bytes]:
         a, v = lab.attacker, lab.victim
         l3 = fr.ip4(lab) / fr.udp(53) / Raw(mark)
-        return [bytes(Ether(src=a.mac, dst=v.mac) / tag / l3)]  # type: ignore[operator]
+        return [bytes(Ether(src=a.mac, dst=v.mac) / tag / l3)]
 
     return frames
 
@@ -137,10 +139,11 @@ def _link_local(member: Member) -> str:
     return "fe80::" + ":".join(member.mac.replace(":", "")[i : i + 4] for i in (0, 4, 8))
 
 
-def _ndp(kind: str) -> object:
+def _ndp(kind: str) -> Frames:
     def frames(lab: Lab, mark: bytes) -> list[bytes]:
         a, v = lab.attacker, lab.victim
         src = _link_local(a)
+        body: Packet
         if kind == "ra":  # a router advertisement to all nodes, hop limit 1 for the neighbours
             body = ICMPv6ND_RA(chlim=1) / ICMPv6NDOptSrcLLAddr(lladdr=a.mac) / Raw(mark)
             return [
@@ -167,7 +170,7 @@ def _arp_with_payload(lab: Lab, mark: bytes) -> list[bytes]:
 # ---- source routes through the node -----------------------------------------------------------------
 
 
-def _lsrr(dport: int) -> object:
+def _lsrr(dport: int) -> Frames:
     from scapy.layers.inet import IPOption_LSRR
 
     def frames(lab: Lab, mark: bytes) -> list[bytes]:
