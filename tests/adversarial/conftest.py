@@ -31,6 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     where it passes the filter today."""
     keep, drop = [], []
     for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.privileged)  # root, netns, bpffs: as the privileged tier
         params = getattr(item, "callspec", None)
         params = params.params if params is not None else {}
         combo = params.get("lab")

@@ -74,6 +74,36 @@ CASES: list[Case] = [
         "spoofed_source",
         topologies=("bridged",),
     ),
+    Case(
+        # issue 21 item 11 asks whether node addresses are safe for IPv6: from a pod they are not
+        # accepted (and IPv6 has no martian check that would drop them on a routed node)
+        "spoof6 the node's address (always admitted as kubelet traffic)",
+        "victim_isolated",
+        lambda lab, m: [fr.frame(lab, fr.ip6(lab, src=str(lab.node_ips[1])) / fr.tcp(8080) / Raw(m))],
+        "spoofed_source",
+    ),
+    Case(
+        # link-local sources name no pod; on a bridge they reach the victim's global address
+        "ipv6 link-local source to an isolated pod",
+        "victim_isolated",
+        lambda lab, m: [fr.frame(lab, fr.ip6(lab, src="fe80::bad") / fr.udp(53) / Raw(m))],
+        "policy",
+        topologies=("bridged",),
+    ),
+    Case(
+        "ipv6 link-local source past an isolated egress",
+        "attacker_egress_isolated",
+        lambda lab, m: [fr.frame(lab, fr.ip6(lab, src="fe80::bad") / fr.udp(53) / Raw(m))],
+        "policy",
+        topologies=("bridged",),
+    ),
+    Case(
+        "ipv6 unspecified source past an isolated egress",
+        "attacker_egress_isolated",
+        lambda lab, m: [fr.frame(lab, fr.ip6(lab, src="::") / fr.udp(53) / Raw(m))],
+        "policy",
+        topologies=("bridged",),
+    ),
     # ---- IPv4 options: the L4 header is where IHL says, and source routes are judged where they go
     Case(
         "ipv4 options whose bytes read as port 80 at offset 20",
