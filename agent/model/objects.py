@@ -84,8 +84,14 @@ class ContainerPort:
     name: str | None = None
 
 
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
 @dataclass(frozen=True)
 class Pod:
+    """A pod as policy sees it. `terminated`: `status.phase` is Succeeded or Failed; such a pod's
+    containers have stopped for good and its IPs may already belong to another pod."""
+
     namespace: str
     name: str
     node_name: str | None
@@ -93,6 +99,7 @@ class Pod:
     ips: tuple[IPAddress, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
+    terminated: bool = False
 
     @property
     def key(self) -> str:
