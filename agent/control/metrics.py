@@ -31,7 +31,12 @@ class ControlMetrics:
         )
         self.invalid_objects = Gauge(
             "podfence_control_invalid_objects",
-            "Objects currently skipped because they failed validation.",
+            "Objects whose current form fails validation (held at their last valid form or rejected).",
+            registry=self.registry,
+        )
+        self.last_valid_objects = Gauge(
+            "podfence_control_last_valid_objects",
+            "Invalid objects whose last valid form stays in force (an invalid edit never drops one).",
             registry=self.registry,
         )
         self.streams_reset_total = Counter(

@@ -187,6 +187,15 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_error=record.last_error or "",
                 )
             )
+        for problem in status.source_errors:
+            response.source_errors.append(
+                pb.SourceError(
+                    object=problem.object or "",
+                    source=problem.source,
+                    error=problem.error,
+                    last_valid_in_force=problem.last_valid_in_force,
+                )
+            )
         return response
 
 

@@ -2,7 +2,9 @@
 
 With --json it prints exactly one object, the contract in DESIGN.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
-"last_error": <str|null>}}}. Without it, a table for people. Exit 1 when unreachable.
+"last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
+"source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
+unreadable files of the policy source. Without it, a table for people. Exit 1 when unreachable.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             }
             for node, status in sorted(response.nodes.items())
         },
+        "source_errors": [
+            {
+                "object": problem.object or None,
+                "source": problem.source,
+                "error": problem.error,
+                "last_valid_in_force": bool(problem.last_valid_in_force),
+            }
+            for problem in response.source_errors
+        ],
     }
 
 
@@ -93,4 +104,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    if status["source_errors"]:
+        print(f"{len(status['source_errors'])} source error(s):")
+    for problem in status["source_errors"]:
+        effect = "last valid form in force" if problem["last_valid_in_force"] else "not applied"
+        print(f"  {problem['source']}: {problem['error']} ({effect})")
     return EXIT_OK

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control import status as status_cmd
+from agent.control.hub import SourceProblem
 from agent.control.server import ServerSettings
 from agent.dataplane.base import TemporaryDataplaneError
 from agent.dataplane.types import CidrPeer, IdentityPeer
@@ -183,13 +184,33 @@ def test_status_json_has_exactly_the_documented_shape(control, agents):
     agent.wait_for_state(lambda s: bool(s.endpoints))
     wait_until(lambda: _status(control)["nodes"].get("n1", {}).get("applied_version") == control.hub.version)
     status = _status(control)
-    assert set(status) == {"version", "nodes"}
+    assert set(status) == {"version", "nodes", "source_errors"}  # DESIGN.md's two, and one extra
+    assert status["source_errors"] == []
     assert isinstance(status["version"], int) and status["version"] == control.hub.version
     assert status["nodes"] == {"n1": {"applied_version": control.hub.version, "connected": True,
                                       "last_error": None}}
 
     agent.close()
     wait_until(lambda: _status(control)["nodes"]["n1"]["connected"] is False, what="n1 shown disconnected")
+
+
+def test_status_lists_the_source_errors_and_what_stays_in_force(control):
+    control.hub.set_source_problems([
+        SourceProblem("NetworkPolicy shop/deny", "/src/deny.yaml", "NetworkPolicy shop/deny: bad port", True),
+        SourceProblem(None, "/src/broken.yaml", "invalid YAML at line 2", False),
+    ])
+    assert _status(control)["source_errors"] == [
+        {"object": None, "source": "/src/broken.yaml", "error": "invalid YAML at line 2",
+         "last_valid_in_force": False},
+        {"object": "NetworkPolicy shop/deny", "source": "/src/deny.yaml",
+         "error": "NetworkPolicy shop/deny: bad port", "last_valid_in_force": True},
+    ]
+    out = io.StringIO()
+    args = argparse.Namespace(control=control.target, json=False, insecure=False, tls_cert=None,
+                              tls_key=None, tls_ca=None, timeout=5.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    assert "/src/deny.yaml: NetworkPolicy shop/deny: bad port (last valid form in force)" in out.getvalue()
 
 
 def test_status_exits_1_with_a_message_when_unreachable():
