@@ -20,7 +20,7 @@ from prometheus_client.exposition import generate_latest
 
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
+from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="server certificate (PEM)")
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs agents' client certificates (PEM)")
+    parser.add_argument(
+        "--admin-cn",
+        default=DEFAULT_ADMIN_NAME,
+        metavar="NAMES",
+        help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
+    )
     parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
     parser.add_argument(
         "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
@@ -183,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     healthy = threading.Event()
     try:
         httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
-            args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes)
+            args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),
+            admin_names=admin_names,
         )
     except (OSError, RuntimeError) as exc:
         print(f"podfence control: cannot listen: {exc}", file=sys.stderr)
