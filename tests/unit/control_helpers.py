@@ -186,6 +186,7 @@ class RecordingAgent:
     client: SyncClient | None = None
     thread: threading.Thread | None = None
     options: tuple = ()
+    first_message_timeout: float = 20.0
 
     def apply(self, state: NodeState) -> None:
         if self.hold is not None:
@@ -198,6 +199,7 @@ class RecordingAgent:
         self.client = SyncClient(
             self.node, self.target, self.apply, credentials=self.credentials,
             backoff_initial=0.05, backoff_max=0.3, channel_options=self.options,
+            first_message_timeout=self.first_message_timeout,
         )
         self.thread = threading.Thread(target=self.client.run, args=(self.stop,), daemon=True)
         self.thread.start()

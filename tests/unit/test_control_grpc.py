@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import redirect_stderr, redirect_stdout
 
 import grpc
@@ -21,7 +22,7 @@ from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control import status as status_cmd
 from agent.control.hub import SourceProblem
-from agent.control.server import ServerSettings
+from agent.control.server import SYNC_SERVICE, ServerSettings
 from agent.dataplane.base import TemporaryDataplaneError
 from agent.dataplane.types import CidrPeer, IdentityPeer
 from tests.unit.control_helpers import (
@@ -604,3 +605,54 @@ def test_the_total_stream_limit_refuses_with_a_clear_status_and_status_still_ans
         for holder in holders:
             holder.close()
         ctl.stop()
+
+
+class SilentControl:
+    """A control replica that accepts Sync streams and never answers (stuck, or hostile)."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        handler = grpc.stream_stream_rpc_method_handler(self._sync)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SYNC_SERVICE, {"Sync": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _sync(self, requests, context):
+        self.streams += 1
+        for _ in requests:  # until the agent gives up on this stream
+            pass
+        return
+        yield
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def test_an_agent_whose_first_snapshot_is_overdue_reconnects():
+    silent = SilentControl()
+    agent = RecordingAgent("n1", silent.target, first_message_timeout=0.4).start()
+    try:
+        wait_until(lambda: silent.streams >= 3, timeout=5, what="new streams after each deadline")
+    finally:
+        agent.close()
+        silent.stop()
+
+
+def test_an_agent_fails_over_to_the_next_control_address(control):
+    silent = SilentControl()
+    agent = RecordingAgent("n1", f"{silent.target},{control.target}", first_message_timeout=0.4).start()
+    try:
+        state = agent.wait_for_state(lambda s: bool(s.endpoints), "a snapshot from the second replica")
+        assert set(state.endpoints) == {"shop/web-1", "shop/client-1"}
+        assert silent.streams >= 1
+        assert agent.client is not None and agent.client.target == control.target
+    finally:
+        agent.close()
+        silent.stop()
