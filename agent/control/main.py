@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any
 
@@ -21,6 +21,7 @@ from prometheus_client.exposition import generate_latest
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
+from agent.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | Non
         return None, f"cannot read TLS files: {exc}"
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> ThreadingHTTPServer:
+def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> BoundedHTTPServer:
     """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -116,8 +117,7 @@ def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Eve
             pass  # scrapes every few seconds would drown the service's own log
 
     host, port = _split_host_port(addr)
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
+    httpd = BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     return httpd
 
@@ -220,5 +220,6 @@ def run(args: argparse.Namespace) -> int:
         pass
     stop_server(server, hub, health_servicer, grace=args.shutdown_grace)
     httpd.shutdown()
+    httpd.server_close()
     log.info("control service stopped")
     return EXIT_OK
