@@ -144,6 +144,7 @@ class FolderSource:
             self._read(path)
             changed = True
         if not changed and self._started:
+            self._hub.set_source_problems(self.problems())  # a folder that cannot be listed, say
             return False
         published = self._publish()
         self._hub.set_source_problems(self.problems())
