@@ -557,6 +557,9 @@ class BpfDataplane:
                 log.warning("no netfilter links, the egress verdict runs from iptables (xt_bpf): %s", error)
             else:
                 self.egress_hook_in_use = "netfilter"
+                if not self._links.defrag:
+                    log.warning("netfilter links without IP defragmentation (Linux < 6.6): later "
+                                "fragments take the verdict of their first fragment")
                 if self._iptables.available():
                     self._iptables.remove()
                 self._unpin_nf_programs(keep="")
