@@ -810,7 +810,11 @@ def netfilter_link_flags(pin: str) -> int:
         _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
 
     class ObjGet(ctypes.Structure):
-        _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+        _fields_ = [
+            ("pathname", ctypes.c_uint64),
+            ("bpf_fd", ctypes.c_uint32),
+            ("file_flags", ctypes.c_uint32),
+        ]
 
     path = ctypes.create_string_buffer(pin.encode())
     fd = bpf(7, ObjGet(pathname=ctypes.addressof(path)), "BPF_OBJ_GET")
