@@ -37,7 +37,10 @@ _ASSIGNED_ANCHOR = re.compile(
 
 def _tracked_files(root: Path) -> list[Path]:
     listing = subprocess.run(
-        ["git", "ls-files", "-z", "--", *SCANNED], cwd=root, capture_output=True, check=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *SCANNED],
+        cwd=root,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     return [root / name for name in listing.split("\0") if name and (root / name).is_file()]
 
