@@ -31,7 +31,7 @@ _OUTSIDE_LITERALS = (
 # NAME = Path(__file__)[.resolve()] followed by .parent... or .parents[N]
 _FILE_ANCHOR = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?((?:\.parent\b)*)(?:\.parents\[(\d+)\])?")
 _ASSIGNED_ANCHOR = re.compile(
-    r"^\s*([A-Z_][A-Z0-9_]*)\s*(?::[^=]+)?=\s*" + _FILE_ANCHOR.pattern, re.MULTILINE
+    r"^\s*([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*" + _FILE_ANCHOR.pattern, re.MULTILINE
 )
 
 
@@ -101,6 +101,7 @@ def test_nothing_names_a_path_outside_the_repository() -> None:
         ("tests/model.py", "CASES = " + repr("/" + "work/" + _SHARED + "/cases.json")),
         ("bench/run.py", "DATA = Path(__file__).resolve().parents[2] / 'data'"),
         ("agent/x/y.py", "HERE = Path(__file__).resolve().parent\nROOT = HERE.parent.parent.parent"),
+        ("agent/x/z.py", "here = Path(__file__).resolve().parent\nroot = here.parents[2]"),
         ("scripts/setup.sh", "cp ../" + _SHARED + "/x ."),
         ("pyproject.toml", "# the kernel features in " + "DESIGN" + ".md"),
     ],
