@@ -413,9 +413,11 @@ class BpfDataplane:
             table = module[b"pf_endpoints"]
             if put:
                 entry: EndpointEntry = op.value
-                table[table.Key(op.key)] = table.Leaf(
+                leaf = table.Leaf(
                     entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
                 )
+                ctypes.memmove(leaf.mac, entry.mac, 6)
+                table[table.Key(op.key)] = leaf
                 live.endpoints[op.key] = entry
             else:
                 _delete(table, table.Key(op.key))
@@ -488,6 +490,7 @@ class BpfDataplane:
                 value.ingress_policy_id,
                 value.egress_policy_id,
                 value.generation,
+                bytes(value.mac),
             )
         for key, value in module[b"pf_endpoint_ips"].items():
             live.endpoint_ips[bytes(key.bytes)] = value.ifindex
