@@ -196,8 +196,9 @@ class PolicyHub:
             changed += 1
             if not stream.push(Outgoing(version, policy, snapshot=False)):
                 self.metrics.streams_reset_total.inc()
-                log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
-                            self._max_pending)
+                log.warning(
+                    "node %s fell %d versions behind; resetting it to a snapshot", node, self._max_pending
+                )
         log.info("policy version %d: %d connected node(s) changed", version, changed)
 
     @property
@@ -227,10 +228,12 @@ class PolicyHub:
             policy = self._resolver.node_policy(node)
             handle.queued_policy = policy
             record.latest_change = self._version
-            handle.push(Outgoing(self._version, policy, snapshot=True,
-                                 build_seconds=time.perf_counter() - started))
-            log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
-                     self._version)
+            handle.push(
+                Outgoing(self._version, policy, snapshot=True, build_seconds=time.perf_counter() - started)
+            )
+            log.info(
+                "node %s connected (stream %d), snapshot at version %d", node, handle.stream_id, self._version
+            )
             return handle
 
     def close_stream(self, handle: StreamHandle, reason: str) -> None:
@@ -256,8 +259,7 @@ class PolicyHub:
                 record.last_error = None
             else:
                 record.last_error = error or "unspecified dataplane error"
-                log.warning("node %s failed to apply version %d: %s", handle.node, version,
-                            record.last_error)
+                log.warning("node %s failed to apply version %d: %s", handle.node, version, record.last_error)
 
     def close_all(self, reason: str) -> None:
         with self._lock:
@@ -272,8 +274,10 @@ class PolicyHub:
             self._forget_long_gone_locked()
             nodes = {}
             for node, record in self._records.items():
-                in_sync = record.connected and record.last_error is None and (
-                    record.acked_version >= record.latest_change
+                in_sync = (
+                    record.connected
+                    and record.last_error is None
+                    and (record.acked_version >= record.latest_change)
                 )
                 nodes[node] = NodeRecord(
                     acked_version=self._version if in_sync else record.acked_version,

@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest message sent to an agent"
     )
     parser.add_argument(
-        "--max-pending", type=int, default=DEFAULT_MAX_PENDING,
+        "--max-pending",
+        type=int,
+        default=DEFAULT_MAX_PENDING,
         help="versions queued per stream before it is reset to a snapshot",
     )
     parser.add_argument(
@@ -167,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
         from agent.control.source_folder import FolderSource
 
         if not Path(args.source).is_dir():
-            print(f"podfence control: --source {args.source!r} is not a folder (nor 'kubernetes')",
-                  file=sys.stderr)
+            print(
+                f"podfence control: --source {args.source!r} is not a folder (nor 'kubernetes')",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         folder = FolderSource(args.source, hub, poll_interval=args.poll_interval)
         folder.scan()
@@ -206,8 +210,13 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
     server.start()
     healthy.set()
-    log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
-             "mutual TLS" if credentials else "insecure", args.metrics_listen)
+    log.info(
+        "control service listening on %s (port %d, %s), metrics on %s",
+        args.listen,
+        port,
+        "mutual TLS" if credentials else "insecure",
+        args.metrics_listen,
+    )
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
     stop_server(server, hub, health_servicer, grace=args.shutdown_grace)

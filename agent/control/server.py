@@ -242,8 +242,9 @@ def create_server(
     return server, port, health_servicer
 
 
-def stop_server(server: grpc.Server, hub: PolicyHub, health_servicer: health.HealthServicer,
-                grace: float = 5.0) -> None:
+def stop_server(
+    server: grpc.Server, hub: PolicyHub, health_servicer: health.HealthServicer, grace: float = 5.0
+) -> None:
     """Graceful stop: report NOT_SERVING, end every stream (agents reconnect elsewhere), drain."""
     health_servicer.enter_graceful_shutdown()
     hub.close_all("shutting down")

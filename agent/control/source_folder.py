@@ -174,8 +174,15 @@ class FolderSource:
         for path in sorted(self._good):
             for key, obj in self._good[path].items():
                 if key in owner:
-                    log.warning("%s %s/%s is defined in both %s and %s; using %s", key[0], key[1], key[2],
-                                owner[key], path, path)
+                    log.warning(
+                        "%s %s/%s is defined in both %s and %s; using %s",
+                        key[0],
+                        key[1],
+                        key[2],
+                        owner[key],
+                        path,
+                        path,
+                    )
                 merged[key] = obj
                 owner[key] = path
         upserts = [obj for key, obj in merged.items() if self._merged.get(key) != obj]
@@ -193,8 +200,13 @@ class FolderSource:
                 for obj in upserts:
                     resolver.upsert(obj)
         self._merged = merged
-        log.info("folder %s: %d object(s); %d changed, %d removed", self.folder, len(merged),
-                 len(upserts), len(deletes))
+        log.info(
+            "folder %s: %d object(s); %d changed, %d removed",
+            self.folder,
+            len(merged),
+            len(upserts),
+            len(deletes),
+        )
         return True
 
     def objects(self) -> Iterable[KubeObject]:

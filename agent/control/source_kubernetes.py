@@ -154,8 +154,9 @@ class KubernetesSource:
             self.synced.set()
         metadata = getattr(result, "metadata", None)
         self.resource_versions[kind] = getattr(metadata, "resource_version", None) or "0"
-        log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,
-                 self.resource_versions[kind])
+        log.info(
+            "listed %d %s object(s) at resourceVersion %s", len(listed), kind, self.resource_versions[kind]
+        )
 
     def _watch_once(self, kind: str, stop: threading.Event) -> None:
         watcher = self._watch_factory()

@@ -85,9 +85,9 @@ def link_mac(pod: Pod) -> str:
     return line.split("link/ether ", 1)[1].split()[0]
 
 
-def state(node: Node, plane_kind: str) -> NodeState:
-    """Every pod isolated both ways with nothing allowed, each bound to the MAC the agent's own
-    discovery reads from its veth."""
+def state(node: Node, plane_kind: str, open_ingress: bool = False) -> NodeState:
+    """Every pod isolated both ways with nothing allowed (`open_ingress`: egress only), each bound
+    to the MAC the agent's own discovery reads from its veth."""
     from agent.node.interfaces import InterfaceDiscovery
 
     discovery = InterfaceDiscovery(netns=node.netns, active_probe=False)
@@ -97,7 +97,7 @@ def state(node: Node, plane_kind: str) -> NodeState:
             f"ns/p{pod.index}": Endpoint(
                 f"ns/p{pod.index}",
                 (ip(pod.ip), ip(pod.ip6)),
-                DENY_ALL,
+                DirectionPolicy() if open_ingress else DENY_ALL,
                 DENY_ALL,
                 ifindex=pod.ifindex,
                 mac=discovery.mac_of(pod.ifindex, view),
@@ -111,14 +111,14 @@ def state(node: Node, plane_kind: str) -> NodeState:
 
 
 @contextlib.contextmanager
-def podfence(node: Node, kind: str) -> Iterator[Any]:
+def podfence(node: Node, kind: str, open_ingress: bool = False) -> Iterator[Any]:
     if kind == "bpf":
         from agent.dataplane.bpf.dataplane import BpfDataplane
 
         plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
         plane.start()
         try:
-            plane.apply(state(node, kind))
+            plane.apply(state(node, kind, open_ingress))
             yield plane
         finally:
             plane.teardown()
@@ -129,7 +129,7 @@ def podfence(node: Node, kind: str) -> Iterator[Any]:
     worker = DataplaneWorker(node.netns, IptablesDataplane)
     try:
         worker.call("start")
-        worker.call("apply", state(node, kind))
+        worker.call("apply", state(node, kind, open_ingress))
         yield worker
     finally:
         worker.call("teardown")
@@ -153,9 +153,9 @@ def delivered(sender: Pod, receiver: Pod, *frames: Any) -> int:
     return int(out.strip())
 
 
-def both_ways(node: Node, kind: str, attack: Any) -> tuple[Any, Any]:
+def both_ways(node: Node, kind: str, attack: Any, open_ingress: bool = False) -> tuple[Any, Any]:
     without = attack()
-    with podfence(node, kind):
+    with podfence(node, kind, open_ingress):
         with_it = attack()
     return without, with_it
 
@@ -163,9 +163,20 @@ def both_ways(node: Node, kind: str, attack: Any) -> tuple[Any, Any]:
 # ---- item 3: VLAN tags ---------------------------------------------------------------------------
 
 
+QINQ_IPTABLES = pytest.mark.xfail(
+    strict=True,
+    reason="iptables dataplane: 802.1ad-tagged frames skip br_netfilter; they need a bridge-family "
+    "rule (ebtables/nft) podfence does not install yet",
+)
+
+
 @pytest.mark.parametrize("tags", ["vlan0", "vlan7", "qinq"])
 @pytest.mark.parametrize("kind", ["bpf", "iptables"])
-def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(bridged: Node, kind: str, tags: str) -> None:
+def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(
+    bridged: Node, kind: str, tags: str, request: pytest.FixtureRequest
+) -> None:
+    if (kind, tags) == ("iptables", "qinq"):
+        request.applymarker(QINQ_IPTABLES)
     a, b, _ = bridged.pods
     s = scapy
     ip_part = s.IP(src=a.ip, dst=b.ip) / s.UDP(sport=4000, dport=5000) / MARKER
@@ -175,7 +186,8 @@ def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(bridged: Node, kind
         "vlan7": ether / s.Dot1Q(vlan=7) / ip_part,
         "qinq": ether / s.Dot1AD(vlan=7) / s.Dot1Q(vlan=9) / ip_part,
     }[tags]
-    without, with_it = both_ways(bridged, kind, lambda: delivered(a, b, frame))
+    # the victim's ingress is open: only the sender's egress verdict stands in the way
+    without, with_it = both_ways(bridged, kind, lambda: delivered(a, b, frame), open_ingress=True)
     assert without >= 1, "without podfence the tagged frame must cross the bridge"
     assert with_it == 0
 

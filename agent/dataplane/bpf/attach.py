@@ -62,8 +62,16 @@ def attach_tc(sock: Any, ifindex: int, from_pod_fd: int, to_pod_fd: int) -> None
     ):
         try:
             sock.tc(
-                "replace-filter", "bpf", ifindex, TC_HANDLE, fd=fd, name=name, parent=parent,
-                classid=1, direct_action=True, prio=TC_PRIORITY,
+                "replace-filter",
+                "bpf",
+                ifindex,
+                TC_HANDLE,
+                fd=fd,
+                name=name,
+                parent=parent,
+                classid=1,
+                direct_action=True,
+                prio=TC_PRIORITY,
             )
         except NetlinkError as error:
             if error.code == errno.ENODEV:

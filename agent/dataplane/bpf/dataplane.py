@@ -213,16 +213,22 @@ class BpfDataplane:
         or both at every moment; this runs once the programs, which read both, are in place."""
         trie, exact = self._module[b"pf_policy"], self._module[b"pf_policy_exact"]
         # the trie's own keys: a lookup there would answer with the longest match, maybe another
-        stranded = [(key, trie[key]) for key in list(trie.keys())
-                    if key.prefixlen == POLICY_PREFIX_FULL]
+        stranded = [(key, trie[key]) for key in list(trie.keys()) if key.prefixlen == POLICY_PREFIX_FULL]
         for key, value in stranded:
-            entry = (key.prefixlen, key.policy_id, key.peer_class, key.peer_kind, key.protocol,
-                     _ntohs(key.dport_be))
+            entry = (
+                key.prefixlen,
+                key.policy_id,
+                key.peer_class,
+                key.peer_kind,
+                key.protocol,
+                _ntohs(key.dport_be),
+            )
             exact[_policy_key(exact, entry)] = exact.Leaf(value.rule_count, 0)
             _delete(trie, key)
         if stranded:
-            log.info("moved %d single-port policy entries from the LPM trie to pf_policy_exact",
-                     len(stranded))
+            log.info(
+                "moved %d single-port policy entries from the LPM trie to pf_policy_exact", len(stranded)
+            )
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""

@@ -72,6 +72,7 @@ _HOOK_NAMES = {
 LINK_PRIORITIES = (-1, -2)
 LINK_PIN_PREFIX = "nf_link_"
 
+
 class NetfilterUnsupported(PermanentDataplaneError):
     """This kernel cannot run the egress verdict as a netfilter link (older than 6.4, no BTF, or
     without the kfuncs the program needs)."""

@@ -17,6 +17,7 @@ BPF_PROG_TEST_RUN = 10
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 
+
 class _TestRunAttr(ctypes.Structure):
     _fields_ = [
         ("prog_fd", ctypes.c_uint32),
