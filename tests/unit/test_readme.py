@@ -173,6 +173,9 @@ class NoInterfacesDouble:
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return None
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        return None
+
 
 class Connected:
     connected = True
