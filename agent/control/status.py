@@ -1,6 +1,6 @@
 """`podfence status`: the control service's view of every node (ControlStatus.GetStatus).
 
-With --json it prints exactly one object, the contract in DESIGN.md:
+With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
 "last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
 "source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
@@ -70,7 +70,7 @@ def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | No
     if args.insecure:
         return (None, "--insecure and --tls-* exclude each other") if given else (None, None)
     if not given:
-        return None, None  # DESIGN.md's contract calls status without TLS flags: plain text then
+        return None, None  # docs/design.md: status is called without TLS flags: plain text then
     if len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca together"
     try:

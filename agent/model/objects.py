@@ -61,10 +61,6 @@ class LabelSelector:
     match_labels: Labels = ()
     match_expressions: tuple[Requirement, ...] = ()
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.match_labels and not self.match_expressions
-
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match_labels) and all(
             r.matches(labels) for r in self.match_expressions

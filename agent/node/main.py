@@ -30,6 +30,7 @@ from agent.node.flowlog import DenyEventSource, FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics, start_http_server
 from agent.node.reconcile import Reconciler
 from agent.node.sync import SyncClient
@@ -297,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
         egress_hook = getattr(dataplane, "egress_hook_in_use", "")
+        warn_if_ipvs()
         log.info(
             "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",
             args.node,
