@@ -85,11 +85,17 @@ def run(args: argparse.Namespace) -> int:
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        response = fetch_status(args.control, credentials, args.timeout)
-    except grpc.RpcError as exc:
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"podfence status: control service {args.control} unreachable: {details}", file=sys.stderr)
+    # PODFENCE_CONTROL may hold the agents' list of replicas: the first that answers is asked.
+    failures = []
+    for target in [t.strip() for t in args.control.split(",") if t.strip()]:
+        try:
+            response = fetch_status(target, credentials, args.timeout)
+            break
+        except grpc.RpcError as exc:
+            failures.append(f"{target}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
+    else:
+        print(f"podfence status: control service {args.control} unreachable: {'; '.join(failures)}",
+              file=sys.stderr)
         return EXIT_FAILURE
     status = status_to_dict(response)
     if args.json:

@@ -215,6 +215,15 @@ def test_status_lists_the_source_errors_and_what_stays_in_force(control):
     assert "/src/deny.yaml: NetworkPolicy shop/deny: bad port (last valid form in force)" in out.getvalue()
 
 
+def test_status_asks_the_first_replica_that_answers(control):
+    out = io.StringIO()
+    args = argparse.Namespace(control=f"127.0.0.1:1,{control.target}", json=True, insecure=False,
+                              tls_cert=None, tls_key=None, tls_ca=None, timeout=2.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    assert json.loads(out.getvalue())["version"] == control.hub.version
+
+
 def test_status_exits_1_with_a_message_when_unreachable():
     args = argparse.Namespace(control="127.0.0.1:1", json=True, insecure=False, tls_cert=None, tls_key=None,
                               tls_ca=None, timeout=1.0)
