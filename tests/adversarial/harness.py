@@ -136,6 +136,12 @@ class Guard:
     def drop_reasons(self) -> dict[str, int]:
         return {}
 
+    @property
+    def reassembles(self) -> bool:
+        """Does the node reassemble IP datagrams while guarded (so that fragments of a datagram
+        that never completes are held by the kernel and never reach a filter)?"""
+        return False
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -180,6 +186,10 @@ class BpfGuard(Guard):
     def drop_reasons(self) -> dict[str, int]:
         return self.plane.drop_reason_counts()
 
+    @property
+    def reassembles(self) -> bool:
+        return self.plane.egress_hook_in_use == "netfilter" and self.plane._links.defrag
+
     def close(self) -> None:
         self.plane.teardown()
 
@@ -207,6 +217,10 @@ class IptablesGuard(Guard):
             "apply",
             NodeState(self.version, state.endpoints, state.identities, state.node_ips, state.pod_interfaces),
         )
+
+    @property
+    def reassembles(self) -> bool:
+        return True  # its rules use conntrack, which reassembles
 
     def close(self) -> None:
         try:
@@ -272,6 +286,7 @@ class Lab:
                 ingress.get(index, DirectionPolicy()),
                 egress.get(index, DirectionPolicy()),
                 member.pod.ifindex,
+                member.mac,  # bound as the node layer binds it
             )
         return NodeState(
             0, endpoints, identities, self.node_ips, frozenset(m.pod.ifindex for m in self.members)

@@ -3,8 +3,9 @@ holding hostile files, raw bytes and half-open streams on its gRPC port, policie
 every limit. Whatever arrives, the process keeps serving the rest, and every refusal names what it
 refused.
 
-Needs no root: the process listens on loopback ports of its own. Cases that fail on main are
-xfail(strict) with the issue 21 item they belong to.
+Needs no root: the process listens on loopback ports of its own. Items 6 (an invalid edit keeps
+the last valid form) and 8 (streams without Hello) of issue 21 are fixed on main and tested here
+as ordinary tests.
 """
 
 from __future__ import annotations
@@ -180,15 +181,6 @@ def db_isolated(state: NodeState) -> bool:
     return db is not None and db.ingress.isolated and not db.ingress.allows
 
 
-class Opened(AssertionError):
-    """A default deny vanished with an edit."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=Opened,
-    reason="issue 21 item 6: an object edited into an invalid one is dropped, and its pods open",
-)
 def test_a_default_deny_edited_into_an_invalid_one_stays_in_force(control: ControlProcess) -> None:
     policy = control.folder / "db-deny.yaml"
     deny = policy_doc("db-deny", "db", 5432)
@@ -200,10 +192,8 @@ def test_a_default_deny_edited_into_an_invalid_one_stays_in_force(control: Contr
         write_yaml(policy, deny)
         time.sleep(1.0)  # several poll intervals
         assert control.alive()
-        try:
-            agent_sees(control.target, db_isolated, "db-1 still isolated", node="n3", timeout=3.0)
-        except AssertionError as error:
-            raise Opened(str(error)) from error
+        # issue 21 item 6 (fixed on main): the last valid form stays in force
+        agent_sees(control.target, db_isolated, "db-1 still isolated", node="n3", timeout=3.0)
     finally:
         policy.unlink()
 
@@ -248,11 +238,15 @@ def _half_open(target: str, count: int) -> tuple[grpc.Channel, list[grpc.Future]
     return channel, calls, release
 
 
-def test_a_few_dozen_half_open_streams_do_not_lock_an_agent_out(control: ControlProcess) -> None:
-    channel, calls, release = _half_open(control.target, 32)
+def test_half_open_streams_below_the_per_client_cap_do_not_delay_an_agent(control: ControlProcess) -> None:
+    # docs/security.md: at most 8 streams per client awaiting Hello (an address without TLS);
+    # the agent here shares the address, so 6 leave it room
+    channel, calls, release = _half_open(control.target, 6)
     try:
         time.sleep(0.5)
-        agent_sees(control.target, web_isolated_to_8080, "its snapshot beside 32 half-open streams")
+        agent_sees(
+            control.target, web_isolated_to_8080, "its snapshot beside 6 half-open streams", timeout=3.0
+        )
         assert control.serving()
     finally:
         release.set()
@@ -261,25 +255,14 @@ def test_a_few_dozen_half_open_streams_do_not_lock_an_agent_out(control: Control
         channel.close()
 
 
-class LockedOut(AssertionError):
-    """An agent got no snapshot while idle streams held the server."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=LockedOut,
-    reason="issue 21 item 8: streams that never send Hello hold a worker each, with no deadline; "
-    "fixed on branch h-control",
-)
 def test_more_half_open_streams_than_workers_do_not_lock_an_agent_out() -> None:
     ctl = start_control(small_cluster(), settings=ServerSettings(max_workers=8))
     channel, calls, release = _half_open(ctl.target, 12)
     try:
         time.sleep(0.5)
-        try:
-            agent_sees(ctl.target, lambda s: "shop/web-1" in s.endpoints, "its snapshot", timeout=12.0)
-        except AssertionError as error:
-            raise LockedOut(str(error)) from error
+        # issue 21 item 8 (fixed on main): Hello is due within 10 s, so the idle streams end and
+        # the agent gets its snapshot within that bound
+        agent_sees(ctl.target, lambda s: "shop/web-1" in s.endpoints, "its snapshot", timeout=12.0)
     finally:
         release.set()
         for call in calls:

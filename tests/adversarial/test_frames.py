@@ -212,6 +212,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: fr.fragments4(lab, m, 22)[:1],
         "policy",
+        incomplete=True,
         match=lambda m: fr.ipv4_fragment_with(fr.ident16(m), 0),
     ),
     Case(
@@ -226,6 +227,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: fr.fragments4(lab, m, 22)[1:],
         "orphan_fragment",
+        incomplete=True,
         match=lambda m: fr.ipv4_fragment_with(fr.ident16(m), 3),
     ),
     Case(
@@ -233,6 +235,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: fr.fragments4(lab, m, 22, first_l4=3)[:1],
         "malformed",
+        incomplete=True,
         match=lambda m: fr.ipv4_fragment_with(fr.ident16(m), 0),
     ),
     Case(
@@ -240,6 +243,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: fr.fragments4(lab, m, 80)[:1] + fr.fragments4(lab, m, 22)[:1],
         "policy",
+        incomplete=True,
         match=lambda m: fr.ipv4_fragment_with(fr.ident16(m), 0, dport=22),
     ),
     Case(
@@ -247,6 +251,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: [_frag6(lab, m, 0, True, bytes(fr.tcp(22)) + m)],
         "policy",
+        incomplete=True,
         match=lambda m: fr.ipv6_fragment_with(fr.ident32(m), 0),
     ),
     Case(
@@ -254,6 +259,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: [_frag6(lab, m, 3, False, m + b"." * 8)],
         "orphan_fragment",
+        incomplete=True,
         match=lambda m: fr.ipv6_fragment_with(fr.ident32(m), 3),
     ),
     Case(
@@ -261,6 +267,7 @@ CASES: list[Case] = [
         "victim_takes_tcp80_from_attacker",
         lambda lab, m: [_frag6(lab, m, 0, True, bytes(IPv6ExtHdrDestOpt(nh=6)), next_header=60)],
         "malformed",
+        incomplete=True,
         match=lambda m: fr.ipv6_fragment_with(fr.ident32(m), 0),
     ),
     # ---- tunnels: the outer protocol is what the policy judges, never the inner packet

@@ -1,10 +1,12 @@
-"""Ways past the filters that main does not close yet (issue 21), as real frames.
+"""The ways past the filters of issue 21, as real frames: fixed ones, and ones main does not
+close yet.
 
 Each case follows the protocol of every adversarial case (cases.run_twice: delivered unguarded,
-then it must be dropped guarded). Where a case gets through today it is marked xfail(strict):
-the suite stays green, and the mark turns into a failure (XPASS) the day the fix lands, so that
-the lead removes it and the case becomes an ordinary test. A lab not named in `passes_on` runs
-the case as an ordinary test already: there the filter holds today and must keep holding.
+then it must be dropped guarded). Where a case gets through today it is marked xfail(strict,
+raises=GotThrough) on exactly those labs (`passes_on`): the suite stays green, and the mark turns
+into a failure (XPASS) the day the fix lands, so that `passes_on` is emptied and the case becomes
+an ordinary test. Elsewhere it is an ordinary test already: the filter holds and must keep
+holding. Items 3-5 (layer 2) were fixed by the merge of h-l2 and run as ordinary tests.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tests.adversarial.harness import ATTACKER, BYSTANDER, COMBOS, Lab, Member
 FLOW_SPORT, FLOW_DPORT = 5353, 7000  # the victim's tracked flow to the bystander
 SEED_SPORT, SEED_DPORT = 6000, 7001  # the flow the attacker seeds towards the bystander
 BCT = "fixed on branch h-bpfct"
-L2 = "fixed on branch h-l2"
+L2 = "fixed on main (merge of h-l2)"
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,6 @@ def _forbidden_via_gateway(lab: Lab, mark: bytes) -> list[bytes]:
     return [fr.frame(lab, fr.ip4(lab) / fr.tcp(22) / Raw(mark), to_node=True)]
 
 
-BRIDGED = ("bpf-bridged", "iptables-bridged")
-ROUTED = ("bpf-routed", "iptables-routed")
-
 PENDING = [
     Pending(
         Case(
@@ -276,7 +275,7 @@ PENDING = [
             topologies=("bridged",),
         ),
         "issue 21 item 3: a VLAN-tagged frame is bridged without the egress verdict",
-        passes_on=BRIDGED,
+        passes_on=(),
         fixed_on=L2,
     ),
     Pending(
@@ -287,7 +286,7 @@ PENDING = [
             topologies=("bridged",),
         ),
         "issue 21 item 3: a VLAN-tagged frame is bridged without the egress verdict",
-        passes_on=BRIDGED,
+        passes_on=(),
         fixed_on=L2,
     ),
     Pending(
@@ -298,7 +297,9 @@ PENDING = [
             topologies=("bridged",),
         ),
         # bpf: the kernel moves the outer tag into metadata, the inner one is left for tc to see
-        "issue 21 item 3: an 802.1ad frame is bridged without the egress verdict",
+        "issue 21 item 3: an 802.1ad (QinQ) frame is bridged without the egress verdict: iptables "
+        "judges 802.1Q-tagged frames (bridge-nf-filter-vlan-tagged) but br_netfilter has no such "
+        "switch for 802.1ad",
         passes_on=("iptables-bridged",),
         fixed_on=L2,
     ),
@@ -310,21 +311,22 @@ PENDING = [
             receiver=BYSTANDER,
             topologies=("bridged",),
         ),
-        "issue 21 item 4: the source MAC of a pod's frames is never checked",
-        passes_on=BRIDGED,
+        "issue 21 item 4: the source MAC of a pod's frames is checked by the eBPF dataplane only "
+        "(docs/security.md: the iptables dataplane has no MAC binding)",
+        passes_on=("iptables-bridged",),
         fixed_on=L2,
     ),
     Pending(
         Case("router advertisement from a pod", "everyone_isolated", _ndp("ra"), topologies=("bridged",)),
         "issue 21 item 5: router advertisements from pods pass as neighbour discovery",
-        passes_on=BRIDGED,
+        passes_on=(),
         fixed_on=L2,
     ),
     Pending(
         Case("redirect from a pod", "everyone_isolated", _ndp("redirect"), topologies=("bridged",)),
         # iptables admits types 133-136 only
         "issue 21 item 5: redirects from pods pass as neighbour discovery",
-        passes_on=("bpf-bridged",),
+        passes_on=(),
         fixed_on=L2,
     ),
     Pending(
@@ -335,7 +337,7 @@ PENDING = [
             topologies=("bridged",),
         ),
         "issue 21 item 5: neighbour discovery carries payload between isolated pods",
-        passes_on=BRIDGED,
+        passes_on=(),
         fixed_on=L2,
     ),
     Pending(
@@ -345,8 +347,9 @@ PENDING = [
             _arp_with_payload,
             topologies=("bridged",),
         ),
-        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods",
-        passes_on=BRIDGED,
+        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods on the "
+        "iptables dataplane (docs/security.md: no ARP content checks there)",
+        passes_on=("iptables-bridged",),
         fixed_on=L2,
     ),
     Pending(
