@@ -73,7 +73,15 @@ def cases() -> list[Case]:
                     subtest=step["subtest"],
                     changes=tuple(step.get("changes", ())),
                     probes=tuple(
-                        Probe(p["from"], p["to"], p["target"], p["protocol"].upper(), p["port"], p["expect"], p["why"])
+                        Probe(
+                            p["from"],
+                            p["to"],
+                            p["target"],
+                            p["protocol"].upper(),
+                            p["port"],
+                            p["expect"],
+                            p["why"],
+                        )
                         for p in step["probes"]
                     ),
                 )
@@ -104,8 +112,16 @@ class CnpCluster:
             self.nodes[node] = {
                 "apiVersion": "v1",
                 "kind": "Node",
-                "metadata": {"name": node, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": node}},
-                "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": node}]},
+                "metadata": {
+                    "name": node,
+                    "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": node},
+                },
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": ip},
+                        {"type": "Hostname", "address": node},
+                    ]
+                },
             }
         names = [ns["name"] for ns in topology["namespaces"]]
         for ns in topology["namespaces"]:
@@ -121,7 +137,11 @@ class CnpCluster:
             self.pods[f"{pod['namespace']}/{pod['name']}"] = {
                 "apiVersion": "v1",
                 "kind": "Pod",
-                "metadata": {"namespace": pod["namespace"], "name": pod["name"], "labels": dict(pod["labels"])},
+                "metadata": {
+                    "namespace": pod["namespace"],
+                    "name": pod["name"],
+                    "labels": dict(pod["labels"]),
+                },
                 "spec": {
                     "nodeName": NODE_NAMES[ordinal % len(NODE_NAMES)],
                     "hostNetwork": host,

@@ -79,7 +79,10 @@ def _one_of(p: _Parser, raw: Mapping[Any, Any], path: str, known: tuple[str, ...
     """The one known field set in `raw`; None when only unknown fields are set (fail closed)."""
     present = [name for name in known if raw.get(name) is not None]
     if len(present) > 1:
-        p.fail(path, f"Invalid value: must specify exactly one of {', '.join(known)}, not {' and '.join(present)}")
+        p.fail(
+            path,
+            f"Invalid value: must specify exactly one of {', '.join(known)}, not {' and '.join(present)}",
+        )
     if present:
         return present[0]
     if not any(value is not None for value in raw.values()):
@@ -118,7 +121,9 @@ def _domain_names(p: _Parser, value: object, path: str) -> tuple[str, ...]:
     for i, item in enumerate(items):
         text = p.required_string(item, f"{path}[{i}]")
         if not _DOMAIN_NAME.fullmatch(text):
-            p.fail(f"{path}[{i}]", f'Invalid value: "{text}": must be a DNS name, optionally starting with "*."')
+            p.fail(
+                f"{path}[{i}]", f'Invalid value: "{text}": must be a DNS name, optionally starting with "*."'
+            )
         if text in names:
             p.fail(f"{path}[{i}]", f'Duplicate value: "{text}"')
         names.append(text)
@@ -180,7 +185,9 @@ def _protocol(p: _Parser, value: object, path: str) -> ClusterPort:
     return ClusterPort(protocol=protocol, first=start, last=end)
 
 
-def _rules(p: _Parser, value: object, path: str, peers_field: str, known: tuple[str, ...]) -> tuple[ClusterRule, ...]:
+def _rules(
+    p: _Parser, value: object, path: str, peers_field: str, known: tuple[str, ...]
+) -> tuple[ClusterRule, ...]:
     rules: list[ClusterRule] = []
     for i, item in enumerate(_bounded(p, value, path, 0, MAX_RULES, "rules")):
         rule_path = f"{path}[{i}]"
@@ -203,7 +210,9 @@ def _rules(p: _Parser, value: object, path: str, peers_field: str, known: tuple[
             protocols_path = f"{rule_path}.protocols"
             ports = tuple(
                 _protocol(p, entry, f"{protocols_path}[{j}]")
-                for j, entry in enumerate(_bounded(p, raw["protocols"], protocols_path, 1, MAX_PROTOCOLS, "protocols"))
+                for j, entry in enumerate(
+                    _bounded(p, raw["protocols"], protocols_path, 1, MAX_PROTOCOLS, "protocols")
+                )
             )
         rules.append(ClusterRule(action=action, peers=peers, ports=ports, name=name))
     return tuple(rules)
@@ -221,12 +230,18 @@ def parse_cluster_network_policy(p: _Parser, doc: Mapping[Any, Any], name: str) 
         p.fail("spec.priority", "Required value")
     priority = p.integer(spec.get("priority"), "spec.priority")
     if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        p.fail("spec.priority", f"Invalid value: {priority}: must be between {PRIORITY_MIN} and {PRIORITY_MAX}, inclusive")
+        p.fail(
+            "spec.priority",
+            f"Invalid value: {priority}: must be between {PRIORITY_MIN} and {PRIORITY_MAX}, inclusive",
+        )
     subject = p.mapping(spec.get("subject"), "spec.subject", required=True)
     kind = _one_of(p, subject, "spec.subject", ("namespaces", "pods"))
     if kind is None:
         # Unlike a peer there is no closed side to fall to: which pods would it isolate?
-        p.fail("spec.subject", f"Unsupported value: fields {sorted(map(str, subject))}: podfence reads namespaces or pods")
+        p.fail(
+            "spec.subject",
+            f"Unsupported value: fields {sorted(map(str, subject))}: podfence reads namespaces or pods",
+        )
     subject_namespaces: LabelSelector | None = None
     subject_pods: NamespacedPods | None = None
     if kind == "namespaces":

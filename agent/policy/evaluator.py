@@ -173,9 +173,9 @@ def judge_direction(
         return replace(network_policy, passed=tuple(passed))
     baseline = judge_tier(state, Tier.BASELINE, pod, other, direction, dst, protocol, port)
     if baseline is not None and baseline.action is not Action.PASS:
-        return DirectionVerdict(
-            allowed=baseline.action is Action.ACCEPT, tier=Tier.BASELINE.value, rule=baseline, passed=tuple(passed)
-        )
+        allowed = baseline.action is Action.ACCEPT
+        tier = Tier.BASELINE.value
+        return DirectionVerdict(allowed=allowed, tier=tier, rule=baseline, passed=tuple(passed))
     if baseline is not None:
         passed.append(baseline)
     return DirectionVerdict(passed=tuple(passed))

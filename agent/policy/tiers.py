@@ -52,7 +52,8 @@ class ClusterRuleMatch:
 
     def describe(self, direction: str) -> str:
         label = f" '{self.name}'" if self.name else ""
-        return f"{self.tier.value} tier: {self.policy} (priority {self.priority}) {direction}[{self.index}]{label} -> {self.action.value}"
+        where = f"{self.policy} (priority {self.priority}) {direction}[{self.index}]{label}"
+        return f"{self.tier.value} tier: {where} -> {self.action.value}"
 
 
 def _pod(endpoint: Pod | IPAddress) -> Pod | None:
@@ -84,7 +85,9 @@ def peer_matches(state: ClusterState, peer: ClusterPeer, other: Pod | IPAddress)
     if peer.networks:
         return any(ip.version == net.version and ip in net for ip in _ips(other) for net in peer.networks)
     if peer.nodes is not None:
-        addresses = {a for node in state.nodes.values() if peer.nodes.matches(node.labels) for a in node.addresses}
+        addresses = {
+            a for node in state.nodes.values() if peer.nodes.matches(node.labels) for a in node.addresses
+        }
         return any(ip in addresses for ip in _ips(other))
     pod = _pod(other)
     if pod is None:
@@ -125,7 +128,9 @@ def rule_matches(
 
 def ordered(state: ClusterState, tier: Tier) -> list[ClusterNetworkPolicy]:
     """The tier's policies in precedence order (priority, then name)."""
-    return sorted((p for p in state.cluster_policies.values() if p.tier is tier), key=ClusterNetworkPolicy.order)
+    return sorted(
+        (p for p in state.cluster_policies.values() if p.tier is tier), key=ClusterNetworkPolicy.order
+    )
 
 
 def judge_tier(

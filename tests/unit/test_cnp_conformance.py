@@ -94,7 +94,12 @@ def test_the_check_fails_without_cluster_policies() -> None:
             state = _state(cluster)
             state.cluster_policies.clear()
             for probe in step.probes:
-                verdict = evaluate(state, state.pods[probe.source], state.pods[probe.destination],
-                                   Protocol(probe.protocol), probe.port)
+                verdict = evaluate(
+                    state,
+                    state.pods[probe.source],
+                    state.pods[probe.destination],
+                    Protocol(probe.protocol),
+                    probe.port,
+                )
                 changed += verdict.allowed != probe.expect
     assert changed >= 100
