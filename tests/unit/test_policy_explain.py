@@ -97,8 +97,12 @@ def test_allowed_json_names_the_rule_and_warns_about_invalid_objects(
         "policies": [],
         "allowed_by": [],
         "isolated_by": [],
+        "tier": None,
+        "rule": None,
+        "passed": [],
     }
     assert verdict["ingress"]["isolated"] is True
+    assert verdict["ingress"]["tier"] == "NetworkPolicy"
     assert verdict["ingress"]["allowed_by"] == [{"policy": "shop/web-from-client", "rule": 0}]
     assert "broken" in err and "spec.ingress[0].ports[0].port" in err  # the invalid object is left out
 
