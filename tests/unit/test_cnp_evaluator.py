@@ -282,7 +282,8 @@ def scenarios(draw: st.DrawFn) -> tuple[list[object], Pod | ipaddress.IPv4Addres
     ]
     cnps = [draw(cluster_policies(i)) for i in range(draw(st.integers(0, 4)))]
     nps = [draw(network_policies(i)) for i in range(draw(st.integers(0, 3)))]
-    src: Pod | ipaddress.IPv4Address = draw(st.sampled_from([*pods, ipaddress.IPv4Address("192.0.2.9")]))
+    sources: list[Pod | ipaddress.IPv4Address] = [*pods, ipaddress.IPv4Address("192.0.2.9")]
+    src = draw(st.sampled_from(sources))
     dst = draw(st.sampled_from(pods))
     protocol = draw(st.sampled_from([Protocol.TCP, Protocol.UDP]))
     return [*namespaces, *pods, *cnps, *nps], src, dst, protocol, draw(st.sampled_from(PORTS))
