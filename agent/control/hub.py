@@ -150,7 +150,8 @@ class StreamHandle:
 
 @dataclass(frozen=True)
 class SourceProblem:
-    """An invalid object or unreadable file of the source, as `podfence status` shows it."""
+    """An invalid object or unreadable file of the source, or (source UNENFORCED_SOURCE) a valid
+    object no dataplane enforces yet, as `podfence status` shows it."""
 
     object: str | None  # "Kind namespace/name", None when no object could be named
     source: str  # the file, or "kubernetes"

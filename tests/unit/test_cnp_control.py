@@ -25,6 +25,7 @@ from agent.control.metrics import ControlMetrics
 from agent.control.source_folder import FolderSource
 from agent.control.source_kubernetes import KubernetesSource, _api_list_functions
 from agent.model.load import parse_object
+from agent.model.objects import KubeObject
 from agent.policy.resolver import Resolver
 from tests.unit.control_helpers import PODS, ns_doc, policy_doc
 
@@ -246,3 +247,32 @@ def test_the_real_list_function_asks_the_custom_objects_api(monkeypatch: pytest.
     ]
     # No model type to deserialise into: watch events stay the dicts the source parses.
     assert watch.Watch().get_return_type(function) == ""
+
+
+# --- resolver ----------------------------------------------------------------------------------
+
+
+def parsed(doc: dict[str, Any]) -> KubeObject:
+    obj = parse_object(doc)
+    assert obj is not None
+    return obj
+
+
+def test_the_resolver_holds_cluster_policies_and_nodes_without_compiling_them() -> None:
+    node = parsed({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+                         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}})
+    resolver = Resolver()
+    base = [parsed(doc) for doc in (ns_doc("shop"), *PODS, policy_doc("web-in", "web", 8080))]
+    resolver.replace_all(base)
+    resolver.take_dirty_nodes()
+    before = {n: resolver.node_policy(n) for n in ("n1", "n2", "n3")}
+    resolver.upsert(parsed(cnp_doc("mesh-guard")))
+    resolver.upsert(node)
+    assert resolver.take_dirty_nodes() == set(), "phase 1: no node's compiled policy depends on them"
+    assert resolver.unenforced_policies() == ["mesh-guard"] and set(resolver.state.nodes) == {"n1"}
+    resolver.replace_all([*base, parsed(cnp_doc("other")), node])
+    assert resolver.unenforced_policies() == ["other"]
+    resolver.delete("ClusterNetworkPolicy", "", "other")
+    resolver.delete("Node", "", "n1")
+    assert resolver.unenforced_policies() == [] and resolver.state.nodes == {}
+    assert {n: resolver.node_policy(n) for n in ("n1", "n2", "n3")} == before
