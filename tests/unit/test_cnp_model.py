@@ -17,6 +17,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.model import cluster_policy_load as cpl
 from agent.model.cluster_policy import Action, ClusterNetworkPolicy, Node, Tier
@@ -323,3 +325,105 @@ def test_named_port_beside_networks_is_accepted_as_the_standard_crd_does() -> No
         egress(rule(to=[{"networks": ["10.0.0.0/8"]}], protocols=[{"destinationNamedPort": "web"}]))
     )
     assert isinstance(policy, ClusterNetworkPolicy)
+
+
+# --- random damage: an error or a policy, never a crash -----------------------------------------
+
+_SCALARS: st.SearchStrategy[Any] = st.sampled_from(
+    [
+        None,
+        True,
+        0,
+        -1,
+        1,
+        25,
+        1000,
+        1001,
+        65536,
+        1.5,
+        "",
+        "x",
+        "Admin",
+        "Deny",
+        "Pass",
+        "10.0.0.0/8",
+        "web",
+        "*.a.b",
+        [],
+        {},
+        [{}],
+        {"number": 80},
+        {"range": {"start": 2, "end": 1}},
+        {"namespaces": {}},
+    ]
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["namespaces", "pods", "networks", "tcp", "x", "podSelector"]),
+            children,
+            max_size=3,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [path]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found += _paths(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found += _paths(child, (*path, index))
+    return found
+
+
+def _full_policy() -> dict[str, Any]:
+    return cnp(
+        subject={"pods": {"namespaceSelector": {"matchLabels": {"a": "b"}}, "podSelector": {}}},
+        ingress=[
+            {
+                "name": "i",
+                "action": "Accept",
+                "from": [{"pods": {"podSelector": {}}}, NAMESPACES],
+                "protocols": [
+                    {"tcp": {"destinationPort": {"range": {"start": 1, "end": 9}}}},
+                    {"destinationNamedPort": "web"},
+                ],
+            }
+        ],
+        egress=[
+            rule(
+                "Deny",
+                [{"networks": ["10.0.0.0/8"]}, {"nodes": {}}, {"domainNames": ["a.b"]}],
+                protocols=[{"udp": {"destinationPort": {"number": 53}}}],
+            )
+        ],
+    )
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_damaged_policy_is_a_policy_or_a_named_error(data: st.DataObject) -> None:
+    doc = copy.deepcopy(_full_policy())  # NAMESPACES and friends are shared module objects
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(doc["spec"])))
+        value = copy.deepcopy(data.draw(_VALUES))  # sampled values are shared objects
+        if not path:
+            doc["spec"] = value
+            continue
+        parent = doc["spec"]
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = value
+    try:
+        parsed = parse_object(doc)
+    except PolicyError as exc:
+        assert (exc.error.kind, exc.error.name) == ("ClusterNetworkPolicy", "guard")
+        assert exc.error.field.startswith("spec") and str(exc.error)
+    else:
+        assert isinstance(parsed, ClusterNetworkPolicy)
