@@ -164,7 +164,7 @@ def _protocol(p: _Parser, value: object, path: str) -> ClusterPort:
     protocol = _PROTOCOL_FIELDS[kind]
     proto_path = f"{path}.{kind}"
     proto = p.mapping(raw[kind], proto_path)
-    if not proto:
+    if not any(v is not None for v in proto.values()):  # null fields are pruned, as by the API
         p.fail(proto_path, "Invalid value: must have at least 1 property (destinationPort)")
     if proto.get("destinationPort") is None:
         return ClusterPort(unknown=True)  # only fields of a newer CRD: fail closed

@@ -243,6 +243,11 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("tcp without destinationPort", egress(rule(protocols=[{"tcp": {}}])), "spec.egress[0].protocols[0].tcp"),
     (
+        "tcp with a null destinationPort",
+        egress(rule(protocols=[{"tcp": {"destinationPort": None}}])),
+        "spec.egress[0].protocols[0].tcp",
+    ),
+    (
         "port 0",
         egress(rule(protocols=[{"tcp": {"destinationPort": {"number": 0}}}])),
         "spec.egress[0].protocols[0].tcp.destinationPort.number",
