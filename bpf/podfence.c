@@ -135,6 +135,18 @@ static __always_inline int pf_opens_flow(const struct pf_packet *pkt)
 	return pkt->protocol != PF_IPPROTO_TCP || (pkt->tcp_flags & 0x12) == 0x02;
 }
 
+/* IPv4 options from a pod: only a lone Router Alert (IGMP) passes. A source route (LSRR, SSRR)
+ * is the reason: the node rewrites the destination after the FORWARD hook, so the egress verdict
+ * would judge a packet to the node that the node then forwards to any pod. Nothing a pod needs
+ * carries other options (record route, timestamps: `ping -R` from a pod is refused). */
+static __always_inline int pf_lone_router_alert(struct __sk_buff *skb)
+{
+	__u8 head[24];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, head, sizeof(head)) < 0)
+		return 0;
+	return (head[0] & 0x0f) == 6 && head[20] == 0x94 && head[21] == 0x04 && head[22] == 0 && head[23] == 0;
+}
+
 int tc_from_pod(struct __sk_buff *skb)
 {
 	__u64 now = pf_now();
@@ -159,6 +171,8 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else if (!pf_source_belongs_to(&pkt.saddr, skb->ifindex) &&
 		   !(pkt.family == 6 && (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr)))) {
 		reason = PF_DROP_SPOOFED_SOURCE;
+	} else if ((pkt.flags & PF_PKT_IP_OPTIONS) && !pf_lone_router_alert(skb)) {
+		reason = PF_DROP_IP_OPTIONS;
 	} else if ((pkt.flags & PF_PKT_NDP) && (l2 = pf_check_ndp(skb, ep, &pkt)) != PF_REASON_ALLOWED) {
 		reason = l2;
 	} else if (ep->egress_policy_id && (pkt.flags & PF_PKT_MALFORMED)) {

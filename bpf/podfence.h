@@ -29,7 +29,10 @@ enum pf_reason {
 	PF_DROP_SPOOFED_MAC = 10,       /* Ethernet source is not the pod's MAC */
 	PF_DROP_ROGUE_NDP = 11,         /* NDP/MLD a pod may not send: router advertisement, redirect,
 					 * MLD query, or more than address resolution needs */
-	PF_REASON_MAX = 12,
+	PF_DROP_IP_OPTIONS = 12,        /* IPv4 options from a pod other than a lone Router Alert
+					 * (source routes reach the node's forwarding after the
+					 * egress verdict saw the node as destination) */
+	PF_REASON_MAX = 13,
 };
 
 /* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */

@@ -20,6 +20,7 @@
 #define PF_PKT_FRAG_LATER  0x04  /* non-first fragment: no L4 header */
 #define PF_PKT_ICMP_ERROR  0x08  /* ICMP/ICMPv6 error: inner_* hold the embedded tuple */
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
+#define PF_PKT_IP_OPTIONS  0x20  /* IPv4 header with options (IHL > 5) */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 /* Where a program reads packet bytes: tc and xt_bpf programs through their skb with
@@ -273,7 +274,10 @@ static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, _
 		pf_addr_from_v4(&pkt->saddr, iph->saddr);
 		pf_addr_from_v4(&pkt->daddr, iph->daddr);
 		pkt->protocol = iph->protocol;
-		/* IHL > 5: options are skipped by the header length, never interpreted */
+		/* IHL > 5: options are skipped by the header length, never interpreted here; from a
+		 * pod they are refused apart from a lone Router Alert (podfence.c) */
+		if (iph->ihl > 5)
+			pkt->flags |= PF_PKT_IP_OPTIONS;
 		if (bpf_ntohs(iph->tot_len) < iph->ihl * 4) {
 			pkt->flags |= PF_PKT_MALFORMED;
 			return 0;

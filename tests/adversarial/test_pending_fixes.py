@@ -361,7 +361,8 @@ PENDING = [
         "found by this tier: a source-routed packet is judged at FORWARD with the node's address as its "
         "destination (the kernel rewrites it after the hook); the iptables dispatch to the victim's "
         "ingress chain on a bridge matches the destination address and misses it",
-        passes_on=("iptables-bridged",),
+        passes_on=(),
+        fixed_on="IPv4 options from pods are dropped (ip_options)",
     ),
     Pending(
         Case(
@@ -372,7 +373,8 @@ PENDING = [
         "found by this tier: a source-routed packet is judged at FORWARD with the node's address as its "
         "destination (the kernel rewrites it after the hook), so an egress policy allowing the node "
         "lets a pod reach every pod through it",
-        passes_on=COMBOS,
+        passes_on=(),
+        fixed_on="IPv4 options from pods are dropped (ip_options)",
     ),
     Pending(
         Case(

@@ -53,6 +53,9 @@ class Row:
 
 
 MAC_B = f.MAC_B.hex(":")
+ROUTER_ALERT = b"\x94\x04\x00\x00"
+# loose source route (type 131, length 7, pointer 4) naming PEER7 as the next hop, and a NOP
+LSRR_VIA_PEER7 = b"\x83\x07\x04" + ipaddress.IPv4Address(PEER7).packed + b"\x01"
 
 
 def with_source(frame: bytes, mac: bytes) -> bytes:
@@ -397,6 +400,23 @@ ROWS = [
         None,
         allowed=(("to_pod", f.tcp4(NODE, POD, dport=10250)), ("to_pod", f.packet4(NODE, POD, f.ICMP))),
         dropped=(("to_pod", f.tcp4(PEER7, POD)),),
+    ),
+    Row(
+        # a source route would reach the node's forwarding after the egress verdict judged a
+        # packet to the node; only a lone Router Alert (IGMP) passes, even with egress open
+        "ipv4 options from a pod",
+        None,
+        None,
+        allowed=(
+            ("from_pod", f.tcp4(POD, PEER7)),
+            ("from_pod", f.tcp4(POD, PEER7, options=ROUTER_ALERT)),
+        ),
+        dropped=(
+            ("from_pod", f.tcp4(POD, NODE, options=LSRR_VIA_PEER7)),
+            ("from_pod", f.tcp4(POD, PEER7, options=b"\x01\x01\x01\x00")),  # NOPs and end of list
+            ("from_pod", f.tcp4(POD, PEER7, options=ROUTER_ALERT + b"\x01\x01\x01\x00")),
+            ("from_pod", f.tcp4(POD, PEER7, options=b"\x94\x04\x00\x01")),  # Router Alert value 1
+        ),
     ),
 ]
 
@@ -796,6 +816,7 @@ def test_layer_2_drops_are_counted_under_their_own_reasons(plane: BpfDataplane) 
         "rogue_ndp": f.router_advertisement("fe80::2"),
         "spoofed_ndp": f.neighbour_advertisement(POD6, "fe80::1", POD6, f.nd_option(2, f.MAC_A)),
         "malformed": f.arp(POD, "10.0.0.254", trailer=bytes(19)),
+        "ip_options": f.tcp4(POD, NODE, options=LSRR_VIA_PEER7),
     }
     for frame in cases.values():
         assert not verdict(plane, "from_pod", frame)

@@ -115,10 +115,14 @@ def test_dispatch_anti_spoofing_unknown_and_bridged_interfaces() -> None:
     from_rules = desired.chains[4][FROM_POD_CHAIN]
     to_rules = desired.chains[4][TO_POD_CHAIN]
     veth_a = [r for r in from_rules if "-i veth-a " in r]
-    assert "-s 10.0.0.1/32" in veth_a[0] and "-g PF-E" in veth_a[0]
+    # IPv4 options (but a lone Router Alert) first: a source route would slip past the dispatch
+    assert "podfence:ipopts ns/a" in veth_a[0] and "--u32" in veth_a[0] and veth_a[0].endswith("-j DROP")
+    assert "-s 10.0.0.1/32" in veth_a[1] and "-g PF-E" in veth_a[1]
     assert "podfence:spoof ns/a" in veth_a[-1] and veth_a[-1].endswith("-j DROP")
+    assert not any("--u32" in r for r in desired.chains[6][FROM_POD_CHAIN])
     bridged = [r for r in from_rules if "--physdev-in veth-c " in r]
-    assert [r.split(" -s ")[1].split()[0] for r in bridged[:2]] == ["10.0.0.5/32", "10.0.0.6/32"]
+    assert "podfence:ipopts ns/m" in bridged[0]
+    assert [r.split(" -s ")[1].split()[0] for r in bridged[1:3]] == ["10.0.0.5/32", "10.0.0.6/32"]
     assert bridged[-1].endswith("-j DROP")
     assert any("--physdev-out veth-c --physdev-is-bridged" in r for r in to_rules)
     assert any("-o cni0 -d 10.0.0.5" in r and "! --physdev-is-bridged" in r for r in to_rules)

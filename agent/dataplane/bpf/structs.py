@@ -28,9 +28,10 @@ class Reason(IntEnum):
     VLAN_TAGGED = 9
     SPOOFED_MAC = 10
     ROGUE_NDP = 11
+    IP_OPTIONS = 12
 
 
-REASON_MAX = 12
+REASON_MAX = 13
 
 
 class Direction(IntEnum):

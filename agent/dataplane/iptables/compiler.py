@@ -4,7 +4,8 @@ Layout in the filter table of each family (iptables and ip6tables):
 
     FORWARD --(hook)--> PF-FWD:  -j PF-FROM ; -j PF-TO
     INPUT   --(hook)--> PF-FROM
-    PF-FROM: per endpoint and source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
+    PF-FROM: per endpoint: IPv4 options but a lone Router Alert -> DROP (source routes);
+             per source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
              then "-i <if> -j DROP" (anti-spoofing: any other source from that interface)
     PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
     PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; (ingress) node IPs -> RETURN; allows -> RETURN;
@@ -75,6 +76,13 @@ NDP = "podfence:ndp"
 UNKNOWN = "podfence:unknown"
 DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
 SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
+IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
+# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>"
+FROM_POD_DROPS = (SPOOF, IP_OPTIONS)
+# IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
+# four option bytes 0x94040000). A source route is why: the node rewrites the destination after
+# FORWARD, where the pod's chain judged a packet to the node.
+_IP_OPTIONS_MATCH = '-m u32 --u32 "0>>24&0xF=6:15" -m u32 ! --u32 "0>>24&0xF=6&&20=0x94040000"'
 
 EGRESS = "egress"
 INGRESS = "ingress"
@@ -332,6 +340,10 @@ class _Compiler:
         ingress = self._endpoint_chain(endpoint, INGRESS, family)
         own_ips = [ip for ip in endpoint.ips if ip.version == family]
         came_from = self._from_match(interface)
+        if family == 4:
+            from_rules.append(
+                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} -j DROP"
+            )
         for ip in own_ips:
             width = 32 if family == 4 else 128
             from_rules.append(

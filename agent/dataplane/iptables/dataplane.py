@@ -42,10 +42,10 @@ from agent.dataplane.iptables.compiler import (
     FIXED_CHAINS,
     FORWARD_CHAIN,
     FROM_POD_CHAIN,
+    FROM_POD_DROPS,
     HOOKS,
     INGRESS,
     SET_PREFIX,
-    SPOOF,
     TO_POD_CHAIN,
     DesiredState,
     Interface,
@@ -99,7 +99,7 @@ def _tally_chains(
             elif comment == DENY:
                 tally.denied_packets += rule.packets
                 tally.denied_bytes += rule.bytes
-        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(SPOOF + " "):
+        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS)):
             tally = tallies.setdefault((rule.comment.split(" ", 1)[1], EGRESS), _Tally())
             tally.denied_packets += rule.packets
             tally.denied_bytes += rule.bytes
@@ -379,17 +379,17 @@ class IptablesDataplane:
         ):
             return set()  # the kernel holds what the last commit wrote: one restore saved
 
-        # Flushing PF-FROM would zero its anti-spoofing counters: write them back with the rules.
+        # Flushing PF-FROM would zero its drop counters: write them back with the rules.
         spoof_counters = {
             r.comment: (r.packets, r.bytes)
             for r in table.chain_rules(FROM_POD_CHAIN)
-            if r.comment.startswith(SPOOF)
+            if r.comment.startswith(FROM_POD_DROPS)
         }
         lines = ["*filter", *(f":{c} - [0:0]" for c in (*FIXED_CHAINS, *new, *stale))]
         for chain in (*FIXED_CHAINS, *new):
             for spec in chains[chain]:
                 prefix = ""
-                if chain == FROM_POD_CHAIN and f'"{SPOOF} ' in spec:
+                if chain == FROM_POD_CHAIN and any(f'"{p} ' in spec for p in FROM_POD_DROPS):
                     comment = spec.split('--comment "', 1)[1].split('"', 1)[0]
                     packets, byte_count = spoof_counters.get(comment, (0, 0))
                     prefix = f"[{packets}:{byte_count}] "
