@@ -1,0 +1,186 @@
+"""Checks a generated policy set with the reference evaluator before anything is printed.
+
+One representative pod per workload (the pods of a workload share the labels every selector
+sees), the cluster DNS, and one address per outside peer make a matrix of connections: every
+ordered pair, on every port a destination serves or was seen on, plus Envoy's own ports. Each is
+judged twice by agent.policy.evaluator: with the policies in force before (none, or `--diff
+DIR`) and with the generated set. The result says whether every declared edge is allowed, what
+is now denied that was open, what is now open that was denied, and what the generated set allows
+beyond the edges, each with the rules that allow it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.derive.graph import DNS_PORTS, SIDECAR_PORTS, Graph, Outside, Workload
+from agent.derive.render import DnsTarget
+from agent.model.objects import IPAddress, Namespace, NetworkPolicy, Pod, Protocol
+from agent.policy.evaluator import DirectionVerdict, evaluate
+from agent.policy.state import ClusterState
+
+WORLD_IP = ipaddress.ip_address("203.0.113.10")  # TEST-NET-3: stands for any client outside
+
+
+@dataclass
+class Report:
+    declared: int = 0
+    denied_declared: list[dict[str, Any]] = field(default_factory=list)
+    newly_denied: list[dict[str, Any]] = field(default_factory=list)
+    newly_allowed: list[dict[str, Any]] = field(default_factory=list)
+    allowed_beyond: list[dict[str, Any]] = field(default_factory=list)
+    untouched: int = 0  # allowed connections between endpoints that no policy selects
+
+    @property
+    def ok(self) -> bool:
+        return not self.denied_declared
+
+
+@dataclass
+class _Matrix:
+    endpoints: dict[str, Pod | IPAddress]
+    ports: dict[str, set[tuple[Protocol, int]]]
+    declared: dict[tuple[str, str, Protocol, int], str]
+
+
+def _pods(graph: Graph, dns: DnsTarget) -> tuple[dict[str, Pod | IPAddress], str]:
+    """Representative endpoints by key, and the key of the DNS endpoint."""
+    endpoints: dict[str, Pod | IPAddress] = {}
+    dns_key = ""
+    for octet, workload in enumerate(graph.workloads, 1):
+        labels = graph.samples.get(workload.key, dict(workload.labels))
+        endpoints[workload.key] = Pod(
+            namespace=workload.namespace,
+            name=workload.name,
+            node_name="node",
+            labels=labels,
+            ips=(ipaddress.ip_address(f"10.244.{octet // 250}.{octet % 250 + 1}"),),
+            ports=workload.ports,
+        )
+        if workload.namespace == dns.namespace and all(labels.get(k) == v for k, v in dns.labels):
+            dns_key = workload.key
+    if not dns_key:
+        dns_key = f"{dns.namespace}/cluster-dns"
+        endpoints[dns_key] = Pod(
+            namespace=dns.namespace,
+            name="cluster-dns",
+            node_name="node",
+            labels=dict(dns.labels),
+            ips=(ipaddress.ip_address("10.244.255.10"),),
+        )
+    endpoints["world"] = WORLD_IP
+    for edge in graph.edges:
+        for end in (edge.source, edge.destination):
+            if isinstance(end, Outside) and end.cidr is not None:
+                endpoints[end.key] = end.cidr.network_address + (1 if end.cidr.num_addresses > 1 else 0)
+    return endpoints, dns_key
+
+
+def _matrix(graph: Graph, dns: DnsTarget, mesh: bool) -> _Matrix:
+    endpoints, dns_key = _pods(graph, dns)
+    ports: dict[str, set[tuple[Protocol, int]]] = defaultdict(set)
+    for workload in graph.workloads:
+        ports[workload.key].update((p.protocol, p.port) for p in workload.ports)
+        if mesh:
+            ports[workload.key].update((Protocol.TCP, p) for p in SIDECAR_PORTS)
+    ports[dns_key].update(DNS_PORTS)
+    declared: dict[tuple[str, str, Protocol, int], str] = {}
+    for edge in graph.edges:
+        ports[edge.destination.key].add((edge.protocol, edge.port))
+        declared[(edge.source.key, edge.destination.key, edge.protocol, edge.port)] = edge.why
+    for workload in graph.workloads:
+        if workload.key != dns_key and (workload.namespace in graph.namespaces or graph.managed(workload)):
+            for protocol, port in DNS_PORTS:
+                declared[(workload.key, dns_key, protocol, port)] = "DNS"
+    return _Matrix(endpoints, ports, declared)
+
+
+def _state(
+    endpoints: dict[str, Pod | IPAddress], namespaces: list[Namespace], policies: list[NetworkPolicy]
+) -> ClusterState:
+    pods = [e for e in endpoints.values() if isinstance(e, Pod)]
+    return ClusterState.from_objects([*namespaces, *pods, *policies])
+
+
+def _direction_reason(
+    state: ClusterState, name: str, subject: str, verdict: DirectionVerdict, peers: str
+) -> str:
+    if not verdict.isolated:
+        return f"{subject} is not isolated for {name}"
+    parts = []
+    for match in verdict.allowing:
+        policy = state.policies[match.policy]
+        rule = (policy.ingress if name == "ingress" else policy.egress)[match.index]
+        if not rule.peers:
+            scope = f"any {peers}"
+        elif any(p.ip_block is not None for p in rule.peers):
+            scope = "an ipBlock"
+        else:
+            scope = "a selector"
+        parts.append(f"{match.policy} {name} rule #{match.index} ({scope})")
+    return "allowed by " + ", ".join(parts)
+
+
+def _port_text(protocol: Protocol, port: int) -> str:
+    return f"{protocol.value}/{port}"
+
+
+def verify(
+    graph: Graph,
+    generated: list[NetworkPolicy],
+    before: list[NetworkPolicy],
+    dns: DnsTarget,
+    namespaces: list[Namespace] | None = None,
+    mesh: bool = False,
+) -> Report:
+    """Judges the matrix before and after; `mesh` adds Envoy's ports to every workload's ports."""
+    matrix = _matrix(graph, dns, mesh)
+    namespaces = namespaces or []
+    after_state = _state(matrix.endpoints, namespaces, generated)
+    before_state = _state(matrix.endpoints, namespaces, before)
+    report = Report(declared=len(matrix.declared))
+    denied: dict[tuple[str, str], list[str]] = defaultdict(list)
+    opened: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for src_key, src in matrix.endpoints.items():
+        for dst_key, dst in matrix.endpoints.items():
+            if src_key == dst_key:
+                continue
+            for protocol, port in sorted(matrix.ports.get(dst_key, ())):
+                after = evaluate(after_state, src, dst, protocol, port)
+                was = evaluate(before_state, src, dst, protocol, port).allowed
+                why = matrix.declared.get((src_key, dst_key, protocol, port))
+                if why is not None and not after.allowed:
+                    report.denied_declared.append(
+                        {"from": src_key, "to": dst_key, "protocol": protocol.value, "port": port, "why": why}
+                    )
+                if was and not after.allowed:
+                    denied[(src_key, dst_key)].append(_port_text(protocol, port))
+                if after.allowed and not was:
+                    opened[(src_key, dst_key)].append(_port_text(protocol, port))
+                if after.allowed and why is None and not after.egress.isolated and not after.ingress.isolated:
+                    report.untouched += 1  # no policy, generated or not, governs this pair
+                elif after.allowed and why is None:
+                    reason = "; ".join(
+                        [
+                            _direction_reason(after_state, "egress", src_key, after.egress, "destination"),
+                            _direction_reason(after_state, "ingress", dst_key, after.ingress, "source"),
+                        ]
+                    )
+                    report.allowed_beyond.append(
+                        {
+                            "from": src_key,
+                            "to": dst_key,
+                            "protocol": protocol.value,
+                            "port": port,
+                            "reason": reason,
+                        }
+                    )
+    report.newly_denied = [{"from": s, "to": d, "ports": p} for (s, d), p in sorted(denied.items())]
+    report.newly_allowed = [{"from": s, "to": d, "ports": p} for (s, d), p in sorted(opened.items())]
+    return report
+
+
+__all__ = ["Report", "Workload", "verify"]
