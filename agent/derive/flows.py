@@ -16,13 +16,33 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from agent.derive.graph import Edge, Endpoint, Graph, Note, Outside, Workload, aggregate, stable_labels
+from agent.derive.graph import (
+    Edge,
+    Endpoint,
+    Graph,
+    Note,
+    Outside,
+    Workload,
+    aggregate,
+    dns_name,
+    stable_labels,
+)
 from agent.derive.inputs import InputError
 from agent.derive.render import DnsTarget, workload_name
 from agent.model.objects import IPAddress, Pod, Protocol
 from agent.policy.state import ClusterState, takes_part_in_selectors
 
 MAX_LINES = 5_000_000
+# Ranges clusters draw pod, Service and node addresses from: a peer there that is no pod is
+# worth a second look (documentation ranges, which Python also calls private, are not).
+INTERNAL = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def _internal(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    return any(network.version == n.version and network.subnet_of(n) for n in INTERNAL)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -106,6 +126,8 @@ class _Mapper:
         if known is None:
             names = {w.name for w in self.workloads.values() if w.namespace == pod.namespace}
             name = workload_name(dict(labels), pod.name) if labels else "all-pods"
+            if name in names:  # e.g. two pools of one app: every label value tells them apart
+                name = dns_name("-".join(v for _, v in labels), name)
             while name in names:
                 name += "-x"
             known = Workload(pod.namespace, labels, name, pod.ports)
@@ -203,7 +225,7 @@ def observe(
             e.key
             for edge in graph.edges
             for e in (edge.source, edge.destination)
-            if isinstance(e, Outside) and e.cidr is not None and e.cidr.is_private
+            if isinstance(e, Outside) and e.cidr is not None and _internal(e.cidr)
         }
     ):
         graph.notes.append(

@@ -277,11 +277,23 @@ class _Deriver:
                     )
                 )
             for section in ("http", "tcp", "tls"):
+                taken: set[tuple[str, Workload]] = set()  # (gateway, source) an earlier route took whole
                 for i, route in enumerate(sequence(spec.get(section), f"{where}: spec.{section}")):
-                    self._route(mapping(route, where), namespace, name, f"{section}[{i}]", bound)
+                    self._route(mapping(route, where), namespace, name, f"{section}[{i}]", bound, taken)
         return routed
 
-    def _route(self, route: dict[str, Any], namespace: str, name: str, at: str, bound: list[str]) -> None:
+    def _route(
+        self,
+        route: dict[str, Any],
+        namespace: str,
+        name: str,
+        at: str,
+        bound: list[str],
+        taken: set[tuple[str, Workload]],
+    ) -> None:
+        """One route's edges. Istio uses the first route that matches; a match on the source alone
+        (sourceLabels, sourceNamespace, gateways) takes those sources whole, so later routes of
+        the section never see them (`taken`). A match with request conditions takes nothing."""
         who = f"VirtualService {namespace}/{name}"
         if route.get("delegate"):
             self.notes.append(
@@ -323,7 +335,10 @@ class _Deriver:
                     for s in sources
                     if all(dict(s.labels).get(k) == v for k, v in source_labels.items())
                     and (source_ns is None or s.namespace == source_ns)
+                    and (gateway, s) not in taken
                 ]
+                if set(match) <= {"sourceLabels", "sourceNamespace", "gateways"}:
+                    taken |= {(gateway, s) for s in sources}
                 for destination in destinations:
                     for target in self.targets(mapping(destination, who), namespace, who, hint):
                         self.connect(sources, target, mesh, f"{who} {at} -> {target.service.name}")
