@@ -119,8 +119,13 @@ class _Mapper:
             if takes_part_in_selectors(pod):
                 self.workload(pod)
 
+    def labels(self, pod: Pod) -> tuple[tuple[str, str], ...]:
+        """The pod's labels among --label-keys; all its stable labels when it has none of those keys
+        (an empty selector would take in every pod of the namespace)."""
+        return stable_labels(pod.labels, self.options.label_keys) or stable_labels(pod.labels)
+
     def workload(self, pod: Pod) -> Workload:
-        labels = stable_labels(pod.labels, self.options.label_keys)
+        labels = self.labels(pod)
         key = (pod.namespace, labels)
         known = self.workloads.get(key)
         if known is None:
@@ -145,7 +150,7 @@ class _Mapper:
         if pod is None:
             ip: IPAddress = side["ip"]
             return Outside(aggregate(ip, self.options.prefix_v4, self.options.prefix_v6))
-        return self.workloads[(pod.namespace, stable_labels(pod.labels, self.options.label_keys))]
+        return self.workloads[(pod.namespace, self.labels(pod))]
 
     def is_dns(self, endpoint: Endpoint) -> bool:
         return (
