@@ -53,7 +53,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def namespaces(args: argparse.Namespace) -> list[str] | None:
     if not args.namespace:
         return None
-    return sorted({n.strip() for item in args.namespace for n in item.split(",") if n.strip()})
+    # Repeated flags give a list; PODFENCE_NAMESPACE gives one comma-separated string.
+    items = [args.namespace] if isinstance(args.namespace, str) else args.namespace
+    return sorted({n.strip() for item in items for n in item.split(",") if n.strip()})
 
 
 def dns_target(args: argparse.Namespace) -> DnsTarget:

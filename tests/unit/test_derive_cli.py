@@ -138,3 +138,13 @@ def test_invalid_generated_object_is_a_failure_not_output(
     code, out, err = _call(capsys, "derive", "--istio", str(BOOKINFO_ISTIO))
     assert (code, out) == (1, "")
     assert "generated an invalid object" in err
+
+
+def test_namespace_from_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PODFENCE_NAMESPACE is one comma-separated string, not a list of repeated flags."""
+    monkeypatch.setenv("PODFENCE_NAMESPACE", "jobs,monitoring")
+    code, out, _ = _call(capsys, "suggest", "--flows", str(JOBS / "flows.jsonl"), "--source", str(JOBS))
+    assert code == 0
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out)} == {"jobs", "monitoring"}
