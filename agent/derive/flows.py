@@ -33,6 +33,7 @@ from agent.model.objects import IPAddress, Pod, Protocol
 from agent.policy.state import ClusterState, takes_part_in_selectors
 
 MAX_LINES = 5_000_000
+MAX_LINE_CHARS = 65_536  # a record is a few hundred characters
 # Ranges clusters draw pod, Service and node addresses from: a peer there that is no pod is
 # worth a second look (documentation ranges, which Python also calls private, are not).
 INTERNAL = tuple(
@@ -78,6 +79,8 @@ def read_flows(stream: TextIO, source: str) -> list[dict[str, Any]]:
     for number, line in enumerate(stream, 1):
         if number > MAX_LINES:
             raise InputError(f"{source}: more than {MAX_LINES} lines")
+        if len(line) > MAX_LINE_CHARS:
+            raise InputError(f"{source}:{number}: longer than {MAX_LINE_CHARS} characters: not a flow record")
         if not line.strip():
             continue
         try:

@@ -20,6 +20,19 @@ class InputError(ValueError):
     """Input the user must fix; reported on stderr with exit code 2."""
 
 
+class _NoAliases(yaml.SafeLoader):
+    """kubectl never writes anchors and aliases; refusing them keeps a few lines of "billion
+    laughs" YAML from expanding into more entries than the derivation could ever walk."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _items(doc: object, source: str, depth: int = 0) -> Iterator[dict[str, Any]]:
     if doc is None:
         return
@@ -51,7 +64,7 @@ def read_documents(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             if file.stat().st_size > MAX_FILE_BYTES:
                 raise InputError(f"{file}: larger than the {MAX_FILE_BYTES // (1024 * 1024)} MiB limit")
             text = file.read_text(encoding="utf-8-sig")
-            loaded = list(yaml.safe_load_all(text))
+            loaded = list(yaml.load_all(text, Loader=_NoAliases))
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{file}: cannot read: {exc}") from None
         except yaml.YAMLError as exc:

@@ -217,8 +217,8 @@ class Scope:
         return [
             a
             for a in self.allows
-            if (a.namespace == workload.namespace or (a.namespace == self.root and a.selector is None))
-            and _matches_labels(a.selector, workload)
+            # The root namespace's policies apply mesh-wide, narrowed by their selector if any.
+            if a.namespace in (workload.namespace, self.root) and _matches_labels(a.selector, workload)
         ]
 
     def authorization_allows(self, destination: Workload, source: Workload, port: int) -> bool:

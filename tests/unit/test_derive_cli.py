@@ -148,3 +148,15 @@ def test_namespace_from_the_environment(
     code, out, _ = _call(capsys, "suggest", "--flows", str(JOBS / "flows.jsonl"), "--source", str(JOBS))
     assert code == 0
     assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out)} == {"jobs", "monitoring"}
+
+
+def test_yaml_aliases_and_huge_lines_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "istio").mkdir()
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nkind: Service\n"
+    (tmp_path / "istio" / "lol.yaml").write_text(laughs)
+    code, out, err = _call(capsys, "derive", "--istio", str(tmp_path / "istio"))
+    assert (code, out) == (2, "") and "aliases" in err
+    flows = tmp_path / "flows.jsonl"
+    flows.write_text('{"time": "' + "x" * 70_000 + '"}\n')
+    code, out, err = _call(capsys, "suggest", "--flows", str(flows), "--source", str(JOBS))
+    assert (code, out) == (2, "") and f"{flows}:1: longer than" in err

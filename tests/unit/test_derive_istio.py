@@ -179,3 +179,19 @@ def test_without_sidecars_or_authorization_every_workload_may_call(tmp_path: Pat
         "payments/payment-v2",
     }
     assert any("no Sidecar or AuthorizationPolicy" in n.why for n in graph.notes)
+
+
+def test_root_namespace_policy_with_selector_applies_in_every_namespace(tmp_path: Path) -> None:
+    from agent.derive.inputs import read_documents
+    from agent.derive.istio import derive_istio
+
+    (tmp_path / "w.yaml").write_text((DATA / "shop" / "workloads.yaml").read_text())
+    (tmp_path / "ap.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {namespace: istio-system, name: payment-callers}\n"
+        "spec:\n  selector: {matchLabels: {app: payment}}\n"
+        "  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/checkout]}}]}]\n"
+    )
+    graph = derive_istio(read_documents(tmp_path))
+    callers = {e.source.key for e in graph.edges if e.destination.key == "payments/payment-v1"}
+    assert callers == {"shop/checkout"}
