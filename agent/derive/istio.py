@@ -21,11 +21,13 @@ from typing import Any
 
 from agent.derive.graph import SIDECAR_PORTS, Edge, Graph, Note, Outside, Workload
 from agent.derive.inputs import mapping, meta, sequence, string_map
+from agent.derive.istio_external import service_entries
 from agent.derive.istio_scope import Scope
 from agent.derive.workloads import Service, read_services, read_workloads
 from agent.model.objects import Protocol
 
 ROUTED = {
+    "ServiceEntry",
     "VirtualService",
     "DestinationRule",
     "Gateway",
@@ -36,7 +38,6 @@ ROUTED = {
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 NOT_TRANSLATED = {
-    "ServiceEntry": "hosts outside the mesh: no egress derived for them",
     "WorkloadEntry": "workloads outside Kubernetes have no pods to select",
     "EnvoyFilter": "raw Envoy configuration is not interpreted",
     "PeerAuthentication": "mTLS mode does not change which pods connect",
@@ -400,10 +401,21 @@ def derive_istio(
     deriver.read_subsets()
     routed = deriver.read_virtual_services()
     deriver.default_routes(routed)
+    service_entries(documents, deriver.graph, deriver.scope, deriver.mesh_workloads())
     deriver.control_plane()
     graph = deriver.graph
     covered = {w.namespace for w in deriver.mesh_workloads() if w.key not in graph.unmanaged}
     graph.namespaces = sorted(set(namespaces) if namespaces else covered - {root_namespace})
     if namespaces:
         graph.unmanaged |= {w.key for w in graph.workloads if w.namespace not in namespaces}
+    if graph.namespaces:
+        graph.notes.append(
+            Note(
+                "mesh",
+                "outbound traffic",
+                "",
+                "egress outside the cluster comes only from ServiceEntries with fixed addresses; "
+                "anything else the mesh would pass through (outboundTrafficPolicy ALLOW_ANY) is denied",
+            )
+        )
     return graph

@@ -179,36 +179,43 @@ class Scope:
         return None
 
     def egress_allows(self, source: Workload, service: Service, port: int) -> bool:
-        sidecar = self.sidecar_for(source)
-        if sidecar is None:
-            return True
-        for listener_port, hosts in sidecar.egress:
-            if listener_port is not None and listener_port != port:
-                continue
-            if any(self._host_matches(h, sidecar.namespace, service) for h in hosts):
-                return True
-        return False
-
-    @staticmethod
-    def _host_matches(entry: str, sidecar_namespace: str, service: Service) -> bool:
-        namespace, _, host = entry.rpartition("/")
-        namespace = namespace or "*"
-        if namespace == "~":
-            return False
-        if namespace == ".":
-            namespace = sidecar_namespace
-        if namespace != "*" and namespace != service.namespace:
-            return False
-        if host == "*":
-            return True
         names = {
             service.fqdn,
             service.name,
             f"{service.name}.{service.namespace}",
             f"{service.name}.{service.namespace}.svc",
         }
+        return self.egress_allows_host(source, service.namespace, names, service.fqdn, port)
+
+    def egress_allows_host(
+        self, source: Workload, namespace: str, names: set[str], fqdn: str, port: int
+    ) -> bool:
+        """May `source`'s proxy reach the host `fqdn` (also known as `names`) declared in `namespace`?"""
+        sidecar = self.sidecar_for(source)
+        if sidecar is None:
+            return True
+        for listener_port, hosts in sidecar.egress:
+            if listener_port is not None and listener_port != port:
+                continue
+            if any(self._host_matches(h, sidecar.namespace, namespace, names, fqdn) for h in hosts):
+                return True
+        return False
+
+    @staticmethod
+    def _host_matches(entry: str, sidecar_namespace: str, namespace: str, names: set[str], fqdn: str) -> bool:
+        """One `namespace/host` entry of a Sidecar's egress hosts against a host declared in `namespace`."""
+        entry_namespace, _, host = entry.rpartition("/")
+        entry_namespace = entry_namespace or "*"
+        if entry_namespace == "~":
+            return False
+        if entry_namespace == ".":
+            entry_namespace = sidecar_namespace
+        if entry_namespace not in ("*", namespace):
+            return False
+        if host == "*":
+            return True
         if host.startswith("*."):
-            return service.fqdn.endswith(host[1:])
+            return fqdn.endswith(host[1:])
         return host in names
 
     # -- AuthorizationPolicy ALLOW --------------------------------------------------------

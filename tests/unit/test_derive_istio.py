@@ -8,6 +8,7 @@ no policy selects at all (istiod, the cluster DNS, the outside, which the output
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,17 @@ def test_shop_subsets_canary_payments_and_envoy_admin(
         *((shop["checkout"], p, "TCP", 50051) for p in pay),  # 90/10 split: both versions
         *((p, ISTIOD, "TCP", 15012) for p in proxies),
         *dns_to(proxies, DNS),
+        *((p, "198.51.100.0/28", "TCP", 443) for p in pay),
+        # Every address outside reaches the gateway, as "world" does.
+        *((o, GW, "TCP", n) for o in ("198.51.100.0/28", "198.51.100.99") for n in (8080, 8443)),
     }
     ports = {(p, n) for _, _, p, n in expected} | {("TCP", p) for p in ENVOY_PORTS}
-    got = _check(run.policies, run.summary, _endpoints(folder), ports, expected)
+    endpoints = _endpoints(folder)
+    endpoints["198.51.100.0/28"] = ipaddress.ip_address("198.51.100.1")
+    endpoints["198.51.100.99"] = ipaddress.ip_address("198.51.100.99")  # outside the entry's range
+    got = _check(run.policies, run.summary, endpoints, ports, expected)
+    assert (pay[0], "198.51.100.99", "TCP", 443) not in got
+    assert (shop["checkout"], "198.51.100.0/28", "TCP", 443) not in got
     assert ("world", GW, "TCP", 15000) not in got
     assert (shop["frontend-canary"], cat1, "TCP", 3550) not in got
     assert (shop["cart"], pay[0], "TCP", 50051) not in got
@@ -155,7 +164,11 @@ def test_shop_subsets_canary_payments_and_envoy_admin(
     notes = {(n["kind"], n["name"], n["field"]) for n in run.summary["not_translated"]}
     assert ("Gateway", "shop/shop-gateway", "spec.servers[2].port") in notes  # port 15000 refused
     assert ("AuthorizationPolicy", "payments/no-plaintext", "spec.action") in notes  # DENY
-    assert ("ServiceEntry", "payments/card-processor", "") in notes
+    assert ("ServiceEntry", "payments/card-processor", "spec.resolution") in notes  # DNS: no address
+    # The fraud check's fixed addresses: payments may reach them on 443, shop's workloads (whose
+    # Sidecar lists only their own namespace and istio-system) may not.
+    fraud = [e for e in run.summary["declared"] if e["to"] == "198.51.100.0/28"]
+    assert {(e["from"], e["port"]) for e in fraud} == {(p, 443) for p in pay}
 
 
 def test_without_sidecars_or_authorization_every_workload_may_call(tmp_path: Path) -> None:
