@@ -63,7 +63,7 @@ class _Deriver:
     ) -> None:
         self.graph = Graph()
         self.notes = self.graph.notes
-        workloads, samples = read_workloads(documents)
+        workloads, samples = read_workloads(documents, self.notes)
         self.graph.workloads, self.graph.samples = workloads, samples
         self.services = read_services(documents)
         self.by_host = {s.fqdn: s for s in self.services}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.derive.graph import Workload, stable_labels
+from agent.derive.graph import Note, Workload, stable_labels
 from agent.derive.inputs import InputError, mapping, meta, port_number, sequence, string_map
 from agent.derive.render import workload_name
 from agent.model.objects import ContainerPort, Protocol
@@ -91,8 +91,14 @@ def _workload(doc: dict[str, Any], kind: str) -> tuple[Workload, dict[str, str]]
     return Workload(namespace, selected, fallback, tuple(ports), str(account)), labels
 
 
+def _host_network(doc: dict[str, Any], kind: str) -> bool:
+    namespace, name = meta(doc, kind)
+    template = _template(doc, kind, f"{kind} {namespace}/{name}")
+    return mapping(template.get("spec"), kind).get("hostNetwork") is True
+
+
 def read_workloads(
-    documents: list[tuple[str, dict[str, Any]]],
+    documents: list[tuple[str, dict[str, Any]]], notes: list[Note]
 ) -> tuple[list[Workload], dict[str, dict[str, str]]]:
     """Workloads of the controllers first, then bare pods that no controller's labels cover."""
     workloads: list[Workload] = []
@@ -100,6 +106,17 @@ def read_workloads(
     for kind in (*CONTROLLERS, "CronJob", "Pod"):
         for _, doc in documents:
             if doc.get("kind") != kind:
+                continue
+            if _host_network(doc, kind):
+                notes.append(
+                    Note(
+                        kind,
+                        "/".join(meta(doc, kind)),
+                        "spec.hostNetwork",
+                        "its pods share their "
+                        "node's addresses: no policy selects them, no rule is derived for them",
+                    )
+                )
                 continue
             workload, labels = _workload(doc, kind)
             if any(w.namespace == workload.namespace and w.labels == workload.labels for w in workloads):

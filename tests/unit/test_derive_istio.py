@@ -208,3 +208,17 @@ def test_root_namespace_policy_with_selector_applies_in_every_namespace(tmp_path
     graph = derive_istio(read_documents(tmp_path))
     callers = {e.source.key for e in graph.edges if e.destination.key == "payments/payment-v1"}
     assert callers == {"shop/checkout"}
+
+
+def test_host_network_workloads_are_listed_not_selected(tmp_path: Path) -> None:
+    from agent.derive.inputs import read_documents
+    from agent.derive.istio import derive_istio
+
+    (tmp_path / "w.yaml").write_text(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {namespace: monitoring, name: node-exporter}\n"
+        "spec:\n  template:\n    metadata: {labels: {app: node-exporter}}\n"
+        "    spec: {hostNetwork: true, containers: [{name: e, ports: [{containerPort: 9100}]}]}\n"
+    )
+    graph = derive_istio(read_documents(tmp_path))
+    assert all(w.name != "node-exporter" for w in graph.workloads)
+    assert [(n.name, n.field) for n in graph.notes] == [("monitoring/node-exporter", "spec.hostNetwork")]
