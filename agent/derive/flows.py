@@ -118,6 +118,7 @@ class _Mapper:
         }
         self.workloads: dict[tuple[str, tuple[tuple[str, str], ...]], Workload] = {}
         self.samples: dict[str, dict[str, str]] = {}
+        self.sample_ips: dict[str, tuple[IPAddress, ...]] = {}
         for pod in sorted(state.pods.values(), key=lambda p: p.key):
             if takes_part_in_selectors(pod):
                 self.workload(pod)
@@ -140,6 +141,7 @@ class _Mapper:
                 name += "-x"
             known = Workload(pod.namespace, labels, name, pod.ports)
             self.samples[known.key] = dict(pod.labels)
+            self.sample_ips[known.key] = pod.ips
         else:
             known = Workload(
                 known.namespace, known.labels, known.name, tuple(dict.fromkeys(known.ports + pod.ports))
@@ -192,7 +194,7 @@ def observe(
         for end in (src, dst):
             if isinstance(end, Workload):
                 per_workload[end.key].add(record["time"])
-    graph = Graph(samples=mapper.samples)
+    graph = Graph(samples=mapper.samples, sample_ips=mapper.sample_ips)
     observation = Observation(graph, flows=len(records))
     involved: set[Workload] = set(dns_clients)
     for edge, stats in seen.items():

@@ -12,7 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from agent.model.objects import ContainerPort, IPNetwork, Labels, Protocol
+from agent.model.objects import ContainerPort, IPAddress, IPNetwork, Labels, Protocol
 
 # Labels that controllers stamp per revision, per replica or per run. Selecting on them would tie
 # a policy to one rollout (pod-template-hash), one replica (pod-name) or one Job run (job-name).
@@ -127,6 +127,9 @@ class Graph:
     namespaces: list[str] = field(default_factory=list)
     # Per workload key, the full labels of one of its pods, when real pods are known.
     samples: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per workload key, the addresses of that pod, when real pods are known: an ipBlock that
+    # contains a pod's address admits the pod too, and the check must see it.
+    sample_ips: dict[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     # Workloads that are peers only and get no policy (istiod, pods outside the chosen namespaces).
     unmanaged: set[str] = field(default_factory=set)
     _seen: set[Edge] = field(default_factory=set, repr=False)

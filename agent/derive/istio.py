@@ -103,10 +103,11 @@ class _Deriver:
             where = f"Gateway {namespace}/{name}"
             spec = mapping(doc.get("spec"), where)
             selector = string_map(spec.get("selector"), f"{where}: spec.selector")
+            # An empty selector would take in every workload: never a gateway anyone means.
             pods = [
                 w
                 for w in self.graph.workloads
-                if all(dict(w.labels).get(k) == v for k, v in selector.items())
+                if selector and all(dict(w.labels).get(k) == v for k, v in selector.items())
             ]
             if not pods:
                 self.notes.append(

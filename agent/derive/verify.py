@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.state import ClusterState
 
 WORLD_IP = ipaddress.ip_address("203.0.113.10")  # TEST-NET-3: stands for any client outside
+POD_POOL = ipaddress.ip_network("10.244.0.0/16")
+SPARE_POOLS = (ipaddress.ip_network("fd00:10:244::/64"), ipaddress.ip_network("100.64.0.0/10"))
 
 
 @dataclass
@@ -46,18 +49,34 @@ class _Matrix:
     declared: dict[tuple[str, str, Protocol, int], str]
 
 
+def _pod_addresses(graph: Graph) -> Iterator[IPAddress]:
+    """Addresses for the representative pods that no outside peer's ipBlock contains, so an
+    ipBlock rule never seems to admit a pod it would not admit in the cluster."""
+    blocks = [
+        e.cidr
+        for edge in graph.edges
+        for e in (edge.source, edge.destination)
+        if isinstance(e, Outside) and e.cidr is not None
+    ]
+    for pool in (POD_POOL, *SPARE_POOLS):
+        for address in pool.hosts():
+            if not any(address in block for block in blocks if block.version == address.version):
+                yield address
+
+
 def _pods(graph: Graph, dns: DnsTarget) -> tuple[dict[str, Pod | IPAddress], str]:
     """Representative endpoints by key, and the key of the DNS endpoint."""
     endpoints: dict[str, Pod | IPAddress] = {}
     dns_key = ""
-    for octet, workload in enumerate(graph.workloads, 1):
+    addresses = _pod_addresses(graph)
+    for workload in graph.workloads:
         labels = graph.samples.get(workload.key, dict(workload.labels))
         endpoints[workload.key] = Pod(
             namespace=workload.namespace,
             name=workload.name,
             node_name="node",
             labels=labels,
-            ips=(ipaddress.ip_address(f"10.244.{octet // 250}.{octet % 250 + 1}"),),
+            ips=graph.sample_ips.get(workload.key) or (next(addresses),),
             ports=workload.ports,
         )
         if workload.namespace == dns.namespace and all(labels.get(k) == v for k, v in dns.labels):
@@ -69,7 +88,7 @@ def _pods(graph: Graph, dns: DnsTarget) -> tuple[dict[str, Pod | IPAddress], str
             name="cluster-dns",
             node_name="node",
             labels=dict(dns.labels),
-            ips=(ipaddress.ip_address("10.244.255.10"),),
+            ips=(next(addresses),),
         )
     endpoints["world"] = WORLD_IP
     for edge in graph.edges:

@@ -199,3 +199,24 @@ def test_bookinfo_flows_match_the_hand_written_policies(
     assert {c for c in got if app(c)} == {c for c in written if app(c)}
     assert (DNS_POD, "istio-system/istio-ingressgateway-6f8d9c7b5-gw001", "TCP", 80) in written - got
     assert ("world", "istio-system/istio-ingressgateway-6f8d9c7b5-gw001", "TCP", 80) in written - got
+
+
+def test_wide_ip_blocks_that_take_in_pods_are_reported(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An ipBlock matches pod addresses too: aggregated to /0, the clients' block admits every
+    pod, and the summary must say so (the check uses the pods' real addresses)."""
+    run = run_cli(
+        capsys,
+        tmp_path,
+        "suggest",
+        "--flows",
+        str(JOBS / "flows.jsonl"),
+        "--source",
+        str(JOBS),
+        "--prefix-length",
+        "0",
+    )
+    assert run.code == 0
+    beyond = {(b["from"], b["to"], b["port"]): b["reason"] for b in run.summary["allowed_beyond"]}
+    assert "(an ipBlock)" in beyond[("jobs/worker", "ingress-nginx/ingress-nginx", 443)]
