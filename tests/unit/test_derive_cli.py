@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -160,3 +161,45 @@ def test_yaml_aliases_and_huge_lines_are_refused(capsys: pytest.CaptureFixture[s
     flows.write_text('{"time": "' + "x" * 70_000 + '"}\n')
     code, out, err = _call(capsys, "suggest", "--flows", str(flows), "--source", str(JOBS))
     assert (code, out) == (2, "") and f"{flows}:1: longer than" in err
+
+
+K8S_KINDS = {"Namespace", "Pod", "Service", "Deployment", "StatefulSet"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["derive", "--istio", str(BOOKINFO_ISTIO)],
+        ["derive", "--istio", str(DATA / "shop")],
+        ["suggest", "--flows", str(JOBS / "flows.jsonl"), "--source", str(JOBS), "--audit"],
+    ],
+    ids=["derive-bookinfo", "derive-shop", "suggest-jobrunner"],
+)
+def test_output_validates_against_the_kubernetes_schema(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, _ = _call(capsys, *argv)
+    assert code == 0
+    for doc in yaml.safe_load_all(out):
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        BOOKINFO_ISTIO / "bookinfo.yaml",
+        DATA / "shop" / "workloads.yaml",
+        DATA / "shop" / "mesh.yaml",
+        JOBS / "cluster.yaml",
+        DATA / "bookinfo-flows" / "cluster.yaml",
+    ],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_test_data_is_valid_kubernetes(path: Path) -> None:
+    """The apps' Kubernetes objects are what an API server would accept (Istio's kinds aside)."""
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    items = [item for doc in docs for item in (doc["items"] if doc["kind"] == "List" else [doc])]
+    checked = [item for item in items if item["kind"] in K8S_KINDS]
+    for item in checked:
+        kubernetes_validate.validate(item, "1.33.0", strict=True)
+    assert checked or path.name == "mesh.yaml"
