@@ -39,14 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="select workloads on these pod labels only (default: every label but "
         "per-revision ones such as pod-template-hash)",
     )
-    parser.add_argument("--min-count", type=int, default=1, help="leave out connections seen fewer times")
+    parser.add_argument(
+        "--min-count", type=int, default=1, metavar="N", help="leave out connections seen fewer times"
+    )
     parser.add_argument(
         "--prefix-length",
         type=int,
         default=24,
+        metavar="N",
         help="aggregate IPv4 peers outside the cluster to networks of this many bits",
     )
-    parser.add_argument("--prefix-length-v6", type=int, default=64, help="the same for IPv6 peers")
+    parser.add_argument(
+        "--prefix-length-v6", type=int, default=64, metavar="N", help="the same for IPv6 peers"
+    )
     add_common_arguments(parser)
 
 

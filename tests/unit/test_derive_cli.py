@@ -203,3 +203,12 @@ def test_test_data_is_valid_kubernetes(path: Path) -> None:
     for item in checked:
         kubernetes_validate.validate(item, "1.33.0", strict=True)
     assert checked or path.name == "mesh.yaml"
+
+
+def test_flows_from_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO((JOBS / "flows.jsonl").read_text()))
+    code, out, err = _call(capsys, "suggest", "--flows", "-", "--source", str(JOBS))
+    assert code == 0 and "observed connections, every one allowed" in err
+    assert len(list(yaml.safe_load_all(out))) > 5
