@@ -2,7 +2,7 @@
 # `make test` (lint, types, layering, then every test tier). Both bootstrap by themselves.
 PY := .venv/bin/python
 
-.PHONY: bootstrap demo test lint unit privileged e2e bench clean
+.PHONY: bootstrap demo test lint unit privileged e2e adversarial fuzz bench clean
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -27,6 +27,15 @@ privileged: bootstrap
 
 e2e: bootstrap
 	$(PY) -m pytest -q tests/e2e
+
+# the attacker's tier (hostile frames on both dataplanes, routed and bridged; hostile input)
+adversarial: bootstrap
+	$(PY) -m pytest -q tests/adversarial
+
+# the real-traffic differential fuzzer, long: PODFENCE_FUZZ_EXAMPLES random examples per lab
+# (make test runs a fixed dozen per lab)
+fuzz: bootstrap
+	PODFENCE_FUZZ_EXAMPLES=$${PODFENCE_FUZZ_EXAMPLES:-500} $(PY) -m pytest -q tests/adversarial/test_fuzz.py
 
 bench: bootstrap
 	$(PY) -m bench; status=$$?; $(PY) -m bench.report; exit $$status

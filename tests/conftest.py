@@ -1,5 +1,6 @@
 """Test tiers: tests/unit (no root), tests/privileged (root, own netns), tests/e2e (node lab),
-tests/kind (needs kind + Docker). Tiers are selected by directory and marked automatically."""
+tests/kind (needs kind + Docker), tests/adversarial (hostile frames and input). Tiers are
+selected by directory and marked automatically."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"  # upstream conformance cases, with their provenance in data/README.md
 CONFORMANCE_JSON = DATA / "k8s_netpol_cases.json"
 
-_TIER_MARKERS = {"privileged": pytest.mark.privileged, "e2e": pytest.mark.e2e, "kind": pytest.mark.kind}
+_TIER_MARKERS = {
+    "privileged": pytest.mark.privileged,
+    "e2e": pytest.mark.e2e,
+    "kind": pytest.mark.kind,
+    "adversarial": pytest.mark.adversarial,
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""Policy source: list+watch of Namespaces, Pods and NetworkPolicies on a Kubernetes API server.
+"""Policy source: list+watch of Namespaces, Pods, NetworkPolicies and ClusterNetworkPolicies.
 
 One thread per kind: list (remembering the list's resourceVersion), then watch from there,
 following every event's resourceVersion and the server's bookmarks. A 410 Gone (the version
@@ -12,6 +12,10 @@ stricter in places, and may be older than the cluster): an object whose new form
 validation keeps its previous valid form in force, on a watch event and on a re-list alike, with
 its error in `podfence status` and the metrics until it is fixed or deleted. An object invalid
 from its first appearance is rejected (reported, never applied); a deleted object is deleted.
+
+ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`) is a CRD a cluster may not have: while
+the API server answers 404 for it, the kind counts as listed and empty (so agents are served), and
+the list is retried every `backoff_max` seconds, so installing the CRD later takes effect.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.control.hub import PolicyHub, SourceProblem
+from agent.model.cluster_policy import CNP_API_VERSION
 from agent.model.load import parse_object
 from agent.model.objects import KubeObject
 
@@ -31,7 +36,14 @@ log = logging.getLogger(__name__)
 ObjectKey = tuple[str, str]  # (namespace, name) within one kind
 ListFunction = Callable[..., Any]
 
-API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+API_VERSIONS = {
+    "Namespace": "v1",
+    "Pod": "v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "ClusterNetworkPolicy": CNP_API_VERSION,
+}
+CLUSTER_SCOPED = frozenset({"Namespace", "ClusterNetworkPolicy"})
+OPTIONAL_KINDS = frozenset({"ClusterNetworkPolicy"})  # a CRD: absent (404) means none
 
 
 class _Relist(Exception):
@@ -43,10 +55,18 @@ def _api_list_functions(api_client: Any) -> dict[str, ListFunction]:
 
     core = client.CoreV1Api(api_client)
     networking = client.NetworkingV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    group, version = CNP_API_VERSION.split("/")
+
+    def list_cluster_network_policies(**kwargs: Any) -> Any:
+        """Lists (or with watch=True, watches) ClusterNetworkPolicies; items are plain dicts."""
+        return custom.list_cluster_custom_object(group, version, "clusternetworkpolicies", **kwargs)
+
     return {
         "Namespace": core.list_namespace,
         "Pod": core.list_pod_for_all_namespaces,
         "NetworkPolicy": networking.list_network_policy_for_all_namespaces,
+        "ClusterNetworkPolicy": list_cluster_network_policies,
     }
 
 
@@ -129,6 +149,10 @@ class KubernetesSource:
                     self.relists[kind] += 1
                     log.info("%s watch: 410 Gone; listing again", kind)
                     continue
+                if _status(exc) == 404 and kind in OPTIONAL_KINDS:
+                    self._absent(kind)
+                    stop.wait(self._backoff_max)
+                    continue
                 self.last_error = f"{kind} watch: {exc}"
                 self._hub.metrics.source_errors_total.inc()
                 pause = random.uniform(0, delay)
@@ -136,13 +160,25 @@ class KubernetesSource:
                 stop.wait(pause)
                 delay = min(self._backoff_max, delay * 2)
 
+    def _absent(self, kind: str) -> None:
+        """The API server does not serve `kind` (its CRD is not installed): none exist."""
+        self.resource_versions[kind] = None
+        if kind in self._listed and not self._known[kind]:
+            return  # still absent: nothing changed, no new version
+        log.info("%s: not served by the API server (CRD not installed); retrying every %.0f s",
+                 kind, self._backoff_max)
+        self._apply_listing(kind, {}, set())
+        self._report()
+
     def relist(self, kind: str) -> None:
         """Lists `kind` and makes the resolver hold exactly the listed objects of that kind."""
         result = self._list_functions[kind]()
         listed: dict[ObjectKey, KubeObject] = {}
         known = self._known[kind]
         present: set[ObjectKey] = set()
-        for item in getattr(result, "items", None) or []:
+        # Typed clients return model objects; the custom-objects client (a CRD) returns dicts.
+        items = result.get("items") if isinstance(result, dict) else getattr(result, "items", None)
+        for item in items or []:
             data = self._to_dict(item)
             obj = self._parse(kind, data)
             key = _identity(kind, data)
@@ -151,6 +187,19 @@ class KubernetesSource:
                 listed[(getattr(obj, "namespace", ""), obj.name)] = obj
             elif key in known:  # listed but invalid now: its last valid form stays in force
                 listed[key] = known[key]
+        self._apply_listing(kind, listed, present)
+        if isinstance(result, dict):
+            version = (result.get("metadata") or {}).get("resourceVersion")
+        else:
+            version = getattr(getattr(result, "metadata", None), "resource_version", None)
+        self.resource_versions[kind] = version or "0"
+        self._report()
+        log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,
+                 self.resource_versions[kind])
+
+    def _apply_listing(self, kind: str, listed: dict[ObjectKey, KubeObject], present: set[ObjectKey]) -> None:
+        """Makes the resolver hold exactly `listed` of `kind`; `present` = every listed key, valid or not."""
+        known = self._known[kind]
         with self._lock:  # objects deleted while unwatched: their errors go with them
             for invalid in [k for k in self._invalid if k[0] == kind and k[1:] not in present]:
                 del self._invalid[invalid]
@@ -166,11 +215,6 @@ class KubernetesSource:
         self._listed.add(kind)
         if self._listed >= set(self._list_functions):
             self.synced.set()
-        metadata = getattr(result, "metadata", None)
-        self.resource_versions[kind] = getattr(metadata, "resource_version", None) or "0"
-        self._report()
-        log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,
-                 self.resource_versions[kind])
 
     def _watch_once(self, kind: str, stop: threading.Event) -> None:
         watcher = self._watch_factory()
@@ -201,7 +245,7 @@ class KubernetesSource:
         if event_type == "BOOKMARK":
             self.resource_versions[kind] = version or self.resource_versions[kind]
             return
-        namespace = (raw.get("metadata") or {}).get("namespace", "") if kind != "Namespace" else ""
+        namespace = (raw.get("metadata") or {}).get("namespace", "") if kind not in CLUSTER_SCOPED else ""
         name = (raw.get("metadata") or {}).get("name", "")
         known = self._known[kind]
         if event_type == "DELETED":
@@ -273,7 +317,7 @@ class KubernetesSource:
 def _identity(kind: str, data: dict[str, Any]) -> ObjectKey:
     metadata = data.get("metadata")
     metadata = metadata if isinstance(metadata, dict) else {}
-    namespace = metadata.get("namespace", "") if kind != "Namespace" else ""
+    namespace = metadata.get("namespace", "") if kind not in CLUSTER_SCOPED else ""
     name = metadata.get("name", "")
     return (namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else "")
 

@@ -4,7 +4,9 @@ With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
 "last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
 "source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
-unreadable files of the policy source. Without it, a table for people. Exit 1 when unreachable.
+unreadable files of the policy source, and (source "control") every ClusterNetworkPolicy the
+source holds that the dataplanes do not enforce yet. Without it, a table for people. Exit 1 when
+unreachable.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kubernetes objects in, validated: Namespace, Pod and networking.k8s.io/v1 NetworkPolicy.
+"""Kubernetes objects in, validated: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy and Node.
 
 `agent.model.objects` holds the immutable types, `agent.model.load` reads them from YAML/JSON the
 way the API server validates them, `agent.model.errors` names a rejected object and field.

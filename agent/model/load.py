@@ -1,4 +1,6 @@
-"""Loads Namespace, Pod and NetworkPolicy objects from YAML/JSON and validates them.
+"""Loads Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy and Node objects from YAML/JSON.
+
+ClusterNetworkPolicy and Node are validated in agent.model.cluster_policy_load.
 
 Input is what `kubectl get -o yaml|json` writes or what the API server returns: single objects,
 multi-document YAML, `kind: List` and typed lists (`PodList`, ...). Validation follows the API
@@ -36,6 +38,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from agent.model import cluster_policy_load
+from agent.model.cluster_policy import CNP_API_VERSION
 from agent.model.errors import ModelError, PolicyError
 from agent.model.objects import (
     TERMINAL_PHASES,
@@ -132,7 +136,14 @@ def _nesting_upper_bound(text: str) -> int:
     return deepest_flow + deepest_block
 
 
-API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+API_VERSIONS = {
+    "Namespace": "v1",
+    "Pod": "v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "ClusterNetworkPolicy": CNP_API_VERSION,
+    "Node": "v1",
+}
+CLUSTER_SCOPED = frozenset({"Namespace", "ClusterNetworkPolicy", "Node"})
 
 # apimachinery/pkg/util/validation: the syntaxes of names, label keys and values, port names.
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -413,10 +424,10 @@ def _metadata_identity(doc: Mapping[Any, Any], kind: str) -> tuple[str | None, s
     """Best-effort (namespace, name) for naming an object in errors, before it is validated."""
     metadata = doc.get("metadata")
     if not isinstance(metadata, Mapping):
-        return (None if kind == "Namespace" else "default"), None
+        return (None if kind in CLUSTER_SCOPED else "default"), None
     name = metadata.get("name")
     name = name if isinstance(name, str) and name else None
-    if kind == "Namespace":
+    if kind in CLUSTER_SCOPED:
         return None, name
     namespace = metadata.get("namespace")
     return (namespace if isinstance(namespace, str) and namespace else "default"), name
@@ -616,10 +627,22 @@ def _parse_network_policy(p: _Parser, doc: Mapping[Any, Any]) -> NetworkPolicy:
     )
 
 
+def _parse_cluster_network_policy(p: _Parser, doc: Mapping[Any, Any]) -> KubeObject:
+    _, name, _ = _parse_metadata(p, doc, namespaced=False, name_problem=dns1123_subdomain_problem)
+    return cluster_policy_load.parse_cluster_network_policy(p, doc, name)
+
+
+def _parse_node(p: _Parser, doc: Mapping[Any, Any]) -> KubeObject:
+    _, name, labels = _parse_metadata(p, doc, namespaced=False, name_problem=dns1123_subdomain_problem)
+    return cluster_policy_load.parse_node(p, doc, name, labels)
+
+
 _PARSERS: dict[str, Callable[[_Parser, Mapping[Any, Any]], KubeObject]] = {
     "Namespace": _parse_namespace,
     "Pod": _parse_pod,
     "NetworkPolicy": _parse_network_policy,
+    "ClusterNetworkPolicy": _parse_cluster_network_policy,  # agent.model.cluster_policy_load
+    "Node": _parse_node,
 }
 
 
@@ -628,7 +651,7 @@ def parse_object(
 ) -> KubeObject | None:
     """One API object (as a dict) → a validated model object; None for kinds podfence ignores.
 
-    Raises PolicyError for an invalid Namespace, Pod or NetworkPolicy, or a document without a kind.
+    Raises PolicyError for an invalid object of a kind podfence reads, or a document without a kind.
     `source` (a file name, say) is carried into the error.
     """
     if not isinstance(doc, Mapping):

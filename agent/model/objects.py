@@ -9,7 +9,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:  # cluster_policy builds on the types here; only the alias below needs its names
+    from agent.model.cluster_policy import ClusterNetworkPolicy, Node
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -170,4 +173,4 @@ class NetworkPolicy:
         return f"{self.namespace}/{self.name}"
 
 
-KubeObject: TypeAlias = Namespace | Pod | NetworkPolicy
+KubeObject: TypeAlias = "Namespace | Pod | NetworkPolicy | ClusterNetworkPolicy | Node"

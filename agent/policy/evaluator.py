@@ -1,5 +1,8 @@
 """The reference evaluator: the executable form of NetworkPolicy semantics, and the test oracle.
 
+Each direction goes through the tiers Admin (ClusterNetworkPolicy) -> NetworkPolicy -> Baseline
+(ClusterNetworkPolicy) -> allow; agent.policy.tiers judges the two ClusterNetworkPolicy tiers.
+
 It reads ClusterState objects directly and never the compiled form, so comparing the two checks
 the compiler. It judges pod-level policy only: host-traffic exceptions (kubelet probes) and
 connection state are the dataplane's business.
@@ -13,10 +16,12 @@ it contains any of the pod's IPs; to judge one address of a dual-stack pod, pass
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from agent.model.cluster_policy import Action, Tier
 from agent.model.objects import IPAddress, NetworkPolicy, Peer, Pod, PolicyType, PortSpec, Protocol, Rule
 from agent.policy.state import ClusterState, takes_part_in_selectors
+from agent.policy.tiers import ClusterRuleMatch, judge_tier
 
 Endpoint = Pod | IPAddress
 
@@ -31,18 +36,31 @@ class RuleMatch:
     index: int
 
 
+TIER_NETWORK_POLICY = "NetworkPolicy"
+
+
 @dataclass(frozen=True)
 class DirectionVerdict:
-    """One direction's judgement. `isolating` = every policy that selects the pod for this direction."""
+    """One direction's judgement. `tier` is the tier that decided ("Admin", "NetworkPolicy",
+    "Baseline"), None when none did (allowed by default). `rule` is the ClusterNetworkPolicy rule
+    that decided (Admin or Baseline tier); `passed` the Pass rule(s) that handed over to a later
+    tier. For the NetworkPolicy tier: `isolating` = every NetworkPolicy that selects the pod for this
+    direction, `allowing` the rules that allowed it; `isolated` says whether any did."""
 
     isolated: bool = False
     allowed: bool = True
     allowing: tuple[RuleMatch, ...] = ()
     isolating: tuple[str, ...] = ()
+    tier: str | None = None
+    rule: ClusterRuleMatch | None = None
+    passed: tuple[ClusterRuleMatch, ...] = ()
 
     @property
     def policies(self) -> tuple[str, ...]:
-        """The policies that decided: those whose rules allowed it, else those that isolated it."""
+        """The policies that decided: the ClusterNetworkPolicy whose rule decided, else the
+        NetworkPolicies whose rules allowed it, else those that isolated it."""
+        if self.rule is not None:
+            return (self.rule.policy,)
         if self.allowing:
             return tuple(dict.fromkeys(m.policy for m in self.allowing))
         return self.isolating
@@ -136,10 +154,43 @@ def judge_direction(
     protocol: Protocol | int,
     port: int,
 ) -> DirectionVerdict:
-    """Judges one direction on `subject` (the source for egress, the destination for ingress)."""
+    """Judges one direction on `subject` (the source for egress, the destination for ingress):
+    Admin tier, then NetworkPolicy, then Baseline tier, then allow."""
     pod = _selector_pod(subject)
     if pod is None:
         return DirectionVerdict()
+    # A pod reaching its own IP is not subject to ClusterNetworkPolicy (SPEC.md, hairpin).
+    tiered = not (isinstance(other, Pod) and other.key == pod.key)
+    passed: list[ClusterRuleMatch] = []
+    if tiered:
+        admin = judge_tier(state, Tier.ADMIN, pod, other, direction, dst, protocol, port)
+        if admin is not None and admin.action is not Action.PASS:
+            return DirectionVerdict(allowed=admin.action is Action.ACCEPT, tier=Tier.ADMIN.value, rule=admin)
+        if admin is not None:
+            passed.append(admin)
+    network_policy = _judge_network_policies(state, pod, other, direction, dst, protocol, port)
+    if network_policy.isolated or not tiered:
+        return replace(network_policy, passed=tuple(passed))
+    baseline = judge_tier(state, Tier.BASELINE, pod, other, direction, dst, protocol, port)
+    if baseline is not None and baseline.action is not Action.PASS:
+        allowed = baseline.action is Action.ACCEPT
+        tier = Tier.BASELINE.value
+        return DirectionVerdict(allowed=allowed, tier=tier, rule=baseline, passed=tuple(passed))
+    if baseline is not None:
+        passed.append(baseline)
+    return DirectionVerdict(passed=tuple(passed))
+
+
+def _judge_network_policies(
+    state: ClusterState,
+    pod: Pod,
+    other: Endpoint,
+    direction: PolicyType,
+    dst: Endpoint,
+    protocol: Protocol | int,
+    port: int,
+) -> DirectionVerdict:
+    """The NetworkPolicy tier: decides (allowed or not) iff some NetworkPolicy isolates `pod`."""
     selecting = policies_selecting(state, pod, direction)
     if not selecting:
         return DirectionVerdict()
@@ -154,13 +205,14 @@ def judge_direction(
         allowed=bool(allowing),
         allowing=tuple(allowing),
         isolating=tuple(p.key for p in selecting),
+        tier=TIER_NETWORK_POLICY,
     )
 
 
 def evaluate(
     state: ClusterState, src: Endpoint, dst: Endpoint, protocol: Protocol | int, port: int
 ) -> Verdict:
-    """Is a new connection src -> dst:port/protocol allowed by NetworkPolicy?
+    """Is a new connection src -> dst:port/protocol allowed by ClusterNetworkPolicy and NetworkPolicy?
 
     `protocol` may be a number (1 for ICMP), which only rules without `ports` allow; pass port 0
     for protocols without ports."""

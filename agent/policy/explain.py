@@ -3,6 +3,11 @@
 Reads the same folder the control service reads, so "why is this blocked?" is answered from the
 exact objects being enforced. Invalid objects are reported as warnings and left out, as the
 control service does; the verdict uses every valid object.
+
+Each direction says which tier decided (Admin or Baseline ClusterNetworkPolicy, NetworkPolicy, or
+none: allowed by default), and for a ClusterNetworkPolicy the policy, its priority and the rule
+(index and name), plus any Pass rule that handed over to a later tier. Until the dataplanes
+enforce ClusterNetworkPolicy, a warning on stderr says so whenever one took part in the verdict.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from agent.model.load import LoadResult, load_file, load_folder
 from agent.model.objects import Pod, Protocol
 from agent.policy.evaluator import DirectionVerdict, Endpoint, Verdict, evaluate, parse_endpoint
 from agent.policy.state import ClusterState
+from agent.policy.tiers import ClusterRuleMatch
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -27,7 +33,7 @@ class _BadInput(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--source", required=True, help="folder (or file) of Namespace/Pod/NetworkPolicy YAML"
+        "--source", required=True, help="folder (or file) of Namespace/Pod/(Cluster)NetworkPolicy YAML"
     )
     parser.add_argument("--from", required=True, metavar="NS/POD|IP", help="client pod or IP address")
     parser.add_argument("--to", required=True, metavar="NS/POD|IP", help="server pod or IP address")
@@ -64,6 +70,18 @@ def _describe(endpoint: Endpoint) -> str:
     return str(endpoint)
 
 
+def _rule_json(match: ClusterRuleMatch) -> dict[str, Any]:
+    return {
+        "kind": "ClusterNetworkPolicy",
+        "policy": match.policy,
+        "tier": match.tier.value,
+        "priority": match.priority,
+        "index": match.index,
+        "name": match.name,
+        "action": match.action.value,
+    }
+
+
 def _direction_json(verdict: DirectionVerdict) -> dict[str, Any]:
     return {
         "isolated": verdict.isolated,
@@ -71,6 +89,9 @@ def _direction_json(verdict: DirectionVerdict) -> dict[str, Any]:
         "policies": list(verdict.policies),
         "allowed_by": [{"policy": m.policy, "rule": m.index} for m in verdict.allowing],
         "isolated_by": list(verdict.isolating),
+        "tier": verdict.tier,
+        "rule": None if verdict.rule is None else _rule_json(verdict.rule),
+        "passed": [_rule_json(m) for m in verdict.passed],
     }
 
 
@@ -78,13 +99,35 @@ def _direction_text(name: str, subject: Endpoint, verdict: DirectionVerdict) -> 
     where = f"{name:7} on {_describe(subject)}"
     if not isinstance(subject, Pod):
         return f"  {where}: a bare IP has no {name} policy -> allowed"
+    passed = "".join(f"{m.describe(name)}; " for m in verdict.passed)
+    if verdict.rule is not None:
+        outcome = "allowed" if verdict.allowed else "denied"
+        return f"  {where}: {passed}{verdict.rule.describe(name)} -> {outcome}"
     if not verdict.isolated:
+        if passed:
+            return f"  {where}: {passed}no later tier decides -> allowed"
         return f"  {where}: no policy selects it for {name} -> allowed"
     isolating = ", ".join(verdict.isolating)
     if verdict.allowed:
         rules = ", ".join(f"{m.policy} {name} rule #{m.index}" for m in verdict.allowing)
-        return f"  {where}: isolated by {isolating}; allowed by {rules}"
-    return f"  {where}: isolated by {isolating}; no {name} rule of these policies matches -> denied"
+        return f"  {where}: {passed}isolated by {isolating}; allowed by {rules}"
+    return f"  {where}: {passed}isolated by {isolating}; no {name} rule of these policies matches -> denied"
+
+
+def _unenforced_warning(verdict: Verdict) -> str | None:
+    """Until the dataplanes enforce ClusterNetworkPolicy (issue 23 phase 2): say so when one took part."""
+    names = {
+        m.policy
+        for direction in (verdict.egress, verdict.ingress)
+        for m in (*direction.passed, *([direction.rule] if direction.rule else []))
+    }
+    if not names:
+        return None
+    return (
+        f"warning: ClusterNetworkPolicy {', '.join(sorted(names))} took part in this verdict, but the "
+        "dataplanes do not enforce ClusterNetworkPolicy yet: the kernel judges this connection by "
+        "NetworkPolicy alone"
+    )
 
 
 def render_text(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
@@ -134,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     protocol = Protocol(args.protocol)
     verdict = evaluate(state, src, dst, protocol, port)
+    warning = _unenforced_warning(verdict)
+    if warning:
+        print(warning, file=sys.stderr)
     render = render_json if args.json else render_text
     print(render(src, dst, protocol, port, verdict))
     return EXIT_OK

@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.model.cluster_policy import ClusterNetworkPolicy, Node
 from agent.model.objects import (
     IPAddress,
     IPBlock,
@@ -61,6 +62,7 @@ from agent.policy.compiled import (
 from agent.policy.state import ClusterState, effective_namespace_labels, is_live, takes_part_in_selectors
 
 KIND_NAMESPACE, KIND_POD, KIND_POLICY = "Namespace", "Pod", "NetworkPolicy"
+KIND_CLUSTER_POLICY, KIND_NODE = "ClusterNetworkPolicy", "Node"
 
 # (own namespace or None, namespace selector or None, pod selector or None): one peer's selectors.
 # Exactly one of the first two is set: no namespaceSelector means "the policy's own namespace".
@@ -271,6 +273,10 @@ class Resolver:
         elif isinstance(obj, Pod):
             # A pod that turns Succeeded/Failed leaves every index here as a deletion would.
             self._put_pod(obj.key, obj if is_live(obj) else None)
+        elif isinstance(obj, ClusterNetworkPolicy | Node):
+            # Held for the evaluator and for `unenforced_policies`; not compiled into any node's
+            # policy: the dataplanes do not enforce ClusterNetworkPolicy yet (issue 23, phase 2).
+            self._state.put(obj)
         else:
             self._put_policy(obj.key, obj)
 
@@ -281,12 +287,22 @@ class Resolver:
             self._put_pod(f"{namespace}/{name}", None)
         elif kind == KIND_POLICY:
             self._put_policy(f"{namespace}/{name}", None)
+        elif kind == KIND_CLUSTER_POLICY:
+            self._state.cluster_policies.pop(name, None)
+        elif kind == KIND_NODE:
+            self._state.nodes.pop(name, None)
         else:
             raise ValueError(f"unknown kind {kind!r}")
+
+    def unenforced_policies(self) -> list[str]:
+        """The ClusterNetworkPolicies held but enforced by no dataplane yet, by name."""
+        return sorted(self._state.cluster_policies)
 
     def replace_all(self, objs: Iterable[KubeObject]) -> None:
         """Resync to exactly `objs`; unchanged objects cause no work and no dirtiness."""
         fresh = ClusterState.from_objects(list(objs))
+        self._state.cluster_policies = dict(fresh.cluster_policies)
+        self._state.nodes = dict(fresh.nodes)
         for key in set(self._state.policies) - set(fresh.policies):
             self._put_policy(key, None)
         for key in set(self._state.pods) - set(fresh.pods):

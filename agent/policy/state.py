@@ -1,4 +1,4 @@
-"""The cluster as the policy layer sees it: namespaces, pods and policies by key.
+"""The cluster as the policy layer sees it: namespaces, pods, nodes and policies by key.
 
 Shared by the resolver (which keeps one incrementally) and the reference evaluator (which reads
 it directly). Also holds the two facts both must agree on: a namespace's effective labels, and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.model.cluster_policy import ClusterNetworkPolicy, Node
 from agent.model.objects import KubeObject, Namespace, NetworkPolicy, Pod
 
 # The API server labels every namespace with its own name (since Kubernetes 1.21); selectors in
@@ -46,6 +47,8 @@ class ClusterState:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)  # key "ns/name"
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)  # key "ns/name"
+    cluster_policies: dict[str, ClusterNetworkPolicy] = field(default_factory=dict)  # key "name"
+    nodes: dict[str, Node] = field(default_factory=dict)  # key "name"; only for `nodes` peers
 
     @classmethod
     def from_objects(cls, objects: list[KubeObject] | tuple[KubeObject, ...]) -> ClusterState:
@@ -63,6 +66,10 @@ class ClusterState:
                 self.pods[obj.key] = obj
             else:
                 self.pods.pop(obj.key, None)
+        elif isinstance(obj, ClusterNetworkPolicy):
+            self.cluster_policies[obj.key] = obj
+        elif isinstance(obj, Node):
+            self.nodes[obj.key] = obj
         else:
             self.policies[obj.key] = obj
 

@@ -267,7 +267,18 @@ def test_tls_files_live_on_mounted_volumes(kind_name: tuple[str, str]) -> None:
     assert "PODFENCE_INSECURE" not in env
 
 
-def test_control_rbac_is_list_and_watch_of_three_resources() -> None:
+WATCHED_RESOURCES = {  # what agent.control.source_kubernetes lists and watches, by kind
+    "Namespace": ("", "namespaces"),
+    "Pod": ("", "pods"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "ClusterNetworkPolicy": ("policy.networking.k8s.io", "clusternetworkpolicies"),
+}
+
+
+def test_control_rbac_is_list_and_watch_of_the_watched_resources() -> None:
+    from agent.control.source_kubernetes import API_VERSIONS
+
+    assert set(API_VERSIONS) == set(WATCHED_RESOURCES)
     role = find("ClusterRole", "podfence-control")
     granted = {
         (group, resource, verb)
@@ -278,7 +289,7 @@ def test_control_rbac_is_list_and_watch_of_three_resources() -> None:
     }
     assert granted == {
         (group, resource, verb)
-        for group, resource in (("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies"))
+        for group, resource in WATCHED_RESOURCES.values()
         for verb in ("list", "watch")
     }
     binding = find("ClusterRoleBinding", "podfence-control")

@@ -780,7 +780,11 @@ _kubeish = st.recursive(
     max_leaves=60,
 )
 _documents = st.fixed_dictionaries(
-    {"kind": st.sampled_from(["NetworkPolicy", "Pod", "Namespace", "List", "PodList"])},
+    {
+        "kind": st.sampled_from(
+            ["NetworkPolicy", "Pod", "Namespace", "ClusterNetworkPolicy", "Node", "List", "PodList"]
+        )
+    },
     optional={
         "metadata": _kubeish,
         "spec": _kubeish,

@@ -97,8 +97,12 @@ def test_allowed_json_names_the_rule_and_warns_about_invalid_objects(
         "policies": [],
         "allowed_by": [],
         "isolated_by": [],
+        "tier": None,
+        "rule": None,
+        "passed": [],
     }
     assert verdict["ingress"]["isolated"] is True
+    assert verdict["ingress"]["tier"] == "NetworkPolicy"
     assert verdict["ingress"]["allowed_by"] == [{"policy": "shop/web-from-client", "rule": 0}]
     assert "broken" in err and "spec.ingress[0].ports[0].port" in err  # the invalid object is left out
 
@@ -177,3 +181,82 @@ def test_bad_protocol_is_a_usage_error(source: Path) -> None:
             ]
         )
     assert exit_info.value.code == 2
+
+
+# --- ClusterNetworkPolicy tiers ------------------------------------------------------------------
+
+TIERS = """
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: mesh-guard}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - name: pass-http-to-owners
+    action: Pass
+    from: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 8080}}}]
+  - name: no-proxy-admin
+    action: Deny
+    from: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 15000}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: default-deny}
+spec:
+  tier: Baseline
+  priority: 100
+  subject: {namespaces: {}}
+  ingress:
+  - {name: deny-all, action: Deny, from: [{namespaces: {}}]}
+"""
+
+
+@pytest.fixture
+def tiered(tmp_path: Path) -> Path:
+    (tmp_path / "objects.yaml").write_text(OBJECTS)
+    (tmp_path / "tiers.yaml").write_text(TIERS)
+    return tmp_path
+
+
+def test_an_admin_deny_names_tier_policy_and_rule(tiered: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = explain(capsys, "--source", str(tiered), "--from", "shop/client", "--to", "shop/web",
+                             "--port", "15000", "--json")
+    assert code == 0
+    verdict = json.loads(out)
+    assert verdict["allowed"] is False
+    ingress = verdict["ingress"]
+    assert ingress["tier"] == "Admin" and ingress["policies"] == ["mesh-guard"]
+    assert ingress["rule"] == {"kind": "ClusterNetworkPolicy", "policy": "mesh-guard", "tier": "Admin",
+                               "priority": 10, "index": 1, "name": "no-proxy-admin", "action": "Deny"}
+    assert "mesh-guard" in err and "do not enforce ClusterNetworkPolicy yet" in err
+    code, out, _ = explain(capsys, "--source", str(tiered), "--from", "shop/client", "--to", "shop/web",
+                           "--port", "15000")
+    assert "DENIED" in out.splitlines()[0]
+    assert "Admin tier: mesh-guard (priority 10) ingress[1] 'no-proxy-admin' -> Deny -> denied" in out
+
+
+def test_a_pass_goes_to_network_policy_and_baseline_decides_unselected_pods(
+    tiered: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = explain(capsys, "--source", str(tiered), "--from", "shop/client", "--to", "shop/web",
+                           "--port", "8080", "--json")
+    ingress = json.loads(out)["ingress"]
+    assert ingress["tier"] == "NetworkPolicy" and ingress["allowed"] is True
+    assert [p["name"] for p in ingress["passed"]] == ["pass-http-to-owners"]
+    code, out, _ = explain(capsys, "--source", str(tiered), "--from", "shop/web", "--to", "shop/client",
+                           "--port", "8080")
+    assert code == 0 and "DENIED" in out.splitlines()[0]
+    assert "Admin tier: mesh-guard (priority 10) ingress[0] 'pass-http-to-owners' -> Pass; " in out
+    assert "Baseline tier: default-deny (priority 100) ingress[0] 'deny-all' -> Deny -> denied" in out
+
+
+def test_no_warning_when_no_cluster_policy_takes_part(
+    tiered: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = explain(capsys, "--source", str(tiered), "--from", "shop/web", "--to", "192.0.2.1",
+                           "--port", "443")
+    assert code == 0 and "ClusterNetworkPolicy" not in err
