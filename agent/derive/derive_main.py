@@ -6,7 +6,7 @@ import argparse
 
 from agent.derive.inputs import parse_selector, read_documents
 from agent.derive.istio import derive_istio
-from agent.derive.output import add_common_arguments, finish, load_policies, namespaces, run_guarded
+from agent.derive.output import InForce, add_common_arguments, finish, load_policies, namespaces, run_guarded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     documents = read_documents(args.istio)
     istiod = parse_selector(args.istiod, "--istiod") if args.istiod else None
     graph = derive_istio(documents, args.root_namespace, istiod, namespaces(args))
-    before, spaces, warnings = load_policies(args.diff, "--diff") if args.diff else ([], [], [])
-    return finish(
-        args,
-        "derive",
-        graph,
-        before,
-        spaces,
-        mesh=True,
-        extra={"unit": "declared connections"},
-        warnings=warnings,
-    )
+    in_force = load_policies(args.diff, "--diff") if args.diff else InForce()
+    return finish(args, "derive", graph, in_force, mesh=True, extra={"unit": "declared connections"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from agent.derive.graph import SIDECAR_PORTS, Graph
 from agent.derive.inputs import InputError, parse_selector
 from agent.derive.render import DnsTarget, RenderError, render, to_yaml, validate
 from agent.derive.verify import Report, verify
+from agent.model.cluster_policy import ClusterNetworkPolicy
 from agent.model.load import load_file, load_folder
-from agent.model.objects import Namespace, NetworkPolicy
+from agent.model.objects import KubeObject, Namespace, NetworkPolicy
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 TEXT_LIMIT = 40  # lines per section on stderr; --summary-json holds everything
@@ -63,8 +65,28 @@ def dns_target(args: argparse.Namespace) -> DnsTarget:
     return DnsTarget(namespace, labels)
 
 
-def load_policies(path: str, flag: str) -> tuple[list[NetworkPolicy], list[Namespace], list[str]]:
-    """NetworkPolicies and Namespaces of a folder or file, and warnings for invalid objects."""
+@dataclass
+class InForce:
+    """What the cluster enforces now: the "before" of the comparison. Its ClusterNetworkPolicies
+    also hold after, since the output adds NetworkPolicies only."""
+
+    policies: list[NetworkPolicy] = field(default_factory=list)
+    cluster: list[ClusterNetworkPolicy] = field(default_factory=list)
+    namespaces: list[Namespace] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_objects(cls, objects: list[KubeObject], warnings: list[str]) -> InForce:
+        return cls(
+            [o for o in objects if isinstance(o, NetworkPolicy)],
+            [o for o in objects if isinstance(o, ClusterNetworkPolicy)],
+            [o for o in objects if isinstance(o, Namespace)],
+            warnings,
+        )
+
+
+def load_policies(path: str, flag: str) -> InForce:
+    """The policies and Namespaces of a folder or file, with warnings for invalid objects."""
     source = Path(path)
     if source.is_dir():
         result = load_folder(source)
@@ -73,9 +95,7 @@ def load_policies(path: str, flag: str) -> tuple[list[NetworkPolicy], list[Names
     else:
         raise InputError(f"{flag} {path}: no such file or directory")
     warnings = [f"{flag}: ignored invalid object: {error}" for error in result.errors]
-    policies = [o for o in result.objects if isinstance(o, NetworkPolicy)]
-    spaces = [o for o in result.objects if isinstance(o, Namespace)]
-    return policies, spaces, warnings
+    return InForce.from_objects(result.objects, warnings)
 
 
 def _compact(ports: list[str]) -> str:
@@ -115,6 +135,7 @@ def summary(
             for e in graph.edges
         ],
         "denied_declared": report.denied_declared,
+        "denied_by_cluster_policy": report.denied_by_cluster_policy,
         "newly_denied": report.newly_denied,
         "newly_allowed": report.newly_allowed,
         "allowed_beyond": report.allowed_beyond,
@@ -141,6 +162,13 @@ def render_text(data: dict[str, Any]) -> str:
         [
             f"{d['from']} -> {d['to']} {d['protocol']}/{d['port']} ({d['why']})"
             for d in data["denied_declared"]
+        ],
+    )
+    lines += _lines(
+        "denied by a ClusterNetworkPolicy whatever the output says:",
+        [
+            f"{d['from']} -> {d['to']} {d['protocol']}/{d['port']}: {d['by']}"
+            for d in data["denied_by_cluster_policy"]
         ],
     )
     lines += _lines(
@@ -184,11 +212,9 @@ def finish(
     args: argparse.Namespace,
     command: str,
     graph: Graph,
-    before: list[NetworkPolicy],
-    spaces: list[Namespace],
+    in_force: InForce,
     mesh: bool,
     extra: dict[str, Any],
-    warnings: list[str],
 ) -> int:
     """Render, validate, verify, print. Returns the exit code."""
     dns = dns_target(args)
@@ -198,7 +224,8 @@ def finish(
     except RenderError as exc:
         print(f"podfence {command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    report = verify(graph, generated, before, dns, spaces, mesh=mesh)
+    report = verify(graph, generated, in_force.policies, dns, in_force.namespaces, mesh, in_force.cluster)
+    warnings = in_force.warnings
     data = summary(command, graph, documents, report, {"warnings": warnings, **extra})
     if args.summary_json:
         try:

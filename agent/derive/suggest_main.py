@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.derive.flows import Options, observe, read_flows
 from agent.derive.inputs import InputError
 from agent.derive.output import (
+    InForce,
     add_common_arguments,
     dns_target,
     finish,
@@ -79,24 +80,18 @@ def _run(args: argparse.Namespace) -> int:
     keys = frozenset(k.strip() for k in args.label_keys.split(",") if k.strip()) if args.label_keys else None
     options = Options(keys, namespaces(args), args.min_count, args.prefix_length, args.prefix_length_v6)
     observation = observe(records, state, options, dns_target(args))
-    before = list(state.policies.values())
+    in_force = InForce.from_objects(loaded.objects, warnings)
     if args.diff:
-        before, _, more = load_policies(args.diff, "--diff")
-        warnings += more
-    return finish(
-        args,
-        "suggest",
-        observation.graph,
-        before,
-        list(state.namespaces.values()),
-        mesh=False,
-        extra={
-            "unit": "observed connections",
-            "flow_records": observation.flows,
-            "excluded": observation.excluded,
-        },
-        warnings=warnings,
-    )
+        # The folder's policies replace the current ones; its ClusterNetworkPolicies too, if any.
+        diff = load_policies(args.diff, "--diff")
+        in_force.policies, in_force.warnings = diff.policies, warnings + diff.warnings
+        in_force.cluster = diff.cluster or in_force.cluster
+    extra = {
+        "unit": "observed connections",
+        "flow_records": observation.flows,
+        "excluded": observation.excluded,
+    }
+    return finish(args, "suggest", observation.graph, in_force, mesh=False, extra=extra)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ from typing import Any
 
 from agent.derive.graph import DNS_PORTS, SIDECAR_PORTS, Graph, Outside, Workload
 from agent.derive.render import DnsTarget
+from agent.model.cluster_policy import ClusterNetworkPolicy
 from agent.model.objects import IPAddress, Namespace, NetworkPolicy, Pod, Protocol
-from agent.policy.evaluator import DirectionVerdict, evaluate
+from agent.policy.evaluator import TIER_NETWORK_POLICY, DirectionVerdict, Verdict, evaluate
 from agent.policy.state import ClusterState
 
 WORLD_IP = ipaddress.ip_address("203.0.113.10")  # TEST-NET-3: stands for any client outside
@@ -35,7 +36,9 @@ class Report:
     newly_denied: list[dict[str, Any]] = field(default_factory=list)
     newly_allowed: list[dict[str, Any]] = field(default_factory=list)
     allowed_beyond: list[dict[str, Any]] = field(default_factory=list)
-    untouched: int = 0  # allowed connections between endpoints that no policy selects
+    untouched: int = 0  # allowed connections that no NetworkPolicy decides
+    # Declared connections a ClusterNetworkPolicy denies whatever the output says (Admin tier).
+    denied_by_cluster_policy: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,15 +121,34 @@ def _matrix(graph: Graph, dns: DnsTarget, mesh: bool) -> _Matrix:
 
 
 def _state(
-    endpoints: dict[str, Pod | IPAddress], namespaces: list[Namespace], policies: list[NetworkPolicy]
+    endpoints: dict[str, Pod | IPAddress],
+    namespaces: list[Namespace],
+    policies: list[NetworkPolicy],
+    cluster: list[ClusterNetworkPolicy],
 ) -> ClusterState:
     pods = [e for e in endpoints.values() if isinstance(e, Pod)]
-    return ClusterState.from_objects([*namespaces, *pods, *policies])
+    return ClusterState.from_objects([*namespaces, *pods, *policies, *cluster])
+
+
+def _cluster_tier(verdict: Verdict) -> DirectionVerdict | None:
+    """The direction a ClusterNetworkPolicy (Admin or Baseline tier) decided, if one did and the
+    generated NetworkPolicies had no say in it: those policies are the cluster admins', above or
+    below the output, and what they deny is theirs to change."""
+    for direction in (verdict.egress, verdict.ingress):
+        if direction.rule is not None and not direction.allowed:
+            return direction
+    return None
 
 
 def _direction_reason(
     state: ClusterState, name: str, subject: str, verdict: DirectionVerdict, peers: str
 ) -> str:
+    if verdict.rule is not None:
+        cluster_rule = verdict.rule
+        return (
+            f"{cluster_rule.policy} {name} rule #{cluster_rule.index} "
+            f"({cluster_rule.tier.value} tier, {cluster_rule.action.value})"
+        )
     if not verdict.isolated:
         return f"{subject} is not isolated for {name}"
     parts = []
@@ -154,12 +176,15 @@ def verify(
     dns: DnsTarget,
     namespaces: list[Namespace] | None = None,
     mesh: bool = False,
+    cluster: list[ClusterNetworkPolicy] | None = None,
 ) -> Report:
-    """Judges the matrix before and after; `mesh` adds Envoy's ports to every workload's ports."""
+    """Judges the matrix before and after; `mesh` adds Envoy's ports to every workload's ports.
+    `cluster`: the ClusterNetworkPolicies in force, which apply before and after alike."""
     matrix = _matrix(graph, dns, mesh)
     namespaces = namespaces or []
-    after_state = _state(matrix.endpoints, namespaces, generated)
-    before_state = _state(matrix.endpoints, namespaces, before)
+    cluster = cluster or []
+    after_state = _state(matrix.endpoints, namespaces, generated, cluster)
+    before_state = _state(matrix.endpoints, namespaces, before, cluster)
     report = Report(declared=len(matrix.declared))
     denied: dict[tuple[str, str], list[str]] = defaultdict(list)
     opened: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -171,16 +196,28 @@ def verify(
                 after = evaluate(after_state, src, dst, protocol, port)
                 was = evaluate(before_state, src, dst, protocol, port).allowed
                 why = matrix.declared.get((src_key, dst_key, protocol, port))
+                cluster_decided = _cluster_tier(after)
                 if why is not None and not after.allowed:
-                    report.denied_declared.append(
-                        {"from": src_key, "to": dst_key, "protocol": protocol.value, "port": port, "why": why}
-                    )
+                    entry = {
+                        "from": src_key,
+                        "to": dst_key,
+                        "protocol": protocol.value,
+                        "port": port,
+                        "why": why,
+                    }
+                    if cluster_decided is not None and cluster_decided.rule is not None:
+                        rule = cluster_decided.rule
+                        entry["by"] = f"{rule.policy} rule #{rule.index} ({rule.tier.value} tier)"
+                        report.denied_by_cluster_policy.append(entry)
+                    else:
+                        report.denied_declared.append(entry)
                 if was and not after.allowed:
                     denied[(src_key, dst_key)].append(_port_text(protocol, port))
                 if after.allowed and not was:
                     opened[(src_key, dst_key)].append(_port_text(protocol, port))
-                if after.allowed and why is None and not after.egress.isolated and not after.ingress.isolated:
-                    report.untouched += 1  # no policy, generated or not, governs this pair
+                decided = TIER_NETWORK_POLICY in (after.egress.tier, after.ingress.tier)
+                if after.allowed and why is None and not decided:
+                    report.untouched += 1  # no NetworkPolicy, generated or not, decides this pair
                 elif after.allowed and why is None:
                     reason = "; ".join(
                         [

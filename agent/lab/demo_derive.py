@@ -104,7 +104,14 @@ def suggested(
     observation = observe(records, state, Options(), dns)
     documents = render(observation.graph, dns, "suggest")
     namespaces = [o for o in loaded.objects if isinstance(o, Namespace)]
-    report = verify(observation.graph, validate(documents), list(state.policies.values()), dns, namespaces)
+    report = verify(
+        observation.graph,
+        validate(documents),
+        list(state.policies.values()),
+        dns,
+        namespaces,
+        cluster=list(state.cluster_policies.values()),
+    )
     changes = report.newly_denied + report.newly_allowed
     lines = [
         f"podfence suggest: {len(records)} flow records (the reachable cells above) -> {len(documents)} "

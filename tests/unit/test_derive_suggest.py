@@ -220,3 +220,33 @@ def test_wide_ip_blocks_that_take_in_pods_are_reported(
     assert run.code == 0
     beyond = {(b["from"], b["to"], b["port"]): b["reason"] for b in run.summary["allowed_beyond"]}
     assert "(an ipBlock)" in beyond[("jobs/worker", "ingress-nginx/ingress-nginx", 443)]
+
+
+ADMIN_GUARD = """
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: db-guard}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}
+  ingress:
+  - name: no-gpu-pool
+    action: Deny
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {pool: default}}}}]
+"""
+
+
+def test_cluster_network_policies_in_force_are_judged_too(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An Admin-tier Deny in --source overrides any NetworkPolicy: a flow it denies is listed apart
+    (it is the cluster admins' to change, not the output's), and the output still exits 0."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "cluster.yaml").write_text((JOBS / "cluster.yaml").read_text())
+    (source / "guard.yaml").write_text(ADMIN_GUARD)
+    run = run_cli(capsys, tmp_path, "suggest", "--flows", str(JOBS / "flows.jsonl"), "--source", str(source))
+    assert run.code == 0 and run.summary["denied_declared"] == []
+    by_admin = {(d["from"], d["to"], d["port"]): d["by"] for d in run.summary["denied_by_cluster_policy"]}
+    assert by_admin == {("jobs/worker", "jobs/db", 5432): "db-guard rule #0 (Admin tier)"}
