@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from agent.derive.graph import DNS_PORTS, Endpoint, Graph, Outside, Workload, dns_name
+from agent.derive.graph import DNS_PORTS, Endpoint, Graph, Outside, dns_name
 from agent.model.errors import PolicyError
 from agent.model.load import parse_object
 from agent.model.objects import NetworkPolicy, Protocol
@@ -191,4 +191,4 @@ def workload_name(labels: dict[str, str], fallback: str) -> str:
     return dns_name(fallback)
 
 
-__all__ = ["DnsTarget", "RenderError", "Workload", "render", "to_yaml", "validate", "workload_name"]
+__all__ = ["DnsTarget", "RenderError", "render", "to_yaml", "validate", "workload_name"]

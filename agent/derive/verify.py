@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.derive.graph import DNS_PORTS, SIDECAR_PORTS, Graph, Outside, Workload
+from agent.derive.graph import DNS_PORTS, SIDECAR_PORTS, Graph, Outside
 from agent.derive.render import DnsTarget
 from agent.model.cluster_policy import ClusterNetworkPolicy
 from agent.model.objects import IPAddress, Namespace, NetworkPolicy, Pod, Protocol
@@ -239,4 +239,4 @@ def verify(
     return report
 
 
-__all__ = ["Report", "Workload", "verify"]
+__all__ = ["Report", "verify"]
