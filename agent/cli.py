@@ -1,4 +1,4 @@
-"""The `podfence` command line: subcommands control, agent, status, explain, lab, demo, teardown.
+"""The `podfence` command line: control, agent, status, explain, derive, suggest, lab, demo, ...
 
 Every flag can also be set through a PODFENCE_<FLAG> environment variable (dashes become
 underscores), so manifests configure podfence with env vars. Exit codes: 0 success,
@@ -46,6 +46,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("run the node agent (gRPC stream -> kernel filters)", "agent.node.main"),
     "status": ("print the control service's view of every node", "agent.control.status"),
     "explain": ("evaluate one connection with the reference evaluator", "agent.policy.explain"),
+    "derive": ("NetworkPolicies from an Istio configuration's routes", "agent.derive.derive_main"),
+    "suggest": ("least-privilege NetworkPolicies from observed flow records", "agent.derive.suggest_main"),
     "lab": ("build or tear down simulated nodes on this machine", "agent.lab.cli"),
     "demo": ("run the bookinfo demo on the node lab", "agent.lab.demo"),
     "teardown": ("remove podfence's kernel state from this node (agent stopped)", "agent.node.teardown"),

@@ -4,9 +4,13 @@ The demo builds two simulated nodes with the bookinfo pods (mesh ingress, produc
 reviews v1/v2/v3, ratings), a cluster DNS pod and a client standing for the outside world; starts
 the control service and one agent per node; prints the TCP/UDP/ICMP reachability matrix with no
 policy, applies the policies in agent/lab/bookinfo/*.yaml, and prints it again against the
-application graph. Then the ingress pod is "compromised": as root in its own netns (it holds
-CAP_NET_ADMIN there) it flushes its iptables, tc and routes, re-adds a route and changes its IP,
-and must still fail to reach ratings, because the filters sit on the node side of its veth.
+application graph. It then derives the same graph's policies twice (agent.lab.demo_derive): from
+bookinfo's Istio configuration (`podfence derive`), and from the connections it has just seen
+succeed (`podfence suggest`); each set is checked with the reference evaluator, enforced instead,
+and the matrix probed again: the same cells must hold. Then the ingress pod is "compromised":
+as root in its own netns (it holds CAP_NET_ADMIN there) it flushes its iptables, tc and routes,
+re-adds a route and changes its IP, and must still fail to reach ratings, because the filters sit
+on the node side of its veth.
 
 Exit 0 only if every expectation held. Everything is removed afterwards, also on Ctrl-C.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from agent.lab import demo_derive
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.dns import service_name
 from agent.lab.prober import Probe, TruthTable, resolve, run_probes
@@ -44,6 +49,8 @@ from agent.lab.topology import (
     run_in_netns,
     teardown,
 )
+from agent.model.load import parse_object
+from agent.model.objects import NetworkPolicy
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 PROBE_TIMEOUT = 0.8
@@ -148,7 +155,7 @@ class Demo:
                     table.ignored.add((source, column.label))
         return table
 
-    def check_matrix(self, title: str, columns: list[Column], policies_applied: bool) -> None:
+    def check_matrix(self, title: str, columns: list[Column], policies_applied: bool) -> TruthTable:
         expected = expected_table(columns, policies_applied)
         observed = self.observe(columns)
         print(observed.render(f"{title} (rows: from, columns: to; . reachable, X blocked)"))
@@ -160,6 +167,7 @@ class Demo:
             self.failures.append(f"{title}: {source} -> {target}: {verdict}")
             print(f"  MISMATCH {source} -> {target}: {verdict}")
         print()
+        return observed
 
     def expect(self, description: str, source: str, column: Column, reachable: bool) -> None:
         got = self.observe([column], [source]).cells[(source, column.label)]
@@ -197,6 +205,25 @@ class Demo:
         applied = self.podfence.wait_applied(after_version=version)
         names = ", ".join(f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in documents)
         print(f"applied {len(documents)} policies (version {applied} acknowledged by every node): {names}\n")
+
+    def hand_written(self) -> list[NetworkPolicy]:
+        return [
+            obj
+            for name, text in bookinfo_files()
+            if name != "pods.yaml"
+            for doc in yaml.safe_load_all(text)
+            if doc and isinstance(obj := parse_object(doc), NetworkPolicy)
+        ]
+
+    def enforce(self, what: str, documents: list[dict[str, Any]], lines: list[str], ok: bool) -> None:
+        """Prints the derivation's summary and replaces the policies in force with `documents`."""
+        print("\n".join(lines))
+        if not ok:
+            self.failures.append(f"{what} policies deny what they were derived from")
+        version = self.podfence.current_version()
+        self.podfence.write_documents("policies.yaml", documents)
+        applied = self.podfence.wait_applied(after_version=version)
+        print(f"applied the {len(documents)} {what} policies instead (version {applied})\n")
 
     def check_dns(self) -> None:
         """Name resolution through the DNS policy: every pod may ask the lab's cluster DNS."""
@@ -272,9 +299,20 @@ class Demo:
         self.check_matrix("BEFORE policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, False)
         self.check_matrix("BEFORE policies: ICMP echo to pod IPs", ICMP_COLUMNS, False)
         self.apply_policies()
-        self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
+        after = self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
         self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
         self.check_dns()
+        # The same application graph twice more: derived from bookinfo's Istio configuration, then
+        # suggested from the connections just seen. TCP/UDP only: both leave kube-system to its
+        # owners, so ICMP to the DNS pod, which the hand-written dns-only policy blocks, stays open.
+        self.enforce("derived", *demo_derive.derived(self.hand_written()))
+        self.check_matrix("AFTER derived policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
+        columns = {c.label: (c.pod, c.port, c.protocol) for c in SERVICE_COLUMNS}
+        records = demo_derive.flow_records(after, self.pod, columns)
+        self.enforce("suggested", *demo_derive.suggested(records, self.podfence.source_dir))
+        self.check_matrix(
+            "AFTER suggested policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True
+        )
         self.compromise_ingress()
         if self.failures:
             print(f"demo FAILED: {len(self.failures)} expectation(s) did not hold:")

@@ -44,6 +44,9 @@ def test_demo_passes_quickly_and_cleans_up(dataplane: str, mode: str) -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "demo passed: every expectation held" in result.stdout
     assert "[ok] ingress -> ratings:9080 after flushing its own rules: blocked" in result.stdout
+    assert "declared connections, every one allowed by the reference evaluator" in result.stdout
+    assert "AFTER derived policies" in result.stdout and "AFTER suggested policies" in result.stdout
+    assert "observed connections, every one allowed by the reference evaluator" in result.stdout
     assert elapsed < DEMO_BUDGET_S, f"demo took {elapsed:.1f} s"
     assert leftovers() == []
 
