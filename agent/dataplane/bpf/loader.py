@@ -87,7 +87,7 @@ def program_text() -> str:
 
 # Pinned maps that hold only flow state, which the datapath rebuilds from the next packets: a pin of
 # another layout (left by another version) is replaced by a fresh map instead of refused.
-FLOW_STATE_MAPS = ("pf_ct", "pf_frag")
+FLOW_STATE_MAPS = ("pf_ct", "pf_ct_expect", "pf_frag")
 
 
 def retire_stale_flow_state(pin_dir: str) -> list[str]:
@@ -148,6 +148,7 @@ PINNED_MAPS = (
     "pf_policy",
     "pf_policy_exact",
     "pf_ct",
+    "pf_ct_expect",
     "pf_frag",
     "pf_counters",
     "pf_drop_reasons",
