@@ -69,7 +69,10 @@ def test_a_packet_that_never_met_the_egress_verdict_opens_no_reply_path(plane: B
     apply(plane, iso(), iso())  # isolated both ways: nothing in, nothing out
     cases = [
         (tcp(POD, PEER7, 47000, 80), tcp(PEER7, POD, 80, 47000, flags=0x12)),
-        (f.packet4(POD, PEER7, f.UDP, sport=47001, dport=53), f.packet4(PEER7, POD, f.UDP, sport=53, dport=47001)),
+        (
+            f.packet4(POD, PEER7, f.UDP, sport=47001, dport=53),
+            f.packet4(PEER7, POD, f.UDP, sport=53, dport=47001),
+        ),
         (
             f.packet4(POD, PEER8, f.ICMP, icmp_type=8, icmp_id=4700),
             f.packet4(PEER8, POD, f.ICMP, icmp_type=0, icmp_id=4700),
@@ -83,10 +86,11 @@ def test_a_packet_that_never_met_the_egress_verdict_opens_no_reply_path(plane: B
         # tc ingress passes it (its verdict is the egress hook's); the kernel then drops it
         # before the hook (TTL 1, bad checksum, foreign MAC...): "egress" never runs
         assert verdict(plane, "from_pod", sent)
-        assert not verdict(plane, "to_pod", answer), f"a reply to a packet no verdict admitted: {answer.hex()}"
+        assert not verdict(plane, "to_pod", answer), f"a reply to an unjudged packet: {answer.hex()}"
         # nor does an error quoting it pass as related
         quoted = f.strip_eth(sent)
-        error = f.icmp4_error(ROUTER, POD, quoted) if quoted[0] >> 4 == 4 else icmp6_error(ROUTER6, POD6, quoted)
+        v4 = quoted[0] >> 4 == 4
+        error = f.icmp4_error(ROUTER, POD, quoted) if v4 else icmp6_error(ROUTER6, POD6, quoted)
         assert not verdict(plane, "to_pod", error)
     # the same packets, judged and denied by the egress verdict, open nothing either
     for sent, answer in cases:
@@ -140,7 +144,8 @@ def test_a_packet_to_another_destination_on_the_same_port_is_never_taken_for_the
 def test_icmp_errors_pass_only_back_to_the_sender_of_an_admitted_packet(plane: BpfDataplane) -> None:
     # PEER8's identity is named by a policy here (SCTP only: it opens nothing tested below), so
     # the node knows PEER8 is a pod
-    apply(plane, iso(ident(7, f.UDP, 53, 53), ident(8, f.SCTP, 1, 1)), iso(ident(7, f.TCP, 80, 80)), version=4)
+    ingress = iso(ident(7, f.UDP, 53, 53), ident(8, f.SCTP, 1, 1))
+    apply(plane, ingress, iso(ident(7, f.TCP, 80, 80)), version=4)
     request = tcp(POD, PEER7, 47300, 80)
     assert verdict(plane, "from_pod", request) and verdict(plane, "egress", request)
     quoted = f.strip_eth(request)
