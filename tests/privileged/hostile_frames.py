@@ -50,6 +50,13 @@ def ipv4_udp(
     return header[:10] + struct.pack("!H", check) + header[12:] + payload
 
 
+def raw_ipv4(src: str, dst: str, protocol: int, payload: bytes) -> bytes:
+    """An IPv4 packet of `protocol` (the kernel fills in the header checksum of a raw socket)."""
+    source, destination = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0)
+    return header + source + destination + payload
+
+
 def ipv6_udp(src: str, dst: str, sport: int, dport: int, *, hop_limit: int = 64) -> bytes:
     source, destination = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
     udp = struct.pack("!HHHH", sport, dport, 8, 0)
@@ -160,3 +167,62 @@ def answered(
 
 def forwarded() -> list[tuple[str, int, Callable[[Attack], bytes]]]:
     return [(f"forwarded ipv{family}", family, build) for family, build in FORWARDED.items()]
+
+
+def raw_reaches(victim_netns: str, sender_netns: str, build: Callable[[bytes], bytes]) -> bool:
+    """Does the IPv4 packet `build(marker)`, sent through a raw socket in `sender_netns`, reach
+    the victim pod's eth0?"""
+    marker = f"podfence-{secrets.token_hex(6)}"
+    sniffer = subprocess.Popen(
+        enter(victim_netns, sys.executable, str(TOOL), "sniff", "eth0", "1.5", marker),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sniffer.stdout is not None
+        assert sniffer.stdout.readline().strip() == "ready"
+        packet = build(marker.encode())
+        send = enter(sender_netns, sys.executable, str(TOOL), "ip", packet.hex())
+        subprocess.run(send, check=True, timeout=30)
+        return sniffer.stdout.readline().strip() == "seen"
+    finally:
+        sniffer.wait(timeout=10)
+
+
+def icmp_error(source: str, destination: str, quoted: bytes) -> Callable[[bytes], bytes]:
+    """An IPv4 ICMP port unreachable quoting `quoted`, a marker as payload after it."""
+
+    def build(marker: bytes) -> bytes:
+        body = bytes([3, 3, 0, 0, 0, 0, 0, 0]) + quoted + marker
+        body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+        return raw_ipv4(source, destination, 1, body)
+
+    return build
+
+
+def forged_errors_seen(victim: Any, peer: Any, hostile: Any) -> dict[str, bool]:
+    """`victim` (ingress isolated, egress open to `peer` for UDP) and `hostile` (whom the victim's
+    ingress denies) each send a datagram to `peer`; then ICMP errors with a payload go to the
+    victim. Which reach it? Pods: anything with netns and ip."""
+    for pod, sport in ((victim, 45000), (hostile, 45001)):
+        flow = ["udp", str(sport), peer.ip, "9999", "hello"]
+        subprocess.run(enter(pod.netns, sys.executable, str(TOOL), *flow), check=True, timeout=30)
+    sent, hostile_sent = ipv4_udp(victim.ip, peer.ip, 45000, 9999), ipv4_udp(hostile.ip, peer.ip, 45001, 9999)
+    cases = {
+        "from the peer, about the victim's packet": (peer, sent),
+        "from a pod claiming to route the victim's packet": (hostile, sent),
+        "from a pod, about its own packet": (hostile, hostile_sent),
+        "from the peer, about another pod's packet": (peer, hostile_sent),
+    }
+    return {
+        name: raw_reaches(victim.netns, sender.netns, icmp_error(sender.ip, victim.ip, quoted))
+        for name, (sender, quoted) in cases.items()
+    }
+
+
+FORGED_ERRORS_EXPECTED = {
+    "from the peer, about the victim's packet": True,  # the control: a related error
+    "from a pod claiming to route the victim's packet": False,
+    "from a pod, about its own packet": False,
+    "from the peer, about another pod's packet": False,
+}

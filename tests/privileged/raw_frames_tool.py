@@ -6,6 +6,8 @@ AF_PACKET sockets and hand-built headers are all these tests need).
                                                        a frame carrying MARKER (text) arrived on
                                                        IFACE within SECONDS
     raw_frames_tool.py udp SOURCE_PORT HOST PORT MARKER  send one datagram from SOURCE_PORT
+    raw_frames_tool.py ip HEX                          send an IPv4 packet (header included) as is
+                                                       through a raw socket, routed as usual
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def udp(source_port: int, host: str, port: int, marker: bytes) -> int:
     return 0
 
 
+def ip(packet: bytes) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "send":
@@ -59,6 +67,8 @@ def main(argv: list[str]) -> int:
         return sniff(args[0], float(args[1]), args[2].encode())
     if command == "udp":
         return udp(int(args[0]), args[1], int(args[2]), args[3].encode())
+    if command == "ip":
+        return ip(bytes.fromhex(args[0]))
     raise SystemExit(f"unknown command {command}")
 
 
