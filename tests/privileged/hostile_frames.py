@@ -29,15 +29,24 @@ def checksum(data: bytes) -> int:
 
 
 def ipv4_udp(
-    src: str, dst: str, sport: int, dport: int, *, ttl: int = 64, options: bytes = b"", bad_sum: bool = False
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    *,
+    ttl: int = 64,
+    options: bytes = b"",
+    bad_sum: bool = False,
+    length_delta: int = 0,
 ) -> bytes:
+    """`length_delta`: added to the header's total length (not to the packet)."""
     payload = struct.pack("!HHHH", sport, dport, 8, 0)  # UDP checksum 0: none (IPv4 allows it)
     ihl = 5 + len(options) // 4
     header = struct.pack(
         "!BBHHHBBH4s4s",
         (4 << 4) | ihl,
         0,
-        ihl * 4 + len(payload),
+        ihl * 4 + len(payload) + length_delta,
         secrets.randbelow(65536),
         0,
         ttl,
@@ -105,6 +114,9 @@ DROPPED_BEFORE_THE_HOOK: list[tuple[str, int, Callable[[Attack], bytes]]] = [
     ("foreign destination mac", 4, lambda a: a.frame(a.ipv4(), destination_mac="02:00:5e:00:53:01")),
     ("source route option", 4, lambda a: a.frame(a.ipv4(options=_source_route(a)))),  # accept_source_route 0
     ("hop limit 1", 6, lambda a: a.frame(a.ipv6(hop_limit=1))),
+    # longer than the frame: dropped; shorter: cut to the IP header, so the hook sees no ports
+    ("total length beyond the frame", 4, lambda a: a.frame(a.ipv4(length_delta=4))),
+    ("total length of the ip header alone", 4, lambda a: a.frame(a.ipv4(length_delta=-8))),
 ]
 
 # A frame the kernel forwards to the hook: the control that shows a reply is seen when a path is open.
