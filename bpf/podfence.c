@@ -253,6 +253,10 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	pf_flow_of(&flow, &pkt, now);
 	__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);
 	if (slot) {
+		/* a SYN again on a known flow (a retransmit): promotes what the first one could not,
+		 * had its note gone missing (lib/conntrack.h); no other packet pays for it */
+		if (pkt.protocol == PF_IPPROTO_TCP && (pkt.tcp_flags & 0x12) == 0x02)
+			pf_ct_settle(pf_ct_expectation(&pkt), &pkt, 1, slot, now);
 		pf_count(slot - 1, PF_DIR_EGRESS, 1, len);
 		return 0;
 	}

@@ -178,3 +178,17 @@ def test_icmp_errors_pass_only_back_to_the_sender_of_an_admitted_packet(plane: B
     assert verdict(plane, "to_pod", icmp6_error(ROUTER6, POD6, quoted6))
     reverse6 = f.strip_eth(f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, f.TCP, f.l4(f.TCP, 80, 47304))))
     assert not verdict(plane, "to_pod", icmp6_error(PEER7_6, POD6, reverse6))
+
+
+def test_a_retransmitted_syn_promotes_what_its_first_copy_could_not(plane: BpfDataplane) -> None:
+    """Without its note (taken to another CPU by a queue, or evicted), a Service SYN is admitted on
+    its post-DNAT tuple only; its retransmit, on the egress fast path, promotes it."""
+    apply(plane, iso(), iso(ident(7, f.TCP, 8080, 8080)), version=5)
+    syn, dnat = tcp(POD, SERVICE, 47400, 80), tcp(POD, PEER7, 47400, 8080)
+    syn_ack = tcp(SERVICE, POD, 80, 47400, flags=0x12)
+    assert verdict(plane, "from_pod", syn)
+    plane._module[b"pf_ct_expect"].clear()
+    assert verdict(plane, "egress", dnat)
+    assert not verdict(plane, "to_pod", syn_ack)
+    assert verdict(plane, "from_pod", syn) and verdict(plane, "egress", dnat)  # the retransmit
+    assert verdict(plane, "to_pod", syn_ack)
