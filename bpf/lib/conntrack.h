@@ -323,7 +323,8 @@ static __always_inline __u32 pf_ct_egress_slot(const struct pf_ct_flow *flow)
  * write the same key, and a note that replaces a live one naming another destination marks the
  * key ambiguous for PF_CT_EXPECT_NS: the verdict then promotes nothing, and records nothing
  * either for a packet whose destination differs from the note (it was DNATed, or the note is
- * another packet's), so that the flow's next packet is judged and promoted again. A fragmented
+ * another packet's), so that the flow's next packet is judged and promoted again (a bare SYN on
+ * the egress fast path settles its note as well: a retransmit heals a lost note). A fragmented
  * datagram reaches the hook when its last fragment completes it; every fragment of an
  * egress-isolated pod notes the destination again (tc_from_pod), so the completing one is in the
  * verdict's batch as well. (A pod whose egress is open could reach any destination anyway.) A
