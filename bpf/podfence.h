@@ -178,7 +178,7 @@ struct pf_ct_expect_value {
 	struct pf_addr daddr;       /* the destination as the pod sent it (pre-DNAT) */
 	__be16 dport_be;
 	__u8 pad[6];
-	__u64 seen_ns;              /* pf_now() of the last write; 0: taken by the egress verdict */
+	__u64 seen_ns;              /* pf_now() of the last write */
 	__u64 conflict_ns;          /* pf_now() when another destination replaced a live one; 0: never */
 };
 
