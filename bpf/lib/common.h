@@ -29,7 +29,8 @@
 #define PF_FRAG_MAX 8192
 #endif
 /* notes of what pods send, for the egress verdict (lib/conntrack.h): live for microseconds each,
- * so the LRU only needs room for the packets between tc and the netfilter hook */
+ * so the LRU only needs room for the packets between tc and the netfilter hook; its per-CPU
+ * lists share the entries, so the loader asks for 1024 per possible CPU */
 #ifndef PF_CT_EXPECT_MAX
 #define PF_CT_EXPECT_MAX 8192
 #endif
