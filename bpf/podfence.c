@@ -1,9 +1,10 @@
 /* podfence datapath: every program of the agent, compiled once at start by BCC.
  *
  *   tc_from_pod  tc ingress (clsact) of each pod's host-side interface: packets FROM the pod.
- *                Anti-spoofing (IP source, ARP sender), unknown-endpoint guard, malformed and
- *                orphan-fragment drops for egress-isolated pods; notes the destination of
- *                new flows as sent (pre-DNAT), for the egress verdict.
+ *                Anti-spoofing (IP source, MAC, ARP, NDP), no VLAN tags (lib/neigh.h),
+ *                unknown-endpoint guard, malformed and orphan-fragment drops for egress-isolated
+ *                pods; notes the destination of new flows as sent (pre-DNAT), for the egress
+ *                verdict.
  *   tc_to_pod    tc egress of the same interface: packets TO the pod, after routing and DNAT.
  *                The ingress verdict of the destination pod.
  *   nf_egress_link  netfilter program linked at FORWARD and LOCAL_IN (IPv4, IPv6): after
@@ -28,6 +29,7 @@
 #include "lib/kfunc.h"
 #include "lib/parse.h"
 #include "lib/endpoint.h"
+#include "lib/neigh.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/frag.h"
@@ -125,21 +127,6 @@ static __always_inline int pf_unknown_endpoint(struct __sk_buff *skb, int direct
 	return TC_ACT_SHOT;
 }
 
-/* ARP from a pod: the sender protocol address must be the pod's (0.0.0.0 for probes). */
-static __always_inline __u32 pf_check_arp(struct __sk_buff *skb)
-{
-	__u8 arp[28];
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, arp, sizeof(arp)) < 0)
-		return PF_DROP_MALFORMED;
-	__be32 sender;
-	__builtin_memcpy(&sender, &arp[14], 4);
-	if (sender == 0)
-		return PF_REASON_ALLOWED;
-	struct pf_addr addr;
-	pf_addr_from_v4(&addr, sender);
-	return pf_source_belongs_to(&addr, skb->ifindex) ? PF_REASON_ALLOWED : PF_DROP_SPOOFED_ARP;
-}
-
 /* Does a packet from a pod open a flow, so that the destination it was sent to must be noted for
  * the egress verdict (pf_ct_note)? A TCP flow opens with a bare SYN: its later segments find the
  * entry the SYN made (the pod's own replies are no flow of its own), which spares tc_from_pod a
@@ -162,8 +149,11 @@ int tc_from_pod(struct __sk_buff *skb)
 	if (!ep)
 		return pf_unknown_endpoint(skb, PF_DIR_EGRESS, now);
 
-	if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-		reason = pf_check_arp(skb);
+	__u32 l2 = pf_check_l2(skb, ep);
+	if (l2 != PF_REASON_ALLOWED) {
+		reason = l2;
+	} else if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+		reason = pf_check_arp(skb, ep);
 	} else if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)) {
 		reason = PF_DROP_UNSUPPORTED_L2;
 	} else if (pf_parse(&src, ETH_HLEN, skb->protocol, &pkt) < 0) {
@@ -172,9 +162,8 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else if (!pf_source_belongs_to(&pkt.saddr, skb->ifindex) &&
 		   !(pkt.family == 6 && (pf_is_link_local_v6(&pkt.saddr) || pf_is_unspecified(&pkt.saddr)))) {
 		reason = PF_DROP_SPOOFED_SOURCE;
-	} else if ((pkt.flags & PF_PKT_NDP_ADVERT) && !pf_is_link_local_v6(&pkt.inner_saddr) &&
-		   !pf_source_belongs_to(&pkt.inner_saddr, skb->ifindex)) {
-		reason = PF_DROP_SPOOFED_NDP;
+	} else if ((pkt.flags & PF_PKT_NDP) && (l2 = pf_check_ndp(skb, ep, &pkt)) != PF_REASON_ALLOWED) {
+		reason = l2;
 	} else if (ep->egress_policy_id && (pkt.flags & PF_PKT_MALFORMED)) {
 		reason = PF_DROP_MALFORMED;
 	} else if (ep->egress_policy_id && pkt.family == 6 && !(pkt.flags & PF_PKT_NDP) &&

@@ -25,7 +25,11 @@ enum pf_reason {
 	PF_DROP_UNSUPPORTED_L2 = 6,     /* neither IPv4, IPv6 nor ARP from a pod */
 	PF_DROP_SPOOFED_ARP = 7,        /* ARP sender address is not one of the pod's addresses */
 	PF_DROP_SPOOFED_NDP = 8,        /* neighbour advertisement for an address the pod does not own */
-	PF_REASON_MAX = 9,
+	PF_DROP_VLAN_TAGGED = 9,        /* 802.1Q/802.1ad-tagged frame from a pod (VLAN 0 included) */
+	PF_DROP_SPOOFED_MAC = 10,       /* Ethernet source is not the pod's MAC */
+	PF_DROP_ROGUE_NDP = 11,         /* NDP/MLD a pod may not send: router advertisement, redirect,
+					 * MLD query, or more than address resolution needs */
+	PF_REASON_MAX = 12,
 };
 
 /* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */
@@ -73,6 +77,9 @@ struct pf_endpoint_value {
 	__u32 ingress_policy_id;
 	__u32 egress_policy_id;
 	__u32 generation;           /* which generation of pf_ipcache / pf_cidr entries to read */
+	__u8 mac[6];                /* the pod's MAC: the only Ethernet source (and ARP/NDP link-layer
+				     * address) its frames may carry; all zero: not bound */
+	__u8 pad[2];
 };
 
 /* endpoint_ips: a local pod's address -> its host-side ifindex. Used for anti-spoofing on tc

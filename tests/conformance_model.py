@@ -3,7 +3,7 @@
 Shared by the evaluator-level conformance test and the node-lab end-to-end run, so it knows
 nothing about podfence's evaluator or dataplane: it produces Kubernetes objects as the API server
 returns them (plain dicts, `kubectl get -o yaml` shape) and the expected reachability of every
-ordered pod pair. The cases come from /work/shared/conformance/k8s_netpol_cases.json; each step's
+ordered pod pair. The cases come from tests/data/k8s_netpol_cases.json; each step's
 actions are YAML-ish text with placeholders (`<y>`, `<podIP of y/b>`, ...) that are filled here.
 
 Model (from upstream model.go / kubemanager.go): namespaces x, y, z (actual names `netpol-x`...,

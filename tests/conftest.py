@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-SHARED = TESTS.parent.parent / "shared"
-CONFORMANCE_JSON = SHARED / "conformance" / "k8s_netpol_cases.json"
+DATA = TESTS / "data"  # upstream conformance cases, with their provenance in data/README.md
+CONFORMANCE_JSON = DATA / "k8s_netpol_cases.json"
 
 _TIER_MARKERS = {"privileged": pytest.mark.privileged, "e2e": pytest.mark.e2e, "kind": pytest.mark.kind}
 

@@ -1,8 +1,9 @@
-"""The README's settings and metrics tables, read back so tests can hold them against the code.
+"""The settings and metrics tables of docs/, read back so tests can hold them against the code.
 
-Settings: under `## Settings`, each ### `podfence ...` heading is followed by one table of
-flag | environment | default | meaning. Metrics: under `## Metrics`, one table per process
-(### `podfence agent`, ### `podfence control`) of metric | type | labels | meaning.
+Settings (docs/settings.md): each level-2 heading naming `podfence ...` is followed by one table of
+flag | environment | default | meaning. Metrics (docs/metrics.md): one table per process
+(headings `podfence agent`, `podfence control`) of metric | type | labels | meaning. The README
+only links to these pages; the module keeps its name so its history stays in one place.
 """
 
 from __future__ import annotations
@@ -13,29 +14,25 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SETTINGS_DOC = DOCS / "settings.md"
+METRICS_DOC = DOCS / "metrics.md"
 
 _HEADING_COMMAND = re.compile(r"`podfence\s*([^`]*)`")
 _BACKTICKED = re.compile(r"`([^`]+)`")
 
 
-def section_tables(section: str, text: str | None = None) -> dict[str, list[dict[str, str]]]:
-    """Under `## {section}`: the first table after each ### heading naming `podfence X`, keyed
-    by X ("" for bare `podfence`), as rows {lower-cased column header: cell text}."""
-    lines = (README.read_text() if text is None else text).splitlines()
+def command_tables(document: Path, text: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """The first table after each `## ` heading of `document` that names `podfence X`, keyed by X
+    ("" for bare `podfence`), as rows {lower-cased column header: cell text}. `text` stands in for
+    the file's content (tests of the reader itself)."""
+    lines = (document.read_text() if text is None else text).splitlines()
     tables: dict[str, list[dict[str, str]]] = {}
-    in_section = False
     command: str | None = None
     header: list[str] | None = None
     for line in lines:
-        if line.startswith("## "):
-            in_section = line[3:].strip() == section
-            command = None
-            continue
-        if not in_section:
-            continue
-        if line.startswith("### "):
-            match = _HEADING_COMMAND.search(line)
+        if line.startswith("#"):
+            match = _HEADING_COMMAND.search(line) if line.startswith("## ") else None
             command = match.group(1).strip() if match else None
             header = None
             continue
@@ -50,6 +47,16 @@ def section_tables(section: str, text: str | None = None) -> dict[str, list[dict
         elif header is not None and command in tables:
             command = None  # the first table under this heading is over
     return tables
+
+
+def settings_tables(text: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Command ("" for bare `podfence`, "agent", "lab up", ...) -> its rows in docs/settings.md."""
+    return command_tables(SETTINGS_DOC, text)
+
+
+def metrics_tables(text: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Process ("agent", "control") -> its rows in docs/metrics.md."""
+    return command_tables(METRICS_DOC, text)
 
 
 def backticked(cell: str) -> list[str]:
@@ -69,13 +76,13 @@ class DocumentedMetric:
 
 
 def documented_metrics(text: str | None = None) -> dict[str, list[DocumentedMetric]]:
-    """Process ("agent", "control") -> the metrics its README table lists."""
+    """Process ("agent", "control") -> the metrics its table in docs/metrics.md lists."""
     return {
         process: [
             DocumentedMetric(backticked(row["metric"])[0], row["type"], frozenset(backticked(row["labels"])))
             for row in rows
         ]
-        for process, rows in section_tables("Metrics", text).items()
+        for process, rows in metrics_tables(text).items()
     }
 
 

@@ -139,10 +139,21 @@ class StreamHandle:
             return self._closed is not None
 
 
+@dataclass(frozen=True)
+class SourceProblem:
+    """An invalid object or unreadable file of the source, as `podfence status` shows it."""
+
+    object: str | None  # "Kind namespace/name", None when no object could be named
+    source: str  # the file, or "kubernetes"
+    error: str
+    last_valid_in_force: bool  # the object's (file's) last valid form is still what is enforced
+
+
 @dataclass
 class HubStatus:
     version: int
     nodes: dict[str, NodeRecord] = field(default_factory=dict)  # copies, with the reported applied version
+    source_errors: tuple[SourceProblem, ...] = ()
 
 
 class PolicyHub:
@@ -168,6 +179,7 @@ class PolicyHub:
         self._lock = threading.RLock()
         self._streams: dict[str, StreamHandle] = {}
         self._records: dict[str, NodeRecord] = {}
+        self._source_problems: tuple[SourceProblem, ...] = ()
         self._next_stream_id = 0
         self.metrics.watch_hub(self._metric_view)
 
@@ -199,6 +211,16 @@ class PolicyHub:
                 log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
                             self._max_pending)
         log.info("policy version %d: %d connected node(s) changed", version, changed)
+
+    def set_source_problems(self, problems: list[SourceProblem]) -> None:
+        """The source's current problems (replacing the previous list); also sets the gauges."""
+        ordered = tuple(sorted(problems, key=lambda p: (p.source, p.object or "", p.error)))
+        with self._lock:
+            self._source_problems = ordered
+        self.metrics.invalid_objects.set(sum(1 for p in ordered if p.object is not None))
+        self.metrics.last_valid_objects.set(
+            sum(1 for p in ordered if p.object is not None and p.last_valid_in_force)
+        )
 
     @property
     def version(self) -> int:
@@ -282,7 +304,7 @@ class PolicyHub:
                     latest_change=record.latest_change,
                     disconnected_at=record.disconnected_at,
                 )
-            return HubStatus(self._version, nodes)
+            return HubStatus(self._version, nodes, self._source_problems)
 
     def _forget_long_gone_locked(self) -> None:
         horizon = self._clock() - self._forget_after_s

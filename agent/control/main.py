@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any
 
@@ -20,7 +20,8 @@ from prometheus_client.exposition import generate_latest
 
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
+from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
+from agent.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="server certificate (PEM)")
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs agents' client certificates (PEM)")
+    parser.add_argument(
+        "--admin-cn",
+        default=DEFAULT_ADMIN_NAME,
+        metavar="NAMES",
+        help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
+    )
     parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
     parser.add_argument(
         "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
@@ -83,7 +90,7 @@ def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | Non
         return None, f"cannot read TLS files: {exc}"
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> ThreadingHTTPServer:
+def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> BoundedHTTPServer:
     """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -110,8 +117,7 @@ def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Eve
             pass  # scrapes every few seconds would drown the service's own log
 
     host, port = _split_host_port(addr)
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
+    httpd = BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     return httpd
 
@@ -183,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     healthy = threading.Event()
     try:
         httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
-            args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes)
+            args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),
+            admin_names=admin_names,
         )
     except (OSError, RuntimeError) as exc:
         print(f"podfence control: cannot listen: {exc}", file=sys.stderr)
@@ -212,5 +220,6 @@ def run(args: argparse.Namespace) -> int:
         pass
     stop_server(server, hub, health_servicer, grace=args.shutdown_grace)
     httpd.shutdown()
+    httpd.server_close()
     log.info("control service stopped")
     return EXIT_OK

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.control.admission import REFUSAL_REASONS
+
 
 class ControlMetrics:
     """The metrics a control service updates as events happen (counters, histograms, gauges)."""
@@ -31,9 +33,23 @@ class ControlMetrics:
         )
         self.invalid_objects = Gauge(
             "podfence_control_invalid_objects",
-            "Objects currently skipped because they failed validation.",
+            "Objects whose current form fails validation (held at their last valid form or rejected).",
             registry=self.registry,
         )
+        self.last_valid_objects = Gauge(
+            "podfence_control_last_valid_objects",
+            "Invalid objects whose last valid form stays in force (an invalid edit never drops one).",
+            registry=self.registry,
+        )
+        self.streams_refused_total = Counter(
+            "podfence_control_streams_refused",
+            "Sync streams refused or ended before Hello: no Hello in time, too many streams awaiting "
+            "Hello from one client, or the service's stream limit reached.",
+            labelnames=["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:  # every series from the start
+            self.streams_refused_total.labels(reason)
         self.streams_reset_total = Counter(
             "podfence_control_stream_resets",
             "Streams that fell too far behind and were resynchronised with a snapshot.",

@@ -6,15 +6,22 @@ Messages above the receive limit are refused by grpc itself with RESOURCE_EXHAUS
 
 With mutual TLS the node name a stream may use is its client certificate's common name: an
 agent holding node A's certificate cannot ask for node B's policy (PERMISSION_DENIED).
+
+Streams are admitted within bounds (admission.py): Hello within a deadline, a few streams per
+client awaiting Hello, a total below the thread pool. GetStatus answers with mutual TLS only what
+the caller may see: a node's certificate sees its own node's entry; a certificate whose CN is one
+of `admin_names` sees every node and the source's errors. Without TLS there is no caller identity,
+and anyone who can reach the port can subscribe as any node anyway: status shows everything.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -24,11 +31,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control.admission import REASON_HELLO_TIMEOUT, StreamAdmission, client_identity
 from agent.control.encode import delta_message, snapshot_message
-from agent.control.hub import AckError, PolicyHub, StreamClosed, StreamHandle
+from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
+from agent.control.metrics import ControlMetrics
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ADMIN_NAME = "podfence-admin"  # the CN of an operator's certificate for `podfence status`
 SYNC_SERVICE = "podfence.v1.NodeSync"
 STATUS_SERVICE = "podfence.v1.ControlStatus"
 # A Kubernetes node name is a DNS-1123 subdomain.
@@ -42,8 +52,19 @@ class ServerSettings:
     # Largest message sent (a snapshot of a busy node) and largest accepted (agents send tiny ones).
     max_send_bytes: int = 64 * 1024 * 1024
     max_receive_bytes: int = 4 * 1024 * 1024
-    # Every open stream holds one worker thread, so this bounds the number of connected nodes.
+    # Every open stream holds one worker thread. Calls beyond the pool are refused at once
+    # (never queued behind idle streams); Sync streams stop `reserved_workers` short of it, so
+    # GetStatus always finds a thread.
     max_workers: int = 2048
+    reserved_workers: int = 48
+    # A stream must say Hello this soon; a client may have this many streams awaiting Hello.
+    hello_timeout_s: float = 10.0
+    max_pending_per_client: int = 8
+
+    @property
+    def max_streams(self) -> int:
+        """Sync streams at most: the pool less its reserve (at most a quarter of a small pool)."""
+        return max(1, self.max_workers - min(self.reserved_workers, self.max_workers // 4))
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     # Agents ping at most this often while idle (their keepalive must not be shorter).
@@ -74,30 +95,108 @@ class _Abort(Exception):
         self.details = details
 
 
+def stream_admission(settings: ServerSettings, metrics: ControlMetrics) -> StreamAdmission:
+    """The admission bounds of `settings`, counting refusals in `metrics`."""
+    return StreamAdmission(
+        max_streams=settings.max_streams,
+        max_pending_per_client=settings.max_pending_per_client,
+        refused=lambda reason: metrics.streams_refused_total.labels(reason).inc(),
+    )
+
+
+class _Inbound:
+    """The client's side of one stream, read on its own thread: Hello first (handed to the
+    stream's handler, which waits for it with a deadline), then acks once the handler has
+    registered the stream."""
+
+    def __init__(self) -> None:
+        self.hello: queue.Queue[pb.Hello | _Abort] = queue.Queue(maxsize=1)
+        self._handle: StreamHandle | None = None
+        self._decided = threading.Event()
+
+    def start_acks(self, handle: StreamHandle | None) -> None:
+        """Lets the reader go on to acks for `handle`; None ends the reader (the stream was refused)."""
+        self._handle = handle
+        self._decided.set()
+
+    def handle(self) -> StreamHandle | None:
+        self._decided.wait()
+        return self._handle
+
+
 class NodeSyncService:
     """NodeSync.Sync: Hello, then a snapshot and deltas out, acks in."""
 
-    def __init__(self, hub: PolicyHub, require_client_cert: bool) -> None:
+    def __init__(self, hub: PolicyHub, require_client_cert: bool, settings: ServerSettings | None = None,
+                 admission: StreamAdmission | None = None) -> None:
         self._hub = hub
         self._require_client_cert = require_client_cert
+        self._settings = settings or ServerSettings()
+        self.admission = admission or stream_admission(self._settings, hub.metrics)
 
     def sync(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
-        try:
-            hello = self._read_hello(requests, context)
-        except _Abort as failure:
-            log.warning("refused a Sync stream from %s: %s", context.peer(), failure.details)
-            context.abort(failure.code, failure.details)
+        client = client_identity(context, self._require_client_cert)
+        refusal = self.admission.enter(client)
+        if refusal is not None:
+            log.warning("refused a Sync stream from %s (%s): %s", context.peer(), client, refusal)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             return
-        handle = self._hub.open_stream(hello.node_name, hello.last_applied_version)
-        context.add_callback(lambda: handle.close("the stream ended"))
-        reader = threading.Thread(
-            target=self._read_acks, args=(requests, handle), name=f"acks-{hello.node_name}", daemon=True
-        )
+        pending = [True]  # whether this stream still counts as awaiting Hello
+
+        def release() -> None:
+            self.admission.leave(client, pending=pending[0])
+
+        if not context.add_callback(_once(release)):
+            release()  # the call ended before the callback could be added
+            return
+        inbound = _Inbound()
+        reader = threading.Thread(target=self._read, args=(requests, context, inbound), name="sync-reader",
+                                  daemon=True)
         reader.start()
+        handle: StreamHandle | None = None
         try:
+            try:
+                hello = self._await_hello(inbound)
+            except _Abort as failure:
+                log.warning("refused a Sync stream from %s: %s", context.peer(), failure.details)
+                context.abort(failure.code, failure.details)
+                return
+            self.admission.greeted(client)
+            pending[0] = False
+            handle = self._hub.open_stream(hello.node_name, hello.last_applied_version)
+            opened = handle
+            context.add_callback(lambda: opened.close("the stream ended"))
+            inbound.start_acks(handle)
             yield from self._send(handle, context)
         finally:
-            self._hub.close_stream(handle, "the stream ended")
+            if handle is None:
+                inbound.start_acks(None)  # the reader stops instead of waiting for a stream
+            else:
+                self._hub.close_stream(handle, "the stream ended")
+
+    def _await_hello(self, inbound: _Inbound) -> pb.Hello:
+        timeout = self._settings.hello_timeout_s
+        try:
+            first = inbound.hello.get(timeout=timeout)
+        except queue.Empty:
+            self._hub.metrics.streams_refused_total.labels(REASON_HELLO_TIMEOUT).inc()
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no Hello within {timeout:g} s") from None
+        if isinstance(first, _Abort):
+            raise first
+        return first
+
+    def _read(self, requests: Iterator[bytes], context: grpc.ServicerContext, inbound: _Inbound) -> None:
+        try:
+            inbound.hello.put(self._read_hello(requests, context))
+        except _Abort as failure:
+            inbound.hello.put(failure)
+            return
+        except grpc.RpcError:
+            inbound.hello.put(_Abort(grpc.StatusCode.CANCELLED, "the stream ended before Hello"))
+            return
+        handle = inbound.handle()
+        if handle is not None:
+            self._read_acks(requests, handle)
 
     def _read_hello(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.Hello:
         raw = next(requests, None)
@@ -110,7 +209,7 @@ class NodeSyncService:
         if len(node) > 253 or not _NODE_NAME.match(node):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {node!r}")
         if self._require_client_cert:
-            names = [v.decode(errors="replace") for v in context.auth_context().get("x509_common_name", [])]
+            names = _common_names(context)
             if node not in names:
                 raise _Abort(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -165,6 +264,21 @@ class NodeSyncService:
             yield message
 
 
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Event()
+
+    def run() -> None:
+        if not done.is_set():
+            done.set()
+            callback()
+
+    return run
+
+
+def _common_names(context: grpc.ServicerContext) -> list[str]:
+    return [v.decode(errors="replace") for v in context.auth_context().get("x509_common_name", [])]
+
+
 def _parse(raw: bytes) -> pb.AgentMessage:
     try:
         return pb.AgentMessage.FromString(raw)
@@ -173,11 +287,15 @@ def _parse(raw: bytes) -> pb.AgentMessage:
 
 
 class ControlStatusService(pb_grpc.ControlStatusServicer):
-    def __init__(self, hub: PolicyHub) -> None:
+    """GetStatus, scoped to the caller with mutual TLS (see the module docstring)."""
+
+    def __init__(self, hub: PolicyHub, tls: bool = False, admin_names: Collection[str] = ()) -> None:
         self._hub = hub
+        self._tls = tls
+        self._admin_names = frozenset(admin_names)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
-        status = self._hub.status()
+        status = self._visible(self._hub.status(), context)
         response = pb.StatusResponse(version=status.version)
         for node, record in status.nodes.items():
             response.nodes[node].CopyFrom(
@@ -187,7 +305,27 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_error=record.last_error or "",
                 )
             )
+        for problem in status.source_errors:
+            response.source_errors.append(
+                pb.SourceError(
+                    object=problem.object or "",
+                    source=problem.source,
+                    error=problem.error,
+                    last_valid_in_force=problem.last_valid_in_force,
+                )
+            )
         return response
+
+    def _visible(self, status: HubStatus, context: grpc.ServicerContext) -> HubStatus:
+        if not self._tls:
+            return status
+        names = set(_common_names(context))
+        if names & self._admin_names:
+            return status
+        # A node's certificate: its own entry only. Other nodes' errors and the source's errors
+        # name other tenants' objects, and a compromised node has no business reading them.
+        own = {node: record for node, record in status.nodes.items() if node in names}
+        return HubStatus(status.version, own)
 
 
 def create_server(
@@ -195,8 +333,11 @@ def create_server(
     hub: PolicyHub,
     credentials: TlsFiles | None = None,
     settings: ServerSettings | None = None,
+    admin_names: Collection[str] = (DEFAULT_ADMIN_NAME,),
+    admission: StreamAdmission | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too."""
+    """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too.
+    With `credentials`, client certificates whose CN is in `admin_names` see all of GetStatus."""
     settings = settings or ServerSettings()
     options = [
         ("grpc.max_send_message_length", settings.max_send_bytes),
@@ -210,8 +351,12 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
         options=options,
+        # A call the pool cannot take now is refused (RESOURCE_EXHAUSTED), never queued behind
+        # streams that may stay open for hours.
+        maximum_concurrent_rpcs=settings.max_workers,
     )
-    sync = NodeSyncService(hub, require_client_cert=credentials is not None)
+    sync = NodeSyncService(hub, require_client_cert=credentials is not None, settings=settings,
+                           admission=admission)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
@@ -225,7 +370,9 @@ def create_server(
             )
         ]
     )
-    pb_grpc.add_ControlStatusServicer_to_server(ControlStatusService(hub), server)
+    pb_grpc.add_ControlStatusServicer_to_server(
+        ControlStatusService(hub, tls=credentials is not None, admin_names=admin_names), server
+    )
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),

@@ -10,10 +10,18 @@ miss (watch limits, filesystems without them, a folder replaced). Only files who
 mtime) changed are re-read.
 
 Each file keeps its last good objects: a file that stops parsing keeps contributing what it held
-before, and its error is logged, counted and kept in `errors`/`last_error`. A single invalid
-object inside a parsable file is skipped with its own error. The objects of all files are merged
-and diffed against the previous merge, so an object that moves from one file to another is one
-update, not a delete then an add.
+before, and its error is logged, counted and kept in `errors`/`last_error`. The objects of all
+files are merged and diffed against the previous merge, so an object that moves from one file to
+another is one update, not a delete then an add.
+
+An invalid object never opens anything. Objects are tracked by (kind, namespace, name), across
+files: when the definition that wins for a key (the last file in path order that defines it) is
+invalid, the form in force so far stays in force (an edit that breaks a default-deny keeps the
+default-deny), and the error is reported (log, `podfence status`, metrics) until the object is
+fixed or removed. A key invalid at its first appearance has no valid form: another file's valid
+definition is used if there is one, else the object is rejected. A key defined by no file any
+more is deleted, valid or not; a file renamed (or an object moved to another file) in one step
+keeps its objects in force, invalid ones included.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.control.folder_watch import FolderWatch
-from agent.control.hub import PolicyHub
+from agent.control.hub import PolicyHub, SourceProblem
+from agent.model.errors import ModelError
 from agent.model.load import load_file
 from agent.model.objects import KubeObject
 
@@ -43,6 +52,17 @@ ObjectKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" for a 
 
 def object_key(obj: KubeObject) -> ObjectKey:
     return (type(obj).__name__, getattr(obj, "namespace", ""), obj.name)
+
+
+def _error_key(error: ModelError) -> ObjectKey | None:
+    """The key of the object an error is about; None when it names no object."""
+    if not error.kind or not error.name:
+        return None
+    return (error.kind, error.namespace or "", error.name)
+
+
+def _object_name(error: ModelError) -> str | None:
+    return f"{error.kind} {error.object_ref}" if error.kind else None
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,10 @@ class FolderSource:
         self.poll_interval = poll_interval
         self._signatures: dict[Path, _Signature] = {}
         self._good: dict[Path, dict[ObjectKey, KubeObject]] = {}
-        self._invalid: dict[Path, list[str]] = {}
+        self._invalid: dict[Path, list[ModelError]] = {}
+        # Per file, the keys of the objects it defines but that failed validation.
+        self._rejected: dict[Path, dict[ObjectKey, ModelError]] = {}
+        self.held: dict[ObjectKey, str] = {}  # invalid now, last valid form in force: why invalid
         self.errors: dict[Path, str] = {}  # files that do not parse, with why
         self.last_error: str | None = None
         self._merged: dict[ObjectKey, KubeObject] = {}
@@ -70,7 +93,7 @@ class FolderSource:
 
     @property
     def invalid_objects(self) -> list[str]:
-        return [error for errors in self._invalid.values() for error in errors]
+        return [str(error) for errors in self._invalid.values() for error in errors]
 
     def run(self, stop: threading.Event, use_events: bool = True) -> None:
         watch = FolderWatch.open(self.folder) if use_events else None
@@ -111,6 +134,7 @@ class FolderSource:
             del self._signatures[path]
             self._good.pop(path, None)
             self._invalid.pop(path, None)
+            self._rejected.pop(path, None)
             self.errors.pop(path, None)
             changed = True
         for path, signature in sorted(current.items()):
@@ -119,10 +143,12 @@ class FolderSource:
             self._signatures[path] = signature
             self._read(path)
             changed = True
-        self._hub.metrics.invalid_objects.set(len(self.invalid_objects))
         if not changed and self._started:
+            self._hub.set_source_problems(self.problems())  # a folder that cannot be listed, say
             return False
-        return self._publish()
+        published = self._publish()
+        self._hub.set_source_problems(self.problems())
+        return published
 
     def _list_files(self) -> dict[Path, _Signature]:
         files: dict[Path, _Signature] = {}
@@ -154,12 +180,14 @@ class FolderSource:
             return
         self.errors.pop(path, None)
         self._good[path] = {object_key(obj): obj for obj in result.objects}
-        messages = [str(error) for error in result.errors]
-        for message in messages:
-            if message not in self._invalid.get(path, []):
-                log.warning("skipping an invalid object in %s: %s", path, message)
-        self._invalid[path] = messages
-        log.info("read %s: %d object(s), %d invalid", path, len(result.objects), len(messages))
+        for error in result.errors:
+            if error not in self._invalid.get(path, []):
+                log.warning("invalid object in %s: %s", path, error)
+        self._invalid[path] = list(result.errors)
+        self._rejected[path] = {
+            key: error for error in result.errors if (key := _error_key(error)) is not None
+        }
+        log.info("read %s: %d object(s), %d invalid", path, len(result.objects), len(result.errors))
 
     def _report(self, path: Path, message: str) -> None:
         kept = len(self._good.get(path, {}))
@@ -169,15 +197,13 @@ class FolderSource:
         self._hub.metrics.source_errors_total.inc()
 
     def _publish(self) -> bool:
-        merged: dict[ObjectKey, KubeObject] = {}
-        owner: dict[ObjectKey, Path] = {}
-        for path in sorted(self._good):
-            for key, obj in self._good[path].items():
-                if key in owner:
-                    log.warning("%s %s/%s is defined in both %s and %s; using %s", key[0], key[1], key[2],
-                                owner[key], path, path)
-                merged[key] = obj
-                owner[key] = path
+        merged, held = self._resolve()
+        for key in held.keys() - self.held.keys():
+            log.warning("%s %s/%s is invalid; its last valid form stays in force: %s", key[0], key[1],
+                        key[2], held[key])
+        for key in self.held.keys() - held.keys():
+            log.info("%s %s/%s: no longer held at its last valid form", *key)
+        self.held = held
         upserts = [obj for key, obj in merged.items() if self._merged.get(key) != obj]
         deletes = [key for key in self._merged if key not in merged]
         first = not self._started
@@ -196,6 +222,53 @@ class FolderSource:
         log.info("folder %s: %d object(s); %d changed, %d removed", self.folder, len(merged),
                  len(upserts), len(deletes))
         return True
+
+    def _resolve(self) -> tuple[dict[ObjectKey, KubeObject], dict[ObjectKey, str]]:
+        """The objects in force, and the keys held at their last valid form (with the error).
+
+        For each key the last file in path order that defines it wins, valid or not. A winning
+        definition that is invalid keeps what is in force now; with nothing in force, the last
+        valid definition in another file, else nothing (rejected)."""
+        winner: dict[ObjectKey, Path] = {}
+        valid: dict[ObjectKey, KubeObject] = {}  # the last valid definition in path order
+        for path in sorted(set(self._good) | set(self._rejected)):
+            for key, obj in self._good.get(path, {}).items():
+                if key in winner and winner[key] != path:
+                    log.warning("%s %s/%s is defined in both %s and %s; using %s", key[0], key[1], key[2],
+                                winner[key], path, path)
+                winner[key] = path
+                valid[key] = obj
+            for key in self._rejected.get(path, {}):
+                winner[key] = path
+        merged: dict[ObjectKey, KubeObject] = {}
+        held: dict[ObjectKey, str] = {}
+        for key, path in winner.items():
+            chosen = self._good.get(path, {}).get(key)
+            if chosen is not None:
+                merged[key] = chosen
+                continue
+            error = str(self._rejected[path][key])
+            if key in self._merged:
+                merged[key] = self._merged[key]
+                held[key] = error
+            elif key in valid:
+                merged[key] = valid[key]
+        return merged, held
+
+    def problems(self) -> list[SourceProblem]:
+        """Every invalid object and unreadable file, for `podfence status`."""
+        found = [
+            SourceProblem(None, str(path), message, last_valid_in_force=path in self._good)
+            for path, message in self.errors.items()
+        ]
+        for path, errors in self._invalid.items():
+            for error in errors:
+                key = _error_key(error)
+                in_force = key is not None and key in self._merged
+                found.append(
+                    SourceProblem(_object_name(error), str(path), str(error), last_valid_in_force=in_force)
+                )
+        return found
 
     def objects(self) -> Iterable[KubeObject]:
         return list(self._merged.values())

@@ -5,8 +5,13 @@ following every event's resourceVersion and the server's bookmarks. A 410 Gone (
 was compacted away) re-lists, and the re-list is diffed against what was known so deletions
 missed meanwhile are applied. Other errors back off exponentially with full jitter and resume
 the watch from the last resourceVersion. API objects become dicts with
-`ApiClient.sanitize_for_serialization` and then model objects with `parse_object`; an invalid
-object is skipped with its error (its previous valid form, if any, stays in force).
+`ApiClient.sanitize_for_serialization` and then model objects with `parse_object`.
+
+An invalid object never opens anything (the API server validates objects, but podfence is
+stricter in places, and may be older than the cluster): an object whose new form fails
+validation keeps its previous valid form in force, on a watch event and on a re-list alike, with
+its error in `podfence status` and the metrics until it is fixed or deleted. An object invalid
+from its first appearance is rejected (reported, never applied); a deleted object is deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent.control.hub import PolicyHub
+from agent.control.hub import PolicyHub, SourceProblem
 from agent.model.load import parse_object
 from agent.model.objects import KubeObject
 
@@ -135,11 +140,20 @@ class KubernetesSource:
         """Lists `kind` and makes the resolver hold exactly the listed objects of that kind."""
         result = self._list_functions[kind]()
         listed: dict[ObjectKey, KubeObject] = {}
+        known = self._known[kind]
+        present: set[ObjectKey] = set()
         for item in getattr(result, "items", None) or []:
-            obj = self._parse(kind, self._to_dict(item))
+            data = self._to_dict(item)
+            obj = self._parse(kind, data)
+            key = _identity(kind, data)
+            present.add(key)
             if obj is not None:
                 listed[(getattr(obj, "namespace", ""), obj.name)] = obj
-        known = self._known[kind]
+            elif key in known:  # listed but invalid now: its last valid form stays in force
+                listed[key] = known[key]
+        with self._lock:  # objects deleted while unwatched: their errors go with them
+            for invalid in [k for k in self._invalid if k[0] == kind and k[1:] not in present]:
+                del self._invalid[invalid]
         removed = [key for key in known if key not in listed]
         changed = [obj for key, obj in listed.items() if known.get(key) != obj]
         if removed or changed or not known:
@@ -154,6 +168,7 @@ class KubernetesSource:
             self.synced.set()
         metadata = getattr(result, "metadata", None)
         self.resource_versions[kind] = getattr(metadata, "resource_version", None) or "0"
+        self._report()
         log.info("listed %d %s object(s) at resourceVersion %s", len(listed), kind,
                  self.resource_versions[kind])
 
@@ -204,6 +219,7 @@ class KubernetesSource:
             log.debug("%s watch: ignoring event type %s", kind, event_type)
         if version:
             self.resource_versions[kind] = version
+        self._report()
 
     def _to_dict(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, dict):
@@ -214,14 +230,14 @@ class KubernetesSource:
     def _parse(self, kind: str, data: dict[str, Any]) -> KubeObject | None:
         # Items of a list response carry no kind/apiVersion of their own.
         data = {"kind": kind, "apiVersion": API_VERSIONS.get(kind, "v1"), **data}
-        metadata = data.get("metadata") or {}
-        namespace = metadata.get("namespace", "") if kind != "Namespace" else ""
-        name = metadata.get("name", "")
+        namespace, name = _identity(kind, data)
         try:
             obj = parse_object(data)
         except Exception as exc:  # PolicyError names the object and field
             detail = getattr(exc, "error", exc)
-            log.warning("skipping invalid %s %s/%s: %s", kind, namespace, name, detail)
+            kept = (namespace, name) in self._known.get(kind, {})
+            log.warning("invalid %s %s/%s (%s): %s", kind, namespace, name,
+                        "its last valid form stays in force" if kept else "rejected", detail)
             self._set_invalid(kind, namespace, name, str(detail))
             return None
         self._set_invalid(kind, namespace, name, None)
@@ -233,12 +249,33 @@ class KubernetesSource:
                 self._invalid.pop((kind, namespace, name), None)
             else:
                 self._invalid[(kind, namespace, name)] = error
-            self._hub.metrics.invalid_objects.set(len(self._invalid))
+
+    def _report(self) -> None:
+        """Hands the current invalid objects to the hub (status, metrics)."""
+        with self._lock:
+            problems = [
+                SourceProblem(
+                    f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}",
+                    "kubernetes",
+                    error,
+                    last_valid_in_force=(namespace, name) in self._known.get(kind, {}),
+                )
+                for (kind, namespace, name), error in self._invalid.items()
+            ]
+            self._hub.set_source_problems(problems)
 
     @property
     def invalid_objects(self) -> Iterable[str]:
         with self._lock:
             return list(self._invalid.values())
+
+
+def _identity(kind: str, data: dict[str, Any]) -> ObjectKey:
+    metadata = data.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    namespace = metadata.get("namespace", "") if kind != "Namespace" else ""
+    name = metadata.get("name", "")
+    return (namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else "")
 
 
 def _status(exc: Exception) -> int | None:

@@ -1,8 +1,10 @@
 """`podfence status`: the control service's view of every node (ControlStatus.GetStatus).
 
-With --json it prints exactly one object, the contract in DESIGN.md:
+With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
-"last_error": <str|null>}}}. Without it, a table for people. Exit 1 when unreachable.
+"last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
+"source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
+unreadable files of the policy source. Without it, a table for people. Exit 1 when unreachable.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             }
             for node, status in sorted(response.nodes.items())
         },
+        "source_errors": [
+            {
+                "object": problem.object or None,
+                "source": problem.source,
+                "error": problem.error,
+                "last_valid_in_force": bool(problem.last_valid_in_force),
+            }
+            for problem in response.source_errors
+        ],
     }
 
 
@@ -59,7 +70,7 @@ def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | No
     if args.insecure:
         return (None, "--insecure and --tls-* exclude each other") if given else (None, None)
     if not given:
-        return None, None  # DESIGN.md's contract calls status without TLS flags: plain text then
+        return None, None  # docs/design.md: status is called without TLS flags: plain text then
     if len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca together"
     try:
@@ -74,11 +85,17 @@ def run(args: argparse.Namespace) -> int:
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        response = fetch_status(args.control, credentials, args.timeout)
-    except grpc.RpcError as exc:
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"podfence status: control service {args.control} unreachable: {details}", file=sys.stderr)
+    # PODFENCE_CONTROL may hold the agents' list of replicas: the first that answers is asked.
+    failures = []
+    for target in [t.strip() for t in args.control.split(",") if t.strip()]:
+        try:
+            response = fetch_status(target, credentials, args.timeout)
+            break
+        except grpc.RpcError as exc:
+            failures.append(f"{target}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
+    else:
+        print(f"podfence status: control service {args.control} unreachable: {'; '.join(failures)}",
+              file=sys.stderr)
         return EXIT_FAILURE
     status = status_to_dict(response)
     if args.json:
@@ -93,4 +110,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    if status["source_errors"]:
+        print(f"{len(status['source_errors'])} source error(s):")
+    for problem in status["source_errors"]:
+        effect = "last valid form in force" if problem["last_valid_in_force"] else "not applied"
+        print(f"  {problem['source']}: {problem['error']} ({effect})")
     return EXIT_OK

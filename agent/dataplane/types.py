@@ -74,6 +74,10 @@ class Endpoint:
     ingress: DirectionPolicy = DirectionPolicy()  # traffic to the pod
     egress: DirectionPolicy = DirectionPolicy()  # traffic from the pod
     ifindex: int | None = None  # host-side interface; None until the node layer found it
+    # The pod's MAC ("02:00:00:00:00:01", lower case), bound with the interface by the node
+    # layer: the only Ethernet source (and ARP/NDP link-layer address) the pod may send. None:
+    # not bound (the MAC is not checked).
+    mac: str | None = None
 
 
 @dataclass(frozen=True)

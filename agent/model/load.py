@@ -38,6 +38,7 @@ import yaml
 
 from agent.model.errors import ModelError, PolicyError
 from agent.model.objects import (
+    TERMINAL_PHASES,
     ContainerPort,
     IPAddress,
     IPBlock,
@@ -476,6 +477,8 @@ def _parse_pod(p: _Parser, doc: Mapping[Any, Any]) -> Pod:
                 names_seen.add(port_name)
             ports.append(ContainerPort(port=number, protocol=protocol, name=port_name))
     status = p.mapping(doc.get("status"), "status")
+    # Any other phase (Pending, Running, Unknown, one added later) is a pod that may hold its IPs.
+    phase = p.string(status.get("phase"), "status.phase")
     ips: list[IPAddress] = []
     if status.get("podIP") not in (None, ""):
         ips.append(p.ip_address(status.get("podIP"), "status.podIP"))
@@ -492,6 +495,7 @@ def _parse_pod(p: _Parser, doc: Mapping[Any, Any]) -> Pod:
         ips=tuple(ips),
         ports=tuple(ports),
         host_network=host_network,
+        terminated=phase in TERMINAL_PHASES,
     )
 
 

@@ -61,10 +61,6 @@ class LabelSelector:
     match_labels: Labels = ()
     match_expressions: tuple[Requirement, ...] = ()
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.match_labels and not self.match_expressions
-
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match_labels) and all(
             r.matches(labels) for r in self.match_expressions
@@ -84,8 +80,14 @@ class ContainerPort:
     name: str | None = None
 
 
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
 @dataclass(frozen=True)
 class Pod:
+    """A pod as policy sees it. `terminated`: `status.phase` is Succeeded or Failed; such a pod's
+    containers have stopped for good and its IPs may already belong to another pod."""
+
     namespace: str
     name: str
     node_name: str | None
@@ -93,6 +95,7 @@ class Pod:
     ips: tuple[IPAddress, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
+    terminated: bool = False
 
     @property
     def key(self) -> str:

@@ -422,6 +422,27 @@ class InterfaceDiscovery:
                 if msg["index"] == link.peer_index and msg.get("IFA_ADDRESS")
             ]
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        """The MAC of the pod's end of the veth behind `ifindex` (lower case), read through the
+        peer's netnsid (RTM_GETLINK with IFLA_TARGET_NETNSID); None when it cannot be read.
+
+        What the pod's interface holds, so what the pod chose if it changed it before it was
+        first located: the caller binds it once (it never follows a later change) and refuses a
+        MAC another pod on the same bridge holds already."""
+        link = view.links.get(ifindex)
+        if link is None or link.peer_netnsid is None or link.peer_index is None:
+            return None
+        try:
+            replies = self._ipr.link("get", index=link.peer_index, IFLA_IF_NETNSID=link.peer_netnsid)
+        except (NetlinkError, OSError) as exc:
+            log.debug("reading the MAC behind %s failed: %s", link.name, exc)
+            return None
+        for msg in replies:
+            mac = msg.get("IFLA_ADDRESS")
+            if mac:
+                return str(mac).lower()
+        return None
+
     def _maybe_probe(self, ip: IPAddress, bridge: int) -> None:
         """Ask the kernel to resolve a silent pod's MAC (NTF_USE: what sending a packet would do,
         without sending one from user space). The pod's reply fills the neighbour table and the

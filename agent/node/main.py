@@ -30,6 +30,7 @@ from agent.node.flowlog import DenyEventSource, FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics, start_http_server
 from agent.node.reconcile import Reconciler
 from agent.node.sync import SyncClient
@@ -60,7 +61,12 @@ class Adopting(Protocol):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", required=True, help="this node's name (pods with spec.nodeName == NODE)")
-    parser.add_argument("--control", required=True, metavar="HOST:PORT", help="the control service")
+    parser.add_argument(
+        "--control",
+        required=True,
+        metavar="HOST:PORT",
+        help="the control service; several replicas as HOST:PORT,HOST:PORT (tried in turn)",
+    )
     parser.add_argument("--dataplane", choices=["bpf", "iptables"], default="bpf")
     parser.add_argument(
         "--unknown-endpoints",
@@ -221,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
         credentials = channel_credentials(args)
         if not args.node.strip():
             raise UsageError("--node must not be empty")
-        if ":" not in args.control:
-            raise UsageError(f"--control must be HOST:PORT, not {args.control!r}")
+        targets = [t.strip() for t in args.control.split(",")]
+        if not all(":" in target for target in targets):
+            raise UsageError(f"--control must be HOST:PORT or HOST:PORT,HOST:PORT,..., not {args.control!r}")
         if ":" not in args.metrics_listen:
             raise UsageError(f"--metrics-listen must be HOST:PORT, not {args.metrics_listen!r}")
         if not 0.1 <= args.hook_check_interval <= 3600:  # also refuses nan
@@ -272,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
-        sync = SyncClient(args.node, args.control, reconciler.apply, credentials=credentials)
+        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials)
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
@@ -291,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
         egress_hook = getattr(dataplane, "egress_hook_in_use", "")
+        warn_if_ipvs()
         log.info(
             "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",
             args.node,

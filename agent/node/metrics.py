@@ -28,10 +28,9 @@ the fixed set of dataplane maps (or ipsets).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
@@ -45,6 +44,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from agent.dataplane.base import Dataplane
+from agent.metrics_http import BoundedHTTPServer
 from agent.node.reconcile import LatencyHistogram, Reconciler
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,9 @@ def register_agent_metrics(
 # --- HTTP: /metrics, /healthz, /readyz ------------------------------------------------------------
 
 
-class _V6HTTPServer(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
 def start_http_server(
     address: str, registry: CollectorRegistry, ready: Callable[[], bool]
-) -> tuple[ThreadingHTTPServer, int]:
+) -> tuple[BoundedHTTPServer, int]:
     """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread.
     Returns the server (call shutdown() to stop) and the bound port."""
     host, _, port_text = address.rpartition(":")
@@ -265,8 +261,7 @@ def start_http_server(
             # Prometheus scrapes every few seconds; per-request access logs would drown the rest.
             pass
 
-    server = (_V6HTTPServer if ":" in host else ThreadingHTTPServer)((host, int(port_text)), Handler)
-    server.daemon_threads = True
+    server = BoundedHTTPServer((host, int(port_text)), Handler)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server, server.server_address[1]

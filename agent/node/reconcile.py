@@ -46,6 +46,8 @@ class Discovery(Protocol):
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None: ...
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None: ...
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -382,13 +384,65 @@ class Reconciler:
             ):
                 located[key] = before
                 claimed.add(before)
+        macs = self._bind_macs(located, view)
         endpoints = {
-            key: ep if ep.ifindex == located[key] else replace(ep, ifindex=located[key])
+            key: ep
+            if (ep.ifindex, ep.mac) == (located[key], macs.get(key))
+            else replace(ep, ifindex=located[key], mac=macs.get(key))
             for key, ep in desired.endpoints.items()
         }
         return replace(
             desired, endpoints=endpoints, pod_interfaces=view.pod_interfaces, node_ips=view.node_ips
         )
+
+    def _bind_macs(self, located: dict[str, int | None], view: HostView) -> dict[str, str]:
+        """The MAC each located endpoint is bound to (the dataplanes drop frames from any other);
+        `located` loses the endpoints that cannot be bound.
+
+        A MAC is read from the pod's end of the veth when the endpoint is first located on an
+        interface and kept while it stays there: a pod that changes its MAC later only cuts
+        itself off. On a bridge a MAC is one port's: a pod claiming a MAC another endpoint on
+        the same bridge is bound to (to have the bridge send that pod's traffic to it) is left
+        unknown, its traffic dropped. Without a binding from this run (the agent restarted),
+        the port the bridge's forwarding database has the MAC on keeps it: the previous run's
+        filters let only the rightful pod teach it. Routed veths are links of their own, where
+        a MAC names nothing beyond the link."""
+        previous = self._programmed.endpoints if self._programmed is not None else {}
+        macs: dict[str, str] = {}
+        kept: set[str] = set()
+        for key, ifindex in located.items():
+            if ifindex is None:
+                continue
+            before = previous.get(key)
+            if before is not None and before.ifindex == ifindex and before.mac is not None:
+                macs[key] = before.mac
+                kept.add(key)
+            elif (mac := self._discovery.mac_of(ifindex, view)) is not None:
+                macs[key] = mac
+        claims: dict[tuple[int, str], list[str]] = {}
+        for key, mac in macs.items():
+            link = view.links.get(located[key] or 0)
+            if link is not None and link.master is not None:
+                claims.setdefault((link.master, mac), []).append(key)
+        for (bridge, mac), keys in claims.items():
+            if len(keys) < 2:
+                continue
+            holders = [k for k in keys if k in kept] or [
+                k for k in keys if view.fdb.get((bridge, mac)) == located[k]
+            ]
+            rightful = holders[0] if len(holders) == 1 else None
+            for key in keys:
+                if key != rightful:
+                    log.warning(
+                        "MAC %s of %s is bound to %s on the same bridge; leaving %s unknown",
+                        mac,
+                        key,
+                        rightful or "another endpoint",
+                        key,
+                    )
+                    located[key] = None
+                    del macs[key]
+        return macs
 
     def _locate(self, endpoint: Endpoint, view: HostView) -> int | None:
         for ip in endpoint.ips:

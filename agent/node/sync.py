@@ -9,6 +9,12 @@ the server is nacked too, and the stream is reopened so the next snapshot starts
 
 While the control service is unreachable it reconnects with jittered exponential backoff and does
 nothing to the kernel: the last programmed state keeps being enforced.
+
+A stream that brings no message within `first_message_timeout` (a replica that accepts streams
+but never answers: overloaded, stuck, or hostile) is cancelled and reopened. Given several
+control addresses ("HOST:PORT,HOST:PORT"), each new stream goes to the next address in turn, so
+an agent whose replica stops answering moves to another; every replica serves the same policy,
+and a new stream always starts with a snapshot.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "podfence-agent/0.1.0"
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+# A snapshot of a busy node is built and sent in well under a second; this leaves room for a slow
+# network or a loaded replica before the agent tries again (or tries the next replica).
+DEFAULT_FIRST_MESSAGE_TIMEOUT_S = 20.0
 # The server accepts idle pings every 10 s at most; 20 s finds a dead control service in ~30 s.
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -152,13 +162,22 @@ class _StreamBroken(Exception):
     """End this stream and reconnect (after the nack has been sent)."""
 
 
+def control_targets(text: str | Sequence[str]) -> list[str]:
+    """The control addresses of a "HOST:PORT,HOST:PORT" text (or a list of them), in order."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    targets = [part.strip() for part in parts if part.strip()]
+    if not targets:
+        raise ValueError("no control address given")
+    return targets
+
+
 class SyncClient:
     """Keeps one Sync stream open to the control service and applies what it receives."""
 
     def __init__(
         self,
         node_name: str,
-        target: str,
+        target: str | Sequence[str],
         apply: Callable[[NodeState], None],
         credentials: grpc.ChannelCredentials | None = None,
         agent_version: str = AGENT_VERSION,
@@ -166,9 +185,12 @@ class SyncClient:
         backoff_max: float = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+        first_message_timeout: float = DEFAULT_FIRST_MESSAGE_TIMEOUT_S,
     ) -> None:
         self.node_name = node_name
-        self.target = target
+        self.targets = control_targets(target)
+        self._target_index = 0
+        self._first_message_timeout = first_message_timeout
         self._apply = apply
         self._credentials = credentials
         self._agent_version = agent_version
@@ -192,6 +214,11 @@ class SyncClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def target(self) -> str:
+        """The control address the current (or next) stream uses."""
+        return self.targets[self._target_index]
+
     def run(self, stop: threading.Event) -> None:
         """Blocks until `stop` is set, reconnecting whenever the stream ends."""
         delay = self._backoff_initial
@@ -212,6 +239,9 @@ class SyncClient:
                 log.warning("resynchronising with %s: %s", self.target, exc)
             finally:
                 self._connected.clear()
+            if len(self.targets) > 1 and not stop.is_set():
+                self._target_index = (self._target_index + 1) % len(self.targets)
+                log.info("next stream to control service %s", self.target)
             if synced:
                 delay = self._backoff_initial  # a stream that worked restarts the backoff
             # Full jitter keeps many agents from reconnecting in lock-step after a control restart.
@@ -245,14 +275,16 @@ class SyncClient:
         delivered = False
         with self._channel() as channel:
             call = pb_grpc.NodeSyncStub(channel).Sync(requests())
-            ended = threading.Event()
+            ended, answered, timed_out = threading.Event(), threading.Event(), threading.Event()
             watcher = threading.Thread(
-                target=self._cancel_on_stop, args=(stop, ended, call), name="sync-stop", daemon=True
+                target=self._watch_stream, args=(stop, ended, answered, timed_out, call), name="sync-watch",
+                daemon=True,
             )
             watcher.start()
             broken = False
             try:
                 for message in call:
+                    answered.set()
                     if broken:
                         continue  # draining until the server ends the stream we half-closed
                     self._connected.set()
@@ -266,6 +298,10 @@ class SyncClient:
             except grpc.RpcError:
                 if stop.is_set():
                     return delivered
+                if timed_out.is_set():
+                    raise _StreamBroken(
+                        f"no snapshot from {self.target} within {self._first_message_timeout:g} s"
+                    ) from None
                 raise
             finally:
                 ended.set()
@@ -276,10 +312,16 @@ class SyncClient:
             raise _StreamBroken("the control service sent a malformed message")
         return delivered
 
-    @staticmethod
-    def _cancel_on_stop(stop: threading.Event, ended: threading.Event, call: Any) -> None:
+    def _watch_stream(self, stop: threading.Event, ended: threading.Event, answered: threading.Event,
+                      timed_out: threading.Event, call: Any) -> None:
+        """Cancels the stream on `stop`, or when its first message is overdue."""
+        deadline = time.monotonic() + self._first_message_timeout
         while not ended.is_set():
             if stop.wait(0.2):
+                call.cancel()
+                return
+            if not answered.is_set() and time.monotonic() >= deadline:
+                timed_out.set()
                 call.cancel()
                 return
 

@@ -20,6 +20,9 @@ lists on every pod start.
 Decisions where Kubernetes leaves room (the evaluator and the compiler follow the same ones):
 - hostNetwork pods are seen only by their IPs: no policy isolates them, no pod selector matches
   them, and they are never endpoints (state.takes_part_in_selectors).
+- Pods in phase Succeeded or Failed take no part at all (state.is_live): no endpoint, no peer,
+  no named port; their IPs may already belong to a new pod. A terminating pod (deletionTimestamp)
+  in another phase still runs through its grace period and keeps taking part.
 - A namespace without a Namespace object still exists for selectors, with only the automatic
   `kubernetes.io/metadata.name` label, which every namespace carries (state.effective_namespace_labels).
 - A referenced identity whose pods have no IP yet is listed with an empty IP tuple, not omitted.

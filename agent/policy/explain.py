@@ -119,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         for error in result.errors:
             print(f"warning: ignored invalid object: {error}", file=sys.stderr)
         state = ClusterState.from_objects(result.objects)
+        finished = {obj.key for obj in result.objects if isinstance(obj, Pod) and obj.terminated}
+        for given in (getattr(args, "from"), args.to):
+            if given in finished and given not in state.pods:
+                raise _BadInput(f"pod {given} has terminated (phase Succeeded or Failed): it takes no "
+                                "part in policy, and its IPs may be another pod's by now")
         try:
             src = parse_endpoint(state, getattr(args, "from"))
             dst = parse_endpoint(state, args.to)

@@ -58,7 +58,7 @@ from agent.policy.compiled import (
     PeerRef,
     normalize_allows,
 )
-from agent.policy.state import ClusterState, effective_namespace_labels, takes_part_in_selectors
+from agent.policy.state import ClusterState, effective_namespace_labels, is_live, takes_part_in_selectors
 
 KIND_NAMESPACE, KIND_POD, KIND_POLICY = "Namespace", "Pod", "NetworkPolicy"
 
@@ -175,7 +175,7 @@ def _named_port_inputs(pod: Pod) -> tuple[object, ...]:
 
 
 def is_endpoint(pod: Pod) -> bool:
-    return pod.node_name is not None and not pod.host_network and bool(pod.ips)
+    return is_live(pod) and pod.node_name is not None and not pod.host_network and bool(pod.ips)
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -269,7 +269,8 @@ class Resolver:
         if isinstance(obj, Namespace):
             self._put_namespace(obj.name, obj)
         elif isinstance(obj, Pod):
-            self._put_pod(obj.key, obj)
+            # A pod that turns Succeeded/Failed leaves every index here as a deletion would.
+            self._put_pod(obj.key, obj if is_live(obj) else None)
         else:
             self._put_policy(obj.key, obj)
 

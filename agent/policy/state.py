@@ -24,6 +24,15 @@ def effective_namespace_labels(name: str, namespace: Namespace | None) -> dict[s
     return labels
 
 
+def is_live(pod: Pod) -> bool:
+    """A pod in phase Succeeded or Failed takes no part in policy at all: neither an endpoint nor
+    a peer. Its containers are gone and its IPs may already be another pod's (kube-router, Calico,
+    Antrea and the AWS agent drop such pods too). A pod with a deletionTimestamp still in another
+    phase is live: it runs through its grace period with its IPs, and the kubelet moves it to a
+    terminal phase once its containers have stopped (Kubernetes 1.27 and later)."""
+    return not pod.terminated
+
+
 def takes_part_in_selectors(pod: Pod) -> bool:
     """hostNetwork pods share the node's identity: no policy selects them and no pod selector
     matches them (what Kubernetes leaves undefined); they are seen only by their IPs."""
@@ -46,10 +55,14 @@ class ClusterState:
         return state
 
     def put(self, obj: KubeObject) -> None:
+        """Adds or replaces `obj`; a terminated pod removes its key instead (see is_live)."""
         if isinstance(obj, Namespace):
             self.namespaces[obj.name] = obj
         elif isinstance(obj, Pod):
-            self.pods[obj.key] = obj
+            if is_live(obj):
+                self.pods[obj.key] = obj
+            else:
+                self.pods.pop(obj.key, None)
         else:
             self.policies[obj.key] = obj
 

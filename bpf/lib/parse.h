@@ -20,7 +20,6 @@
 #define PF_PKT_FRAG_LATER  0x04  /* non-first fragment: no L4 header */
 #define PF_PKT_ICMP_ERROR  0x08  /* ICMP/ICMPv6 error: inner_* hold the embedded tuple */
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
-#define PF_PKT_NDP_ADVERT  0x20  /* neighbour advertisement: inner_saddr holds its target address */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 /* Where a program reads packet bytes: tc and xt_bpf programs through their skb with
@@ -348,18 +347,13 @@ static __always_inline int pf_parse(const struct pf_source *src, __u32 l3_off, _
 	}
 	/* Router/neighbour solicitation+advertisement and redirect (hop limit 255), MLD (hop limit 1):
 	 * needed for IPv6 to work, and with those hop limits provably from the same link (RFC 4861,
-	 * 3810), so a routed packet cannot pass as link plumbing. */
+	 * 3810), so a routed packet cannot pass as link plumbing. What a pod may send of them is
+	 * narrowed by pf_check_ndp (lib/neigh.h): no router advertisements or redirects, nothing
+	 * beyond the options address resolution uses. */
 	if (pkt->protocol == PF_IPPROTO_ICMPV6 &&
 	    ((icmp_type >= 133 && icmp_type <= 137 && pkt->hop_limit == 255) ||
 	     ((icmp_type >= 130 && icmp_type <= 132) || icmp_type == 143) && pkt->hop_limit == 1))
 		pkt->flags |= PF_PKT_NDP;
-	if (pkt->protocol == PF_IPPROTO_ICMPV6 && icmp_type == 136) {
-		/* the advertised target decides whose address the host's neighbour cache learns */
-		if (pf_load(src, l4 + 8, &pkt->inner_saddr, sizeof(pkt->inner_saddr)) < 0)
-			pkt->flags |= PF_PKT_MALFORMED;
-		else
-			pkt->flags |= PF_PKT_NDP_ADVERT;
-	}
 	return 0;
 }
 

@@ -11,8 +11,15 @@ TCP, UDP, ICMP, ICMP6, SCTP = 6, 17, 1, 58, 132
 MAC_A, MAC_B = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 
 
-def eth(ethertype: int, payload: bytes) -> bytes:
-    return MAC_A + MAC_B + struct.pack("!H", ethertype) + payload
+def eth(ethertype: int, payload: bytes, source: bytes = MAC_B) -> bytes:
+    return MAC_A + source + struct.pack("!H", ethertype) + payload
+
+
+def vlan_tagged(frame: bytes, vid: int = 0, tpid: int = 0x8100) -> bytes:
+    """`frame` with a VLAN tag inserted after its MAC addresses. A test run does not move the
+    tag into skb metadata as a receiving device does: the tag stays in the frame and its TPID is
+    what the program sees as skb->protocol (as for a double-tagged frame's inner tag)."""
+    return frame[:12] + struct.pack("!HH", tpid, vid) + frame[12:]
 
 
 def l4(
@@ -110,20 +117,69 @@ def icmp4_error(src: str, dst: str, embedded: bytes, icmp_type: int = 3) -> byte
     return eth(ETH_IP, ipv4(src, dst, ICMP, struct.pack("!BBHI", icmp_type, 1, 0, 0) + quoted))
 
 
-def arp(sender_ip: str, target_ip: str) -> bytes:
+def arp(
+    sender_ip: str,
+    target_ip: str,
+    sender_mac: bytes = MAC_B,
+    op: int = 1,
+    trailer: bytes = b"",
+    hardware: int = 1,
+) -> bytes:
+    """Ethernet/IPv4 ARP sent from `sender_mac`, `trailer` after its 28 bytes."""
     body = struct.pack(
         "!HHBBH6s4s6s4s",
-        1,
+        hardware,
         ETH_IP,
         6,
         4,
-        1,
-        MAC_A,
+        op,
+        sender_mac,
         ipaddress.IPv4Address(sender_ip).packed,
         b"\0" * 6,
         ipaddress.IPv4Address(target_ip).packed,
     )
-    return eth(ETH_ARP, body)
+    return eth(ETH_ARP, body + trailer, sender_mac)
+
+
+def nd_option(kind: int, value: bytes) -> bytes:
+    """An NDP option of one 8-byte unit (link-layer address 1/2, nonce 14)."""
+    return struct.pack("!BB", kind, 1) + value.ljust(6, b"\0")
+
+
+def icmp6(
+    src: str, dst: str, icmp_type: int, body: bytes, hop_limit: int = 255, source_mac: bytes = MAC_B
+) -> bytes:
+    """ICMPv6 message `icmp_type` with `body` after its 4-byte header (checksum left at zero)."""
+    return eth(
+        ETH_IP6, ipv6(src, dst, ICMP6, struct.pack("!BBH", icmp_type, 0, 0) + body, hop_limit), source_mac
+    )
+
+
+def neighbour_solicitation(src: str, dst: str, target: str, options: bytes = b"", **kw: object) -> bytes:
+    return icmp6(src, dst, 135, b"\0" * 4 + ipaddress.IPv6Address(target).packed + options, **kw)  # type: ignore[arg-type]
+
+
+def neighbour_advertisement(src: str, dst: str, target: str, options: bytes = b"", **kw: object) -> bytes:
+    body = struct.pack("!I", 0x60000000) + ipaddress.IPv6Address(target).packed + options
+    return icmp6(src, dst, 136, body, **kw)  # type: ignore[arg-type]
+
+
+def router_advertisement(src: str, hop_limit_advertised: int = 1) -> bytes:
+    """A router advertisement telling every host on the link to use `hop_limit_advertised`."""
+    body = struct.pack("!BBHII", hop_limit_advertised, 0, 1800, 0, 0)
+    return icmp6(src, "ff02::1", 134, body)
+
+
+def mld_report(src: str, groups: tuple[str, ...], record_type: int = 4, sources: int = 0) -> bytes:
+    """MLDv2 report (with the hop-by-hop router alert MLD carries) of one record per group."""
+    records = b"".join(
+        struct.pack("!BBH16s", record_type, 0, sources, ipaddress.IPv6Address(g).packed)
+        + b"\0" * 16 * sources
+        for g in groups
+    )
+    report = struct.pack("!BBHHH", 143, 0, 0, 0, len(groups)) + records
+    router_alert = struct.pack("!BBBBHBB", ICMP6, 0, 5, 2, 0, 1, 0)
+    return eth(ETH_IP6, ipv6(src, "ff02::16", 0, router_alert + report, hop_limit=1))
 
 
 def strip_eth(frame: bytes) -> bytes:

@@ -49,6 +49,14 @@ class Row:
     egress: DirectionPolicy | None
     allowed: tuple[tuple[str, bytes], ...]
     dropped: tuple[tuple[str, bytes], ...]
+    mac: str | None = None  # the MAC bound to the pod (frames come from f.MAC_B)
+
+
+MAC_B = f.MAC_B.hex(":")
+
+
+def with_source(frame: bytes, mac: bytes) -> bytes:
+    return frame[:6] + mac + frame[12:]
 
 
 def iso(*allows: Allow) -> DirectionPolicy:
@@ -61,8 +69,7 @@ def ident(identity: int, protocol: int = 0, first: int = 0, last: int = 65535) -
 
 def advert(source: str, target: str) -> bytes:
     """ICMPv6 neighbour advertisement for `target` (the address the host's cache will learn)."""
-    body = struct.pack("!BBHI16s", 136, 0, 0, 0x60000000, ipaddress.IPv6Address(target).packed)
-    return f.eth(f.ETH_IP6, f.ipv6(source, "fe80::1", f.ICMP6, body))
+    return f.neighbour_advertisement(source, "fe80::1", target)
 
 
 def udp4(source: str, destination: str, dport: int, payload: bytes) -> bytes:
@@ -245,10 +252,7 @@ ROWS = [
             ("from_pod", f.tcp6(POD6, PEER7_6)),
             ("from_pod", f.arp(POD, "10.0.0.254")),
             ("from_pod", f.arp("0.0.0.0", POD)),
-            (
-                "from_pod",
-                f.eth(f.ETH_IP6, f.ipv6("fe80::2", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135))),
-            ),
+            ("from_pod", f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1")),
             ("from_pod", advert("fe80::2", POD6)),
             ("from_pod", advert("fe80::2", "fe80::2")),
         ),
@@ -280,20 +284,111 @@ ROWS = [
         iso(Allow(CidrPeer(ipaddress.ip_network("fe80::/64")), f.TCP, 22, 22)),
         allowed=(
             ("from_pod", f.tcp6("fe80::2", "fe80::1", dport=22)),
-            (
-                "from_pod",
-                f.eth(f.ETH_IP6, f.ipv6("fe80::2", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255)),
-            ),
-            (
-                "from_pod",
-                f.eth(f.ETH_IP6, f.ipv6("::", "ff02::1", f.ICMP6, f.l4(f.ICMP6, icmp_type=135), 255)),
-            ),
+            ("from_pod", f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1")),
+            ("from_pod", f.neighbour_solicitation("::", "ff02::1:ff00:1", POD6)),  # DAD
         ),
         dropped=(
             ("from_pod", f.tcp6("fe80::2", "fe80::1", dport=23)),
             ("from_pod", f.tcp6("fe80::2", "fd00::1", dport=22)),
             ("from_pod", f.tcp6("::", "fe80::1", dport=80)),
             ("from_pod", f.eth(f.ETH_IP6, f.ipv6("fe80::2", "fe80::1", f.UDP, f.l4(f.UDP, 40000, 53)))),
+        ),
+    ),
+    Row(
+        "a pod's frames carry its MAC and no VLAN tag",
+        None,
+        None,
+        mac=MAC_B,
+        allowed=(
+            ("from_pod", f.tcp4(POD, PEER7)),
+            ("from_pod", f.tcp6(POD6, PEER7_6)),
+        ),
+        dropped=(
+            (
+                "from_pod",
+                f.eth(f.ETH_IP, f.ipv4(POD, PEER7, f.TCP, f.l4(f.TCP)), f.MAC_A),
+            ),  # another pod's MAC
+            ("from_pod", f.eth(f.ETH_IP6, f.strip_eth(f.tcp6(POD6, PEER7_6)), f.MAC_A)),
+            ("from_pod", f.vlan_tagged(f.tcp4(POD, PEER7))),  # VLAN 0: a priority tag
+            ("from_pod", f.vlan_tagged(f.tcp4(POD, PEER7), vid=7)),
+            ("from_pod", f.vlan_tagged(f.vlan_tagged(f.tcp4(POD, PEER7), vid=7), vid=9, tpid=0x88A8)),
+            ("from_pod", f.vlan_tagged(f.arp(POD, "10.0.0.254"), vid=7)),
+        ),
+    ),
+    Row(
+        "ARP from a pod: Ethernet/IPv4 of the pod's MAC and address, 42 bytes or 60 zero-padded",
+        None,
+        None,
+        mac=MAC_B,
+        allowed=(
+            ("from_pod", f.arp(POD, "10.0.0.254")),
+            ("from_pod", f.arp(POD, "10.0.0.254", op=2)),
+            ("from_pod", f.arp("0.0.0.0", POD)),  # probe
+            ("from_pod", f.arp(POD, "10.0.0.254", trailer=bytes(18))),  # padded to 60 by the sender
+        ),
+        dropped=(
+            ("from_pod", with_source(f.arp(POD, "10.0.0.254", sender_mac=f.MAC_A), f.MAC_B)),  # sender MAC
+            ("from_pod", f.arp(POD, "10.0.0.254", trailer=b"secret message 18b")),  # padding not zero
+            ("from_pod", f.arp(POD, "10.0.0.254", trailer=bytes(19))),  # longer than the minimum frame
+            ("from_pod", f.arp(POD, "10.0.0.254", trailer=bytes(400))),
+            ("from_pod", f.arp(POD, "10.0.0.254", trailer=bytes(1))),
+            ("from_pod", f.arp(POD, "10.0.0.254", op=3)),  # RARP
+            ("from_pod", f.arp(POD, "10.0.0.254", hardware=6)),  # not Ethernet
+            ("from_pod", f.arp(POD, "10.0.0.254")[:40]),  # cut short
+        ),
+    ),
+    Row(
+        "NDP and MLD from a pod: address resolution only, options only, no router messages",
+        iso(),
+        iso(),
+        mac=MAC_B,
+        allowed=(
+            (
+                "from_pod",
+                f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1", f.nd_option(1, f.MAC_B)),
+            ),
+            (
+                "from_pod",
+                f.neighbour_solicitation(POD6, "fe80::1", "fe80::1", f.nd_option(1, f.MAC_B)),
+            ),  # NUD
+            ("from_pod", f.neighbour_solicitation("::", "ff02::1:ff00:1", POD6, f.nd_option(14, b"nonce!"))),
+            ("from_pod", f.neighbour_advertisement(POD6, "fe80::1", POD6, f.nd_option(2, f.MAC_B))),
+            ("from_pod", f.neighbour_advertisement("fe80::2", "fe80::1", "fe80::2")),
+            ("from_pod", f.icmp6("fe80::2", "ff02::2", 133, bytes(4) + f.nd_option(1, f.MAC_B))),  # RS
+            ("from_pod", f.mld_report("fe80::2", ("ff02::1:ff00:1", "ff02::1:ff00:2"))),
+        ),
+        dropped=(
+            ("from_pod", f.router_advertisement("fe80::2")),  # would set every neighbour's hop limit to 1
+            ("from_pod", f.icmp6("fe80::2", POD6, 137, bytes(36))),  # redirect
+            ("from_pod", f.icmp6("fe80::2", "ff02::1", 130, bytes(20), hop_limit=1)),  # MLD query (no HBH)
+            # a payload after, or instead of, the options
+            ("from_pod", f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1", b"payload!")),
+            (
+                "from_pod",
+                f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1", f.nd_option(200, b"data")),
+            ),
+            (
+                "from_pod",
+                f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1", f.nd_option(1, f.MAC_B) * 2),
+            ),
+            ("from_pod", f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fe80::1") + b"trailing"),
+            (
+                "from_pod",
+                f.neighbour_solicitation("fe80::2", "ff02::1:ff00:1", "fd00:77::1"),
+            ),  # free-form target
+            (
+                "from_pod",
+                f.neighbour_solicitation(POD6, "ff02::1:ff00:1", "fe80::1", f.nd_option(1, f.MAC_A)),
+            ),
+            (
+                "from_pod",
+                f.neighbour_solicitation(POD6, "ff02::1:ff00:1", "fe80::1", f.nd_option(14, b"nonce!")),
+            ),
+            ("from_pod", f.neighbour_advertisement(POD6, "fe80::1", POD6, f.nd_option(2, f.MAC_A))),
+            ("from_pod", f.neighbour_advertisement(POD6, "fe80::1", PEER7_6)),  # another's address
+            ("from_pod", f.mld_report("fe80::2", ("ff05::1234",))),  # not a solicited-node group
+            ("from_pod", f.mld_report("fe80::2", ("ff02::1:ff00:1",), sources=2)),  # 32 bytes of sources
+            ("from_pod", f.mld_report("fe80::2", ("ff02::1:ff00:1",) * 5)),
         ),
     ),
     Row(
@@ -337,6 +432,7 @@ def apply(
     egress: DirectionPolicy | None,
     version: int = 1,
     with_endpoint: bool = True,
+    mac: str | None = None,
 ) -> None:
     pod = Endpoint(
         "ns/pod",
@@ -344,6 +440,7 @@ def apply(
         ingress or DirectionPolicy(),
         egress or DirectionPolicy(),
         ifindex=1,
+        mac=mac,
     )
     plane.apply(
         NodeState(
@@ -370,7 +467,7 @@ def verdict(plane: BpfDataplane, hook: str, frame: bytes) -> bool:
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_packet_table(plane: BpfDataplane, row: Row) -> None:
-    apply(plane, row.ingress, row.egress)
+    apply(plane, row.ingress, row.egress, mac=row.mac)
     for hook, frame in row.allowed:
         assert verdict(plane, hook, frame), f"{row.name}: {hook} should pass {frame.hex()}"
     for hook, frame in row.dropped:
@@ -486,6 +583,7 @@ def flow_entry(
 ) -> tuple[structs.CtKey, structs.CtValue, int]:
     """The one conntrack entry of a flow, whichever way its packets ran, and the way
     (structs.WAY_*) that runs from `source` to `destination` ((address, port) pairs)."""
+
     def end(address: str, port: int) -> tuple[bytes, int]:
         return structs.addr_bytes(ipaddress.ip_address(address)), socket.htons(port)
 
@@ -666,8 +764,14 @@ def test_single_port_entries_an_older_version_left_in_the_lpm_trie_move_to_the_h
     (single,) = list(exact.keys())
     assert {k.prefixlen for k in trie} == {structs.POLICY_PREFIX_FULL - 2}  # 1000-1003
     # what the previous version kept: the single port in the trie, none in the hash
-    key = trie.Key(single.prefixlen, single.policy_id, single.peer_class, single.peer_kind,
-                   single.protocol, single.dport_be)
+    key = trie.Key(
+        single.prefixlen,
+        single.policy_id,
+        single.peer_class,
+        single.peer_kind,
+        single.protocol,
+        single.dport_be,
+    )
     trie[key] = trie.Leaf(1, 0)
     del exact[single]
     assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44000, dport=80))  # the trie allows
@@ -680,3 +784,20 @@ def test_single_port_entries_an_older_version_left_in_the_lpm_trie_move_to_the_h
     apply(plane, iso(ident(7, f.TCP, 1000, 1003)), None, version=2)  # the port-80 rule goes
     assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44002, dport=80))
     assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=44003, dport=1002))
+
+
+def test_layer_2_drops_are_counted_under_their_own_reasons(plane: BpfDataplane) -> None:
+    apply(plane, None, None, mac=MAC_B)
+    before = plane.drop_reason_counts()
+    cases = {
+        "vlan_tagged": f.vlan_tagged(f.tcp4(POD, PEER7)),
+        "spoofed_mac": with_source(f.tcp4(POD, PEER7), f.MAC_A),
+        "spoofed_arp": with_source(f.arp(POD, "10.0.0.254", sender_mac=f.MAC_A), f.MAC_B),
+        "rogue_ndp": f.router_advertisement("fe80::2"),
+        "spoofed_ndp": f.neighbour_advertisement(POD6, "fe80::1", POD6, f.nd_option(2, f.MAC_A)),
+        "malformed": f.arp(POD, "10.0.0.254", trailer=bytes(19)),
+    }
+    for frame in cases.values():
+        assert not verdict(plane, "from_pod", frame)
+    after = plane.drop_reason_counts()
+    assert {reason: after[reason] - before.get(reason, 0) for reason in cases} == dict.fromkeys(cases, 1)

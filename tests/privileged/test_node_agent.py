@@ -312,7 +312,7 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
         assert not lab.connects("newcomer", "server"), "the server only admits the client"
         assert lab.connects("client", "server")
 
-        # Every metric the README documents, exposed by the process it names (type, labels too).
+        # Every metric docs/metrics.md documents, exposed by the process it names (type, labels too).
         documented = documented_metrics()
         status, body = lab.fetch(f"{metrics}/metrics")
         assert status == 200

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server
+from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server, stream_admission
 from agent.dataplane.types import NodeState
 from agent.model.objects import (
     ContainerPort,
@@ -136,6 +137,7 @@ class Control:
     port: int
     health: object
     metrics: ControlMetrics
+    admission: StreamAdmission
 
     @property
     def target(self) -> str:
@@ -143,6 +145,10 @@ class Control:
 
     def stop(self) -> None:
         stop_server(self.server, self.hub, self.health, grace=0.5)  # type: ignore[arg-type]
+
+    def server_sync_streams(self) -> int:
+        """Sync streams the server holds now (admitted, with or without Hello)."""
+        return self.admission.open_streams
 
 
 def start_control(
@@ -157,9 +163,10 @@ def start_control(
     hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
     with hub.change() as resolver:
         resolver.replace_all(objects)
-    server, port, health = create_server(addr, hub, tls, settings)
+    admission = stream_admission(settings or ServerSettings(), metrics)
+    server, port, health = create_server(addr, hub, tls, settings, admission=admission)
     server.start()
-    return Control(hub, server, port, health, metrics)
+    return Control(hub, server, port, health, metrics, admission)
 
 
 # --- a recording agent --------------------------------------------------------------------------------
@@ -179,6 +186,7 @@ class RecordingAgent:
     client: SyncClient | None = None
     thread: threading.Thread | None = None
     options: tuple = ()
+    first_message_timeout: float = 20.0
 
     def apply(self, state: NodeState) -> None:
         if self.hold is not None:
@@ -191,6 +199,7 @@ class RecordingAgent:
         self.client = SyncClient(
             self.node, self.target, self.apply, credentials=self.credentials,
             backoff_initial=0.05, backoff_max=0.3, channel_options=self.options,
+            first_message_timeout=self.first_message_timeout,
         )
         self.thread = threading.Thread(target=self.client.run, args=(self.stop,), daemon=True)
         self.thread.start()

@@ -9,7 +9,9 @@ import ipaddress
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import redirect_stderr, redirect_stdout
 
 import grpc
@@ -19,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control import status as status_cmd
-from agent.control.server import ServerSettings
+from agent.control.hub import SourceProblem
+from agent.control.server import SYNC_SERVICE, ServerSettings
 from agent.dataplane.base import TemporaryDataplaneError
 from agent.dataplane.types import CidrPeer, IdentityPeer
 from tests.unit.control_helpers import (
@@ -183,13 +186,42 @@ def test_status_json_has_exactly_the_documented_shape(control, agents):
     agent.wait_for_state(lambda s: bool(s.endpoints))
     wait_until(lambda: _status(control)["nodes"].get("n1", {}).get("applied_version") == control.hub.version)
     status = _status(control)
-    assert set(status) == {"version", "nodes"}
+    assert set(status) == {"version", "nodes", "source_errors"}  # the contract's two, one extra
+    assert status["source_errors"] == []
     assert isinstance(status["version"], int) and status["version"] == control.hub.version
     assert status["nodes"] == {"n1": {"applied_version": control.hub.version, "connected": True,
                                       "last_error": None}}
 
     agent.close()
     wait_until(lambda: _status(control)["nodes"]["n1"]["connected"] is False, what="n1 shown disconnected")
+
+
+def test_status_lists_the_source_errors_and_what_stays_in_force(control):
+    control.hub.set_source_problems([
+        SourceProblem("NetworkPolicy shop/deny", "/src/deny.yaml", "NetworkPolicy shop/deny: bad port", True),
+        SourceProblem(None, "/src/broken.yaml", "invalid YAML at line 2", False),
+    ])
+    assert _status(control)["source_errors"] == [
+        {"object": None, "source": "/src/broken.yaml", "error": "invalid YAML at line 2",
+         "last_valid_in_force": False},
+        {"object": "NetworkPolicy shop/deny", "source": "/src/deny.yaml",
+         "error": "NetworkPolicy shop/deny: bad port", "last_valid_in_force": True},
+    ]
+    out = io.StringIO()
+    args = argparse.Namespace(control=control.target, json=False, insecure=False, tls_cert=None,
+                              tls_key=None, tls_ca=None, timeout=5.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    assert "/src/deny.yaml: NetworkPolicy shop/deny: bad port (last valid form in force)" in out.getvalue()
+
+
+def test_status_asks_the_first_replica_that_answers(control):
+    out = io.StringIO()
+    args = argparse.Namespace(control=f"127.0.0.1:1,{control.target}", json=True, insecure=False,
+                              tls_cert=None, tls_key=None, tls_ca=None, timeout=2.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    assert json.loads(out.getvalue())["version"] == control.hub.version
 
 
 def test_status_exits_1_with_a_message_when_unreachable():
@@ -339,17 +371,43 @@ def test_mtls_node_certificate_only_subscribes_as_its_own_node(agents, tmp_path)
         assert "n2" not in ctl.hub.status().nodes
 
         # `podfence status` over mTLS with an operator's certificate.
-        operator = ca.issue("operator")
-        for name, data in (("cert.pem", operator.cert), ("key.pem", operator.key), ("ca.pem", ca.pem)):
-            (tmp_path / name).write_bytes(data)
-        args = argparse.Namespace(
-            control=target, json=True, insecure=False, tls_cert=str(tmp_path / "cert.pem"),
-            tls_key=str(tmp_path / "key.pem"), tls_ca=str(tmp_path / "ca.pem"), timeout=5.0,
-        )
-        out = io.StringIO()
-        with redirect_stdout(out):
-            assert status_cmd.run(args) == 0
-        assert json.loads(out.getvalue())["nodes"]["n1"]["connected"] is True
+        assert _tls_status(ca, "podfence-admin", target, tmp_path)["nodes"]["n1"]["connected"] is True
+    finally:
+        ctl.stop()
+
+
+def _tls_status(ca: TestCA, common_name: str, target: str, tmp_path) -> dict:
+    issued = ca.issue(common_name)
+    for name, data in (("cert.pem", issued.cert), ("key.pem", issued.key), ("ca.pem", ca.pem)):
+        (tmp_path / name).write_bytes(data)
+    args = argparse.Namespace(
+        control=target, json=True, insecure=False, tls_cert=str(tmp_path / "cert.pem"),
+        tls_key=str(tmp_path / "key.pem"), tls_ca=str(tmp_path / "ca.pem"), timeout=5.0,
+    )
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    return json.loads(out.getvalue())
+
+
+def test_mtls_status_shows_a_node_only_its_own_entry_and_an_admin_everything(agents, tmp_path):
+    ca = TestCA()
+    ctl = start_control(small_cluster(), addr="localhost:0", tls=ca.server_tls())
+    try:
+        target = f"localhost:{ctl.port}"
+        for node in ("n1", "n2"):
+            agents(node, target, credentials=ca.client_credentials(node))
+        wait_until(lambda: {"n1", "n2"} <= set(ctl.hub.status().nodes), what="both nodes connected")
+        ctl.hub.set_source_problems([SourceProblem("NetworkPolicy t/secret", "/f.yaml", "bad port", True)])
+
+        own = _tls_status(ca, "n1", target, tmp_path)
+        assert set(own["nodes"]) == {"n1"} and own["source_errors"] == []
+        assert own["version"] == ctl.hub.version
+        assert _tls_status(ca, "n3", target, tmp_path)["nodes"] == {}, "a node without a stream"
+        assert _tls_status(ca, "operator", target, tmp_path)["nodes"] == {}, "not an admin name"
+        admin = _tls_status(ca, "podfence-admin", target, tmp_path)
+        assert set(admin["nodes"]) == {"n1", "n2"}
+        assert [e["object"] for e in admin["source_errors"]] == ["NetworkPolicy t/secret"]
     finally:
         ctl.stop()
 
@@ -442,3 +500,170 @@ def test_the_agent_nacks_malformed_server_data_and_resyncs_without_crashing(agen
         assert agent.last.endpoints["shop/web-1"].ips == (ipaddress.ip_address("10.0.0.30"),)
     finally:
         server.stop(0)
+
+
+# --- stream exhaustion ----------------------------------------------------------------------------------
+
+
+class HalfOpen:
+    """Sync streams that are opened and then say nothing (no Hello), as an attacker holds them."""
+
+    def __init__(self, target: str, count: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self._quiet = threading.Event()
+        self.channels = [
+            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            for _ in range(count)
+        ]
+        self.calls = [pb_grpc.NodeSyncStub(c).Sync(self._nothing()) for c in self.channels]
+        self.ended: queue.Queue[grpc.StatusCode] = queue.Queue()
+        for call in self.calls:
+            threading.Thread(target=self._watch, args=(call,), daemon=True).start()
+
+    def _nothing(self) -> Iterator[pb.AgentMessage]:
+        self._quiet.wait()
+        return
+        yield  # a generator that never yields: the stream stays half-open
+
+    def _watch(self, call) -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as exc:
+            self.ended.put(exc.code())
+
+    def codes(self, count: int, timeout: float = WAIT) -> list[grpc.StatusCode]:
+        return [self.ended.get(timeout=timeout) for _ in range(count)]
+
+    def close(self) -> None:
+        self._quiet.set()
+        for call in self.calls:
+            call.cancel()
+        for channel in self.channels:
+            channel.close()
+
+
+def _refused(ctl, reason: str) -> float:
+    return ctl.metrics.streams_refused_total.labels(reason)._value.get()
+
+
+def test_half_open_streams_of_a_compromised_node_do_not_lock_other_agents_out(agents):
+    """40 streams that never say Hello, from one node's certificate, against a pool of 24 threads:
+    before the caps every thread waited for a Hello forever and no agent could sync again."""
+    ca = TestCA()
+    ctl = start_control(small_cluster(), addr="localhost:0", tls=ca.server_tls(),
+                        settings=ServerSettings(max_workers=24))
+    target = f"localhost:{ctl.port}"
+    attacker = HalfOpen(target, 40, ca.client_credentials("n9"))
+    try:
+        time.sleep(0.5)  # the attacker's streams are in place
+        agent = agents("n1", target, credentials=ca.client_credentials("n1"))
+        agent.wait_for_state(lambda s: bool(s.endpoints), "n1 syncs while the attacker holds streams")
+        with grpc.secure_channel(target, ca.client_credentials("podfence-admin")) as channel:
+            status = pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=WAIT)
+        assert status.nodes["n1"].connected
+        assert _refused(ctl, "client_limit") == 32, "8 may wait for their Hello, the rest are refused"
+        assert set(attacker.codes(32)) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        attacker.close()
+        ctl.stop()
+
+
+def test_a_stream_without_hello_ends_at_its_deadline_and_frees_its_slot(agents):
+    ctl = start_control(small_cluster(), settings=ServerSettings(hello_timeout_s=0.5))
+    try:
+        silent = HalfOpen(ctl.target, 3)
+        assert silent.codes(3, timeout=5) == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+        assert _refused(ctl, "hello_timeout") == 3
+        wait_until(lambda: ctl.server_sync_streams() == 0, what="the slots freed")
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "sync-reader"],
+                   what="the streams' reader threads ended")
+        silent.close()
+    finally:
+        ctl.stop()
+
+
+def test_without_tls_a_flood_from_one_address_delays_an_agent_at_most_one_hello_deadline(agents):
+    """Without TLS the client is its address, and the lab's agents share 127.0.0.1 with the
+    attacker here: the agent's own stream may be refused while the flood fills the address's
+    pending slots, but those end at the Hello deadline and the agent's retry gets through."""
+    ctl = start_control(small_cluster(), settings=ServerSettings(max_workers=24, hello_timeout_s=1.0))
+    flood = HalfOpen(ctl.target, 40)
+    try:
+        agent = agents("n1", ctl.target)
+        agent.wait_for_state(lambda s: bool(s.endpoints), "n1 syncs despite the flood")
+        assert _refused(ctl, "client_limit") >= 32
+    finally:
+        flood.close()
+        ctl.stop()
+
+
+def test_the_total_stream_limit_refuses_with_a_clear_status_and_status_still_answers():
+    ca = TestCA()
+    settings = ServerSettings(max_workers=8)  # 6 streams, 2 threads kept for GetStatus and health
+    assert settings.max_streams == 6
+    ctl = start_control(small_cluster(), addr="localhost:0", tls=ca.server_tls(), settings=settings)
+    target = f"localhost:{ctl.port}"
+    holders = [HalfOpen(target, 1, ca.client_credentials(f"n{i}")) for i in range(10, 16)]
+    try:
+        wait_until(lambda: ctl.server_sync_streams() == 6, what="six streams held")
+        extra = HalfOpen(target, 1, ca.client_credentials("n20"))
+        assert extra.codes(1) == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert _refused(ctl, "total_limit") == 1
+        with grpc.secure_channel(target, ca.client_credentials("podfence-admin")) as channel:
+            assert pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=WAIT).version
+        extra.close()
+    finally:
+        for holder in holders:
+            holder.close()
+        ctl.stop()
+
+
+class SilentControl:
+    """A control replica that accepts Sync streams and never answers (stuck, or hostile)."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        handler = grpc.stream_stream_rpc_method_handler(self._sync)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SYNC_SERVICE, {"Sync": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _sync(self, requests, context):
+        self.streams += 1
+        for _ in requests:  # until the agent gives up on this stream
+            pass
+        return
+        yield
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def test_an_agent_whose_first_snapshot_is_overdue_reconnects():
+    silent = SilentControl()
+    agent = RecordingAgent("n1", silent.target, first_message_timeout=0.4).start()
+    try:
+        wait_until(lambda: silent.streams >= 3, timeout=5, what="new streams after each deadline")
+    finally:
+        agent.close()
+        silent.stop()
+
+
+def test_an_agent_fails_over_to_the_next_control_address(control):
+    silent = SilentControl()
+    agent = RecordingAgent("n1", f"{silent.target},{control.target}", first_message_timeout=0.4).start()
+    try:
+        state = agent.wait_for_state(lambda s: bool(s.endpoints), "a snapshot from the second replica")
+        assert set(state.endpoints) == {"shop/web-1", "shop/client-1"}
+        assert silent.streams >= 1
+        assert agent.client is not None and agent.client.target == control.target
+    finally:
+        agent.close()
+        silent.stop()

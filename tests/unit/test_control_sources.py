@@ -101,6 +101,116 @@ def test_an_invalid_object_is_skipped_and_the_rest_of_its_file_applies(folder_en
     assert not agents["n3"].last.endpoints["shop/db-1"].ingress.isolated
 
 
+def _policies(ctl: Any) -> Any:
+    """The policies the control service's resolver holds (what it enforces), by key."""
+    return ctl.hub._resolver.state.policies
+
+
+def _held(ctl: Any) -> dict[str | None, bool]:
+    """What `podfence status` shows of the source: object -> whether its last valid form is in force."""
+    return {p.object: p.last_valid_in_force for p in ctl.hub.status().source_errors}
+
+
+def test_a_valid_policy_edited_into_an_invalid_one_keeps_its_last_valid_form(folder_env):
+    folder, ctl, source, agents = folder_env
+    deny: dict[str, Any] = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "shop", "name": "db-deny"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}}
+    write(folder / "deny.yaml", deny)
+    source.scan()
+    agents["n3"].wait_for_state(lambda s: s.endpoints["shop/db-1"].ingress.isolated, "the default-deny")
+    broken = copy.deepcopy(deny)
+    broken["spec"]["ingress"] = [{"ports": [{"port": 99999}]}]  # and still saying "deny the rest"
+    write(folder / "deny.yaml", broken)
+    version = ctl.hub.version
+    source.scan()
+    assert ctl.hub.version == version, "nothing changed for any node: the deny stays"
+    assert "shop/db-deny" in _policies(ctl)
+    assert _held(ctl) == {"NetworkPolicy shop/db-deny": True}
+    assert "99999" in ctl.hub.status().source_errors[0].error
+    assert ctl.metrics.invalid_objects._value.get() == 1
+    assert ctl.metrics.last_valid_objects._value.get() == 1
+    # An invalid web-in edit in another file is held the same way, with its allow.
+    write(folder / "web-policy.yaml", policy_doc("web-in", "web", 8080, cidr="10.0.0.0/33"))
+    source.scan()
+    assert web_ports(agents["n1"]) == [8080]
+    assert ctl.metrics.last_valid_objects._value.get() == 2
+
+    write(folder / "deny.yaml", deny | {"spec": deny["spec"] | {"ingress": [{"ports": [{"port": 5432}]}]}})
+    source.scan()
+    state = agents["n3"].wait_for_state(lambda s: bool(s.endpoints["shop/db-1"].ingress.allows), "the fix")
+    assert {a.port_first for a in state.endpoints["shop/db-1"].ingress.allows} == {5432}
+    assert _held(ctl) == {"NetworkPolicy shop/web-in": True}
+    assert ctl.metrics.last_valid_objects._value.get() == 1
+
+
+def test_an_object_invalid_at_its_first_appearance_is_rejected_and_reported(folder_env):
+    folder, ctl, source, agents = folder_env
+    write(folder / "db.yaml", policy_doc("db-in", "db", 5432, cidr="10.0.0.0/33"))
+    source.scan()
+    assert "shop/db-in" not in _policies(ctl)
+    assert _held(ctl) == {"NetworkPolicy shop/db-in": False}
+    assert ctl.metrics.invalid_objects._value.get() == 1
+    assert ctl.metrics.last_valid_objects._value.get() == 0
+    assert not agents["n3"].last.endpoints["shop/db-1"].ingress.isolated
+
+
+def test_a_held_object_removed_from_its_file_is_deleted(folder_env):
+    folder, ctl, source, agents = folder_env
+    write(folder / "web-policy.yaml", policy_doc("web-in", "web", 8080, cidr="10.0.0.0/33"))
+    source.scan()
+    assert _held(ctl) == {"NetworkPolicy shop/web-in": True}
+    write(folder / "web-policy.yaml", ns_doc("other"))  # the policy gone from the file: deleted
+    source.scan()
+    agents["n1"].wait_for_state(lambda s: not s.endpoints["shop/web-1"].ingress.isolated, "the delete")
+    assert _held(ctl) == {}
+    assert ctl.metrics.invalid_objects._value.get() == 0
+
+
+def test_a_renamed_file_keeps_its_held_object_in_force(folder_env):
+    folder, ctl, source, agents = folder_env
+    write(folder / "web-policy.yaml", policy_doc("web-in", "web", 8080, cidr="10.0.0.0/33"))
+    source.scan()
+    version = ctl.hub.version
+    (folder / "web-policy.yaml").rename(folder / "zz-renamed.yaml")
+    source.scan()
+    assert ctl.hub.version == version, "a rename is no change"
+    assert _held(ctl) == {"NetworkPolicy shop/web-in": True}
+    assert "zz-renamed.yaml" in ctl.hub.status().source_errors[0].source
+    assert web_ports(agents["n1"]) == [8080]
+
+
+def test_of_two_files_defining_an_object_the_last_decides_and_an_invalid_one_holds_the_last_form(
+    folder_env,
+):
+    folder, ctl, source, agents = folder_env
+    write(folder / "zz-override.yaml", policy_doc("web-in", "web", 9090))  # after web-policy.yaml
+    source.scan()
+    agents["n1"].wait_for_state(lambda _s: web_ports(agents["n1"]) == [9090], "the override")
+    version = ctl.hub.version
+    write(folder / "zz-override.yaml", policy_doc("web-in", "web", 9090, cidr="10.0.0.0/33"))
+    source.scan()
+    assert ctl.hub.version == version, "the winning definition broke: its last valid form stays"
+    assert web_ports(agents["n1"]) == [9090]
+    (folder / "zz-override.yaml").unlink()
+    source.scan()
+    agents["n1"].wait_for_state(lambda _s: web_ports(agents["n1"]) == [8080], "the other file's form")
+    assert _held(ctl) == {}
+
+
+def test_a_broken_later_duplicate_of_a_new_object_falls_back_to_the_valid_one(tmp_path):
+    write(tmp_path / "a.yaml", policy_doc("web-in", "web", 8080))
+    write(tmp_path / "b.yaml", policy_doc("web-in", "web", 8080, cidr="10.0.0.0/33"))
+    ctl = start_control([])
+    try:
+        source = FolderSource(tmp_path, ctl.hub)
+        source.scan()
+        assert "shop/web-in" in _policies(ctl), "never dropped for a broken copy"
+        assert _held(ctl) == {"NetworkPolicy shop/web-in": True}
+    finally:
+        ctl.stop()
+
+
 def test_deleting_a_file_removes_its_objects_and_a_new_file_adds_them(folder_env):
     folder, ctl, source, agents = folder_env
     (folder / "web-policy.yaml").unlink()
@@ -336,3 +446,39 @@ def test_kubernetes_invalid_objects_and_watch_errors_are_counted_not_fatal():
     assert "connection reset" in (source.last_error or "")
     policies = resolver.state.policies
     assert set(policies) == {"shop/web-in"}
+
+
+def test_kubernetes_an_invalid_edit_keeps_the_last_valid_form_across_watch_and_relist():
+    metrics = ControlMetrics()
+    resolver = Resolver()
+    hub = PolicyHub(resolver, metrics, initial_version=1)
+    deny: dict[str, Any] = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "shop", "name": "deny"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    # What a newer API server may accept and this podfence refuses: an unknown policyType.
+    broken = copy.deepcopy(deny)
+    broken["spec"]["policyTypes"] = ["Ingress", "Sideways"]
+    never_valid = policy_doc("bad", "web", 8080)
+    never_valid["spec"]["policyTypes"] = ["Sideways"]
+    api = RecordedApi(
+        lists=[("10", [deny]), ("20", [broken, never_valid]), ("30", [never_valid])],
+        watches=[[_event("MODIFIED", broken, "11"), GONE],
+                 [client.exceptions.ApiException(status=410, reason="Gone")],
+                 []],
+        model="V1NetworkPolicyList",
+    )
+    source = _k8s_source(hub, "NetworkPolicy", api)
+    source.watch_kind("NetworkPolicy", threading.Event(), max_attempts=2)
+    assert api.list_calls == 2, "the invalid form came by watch, then by a re-list"
+    assert resolver.state.policies["shop/deny"] == parse_object(deny), "the default-deny stays"
+    assert "shop/bad" not in resolver.state.policies
+    held = {p.object: p.last_valid_in_force for p in hub.status().source_errors}
+    assert held == {"NetworkPolicy shop/deny": True, "NetworkPolicy shop/bad": False}
+    assert all(p.source == "kubernetes" and "Sideways" in p.error for p in hub.status().source_errors)
+    assert metrics.invalid_objects._value.get() == 2
+    assert metrics.last_valid_objects._value.get() == 1
+    # Gone from the cluster (seen by the next re-list): deleted, however invalid it was.
+    source.watch_kind("NetworkPolicy", threading.Event(), max_attempts=1)
+    assert "shop/deny" not in resolver.state.policies
+    assert {p.object for p in hub.status().source_errors} == {"NetworkPolicy shop/bad"}
+    assert metrics.last_valid_objects._value.get() == 0

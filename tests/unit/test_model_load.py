@@ -450,6 +450,26 @@ def test_pod_defaults_and_host_network() -> None:
     assert [(p.port, p.protocol, p.name) for p in parsed.ports] == [(53, Protocol.TCP, None)]
 
 
+@pytest.mark.parametrize(
+    ("phase", "terminated"),
+    [(None, False), ("Pending", False), ("Running", False), ("Unknown", False), ("Succeeded", True),
+     ("Failed", True), ("SomethingNew", False)],
+)
+def test_pod_phase_succeeded_or_failed_is_terminated(phase: str | None, terminated: bool) -> None:
+    status: dict[str, Any] = {"podIP": "10.0.0.5"}
+    if phase is not None:
+        status["phase"] = phase
+    parsed = parse_object({"kind": "Pod", "metadata": {"name": "p"}, "spec": {}, "status": status})
+    assert isinstance(parsed, Pod)
+    assert parsed.terminated is terminated
+    assert parsed.ips == (ipaddress.ip_address("10.0.0.5"),)  # still read: the IP is what it gave up
+
+
+def test_pod_phase_must_be_a_string() -> None:
+    with pytest.raises(PolicyError, match=r"status\.phase"):
+        parse_object({"kind": "Pod", "metadata": {"name": "p"}, "status": {"phase": 3}})
+
+
 def test_a_label_without_a_value_is_empty_as_in_go() -> None:
     result = load_text("kind: Namespace\nmetadata:\n  name: a\n  labels:\n    flag:\n    team: x\n")
     assert result.objects == [Namespace("a", {"flag": "", "team": "x"})]

@@ -84,6 +84,7 @@ def test_token_bucket_refills_at_its_rate():
             "exclude each other",
         ),
         (["agent", "--node", "n1", "--control", "nohostport", "--insecure"], "HOST:PORT"),
+        (["agent", "--node", "n1", "--control", "127.0.0.1:1,nohost", "--insecure"], "HOST:PORT,HOST:PORT"),
         (
             ["agent", "--node", "n1", "--control", "127.0.0.1:1", "--insecure", "--hook-check-interval", "0"],
             "--hook-check-interval must be 0.1 to 3600",

@@ -92,6 +92,9 @@ class _NoDiscovery:
     def resolve(self, ip, view):  # pragma: no cover
         raise AssertionError
 
+    def mac_of(self, ifindex, view):  # pragma: no cover
+        raise AssertionError
+
 
 def test_repairs_are_exposed_as_a_counter() -> None:
     dataplane = RepairingDouble()

@@ -65,6 +65,9 @@ class OneInterfaceDiscoveryDouble:
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return 5
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        return None
+
 
 def desired(version: int, ip: str = "10.0.0.1") -> NodeState:
     endpoint = Endpoint("ns/a", (ipaddress.ip_address(ip),))

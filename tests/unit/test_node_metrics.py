@@ -75,6 +75,9 @@ class OneInterfaceDiscoveryDouble:
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return 5
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        return None
+
 
 class ConnectedDouble:
     connected = True

@@ -53,6 +53,8 @@ class ScriptedDiscoveryDouble:
         self.pod_interfaces: frozenset[int] = frozenset()
         self.routes: dict[IPAddress, int] = {}
         self.links: dict[int, Link] = {}
+        self.macs: dict[int, str] = {}  # what the pod's end of each veth holds now
+        self.fdb: dict[tuple[int, str], int] = {}
         self.scans = 0
 
     def scan_links(self) -> dict[int, Link]:
@@ -69,11 +71,15 @@ class ScriptedDiscoveryDouble:
             node_ips=(NODE_IP,),
             uplinks=frozenset({1}),
             pod_interfaces=self.pod_interfaces,
+            fdb=dict(self.fdb),
         )
 
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         ifindex = self.routes.get(ip)
         return ifindex if ifindex in view.pod_interfaces else None
+
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        return self.macs.get(ifindex)
 
 
 def _desired(version: int, *pods: tuple[str, IPAddress]) -> NodeState:
@@ -116,6 +122,64 @@ def test_two_endpoints_claiming_one_interface_leave_it_unknown(doubles):
     discovery.routes = {POD_A: 7, POD_B: 7}
     Reconciler(dataplane, discovery).apply(_desired(1, ("ns/a", POD_A), ("ns/b", POD_B)))
     assert {e.ifindex for e in dataplane.applied[0].endpoints.values()} == {None}
+
+
+def _bridge_ports(discovery: ScriptedDiscoveryDouble, *ports: int, bridge: int = 3) -> None:
+    discovery.pod_interfaces = frozenset(ports)
+    discovery.links = {p: Link(p, f"veth{p}", "veth", peer_netnsid=0, master=bridge) for p in ports}
+
+
+def test_each_endpoint_is_bound_to_the_mac_its_pod_held_when_first_located(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({7, 8})
+    discovery.routes = {POD_A: 7, POD_B: 8}
+    discovery.macs = {7: "02:00:00:00:00:07", 8: "02:00:00:00:00:08"}
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.apply(_desired(1, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert {k: e.mac for k, e in dataplane.applied[-1].endpoints.items()} == {
+        "ns/a": "02:00:00:00:00:07",
+        "ns/b": "02:00:00:00:00:08",
+    }
+    # the pod changes its MAC: the binding does not follow (the pod only cuts itself off)
+    discovery.macs[7] = "02:00:00:00:00:99"
+    reconciler.apply(_desired(2, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert dataplane.applied[-1].endpoints["ns/a"].mac == "02:00:00:00:00:07"
+
+
+def test_a_pod_taking_the_mac_of_another_on_its_bridge_is_left_unknown(doubles):
+    dataplane, discovery = doubles
+    _bridge_ports(discovery, 7, 8)
+    discovery.routes = {POD_A: 7}
+    discovery.macs = {7: "02:00:00:00:00:07", 8: "02:00:00:00:00:07"}  # the pod behind 8 copied it
+    reconciler = Reconciler(dataplane, discovery)
+    reconciler.apply(_desired(1, ("ns/a", POD_A)))
+    discovery.routes = {POD_A: 7, POD_B: 8}
+    reconciler.apply(_desired(2, ("ns/a", POD_A), ("ns/b", POD_B)))
+    endpoints = dataplane.applied[-1].endpoints
+    assert (endpoints["ns/a"].ifindex, endpoints["ns/a"].mac) == (7, "02:00:00:00:00:07")
+    assert (endpoints["ns/b"].ifindex, endpoints["ns/b"].mac) == (None, None)
+
+
+def test_after_a_restart_the_forwarding_database_names_the_rightful_holder_of_a_mac(doubles):
+    dataplane, discovery = doubles
+    _bridge_ports(discovery, 7, 8)
+    discovery.routes = {POD_A: 7, POD_B: 8}
+    discovery.macs = {7: "02:00:00:00:00:07", 8: "02:00:00:00:00:07"}
+    discovery.fdb = {(3, "02:00:00:00:00:07"): 7}
+    Reconciler(dataplane, discovery).apply(_desired(1, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert {k: e.ifindex for k, e in dataplane.applied[-1].endpoints.items()} == {"ns/a": 7, "ns/b": None}
+    discovery.fdb = {}  # nothing tells them apart: both stay unknown (fail closed)
+    Reconciler(dataplane, discovery).apply(_desired(1, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert {e.ifindex for e in dataplane.applied[-1].endpoints.values()} == {None}
+
+
+def test_routed_pods_may_share_a_mac(doubles):
+    dataplane, discovery = doubles
+    discovery.pod_interfaces = frozenset({7, 8})
+    discovery.routes = {POD_A: 7, POD_B: 8}
+    discovery.macs = {7: "02:00:00:00:00:07", 8: "02:00:00:00:00:07"}  # two links: nothing to steal
+    Reconciler(dataplane, discovery).apply(_desired(1, ("ns/a", POD_A), ("ns/b", POD_B)))
+    assert {k: e.ifindex for k, e in dataplane.applied[-1].endpoints.items()} == {"ns/a": 7, "ns/b": 8}
 
 
 def test_retries_temporary_errors_then_acks(doubles):

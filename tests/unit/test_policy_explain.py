@@ -34,6 +34,12 @@ metadata: {namespace: shop, name: stranger, labels: {app: other}}
 spec: {nodeName: node-2, containers: [{name: c}]}
 status: {podIP: 10.0.0.3}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: shop, name: finished, labels: {app: client}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {phase: Succeeded, podIP: 10.0.0.1}
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {namespace: shop, name: web-from-client}
@@ -131,6 +137,7 @@ def test_pod_ips_stand_for_their_pod_and_other_ips_are_bare(
     ("args", "message"),
     [
         (["--from", "shop/nobody", "--to", "shop/web", "--port", "80"], "unknown pod"),
+        (["--from", "shop/finished", "--to", "shop/web", "--port", "80"], "has terminated"),
         (["--from", "10.0.0.300", "--to", "shop/web", "--port", "80"], "neither"),
         (["--from", "shop/client", "--to", "shop/web", "--port", "0"], "between 1 and 65535"),
         (["--from", "shop/client", "--to", "shop/web", "--port", "http"], "not a number"),

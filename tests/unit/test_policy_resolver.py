@@ -69,9 +69,10 @@ def pod(
     ips: Sequence[str] = (),
     ports: tuple[ContainerPort, ...] = (),
     host_network: bool = False,
+    terminated: bool = False,
     **labels: str,
 ) -> Pod:
-    return Pod(ns, name, node, dict(labels), tuple(ip(i) for i in ips), ports, host_network)
+    return Pod(ns, name, node, dict(labels), tuple(ip(i) for i in ips), ports, host_network, terminated)
 
 
 def policy(
@@ -261,6 +262,41 @@ def test_host_network_and_ipless_pods_are_not_endpoints_and_not_selected_by_peer
     # the pending pod's identity is referenced with no IPs; the hostNetwork pod is not an identity.
     assert compiled.identities[ident("x", app="c")] == ()
     assert ip("192.168.0.10") not in {i for ips in compiled.identities.values() for i in ips}
+
+
+def test_terminated_pod_is_neither_endpoint_nor_peer_and_frees_its_ip() -> None:
+    """A Job's pod that Succeeded keeps its API object (and status.podIP); a new running pod on the
+    same node gets the same IP. Only the running pod may claim it, under its own identity."""
+    done = pod("x", "job-1", ips=["10.0.0.9"], terminated=True, app="job")
+    new = pod("x", "web", ips=["10.0.0.9"], app="web")
+    rule = Rule(peers=(Peer(pod_selector=LabelSelector()),))
+    compiled = compile_objects(*BASE, done, new, policy("x", "p", sel(app="a"), IN, ingress=rule))
+    assert set(compiled.endpoints) == {"x/a", "x/web"}
+    assert compiled.endpoints["x/web"].ips == (ip("10.0.0.9"),)
+    owners = [identity for identity, ips in compiled.identities.items() if ip("10.0.0.9") in ips]
+    assert owners == [ident("x", app="web")]
+    assert ident("x", app="job") not in compiled.identities
+
+
+def test_pod_turning_succeeded_leaves_endpoints_and_peers_on_the_delta_path() -> None:
+    rule = Rule(peers=(Peer(pod_selector=sel(app="b")),))
+    resolver = Resolver()
+    for obj in (*BASE, policy("x", "p", sel(app="a"), IN, ingress=rule)):
+        resolver.upsert(obj)
+    assert resolver.node_policy("n1").identities == {ident("x", app="b"): (ip("10.0.0.2"),)}
+    assert "x/b" in resolver.node_policy("n2").endpoints
+    resolver.take_dirty_nodes()
+    resolver.upsert(pod("x", "b", node="n2", ips=["10.0.0.2"], terminated=True, app="b"))
+    assert resolver.take_dirty_nodes() == {"n1", "n2"}
+    assert "x/b" not in resolver.node_policy("n2").endpoints
+    assert resolver.node_policy("n1").identities == {}  # its only pod gone: no identity, no peer
+    assert "x/b" not in resolver.state.pods
+    # ... and a fresh resolver given the same objects (terminated pod included) agrees.
+    scratch = Resolver()
+    scratch.replace_all([*BASE[:3], BASE[4], pod("x", "b", node="n2", ips=["10.0.0.2"], terminated=True,
+                                                 app="b"), policy("x", "p", sel(app="a"), IN, ingress=rule)])
+    for node in ("n1", "n2"):
+        assert scratch.node_policy(node) == resolver.node_policy(node)
 
 
 def test_node_identities_only_those_referenced() -> None:
@@ -469,8 +505,8 @@ def _pod_ip(namespace: str, name: str, generation: int) -> tuple[IPAddress, ...]
 
 
 pods = st.builds(
-    lambda ns, name, node, labels, generation, ports, host: Pod(
-        ns, name, node, labels, _pod_ip(ns, name, generation), ports, host
+    lambda ns, name, node, labels, generation, ports, host, terminated: Pod(
+        ns, name, node, labels, _pod_ip(ns, name, generation), ports, host, terminated
     ),
     st.sampled_from(NAMESPACES),
     st.sampled_from(POD_NAMES),
@@ -479,6 +515,7 @@ pods = st.builds(
     st.sampled_from([0, 0, 1, 2, 3]),
     container_ports,
     st.sampled_from([False, False, False, True]),
+    st.sampled_from([False, False, False, False, True]),  # Succeeded/Failed, IP kept in status
 )
 namespaces = st.builds(
     Namespace, st.sampled_from(NAMESPACES), st.dictionaries(st.just("team"), st.sampled_from(["blue", "red"]))
@@ -520,6 +557,22 @@ def _apply(resolver: Resolver, event: Event) -> None:
         resolver.delete(*payload)  # type: ignore[misc]
 
 
+def _key(obj: KubeObject) -> tuple[str, str, str]:
+    return (type(obj).__name__, getattr(obj, "namespace", "") or "", obj.name)
+
+
+def _track(objects: dict[tuple[str, str, str], KubeObject], event: Event) -> None:
+    """The objects a source holds after `event`: terminated pods included, as the API keeps them."""
+    kind, payload = event
+    if kind == "upsert":
+        assert isinstance(payload, Namespace | Pod | NetworkPolicy)
+        objects[_key(payload)] = payload
+    else:
+        assert isinstance(payload, tuple)
+        kind_name, namespace, name = payload
+        objects.pop((kind_name, namespace or "", name), None)
+
+
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -533,9 +586,11 @@ def test_incremental_equals_from_scratch(
     initial: list[Event], sequence: list[Event], read_between: list[bool]
 ) -> None:
     incremental = Resolver()
+    objects: dict[tuple[str, str, str], KubeObject] = {}
     last_seen: dict[str, NodePolicy] = {}
     for event, read in zip(initial + sequence, read_between[:1] * len(initial) + read_between, strict=False):
         _apply(incremental, event)
+        _track(objects, event)
         if read:  # reading caches results; later events must invalidate exactly what changed
             dirty = incremental.take_dirty_nodes()
             for node in NODES:
@@ -544,15 +599,16 @@ def test_incremental_equals_from_scratch(
                     assert current == last_seen[node], f"{node} changed but was not reported dirty"
                 last_seen[node] = current
     scratch = Resolver()
-    for obj in _all_objects(incremental.state):
+    for obj in objects.values():
         scratch.upsert(obj)
     assert incremental.nodes() == scratch.nodes()
     for node in NODES:
         assert incremental.node_policy(node) == scratch.node_policy(node), node
+    assert not any(p.terminated for p in incremental.state.pods.values())
     # replace_all from an empty resolver and as a resync of the incremental one agree too.
     resynced = Resolver()
-    resynced.replace_all(_all_objects(incremental.state))
-    incremental.replace_all(_all_objects(incremental.state))
+    resynced.replace_all(list(objects.values()))
+    incremental.replace_all(list(objects.values()))
     assert incremental.take_dirty_nodes() <= set(NODES)
     for node in NODES:
         assert resynced.node_policy(node) == scratch.node_policy(node)

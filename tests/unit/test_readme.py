@@ -1,4 +1,4 @@
-"""The README's settings and metrics tables against the code, so the operator's reference cannot drift.
+"""The settings and metrics tables of docs/ against the code, so the operator's reference cannot drift.
 
 Settings: every flag of every command is documented once, with the environment variable the
 parser really reads, its default and its choices; no documented flag is missing from the code.
@@ -30,7 +30,8 @@ from tests.readme_tables import (
     documented_metrics,
     exposed_families,
     exposition_problems,
-    section_tables,
+    metrics_tables,
+    settings_tables,
 )
 
 NO_DEFAULT = "—"
@@ -86,7 +87,7 @@ def _documented_default(cell: str) -> str:
 
 
 def test_every_command_with_options_has_a_settings_table(parsers):
-    tables = section_tables("Settings")
+    tables = settings_tables()
     with_options = {command for command, parser in parsers.items() if _options(parser)}
     assert {"", "control", "agent"} <= with_options
     assert set(tables) == with_options
@@ -94,7 +95,7 @@ def test_every_command_with_options_has_a_settings_table(parsers):
 
 def test_settings_tables_match_the_parsers(parsers):
     problems = []
-    for command, rows in section_tables("Settings").items():
+    for command, rows in settings_tables().items():
         options = _options(parsers[command])
         documented = [backticked(row["flag"])[0].split()[0] for row in rows]
         label = f"podfence {command}".strip()
@@ -119,13 +120,13 @@ def test_settings_tables_match_the_parsers(parsers):
 
 
 def test_the_table_reader_sees_a_wrong_default():
-    """The check above can fail: a README with a wrong default yields a different value."""
+    """The check above can fail: a settings page with a wrong default yields a different value."""
     text = (
-        "## Settings\n\n### `podfence agent`\n\n"
+        "# Settings\n\n## `podfence agent`\n\n"
         "| flag | environment | default | meaning |\n|---|---|---|---|\n"
         "| `--dataplane KIND` | `PODFENCE_DATAPLANE` | `iptables` | x |\n\nprose\n\n| a |\n|---|\n| b |\n"
     )
-    rows = section_tables("Settings", text)["agent"]
+    rows = settings_tables(text)["agent"]
     assert len(rows) == 1 and _documented_default(rows[0]["default"]) == "iptables"
 
 
@@ -172,6 +173,9 @@ class NoInterfacesDouble:
     def resolve(self, ip: IPAddress, view: HostView) -> int | None:
         return None
 
+    def mac_of(self, ifindex: int, view: HostView) -> str | None:
+        return None
+
 
 class Connected:
     connected = True
@@ -197,7 +201,7 @@ def test_control_metrics_table_is_what_the_control_service_exposes():
 
 
 def test_documented_drop_reasons_are_the_datapath_list():
-    rows = {row["metric"]: row for row in section_tables("Metrics")["agent"]}
+    rows = {row["metric"]: row for row in metrics_tables()["agent"]}
     reasons = backticked(rows["`podfence_drops_total`"]["meaning"])
     assert reasons == [reason.name.lower() for reason in Reason if reason is not Reason.ALLOWED]
 
@@ -207,7 +211,7 @@ def test_exposition_check_reports_wrong_type_and_labels():
     ControlMetrics(registry).watch_hub(lambda: (7, {"node-a": (6, True)}))
     scrape = generate_latest(registry).decode()
     wrong = documented_metrics(
-        "## Metrics\n\n### `podfence control`\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n"
+        "# Metrics\n\n## `podfence control`\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n"
         "| `podfence_control_invalid_objects` | counter | — | x |\n"
         "| `podfence_control_node_lag_versions` | gauge | `nodename` | x |\n"
         "| `podfence_control_nothing` | gauge | — | x |\n"

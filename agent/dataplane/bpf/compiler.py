@@ -68,6 +68,7 @@ class EndpointEntry:
     ingress_policy_id: int
     egress_policy_id: int
     generation: int = 0  # peer-map generation; chosen by the writer's plan, not the compiler
+    mac: bytes = bytes(6)  # the pod's MAC; all zero: not bound
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,8 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
         if endpoint.ifindex is None:
             continue
         ingress_id, egress_id = endpoint_policy_ids[key]
-        endpoints[endpoint.ifindex] = EndpointEntry(key, slots[key], ingress_id, egress_id)
+        mac = bytes.fromhex(endpoint.mac.replace(":", "")) if endpoint.mac else bytes(6)
+        endpoints[endpoint.ifindex] = EndpointEntry(key, slots[key], ingress_id, egress_id, mac=mac)
         for address in endpoint.ips:
             endpoint_ips[addr_bytes(address)] = endpoint.ifindex
 

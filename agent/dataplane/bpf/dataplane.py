@@ -213,16 +213,22 @@ class BpfDataplane:
         or both at every moment; this runs once the programs, which read both, are in place."""
         trie, exact = self._module[b"pf_policy"], self._module[b"pf_policy_exact"]
         # the trie's own keys: a lookup there would answer with the longest match, maybe another
-        stranded = [(key, trie[key]) for key in list(trie.keys())
-                    if key.prefixlen == POLICY_PREFIX_FULL]
+        stranded = [(key, trie[key]) for key in list(trie.keys()) if key.prefixlen == POLICY_PREFIX_FULL]
         for key, value in stranded:
-            entry = (key.prefixlen, key.policy_id, key.peer_class, key.peer_kind, key.protocol,
-                     _ntohs(key.dport_be))
+            entry = (
+                key.prefixlen,
+                key.policy_id,
+                key.peer_class,
+                key.peer_kind,
+                key.protocol,
+                _ntohs(key.dport_be),
+            )
             exact[_policy_key(exact, entry)] = exact.Leaf(value.rule_count, 0)
             _delete(trie, key)
         if stranded:
-            log.info("moved %d single-port policy entries from the LPM trie to pf_policy_exact",
-                     len(stranded))
+            log.info(
+                "moved %d single-port policy entries from the LPM trie to pf_policy_exact", len(stranded)
+            )
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -413,9 +419,11 @@ class BpfDataplane:
             table = module[b"pf_endpoints"]
             if put:
                 entry: EndpointEntry = op.value
-                table[table.Key(op.key)] = table.Leaf(
+                leaf = table.Leaf(
                     entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
                 )
+                ctypes.memmove(leaf.mac, entry.mac, 6)
+                table[table.Key(op.key)] = leaf
                 live.endpoints[op.key] = entry
             else:
                 _delete(table, table.Key(op.key))
@@ -488,6 +496,7 @@ class BpfDataplane:
                 value.ingress_policy_id,
                 value.egress_policy_id,
                 value.generation,
+                bytes(value.mac),
             )
         for key, value in module[b"pf_endpoint_ips"].items():
             live.endpoint_ips[bytes(key.bytes)] = value.ifindex
@@ -557,6 +566,9 @@ class BpfDataplane:
                 log.warning("no netfilter links, the egress verdict runs from iptables (xt_bpf): %s", error)
             else:
                 self.egress_hook_in_use = "netfilter"
+                if not self._links.defrag:
+                    log.warning("netfilter links without IP defragmentation (Linux < 6.6): later "
+                                "fragments take the verdict of their first fragment")
                 if self._iptables.available():
                     self._iptables.remove()
                 self._unpin_nf_programs(keep="")

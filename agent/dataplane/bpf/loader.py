@@ -19,8 +19,19 @@ from typing import Any
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import structs
 
-BPF_SOURCE_DIR = Path(__file__).resolve().parents[3] / "bpf"
 MAIN_SOURCE = "podfence.c"
+PACKAGED_SOURCE_DIR = "sources"  # where a wheel carries bpf/ (setup.py copies it at build time)
+
+
+def _bpf_source_dir() -> Path:
+    """The BPF C sources: bpf/ beside agent/ in a checkout or an editable install (edits to it are
+    used as they are), else the copy a wheel carries inside this package."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parents[2] / "bpf"
+    return checkout if (checkout / MAIN_SOURCE).is_file() else here / PACKAGED_SOURCE_DIR
+
+
+BPF_SOURCE_DIR = _bpf_source_dir()
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
 PROGRAM_FROM_POD = "tc_from_pod"

@@ -71,6 +71,10 @@ _HOOK_NAMES = {
 # a new agent's links can sit beside the old ones for the handover.
 LINK_PRIORITIES = (-1, -2)
 LINK_PIN_PREFIX = "nf_link_"
+# Linux >= 6.6: the kernel reassembles IP datagrams before the link's hook even where nothing else
+# uses conntrack, so the verdict always sees a whole datagram with its L4 header. Where the kernel
+# refuses the flag (6.4, 6.5) later fragments take their first fragment's verdict (lib/frag.h).
+BPF_F_NETFILTER_IP_DEFRAG = 1
 
 class NetfilterUnsupported(PermanentDataplaneError):
     """This kernel cannot run the egress verdict as a netfilter link (older than 6.4, no BTF, or
@@ -193,6 +197,8 @@ class NetfilterLinks:
         self.netns = netns
         self._program_fd = -1
         self._pins: dict[tuple[int, int], str] = {}
+        # whether the links ask the kernel for defragmentation; cleared where it refuses the flag
+        self.defrag = True
 
     @property
     def program_fd(self) -> int:
@@ -238,8 +244,16 @@ class NetfilterLinks:
         self._program_fd = -1
 
     def _link(self, hook: tuple[int, int], stamp: int) -> str:
+        link_fd = self._create(hook)
+        try:
+            pin = f"{self.pin_dir}/{LINK_PIN_PREFIX}{_HOOK_NAMES[hook]}_{stamp}"
+            _pin(link_fd, pin)
+        finally:
+            os.close(link_fd)  # the pin holds the link now
+        return pin
+
+    def _create(self, hook: tuple[int, int]) -> int:
         family, hooknum = hook
-        link_fd = -1
         for priority in LINK_PRIORITIES:
             attr = _NetfilterLinkAttr(
                 prog_fd=self._program_fd,
@@ -247,21 +261,19 @@ class NetfilterLinks:
                 pf=family,
                 hooknum=hooknum,
                 priority=priority,
+                netfilter_flags=BPF_F_NETFILTER_IP_DEFRAG if self.defrag else 0,
             )
             with inside(self.netns):  # a link hooks the namespace of the thread that creates it
                 try:
-                    link_fd = bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
-                    break
+                    return bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
                 except OSError as error:
                     if error.errno == errno.EBUSY and priority != LINK_PRIORITIES[-1]:
                         continue  # a link of the previous agent holds this priority
+                    if error.errno in (errno.EINVAL, errno.EOPNOTSUPP) and self.defrag:
+                        self.defrag = False  # a kernel before 6.6: link without defragmentation
+                        return self._create(hook)
                     raise NetfilterUnsupported(f"netfilter link at {_HOOK_NAMES[hook]}: {error}") from error
-        try:
-            pin = f"{self.pin_dir}/{LINK_PIN_PREFIX}{_HOOK_NAMES[hook]}_{stamp}"
-            _pin(link_fd, pin)
-        finally:
-            os.close(link_fd)  # the pin holds the link now
-        return pin
+        raise AssertionError("unreachable: the last priority raises")
 
     def _unpin(self, keep: set[str]) -> None:
         for pin in self.pinned():

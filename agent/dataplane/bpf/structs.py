@@ -25,9 +25,12 @@ class Reason(IntEnum):
     UNSUPPORTED_L2 = 6
     SPOOFED_ARP = 7
     SPOOFED_NDP = 8
+    VLAN_TAGGED = 9
+    SPOOFED_MAC = 10
+    ROGUE_NDP = 11
 
 
-REASON_MAX = 9
+REASON_MAX = 12
 
 
 class Direction(IntEnum):
@@ -73,6 +76,8 @@ class EndpointValue(ctypes.Structure):
         ("ingress_policy_id", ctypes.c_uint32),
         ("egress_policy_id", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
+        ("mac", ctypes.c_uint8 * 6),  # all zero: no MAC bound
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 

@@ -11,7 +11,9 @@ Layout in the filter table of each family (iptables and ip6tables):
                  DROP.
 
 In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
-PF-TO: without it no IPv6 packet could flow at all.
+PF-TO: without it no IPv6 packet could flow at all. From pods (PF-FROM) only solicitations and
+neighbour advertisements of address resolution's length pass so; router advertisements and
+longer messages meet the pod's own chains like any packet.
 
 Allowed traffic RETURNs instead of ACCEPTing, so other software's FORWARD/INPUT rules still
 see it: podfence only ever removes traffic. `-g` (goto) makes an endpoint chain's RETURN leave
@@ -81,6 +83,11 @@ _PORT_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
 GROUP_MIN_ALLOWS = 8
 DEFAULT_SET_LIMIT = 65536  # a grouped set that would hold more entries is not built
 _ICMPV6_NDP_TYPES = (133, 134, 135, 136)  # router/neighbour solicitation and advertisement
+# What a pod may send of them, by IPv6 packet length (header included): router and neighbour
+# solicitations and neighbour advertisements with at most one 8-byte option (its link-layer
+# address, or a DAD nonce). No router advertisements from pods; anything longer carries more
+# than address resolution needs and is judged like any other packet.
+_ICMPV6_NDP_FROM_POD = {133: "48:56", 135: "64:72", 136: "64:72"}
 
 
 @dataclass(frozen=True)
@@ -348,9 +355,15 @@ class _Compiler:
             )
 
     @staticmethod
-    def _ndp_rules() -> list[str]:
+    def _ndp_rules(from_pod: bool) -> list[str]:
         # IPv6 neighbour discovery (from link-local, unspecified or global sources) never leaves
         # the link (hop limit 255 proves it was not routed); without it nothing else works.
+        if from_pod:
+            return [
+                f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -m hl --hl-eq 255 "
+                f"-m length --length {length} {_comment(NDP)} -j RETURN"
+                for icmp_type, length in _ICMPV6_NDP_FROM_POD.items()
+            ]
         return [
             f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -m hl --hl-eq 255 {_comment(NDP)} -j RETURN"
             for icmp_type in _ICMPV6_NDP_TYPES
@@ -376,8 +389,8 @@ class _Compiler:
         for family in FAMILIES:
             self.out.chains[family] = {
                 FORWARD_CHAIN: [f"-j {FROM_POD_CHAIN}", f"-j {TO_POD_CHAIN}"],
-                FROM_POD_CHAIN: self._ndp_rules() if family == 6 else [],
-                TO_POD_CHAIN: self._ndp_rules() if family == 6 else [],
+                FROM_POD_CHAIN: self._ndp_rules(from_pod=True) if family == 6 else [],
+                TO_POD_CHAIN: self._ndp_rules(from_pod=False) if family == 6 else [],
             }
             # The node set exists even before any endpoint does, so it can be swapped in place.
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
