@@ -140,6 +140,26 @@ class CtValue(ctypes.Structure):
     ]
 
 
+class CtExpectKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("sport_be", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("cpu", ctypes.c_uint32),
+    ]
+
+
+class CtExpectValue(ctypes.Structure):
+    _fields_ = [
+        ("daddr", Addr),  # the destination as the pod sent it (before DNAT)
+        ("dport_be", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 6),
+        ("seen_ns", ctypes.c_uint64),
+        ("conflict_ns", ctypes.c_uint64),
+    ]
+
+
 class FragKey(ctypes.Structure):
     _fields_ = [
         ("saddr", Addr),
@@ -202,6 +222,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_policy": (PolicyKey, PolicyValue),
     "pf_policy_exact": (PolicyKey, PolicyValue),
     "pf_ct": (CtKey, CtValue),
+    "pf_ct_expect": (CtExpectKey, CtExpectValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
     "pf_event_budget": (ctypes.c_int, EventBudget),
@@ -223,6 +244,8 @@ C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     PolicyValue: "pf_policy_value",
     CtKey: "pf_ct_key",
     CtValue: "pf_ct_value",
+    CtExpectKey: "pf_ct_expect_key",
+    CtExpectValue: "pf_ct_expect_value",
     FragKey: "pf_frag_key",
     FragValue: "pf_frag_value",
     CounterValue: "pf_counter_value",
