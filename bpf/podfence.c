@@ -54,6 +54,16 @@ static __always_inline void pf_flow_of(struct pf_ct_flow *flow, const struct pf_
 		pf_ct_find(flow, pkt, now);
 }
 
+/* Node traffic (kubelet probes) always reaches a pod: a packet whose source is the node's own
+ * address. IPv4 cannot forge that from outside, Linux drops a packet arriving with a local source
+ * (fib_validate_source), but IPv6 has no such check: any host that routes to the pod could claim
+ * the node's IPv6 address. So an IPv6 source counts only on a packet the node sent itself,
+ * which entered through no device. */
+static __always_inline int pf_is_node_sent(const struct pf_packet *pkt)
+{
+	return (pkt->family == 4 || (pkt->flags & PF_PKT_NODE_SENT)) && pf_is_node_ip(&pkt->saddr);
+}
+
 /* The verdict of one direction of one endpoint. `flow`: the packet's flow (pf_flow_of), so that
  * the lookup that found it also serves the admission; `record`: 0 to admit without recording it
  * (pf_ct_expect_lets_record). Cost: <= 1 conntrack lookup (pf_flow_of)
@@ -75,14 +85,14 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	}
 	if (!(pkt->flags & PF_PKT_MALFORMED) &&
 	    (pkt->flags & PF_PKT_ICMP_ERROR ? pf_ct_related(pkt, direction, ep->generation, now) :
-					      pf_ct_state(flow, direction))) {
+					      pf_ct_state(flow, direction, ep->endpoint_id + 1))) {
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
 	if (PF_TCP_NEEDS_SYN && pkt->protocol == PF_IPPROTO_TCP && !(pkt->flags & PF_PKT_MALFORMED) &&
 	    (pkt->tcp_flags & 0x12) != 0x02)
 		reason = PF_DROP_POLICY;  /* not a SYN, and no flow to continue: see PF_TCP_NEEDS_SYN */
-	else if (direction == PF_DIR_INGRESS && pf_is_node_ip(&pkt->saddr))
+	else if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;
@@ -234,6 +244,8 @@ int tc_to_pod(struct __sk_buff *skb)
 		reason = ep->ingress_policy_id ? PF_DROP_MALFORMED : PF_REASON_ALLOWED;
 	else {
 		struct pf_ct_flow flow;
+		if (skb->ingress_ifindex == 0)
+			pkt.flags |= PF_PKT_NODE_SENT;
 		pf_flow_of(&flow, &pkt, now);
 		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);
 	}

@@ -275,14 +275,20 @@ static __always_inline int pf_ct_related(const struct pf_packet *pkt, int direct
 	return PF_CT_MISS;
 }
 
-/* Is the packet of `flow` part of a flow admitted before, seen from `direction`'s judgement? */
-static __always_inline int pf_ct_state(const struct pf_ct_flow *flow, int direction)
+/* Is the packet of `flow` part of a flow admitted before, seen from `direction`'s judgement of the
+ * pod whose counter slot (+1) is `slot`? The admission must be that pod's: its slot is the one of
+ * the way it sends (this way at egress, the other at ingress). On a bridge a frame to a MAC not yet
+ * learnt is flooded to every port; the copy at an open port admits the flow, and without the slot
+ * the copy at an isolated pod's port would pass as that flow's (found by tests/adversarial). */
+static __always_inline int pf_ct_state(const struct pf_ct_flow *flow, int direction, __u32 slot)
 {
 	__u32 same = direction == PF_DIR_EGRESS ? PF_CT_EGRESS_OK : PF_CT_INGRESS_OK;
 	__u32 other = direction == PF_DIR_EGRESS ? PF_CT_INGRESS_OK : (PF_CT_EGRESS_OK | PF_CT_FROM_POD);
 	const struct pf_ct_value *entry = flow->entry;
 
 	if (!entry)
+		return PF_CT_MISS;
+	if (pf_ct_way_slot(entry, direction == PF_DIR_EGRESS ? flow->way : !flow->way) != slot)
 		return PF_CT_MISS;
 	if (pf_ct_way_flags(entry, flow->way) & same)
 		return PF_CT_ESTABLISHED;

@@ -390,7 +390,8 @@ PENDING = [
         ),
         "found by this tier: a flooded frame meets the attacker's own port first, whose open ingress "
         "admits the flow in pf_ct; the copy at the victim's port then passes as that flow's",
-        passes_on=("bpf-bridged",),
+        passes_on=(),
+        fixed_on="a flow's admission is bound to the admitting pod's counter slot",
     ),
 ]
 

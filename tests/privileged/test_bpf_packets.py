@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 POD, POD6 = "10.0.0.1", "fd00::1"
 PEER7, PEER7_6, PEER8 = "10.0.1.7", "fd00:1::7", "10.0.1.8"
-NODE = "10.0.9.1"
+NODE, NODE6 = "10.0.9.1", "fd00:9::1"
 IDENTITIES = {
     7: (ipaddress.ip_address(PEER7), ipaddress.ip_address(PEER7_6)),
     8: (ipaddress.ip_address(PEER8),),
@@ -467,20 +467,21 @@ def apply(
             version,
             {pod.key: pod} if with_endpoint else {},
             IDENTITIES,
-            (ipaddress.ip_address(NODE),),
+            (ipaddress.ip_address(NODE), ipaddress.ip_address(NODE6)),
             frozenset({1}),
         )
     )
 
 
-def verdict(plane: BpfDataplane, hook: str, frame: bytes) -> bool:
-    """True if the hook lets the frame pass."""
+def verdict(plane: BpfDataplane, hook: str, frame: bytes, ingress_ifindex: int = 0) -> bool:
+    """True if the hook lets the frame pass. `ingress_ifindex`: the device the packet entered the
+    node on (0: the node sent it)."""
     frame = frame.ljust(14, b"\0")  # test runs need at least an Ethernet header
     programs = plane._programs  # the loaded programs: exactly what the tc filters run
     if hook == "egress":
         return run_program(programs[loader.PROGRAM_NF_EGRESS].fd, frame) == 0
     name = loader.PROGRAM_TO_POD if hook == "to_pod" else loader.PROGRAM_FROM_POD
-    result = run_program(programs[name].fd, frame)
+    result = run_program(programs[name].fd, frame, ingress_ifindex=ingress_ifindex)
     assert result in (TC_ACT_OK, TC_ACT_SHOT)
     return result == TC_ACT_OK
 
@@ -492,6 +493,18 @@ def test_packet_table(plane: BpfDataplane, row: Row) -> None:
         assert verdict(plane, hook, frame), f"{row.name}: {hook} should pass {frame.hex()}"
     for hook, frame in row.dropped:
         assert not verdict(plane, hook, frame), f"{row.name}: {hook} should drop {frame.hex()}"
+
+
+def test_node_addresses_pass_an_isolated_ingress_only_where_no_one_can_forge_them(plane: BpfDataplane) -> None:
+    # IPv4: Linux drops a packet that enters with a local source, so the source alone suffices.
+    # IPv6 has no such check: the node's IPv6 address counts only on what the node itself sent.
+    apply(plane, iso(), None)
+    uplink = 1  # any device the packet entered the node on
+    assert verdict(plane, "to_pod", f.tcp4(NODE, POD, dport=10250))
+    assert verdict(plane, "to_pod", f.tcp4(NODE, POD, dport=10250), ingress_ifindex=uplink)
+    assert verdict(plane, "to_pod", f.tcp6(NODE6, POD6, dport=10250))
+    assert not verdict(plane, "to_pod", f.tcp6(NODE6, POD6, sport=40002, dport=10250), ingress_ifindex=uplink)
+    assert not verdict(plane, "to_pod", f.tcp6(PEER7_6, POD6, sport=40003, dport=10250))
 
 
 def test_replies_and_related_icmp_errors_of_allowed_flows(plane: BpfDataplane) -> None:
