@@ -495,7 +495,7 @@ def test_packet_table(plane: BpfDataplane, row: Row) -> None:
         assert not verdict(plane, hook, frame), f"{row.name}: {hook} should drop {frame.hex()}"
 
 
-def test_node_addresses_pass_an_isolated_ingress_only_where_no_one_can_forge_them(plane: BpfDataplane) -> None:
+def test_node_addresses_pass_an_isolated_ingress_only_where_none_can_forge_them(plane: BpfDataplane) -> None:
     # IPv4: Linux drops a packet that enters with a local source, so the source alone suffices.
     # IPv6 has no such check: the node's IPv6 address counts only on what the node itself sent.
     apply(plane, iso(), None)
