@@ -34,10 +34,16 @@ class CidrPeer:
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+    # ipaddress hashes in Python; the compiler hashes every peer several times per apply
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cidr", canonical_network(self.cidr))
         object.__setattr__(self, "excepts", tuple(canonical_network(e) for e in self.excepts))
+        object.__setattr__(self, "_hash", hash((self.cidr, self.excepts)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, order=True)

@@ -36,7 +36,7 @@ net = ipaddress.ip_network
 addr = ipaddress.ip_address
 
 
-def covered(blocks: list[tuple[int, int]]) -> set[int]:
+def covered(blocks: tuple[tuple[int, int], ...]) -> set[int]:
     ports: set[int] = set()
     for value, bits in blocks:
         size = 1 << (16 - bits)

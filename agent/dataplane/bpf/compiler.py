@@ -18,6 +18,7 @@ generation-free.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ class Desired:
     interfaces: frozenset[int]  # every ifindex to guard
 
 
-def port_range_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=4096)
+def port_range_prefixes(first: int, last: int) -> tuple[tuple[int, int], ...]:
     """Cover [first, last] of the 16-bit port space with (value, prefix bits) blocks, largest first."""
     if not 0 <= first <= last <= 0xFFFF:
         raise ValueError(f"invalid port range {first}-{last}")
@@ -97,7 +99,7 @@ def port_range_prefixes(first: int, last: int) -> list[tuple[int, int]]:
             size_bits -= 1
         blocks.append((start, 16 - size_bits))
         start += 1 << size_bits
-    return blocks
+    return tuple(blocks)
 
 
 def policy_content(direction: DirectionPolicy) -> PolicyContent | None:
@@ -127,28 +129,46 @@ def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[Cidr
 
     An address whose longest match is P lies inside a peer's cidr iff P is a subnet of that cidr
     (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
-    over P's addresses.
+    over P's addresses. Prefixes nest or are disjoint, so one sweep in address order with a stack
+    of the enclosing prefixes finds each one's class from its parent's: O(n log n) plus the size
+    of the classes (comparing every prefix with every peer took 10^8 subnet tests, 110 s, for
+    10,000 host peers).
     """
-    peer_list = sorted(set(peers), key=peer_sort_key)
-    prefixes: set[IPNetwork] = set()
-    for peer in peer_list:
-        prefixes.add(peer.cidr)
-        prefixes.update(peer.excepts)
+    cidr_at: dict[IPNetwork, list[CidrPeer]] = {}
+    except_at: dict[IPNetwork, list[CidrPeer]] = {}
+    for peer in set(peers):
+        cidr_at.setdefault(peer.cidr, []).append(peer)
+        for carved in peer.excepts:
+            except_at.setdefault(carved, []).append(peer)
+    prefixes = cidr_at.keys() | except_at.keys()
     # IPv4 lives at ::ffff:0:0/96 of the one LPM space, so an IPv6 prefix covering it (::/0)
     # would be every IPv4 address's longest match: 0.0.0.0/0 (the /96) shadows it with the
     # IPv4 peers' own class (empty unless some peer is 0.0.0.0/0).
     if any(p.version == 6 and V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
         prefixes.add(ipaddress.IPv4Network("0.0.0.0/0"))
     classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
-    for prefix in prefixes:
-        members = []
-        for peer in peer_list:
-            if not _same_family(prefix, peer.cidr) or not prefix.subnet_of(peer.cidr):  # type: ignore[arg-type]
-                continue
-            if any(_same_family(prefix, e) and prefix.subnet_of(e) for e in peer.excepts):  # type: ignore[arg-type]
-                continue
-            members.append(peer)
-        classes[prefix] = frozenset(members)
+    for version in (4, 6):
+        # (first address, prefixlen) order visits every prefix after all the prefixes enclosing it
+        ordered = sorted(
+            ((int(p.network_address), p.prefixlen, p) for p in prefixes if p.version == version),
+            key=lambda item: (item[0], item[1]),
+        )
+        # enclosing prefixes: (last address, prefix, its class)
+        stack: list[tuple[int, IPNetwork, frozenset[CidrPeer]]] = []
+        for first, _length, prefix in ordered:
+            while stack and stack[-1][0] < first:
+                stack.pop()
+            inherited = stack[-1][2] if stack else frozenset()
+            excepted: list[CidrPeer] = except_at.get(prefix, [])
+            members = inherited.difference(excepted) if excepted else inherited
+            # a peer whose cidr is this prefix still misses it when one of its excepts encloses it
+            joining = [p for p in cidr_at.get(prefix, []) if not any(
+                e.version == version and prefix.subnet_of(e) for e in p.excepts  # type: ignore[arg-type]
+            )]
+            if joining:
+                members = members.union(joining)
+            classes[prefix] = members
+            stack.append((int(prefix.broadcast_address), prefix, members))
     return classes
 
 
@@ -203,10 +223,16 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
     # policies: dedupe by content across endpoints and directions
     policies: dict[PolicyContent, int] = {}
     endpoint_policy_ids: dict[str, tuple[int, int]] = {}
+    # endpoints selected by the same policies share one DirectionPolicy object (the node layer
+    # decodes equal lists once): build and hash each content once, not once per endpoint
+    contents: dict[int, tuple[DirectionPolicy, PolicyContent | None]] = {}
     for key, endpoint in sorted(state.endpoints.items()):
         ids = []
         for direction in (endpoint.ingress, endpoint.egress):
-            content = policy_content(direction)
+            known = contents.get(id(direction))
+            if known is None:
+                known = contents[id(direction)] = (direction, policy_content(direction))
+            content = known[1]
             if content is None:
                 ids.append(NOT_ISOLATED)
                 continue
@@ -242,13 +268,17 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
     # CIDR classes
     cidr_classes: dict[frozenset[CidrPeer], int] = {}
     cidr: dict[CidrPrefix, int] = {}
-    for prefix, peers in sorted(cidr_classes_of(referenced_cidrs).items(), key=lambda item: str(item[0])):
+    # in the datapath's address order, so that fresh ids do not depend on hash order
+    by_prefix = sorted(
+        (network_prefix(prefix), peers) for prefix, peers in cidr_classes_of(referenced_cidrs).items()
+    )
+    for lpm_prefix, peers in by_prefix:
         if not peers:
-            cidr[network_prefix(prefix)] = 0
+            cidr[lpm_prefix] = 0
             continue
         if peers not in cidr_classes:
             cidr_classes[peers] = previous.cidr_classes.get(peers) or fresh_id()
-        cidr[network_prefix(prefix)] = cidr_classes[peers]
+        cidr[lpm_prefix] = cidr_classes[peers]
 
     # endpoints and their counter slots (slots of endpoints still present are kept)
     slots: dict[str, int] = {k: v for k, v in previous.endpoint_slots.items() if k in state.endpoints}
