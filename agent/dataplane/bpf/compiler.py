@@ -59,6 +59,8 @@ class Allocation:
     identity_classes: dict[frozenset[int], int] = field(default_factory=dict)
     cidr_classes: dict[frozenset[CidrPeer], int] = field(default_factory=dict)
     endpoint_slots: dict[str, int] = field(default_factory=dict)
+    # endpoint key -> (ingress, egress) policy ids, so that a changed allow list keeps its id
+    endpoint_policy_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     next_id: int = 1  # shared counter for policy and class ids; never reused
 
 
@@ -168,7 +170,7 @@ def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[Cidr
             if joining:
                 members = members.union(joining)
             classes[prefix] = members
-            stack.append((int(prefix.broadcast_address), prefix, members))
+            stack.append((first + (1 << (prefix.max_prefixlen - _length)) - 1, prefix, members))
     return classes
 
 
@@ -186,7 +188,15 @@ def policy_entries(
     for members, class_id in cidr_classes.items():
         for member in members:
             cidr_members.setdefault(member, []).append(class_id)
+    return entries_for_members(policies, identity_members, cidr_members)
 
+
+def entries_for_members(
+    policies: dict[PolicyContent, int],
+    identity_members: dict[int, list[int]],
+    cidr_members: dict[CidrPeer, list[int]],
+) -> dict[PolicyEntry, int]:
+    """Policy LPM entries given, for each identity and CIDR peer, the class ids containing it."""
     entries: dict[PolicyEntry, int] = {}
     for content, policy_id in policies.items():
         for protocol, first, last, peer in content:
@@ -210,8 +220,40 @@ def _rule_entries(
         yield (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)
 
 
-def compile_node_state(state: NodeState, previous: Allocation | None = None) -> Desired:
-    """Desired map contents for `state`, reusing the ids of `previous` for unchanged content."""
+def _inherited_policy_ids(
+    endpoint_contents: dict[str, tuple[PolicyContent | None, PolicyContent | None]], previous: Allocation
+) -> dict[PolicyContent, int]:
+    """New contents that keep the id of the content they replace: when every endpoint direction
+    that read id P now has content B, B is new and P's old content is gone, B takes P. Its
+    entries then change in place (one peer added to a 10,000-peer list is a few entries, not
+    10,000 under a fresh id), and no endpoint flips, so nothing reads P's entries through
+    another view than its own (transition.py)."""
+    old_contents = {pid: content for content, pid in previous.policies.items()}
+    live_contents = {content for pair in endpoint_contents.values() for content in pair}
+    readers: dict[int, set[PolicyContent | str | None]] = {}
+    for key, old_pair in previous.endpoint_policy_ids.items():
+        new_pair: tuple[PolicyContent | str | None, ...] = endpoint_contents.get(key, ("gone", "gone"))
+        for old_id, content in zip(old_pair, new_pair, strict=True):
+            if old_id != NOT_ISOLATED:
+                readers.setdefault(old_id, set()).add(content)
+    inherited: dict[PolicyContent, int] = {}
+    for pid, now_read in readers.items():
+        if len(now_read) != 1:
+            continue
+        (content,) = now_read
+        if (
+            isinstance(content, frozenset)
+            and content not in previous.policies
+            and content not in inherited
+            and old_contents.get(pid) not in live_contents
+        ):
+            inherited[content] = pid
+    return inherited
+
+
+def compile_node_state(state: NodeState, previous: Allocation | None = None, inherit: bool = True) -> Desired:
+    """Desired map contents for `state`, reusing the ids of `previous` for unchanged content (and,
+    with `inherit`, for a changed allow list all of whose readers move together)."""
     previous = previous or Allocation()
     counter = [previous.next_id]
 
@@ -221,23 +263,29 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
         return counter[0] - 1
 
     # policies: dedupe by content across endpoints and directions
-    policies: dict[PolicyContent, int] = {}
-    endpoint_policy_ids: dict[str, tuple[int, int]] = {}
     # endpoints selected by the same policies share one DirectionPolicy object (the node layer
     # decodes equal lists once): build and hash each content once, not once per endpoint
     contents: dict[int, tuple[DirectionPolicy, PolicyContent | None]] = {}
+    endpoint_contents: dict[str, tuple[PolicyContent | None, PolicyContent | None]] = {}
     for key, endpoint in sorted(state.endpoints.items()):
-        ids = []
+        found = []
         for direction in (endpoint.ingress, endpoint.egress):
             known = contents.get(id(direction))
             if known is None:
                 known = contents[id(direction)] = (direction, policy_content(direction))
-            content = known[1]
+            found.append(known[1])
+        endpoint_contents[key] = (found[0], found[1])
+    inherited = _inherited_policy_ids(endpoint_contents, previous) if inherit else {}
+    policies: dict[PolicyContent, int] = {}
+    endpoint_policy_ids: dict[str, tuple[int, int]] = {}
+    for key, pair in endpoint_contents.items():
+        ids = []
+        for content in pair:
             if content is None:
                 ids.append(NOT_ISOLATED)
                 continue
             if content not in policies:
-                policies[content] = previous.policies.get(content) or fresh_id()
+                policies[content] = previous.policies.get(content) or inherited.get(content) or fresh_id()
             ids.append(policies[content])
         endpoint_policy_ids[key] = (ids[0], ids[1])
 
@@ -304,6 +352,7 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None) -> 
         identity_classes=identity_classes,
         cidr_classes=cidr_classes,
         endpoint_slots=slots,
+        endpoint_policy_ids=endpoint_policy_ids,
         next_id=counter[0],
     )
     return Desired(

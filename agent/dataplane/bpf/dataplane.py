@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -50,18 +51,16 @@ from agent.dataplane.bpf.compiler import (
     Desired,
     EndpointEntry,
     PolicyEntry,
-    compile_node_state,
-    peer_sort_key,
 )
 from agent.dataplane.bpf.plan import (
     PUT,
     CidrKey,
     IpcacheKey,
     Op,
+    compile_and_plan,
     is_exact,
     peak_sizes,
     peer_view,
-    plan_update,
 )
 from agent.dataplane.bpf.structs import (
     GENERATION_PREFIX,
@@ -73,6 +72,7 @@ from agent.dataplane.bpf.structs import (
     address_from_bytes,
     make_addr,
 )
+from agent.dataplane.bpf.transition import with_union
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
 log = logging.getLogger(__name__)
@@ -259,12 +259,12 @@ class BpfDataplane:
         if self._module is None:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
         old_allocation = self._live.allocation
-        try:
-            desired = compile_node_state(state, old_allocation)
-        except ValueError as error:
-            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
         with self._lock:
-            ops = plan_update(self._live, desired)
+            try:
+                desired, ops, union = compile_and_plan(self._live, state, old_allocation)
+            except ValueError as error:
+                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+            allocation = with_union(desired.allocation, union)
             self._check_capacity(desired, ops)
             changes = self._semantic_changes(desired)
             try:
@@ -272,7 +272,7 @@ class BpfDataplane:
             except Exception as error:
                 # Half written: ids of both allocations may be live in the maps now. Remember
                 # both, so the retry never hands a live id to different content.
-                self._live.allocation = _merge_allocations(old_allocation, desired.allocation)
+                self._live.allocation = _merge_allocations(old_allocation, allocation)
                 self._save_state_file()
                 if isinstance(error, DataplaneError):
                     raise
@@ -280,7 +280,7 @@ class BpfDataplane:
                 raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
             finally:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-            self._live.allocation = desired.allocation
+            self._live.allocation = allocation
             self._save_state_file()
             self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
@@ -745,16 +745,20 @@ def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
 def _merge_allocations(old: Allocation | None, new: Allocation) -> Allocation:
     if old is None:
         return new
+    reused = set(new.policies.values())  # an id whose content changed in place: the new content
     return Allocation(
-        policies={**old.policies, **new.policies},
+        policies={**{c: i for c, i in old.policies.items() if i not in reused}, **new.policies},
         identity_classes={**old.identity_classes, **new.identity_classes},
         cidr_classes={**old.cidr_classes, **new.cidr_classes},
         endpoint_slots={**old.endpoint_slots, **new.endpoint_slots},
+        endpoint_policy_ids={**old.endpoint_policy_ids, **new.endpoint_policy_ids},
         next_id=max(old.next_id, new.next_id),
     )
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _peer_to_json(peer: CidrPeer | IdentityPeer) -> dict[str, Any]:
+    """Cached (the state file is written on every apply; callers only serialise the result)."""
     if isinstance(peer, IdentityPeer):
         return {"identity": peer.identity}
     return {"cidr": str(peer.cidr), "excepts": [str(e) for e in peer.excepts]}
@@ -777,15 +781,16 @@ def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
 def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     return {
         "policies": [
-            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in sorted(content, key=str)]]
+            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in content]]
             for content, policy_id in allocation.policies.items()
         ],
         "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
         "cidr_classes": [
-            [cid, [_peer_to_json(p) for p in sorted(peers, key=peer_sort_key)]]
+            [cid, [_peer_to_json(p) for p in peers]]
             for peers, cid in allocation.cidr_classes.items()
         ],
         "endpoint_slots": allocation.endpoint_slots,
+        "endpoint_policy_ids": allocation.endpoint_policy_ids,
         "next_id": allocation.next_id,
     }
 
@@ -807,6 +812,9 @@ def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
                 for cid, peers in data["cidr_classes"]
             },
             endpoint_slots={str(k): int(v) for k, v in data["endpoint_slots"].items()},
+            endpoint_policy_ids={
+                str(k): (int(v[0]), int(v[1])) for k, v in data.get("endpoint_policy_ids", {}).items()
+            },
             next_id=int(data["next_id"]),
         )
     except (KeyError, TypeError, ValueError) as error:

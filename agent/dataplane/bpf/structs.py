@@ -256,10 +256,13 @@ def address_from_bytes(raw: bytes) -> IPAddress:
     return v6.ipv4_mapped if v6.ipv4_mapped is not None else v6
 
 
+_V4_MAPPED_BYTES = b"\0" * 10 + b"\xff\xff"
+
+
 def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
     """(prefixlen, 16 bytes) of a network in the datapath's single address space."""
     if isinstance(network, ipaddress.IPv4Network):
-        return V4_MAPPED_PREFIX + network.prefixlen, addr_bytes(network.network_address)
+        return V4_MAPPED_PREFIX + network.prefixlen, _V4_MAPPED_BYTES + network.network_address.packed
     return network.prefixlen, network.network_address.packed
 
 
