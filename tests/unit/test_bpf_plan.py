@@ -209,7 +209,8 @@ def test_every_intermediate_state_answers_as_old_or_new_when_they_agree(in_place
             new = compile_node_state(new_state, old.allocation, inherit=False)
             ops, union = plan(maps, new, None)
         if in_place:  # never both views whole: at most the union of old and new prefixes
-            peak_cidr = peak_sizes(maps, ops)["cidr"]
+            peaks = peak_sizes(maps, ops)
+            peak_cidr = peaks["cidr"] + peaks["cidr_host"]
             assert peak_cidr <= len(set(old.cidr) | set(new.cidr)), round_
         for op in ops:
             maps.execute(op)
@@ -252,7 +253,8 @@ def test_one_peer_changed_among_many_is_a_few_in_place_writes_within_the_maps() 
     edited = [*peers[:-1], "172.31.0.1/32"]
     new, ops, union = compile_and_plan(maps, host_peer_state(edited), old.allocation)
     assert union is not None
-    assert peak_sizes(maps, ops)["cidr"] <= len(peers) + 1
+    peaks = peak_sizes(maps, ops)
+    assert peaks["cidr_host"] <= len(peers) + 1 and peaks["cidr"] == 0  # host prefixes: the hash
     # the allow list keeps its id: a peer entry and a policy entry in, the same out
     assert new.endpoints[11].ingress_policy_id == old.endpoints[11].ingress_policy_id
     assert sorted((op.table, op.action) for op in ops) == [

@@ -59,11 +59,13 @@ from agent.dataplane.bpf.plan import (
     Op,
     compile_and_plan,
     is_exact,
+    is_host,
     peak_sizes,
     peer_view,
 )
 from agent.dataplane.bpf.structs import (
     GENERATION_PREFIX,
+    HOST_PREFIX,
     POLICY_PREFIX_FULL,
     REASON_MAX,
     DenyEventStruct,
@@ -201,6 +203,7 @@ class BpfDataplane:
                 with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
                     self._attach(sock, ifindex)
         self._move_exact_policy_entries()
+        self._move_host_prefixes()
         try:
             self._module[b"pf_events"].open_ring_buffer(self._on_event)
         except Exception as error:
@@ -223,6 +226,20 @@ class BpfDataplane:
         if stranded:
             log.info("moved %d single-port policy entries from the LPM trie to pf_policy_exact",
                      len(stranded))
+
+    def _move_host_prefixes(self) -> None:
+        """A version before pf_cidr_host kept host prefixes in the LPM trie: copy each into the
+        hash, then delete it from the trie (the programs, in place by now, read the hash first
+        and find the same class in either), so the writer finds every entry where it looks."""
+        trie, host = self._module[b"pf_cidr"], self._module[b"pf_cidr_host"]
+        stranded = [(key, trie[key]) for key in list(trie.keys())
+                    if key.prefixlen == GENERATION_PREFIX + HOST_PREFIX]  # fmt: skip
+        for key, value in stranded:
+            cidr_key = (key.generation, HOST_PREFIX, bytes(key.addr.bytes))
+            host[_cidr_host_key(host, cidr_key)] = host.Leaf(value.class_id, 0)
+            _delete(trie, key)
+        if stranded:
+            log.info("moved %d host prefixes from the CIDR LPM trie to pf_cidr_host", len(stranded))
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -308,6 +325,7 @@ class BpfDataplane:
             "pf_policy_exact": knobs.policy_max,
             "pf_ipcache": knobs.ipcache_max,
             "pf_cidr": knobs.cidr_max,
+            "pf_cidr_host": knobs.cidr_max,
             "pf_endpoints": knobs.endpoints_max,
             "pf_endpoint_ips": knobs.endpoints_max * 4,
             "pf_node_ips": knobs.node_ips_max,
@@ -392,12 +410,17 @@ class BpfDataplane:
                 _delete(table, make_addr(op.key))
                 live.endpoint_ips.pop(op.key, None)
         elif op.table == "cidr":
-            table = module[b"pf_cidr"]
+            if is_host(op.key):
+                table = module[b"pf_cidr_host"]
+                key = _cidr_host_key(table, op.key)
+            else:
+                table = module[b"pf_cidr"]
+                key = _cidr_key(table, op.key)
             if put:
-                table[_cidr_key(table, op.key)] = table.Leaf(op.value, 0)
+                table[key] = table.Leaf(op.value, 0)
                 live.cidr[op.key] = op.value
             else:
-                _delete(table, _cidr_key(table, op.key))
+                _delete(table, key)
                 live.cidr.pop(op.key, None)
         elif op.table == "node_ips":
             table = module[b"pf_node_ips"]
@@ -499,6 +522,8 @@ class BpfDataplane:
             (k.generation, k.prefixlen - GENERATION_PREFIX, bytes(k.addr.bytes)): v.class_id
             for k, v in module[b"pf_cidr"].items()
         }
+        for k, v in module[b"pf_cidr_host"].items():
+            live.cidr[(k.generation, HOST_PREFIX, bytes(k.addr.bytes))] = v.class_id
         live.policy = {
             (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
             for name in (b"pf_policy", b"pf_policy_exact")
@@ -633,11 +658,13 @@ class BpfDataplane:
         live, knobs = self._live, self.knobs
         with self._lock:
             exact = sum(1 for entry in live.policy if is_exact(entry))
+            hosts = sum(1 for key in live.cidr if is_host(key))
             usage = {
                 "policy": (len(live.policy) - exact, knobs.policy_max),
                 "policy_exact": (exact, knobs.policy_max),
                 "ipcache": (len(live.ipcache), knobs.ipcache_max),
-                "cidr": (len(live.cidr), knobs.cidr_max),
+                "cidr": (len(live.cidr) - hosts, knobs.cidr_max),
+                "cidr_host": (hosts, knobs.cidr_max),
                 "endpoints": (len(live.endpoints), knobs.endpoints_max),
                 "endpoint_ips": (len(live.endpoint_ips), knobs.endpoints_max * 4),
                 "node_ips": (len(live.node_ips), knobs.node_ips_max),
@@ -691,6 +718,14 @@ def _cidr_key(table: Any, cidr_key: CidrKey) -> Any:
     generation, prefixlen, address = cidr_key
     key = table.Key()
     key.prefixlen = GENERATION_PREFIX + prefixlen
+    key.generation = generation
+    ctypes.memmove(key.addr.bytes, address, 16)
+    return key
+
+
+def _cidr_host_key(table: Any, cidr_key: CidrKey) -> Any:
+    generation, _prefixlen, address = cidr_key
+    key = table.Key()
     key.generation = generation
     ctypes.memmove(key.addr.bytes, address, 16)
     return key

@@ -36,7 +36,7 @@ from agent.dataplane.bpf.compiler import (
     PolicyEntry,
     compile_node_state,
 )
-from agent.dataplane.bpf.structs import POLICY_PREFIX_FULL
+from agent.dataplane.bpf.structs import HOST_PREFIX, POLICY_PREFIX_FULL
 from agent.dataplane.bpf.transition import UnionView, deletion_order, insertion_order, union_view
 from agent.dataplane.types import NodeState
 
@@ -278,7 +278,7 @@ def _removals(
 def peak_sizes(live: MapContents, ops: list[Op]) -> dict[str, int]:
     """Entries each map holds at its fullest while the plan runs (all puts precede all deletes).
     Policy entries of single ports are counted apart (`policy_exact`: the writer keeps them in a
-    hash beside the LPM trie)."""
+    hash beside the LPM trie), and so are host prefixes (`cidr_host`)."""
     held: dict[str, set[Any]] = {
         "policy": set(live.policy),
         "ipcache": set(live.ipcache),
@@ -293,7 +293,14 @@ def peak_sizes(live: MapContents, ops: list[Op]) -> dict[str, int]:
     sizes = {table: len(keys) for table, keys in held.items()}
     sizes["policy_exact"] = sum(1 for entry in held["policy"] if is_exact(entry))
     sizes["policy"] -= sizes["policy_exact"]
+    sizes["cidr_host"] = sum(1 for key in held["cidr"] if is_host(key))
+    sizes["cidr"] -= sizes["cidr_host"]
     return sizes
+
+
+def is_host(key: CidrKey) -> bool:
+    """Is a CIDR entry a host prefix (the writer's pf_cidr_host hash, not the LPM trie)?"""
+    return key[1] == HOST_PREFIX
 
 
 def is_exact(entry: PolicyEntry) -> bool:

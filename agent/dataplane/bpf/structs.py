@@ -57,6 +57,7 @@ POLICY_PREFIX_PROTOCOL = 80
 POLICY_PREFIX_FULL = 96
 V4_MAPPED_PREFIX = 96
 GENERATION_PREFIX = 32  # the CIDR LPM key's generation field, always matched exactly
+HOST_PREFIX = 128  # a host prefix (/32 as 96 + 32, /128): kept in pf_cidr_host, not the trie
 
 
 class Addr(ctypes.Structure):
@@ -193,6 +194,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_node_ips": (Addr, IpcacheValue),
     "pf_ipcache": (IpcacheKey, IpcacheValue),
     "pf_cidr": (CidrKey, CidrValue),
+    "pf_cidr_host": (IpcacheKey, CidrValue),
     "pf_policy": (PolicyKey, PolicyValue),
     "pf_policy_exact": (PolicyKey, PolicyValue),
     "pf_ct": (CtKey, CtValue),
