@@ -12,8 +12,24 @@ from typing import Any
 from agent.api import podfence_pb2 as pb
 from agent.policy.compiled import AllowEntry, CidrRef, DirectionAllows, EndpointPolicy, NodePolicy
 
+# Encoded allows by content, kept across messages: an edit of one peer in a 10,000-peer list
+# re-encodes that list, and building 10,000 messages in Python took ~100 ms. Bounded: emptied
+# when it outgrows _ALLOW_CACHE_MAX. Read and filled under the hub's lock or the stream's thread;
+# a lost race only encodes an allow twice.
+_ALLOW_CACHE: dict[AllowEntry, pb.Allow] = {}
+_ALLOW_CACHE_MAX = 1 << 18
+
 
 def _allow(entry: AllowEntry) -> pb.Allow:
+    cached = _ALLOW_CACHE.get(entry)
+    if cached is None:
+        if len(_ALLOW_CACHE) >= _ALLOW_CACHE_MAX:
+            _ALLOW_CACHE.clear()
+        cached = _ALLOW_CACHE[entry] = _encode_allow(entry)
+    return cached
+
+
+def _encode_allow(entry: AllowEntry) -> pb.Allow:
     peer = entry.peer
     if isinstance(peer, CidrRef):
         block = pb.IPBlock(cidr=str(peer.cidr))
