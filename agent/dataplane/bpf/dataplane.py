@@ -283,7 +283,8 @@ class BpfDataplane:
                 raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
             allocation = with_union(desired.allocation, union)
             self._check_capacity(desired, ops)
-            changes = self._semantic_changes(desired)
+            # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
+            changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
             try:
                 self._write(ops)
             except Exception as error:
