@@ -190,8 +190,10 @@ def verdicts(maps: Maps) -> list[bool]:
     ids=["double-buffer", "in-place", "in-place-small-edits"],
 )
 def test_every_intermediate_state_answers_as_old_or_new_when_they_agree(in_place: bool, edits: bool) -> None:
-    rng = random.Random(7)
-    checked_ops = 0
+    # seed 6 finds both orders a first version of the in-place plan got wrong (an interim copy
+    # without entries on the new classes; a list changed in place while an address joined a class)
+    rng = random.Random(6 if in_place else 7)
+    checked_ops = in_place_rounds = 0
     for round_ in range(40):
         old_state = random_state(rng, 1)
         old = compile_node_state(old_state)
@@ -202,13 +204,13 @@ def test_every_intermediate_state_answers_as_old_or_new_when_they_agree(in_place
         reference = Maps()
         fill(reference, compile_node_state(new_state))
         expected_new = verdicts(reference)
-        if in_place:
+        if in_place:  # in place where it can, else the double buffer (identities that moved)
             new, ops, union = compile_and_plan(maps, new_state, old.allocation)
-            assert union is not None
+            in_place_rounds += union is not None
         else:  # the double buffer needs ids whose content never changes
             new = compile_node_state(new_state, old.allocation, inherit=False)
             ops, union = plan(maps, new, None)
-        if in_place:  # never both views whole: at most the union of old and new prefixes
+        if union is not None:  # never both views whole: at most the union of old and new prefixes
             peaks = peak_sizes(maps, ops)
             peak_cidr = peaks["cidr"] + peaks["cidr_host"]
             assert peak_cidr <= len(set(old.cidr) | set(new.cidr)), round_
@@ -227,6 +229,8 @@ def test_every_intermediate_state_answers_as_old_or_new_when_they_agree(in_place
         assert {a: c for (_, a), c in maps.ipcache.items()} == new.ipcache
         assert {(p, a): c for (_, p, a), c in maps.cidr.items()} == new.cidr
     assert checked_ops > 200
+    if edits:
+        assert in_place_rounds >= 10, in_place_rounds  # the path under test was taken
 
 
 def test_a_plan_to_the_same_state_is_empty() -> None:

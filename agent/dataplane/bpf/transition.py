@@ -36,6 +36,7 @@ from agent.dataplane.bpf.compiler import (
     PolicyEntry,
     cidr_classes_of,
     entries_for_members,
+    policy_entries,
 )
 from agent.dataplane.bpf.structs import network_prefix
 from agent.dataplane.types import CidrPeer
@@ -128,18 +129,25 @@ def union_view(
             )
         else:
             ipcache[address] = split_ids.setdefault((before_ids, after_ids), fresh())
-
     cidr_ids: dict[frozenset[CidrPeer], int] = {}
-    peers: set[CidrPeer] = set()
-    for cid in set(old_cidr.values()) | set(desired.cidr.values()):
-        peers.update(old_cidrs.get(cid, ()), new_cidrs.get(cid, ()))
+    old_peers: set[CidrPeer] = set().union(*(old_cidrs[cid] for cid in set(old_cidr.values()) if cid))
+    new_peers: set[CidrPeer] = set().union(*(new_cidrs[cid] for cid in set(desired.cidr.values()) if cid))
     cidr: dict[CidrPrefix, int] = {}
-    for network, members in cidr_classes_of(peers).items():
-        cidr[network_prefix(network)] = (
-            plain_id(members, cidr_ids, desired.allocation.cidr_classes, previous.cidr_classes)
-            if members
-            else 0
-        )
+    # Classes are a function of the peer set: when peers were only added (or only removed), the
+    # union view is the new (or the old) one, and the sweep over every peer can be skipped.
+    if old_peers <= new_peers:
+        cidr = dict(desired.cidr)
+        cidr_ids = {content: cid for content, cid in desired.allocation.cidr_classes.items()}
+    elif new_peers <= old_peers:
+        cidr = dict(old_cidr)
+        cidr_ids = {old_cidrs[cid]: cid for cid in set(old_cidr.values()) if cid}
+    else:
+        for network, members in cidr_classes_of(old_peers | new_peers).items():
+            cidr[network_prefix(network)] = (
+                plain_id(members, cidr_ids, desired.allocation.cidr_classes, previous.cidr_classes)
+                if members
+                else 0
+            )
     if not (old_cidr.keys() | desired.cidr.keys()) <= cidr.keys():
         return None  # a prefix no referenced peer explains (a peer carved whole): not ours to guess
 
@@ -153,12 +161,10 @@ def union_view(
                 # after an update that died half way): the leaver needs the old content
                 return None
         contents[pid] = content
-    if renamed and any(
-        old_identities.get(cid) != new_identities.get(desired.ipcache.get(address, 0))
-        for address, cid in old_ipcache.items()
-    ):
-        # An id whose entries change in place is read through the old classes until its
-        # endpoints' peers move: new rules on an old identity membership would be neither state.
+    if renamed and split_ids:
+        # An id whose entries change in place keeps its old entries until the end, on classes
+        # an address may join in this update (it gains, loses or changes identities): old
+        # rules on a new membership would be neither state.
         return None
     interim_ids = {pid: fresh() for pid in sorted(leaving & joining) if pid in contents}
     old_view = {pid for pid in contents if pid in leaving}
@@ -186,6 +192,14 @@ def union_view(
         for pid, content, flag in views:
             if flag == reads_old:
                 policy.update(entries_for_members({content: pid}, merged, cidr_members))
+    # Interim copies are read until the peers are new, while they move union -> new: their
+    # entries on the new classes too.
+    for pid, interim in interim_ids.items():
+        policy.update(
+            policy_entries(
+                {contents[pid]: interim}, desired.allocation.identity_classes, desired.allocation.cidr_classes
+            )
+        )
     return UnionView(ipcache, cidr, policy, interim_ids, identity_ids, cidr_ids, counter[0])
 
 
