@@ -120,6 +120,10 @@ struct pf_cidr_value {
 	__u32 reserved;
 };
 
+/* cidr_host: hash, the host prefixes (/32, /128) of the same classes, keyed by struct
+ * pf_ipcache_key (generation, address): an exact match needs no trie walk. A prefix lives in
+ * exactly one of pf_cidr and pf_cidr_host; pf_cidr_host is looked up first. */
+
 /* policy: LPM trie over (policy_id, peer_class, peer_kind, protocol, dport_be), in this byte order.
  *  - policy_id, peer_class and peer_kind are always matched exactly (prefix >= 72 bits);
  *  - protocol 0 in a rule ("every protocol, every port") is a prefix of exactly 72 bits, so it

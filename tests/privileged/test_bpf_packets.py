@@ -101,7 +101,32 @@ def frag6(dport: int, ident_: int, later: bool) -> bytes:
     return f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, 44, header + body))
 
 
+def cidr(text: str, *excepts: str, protocol: int = 0, first: int = 0, last: int = 65535) -> Allow:
+    peer = CidrPeer(ipaddress.ip_network(text), tuple(ipaddress.ip_network(e) for e in excepts))
+    return Allow(peer, protocol, first, last)
+
+
 ROWS = [
+    Row(
+        "host prefixes (the pf_cidr_host hash) beside a real prefix whose except is a host",
+        iso(
+            cidr("10.0.1.7/32", protocol=f.TCP, first=80, last=80),
+            cidr("fd00:1::7/128", protocol=f.TCP, first=80, last=80),
+            cidr("10.0.2.0/24", "10.0.2.5/32", protocol=f.TCP, first=80, last=80),
+        ),
+        None,
+        allowed=(
+            ("to_pod", f.tcp4(PEER7, POD)),
+            ("to_pod", f.tcp6(PEER7_6, POD6)),
+            ("to_pod", f.tcp4("10.0.2.9", POD)),
+        ),
+        dropped=(
+            ("to_pod", f.tcp4("10.0.2.5", POD)),  # the except's class 0 in the hash shadows the /24
+            ("to_pod", f.tcp4(PEER8, POD)),
+            ("to_pod", f.tcp4(PEER7, POD, dport=81)),
+            ("to_pod", f.tcp6("fd00:1::8", POD6)),
+        ),
+    ),
     Row(
         "identity ingress tcp/80 from 7",
         iso(ident(7, f.TCP, 80, 80)),
@@ -835,3 +860,29 @@ def test_layer_2_drops_are_counted_under_their_own_reasons(plane: BpfDataplane) 
         assert not verdict(plane, "from_pod", frame)
     after = plane.drop_reason_counts()
     assert {reason: after[reason] - before.get(reason, 0) for reason in cases} == dict.fromkeys(cases, 1)
+
+
+def test_host_prefixes_live_in_the_hash_and_an_older_versions_move_there(plane: BpfDataplane) -> None:
+    """Host prefixes are looked up in pf_cidr_host; one an older version left in the trie is
+    moved at start (the writer would never find it there), and verdicts never change."""
+    apply(plane, iso(cidr("10.0.1.7/32", protocol=f.TCP, first=80, last=80), cidr("10.0.3.0/24")), None)
+    trie, host = plane._module[b"pf_cidr"], plane._module[b"pf_cidr_host"]
+    (entry,) = list(host.items())
+    assert {k.prefixlen - structs.GENERATION_PREFIX for k in trie} == {96 + 24}
+    # what the previous version kept: the /32 in the trie, nothing in the hash
+    key = trie.Key()
+    key.prefixlen = structs.GENERATION_PREFIX + structs.HOST_PREFIX
+    key.generation = entry[0].generation
+    key.addr.bytes[:] = entry[0].addr.bytes[:]
+    trie[key] = trie.Leaf(entry[1].class_id, 0)
+    del host[entry[0]]
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45000, dport=80))  # the trie allows
+    plane.close()
+    plane.start()
+    trie, host = plane._module[b"pf_cidr"], plane._module[b"pf_cidr_host"]
+    assert len(list(host.keys())) == 1
+    assert {k.prefixlen - structs.GENERATION_PREFIX for k in trie} == {96 + 24}
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45001, dport=80))
+    apply(plane, iso(cidr("10.0.3.0/24")), None, version=2)  # the host peer goes
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45002, dport=80))
+    assert not list(plane._module[b"pf_cidr_host"].keys())

@@ -176,6 +176,7 @@ PINNED_MAPS = (
     "pf_node_ips",
     "pf_ipcache",
     "pf_cidr",
+    "pf_cidr_host",
     "pf_policy",
     "pf_policy_exact",
     "pf_ct",
