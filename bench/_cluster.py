@@ -243,6 +243,12 @@ def _stop(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
         process.wait()
 
 
+def agent_pid(processes: Processes) -> int:
+    """The agent's own pid: Popen runs nsenter, which execs python in place (same pid)."""
+    assert processes.agent is not None
+    return processes.agent.pid
+
+
 @contextlib.contextmanager
 def node_with_pods(tag: str, pod_count: int) -> Iterator[Topology]:
     _netlab.remove_all(f"{_netlab.PREFIX}{tag}-")

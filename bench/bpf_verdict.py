@@ -1,7 +1,9 @@
 """Cost of one eBPF verdict vs the number of rules: BPF_PROG_TEST_RUN on the real programs.
 
-The pod's ingress policy holds N allows, each from its own identity (own address) and port;
-the measured packets come from the LAST rule's peer. Measured per packet (kernel-timed mean over
+The pod's ingress policy holds N allows, each from its own identity (own address) and port, or
+(`host_cidr`) each from its own ipBlock /32 on one port (issue 27: host prefixes are looked up in
+pf_cidr_host, a hash, not walked in the CIDR trie); the measured packets come from the LAST
+rule's peer. Measured per packet (kernel-timed mean over
 REPEAT runs, median of ROUNDS): a denied first packet (the full lookup chain: conntrack misses,
 node address, ipcache, CIDR LPM, policy LPM), an allowed first packet and an established one.
 The claim to check: cost independent of N (ratio 10,000 rules / 10 rules close to 1). Also
@@ -23,7 +25,15 @@ from typing import Any
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.testrun import run_program_timed
-from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, IPAddress, NodeState
+from agent.dataplane.types import (
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    Endpoint,
+    IdentityPeer,
+    IPAddress,
+    NodeState,
+)
 from tests.privileged import bpf_frames as frames
 
 RULE_COUNTS = (10, 1000, 10000)
@@ -36,7 +46,17 @@ def _peer(index: int) -> str:
     return str(ipaddress.IPv4Address("10.64.0.0") + index)
 
 
-def _state(rules: int) -> NodeState:
+def _port(kind: str, index: int) -> int:
+    return 8080 if kind == "host_cidr" else 1000 + index % 50000
+
+
+def _state(rules: int, kind: str = "identity") -> NodeState:
+    if kind == "host_cidr":
+        allows = tuple(
+            Allow(CidrPeer(ipaddress.ip_network(f"{_peer(i)}/32")), 6, 8080, 8080) for i in range(rules)
+        )
+        pod = Endpoint("bench/pod", (ipaddress.ip_address(POD),), DirectionPolicy(True, allows), ifindex=1)
+        return NodeState(1, {pod.key: pod}, {}, (), frozenset({1}))
     allows = tuple(Allow(IdentityPeer(i), 6, 1000 + i % 50000, 1000 + i % 50000) for i in range(rules))
     pod = Endpoint("bench/pod", (ipaddress.ip_address(POD),), DirectionPolicy(True, allows), ifindex=1)
     identities: dict[int, tuple[IPAddress, ...]] = {
@@ -45,14 +65,14 @@ def _state(rules: int) -> NodeState:
     return NodeState(1, {pod.key: pod}, identities, (), frozenset({1}))
 
 
-def _measure(plane: BpfDataplane, rules: int) -> dict[str, float]:
+def _measure(plane: BpfDataplane, rules: int, kind: str = "identity") -> dict[str, float]:
     started = time.perf_counter()
-    plane.apply(_state(rules))
+    plane.apply(_state(rules, kind))
     apply_seconds = time.perf_counter() - started
     last = rules - 1
     fd = plane._programs[loader.PROGRAM_TO_POD].fd
-    denied = frames.tcp4(_peer(last), POD, dport=1000 + last % 50000 + 1)
-    allowed_first = frames.tcp4(_peer(last), POD, dport=1000 + last % 50000)
+    denied = frames.tcp4(_peer(last), POD, dport=_port(kind, last) + 1)
+    allowed_first = frames.tcp4(_peer(last), POD, dport=_port(kind, last))
     results: dict[str, list[float]] = {"denied_ns": [], "established_ns": []}
     for _ in range(ROUNDS):
         verdict, ns = run_program_timed(fd, denied, REPEAT)
@@ -80,13 +100,20 @@ def run() -> dict[str, Any]:
     try:
         plane.start()
         figures = {rules: _measure(plane, rules) for rules in RULE_COUNTS}
+        hosts = {rules: _measure(plane, rules, "host_cidr") for rules in RULE_COUNTS}
     finally:
         plane.teardown()
         subprocess.run(["ip", "netns", "del", netns], check=False)
-    low, high = figures[RULE_COUNTS[0]], figures[RULE_COUNTS[-1]]
+
+    def ratios(by_count: dict[int, dict[str, float]]) -> dict[str, float]:
+        low, high = by_count[RULE_COUNTS[0]], by_count[RULE_COUNTS[-1]]
+        return {name: round(high[name] / low[name], 3) for name in low if name.endswith("_ns")}
+
     return {
         "per_rule_count": {str(k): v for k, v in figures.items()},
-        "ratio_10000_vs_10": {name: round(high[name] / low[name], 3) for name in low if name.endswith("_ns")},
+        "ratio_10000_vs_10": ratios(figures),
+        "host_cidr_per_peer_count": {str(k): v for k, v in hosts.items()},
+        "host_cidr_ratio_10000_vs_10": ratios(hosts),
         "repeat": REPEAT,
         "rounds": ROUNDS,
     }

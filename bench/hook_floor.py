@@ -63,10 +63,9 @@ REWRITES = {
     ),
     "nf": (_passes_at_once("int nf_egress_link(struct pf_nf_ctx *ctx)\n{", "return PF_NF_ACCEPT;"),),
     "flows": (
-        ("\t\tpf_flow_of(&flow, &pkt, now);\n\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow);",
+        ("\t\tpf_flow_of(&flow, &pkt, now);\n\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);",
          f"\t\treason = PF_REASON_ALLOWED;{MARK}"),
-        ("\t\t\tpf_ct_find(&flow, &pkt, now);\n"
-         "\t\t\tpf_ct_admit(&flow, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);",
+        ("\t\t\tpf_ct_find(&flow, &pkt, now);\n\t\t\tpf_ct_note(&pkt, now);",
          f"\t\t\t;{MARK}"),
         ("\tpf_flow_of(&flow, &pkt, now);\n"
          "\t__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);",

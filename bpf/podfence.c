@@ -3,7 +3,8 @@
  *   tc_from_pod  tc ingress (clsact) of each pod's host-side interface: packets FROM the pod.
  *                Anti-spoofing (IP source, MAC, ARP, NDP), no VLAN tags (lib/neigh.h),
  *                unknown-endpoint guard, malformed and orphan-fragment drops for egress-isolated
- *                pods; records the pre-DNAT tuple of new flows.
+ *                pods; notes the destination of new flows as sent (pre-DNAT), for the egress
+ *                verdict.
  *   tc_to_pod    tc egress of the same interface: packets TO the pod, after routing and DNAT.
  *                The ingress verdict of the destination pod.
  *   nf_egress_link  netfilter program linked at FORWARD and LOCAL_IN (IPv4, IPv6): after
@@ -53,12 +54,23 @@ static __always_inline void pf_flow_of(struct pf_ct_flow *flow, const struct pf_
 		pf_ct_find(flow, pkt, now);
 }
 
+/* Node traffic (kubelet probes) always reaches a pod: a packet whose source is the node's own
+ * address. IPv4 cannot forge that from outside, Linux drops a packet arriving with a local source
+ * (fib_validate_source), but IPv6 has no such check: any host that routes to the pod could claim
+ * the node's IPv6 address. So an IPv6 source counts only on a packet the node sent itself,
+ * which entered through no device. */
+static __always_inline int pf_is_node_sent(const struct pf_packet *pkt)
+{
+	return (pkt->family == 4 || (pkt->flags & PF_PKT_NODE_SENT)) && pf_is_node_ip(&pkt->saddr);
+}
+
 /* The verdict of one direction of one endpoint. `flow`: the packet's flow (pf_flow_of), so that
- * the lookup that found it also serves the admission. Cost: <= 1 conntrack lookup (pf_flow_of)
+ * the lookup that found it also serves the admission; `record`: 0 to admit without recording it
+ * (pf_ct_expect_lets_record). Cost: <= 1 conntrack lookup (pf_flow_of)
  * and 1 insert, 1 node-address lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM
  * lookups, or 1 fragment lookup. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
-				      __u64 now, struct pf_ct_flow *flow)
+				      __u64 now, struct pf_ct_flow *flow, int record)
 {
 	__u32 policy_id = direction == PF_DIR_INGRESS ? ep->ingress_policy_id : ep->egress_policy_id;
 	__u32 reason;
@@ -72,14 +84,15 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		return reason;
 	}
 	if (!(pkt->flags & PF_PKT_MALFORMED) &&
-	    (pkt->flags & PF_PKT_ICMP_ERROR ? pf_ct_related(pkt, now) : pf_ct_state(flow, direction))) {
+	    (pkt->flags & PF_PKT_ICMP_ERROR ? pf_ct_related(pkt, direction, ep->generation, now) :
+					      pf_ct_state(flow, direction, ep->endpoint_id + 1))) {
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
 	if (PF_TCP_NEEDS_SYN && pkt->protocol == PF_IPPROTO_TCP && !(pkt->flags & PF_PKT_MALFORMED) &&
 	    (pkt->tcp_flags & 0x12) != 0x02)
 		reason = PF_DROP_POLICY;  /* not a SYN, and no flow to continue: see PF_TCP_NEEDS_SYN */
-	else if (direction == PF_DIR_INGRESS && pf_is_node_ip(&pkt->saddr))
+	else if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;
@@ -91,7 +104,7 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	else
 		reason = PF_DROP_POLICY;
 
-	if (reason == PF_REASON_ALLOWED && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
+	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
 		pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
 			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
 			    direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0);
@@ -124,10 +137,10 @@ static __always_inline int pf_unknown_endpoint(struct __sk_buff *skb, int direct
 	return TC_ACT_SHOT;
 }
 
-/* Does a packet from a pod open a flow, so that its pre-DNAT tuple must be recorded? A TCP flow
- * opens with a bare SYN: its later segments find the entry the SYN made (the pod's own replies
- * are no flow of its own), which spares tc_from_pod a conntrack lookup per segment. Other
- * protocols have no such mark: every datagram may open one. */
+/* Does a packet from a pod open a flow, so that the destination it was sent to must be noted for
+ * the egress verdict (pf_ct_note)? A TCP flow opens with a bare SYN: its later segments find the
+ * entry the SYN made (the pod's own replies are no flow of its own), which spares tc_from_pod a
+ * conntrack lookup per segment. Other protocols have no such mark: every datagram may open one. */
 static __always_inline int pf_opens_flow(const struct pf_packet *pkt)
 {
 	if (pkt->flags & (PF_PKT_ICMP_ERROR | PF_PKT_NDP))
@@ -183,19 +196,27 @@ int tc_from_pod(struct __sk_buff *skb)
 		 * packet to this pod and would pass it unjudged: judge its egress here */
 		struct pf_ct_flow flow;
 		pf_flow_of(&flow, &pkt, now);
-		reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow);
+		reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow, 1);
 	} else if (pkt.flags & PF_PKT_FRAG_LATER) {
 		/* the egress verdict itself is given after reassembly by nf_egress; here only
-		 * fragments that belong to no datagram are refused */
-		if (ep->egress_policy_id && pf_frag_verdict(&pkt, PF_DIR_EGRESS, now) == PF_DROP_ORPHAN_FRAGMENT)
-			reason = PF_DROP_ORPHAN_FRAGMENT;
+		 * fragments that belong to no datagram are refused, and each other one notes the
+		 * datagram's destination again: any may be the one that completes it (pf_ct_note) */
+		if (ep->egress_policy_id) {
+			if (pf_frag_verdict(&pkt, PF_DIR_EGRESS, now) == PF_DROP_ORPHAN_FRAGMENT)
+				reason = PF_DROP_ORPHAN_FRAGMENT;
+			else if (pf_opens_flow(&pkt))
+				pf_ct_note(&pkt, now);
+		}
 	} else {
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
 			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
 		if (pf_opens_flow(&pkt)) {
+			/* refreshes the flow's entry (the tuple the pod sent keeps its FROM_POD alive
+			 * while the pod sends), and notes the destination for the egress verdict: no
+			 * admission before it (lib/conntrack.h) */
 			struct pf_ct_flow flow;
 			pf_ct_find(&flow, &pkt, now);
-			pf_ct_admit(&flow, PF_CT_FROM_POD, now, ep->endpoint_id + 1, 0);
+			pf_ct_note(&pkt, now);
 		}
 	}
 	if (reason != PF_REASON_ALLOWED) {
@@ -223,8 +244,10 @@ int tc_to_pod(struct __sk_buff *skb)
 		reason = ep->ingress_policy_id ? PF_DROP_MALFORMED : PF_REASON_ALLOWED;
 	else {
 		struct pf_ct_flow flow;
+		if (skb->ingress_ifindex == 0)
+			pkt.flags |= PF_PKT_NODE_SENT;
 		pf_flow_of(&flow, &pkt, now);
-		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow);
+		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);
 	}
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_INGRESS, reason, skb->len, now);
 	return reason == PF_REASON_ALLOWED ? TC_ACT_OK : TC_ACT_SHOT;
@@ -245,6 +268,10 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	pf_flow_of(&flow, &pkt, now);
 	__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);
 	if (slot) {
+		/* a SYN again on a known flow (a retransmit): promotes what the first one could not,
+		 * had its note gone missing (lib/conntrack.h); no other packet pays for it */
+		if (pkt.protocol == PF_IPPROTO_TCP && (pkt.tcp_flags & 0x12) == 0x02)
+			pf_ct_settle(pf_ct_expectation(&pkt), &pkt, 1, slot, now);
 		pf_count(slot - 1, PF_DIR_EGRESS, 1, len);
 		return 0;
 	}
@@ -254,10 +281,13 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(owner->ifindex);
 	if (!ep)
 		return 0;
-	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow);
+	/* what tc_from_pod saw the pod send, for the tuple before DNAT (lib/conntrack.h) */
+	int opens = pf_opens_flow(&pkt);
+	struct pf_ct_expect_value *note = opens ? pf_ct_expectation(&pkt) : NULL;
+	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow, pf_ct_expect_lets_record(note, &pkt, now));
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, len, now);
-	if (reason != PF_REASON_ALLOWED)
-		pf_ct_forget_unjudged(&flow);
+	if (opens)
+		pf_ct_settle(note, &pkt, reason == PF_REASON_ALLOWED, ep->endpoint_id + 1, now);
 	return reason != PF_REASON_ALLOWED;
 }
 

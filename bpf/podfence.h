@@ -51,7 +51,8 @@ enum pf_peer_kind {
  * (see lib/conntrack.h). */
 #define PF_CT_EGRESS_OK  0x01  /* the sending pod's egress policy admitted them */
 #define PF_CT_INGRESS_OK 0x02  /* the receiving pod's ingress policy admitted them */
-#define PF_CT_FROM_POD   0x04  /* a managed pod opened the flow this way (pre-DNAT tuple) */
+#define PF_CT_FROM_POD   0x04  /* the sending pod's egress admitted them, recorded on the
+				 * tuple the pod sent (pre-DNAT) */
 
 /* How a TCP flow's entry is closing: a FIN each way, or a RST. */
 #define PF_CT_FIN_AB     0x01
@@ -119,6 +120,10 @@ struct pf_cidr_value {
 	__u32 reserved;
 };
 
+/* cidr_host: hash, the host prefixes (/32, /128) of the same classes, keyed by struct
+ * pf_ipcache_key (generation, address): an exact match needs no trie walk. A prefix lives in
+ * exactly one of pf_cidr and pf_cidr_host; pf_cidr_host is looked up first. */
+
 /* policy: LPM trie over (policy_id, peer_class, peer_kind, protocol, dport_be), in this byte order.
  *  - policy_id, peer_class and peer_kind are always matched exactly (prefix >= 72 bits);
  *  - protocol 0 in a rule ("every protocol, every port") is a prefix of exactly 72 bits, so it
@@ -169,6 +174,26 @@ struct pf_ct_value {
 	__u8 closing;               /* PF_CT_FIN_AB | PF_CT_FIN_BA | PF_CT_RST seen; any: the entry
 				     * expires after the closing timeout */
 	__u8 pad[5];
+};
+
+/* ct_expect: LRU, what tc_from_pod saw a pod send last, for the egress verdict to confirm.
+ * Keyed by the pod's end of the flow and the CPU: a packet meets tc ingress and the FORWARD /
+ * LOCAL_IN hook on one CPU, and with the CPU in the key no other CPU writes the entry between the
+ * two (lib/conntrack.h). The value holds the destination as the pod sent it, before DNAT. */
+struct pf_ct_expect_key {
+	struct pf_addr saddr;
+	__be16 sport_be;
+	__u8 protocol;
+	__u8 pad;
+	__u32 cpu;
+};
+
+struct pf_ct_expect_value {
+	struct pf_addr daddr;       /* the destination as the pod sent it (pre-DNAT) */
+	__be16 dport_be;
+	__u8 pad[6];
+	__u64 seen_ns;              /* pf_now() of the last write */
+	__u64 conflict_ns;          /* pf_now() when another destination replaced a live one; 0: never */
 };
 
 /* frag: LRU, the verdict of a first fragment for the later fragments of the same datagram. */

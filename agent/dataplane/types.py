@@ -34,10 +34,27 @@ class CidrPeer:
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+    # ipaddress hashes and compares in Python; the compiler hashes and compares every peer
+    # several times per apply (10,000 peers: ~0.3 s), so both go through one tuple of ints
+    _key: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cidr", canonical_network(self.cidr))
         object.__setattr__(self, "excepts", tuple(canonical_network(e) for e in self.excepts))
+        key: list[int] = []
+        for network in (self.cidr, *self.excepts):
+            key += (network.version, int(network.network_address), network.prefixlen)
+        object.__setattr__(self, "_key", tuple(key))
+        object.__setattr__(self, "_hash", hash(self._key))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CidrPeer):
+            return NotImplemented
+        return self._key == other._key
 
 
 @dataclass(frozen=True, order=True)

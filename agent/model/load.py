@@ -28,6 +28,7 @@ Where this is stricter or looser than the API server, on purpose:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -403,21 +404,28 @@ class _Parser:
     def cidr(self, value: object, path: str) -> IPNetwork:
         text = self.required_string(value, path)
         try:
-            if not _CIDR_SYNTAX.fullmatch(text):
-                raise ValueError(text)
-            address, _, prefix = text.partition("/")
-            if _IPV4_WITH_LEADING_ZEROS.fullmatch(address):
-                address = ".".join(str(int(octet)) for octet in address.split("."))
-            # Host bits set (10.0.0.1/8) are accepted and masked, as the API server does.
-            network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+            return _parse_cidr(text)
         except ValueError:
             self.fail(path, f'invalid CIDR "{text}"')
-        if network.version == 6 and network.subnet_of(_V4_MAPPED_SPACE):  # type: ignore[arg-type]
-            # Go's net package (the API server, Go CNIs) reads ::ffff:10.0.0.0/104 as 10.0.0.0/8
-            mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
-            assert mapped is not None
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-        return network
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _parse_cidr(text: str) -> IPNetwork:
+    """A CIDR as Go's ParseCIDR reads it. Cached: a 10,000-ipBlock file re-read after a one-line
+    edit parses the same texts again (200 ms of its 450 ms load); networks are immutable."""
+    if not _CIDR_SYNTAX.fullmatch(text):
+        raise ValueError(text)
+    address, _, prefix = text.partition("/")
+    if _IPV4_WITH_LEADING_ZEROS.fullmatch(address):
+        address = ".".join(str(int(octet)) for octet in address.split("."))
+    # Host bits set (10.0.0.1/8) are accepted and masked, as the API server does.
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    if network.version == 6 and network.subnet_of(_V4_MAPPED_SPACE):  # type: ignore[arg-type]
+        # Go's net package (the API server, Go CNIs) reads ::ffff:10.0.0.0/104 as 10.0.0.0/8
+        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _metadata_identity(doc: Mapping[Any, Any], kind: str) -> tuple[str | None, str | None]:

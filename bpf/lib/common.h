@@ -28,6 +28,17 @@
 #ifndef PF_FRAG_MAX
 #define PF_FRAG_MAX 8192
 #endif
+/* notes of what pods send, for the egress verdict (lib/conntrack.h): live for microseconds each,
+ * so the LRU only needs room for the packets between tc and the netfilter hook; its per-CPU
+ * lists share the entries, so the loader asks for 1024 per possible CPU */
+#ifndef PF_CT_EXPECT_MAX
+#define PF_CT_EXPECT_MAX 8192
+#endif
+/* how long a note vouches, and a conflict of two notes lasts: far beyond what separates a
+ * packet's tc ingress from its netfilter hook (one batch of list receive) */
+#ifndef PF_CT_EXPECT_NS
+#define PF_CT_EXPECT_NS (100ULL * 1000000ULL)
+#endif
 /* 1 = traffic of a guarded interface that no endpoint claims passes; 0 = dropped */
 #ifndef PF_UNKNOWN_ALLOW
 #define PF_UNKNOWN_ALLOW 0

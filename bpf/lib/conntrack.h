@@ -6,10 +6,18 @@
  *    egress hook, INGRESS_OK at the ingress hook);
  *  - a packet is a reply when the OTHER way was admitted by the other side's judgement: at the
  *    egress hook if the other way was admitted by ingress, at the ingress hook if it was admitted
- *    by egress or opened by the pod itself (FROM_POD: recorded by tc ingress on the pre-DNAT
- *    tuple, because replies of a Service connection come back with the ClusterIP as source once
- *    conntrack has reversed the DNAT);
- *  - an ICMP error whose embedded tuple is tracked is related and passes.
+ *    by egress (EGRESS_OK on the tuple the egress verdict saw, FROM_POD on the tuple the pod sent:
+ *    replies of a Service connection come back with the ClusterIP as source once conntrack has
+ *    reversed the DNAT, so they match neither the post-DNAT tuple nor anything else);
+ *  - an ICMP error is related (pf_ct_related) when it travels back to the sender of the packet
+ *    it quotes, from that packet's destination or from a router (no pod is one), and the quoted
+ *    packet's way was admitted where it was judged.
+ * Nothing is marked admitted before the verdict that admits it. FROM_POD is written by the egress
+ * verdict, which sees the packet after DNAT, from what tc_from_pod saw the pod send: an
+ * expectation (pf_ct_note, below) that grants nothing by itself. Before 2026-12-07 tc_from_pod
+ * wrote FROM_POD itself and the egress verdict withdrew it on a deny; a packet the kernel discards
+ * between the two (TTL or hop limit 1, a bad checksum, a foreign destination MAC, ...) never met
+ * the verdict, so a pod isolated both ways could open a "reply" path from any peer to itself.
  * Entries idle longer than the protocol's timeout are ignored (and overwritten); a TCP FIN or RST
  * switches an entry to the short closing timeout. A bare SYN on an entry whose connection ended
  * (a RST, or a FIN each way) opens a NEW connection on the same tuple: the entry forgets what the
@@ -218,24 +226,69 @@ static __always_inline void pf_ct_admit(struct pf_ct_flow *flow, __u32 flag, __u
 #define PF_CT_REPLY 2
 #define PF_CT_RELATED 3
 
-/* Is the ICMP error `pkt` related to a tracked flow? The embedded packet went either way of it. */
-static __always_inline int pf_ct_related(const struct pf_packet *pkt, __u64 now)
+static __always_inline int pf_addr_equal(const struct pf_addr *a, const struct pf_addr *b)
 {
-	struct pf_ct_key key;
-	pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be, pkt->inner_dport_be,
-		       pkt->inner_protocol);
-	struct pf_ct_value *related = pf_ct_entry(&key, PF_WAY_AB, now, NULL);
-	return related && (related->flags[0] | related->flags[1]) ? PF_CT_RELATED : PF_CT_MISS;
+	const __u64 *x = (const __u64 *)a->bytes, *y = (const __u64 *)b->bytes;
+	return x[0] == y[0] && x[1] == y[1];
 }
 
-/* Is the packet of `flow` part of a flow admitted before, seen from `direction`'s judgement? */
-static __always_inline int pf_ct_state(const struct pf_ct_flow *flow, int direction)
+/* May `addr` be a router that reports an error about a flow it is not an end of? Any address but
+ * a pod's: a pod forwards nothing. Pods of this node are all known (anti-spoofed, so a local pod
+ * can only claim its own address); a pod elsewhere is known when a policy here names it. */
+static __always_inline int pf_ct_may_route(const struct pf_addr *addr, __u32 generation)
+{
+	if (pf_endpoint_ips.lookup((struct pf_addr *)addr))
+		return 0;
+	struct pf_ipcache_key key = {.generation = generation};
+	__builtin_memcpy(&key.addr, addr, sizeof(key.addr));
+	return pf_ipcache.lookup(&key) == NULL;
+}
+
+/* Is the ICMP error `pkt`, met at `direction`'s judgement of a pod, related to a flow admitted
+ * before? As nf_conntrack accepts one (and so the iptables dataplane): it travels back to the
+ * sender of the packet it quotes, and that packet's way of the flow was admitted where it was
+ * judged: towards the pod (ingress) the quoted packet is one the pod sent, so its egress admitted
+ * that way (EGRESS_OK, FROM_POD) or it answered what its ingress admitted; from the pod (egress)
+ * it is one the pod received. The error comes from the quoted packet's destination, or from a
+ * router on the path (pf_ct_may_route; conntrack's un-DNAT gives a Service's errors the
+ * ClusterIP as source). Before 2026-12-07 any tracked quoted tuple passed, whatever the error's
+ * addresses: a pod could hand payload in errors to a pod whose ingress denies it.
+ * `generation`: the pod's peer-map generation. */
+static __always_inline int pf_ct_related(const struct pf_packet *pkt, int direction, __u32 generation, __u64 now)
+{
+	if (!pf_addr_equal(&pkt->daddr, &pkt->inner_saddr))
+		return PF_CT_MISS;
+	struct pf_ct_key key;
+	int way = pf_ct_key_fill(&key, &pkt->inner_saddr, &pkt->inner_daddr, pkt->inner_sport_be,
+				 pkt->inner_dport_be, pkt->inner_protocol);
+	struct pf_ct_value *quoted = pf_ct_entry(&key, way, now, NULL);
+	if (!quoted)
+		return PF_CT_MISS;
+	__u8 own = pf_ct_way_flags(quoted, way), other = pf_ct_way_flags(quoted, !way);
+	__u8 sent = PF_CT_EGRESS_OK | PF_CT_FROM_POD;
+	int admitted = direction == PF_DIR_INGRESS ? (own & sent) || (other & PF_CT_INGRESS_OK) :
+						     (own & PF_CT_INGRESS_OK) || (other & sent);
+	if (!admitted)
+		return PF_CT_MISS;
+	if (pf_addr_equal(&pkt->saddr, &pkt->inner_daddr) || pf_ct_may_route(&pkt->saddr, generation))
+		return PF_CT_RELATED;
+	return PF_CT_MISS;
+}
+
+/* Is the packet of `flow` part of a flow admitted before, seen from `direction`'s judgement of the
+ * pod whose counter slot (+1) is `slot`? The admission must be that pod's: its slot is the one of
+ * the way it sends (this way at egress, the other at ingress). On a bridge a frame to a MAC not yet
+ * learnt is flooded to every port; the copy at an open port admits the flow, and without the slot
+ * the copy at an isolated pod's port would pass as that flow's (found by tests/adversarial). */
+static __always_inline int pf_ct_state(const struct pf_ct_flow *flow, int direction, __u32 slot)
 {
 	__u32 same = direction == PF_DIR_EGRESS ? PF_CT_EGRESS_OK : PF_CT_INGRESS_OK;
 	__u32 other = direction == PF_DIR_EGRESS ? PF_CT_INGRESS_OK : (PF_CT_EGRESS_OK | PF_CT_FROM_POD);
 	const struct pf_ct_value *entry = flow->entry;
 
 	if (!entry)
+		return PF_CT_MISS;
+	if (pf_ct_way_slot(entry, direction == PF_DIR_EGRESS ? flow->way : !flow->way) != slot)
 		return PF_CT_MISS;
 	if (pf_ct_way_flags(entry, flow->way) & same)
 		return PF_CT_ESTABLISHED;
@@ -258,20 +311,122 @@ static __always_inline __u32 pf_ct_egress_slot(const struct pf_ct_flow *flow)
 	return 0;
 }
 
-/* An egress deny withdraws what tc_from_pod recorded for the same tuple, so a peer cannot answer
- * a packet the pod was not allowed to send. (A DNATed tuple differs; its reply could only come
- * from conntrack's un-DNAT of a confirmed connection, which a dropped packet never confirms.) */
-static __always_inline void pf_ct_forget_unjudged(struct pf_ct_flow *flow)
+/* Expectations: how the egress verdict learns the tuple a pod sent, to write FROM_POD on it.
+ *
+ * tc_from_pod sees a packet as the pod sent it; the egress verdict (FORWARD / LOCAL_IN) sees it
+ * after kube-proxy's DNAT and is the one that may admit. So tc_from_pod only notes, per pod end
+ * (address, port, protocol) and CPU, the destination a flow-opening packet went to
+ * (pf_ct_note); the egress verdict, judging a flow-opening packet, reads the note of its own
+ * source end on its CPU (pf_ct_expectation) and, if it admits the packet and the note names
+ * another destination than the packet has now (it was DNATed), writes FROM_POD and the pod's slot
+ * on the tuple the pod sent (pf_ct_settle). A note grants nothing by itself: a packet the kernel
+ * drops before the verdict leaves one behind that no verdict ever turns into an admission.
+ *
+ * The note must be the judged packet's own. tc ingress and the hook run on one CPU for one
+ * packet, so a note keyed by CPU is written by no other CPU in between; on that CPU, packets are
+ * handled one by one (backlog) or, with list receive, tc for a batch and then the hook for the
+ * same batch. So between a packet's note and its verdict only packets of the same batch can
+ * write the same key, and a note that replaces a live one naming another destination marks the
+ * key ambiguous for PF_CT_EXPECT_NS: the verdict then promotes nothing, and records nothing
+ * either for a packet whose destination differs from the note (it was DNATed, or the note is
+ * another packet's), so that the flow's next packet is judged and promoted again (a bare SYN on
+ * the egress fast path settles its note as well: a retransmit heals a lost note). A fragmented
+ * datagram reaches the hook when its last fragment completes it; every fragment of an
+ * egress-isolated pod notes the destination again (tc_from_pod), so the completing one is in the
+ * verdict's batch as well. (A pod whose egress is open could reach any destination anyway.) A
+ * taken note is deleted (it vouches for nothing more, and the map stays nearly empty: inserts
+ * then come from the free list, per CPU, instead of evicting). What this gives up: a socket that sends, from
+ * one port and on one CPU, to a Service and to another destination within PF_CT_EXPECT_NS of
+ * each other has its Service packets judged on each packet until the two stop overlapping; and a
+ * queue between PREROUTING and the hook that moves packets to another CPU (NFQUEUE) makes
+ * Service replies fail closed. */
+PF_PINNED("lru_hash", struct pf_ct_expect_key, struct pf_ct_expect_value, pf_ct_expect, PF_CT_EXPECT_MAX,
+	  BPF_F_NO_COMMON_LRU);
+
+static __always_inline void pf_ct_expect_key_fill(struct pf_ct_expect_key *key, const struct pf_packet *pkt)
 {
-	struct pf_ct_value *entry = flow->entry;
-	if (!entry || pf_ct_way_flags(entry, flow->way) != PF_CT_FROM_POD)
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(&key->saddr, &pkt->saddr, sizeof(key->saddr));
+	key->sport_be = pkt->sport_be;
+	key->protocol = pkt->protocol;
+	key->cpu = bpf_get_smp_processor_id();
+}
+
+static __always_inline int pf_ct_expect_recent(__u64 stamp, __u64 now)
+{
+	return stamp && pf_elapsed(now, stamp) <= PF_CT_EXPECT_NS;
+}
+
+static __always_inline int pf_ct_expect_names(const struct pf_ct_expect_value *note, const struct pf_packet *pkt)
+{
+	return pf_addr_equal(&note->daddr, &pkt->daddr) && note->dport_be == pkt->dport_be;
+}
+
+/* tc_from_pod: the pod sends flow-opening `pkt` (its tuple as sent). Writes only what changes. */
+static __always_inline void pf_ct_note(const struct pf_packet *pkt, __u64 now)
+{
+	struct pf_ct_expect_key key;
+	pf_ct_expect_key_fill(&key, pkt);
+	struct pf_ct_expect_value *note = pf_ct_expect.lookup(&key);
+	if (!note) {
+		struct pf_ct_expect_value fresh = {.dport_be = pkt->dport_be, .seen_ns = now};
+		__builtin_memcpy(&fresh.daddr, &pkt->daddr, sizeof(fresh.daddr));
+		pf_ct_expect.update(&key, &fresh);
 		return;
-	if (!pf_ct_way_flags(entry, !flow->way))
-		pf_ct.delete(&flow->key);
-	else if (flow->way == PF_WAY_AB)
-		entry->flags[0] = 0;
-	else
-		entry->flags[1] = 0;
+	}
+	if (!pf_ct_expect_names(note, pkt)) {
+		if (pf_ct_expect_recent(note->seen_ns, now))
+			note->conflict_ns = now;
+		__builtin_memcpy(&note->daddr, &pkt->daddr, sizeof(note->daddr));
+		note->dport_be = pkt->dport_be;
+	}
+	if (note->seen_ns != now)
+		note->seen_ns = now;
+}
+
+/* The egress verdict: the note of flow-opening `pkt`'s source end on this CPU (NULL: none). */
+static __always_inline struct pf_ct_expect_value *pf_ct_expectation(const struct pf_packet *pkt)
+{
+	struct pf_ct_expect_key key;
+	pf_ct_expect_key_fill(&key, pkt);
+	return pf_ct_expect.lookup(&key);
+}
+
+/* May the egress verdict record its admission of `pkt` (EGRESS_OK on its tuple)? Not when the note
+ * is ambiguous and names another destination: the packet may have been DNATed from a destination
+ * no note vouches for, and recording the flow would keep its next packets from being promoted. */
+static __always_inline int pf_ct_expect_lets_record(const struct pf_ct_expect_value *note,
+						   const struct pf_packet *pkt, __u64 now)
+{
+	return !note || !pf_ct_expect_recent(note->seen_ns, now) || !pf_ct_expect_recent(note->conflict_ns, now) ||
+	       pf_ct_expect_names(note, pkt);
+}
+
+/* After the egress verdict on flow-opening `pkt` (`admitted` or not) of the pod whose counter slot
+ * is `slot`: a live, unambiguous note is taken, and if the packet was admitted with another
+ * destination than the pod sent it to (DNAT), the tuple the pod sent is admitted for its replies
+ * (FROM_POD). */
+static __always_inline void pf_ct_settle(struct pf_ct_expect_value *note, const struct pf_packet *pkt, int admitted,
+					 __u32 slot, __u64 now)
+{
+	if (!note || !pf_ct_expect_recent(note->seen_ns, now) || pf_ct_expect_recent(note->conflict_ns, now))
+		return;
+	int dnat = !pf_ct_expect_names(note, pkt);
+	struct pf_addr daddr;
+	__builtin_memcpy(&daddr, &note->daddr, sizeof(daddr));
+	__be16 dport_be = note->dport_be;
+	/* taken: deleted rather than marked, so that the map stays nearly empty and the next note
+	 * is inserted from the free list instead of evicting (bpf_stats: an LRU insert that evicts
+	 * cost tc_from_pod ~100 ns a packet on the connection benchmark) */
+	struct pf_ct_expect_key key;
+	pf_ct_expect_key_fill(&key, pkt);
+	pf_ct_expect.delete(&key);
+	if (!admitted || !dnat)
+		return;
+	struct pf_ct_flow sent;
+	sent.way = pf_ct_key_fill(&sent.key, &pkt->saddr, &daddr, pkt->sport_be, dport_be, pkt->protocol);
+	sent.entry = pf_ct_entry(&sent.key, sent.way, now, pkt);
+	pf_ct_admit(&sent, PF_CT_FROM_POD, now, slot, 0);
 }
 
 #endif /* PF_LIB_CONNTRACK_H */

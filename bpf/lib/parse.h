@@ -21,6 +21,7 @@
 #define PF_PKT_ICMP_ERROR  0x08  /* ICMP/ICMPv6 error: inner_* hold the embedded tuple */
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
 #define PF_PKT_IP_OPTIONS  0x20  /* IPv4 header with options (IHL > 5) */
+#define PF_PKT_NODE_SENT   0x40  /* sent by the node itself (tc_to_pod: entered no device) */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 /* Where a program reads packet bytes: tc and xt_bpf programs through their skb with

@@ -223,6 +223,7 @@ class Claim:
     link_plumbing: bool = False  # NDP (hop limit 255) or MLD (hop limit 1)
     advert_target: IPAddress | None = None
     arp_sender: IPAddress | None = None
+    refused_options: bool = False  # IPv4 options a pod may not send (all but a lone Router Alert)
 
 
 def claim(frame: bytes) -> Claim:
@@ -253,6 +254,7 @@ def _claim_ipv4(ip: bytes) -> Claim:
         ipaddress.IPv4Address(ip[16:20]),
         ip[9],
         fragment_id=ident,
+        refused_options=header_length > 20 and not (header_length == 24 and ip[20:24] == ROUTER_ALERT),
     )
     if total_length < header_length:
         result.malformed = True
@@ -566,8 +568,9 @@ class Probe:
         return protocol, self.dport if self.kind in ("tcp", "udp", "sctp") else 0
 
 
+ROUTER_ALERT = b"\x94\x04\x00\x00"
 IPV4_OPTION_BLOCKS = (
-    b"\x94\x04\x00\x00",  # router alert
+    ROUTER_ALERT,
     b"\x01\x01\x01\x01",  # NOPs
     b"\x07\x0b\x04" + b"\0" * 8 + b"\x01",  # record route (one slot free) + NOP
     b"\x01\x01\x01\x00",  # NOPs then end of options
@@ -635,10 +638,12 @@ def expected(state: NodeState, probe: Probe, tcp_needs_syn: bool = False) -> boo
         if refused_mid_stream:
             return False
         return oracle_to_pod(state, endpoint, probe.remote, *probe.l4())
+    # bpf/README.md: a pod may send no IPv4 options but a lone Router Alert (source routes)
+    refused_options = probe.family == 4 and probe.options not in (b"", ROUTER_ALERT)
     if probe.hook == "from_pod":
         own = endpoint is not None and probe.own in endpoint.ips  # anti-spoofing
-        return own and not (mapped_remote and endpoint.egress.isolated)  # type: ignore[union-attr]
-    if endpoint is None:
+        return own and not refused_options and not (mapped_remote and endpoint.egress.isolated)  # type: ignore[union-attr]
+    if endpoint is None or refused_options:
         return False  # dropped on its veth already
     if mapped_remote:
         return not endpoint.egress.isolated
@@ -799,6 +804,8 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
         admissible = False
     elif said.source not in GUARDED.ips and not link_local_or_unspecified(said.source):
         admissible, expected_reason = False, Reason.SPOOFED_SOURCE
+    elif said.refused_options:
+        admissible, expected_reason = False, Reason.IP_OPTIONS
     elif said.advert_target is not None and not (
         said.advert_target.is_link_local or said.advert_target in GUARDED.ips
     ):

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 POD, POD6 = "10.0.0.1", "fd00::1"
 PEER7, PEER7_6, PEER8 = "10.0.1.7", "fd00:1::7", "10.0.1.8"
-NODE = "10.0.9.1"
+NODE, NODE6 = "10.0.9.1", "fd00:9::1"
 IDENTITIES = {
     7: (ipaddress.ip_address(PEER7), ipaddress.ip_address(PEER7_6)),
     8: (ipaddress.ip_address(PEER8),),
@@ -101,7 +101,32 @@ def frag6(dport: int, ident_: int, later: bool) -> bytes:
     return f.eth(f.ETH_IP6, f.ipv6(PEER7_6, POD6, 44, header + body))
 
 
+def cidr(text: str, *excepts: str, protocol: int = 0, first: int = 0, last: int = 65535) -> Allow:
+    peer = CidrPeer(ipaddress.ip_network(text), tuple(ipaddress.ip_network(e) for e in excepts))
+    return Allow(peer, protocol, first, last)
+
+
 ROWS = [
+    Row(
+        "host prefixes (the pf_cidr_host hash) beside a real prefix whose except is a host",
+        iso(
+            cidr("10.0.1.7/32", protocol=f.TCP, first=80, last=80),
+            cidr("fd00:1::7/128", protocol=f.TCP, first=80, last=80),
+            cidr("10.0.2.0/24", "10.0.2.5/32", protocol=f.TCP, first=80, last=80),
+        ),
+        None,
+        allowed=(
+            ("to_pod", f.tcp4(PEER7, POD)),
+            ("to_pod", f.tcp6(PEER7_6, POD6)),
+            ("to_pod", f.tcp4("10.0.2.9", POD)),
+        ),
+        dropped=(
+            ("to_pod", f.tcp4("10.0.2.5", POD)),  # the except's class 0 in the hash shadows the /24
+            ("to_pod", f.tcp4(PEER8, POD)),
+            ("to_pod", f.tcp4(PEER7, POD, dport=81)),
+            ("to_pod", f.tcp6("fd00:1::8", POD6)),
+        ),
+    ),
     Row(
         "identity ingress tcp/80 from 7",
         iso(ident(7, f.TCP, 80, 80)),
@@ -467,20 +492,21 @@ def apply(
             version,
             {pod.key: pod} if with_endpoint else {},
             IDENTITIES,
-            (ipaddress.ip_address(NODE),),
+            (ipaddress.ip_address(NODE), ipaddress.ip_address(NODE6)),
             frozenset({1}),
         )
     )
 
 
-def verdict(plane: BpfDataplane, hook: str, frame: bytes) -> bool:
-    """True if the hook lets the frame pass."""
+def verdict(plane: BpfDataplane, hook: str, frame: bytes, ingress_ifindex: int = 0) -> bool:
+    """True if the hook lets the frame pass. `ingress_ifindex`: the device the packet entered the
+    node on (0: the node sent it)."""
     frame = frame.ljust(14, b"\0")  # test runs need at least an Ethernet header
     programs = plane._programs  # the loaded programs: exactly what the tc filters run
     if hook == "egress":
         return run_program(programs[loader.PROGRAM_NF_EGRESS].fd, frame) == 0
     name = loader.PROGRAM_TO_POD if hook == "to_pod" else loader.PROGRAM_FROM_POD
-    result = run_program(programs[name].fd, frame)
+    result = run_program(programs[name].fd, frame, ingress_ifindex=ingress_ifindex)
     assert result in (TC_ACT_OK, TC_ACT_SHOT)
     return result == TC_ACT_OK
 
@@ -492,6 +518,18 @@ def test_packet_table(plane: BpfDataplane, row: Row) -> None:
         assert verdict(plane, hook, frame), f"{row.name}: {hook} should pass {frame.hex()}"
     for hook, frame in row.dropped:
         assert not verdict(plane, hook, frame), f"{row.name}: {hook} should drop {frame.hex()}"
+
+
+def test_node_addresses_pass_an_isolated_ingress_only_where_none_can_forge_them(plane: BpfDataplane) -> None:
+    # IPv4: Linux drops a packet that enters with a local source, so the source alone suffices.
+    # IPv6 has no such check: the node's IPv6 address counts only on what the node itself sent.
+    apply(plane, iso(), None)
+    uplink = 1  # any device the packet entered the node on
+    assert verdict(plane, "to_pod", f.tcp4(NODE, POD, dport=10250))
+    assert verdict(plane, "to_pod", f.tcp4(NODE, POD, dport=10250), ingress_ifindex=uplink)
+    assert verdict(plane, "to_pod", f.tcp6(NODE6, POD6, dport=10250))
+    assert not verdict(plane, "to_pod", f.tcp6(NODE6, POD6, sport=40002, dport=10250), ingress_ifindex=uplink)
+    assert not verdict(plane, "to_pod", f.tcp6(PEER7_6, POD6, sport=40003, dport=10250))
 
 
 def test_replies_and_related_icmp_errors_of_allowed_flows(plane: BpfDataplane) -> None:
@@ -822,3 +860,29 @@ def test_layer_2_drops_are_counted_under_their_own_reasons(plane: BpfDataplane) 
         assert not verdict(plane, "from_pod", frame)
     after = plane.drop_reason_counts()
     assert {reason: after[reason] - before.get(reason, 0) for reason in cases} == dict.fromkeys(cases, 1)
+
+
+def test_host_prefixes_live_in_the_hash_and_an_older_versions_move_there(plane: BpfDataplane) -> None:
+    """Host prefixes are looked up in pf_cidr_host; one an older version left in the trie is
+    moved at start (the writer would never find it there), and verdicts never change."""
+    apply(plane, iso(cidr("10.0.1.7/32", protocol=f.TCP, first=80, last=80), cidr("10.0.3.0/24")), None)
+    trie, host = plane._module[b"pf_cidr"], plane._module[b"pf_cidr_host"]
+    (entry,) = list(host.items())
+    assert {k.prefixlen - structs.GENERATION_PREFIX for k in trie} == {96 + 24}
+    # what the previous version kept: the /32 in the trie, nothing in the hash
+    key = trie.Key()
+    key.prefixlen = structs.GENERATION_PREFIX + structs.HOST_PREFIX
+    key.generation = entry[0].generation
+    key.addr.bytes[:] = entry[0].addr.bytes[:]
+    trie[key] = trie.Leaf(entry[1].class_id, 0)
+    del host[entry[0]]
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45000, dport=80))  # the trie allows
+    plane.close()
+    plane.start()
+    trie, host = plane._module[b"pf_cidr"], plane._module[b"pf_cidr_host"]
+    assert len(list(host.keys())) == 1
+    assert {k.prefixlen - structs.GENERATION_PREFIX for k in trie} == {96 + 24}
+    assert verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45001, dport=80))
+    apply(plane, iso(cidr("10.0.3.0/24")), None, version=2)  # the host peer goes
+    assert not verdict(plane, "to_pod", f.tcp4(PEER7, POD, sport=45002, dport=80))
+    assert not list(plane._module[b"pf_cidr_host"].keys())

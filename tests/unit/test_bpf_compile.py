@@ -36,7 +36,7 @@ net = ipaddress.ip_network
 addr = ipaddress.ip_address
 
 
-def covered(blocks: list[tuple[int, int]]) -> set[int]:
+def covered(blocks: tuple[tuple[int, int], ...]) -> set[int]:
     ports: set[int] = set()
     for value, bits in blocks:
         size = 1 << (16 - bits)
@@ -210,11 +210,37 @@ def test_unchanged_content_keeps_its_ids_and_new_content_never_reuses_one() -> N
         NodeState(3, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_b)}, identities),
         second.allocation,
     )
-    assert second.endpoints[5].ingress_policy_id != first.endpoints[5].ingress_policy_id
+    # every reader of the old list moved to the new one: it keeps the id (entries change in place)
+    assert second.endpoints[5].ingress_policy_id == first.endpoints[5].ingress_policy_id
     assert third.endpoints[5] == second.endpoints[5]
     assert third.policy == second.policy
-    assert second.allocation.next_id > first.allocation.next_id
     assert second.endpoints[5].endpoint_id == first.endpoints[5].endpoint_id  # counters slot kept
+    # without inheritance (what the double buffer needs), new content gets a never-used id
+    fresh = compile_node_state(
+        NodeState(2, {"ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_b)}, identities),
+        first.allocation,
+        inherit=False,
+    )
+    assert fresh.endpoints[5].ingress_policy_id >= first.allocation.next_id
+    assert fresh.allocation.next_id > first.allocation.next_id
+
+
+def test_a_changed_list_keeps_its_id_only_when_all_its_readers_move_together() -> None:
+    rules_a = iso(Allow(IdentityPeer(1), 6, 80, 80))
+    rules_b = iso(Allow(IdentityPeer(1), 6, 443, 443))
+    rules_c = iso(Allow(IdentityPeer(1), 6, 22, 22))
+    two = {
+        "ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_a),
+        "ns/b": endpoint("ns/b", "10.0.0.2", 6, ingress=rules_a),
+    }
+    first = compile_node_state(NodeState(1, two))
+    split = {
+        "ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=rules_b),
+        "ns/b": endpoint("ns/b", "10.0.0.2", 6, ingress=rules_c),
+    }
+    second = compile_node_state(NodeState(2, split), first.allocation)
+    old_id = first.endpoints[5].ingress_policy_id
+    assert old_id not in (second.endpoints[5].ingress_policy_id, second.endpoints[6].ingress_policy_id)
 
 
 def test_allocation_default_is_empty() -> None:

@@ -8,12 +8,15 @@ policy LPM with protocol/port prefixes, policy id 0 = not isolated, no endpoint 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass, field
 
+import pytest
+
 from agent.dataplane.bpf.compiler import Desired, EndpointEntry, PolicyEntry, compile_node_state
-from agent.dataplane.bpf.plan import PUT, Op, plan_update
+from agent.dataplane.bpf.plan import PUT, Op, compile_and_plan, peak_sizes, plan, plan_update
 from agent.dataplane.bpf.structs import (
     POLICY_PREFIX_ANY_PROTOCOL,
     POLICY_PREFIX_PROTOCOL,
@@ -135,6 +138,34 @@ def random_state(rng: random.Random, version: int) -> NodeState:
     return NodeState(version, endpoints, identities, (), frozenset(IFINDEXES))
 
 
+def small_edit(rng: random.Random, state: NodeState, version: int) -> NodeState:
+    """`state` with one thing changed, as a real update usually is: an allow added to or removed
+    from one direction (its readers move together: the id is kept), or one address moved
+    between identities, or both."""
+    endpoints = dict(state.endpoints)
+    identities = dict(state.identities)
+    if endpoints and rng.random() < 0.8:
+        key = rng.choice(sorted(endpoints))
+        endpoint = endpoints[key]
+        direction = endpoint.ingress if rng.random() < 0.5 else endpoint.egress
+        allows = list(direction.allows)
+        if allows and rng.random() < 0.5:
+            allows.pop(rng.randrange(len(allows)))
+        else:
+            allows += random_direction(rng).allows[:1] or [Allow(IdentityPeer(rng.randint(1, 4)))]
+        changed = DirectionPolicy(True, tuple(allows))
+        if direction is endpoint.ingress:
+            endpoints[key] = dataclasses.replace(endpoint, ingress=changed)
+        else:
+            endpoints[key] = dataclasses.replace(endpoint, egress=changed)
+    if rng.random() < 0.5:
+        moved = rng.choice(POOL)
+        identities = {i: tuple(a for a in ips if a != moved) for i, ips in identities.items()}
+        target = rng.randint(1, 4)
+        identities[target] = (*identities[target], moved)
+    return NodeState(version, endpoints, identities, (), frozenset(IFINDEXES))
+
+
 def fill(maps: Maps, desired: Desired) -> None:
     for op in plan_update(maps, desired):
         maps.execute(op)
@@ -153,20 +184,36 @@ def verdicts(maps: Maps) -> list[bool]:
     return [datapath_allows(maps, *probe) for probe in PROBES]
 
 
-def test_every_intermediate_state_answers_as_old_or_new_when_they_agree() -> None:
-    rng = random.Random(7)
-    checked_ops = 0
+@pytest.mark.parametrize(
+    ("in_place", "edits"),
+    [(False, False), (True, False), (True, True)],
+    ids=["double-buffer", "in-place", "in-place-small-edits"],
+)
+def test_every_intermediate_state_answers_as_old_or_new_when_they_agree(in_place: bool, edits: bool) -> None:
+    # seed 6 finds both orders a first version of the in-place plan got wrong (an interim copy
+    # without entries on the new classes; a list changed in place while an address joined a class)
+    rng = random.Random(6 if in_place else 7)
+    checked_ops = in_place_rounds = 0
     for round_ in range(40):
-        old = compile_node_state(random_state(rng, 1))
+        old_state = random_state(rng, 1)
+        old = compile_node_state(old_state)
         maps = Maps()
         fill(maps, old)
         expected_old = verdicts(maps)
-        new_state = random_state(rng, 2)
-        new = compile_node_state(new_state, old.allocation)
+        new_state = small_edit(rng, old_state, 2) if edits else random_state(rng, 2)
         reference = Maps()
         fill(reference, compile_node_state(new_state))
         expected_new = verdicts(reference)
-        ops = plan_update(maps, new)
+        if in_place:  # in place where it can, else the double buffer (identities that moved)
+            new, ops, union = compile_and_plan(maps, new_state, old.allocation)
+            in_place_rounds += union is not None
+        else:  # the double buffer needs ids whose content never changes
+            new = compile_node_state(new_state, old.allocation, inherit=False)
+            ops, union = plan(maps, new, None)
+        if union is not None:  # never both views whole: at most the union of old and new prefixes
+            peaks = peak_sizes(maps, ops)
+            peak_cidr = peaks["cidr"] + peaks["cidr_host"]
+            assert peak_cidr <= len(set(old.cidr) | set(new.cidr)), round_
         for op in ops:
             maps.execute(op)
             for probe, now, before, after in zip(
@@ -182,6 +229,8 @@ def test_every_intermediate_state_answers_as_old_or_new_when_they_agree() -> Non
         assert {a: c for (_, a), c in maps.ipcache.items()} == new.ipcache
         assert {(p, a): c for (_, p, a), c in maps.cidr.items()} == new.cidr
     assert checked_ops > 200
+    if edits:
+        assert in_place_rounds >= 10, in_place_rounds  # the path under test was taken
 
 
 def test_a_plan_to_the_same_state_is_empty() -> None:
@@ -190,3 +239,38 @@ def test_a_plan_to_the_same_state_is_empty() -> None:
     fill(maps, desired)
     again = compile_node_state(random_state(random.Random(3), 2), desired.allocation)
     assert plan_update(maps, again) == []
+
+
+def host_peer_state(peers: list[str]) -> NodeState:
+    allows = tuple(Allow(CidrPeer(ipaddress.ip_network(p)), 6, 8080, 8080) for p in peers)
+    endpoint = Endpoint("ns/p0", (addr("10.9.0.1"),), DirectionPolicy(True, allows), DirectionPolicy(), 11)
+    return NodeState(1, {"ns/p0": endpoint}, {}, (), frozenset({11}))
+
+
+def test_one_peer_changed_among_many_is_a_few_in_place_writes_within_the_maps() -> None:
+    """Issue 27: one peer of a 2,000-peer list replaced needed every CIDR entry twice (a policy
+    that fits once could never be edited again); in place it is a handful of operations."""
+    peers = [f"172.16.{i // 256}.{i % 256}/32" for i in range(2000)]
+    old = compile_node_state(host_peer_state(peers))
+    maps = Maps()
+    fill(maps, old)
+    edited = [*peers[:-1], "172.31.0.1/32"]
+    new, ops, union = compile_and_plan(maps, host_peer_state(edited), old.allocation)
+    assert union is not None
+    peaks = peak_sizes(maps, ops)
+    assert peaks["cidr_host"] <= len(peers) + 1 and peaks["cidr"] == 0  # host prefixes: the hash
+    # the allow list keeps its id: a peer entry and a policy entry in, the same out
+    assert new.endpoints[11].ingress_policy_id == old.endpoints[11].ingress_policy_id
+    assert sorted((op.table, op.action) for op in ops) == [
+        ("cidr", "delete"), ("cidr", "put"), ("policy", "delete"), ("policy", "put")
+    ]  # fmt: skip
+    for op in ops:
+        maps.execute(op)
+    reference = Maps()
+    fill(reference, compile_node_state(host_peer_state(edited)))
+    assert {(p, a): c for (_, p, a), c in maps.cidr.items()}.keys() == {
+        (p, a) for (_, p, a) in reference.cidr
+    }
+    assert datapath_allows(maps, 11, True, addr("172.31.0.1"), 6, 8080)
+    assert not datapath_allows(maps, 11, True, addr("172.16.7.207"), 6, 8080)  # the replaced one
+    assert datapath_allows(maps, 11, True, addr("172.16.0.1"), 6, 8080)

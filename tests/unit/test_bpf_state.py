@@ -36,7 +36,7 @@ def test_unreadable_state_is_ignored_not_fatal() -> None:
 def test_merged_allocation_keeps_every_live_id_and_the_highest_counter() -> None:
     first = compile_node_state(sample_state()).allocation
     changed = NodeState(2, {"ns/a": Endpoint("ns/a", (), DirectionPolicy(True, ()), ifindex=4)})
-    second = compile_node_state(changed, first).allocation
+    second = compile_node_state(changed, first, inherit=False).allocation
     merged = _merge_allocations(first, second)
     assert set(merged.policies.values()) == set(first.policies.values()) | set(second.policies.values())
     assert merged.next_id == second.next_id > first.next_id

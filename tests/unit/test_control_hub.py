@@ -12,7 +12,7 @@ from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, PolicyHub, StreamClosed
 from agent.control.metrics import ControlMetrics
 from agent.dataplane.types import IdentityPeer
-from agent.node.sync import MalformedMessage, apply_message
+from agent.node.sync import DecodeCache, MalformedMessage, apply_message
 from agent.policy.resolver import Resolver
 from tests.unit.control_helpers import allow_from, pod, small_cluster
 
@@ -123,6 +123,31 @@ def test_snapshot_and_delta_round_trip_into_node_state():
     assert state.identities[allow.peer.identity] == (ipaddress.ip_address("10.0.2.11"),)
     # The delta route and a fresh snapshot agree exactly.
     assert state == apply_message(None, snapshot_message(6, after))
+
+
+def test_a_decode_cache_shares_equal_lists_and_still_reads_every_change():
+    """Equal allow lists decode to one object (the compiler hashes each once); a cache kept
+    across messages never returns a stale list for changed bytes, nor a bad one it refused."""
+    cidr = pb.Peer(cidr=pb.IPBlock(cidr="172.16.0.1/32"))
+    allows = [pb.Allow(peer=cidr, protocol=6, port_first=80, port_last=80)]
+    direction = pb.DirectionPolicy(isolated=True, allows=allows)
+    endpoints = [pb.Endpoint(namespace="ns", name=n, ips=[ip], ingress=direction)
+                 for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))]  # fmt: skip
+    cache = DecodeCache()
+    snapshot = pb.ControlMessage(version=1, snapshot=pb.Snapshot(endpoints=endpoints))
+    state = apply_message(None, snapshot, cache)
+    assert state.endpoints["ns/a"].ingress is state.endpoints["ns/b"].ingress
+    changed = pb.Endpoint(namespace="ns", name="a", ips=["10.0.0.1"], ingress=pb.DirectionPolicy(
+        isolated=True, allows=[pb.Allow(peer=cidr, protocol=6, port_first=80, port_last=81)]))  # fmt: skip
+    delta = pb.ControlMessage(version=2, delta=pb.Delta(upsert_endpoints=[changed]))
+    state = apply_message(state, delta, cache)
+    assert state.endpoints["ns/a"].ingress.allows[0].port_last == 81
+    assert state.endpoints["ns/b"].ingress.allows[0].port_last == 80
+    bad = pb.Endpoint(namespace="ns", name="a", ips=["10.0.0.1"], ingress=pb.DirectionPolicy(
+        isolated=True, allows=[pb.Allow(peer=pb.Peer(cidr=pb.IPBlock(cidr="nonsense")))]))  # fmt: skip
+    for _ in range(2):  # refused both times: a refusal is never cached as a result
+        with pytest.raises(MalformedMessage):
+            apply_message(state, pb.ControlMessage(version=3, delta=pb.Delta(upsert_endpoints=[bad])), cache)
 
 
 def _first_allow(message: pb.ControlMessage) -> pb.Allow:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -50,21 +51,21 @@ from agent.dataplane.bpf.compiler import (
     Desired,
     EndpointEntry,
     PolicyEntry,
-    compile_node_state,
-    peer_sort_key,
 )
 from agent.dataplane.bpf.plan import (
     PUT,
     CidrKey,
     IpcacheKey,
     Op,
+    compile_and_plan,
     is_exact,
+    is_host,
     peak_sizes,
     peer_view,
-    plan_update,
 )
 from agent.dataplane.bpf.structs import (
     GENERATION_PREFIX,
+    HOST_PREFIX,
     POLICY_PREFIX_FULL,
     REASON_MAX,
     DenyEventStruct,
@@ -73,6 +74,7 @@ from agent.dataplane.bpf.structs import (
     address_from_bytes,
     make_addr,
 )
+from agent.dataplane.bpf.transition import with_union
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,7 @@ class BpfDataplane:
                 with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
                     self._attach(sock, ifindex)
         self._move_exact_policy_entries()
+        self._move_host_prefixes()
         try:
             self._module[b"pf_events"].open_ring_buffer(self._on_event)
         except Exception as error:
@@ -229,6 +232,20 @@ class BpfDataplane:
             log.info(
                 "moved %d single-port policy entries from the LPM trie to pf_policy_exact", len(stranded)
             )
+
+    def _move_host_prefixes(self) -> None:
+        """A version before pf_cidr_host kept host prefixes in the LPM trie: copy each into the
+        hash, then delete it from the trie (the programs, in place by now, read the hash first
+        and find the same class in either), so the writer finds every entry where it looks."""
+        trie, host = self._module[b"pf_cidr"], self._module[b"pf_cidr_host"]
+        stranded = [(key, trie[key]) for key in list(trie.keys())
+                    if key.prefixlen == GENERATION_PREFIX + HOST_PREFIX]  # fmt: skip
+        for key, value in stranded:
+            cidr_key = (key.generation, HOST_PREFIX, bytes(key.addr.bytes))
+            host[_cidr_host_key(host, cidr_key)] = host.Leaf(value.class_id, 0)
+            _delete(trie, key)
+        if stranded:
+            log.info("moved %d host prefixes from the CIDR LPM trie to pf_cidr_host", len(stranded))
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -265,20 +282,21 @@ class BpfDataplane:
         if self._module is None:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
         old_allocation = self._live.allocation
-        try:
-            desired = compile_node_state(state, old_allocation)
-        except ValueError as error:
-            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
         with self._lock:
-            ops = plan_update(self._live, desired)
+            try:
+                desired, ops, union = compile_and_plan(self._live, state, old_allocation)
+            except ValueError as error:
+                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+            allocation = with_union(desired.allocation, union)
             self._check_capacity(desired, ops)
-            changes = self._semantic_changes(desired)
+            # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
+            changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
             try:
                 self._write(ops)
             except Exception as error:
                 # Half written: ids of both allocations may be live in the maps now. Remember
                 # both, so the retry never hands a live id to different content.
-                self._live.allocation = _merge_allocations(old_allocation, desired.allocation)
+                self._live.allocation = _merge_allocations(old_allocation, allocation)
                 self._save_state_file()
                 if isinstance(error, DataplaneError):
                     raise
@@ -286,7 +304,7 @@ class BpfDataplane:
                 raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
             finally:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-            self._live.allocation = desired.allocation
+            self._live.allocation = allocation
             self._save_state_file()
             self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
@@ -314,6 +332,7 @@ class BpfDataplane:
             "pf_policy_exact": knobs.policy_max,
             "pf_ipcache": knobs.ipcache_max,
             "pf_cidr": knobs.cidr_max,
+            "pf_cidr_host": knobs.cidr_max,
             "pf_endpoints": knobs.endpoints_max,
             "pf_endpoint_ips": knobs.endpoints_max * 4,
             "pf_node_ips": knobs.node_ips_max,
@@ -398,12 +417,17 @@ class BpfDataplane:
                 _delete(table, make_addr(op.key))
                 live.endpoint_ips.pop(op.key, None)
         elif op.table == "cidr":
-            table = module[b"pf_cidr"]
+            if is_host(op.key):
+                table = module[b"pf_cidr_host"]
+                key = _cidr_host_key(table, op.key)
+            else:
+                table = module[b"pf_cidr"]
+                key = _cidr_key(table, op.key)
             if put:
-                table[_cidr_key(table, op.key)] = table.Leaf(op.value, 0)
+                table[key] = table.Leaf(op.value, 0)
                 live.cidr[op.key] = op.value
             else:
-                _delete(table, _cidr_key(table, op.key))
+                _delete(table, key)
                 live.cidr.pop(op.key, None)
         elif op.table == "node_ips":
             table = module[b"pf_node_ips"]
@@ -508,6 +532,8 @@ class BpfDataplane:
             (k.generation, k.prefixlen - GENERATION_PREFIX, bytes(k.addr.bytes)): v.class_id
             for k, v in module[b"pf_cidr"].items()
         }
+        for k, v in module[b"pf_cidr_host"].items():
+            live.cidr[(k.generation, HOST_PREFIX, bytes(k.addr.bytes))] = v.class_id
         live.policy = {
             (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
             for name in (b"pf_policy", b"pf_policy_exact")
@@ -645,11 +671,13 @@ class BpfDataplane:
         live, knobs = self._live, self.knobs
         with self._lock:
             exact = sum(1 for entry in live.policy if is_exact(entry))
+            hosts = sum(1 for key in live.cidr if is_host(key))
             usage = {
                 "policy": (len(live.policy) - exact, knobs.policy_max),
                 "policy_exact": (exact, knobs.policy_max),
                 "ipcache": (len(live.ipcache), knobs.ipcache_max),
-                "cidr": (len(live.cidr), knobs.cidr_max),
+                "cidr": (len(live.cidr) - hosts, knobs.cidr_max),
+                "cidr_host": (hosts, knobs.cidr_max),
                 "endpoints": (len(live.endpoints), knobs.endpoints_max),
                 "endpoint_ips": (len(live.endpoint_ips), knobs.endpoints_max * 4),
                 "node_ips": (len(live.node_ips), knobs.node_ips_max),
@@ -708,6 +736,14 @@ def _cidr_key(table: Any, cidr_key: CidrKey) -> Any:
     return key
 
 
+def _cidr_host_key(table: Any, cidr_key: CidrKey) -> Any:
+    generation, _prefixlen, address = cidr_key
+    key = table.Key()
+    key.generation = generation
+    ctypes.memmove(key.addr.bytes, address, 16)
+    return key
+
+
 def count_entries(table: Any, chunk: int = 8192) -> int:
     """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead
     of one get_next_key per entry (a full 65,536-entry conntrack: ~250 ms iterated from Python)."""
@@ -757,16 +793,20 @@ def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
 def _merge_allocations(old: Allocation | None, new: Allocation) -> Allocation:
     if old is None:
         return new
+    reused = set(new.policies.values())  # an id whose content changed in place: the new content
     return Allocation(
-        policies={**old.policies, **new.policies},
+        policies={**{c: i for c, i in old.policies.items() if i not in reused}, **new.policies},
         identity_classes={**old.identity_classes, **new.identity_classes},
         cidr_classes={**old.cidr_classes, **new.cidr_classes},
         endpoint_slots={**old.endpoint_slots, **new.endpoint_slots},
+        endpoint_policy_ids={**old.endpoint_policy_ids, **new.endpoint_policy_ids},
         next_id=max(old.next_id, new.next_id),
     )
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _peer_to_json(peer: CidrPeer | IdentityPeer) -> dict[str, Any]:
+    """Cached (the state file is written on every apply; callers only serialise the result)."""
     if isinstance(peer, IdentityPeer):
         return {"identity": peer.identity}
     return {"cidr": str(peer.cidr), "excepts": [str(e) for e in peer.excepts]}
@@ -789,15 +829,16 @@ def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
 def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     return {
         "policies": [
-            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in sorted(content, key=str)]]
+            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in content]]
             for content, policy_id in allocation.policies.items()
         ],
         "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
         "cidr_classes": [
-            [cid, [_peer_to_json(p) for p in sorted(peers, key=peer_sort_key)]]
+            [cid, [_peer_to_json(p) for p in peers]]
             for peers, cid in allocation.cidr_classes.items()
         ],
         "endpoint_slots": allocation.endpoint_slots,
+        "endpoint_policy_ids": allocation.endpoint_policy_ids,
         "next_id": allocation.next_id,
     }
 
@@ -819,6 +860,9 @@ def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
                 for cid, peers in data["cidr_classes"]
             },
             endpoint_slots={str(k): int(v) for k, v in data["endpoint_slots"].items()},
+            endpoint_policy_ids={
+                str(k): (int(v[0]), int(v[1])) for k, v in data.get("endpoint_policy_ids", {}).items()
+            },
             next_id=int(data["next_id"]),
         )
     except (KeyError, TypeError, ValueError) as error:

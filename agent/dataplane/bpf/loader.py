@@ -40,6 +40,25 @@ PROGRAM_NF_EGRESS = "nf_egress"
 PROGRAM_NF_EGRESS_LINK = "nf_egress_link"  # loaded by netfilter.py, not by BCC
 
 
+# Notes of flow-opening packets per CPU (bpf/lib/conntrack.h): the map has per-CPU LRU lists, each
+# holding its share of the entries; a share must outlast the packets of one receive batch between
+# tc and the netfilter hook (64 a NAPI poll) with room for the notes no verdict takes.
+CT_EXPECT_PER_CPU = 1024
+
+
+def possible_cpus() -> int:
+    """How many CPUs the kernel may bring up (an LRU map with per-CPU lists splits among them)."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
 @dataclass(frozen=True)
 class BuildKnobs:
     """Compile-time settings of the datapath; each becomes one -D flag."""
@@ -67,6 +86,7 @@ class BuildKnobs:
             "PF_ENDPOINTS_MAX": self.endpoints_max,
             "PF_NODE_IPS_MAX": self.node_ips_max,
             "PF_FRAG_MAX": self.frag_max,
+            "PF_CT_EXPECT_MAX": CT_EXPECT_PER_CPU * possible_cpus(),
             "PF_EVENT_RATE": self.event_rate,
             "PF_TCP_NEEDS_SYN": int(self.tcp_needs_syn),
         }
@@ -98,7 +118,7 @@ def program_text() -> str:
 
 # Pinned maps that hold only flow state, which the datapath rebuilds from the next packets: a pin of
 # another layout (left by another version) is replaced by a fresh map instead of refused.
-FLOW_STATE_MAPS = ("pf_ct", "pf_frag")
+FLOW_STATE_MAPS = ("pf_ct", "pf_ct_expect", "pf_frag")
 
 
 def retire_stale_flow_state(pin_dir: str) -> list[str]:
@@ -156,9 +176,11 @@ PINNED_MAPS = (
     "pf_node_ips",
     "pf_ipcache",
     "pf_cidr",
+    "pf_cidr_host",
     "pf_policy",
     "pf_policy_exact",
     "pf_ct",
+    "pf_ct_expect",
     "pf_frag",
     "pf_counters",
     "pf_drop_reasons",

@@ -61,6 +61,7 @@ POLICY_PREFIX_PROTOCOL = 80
 POLICY_PREFIX_FULL = 96
 V4_MAPPED_PREFIX = 96
 GENERATION_PREFIX = 32  # the CIDR LPM key's generation field, always matched exactly
+HOST_PREFIX = 128  # a host prefix (/32 as 96 + 32, /128): kept in pf_cidr_host, not the trie
 
 
 class Addr(ctypes.Structure):
@@ -140,6 +141,26 @@ class CtValue(ctypes.Structure):
     ]
 
 
+class CtExpectKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("sport_be", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("cpu", ctypes.c_uint32),
+    ]
+
+
+class CtExpectValue(ctypes.Structure):
+    _fields_ = [
+        ("daddr", Addr),  # the destination as the pod sent it (before DNAT)
+        ("dport_be", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 6),
+        ("seen_ns", ctypes.c_uint64),
+        ("conflict_ns", ctypes.c_uint64),
+    ]
+
+
 class FragKey(ctypes.Structure):
     _fields_ = [
         ("saddr", Addr),
@@ -199,9 +220,11 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_node_ips": (Addr, IpcacheValue),
     "pf_ipcache": (IpcacheKey, IpcacheValue),
     "pf_cidr": (CidrKey, CidrValue),
+    "pf_cidr_host": (IpcacheKey, CidrValue),
     "pf_policy": (PolicyKey, PolicyValue),
     "pf_policy_exact": (PolicyKey, PolicyValue),
     "pf_ct": (CtKey, CtValue),
+    "pf_ct_expect": (CtExpectKey, CtExpectValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
     "pf_event_budget": (ctypes.c_int, EventBudget),
@@ -223,6 +246,8 @@ C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     PolicyValue: "pf_policy_value",
     CtKey: "pf_ct_key",
     CtValue: "pf_ct_value",
+    CtExpectKey: "pf_ct_expect_key",
+    CtExpectValue: "pf_ct_expect_value",
     FragKey: "pf_frag_key",
     FragValue: "pf_frag_value",
     CounterValue: "pf_counter_value",
@@ -262,10 +287,13 @@ def address_from_bytes(raw: bytes) -> IPAddress:
     return v6.ipv4_mapped if v6.ipv4_mapped is not None else v6
 
 
+_V4_MAPPED_BYTES = b"\0" * 10 + b"\xff\xff"
+
+
 def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
     """(prefixlen, 16 bytes) of a network in the datapath's single address space."""
     if isinstance(network, ipaddress.IPv4Network):
-        return V4_MAPPED_PREFIX + network.prefixlen, addr_bytes(network.network_address)
+        return V4_MAPPED_PREFIX + network.prefixlen, _V4_MAPPED_BYTES + network.network_address.packed
     return network.prefixlen, network.network_address.packed
 
 

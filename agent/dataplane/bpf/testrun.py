@@ -89,13 +89,16 @@ def run_netfilter_program(prog_fd: int, frame: bytes, hook: int = NF_INET_FORWAR
     return int(attr.retval)
 
 
-def run_program(prog_fd: int, frame: bytes, ifindex: int = 0) -> int:
+def run_program(prog_fd: int, frame: bytes, ifindex: int = 0, ingress_ifindex: int = 0) -> int:
     """The program's return value for `frame` (an Ethernet frame), received on `ifindex`
-    (0: the loopback device)."""
-    return run_program_timed(prog_fd, frame, repeat=1, ifindex=ifindex)[0]
+    (0: the loopback device). `ingress_ifindex`: the device the packet entered the node on
+    (0: sent by the node itself)."""
+    return run_program_timed(prog_fd, frame, repeat=1, ifindex=ifindex, ingress_ifindex=ingress_ifindex)[0]
 
 
-def run_program_timed(prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0) -> tuple[int, int]:
+def run_program_timed(
+    prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0, ingress_ifindex: int = 0
+) -> tuple[int, int]:
     """(return value, mean kernel-measured nanoseconds per run) over `repeat` runs."""
     data_in = ctypes.create_string_buffer(frame, len(frame))
     data_out = ctypes.create_string_buffer(len(frame) + 256)
@@ -107,8 +110,8 @@ def run_program_timed(prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0)
         data_out=ctypes.addressof(data_out),
         repeat=repeat,
     )
-    context = _SkbContext(ifindex=ifindex)
-    if ifindex:
+    context = _SkbContext(ifindex=ifindex, ingress_ifindex=ingress_ifindex)
+    if ifindex or ingress_ifindex:
         attr.ctx_in = ctypes.addressof(context)
         attr.ctx_size_in = ctypes.sizeof(context)
     bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
