@@ -26,25 +26,35 @@ _V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")
 _CIDR_SYNTAX = re.compile(r"[0-9A-Fa-f:.]+/(0|[1-9][0-9]{0,2})")  # Go's ParseCIDR: address/prefix only
 
 
-def dns1123_label_problem(value: str) -> str | None:
-    if len(value) > 63:
-        return "must be no more than 63 characters"
-    if not _DNS1123_LABEL.fullmatch(value):
-        return (
-            "must be a lowercase RFC 1123 label (lowercase alphanumerics and '-', alphanumeric at both ends)"
-        )
+_DNS1123_LABEL_RULE = (
+    "must be a lowercase RFC 1123 label (lowercase alphanumerics and '-', alphanumeric at both ends)"
+)
+_DNS1123_SUBDOMAIN_RULE = (
+    "must be a lowercase RFC 1123 subdomain (lowercase alphanumerics, '-' and '.', alphanumeric at both ends)"
+)
+_QUALIFIED_NAME_RULE = (
+    "must consist of alphanumerics, '-', '_' or '.', and start and end with an alphanumeric"
+)
+_LABEL_VALUE_RULE = (
+    "must be empty or alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
+)
+
+
+def _syntax_problem(value: str, limit: int, syntax: re.Pattern[str], rule: str) -> str | None:
+    """The length check, then the syntax check, in the API server's order and wording."""
+    if len(value) > limit:
+        return f"must be no more than {limit} characters"
+    if not syntax.fullmatch(value):
+        return rule
     return None
+
+
+def dns1123_label_problem(value: str) -> str | None:
+    return _syntax_problem(value, 63, _DNS1123_LABEL, _DNS1123_LABEL_RULE)
 
 
 def dns1123_subdomain_problem(value: str) -> str | None:
-    if len(value) > 253:
-        return "must be no more than 253 characters"
-    if not _DNS1123_SUBDOMAIN.fullmatch(value):
-        return (
-            "must be a lowercase RFC 1123 subdomain (lowercase alphanumerics, '-' and '.', "
-            "alphanumeric at both ends)"
-        )
-    return None
+    return _syntax_problem(value, 253, _DNS1123_SUBDOMAIN, _DNS1123_SUBDOMAIN_RULE)
 
 
 def label_key_problem(key: str) -> str | None:
@@ -58,21 +68,12 @@ def label_key_problem(key: str) -> str | None:
             return f"prefix part {problem}"
     if not name:
         return "name part must be non-empty"
-    if len(name) > 63:
-        return "name part must be no more than 63 characters"
-    if not _QUALIFIED_NAME.fullmatch(name):
-        return (
-            "name part must consist of alphanumerics, '-', '_' or '.', and start and end with an alphanumeric"
-        )
-    return None
+    problem = _syntax_problem(name, 63, _QUALIFIED_NAME, _QUALIFIED_NAME_RULE)
+    return f"name part {problem}" if problem else None
 
 
 def label_value_problem(value: str) -> str | None:
-    if len(value) > 63:
-        return "must be no more than 63 characters"
-    if not _LABEL_VALUE.fullmatch(value):
-        return "must be empty or alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
-    return None
+    return _syntax_problem(value, 63, _LABEL_VALUE, _LABEL_VALUE_RULE)
 
 
 def port_name_problem(name: str) -> str | None:
