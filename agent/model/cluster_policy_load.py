@@ -1,8 +1,8 @@
 """Validates ClusterNetworkPolicy and Node objects as the CRD and the API server do.
 
-Called by agent.model.load with its field parser (typed access, selectors, CIDRs, the input's
-list budget) once the metadata is read, so a bad object is rejected alone, named by kind/name and
-the API field path, exactly as a bad NetworkPolicy is.
+Called by agent.model.parse with its field parser (agent.model.fields: typed access, selectors,
+CIDRs, the input's list budget) once the metadata is read, so a bad object is rejected alone,
+named by kind/name and the API field path, exactly as a bad NetworkPolicy is.
 
 The limits are those of the v1alpha2 CRD (tests/data/npa/SPEC.md, section 5): tier and action
 enums, priority 0..1000, at most 25 rules per direction, 1..25 peers and protocols per rule,
