@@ -1,8 +1,8 @@
 """Validates ClusterNetworkPolicy and Node objects as the CRD and the API server do.
 
-Called by agent.model.load with its field parser (typed access, selectors, CIDRs, the input's
-list budget) once the metadata is read, so a bad object is rejected alone, named by kind/name and
-the API field path, exactly as a bad NetworkPolicy is.
+Called by agent.model.parse with its field parser (agent.model.fields: typed access, selectors,
+CIDRs, the input's list budget) once the metadata is read, so a bad object is rejected alone,
+named by kind/name and the API field path, exactly as a bad NetworkPolicy is.
 
 The limits are those of the v1alpha2 CRD (tests/data/npa/SPEC.md, section 5): tier and action
 enums, priority 0..1000, at most 25 rules per direction, 1..25 peers and protocols per rule,
@@ -38,7 +38,7 @@ from agent.model.cluster_policy import (
 from agent.model.objects import IPAddress, IPNetwork, LabelSelector, Protocol
 
 if TYPE_CHECKING:
-    from agent.model.load import _Parser
+    from agent.model.fields import FieldParser
 
 MAX_RULES = 25
 MAX_PEERS = 25
@@ -65,7 +65,7 @@ def _enum_problem(text: str, allowed: tuple[str, ...]) -> str:
     return f'Unsupported value: "{text}": supported values: {supported}'
 
 
-def _bounded(p: _Parser, value: object, path: str, low: int, high: int, what: str) -> list[Any]:
+def _bounded(p: FieldParser, value: object, path: str, low: int, high: int, what: str) -> list[Any]:
     """A list of `low`..`high` entries (absent counts as zero entries)."""
     items = p.sequence(value, path)
     if len(items) < low:
@@ -75,7 +75,7 @@ def _bounded(p: _Parser, value: object, path: str, low: int, high: int, what: st
     return items
 
 
-def _one_of(p: _Parser, raw: Mapping[Any, Any], path: str, known: tuple[str, ...]) -> str | None:
+def _one_of(p: FieldParser, raw: Mapping[Any, Any], path: str, known: tuple[str, ...]) -> str | None:
     """The one known field set in `raw`; None when only unknown fields are set (fail closed)."""
     present = [name for name in known if raw.get(name) is not None]
     if len(present) > 1:
@@ -90,7 +90,7 @@ def _one_of(p: _Parser, raw: Mapping[Any, Any], path: str, known: tuple[str, ...
     return None
 
 
-def _namespaced_pods(p: _Parser, value: object, path: str) -> NamespacedPods:
+def _namespaced_pods(p: FieldParser, value: object, path: str) -> NamespacedPods:
     raw = p.mapping(value, path)
     if raw.get("podSelector") is None:
         p.fail(f"{path}.podSelector", "Required value (use {} to select every pod)")
@@ -100,7 +100,7 @@ def _namespaced_pods(p: _Parser, value: object, path: str) -> NamespacedPods:
     )
 
 
-def _networks(p: _Parser, value: object, path: str) -> tuple[IPNetwork, ...]:
+def _networks(p: FieldParser, value: object, path: str) -> tuple[IPNetwork, ...]:
     items = _bounded(p, value, path, 1, MAX_NETWORKS, "CIDRs")
     seen: set[str] = set()
     networks: list[IPNetwork] = []
@@ -115,7 +115,7 @@ def _networks(p: _Parser, value: object, path: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-def _domain_names(p: _Parser, value: object, path: str) -> tuple[str, ...]:
+def _domain_names(p: FieldParser, value: object, path: str) -> tuple[str, ...]:
     items = _bounded(p, value, path, 1, MAX_DOMAIN_NAMES, "domain names")
     names: list[str] = []
     for i, item in enumerate(items):
@@ -130,7 +130,7 @@ def _domain_names(p: _Parser, value: object, path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _peer(p: _Parser, value: object, path: str, known: tuple[str, ...]) -> ClusterPeer:
+def _peer(p: FieldParser, value: object, path: str, known: tuple[str, ...]) -> ClusterPeer:
     raw = p.mapping(value, path, required=True)
     kind = _one_of(p, raw, path, known)
     field_path = f"{path}.{kind}"
@@ -147,13 +147,13 @@ def _peer(p: _Parser, value: object, path: str, known: tuple[str, ...]) -> Clust
     return ClusterPeer(domain_names=_domain_names(p, raw[kind], field_path))
 
 
-def _port_number(p: _Parser, value: object, path: str) -> int:
+def _port_number(p: FieldParser, value: object, path: str) -> int:
     if value is None:
         p.fail(path, "Required value")
     return p.port_number(value, path)
 
 
-def _protocol(p: _Parser, value: object, path: str) -> ClusterPort:
+def _protocol(p: FieldParser, value: object, path: str) -> ClusterPort:
     raw = p.mapping(value, path, required=True)
     kind = _one_of(p, raw, path, (*_PROTOCOL_FIELDS, "destinationNamedPort"))
     if kind is None:
@@ -186,7 +186,7 @@ def _protocol(p: _Parser, value: object, path: str) -> ClusterPort:
 
 
 def _rules(
-    p: _Parser, value: object, path: str, peers_field: str, known: tuple[str, ...]
+    p: FieldParser, value: object, path: str, peers_field: str, known: tuple[str, ...]
 ) -> tuple[ClusterRule, ...]:
     rules: list[ClusterRule] = []
     for i, item in enumerate(_bounded(p, value, path, 0, MAX_RULES, "rules")):
@@ -218,7 +218,7 @@ def _rules(
     return tuple(rules)
 
 
-def parse_cluster_network_policy(p: _Parser, doc: Mapping[Any, Any], name: str) -> ClusterNetworkPolicy:
+def parse_cluster_network_policy(p: FieldParser, doc: Mapping[Any, Any], name: str) -> ClusterNetworkPolicy:
     """The spec of a ClusterNetworkPolicy whose metadata (cluster-scoped `name`) is already read."""
     spec = p.mapping(doc.get("spec"), "spec", required=True)
     tier_text = p.required_string(spec.get("tier"), "spec.tier")
@@ -259,7 +259,7 @@ def parse_cluster_network_policy(p: _Parser, doc: Mapping[Any, Any], name: str) 
     )
 
 
-def parse_node(p: _Parser, doc: Mapping[Any, Any], name: str, labels: dict[str, str]) -> Node:
+def parse_node(p: FieldParser, doc: Mapping[Any, Any], name: str, labels: dict[str, str]) -> Node:
     """A Node's labels and IP addresses (`status.addresses` of type InternalIP or ExternalIP)."""
     status = p.mapping(doc.get("status"), "status")
     addresses: list[IPAddress] = []

@@ -4,7 +4,7 @@ No I/O here; it imports only agent.model.
 
 Representation (decided): Cilium-style numeric identities.
 - An identity is (namespace name, pod label set); its id is blake2b-8 of a canonical JSON encoding
-  (resolver.identity_id), so every process and replica derives the same id, and 0 is never used.
+  (graph.rules.identity_id), so every process and replica derives the same id, and 0 is never used.
 - An endpoint's allow list per direction is a set of AllowEntry(peer, protocol, port range), where
   the peer is an IdentityRef (pods matched by selectors) or a CidrRef (ipBlock with excepts; the
   "no peers" rule as 0.0.0.0/0 and ::/0; a named egress port resolved to one pod's /32 or /128).
@@ -31,6 +31,7 @@ Decisions where Kubernetes leaves room (the evaluator and the compiler follow th
   lists compare equal and the control service can diff NodePolicy values cheaply.
 
 Modules: compiled (output types), state (ClusterState and shared semantics), resolver
-(incremental compiler), evaluator (the oracle, working on objects directly), check (answers a
-question from the compiled form, to test the compiler against the oracle), explain (the CLI).
+(incremental compiler: a thin dispatcher over the calculation-graph parts in graph/), evaluator
+(the oracle, working on objects directly), check (answers a question from the compiled form, to
+test the compiler against the oracle), explain (the CLI).
 """

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from agent.dataplane.types import CidrPeer
 from agent.model import LoadResult, PolicyError, load_file, load_folder, load_text, parse_object
-from agent.model import load as load_module
+from agent.model import fields as fields_module
+from agent.model import read as read_module
 from agent.model.objects import (
     IPBlock,
     LabelSelector,
@@ -452,8 +453,15 @@ def test_pod_defaults_and_host_network() -> None:
 
 @pytest.mark.parametrize(
     ("phase", "terminated"),
-    [(None, False), ("Pending", False), ("Running", False), ("Unknown", False), ("Succeeded", True),
-     ("Failed", True), ("SomethingNew", False)],
+    [
+        (None, False),
+        ("Pending", False),
+        ("Running", False),
+        ("Unknown", False),
+        ("Succeeded", True),
+        ("Failed", True),
+        ("SomethingNew", False),
+    ],
 )
 def test_pod_phase_succeeded_or_failed_is_terminated(phase: str | None, terminated: bool) -> None:
     status: dict[str, Any] = {"podIP": "10.0.0.5"}
@@ -566,7 +574,7 @@ def test_nul_bytes_in_text() -> None:
 
 
 def test_oversized_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(load_module, "MAX_FILE_BYTES", 1024)
+    monkeypatch.setattr(read_module, "MAX_FILE_BYTES", 1024)
     path = tmp_path / "big.yaml"
     path.write_text("kind: Namespace\nmetadata: {name: a}\n" + "# padding\n" * 200)
     result = load_file(path)
@@ -603,7 +611,7 @@ def test_alias_bomb_is_bounded() -> None:
 def test_repeating_one_large_object_is_bounded_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each object stays under the per-object cap; aliases repeat it. Scaled down: 50 objects of
     # 300 ports against a text budget of 5,000 entries.
-    monkeypatch.setattr(load_module, "MAX_ITEMS_PER_TEXT", 5_000)
+    monkeypatch.setattr(fields_module, "MAX_ITEMS_PER_TEXT", 5_000)
     ports = ", ".join(["*p"] * 300)
     text = (
         "kind: List\nports: &p {port: 80}\nspec: &s {podSelector: {}, ingress: [{ports: [" + ports + "]}]}\n"
