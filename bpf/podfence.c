@@ -202,14 +202,14 @@ int tc_from_pod(struct __sk_buff *skb)
 		 * fragments that belong to no datagram are refused, and each other one notes the
 		 * datagram's destination again: any may be the one that completes it (pf_ct_note) */
 		if (ep->egress_policy_id) {
-			if (pf_frag_verdict(&pkt, PF_DIR_EGRESS, now) == PF_DROP_ORPHAN_FRAGMENT)
+			if (pf_frag_verdict(&pkt, PF_FRAG_SENT_BY_POD, now) == PF_DROP_ORPHAN_FRAGMENT)
 				reason = PF_DROP_ORPHAN_FRAGMENT;
 			else if (pf_opens_flow(&pkt))
 				pf_ct_note(&pkt, now);
 		}
 	} else {
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
-			pf_frag_remember(&pkt, PF_DIR_EGRESS, PF_REASON_ALLOWED, now);
+			pf_frag_remember(&pkt, PF_FRAG_SENT_BY_POD, PF_REASON_ALLOWED, now);
 		if (pf_opens_flow(&pkt)) {
 			/* refreshes the flow's entry (the tuple the pod sent keeps its FROM_POD alive
 			 * while the pod sends), and notes the destination for the egress verdict: no

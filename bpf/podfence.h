@@ -202,7 +202,7 @@ struct pf_frag_key {
 	struct pf_addr daddr;
 	__u32 id;                   /* IPv4 id (host order of the 16-bit field) or IPv6 fragment id */
 	__u8 protocol;
-	__u8 direction;
+	__u8 direction;             /* PF_DIR_*, or 2: seen sent by a pod, unjudged (lib/frag.h) */
 	__u8 pad[2];
 };
 

@@ -6,6 +6,12 @@
 
 PF_PINNED("lru_hash", struct pf_frag_key, struct pf_frag_value, pf_frag, PF_FRAG_MAX, 0);
 
+/* The key's direction for a first fragment tc_from_pod saw a pod send, before any verdict: it
+ * only tells tc_from_pod that the later fragments belong to a datagram. It is a key space of its
+ * own so that no verdict ever reads it as an admission: a first fragment the kernel discards
+ * before the egress verdict (TTL 1, say) must not let later fragments pass there. */
+#define PF_FRAG_SENT_BY_POD 2
+
 static __always_inline void pf_frag_key_fill(struct pf_frag_key *key, const struct pf_packet *pkt, int direction)
 {
 	__builtin_memset(key, 0, sizeof(*key));

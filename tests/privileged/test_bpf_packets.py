@@ -532,6 +532,23 @@ def test_node_addresses_pass_an_isolated_ingress_only_where_none_can_forge_them(
     assert not verdict(plane, "to_pod", f.tcp6(PEER7_6, POD6, sport=40003, dport=10250))
 
 
+def test_a_first_fragment_seen_only_at_tc_admits_no_later_fragment_at_the_egress_verdict(
+    plane: BpfDataplane,
+) -> None:
+    # the kernel may discard a first fragment between tc_from_pod and the egress hook (TTL 1);
+    # where nothing reassembles, the later fragments then meet the verdict alone
+    apply(plane, None, iso(ident(7, f.TCP, 80, 80)))
+    first = f.eth(
+        f.ETH_IP, f.ipv4(POD, PEER7, f.TCP, f.l4(f.TCP, 40000, 22), frag_id=21, more_fragments=True)
+    )
+    later = f.eth(f.ETH_IP, f.ipv4(POD, PEER7, f.TCP, b"x" * 16, frag_id=21, frag_offset=24))
+    assert verdict(plane, "from_pod", first)  # tc passes it on to the verdict
+    assert verdict(plane, "from_pod", later)  # and knows the datagram
+    assert not verdict(plane, "egress", later)  # no verdict was given to the datagram
+    assert not verdict(plane, "egress", first)  # judged: port 22 is not allowed
+    assert not verdict(plane, "egress", later)  # and the later fragments take that verdict
+
+
 def test_replies_and_related_icmp_errors_of_allowed_flows(plane: BpfDataplane) -> None:
     apply(plane, iso(), iso(ident(7, f.TCP, 80, 80)))
     request = f.tcp4(POD, PEER7, sport=40001, dport=80)
