@@ -2,7 +2,7 @@
 # `make test` (lint, types, layering, then every test tier). Both bootstrap by themselves.
 PY := .venv/bin/python
 
-.PHONY: bootstrap demo test lint unit privileged e2e adversarial fuzz bench clean
+.PHONY: bootstrap demo test lint unit privileged e2e adversarial fuzz bench bench-publish clean
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -37,8 +37,13 @@ adversarial: bootstrap
 fuzz: bootstrap
 	PODFENCE_FUZZ_EXAMPLES=$${PODFENCE_FUZZ_EXAMPLES:-500} $(PY) -m pytest -q tests/adversarial/test_fuzz.py
 
+# Results are outputs, written to bench/out/ (untracked). bench-publish replaces the tracked
+# bench/results.json and bench/RESULTS.md that docs/performance.md cites.
 bench: bootstrap
 	$(PY) -m bench; status=$$?; $(PY) -m bench.report; exit $$status
+
+bench-publish: bootstrap
+	$(PY) -m bench --publish; status=$$?; $(PY) -m bench.report --publish; exit $$status
 
 clean:
 	$(PY) -m agent.cli lab down || true

@@ -1,4 +1,4 @@
-"""`make bench`: runs every benchmark module that exists and collects results into bench/results.json.
+"""`make bench`: runs every benchmark module that exists and collects results into bench/out/results.json.
 
 Each module is imported and run on its own: a module that fails to import (a missing tool, a
 syntax error) or whose run() raises is recorded as {"error": ...} in results.json and the others
@@ -6,6 +6,10 @@ still run. The exit status is 1 if any module failed.
 
 `python -m bench NAME...` runs only the named modules and replaces just their entries in the
 existing results.json, each with a note saying when it was measured apart from the full run.
+
+Results are outputs: they go to bench/out/ (not tracked). `--publish` writes the tracked
+bench/results.json instead, the snapshot docs/performance.md cites; publish a run only with the
+change whose figures it shows.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"  # a run's outputs (.gitignore)
+PUBLISHED = HERE / "results.json"  # the figures docs/performance.md cites
+
+
+def results_file(publish: bool = False) -> Path:
+    return PUBLISHED if publish else OUT / "results.json"
 
 
 def run_module(qualified_name: str) -> tuple[object, bool] | None:
@@ -42,9 +52,11 @@ def run_module(qualified_name: str) -> tuple[object, bool] | None:
 def main(
     package: str = "bench",
     directory: Path | None = None,
-    results_path: Path = RESULTS,
+    results_path: Path | None = None,
     only: Sequence[str] = (),
 ) -> int:
+    """Run the modules of `package` (all, or `only` those); results_path defaults to bench/out/."""
+    results_path = results_path or results_file()
     directory = directory or Path(__file__).resolve().parent
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -73,10 +85,18 @@ def main(
                 f"measured by `python -m bench {name}` at {stamp} on {machine}, apart from the full run."
             )
         results[name] = result
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {results_path}")
     return 1 if failed else 0
 
 
+def cli(argv: Sequence[str]) -> int:
+    """`python -m bench [--publish] [NAME...]`"""
+    publish = "--publish" in argv
+    names = [arg for arg in argv if arg != "--publish"]
+    return main(results_path=results_file(publish), only=names)
+
+
 if __name__ == "__main__":
-    sys.exit(main(only=sys.argv[1:]))
+    sys.exit(cli(sys.argv[1:]))

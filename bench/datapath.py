@@ -166,8 +166,9 @@ def node_state(topology: Topology, node: str, rules: int, version: int = 1) -> N
     )
 
 
-def make_dataplane(kind: str, pin_dir: str) -> Any:
-    """A dataplane of `kind`; imported lazily so a missing one fails only its own variants."""
+def make_dataplane(kind: str, pin_dir: str, bench_defines: tuple[str, ...] = ()) -> Any:
+    """A dataplane of `kind`; imported lazily so a missing one fails only its own variants.
+    `bench_defines`: the eBPF programs' benchmark-only build knobs (bench/hook_floor.py)."""
     if kind == "iptables":
         from agent.dataplane.iptables import IptablesDataplane
 
@@ -175,8 +176,8 @@ def make_dataplane(kind: str, pin_dir: str) -> Any:
     from agent.dataplane.bpf.dataplane import BpfDataplane
 
     if kind == "bpfxt":  # the eBPF dataplane with its egress verdict on the xt_bpf rule
-        return BpfDataplane(pin_dir=pin_dir, egress_hook="iptables")
-    return BpfDataplane(pin_dir=pin_dir)
+        return BpfDataplane(pin_dir=pin_dir, egress_hook="iptables", bench_defines=bench_defines)
+    return BpfDataplane(pin_dir=pin_dir, bench_defines=bench_defines)
 
 
 # --- topology and servers ---------------------------------------------------------------------
@@ -198,8 +199,8 @@ def variant_name(dataplane: str | None, rules: int) -> str:
 @contextlib.contextmanager
 def compiled_from(program_text: Callable[[], str]) -> Iterator[None]:
     """While inside, the eBPF dataplanes built here compile `program_text()` instead of the working
-    tree's program: bench/hook_floor.py's rewritten sources, bench/side_by_side.py's other
-    revision. A benchmark's lever only, never a knob of the agent."""
+    tree's program: bench/side_by_side.py's sources of another revision. A benchmark's lever
+    only, never a knob of the agent."""
     original = loader.program_text
     loader.program_text = program_text
     try:
@@ -208,10 +209,16 @@ def compiled_from(program_text: Callable[[], str]) -> Iterator[None]:
         loader.program_text = original
 
 
-def build_variant(index: int, dataplane: str | None, rules: int, must_enforce: bool = True) -> Variant:
+def build_variant(
+    index: int,
+    dataplane: str | None,
+    rules: int,
+    must_enforce: bool = True,
+    bench_defines: tuple[str, ...] = (),
+) -> Variant:
     """A topology with `dataplane` programmed for `rules` other rules; a dataplane variant that lets
     a port no rule allows through is refused unless `must_enforce` is False (bench/hook_floor.py
-    checks its variants itself)."""
+    checks its variants itself, which it builds with the programs' `bench_defines`)."""
     name = variant_name(dataplane, rules)
     topology = Topology(tag=f"d{index}")
     topology.build(2, [("client", 1), ("local", 1), ("remote", 2)])
@@ -225,7 +232,7 @@ def build_variant(index: int, dataplane: str | None, rules: int, must_enforce: b
             for node in topology.nodes.values():
                 state = node_state(topology, node.name, rules)
                 with inside(node.netns):
-                    plane = make_dataplane(dataplane, node.pin_dir)
+                    plane = make_dataplane(dataplane, node.pin_dir, bench_defines)
                     variant.live_dataplanes.append((node.netns, plane))
                     plane.start()
                     plane.apply(state)

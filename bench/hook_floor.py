@@ -2,15 +2,16 @@
 per-packet work, or their flow state and policy lookups.
 
 The same-node connection rate (bench/datapath.py's time-sliced instrument) of six variants in
-one run: no filter; the eBPF dataplane at 10,000 rules; and the same dataplane built from a
-rewritten source:
-  - tc_passes / nf_passes / hooks_only: the tc programs, the netfilter program, or all three
-    return "pass" as their first statement. Every hook stays in place (clsact and its filters on
-    each pod interface, the netfilter links at FORWARD and LOCAL_IN) but does no work, so what
-    hooks_only adds per connection over no filter is what the kernel charges for running a BPF
-    program at those hooks at all: the floor no program can go under.
-  - no_flow_state: the programs parse, look up the endpoint and the anti-spoofing address and
-    count, but neither touch the flow table nor look up policy.
+one run: no filter; the eBPF dataplane at 10,000 rules; and the same dataplane built with
+benchmark-only build knobs (bpf/lib/common.h, -D flags, each 0 in the agent's builds):
+  - tc_passes / nf_passes / hooks_only (PF_BENCH_TC_PASS, PF_BENCH_NF_PASS, both): the tc
+    programs, the netfilter programs, or all of them return "pass" as their first statement.
+    Every hook stays in place (clsact and its filters on each pod interface, the netfilter links
+    at FORWARD and LOCAL_IN) but does no work, so what hooks_only adds per connection over no
+    filter is what the kernel charges for running a BPF program at those hooks at all: the
+    floor no program can go under.
+  - no_flow_state (PF_BENCH_NO_FLOW_STATE): the programs parse, look up the endpoint and the
+    anti-spoofing address and count, but neither touch the flow table nor look up policy.
 
 Reported per variant: median connections/s, the median of the per-run ratios against no filter,
 and what it adds per connection (1/rate - 1/rate of no filter, microseconds). The split:
@@ -19,11 +20,11 @@ measured alone; together they cost less than the sum, because the first program 
 flow's entry pays its cache misses); basics = no_flow_state - hooks_only;
 flow_state_and_policy = full - no_flow_state.
 
-The rewritten variants exist in this benchmark alone: they are built by rewriting the program
-text handed to BCC for their compile, never through a knob of the agent. Each rewrite must match
-exactly once, and each variant is checked on a port no rule allows: the server pod's ingress
-policy refuses it in tc_to_pod, so the full dataplane and nf_passes must drop it, the others
-must let it through (the client is not egress-isolated).
+These variants exist in this benchmark alone: the agent never sets a PF_BENCH_* knob, and its
+build compiles to the same instructions as before the knobs existed. Each variant is checked on a
+port no rule allows: the server pod's ingress policy refuses it in tc_to_pod, so the full
+dataplane and nf_passes must drop it, the others must let it through (the client is not
+egress-isolated).
 
 Run: `.venv/bin/python -m bench.hook_floor` (root). `BENCH_QUICK=1` for a smoke test,
 `BENCH_FLOOR_RUNS=N` for the number of time-sliced runs (default 10).
@@ -31,13 +32,11 @@ Run: `.venv/bin/python -m bench.hook_floor` (root). `BENCH_QUICK=1` for a smoke 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
 from typing import Any
 
-from agent.dataplane.bpf import loader
 from bench import _netlab, datapath
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -45,64 +44,18 @@ RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "2" if QUICK else "10"))
 SECONDS_PER_VARIANT = 1.0 if QUICK else 6.0
 RULES = 10_000
 
-MARK = "  /* bench/hook_floor.py */"
-
-
-def _passes_at_once(opening: str, statement: str) -> tuple[str, str]:
-    return opening, f"{opening}\n\t{statement}{MARK}"
-
-
-# Rewrites of the program source, (text, replacement) each; every text must occur exactly once.
-# tc, nf: the programs of the group return "pass" as their first statement. flows: the programs
-# keep parsing, the endpoint and anti-spoofing lookups and the counters, but neither read nor
-# write the flow table nor look up policy (every packet passes as if established).
-REWRITES = {
-    "tc": (
-        _passes_at_once("int tc_from_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
-        _passes_at_once("int tc_to_pod(struct __sk_buff *skb)\n{", "return TC_ACT_OK;"),
-    ),
-    "nf": (_passes_at_once("int nf_egress_link(struct pf_nf_ctx *ctx)\n{", "return PF_NF_ACCEPT;"),),
-    "flows": (
-        ("\t\tpf_flow_of(&flow, &pkt, now);\n\t\treason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);",
-         f"\t\treason = PF_REASON_ALLOWED;{MARK}"),
-        ("\t\t\tpf_ct_find(&flow, &pkt, now);\n\t\t\tpf_ct_note(&pkt, now);",
-         f"\t\t\t;{MARK}"),
-        ("\tpf_flow_of(&flow, &pkt, now);\n"
-         "\t__u32 slot = pkt.flags & PF_PKT_FRAG_FIRST ? 0 : pf_ct_egress_slot(&flow);",
-         f"\t__u32 slot = 1;{MARK}"),
-    ),
-}
-
-# name -> (the rewrites it is built with, whether it drops the port no rule allows)
-VARIANTS = {
-    "tc_passes": (("tc",), False),
-    "nf_passes": (("nf",), True),
-    "no_flow_state": (("flows",), False),
-    "hooks_only": (("tc", "nf"), False),
+# name -> (the build knobs it is compiled with, whether it drops the port no rule allows)
+VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "tc_passes": (("PF_BENCH_TC_PASS",), False),
+    "nf_passes": (("PF_BENCH_NF_PASS",), True),
+    "no_flow_state": (("PF_BENCH_NO_FLOW_STATE",), False),
+    "hooks_only": (("PF_BENCH_TC_PASS", "PF_BENCH_NF_PASS"), False),
 }
 
 
-def rewritten_text(text: str, groups: tuple[str, ...]) -> str:
-    """`text` with the rewrites of `groups` made."""
-    for group in groups:
-        for original, replacement in REWRITES[group]:
-            if text.count(original) != 1:
-                first_line = original.strip().splitlines()[0]
-                raise RuntimeError(f"{first_line!r} is not in the program source exactly once")
-            text = text.replace(original, replacement)
-    return text
-
-
-def programs_rewritten(groups: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:
-    """While inside, dataplanes compile the source with the rewrites of `groups`."""
-    original = loader.program_text
-    return datapath.compiled_from(lambda: rewritten_text(original(), groups))
-
-
-def build_rewritten_variant(index: int, name: str) -> datapath.Variant:
-    groups, drops = VARIANTS[name]
-    with programs_rewritten(groups):
-        variant = datapath.build_variant(index, "bpf", RULES, must_enforce=False)
+def build_knob_variant(index: int, name: str) -> datapath.Variant:
+    defines, drops = VARIANTS[name]
+    variant = datapath.build_variant(index, "bpf", RULES, must_enforce=False, bench_defines=defines)
     variant.name = name
     if variant.enforcing != drops:
         datapath.destroy_variant(variant)
@@ -145,7 +98,7 @@ def run() -> dict[str, Any]:
         variants.append(datapath.build_variant(60, None, 0))
         variants.append(datapath.build_variant(61, "bpf", RULES))
         for index, name in enumerate(VARIANTS, start=62):
-            variants.append(build_rewritten_variant(index, name))
+            variants.append(build_knob_variant(index, name))
         runs = []
         for number in range(RUNS):
             runs.append(

@@ -1,8 +1,9 @@
-"""Renders bench/results.json (written by `python -m bench`) as Markdown tables in bench/RESULTS.md.
+"""Renders a run's results.json (written by `python -m bench`) as Markdown tables in RESULTS.md.
 
 The known benchmarks (datapath, propagation, coldstart, footprint, hook_floor) get purpose-made tables; any
 other module's result is flattened into a key/value table, so a new benchmark shows up without
-changes here. Run: `.venv/bin/python -m bench.report [results.json] [RESULTS.md]`.
+changes here. Run: `.venv/bin/python -m bench.report [--publish] [results.json [RESULTS.md]]`:
+bench/out/ by default, the published bench/results.json and bench/RESULTS.md with --publish.
 (No `run()` here on purpose: `python -m bench` treats every module with one as a benchmark.)
 """
 
@@ -303,8 +304,13 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    source = Path(argv[0]) if argv else HERE / "results.json"
-    target = Path(argv[1]) if len(argv) > 1 else HERE / "RESULTS.md"
+    """`[--publish] [results.json [RESULTS.md]]`: by default bench/out/'s run; --publish renders
+    the published bench/results.json into the tracked bench/RESULTS.md."""
+    publish = "--publish" in argv
+    argv = [arg for arg in argv if arg != "--publish"]
+    folder = HERE if publish else HERE / "out"
+    source = Path(argv[0]) if argv else folder / "results.json"
+    target = Path(argv[1]) if len(argv) > 1 else folder / "RESULTS.md"
     try:
         results = json.loads(source.read_text())
     except (OSError, ValueError) as exc:

@@ -162,6 +162,8 @@ static __always_inline int pf_lone_router_alert(struct __sk_buff *skb)
 
 int tc_from_pod(struct __sk_buff *skb)
 {
+	if (PF_BENCH_TC_PASS)
+		return TC_ACT_OK;
 	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
 	struct pf_source src = {.skb = skb};
@@ -210,7 +212,7 @@ int tc_from_pod(struct __sk_buff *skb)
 	} else {
 		if (pkt.flags & PF_PKT_FRAG_FIRST)
 			pf_frag_remember(&pkt, PF_FRAG_SENT_BY_POD, PF_REASON_ALLOWED, now);
-		if (pf_opens_flow(&pkt)) {
+		if (!PF_BENCH_NO_FLOW_STATE && pf_opens_flow(&pkt)) {
 			/* refreshes the flow's entry (the tuple the pod sent keeps its FROM_POD alive
 			 * while the pod sends), and notes the destination for the egress verdict: no
 			 * admission before it (lib/conntrack.h) */
@@ -228,6 +230,8 @@ int tc_from_pod(struct __sk_buff *skb)
 
 int tc_to_pod(struct __sk_buff *skb)
 {
+	if (PF_BENCH_TC_PASS)
+		return TC_ACT_OK;
 	__u64 now = pf_now();
 	struct pf_endpoint_value *ep = pf_endpoint_by_ifindex(skb->ifindex);
 	struct pf_source src = {.skb = skb};
@@ -246,8 +250,12 @@ int tc_to_pod(struct __sk_buff *skb)
 		struct pf_ct_flow flow;
 		if (skb->ingress_ifindex == 0)
 			pkt.flags |= PF_PKT_NODE_SENT;
-		pf_flow_of(&flow, &pkt, now);
-		reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);
+		if (PF_BENCH_NO_FLOW_STATE) {
+			reason = PF_REASON_ALLOWED;
+		} else {
+			pf_flow_of(&flow, &pkt, now);
+			reason = pf_judge(&pkt, ep, PF_DIR_INGRESS, now, &flow, 1);
+		}
 	}
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_INGRESS, reason, skb->len, now);
 	return reason == PF_REASON_ALLOWED ? TC_ACT_OK : TC_ACT_SHOT;
@@ -262,6 +270,10 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 
 	if (pf_parse(src, 0, eth_proto_be, &pkt) < 0)
 		return 0;
+	if (PF_BENCH_NO_FLOW_STATE) {  /* passed and counted as a known flow's (lib/common.h) */
+		pf_count(0, PF_DIR_EGRESS, 1, len);
+		return 0;
+	}
 	/* most packets belong to a known flow: one conntrack lookup, no endpoint lookups (a first
 	 * fragment is judged in full, which remembers its verdict for the later ones) */
 	struct pf_ct_flow flow;
@@ -294,6 +306,8 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 /* Run by iptables' bpf match (xt_bpf): non-zero = the rule matches, its target DROPs. */
 int nf_egress(struct __sk_buff *skb)
 {
+	if (PF_BENCH_NF_PASS)
+		return 0;
 	struct pf_source src = {.skb = skb};
 	return pf_egress_drops(&src, skb->protocol, skb->len, pf_now());
 }
@@ -320,6 +334,8 @@ struct pf_nf_ctx {
  * (lib/kfunc.h). */
 int nf_egress_link(struct pf_nf_ctx *ctx)
 {
+	if (PF_BENCH_NF_PASS)
+		return PF_NF_ACCEPT;
 	const struct pf_nf_hook_state *state = ctx->state;
 	struct pf_dynptr ptr;
 

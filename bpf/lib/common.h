@@ -49,6 +49,20 @@
 #ifndef PF_TCP_NEEDS_SYN
 #define PF_TCP_NEEDS_SYN 0
 #endif
+/* Benchmark builds only (bench/hook_floor.py), never set by the agent: 1 = the tc programs
+ * return "pass" at once; the netfilter programs accept at once; the programs keep parsing, the
+ * endpoint and anti-spoofing lookups and the counters but neither read nor write the flow table
+ * nor look up policy (each packet passes as if established). 0 (the shipped build) compiles none
+ * of it in. */
+#ifndef PF_BENCH_TC_PASS
+#define PF_BENCH_TC_PASS 0
+#endif
+#ifndef PF_BENCH_NF_PASS
+#define PF_BENCH_NF_PASS 0
+#endif
+#ifndef PF_BENCH_NO_FLOW_STATE
+#define PF_BENCH_NO_FLOW_STATE 0
+#endif
 /* deny events per second per CPU (token bucket, burst = one second's worth) */
 #ifndef PF_EVENT_RATE
 #define PF_EVENT_RATE 100

@@ -4,6 +4,7 @@ root and namespaces; they run under `make bench`.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import subprocess
@@ -152,26 +153,26 @@ def test_time_sliced_figures_decide_the_targets_and_the_aa_control_is_reported()
     assert "A/A control (`none_again` vs `none`): conn_per_s_sliced_vs_none 1" in text
 
 
-def test_hook_floor_rewrites_exactly_the_named_parts_of_the_programs() -> None:
-    source = loader.program_text()
-    tc_only = hook_floor.rewritten_text(source, ("tc",))
-    marker = "/* bench/hook_floor.py */"
-    assert tc_only.count(f"return TC_ACT_OK;  {marker}") == 2
-    assert "return PF_NF_ACCEPT;  " + marker not in tc_only
-    both = hook_floor.rewritten_text(source, ("tc", "nf"))
-    assert both.count(marker) == 3
-    # the statement is the first of each body, so nothing of the program runs before it
-    assert "int nf_egress_link(struct pf_nf_ctx *ctx)\n{\n\treturn PF_NF_ACCEPT;" in both
-    no_flows = hook_floor.rewritten_text(source, ("flows",))
-    assert no_flows.count(marker) == 3
-    assert "pf_ct_admit(&flow, PF_CT_FROM_POD" not in no_flows
-    assert "pf_ct_egress_slot(&flow)" not in no_flows
-    assert "pf_judge(&pkt, ep, PF_DIR_INGRESS" not in no_flows
-    with pytest.raises(RuntimeError, match="tc_from_pod"):
-        hook_floor.rewritten_text(source.replace("int tc_from_pod(", "int tc_from_pod_renamed("), ("tc",))
-    with hook_floor.programs_rewritten(("tc",)):  # what the variants compile while being built
-        assert loader.program_text().count(marker) == 2
-    assert marker not in loader.program_text()
+def test_hook_floor_builds_each_variant_with_its_knobs_and_the_agent_with_none() -> None:
+    assert {name: set(defines) for name, (defines, _) in hook_floor.VARIANTS.items()} == {
+        "tc_passes": {"PF_BENCH_TC_PASS"},
+        "nf_passes": {"PF_BENCH_NF_PASS"},
+        "no_flow_state": {"PF_BENCH_NO_FLOW_STATE"},
+        "hooks_only": {"PF_BENCH_TC_PASS", "PF_BENCH_NF_PASS"},
+    }
+    assert [name for name, (_, drops) in hook_floor.VARIANTS.items() if drops] == ["nf_passes"]
+    # every knob defaults to 0 in the C sources, and each cuts the programs somewhere
+    common, program = (loader.BPF_SOURCE_DIR / "lib/common.h").read_text(), loader.program_text()
+    for name in loader.BENCH_DEFINES:
+        assert f"#ifndef {name}\n#define {name} 0\n#endif" in common
+        assert f"if ({name})" in program or f"!{name} &&" in program
+    knobs = loader.BuildKnobs("/sys/fs/bpf/t", False, 1, 1, 1, 1, 1, 1, 1, 1)
+    assert not [flag for flag in knobs.cflags() if "PF_BENCH" in flag]  # the agent's build
+    bench = dataclasses.replace(knobs, bench_defines=hook_floor.VARIANTS["hooks_only"][0])
+    assert bench.cflags() == [*knobs.cflags(), "-DPF_BENCH_TC_PASS=1", "-DPF_BENCH_NF_PASS=1"]
+    with pytest.raises(ValueError, match="PF_UNKNOWN_ALLOW"):  # no agent knob through this door
+        dataclasses.replace(knobs, bench_defines=("PF_UNKNOWN_ALLOW",))
+    assert not hasattr(hook_floor, "REWRITES")  # nothing rewrites the program text any more
 
 
 def test_hook_floor_summary_splits_the_added_time_per_connection() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.__main__ as runner
 from bench.__main__ import main
 
 MODULES = {
@@ -63,3 +64,43 @@ def test_named_modules_replace_only_their_entries(package: tuple[str, Path], tmp
     assert "apart from the full run" in results["b_fine"]["note"]
     assert "c_raises" not in results
     assert main(name, directory, results_path, only=["no_such_module"]) == 2
+
+
+def test_results_are_outputs_under_bench_out_unless_published(
+    package: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    name, directory = package
+    assert runner.results_file() == Path(runner.__file__).parent / "out" / "results.json"
+    assert runner.results_file(publish=True) == Path(runner.__file__).parent / "results.json"
+    out, published = tmp_path / "out", tmp_path / "published.json"
+    published.write_text('{"date": "2026-01-01"}\n')
+    monkeypatch.setattr(runner, "OUT", out)
+    monkeypatch.setattr(runner, "PUBLISHED", published)
+
+    def run_package(results_path: Path | None = None, only: list[str] | tuple[str, ...] = ()) -> int:
+        return main(name, directory, results_path, only)
+
+    monkeypatch.setattr(runner, "main", run_package)
+    assert runner.cli(["b_fine"]) == 0  # the default: a new file under out/, the snapshot untouched
+    assert json.loads((out / "results.json").read_text())["b_fine"]["ratio"] == 0.9
+    assert published.read_text() == '{"date": "2026-01-01"}\n'
+    assert main(name, directory, only=["b_fine"]) == 0  # main() alone writes there too
+    assert runner.cli(["--publish", "b_fine"]) == 0  # only --publish replaces the snapshot
+    assert json.loads(published.read_text())["b_fine"]["ratio"] == 0.9
+    assert json.loads(published.read_text())["date"] == "2026-01-01"
+
+
+def test_report_renders_the_run_under_out_by_default_and_the_snapshot_with_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from bench import report
+
+    monkeypatch.setattr(report, "HERE", tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text('{"date": "run", "machine": "m"}')
+    (tmp_path / "results.json").write_text('{"date": "published", "machine": "m"}')
+    assert report.main([]) == 0
+    assert "Date: run." in (tmp_path / "out" / "RESULTS.md").read_text()
+    assert not (tmp_path / "RESULTS.md").exists()
+    assert report.main(["--publish"]) == 0
+    assert "Date: published." in (tmp_path / "RESULTS.md").read_text()

@@ -140,6 +140,7 @@ class BpfDataplane:
         netns: str | None = None,
         state_file: str | None = None,
         egress_hook: str = "auto",
+        bench_defines: tuple[str, ...] = (),
     ) -> None:
         if egress_hook not in EGRESS_HOOKS:
             raise ValueError(f"egress_hook must be one of {', '.join(EGRESS_HOOKS)}")
@@ -162,6 +163,7 @@ class BpfDataplane:
             frag_max=frag_max,
             event_rate=event_rate,
             tcp_needs_syn=established_on_change == "reset",
+            bench_defines=bench_defines,  # benchmark builds only (loader.BENCH_DEFINES)
         )
         self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
         self._module: Any = None

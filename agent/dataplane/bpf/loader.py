@@ -59,6 +59,10 @@ def possible_cpus() -> int:
     return count
 
 
+# The benchmark-only build knobs (bpf/lib/common.h), each 0 in every build the agent makes.
+BENCH_DEFINES = ("PF_BENCH_TC_PASS", "PF_BENCH_NF_PASS", "PF_BENCH_NO_FLOW_STATE")
+
+
 @dataclass(frozen=True)
 class BuildKnobs:
     """Compile-time settings of the datapath; each becomes one -D flag."""
@@ -74,6 +78,15 @@ class BuildKnobs:
     frag_max: int
     event_rate: int
     tcp_needs_syn: bool = False  # established_on_change="reset" (see bpf/lib/common.h)
+    # Benchmark builds only (bench/hook_floor.py), never the agent's: PF_BENCH_* macros of
+    # bpf/lib/common.h to set to 1, each cutting the programs short at a fixed point.
+    bench_defines: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.bench_defines if name not in BENCH_DEFINES]
+        if unknown:
+            known = ", ".join(BENCH_DEFINES)
+            raise ValueError(f"no benchmark build knob {', '.join(unknown)} (known: {known})")
 
     def cflags(self) -> list[str]:
         values: dict[str, int | str] = {
@@ -90,6 +103,7 @@ class BuildKnobs:
             "PF_EVENT_RATE": self.event_rate,
             "PF_TCP_NEEDS_SYN": int(self.tcp_needs_syn),
         }
+        values.update({name: 1 for name in self.bench_defines})
         return [f"-D{name}={value}" for name, value in values.items()]
 
 
