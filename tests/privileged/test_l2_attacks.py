@@ -281,6 +281,26 @@ def test_neighbour_solicitations_carry_no_payload_between_isolated_pods(bridged:
     assert with_it == 0
 
 
+@pytest.mark.parametrize("claim", ["sender ip", "sender mac"])
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_arp_claiming_another_pods_address_is_dropped(bridged: Node, kind: str, claim: str) -> None:
+    """An ARP reply from the attacker's own Ethernet source that claims the victim's IP (or its MAC)."""
+    a, b, c = bridged.pods
+    hwsrc, psrc = (link_mac(a), b.ip) if claim == "sender ip" else (link_mac(b), a.ip)
+    arp = (
+        s_ether(a, c)
+        / scapy.ARP(op=2, hwsrc=hwsrc, psrc=psrc, hwdst=link_mac(c), pdst=c.ip)
+        / scapy.Raw(MARKER)  # only so that the sniffer can tell this frame
+    )
+    without, with_it = both_ways(bridged, kind, lambda: delivered(a, c, arp))
+    assert without >= 1, "without podfence the forged ARP reaches the neighbour"
+    assert with_it == 0
+
+
+def s_ether(sender: Pod, receiver: Pod) -> Any:
+    return scapy.Ether(src=link_mac(sender), dst=link_mac(receiver))
+
+
 ARP_LENGTH_IPTABLES = pytest.mark.xfail(
     strict=True,
     reason="iptables dataplane: ebtables has no frame length match, so ARP with trailing bytes "
@@ -316,3 +336,32 @@ def test_address_resolution_between_bridged_pods_keeps_working(bridged: Node, ki
         for pod in (a, b):
             pod.run("ip", "neigh", "flush", "dev", "eth0")
         assert a.ping(b.ip) and a.ping(b.ip6) and a.ping(GATEWAY) and a.ping(GATEWAY6)
+
+
+# ---- the iptables dataplane's bridge-family chains ----------------------------------------------
+
+
+def bridge_nat(node: Node) -> str:
+    return node.run("ebtables-nft-save", "-t", "nat").stdout
+
+
+def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridged: Node) -> None:
+    a, b, _ = bridged.pods
+    # another tool's rule in the same table: podfence must leave it alone
+    bridged.run("ebtables-nft", "-t", "nat", "-A", "PREROUTING", "-i", "pfother0", "-j", "ACCEPT")
+    qinq = s_ether(a, b) / scapy.Dot1AD(vlan=7) / scapy.Dot1Q(vlan=9) / scapy.IP(src=a.ip, dst=b.ip)
+    with podfence(bridged, "iptables", open_ingress=True) as plane:
+        saved = bridge_nat(bridged)
+        prerouting = [line for line in saved.splitlines() if line.startswith("-A PREROUTING ")]
+        assert prerouting[0] == "-A PREROUTING -j PF-L2"
+        assert len([line for line in saved.splitlines() if line.startswith(":PF-L2-")]) == 3
+        for pod in bridged.pods:
+            assert f"-i {pod.host_if} -j PF-L2-" in saved
+        before = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        send(a, qinq, qinq, qinq)
+        after = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        assert after[("ns/p1", "egress")] - before.get(("ns/p1", "egress"), 0) == 3
+        assert after.get(("ns/p2", "egress"), 0) == before.get(("ns/p2", "egress"), 0)
+    left = bridge_nat(bridged)
+    assert "PF-L2" not in left
+    assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
