@@ -364,6 +364,10 @@ def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridge
         after = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
         assert after[("ns/p1", "egress")] - before.get(("ns/p1", "egress"), 0) == 3
         assert after.get(("ns/p2", "egress"), 0) == before.get(("ns/p2", "egress"), 0)
+        # another tool removes the jump: the agent's hook check puts it back first
+        bridged.run("ebtables-nft", "-t", "nat", "-D", "PREROUTING", "-j", "PF-L2")
+        assert plane.call("repair_hooks") == ["bridge PREROUTING"]
+        assert bridge_nat(bridged).split("-A PREROUTING ", 2)[1].strip() == "-j PF-L2"
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left

@@ -139,3 +139,11 @@ def test_drops_are_counted_per_endpoint() -> None:
         ],
     )
     assert bridge.drops(kernel, {"PF-L2-a": "ns/a", "PF-L2-b": "ns/b"}) == {"ns/a": (5, 300), "ns/b": (1, 60)}
+
+
+def test_hook_repair_puts_the_jump_back_first_and_only_where_the_chain_is() -> None:
+    flushed = BridgeTable({"PREROUTING", "PF-L2"}, [rule("PREROUTING", "-i x -j ACCEPT")])
+    assert bridge.hooks_script(flushed).splitlines() == ["*nat", "-I PREROUTING 1 -j PF-L2", "COMMIT"]
+    assert bridge.hooks_script(BridgeTable({"PREROUTING"}, [])) == ""
+    in_place = BridgeTable({"PREROUTING", "PF-L2"}, [rule("PREROUTING", "-j PF-L2")])
+    assert bridge.hooks_script(in_place) == ""

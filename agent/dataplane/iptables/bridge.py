@@ -133,6 +133,14 @@ def commit_script(desired: BridgeRules, table: BridgeTable) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
+def hooks_script(table: BridgeTable) -> str:
+    """Put the jump back first in PREROUTING; "" if it is in place or there is no chain to jump to."""
+    if L2_CHAIN not in table.chains or hooks_in_place(table):
+        return ""
+    lines = ["*nat", *_hook_deletions(table), *(f"-I {hook} 1 -j {L2_CHAIN}" for hook in L2_HOOKS)]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
 def teardown_script(table: BridgeTable) -> str:
     """Remove podfence's jumps and chains, and nothing else; "" if there is nothing of ours."""
     chains = ours(table)

@@ -242,9 +242,11 @@ class IptablesDataplane:
             self._apply_locked(state)
 
     def repair_hooks(self) -> list[str]:
-        """Make podfence's jumps the first rules of FORWARD and INPUT again (both families) if
-        another tool inserted rules above them or removed them; returns what was repaired.
-        Cheap when all is in place: one iptables-save of the filter table per family."""
+        """Make podfence's jumps the first rules of FORWARD and INPUT again (both families), and
+        of the bridge family's PREROUTING where bridged pods have layer-2 chains, if another
+        tool inserted rules above them or removed them; returns what was repaired. Cheap when
+        all is in place: one iptables-save of the filter table per family (and one
+        ebtables-nft-save of the nat table on bridged nodes)."""
         if not self._started:
             return []
         with self._lock:
@@ -254,6 +256,11 @@ class IptablesDataplane:
         repaired = []
         for family in FAMILIES:
             repaired += self._move_hooks_first(family, kernel.read_filter_table(family))
+        if self._l2_owners or self._l2_committed:  # the layer-2 jump, where podfence put one
+            script = bridge.hooks_script(kernel.read_bridge_table())
+            if script:
+                kernel.restore_bridge_table(script)
+                repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
         return repaired
 
     @staticmethod
