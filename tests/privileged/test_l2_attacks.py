@@ -4,9 +4,10 @@ interface (or the kernel state the frame would change) says what arrived. Each c
 without podfence, where the attack must work (else the case proves nothing), then with it.
 
 The eBPF dataplane drops these frames at tc ingress of the attacker's veth (lib/neigh.h); the
-iptables dataplane judges VLAN-tagged IP frames (bridge-nf-filter-vlan-tagged) and narrows the
-NDP exemption. MAC binding, ARP and NDP content checks are the eBPF dataplane's only (see
-test_bpf_packets.py for the tables).
+iptables dataplane drops them in the bridge family's PREROUTING (ebtables-nft chains,
+agent/dataplane/iptables/bridge.py: tags, foreign source MACs, ARP from other senders) and
+narrows the NDP exemption. ARP length and NDP link-layer options are checked by the eBPF
+dataplane only (see test_bpf_packets.py for the tables).
 """
 
 from __future__ import annotations
