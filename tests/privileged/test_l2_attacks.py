@@ -372,3 +372,21 @@ def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridge
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+
+
+def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged: Node) -> None:
+    from agent.dataplane.iptables.dataplane import IptablesDataplane
+    from tests.privileged.iptables_netns import DataplaneWorker
+
+    bridged.run("ebtables-nft", "-t", "nat", "-A", "PREROUTING", "-i", "pfother0", "-j", "ACCEPT")
+    worker = DataplaneWorker(bridged.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        worker.call("apply", state(bridged, "iptables"))
+    finally:
+        worker.stop()  # the agent exits: its rules stay in force
+    assert "-A PREROUTING -j PF-L2" in bridge_nat(bridged)
+    sh(*in_netns(bridged.netns, PYTHON, "-m", "agent.cli", "teardown", "--dataplane", "iptables"))
+    left = bridge_nat(bridged)
+    assert "PF-L2" not in left
+    assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
