@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# iptables also ships ebtables-nft, the bridge family's tool of the iptables dataplane (Debian's
+# `ebtables` package holds only ebtables-legacy, whose tables kernels >= 6.15 may lack).
 APT_PACKAGES=(
     python3 python3-venv python3-dev python3-bpfcc libbpfcc
     linux-headers-amd64 iproute2 iptables ipset conntrack

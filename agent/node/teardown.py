@@ -1,8 +1,8 @@
 """`podfence teardown`: remove what podfence put into this node's kernel.
 
 Enforcement outlives the agent on purpose (pinned maps, tc filters, netfilter links, iptables
-chains and ipsets stay when the agent exits or its DaemonSet is deleted), so a node is never
-left open by a crash or an upgrade. This removes it, and only it: never another tool's filters,
+and ebtables-nft chains and ipsets stay when the agent exits or its DaemonSet is deleted), so a
+node is never left open by a crash or an upgrade. This removes it, and only it: never another tool's filters,
 rules or sets, never `clsact` itself. Stop the agent first: a running agent puts its hooks back.
 """
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             IptablesDataplane().teardown()
-            print("podfence teardown: removed the iptables dataplane's chains and sets")
+            print("podfence teardown: removed the iptables dataplane's chains (bridge family's too) and sets")
         except (DataplaneError, ImportError, OSError) as exc:
             print(f"podfence teardown: iptables dataplane: {exc}", file=sys.stderr)
             failed = True

@@ -41,6 +41,7 @@ BCT = "fixed on main for the eBPF dataplane (merge of h-bpfct)"
 IPTABLES_RELATED = "iptables: nf_conntrack admits errors from any router; documented limit"
 IPTABLES_LABS = ("iptables-routed", "iptables-bridged")
 L2 = "fixed on main (merge of h-l2)"
+L2_IPTABLES = "fixed on main for the iptables dataplane by ebtables rules (merge of h-ebt)"
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,8 @@ PENDING = [
         "issue 21 item 3: an 802.1ad (QinQ) frame is bridged without the egress verdict: iptables "
         "judges 802.1Q-tagged frames (bridge-nf-filter-vlan-tagged) but br_netfilter has no such "
         "switch for 802.1ad",
-        passes_on=("iptables-bridged",),
-        fixed_on=L2,
+        passes_on=(),
+        fixed_on=f"{L2}; {L2_IPTABLES}",
     ),
     Pending(
         Case(
@@ -315,10 +316,9 @@ PENDING = [
             receiver=BYSTANDER,
             topologies=("bridged",),
         ),
-        "issue 21 item 4: the source MAC of a pod's frames is checked by the eBPF dataplane only "
-        "(docs/security.md: the iptables dataplane has no MAC binding)",
-        passes_on=("iptables-bridged",),
-        fixed_on=L2,
+        "issue 21 item 4: the source MAC of a pod's frames is not checked",
+        passes_on=(),
+        fixed_on=f"{L2}; {L2_IPTABLES}",
     ),
     Pending(
         Case("router advertisement from a pod", "everyone_isolated", _ndp("ra"), topologies=("bridged",)),
@@ -352,7 +352,7 @@ PENDING = [
             topologies=("bridged",),
         ),
         "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods on the "
-        "iptables dataplane (docs/security.md: no ARP content checks there)",
+        "iptables dataplane (docs/security.md: ebtables cannot match an ARP frame's length)",
         passes_on=("iptables-bridged",),
         fixed_on=L2,
     ),

@@ -4,9 +4,10 @@ interface (or the kernel state the frame would change) says what arrived. Each c
 without podfence, where the attack must work (else the case proves nothing), then with it.
 
 The eBPF dataplane drops these frames at tc ingress of the attacker's veth (lib/neigh.h); the
-iptables dataplane judges VLAN-tagged IP frames (bridge-nf-filter-vlan-tagged) and narrows the
-NDP exemption. MAC binding, ARP and NDP content checks are the eBPF dataplane's only (see
-test_bpf_packets.py for the tables).
+iptables dataplane drops them in the bridge family's PREROUTING (ebtables-nft chains,
+agent/dataplane/iptables/bridge.py: tags, foreign source MACs, ARP from other senders) and
+narrows the NDP exemption. ARP length and NDP link-layer options are checked by the eBPF
+dataplane only (see test_bpf_packets.py for the tables).
 """
 
 from __future__ import annotations
@@ -163,20 +164,9 @@ def both_ways(node: Node, kind: str, attack: Any, open_ingress: bool = False) ->
 # ---- item 3: VLAN tags ---------------------------------------------------------------------------
 
 
-QINQ_IPTABLES = pytest.mark.xfail(
-    strict=True,
-    reason="iptables dataplane: 802.1ad-tagged frames skip br_netfilter; they need a bridge-family "
-    "rule (ebtables/nft) podfence does not install yet",
-)
-
-
 @pytest.mark.parametrize("tags", ["vlan0", "vlan7", "qinq"])
 @pytest.mark.parametrize("kind", ["bpf", "iptables"])
-def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(
-    bridged: Node, kind: str, tags: str, request: pytest.FixtureRequest
-) -> None:
-    if (kind, tags) == ("iptables", "qinq"):
-        request.applymarker(QINQ_IPTABLES)
+def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(bridged: Node, kind: str, tags: str) -> None:
     a, b, _ = bridged.pods
     s = scapy
     ip_part = s.IP(src=a.ip, dst=b.ip) / s.UDP(sport=4000, dport=5000) / MARKER
@@ -203,12 +193,13 @@ def fdb_port_of(node: Node, mac: str) -> str | None:
     return None
 
 
-def test_a_pod_cannot_take_another_pods_mac_on_the_bridge(bridged: Node) -> None:
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_a_pod_cannot_take_another_pods_mac_on_the_bridge(bridged: Node, kind: str) -> None:
     a, b, c = bridged.pods
     s = scapy
     victim_mac = link_mac(b)
 
-    def steal() -> int:
+    def steal() -> tuple[int, str | None]:
         # the victim speaks first, so the bridge knows where its MAC lives
         send(
             b,
@@ -225,17 +216,19 @@ def test_a_pod_cannot_take_another_pods_mac_on_the_bridge(bridged: Node) -> None
         send(
             a, s.Ether(src=victim_mac, dst="ff:ff:ff:ff:ff:ff") / s.IP(src=a.ip, dst=GATEWAY) / s.UDP(dport=9)
         )
+        # where the bridge now sends the victim's frames: the proof on either dataplane (under
+        # the iptables one, c's deny-all egress would stop c's frame wherever it went)
+        port = fdb_port_of(bridged, victim_mac)
         send(
             c,
             s.Ether(src=link_mac(c), dst=victim_mac) / s.IP(src=c.ip, dst=b.ip) / s.UDP(dport=5000) / MARKER,
         )
         out, _ = sniffer.communicate(timeout=10)
-        return int(out.strip())
+        return int(out.strip()), port
 
-    stolen_without, stolen_with = both_ways(bridged, "bpf", steal)
-    assert stolen_without >= 1, "without podfence the victim's traffic reaches the attacker"
-    assert stolen_with == 0
-    assert fdb_port_of(bridged, victim_mac) == b.host_if
+    stolen_without, stolen_with = both_ways(bridged, kind, steal)
+    assert stolen_without == (1, a.host_if), "without podfence the victim's traffic goes to the attacker"
+    assert stolen_with == (0, b.host_if)
 
 
 # ---- item 5: neighbour discovery and ARP as a channel, rogue router advertisements ---------------
@@ -291,7 +284,35 @@ def test_neighbour_solicitations_carry_no_payload_between_isolated_pods(bridged:
     assert with_it == 0
 
 
-def test_arp_carries_no_payload_between_isolated_pods(bridged: Node) -> None:
+@pytest.mark.parametrize("claim", ["sender ip", "sender mac"])
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_arp_claiming_another_pods_address_is_dropped(bridged: Node, kind: str, claim: str) -> None:
+    """An ARP reply from the attacker's own Ethernet source that claims the victim's IP (or its MAC)."""
+    a, b, c = bridged.pods
+    hwsrc, psrc = (link_mac(a), b.ip) if claim == "sender ip" else (link_mac(b), a.ip)
+    arp = (
+        s_ether(a, c)
+        / scapy.ARP(op=2, hwsrc=hwsrc, psrc=psrc, hwdst=link_mac(c), pdst=c.ip)
+        / scapy.Raw(MARKER)  # only so that the sniffer can tell this frame
+    )
+    without, with_it = both_ways(bridged, kind, lambda: delivered(a, c, arp))
+    assert without >= 1, "without podfence the forged ARP reaches the neighbour"
+    assert with_it == 0
+
+
+def s_ether(sender: Pod, receiver: Pod) -> Any:
+    return scapy.Ether(src=link_mac(sender), dst=link_mac(receiver))
+
+
+ARP_LENGTH_IPTABLES = pytest.mark.xfail(
+    strict=True,
+    reason="iptables dataplane: ebtables has no frame length match, so ARP with trailing bytes "
+    "from the pod's own addresses passes",
+)
+
+
+@pytest.mark.parametrize("kind", ["bpf", pytest.param("iptables", marks=ARP_LENGTH_IPTABLES)])
+def test_arp_carries_no_payload_between_isolated_pods(bridged: Node, kind: str) -> None:
     a, b, _ = bridged.pods
     s = scapy
     arp = (
@@ -299,7 +320,7 @@ def test_arp_carries_no_payload_between_isolated_pods(bridged: Node) -> None:
         / s.ARP(op=1, hwsrc=link_mac(a), psrc=a.ip, pdst=b.ip)
         / s.Raw(MARKER * 20)
     )
-    without, with_it = both_ways(bridged, "bpf", lambda: delivered(a, b, arp))
+    without, with_it = both_ways(bridged, kind, lambda: delivered(a, b, arp))
     assert without >= 1, "without podfence the ARP trailer reaches the victim"
     assert with_it == 0
 
@@ -318,3 +339,54 @@ def test_address_resolution_between_bridged_pods_keeps_working(bridged: Node, ki
         for pod in (a, b):
             pod.run("ip", "neigh", "flush", "dev", "eth0")
         assert a.ping(b.ip) and a.ping(b.ip6) and a.ping(GATEWAY) and a.ping(GATEWAY6)
+
+
+# ---- the iptables dataplane's bridge-family chains ----------------------------------------------
+
+
+def bridge_nat(node: Node) -> str:
+    return node.run("ebtables-nft-save", "-t", "nat").stdout
+
+
+def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridged: Node) -> None:
+    a, b, _ = bridged.pods
+    # another tool's rule in the same table: podfence must leave it alone
+    bridged.run("ebtables-nft", "-t", "nat", "-A", "PREROUTING", "-i", "pfother0", "-j", "ACCEPT")
+    qinq = s_ether(a, b) / scapy.Dot1AD(vlan=7) / scapy.Dot1Q(vlan=9) / scapy.IP(src=a.ip, dst=b.ip)
+    with podfence(bridged, "iptables", open_ingress=True) as plane:
+        saved = bridge_nat(bridged)
+        prerouting = [line for line in saved.splitlines() if line.startswith("-A PREROUTING ")]
+        assert prerouting[0] == "-A PREROUTING -j PF-L2"
+        assert len([line for line in saved.splitlines() if line.startswith(":PF-L2-")]) == 3
+        for pod in bridged.pods:
+            assert f"-i {pod.host_if} -j PF-L2-" in saved
+        before = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        send(a, qinq, qinq, qinq)
+        after = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        assert after[("ns/p1", "egress")] - before.get(("ns/p1", "egress"), 0) == 3
+        assert after.get(("ns/p2", "egress"), 0) == before.get(("ns/p2", "egress"), 0)
+        # another tool removes the jump: the agent's hook check puts it back first
+        bridged.run("ebtables-nft", "-t", "nat", "-D", "PREROUTING", "-j", "PF-L2")
+        assert plane.call("repair_hooks") == ["bridge PREROUTING"]
+        assert bridge_nat(bridged).split("-A PREROUTING ", 2)[1].strip() == "-j PF-L2"
+    left = bridge_nat(bridged)
+    assert "PF-L2" not in left
+    assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+
+
+def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged: Node) -> None:
+    from agent.dataplane.iptables.dataplane import IptablesDataplane
+    from tests.privileged.iptables_netns import DataplaneWorker
+
+    bridged.run("ebtables-nft", "-t", "nat", "-A", "PREROUTING", "-i", "pfother0", "-j", "ACCEPT")
+    worker = DataplaneWorker(bridged.netns, IptablesDataplane)
+    try:
+        worker.call("start")
+        worker.call("apply", state(bridged, "iptables"))
+    finally:
+        worker.stop()  # the agent exits: its rules stay in force
+    assert "-A PREROUTING -j PF-L2" in bridge_nat(bridged)
+    sh(*in_netns(bridged.netns, PYTHON, "-m", "agent.cli", "teardown", "--dataplane", "iptables"))
+    left = bridge_nat(bridged)
+    assert "PF-L2" not in left
+    assert "-A PREROUTING -i pfother0 -j ACCEPT" in left

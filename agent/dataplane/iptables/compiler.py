@@ -43,6 +43,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
 from agent.dataplane.types import (
     PROTO_ANY,
     V4_MAPPED_SPACE,
@@ -127,6 +128,8 @@ class DesiredState:
     # (key, direction) -> family -> endpoint chain name
     endpoint_chains: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
     uses_bridges: bool = False
+    # the bridge family's chains for bridged pod ports (bridge.py)
+    bridge: BridgeRules = field(default_factory=BridgeRules)
 
 
 def canonical_member(text: str) -> str:
@@ -412,6 +415,12 @@ class _Compiler:
             for ifindex in sorted(self.state.pod_interfaces - claimed.keys()):
                 if ifindex in self.interfaces:
                     self._dispatch_unknown(self.interfaces[ifindex], family)
+        ports = [
+            BridgePort(self.interfaces[i].name, claimed.get(i))
+            for i in sorted(set(claimed) | set(self.state.pod_interfaces))
+            if i in self.interfaces and self.interfaces[i].bridge is not None
+        ]
+        self.out.bridge = compile_bridge(sorted(ports, key=lambda p: p.name), self.unknown_endpoints)
         self.out.uses_bridges = any(
             self.interfaces[i].bridge is not None
             for i in (set(claimed) | set(self.state.pod_interfaces))

@@ -31,7 +31,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.iptables import kernel
+from agent.dataplane.iptables import bridge, kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
     CHAIN_PREFIX,
@@ -170,6 +170,10 @@ class IptablesDataplane:
         # What the last commit wrote into the fixed chains, per family: an apply that changes
         # nothing in a family (e.g. the IPv6 half of an IPv4-only change) writes nothing there.
         self._committed: dict[int, dict[str, tuple[str, ...]]] = {}
+        # The bridge family's endpoint chains -> endpoint key (ebtables rules carry no comment,
+        # so only the apply that built a chain knows whose it is), and the dispatch last written.
+        self._l2_owners: dict[str, str] = {}
+        self._l2_committed: list[str] | None = None
         # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
@@ -223,7 +227,12 @@ class IptablesDataplane:
                 script = ["*filter", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
                 kernel.restore_filter_table(family, "\n".join(script) + "\n")
         kernel.destroy_sets(sorted(kernel.read_sets()))
+        if kernel.bridge_tool_available():  # without the tool nothing of ours can be there
+            l2_script = bridge.teardown_script(kernel.read_bridge_table())
+            if l2_script:
+                kernel.restore_bridge_table(l2_script)
         self._committed = {}
+        self._l2_owners, self._l2_committed = {}, None
         self._started = False
 
     # -- programming --------------------------------------------------------------------------
@@ -233,9 +242,11 @@ class IptablesDataplane:
             self._apply_locked(state)
 
     def repair_hooks(self) -> list[str]:
-        """Make podfence's jumps the first rules of FORWARD and INPUT again (both families) if
-        another tool inserted rules above them or removed them; returns what was repaired.
-        Cheap when all is in place: one iptables-save of the filter table per family."""
+        """Make podfence's jumps the first rules of FORWARD and INPUT again (both families), and
+        of the bridge family's PREROUTING where bridged pods have layer-2 chains, if another
+        tool inserted rules above them or removed them; returns what was repaired. Cheap when
+        all is in place: one iptables-save of the filter table per family (and one
+        ebtables-nft-save of the nat table on bridged nodes)."""
         if not self._started:
             return []
         with self._lock:
@@ -245,6 +256,11 @@ class IptablesDataplane:
         repaired = []
         for family in FAMILIES:
             repaired += self._move_hooks_first(family, kernel.read_filter_table(family))
+        if self._l2_owners or self._l2_committed:  # the layer-2 jump, where podfence put one
+            script = bridge.hooks_script(kernel.read_bridge_table())
+            if script:
+                kernel.restore_bridge_table(script)
+                repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
         return repaired
 
     @staticmethod
@@ -282,6 +298,8 @@ class IptablesDataplane:
             repaired += self._move_hooks_first(family, table)
         if repaired:
             log.warning("podfence hooks were not first; moved back to the top: %s", ", ".join(repaired))
+        # After the IP rules: if the layer-2 commit fails, the policy itself is in force already.
+        self._commit_bridge(desired.bridge)
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
 
@@ -421,6 +439,40 @@ class IptablesDataplane:
             )
         return changed
 
+    def _commit_bridge(self, desired: bridge.BridgeRules) -> None:
+        """The layer-2 rules of bridged pods (bridge.py): one nf_tables transaction."""
+        if not desired.owners and not desired.chains[bridge.L2_CHAIN]:
+            # No bridged pod: touch the bridge family only to remove what an earlier run left.
+            if self._l2_committed == [] or not kernel.bridge_tool_available():
+                return
+            table = kernel.read_bridge_table()
+            script = bridge.teardown_script(table)
+            if script:
+                kernel.restore_bridge_table(script)
+            self._l2_owners, self._l2_committed = {}, []
+            return
+        if not kernel.bridge_tool_available():
+            raise PermanentDataplaneError(
+                "bridged pods need ebtables-nft-restore (Debian's iptables package) for their layer-2 rules"
+            )
+        table = kernel.read_bridge_table()
+        stale = [c for c in bridge.ours(table) if c not in desired.chains]
+        if (
+            not stale
+            and self._l2_committed == desired.chains[bridge.L2_CHAIN]
+            and all(c in table.chains for c in desired.chains)
+            and bridge.hooks_in_place(table)
+        ):
+            return
+        stale_owners = {c: self._l2_owners[c] for c in stale if c in self._l2_owners}
+        for key, (packets, byte_count) in bridge.drops(table, stale_owners).items():
+            tally = self._retired.setdefault((key, EGRESS), _Tally())
+            tally.denied_packets += packets
+            tally.denied_bytes += byte_count
+        kernel.restore_bridge_table(bridge.commit_script(desired, table))
+        self._l2_owners = dict(desired.owners)
+        self._l2_committed = list(desired.chains[bridge.L2_CHAIN])
+
     # -- observation --------------------------------------------------------------------------
 
     def counters(self) -> list[EndpointCounters]:
@@ -430,6 +482,12 @@ class IptablesDataplane:
                 table = kernel.read_filter_table(family)
                 for owner, tally in _tally_chains(table, endpoint_chain_owners(table)).items():
                     totals.setdefault(owner, _Tally()).add(tally)
+            if self._l2_owners:  # frames dropped at layer 2 count as the endpoint's egress drops
+                l2_drops = bridge.drops(kernel.read_bridge_table(), self._l2_owners)
+                for key, (packets, byte_count) in l2_drops.items():
+                    tally = totals.setdefault((key, EGRESS), _Tally())
+                    tally.denied_packets += packets
+                    tally.denied_bytes += byte_count
             for owner, tally in self._retired.items():
                 if owner in totals:
                     totals[owner].add(tally)

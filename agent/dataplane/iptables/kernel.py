@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 _RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
+_BRIDGE_SAVE = "ebtables-nft-save"  # not -legacy: see bridge.py
+_BRIDGE_RESTORE = "ebtables-nft-restore"
 _BRIDGE_SYSCTLS = {4: "bridge-nf-call-iptables", 6: "bridge-nf-call-ip6tables"}
 _BRIDGE_VLAN_SYSCTL = "bridge-nf-filter-vlan-tagged"
 _TEMPORARY_HINTS = ("Resource temporarily unavailable", "Another app is currently holding the xtables lock")
@@ -69,6 +72,17 @@ class Rule:
 def matched_sets(spec: str) -> list[str]:
     """The ipsets a rule spec matches against."""
     return _MATCH_SET.findall(spec)
+
+
+@dataclass
+class BridgeTable:
+    """The bridge family's nat table (ebtables-nft-save), where podfence's layer-2 chains live."""
+
+    chains: set[str] = field(default_factory=set)
+    rules: list[Rule] = field(default_factory=list)
+
+    def chain_rules(self, chain: str) -> list[Rule]:
+        return [r for r in self.rules if r.chain == chain]
 
 
 @dataclass
@@ -282,3 +296,31 @@ def forget_connections(addresses: list[str]) -> None:
             except (OSError, subprocess.TimeoutExpired) as exc:
                 # The policy is in place already; only old connections outlive it. Say so loudly.
                 log.error("could not reset connections of %s: %s", address, exc)
+
+
+def bridge_tool_available() -> bool:
+    return shutil.which(_BRIDGE_SAVE) is not None and shutil.which(_BRIDGE_RESTORE) is not None
+
+
+def read_bridge_table() -> BridgeTable:
+    table = BridgeTable()
+    in_table = False
+    for line in _run([_BRIDGE_SAVE, "-c", "-t", "nat"]).splitlines():
+        if line.startswith("*"):
+            in_table = line == "*nat"
+        elif not in_table or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            table.chains.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("["):
+            counters, _, rest = line.partition("] ")
+            packets, _, byte_count = counters[1:].partition(":")
+            _, chain, spec = (rest + " ").split(" ", 2)  # "-A <chain> <spec>"
+            table.rules.append(Rule(chain, spec.strip(), int(packets), int(byte_count)))
+    return table
+
+
+def restore_bridge_table(script: str) -> None:
+    """Commit `script` (a "*nat ... COMMIT" block) into the bridge family: one nf_tables transaction."""
+    log.debug("restore bridge:\n%s", script)
+    _run([_BRIDGE_RESTORE, "--noflush"], stdin=script)
