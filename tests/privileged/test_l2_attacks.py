@@ -144,7 +144,7 @@ def send(pod: Pod, *frames: Any) -> None:
 def delivered(sender: Pod, receiver: Pod, *frames: Any) -> int:
     """How many frames carrying MARKER the receiver's interface saw while `sender` sent `frames`."""
     sniffer = subprocess.Popen(
-        in_netns(receiver.netns, PYTHON, str(TOOL), "sniff", "eth0", "1.0", MARKER.hex()),
+        in_netns(receiver.netns, PYTHON, str(TOOL), "sniff", "eth0", "2.0", MARKER.hex()),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -207,7 +207,7 @@ def test_a_pod_cannot_take_another_pods_mac_on_the_bridge(bridged: Node, kind: s
             / s.ARP(op=1, hwsrc=victim_mac, psrc=b.ip, pdst=GATEWAY),
         )
         sniffer = subprocess.Popen(
-            in_netns(a.netns, PYTHON, str(TOOL), "sniff", "eth0", "1.0", MARKER.hex()),
+            in_netns(a.netns, PYTHON, str(TOOL), "sniff", "eth0", "2.0", MARKER.hex()),
             stdout=subprocess.PIPE,
             text=True,
         )
