@@ -75,25 +75,38 @@ def matched_sets(spec: str) -> list[str]:
 
 
 @dataclass
-class BridgeTable:
+class SavedTable:
+    """One table as its *-save tool prints it: chains, and rules with their counters."""
+
+    chains: set[str] = field(default_factory=set)
+    rules: list[Rule] = field(default_factory=list)
+
+    def chain_rules(self, chain: str) -> list[Rule]:
+        return [r for r in self.rules if r.chain == chain]
+
+    def read(self, saved: str, name: str) -> None:
+        """Take the chains and rules of table `name` from `saved` (the tool run with -c)."""
+        in_table = False
+        for line in saved.splitlines():
+            if line.startswith("*"):
+                in_table = line == f"*{name}"
+            elif not in_table or line.startswith("#") or line == "COMMIT":
+                continue
+            elif line.startswith(":"):
+                self.chains.add(line[1:].split(" ", 1)[0])
+            elif line.startswith("["):
+                counters, _, rest = line.partition("] ")
+                packets, _, byte_count = counters[1:].partition(":")
+                _, chain, spec = (rest + " ").split(" ", 2)  # "-A <chain> <spec>"
+                self.rules.append(Rule(chain, spec.strip(), int(packets), int(byte_count)))
+
+
+class BridgeTable(SavedTable):
     """The bridge family's nat table (ebtables-nft-save), where podfence's layer-2 chains live."""
 
-    chains: set[str] = field(default_factory=set)
-    rules: list[Rule] = field(default_factory=list)
 
-    def chain_rules(self, chain: str) -> list[Rule]:
-        return [r for r in self.rules if r.chain == chain]
-
-
-@dataclass
-class FilterTable:
+class FilterTable(SavedTable):
     """The filter table of one family as the kernel holds it."""
-
-    chains: set[str] = field(default_factory=set)
-    rules: list[Rule] = field(default_factory=list)
-
-    def chain_rules(self, chain: str) -> list[Rule]:
-        return [r for r in self.rules if r.chain == chain]
 
 
 @dataclass(frozen=True)
@@ -120,20 +133,7 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
 
 def read_filter_table(family: int) -> FilterTable:
     table = FilterTable()
-    in_filter = False
-    for line in _run([_SAVE[family], "-c", "-t", "filter"]).splitlines():
-        if line.startswith("*"):
-            in_filter = line == "*filter"
-        elif not in_filter or line.startswith("#") or line == "COMMIT":
-            continue
-        elif line.startswith(":"):
-            table.chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("["):
-            counters, _, rest = line.partition("] ")
-            packets, _, byte_count = counters[1:].partition(":")
-            _, chain, spec = (rest + " ").split(" ", 2)  # "-A <chain> <spec>"
-            spec = spec.strip()
-            table.rules.append(Rule(chain, spec, int(packets), int(byte_count)))
+    table.read(_run([_SAVE[family], "-c", "-t", "filter"]), "filter")
     return table
 
 
@@ -304,19 +304,7 @@ def bridge_tool_available() -> bool:
 
 def read_bridge_table() -> BridgeTable:
     table = BridgeTable()
-    in_table = False
-    for line in _run([_BRIDGE_SAVE, "-c", "-t", "nat"]).splitlines():
-        if line.startswith("*"):
-            in_table = line == "*nat"
-        elif not in_table or line.startswith("#") or line == "COMMIT":
-            continue
-        elif line.startswith(":"):
-            table.chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("["):
-            counters, _, rest = line.partition("] ")
-            packets, _, byte_count = counters[1:].partition(":")
-            _, chain, spec = (rest + " ").split(" ", 2)  # "-A <chain> <spec>"
-            table.rules.append(Rule(chain, spec.strip(), int(packets), int(byte_count)))
+    table.read(_run([_BRIDGE_SAVE, "-c", "-t", "nat"]), "nat")
     return table
 
 
