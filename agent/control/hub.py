@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.control.metrics import ControlMetrics
+from agent.model.objects import Pod
 from agent.policy.compiled import NodePolicy
+from agent.policy.state import ClusterState
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class PolicyResolver(Protocol):
     def node_policy(self, node: str) -> NodePolicy: ...
     def take_dirty_nodes(self) -> set[str]: ...
     def unenforced_policies(self) -> list[str]: ...
+    @property
+    def state(self) -> ClusterState: ...
 
 
 UNENFORCED_SOURCE = "control"
@@ -252,6 +256,11 @@ class PolicyHub:
     def version(self) -> int:
         with self._lock:
             return self._version
+
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        """A live pod of the source (the pod cache token identity binds agents by)."""
+        with self._lock:
+            return self._resolver.state.pods.get(f"{namespace}/{name}")
 
     # --- streams ---------------------------------------------------------------------------------
 

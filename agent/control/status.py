@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="client certificate (PEM)")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="token identity: a service-account token to present (needs --tls-ca)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
 
 
@@ -58,32 +60,55 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
 
 
 def fetch_status(
-    target: str, credentials: grpc.ChannelCredentials | None, timeout: float
+    target: str, credentials: grpc.ChannelCredentials | None, timeout: float, token: str | None = None
 ) -> pb.StatusResponse:
     channel = (
         grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     )
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     with channel:
-        return pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+        return pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout,
+                                                            metadata=metadata)
 
 
 def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    token_file = getattr(args, "token_file", None)
     if args.insecure:
+        if token_file:
+            return None, "--token-file needs TLS (--tls-ca), not --insecure"
         return (None, "--insecure and --tls-* exclude each other") if given else (None, None)
-    if not given:
+    if token_file:
+        if not args.tls_ca or bool(args.tls_cert) != bool(args.tls_key):
+            return None, "--token-file needs --tls-ca (and --tls-cert with --tls-key, or neither)"
+    elif not given:
         return None, None  # docs/design.md: status is called without TLS flags: plain text then
-    if len(given) != 3:
+    elif len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca together"
     try:
-        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k, open(args.tls_ca, "rb") as a:
-            return grpc.ssl_channel_credentials(a.read(), k.read(), c.read()), None
+        return grpc.ssl_channel_credentials(
+            _read(args.tls_ca), _read(args.tls_key), _read(args.tls_cert)
+        ), None
     except OSError as exc:
         return None, f"cannot read TLS files: {exc}"
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run(args: argparse.Namespace) -> int:
     credentials, usage_error = _credentials(args)
+    token = None
+    if not usage_error and getattr(args, "token_file", None):
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            usage_error = f"cannot read --token-file: {exc}"
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
@@ -91,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     failures = []
     for target in [t.strip() for t in args.control.split(",") if t.strip()]:
         try:
-            response = fetch_status(target, credentials, args.timeout)
+            response = fetch_status(target, credentials, args.timeout, token)
             break
         except grpc.RpcError as exc:
             failures.append(f"{target}: {exc.details() if isinstance(exc, grpc.Call) else exc}")

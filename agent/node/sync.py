@@ -7,6 +7,9 @@ that version later after all (a full map freed, an interface that came back), `a
 acks it then, so the control service does not keep showing a stale error. Malformed data from
 the server is nacked too, and the stream is reopened so the next snapshot starts from a known state.
 
+With a service-account token (token identity), every stream carries it as `authorization:
+Bearer` metadata, read from its file anew for each stream (the kubelet rotates it).
+
 While the control service is unreachable it reconnects with jittered exponential backoff and does
 nothing to the kernel: the last programmed state keeps being enforced.
 
@@ -223,8 +226,11 @@ class SyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
         first_message_timeout: float = DEFAULT_FIRST_MESSAGE_TIMEOUT_S,
+        token: Callable[[], str] | None = None,
     ) -> None:
         self.node_name = node_name
+        # Token identity: read again for every stream, as the kubelet rotates projected tokens.
+        self._token = token
         self.targets = control_targets(target)
         self._target_index = 0
         self._first_message_timeout = first_message_timeout
@@ -311,8 +317,14 @@ class SyncClient:
         with self._ack_lock:
             self._outgoing, self._nacked_version = outgoing, None
         delivered = False
+        metadata = None
+        if self._token is not None:
+            try:
+                metadata = [("authorization", f"Bearer {self._token().strip()}")]
+            except OSError as exc:
+                raise _StreamBroken(f"cannot read the service-account token: {exc}") from exc
         with self._channel() as channel:
-            call = pb_grpc.NodeSyncStub(channel).Sync(requests())
+            call = pb_grpc.NodeSyncStub(channel).Sync(requests(), metadata=metadata)
             ended, answered, timed_out = threading.Event(), threading.Event(), threading.Event()
             watcher = threading.Thread(
                 target=self._watch_stream, args=(stop, ended, answered, timed_out, call), name="sync-watch",

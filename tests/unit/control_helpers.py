@@ -158,13 +158,15 @@ def start_control(
     settings: ServerSettings | None = None,
     initial_version: int = 100,
     max_pending: int = 32,
+    authenticator: Any = None,
 ) -> Control:
     metrics = ControlMetrics()
     hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
     with hub.change() as resolver:
         resolver.replace_all(objects)
     admission = stream_admission(settings or ServerSettings(), metrics)
-    server, port, health = create_server(addr, hub, tls, settings, admission=admission)
+    server, port, health = create_server(addr, hub, tls, settings, admission=admission,
+                                         authenticator=authenticator(hub) if authenticator else None)
     server.start()
     return Control(hub, server, port, health, metrics, admission)
 
@@ -187,6 +189,7 @@ class RecordingAgent:
     thread: threading.Thread | None = None
     options: tuple = ()
     first_message_timeout: float = 20.0
+    token: Callable[[], str] | None = None  # token identity: the service-account token to present
 
     def apply(self, state: NodeState) -> None:
         if self.hold is not None:
@@ -199,7 +202,7 @@ class RecordingAgent:
         self.client = SyncClient(
             self.node, self.target, self.apply, credentials=self.credentials,
             backoff_initial=0.05, backoff_max=0.3, channel_options=self.options,
-            first_message_timeout=self.first_message_timeout,
+            first_message_timeout=self.first_message_timeout, token=self.token,
         )
         self.thread = threading.Thread(target=self.client.run, args=(self.stop,), daemon=True)
         self.thread.start()
