@@ -21,7 +21,14 @@ from cryptography.x509.oid import NameOID
 from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server, stream_admission
+from agent.control.server import (
+    ServerSettings,
+    ServerTls,
+    TlsFiles,
+    create_server,
+    stop_server,
+    stream_admission,
+)
 from agent.dataplane.types import NodeState
 from agent.model.objects import (
     ContainerPort,
@@ -154,7 +161,7 @@ class Control:
 def start_control(
     objects: list,
     addr: str = "127.0.0.1:0",
-    tls: TlsFiles | None = None,
+    tls: ServerTls | None = None,
     settings: ServerSettings | None = None,
     initial_version: int = 100,
     max_pending: int = 32,

@@ -11,6 +11,7 @@ import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -152,7 +153,7 @@ def test_the_control_services_own_credential_refused_is_reported(tmp_path, apise
     assert "HTTP 401" in str(failure.value) and "tokenreviews" in str(failure.value)
 
 
-def _status(control, tmp_path: Path, token: str | None) -> tuple[int, dict | str]:
+def _status(control, tmp_path: Path, token: str | None) -> tuple[int, Any]:
     (tmp_path / "ca.pem").write_bytes(control.ca.pem)
     token_file = None
     if token:
