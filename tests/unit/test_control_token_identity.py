@@ -231,3 +231,31 @@ def test_a_rotated_server_certificate_is_used_by_new_connections_without_restart
         assert stale.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         ctl.stop()
+
+
+# --- usage ------------------------------------------------------------------------------------------
+
+
+def test_token_identity_never_runs_or_sends_tokens_in_plaintext(tmp_path):
+    from agent.cli import build_parser
+    from agent.control import main as control_main
+    from agent.node import main as agent_main
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["control", "--source", str(tmp_path), "--identity", "token", "--insecure"])
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert control_main.run(args) == 2
+    assert "--identity token sends service-account tokens: it needs TLS" in err.getvalue()
+
+    token = tmp_path / "token"
+    token.write_text("tok")
+    args = parser.parse_args(["agent", "--node", "n1", "--control", "c:1", "--token-file", str(token),
+                              "--insecure"])
+    with pytest.raises(agent_main.UsageError, match="not --insecure"):
+        agent_main.channel_credentials(args)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(TestCA().pem)
+    args = parser.parse_args(["agent", "--node", "n1", "--control", "c:1", "--token-file", str(token),
+                              "--tls-ca", str(ca)])
+    assert agent_main.channel_credentials(args) is not None  # no client certificate needed
