@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import grpc
@@ -133,6 +133,10 @@ class NodeSyncService:
         self.admission = admission or stream_admission(self._settings, hub.metrics)
 
     def sync(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+        if self._hub.draining:
+            # Shutting down: the agent's next address is another replica.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down: this replica takes no new streams")
+            return
         client = client_identity(context, self._require_client_cert)
         refusal = self.admission.enter(client)
         if refusal is not None:
@@ -174,7 +178,7 @@ class NodeSyncService:
             opened = handle
             context.add_callback(lambda: opened.close("the stream ended"))
             inbound.start_acks(handle)
-            yield from self._send(handle, context)
+            yield from self._send(handle, context, _heartbeat_interval(hello))
         finally:
             if handle is None:
                 inbound.start_acks(None)  # the reader stops instead of waiting for a stream
@@ -251,10 +255,15 @@ class NodeSyncService:
         else:
             handle.close("the agent closed its side of the stream")
 
-    def _send(self, handle: StreamHandle, context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+    def _send(self, handle: StreamHandle, context: grpc.ServicerContext,
+              heartbeat_s: float | None) -> Iterator[pb.ControlMessage]:
+        last_sent = time.monotonic()
         while True:
+            wait = 5.0
+            if heartbeat_s is not None:
+                wait = max(0.0, min(wait, last_sent + heartbeat_s - time.monotonic()))
             try:
-                item = handle.next(timeout=5.0)
+                item = handle.next(timeout=wait)
             except StreamClosed as closed:
                 if closed.client_error:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, closed.reason)
@@ -266,6 +275,9 @@ class NodeSyncService:
             if item is None:
                 if not context.is_active():
                     return
+                if heartbeat_s is not None and time.monotonic() - last_sent >= heartbeat_s:
+                    last_sent = time.monotonic()
+                    yield pb.ControlMessage(heartbeat=pb.Heartbeat(sent_unix_ms=time.time_ns() // 1_000_000))
                 continue
             if item.snapshot or handle.last_sent is None:
                 started = time.perf_counter()
@@ -276,7 +288,21 @@ class NodeSyncService:
             else:
                 message = delta_message(item.version, handle.last_sent, item.policy)
             handle.mark_sent(item.version, item.policy)
+            message.source.CopyFrom(pb.SourceState(
+                generation=item.source.generation, digest=item.source.digest, replica=self._hub.replica
+            ))
+            last_sent = time.monotonic()
             yield message
+
+
+MIN_HEARTBEAT_S = 0.1  # an agent cannot make the service spin
+
+
+def _heartbeat_interval(hello: pb.Hello) -> float | None:
+    """Seconds between heartbeats on an idle stream, as the agent asked (None: it did not)."""
+    if not hello.heartbeat_interval_ms:
+        return None
+    return max(MIN_HEARTBEAT_S, hello.heartbeat_interval_ms / 1000)
 
 
 def _once(callback: Callable[[], None]) -> Callable[[], None]:
@@ -313,7 +339,13 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         status = self._visible(self._hub.status(), context)
-        response = pb.StatusResponse(version=status.version)
+        response = pb.StatusResponse(
+            version=status.version,
+            source=pb.SourceState(generation=status.source.generation, digest=status.source.digest,
+                                  replica=self._hub.replica),
+            sync_streams=status.streams,
+            draining=status.draining,
+        )
         for node, record in status.nodes.items():
             response.nodes[node].CopyFrom(
                 pb.NodeStatus(
@@ -351,7 +383,7 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
         # A node's certificate: its own entry only. Other nodes' errors and the source's errors
         # name other tenants' objects, and a compromised node has no business reading them.
         own = {node: record for node, record in status.nodes.items() if node in names}
-        return HubStatus(status.version, own)
+        return replace(status, nodes=own, source_errors=())
 
 
 def create_server(
