@@ -293,6 +293,11 @@ class PolicyHub:
         with self._lock:
             return self._version
 
+    def node_count(self) -> int:
+        """Nodes that the pod cache has pods on (each runs an agent): for a replica's share."""
+        with self._lock:
+            return len({pod.node_name for pod in self._resolver.state.pods.values() if pod.node_name})
+
     def find_pod(self, namespace: str, name: str) -> Pod | None:
         """A live pod of the source (the pod cache token identity binds agents by)."""
         with self._lock:
@@ -357,9 +362,10 @@ class PolicyHub:
             stream.close(reason)
 
     def open_streams(self) -> list[StreamHandle]:
-        """The current stream of every connected node, oldest first."""
+        """The current stream of every connected node, oldest first (not those already told to end)."""
         with self._lock:
-            return sorted(self._streams.values(), key=lambda handle: handle.stream_id)
+            streams = list(self._streams.values())
+        return sorted((h for h in streams if not h.closed), key=lambda handle: handle.stream_id)
 
     # --- status ----------------------------------------------------------------------------------
 

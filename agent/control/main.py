@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from agent.control.balance import StreamBalancer
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.identity import (
     DEFAULT_AGENT_SERVICE_ACCOUNT,
@@ -95,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a node from status and metrics once disconnected this long",
     )
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="control replicas serving the cluster: above its share of the streams a replica moves "
+        "one agent per second to another replica (1: never)",
+    )
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -189,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         if not horizon > 0:  # also refuses nan
             raise ValueError(f"--forget-disconnected-after must be > 0 seconds, not {horizon}")
         service_account_user(args.agent_service_account)
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, not {args.replicas}")
     except ValueError as exc:
         print(f"podfence control: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -271,6 +279,9 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
     server.start()
     healthy.set()
+    if args.replicas > 1:
+        balancer = StreamBalancer(hub, args.replicas)
+        threading.Thread(target=balancer.run, args=(stop,), name="balance", daemon=True).start()
     log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
              _transport(credentials, args.identity), args.metrics_listen)
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly

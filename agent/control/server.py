@@ -35,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control.admission import REASON_HELLO_TIMEOUT, REASON_IDENTITY, StreamAdmission, client_identity
+from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
@@ -269,7 +270,7 @@ class NodeSyncService:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, closed.reason)
                 if closed.reason.startswith("superseded"):
                     context.abort(grpc.StatusCode.CANCELLED, closed.reason)
-                if closed.reason.startswith("shutting down"):
+                if closed.reason.startswith((SHUTTING_DOWN, "rebalancing")):
                     context.abort(grpc.StatusCode.UNAVAILABLE, closed.reason)
                 return
             if item is None:
@@ -456,7 +457,9 @@ def create_server(
 
 def stop_server(server: grpc.Server, hub: PolicyHub, health_servicer: health.HealthServicer,
                 grace: float = 5.0) -> None:
-    """Graceful stop: report NOT_SERVING, end every stream (agents reconnect elsewhere), drain."""
+    """Graceful stop: report NOT_SERVING, refuse new streams, end the open ones spread over most
+    of `grace` (agents reconnect elsewhere a few at a time: balance.py), then stop."""
     health_servicer.enter_graceful_shutdown()
-    hub.close_all("shutting down")
-    server.stop(grace).wait()
+    drain(hub, grace * 0.8)
+    hub.close_all(SHUTTING_DOWN)
+    server.stop(grace * 0.2).wait()
