@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,6 @@ from agent.node.sync import SyncClient
 from agent.policy.resolver import Resolver
 from tests.unit.control_helpers import (
     PODS,
-    RecordingAgent,
     ns_doc,
     pod,
     policy_doc,
@@ -90,99 +89,83 @@ def web_port(state: NodeState) -> int:
 
 
 @pytest.fixture
-def agents():
-    started: list[RecordingAgent] = []
-
-    def make(node: str, target: str, **kwargs) -> RecordingAgent:
-        agent = RecordingAgent(node, target, **kwargs).start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.close()
-
-
-def test_failover_to_a_lagging_replica_never_rolls_policy_back(tmp_path, agents):
-    write_folder(tmp_path / "old", 8080, T0)        # a replica whose source copy lags behind
+def replicas(tmp_path) -> Iterator[tuple[FolderControl, FolderControl]]:
+    """Two replicas: `old` read its folder at generation T0, `new` at T0 + 100 s."""
+    write_folder(tmp_path / "old", 8080, T0)  # a replica whose source copy lags behind
     write_folder(tmp_path / "new", 9090, T0 + 100)  # the source as it is now
     old, new = folder_control(tmp_path / "old", "old"), folder_control(tmp_path / "new", "new")
+    yield old, new
+    old.stop()
+    new.stop()
+
+
+@contextmanager
+def running(client: SyncClient) -> Iterator[SyncClient]:
+    stop = threading.Event()
+    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
+    thread.start()
     try:
-        assert new.hub.source.generation == (T0 + 100) * 10**9 > old.hub.source.generation == T0 * 10**9
-        agent = agents("n1", f"{new.target},{old.target}", first_message_timeout=5.0)
-        agent.wait_for_state(lambda s: "shop/web-1" in s.endpoints and web_port(s) == 9090, "new policy")
-        applied = len(agent.states)
-
-        new.stop()  # the agent fails over to the lagging replica
-        wait_until(lambda: "n1" in old.hub.status().nodes and bool(old.hub.status().nodes["n1"].last_error),
-                   what="the lagging replica's version held")
-        assert len(agent.states) == applied and web_port(agent.last) == 9090, "rolled back to older policy"
-        assert agent.client is not None and agent.client.held is not None
-        assert "older than the enforced" in agent.client.held
-        assert (old.hub.status().nodes["n1"].last_error or "").startswith("held: ")
-
-        # The lagging replica catches up: its newer version is applied.
-        write_folder(tmp_path / "old", 7070, T0 + 200)
-        old.source.scan()
-        agent.wait_for_state(lambda s: web_port(s) == 7070, "the caught-up replica's policy")
-        assert all(web_port(s) != 8080 for s in agent.states), "an older version was enforced"
-        assert agent.client.held is None
-        assert agent.client.enforced_generation == (T0 + 200) * 10**9
+        yield client
     finally:
-        old.stop()
-        new.stop()
+        stop.set()
+        thread.join(5)
 
 
-def test_a_lagging_replica_is_left_after_the_hold_timeout(tmp_path):
-    write_folder(tmp_path / "old", 8080, T0)
-    write_folder(tmp_path / "new", 9090, T0 + 100)
-    old, new = folder_control(tmp_path / "old", "old"), folder_control(tmp_path / "new", "new")
-    try:
-        # An agent that enforces generation T0+100 (from `new`, before a restart) meets `old` first.
-        states: list[NodeState] = []
-        client = SyncClient("n1", f"{old.target},{new.target}", states.append, backoff_initial=0.05,
-                            backoff_max=0.2, hold_timeout=0.5, heartbeat_interval=0.2)
-        client.enforced_generation = (T0 + 100) * 10**9
-        stop = threading.Event()
-        thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            wait_until(lambda: bool(states) and web_port(states[-1]) == 9090,
-                       what="moved on to the newer replica")
-            assert all(web_port(s) != 8080 for s in states)
-        finally:
-            stop.set()
-            thread.join(5)
-    finally:
-        old.stop()
-        new.stop()
+def test_failover_to_a_lagging_replica_never_rolls_policy_back(tmp_path, replicas, agents):
+    old, new = replicas
+    assert new.hub.source.generation == (T0 + 100) * 10**9 > old.hub.source.generation == T0 * 10**9
+    agent = agents("n1", f"{new.target},{old.target}", first_message_timeout=5.0)
+    agent.wait_for_state(lambda s: "shop/web-1" in s.endpoints and web_port(s) == 9090, "new policy")
+    applied = len(agent.states)
+
+    new.stop()  # the agent fails over to the lagging replica
+    wait_until(lambda: "n1" in old.hub.status().nodes and bool(old.hub.status().nodes["n1"].last_error),
+               what="the lagging replica's version held")
+    assert len(agent.states) == applied and web_port(agent.last) == 9090, "rolled back to older policy"
+    assert agent.client is not None and agent.client.held is not None
+    assert "older than the enforced" in agent.client.held
+    assert (old.hub.status().nodes["n1"].last_error or "").startswith("held: ")
+
+    # The lagging replica catches up: its newer version is applied.
+    write_folder(tmp_path / "old", 7070, T0 + 200)
+    old.source.scan()
+    agent.wait_for_state(lambda s: web_port(s) == 7070, "the caught-up replica's policy")
+    assert all(web_port(s) != 8080 for s in agent.states), "an older version was enforced"
+    assert agent.client.held is None
+    assert agent.client.enforced_generation == (T0 + 200) * 10**9
 
 
-def test_status_shows_every_replicas_view(tmp_path):
-    write_folder(tmp_path / "old", 8080, T0)
-    write_folder(tmp_path / "new", 9090, T0 + 100)
-    old, new = folder_control(tmp_path / "old", "old"), folder_control(tmp_path / "new", "new")
-    try:
-        args = argparse.Namespace(control=f"{new.target},{old.target},127.0.0.1:1", json=True, insecure=False,
-                                  tls_cert=None, tls_key=None, tls_ca=None, timeout=2.0)
-        out = io.StringIO()
-        with redirect_stdout(out):
-            assert status_cmd.run(args) == 0
-        status = json.loads(out.getvalue())
-        assert status["version"] == new.hub.version  # the first that answers
-        views = {view["control"]: view for view in status["replicas"]}
-        assert views[new.target]["replica"] == "new"
-        assert views[new.target]["source_generation"] == (T0 + 100) * 10**9
-        assert views[old.target]["source_generation"] == T0 * 10**9
-        assert views["127.0.0.1:1"]["reachable"] is False
-        args.json = False
-        out = io.StringIO()
-        with redirect_stdout(out):
-            assert status_cmd.run(args) == 0
-        assert "behind the newest source generation" in out.getvalue()
-    finally:
-        old.stop()
-        new.stop()
+def test_a_lagging_replica_is_left_after_the_hold_timeout(replicas):
+    old, new = replicas
+    # An agent that enforces generation T0+100 (from `new`, before a restart) meets `old` first.
+    states: list[NodeState] = []
+    client = SyncClient("n1", f"{old.target},{new.target}", states.append, backoff_initial=0.05,
+                        backoff_max=0.2, hold_timeout=0.5, heartbeat_interval=0.2)
+    client.enforced_generation = (T0 + 100) * 10**9
+    with running(client):
+        wait_until(lambda: bool(states) and web_port(states[-1]) == 9090, what="moved to the newer replica")
+        assert all(web_port(s) != 8080 for s in states)
+
+
+def test_status_shows_every_replicas_view(replicas):
+    old, new = replicas
+    args = argparse.Namespace(control=f"{new.target},{old.target},127.0.0.1:1", json=True, insecure=False,
+                              tls_cert=None, tls_key=None, tls_ca=None, timeout=2.0)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    status = json.loads(out.getvalue())
+    assert status["version"] == new.hub.version  # the first that answers
+    views = {view["control"]: view for view in status["replicas"]}
+    assert views[new.target]["replica"] == "new"
+    assert views[new.target]["source_generation"] == (T0 + 100) * 10**9
+    assert views[old.target]["source_generation"] == T0 * 10**9
+    assert views["127.0.0.1:1"]["reachable"] is False
+    args.json = False
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    assert "behind the newest source generation" in out.getvalue()
 
 
 # --- drain and shed -----------------------------------------------------------------------------------
@@ -269,15 +252,11 @@ def test_heartbeats_expose_a_wedged_replica_and_the_agent_reconnects():
     states: list[NodeState] = []
     client = SyncClient("n1", f"127.0.0.1:{wedged.port}", states.append, backoff_initial=0.05,
                         backoff_max=0.2, heartbeat_interval=0.2)
-    stop = threading.Event()
-    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
-    thread.start()
     try:
-        wait_until(lambda: wedged.calls >= 2, timeout=5.0, what="a new stream after 0.6 s of silence")
-        assert states and states[0].version == 1
+        with running(client):
+            wait_until(lambda: wedged.calls >= 2, timeout=5.0, what="a new stream after 0.6 s of silence")
+            assert states and states[0].version == 1
     finally:
-        stop.set()
-        thread.join(5)
         wedged.stop()
 
 
@@ -286,15 +265,11 @@ def test_a_live_replica_keeps_an_idle_stream_open_with_heartbeats(agents):
     try:
         states: list[NodeState] = []
         client = SyncClient("n1", ctl.target, states.append, heartbeat_interval=0.2)
-        stop = threading.Event()
-        thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
-        thread.start()
-        wait_until(lambda: bool(states), what="the snapshot")
-        (stream,) = ctl.hub.open_streams()
-        time.sleep(1.5)  # idle, seven heartbeat intervals
-        assert ctl.hub.open_streams() == [stream], "an idle but live stream was given up"
-        assert len(states) == 1
-        stop.set()
-        thread.join(5)
+        with running(client):
+            wait_until(lambda: bool(states), what="the snapshot")
+            (stream,) = ctl.hub.open_streams()
+            time.sleep(1.5)  # idle, seven heartbeat intervals
+            assert ctl.hub.open_streams() == [stream], "an idle but live stream was given up"
+            assert len(states) == 1
     finally:
         ctl.stop()
