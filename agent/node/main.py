@@ -163,6 +163,28 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
         raise UsageError(f"cannot read TLS material: {exc}") from exc
 
 
+def reloading_credentials(
+    args: argparse.Namespace, initial: grpc.ChannelCredentials | None
+) -> Callable[[], grpc.ChannelCredentials] | None:
+    """Reads the TLS files again for each new channel (a rotated Secret); on a read failure (a
+    rotation half done) the previous credentials serve, and the next reconnect tries again."""
+    if initial is None:
+        return None
+    current = [initial]
+
+    def load() -> grpc.ChannelCredentials:
+        try:
+            fresh = channel_credentials(args)
+        except UsageError as exc:
+            log.warning("cannot re-read the TLS files (%s); using the previous ones", exc)
+        else:
+            if fresh is not None:
+                current[0] = fresh
+        return current[0]
+
+    return load
+
+
 def _dest(map_flag: str) -> str:
     return "map_size_" + map_flag.replace("-", "_")
 
@@ -299,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
         token_file = args.token_file
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
-                          token=(lambda: Path(token_file).read_text()) if token_file else None)
+                          token=(lambda: Path(token_file).read_text()) if token_file else None,
+                          credentials_factory=reloading_credentials(args, credentials))
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None

@@ -238,6 +238,7 @@ class SyncClient:
         token: Callable[[], str] | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
+        credentials_factory: Callable[[], grpc.ChannelCredentials] | None = None,
     ) -> None:
         self.node_name = node_name
         # Token identity: read again for every stream, as the kubelet rotates projected tokens.
@@ -254,6 +255,8 @@ class SyncClient:
         self._last_message = 0.0  # monotonic time of the open stream's last message
         self._apply = apply
         self._credentials = credentials
+        # TLS files re-read for every new channel, so a rotated CA or certificate is picked up.
+        self._credentials_factory = credentials_factory
         self._agent_version = agent_version
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -311,6 +314,8 @@ class SyncClient:
             delay = min(self._backoff_max, delay * 2)
 
     def _channel(self) -> grpc.Channel:
+        if self._credentials_factory is not None:
+            self._credentials = self._credentials_factory()
         if self._credentials is not None:
             return grpc.secure_channel(self.target, self._credentials, options=self._options)
         return grpc.insecure_channel(self.target, options=self._options)

@@ -9,6 +9,7 @@ import io
 import ipaddress
 import json
 import os
+import threading
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from agent.control.identity import TokenAuthenticator, TokenReviewer
 from agent.control.tls_files import ReloadingTlsFiles, TlsFiles
 from agent.model.objects import Pod
 from tests.unit.apiserver_double import TokenReviewApiDouble
-from tests.unit.control_helpers import WAIT, RecordingAgent, TestCA, small_cluster, start_control
+from tests.unit.control_helpers import WAIT, RecordingAgent, TestCA, small_cluster, start_control, wait_until
 
 AGENT_NS, AGENT_SA = "podfence-system", "podfence-agent"
 
@@ -259,3 +260,47 @@ def test_token_identity_never_runs_or_sends_tokens_in_plaintext(tmp_path):
     args = parser.parse_args(["agent", "--node", "n1", "--control", "c:1", "--token-file", str(token),
                               "--tls-ca", str(ca)])
     assert agent_main.channel_credentials(args) is not None  # no client certificate needed
+
+
+def test_an_agent_reads_rotated_tls_files_for_its_next_connection(tmp_path):
+    """Server and agent both rotate to a new CA: the agent's next stream verifies the new server
+    certificate with the new CA file and presents its new client certificate."""
+    from agent.node.main import channel_credentials, reloading_credentials
+    from agent.node.sync import SyncClient
+
+    old_ca, new_ca = TestCA(), TestCA()
+    server_dir, agent_dir = tmp_path / "server", tmp_path / "agent"
+    server_dir.mkdir()
+    agent_dir.mkdir()
+
+    def install(ca: TestCA) -> None:
+        served, client = ca.issue("podfence-control", server=True), ca.issue("n1")
+        for directory, issued in ((server_dir, served), (agent_dir, client)):
+            _write_atomically(directory / "tls.key", issued.key)
+            _write_atomically(directory / "tls.crt", issued.cert)
+            _write_atomically(directory / "ca.crt", ca.pem)
+
+    install(old_ca)
+    files = ReloadingTlsFiles(*(str(server_dir / name) for name in ("tls.crt", "tls.key", "ca.crt")))
+    ctl = start_control(small_cluster(), addr="localhost:0", tls=files)
+    args = argparse.Namespace(tls_cert=str(agent_dir / "tls.crt"), tls_key=str(agent_dir / "tls.key"),
+                              tls_ca=str(agent_dir / "ca.crt"), insecure=False, token_file=None)
+    initial = channel_credentials(args)
+    states: list = []
+    client = SyncClient("n1", f"localhost:{ctl.port}", states.append, credentials=initial,
+                        credentials_factory=reloading_credentials(args, initial), backoff_initial=0.05,
+                        backoff_max=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(states) == 1, what="the first snapshot")
+        (first,) = ctl.hub.open_streams()
+        install(new_ca)
+        first.close("superseded by a test")  # the agent reconnects
+        wait_until(lambda: len(states) >= 2, what="a snapshot over the rotated certificates")
+        assert files.reloads == 1
+    finally:
+        stop.set()
+        thread.join(5)
+        ctl.stop()
