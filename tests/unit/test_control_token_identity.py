@@ -304,3 +304,71 @@ def test_an_agent_reads_rotated_tls_files_for_its_next_connection(tmp_path):
         stop.set()
         thread.join(5)
         ctl.stop()
+
+
+# --- the whole process --------------------------------------------------------------------------------
+
+
+def test_control_process_in_token_mode_binds_agents_through_its_kubeconfig(tmp_path, apiserver):
+    """`podfence control --identity token` as a process: TokenReview through --kubeconfig (the
+    double's CA and the control's own token), agent pods (with uids) from the folder source."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import yaml
+
+    from tests.unit.control_helpers import PODS, ns_doc, policy_doc
+    from tests.unit.test_control_cli import free_port
+
+    source = tmp_path / "source"
+    source.mkdir()
+    agent_doc = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"namespace": AGENT_NS, "name": "podfence-agent-a", "uid": "uid-a"},
+                 "spec": {"nodeName": "n1", "hostNetwork": True, "containers": [{"name": "a", "image": "x"}]}}
+    (source / "cluster.yaml").write_text(yaml.safe_dump_all([ns_doc("shop"), *PODS, agent_doc,
+                                                             policy_doc("web-in", "web", 8080)]))
+    (tmp_path / "apiserver-ca.crt").write_bytes(apiserver.ca.pem)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "double",
+        "clusters": [{"name": "double", "cluster": {
+            "server": f"https://127.0.0.1:{apiserver.port}",
+            "certificate-authority": str(tmp_path / "apiserver-ca.crt"),
+        }}],
+        "users": [{"name": "control", "user": {"token": apiserver.caller_token}}],
+        "contexts": [{"name": "double", "context": {"cluster": "double", "user": "control"}}],
+    }))
+    ca = TestCA()
+    issued = ca.issue("podfence-control", server=True)
+    (tmp_path / "tls.crt").write_bytes(issued.cert)
+    (tmp_path / "tls.key").write_bytes(issued.key)
+    grpc_port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "control", "--source", str(source), "--identity", "token",
+         "--kubeconfig", str(kubeconfig), "--tls-cert", str(tmp_path / "tls.crt"),
+         "--tls-key", str(tmp_path / "tls.key"), "--listen", f"127.0.0.1:{grpc_port}",
+         "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    agent = RecordingAgent("n1", f"localhost:{grpc_port}", credentials=grpc.ssl_channel_credentials(ca.pem),
+                           token=lambda: "tok-n1")
+    try:
+        wait_until(healthy, timeout=30, what="control /healthz")
+        agent.start()
+        state = agent.wait_for_state(lambda s: "shop/web-1" in s.endpoints, "n1 by token")
+        assert set(state.endpoints) == {"shop/web-1"}
+        assert apiserver.reviews and apiserver.reviews[-1]["spec"]["token"] == "tok-n1"
+    finally:
+        agent.close()
+        process.kill()
+        _, stderr = process.communicate(timeout=10)
+    assert "node identity by service-account token" in stderr
