@@ -419,3 +419,9 @@ def test_the_agent_mounts_a_projected_token_for_the_control_service_only() -> No
     mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "podfence-token")
     assert mount["readOnly"] is True
     assert spec["automountServiceAccountToken"] is False  # no token for the API server itself
+
+
+def test_the_control_services_replica_count_matches_its_deployment() -> None:
+    deployment = find("Deployment", "podfence-control")
+    env = container_env(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert int(env["PODFENCE_REPLICAS"]) == deployment["spec"]["replicas"]
