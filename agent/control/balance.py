@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHED_INTERVAL_S = 1.0
 DEFAULT_SLACK = 0.1
+NODE_RECOUNT_TICKS = 30
 REBALANCING = "rebalancing: this replica holds more than its share of streams"
 SHUTTING_DOWN = "shutting down"
 
@@ -43,10 +44,15 @@ class StreamBalancer:
         self._slack = slack
         self._rng = rng or random.Random()
         self.shed = 0
+        # Counting the nodes walks every pod: done once per NODE_RECOUNT_TICKS, not every tick.
+        self._nodes: int | None = None
+        self._ticks = 0
 
     def share(self) -> int | None:
         """Streams this replica should hold at most; None when it knows of no node."""
-        nodes = self._hub.node_count()
+        if self._nodes is None or self._ticks % NODE_RECOUNT_TICKS == 0:
+            self._nodes = self._hub.node_count()
+        nodes = self._nodes
         if not nodes:
             return None
         return max(1, math.ceil(nodes / self._replicas * (1 + self._slack)))
@@ -55,6 +61,7 @@ class StreamBalancer:
         """Sheds one stream if this replica holds more than its share; the node shed, or None."""
         if self._replicas <= 1 or self._hub.draining:
             return None
+        self._ticks += 1
         streams = self._hub.open_streams()
         share = self.share()
         if share is None or len(streams) <= share:

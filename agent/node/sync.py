@@ -253,6 +253,7 @@ class SyncClient:
         self._held_since: float | None = None
         self.replica = ""  # the replica that sent the last version
         self._last_message = 0.0  # monotonic time of the open stream's last message
+        self._heartbeats = threading.Event()  # the open stream's replica sends heartbeats
         self._apply = apply
         self._credentials = credentials
         # TLS files re-read for every new channel, so a rotated CA or certificate is picked up.
@@ -350,7 +351,9 @@ class SyncClient:
                 raise _StreamBroken(f"cannot read the service-account token: {exc}") from exc
         with self._channel() as channel:
             call = pb_grpc.NodeSyncStub(channel).Sync(requests(), metadata=metadata)
-            ended, answered = threading.Event(), threading.Event()
+            # Heartbeats are expected only from a replica that shows it knows them (an older one,
+            # mid-upgrade, sends none: its idle streams must not be taken for wedged).
+            ended, answered, self._heartbeats = threading.Event(), threading.Event(), threading.Event()
             verdict: list[str] = []  # why the watcher cancelled the stream
             self._last_message = time.monotonic()
             watcher = threading.Thread(
@@ -363,6 +366,8 @@ class SyncClient:
                 for message in call:
                     answered.set()
                     self._last_message = time.monotonic()
+                    if message.HasField("heartbeat") or message.HasField("source"):
+                        self._heartbeats.set()
                     if broken or message.HasField("heartbeat"):
                         continue  # draining until the server ends the stream we half-closed
                     self._connected.set()
@@ -404,7 +409,7 @@ class SyncClient:
             if not answered.is_set():
                 if now >= deadline:
                     verdict.append(f"no snapshot from {self.target} within {self._first_message_timeout:g} s")
-            elif now - self._last_message > silence:
+            elif self._heartbeats.is_set() and now - self._last_message > silence:
                 verdict.append(f"no message or heartbeat from {self.target} for {silence:g} s: the replica "
                                "is wedged")
             elif self._held_since is not None and now - self._held_since > self._hold_timeout:

@@ -224,9 +224,11 @@ def test_a_replica_above_its_share_sheds_one_stream_per_tick(agents):
 
 class WedgedReplica:
     """A NodeSync server that sends one empty snapshot and then never anything again (its
-    process alive, HTTP/2 pings answered by the gRPC core: only the application is stuck)."""
+    process alive, HTTP/2 pings answered by the gRPC core: only the application is stuck).
+    `current=False`: a replica of a release before heartbeats (its versions carry no source)."""
 
-    def __init__(self) -> None:
+    def __init__(self, current: bool = True) -> None:
+        self.current = current
         self.calls = 0
         self.release = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -239,7 +241,10 @@ class WedgedReplica:
     def sync(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
         self.calls += 1
         next(requests, None)
-        yield pb.ControlMessage(version=1, snapshot=pb.Snapshot())
+        message = pb.ControlMessage(version=1, snapshot=pb.Snapshot())
+        if self.current:
+            message.source.CopyFrom(pb.SourceState(generation=1, replica="wedged"))
+        yield message
         self.release.wait(30)  # wedged
 
     def stop(self) -> None:
@@ -258,6 +263,19 @@ def test_heartbeats_expose_a_wedged_replica_and_the_agent_reconnects():
             assert states and states[0].version == 1
     finally:
         wedged.stop()
+
+
+def test_an_idle_stream_of_a_replica_without_heartbeats_is_not_taken_for_wedged():
+    older = WedgedReplica(current=False)
+    states: list[NodeState] = []
+    client = SyncClient("n1", f"127.0.0.1:{older.port}", states.append, heartbeat_interval=0.2)
+    try:
+        with running(client):
+            wait_until(lambda: bool(states), what="the snapshot")
+            time.sleep(1.5)
+            assert older.calls == 1, "reconnected to a replica that never promised heartbeats"
+    finally:
+        older.stop()
 
 
 def test_a_live_replica_keeps_an_idle_stream_open_with_heartbeats(agents):
