@@ -12,8 +12,12 @@ an agent of node A cannot ask for node B's policy (PERMISSION_DENIED).
 Streams are admitted within bounds (admission.py): Hello within a deadline, a few streams per
 client awaiting Hello, a total below the thread pool. GetStatus answers with mutual TLS only what
 the caller may see: a node's certificate sees its own node's entry; a certificate whose CN is one
-of `admin_names` sees every node and the source's errors. Without TLS there is no caller identity,
+of `admin_names` sees every node and the source's errors. In token mode an agent's token sees its
+own node's entry and an admin user's token everything. Without TLS there is no caller identity,
 and anyone who can reach the port can subscribe as any node anyway: status shows everything.
+
+Every version sent carries the source state it was built from (hub.py), and an agent that asks
+for heartbeats gets one on an idle stream, so it can tell a wedged replica from a quiet one.
 """
 
 from __future__ import annotations
