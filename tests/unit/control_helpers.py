@@ -58,6 +58,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def control_healthy(metrics_port: int) -> bool:
+    """Whether a control process's /healthz on loopback answers 200 (its source has been read)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
 # --- a small cluster ----------------------------------------------------------------------------------
 
 

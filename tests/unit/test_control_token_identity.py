@@ -314,11 +314,10 @@ def test_control_process_in_token_mode_binds_agents_through_its_kubeconfig(tmp_p
     double's CA and the control's own token), agent pods (with uids) from the folder source."""
     import subprocess
     import sys
-    import urllib.request
 
     import yaml
 
-    from tests.unit.control_helpers import PODS, ns_doc, policy_doc
+    from tests.unit.control_helpers import PODS, control_healthy, ns_doc, policy_doc
     from tests.unit.test_control_cli import free_port
 
     source = tmp_path / "source"
@@ -352,17 +351,10 @@ def test_control_process_in_token_mode_binds_agents_through_its_kubeconfig(tmp_p
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
     agent = RecordingAgent("n1", f"localhost:{grpc_port}", credentials=grpc.ssl_channel_credentials(ca.pem),
                            token=lambda: "tok-n1")
     try:
-        wait_until(healthy, timeout=30, what="control /healthz")
+        wait_until(lambda: control_healthy(metrics_port), timeout=30, what="control /healthz")
         agent.start()
         state = agent.wait_for_state(lambda s: "shop/web-1" in s.endpoints, "n1 by token")
         assert set(state.endpoints) == {"shop/web-1"}
