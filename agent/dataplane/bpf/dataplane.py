@@ -52,6 +52,7 @@ from agent.dataplane.bpf.compiler import (
     EndpointEntry,
     PolicyEntry,
 )
+from agent.dataplane.bpf.costs import ATTRIBUTABLE, policy_costs
 from agent.dataplane.bpf.plan import (
     PUT,
     CidrKey,
@@ -74,7 +75,8 @@ from agent.dataplane.bpf.structs import (
     address_from_bytes,
     make_addr,
 )
-from agent.dataplane.bpf.transition import with_union
+from agent.dataplane.bpf.transition import UnionView, with_union
+from agent.dataplane.fit import Overflow, Rejection, choose_rejections, report_rejections, strip_policies
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,8 @@ class BpfDataplane:
         self._capacity: dict[str, int] = {}  # real max_entries of the pinned maps (a pin keeps its size)
         # True once start() found state of a previous run in the pinned maps (read by the node layer)
         self.adopted = False
+        # policies the last apply left out because they do not fit (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -285,12 +289,8 @@ class BpfDataplane:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
         old_allocation = self._live.allocation
         with self._lock:
-            try:
-                desired, ops, union = compile_and_plan(self._live, state, old_allocation)
-            except ValueError as error:
-                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+            desired, ops, union, rejected = self._fit(state, old_allocation)
             allocation = with_union(desired.allocation, union)
-            self._check_capacity(desired, ops)
             # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
             changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
             try:
@@ -308,6 +308,7 @@ class BpfDataplane:
                 self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
             self._live.allocation = allocation
             self._save_state_file()
+            self.rejected_policies = report_rejections(self.rejected_policies, rejected)
             self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
@@ -326,7 +327,34 @@ class BpfDataplane:
             return self._links.repair()
         return self._iptables.install(self._nf_pin)
 
-    def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
+    def _fit(
+        self, state: NodeState, old_allocation: Allocation | None
+    ) -> tuple[Desired, list[Op], UnionView | None, dict[str, Rejection]]:
+        """Compile and plan `state`, rejecting the policies that do not fit (agent/dataplane/fit.py):
+        one compile when everything fits, one more per round of rejections (usually one)."""
+        rejected: dict[str, Rejection] = {}
+        fitted = state
+        while True:
+            try:
+                desired, ops, union = compile_and_plan(self._live, fitted, old_allocation)
+            except ValueError as error:
+                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+            overflows = self._overflows(desired, ops)
+            if not overflows:
+                return desired, ops, union, rejected
+            attributable = [o for o in overflows if o.table in ATTRIBUTABLE]
+            more = choose_rejections(attributable, policy_costs(fitted, desired), rejected.keys())
+            if not more:
+                overflow = overflows[0]
+                raise CapacityError(
+                    f"BPF map {overflow.table} would need {overflow.needed} entries during this update but "
+                    f"holds {overflow.room}; nothing was changed (raise the map size)"
+                    + (f"; already rejected: {', '.join(sorted(rejected))}" if rejected else "")
+                )
+            rejected.update((r.policy, r) for r in more)
+            fitted = strip_policies(state, rejected.keys())
+
+    def _overflows(self, desired: Desired, ops: list[Op]) -> list[Overflow]:
         peaks = peak_sizes(self._live, ops)
         knobs = self.knobs
         requested = {
@@ -348,12 +376,7 @@ class BpfDataplane:
         slots = desired.allocation.endpoint_slots.values()
         if slots and (max(slots) + 1) * 2 > capacity("pf_counters"):
             checks.append(("pf_counters", (max(slots) + 1) * 2, capacity("pf_counters")))
-        for name, needed, room in checks:
-            if needed > room:
-                raise CapacityError(
-                    f"BPF map {name} would need {needed} entries during this update but holds {room}; "
-                    "nothing was changed (raise the map size)"
-                )
+        return [Overflow(name, needed, room) for name, needed, room in checks if needed > room]
 
     def _semantic_changes(self, desired: Desired) -> _Changes:
         """What the update changes for verdicts (not which entries move between generations)."""
