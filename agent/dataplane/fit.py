@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Container, Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from agent.dataplane.types import DirectionPolicy, NodeState
@@ -95,7 +95,7 @@ def distinct_directions(state: NodeState) -> Iterable[DirectionPolicy]:
 
 
 def choose_rejections(
-    overflows: Iterable[Overflow], costs: Mapping[str, Mapping[str, int]], rejected: Set[str]
+    overflows: Iterable[Overflow], costs: Mapping[str, Mapping[str, int]], rejected: Container[str]
 ) -> list[Rejection]:
     """Policies to reject next so that every overflowing table is estimated to fit.
 

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.dataplane.base import (
-    CapacityError,
     DataplaneError,
     EndpointCounters,
     PermanentDataplaneError,
@@ -52,16 +51,14 @@ from agent.dataplane.bpf.compiler import (
     EndpointEntry,
     PolicyEntry,
 )
-from agent.dataplane.bpf.costs import ATTRIBUTABLE, policy_costs
+from agent.dataplane.bpf.fitting import fit_and_plan
 from agent.dataplane.bpf.plan import (
     PUT,
     CidrKey,
     IpcacheKey,
     Op,
-    compile_and_plan,
     is_exact,
     is_host,
-    peak_sizes,
     peer_view,
 )
 from agent.dataplane.bpf.structs import (
@@ -75,8 +72,8 @@ from agent.dataplane.bpf.structs import (
     address_from_bytes,
     make_addr,
 )
-from agent.dataplane.bpf.transition import UnionView, with_union
-from agent.dataplane.fit import Overflow, Rejection, choose_rejections, report_rejections, strip_policies
+from agent.dataplane.bpf.transition import with_union
+from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
 log = logging.getLogger(__name__)
@@ -289,7 +286,10 @@ class BpfDataplane:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
         old_allocation = self._live.allocation
         with self._lock:
-            desired, ops, union, rejected = self._fit(state, old_allocation)
+            try:
+                desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+            except ValueError as error:
+                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
             allocation = with_union(desired.allocation, union)
             # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
             changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
@@ -327,35 +327,8 @@ class BpfDataplane:
             return self._links.repair()
         return self._iptables.install(self._nf_pin)
 
-    def _fit(
-        self, state: NodeState, old_allocation: Allocation | None
-    ) -> tuple[Desired, list[Op], UnionView | None, dict[str, Rejection]]:
-        """Compile and plan `state`, rejecting the policies that do not fit (agent/dataplane/fit.py):
-        one compile when everything fits, one more per round of rejections (usually one)."""
-        rejected: dict[str, Rejection] = {}
-        fitted = state
-        while True:
-            try:
-                desired, ops, union = compile_and_plan(self._live, fitted, old_allocation)
-            except ValueError as error:
-                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
-            overflows = self._overflows(desired, ops)
-            if not overflows:
-                return desired, ops, union, rejected
-            attributable = [o for o in overflows if o.table in ATTRIBUTABLE]
-            more = choose_rejections(attributable, policy_costs(fitted, desired), rejected.keys())
-            if not more:
-                overflow = overflows[0]
-                raise CapacityError(
-                    f"BPF map {overflow.table} would need {overflow.needed} entries during this update but "
-                    f"holds {overflow.room}; nothing was changed (raise the map size)"
-                    + (f"; already rejected: {', '.join(sorted(rejected))}" if rejected else "")
-                )
-            rejected.update((r.policy, r) for r in more)
-            fitted = strip_policies(state, rejected.keys())
-
-    def _overflows(self, desired: Desired, ops: list[Op]) -> list[Overflow]:
-        peaks = peak_sizes(self._live, ops)
+    def _rooms(self) -> dict[str, int]:
+        """Entries each map holds: the size asked for, or the pinned map's own if smaller."""
         knobs = self.knobs
         requested = {
             "pf_policy": knobs.policy_max,
@@ -368,15 +341,7 @@ class BpfDataplane:
             "pf_node_ips": knobs.node_ips_max,
             "pf_counters": knobs.endpoints_max * 2,
         }
-
-        def capacity(name: str) -> int:
-            return min(requested[name], self._capacity.get(name, requested[name]))
-
-        checks = [(f"pf_{table}", size, capacity(f"pf_{table}")) for table, size in peaks.items()]
-        slots = desired.allocation.endpoint_slots.values()
-        if slots and (max(slots) + 1) * 2 > capacity("pf_counters"):
-            checks.append(("pf_counters", (max(slots) + 1) * 2, capacity("pf_counters")))
-        return [Overflow(name, needed, room) for name, needed, room in checks if needed > room]
+        return {name: min(size, self._capacity.get(name, size)) for name, size in requested.items()}
 
     def _semantic_changes(self, desired: Desired) -> _Changes:
         """What the update changes for verdicts (not which entries move between generations)."""
