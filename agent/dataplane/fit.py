@@ -50,8 +50,8 @@ class Rejection:
     @property
     def message(self) -> str:
         return (
-            f"policy {self.policy} rejected: it needs about {self.cost} entries of {self.table}, "
-            "more than the node has room for; its allow rules are not enforced (the pods it "
+            f"{self.policy}: rejected, it needs about {self.cost} entries of {self.table}, more "
+            "than this node has room for; its allow rules are not enforced (the pods it "
             "isolates stay isolated)"
         )
 
@@ -126,7 +126,7 @@ def choose_rejections(
 def report_rejections(before: Mapping[str, Rejection], now: dict[str, Rejection]) -> dict[str, Rejection]:
     """Log what changed since the last apply (every rejection once, every recovery once); `now`."""
     for policy in sorted(now.keys() - before.keys()):
-        log.error("%s", now[policy].message, extra={"policy": policy, "map": now[policy].table})
+        log.error("policy %s", now[policy].message, extra={"policy": policy, "map": now[policy].table})
     for policy in sorted(before.keys() - now.keys()):
         log.info("policy %s fits again and is enforced", policy, extra={"policy": policy})
     return now

@@ -279,7 +279,13 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
-        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials)
+        sync = SyncClient(
+            args.node,
+            targets,
+            reconciler.apply,
+            credentials=credentials,
+            rejections=reconciler.rejected_policy_messages,
+        )
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
