@@ -31,6 +31,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
+from agent.dataplane.fit import Overflow, Rejection, choose_rejections, report_rejections, strip_policies
 from agent.dataplane.iptables import bridge, kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
@@ -164,6 +165,8 @@ class IptablesDataplane:
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
         self.adopted = False  # start() found endpoint chains left by a previous run
+        # policies the last apply left out because their sets exceed maxelem (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], _Tally] = {}
@@ -281,7 +284,7 @@ class IptablesDataplane:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
             first_table = reads.submit(kernel.read_filter_table, first)
             sets_read = reads.submit(kernel.read_sets)
-            desired = self._compile(state)
+            desired, rejected = self._compile(state)
             tables = {first: first_table.result()}
             sets_now = sets_read.result()
 
@@ -302,6 +305,7 @@ class IptablesDataplane:
         self._commit_bridge(desired.bridge)
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
+        self.rejected_policies = report_rejections(self.rejected_policies, rejected)
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
@@ -312,25 +316,44 @@ class IptablesDataplane:
             )
             kernel.forget_connections(sorted(addresses | moved_peers))
 
-    def _compile(self, state: NodeState) -> DesiredState:
+    def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
+        """The chains and sets of `state`, less the policies whose sets exceed maxelem (an
+        ipBlock with more excepts than a set holds): each such set is charged to the policies
+        matching on it, rejected by name order until none uses it (agent/dataplane/fit.py)."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
-        desired = compile_state(
-            state,
-            interfaces,
-            self.unknown_endpoints,
-            tcp_needs_syn=self.established_on_change == "reset",
-            set_limit=self.ipset_maxelem,
-        )
-        for spec in desired.sets.values():
-            if len(spec.members) > self.ipset_maxelem:
+        rejected: dict[str, Rejection] = {}
+        fitted = state
+        while True:
+            desired = compile_state(
+                fitted,
+                interfaces,
+                self.unknown_endpoints,
+                tcp_needs_syn=self.established_on_change == "reset",
+                set_limit=self.ipset_maxelem,
+            )
+            over = [
+                Overflow(f"ipset {spec.name}", len(spec.members), self.ipset_maxelem)
+                for spec in desired.sets.values()
+                if len(spec.members) > self.ipset_maxelem
+            ]
+            if not over:
+                break
+            costs = {
+                f"ipset {name}": {policy: len(desired.sets[name].members) for policy in users}
+                for name, users in desired.set_users.items()
+            }
+            more = choose_rejections(over, costs, rejected)
+            if not more:
                 raise CapacityError(
-                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
+                    f"{over[0].table} needs {over[0].needed} entries, maxelem is {self.ipset_maxelem}"
                 )
+            rejected.update((r.policy, r) for r in more)
+            fitted = strip_policies(state, rejected.keys())
         if desired.uses_bridges:
             kernel.enable_bridge_netfilter()
-        return desired
+        return desired, rejected
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
