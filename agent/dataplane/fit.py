@@ -11,7 +11,8 @@ more). Allows without a policy name are never rejected (nothing to name in the e
 
 The choice is deterministic: candidates are ordered by their cost in the map that overflows
 (entries they contribute, counted without sharing), the largest first, then by name; every
-apply of the same state rejects the same policies. A rejected policy is tried again with every
+apply of the same state rejects the same policies. (An ipset is different: it overflows on its
+own, so every policy matching on it is rejected; iptables/dataplane.py.) A rejected policy is tried again with every
 apply, so fixing or deleting the offender lets the rest resume without anything else changing.
 """
 

@@ -31,7 +31,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.fit import Overflow, Rejection, choose_rejections, report_rejections, strip_policies
+from agent.dataplane.fit import Overflow, Rejection, report_rejections, strip_policies
 from agent.dataplane.iptables import bridge, kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
@@ -318,8 +318,8 @@ class IptablesDataplane:
 
     def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
         """The chains and sets of `state`, less the policies whose sets exceed maxelem (an
-        ipBlock with more excepts than a set holds): each such set is charged to the policies
-        matching on it, rejected by name order until none uses it (agent/dataplane/fit.py)."""
+        ipBlock with more excepts than a set holds): every policy matching on such a set is
+        rejected (agent/dataplane/fit.py), in one round: no subset of them frees it."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
@@ -340,12 +340,13 @@ class IptablesDataplane:
             ]
             if not over:
                 break
-            costs = {
-                f"ipset {name}": {policy: len(desired.sets[name].members) for policy in users}
-                for name, users in desired.set_users.items()
-            }
-            more = choose_rejections(over, costs, rejected)
-            if not more:
+            # a set shrinks with no one policy: it is gone only once every policy using it is
+            more = [
+                Rejection(policy, overflow.table, overflow.needed)
+                for overflow in over
+                for policy in sorted(desired.set_users.get(overflow.table.split()[1], ()))
+            ]
+            if not more or any(not r.policy for r in more):
                 raise CapacityError(
                     f"{over[0].table} needs {over[0].needed} entries, maxelem is {self.ipset_maxelem}"
                 )
