@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass, field
 
 import pytest
 
 from agent.dataplane.base import CapacityError
-from agent.dataplane.bpf.compiler import NOT_ISOLATED, EndpointEntry, PolicyEntry
+from agent.dataplane.bpf.compiler import NOT_ISOLATED
 from agent.dataplane.bpf.fitting import fit_and_plan, policy_costs
 from agent.dataplane.fit import Overflow, choose_rejections, strip_policies
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from tests.unit.test_bpf_plan import Maps  # the model of the maps; empty: a node's first apply
 
 TCP = 6
 BIG = 1 << 20
-
-
-@dataclass
-class Maps:
-    """Empty maps (plan.MapContents): a node's first apply."""
-
-    endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
-    endpoint_ips: dict[bytes, int] = field(default_factory=dict)
-    node_ips: set[bytes] = field(default_factory=set)
-    ipcache: dict[tuple[int, bytes], int] = field(default_factory=dict)
-    cidr: dict[tuple[int, int, bytes], int] = field(default_factory=dict)
-    policy: set[PolicyEntry] = field(default_factory=set)
-    interfaces: set[int] = field(default_factory=set)
 
 
 def rooms(**sizes: int) -> dict[str, int]:
