@@ -12,8 +12,13 @@ more). Allows without a policy name are never rejected (nothing to name in the e
 The choice is deterministic: candidates are ordered by their cost in the map that overflows
 (entries they contribute, counted without sharing), the largest first, then by name; every
 apply of the same state rejects the same policies. (An ipset is different: it overflows on its
-own, so every policy matching on it is rejected; iptables/dataplane.py.) A rejected policy is tried again with every
-apply, so fixing or deleting the offender lets the rest resume without anything else changing.
+own, so every policy matching on it is rejected; iptables/dataplane.py.) A rejected policy is
+tried again with every apply, so fixing or deleting the offender (or making room) brings it
+back without anything else changing.
+
+bpf checks the maps at their fullest during the update (old and new entries side by side), so a
+policy may be left out only for want of that transient room; the dataplane then applies the
+same state once more from what it wrote, which takes it back. The order never changes.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ B's later revocation still takes effect, checked with real traffic and the real 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -117,3 +118,19 @@ def test_an_oversized_policy_is_rejected_alone_and_others_keep_applying(
     plane.apply(node_state(node, 4, a_base + fixed, (from_pod(a, "tenant-b/web"),)))
     assert plane.rejected_policies == {}
     assert c.tcp(a.ip, 8080) and not c.tcp(b.ip, 8080)
+
+
+def test_a_policy_that_fits_only_once_its_old_entries_are_gone_is_not_rejected(
+    node: Node, plane: BpfDataplane
+) -> None:
+    a, _b, c = node.pods
+    tcp = huge_allows(c)[:2]  # 2 classes x 24 LPM entries
+    udp = tuple(dataclasses.replace(allow, protocol=17) for allow in tcp)
+    plane.apply(node_state(node, 1, tcp, (from_pod(a, "tenant-b/web"),)))
+    assert count_entries(plane._module[b"pf_policy"]) == 48
+    # the update holds 48 old + 48 new entries at its fullest (> 64): the first pass leaves the
+    # policy out, the second, from the state it wrote, has room for it
+    plane.apply(node_state(node, 2, udp, (from_pod(a, "tenant-b/web"),)))
+    assert plane.rejected_policies == {}
+    assert count_entries(plane._module[b"pf_policy"]) == 48
+    assert not c.tcp(a.ip, 8080)  # the UDP allow admits no TCP: a stays isolated

@@ -171,3 +171,22 @@ def test_costs_count_each_allow_by_its_classes_and_port_prefixes() -> None:
         state, endpoints={"a/p": dataclasses.replace(state.endpoints["a/p"], ingress=DirectionPolicy())}
     )
     assert policy_costs(open_state, desired)["pf_policy"] == {}
+
+
+def test_a_policy_rejected_for_want_of_transient_room_fits_from_the_state_written() -> None:
+    # a/grow moves its ports from TCP to UDP: the update holds its old and its new entries
+    udp = tuple(dataclasses.replace(allow, protocol=17) for allow in cidr_allows("a/grow", 2))
+    before = node(("a/p", cidr_allows("a/grow", 2)), ("b/p", web("b/web", 80)))
+    after = node(("a/p", udp), ("b/p", web("b/web", 80)))
+    maps, room = Maps(), rooms(policy=60)  # 48 LPM entries either way, 96 side by side
+    desired, ops, _union, rejected = fit_and_plan(maps, before, None, room)
+    for op in ops:
+        maps.execute(op)
+    assert rejected == {}
+    desired, ops, _union, rejected = fit_and_plan(maps, after, desired.allocation, room)
+    assert list(rejected) == ["a/grow"]
+    for op in ops:
+        maps.execute(op)
+    # BpfDataplane.apply tries once more from what it wrote: now only the new entries count
+    _desired, _ops, _union, rejected = fit_and_plan(maps, after, desired.allocation, room)
+    assert rejected == {}

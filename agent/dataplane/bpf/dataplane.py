@@ -284,34 +284,46 @@ class BpfDataplane:
     def apply(self, state: NodeState) -> None:
         if self._module is None:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
-        old_allocation = self._live.allocation
         with self._lock:
-            try:
-                desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
-            except ValueError as error:
-                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
-            allocation = with_union(desired.allocation, union)
-            # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
-            changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
-            try:
-                self._write(ops)
-            except Exception as error:
-                # Half written: ids of both allocations may be live in the maps now. Remember
-                # both, so the retry never hands a live id to different content.
-                self._live.allocation = _merge_allocations(old_allocation, allocation)
-                self._save_state_file()
-                if isinstance(error, DataplaneError):
-                    raise
-                # BCC map errors are bare Exceptions / KeyErrors
-                raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
-            finally:
-                self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-            self._live.allocation = allocation
-            self._save_state_file()
+            rejected, changes = self._apply_locked(state)
+            if rejected:
+                # Capacity is checked at the maps' fullest, old and new entries side by side: a
+                # policy left out for want of that transient room may fit from the state just
+                # written (a policy that grew under a fresh id needed its old and new entries).
+                rejected, more = self._apply_locked(state)
+                changes.endpoint_keys |= more.endpoint_keys
+                changes.peer_addresses |= more.peer_addresses
+                changes.prefixes |= more.prefixes
             self.rejected_policies = report_rejections(self.rejected_policies, rejected)
             self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
+
+    def _apply_locked(self, state: NodeState) -> tuple[dict[str, Rejection], _Changes]:
+        old_allocation = self._live.allocation
+        try:
+            desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+        except ValueError as error:
+            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+        allocation = with_union(desired.allocation, union)
+        # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
+        changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
+        try:
+            self._write(ops)
+        except Exception as error:
+            # Half written: ids of both allocations may be live in the maps now. Remember
+            # both, so the retry never hands a live id to different content.
+            self._live.allocation = _merge_allocations(old_allocation, allocation)
+            self._save_state_file()
+            if isinstance(error, DataplaneError):
+                raise
+            # BCC map errors are bare Exceptions / KeyErrors
+            raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
+        finally:
+            self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+        self._live.allocation = allocation
+        self._save_state_file()
+        return rejected, changes
 
     def repair_hooks(self) -> list[str]:
         """Put the egress hook back where it must be if something moved or removed it (the xt_bpf
