@@ -1,7 +1,6 @@
 """Which policies the iptables dataplane rejects when an ipset would exceed maxelem (issue 21
 item 9): every policy matching on the set (no subset frees it), nothing else; isolation kept.
-Compiled without the kernel: the interface lookup is a double (the rest is the real compiler);
-the same on real traffic is tests/privileged/test_iptables_capacity_fit.py."""
+Pure (the real compiler); the same on real traffic is tests/privileged/test_iptables_capacity_fit.py."""
 
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.fit import Rejection
-from agent.dataplane.iptables import IptablesDataplane
-from agent.dataplane.iptables.compiler import DesiredState, Interface
+from agent.dataplane.iptables.compiler import DesiredState, Interface, compile_state
+from agent.dataplane.iptables.fitting import fit_sets
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 
 TCP = 6
@@ -32,10 +31,9 @@ def state(*endpoints: tuple[str, tuple[Allow, ...]]) -> NodeState:
 
 
 def compile_with(maxelem: int, node: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
-    dataplane = IptablesDataplane(ipset_maxelem=maxelem)
-    # the double for the kernel's link dump: every asked-for ifindex is a routed veth
-    dataplane._interfaces = lambda wanted: {i: Interface(i, f"veth{i}") for i in wanted}  # type: ignore[method-assign, assignment]
-    return dataplane._compile(node)
+    indexes = [e.ifindex for e in node.endpoints.values() if e.ifindex is not None]
+    interfaces = {index: Interface(index, f"veth{index}") for index in indexes}
+    return fit_sets(node, lambda fitted: compile_state(fitted, interfaces, set_limit=maxelem), maxelem)
 
 
 def test_every_policy_on_the_overflowing_set_is_rejected_and_only_those() -> None:

@@ -26,12 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent.dataplane.base import (
-    CapacityError,
     EndpointCounters,
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.fit import Overflow, Rejection, report_rejections, strip_policies
+from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.iptables import bridge, kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
@@ -54,6 +53,7 @@ from agent.dataplane.iptables.compiler import (
     compile_state,
     member_address,
 )
+from agent.dataplane.iptables.fitting import fit_sets
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
 
@@ -317,41 +317,21 @@ class IptablesDataplane:
             kernel.forget_connections(sorted(addresses | moved_peers))
 
     def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
-        """The chains and sets of `state`, less the policies whose sets exceed maxelem (an
-        ipBlock with more excepts than a set holds): every policy matching on such a set is
-        rejected (agent/dataplane/fit.py), in one round: no subset of them frees it."""
+        """The chains and sets of `state`, less the policies whose sets exceed maxelem (fitting.py)."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
-        rejected: dict[str, Rejection] = {}
-        fitted = state
-        while True:
-            desired = compile_state(
+        desired, rejected = fit_sets(
+            state,
+            lambda fitted: compile_state(
                 fitted,
                 interfaces,
                 self.unknown_endpoints,
                 tcp_needs_syn=self.established_on_change == "reset",
                 set_limit=self.ipset_maxelem,
-            )
-            over = [
-                Overflow(f"ipset {spec.name}", len(spec.members), self.ipset_maxelem)
-                for spec in desired.sets.values()
-                if len(spec.members) > self.ipset_maxelem
-            ]
-            if not over:
-                break
-            # a set shrinks with no one policy: it is gone only once every policy using it is
-            more = [
-                Rejection(policy, overflow.table, overflow.needed)
-                for overflow in over
-                for policy in sorted(desired.set_users.get(overflow.table.split()[1], ()))
-            ]
-            if not more or any(not r.policy for r in more):
-                raise CapacityError(
-                    f"{over[0].table} needs {over[0].needed} entries, maxelem is {self.ipset_maxelem}"
-                )
-            rejected.update((r.policy, r) for r in more)
-            fitted = strip_policies(state, rejected.keys())
+            ),
+            self.ipset_maxelem,
+        )
         if desired.uses_bridges:
             kernel.enable_bridge_netfilter()
         return desired, rejected
