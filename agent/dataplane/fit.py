@@ -7,7 +7,10 @@ policies, largest first, until it does, and applies the rest.
 
 Rejecting fails closed: a rejected policy's allow entries are dropped, but an endpoint's
 `isolated` flags are kept, so a pod the policy isolates stays isolated (with fewer allows, never
-more). Allows without a policy name are never rejected (nothing to name in the error).
+more). That holds because a node's state is isolation flags plus allows only: excepts and
+(once enforced) higher-tier denies are carved out of the allows before they reach the node, so
+dropping entries can only allow less. Allows without a policy name are never rejected (nothing
+to name in the error).
 
 The choice is deterministic: candidates are ordered by their cost in the map that overflows
 (entries they contribute, counted without sharing), the largest first, then by name; every
