@@ -172,14 +172,14 @@ class BpfGuard(Guard):
     def unguard(self) -> None:
         self._apply(NodeState(0))  # no pod interface: every tc filter is detached
         if self.linked:
-            self.plane._links.remove()
+            self.plane.hook.links.remove()
             self.linked = False
         self._forget_flows()
 
     def guard(self, state: NodeState) -> None:
         self._forget_flows()
         if not self.linked:
-            self.plane._install_egress_hook()
+            self.plane.hook.install(self.plane._module, self.plane._programs)
             self.linked = True
         self._apply(state)
 
@@ -188,7 +188,7 @@ class BpfGuard(Guard):
 
     @property
     def reassembles(self) -> bool:
-        return self.plane.egress_hook_in_use == "netfilter" and self.plane._links.defrag
+        return self.plane.egress_hook_in_use == "netfilter" and self.plane.hook.links.defrag
 
     def close(self) -> None:
         self.plane.teardown()

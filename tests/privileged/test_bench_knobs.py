@@ -64,7 +64,7 @@ def passes(plane: BpfDataplane, hook: str, frame: bytes) -> bool:
     if hook == "nf_egress":  # iptables' bpf match: non-zero = drop
         return run_program(programs[loader.PROGRAM_NF_EGRESS].fd, frame) == 0
     if hook == "nf_egress_link":
-        return run_netfilter_program(plane._links.program_fd, frame) == NF_ACCEPT
+        return run_netfilter_program(plane.hook.links.program_fd, frame) == NF_ACCEPT
     result = run_program(programs[hook].fd, frame)
     assert result in (TC_ACT_OK, TC_ACT_SHOT)
     return result == TC_ACT_OK

@@ -395,7 +395,7 @@ class Bench:
         try:
             with self._inside():
                 if hook == "nf_egress_link":
-                    result = run_netfilter_program(self.plane._links.program_fd, frame)
+                    result = run_netfilter_program(self.plane.hook.links.program_fd, frame)
                 else:
                     result = run_program(programs[name].fd, frame, ifindex)
         except OSError as error:

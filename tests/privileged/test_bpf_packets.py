@@ -24,7 +24,8 @@ import pytest
 
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
-from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
+from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from tests.privileged import bpf_frames as f
