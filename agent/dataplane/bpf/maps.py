@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,79 +47,107 @@ class Live:
 
 def write(module: Any, live: Live, op: Op) -> None:
     """Execute one map op of the plan (every table but "tc", which the dataplane attaches)."""
-    put = op.action == PUT
-    if op.table == "policy":
-        table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
-        if put:
-            table[policy_key(table, op.key)] = table.Leaf(op.value, 0)
-            live.policy.add(op.key)
-        else:
-            delete(table, policy_key(table, op.key))
-            live.policy.discard(op.key)
-    elif op.table == "ipcache":
-        table = module[b"pf_ipcache"]
-        key = table.Key()
-        key.generation = op.key[0]
-        ctypes.memmove(key.addr.bytes, op.key[1], 16)
-        if put:
-            table[key] = table.Leaf(op.value, 0)
-            live.ipcache[op.key] = op.value
-        else:
-            delete(table, key)
-            live.ipcache.pop(op.key, None)
-    elif op.table == "endpoint_ips":
-        table = module[b"pf_endpoint_ips"]
-        if put:
-            table[make_addr(op.key)] = table.Leaf(op.value, 0)
-            live.endpoint_ips[op.key] = op.value
-        else:
-            delete(table, make_addr(op.key))
-            live.endpoint_ips.pop(op.key, None)
-    elif op.table == "cidr":
-        if is_host(op.key):
-            table = module[b"pf_cidr_host"]
-            key = cidr_host_key(table, op.key)
-        else:
-            table = module[b"pf_cidr"]
-            key = cidr_key(table, op.key)
-        if put:
-            table[key] = table.Leaf(op.value, 0)
-            live.cidr[op.key] = op.value
-        else:
-            delete(table, key)
-            live.cidr.pop(op.key, None)
-    elif op.table == "node_ips":
-        table = module[b"pf_node_ips"]
-        if put:
-            table[make_addr(op.key)] = table.Leaf(1, 0)
-            live.node_ips.add(op.key)
-        else:
-            delete(table, make_addr(op.key))
-            live.node_ips.discard(op.key)
-    elif op.table == "counters":
-        _zero_counters(module[b"pf_counters"], op.key)
-    elif op.table == "endpoints":
-        table = module[b"pf_endpoints"]
-        if put:
-            entry: EndpointEntry = op.value
-            leaf = table.Leaf(
-                entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
-            )
-            ctypes.memmove(leaf.mac, entry.mac, 6)
-            table[table.Key(op.key)] = leaf
-            live.endpoints[op.key] = entry
-        else:
-            delete(table, table.Key(op.key))
-            live.endpoints.pop(op.key, None)
-    else:  # pragma: no cover - plan.py and this executor are written together
+    writer = WRITERS.get(op.table)
+    if writer is None:  # pragma: no cover - plan.py and this table are written together
         raise PermanentDataplaneError(f"unknown plan operation {op}")
+    writer(module, live, op)
 
 
-def _zero_counters(counters: Any, endpoint_id: int) -> None:
-    """A reused slot must not inherit the previous endpoint's numbers."""
+# One writer per plan table: it puts or deletes one entry, and updates `live` only once the
+# kernel took the change.
+
+
+def _write_policy(module: Any, live: Live, op: Op) -> None:
+    table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
+    if op.action == PUT:
+        table[policy_key(table, op.key)] = table.Leaf(op.value, 0)
+        live.policy.add(op.key)
+    else:
+        delete(table, policy_key(table, op.key))
+        live.policy.discard(op.key)
+
+
+def _write_ipcache(module: Any, live: Live, op: Op) -> None:
+    table = module[b"pf_ipcache"]
+    key = table.Key()
+    key.generation = op.key[0]
+    ctypes.memmove(key.addr.bytes, op.key[1], 16)
+    if op.action == PUT:
+        table[key] = table.Leaf(op.value, 0)
+        live.ipcache[op.key] = op.value
+    else:
+        delete(table, key)
+        live.ipcache.pop(op.key, None)
+
+
+def _write_endpoint_ip(module: Any, live: Live, op: Op) -> None:
+    table = module[b"pf_endpoint_ips"]
+    if op.action == PUT:
+        table[make_addr(op.key)] = table.Leaf(op.value, 0)
+        live.endpoint_ips[op.key] = op.value
+    else:
+        delete(table, make_addr(op.key))
+        live.endpoint_ips.pop(op.key, None)
+
+
+def _write_cidr(module: Any, live: Live, op: Op) -> None:
+    if is_host(op.key):
+        table = module[b"pf_cidr_host"]
+        key = cidr_host_key(table, op.key)
+    else:
+        table = module[b"pf_cidr"]
+        key = cidr_key(table, op.key)
+    if op.action == PUT:
+        table[key] = table.Leaf(op.value, 0)
+        live.cidr[op.key] = op.value
+    else:
+        delete(table, key)
+        live.cidr.pop(op.key, None)
+
+
+def _write_node_ip(module: Any, live: Live, op: Op) -> None:
+    table = module[b"pf_node_ips"]
+    if op.action == PUT:
+        table[make_addr(op.key)] = table.Leaf(1, 0)
+        live.node_ips.add(op.key)
+    else:
+        delete(table, make_addr(op.key))
+        live.node_ips.discard(op.key)
+
+
+def _write_counters(module: Any, _live: Live, op: Op) -> None:
+    """A reused slot must not inherit the previous endpoint's numbers: zeroed, whatever the action."""
+    counters = module[b"pf_counters"]
     for direction in Direction:
         per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
-        counters[counters.Key(endpoint_id * 2 + direction)] = per_cpu
+        counters[counters.Key(op.key * 2 + direction)] = per_cpu
+
+
+def _write_endpoint(module: Any, live: Live, op: Op) -> None:
+    table = module[b"pf_endpoints"]
+    if op.action == PUT:
+        entry: EndpointEntry = op.value
+        leaf = table.Leaf(
+            entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
+        )
+        ctypes.memmove(leaf.mac, entry.mac, 6)
+        table[table.Key(op.key)] = leaf
+        live.endpoints[op.key] = entry
+    else:
+        delete(table, table.Key(op.key))
+        live.endpoints.pop(op.key, None)
+
+
+# plan.Op.table -> its writer ("tc" is the dataplane's: it attaches programs, no map)
+WRITERS: dict[str, Callable[[Any, Live, Op], None]] = {
+    "policy": _write_policy,
+    "ipcache": _write_ipcache,
+    "endpoint_ips": _write_endpoint_ip,
+    "cidr": _write_cidr,
+    "node_ips": _write_node_ip,
+    "counters": _write_counters,
+    "endpoints": _write_endpoint,
+}
 
 
 # ---- reading back ------------------------------------------------------------------------------
