@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
     CapacityError,
     DataplaneError,
@@ -276,7 +277,7 @@ class BpfDataplane:
         new_interfaces = [op.key for op in ops if op.table == "tc" and op.action == PUT]
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
         if not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces):
-            attach.enable_bridge_netfilter(self.netns)
+            bridge_netfilter.enable(self.netns)
             self._bridge_netfilter_enabled = True
         with attach.netlink(self.netns) as sock:
             for op in ops:

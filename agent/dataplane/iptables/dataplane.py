@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
     CapacityError,
     EndpointCounters,
@@ -270,7 +271,7 @@ class IptablesDataplane:
                     f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
                 )
         if desired.uses_bridges:
-            kernel.enable_bridge_netfilter()
+            bridge_netfilter.enable()
         return desired
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
