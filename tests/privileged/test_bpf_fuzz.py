@@ -42,7 +42,6 @@ from hypothesis import strategies as st
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
-from agent.dataplane.bpf.structs import Reason
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import (
     PROTO_ANY,
@@ -54,6 +53,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    Reason,
 )
 from tests.privileged import bpf_frames as f
 

@@ -19,8 +19,7 @@ from agent.cli import ENV_PREFIX, build_parser
 from agent.control.metrics import ControlMetrics
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.bpf import BpfDataplane
-from agent.dataplane.bpf.structs import Reason
-from agent.dataplane.types import IPAddress, NodeState
+from agent.dataplane.types import IPAddress, NodeState, Reason
 from agent.node.interfaces import HostView, Link
 from agent.node.main import BPF_MAP_SIZE_FLAGS
 from agent.node.metrics import register_agent_metrics

@@ -1,5 +1,6 @@
 """Python mirrors of bpf/podfence.h: ctypes Structures for every map key/value and IntEnums for
-the reason/direction/peer-kind codes. tests/privileged/test_bpf_mirror.py checks them against the
+the direction/peer-kind codes (the drop reasons, shared by both dataplanes, are
+agent.dataplane.types.Reason). tests/privileged/test_bpf_mirror.py checks them against the
 compiled program. Byte order lives in field names; `addr_bytes` is the one place that turns an
 ipaddress object into the 16-byte (v4-mapped) form the datapath uses.
 """
@@ -10,28 +11,7 @@ import ctypes
 import ipaddress
 from enum import IntEnum
 
-from agent.dataplane.types import IPAddress, IPNetwork
-
-
-class Reason(IntEnum):
-    """enum pf_reason: numbered once, never renumbered (metrics labels and events use the names)."""
-
-    ALLOWED = 0
-    POLICY = 1
-    SPOOFED_SOURCE = 2
-    UNKNOWN_ENDPOINT = 3
-    MALFORMED = 4
-    ORPHAN_FRAGMENT = 5
-    UNSUPPORTED_L2 = 6
-    SPOOFED_ARP = 7
-    SPOOFED_NDP = 8
-    VLAN_TAGGED = 9
-    SPOOFED_MAC = 10
-    ROGUE_NDP = 11
-    IP_OPTIONS = 12
-
-
-REASON_MAX = 13
+from agent.dataplane.types import REASON_MAX, IPAddress, IPNetwork, Reason
 
 
 class Direction(IntEnum):
