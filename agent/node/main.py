@@ -20,15 +20,22 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from agent.dataplane.base import Dataplane, DataplaneError
-from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.dataplane.base import (
+    Adopting,
+    Dataplane,
+    DataplaneError,
+    DenyEventSource,
+    EgressHookReporting,
+    HookRepairing,
+)
+from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
-from agent.node.hookguard import HookGuard, HookRepairing
+from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics, start_http_server
@@ -50,13 +57,6 @@ BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "node-ips": "node_ips_max",
     "frag": "frag_max",
 }
-
-
-@runtime_checkable
-class Adopting(Protocol):
-    """A dataplane that reports whether start() found kernel state from a previous run."""
-
-    adopted: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
-        egress_hook = getattr(dataplane, "egress_hook_in_use", "")
+        egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""
         warn_if_ipvs()
         log.info(
             "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",

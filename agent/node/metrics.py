@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -43,31 +43,11 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.dataplane.base import Dataplane
+from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
 from agent.metrics_http import BoundedHTTPServer
 from agent.node.reconcile import LatencyHistogram, Reconciler
 
 log = logging.getLogger(__name__)
-
-# --- optional dataplane features (the bpf dataplane has them all; others may not) ---------------
-
-
-@runtime_checkable
-class DropReasons(Protocol):
-    def drop_reason_counts(self) -> Mapping[str, int]:
-        """Packets dropped so far, per drop reason name."""
-
-
-@runtime_checkable
-class MapUsage(Protocol):
-    def map_usage(self) -> Mapping[str, tuple[int, int]]:
-        """Per map (or ipset): (entries in use, capacity)."""
-
-
-@runtime_checkable
-class EventsLost(Protocol):
-    def events_lost(self) -> int:
-        """Deny events the ring buffer could not take."""
 
 
 class SyncStatus(Protocol):
