@@ -33,12 +33,13 @@ from agent.dataplane.base import (
     EgressHookReporting,
     HookRepairing,
 )
+from agent.metrics_http import start_metrics_server
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
-from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 from agent.node.sync import SyncClient
 
@@ -286,7 +287,12 @@ def run(args: argparse.Namespace) -> int:
         )
         registry = CollectorRegistry()
         register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
-        server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
+        server, port = start_metrics_server(
+            args.metrics_listen,
+            registry,
+            ready=reconciler.ready,
+            not_ready="no policy version applied and no pinned state adopted yet",
+        )
         monitor = NetlinkMonitor(reconciler.interfaces_changed)
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
