@@ -42,9 +42,11 @@ from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
 from agent.dataplane.bpf.maps import Live
 from agent.dataplane.bpf.plan import PUT, Op, compile_and_plan, peak_sizes, peer_view
+from agent.dataplane.bpf.structs import address_from_bytes, network_from_prefix, network_prefix
 from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.dataplane.bpf.transition import with_union
-from agent.dataplane.types import NodeState
+from agent.dataplane.flow_reset import FlowReset
+from agent.dataplane.types import IPAddress, IPNetwork, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -307,17 +309,24 @@ class BpfDataplane:
         )
 
     def _reset_conntrack(self, changes: _Changes) -> None:
-        """Forget flows whose verdict may differ now: endpoints with new policy ids, peers whose
-        identity class changed, addresses under a changed CIDR prefix. Their next packet is
-        judged afresh against the new policy."""
-        addresses = set(changes.peer_addresses) | {
-            address
-            for address, ifindex in self._live.endpoint_ips.items()
-            if ifindex in self._live.endpoints
-            and self._live.endpoints[ifindex].endpoint_key in changes.endpoint_keys
-        }
-        # removed endpoints are no longer in endpoint_ips; their flows die with the interface
-        prefixes = [(plen, int.from_bytes(raw, "big") >> (128 - plen)) for plen, raw in changes.prefixes]
+        """Forget flows whose verdict may differ now (flow_reset.py): endpoints with new policy
+        ids, peers whose identity class changed, addresses under a changed CIDR prefix. Their
+        next packet is judged afresh against the new policy."""
+        live = self._live
+        endpoint_ips: dict[str, list[IPAddress]] = {}
+        for raw, ifindex in live.endpoint_ips.items():
+            if ifindex in live.endpoints:
+                key = live.endpoints[ifindex].endpoint_key
+                endpoint_ips.setdefault(key, []).append(address_from_bytes(raw))
+        moved: list[IPAddress | IPNetwork] = [address_from_bytes(raw) for raw in changes.peer_addresses]
+        moved += [network_from_prefix(plen, raw) for plen, raw in changes.prefixes]
+        reset = FlowReset.of(changes.endpoint_keys, endpoint_ips, moved)
+        hosts, prefixes = set(), []
+        for plen, raw in map(network_prefix, reset.networks):
+            if plen == 128:
+                hosts.add(raw)
+            else:
+                prefixes.append((plen, int.from_bytes(raw, "big") >> (128 - plen)))
 
         def under_changed_prefix(raw: bytes) -> bool:
             value = int.from_bytes(raw, "big")
@@ -326,7 +335,7 @@ class BpfDataplane:
         ct = self._module[b"pf_ct"]
         for key in list(ct):
             for side in (bytes(key.addr_a.bytes), bytes(key.addr_b.bytes)):
-                if side in addresses or (prefixes and under_changed_prefix(side)):
+                if side in hosts or (prefixes and under_changed_prefix(side)):
                     maps.delete(ct, key)
                     break
 

@@ -277,6 +277,13 @@ def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
     return network.prefixlen, network.network_address.packed
 
 
+def network_from_prefix(prefixlen: int, raw: bytes) -> IPNetwork:
+    """The network a (prefixlen, 16 bytes) datapath prefix stands for: network_prefix undone."""
+    if prefixlen >= V4_MAPPED_PREFIX and raw[:12] == _V4_MAPPED_BYTES:
+        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX))
+    return ipaddress.IPv6Network((raw, prefixlen))
+
+
 def make_addr(raw: bytes) -> Addr:
     addr = Addr()
     ctypes.memmove(addr.bytes, raw, 16)

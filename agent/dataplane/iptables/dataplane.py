@@ -18,6 +18,7 @@ always allowed, and the node's IPs are in every ingress chain for traffic it for
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import threading
@@ -31,6 +32,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
+from agent.dataplane.flow_reset import FlowReset
 from agent.dataplane.iptables import kernel
 from agent.dataplane.iptables.compiler import (
     CHAIN_PREFIX,
@@ -247,12 +249,13 @@ class IptablesDataplane:
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
-            addresses = {str(ip) for key in keys if key in state.endpoints for ip in state.endpoints[key].ips}
+            endpoint_ips = {key: endpoint.ips for key, endpoint in state.endpoints.items()}
+            moved = [ipaddress.ip_network(peer, strict=False) for peer in moved_peers]
             log.info(
                 "resetting connections of endpoints whose policy changed and of peers that moved",
                 extra={"endpoints": sorted(keys), "peers": sorted(moved_peers)},
             )
-            kernel.forget_connections(sorted(addresses | moved_peers))
+            kernel.forget_connections(FlowReset.of(keys, endpoint_ips, moved).texts())
 
     def _compile(self, state: NodeState) -> DesiredState:
         interfaces = self._interfaces(
