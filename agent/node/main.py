@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# Flags `--map-size-<map>` -> BpfDataplane keyword; the map names are those of the
+# Flags `--map-size-<map>` -> BpfSettings field; the map names are those of the
 # podfence_map_capacity{map=...} metric. Unset flags keep the dataplane's defaults.
 BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "ct": "ct_max",
@@ -186,6 +186,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
             unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
         )
     from agent.dataplane.bpf import BpfDataplane
+    from agent.dataplane.bpf.settings import BpfSettings
 
     options = vars(args)
     sizes: dict[str, Any] = {
@@ -195,13 +196,14 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     }
     if args.event_rate is not None:
         sizes["event_rate"] = args.event_rate
-    dataplane: Dataplane = BpfDataplane(
+    settings = BpfSettings(
         pin_dir=args.pin_dir,
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
         egress_hook=args.egress_hook,
         **sizes,
     )
+    dataplane: Dataplane = BpfDataplane(settings)
     return dataplane
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.netns import inside
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, IPAddress, NodeState
@@ -151,9 +152,11 @@ class BpfGuard(Guard):
 
     def __init__(self, node: Node) -> None:
         self.plane = BpfDataplane(
-            pin_dir=f"/sys/fs/bpf/{node.prefix}",
-            netns=node.netns,
-            state_file=f"/run/podfence-tests/{node.prefix}.json",
+            BpfSettings(
+                pin_dir=f"/sys/fs/bpf/{node.prefix}",
+                netns=node.netns,
+                state_file=f"/run/podfence-tests/{node.prefix}.json",
+            )
         )
         self.plane.start()
         self.version = 0

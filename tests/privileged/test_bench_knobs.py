@@ -15,6 +15,7 @@ import pytest
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from bench import hook_floor
@@ -35,10 +36,12 @@ def plane(request: pytest.FixtureRequest) -> Iterator[tuple[tuple[str, ...], Bpf
     netns = f"{prefix}-knob"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     dataplane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        state_file=f"/run/podfence-tests/{prefix}.json",
-        bench_defines=defines,
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+            bench_defines=defines,
+        )
     )
     try:
         dataplane.start()

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import (
     PROTO_ANY,
@@ -425,10 +426,12 @@ def _bench(established_on_change: str) -> Iterator[Bench]:
     netns = f"{prefix}-fuzz"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     plane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        state_file=f"/run/podfence-tests/{prefix}.json",
-        established_on_change=established_on_change,
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+            established_on_change=established_on_change,
+        )
     )
     try:
         ifindexes = []

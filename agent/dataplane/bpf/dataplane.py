@@ -26,7 +26,6 @@ import logging
 import shutil
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agent.dataplane import bridge_netfilter
@@ -42,6 +41,7 @@ from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
 from agent.dataplane.bpf.maps import Live
 from agent.dataplane.bpf.plan import PUT, Op, compile_and_plan, peak_sizes, peer_view
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.structs import address_from_bytes, network_from_prefix, network_prefix
 from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.dataplane.bpf.transition import with_union
@@ -66,47 +66,15 @@ class _Changes:
 class BpfDataplane:
     name = "bpf"
 
-    def __init__(
-        self,
-        pin_dir: str = "/sys/fs/bpf/podfence",
-        unknown_endpoints: str = "drop",
-        established_on_change: str = "keep",
-        ct_max: int = 65536,
-        policy_max: int = 65536,
-        ipcache_max: int = 65536,
-        cidr_max: int = 16384,
-        endpoints_max: int = 1024,
-        node_ips_max: int = 64,
-        frag_max: int = 8192,
-        event_rate: int = 100,
-        netns: str | None = None,
-        state_file: str | None = None,
-        egress_hook: str = "auto",
-        bench_defines: tuple[str, ...] = (),
-    ) -> None:
-        if unknown_endpoints not in ("drop", "allow"):
-            raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
-        if established_on_change not in ("keep", "reset"):
-            raise ValueError("established_on_change must be 'keep' or 'reset'")
-        self.pin_dir = pin_dir.rstrip("/")
-        self.established_on_change = established_on_change
-        self.netns = netns  # where the pod interfaces live (None: the agent's namespace)
-        self.hook = EgressHook(egress_hook, self.pin_dir, netns)
-        self.knobs = loader.BuildKnobs(
-            pin_dir=self.pin_dir,
-            unknown_allow=unknown_endpoints == "allow",
-            ct_max=ct_max,
-            policy_max=policy_max,
-            ipcache_max=ipcache_max,
-            cidr_max=cidr_max,
-            endpoints_max=endpoints_max,
-            node_ips_max=node_ips_max,
-            frag_max=frag_max,
-            event_rate=event_rate,
-            tcp_needs_syn=established_on_change == "reset",
-            bench_defines=bench_defines,  # benchmark builds only (loader.BENCH_DEFINES)
-        )
-        self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
+    def __init__(self, settings: BpfSettings | None = None) -> None:
+        settings = settings or BpfSettings()
+        self.settings = settings
+        self.pin_dir = settings.pin_dir
+        self.established_on_change = settings.established_on_change
+        self.netns = settings.netns  # where the pod interfaces live (None: the agent's namespace)
+        self.hook = EgressHook(settings.egress_hook, self.pin_dir, settings.netns)
+        self.knobs = settings.knobs()
+        self.state_file = settings.state_path
         self._module: Any = None
         self._programs: dict[str, Any] = {}
         self._live = Live()
