@@ -57,14 +57,29 @@ def write(module: Any, live: Live, op: Op) -> None:
 # kernel took the change.
 
 
+def _keyed(table: Any, key: Any, op: Op, held: dict[Any, int]) -> None:
+    """An entry whose value is op.value (a class or an ifindex), held in `held` by op.key."""
+    if op.action == PUT:
+        table[key] = table.Leaf(op.value, 0)
+        held[op.key] = op.value
+    else:
+        delete(table, key)
+        held.pop(op.key, None)
+
+
+def _member(table: Any, key: Any, value: int, op: Op, held: set[Any]) -> None:
+    """An entry whose op.key is all `held` remembers (its value follows from the key)."""
+    if op.action == PUT:
+        table[key] = table.Leaf(value, 0)
+        held.add(op.key)
+    else:
+        delete(table, key)
+        held.discard(op.key)
+
+
 def _write_policy(module: Any, live: Live, op: Op) -> None:
     table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
-    if op.action == PUT:
-        table[policy_key(table, op.key)] = table.Leaf(op.value, 0)
-        live.policy.add(op.key)
-    else:
-        delete(table, policy_key(table, op.key))
-        live.policy.discard(op.key)
+    _member(table, policy_key(table, op.key), op.value, op, live.policy)
 
 
 def _write_ipcache(module: Any, live: Live, op: Op) -> None:
@@ -72,22 +87,11 @@ def _write_ipcache(module: Any, live: Live, op: Op) -> None:
     key = table.Key()
     key.generation = op.key[0]
     ctypes.memmove(key.addr.bytes, op.key[1], 16)
-    if op.action == PUT:
-        table[key] = table.Leaf(op.value, 0)
-        live.ipcache[op.key] = op.value
-    else:
-        delete(table, key)
-        live.ipcache.pop(op.key, None)
+    _keyed(table, key, op, live.ipcache)
 
 
 def _write_endpoint_ip(module: Any, live: Live, op: Op) -> None:
-    table = module[b"pf_endpoint_ips"]
-    if op.action == PUT:
-        table[make_addr(op.key)] = table.Leaf(op.value, 0)
-        live.endpoint_ips[op.key] = op.value
-    else:
-        delete(table, make_addr(op.key))
-        live.endpoint_ips.pop(op.key, None)
+    _keyed(module[b"pf_endpoint_ips"], make_addr(op.key), op, live.endpoint_ips)
 
 
 def _write_cidr(module: Any, live: Live, op: Op) -> None:
@@ -97,22 +101,11 @@ def _write_cidr(module: Any, live: Live, op: Op) -> None:
     else:
         table = module[b"pf_cidr"]
         key = cidr_key(table, op.key)
-    if op.action == PUT:
-        table[key] = table.Leaf(op.value, 0)
-        live.cidr[op.key] = op.value
-    else:
-        delete(table, key)
-        live.cidr.pop(op.key, None)
+    _keyed(table, key, op, live.cidr)
 
 
 def _write_node_ip(module: Any, live: Live, op: Op) -> None:
-    table = module[b"pf_node_ips"]
-    if op.action == PUT:
-        table[make_addr(op.key)] = table.Leaf(1, 0)
-        live.node_ips.add(op.key)
-    else:
-        delete(table, make_addr(op.key))
-        live.node_ips.discard(op.key)
+    _member(module[b"pf_node_ips"], make_addr(op.key), 1, op, live.node_ips)
 
 
 def _write_counters(module: Any, _live: Live, op: Op) -> None:
