@@ -15,7 +15,7 @@ Hostile: one endpoint isolated both ways with a narrow allow list. Mutated frame
 every length, random header bytes, any IHL, long IPv6 extension chains, fragments out of order,
 spoofed sources) never pass unless the oracle admits the tuple the frame claims, as read by
 `claim()`, an independent parser of the RFC 791/8200 layouts. A frame that parser finds malformed
-is dropped, and counted under the reason (structs.Reason) the datapath documents. The two egress
+is dropped, and counted under the reason (dataplane.types.Reason) the datapath documents. The two egress
 programs give every hostile frame the same verdict.
 
 The endpoints sit behind veths in a private "pfb-" netns. A test run names the host-side ifindex
