@@ -12,12 +12,10 @@ import signal
 import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 
 from agent.control.balance import StreamBalancer
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
@@ -32,7 +30,7 @@ from agent.control.identity import (
 from agent.control.metrics import ControlMetrics
 from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, create_server, stop_server
 from agent.control.tls_files import ReloadingTlsFiles
-from agent.metrics_http import BoundedHTTPServer
+from agent.metrics_http import split_host_port, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _tls_from_args(args: argparse.Namespace) -> tuple[ReloadingTlsFiles | None, str | None]:
     """(credentials, usage error). The files are re-read when they change (tls_files.py)."""
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
@@ -145,38 +136,6 @@ def _authenticator(args: argparse.Namespace, hub: PolicyHub) -> TokenAuthenticat
     return TokenAuthenticator(reviewer, hub.find_pod, args.agent_service_account, admin_users)
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> BoundedHTTPServer:
-    """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/healthz"):
-                ok = healthy.is_set()
-                body = b"ok\n" if ok else b"starting\n"
-                self.send_response(200 if ok else 503)
-                content_type = "text/plain"
-            elif self.path.startswith("/metrics"):
-                body = generate_latest(registry)
-                self.send_response(200)
-                content_type = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body = b"not found\n"
-                self.send_response(404)
-                content_type = "text/plain"
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes every few seconds would drown the service's own log
-
-    host, port = _split_host_port(addr)
-    httpd = BoundedHTTPServer((host, port), Handler)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    return httpd
-
-
 def _make_resolver() -> Any:
     from agent.policy.resolver import Resolver
 
@@ -189,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"podfence control: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _split_host_port(args.listen)
-        _split_host_port(args.metrics_listen)
+        split_host_port(args.listen)
+        split_host_port(args.metrics_listen)
         horizon = args.forget_disconnected_after
         if not horizon > 0:  # also refuses nan
             raise ValueError(f"--forget-disconnected-after must be > 0 seconds, not {horizon}")
@@ -253,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
     healthy = threading.Event()
     try:
-        httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        httpd, _ = start_metrics_server(args.metrics_listen, registry, healthy=healthy.is_set)
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),

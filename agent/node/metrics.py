@@ -30,13 +30,10 @@ the fixed set of dataplane maps (or ipsets).
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -45,31 +42,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.dataplane.base import Dataplane
-from agent.metrics_http import BoundedHTTPServer
+from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.reconcile import LatencyHistogram, Reconciler
 
 log = logging.getLogger(__name__)
-
-# --- optional dataplane features (the bpf dataplane has them all; others may not) ---------------
-
-
-@runtime_checkable
-class DropReasons(Protocol):
-    def drop_reason_counts(self) -> Mapping[str, int]:
-        """Packets dropped so far, per drop reason name."""
-
-
-@runtime_checkable
-class MapUsage(Protocol):
-    def map_usage(self) -> Mapping[str, tuple[int, int]]:
-        """Per map (or ipset): (entries in use, capacity)."""
-
-
-@runtime_checkable
-class EventsLost(Protocol):
-    def events_lost(self) -> int:
-        """Deny events the ring buffer could not take."""
 
 
 class SyncStatus(Protocol):
@@ -234,47 +210,3 @@ def register_agent_metrics(
     collector = AgentCollector(dataplane, reconciler, sync, hook_guard)
     registry.register(collector)
     return collector
-
-
-# --- HTTP: /metrics, /healthz, /readyz ------------------------------------------------------------
-
-
-def start_http_server(
-    address: str, registry: CollectorRegistry, ready: Callable[[], bool]
-) -> tuple[BoundedHTTPServer, int]:
-    """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread.
-    Returns the server (call shutdown() to stop) and the bound port."""
-    host, _, port_text = address.rpartition(":")
-    host = host.strip("[]")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._reply(200, encoder(registry), content_type)
-            elif path == "/healthz":
-                self._reply(200, b"ok\n")
-            elif path == "/readyz":
-                if ready():
-                    self._reply(200, b"ready\n")
-                else:
-                    self._reply(503, b"no policy version applied and no pinned state adopted yet\n")
-            else:
-                self._reply(404, b"not found\n")
-
-        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            # Prometheus scrapes every few seconds; per-request access logs would drown the rest.
-            pass
-
-    server = BoundedHTTPServer((host, int(port_text)), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-    return server, server.server_address[1]

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
+from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from tests.privileged.bpf_netns import NODE_IP, Node, Pod, ip
 
@@ -43,7 +45,7 @@ def node() -> Iterator[Node]:
 @pytest.fixture
 def plane(node: Node) -> Iterator[BpfDataplane]:
     dataplane = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, policy_max=POLICY_MAX
+        BpfSettings(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, policy_max=POLICY_MAX)
     )
     dataplane.start()
     try:

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
+from agent.metrics_http import start_metrics_server
 from agent.node.interfaces import HostView, Link
-from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 
 DOCUMENTED = {
@@ -90,7 +91,7 @@ def served():
     reconciler = Reconciler(dataplane, OneInterfaceDiscoveryDouble())
     registry = CollectorRegistry()
     register_agent_metrics(registry, dataplane, reconciler, ConnectedDouble())
-    server, port = start_http_server("127.0.0.1:0", registry, reconciler.ready)
+    server, port = start_metrics_server("127.0.0.1:0", registry, ready=reconciler.ready)
     try:
         yield dataplane, reconciler, f"http://127.0.0.1:{port}"
     finally:

@@ -8,7 +8,6 @@ Metrics: each process's table equals what its collectors expose (names, types, l
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 from collections.abc import Iterator, Mapping
 
@@ -18,9 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from agent.cli import ENV_PREFIX, build_parser
 from agent.control.metrics import ControlMetrics
 from agent.dataplane.base import EndpointCounters
-from agent.dataplane.bpf import BpfDataplane
-from agent.dataplane.bpf.structs import Reason
-from agent.dataplane.types import IPAddress, NodeState
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.types import IPAddress, NodeState, Reason
 from agent.node.interfaces import HostView, Link
 from agent.node.main import BPF_MAP_SIZE_FLAGS
 from agent.node.metrics import register_agent_metrics
@@ -76,7 +74,7 @@ def _expected_default(command: str, flag: str, action: argparse.Action) -> str:
         return "off"
     if action.default is None or action.default == []:
         if command == "agent" and flag in DATAPLANE_KNOBS:
-            return str(inspect.signature(BpfDataplane.__init__).parameters[DATAPLANE_KNOBS[flag]].default)
+            return str(getattr(BpfSettings(), DATAPLANE_KNOBS[flag]))
         return NO_DEFAULT
     return str(action.default)
 
