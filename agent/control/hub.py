@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.policy.compiled import NodePolicy
 
@@ -164,6 +165,7 @@ class HubStatus:
     version: int
     nodes: dict[str, NodeRecord] = field(default_factory=dict)  # copies, with the reported applied version
     source_errors: tuple[SourceProblem, ...] = ()
+    source_freshness: Freshness | None = None  # None: the source has no remote end (a folder)
 
 
 class PolicyHub:
@@ -193,6 +195,12 @@ class PolicyHub:
         self._unenforced: tuple[str, ...] = ()
         self._next_stream_id = 0
         self.metrics.watch_hub(self._metric_view)
+        self._freshness: Callable[[], Freshness] | None = None
+
+    def set_freshness(self, read: Callable[[], Freshness]) -> None:
+        """How recently the source heard from the API server, for `podfence status` and the metrics."""
+        self._freshness = read
+        self.metrics.watch_freshness(read)
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -335,7 +343,8 @@ class PolicyHub:
                               UNENFORCED_MESSAGE.format(name=name), last_valid_in_force=False)
                 for name in self._unenforced
             )
-            return HubStatus(self._version, nodes, self._source_problems + unenforced)
+            freshness = self._freshness() if self._freshness is not None else None
+            return HubStatus(self._version, nodes, self._source_problems + unenforced, freshness)
 
     def _forget_long_gone_locked(self) -> None:
         horizon = self._clock() - self._forget_after_s

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any
@@ -18,9 +19,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from agent.control.freshness import Freshness
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
+from agent.control.source_kubernetes import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_WATCH_TIMEOUT_S,
+)
 from agent.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
     )
     parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
+    parser.add_argument(
+        "--watch-timeout", type=int, default=DEFAULT_WATCH_TIMEOUT_S, metavar="SECONDS",
+        help="with --source kubernetes: each watch lasts a random SECONDS..2xSECONDS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
+        help="with --source kubernetes: a list request, or a watch silent past its own timeout, "
+             "gives up after SECONDS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--list-page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="N",
+        help="with --source kubernetes: objects per list page (default %(default)s)",
+    )
     parser.add_argument(
         "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
     )
@@ -90,14 +110,23 @@ def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | Non
         return None, f"cannot read TLS files: {exc}"
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> BoundedHTTPServer:
-    """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
+def serve_metrics(
+    addr: str, registry: CollectorRegistry, healthy: threading.Event,
+    freshness: Callable[[], Freshness] | None = None,
+) -> BoundedHTTPServer:
+    """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread.
+
+    A replica whose source went stale stays healthy (200): restarting it would only trade the last
+    state read for none. Its /healthz body says so ("stale", the age), as do the metrics."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/healthz"):
                 ok = healthy.is_set()
-                body = b"ok\n" if ok else b"starting\n"
+                text = "ok\n" if ok else "starting\n"
+                if freshness is not None:
+                    text += "source " + freshness().describe() + "\n"
+                body = text.encode()
                 self.send_response(200 if ok else 503)
                 content_type = "text/plain"
             elif self.path.startswith("/metrics"):
@@ -152,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     source_thread: threading.Thread
+    freshness: Callable[[], Freshness] | None = None
     # Set once the source has been read completely: before that a snapshot would tell agents to
     # enforce an empty cluster, so no Sync stream is served until then.
     synced = threading.Event()
@@ -163,7 +193,16 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"podfence control: no Kubernetes configuration: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        k8s = KubernetesSource(hub, api_client)
+        try:
+            k8s = KubernetesSource(
+                hub, api_client, watch_timeout_seconds=args.watch_timeout,
+                request_timeout_seconds=args.api_timeout, page_size=args.list_page_size,
+            )
+        except ValueError as exc:
+            print(f"podfence control: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        hub.set_freshness(k8s.freshness.read)
+        freshness = k8s.freshness.read
         synced = k8s.synced
         source_thread = threading.Thread(target=k8s.run, args=(stop,), name="source", daemon=True)
         log.info("source: Kubernetes API (%s)", args.kubeconfig or "in-cluster")
@@ -188,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
 
     healthy = threading.Event()
     try:
-        httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        httpd = serve_metrics(args.metrics_listen, registry, healthy, freshness)
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),

@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.control.admission import REFUSAL_REASONS
+from agent.control.freshness import Freshness
 
 
 class ControlMetrics:
@@ -67,6 +68,30 @@ class ControlMetrics:
     def watch_hub(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
         """Register the scrape-time gauges; `read` returns (version, {node: (applied, connected)})."""
         self.registry.register(_HubCollector(read))
+
+    def watch_freshness(self, read: Callable[[], Freshness]) -> None:
+        """Register the scrape-time gauges of how recently the source heard from the API server."""
+        self.registry.register(_FreshnessCollector(read))
+
+
+class _FreshnessCollector(Collector):
+    def __init__(self, read: Callable[[], Freshness]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        freshness = self._read()
+        yield GaugeMetricFamily(
+            "podfence_control_source_last_heard_seconds",
+            "Seconds since the policy source last heard from the Kubernetes API server (the least "
+            "recently heard of its watched kinds).",
+            value=freshness.seconds_since_heard,
+        )
+        yield GaugeMetricFamily(
+            "podfence_control_source_stale",
+            "1 while the source has heard nothing for longer than a healthy watch stays silent: the "
+            "replica keeps serving the state it last read, which may be out of date.",
+            value=1.0 if freshness.stale else 0.0,
+        )
 
 
 class _HubCollector(Collector):

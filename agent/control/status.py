@@ -5,8 +5,10 @@ With --json it prints exactly one object, the contract in docs/design.md:
 "last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
 "source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
 unreadable files of the policy source, and (source "control") every ClusterNetworkPolicy the
-source holds that the dataplanes do not enforce yet. Without it, a table for people. Exit 1 when
-unreachable.
+source holds that the dataplanes do not enforce yet, and "source_freshness": {"source": <str>,
+"seconds_since_heard": <float>, "stale": <bool>, "stale_after_seconds": <float>} for a source
+read from the API server (null for a folder, or when the caller may not see it). Without it, a
+table for people. Exit 1 when unreachable.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control.freshness import Freshness
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -54,6 +57,12 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             }
             for problem in response.source_errors
         ],
+        "source_freshness": {
+            "source": response.source_freshness.source,
+            "seconds_since_heard": round(response.source_freshness.seconds_since_heard, 1),
+            "stale": bool(response.source_freshness.stale),
+            "stale_after_seconds": response.source_freshness.stale_after_seconds,
+        } if response.HasField("source_freshness") else None,
     }
 
 
@@ -104,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return EXIT_OK
     print(f"policy version {status['version']}")
+    fresh = status["source_freshness"]
+    if fresh is not None:
+        print("source " + Freshness(**fresh).describe())
     rows = [("NODE", "APPLIED", "CONNECTED", "LAST ERROR")]
     for node, entry in status["nodes"].items():
         lag = status["version"] - entry["applied_version"]
