@@ -61,6 +61,7 @@ class KubeApiDouble:
         self.requests: list[dict[str, Any]] = []  # {"method", "kind", "watch", "query"} of each request
         self.patches: list[tuple[str, list[dict[str, Any]]]] = []  # (node, JSON patch) applied
         self._closing = threading.Event()
+        self._key_cache: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         self._server: ThreadingHTTPServer | None = None
 
     # --- the cluster's state ---------------------------------------------------------------------
@@ -189,13 +190,22 @@ class KubeApiDouble:
                 version, offset = json.loads(base64.b64decode(token))
             else:
                 version, offset = self._version, 0
-            items = [self.objects[kind][key] for key in sorted(self.objects[kind])]
-        page = items[offset:offset + limit] if limit else items[offset:]
+            keys = self._sorted_keys(kind)
+            chosen = keys[offset:offset + limit] if limit else keys[offset:]
+            page = [self.objects[kind][key] for key in chosen]
         metadata: dict[str, Any] = {"resourceVersion": str(version)}
-        if limit and offset + limit < len(items):
+        if limit and offset + limit < len(keys):
             metadata["continue"] = base64.b64encode(json.dumps([version, offset + limit]).encode()).decode()
         self._send_json(handler, 200, {"kind": f"{kind}List", "apiVersion": "v1", "metadata": metadata,
                                        "items": page})
+
+    def _sorted_keys(self, kind: str) -> list[tuple[str, str]]:
+        """The list order (sorted once per change: a 100,000-pod list is 200 pages)."""
+        cached = self._key_cache.get(kind)
+        if cached is None or cached[0] != self._version:
+            cached = (self._version, sorted(self.objects[kind]))
+            self._key_cache[kind] = cached
+        return cached[1]
 
     def _watch(self, handler: BaseHTTPRequestHandler, kind: str, query: dict[str, str]) -> None:
         with self._cond:
