@@ -101,6 +101,7 @@ class StreamHandle:
         self._sent_order: deque[int] = deque()
         self.last_sent: NodePolicy | None = None  # what the agent has, if it applied everything
         self.queued_policy: NodePolicy | None = None  # newest policy queued (hub side, under hub lock)
+        self.applied_once = False  # the agent acked a version on this stream (hub side, under hub lock)
 
     def push(self, item: Outgoing) -> bool:
         """Queue a version; returns False when the stream was too far behind and got reset instead."""
@@ -196,6 +197,9 @@ class PolicyHub:
         self._next_stream_id = 0
         self.metrics.watch_hub(self._metric_view)
         self._freshness: Callable[[], Freshness] | None = None
+        # Called with a node's name when its agent acks its first version on a stream (the
+        # control service then lifts the node's not-ready taint); must not block.
+        self.on_node_applied: Callable[[str], None] | None = None
 
     def set_freshness(self, read: Callable[[], Freshness]) -> None:
         """How recently the source heard from the API server, for `podfence status` and the metrics."""
@@ -310,6 +314,10 @@ class PolicyHub:
             if ok:
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
+                if not handle.applied_once:
+                    handle.applied_once = True
+                    if self.on_node_applied is not None:
+                        self.on_node_applied(handle.node)
             else:
                 record.last_error = error or "unspecified dataplane error"
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,

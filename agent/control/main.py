@@ -28,6 +28,7 @@ from agent.control.source_kubernetes import (
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_WATCH_TIMEOUT_S,
 )
+from agent.control.taint import NOT_READY_TAINT, TaintRemover
 from agent.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
         help="with --source kubernetes: a list request, or a watch silent past its own timeout, "
              "gives up after SECONDS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--not-ready-taint", default=NOT_READY_TAINT, metavar="KEY",
+        help="with --source kubernetes: remove this NoSchedule taint from a node once its agent "
+             "applied a first version ('' turns it off; default %(default)s)",
     )
     parser.add_argument(
         "--list-page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="N",
@@ -202,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"podfence control: {exc}", file=sys.stderr)
             return EXIT_USAGE
         hub.set_freshness(k8s.freshness.read)
+        if args.not_ready_taint:
+            taints = TaintRemover(api_client, hub.metrics, key=args.not_ready_taint,
+                                  request_timeout_seconds=args.api_timeout)
+            hub.on_node_applied = taints.node_applied
+            threading.Thread(target=taints.run, args=(stop,), name="taints", daemon=True).start()
         freshness = k8s.freshness.read
         synced = k8s.synced
         source_thread = threading.Thread(target=k8s.run, args=(stop,), name="source", daemon=True)

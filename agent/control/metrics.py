@@ -64,6 +64,15 @@ class ControlMetrics:
             "Streams that fell too far behind and were resynchronised with a snapshot.",
             registry=self.registry,
         )
+        self.taint_removals_total = Counter(
+            "podfence_control_taint_removals",
+            "Attempts to lift a node's not-ready taint once its agent applied a first version: "
+            "removed, or failed (retried with backoff).",
+            labelnames=["result"],
+            registry=self.registry,
+        )
+        for result in ("removed", "failed"):
+            self.taint_removals_total.labels(result)
 
     def watch_hub(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
         """Register the scrape-time gauges; `read` returns (version, {node: (applied, connected)})."""
