@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from agent.control.admission import REFUSAL_REASONS
 from agent.control.freshness import Freshness
+from agent.process_metrics import register_process_metrics
 
 
 class ControlMetrics:
@@ -21,6 +22,7 @@ class ControlMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        register_process_metrics(self.registry)
         self.snapshot_build_seconds = Histogram(
             "podfence_control_snapshot_build_seconds",
             "Time to compute one node's policy and encode it as a snapshot message.",

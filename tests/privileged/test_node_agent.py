@@ -334,7 +334,7 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
             line
             for line in body.splitlines()
             if line.startswith("podfence_endpoint_packets_total")
-            and 'endpoint="ns/server"' in line
+            and 'namespace="ns"' in line and 'pod="server"' in line
             and 'verdict="denied"' in line
         ]
         assert denied and any(float(line.rsplit(" ", 1)[1]) > 0 for line in denied), denied
