@@ -15,7 +15,8 @@ Misbehaviour, scripted per kind (`script_watch`), as a real API server or the ne
   view of a half-open connection (the peer vanished without a FIN, a wedged proxy);
 - "gone": a 410 Expired ERROR event, as for a compacted resourceVersion;
 and `unreachable`: every request is accepted and never answered, open watches fall silent (the
-API server lost); `expire_continue`: the next continue tokens are refused with 410, as after their expiry.
+API server lost); `refuse`: every request of a kind gets that HTTP error (403: RBAC removed);
+`expire_continue`: the next continue tokens are refused with 410, as after their expiry.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class KubeApiDouble:
         self._scripts: dict[str, deque[str]] = defaultdict(deque)
         self.unreachable = threading.Event()
         self.expire_continue = 0  # the next N continue tokens are refused
+        self.refuse: dict[str, int] = {}  # kind -> HTTP status every request of it gets (403, 500)
         self.requests: list[dict[str, Any]] = []  # {"method", "kind", "watch", "query"} of each request
         self.patches: list[tuple[str, list[dict[str, Any]]]] = []  # (node, JSON patch) applied
         self._closing = threading.Event()
@@ -154,7 +156,9 @@ class KubeApiDouble:
         if self.unreachable.is_set():
             self._hold(handler)  # accepted, never answered
             return
-        if kind == "Node":
+        if kind in self.refuse:
+            self._status(handler, self.refuse[kind], "Forbidden", f"{kind} refused by the test")
+        elif kind == "Node":
             self._node(handler, method, url.path[len(NODES_PATH):])
         elif not kind or (kind == "ClusterNetworkPolicy" and not self.serve_cluster_policies):
             self._status(handler, 404, "NotFound", f"the server could not find the resource {url.path}")

@@ -177,8 +177,8 @@ class KubernetesSource:
                 self.relists[kind] += 1
                 log.info("%s watch: resourceVersion expired (410 Gone); listing again", kind)
             except Exception as exc:
-                if _status(exc) is not None:  # an HTTP status: the API server answered
-                    self.freshness.heard(kind)
+                if _status(exc) == 410 or (_status(exc) == 404 and kind in OPTIONAL_KINDS):
+                    self.freshness.heard(kind)  # routine answers; a 403 or 500 brings no news
                 if _status(exc) == 410:
                     self.resource_versions[kind] = None
                     self.relists[kind] += 1

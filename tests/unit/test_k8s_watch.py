@@ -23,7 +23,7 @@ from kubernetes import client
 
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.source_kubernetes import KubernetesSource
+from agent.control.source_kubernetes import KubernetesSource, _api_list_functions
 from agent.policy.resolver import Resolver
 from tests.kube_api_double import KubeApiDouble
 from tests.unit.control_helpers import ns_doc, pod_doc, policy_doc, wait_until
@@ -181,6 +181,25 @@ def test_a_replica_that_lost_the_api_server_serves_the_last_state_and_says_so(ap
         api.upsert("Pod", pod_doc("web-7", "n1", "10.0.7.7", "web"))
         wait_until(lambda: "shop/web-7" in held_pods(hub) and not source.freshness.read().stale,
                    timeout=HALF_OPEN_BOUND + 3, what="recovery once the API server is back")
+    finally:
+        stop.set()
+
+
+def test_an_api_server_that_refuses_every_request_brings_no_freshness(api: KubeApiDouble) -> None:
+    """403 (the role was removed) or 500 are answers, but no news: the state is as old as ever."""
+    only_pods = {"Pod": _api_list_functions(api_client(api.url))["Pod"]}
+    source, hub = make_source(api, list_functions=only_pods)
+    source.relist("Pod")
+    assert source.freshness.read().seconds_since_heard < 1.0
+    api.refuse["Pod"] = 403
+    stop = threading.Event()
+    threading.Thread(target=source.watch_kind, args=("Pod", stop), daemon=True).start()
+    try:
+        wait_until(lambda: source.freshness.read().seconds_since_heard > 2.0, what="the age to grow")
+        refused = len(api.watches("Pod"))
+        wait_until(lambda: len(api.watches("Pod")) > refused + 1, what="more refused requests meanwhile")
+        assert source.freshness.read().seconds_since_heard > 2.0
+        assert hub.metrics.source_errors_total._value.get() >= 3
     finally:
         stop.set()
 
