@@ -119,9 +119,9 @@ def test_a_half_open_watch_is_abandoned_within_its_bound(api: KubeApiDouble) -> 
         wait_until(lambda: len(api.watches("Pod")) == 1, what="the silent watch accepted")
         silent_since = time.monotonic()
         api.upsert("Pod", pod_doc("web-2", "n2", "10.0.2.10", "web"))
-        wait_until(lambda: "shop/web-2" in held_pods(hub), timeout=HALF_OPEN_BOUND + 2.0,
+        wait_until(lambda: "shop/web-2" in held_pods(hub), timeout=HALF_OPEN_BOUND + 3.0,
                    what="the change made while the watch was half-open")
-        assert time.monotonic() - silent_since < HALF_OPEN_BOUND + 1.0
+        assert time.monotonic() - silent_since < HALF_OPEN_BOUND + 2.0  # slack for a loaded machine
         assert len(api.lists("Pod")) == 1, "resumed from its resourceVersion, no re-list"
         assert hub.metrics.source_errors_total._value.get() == 1
         assert "timed out" in (source.last_error or "").lower()
@@ -204,16 +204,30 @@ def test_an_api_server_that_refuses_every_request_brings_no_freshness(api: KubeA
         stop.set()
 
 
-def test_healthz_status_and_metrics_of_a_control_process_show_freshness(api: KubeApiDouble,
-                                                                        tmp_path: Path) -> None:
-    api.upsert("Pod", pod_doc("web-1", "n1", "10.0.1.10", "web"))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+def write_kubeconfig(api: KubeApiDouble, path: Path) -> Path:
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "double",
         "clusters": [{"name": "double", "cluster": {"server": api.url}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "double", "context": {"cluster": "double", "user": "u"}}],
     }))
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--watch-timeout", "0"], ["--api-timeout", "0"],
+                                   ["--list-page-size", "0"]])
+def test_control_refuses_timeouts_and_pages_that_cannot_work(api: KubeApiDouble, tmp_path: Path,
+                                                             flags: list[str]) -> None:
+    done = subprocess.run([*CLI, "control", "--source", "kubernetes", "--insecure", "--kubeconfig",
+                           str(write_kubeconfig(api, tmp_path / "kubeconfig")), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "timeout" in done.stderr
+
+
+def test_healthz_status_and_metrics_of_a_control_process_show_freshness(api: KubeApiDouble,
+                                                                        tmp_path: Path) -> None:
+    api.upsert("Pod", pod_doc("web-1", "n1", "10.0.1.10", "web"))
+    kubeconfig = write_kubeconfig(api, tmp_path / "kubeconfig")
     grpc_port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [*CLI, "control", "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--insecure",
