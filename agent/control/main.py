@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -19,16 +20,26 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from agent.control.balance import StreamBalancer
 from agent.control.freshness import Freshness
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
+from agent.control.identity import (
+    DEFAULT_AGENT_SERVICE_ACCOUNT,
+    DEFAULT_REVIEW_TIMEOUT_S,
+    TOKEN_AUDIENCE,
+    TokenAuthenticator,
+    TokenReviewer,
+    service_account_user,
+)
 from agent.control.metrics import ControlMetrics
-from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
+from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, create_server, stop_server
 from agent.control.source_kubernetes import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_WATCH_TIMEOUT_S,
 )
 from agent.control.taint import NOT_READY_TAINT, TaintRemover
+from agent.control.tls_files import ReloadingTlsFiles
 from agent.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="server certificate (PEM)")
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs agents' client certificates (PEM)")
+    parser.add_argument(
+        "--identity", choices=["certificate", "token"], default="certificate",
+        help="how an agent proves its node: its client certificate's CN, or its pod's service-account "
+        "token checked by TokenReview",
+    )
+    parser.add_argument("--token-audience", default=TOKEN_AUDIENCE,
+                        help="token identity: the audience the agents' tokens are for")
+    parser.add_argument(
+        "--agent-service-account", default=DEFAULT_AGENT_SERVICE_ACCOUNT, metavar="NAMESPACE/NAME",
+        help="token identity: the service account of the agent pods (any other token is refused)",
+    )
+    parser.add_argument(
+        "--admin-users", default=None, metavar="NAMES",
+        help="token identity: TokenReview usernames (comma-separated) that see every node in podfence status",
+    )
+    parser.add_argument(
+        "--tokenreview-timeout", type=float, default=DEFAULT_REVIEW_TIMEOUT_S, metavar="SECONDS",
+        help="token identity: give up on a TokenReview (and refuse the stream) after this long",
+    )
     parser.add_argument(
         "--admin-cn",
         default=DEFAULT_ADMIN_NAME,
@@ -92,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a node from status and metrics once disconnected this long",
     )
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="control replicas serving the cluster: above its share of the streams a replica moves "
+        "one agent per second to another replica (1: never)",
+    )
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -101,19 +136,39 @@ def _split_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | None]:
-    """(credentials, usage error)."""
+def _tls_from_args(args: argparse.Namespace) -> tuple[ReloadingTlsFiles | None, str | None]:
+    """(credentials, usage error). The files are re-read when they change (tls_files.py)."""
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    token = args.identity == "token"
     if args.insecure:
         if given:
             return None, "--insecure and --tls-* exclude each other"
+        if token:
+            return None, "--identity token sends service-account tokens: it needs TLS, not --insecure"
         return None, None
-    if len(given) != 3:
+    if token and not (args.tls_cert and args.tls_key):
+        return None, "--identity token needs --tls-cert and --tls-key (and --tls-ca for mutual TLS)"
+    if not token and len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca (or pass --insecure explicitly)"
     try:
-        return TlsFiles.read(args.tls_cert, args.tls_key, args.tls_ca), None
-    except OSError as exc:
+        return ReloadingTlsFiles(args.tls_cert, args.tls_key, args.tls_ca), None
+    except (OSError, ssl.SSLError) as exc:
         return None, f"cannot read TLS files: {exc}"
+
+
+def _authenticator(args: argparse.Namespace, hub: PolicyHub) -> TokenAuthenticator:
+    """Token identity: TokenReview through the same API configuration as a Kubernetes source."""
+    from agent.control.source_kubernetes import load_api_client
+
+    if not args.tokenreview_timeout > 0:
+        raise ValueError(f"--tokenreview-timeout must be > 0 seconds, not {args.tokenreview_timeout}")
+    try:
+        api_client = load_api_client(args.kubeconfig)
+    except Exception as exc:
+        raise ValueError(f"--identity token needs the Kubernetes API (TokenReview): {exc}") from exc
+    reviewer = TokenReviewer(api_client, args.token_audience, args.tokenreview_timeout)
+    admin_users = [name.strip() for name in (args.admin_users or "").split(",") if name.strip()]
+    return TokenAuthenticator(reviewer, hub.find_pod, args.agent_service_account, admin_users)
 
 
 def serve_metrics(
@@ -174,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
         horizon = args.forget_disconnected_after
         if not horizon > 0:  # also refuses nan
             raise ValueError(f"--forget-disconnected-after must be > 0 seconds, not {horizon}")
+        service_account_user(args.agent_service_account)
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, not {args.replicas}")
     except ValueError as exc:
         print(f"podfence control: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -185,6 +243,13 @@ def run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         forget_after_s=args.forget_disconnected_after,
     )
+    authenticator = None
+    if args.identity == "token":
+        try:
+            authenticator = _authenticator(args, hub)
+        except ValueError as exc:
+            print(f"podfence control: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     stop = threading.Event()
     source_thread: threading.Thread
     freshness: Callable[[], Freshness] | None = None
@@ -242,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),
-            admin_names=admin_names,
+            admin_names=admin_names, authenticator=authenticator,
         )
     except (OSError, RuntimeError) as exc:
         print(f"podfence control: cannot listen: {exc}", file=sys.stderr)
@@ -264,8 +329,11 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
     server.start()
     healthy.set()
+    if args.replicas > 1:
+        balancer = StreamBalancer(hub, args.replicas)
+        threading.Thread(target=balancer.run, args=(stop,), name="balance", daemon=True).start()
     log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
-             "mutual TLS" if credentials else "insecure", args.metrics_listen)
+             _transport(credentials, args.identity), args.metrics_listen)
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
     stop_server(server, hub, health_servicer, grace=args.shutdown_grace)
@@ -273,3 +341,10 @@ def run(args: argparse.Namespace) -> int:
     httpd.server_close()
     log.info("control service stopped")
     return EXIT_OK
+
+
+def _transport(credentials: ReloadingTlsFiles | None, identity: str) -> str:
+    if credentials is None:
+        return "insecure"
+    tls = "mutual TLS" if credentials.require_client_auth else "TLS"
+    return f"{tls}, node identity by {'service-account token' if identity == 'token' else 'certificate'}"

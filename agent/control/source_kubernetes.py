@@ -32,6 +32,7 @@ the list is retried every `backoff_max` seconds, so installing the CRD later tak
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -230,7 +231,7 @@ class KubernetesSource:
             token = metadata.get("continue") or None
             if token is None:
                 break
-        self._apply_listing(kind, listed, present)
+        self._apply_listing(kind, listed, present, version)
         self.resource_versions[kind] = version or "0"
         self._report()
         log.info("listed %d %s object(s) in %d page(s) at resourceVersion %s", len(listed), kind, pages,
@@ -262,7 +263,8 @@ class KubernetesSource:
             return page
         return self._to_dict(result)  # a model object (test doubles of the typed client)
 
-    def _apply_listing(self, kind: str, listed: dict[ObjectKey, KubeObject], present: set[ObjectKey]) -> None:
+    def _apply_listing(self, kind: str, listed: dict[ObjectKey, KubeObject], present: set[ObjectKey],
+                       version: str | None = None) -> None:
         """Makes the resolver hold exactly `listed` of `kind`; `present` = every listed key, valid or not."""
         known = self._known[kind]
         with self._lock:  # objects deleted while unwatched: their errors go with them
@@ -272,6 +274,7 @@ class KubernetesSource:
         changed = [obj for key, obj in listed.items() if known.get(key) != obj]
         if removed or changed or not known:
             with self._hub.change() as resolver:
+                self._note_source(kind, version)
                 for namespace, name in removed:
                     resolver.delete(kind, namespace, name)
                 for obj in changed:
@@ -332,6 +335,7 @@ class KubernetesSource:
         if event_type == "DELETED":
             if known.pop((namespace, name), None) is not None:
                 with self._hub.change() as resolver:
+                    self._note_source(kind, version)
                     resolver.delete(kind, namespace, name)
             self._set_invalid(kind, namespace, name, None)
         elif event_type in ("ADDED", "MODIFIED"):
@@ -339,12 +343,24 @@ class KubernetesSource:
             if obj is not None and known.get((namespace, name)) != obj:
                 known[(namespace, name)] = obj
                 with self._hub.change() as resolver:
+                    self._note_source(kind, version)
                     resolver.upsert(obj)
         else:
             log.debug("%s watch: ignoring event type %s", kind, event_type)
         if version:
             self.resource_versions[kind] = version
         self._report()
+
+    def _note_source(self, kind: str, pending: str | None) -> None:
+        """Hands the hub the source state of the version being published: the oldest of the
+        kinds' resourceVersions (etcd revisions: every kind is known at least up to it)."""
+        versions = dict(self.resource_versions)
+        if pending:
+            versions[kind] = pending
+        known = {k: v for k, v in versions.items() if v and v != "0"}
+        numbers = [int(v) for v in known.values() if v.isdigit()]
+        digest = hashlib.sha256(",".join(f"{k}={v}" for k, v in sorted(known.items())).encode()).hexdigest()
+        self._hub.note_source(min(numbers) if numbers else 0, "rv:" + digest[:16])
 
     def _to_dict(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, dict):

@@ -9,6 +9,12 @@ source holds that the dataplanes do not enforce yet, and "source_freshness": {"s
 "seconds_since_heard": <float>, "stale": <bool>, "stale_after_seconds": <float>} for a source
 read from the API server (null for a folder, or when the caller may not see it). Without it, a
 table for people. Exit 1 when unreachable.
+
+Given several control addresses, every replica is asked: the object above is the first that
+answers, and "replicas" (an extra field) lists each replica's own view: [{"control": <address>,
+"reachable": <bool>, "error": <str|null>, "replica": <str>, "version": <int>,
+"source_generation": <int>, "source_digest": <str>, "sync_streams": <int>, "draining": <bool>,
+"connected_nodes": <int>}], so replicas that lag behind the source (a lower generation) show.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="client certificate (PEM)")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="token identity: a service-account token to present (needs --tls-ca)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
 
 
@@ -67,51 +75,79 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
 
 
 def fetch_status(
-    target: str, credentials: grpc.ChannelCredentials | None, timeout: float
+    target: str, credentials: grpc.ChannelCredentials | None, timeout: float, token: str | None = None
 ) -> pb.StatusResponse:
     channel = (
         grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     )
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     with channel:
-        return pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+        return pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout,
+                                                            metadata=metadata)
 
 
 def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    token_file = getattr(args, "token_file", None)
     if args.insecure:
+        if token_file:
+            return None, "--token-file needs TLS (--tls-ca), not --insecure"
         return (None, "--insecure and --tls-* exclude each other") if given else (None, None)
-    if not given:
+    if token_file:
+        if not args.tls_ca or bool(args.tls_cert) != bool(args.tls_key):
+            return None, "--token-file needs --tls-ca (and --tls-cert with --tls-key, or neither)"
+    elif not given:
         return None, None  # docs/design.md: status is called without TLS flags: plain text then
-    if len(given) != 3:
+    elif len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca together"
     try:
-        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k, open(args.tls_ca, "rb") as a:
-            return grpc.ssl_channel_credentials(a.read(), k.read(), c.read()), None
+        return grpc.ssl_channel_credentials(
+            _read(args.tls_ca), _read(args.tls_key), _read(args.tls_cert)
+        ), None
     except OSError as exc:
         return None, f"cannot read TLS files: {exc}"
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run(args: argparse.Namespace) -> int:
     credentials, usage_error = _credentials(args)
+    token = None
+    if not usage_error and getattr(args, "token_file", None):
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            usage_error = f"cannot read --token-file: {exc}"
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
-    # PODFENCE_CONTROL may hold the agents' list of replicas: the first that answers is asked.
-    failures = []
-    for target in [t.strip() for t in args.control.split(",") if t.strip()]:
+    # PODFENCE_CONTROL may hold the agents' list of replicas: each is asked, the first that
+    # answers gives the main view.
+    targets = [t.strip() for t in args.control.split(",") if t.strip()]
+    answers: dict[str, pb.StatusResponse | str] = {}
+    for target in targets:
         try:
-            response = fetch_status(target, credentials, args.timeout)
-            break
+            answers[target] = fetch_status(target, credentials, args.timeout, token)
         except grpc.RpcError as exc:
-            failures.append(f"{target}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
-    else:
-        print(f"podfence status: control service {args.control} unreachable: {'; '.join(failures)}",
-              file=sys.stderr)
+            answers[target] = str(exc.details() if isinstance(exc, grpc.Call) else exc)
+    responses = [answer for answer in answers.values() if isinstance(answer, pb.StatusResponse)]
+    if not responses:
+        failures = "; ".join(f"{target}: {answer}" for target, answer in answers.items())
+        print(f"podfence status: control service {args.control} unreachable: {failures}", file=sys.stderr)
         return EXIT_FAILURE
-    status = status_to_dict(response)
+    status = status_to_dict(responses[0])
+    if len(targets) > 1:
+        status["replicas"] = [_replica_view(target, answer) for target, answer in answers.items()]
     if args.json:
         print(json.dumps(status))
         return EXIT_OK
+    _print_replicas(status.get("replicas", []))
     print(f"policy version {status['version']}")
     fresh = status["source_freshness"]
     if fresh is not None:
@@ -130,3 +166,39 @@ def run(args: argparse.Namespace) -> int:
         effect = "last valid form in force" if problem["last_valid_in_force"] else "not applied"
         print(f"  {problem['source']}: {problem['error']} ({effect})")
     return EXIT_OK
+
+
+def _replica_view(target: str, answer: pb.StatusResponse | str) -> dict[str, Any]:
+    if isinstance(answer, str):
+        return {"control": target, "reachable": False, "error": answer}
+    return {
+        "control": target,
+        "reachable": True,
+        "error": None,
+        "replica": answer.source.replica,
+        "version": int(answer.version),
+        "source_generation": int(answer.source.generation),
+        "source_digest": answer.source.digest,
+        "sync_streams": int(answer.sync_streams),
+        "draining": bool(answer.draining),
+        "connected_nodes": sum(1 for node in answer.nodes.values() if node.connected),
+    }
+
+
+def _print_replicas(replicas: list[dict[str, Any]]) -> None:
+    if not replicas:
+        return
+    newest = max((r["source_generation"] for r in replicas if r["reachable"]), default=0)
+    rows = [("CONTROL", "REPLICA", "GENERATION", "STREAMS", "STATE")]
+    for r in replicas:
+        if not r["reachable"]:
+            rows.append((r["control"], "-", "-", "-", f"unreachable: {r['error']}"))
+            continue
+        state = "draining" if r["draining"] else "serving"
+        if r["source_generation"] < newest:
+            state += " (behind the newest source generation)"
+        generation, streams = str(r["source_generation"]), str(r["sync_streams"])
+        rows.append((r["control"], r["replica"] or "-", generation, streams, state))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])

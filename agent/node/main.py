@@ -97,6 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
     parser.add_argument(
+        "--token-file", metavar="FILE",
+        help="token identity: this pod's projected service-account token (audience podfence), re-read "
+        "for every stream; needs --tls-ca, --tls-cert/--tls-key only if the control service asks for them",
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC (only on a trusted network, for tests)"
     )
     parser.add_argument(
@@ -131,22 +136,57 @@ class UsageError(Exception):
 
 
 def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """mTLS credentials, or None for --insecure. Never a silent plaintext fallback."""
+    """TLS credentials, or None for --insecure. Never a silent plaintext fallback.
+
+    Certificate identity needs all three --tls-* files. With --token-file the token names the
+    node, and a client certificate is only needed if the control service asks for one."""
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    token_file = getattr(args, "token_file", None)
     if args.insecure:
         if any(tls):
             raise UsageError("--insecure and --tls-* exclude each other")
+        if token_file:
+            raise UsageError("--token-file sends a service-account token: it needs --tls-ca, not --insecure")
         return None
-    if not all(tls):
+    if token_file:
+        if not args.tls_ca or bool(args.tls_cert) != bool(args.tls_key):
+            raise UsageError("--token-file needs --tls-ca (and --tls-cert with --tls-key, or neither)")
+        try:
+            Path(token_file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file: {exc}") from exc
+    elif not all(tls):
         raise UsageError("give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure")
     try:
         return grpc.ssl_channel_credentials(
             root_certificates=Path(args.tls_ca).read_bytes(),
-            private_key=Path(args.tls_key).read_bytes(),
-            certificate_chain=Path(args.tls_cert).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
         )
     except OSError as exc:
         raise UsageError(f"cannot read TLS material: {exc}") from exc
+
+
+def reloading_credentials(
+    args: argparse.Namespace, initial: grpc.ChannelCredentials | None
+) -> Callable[[], grpc.ChannelCredentials] | None:
+    """Reads the TLS files again for each new channel (a rotated Secret); on a read failure (a
+    rotation half done) the previous credentials serve, and the next reconnect tries again."""
+    if initial is None:
+        return None
+    current = [initial]
+
+    def load() -> grpc.ChannelCredentials:
+        try:
+            fresh = channel_credentials(args)
+        except UsageError as exc:
+            log.warning("cannot re-read the TLS files (%s); using the previous ones", exc)
+        else:
+            if fresh is not None:
+                current[0] = fresh
+        return current[0]
+
+    return load
 
 
 def _dest(map_flag: str) -> str:
@@ -283,7 +323,10 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
-        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials)
+        token_file = args.token_file
+        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
+                          token=(lambda: Path(token_file).read_text()) if token_file else None,
+                          credentials_factory=reloading_credentials(args, credentials))
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None

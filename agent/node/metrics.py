@@ -13,6 +13,8 @@ Metrics (all read at scrape time):
   podfence_interface_programming_seconds        histogram: netlink change -> kernel enforces it
   podfence_applied_version                      last version enforced (-1: none yet)
   podfence_sync_connected                       1 while the stream to the control service is up
+  podfence_sync_held                            1 while the stream's replica lags behind the
+                                                enforced source generation (its versions held)
   podfence_managed_endpoints                    pods of this node with policy
   podfence_located_endpoints                    ... whose host interface was found
   podfence_pod_interfaces                       host-side pod interfaces guarded
@@ -129,6 +131,12 @@ class AgentCollector(Collector):
         )
         connected.add_metric([], 1 if self._sync is not None and self._sync.connected else 0)
         yield connected
+        held = GaugeMetricFamily(
+            "podfence_sync_held",
+            "1 while the control replica lags behind the enforced policy and its versions are held.",
+        )
+        held.add_metric([], 1 if getattr(self._sync, "held", None) else 0)
+        yield held
         yield _gauge(
             "podfence_managed_endpoints",
             "Pods of this node the agent enforces policy for.",

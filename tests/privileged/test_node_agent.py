@@ -486,7 +486,10 @@ def test_agent_over_mutual_tls_only_as_its_own_node(lab: NodeLab, tmp_path: Path
         return process, f"http://127.0.0.1:{metrics_port}"
 
     impostor, impostor_url = agent("agent-impostor", "n2")
-    time.sleep(3)
+    # wait for the refusal itself and a metrics server that answers: a fixed sleep was too short
+    # for a loaded machine (status 0 = nothing listening yet)
+    wait_for(lambda: "PERMISSION_DENIED" in lab.log_text("agent-impostor"), 30, "the impostor refused")
+    wait_for(lambda: lab.fetch(f"{impostor_url}/readyz")[0] != 0, 30, "the impostor's metrics server")
     assert impostor.poll() is None
     assert lab.fetch(f"{impostor_url}/readyz")[0] == 503, "a node-n2 certificate must not get n1's policy"
     impostor.send_signal(signal.SIGTERM)

@@ -44,20 +44,6 @@ def control():
     ctl.stop()
 
 
-@pytest.fixture
-def agents():
-    started: list[RecordingAgent] = []
-
-    def make(node: str, target: str, **kwargs) -> RecordingAgent:
-        agent = RecordingAgent(node, target, **kwargs).start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.close()
-
-
 class RawStream:
     """A hand-driven Sync stream, to see the exact messages (snapshot vs delta) on the wire."""
 

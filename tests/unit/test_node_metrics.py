@@ -24,6 +24,7 @@ DOCUMENTED = {
     "podfence_policy_programming_seconds",
     "podfence_applied_version",
     "podfence_sync_connected",
+    "podfence_sync_held",
     "podfence_managed_endpoints",
     "podfence_map_entries",
     "podfence_map_capacity",
