@@ -310,7 +310,8 @@ def test_control_rbac_is_list_and_watch_of_the_watched_resources_and_tokenreview
         for group, resource in WATCHED_RESOURCES.values()
         for verb in ("list", "watch")
     } | {("authentication.k8s.io", "tokenreviews", "create")} | {  # agent/control/identity.py
-        ("", "nodes", "get"), ("", "nodes", "patch")}    binding = find("ClusterRoleBinding", "podfence-control")
+        ("", "nodes", "get"), ("", "nodes", "patch")}
+    binding = find("ClusterRoleBinding", "podfence-control")
     deployment = find("Deployment", "podfence-control")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

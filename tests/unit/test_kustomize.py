@@ -20,12 +20,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from agent.cli import build_parser
 from tests.readme_tables import documented_metrics
 from tests.unit.test_deploy import KUBERNETES_VERSIONS, container_env, load_manifest, unread_env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = {"bpf": "bpf", "iptables": "iptables"}  # overlay -> the agent's dataplane
+OVERLAYS = {"bpf": "bpf", "iptables": "iptables", "bpf-token": "bpf"}  # overlay -> the agent's dataplane
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs of the Prometheus Operator
 
 
@@ -94,6 +95,31 @@ def test_rendered_objects_validate_strictly(directory: str, version: str) -> Non
     assert core
     for doc in core:
         kubernetes_validate.validate(doc, version, strict=True)
+
+
+@needs_kubectl
+def test_token_identity_needs_no_per_node_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = {identity(doc): doc for doc in render(DEPLOY / "overlays" / "bpf-token")}
+    agent_spec = docs[("DaemonSet", "podfence-agent")]["spec"]["template"]["spec"]
+    control_spec = docs[("Deployment", "podfence-control")]["spec"]["template"]["spec"]
+    agent, control = agent_spec["containers"][0], control_spec["containers"][0]
+    agent_env, control_env = container_env(agent), container_env(control)
+    assert control_env["PODFENCE_IDENTITY"] == "token" and "PODFENCE_TLS_CA" not in control_env
+    assert "PODFENCE_TLS_CERT" not in agent_env and "PODFENCE_TLS_KEY" not in agent_env
+    volumes = {v["name"]: v for v in agent_spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    token_dir, _, _ = agent_env["PODFENCE_TOKEN_FILE"].rpartition("/")
+    source = volumes[mounts[token_dir]]["projected"]["sources"][0]["serviceAccountToken"]
+    assert source["audience"] == "podfence"
+    ca_dir = agent_env["PODFENCE_TLS_CA"].rpartition("/")[0]
+    assert volumes[mounts[ca_dir]] == {"name": "pki", "configMap": {"name": "podfence-ca"}}  # none on the host
+    for container in (agent, control):  # the CLI accepts exactly this environment
+        for name, value in container_env(container).items():
+            monkeypatch.setenv(name, value if isinstance(value, str) else "worker-1")
+        parser, _ = build_parser()
+        assert parser.parse_args(container["args"]).command == container["args"][0]
+        for name in container_env(container):
+            monkeypatch.delenv(name)
 
 
 @needs_kubectl
