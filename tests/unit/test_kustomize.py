@@ -111,8 +111,9 @@ def test_token_identity_needs_no_per_node_certificate(monkeypatch: pytest.Monkey
     token_dir, _, _ = agent_env["PODFENCE_TOKEN_FILE"].rpartition("/")
     source = volumes[mounts[token_dir]]["projected"]["sources"][0]["serviceAccountToken"]
     assert source["audience"] == "podfence"
+    # the CA only, from a ConfigMap: nothing per node on the host
     ca_dir = agent_env["PODFENCE_TLS_CA"].rpartition("/")[0]
-    assert volumes[mounts[ca_dir]] == {"name": "pki", "configMap": {"name": "podfence-ca"}}  # none on the host
+    assert volumes[mounts[ca_dir]] == {"name": "pki", "configMap": {"name": "podfence-ca"}}
     for container in (agent, control):  # the CLI accepts exactly this environment
         for name, value in container_env(container).items():
             monkeypatch.setenv(name, value if isinstance(value, str) else "worker-1")
