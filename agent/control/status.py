@@ -14,7 +14,8 @@ Given several control addresses, every replica is asked: the object above is the
 answers, and "replicas" (an extra field) lists each replica's own view: [{"control": <address>,
 "reachable": <bool>, "error": <str|null>, "replica": <str>, "version": <int>,
 "source_generation": <int>, "source_digest": <str>, "sync_streams": <int>, "draining": <bool>,
-"connected_nodes": <int>}], so replicas that lag behind the source (a lower generation) show.
+"connected_nodes": <int>, "source_stale": <bool|null>}], so replicas that lag behind the source (a
+lower generation) or lost the API server show.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def _replica_view(target: str, answer: pb.StatusResponse | str) -> dict[str, Any
         "sync_streams": int(answer.sync_streams),
         "draining": bool(answer.draining),
         "connected_nodes": sum(1 for node in answer.nodes.values() if node.connected),
+        # a replica that lost the API server serves its last state: say which one
+        "source_stale": bool(answer.source_freshness.stale) if answer.HasField("source_freshness") else None,
     }
 
 
@@ -197,6 +200,8 @@ def _print_replicas(replicas: list[dict[str, Any]]) -> None:
         state = "draining" if r["draining"] else "serving"
         if r["source_generation"] < newest:
             state += " (behind the newest source generation)"
+        if r.get("source_stale"):
+            state += " (STALE: lost the API server)"
         generation, streams = str(r["source_generation"]), str(r["sync_streams"])
         rows.append((r["control"], r["replica"] or "-", generation, streams, state))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -271,3 +271,34 @@ def test_healthz_status_and_metrics_of_a_control_process_show_freshness(api: Kub
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_status_of_several_replicas_names_the_one_that_lost_the_api_server() -> None:
+    import argparse
+    import io
+    from contextlib import redirect_stdout
+
+    from agent.control import status as status_cmd
+    from agent.control.freshness import Freshness
+    from tests.unit.control_helpers import small_cluster, start_control
+
+    fresh, lost = start_control(small_cluster()), start_control(small_cluster())
+    try:
+        fresh.hub.set_freshness(lambda: Freshness("kubernetes", 3.0, False, 270.0))
+        lost.hub.set_freshness(lambda: Freshness("kubernetes", 900.0, True, 270.0))
+        args = argparse.Namespace(control=f"{fresh.target},{lost.target}", json=True, insecure=False,
+                                  tls_cert=None, tls_key=None, tls_ca=None, timeout=5.0)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert status_cmd.run(args) == 0
+        views = {view["control"]: view for view in json.loads(out.getvalue())["replicas"]}
+        assert views[fresh.target]["source_stale"] is False and views[lost.target]["source_stale"] is True
+        args.json = False
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert status_cmd.run(args) == 0
+        (line,) = [line for line in out.getvalue().splitlines() if "lost the API server" in line]
+        assert line.startswith(lost.target)
+    finally:
+        fresh.stop()
+        lost.stop()
