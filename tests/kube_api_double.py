@@ -172,12 +172,7 @@ class KubeApiDouble:
             pass
 
     def _send_json(self, handler: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        handler.send_response(code)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+        send_json(handler, code, body)
 
     def _status(self, handler: BaseHTTPRequestHandler, code: int, reason: str, message: str) -> None:
         self._send_json(handler, code, _status_object(code, reason, message))
@@ -262,6 +257,16 @@ class KubeApiDouble:
                 self._version += 1
                 node["metadata"]["resourceVersion"] = str(self._version)
             self._send_json(handler, 200, node)
+
+
+def send_json(handler: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+    """One JSON response with its length, as the API server answers every non-watch request."""
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def _status_object(code: int, reason: str, message: str) -> dict[str, Any]:
