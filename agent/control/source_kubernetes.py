@@ -27,7 +27,8 @@ from its first appearance is rejected (reported, never applied); a deleted objec
 
 ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`) is a CRD a cluster may not have: while
 the API server answers 404 for it, the kind counts as listed and empty (so agents are served), and
-the list is retried every `backoff_max` seconds, so installing the CRD later takes effect.
+the list is retried every `backoff_max` seconds (at most every watch timeout: each 404 is an answer
+that keeps the source fresh), so installing the CRD later takes effect.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class KubernetesSource:
         self._watch_timeout = watch_timeout_seconds
         self._request_timeout = request_timeout_seconds
         self._page_size = page_size
+        self._absent_retry = min(backoff_max, watch_timeout_seconds)
         self._known: dict[str, dict[ObjectKey, KubeObject]] = {kind: {} for kind in self._list_functions}
         self._invalid: dict[tuple[str, str, str], str] = {}
         self._lock = threading.Lock()  # guards _invalid, shared by the per-kind threads
@@ -187,7 +189,7 @@ class KubernetesSource:
                     continue
                 if _status(exc) == 404 and kind in OPTIONAL_KINDS:
                     self._absent(kind)
-                    stop.wait(self._backoff_max)
+                    stop.wait(self._absent_retry)
                     continue
                 self.last_error = f"{kind} watch: {exc}"
                 self._hub.metrics.source_errors_total.inc()
@@ -202,7 +204,7 @@ class KubernetesSource:
         if kind in self._listed and not self._known[kind]:
             return  # still absent: nothing changed, no new version
         log.info("%s: not served by the API server (CRD not installed); retrying every %.0f s",
-                 kind, self._backoff_max)
+                 kind, self._absent_retry)
         self._apply_listing(kind, {}, set())
         self._report()
 

@@ -185,6 +185,20 @@ def test_a_replica_that_lost_the_api_server_serves_the_last_state_and_says_so(ap
         stop.set()
 
 
+def test_a_cluster_without_the_optional_crd_stays_fresh(api: KubeApiDouble) -> None:
+    """The absent ClusterNetworkPolicy CRD is asked for again at least every watch timeout, so its
+    404s keep that kind heard even with a long backoff_max."""
+    source, _ = make_source(api, backoff_max=30.0)
+    stop = threading.Event()
+    threading.Thread(target=source.run, args=(stop,), daemon=True).start()
+    try:
+        assert source.synced.wait(10)
+        time.sleep(2 * WATCH_TIMEOUT + REQUEST_TIMEOUT + 1.0)  # past stale_after
+        assert not source.freshness.read().stale
+    finally:
+        stop.set()
+
+
 def test_an_api_server_that_refuses_every_request_brings_no_freshness(api: KubeApiDouble) -> None:
     """403 (the role was removed) or 500 are answers, but no news: the state is as old as ever."""
     only_pods = {"Pod": _api_list_functions(api_client(api.url))["Pod"]}
