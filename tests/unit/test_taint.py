@@ -56,7 +56,7 @@ def test_the_taint_goes_once_the_agent_applied_its_first_version_and_only_that_t
     agent = RecordingAgent("n1", control.target).start()
     try:
         agent.wait_for_state(lambda s: s.version > 0, "the first version")
-        wait_until(lambda: taints(api, "n1") == [DEDICATED], what="n1's not-ready taint removed")
+        wait_until(lambda: taints(api, "n1") == [DEDICATED], timeout=30, what="n1's not-ready taint removed")
         assert taints(api, "n2") == [NOT_READY], "n2's agent has applied nothing: its taint stays"
         (node, patch), = api.patches
         assert node == "n1" and patch[0] == {"op": "test", "path": "/spec/taints/1", "value": NOT_READY}
@@ -67,7 +67,8 @@ def test_the_taint_goes_once_the_agent_applied_its_first_version_and_only_that_t
     again = RecordingAgent("n1", control.target).start()
     try:
         again.wait_for_state(lambda s: s.version > 0)
-        wait_until(lambda: len([r for r in api.requests if r["kind"] == "Node"]) >= 3, what="a second read")
+        wait_until(lambda: len([r for r in api.requests if r["kind"] == "Node"]) >= 3, timeout=30,
+                   what="a second read")
         assert len(api.patches) == 1 and count(control, "removed") == 1
     finally:
         again.close()
@@ -80,10 +81,10 @@ def test_an_unreachable_api_server_is_retried_until_the_taint_is_gone(setup: Any
     agent = RecordingAgent("n1", control.target).start()
     try:
         agent.wait_for_state(lambda s: s.version > 0)
-        wait_until(lambda: count(control, "failed") >= 2, what="failed attempts (request timeouts)")
+        wait_until(lambda: count(control, "failed") >= 2, timeout=30, what="failed attempts")
         assert taints(api, "n1") == [NOT_READY]
         api.unreachable.clear()
-        wait_until(lambda: taints(api, "n1") == [], what="the taint removed once the API answers")
+        wait_until(lambda: taints(api, "n1") == [], timeout=30, what="the taint removed once the API answers")
     finally:
         agent.close()
 
