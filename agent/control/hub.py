@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -102,6 +102,8 @@ class NodeRecord:
     acked_version: int = 0
     connected: bool = False
     last_error: str | None = None
+    # policies the node's last ack says it left out (its maps cannot hold them): "ns/name: why"
+    rejected_policies: tuple[str, ...] = ()
     latest_change: int = 0  # version of the newest message queued for this node
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
 
@@ -353,7 +355,9 @@ class PolicyHub:
                 record.disconnected_at = self._clock()
                 log.info("node %s disconnected: %s", handle.node, reason)
 
-    def ack(self, handle: StreamHandle, version: int, ok: bool, error: str) -> None:
+    def ack(
+        self, handle: StreamHandle, version: int, ok: bool, error: str, rejected: Sequence[str] = ()
+    ) -> None:
         """Records an agent's ack/nack; raises AckError for a version this stream was never sent."""
         if not handle.was_sent(version):
             raise AckError(f"ack for version {version}, which this stream was never sent")
@@ -362,6 +366,11 @@ class PolicyHub:
                 return  # a superseded stream's late ack says nothing about the node now
             record = self._records[handle.node]
             if ok:
+                if version >= record.acked_version:
+                    if tuple(rejected) != record.rejected_policies:
+                        for rejection in rejected:
+                            log.warning("node %s left out policy %s", handle.node, rejection)
+                    record.rejected_policies = tuple(rejected)
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
                 if not handle.applied_once:
@@ -397,6 +406,7 @@ class PolicyHub:
                     acked_version=self._version if in_sync else record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error,
+                    rejected_policies=record.rejected_policies,
                     latest_change=record.latest_change,
                     disconnected_at=record.disconnected_at,
                 )

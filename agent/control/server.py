@@ -249,7 +249,7 @@ class NodeSyncService:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
                 ack = message.ack
                 try:
-                    self._hub.ack(handle, ack.version, ack.ok, ack.error)
+                    self._hub.ack(handle, ack.version, ack.ok, ack.error, tuple(ack.rejected_policies))
                 except AckError as exc:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except _Abort as failure:
@@ -357,6 +357,7 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     applied_version=record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error or "",
+                    rejected_policies=record.rejected_policies,
                 )
             )
         for problem in status.source_errors:

@@ -2,13 +2,14 @@
 
 With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
-"last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
-"source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
-unreadable files of the policy source, and (source "control") every ClusterNetworkPolicy the
-source holds that the dataplanes do not enforce yet, and "source_freshness": {"source": <str>,
-"seconds_since_heard": <float>, "stale": <bool>, "stale_after_seconds": <float>} for a source
-read from the API server (null for a folder, or when the caller may not see it). Without it, a
-table for people. Exit 1 when unreachable.
+"last_error": <str|null>}}}, plus extra fields: per node that has some, "rejected_policies":
+[<str>], the policies it left out because its maps cannot hold them ("namespace/name: why"), and
+"source_errors": [{"object": <str|null>, "source": <str>, "error": <str>,
+"last_valid_in_force": <bool>}], the invalid objects and unreadable files of the policy source,
+and (source "control") every ClusterNetworkPolicy the source holds that the dataplanes do not
+enforce yet, and "source_freshness": {"source": <str>, "seconds_since_heard": <float>, "stale":
+<bool>, "stale_after_seconds": <float>} for a source read from the API server (null for a folder,
+or when the caller may not see it). Without it, a table for people. Exit 1 when unreachable.
 
 Given several control addresses, every replica is asked: the object above is the first that
 answers, and "replicas" (an extra field) lists each replica's own view: [{"control": <address>,
@@ -49,14 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
     return {
         "version": int(response.version),
-        "nodes": {
-            node: {
-                "applied_version": int(status.applied_version),
-                "connected": bool(status.connected),
-                "last_error": status.last_error or None,
-            }
-            for node, status in sorted(response.nodes.items())
-        },
+        "nodes": {node: _node_to_dict(status) for node, status in sorted(response.nodes.items())},
         "source_errors": [
             {
                 "object": problem.object or None,
@@ -73,6 +67,17 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             "stale_after_seconds": response.source_freshness.stale_after_seconds,
         } if response.HasField("source_freshness") else None,
     }
+
+
+def _node_to_dict(status: pb.NodeStatus) -> dict[str, Any]:
+    node: dict[str, Any] = {
+        "applied_version": int(status.applied_version),
+        "connected": bool(status.connected),
+        "last_error": status.last_error or None,
+    }
+    if status.rejected_policies:  # only then: the contract's three fields otherwise
+        node["rejected_policies"] = list(status.rejected_policies)
+    return node
 
 
 def fetch_status(
@@ -161,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    for node, entry in status["nodes"].items():
+        for rejection in entry.get("rejected_policies", ()):
+            print(f"  {node}: policy {rejection}")
     if status["source_errors"]:
         print(f"{len(status['source_errors'])} source error(s):")
     for problem in status["source_errors"]:

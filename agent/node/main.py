@@ -326,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
         token_file = args.token_file
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
-                          credentials_factory=reloading_credentials(args, credentials))
+                          credentials_factory=reloading_credentials(args, credentials),
+                          rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None

@@ -152,6 +152,11 @@ class AgentCollector(Collector):
             "Host-side pod interfaces guarded (known pod or not).",
             status.pod_interfaces,
         )
+        yield _gauge(
+            "podfence_rejected_policies",
+            "Policies left out because this node's maps cannot hold them (names in the log and status).",
+            len(status.rejected_policies),
+        )
         errors = CounterMetricFamily(
             "podfence_apply_errors", "Failed attempts to program the kernel (retried ones included)."
         )

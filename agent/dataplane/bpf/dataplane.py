@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.dataplane.base import (
-    CapacityError,
     DataplaneError,
     EndpointCounters,
     PermanentDataplaneError,
@@ -52,15 +51,14 @@ from agent.dataplane.bpf.compiler import (
     EndpointEntry,
     PolicyEntry,
 )
+from agent.dataplane.bpf.fitting import fit_and_plan
 from agent.dataplane.bpf.plan import (
     PUT,
     CidrKey,
     IpcacheKey,
     Op,
-    compile_and_plan,
     is_exact,
     is_host,
-    peak_sizes,
     peer_view,
 )
 from agent.dataplane.bpf.structs import (
@@ -75,6 +73,7 @@ from agent.dataplane.bpf.structs import (
     make_addr,
 )
 from agent.dataplane.bpf.transition import with_union
+from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
 log = logging.getLogger(__name__)
@@ -182,6 +181,8 @@ class BpfDataplane:
         self._capacity: dict[str, int] = {}  # real max_entries of the pinned maps (a pin keeps its size)
         # True once start() found state of a previous run in the pinned maps (read by the node layer)
         self.adopted = False
+        # policies the last apply left out because they do not fit (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -283,34 +284,46 @@ class BpfDataplane:
     def apply(self, state: NodeState) -> None:
         if self._module is None:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
-        old_allocation = self._live.allocation
         with self._lock:
-            try:
-                desired, ops, union = compile_and_plan(self._live, state, old_allocation)
-            except ValueError as error:
-                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
-            allocation = with_union(desired.allocation, union)
-            self._check_capacity(desired, ops)
-            # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
-            changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
-            try:
-                self._write(ops)
-            except Exception as error:
-                # Half written: ids of both allocations may be live in the maps now. Remember
-                # both, so the retry never hands a live id to different content.
-                self._live.allocation = _merge_allocations(old_allocation, allocation)
-                self._save_state_file()
-                if isinstance(error, DataplaneError):
-                    raise
-                # BCC map errors are bare Exceptions / KeyErrors
-                raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
-            finally:
-                self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-            self._live.allocation = allocation
-            self._save_state_file()
+            rejected, changes = self._apply_locked(state)
+            if rejected:
+                # Capacity is checked at the maps' fullest, old and new entries side by side: a
+                # policy left out for want of that transient room may fit from the state just
+                # written (a policy that grew under a fresh id needed its old and new entries).
+                rejected, more = self._apply_locked(state)
+                changes.endpoint_keys |= more.endpoint_keys
+                changes.peer_addresses |= more.peer_addresses
+                changes.prefixes |= more.prefixes
+            self.rejected_policies = report_rejections(self.rejected_policies, rejected)
             self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
+
+    def _apply_locked(self, state: NodeState) -> tuple[dict[str, Rejection], _Changes]:
+        old_allocation = self._live.allocation
+        try:
+            desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+        except ValueError as error:
+            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+        allocation = with_union(desired.allocation, union)
+        # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
+        changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
+        try:
+            self._write(ops)
+        except Exception as error:
+            # Half written: ids of both allocations may be live in the maps now. Remember
+            # both, so the retry never hands a live id to different content.
+            self._live.allocation = _merge_allocations(old_allocation, allocation)
+            self._save_state_file()
+            if isinstance(error, DataplaneError):
+                raise
+            # BCC map errors are bare Exceptions / KeyErrors
+            raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
+        finally:
+            self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+        self._live.allocation = allocation
+        self._save_state_file()
+        return rejected, changes
 
     def repair_hooks(self) -> list[str]:
         """Put the egress hook back where it must be if something moved or removed it (the xt_bpf
@@ -326,8 +339,8 @@ class BpfDataplane:
             return self._links.repair()
         return self._iptables.install(self._nf_pin)
 
-    def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
-        peaks = peak_sizes(self._live, ops)
+    def _rooms(self) -> dict[str, int]:
+        """Entries each map holds: the size asked for, or the pinned map's own if smaller."""
         knobs = self.knobs
         requested = {
             "pf_policy": knobs.policy_max,
@@ -340,20 +353,7 @@ class BpfDataplane:
             "pf_node_ips": knobs.node_ips_max,
             "pf_counters": knobs.endpoints_max * 2,
         }
-
-        def capacity(name: str) -> int:
-            return min(requested[name], self._capacity.get(name, requested[name]))
-
-        checks = [(f"pf_{table}", size, capacity(f"pf_{table}")) for table, size in peaks.items()]
-        slots = desired.allocation.endpoint_slots.values()
-        if slots and (max(slots) + 1) * 2 > capacity("pf_counters"):
-            checks.append(("pf_counters", (max(slots) + 1) * 2, capacity("pf_counters")))
-        for name, needed, room in checks:
-            if needed > room:
-                raise CapacityError(
-                    f"BPF map {name} would need {needed} entries during this update but holds {room}; "
-                    "nothing was changed (raise the map size)"
-                )
+        return {name: min(size, self._capacity.get(name, size)) for name, size in requested.items()}
 
     def _semantic_changes(self, desired: Desired) -> _Changes:
         """What the update changes for verdicts (not which entries move between generations)."""

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent.dataplane.base import (
-    CapacityError,
     EndpointCounters,
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
+from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.iptables import bridge, kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
@@ -53,6 +53,7 @@ from agent.dataplane.iptables.compiler import (
     compile_state,
     member_address,
 )
+from agent.dataplane.iptables.fitting import fit_sets
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
 
@@ -164,6 +165,8 @@ class IptablesDataplane:
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
         self.adopted = False  # start() found endpoint chains left by a previous run
+        # policies the last apply left out because their sets exceed maxelem (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], _Tally] = {}
@@ -281,7 +284,7 @@ class IptablesDataplane:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
             first_table = reads.submit(kernel.read_filter_table, first)
             sets_read = reads.submit(kernel.read_sets)
-            desired = self._compile(state)
+            desired, rejected = self._compile(state)
             tables = {first: first_table.result()}
             sets_now = sets_read.result()
 
@@ -302,6 +305,7 @@ class IptablesDataplane:
         self._commit_bridge(desired.bridge)
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
+        self.rejected_policies = report_rejections(self.rejected_policies, rejected)
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
@@ -312,25 +316,25 @@ class IptablesDataplane:
             )
             kernel.forget_connections(sorted(addresses | moved_peers))
 
-    def _compile(self, state: NodeState) -> DesiredState:
+    def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
+        """The chains and sets of `state`, less the policies whose sets exceed maxelem (fitting.py)."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
-        desired = compile_state(
+        desired, rejected = fit_sets(
             state,
-            interfaces,
-            self.unknown_endpoints,
-            tcp_needs_syn=self.established_on_change == "reset",
-            set_limit=self.ipset_maxelem,
+            lambda fitted: compile_state(
+                fitted,
+                interfaces,
+                self.unknown_endpoints,
+                tcp_needs_syn=self.established_on_change == "reset",
+                set_limit=self.ipset_maxelem,
+            ),
+            self.ipset_maxelem,
         )
-        for spec in desired.sets.values():
-            if len(spec.members) > self.ipset_maxelem:
-                raise CapacityError(
-                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
-                )
         if desired.uses_bridges:
             kernel.enable_bridge_netfilter()
-        return desired
+        return desired, rejected
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
