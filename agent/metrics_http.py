@@ -231,10 +231,12 @@ def start_metrics_server(
     healthy: Callable[[], bool] = lambda: True,
     ready: Callable[[], bool] | None = None,
     not_ready: str = "not ready",
+    health_detail: Callable[[], str] | None = None,
 ) -> tuple[BoundedHTTPServer, int]:
     """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread: /metrics,
-    /healthz (200 while `healthy()`, else 503) and, if `ready` is given, /readyz (200 while
-    `ready()`, else 503 saying `not_ready`). Returns the server (shutdown() stops it) and the port."""
+    /healthz (200 while `healthy()`, else 503; `health_detail()` adds a line to the body) and, if
+    `ready` is given, /readyz (200 while `ready()`, else 503 saying `not_ready`). Returns the
+    server (shutdown() stops it) and the port."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -243,10 +245,11 @@ def start_metrics_server(
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._reply(200, encoder(registry), content_type)
             elif path == "/healthz":
-                if healthy():
-                    self._reply(200, b"ok\n")
-                else:
-                    self._reply(503, b"starting\n")
+                ok = healthy()
+                text = "ok\n" if ok else "starting\n"
+                if health_detail is not None:
+                    text += health_detail() + "\n"
+                self._reply(200 if ok else 503, text.encode())
             elif path == "/readyz" and ready is not None:
                 if ready():
                     self._reply(200, b"ready\n")

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.model.objects import Pod
 from agent.policy.compiled import NodePolicy
@@ -122,6 +123,7 @@ class StreamHandle:
         self._sent_order: deque[int] = deque()
         self.last_sent: NodePolicy | None = None  # what the agent has, if it applied everything
         self.queued_policy: NodePolicy | None = None  # newest policy queued (hub side, under hub lock)
+        self.applied_once = False  # the agent acked a version on this stream (hub side, under hub lock)
 
     def push(self, item: Outgoing) -> bool:
         """Queue a version; returns False when the stream was too far behind and got reset instead."""
@@ -190,6 +192,7 @@ class HubStatus:
     source: SourceMark = SourceMark()
     streams: int = 0
     draining: bool = False
+    source_freshness: Freshness | None = None  # None: the source has no remote end (a folder)
 
 
 class PolicyHub:
@@ -224,6 +227,15 @@ class PolicyHub:
         self.replica = replica or os.environ.get("HOSTNAME") or socket.gethostname()
         self.draining = False
         self.metrics.watch_hub(self._metric_view)
+        self._freshness: Callable[[], Freshness] | None = None
+        # Called with a node's name when its agent acks its first version on a stream (the
+        # control service then lifts the node's not-ready taint); must not block.
+        self.on_node_applied: Callable[[str], None] | None = None
+
+    def set_freshness(self, read: Callable[[], Freshness]) -> None:
+        """How recently the source heard from the API server, for `podfence status` and the metrics."""
+        self._freshness = read
+        self.metrics.watch_freshness(read)
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -361,6 +373,10 @@ class PolicyHub:
                     record.rejected_policies = tuple(rejected)
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
+                if not handle.applied_once:
+                    handle.applied_once = True
+                    if self.on_node_applied is not None:
+                        self.on_node_applied(handle.node)
             else:
                 record.last_error = error or "unspecified dataplane error"
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,
@@ -399,8 +415,9 @@ class PolicyHub:
                               UNENFORCED_MESSAGE.format(name=name), last_valid_in_force=False)
                 for name in self._unenforced
             )
+            freshness = self._freshness() if self._freshness is not None else None
             return HubStatus(self._version, nodes, self._source_problems + unenforced, self._source,
-                             len(self._streams), self.draining)
+                             len(self._streams), self.draining, freshness)
 
     def _forget_long_gone_locked(self) -> None:
         horizon = self._clock() - self._forget_after_s

@@ -369,6 +369,12 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_valid_in_force=problem.last_valid_in_force,
                 )
             )
+        if status.source_freshness is not None:
+            fresh = status.source_freshness
+            response.source_freshness.CopyFrom(pb.SourceFreshness(
+                source=fresh.source, seconds_since_heard=fresh.seconds_since_heard, stale=fresh.stale,
+                stale_after_seconds=fresh.stale_after_seconds,
+            ))
         return response
 
     def _visible(self, status: HubStatus, context: grpc.ServicerContext) -> HubStatus:

@@ -7,13 +7,16 @@ With --json it prints exactly one object, the contract in docs/design.md:
 "source_errors": [{"object": <str|null>, "source": <str>, "error": <str>,
 "last_valid_in_force": <bool>}], the invalid objects and unreadable files of the policy source,
 and (source "control") every ClusterNetworkPolicy the source holds that the dataplanes do not
-enforce yet. Without it, a table for people. Exit 1 when unreachable.
+enforce yet, and "source_freshness": {"source": <str>, "seconds_since_heard": <float>, "stale":
+<bool>, "stale_after_seconds": <float>} for a source read from the API server (null for a folder,
+or when the caller may not see it). Without it, a table for people. Exit 1 when unreachable.
 
 Given several control addresses, every replica is asked: the object above is the first that
 answers, and "replicas" (an extra field) lists each replica's own view: [{"control": <address>,
 "reachable": <bool>, "error": <str|null>, "replica": <str>, "version": <int>,
 "source_generation": <int>, "source_digest": <str>, "sync_streams": <int>, "draining": <bool>,
-"connected_nodes": <int>}], so replicas that lag behind the source (a lower generation) show.
+"connected_nodes": <int>, "source_stale": <bool|null>}], so replicas that lag behind the source (a
+lower generation) or lost the API server show.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control.freshness import Freshness
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -56,6 +60,12 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             }
             for problem in response.source_errors
         ],
+        "source_freshness": {
+            "source": response.source_freshness.source,
+            "seconds_since_heard": round(response.source_freshness.seconds_since_heard, 1),
+            "stale": bool(response.source_freshness.stale),
+            "stale_after_seconds": response.source_freshness.stale_after_seconds,
+        } if response.HasField("source_freshness") else None,
     }
 
 
@@ -145,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_replicas(status.get("replicas", []))
     print(f"policy version {status['version']}")
+    fresh = status["source_freshness"]
+    if fresh is not None:
+        print("source " + Freshness(**fresh).describe())
     rows = [("NODE", "APPLIED", "CONNECTED", "LAST ERROR")]
     for node, entry in status["nodes"].items():
         lag = status["version"] - entry["applied_version"]
@@ -178,6 +191,8 @@ def _replica_view(target: str, answer: pb.StatusResponse | str) -> dict[str, Any
         "sync_streams": int(answer.sync_streams),
         "draining": bool(answer.draining),
         "connected_nodes": sum(1 for node in answer.nodes.values() if node.connected),
+        # a replica that lost the API server serves its last state: say which one
+        "source_stale": bool(answer.source_freshness.stale) if answer.HasField("source_freshness") else None,
     }
 
 
@@ -193,6 +208,8 @@ def _print_replicas(replicas: list[dict[str, Any]]) -> None:
         state = "draining" if r["draining"] else "serving"
         if r["source_generation"] < newest:
             state += " (behind the newest source generation)"
+        if r.get("source_stale"):
+            state += " (STALE: lost the API server)"
         generation, streams = str(r["source_generation"]), str(r["sync_streams"])
         rows.append((r["control"], r["replica"] or "-", generation, streams, state))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -90,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of pinned state")
     parser.add_argument("--metrics-listen", default="0.0.0.0:9301", metavar="HOST:PORT")
+    parser.add_argument(
+        "--per-pod-metrics", choices=["on", "off"], default="on",
+        help="series per pod (namespace, pod labels); off leaves only the node's totals",
+    )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
@@ -332,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
+        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                               per_pod=args.per_pod_metrics == "on")
         server, port = start_metrics_server(
             args.metrics_listen,
             registry,

@@ -4,8 +4,10 @@ One custom collector reads the dataplane's counters and maps, the reconcile loop
 the sync client's connection state each time Prometheus scrapes; nothing is copied in between.
 
 Metrics (all read at scrape time):
-  podfence_endpoint_packets_total{endpoint,direction,verdict}  packets judged per pod
-  podfence_endpoint_bytes_total{endpoint,direction,verdict}    bytes judged per pod
+  podfence_packets_total{direction,verdict}     packets judged, all pods of the node together
+  podfence_endpoint_packets_total{namespace,pod,direction,verdict}  packets judged per pod
+  podfence_endpoint_bytes_total{namespace,pod,direction,verdict}    bytes judged per pod
+                                                (both off with --per-pod-metrics off)
   podfence_drops_total{reason}                  drops per reason (bpf drop-reason list)
   podfence_policy_programming_seconds           histogram: version received -> kernel enforces it
   podfence_interface_programming_seconds        histogram: netlink change -> kernel enforces it
@@ -22,7 +24,9 @@ Metrics (all read at scrape time):
   podfence_hook_repairs_total                   netfilter hooks put back first after another tool
                                                 inserted rules above them or removed them
 
-Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
+Also podfence_build_info and the process_* family (agent.process_metrics).
+
+Cardinality: `namespace`/`pod` labels are the pods on this node (bounded by the kubelet's max pods),
 times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
 the fixed set of dataplane maps (or ipsets).
 """
@@ -44,6 +48,7 @@ from prometheus_client.registry import Collector
 
 from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.reconcile import LatencyHistogram, Reconciler
+from agent.process_metrics import register_process_metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,9 @@ class AgentCollector(Collector):
         reconciler: Reconciler,
         sync: SyncStatus | None,
         hook_guard: HookRepairCount | None = None,
+        per_pod: bool = True,
     ) -> None:
+        self._per_pod = per_pod  # off: no per-pod series at all, only the node's totals
         self._dataplane = dataplane
         self._reconciler = reconciler
         self._sync = sync
@@ -139,29 +146,43 @@ class AgentCollector(Collector):
         yield repairs
 
     def _endpoint_counters(self) -> Iterable[Metric]:
+        totals = CounterMetricFamily(
+            "podfence_packets",
+            "Packets seen by the filters of this node's pods, per direction and verdict (all pods).",
+            labels=["direction", "verdict"],
+        )
         packets = CounterMetricFamily(
             "podfence_endpoint_packets",
             "Packets seen by the filter of a pod, per direction and verdict.",
-            labels=["endpoint", "direction", "verdict"],
+            labels=["namespace", "pod", "direction", "verdict"],
         )
         octets = CounterMetricFamily(
             "podfence_endpoint_bytes",
             "Bytes seen by the filter of a pod, per direction and verdict.",
-            labels=["endpoint", "direction", "verdict"],
+            labels=["namespace", "pod", "direction", "verdict"],
         )
         try:
             counters = self._dataplane.counters()
         except Exception as exc:  # a scrape must not fail because one kernel read did
             log.warning("reading endpoint counters failed: %s", exc)
             counters = []
+        summed = {(direction, verdict): 0 for direction in ("ingress", "egress")
+                  for verdict in ("allowed", "denied")}  # every series exists from the start
         for counter in counters:
-            allowed = [counter.key, counter.direction, "allowed"]
-            denied = [counter.key, counter.direction, "denied"]
+            for verdict, value in (("allowed", counter.allowed_packets), ("denied", counter.denied_packets)):
+                summed[(counter.direction, verdict)] = summed.get((counter.direction, verdict), 0) + value
+            if not self._per_pod:
+                continue
+            namespace, _, pod = counter.key.partition("/")
+            allowed = [namespace, pod, counter.direction, "allowed"]
+            denied = [namespace, pod, counter.direction, "denied"]
             packets.add_metric(allowed, counter.allowed_packets)
             packets.add_metric(denied, counter.denied_packets)
             octets.add_metric(allowed, counter.allowed_bytes)
             octets.add_metric(denied, counter.denied_bytes)
-        return [packets, octets]
+        for (direction, verdict), value in sorted(summed.items()):
+            totals.add_metric([direction, verdict], value)
+        return [totals, packets, octets] if self._per_pod else [totals]
 
     def _dataplane_features(self) -> Iterable[Metric]:
         dataplane = self._dataplane
@@ -206,7 +227,9 @@ def register_agent_metrics(
     reconciler: Reconciler,
     sync: SyncStatus | None,
     hook_guard: HookRepairCount | None = None,
+    per_pod: bool = True,
 ) -> AgentCollector:
-    collector = AgentCollector(dataplane, reconciler, sync, hook_guard)
+    register_process_metrics(registry)
+    collector = AgentCollector(dataplane, reconciler, sync, hook_guard, per_pod)
     registry.register(collector)
     return collector
