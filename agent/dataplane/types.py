@@ -82,6 +82,11 @@ class CidrPeer:
             return NotImplemented
         return self._key == other._key
 
+    @property
+    def int_key(self) -> tuple[int, ...]:
+        """(version, address, prefixlen) of the cidr, then of each except: a total order, in C."""
+        return self._key
+
 
 @dataclass(frozen=True, order=True)
 class IdentityPeer:
@@ -100,6 +105,14 @@ class Allow:
     port_first: int = 0
     port_last: int = 65535
     policy: str = ""  # "namespace/name" that produced it; for logs, never for verdicts
+
+
+def allow_order(allow: Allow) -> tuple[object, ...]:
+    """The order of allow lists in a NodeState, so that equal lists are equal however they came
+    (a snapshot, or a patch of a list): identities first, then prefixes by address."""
+    peer = allow.peer
+    peer_key = (0, peer.identity) if isinstance(peer, IdentityPeer) else (1, *peer.int_key)
+    return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
 @dataclass(frozen=True)
