@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dataplane.bpf.compiler import cidr_classes_of, compile_node_state
+from agent.dataplane.bpf.cidr_classes import cidr_classes_of
+from agent.dataplane.bpf.compiler import compile_node_state
 from agent.dataplane.types import (
     V4_MAPPED_SPACE,
     Allow,

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
     POLICY_PREFIX_ANY_PROTOCOL,
     POLICY_PREFIX_PROTOCOL,
     PeerKind,
     addr_bytes,
-    network_prefix,
 )
 from agent.dataplane.types import (
     PROTO_ANY,
-    V4_MAPPED_SPACE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -46,7 +44,6 @@ Rule = tuple[int, int, int, CidrPeer | IdentityPeer]
 PolicyContent = frozenset[Rule]
 # (prefixlen, policy_id, peer_class, peer_kind, protocol, dport): one policy LPM entry
 PolicyEntry = tuple[int, int, int, int, int, int]
-CidrPrefix = tuple[int, bytes]  # (prefixlen in the 128-bit space, 16 address bytes)
 
 NOT_ISOLATED = 0  # policy id meaning "this direction allows everything"
 
@@ -121,58 +118,6 @@ def _rule(allow: Allow) -> Rule:
 def peer_sort_key(peer: CidrPeer) -> tuple[int, str]:
     """A total order over peers of both families (IPv4Network and IPv6Network do not compare)."""
     return (peer.cidr.version, str(peer))
-
-
-def _same_family(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version
-
-
-def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[CidrPeer]]:
-    """For every cidr/except prefix: the peers containing the addresses whose longest match it is.
-
-    An address whose longest match is P lies inside a peer's cidr iff P is a subnet of that cidr
-    (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
-    over P's addresses. Prefixes nest or are disjoint, so one sweep in address order with a stack
-    of the enclosing prefixes finds each one's class from its parent's: O(n log n) plus the size
-    of the classes (comparing every prefix with every peer took 10^8 subnet tests, 110 s, for
-    10,000 host peers).
-    """
-    cidr_at: dict[IPNetwork, list[CidrPeer]] = {}
-    except_at: dict[IPNetwork, list[CidrPeer]] = {}
-    for peer in set(peers):
-        cidr_at.setdefault(peer.cidr, []).append(peer)
-        for carved in peer.excepts:
-            except_at.setdefault(carved, []).append(peer)
-    prefixes = cidr_at.keys() | except_at.keys()
-    # IPv4 lives at ::ffff:0:0/96 of the one LPM space, so an IPv6 prefix covering it (::/0)
-    # would be every IPv4 address's longest match: 0.0.0.0/0 (the /96) shadows it with the
-    # IPv4 peers' own class (empty unless some peer is 0.0.0.0/0).
-    if any(p.version == 6 and V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
-        prefixes.add(ipaddress.IPv4Network("0.0.0.0/0"))
-    classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
-    for version in (4, 6):
-        # (first address, prefixlen) order visits every prefix after all the prefixes enclosing it
-        ordered = sorted(
-            ((int(p.network_address), p.prefixlen, p) for p in prefixes if p.version == version),
-            key=lambda item: (item[0], item[1]),
-        )
-        # enclosing prefixes: (last address, prefix, its class)
-        stack: list[tuple[int, IPNetwork, frozenset[CidrPeer]]] = []
-        for first, _length, prefix in ordered:
-            while stack and stack[-1][0] < first:
-                stack.pop()
-            inherited = stack[-1][2] if stack else frozenset()
-            excepted: list[CidrPeer] = except_at.get(prefix, [])
-            members = inherited.difference(excepted) if excepted else inherited
-            # a peer whose cidr is this prefix still misses it when one of its excepts encloses it
-            joining = [p for p in cidr_at.get(prefix, []) if not any(
-                e.version == version and prefix.subnet_of(e) for e in p.excepts  # type: ignore[arg-type]
-            )]
-            if joining:
-                members = members.union(joining)
-            classes[prefix] = members
-            stack.append((first + (1 << (prefix.max_prefixlen - _length)) - 1, prefix, members))
-    return classes
 
 
 def policy_entries(
@@ -336,16 +281,21 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
     # CIDR classes
     cidr_classes: dict[frozenset[CidrPeer], int] = {}
     cidr: dict[CidrPrefix, int] = {}
-    # in the datapath's address order, so that fresh ids do not depend on hash order
-    by_prefix = sorted(
-        (network_prefix(prefix), peers) for prefix, peers in cidr_classes_of(referenced_cidrs).items()
-    )
-    for lpm_prefix, peers in by_prefix:
+    unnamed: list[tuple[CidrPrefix, frozenset[CidrPeer]]] = []
+    for lpm_prefix, peers in lpm_cidr_classes(referenced_cidrs).items():
         if not peers:
             cidr[lpm_prefix] = 0
-            continue
+        elif peers in cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers]
+        elif peers in previous.cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers] = previous.cidr_classes[peers]
+        else:
+            unnamed.append((lpm_prefix, peers))
+    # fresh ids in the datapath's address order, so that they do not depend on hash order (only
+    # the new classes are sorted: one peer changed among 10,000 sorts one prefix)
+    for lpm_prefix, peers in sorted(unnamed):
         if peers not in cidr_classes:
-            cidr_classes[peers] = previous.cidr_classes.get(peers) or fresh_id()
+            cidr_classes[peers] = fresh_id()
         cidr[lpm_prefix] = cidr_classes[peers]
 
     # endpoints and their counter slots (slots of endpoints still present are kept)
