@@ -1,6 +1,6 @@
 """Per-entry deltas down to the kernel (issue 27): a BPF dataplane fed a run of small edits of a big
 allow list, each received as a wire delta (allow entries in and out) and compiled with the
-compiler's memories warm, ends with maps that answer every probe as a fresh dataplane programmed
+compiler's memory warm, ends with maps that answer every probe as a fresh dataplane programmed
 from one snapshot of the last version does. The maps are read back from the kernel (the pins)
 for both, and judged by the datapath's lookup rules (tests/unit/test_bpf_plan.py).
 """
@@ -17,8 +17,7 @@ from dataclasses import replace
 import pytest
 
 from agent.control.encode import delta_message, snapshot_message
-from agent.dataplane.bpf import cidr_classes
-from agent.dataplane.bpf.compiler import forget_expansions
+from agent.dataplane.bpf import cidr_classes, maps
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.types import NodeState
 from agent.node.sync import DecodeCache, apply_message
@@ -90,8 +89,7 @@ def located(node: Node, state: NodeState) -> NodeState:
 
 def verdicts(node: Node, plane: BpfDataplane) -> list[bool]:
     """Every probe judged on the maps as read back from the kernel's pins."""
-    plane._adopt()  # the writer's view, re-read from the maps
-    live = plane._live
+    live, _ = maps.read_live(plane._module, {})  # what the pinned maps hold
     peers = [ipaddress.ip_address(f"172.16.{i // 200}.{i % 200 + 1}") for i in range(3 * PEERS + 1)]
     peers.append(ipaddress.ip_address("172.16.1.250"))
     return [
@@ -105,7 +103,7 @@ def verdicts(node: Node, plane: BpfDataplane) -> list[bool]:
 def test_deltas_leave_the_kernel_maps_of_a_fresh_snapshot(node: Node) -> None:
     sequence = policies(node, 8)
     cache = DecodeCache()
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     try:
         state = apply_message(None, snapshot_message(1, sequence[0]), cache)
@@ -120,8 +118,7 @@ def test_deltas_leave_the_kernel_maps_of_a_fresh_snapshot(node: Node) -> None:
         plane.teardown()
 
     cidr_classes.forget()
-    forget_expansions()
-    fresh = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    fresh = BpfDataplane(node.settings())
     fresh.start()
     try:
         fresh.apply(located(node, apply_message(None, snapshot_message(len(sequence), sequence[-1]))))
