@@ -33,7 +33,7 @@ Arrival = tuple[str, int, float]  # node, version, time.monotonic() when it arri
 
 
 def start(target: str, nodes: list[str], processes: int, hello_gate: int,
-          ) -> tuple[list[multiprocessing.process.BaseProcess], Any, MpEvent]:
+          ) -> tuple[list[Any], Any, MpEvent]:
     """Starts `processes` worker processes sharing `nodes`; returns them, their report queue
     (lists of Arrival, and a final ("stream_errors", {code: count}) from each) and the event that stops them.
     `hello_gate` bounds the streams awaiting their first message, over all processes."""

@@ -15,7 +15,8 @@ A `pfbench-` node with 100 pods and the ring policies (bench/_cluster.py) runs `
 Both dataplanes are measured, each on its own node; then again at issue 25's scale, SCALE_PODS
 pods and SCALE_RULES allow entries on the node (rules_policies: per-app policies of /32 ipBlock
 peers, SCALE_RULES / SCALE_PODS allows on every endpoint besides the ring's), reported under
-"<dataplane> 250 pods 10,000 rules". BENCH_SCALE=0 leaves the scale runs out.
+"<dataplane> 250 pods 10,000 rules". BENCH_SCALE=0 leaves the scale runs out, BENCH_SCALE=only
+runs nothing else.
 Run: `.venv/bin/python -m bench footprint`.
 """
 
@@ -38,7 +39,7 @@ CHURN_EVENTS = 1_000
 CHURN_RATE = 200.0  # events per second: 5 s of churn, about 25 folder polls
 DATAPLANES = tuple(os.environ.get("BENCH_DATAPLANES", "bpf,iptables").split(","))
 CHURN_NET = ipaddress.IPv4Network("10.79.0.0/16")  # churn pods' addresses, routed nowhere
-SCALE = os.environ.get("BENCH_SCALE", "1") == "1"
+SCALE = os.environ.get("BENCH_SCALE", "1")  # "0": no scale runs; "only": nothing else
 SCALE_PODS, SCALE_RULES = 250, 10_000  # issue 25
 RULES_NET = ipaddress.IPv4Network("10.80.0.0/16")  # the rules' peers, routed nowhere
 
@@ -145,12 +146,12 @@ def run() -> dict[str, Any]:
         "idle_seconds": IDLE_SECONDS,
         "churn_rate_per_s": CHURN_RATE,
     }
-    for index, dataplane in enumerate(DATAPLANES):
+    for index, dataplane in enumerate(DATAPLANES if SCALE != "only" else ()):
         try:
             results[dataplane] = measure(dataplane, f"f{index}")
         except Exception as exc:  # one dataplane that cannot run here must not hide the other
             results[dataplane] = {"error": repr(exc)}
-    for index, dataplane in enumerate(DATAPLANES if SCALE else ()):
+    for index, dataplane in enumerate(DATAPLANES if SCALE != "0" else ()):
         name = f"{dataplane} {SCALE_PODS} pods {SCALE_RULES:,} rules"
         try:
             results[name] = measure(dataplane, f"s{index}", SCALE_PODS, SCALE_RULES)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from bench import fanout, resolver
+from bench import _cluster, fanout, footprint, resolver
 
 
 def test_a_change_reaches_all_acks_at_its_slowest_node_and_p99_takes_the_worst_changes() -> None:
@@ -71,3 +71,14 @@ def test_resolver_cluster_has_the_sizes_counts_spread_over_its_nodes() -> None:
     assert (len(namespaces), len(pods), len(policies)) == (10, 200, 40)
     assert len({p.key for p in pods}) == 200 and len({(p.namespace, p.name) for p in policies}) == 40
     assert {p.node_name for p in pods} == {f"node-{n}" for n in range(7)}
+
+
+def test_footprint_rules_give_every_endpoint_its_share_of_distinct_peers() -> None:
+    policies = footprint.rules_policies(10_000, 250)
+    by_app = {
+        p["spec"]["podSelector"]["matchLabels"]["app"]: p["spec"]["ingress"][0]["from"] for p in policies
+    }
+    allows = sum(len(by_app[_cluster.pod_labels(index)["app"]]) for index in range(250))
+    assert allows == 10_000  # 40 allows on each of the node's 250 endpoints
+    cidrs = [peer["ipBlock"]["cidr"] for peers in by_app.values() for peer in peers]
+    assert len(cidrs) == len(set(cidrs)) == 400  # 40 per app, no two apps share one
