@@ -82,3 +82,8 @@ def test_footprint_rules_give_every_endpoint_its_share_of_distinct_peers() -> No
     assert allows == 10_000  # 40 allows on each of the node's 250 endpoints
     cidrs = [peer["ipBlock"]["cidr"] for peers in by_app.values() for peer in peers]
     assert len(cidrs) == len(set(cidrs)) == 400  # 40 per app, no two apps share one
+
+
+def test_resolver_teams_grow_with_the_cluster_and_leave_the_10k_cluster_as_published() -> None:
+    assert resolver.SIZES["10k"].teams == 50  # the cluster of the published figures
+    assert {size.namespaces // size.teams for size in resolver.SIZES.values()} == {10}
