@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import functools
 import ipaddress
 import json
@@ -44,7 +43,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, loader, netfilter
+from agent.dataplane.bpf import attach, ctbound, loader, netfilter
 from agent.dataplane.bpf.compiler import (
     Allocation,
     CidrPrefix,
@@ -130,6 +129,7 @@ class BpfDataplane:
         unknown_endpoints: str = "drop",
         established_on_change: str = "keep",
         ct_max: int = 65536,
+        ct_endpoint_max: int = 16384,
         policy_max: int = 65536,
         ipcache_max: int = 65536,
         cidr_max: int = 16384,
@@ -148,6 +148,8 @@ class BpfDataplane:
             raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
         if established_on_change not in ("keep", "reset"):
             raise ValueError("established_on_change must be 'keep' or 'reset'")
+        if not 0 <= ct_endpoint_max <= ct_max:
+            raise ValueError("ct_endpoint_max must be between 0 (no bound) and ct_max")
         self.pin_dir = pin_dir.rstrip("/")
         self.established_on_change = established_on_change
         self.netns = netns  # where the pod interfaces live (None: the agent's namespace)
@@ -163,6 +165,7 @@ class BpfDataplane:
             frag_max=frag_max,
             event_rate=event_rate,
             tcp_needs_syn=established_on_change == "reset",
+            ct_endpoint_max=ct_endpoint_max,
             bench_defines=bench_defines,  # benchmark builds only (loader.BENCH_DEFINES)
         )
         self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
@@ -441,6 +444,7 @@ class BpfDataplane:
                 live.node_ips.discard(op.key)
         elif op.table == "counters":
             self._zero_counters(module[b"pf_counters"], op.key)
+            ctbound.zero(module, op.key)
         elif op.table == "endpoints":
             table = module[b"pf_endpoints"]
             if put:
@@ -482,6 +486,14 @@ class BpfDataplane:
         for direction in Direction:
             per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
             counters[counters.Key(endpoint_id * 2 + direction)] = per_cpu
+
+    def release_conntrack(self) -> int:
+        """Credits each endpoint with the conntrack entries it no longer holds, so that one at
+        its bound (ct_endpoint_max) may open flows again (ctbound.py); deletes expired entries.
+        Returns how many."""
+        if self._module is None or not self.knobs.ct_endpoint_max:
+            return 0
+        return ctbound.release(self._module, lambda: self._lock)
 
     def _reset_conntrack(self, changes: _Changes) -> None:
         """Forget flows whose verdict may differ now: endpoints with new policy ids, peers whose
@@ -747,27 +759,8 @@ def _cidr_host_key(table: Any, cidr_key: CidrKey) -> Any:
 
 
 def count_entries(table: Any, chunk: int = 8192) -> int:
-    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead
-    of one get_next_key per entry (a full 65,536-entry conntrack: ~250 ms iterated from Python)."""
-    from bcc.libbcc import lib
-
-    size = min(chunk, table.max_entries)
-    keys, values = (table.Key * size)(), (table.Leaf * size)()
-    token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-    total, first = 0, True
-    while True:
-        count.value = size
-        result = lib.bpf_lookup_batch(
-            table.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
-            ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count),
-        )  # fmt: skip
-        error = ctypes.get_errno()
-        total += count.value
-        if result != 0:
-            if error == errno.ENOENT:
-                return total  # walked to the end
-            raise TemporaryDataplaneError(f"counting entries: {os.strerror(error)}")
-        token_in.value, first = token_out.value, False
+    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH (ctbound.lookup_batches)."""
+    return sum(count for _, _, count in ctbound.lookup_batches(table, chunk))
 
 
 def _delete(table: Any, key: Any) -> None:
