@@ -1,9 +1,11 @@
 """Conntrack flood helpers, run inside a pod netns (nsenter --net=...). Issue 21, item 10.
 
-flood HOST FIRST_PORT COUNT   UDP datagrams to each of COUNT ports of HOST from one socket: COUNT
-                              new flows, each used twice in a row (a flow seen once only is the
-                              first an LRU evicts: the kernel's BPF LRU moves an entry looked up
-                              again to its active list); exits at once
+flood HOST FIRST_PORT COUNT   UDP datagrams to each of COUNT ports of HOST: COUNT new flows, each
+                              used twice in a row (a flow seen once only is the first an LRU
+                              evicts: the kernel's BPF LRU moves an entry looked up again to its
+                              active list), split among every CPU in turn (each CPU keeps a list
+                              of the entries it inserted last, which only its own inserts
+                              flush to where they can be evicted); exits at once
 answer BIND_HOST PORT         prints "ready" once bound to (BIND_HOST, PORT), "got" when a datagram
                               arrives within 10 s ("nothing" otherwise), then on a line of stdin
                               sends "answer" back to its sender and exits
@@ -14,6 +16,7 @@ ask BIND_HOST PORT HOST PEER_PORT  sends one datagram from (BIND_HOST, PORT) to 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -24,12 +27,17 @@ def _socket(host: str) -> socket.socket:
 
 def flood(host: str, first_port: int, count: int) -> None:
     chunk = 64
+    cpus = sorted(os.sched_getaffinity(0))
+    share = -(-count // len(cpus))
     with _socket(host) as sock:
-        for start in range(first_port, first_port + count, chunk):
-            ports = range(start, min(start + chunk, first_port + count))
-            for _ in range(2):
-                for port in ports:
-                    sock.sendto(b"x", (host, port))
+        for index, cpu in enumerate(cpus):
+            os.sched_setaffinity(0, {cpu})
+            last = min(first_port + (index + 1) * share, first_port + count)
+            for start in range(first_port + index * share, last, chunk):
+                ports = range(start, min(start + chunk, last))
+                for _ in range(2):
+                    for port in ports:
+                        sock.sendto(b"x", (host, port))
 
 
 def answer(bind_host: str, port: int) -> None:
