@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,8 @@ import pytest
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.structs import address_from_bytes
 from agent.dataplane.types import Allow, IdentityPeer
-from tests.privileged.bpf_netns import NODE_IP, PYTHON, Node, Pod, in_netns
+from tests.privileged.bpf_netns import NODE_IP, Node, Pod
+from tests.privileged.flood_lab import flood, idle_flow_survives_a_flood
 from tests.privileged.test_bpf_traffic import IDENTITY_OF_POD, UDP, endpoint, isolated, state
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +27,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, nsenter and bpffs at /sys/fs/bpf",
 )
 
-TOOL = os.path.join(os.path.dirname(__file__), "flood_tool.py")
 CT_MAX = 1024  # small, so that a flood of FLOOD flows fills it in well under a second
 FLOOD = 20000
 BOUND = 64
@@ -58,50 +57,6 @@ def start(node: Node, bound: int, egress_hook: str = "netfilter") -> BpfDataplan
     return plane
 
 
-def tool(pod: Pod, *argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        in_netns(pod.netns, PYTHON, TOOL, *argv),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def flood(pod: Pod, first_port: int, count: int) -> None:
-    done = tool(pod, "flood", NODE_IP, str(first_port), str(count))
-    _, error = done.communicate(timeout=60)
-    assert done.returncode == 0, error
-
-
-def idle_flow_survives_a_flood(node: Node, flood_size: int = FLOOD) -> bool:
-    """a asks b, the flow idles while c floods, then b answers: does the answer reach a?"""
-    a, b, c = node.pods
-    answerer = tool(b, "answer", b.ip, "7000")
-    assert answerer.stdout is not None and answerer.stdin is not None
-    assert answerer.stdout.readline().strip() == "ready"
-    asker = tool(a, "ask", a.ip, "5353", b.ip, "7000")
-    try:
-        assert asker.stdout is not None
-        assert asker.stdout.readline().strip() == "sent"
-        assert answerer.stdout.readline().strip() == "got"  # a's egress admitted the flow
-        flood(c, 20000, flood_size)
-        answerer.stdin.write("\n")
-        answerer.stdin.flush()
-        answerer.wait(timeout=10)
-        # the answer arrives within milliseconds if it passes; a's own timeout is the long one
-        try:
-            out, _ = asker.communicate(timeout=3)
-        except subprocess.TimeoutExpired:
-            return False
-        return out.strip() == "answered"
-    finally:
-        for process in (answerer, asker):
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=5)
-
-
 def flooder_entries(plane: BpfDataplane, pod: Pod) -> list[Any]:
     """The pf_ct keys of `pod`'s flows (the test plays the LRU's eviction with them)."""
 
@@ -115,8 +70,8 @@ def test_without_a_bound_a_flood_evicts_another_pods_idle_flow(node: Node) -> No
     """The attack (and what the bounded test would show on main): c's flood evicts a's entry."""
     plane = start(node, bound=0)
     try:
-        assert idle_flow_survives_a_flood(node, flood_size=0)  # the control: no flood, answered
-        assert not idle_flow_survives_a_flood(node)
+        assert idle_flow_survives_a_flood(node.pods, NODE_IP, flood_size=0)  # the control: no flood, answered
+        assert not idle_flow_survives_a_flood(node.pods, NODE_IP, FLOOD)
     finally:
         plane.teardown()
 
@@ -125,7 +80,7 @@ def test_without_a_bound_a_flood_evicts_another_pods_idle_flow(node: Node) -> No
 def test_a_flood_costs_only_the_flooding_pod(node: Node, egress_hook: str) -> None:
     plane = start(node, bound=BOUND, egress_hook=egress_hook)
     try:
-        assert idle_flow_survives_a_flood(node)
+        assert idle_flow_survives_a_flood(node.pods, NODE_IP, FLOOD)
         drops = plane.drop_reason_counts()["flow_limit"]
         cpus = os.cpu_count() or 1
         # two datagrams a flow (flood_tool.py); the check and the charge race once per CPU
@@ -143,12 +98,12 @@ def test_entries_gone_from_the_map_are_given_back_by_the_count(node: Node) -> No
     plane = start(node, bound=BOUND)
     try:
         c = node.pods[2]
-        flood(c, 20000, BOUND)
+        flood(c, NODE_IP, 20000, BOUND)
         ct = plane._module[b"pf_ct"]
         held = flooder_entries(plane, c)
         assert len(held) == BOUND
         before = plane.drop_reason_counts()["flow_limit"]
-        flood(c, 30000, 10)
+        flood(c, NODE_IP, 30000, 10)
         assert plane.drop_reason_counts()["flow_limit"] == before + 2 * 10  # at its bound
 
         # half of c's entries evicted (as the LRU would, silently), one of them left expired
@@ -160,7 +115,7 @@ def test_entries_gone_from_the_map_are_given_back_by_the_count(node: Node) -> No
         ct[stale] = value
         assert plane.release_conntrack() == 1  # the expired entry is deleted
         assert stale not in list(ct)
-        flood(c, 40000, BOUND)
+        flood(c, NODE_IP, 40000, BOUND)
         # BOUND // 2 + 1 came back: that many new flows are admitted, the rest dropped
         assert plane.drop_reason_counts()["flow_limit"] == before + 2 * (10 + BOUND - (BOUND // 2 + 1))
         assert len(flooder_entries(plane, c)) == BOUND
