@@ -3,7 +3,7 @@
 Pod a holds an idle UDP flow to pod b that only its egress admitted (a's ingress denies b), so b's
 answer passes only while the flow's conntrack entry lives. Pod c opens thousands of new flows.
 Without a bound the flood evicts a's entry from the shared LRU and b's answer is dropped (the
-attack, shown by the control test); with ct_endpoint_max the flood costs only c: its flows
+attack, shown by the control test); with flows_per_pod the flood costs only c: its flows
 beyond the bound are dropped as flow_limit, and a's flow keeps working."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def start(node: Node, bound: int, egress_hook: str = "netfilter") -> BpfDataplan
         state_file=node.state_file,
         egress_hook=egress_hook,
         ct_max=CT_MAX,
-        ct_endpoint_max=bound,
+        flows_per_pod=bound,
     )
     plane.start()
     a, b, c = node.pods

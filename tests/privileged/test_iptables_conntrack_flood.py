@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.dataplane.iptables import IptablesDataplane
-from tests.privileged.flood_lab import flood, idle_flow_survives_a_flood
+from tests.privileged.flood_lab import idle_flow_survives_a_flood
 from tests.privileged.iptables_netns import NODE_IP, DataplaneWorker, Node
 from tests.privileged.test_iptables_dataplane import UDP, from_pod, isolated, node_state
 
@@ -50,7 +50,7 @@ def test_a_flood_is_bounded_per_pod_and_counted(node: Node, bound: int) -> None:
     worker = DataplaneWorker(node.netns, lambda: IptablesDataplane(flows_per_pod=bound))
     try:
         worker.call("start")
-        a, b, c = node.pods
+        _, b, c = node.pods
         state = node_state(node, ingress={1: isolated()}, egress={1: isolated(from_pod(b, UDP, 7000, 7000))})
         worker.call("apply", state)
         assert idle_flow_survives_a_flood(node.pods, NODE_IP, FLOOD)

@@ -129,7 +129,7 @@ class BpfDataplane:
         unknown_endpoints: str = "drop",
         established_on_change: str = "keep",
         ct_max: int = 65536,
-        ct_endpoint_max: int = 16384,
+        flows_per_pod: int | None = None,
         policy_max: int = 65536,
         ipcache_max: int = 65536,
         cidr_max: int = 16384,
@@ -148,8 +148,10 @@ class BpfDataplane:
             raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
         if established_on_change not in ("keep", "reset"):
             raise ValueError("established_on_change must be 'keep' or 'reset'")
-        if not 0 <= ct_endpoint_max <= ct_max:
-            raise ValueError("ct_endpoint_max must be between 0 (no bound) and ct_max")
+        if flows_per_pod is None:  # a quarter of the map: four flooding pods fill it, not one
+            flows_per_pod = ct_max // 4
+        if not 0 <= flows_per_pod <= ct_max:
+            raise ValueError("flows_per_pod must be between 0 (no bound) and ct_max")
         self.pin_dir = pin_dir.rstrip("/")
         self.established_on_change = established_on_change
         self.netns = netns  # where the pod interfaces live (None: the agent's namespace)
@@ -165,7 +167,7 @@ class BpfDataplane:
             frag_max=frag_max,
             event_rate=event_rate,
             tcp_needs_syn=established_on_change == "reset",
-            ct_endpoint_max=ct_endpoint_max,
+            ct_endpoint_max=flows_per_pod,  # conntrack entries one endpoint may hold (ctbound.py)
             bench_defines=bench_defines,  # benchmark builds only (loader.BENCH_DEFINES)
         )
         self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
@@ -489,7 +491,7 @@ class BpfDataplane:
 
     def release_conntrack(self) -> int:
         """Credits each endpoint with the conntrack entries it no longer holds, so that one at
-        its bound (ct_endpoint_max) may open flows again (ctbound.py); deletes expired entries.
+        its bound (flows_per_pod) may open flows again (ctbound.py); deletes expired entries.
         Returns how many."""
         if self._module is None or not self.knobs.ct_endpoint_max:
             return 0
