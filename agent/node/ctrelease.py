@@ -2,7 +2,8 @@
 10). The datapath drops a pod's new flows once it has been charged for its bound of entries
 (`--flows-per-pod`); an LRU map evicts without telling anyone, so only this count gives a pod
 back the entries that expired, were evicted or were reset (`release_conntrack`,
-agent/dataplane/bpf/ctbound.py). A pod at its bound waits at most one interval for what it lost.
+agent/dataplane/bpf/ctbound.py; it walks the map only while some pod holds half its bound or
+more). A pod at its bound waits at most one interval for what it lost.
 The iptables dataplane needs none of it: connlimit asks the kernel's conntrack itself."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from agent.dataplane.base import DataplaneError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL_S = 10.0
+DEFAULT_INTERVAL_S = 2.0
 
 
 @runtime_checkable

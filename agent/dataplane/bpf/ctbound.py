@@ -25,9 +25,6 @@ from typing import Any
 from agent.dataplane.base import TemporaryDataplaneError
 from agent.dataplane.bpf import structs
 
-# How often the agent counts (agent/node/main.py): an endpoint at its bound gets back the entries
-# that expired or were evicted within this long.
-DEFAULT_INTERVAL_S = 10.0
 # pf_nf_now() may run a tick ahead of the agent's clock: an entry is expired only past this margin.
 _EXPIRY_MARGIN_NS = 1_000_000_000
 _NSEC = 1_000_000_000
@@ -102,12 +99,28 @@ def _read_charged(charged: Any) -> dict[int, int]:
     return {key.value: value.value for key, value in charged.items() if value.value}
 
 
-def release(module: Any, lock: Callable[[], AbstractContextManager[Any]]) -> int:
-    """One count (see the module doc); returns the expired entries deleted. `lock`: held while
-    `released` is written, so that a slot handed to a new endpoint (charged zeroed) in between
-    is not credited with the old endpoint's entries."""
-    ct, charged, released = module[b"pf_ct"], module[b"pf_ct_charged"], module[b"pf_ct_released"]
+def _counters(module: Any) -> tuple[Any, Any] | None:
+    """pf_ct_charged and pf_ct_released; None for a program built from sources older than the
+    bound (bench.side_by_side builds them), which has neither."""
+    try:
+        return module[b"pf_ct_charged"], module[b"pf_ct_released"]
+    except KeyError:
+        return None
+
+
+def release(module: Any, lock: Callable[[], AbstractContextManager[Any]], bound: int) -> int:
+    """One count (see the module doc), when an endpoint holds half its `bound` or more (a walk
+    of a full 65,536-entry map costs ~0.15 s; the two arrays, a few ms); returns the expired
+    entries deleted. `lock`: held while `released` is written, so that a slot handed to a new
+    endpoint (charged zeroed) in between is not credited with the old endpoint's entries."""
+    counters = _counters(module)
+    if counters is None:
+        return 0
+    ct, (charged, released) = module[b"pf_ct"], counters
     before = _read_charged(charged)
+    credited = {key.value: value.value for key, value in released.items() if value.value}
+    if all(count - credited.get(index, 0) < bound / 2 for index, count in before.items()):
+        return 0
     live, expired = live_entries(ct, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
     deleted = sum(_delete_if_unchanged(ct, key, last_seen) for key, last_seen in expired)
     with lock():
@@ -125,9 +138,5 @@ def release(module: Any, lock: Callable[[], AbstractContextManager[Any]]) -> int
 def zero(module: Any, endpoint_id: int) -> None:
     """A slot handed to a new endpoint starts with nothing charged (the old endpoint's entries
     still in pf_ct are counted as the new one's until they expire, never credited to it)."""
-    for name in (b"pf_ct_charged", b"pf_ct_released"):
-        try:
-            table = module[name]
-        except KeyError:
-            return  # sources older than the bound (bench.side_by_side builds them) have no such map
+    for table in _counters(module) or ():
         table[table.Key(endpoint_id)] = table.Leaf(0)

@@ -495,7 +495,7 @@ class BpfDataplane:
         Returns how many."""
         if self._module is None or not self.knobs.ct_endpoint_max:
             return 0
-        return ctbound.release(self._module, lambda: self._lock)
+        return ctbound.release(self._module, lambda: self._lock, self.knobs.ct_endpoint_max)
 
     def _reset_conntrack(self, changes: _Changes) -> None:
         """Forget flows whose verdict may differ now: endpoints with new policy ids, peers whose
