@@ -32,7 +32,9 @@ enum pf_reason {
 	PF_DROP_IP_OPTIONS = 12,        /* IPv4 options from a pod other than a lone Router Alert
 					 * (source routes reach the node's forwarding after the
 					 * egress verdict saw the node as destination) */
-	PF_REASON_MAX = 13,
+	PF_DROP_FLOW_LIMIT = 13,        /* a new flow of a pod that already holds its bound of
+					 * conntrack entries (PF_CT_ENDPOINT_MAX, lib/conntrack.h) */
+	PF_REASON_MAX = 14,
 };
 
 /* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */
@@ -173,8 +175,15 @@ struct pf_ct_value {
 	__u8 flags[2];              /* per way: PF_CT_EGRESS_OK | PF_CT_INGRESS_OK | PF_CT_FROM_POD */
 	__u8 closing;               /* PF_CT_FIN_AB | PF_CT_FIN_BA | PF_CT_RST seen; any: the entry
 				     * expires after the closing timeout */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 owner;                /* endpoint_id + 1 of the pod whose verdict inserted the entry,
+				     * charged for it (pf_ct_charged); 0: nobody (older versions) */
 };
+
+/* ct_charged / ct_released: arrays indexed by endpoint_id, how many pf_ct entries the endpoint
+ * was charged for (written by the datapath only, atomically) and how many of those are gone
+ * (written by the agent only, after counting the live entries): each counter has one writer, so
+ * no update of one side is lost to the other (lib/conntrack.h). */
 
 /* ct_expect: LRU, what tc_from_pod saw a pod send last, for the egress verdict to confirm.
  * Keyed by the pod's end of the flow and the CPU: a packet meets tc ingress and the FORWARD /

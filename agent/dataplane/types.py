@@ -38,9 +38,10 @@ class Reason(IntEnum):
     SPOOFED_MAC = 10
     ROGUE_NDP = 11
     IP_OPTIONS = 12
+    FLOW_LIMIT = 13
 
 
-REASON_MAX = 13
+REASON_MAX = 14
 
 
 def canonical_network(network: IPNetwork) -> IPNetwork:

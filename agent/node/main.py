@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import (
     Adopting,
+    ConntrackReleasing,
     Dataplane,
     DataplaneError,
     DenyEventSource,
@@ -34,6 +35,7 @@ from agent.dataplane.base import (
     HookRepairing,
 )
 from agent.metrics_http import start_metrics_server
+from agent.node.ctrelease import ConntrackReleaser
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
@@ -120,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="N",
             help=f"bpf {flag} map capacity (entries)",
         )
+    parser.add_argument(
+        "--flows-per-pod",
+        type=int,
+        default=None,
+        metavar="N",
+        help="conntrack entries one pod may hold; its new flows beyond are dropped (0: no bound; "
+        "default: a quarter of the bpf conntrack map, 16384 connections per address on iptables)",
+    )
     parser.add_argument(
         "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
     )
@@ -226,8 +236,11 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     if args.dataplane == "iptables":
         from agent.dataplane.iptables import IptablesDataplane
 
+        bound = {} if args.flows_per_pod is None else {"flows_per_pod": args.flows_per_pod}
         return IptablesDataplane(
-            unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
+            unknown_endpoints=args.unknown_endpoints,
+            established_on_change=args.established_on_change,
+            **bound,
         )
     from agent.dataplane.bpf import BpfDataplane
     from agent.dataplane.bpf.settings import BpfSettings
@@ -245,6 +258,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
         egress_hook=args.egress_hook,
+        flows_per_pod=args.flows_per_pod,
         **sizes,
     )
     dataplane: Dataplane = BpfDataplane(settings)
@@ -282,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.hook_check_interval <= 3600:  # also refuses nan
             interval = args.hook_check_interval
             raise UsageError(f"--hook-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if args.flows_per_pod is not None and args.flows_per_pod < 0:
+            raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:
         print(f"podfence agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -297,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         dataplane = build_dataplane(args)
         dataplane.start()
-    except (DataplaneError, ImportError, OSError) as exc:
+    except (DataplaneError, ImportError, OSError, ValueError) as exc:  # ValueError: --flows-per-pod > ct map
         print(f"podfence agent: cannot start the {args.dataplane} dataplane: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     # Everything allocated so far (BCC, pyroute2, gRPC, the loaded program) lives as long as the
@@ -351,6 +367,9 @@ def run(args: argparse.Namespace) -> int:
         if hook_guard is not None:
             guard = hook_guard
             threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))
+        if isinstance(dataplane, ConntrackReleasing):
+            releaser = ConntrackReleaser(dataplane)
+            threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))

@@ -163,6 +163,21 @@ def test_reset_mode_refuses_tcp_pickup_mid_stream() -> None:
     assert chain_of(keep, "ns/a", "egress") != chain_of(reset, "ns/a", "egress")
 
 
+def test_a_pods_new_connections_beyond_its_bound_are_dropped_as_its_denials() -> None:
+    """Issue 21 item 10: connlimit by the pod's own address, source for egress, destination for
+    ingress, right after the established flows pass; no rule without a bound."""
+    bounded = compile_state(state(), IFACES, flows_per_pod=100)
+    for family, width in ((4, 32), (6, 128)):
+        for direction, end in (("egress", "saddr"), ("ingress", "daddr")):
+            rules = bounded.chains[family][chain_of(bounded, "ns/a", direction, family)]
+            assert rules[1] == (
+                "-m conntrack --ctstate NEW -m connlimit --connlimit-above 100 "
+                f'--connlimit-mask {width} --connlimit-{end} -m comment --comment "podfence:deny" -j DROP'
+            )
+    unbounded = compile_state(state(), IFACES)
+    assert not any("connlimit" in rule for rules in unbounded.chains[4].values() for rule in rules)
+
+
 def test_an_ipv4_mapped_peer_is_refused_before_any_ipv6_allow() -> None:
     everything6 = DirectionPolicy(True, (Allow(CidrPeer(net("::/0"))),))
     desired = compile_state(state(everything6), IFACES)

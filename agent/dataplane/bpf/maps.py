@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.dataplane.base import PermanentDataplaneError
+from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.compiler import Allocation, EndpointEntry, PolicyEntry
 from agent.dataplane.bpf.plan import PUT, CidrKey, IpcacheKey, Op, is_exact, is_host
 from agent.dataplane.bpf.structs import (
@@ -114,6 +115,7 @@ def _write_counters(module: Any, _live: Live, op: Op) -> None:
     for direction in Direction:
         per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
         counters[counters.Key(op.key * 2 + direction)] = per_cpu
+    ctbound.zero(module, op.key)  # nor its conntrack charge
 
 
 def _write_endpoint(module: Any, live: Live, op: Op) -> None:

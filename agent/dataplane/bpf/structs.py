@@ -34,6 +34,17 @@ WAY_BA = 1
 CT_FIN_AB = 0x01
 CT_FIN_BA = 0x02
 CT_RST = 0x04
+# Conntrack idle timeouts in seconds (bpf/lib/common.h PF_CT_TIMEOUT_*), by IP protocol; the
+# agent's count of live entries (dataplane.release_conntrack) expires entries as the datapath does.
+CT_TIMEOUT_TCP, CT_TIMEOUT_TCP_CLOSING, CT_TIMEOUT_UDP = 7200, 10, 120
+CT_TIMEOUT_SCTP, CT_TIMEOUT_ICMP, CT_TIMEOUT_OTHER = 7200, 30, 120
+CT_TIMEOUTS = {  # by IP protocol number; any other: CT_TIMEOUT_OTHER
+    6: CT_TIMEOUT_TCP,
+    17: CT_TIMEOUT_UDP,
+    132: CT_TIMEOUT_SCTP,
+    1: CT_TIMEOUT_ICMP,
+    58: CT_TIMEOUT_ICMP,
+}
 
 # Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
 POLICY_PREFIX_ANY_PROTOCOL = 72
@@ -117,7 +128,8 @@ class CtValue(ctypes.Structure):
         ("slot", ctypes.c_uint32 * 2),  # per way: endpoint_id + 1 of the sending local pod, 0: none
         ("flags", ctypes.c_uint8 * 2),  # per way: CT_*
         ("closing", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 5),
+        ("pad", ctypes.c_uint8),
+        ("owner", ctypes.c_uint32),  # endpoint_id + 1 of the pod charged for the entry, 0: nobody
     ]
 
 
@@ -207,6 +219,8 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_ct_expect": (CtExpectKey, CtExpectValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
+    "pf_ct_charged": (ctypes.c_uint32, ctypes.c_uint64),
+    "pf_ct_released": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_event_budget": (ctypes.c_int, EventBudget),
     "pf_nf_clock": (ctypes.c_int, NfClock),
 }

@@ -8,8 +8,9 @@ Layout in the filter table of each family (iptables and ip6tables):
              per source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
              then "-i <if> -j DROP" (anti-spoofing: any other source from that interface)
     PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
-    PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; (ingress) node IPs -> RETURN; allows -> RETURN;
-                 DROP.
+    PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; a NEW connection beyond the pod's bound (connlimit,
+                 by the pod's address: source in PF-E, destination in PF-I) -> DROP; (ingress)
+                 node IPs -> RETURN; allows -> RETURN; DROP.
 
 In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
 PF-TO: without it no IPv6 packet could flow at all. From pods (PF-FROM) only solicitations and
@@ -182,12 +183,14 @@ class _Compiler:
         unknown_endpoints: str,
         tcp_needs_syn: bool,
         set_limit: int,
+        flows_per_pod: int,
     ) -> None:
         self.state = state
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
         self.set_limit = set_limit
+        self.flows_per_pod = flows_per_pod
         self.out = DesiredState()
 
     # -- sets ---------------------------------------------------------------------------------
@@ -308,6 +311,15 @@ class _Compiler:
             # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
             # entry (from whichever side speaks first); refusing it makes a deleted entry final.
             rules.append(f"-p tcp ! --syn -m conntrack --ctstate NEW {_comment(DENY)} -j DROP")
+        if self.flows_per_pod:
+            # nf_conntrack is one table for the node: a pod filling it stops every new flow on
+            # the node (an assured, established one is never evicted). connlimit counts the
+            # connections this rule let through that conntrack still holds, per pod address.
+            width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
+            rules.append(
+                f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
+            )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
@@ -443,6 +455,7 @@ def compile_state(
     unknown_endpoints: str = "drop",
     tcp_needs_syn: bool = False,
     set_limit: int = DEFAULT_SET_LIMIT,
+    flows_per_pod: int = 0,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -450,7 +463,9 @@ def compile_state(
     established connections are reset on policy change, so that a reset one stays cut).
     Endpoints whose interface is unknown (ifindex None or not in `interfaces`) get no dispatch:
     there is no interface to filter yet, and its traffic cannot exist either.
-    set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem)."""
+    set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem).
+    flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
+    new ones beyond are dropped as denials); 0: no bound."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit).compile()
+    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod).compile()

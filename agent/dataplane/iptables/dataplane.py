@@ -93,6 +93,7 @@ class IptablesDataplane:
         established_on_change: str = "keep",
         ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
         sets_verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
+        flows_per_pod: int = 16384,
     ) -> None:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
         endpoint claims.
@@ -114,19 +115,26 @@ class IptablesDataplane:
           entries change: then the peers that entered or left the set are the ones reset.
 
         sets_verify_interval_s: how often apply reads the ipsets back from the kernel instead of
-        trusting its own view of what it wrote (ipsets.py); also read at start and after a failure."""
+        trusting its own view of what it wrote (ipsets.py); also read at start and after a failure.
+
+        flows_per_pod: the most connections one pod address may hold in the kernel's conntrack
+        table, per direction (connlimit in its chains); its new connections beyond are dropped
+        and counted as its denials. 0: no bound. Issue 21, item 10: the table is the node's."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
             raise ValueError(
                 f"established_on_change must be 'keep' or 'reset', not {established_on_change!r}"
             )
+        if flows_per_pod < 0:
+            raise ValueError(f"flows_per_pod must be 0 (no bound) or more, not {flows_per_pod}")
         if established_on_change == "reset" and shutil.which("conntrack") is None:
             raise PermanentDataplaneError("established_on_change='reset' needs the conntrack tool")
         self.unknown_endpoints = unknown_endpoints
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
         self._sets_view = SetsView(sets_verify_interval_s)
+        self.flows_per_pod = flows_per_pod
         self.adopted = False  # start() found endpoint chains left by a previous run
         # policies the last apply left out because their sets exceed maxelem (read by the node layer)
         self.rejected_policies: dict[str, Rejection] = {}
@@ -286,6 +294,7 @@ class IptablesDataplane:
                 self.unknown_endpoints,
                 tcp_needs_syn=self.established_on_change == "reset",
                 set_limit=self.ipset_maxelem,
+                flows_per_pod=self.flows_per_pod,
             ),
             self.ipset_maxelem,
         )
