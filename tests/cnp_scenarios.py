@@ -167,17 +167,22 @@ def _cluster_policy(draw: st.DrawFn, index: int) -> ClusterNetworkPolicy:
             action = draw(st.sampled_from(tuple(Action)))
             peers = tuple(draw(st.lists(_cluster_peer(), min_size=1, max_size=2)))
             ports = tuple(draw(st.lists(_cluster_port(), max_size=2)))
-            if action is not Action.ACCEPT:
-                peers = tuple(p for p in peers if not p.domain_names) or (ClusterPeer(namespaces=LabelSelector()),)
+            if action is not Action.ACCEPT:  # the API allows domainNames only in Accept rules
+                everyone = ClusterPeer(namespaces=LabelSelector())
+                peers = tuple(p for p in peers if not p.domain_names) or (everyone,)
             found.append(ClusterRule(action, peers, ports))
         return tuple(found)
 
-    if draw(st.booleans()):
-        subject: dict[str, object] = {"subject_namespaces": _labels(draw, "team", ("x", "y"))}
-    else:
-        subject = {"subject_pods": NamespacedPods(_labels(draw, "team", ("x", "y")), _labels(draw, "app", APPS))}
+    namespaces = _labels(draw, "team", ("x", "y"))
+    pods = NamespacedPods(namespaces, _labels(draw, "app", APPS)) if draw(st.booleans()) else None
     return ClusterNetworkPolicy(
-        f"cnp{index}", tier, draw(st.integers(0, 2)), ingress=rules(), egress=rules(), **subject  # type: ignore[arg-type]
+        f"cnp{index}",
+        tier,
+        draw(st.integers(0, 2)),
+        subject_namespaces=None if pods else namespaces,
+        subject_pods=pods,
+        ingress=rules(),
+        egress=rules(),
     )
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from agent.api import podfence_pb2 as pb
-from agent.policy.compiled import AllowEntry, CidrRef, DirectionAllows, EndpointPolicy, NodePolicy
+from agent.policy.compiled import (
+    AllowEntry,
+    CidrRef,
+    DirectionAllows,
+    EndpointPolicy,
+    NodePolicy,
+    TieredEntry,
+)
 
 # Encoded allows by content, kept across messages: an edit of one peer in a 10,000-peer list
 # re-encodes that list, and building 10,000 messages in Python took ~100 ms. Bounded: emptied
@@ -47,6 +54,11 @@ def _encode_allow(entry: AllowEntry) -> pb.Allow:
     )
 
 
+def _tiered(entry: TieredEntry) -> pb.TieredAllow:
+    allow = AllowEntry(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy)
+    return pb.TieredAllow(allow=_allow(allow), tier=entry.tier, rank=entry.rank, action=entry.action)
+
+
 Memo = dict[int, tuple[DirectionAllows, pb.DirectionPolicy]]
 
 
@@ -57,7 +69,11 @@ def _direction(direction: DirectionAllows, memo: Memo) -> pb.DirectionPolicy:
     known = memo.get(id(direction))
     if known is not None:
         return known[1]
-    encoded = pb.DirectionPolicy(isolated=direction.isolated, allows=[_allow(a) for a in direction.allows])
+    encoded = pb.DirectionPolicy(
+        isolated=direction.isolated,
+        allows=[_allow(a) for a in direction.allows],
+        tiered=[_tiered(t) for t in direction.tiered],
+    )
     memo[id(direction)] = (direction, encoded)
     return encoded
 

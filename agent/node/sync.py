@@ -34,6 +34,11 @@ import grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
+    ACTION_PASS,
+    TIER_ADMIN,
+    TIER_BASELINE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -42,6 +47,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    TieredAllow,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +108,23 @@ def _allow(allow: pb.Allow, where: str) -> Allow:
     return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
+def _tiered(entry: pb.TieredAllow, where: str, cache: DecodeCache) -> TieredAllow:
+    if entry.tier not in (TIER_ADMIN, TIER_BASELINE):
+        raise MalformedMessage(f"{where}: unknown tier {entry.tier}")
+    if entry.action not in (ACTION_ACCEPT, ACTION_DENY, ACTION_PASS):
+        raise MalformedMessage(f"{where}: unknown action {entry.action}")
+    if not entry.HasField("allow"):
+        raise MalformedMessage(f"{where}: tiered entry without a match")
+    allow_wire = entry.allow.SerializeToString(deterministic=True)
+    allow = cache.allows.get(allow_wire)
+    if allow is None:
+        allow = cache.allows[allow_wire] = _allow(entry.allow, where)
+    return TieredAllow(
+        entry.tier, entry.rank, entry.action, allow.peer, allow.protocol, allow.port_first, allow.port_last,
+        allow.policy,
+    )
+
+
 class DecodeCache:
     """Decoded allows and directions by their wire bytes, kept from one message to the next.
 
@@ -136,7 +159,8 @@ def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) ->
         if decoded is None:
             decoded = cache.allows[allow_wire] = _allow(allow, where)
         allows.append(decoded)
-    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows))
+    tiered = tuple(_tiered(entry, where, cache) for entry in direction.tiered)
+    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows), tiered)
     return decoded_direction
 
 

@@ -141,8 +141,8 @@ class DirectionAllows:
 
     @property
     def identities(self) -> frozenset[int]:
-        entries = (*self.allows, *self.tiered)
-        return frozenset(e.peer.identity for e in entries if isinstance(e.peer, IdentityRef))
+        peers = [e.peer for e in self.allows] + [e.peer for e in self.tiered]
+        return frozenset(p.identity for p in peers if isinstance(p, IdentityRef))
 
 
 @dataclass(frozen=True)

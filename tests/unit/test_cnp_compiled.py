@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from agent.model.objects import Protocol
-from agent.policy.check import EGRESS, INGRESS, compiled_allows
 from agent.policy.compiled import NodePolicy
 from agent.policy.evaluator import evaluate
 from agent.policy.resolver import Resolver

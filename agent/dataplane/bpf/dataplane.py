@@ -51,6 +51,7 @@ from agent.dataplane.bpf.compiler import (
     Desired,
     EndpointEntry,
     PolicyEntry,
+    Rule,
 )
 from agent.dataplane.bpf.plan import (
     PUT,
@@ -74,6 +75,7 @@ from agent.dataplane.bpf.structs import (
     address_from_bytes,
     make_addr,
 )
+from agent.dataplane.bpf.tiered import split_leaf_value
 from agent.dataplane.bpf.transition import with_union
 from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
 
@@ -394,7 +396,7 @@ class BpfDataplane:
         if op.table == "policy":
             table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
             if put:
-                table[_policy_key(table, op.key)] = table.Leaf(op.value, 0)
+                table[_policy_key(table, op.key)] = table.Leaf(*split_leaf_value(op.value))
                 live.policy.add(op.key)
             else:
                 _delete(table, _policy_key(table, op.key))
@@ -449,6 +451,7 @@ class BpfDataplane:
                     entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
                 )
                 ctypes.memmove(leaf.mac, entry.mac, 6)
+                leaf.flags = entry.flags
                 table[table.Key(op.key)] = leaf
                 live.endpoints[op.key] = entry
             else:
@@ -831,7 +834,7 @@ def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
 def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     return {
         "policies": [
-            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in content]]
+            [policy_id, [[*rule[:3], _peer_to_json(rule[3]), *rule[4:]] for rule in content]]
             for content, policy_id in allocation.policies.items()
         ],
         "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
@@ -845,13 +848,21 @@ def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     }
 
 
+def _rule_from_json(rule: list[Any]) -> Rule:
+    """[protocol, first, last, peer] or, for a tiered rule, the same and [tier, rank, action]."""
+    if len(rule) not in (4, 7):
+        raise ValueError(f"bad rule {rule!r}")
+    head = (int(rule[0]), int(rule[1]), int(rule[2]), _peer_from_json(rule[3]))
+    if len(rule) == 4:
+        return head
+    return (*head, int(rule[4]), int(rule[5]), int(rule[6]))
+
+
 def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
     try:
         return Allocation(
             policies={
-                frozenset(
-                    (int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules
-                ): int(pid)
+                frozenset(_rule_from_json(rule) for rule in rules): int(pid)
                 for pid, rules in data["policies"]
             },
             identity_classes={

@@ -120,7 +120,13 @@ class ClusterTiers:
                     yield from self._rule_entries(policy, tier, rank, rule, pod, direction)
 
     def _rule_entries(
-        self, policy: ClusterNetworkPolicy, tier: Tier, rank: int, rule: ClusterRule, pod: Pod, direction: PolicyType
+        self,
+        policy: ClusterNetworkPolicy,
+        tier: Tier,
+        rank: int,
+        rule: ClusterRule,
+        pod: Pod,
+        direction: PolicyType,
     ) -> Iterable[TieredEntry]:
         action = _ACTIONS[rule.action]
         if tier is Tier.BASELINE and action == ACTION_PASS:
@@ -150,18 +156,25 @@ class ClusterTiers:
             for protocol, first, last in numbered:
                 yield entry(ref, protocol, first, last)
         for name in named:
-            for protocol in Protocol:
-                if direction is PolicyType.INGRESS:
-                    port = pod.named_port(name, protocol)
+            for named_protocol in Protocol:
+                if direction is PolicyType.INGRESS:  # resolved on the subject itself
+                    port = pod.named_port(name, named_protocol)
                     if port is not None:
                         for ref in refs:
-                            yield entry(ref, protocol.number, port, port)
+                            yield entry(ref, named_protocol.number, port, port)
                     continue
-                for other in self._state.pods.values():
-                    port = other.named_port(name, protocol) if takes_part_in_selectors(other) else None
-                    if port is not None and any(peer_matches(self._state, peer, other) for peer in peers):
-                        for ip in other.ips:
-                            yield entry(_host_route(ip), protocol.number, port, port)
+                for ip, port in self._destinations(name, named_protocol, peers):
+                    yield entry(_host_route(ip), named_protocol.number, port, port)
+
+    def _destinations(
+        self, name: str, protocol: Protocol, peers: list[ClusterPeer]
+    ) -> Iterable[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+        """(IP, port) of every destination pod a named egress port resolves to: a pod that
+        takes part in selectors, carries the name and matches one of the rule's peers."""
+        for other in self._state.pods.values():
+            port = other.named_port(name, protocol) if takes_part_in_selectors(other) else None
+            if port is not None and any(peer_matches(self._state, peer, other) for peer in peers):
+                yield from ((ip, port) for ip in other.ips)
 
     def _peer_refs(self, peer: ClusterPeer) -> tuple[PeerRef, ...]:
         known = self._peers.get(peer)
@@ -173,9 +186,8 @@ class ClusterTiers:
         if peer.networks:
             yield from (CidrRef(net) for net in peer.networks)
         elif peer.nodes is not None:
-            addresses = {
-                a for node in self._state.nodes.values() if peer.nodes.matches(node.labels) for a in node.addresses
-            }
+            nodes = [node for node in self._state.nodes.values() if peer.nodes.matches(node.labels)]
+            addresses = {address for node in nodes for address in node.addresses}
             yield from (_host_route(a) for a in sorted(addresses, key=lambda a: (a.version, int(a))))
         elif peer.namespaces is not None or peer.pods is not None:
             for identity in sorted(self._identities.pods):
