@@ -64,11 +64,12 @@ def _labels(draw: st.DrawFn, key: str, values: tuple[str, ...]) -> LabelSelector
     return LabelSelector() if choice is None else LabelSelector(((key, choice),))
 
 
-def _pod(draw: st.DrawFn, index: int) -> Pod:
+def _pod(draw: st.DrawFn, index: int, local_ip: str | None = None) -> Pod:
+    """Pod `index`; with `local_ip`, on node n1 at that address (a lab pod), never host-network."""
     namespace = draw(st.sampled_from(NAMESPACES))
-    node = draw(st.sampled_from(NODES))
-    host = index == 0 and draw(st.booleans())
-    ip = NODE_IPS[node] if host else f"10.9.{index // 200}.{index % 200 + 10}"
+    node = NODES[0] if local_ip else draw(st.sampled_from(NODES))
+    host = local_ip is None and index == 0 and draw(st.booleans())
+    ip = NODE_IPS[node] if host else local_ip or f"10.9.{index // 200}.{index % 200 + 10}"
     http = draw(st.sampled_from((80, 8080)))
     ports = (ContainerPort(http, Protocol.TCP, "http"), ContainerPort(53, Protocol.UDP, "dns"))
     return Pod(
@@ -108,8 +109,13 @@ def _network_policy(draw: st.DrawFn, index: int) -> NetworkPolicy:
             elif peer_kind == "namespaces":
                 peers = (Peer(namespace_selector=_labels(draw, "team", ("x", "y"))),)
             elif peer_kind == "block":
-                peers = (Peer(ip_block=IPBlock(ipaddress.ip_network("10.9.0.0/16"),
-                                               (ipaddress.ip_network("10.9.0.10/31"),))),)
+                peers = (
+                    Peer(
+                        ip_block=IPBlock(
+                            ipaddress.ip_network("10.9.0.0/16"), (ipaddress.ip_network("10.9.0.10/31"),)
+                        )
+                    ),
+                )
             else:
                 peers = ()
             ports = tuple(draw(st.lists(_np_port(), max_size=2)))
@@ -134,7 +140,8 @@ def _cluster_peer(draw: st.DrawFn) -> ClusterPeer:
     if kind == "pods":
         return ClusterPeer(pods=NamespacedPods(_labels(draw, "team", ("x", "y")), _labels(draw, "app", APPS)))
     if kind == "networks":
-        net = draw(st.sampled_from(("10.9.0.0/24", "10.9.0.10/32", "10.99.0.0/24", "0.0.0.0/0")))
+        nets = ("10.9.0.0/24", "10.9.0.10/32", "10.99.0.0/24", "0.0.0.0/0", "10.1.0.0/24", "10.1.0.2/32")
+        net = draw(st.sampled_from(nets))
         return ClusterPeer(networks=(ipaddress.ip_network(net),))
     if kind == "nodes":
         return ClusterPeer(nodes=_labels(draw, "zone", ("a", "b")))
@@ -187,13 +194,18 @@ def _cluster_policy(draw: st.DrawFn, index: int) -> ClusterNetworkPolicy:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, max_pods: int = 5) -> Scenario:
+def scenarios(draw: st.DrawFn, max_pods: int = 5, local_ips: tuple[str, ...] = ()) -> Scenario:
+    """A cluster; with `local_ips`, its first pods are those lab pods on n1, then up to two others."""
     objects: list[KubeObject] = []
     for node, zone in zip(NODES, ("a", "b"), strict=True):
         objects.append(Node(node, {"zone": zone}, (ipaddress.ip_address(NODE_IPS[node]),)))
     for namespace in NAMESPACES:
         objects.append(Namespace(namespace, {"team": draw(st.sampled_from(("x", "y")))}))
-    objects += [_pod(draw, i) for i in range(draw(st.integers(2, max_pods)))]
+    if local_ips:
+        objects += [_pod(draw, i, ip) for i, ip in enumerate(local_ips)]
+        objects += [_pod(draw, len(local_ips) + i) for i in range(draw(st.integers(0, 2)))]
+    else:
+        objects += [_pod(draw, i) for i in range(draw(st.integers(2, max_pods)))]
     objects += [draw(_network_policy(i)) for i in range(draw(st.integers(0, 2)))]
     objects += [draw(_cluster_policy(i)) for i in range(draw(st.integers(1, 4)))]
     return Scenario(tuple(objects))

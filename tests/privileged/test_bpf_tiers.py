@@ -53,9 +53,7 @@ def _node_state(resolver: Resolver, node: str, bench: Bench) -> tuple[NodeState,
     """The node's policy as the agent decodes it, its first SLOTS endpoints bound to veths."""
     decoded = apply_message(None, snapshot_message(1, resolver.node_policy(node)))
     local = dict(zip(sorted(decoded.endpoints)[:SLOTS], bench.ifindexes, strict=False))
-    endpoints = {
-        key: dataclasses.replace(e, ifindex=local.get(key)) for key, e in decoded.endpoints.items()
-    }
+    endpoints = {key: dataclasses.replace(e, ifindex=local.get(key)) for key, e in decoded.endpoints.items()}
     return NodeState(0, endpoints, decoded.identities), local
 
 

@@ -107,8 +107,9 @@ def cell_entries(
         else:
             by_protocol.setdefault(protocol, []).append((first, last, hit))  # type: ignore[arg-type]
     if any_protocol:
-        yield (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0), leaf_value(
-            len(any_protocol), _word(any_protocol)
+        yield (
+            (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0),
+            leaf_value(len(any_protocol), _word(any_protocol)),
         )
     for protocol, ranges in sorted(by_protocol.items()):
         for first, last, hits in _pieces(ranges):
