@@ -100,10 +100,6 @@ class Resolver:
         else:
             raise ValueError(f"unknown kind {kind!r}")
 
-    def unenforced_policies(self) -> list[str]:
-        """The ClusterNetworkPolicies held but enforced by no dataplane yet, by name."""
-        return sorted(self._state.cluster_policies)
-
     def replace_all(self, objs: Iterable[KubeObject]) -> None:
         """Resync to exactly `objs`; unchanged objects cause no work and no dirtiness."""
         fresh = ClusterState.from_objects(list(objs))
