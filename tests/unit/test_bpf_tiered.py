@@ -22,7 +22,7 @@ from agent.dataplane.bpf.structs import (
     POLICY_PREFIX_PROTOCOL,
     verdict_word,
 )
-from agent.dataplane.bpf.tiered import cell_entries, split_leaf_value
+from agent.dataplane.bpf.tiered import PolicyEntry, cell_entries, split_leaf_value
 from agent.dataplane.types import TIER_ADMIN, TIER_BASELINE, CidrPeer, IdentityPeer
 from agent.node.sync import MalformedMessage, apply_message
 from agent.policy.compiled import (
@@ -38,7 +38,7 @@ PEER = IdentityPeer(7)
 TCP, UDP = 6, 17
 
 
-def lookup(entries: dict[tuple[int, ...], int], protocol: int, port: int) -> int | None:
+def lookup(entries: dict[PolicyEntry, int], protocol: int, port: int) -> int | None:
     """The verdict word the datapath reads for (protocol, port): the longest prefix that matches
     (a single port, POLICY_PREFIX_FULL, is the longest there is: the exact hash answers alike)."""
     for (prefixlen, _pid, _cls, _kind, entry_protocol, value), leaf in sorted(entries.items(), reverse=True):
