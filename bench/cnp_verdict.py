@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import secrets
 import statistics
-import subprocess
 import time
 from typing import Any
 
@@ -40,6 +38,7 @@ from agent.dataplane.types import (
     NodeState,
     TieredAllow,
 )
+from bench.bpf_verdict import bench_plane
 from tests.privileged import bpf_frames as frames
 
 ADMIN_COUNTS = (10, 1000)
@@ -103,22 +102,8 @@ def _measure(plane: BpfDataplane, admin: int, version: int) -> dict[str, float]:
 
 
 def run() -> dict[str, Any]:
-    prefix = f"pfb-{secrets.token_hex(3)}"
-    netns = f"{prefix}-bench"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    plane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        policy_max=262144,
-        ipcache_max=65536,
-        state_file=f"/run/podfence-bench/{prefix}.json",
-    )
-    try:
-        plane.start()
+    with bench_plane() as plane:
         figures = {count: _measure(plane, count, version) for version, count in enumerate(ADMIN_COUNTS, 1)}
-    finally:
-        plane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
     low, high = figures[ADMIN_COUNTS[0]], figures[ADMIN_COUNTS[-1]]
     return {
         "per_admin_rule_count": {str(k): v for k, v in figures.items()},

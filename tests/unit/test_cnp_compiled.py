@@ -11,6 +11,9 @@ NodePolicy as a full resync (the incremental paths).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -19,7 +22,7 @@ from agent.policy.compiled import NodePolicy
 from agent.policy.evaluator import evaluate
 from agent.policy.resolver import Resolver
 from agent.policy.state import ClusterState
-from tests.cnp_conformance_model import NODE_NAMES, Case, CnpCluster, cases
+from tests.cnp_conformance_model import NODE_NAMES, Case, CnpCluster, Step, cases
 from tests.cnp_scenarios import PROBE_PORTS, Scenario, compiled_verdict, scenarios
 from tests.unit.test_cnp_conformance import _state
 
@@ -36,8 +39,8 @@ def _all_objects(state: ClusterState) -> list[object]:
     ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_case_compiled(case: Case) -> None:
+def _replay(case: Case) -> Iterator[tuple[Step, ClusterState, Resolver]]:
+    """Each step of `case` with its objects loaded and fed to one Resolver (a resync per step)."""
     cluster = CnpCluster(case)
     resolver = Resolver()
     for step in case.steps:
@@ -45,6 +48,12 @@ def test_case_compiled(case: Case) -> None:
             cluster.apply(change)
         state = _state(cluster)
         resolver.replace_all(_all_objects(state))  # type: ignore[arg-type]
+        yield step, state, resolver
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case_compiled(case: Case) -> None:
+    for step, state, resolver in _replay(case):
         policies = {node: resolver.node_policy(node) for node in NODE_NAMES}
         wrong = []
         for probe in step.probes:
@@ -56,17 +65,11 @@ def test_case_compiled(case: Case) -> None:
 
 
 def test_admin_deny_beats_a_namespace_allow_all_in_the_compiled_form() -> None:
-    """Guards the test above against a compiled form that ignores tiers: case ids whose probes
-    change when the tiered entries are stripped must be many."""
+    """Guards the test above against a compiled form that ignores tiers: probes whose verdict
+    changes when the tiered entries are stripped must be many."""
     changed = 0
     for case in CASES:
-        cluster = CnpCluster(case)
-        resolver = Resolver()
-        for step in case.steps:
-            for change in step.changes:
-                cluster.apply(change)
-            state = _state(cluster)
-            resolver.replace_all(_all_objects(state))  # type: ignore[arg-type]
+        for step, state, resolver in _replay(case):
             stripped = {node: _strip(resolver.node_policy(node)) for node in NODE_NAMES}
             for probe in step.probes:
                 src, dst = state.pods[probe.source], state.pods[probe.destination]
@@ -76,8 +79,6 @@ def test_admin_deny_beats_a_namespace_allow_all_in_the_compiled_form() -> None:
 
 
 def _strip(policy: NodePolicy) -> NodePolicy:
-    from dataclasses import replace
-
     endpoints = {
         key: replace(e, ingress=replace(e.ingress, tiered=()), egress=replace(e.egress, tiered=()))
         for key, e in policy.endpoints.items()
