@@ -45,6 +45,7 @@ from agent.policy.compiled import (
     PeerRef,
     TieredEntry,
 )
+from agent.policy.graph.endpoints import MEMO_LIMIT
 from agent.policy.graph.identities import IdentityIndex, pod_identity
 from agent.policy.state import ClusterState, takes_part_in_selectors
 from agent.policy.tiers import ordered, peer_matches, selects
@@ -104,6 +105,8 @@ class ClusterTiers:
             return known[1]
         tiered = tuple(sorted(set(self._entries(pod, direction, base.isolated)), key=lambda e: e.sort_key))
         result = DirectionAllows(base.isolated, base.allows, tiered) if tiered else base
+        if len(self._memo) >= MEMO_LIMIT:  # NetworkPolicy edits make new bases between our changes
+            self._memo.clear()
         self._memo[key] = (base, result)  # base kept alive so its id is not reused meanwhile
         return result
 
