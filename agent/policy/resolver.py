@@ -210,13 +210,16 @@ class Resolver:
         self._selectors.ensure_known_namespace(pod.namespace)
         self._identities.register(identity, pod)
         self._selectors.identity_appeared(identity, pod)
-        self._cluster_changed()
+        if self._tiers.active and self._tiers.matches_some_peer(pod.namespace, pod.labels):
+            self._cluster_changed()
 
     def _leave_identity(self, key: str, identity: int) -> None:
+        labels = self._identities.labels(identity)
         namespace = self._identities.remove_member(key, identity)
         if namespace is not None:
             self._selectors.identity_vanished(identity, namespace)
-            self._cluster_changed()
+            if self._tiers.active and self._tiers.matches_some_peer(namespace, labels):
+                self._cluster_changed()
         self._identity_ips_changed(identity)
 
     def _identity_ips_changed(self, identity: int) -> None:
@@ -250,4 +253,5 @@ class Resolver:
         if ingress is endpoint.ingress and egress is endpoint.egress:
             return endpoint, identities
         endpoint = replace(endpoint, ingress=ingress, egress=egress)
-        return endpoint, identities | ingress.identities | egress.identities
+        # the base lists' identities are in `identities` already; the tiered ones once per list
+        return endpoint, identities | self._tiers.identities(ingress) | self._tiers.identities(egress)

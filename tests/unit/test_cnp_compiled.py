@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from agent.model.objects import Protocol
+from agent.model.objects import Pod, Protocol
 from agent.policy.compiled import NodePolicy
 from agent.policy.evaluator import evaluate
 from agent.policy.resolver import Resolver
@@ -109,7 +109,7 @@ def test_random_scenarios_compiled_agrees_with_the_evaluator(scenario: Scenario)
 @given(scenarios())
 def test_random_scenarios_incremental_equals_resync(scenario: Scenario) -> None:
     """Objects fed one at a time (cluster policies first, then pods, so identities appear after
-    the policies that name them), then a resync, compile as a fresh full resync does."""
+    the policies that name them) compile as a fresh full resync does; so do pod deletions."""
     fresh = Resolver()
     fresh.replace_all(scenario.objects)
     incremental = Resolver()
@@ -118,3 +118,11 @@ def test_random_scenarios_incremental_equals_resync(scenario: Scenario) -> None:
         incremental.upsert(obj)
     for node in scenario.nodes:
         assert incremental.node_policy(node) == fresh.node_policy(node)
+    # every other pod goes: identities vanish, peers shrink
+    gone = [o for o in scenario.objects if isinstance(o, Pod)][::2]
+    for pod in gone:
+        incremental.delete("Pod", pod.namespace, pod.name)
+    remaining = Resolver()
+    remaining.replace_all([o for o in scenario.objects if o not in gone])
+    for node in scenario.nodes:
+        assert incremental.node_policy(node) == remaining.node_policy(node)

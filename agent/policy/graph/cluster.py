@@ -46,7 +46,7 @@ from agent.policy.compiled import (
     TieredEntry,
 )
 from agent.policy.graph.endpoints import MEMO_LIMIT
-from agent.policy.graph.identities import IdentityIndex, pod_identity
+from agent.policy.graph.identities import IdentityIndex
 from agent.policy.state import ClusterState, takes_part_in_selectors
 from agent.policy.tiers import ordered, peer_matches, selects
 
@@ -73,7 +73,11 @@ class ClusterTiers:
         self._identities = identities
         self.version = 0
         self._memo: dict[tuple[object, ...], tuple[DirectionAllows, DirectionAllows]] = {}
+        self._tiered: dict[tuple[object, ...], tuple[TieredEntry, ...]] = {}
         self._peers: dict[ClusterPeer, tuple[PeerRef, ...]] = {}
+        self._by_tier: dict[Tier, list[ClusterNetworkPolicy]] = {}
+        self._subjects: dict[int, tuple[ClusterNetworkPolicy, ...]] = {}
+        self._named: dict[int, tuple[tuple[TieredEntry, ...], frozenset[int]]] = {}
 
     @property
     def active(self) -> bool:
@@ -83,7 +87,11 @@ class ClusterTiers:
         """Something every endpoint's entries may depend on changed: forget everything."""
         self.version += 1
         self._memo.clear()
+        self._tiered.clear()
         self._peers.clear()
+        self._by_tier.clear()
+        self._subjects.clear()
+        self._named.clear()
 
     def uses_destination_pods(self) -> bool:
         """Does some egress rule name a port (resolved on the destination pods)?"""
@@ -95,32 +103,94 @@ class ClusterTiers:
         )
 
     def attach(self, pod: Pod, direction: PolicyType, base: DirectionAllows) -> DirectionAllows:
-        """`base` (the NetworkPolicy allows of this direction) with the tiered entries added."""
+        """`base` (the NetworkPolicy allows of this direction) with the tiered entries added.
+
+        The entries depend on the pod only through which policies select it (and, for ingress
+        named ports, its ports), so pods selected alike share one computation whatever their
+        identities: a catch-all Admin policy over 1,000 pods is compiled once per direction."""
         if not self.active or not takes_part_in_selectors(pod):
             return base
+        tiers = (Tier.ADMIN,) if base.isolated else (Tier.ADMIN, Tier.BASELINE)
+        applying = tuple(
+            policy
+            for policy in self._selecting(pod)
+            if policy.tier in tiers and (policy.ingress if direction is PolicyType.INGRESS else policy.egress)
+        )
+        if not applying:
+            return base
         ports = pod.ports if direction is PolicyType.INGRESS else ()
-        key = (direction, pod_identity(pod), ports, id(base))
-        known = self._memo.get(key)
+        key = (direction, tuple(policy.name for policy in applying), ports)
+        tiered = self._tiered.get(key)
+        if tiered is None:
+            entries = set(self._entries(applying, pod, direction))
+            tiered = self._tiered[key] = tuple(sorted(entries, key=lambda e: e.sort_key))
+            named = frozenset(e.peer.identity for e in tiered if isinstance(e.peer, IdentityRef))
+            self._named[id(tiered)] = (tiered, named)
+        if not tiered:
+            return base
+        known = self._memo.get((key, id(base)))
         if known is not None and known[0] is base:
             return known[1]
-        tiered = tuple(sorted(set(self._entries(pod, direction, base.isolated)), key=lambda e: e.sort_key))
-        result = DirectionAllows(base.isolated, base.allows, tiered) if tiered else base
+        result = DirectionAllows(base.isolated, base.allows, tiered)
         if len(self._memo) >= MEMO_LIMIT:  # NetworkPolicy edits make new bases between our changes
             self._memo.clear()
-        self._memo[key] = (base, result)  # base kept alive so its id is not reused meanwhile
+        self._memo[(key, id(base))] = (base, result)  # base kept alive: its id is not reused meanwhile
         return result
 
-    def _entries(self, pod: Pod, direction: PolicyType, isolated: bool) -> Iterable[TieredEntry]:
-        tiers = (Tier.ADMIN,) if isolated else (Tier.ADMIN, Tier.BASELINE)
-        for tier in tiers:
-            rank = 0
-            for policy in ordered(self._state, tier):
-                rules = policy.ingress if direction is PolicyType.INGRESS else policy.egress
-                if not rules or not selects(self._state, policy, pod):
-                    continue
-                for rule in rules:
-                    rank += 1
-                    yield from self._rule_entries(policy, tier, rank, rule, pod, direction)
+    def identities(self, direction: DirectionAllows) -> frozenset[int]:
+        """The identities `direction`'s tiered entries name (computed once per entry list)."""
+        known = self._named.get(id(direction.tiered))
+        if known is not None and known[0] is direction.tiered:
+            return known[1]
+        return frozenset(e.peer.identity for e in direction.tiered if isinstance(e.peer, IdentityRef))
+
+    def _selecting(self, pod: Pod) -> tuple[ClusterNetworkPolicy, ...]:
+        """The policies of both tiers that select `pod`, in tier order; the same for every pod of
+        one identity (namespace and labels decide)."""
+        identity = self._identities.of_pod.get(pod.key)
+        known = self._subjects.get(identity) if identity is not None else None
+        if known is None:
+            known = tuple(
+                policy
+                for tier in (Tier.ADMIN, Tier.BASELINE)
+                for policy in self._ordered(tier)
+                if selects(self._state, policy, pod)
+            )
+            if identity is not None:
+                self._subjects[identity] = known
+        return known
+
+    def _ordered(self, tier: Tier) -> list[ClusterNetworkPolicy]:
+        known = self._by_tier.get(tier)
+        if known is None:
+            known = self._by_tier[tier] = ordered(self._state, tier)
+        return known
+
+    def _entries(
+        self, applying: tuple[ClusterNetworkPolicy, ...], pod: Pod, direction: PolicyType
+    ) -> Iterable[TieredEntry]:
+        ranks = dict.fromkeys(Tier, 0)
+        for policy in applying:
+            for rule in policy.ingress if direction is PolicyType.INGRESS else policy.egress:
+                ranks[policy.tier] += 1
+                yield from self._rule_entries(policy, policy.tier, ranks[policy.tier], rule, pod, direction)
+
+    def matches_some_peer(self, namespace: str, labels: dict[str, str]) -> bool:
+        """Would an identity of (namespace, labels) be named by some `namespaces`/`pods` peer?
+        When it is not, its appearing or vanishing changes no entry."""
+        namespace_labels = self._state.namespace_labels(namespace)
+        for policy in self._state.cluster_policies.values():
+            for rule in (*policy.ingress, *policy.egress):
+                for peer in rule.peers:
+                    if peer.namespaces is not None and peer.namespaces.matches(namespace_labels):
+                        return True
+                    if (
+                        peer.pods is not None
+                        and peer.pods.namespace_selector.matches(namespace_labels)
+                        and (peer.pods.pod_selector.matches(labels))
+                    ):
+                        return True
+        return False
 
     def _rule_entries(
         self,
