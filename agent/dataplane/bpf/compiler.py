@@ -227,11 +227,7 @@ def entries_for_members(
             entries.update(_tiered_entries(policy_id, content, identity_members, cidr_members))
             continue
         for protocol, first, last, peer in content:  # type: ignore[misc]
-            kind: int
-            if isinstance(peer, IdentityPeer):
-                kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
-            else:
-                kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
+            kind, classes = _classes_of(peer, identity_members, cidr_members)
             for class_id in classes:
                 if protocol == PROTO_ANY:
                     entry = (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
@@ -247,6 +243,17 @@ def entries_for_members(
     return entries
 
 
+def _classes_of(
+    peer: CidrPeer | IdentityPeer,
+    identity_members: dict[int, list[int]],
+    cidr_members: dict[CidrPeer, list[int]],
+) -> tuple[int, list[int]]:
+    """(peer kind, the class ids that contain `peer`)."""
+    if isinstance(peer, IdentityPeer):
+        return PeerKind.IDENTITY, identity_members.get(peer.identity, [])
+    return PeerKind.CIDR, cidr_members.get(peer, [])
+
+
 def _tiered_entries(
     policy_id: int,
     content: PolicyContent,
@@ -256,12 +263,7 @@ def _tiered_entries(
     """A tiered policy's entries: its rules gathered per (class, kind), overlaps resolved there."""
     cells: dict[tuple[int, int], list[Rule]] = {}
     for rule in content:
-        peer = rule[3]
-        kind: int
-        if isinstance(peer, IdentityPeer):
-            kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
-        else:
-            kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
+        kind, classes = _classes_of(rule[3], identity_members, cidr_members)
         for class_id in classes:
             cells.setdefault((class_id, kind), []).append(rule)
     entries: dict[PolicyEntry, int] = {}
