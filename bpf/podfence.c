@@ -99,7 +99,9 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	else if (pkt->flags & PF_PKT_MALFORMED)
 		return PF_DROP_MALFORMED;
 	else if (pf_policy_allows(policy_id, ep->generation,
-				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be))
+				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be,
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_TIERED : PF_EP_EGRESS_TIERED),
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN)))
 		reason = PF_REASON_ALLOWED;
 	else
 		reason = PF_DROP_POLICY;

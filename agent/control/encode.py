@@ -18,6 +18,7 @@ from agent.policy.compiled import (
     DirectionAllows,
     EndpointPolicy,
     NodePolicy,
+    TieredEntry,
     entry_sort_key,
 )
 
@@ -56,6 +57,11 @@ def _encode_allow(entry: AllowEntry) -> pb.Allow:
     )
 
 
+def _tiered(entry: TieredEntry) -> pb.TieredAllow:
+    allow = AllowEntry(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy)
+    return pb.TieredAllow(allow=_allow(allow), tier=entry.tier, rank=entry.rank, action=entry.action)
+
+
 Memo = dict[int, tuple[DirectionAllows, pb.DirectionPolicy]]
 
 
@@ -66,7 +72,11 @@ def _direction(direction: DirectionAllows, memo: Memo) -> pb.DirectionPolicy:
     known = memo.get(id(direction))
     if known is not None:
         return known[1]
-    encoded = pb.DirectionPolicy(isolated=direction.isolated, allows=[_allow(a) for a in direction.allows])
+    encoded = pb.DirectionPolicy(
+        isolated=direction.isolated,
+        allows=[_allow(a) for a in direction.allows],
+        tiered=[_tiered(t) for t in direction.tiered],
+    )
     memo[id(direction)] = (direction, encoded)
     return encoded
 
@@ -104,12 +114,13 @@ def _direction_patch(
     before: DirectionAllows, after: DirectionAllows, memo: PatchMemo
 ) -> pb.DirectionPatch | None:
     """The entries leaving and joining an isolated list, or None when a patch cannot say the
-    change (isolation changes) or would not be shorter than the list itself."""
+    change (isolation or the ClusterNetworkPolicy entries change) or would not be shorter than
+    the list itself."""
     known = memo.get((id(before), id(after)))
     if known is not None:
         return known[2]
     patch: pb.DirectionPatch | None = None
-    if before.isolated == after.isolated:
+    if before.isolated == after.isolated and before.tiered == after.tiered:
         patch = pb.DirectionPatch()
         if before.allows != after.allows:
             old, new = set(before.allows), set(after.allows)

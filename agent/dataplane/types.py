@@ -116,12 +116,40 @@ def allow_order(allow: Allow) -> tuple[object, ...]:
     return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
+TIER_ADMIN, TIER_BASELINE = 1, 2
+ACTION_ACCEPT, ACTION_DENY, ACTION_PASS = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TieredAllow:
+    """A ClusterNetworkPolicy verdict: what `peer`/`protocol`/ports match gets `action` at
+    precedence `rank` (lower first) of `tier`; Pass (Admin only) hands over to NetworkPolicy."""
+
+    tier: int
+    rank: int
+    action: int
+    peer: Peer
+    protocol: int = PROTO_ANY
+    port_first: int = 0
+    port_last: int = 65535
+    policy: str = ""  # the ClusterNetworkPolicy's name; for logs, never for verdicts
+
+
 @dataclass(frozen=True)
 class DirectionPolicy:
-    """isolated=False allows everything; isolated=True allows only what `allows` match."""
+    """The NetworkPolicy tier: isolated=False allows everything; isolated=True allows only what
+    `allows` match. `tiered`: ClusterNetworkPolicy entries around it (docs/semantics.md): the
+    first Admin match decides unless it is a Pass; then NetworkPolicy when isolated; else the
+    first Baseline match; else allow."""
 
     isolated: bool = False
     allows: tuple[Allow, ...] = ()
+    tiered: tuple[TieredAllow, ...] = ()
+
+    @property
+    def judged(self) -> bool:
+        """Does anything restrict this direction (else every packet passes unlooked)?"""
+        return self.isolated or bool(self.tiered)
 
 
 @dataclass(frozen=True)

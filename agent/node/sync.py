@@ -46,6 +46,11 @@ import grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
+    ACTION_PASS,
+    TIER_ADMIN,
+    TIER_BASELINE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -54,6 +59,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    TieredAllow,
     allow_order,
 )
 
@@ -117,6 +123,23 @@ def _allow(allow: pb.Allow, where: str) -> Allow:
     return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
+def _tiered(entry: pb.TieredAllow, where: str, cache: DecodeCache) -> TieredAllow:
+    if entry.tier not in (TIER_ADMIN, TIER_BASELINE):
+        raise MalformedMessage(f"{where}: unknown tier {entry.tier}")
+    if entry.action not in (ACTION_ACCEPT, ACTION_DENY, ACTION_PASS):
+        raise MalformedMessage(f"{where}: unknown action {entry.action}")
+    if not entry.HasField("allow"):
+        raise MalformedMessage(f"{where}: tiered entry without a match")
+    allow_wire = entry.allow.SerializeToString(deterministic=True)
+    allow = cache.allows.get(allow_wire)
+    if allow is None:
+        allow = cache.allows[allow_wire] = _allow(entry.allow, where)
+    return TieredAllow(
+        entry.tier, entry.rank, entry.action, allow.peer, allow.protocol, allow.port_first, allow.port_last,
+        allow.policy,
+    )
+
+
 class DecodeCache:
     """Decoded allows and directions by their wire bytes, kept from one message to the next.
 
@@ -154,7 +177,8 @@ def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) ->
         return known
     # the control service sends its own order; the agent's must not depend on it (see _patched)
     allows = sorted((_cached_allow(allow, where, cache) for allow in direction.allows), key=allow_order)
-    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows))
+    tiered = tuple(_tiered(entry, where, cache) for entry in direction.tiered)
+    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows), tiered)
     return decoded_direction
 
 
@@ -247,7 +271,7 @@ def _patched(
         # in place, so that the list equals the one a snapshot would give (the iptables
         # compiler names chains after their rules in order): O(log n) keys, one C memmove
         bisect.insort(kept, _cached_allow(allow, where, cache), key=allow_order)
-    result = DirectionPolicy(True, tuple(kept))
+    result = DirectionPolicy(True, tuple(kept), direction.tiered)  # a patch never changes tiers
     memo[(id(direction), wire)] = (direction, result)
     return result
 

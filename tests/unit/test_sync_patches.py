@@ -21,12 +21,16 @@ from agent.dataplane.iptables.compiler import Interface, compile_state
 from agent.dataplane.types import NodeState
 from agent.node.sync import DecodeCache, MalformedMessage, apply_message
 from agent.policy.compiled import (
+    ACTION_DENY,
+    ACTION_PASS,
+    TIER_ADMIN,
     AllowEntry,
     CidrRef,
     DirectionAllows,
     EndpointPolicy,
     IdentityRef,
     NodePolicy,
+    TieredEntry,
     normalize_allows,
 )
 
@@ -50,9 +54,18 @@ entries = st.builds(
     st.sampled_from([0, 80, 443]),
     st.sampled_from(["ns/p", "ns/q"]),
 )
+# ClusterNetworkPolicy entries: a patch carries NetworkPolicy allows only, so a change of these
+# must travel as the whole endpoint
+TIERED = (
+    TieredEntry(TIER_ADMIN, 0, ACTION_DENY, host(3), 6, 80, 80, "deny-web"),
+    TieredEntry(TIER_ADMIN, 1, ACTION_PASS, IdentityRef(IDENTITIES[0]), 0, policy="pass-team"),
+)
+tiered = st.sampled_from([(), TIERED[:1], TIERED])
 directions = st.one_of(
-    st.just(DirectionAllows()),
-    st.lists(entries, max_size=16).map(lambda e: DirectionAllows(True, normalize_allows(e))),
+    tiered.map(lambda t: DirectionAllows(False, (), t)),
+    st.tuples(st.lists(entries, max_size=16), tiered).map(
+        lambda e: DirectionAllows(True, normalize_allows(e[0]), e[1])
+    ),
 )
 
 
@@ -69,7 +82,7 @@ def edited(draw: st.DrawFn, direction: DirectionAllows) -> DirectionAllows:
             allows.pop(draw(st.integers(0, len(allows) - 1)))
         else:
             allows.append(draw(entries))
-    return DirectionAllows(True, normalize_allows(allows))
+    return DirectionAllows(True, normalize_allows(allows), draw(tiered))
 
 
 def endpoint(
@@ -147,9 +160,9 @@ def test_deltas_give_the_state_and_kernel_state_of_a_snapshot(sequence: list[Nod
     assert compile_state(located(state), INTERFACES) == compile_state(located(fresh), INTERFACES)
 
 
-def big_policy(peers: range) -> NodePolicy:
+def big_policy(peers: range, tiers: tuple[TieredEntry, ...] = ()) -> NodePolicy:
     entries = (AllowEntry(host(i), 6, 80, 80, "ns/allow-list") for i in peers)
-    allows = DirectionAllows(True, normalize_allows(entries))
+    allows = DirectionAllows(True, normalize_allows(entries), tiers)
     return NodePolicy({"ns/a": endpoint("ns/a", ("10.9.0.1",), allows, DirectionAllows())})
 
 
@@ -162,6 +175,17 @@ def test_one_peer_changed_among_ten_thousand_is_two_entries_on_the_wire() -> Non
     assert delta.ByteSize() < 200 < 100_000 < snapshot.ByteSize()
     state = apply_message(apply_message(None, snapshot), delta)
     assert allow_sets(state) == allow_sets(apply_message(None, snapshot_message(2, after)))
+
+
+def test_a_change_of_cluster_policy_entries_is_never_lost_in_a_patch() -> None:
+    """One allow changed (patch-sized) while an Admin Deny joins: the whole endpoint travels, and
+    the agent enforces the Deny (a patch carries allows only and would drop it)."""
+    before, after = big_policy(range(100)), big_policy(range(1, 101), TIERED[:1])
+    delta = delta_message(2, before, after)
+    assert not delta.delta.patch_endpoints
+    state = apply_message(apply_message(None, snapshot_message(1, before)), delta)
+    assert state == apply_message(None, snapshot_message(2, after))
+    assert len(state.endpoints["ns/a"].ingress.tiered) == 1
 
 
 def test_a_patch_the_agent_cannot_apply_is_refused_for_a_snapshot() -> None:

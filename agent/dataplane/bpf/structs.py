@@ -70,8 +70,13 @@ class EndpointValue(ctypes.Structure):
         ("egress_policy_id", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
         ("mac", ctypes.c_uint8 * 6),  # all zero: no MAC bound
-        ("pad", ctypes.c_uint8 * 2),
+        ("flags", ctypes.c_uint8),  # EP_* below
+        ("pad", ctypes.c_uint8),
     ]
+
+
+# pf_endpoint_value.flags (bpf/podfence.h PF_EP_*)
+EP_INGRESS_OPEN, EP_EGRESS_OPEN, EP_INGRESS_TIERED, EP_EGRESS_TIERED = 0x01, 0x02, 0x04, 0x08
 
 
 class EndpointIpValue(ctypes.Structure):
@@ -106,7 +111,29 @@ class PolicyKey(ctypes.Structure):
 
 
 class PolicyValue(ctypes.Structure):
-    _fields_ = [("rule_count", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("rule_count", ctypes.c_uint32), ("verdict", ctypes.c_uint32)]
+
+
+# pf_policy_value.verdict (bpf/podfence.h PF_VERDICT_*): per tier the first hit's action and rank
+ACT_NONE, ACT_ACCEPT, ACT_DENY, ACT_PASS = 0, 1, 2, 3
+VERDICT_SET = 1 << 31
+ADMIN_RANK_MAX, REST_RANK_MAX = (1 << 14) - 1, (1 << 13) - 1
+
+
+def verdict_word(admin: tuple[int, int] | None, rest: tuple[int, int] | None) -> int:
+    """The verdict of a cell from its first Admin hit and first other hit, each (rank, action)."""
+    word = VERDICT_SET
+    if admin is not None:
+        rank, action = admin
+        if not 0 <= rank <= ADMIN_RANK_MAX:
+            raise ValueError(f"more than {ADMIN_RANK_MAX} Admin-tier rules apply to one endpoint direction")
+        word |= action | rank << 4
+    if rest is not None:
+        rank, action = rest
+        if not 0 <= rank <= REST_RANK_MAX:
+            raise ValueError(f"more than {REST_RANK_MAX} Baseline-tier rules apply to one endpoint direction")
+        word |= action << 2 | rank << 18
+    return word
 
 
 class CtKey(ctypes.Structure):

@@ -45,7 +45,10 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
+from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
     PROTO_ANY,
     V4_MAPPED_SPACE,
     Allow,
@@ -164,6 +167,8 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
+# what an Accept or Deny entry of a tier does (tiers.py)
+TARGETS = {ACTION_ACCEPT: f"{_comment(ALLOW)} -j RETURN", ACTION_DENY: f"{_comment(DENY)} -j DROP"}
 SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
@@ -245,7 +250,14 @@ class _Compiler:
         return {f"{network},{protocol}:{allow.port_first}" for network in networks}
 
     def _grouped_allows(
-        self, endpoint: Endpoint, direction: str, family: int, side: str, allows: tuple[Allow, ...]
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        side: str,
+        allows: tuple[Allow, ...],
+        run: str = "",
+        target: str = f"{_comment(ALLOW)} -j RETURN",
     ) -> tuple[str | None, list[Allow]]:
         """One set rule for the allows _port_entries can hold, if there are GROUP_MIN_ALLOWS of
         them (and their entries fit in a set), and the allows left to write one rule each."""
@@ -262,10 +274,10 @@ class _Compiler:
         if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
             return None, list(allows)
         letter = "i" if direction == INGRESS else "e"
-        name = f"{SET_PREFIX}g{family}{letter}-{_short_hash(endpoint.key, 12)}"
+        name = f"{SET_PREFIX}g{family}{letter}{run}-{_short_hash(endpoint.key, 12)}"
         self._add_set(name, family, "hash:net,port", entries, canonical=True)
         # the peer is the packet's source (ingress) or destination (egress); the port its destination
-        return f"-m set --match-set {name} {side},dst {_comment(ALLOW)} -j RETURN", rest
+        return f"-m set --match-set {name} {side},dst {target}", rest
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -287,7 +299,9 @@ class _Compiler:
         )
         return f"-p {name} -m {name} --dport {ports}"
 
-    def _allow_rule(self, allow: Allow, family: int, side: str) -> str | None:
+    def _allow_rule(
+        self, allow: Allow, family: int, side: str, target: str = f"{_comment(ALLOW)} -j RETURN"
+    ) -> str | None:
         peer = allow.peer
         if isinstance(peer, IdentityPeer):
             address: str | None = self._identity_match(peer, family, side)
@@ -299,8 +313,30 @@ class _Compiler:
             return None
         if address.startswith(SET_MATCH):
             self.out.set_users.setdefault(address.split()[3], set()).add(allow.policy)
-        parts = [address, self._protocol_match(allow, family), _comment(ALLOW), "-j RETURN"]
+        parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
+
+    def matching(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        allows: tuple[Allow, ...],
+        target: str,
+        run: str = "",
+    ) -> list[str]:
+        """Rules sending what any of `allows` matches to `target`: one set for the many
+        single-port ones (see _grouped_allows), a rule for each other."""
+        side = "src" if direction == INGRESS else "dst"
+        rules = []
+        grouped, rest = self._grouped_allows(endpoint, direction, family, side, allows, run, target)
+        if grouped is not None:
+            rules.append(grouped)
+        for allow in rest:
+            rule = self._allow_rule(allow, family, side, target)
+            if rule is not None and rule not in rules:
+                rules.append(rule)
+        return rules
 
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
@@ -324,7 +360,12 @@ class _Compiler:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
             rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
-        if not policy.isolated:
+        if policy.tiered:
+            if family == 6:
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
+            rules += tiered_rules(self, endpoint, direction, family, policy)
+        elif not policy.isolated:
             rules.append(f"{_comment(ALLOW)} -j RETURN")
         else:
             if family == 6:
