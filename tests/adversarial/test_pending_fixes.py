@@ -39,7 +39,6 @@ BCT = "fixed on main for the eBPF dataplane (merge of h-bpfct)"
 # nf_conntrack takes an ICMP error from any source as related (a router on the path): the iptables
 # dataplane drops a related error from a pod unless it quotes a packet sent to that pod (u32)
 IPTABLES_RELATED = "iptables: a pod's related errors must quote a packet to the pod (u32 in PF-FROM)"
-IPTABLES_LABS = ("iptables-routed", "iptables-bridged")
 L2 = "fixed on main (merge of h-l2)"
 L2_IPTABLES = "fixed on main for the iptables dataplane by ebtables rules (merge of h-ebt)"
 
@@ -351,10 +350,9 @@ PENDING = [
             _arp_with_payload,
             topologies=("bridged",),
         ),
-        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods on the "
-        "iptables dataplane (docs/security.md: ebtables cannot match an ARP frame's length)",
-        passes_on=("iptables-bridged",),
-        fixed_on=L2,
+        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods",
+        passes_on=(),
+        fixed_on=f"{L2}; iptables: nft's ARP guard marks it, the port's ebtables chain drops it",
     ),
     Pending(
         Case(

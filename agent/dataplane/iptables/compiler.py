@@ -88,7 +88,6 @@ FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
 _IP_OPTIONS_MATCH = '-m u32 --u32 "0>>24&0xF=6:15" -m u32 ! --u32 "0>>24&0xF=6&&20=0x94040000"'
 
 
-
 def _icmp_error_match(ip: IPAddress) -> str:
     """A related ICMP error from `ip` that does not quote a packet sent to `ip`.
 
