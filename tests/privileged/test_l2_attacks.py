@@ -375,13 +375,23 @@ def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridge
         after = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
         assert after[("ns/p1", "egress")] - before.get(("ns/p1", "egress"), 0) == 3
         assert after.get(("ns/p2", "egress"), 0) == before.get(("ns/p2", "egress"), 0)
+        # ARP with trailing bytes: marked by the nft guard, dropped (and counted) by p1's chain
+        trailer = s_ether(a, b) / scapy.ARP(op=1, hwsrc=link_mac(a), psrc=a.ip, pdst=b.ip) / scapy.Raw(MARKER)
+        send(a, trailer, trailer)
+        counted = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        assert counted[("ns/p1", "egress")] - after[("ns/p1", "egress")] == 2
         # another tool removes the jump: the agent's hook check puts it back first
         bridged.run("ebtables-nft", "-t", "nat", "-D", "PREROUTING", "-j", "PF-L2")
         assert plane.call("repair_hooks") == ["bridge PREROUTING"]
         assert bridge_nat(bridged).split("-A PREROUTING ", 2)[1].strip() == "-j PF-L2"
+        # or the ARP guard's table: put back too
+        bridged.run("nft", "delete", "table", "bridge", "podfence")
+        assert plane.call("repair_hooks") == ["bridge podfence"]
+        assert "chain arp-length" in bridged.run("nft", "list", "table", "bridge", "podfence").stdout
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+    assert "podfence" not in bridged.run("nft", "list", "tables").stdout
 
 
 def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged: Node) -> None:
@@ -396,7 +406,9 @@ def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged:
     finally:
         worker.stop()  # the agent exits: its rules stay in force
     assert "-A PREROUTING -j PF-L2" in bridge_nat(bridged)
+    assert "bridge podfence" in bridged.run("nft", "list", "tables").stdout
     sh(*in_netns(bridged.netns, PYTHON, "-m", "agent.cli", "teardown", "--dataplane", "iptables"))
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+    assert "podfence" not in bridged.run("nft", "list", "tables").stdout
