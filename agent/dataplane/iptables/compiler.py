@@ -5,6 +5,7 @@ Layout in the filter table of each family (iptables and ip6tables):
     FORWARD --(hook)--> PF-FWD:  -j PF-FROM ; -j PF-TO
     INPUT   --(hook)--> PF-FROM
     PF-FROM: per endpoint: IPv4 options but a lone Router Alert -> DROP (source routes);
+             per source IP  a related ICMP error not quoting a packet to that IP -> DROP;
              per source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
              then "-i <if> -j DROP" (anti-spoofing: any other source from that interface)
     PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
@@ -82,12 +83,31 @@ UNKNOWN = "podfence:unknown"
 DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
 SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
 IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
-# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>"
-FROM_POD_DROPS = (SPOOF, IP_OPTIONS)
+ICMP_ERROR = "podfence:icmperr"  # "podfence:icmperr <key> <source ip>"
+# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>[ <detail>]"
+FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
 # IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
 # four option bytes 0x94040000). A source route is why: the node rewrites the destination after
 # FORWARD, where the pod's chain judged a packet to the node.
 _IP_OPTIONS_MATCH = '-m u32 --u32 "0>>24&0xF=6:15" -m u32 ! --u32 "0>>24&0xF=6&&20=0x94040000"'
+
+
+def _icmp_error_match(ip: IPAddress) -> str:
+    """A related ICMP error from `ip` that does not quote a packet sent to `ip`.
+
+    nf_conntrack takes an error quoting a tracked flow as RELATED from any source (a router on
+    the path), so a pod could hand payload in errors about another pod's flow to a pod whose
+    ingress denies it (issue 21). Pods are not routers: an error a pod sends is its own only
+    when the packet it quotes was sent to the pod (as bpf/lib/conntrack.h pf_ct_related).
+    IPv4: the inner destination sits 8 (ICMP header) + 16 bytes past the outer header (IHL).
+    IPv6: at 40 + 8 + 24, which holds only without extension headers; an error with them is
+    dropped too (it cannot be read here, and a pod's own errors carry none)."""
+    if ip.version == 4:
+        return f'-p icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "0>>22&0x3C@24={int(ip):#x}"'
+    words = int(ip).to_bytes(16, "big")
+    quoted = "&&".join(f"{72 + 4 * i}={int.from_bytes(words[4 * i : 4 * i + 4], 'big'):#x}" for i in range(4))
+    return f'-p ipv6-icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "4>>8&0xFF=58&&{quoted}"'
+
 
 EGRESS = "egress"
 INGRESS = "ingress"
@@ -410,6 +430,10 @@ class _Compiler:
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
+            from_rules.append(
+                f"{came_from} -s {ip}/{width} {_icmp_error_match(ip)} "
+                f"{_comment(f'{ICMP_ERROR} {endpoint.key} {ip}')} -j DROP"
+            )
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
