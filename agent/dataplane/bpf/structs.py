@@ -321,8 +321,8 @@ def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
 def network_from_prefix(prefixlen: int, raw: bytes) -> IPNetwork:
     """The network a (prefixlen, 16 bytes) datapath prefix stands for: network_prefix undone."""
     if prefixlen >= V4_MAPPED_PREFIX and raw[:12] == _V4_MAPPED_BYTES:
-        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX))
-    return ipaddress.IPv6Network((raw, prefixlen))
+        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX), strict=False)
+    return ipaddress.IPv6Network((raw, prefixlen), strict=False)
 
 
 def make_addr(raw: bytes) -> Addr:
