@@ -85,6 +85,12 @@ def bookinfo_files() -> Iterator[tuple[str, str]]:
             yield entry.name, entry.read_text()
 
 
+def admin_documents(name: str) -> list[dict[str, Any]]:
+    """The documents of one file of the cluster administrator's story (bookinfo/admin/)."""
+    text = resources.files("agent.lab").joinpath("bookinfo", "admin", name).read_text()
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
 # The application graph: who must reach what once the policies are in (everything else is blocked).
 APP_GRAPH = {
     ("client", "ingress:80"),
@@ -237,6 +243,43 @@ class Demo:
                 self.failures.append(f"{source} could not resolve {name} (got {answer})")
         print()
 
+    def admin_guardrails(self) -> None:
+        """ClusterNetworkPolicy: an Admin-tier Deny that a namespace's allow-all cannot override,
+        and a Baseline-tier default deny that a namespace's own NetworkPolicy opens for its pods."""
+        print("namespace owners and the cluster admin (bookinfo/admin/):")
+        self.change("  the owner of istio-system allows everything into the gateway",
+                    {"admin-gateway.yaml": "gateway-owner.yaml"})
+        self.expect("client -> ingress:15000 (opened by the owner)", "client",
+                    Column("ingress", 15000, "TCP"), True)
+        self.change(
+            "  Admin tier: no proxy admin port, no metadata address; Baseline: 'outside' opens nothing",
+            {"admin-guardrails.yaml": "guardrails.yaml"},
+        )
+        self.expect("client -> ingress:15000 (the Admin Deny beats the owner's allow-all)", "client",
+                    Column("ingress", 15000, "TCP"), False)
+        self.expect("client -> ingress:80 (Baseline default deny for 'outside')", "client",
+                    Column("ingress", 80, "TCP"), False)
+        self.change(
+            "  the owner of 'outside' allows its client's egress",
+            {"admin-outside.yaml": "outside-owner.yaml"},
+        )
+        self.expect("client -> ingress:80 (its namespace's policy takes over from Baseline)", "client",
+                    Column("ingress", 80, "TCP"), True)
+        self.expect("client -> ingress:15000 still (Admin)", "client", Column("ingress", 15000, "TCP"), False)
+        self.change("  back to the application's policies alone",
+                    dict.fromkeys(("admin-gateway.yaml", "admin-guardrails.yaml", "admin-outside.yaml")))
+        print()
+
+    def change(self, what: str, files: dict[str, str | None]) -> None:
+        """Write each source file from bookinfo/admin/ (None: remove it), then wait for every node."""
+        version = self.podfence.current_version()
+        for target, source in files.items():
+            if source is None:
+                self.podfence.remove_file(target)
+            else:
+                self.podfence.write_documents(target, admin_documents(source))
+        print(f"{what} (version {self.podfence.wait_applied(after_version=version)})")
+
     def compromise_ingress(self) -> None:
         ingress = self.pod("ingress")
         node = self.lab.nodes[ingress.spec.node]
@@ -302,6 +345,7 @@ class Demo:
         after = self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
         self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
         self.check_dns()
+        self.admin_guardrails()
         # The same application graph twice more: derived from bookinfo's Istio configuration, then
         # suggested from the connections just seen. TCP/UDP only: both leave kube-system to its
         # owners, so ICMP to the DNS pod, which the hand-written dns-only policy blocks, stays open.
