@@ -182,6 +182,22 @@ def test_vlan_tagged_frames_do_not_bypass_the_egress_verdict(bridged: Node, kind
     assert with_it == 0
 
 
+@pytest.mark.parametrize("ethertype", ["local-experimental", "802.3-llc"])
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_other_ethertypes_do_not_cross_the_bridge(bridged: Node, kind: str, ethertype: str) -> None:
+    """Pods speak IPv4, IPv6 and ARP; a frame of any other type (or an 802.3 length frame) never
+    meets an IP verdict, so it would be a channel between pods whose policies deny everything."""
+    a, b, _ = bridged.pods
+    s = scapy
+    ether = {
+        "local-experimental": s.Ether(src=link_mac(a), dst=link_mac(b), type=0x88B5) / MARKER,
+        "802.3-llc": s.Dot3(src=link_mac(a), dst=link_mac(b)) / s.LLC(dsap=0x42, ssap=0x42, ctrl=3) / MARKER,
+    }[ethertype]
+    without, with_it = both_ways(bridged, kind, lambda: delivered(a, b, ether))
+    assert without >= 1, "without podfence the frame crosses the bridge"
+    assert with_it == 0
+
+
 # ---- item 4: MAC binding -------------------------------------------------------------------------
 
 

@@ -52,6 +52,9 @@ def test_a_bridged_endpoint_gets_mac_binding_no_tags_and_arp_for_its_own_address
         f"{arp} --arp-op Reply --arp-mac-src {MAC} --arp-ip-src 10.0.0.6 -j RETURN",
         f"{arp} --arp-op Request --arp-mac-src {MAC} --arp-ip-src 0.0.0.0 -j RETURN",
         "-p ARP -j DROP",
+        "-p IPv4 -j RETURN",  # on to the IP verdict
+        "-p IPv6 -j RETURN",
+        "-j DROP",  # any other ethertype, and 802.3 length frames
     ]
     assert not any("veth-routed" in rule for rules in desired.chains.values() for rule in rules)
 

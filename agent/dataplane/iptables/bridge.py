@@ -106,6 +106,9 @@ def endpoint_rules(endpoint: Endpoint) -> list[str]:
                 f"-p ARP --arp-htype 1 --arp-ptype 0x0800 --arp-op {op}{mac} --arp-ip-src {sender} -j RETURN"
             )
     rules.append("-p ARP -j DROP")
+    # IP goes on to the IP verdict (br_netfilter); any other ethertype, or an 802.3 length frame,
+    # would cross the bridge unjudged: a channel between pods whose policies deny everything
+    rules += ["-p IPv4 -j RETURN", "-p IPv6 -j RETURN", "-j DROP"]
     return rules
 
 
