@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.node.generation import DEFAULT_GENERATION_FILE
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
@@ -244,6 +245,15 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     return dataplane
 
 
+def generation_file(dataplane: Dataplane) -> Path:
+    """Beside the dataplane's state file (bpf: named after the pin directory, so two agents with
+    their own pins in one /run keep their own), else in /run/podfence."""
+    state_file = getattr(dataplane, "state_file", None)
+    if isinstance(state_file, Path):
+        return state_file.with_name(state_file.name.split(".", 1)[0] + ".enforced-generation")
+    return Path(DEFAULT_GENERATION_FILE)
+
+
 def _thread(
     name: str, target: Callable[[], None], failed: threading.Event, stop: threading.Event
 ) -> threading.Thread:
@@ -322,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
         token_file = args.token_file
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
-                          credentials_factory=reloading_credentials(args, credentials))
+                          credentials_factory=reloading_credentials(args, credentials),
+                          generation_file=generation_file(dataplane))
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +54,7 @@ from agent.dataplane.types import (
     NodeState,
     Peer,
 )
+from agent.node.generation import load_generation, save_generation
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,7 @@ class SyncClient:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
         credentials_factory: Callable[[], grpc.ChannelCredentials] | None = None,
+        generation_file: str | Path | None = None,
     ) -> None:
         self.node_name = node_name
         # Token identity: read again for every stream, as the kubelet rotates projected tokens.
@@ -248,7 +251,11 @@ class SyncClient:
         self._first_message_timeout = first_message_timeout
         self._heartbeat_interval = heartbeat_interval
         self._hold_timeout = hold_timeout
-        self.enforced_generation = 0  # source generation of the version the kernel enforces
+        # Source generation of the version the kernel enforces. Kept in a file beside the
+        # dataplane's state (/run: it lives as long as the kernel state it describes), so a
+        # restarted agent still refuses a lagging replica's first snapshot.
+        self._generation_file = Path(generation_file) if generation_file is not None else None
+        self.enforced_generation = load_generation(self._generation_file)
         self.held: str | None = None  # why the stream's newest version is not applied (a lagging replica)
         self._held_since: float | None = None
         self.replica = ""  # the replica that sent the last version
@@ -478,7 +485,9 @@ class SyncClient:
         except Exception as exc:  # any failure of the dataplane is reported upstream, never fatal here
             log.error("applying version %d failed: %s", message.version, exc)
             return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=str(exc) or repr(exc)))
-        self.enforced_generation = max(self.enforced_generation, generation)
+        if generation > self.enforced_generation:
+            self.enforced_generation = generation
+            save_generation(self._generation_file, generation)
         self.last_applied_version = message.version
         log.debug("applied version %d (%d endpoints)", message.version, len(state.endpoints))
         return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=True))
