@@ -44,7 +44,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, loader, netfilter
+from agent.dataplane.bpf import attach, loader, netfilter, verify
 from agent.dataplane.bpf.compiler import (
     Allocation,
     CidrPrefix,
@@ -320,6 +320,19 @@ class BpfDataplane:
             return []
         with self._lock:
             return self._repair_egress_hook()
+
+    def repair_state(self) -> list[verify.Drift]:
+        """Put back the clsact qdiscs, tc filters and bpffs pins someone removed (verify.py; the
+        egress hook is repair_hooks'); returns what was found."""
+        if self._module is None:
+            return []
+        with self._lock:
+            pins = verify.pins_of(self._module, self.pin_dir)
+            if self._nf_pin and self.egress_hook_in_use == "iptables":  # the path in the xt_bpf rule
+                pins[self._nf_pin] = self._programs[loader.PROGRAM_NF_EGRESS].fd
+            with attach.netlink(self.netns) as sock:
+                drift = verify.repair_tc(sock, self._live.interfaces, self._programs)
+            return drift + verify.repair_pins(pins)
 
     def _repair_egress_hook(self) -> list[str]:
         if self.egress_hook_in_use == "netfilter":

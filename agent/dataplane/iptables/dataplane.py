@@ -31,7 +31,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.iptables import bridge, kernel
+from agent.dataplane.iptables import bridge, kernel, verify
 from agent.dataplane.iptables.compiler import (
     ALLOW,
     CHAIN_PREFIX,
@@ -174,6 +174,7 @@ class IptablesDataplane:
         # so only the apply that built a chain knows whose it is), and the dispatch last written.
         self._l2_owners: dict[str, str] = {}
         self._l2_committed: list[str] | None = None
+        self._desired: DesiredState | None = None  # what the last apply committed (repair_state)
         # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
@@ -233,6 +234,7 @@ class IptablesDataplane:
                 kernel.restore_bridge_table(l2_script)
         self._committed = {}
         self._l2_owners, self._l2_committed = {}, None
+        self._desired = None
         self._started = False
 
     # -- programming --------------------------------------------------------------------------
@@ -262,6 +264,34 @@ class IptablesDataplane:
                 kernel.restore_bridge_table(script)
                 repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
         return repaired
+
+    def repair_state(self) -> list[verify.Drift]:
+        """Put back the ipsets, chains and layer-2 chains of the last apply where someone emptied or
+        edited them (verify.py; the hooks are repair_hooks'); returns what was found."""
+        if not self._started or self._desired is None:
+            return []
+        with self._lock:
+            desired = self._desired
+            sets_now = kernel.read_sets()
+            drift = verify.drifted_sets({n: spec.members for n, spec in desired.sets.items()}, sets_now)
+            if drift:  # first: a rewritten chain may match a set that was destroyed
+                kernel.restore_sets(self._sets_script(desired, sets_now))
+            for family in FAMILIES:
+                found, script = verify.chain_repair(
+                    kernel.read_filter_table(family), desired.chains[family], "chain", f"ipv{family} ",
+                    "filter", "- [0:0]",
+                )
+                if script:
+                    kernel.restore_filter_table(family, script)
+                drift += found
+            if self._l2_committed:  # bridged pods: podfence's layer-2 chains
+                found, script = verify.chain_repair(
+                    kernel.read_bridge_table(), desired.bridge.chains, "bridge_chain", "", "nat", "RETURN"
+                )
+                if script:
+                    kernel.restore_bridge_table(script)
+                drift += found
+            return drift
 
     @staticmethod
     def _move_hooks_first(family: int, table: kernel.FilterTable) -> list[str]:
@@ -302,6 +332,7 @@ class IptablesDataplane:
         self._commit_bridge(desired.bridge)
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
+        self._desired = desired
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
