@@ -112,7 +112,9 @@ def test_a_filter_running_another_program_is_replaced(node: Node, dataplane: Bpf
     assert not c.tcp(b.ip, 8080)
 
 
-def test_the_guard_repairs_a_deleted_filter_on_the_tc_notification(node: Node, dataplane: BpfDataplane) -> None:
+def test_the_guard_repairs_a_deleted_filter_on_the_tc_notification(
+    node: Node, dataplane: BpfDataplane
+) -> None:
     _a, b, c = node.pods
     b_isolated(node, dataplane)
     guard = StateGuard(dataplane, interval_s=60)  # the timer never fires here: only the event can
@@ -182,7 +184,7 @@ def test_the_egress_program_pin_of_the_iptables_hook_is_pinned_again(
     node: Node, xt_dataplane: BpfDataplane
 ) -> None:
     a, b, _c = node.pods
-    xt_dataplane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), node.pods[2] and endpoint(node.pods[2])))
+    xt_dataplane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(node.pods[2])))
     assert not a.tcp(b.ip, 8080)
     (pin,) = [p for p in Path(node.pin_dir).iterdir() if p.name.startswith("nf_egress_")]
     pin.unlink()
