@@ -2,7 +2,9 @@
 
 With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
-"last_error": <str|null>}}}, plus (an extra field) "source_errors": [{"object": <str|null>,
+"last_error": <str|null>}}} (a node whose agent put back kernel state someone removed also has
+the extra fields "state_repairs": <int> and "last_repair": <str>), plus (an extra field)
+"source_errors": [{"object": <str|null>,
 "source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
 unreadable files of the policy source, and (source "control") every ClusterNetworkPolicy the
 source holds that the dataplanes do not enforce yet. Without it, a table for people. Exit 1 when
@@ -42,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
 
 
+def _repairs(status: pb.NodeStatus) -> dict[str, Any]:
+    if not status.state_repairs:
+        return {}  # the documented shape, unchanged for a node with nothing to report
+    return {"state_repairs": int(status.state_repairs), "last_repair": status.last_repair}
+
+
 def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
     return {
         "version": int(response.version),
@@ -50,6 +58,7 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
                 "applied_version": int(status.applied_version),
                 "connected": bool(status.connected),
                 "last_error": status.last_error or None,
+                **_repairs(status),
             }
             for node, status in sorted(response.nodes.items())
         },
@@ -148,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    repaired = {node: entry for node, entry in status["nodes"].items() if entry.get("state_repairs")}
+    if repaired:
+        print(f"{len(repaired)} node(s) put back kernel state someone removed:")
+    for node, entry in repaired.items():
+        print(f"  {node}: {entry['state_repairs']} repair(s), last {entry['last_repair']}")
     if status["source_errors"]:
         print(f"{len(status['source_errors'])} source error(s):")
     for problem in status["source_errors"]:

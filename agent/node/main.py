@@ -34,6 +34,8 @@ from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics, start_http_server
 from agent.node.reconcile import Reconciler
+from agent.node.repair import DEFAULT_INTERVAL_S as DEFAULT_STATE_CHECK_S
+from agent.node.repair import StateGuard, StateRepairing
 from agent.node.sync import SyncClient
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOOK_CHECK_S,
         metavar="SECONDS",
         help="how often the netfilter hooks are checked (and put back first) after other tools' changes",
+    )
+    parser.add_argument(
+        "--state-check-interval",
+        type=float,
+        default=DEFAULT_STATE_CHECK_S,
+        metavar="SECONDS",
+        help="how often the rest of podfence's kernel state (tc filters and qdiscs, pins, chains, "
+        "ipsets) is verified and repaired; bpf also checks on every tc change notification",
     )
 
 
@@ -285,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.hook_check_interval <= 3600:  # also refuses nan
             interval = args.hook_check_interval
             raise UsageError(f"--hook-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if not 0.1 <= args.state_check_interval <= 3600:
+            interval = args.state_check_interval
+            raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
     except UsageError as exc:
         print(f"podfence agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -338,8 +351,10 @@ def run(args: argparse.Namespace) -> int:
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
+        state_interval = args.state_check_interval
+        state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
+        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard, state_guard)
         server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
         monitor = NetlinkMonitor(reconciler.interfaces_changed)
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
@@ -348,6 +363,12 @@ def run(args: argparse.Namespace) -> int:
         if hook_guard is not None:
             guard = hook_guard
             threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))
+        if state_guard is not None:
+            checker = state_guard
+            checker.on_repair(lambda: sync.report_repairs(checker.repairs, checker.last))
+            threads.append(_thread("state-check", lambda: checker.run(stop), failed, stop))
+            if dataplane.name == "bpf":  # tc notifications wake the check (pod interfaces' filters)
+                threads.append(_thread("state-check-tc", lambda: checker.watch_tc(stop), failed, stop))
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))

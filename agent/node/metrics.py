@@ -21,6 +21,7 @@ Metrics (all read at scrape time):
   podfence_apply_errors_total                   failed programming attempts (retries included)
   podfence_hook_repairs_total                   netfilter hooks put back first after another tool
                                                 inserted rules above them or removed them
+  podfence_state_repairs_total{kind}            kernel state put back (repair.py; hooks as kind hook)
 
 Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
 times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
@@ -48,6 +49,9 @@ from prometheus_client.registry import Collector
 from agent.dataplane.base import Dataplane
 from agent.metrics_http import BoundedHTTPServer
 from agent.node.reconcile import LatencyHistogram, Reconciler
+from agent.node.repair import KINDS
+
+STATE_REPAIR_KINDS = ("hook", *KINDS)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,11 @@ class HookRepairCount(Protocol):
     def repairs(self) -> int: ...
 
 
+class StateRepairCounts(Protocol):
+    @property
+    def by_kind(self) -> Mapping[str, int]: ...
+
+
 class AgentCollector(Collector):
     def __init__(
         self,
@@ -89,11 +98,13 @@ class AgentCollector(Collector):
         reconciler: Reconciler,
         sync: SyncStatus | None,
         hook_guard: HookRepairCount | None = None,
+        state_guard: StateRepairCounts | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._reconciler = reconciler
         self._sync = sync
         self._hook_guard = hook_guard
+        self._state_guard = state_guard
 
     def describe(self) -> Iterable[Metric]:
         # Describing would read the kernel at registration time; an empty describe() makes
@@ -154,8 +165,18 @@ class AgentCollector(Collector):
             "podfence_hook_repairs",
             "podfence netfilter hooks put back first after another tool moved or removed them.",
         )
-        repairs.add_metric([], self._hook_guard.repairs if self._hook_guard is not None else 0)
+        hook_repairs = self._hook_guard.repairs if self._hook_guard is not None else 0
+        repairs.add_metric([], hook_repairs)
         yield repairs
+        state = CounterMetricFamily(
+            "podfence_state_repairs",
+            "Pieces of podfence's kernel state put back after someone removed or changed them, per kind.",
+            labels=["kind"],
+        )
+        found = self._state_guard.by_kind if self._state_guard is not None else {}
+        for kind in STATE_REPAIR_KINDS:  # a fixed set of labels, each present from the start
+            state.add_metric([kind], hook_repairs if kind == "hook" else found.get(kind, 0))
+        yield state
 
     def _endpoint_counters(self) -> Iterable[Metric]:
         packets = CounterMetricFamily(
@@ -225,8 +246,9 @@ def register_agent_metrics(
     reconciler: Reconciler,
     sync: SyncStatus | None,
     hook_guard: HookRepairCount | None = None,
+    state_guard: StateRepairCounts | None = None,
 ) -> AgentCollector:
-    collector = AgentCollector(dataplane, reconciler, sync, hook_guard)
+    collector = AgentCollector(dataplane, reconciler, sync, hook_guard, state_guard)
     registry.register(collector)
     return collector
 

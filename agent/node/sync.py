@@ -281,6 +281,10 @@ class SyncClient:
         self._nacked_version: int | None = None  # nacked because apply failed
         self._late_version: int | None = None  # programmed after apply() had failed
         self.state: NodeState | None = None  # the desired state built from the stream (applied or not)
+        # The state check's count and last finding, for `podfence status`; sent to a service that
+        # says it takes them (an older one ends a stream on an unknown message), on every stream.
+        self._repairs: pb.StateRepairs | None = None
+        self._repairs_accepted = False  # by the open stream's service
         self._decode_cache = DecodeCache()
 
     @property
@@ -349,6 +353,7 @@ class SyncClient:
 
         with self._ack_lock:
             self._outgoing, self._nacked_version = outgoing, None
+            self._repairs_accepted = False
         delivered = False
         metadata = None
         if self._token is not None:
@@ -377,6 +382,8 @@ class SyncClient:
                         self._heartbeats.set()
                     if broken or message.HasField("heartbeat"):
                         continue  # draining until the server ends the stream we half-closed
+                    if message.accepts_state_repairs and not self._repairs_accepted:
+                        self._accept_repairs()
                     self._connected.set()
                     delivered = True
                     self._send_reply(outgoing, self._handle(message))
@@ -424,6 +431,19 @@ class SyncClient:
             if verdict:
                 call.cancel()
                 return
+
+    def report_repairs(self, total: int, last: str) -> None:
+        """State-check callback: tell the control service (now, and on every later stream)."""
+        with self._ack_lock:
+            self._repairs = pb.StateRepairs(total=total, last=last)
+            if self._outgoing is not None and self._repairs_accepted:
+                self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
+
+    def _accept_repairs(self) -> None:
+        with self._ack_lock:
+            self._repairs_accepted = True
+            if self._outgoing is not None and self._repairs is not None:
+                self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
 
     def applied_late(self, version: int) -> None:
         """Reconciler callback: `version`, whose apply failed, is programmed now: ack it (after its
