@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GENERATION_FILE = "/run/podfence/enforced-generation"
+GENERATION_DIR = "/run/podfence"  # beside the dataplane state (main.generation_file)
 
 
 def load_generation(path: Path | None) -> int:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.node.flowlog import DenyEventSource, FlowLogger
-from agent.node.generation import DEFAULT_GENERATION_FILE
+from agent.node.generation import GENERATION_DIR
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard, HookRepairing
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
@@ -127,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOOK_CHECK_S,
         metavar="SECONDS",
         help="how often the netfilter hooks are checked (and put back first) after other tools' changes",
+    )
+    parser.add_argument(
+        "--generation-file",
+        default="",
+        metavar="PATH",
+        help="where the enforced source generation survives restarts (default: beside the bpf state "
+        "file, /run/podfence/<pin dir name>.enforced-generation; iptables: "
+        "/run/podfence/iptables-<node>.enforced-generation)",
     )
     parser.add_argument(
         "--state-check-interval",
@@ -255,13 +263,16 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     return dataplane
 
 
-def generation_file(dataplane: Dataplane) -> Path:
-    """Beside the dataplane's state file (bpf: named after the pin directory, so two agents with
-    their own pins in one /run keep their own), else in /run/podfence."""
+def generation_file(args: argparse.Namespace, dataplane: Dataplane) -> Path:
+    """--generation-file, else beside the dataplane's state file (bpf: named after the pin
+    directory, so two agents with their own pins in one /run keep their own), else per node in
+    /run/podfence."""
+    if args.generation_file:
+        return Path(args.generation_file)
     state_file = getattr(dataplane, "state_file", None)
     if isinstance(state_file, Path):
         return state_file.with_name(state_file.name.split(".", 1)[0] + ".enforced-generation")
-    return Path(DEFAULT_GENERATION_FILE)
+    return Path(GENERATION_DIR) / f"{dataplane.name}-{args.node}.enforced-generation"
 
 
 def _thread(
@@ -346,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
                           credentials_factory=reloading_credentials(args, credentials),
-                          generation_file=generation_file(dataplane))
+                          generation_file=generation_file(args, dataplane))
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
