@@ -356,9 +356,10 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
             f"the agent to repair the removed {kind}",
         )
         assert not lab.connects("newcomer", "server") and lab.connects("client", "server")
-        shown = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "status", "--control", f"127.0.0.1:{grpc_port}", "--insecure",
-             "--json"], cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        shown = subprocess.run(  # the control service listens on the lab node's loopback
+            ["nsenter", f"--net=/run/netns/{lab.node}", "--", sys.executable, "-m", "agent.cli", "status",
+             "--control", f"127.0.0.1:{grpc_port}", "--insecure", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
         )
         node_view = json.loads(shown.stdout)["nodes"]["n1"]
         assert node_view["state_repairs"] >= 1 and node_view["last_repair"].startswith(f"{kind}: "), node_view
