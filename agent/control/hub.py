@@ -26,11 +26,12 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.model.objects import Pod
 from agent.policy.compiled import NodePolicy
@@ -101,6 +102,8 @@ class NodeRecord:
     acked_version: int = 0
     connected: bool = False
     last_error: str | None = None
+    # policies the node's last ack says it left out (its maps cannot hold them): "ns/name: why"
+    rejected_policies: tuple[str, ...] = ()
     latest_change: int = 0  # version of the newest message queued for this node
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
     state_repairs: int = 0  # kernel state its agent put back since it started (repair.py)
@@ -122,6 +125,7 @@ class StreamHandle:
         self._sent_order: deque[int] = deque()
         self.last_sent: NodePolicy | None = None  # what the agent has, if it applied everything
         self.queued_policy: NodePolicy | None = None  # newest policy queued (hub side, under hub lock)
+        self.applied_once = False  # the agent acked a version on this stream (hub side, under hub lock)
 
     def push(self, item: Outgoing) -> bool:
         """Queue a version; returns False when the stream was too far behind and got reset instead."""
@@ -190,6 +194,7 @@ class HubStatus:
     source: SourceMark = SourceMark()
     streams: int = 0
     draining: bool = False
+    source_freshness: Freshness | None = None  # None: the source has no remote end (a folder)
 
 
 class PolicyHub:
@@ -224,6 +229,15 @@ class PolicyHub:
         self.replica = replica or os.environ.get("HOSTNAME") or socket.gethostname()
         self.draining = False
         self.metrics.watch_hub(self._metric_view)
+        self._freshness: Callable[[], Freshness] | None = None
+        # Called with a node's name when its agent acks its first version on a stream (the
+        # control service then lifts the node's not-ready taint); must not block.
+        self.on_node_applied: Callable[[str], None] | None = None
+
+    def set_freshness(self, read: Callable[[], Freshness]) -> None:
+        """How recently the source heard from the API server, for `podfence status` and the metrics."""
+        self._freshness = read
+        self.metrics.watch_freshness(read)
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -346,7 +360,9 @@ class PolicyHub:
                 record.disconnected_at = self._clock()
                 log.info("node %s disconnected: %s", handle.node, reason)
 
-    def ack(self, handle: StreamHandle, version: int, ok: bool, error: str) -> None:
+    def ack(
+        self, handle: StreamHandle, version: int, ok: bool, error: str, rejected: Sequence[str] = ()
+    ) -> None:
         """Records an agent's ack/nack; raises AckError for a version this stream was never sent."""
         if not handle.was_sent(version):
             raise AckError(f"ack for version {version}, which this stream was never sent")
@@ -355,8 +371,17 @@ class PolicyHub:
                 return  # a superseded stream's late ack says nothing about the node now
             record = self._records[handle.node]
             if ok:
+                if version >= record.acked_version:
+                    if tuple(rejected) != record.rejected_policies:
+                        for rejection in rejected:
+                            log.warning("node %s left out policy %s", handle.node, rejection)
+                    record.rejected_policies = tuple(rejected)
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
+                if not handle.applied_once:
+                    handle.applied_once = True
+                    if self.on_node_applied is not None:
+                        self.on_node_applied(handle.node)
             else:
                 record.last_error = error or "unspecified dataplane error"
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,
@@ -395,6 +420,7 @@ class PolicyHub:
                     acked_version=self._version if in_sync else record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error,
+                    rejected_policies=record.rejected_policies,
                     latest_change=record.latest_change,
                     disconnected_at=record.disconnected_at,
                     state_repairs=record.state_repairs,
@@ -405,8 +431,9 @@ class PolicyHub:
                               UNENFORCED_MESSAGE.format(name=name), last_valid_in_force=False)
                 for name in self._unenforced
             )
+            freshness = self._freshness() if self._freshness is not None else None
             return HubStatus(self._version, nodes, self._source_problems + unenforced, self._source,
-                             len(self._streams), self.draining)
+                             len(self._streams), self.draining, freshness)
 
     def _forget_long_gone_locked(self) -> None:
         horizon = self._clock() - self._forget_after_s

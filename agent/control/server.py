@@ -252,7 +252,7 @@ class NodeSyncService:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
                 ack = message.ack
                 try:
-                    self._hub.ack(handle, ack.version, ack.ok, ack.error)
+                    self._hub.ack(handle, ack.version, ack.ok, ack.error, tuple(ack.rejected_policies))
                 except AckError as exc:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except _Abort as failure:
@@ -363,6 +363,7 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_error=record.last_error or "",
                     state_repairs=record.state_repairs,
                     last_repair=record.last_repair,
+                    rejected_policies=record.rejected_policies,
                 )
             )
         for problem in status.source_errors:
@@ -374,6 +375,12 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_valid_in_force=problem.last_valid_in_force,
                 )
             )
+        if status.source_freshness is not None:
+            fresh = status.source_freshness
+            response.source_freshness.CopyFrom(pb.SourceFreshness(
+                source=fresh.source, seconds_since_heard=fresh.seconds_since_heard, stale=fresh.stale,
+                stale_after_seconds=fresh.stale_after_seconds,
+            ))
         return response
 
     def _visible(self, status: HubStatus, context: grpc.ServicerContext) -> HubStatus:

@@ -2,19 +2,23 @@
 
 With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
-"last_error": <str|null>}}} (a node whose agent put back kernel state someone removed also has
-the extra fields "state_repairs": <int> and "last_repair": <str>), plus (an extra field)
-"source_errors": [{"object": <str|null>,
-"source": <str>, "error": <str>, "last_valid_in_force": <bool>}], the invalid objects and
-unreadable files of the policy source, and (source "control") every ClusterNetworkPolicy the
-source holds that the dataplanes do not enforce yet. Without it, a table for people. Exit 1 when
-unreachable.
+"last_error": <str|null>}}}, plus extra fields: per node that has some, "rejected_policies":
+[<str>], the policies it left out because its maps cannot hold them ("namespace/name: why"), per
+node whose agent put back kernel state someone removed, "state_repairs": <int> and "last_repair":
+<str> (the last finding), and
+"source_errors": [{"object": <str|null>, "source": <str>, "error": <str>,
+"last_valid_in_force": <bool>}], the invalid objects and unreadable files of the policy source,
+and (source "control") every ClusterNetworkPolicy the source holds that the dataplanes do not
+enforce yet, and "source_freshness": {"source": <str>, "seconds_since_heard": <float>, "stale":
+<bool>, "stale_after_seconds": <float>} for a source read from the API server (null for a folder,
+or when the caller may not see it). Without it, a table for people. Exit 1 when unreachable.
 
 Given several control addresses, every replica is asked: the object above is the first that
 answers, and "replicas" (an extra field) lists each replica's own view: [{"control": <address>,
 "reachable": <bool>, "error": <str|null>, "replica": <str>, "version": <int>,
 "source_generation": <int>, "source_digest": <str>, "sync_streams": <int>, "draining": <bool>,
-"connected_nodes": <int>}], so replicas that lag behind the source (a lower generation) show.
+"connected_nodes": <int>, "source_stale": <bool|null>}], so replicas that lag behind the source (a
+lower generation) or lost the API server show.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
+from agent.control.freshness import Freshness
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -53,15 +58,7 @@ def _repairs(status: pb.NodeStatus) -> dict[str, Any]:
 def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
     return {
         "version": int(response.version),
-        "nodes": {
-            node: {
-                "applied_version": int(status.applied_version),
-                "connected": bool(status.connected),
-                "last_error": status.last_error or None,
-                **_repairs(status),
-            }
-            for node, status in sorted(response.nodes.items())
-        },
+        "nodes": {node: _node_to_dict(status) for node, status in sorted(response.nodes.items())},
         "source_errors": [
             {
                 "object": problem.object or None,
@@ -71,7 +68,25 @@ def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
             }
             for problem in response.source_errors
         ],
+        "source_freshness": {
+            "source": response.source_freshness.source,
+            "seconds_since_heard": round(response.source_freshness.seconds_since_heard, 1),
+            "stale": bool(response.source_freshness.stale),
+            "stale_after_seconds": response.source_freshness.stale_after_seconds,
+        } if response.HasField("source_freshness") else None,
     }
+
+
+def _node_to_dict(status: pb.NodeStatus) -> dict[str, Any]:
+    node: dict[str, Any] = {
+        "applied_version": int(status.applied_version),
+        "connected": bool(status.connected),
+        "last_error": status.last_error or None,
+    }
+    if status.rejected_policies:  # only then: the contract's three fields otherwise
+        node["rejected_policies"] = list(status.rejected_policies)
+    node.update(_repairs(status))
+    return node
 
 
 def fetch_status(
@@ -149,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_replicas(status.get("replicas", []))
     print(f"policy version {status['version']}")
+    fresh = status["source_freshness"]
+    if fresh is not None:
+        print("source " + Freshness(**fresh).describe())
     rows = [("NODE", "APPLIED", "CONNECTED", "LAST ERROR")]
     for node, entry in status["nodes"].items():
         lag = status["version"] - entry["applied_version"]
@@ -157,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    for node, entry in status["nodes"].items():
+        for rejection in entry.get("rejected_policies", ()):
+            print(f"  {node}: policy {rejection}")
     repaired = {node: entry for node, entry in status["nodes"].items() if entry.get("state_repairs")}
     if repaired:
         print(f"{len(repaired)} node(s) put back kernel state someone removed:")
@@ -184,6 +205,8 @@ def _replica_view(target: str, answer: pb.StatusResponse | str) -> dict[str, Any
         "sync_streams": int(answer.sync_streams),
         "draining": bool(answer.draining),
         "connected_nodes": sum(1 for node in answer.nodes.values() if node.connected),
+        # a replica that lost the API server serves its last state: say which one
+        "source_stale": bool(answer.source_freshness.stale) if answer.HasField("source_freshness") else None,
     }
 
 
@@ -199,6 +222,8 @@ def _print_replicas(replicas: list[dict[str, Any]]) -> None:
         state = "draining" if r["draining"] else "serving"
         if r["source_generation"] < newest:
             state += " (behind the newest source generation)"
+        if r.get("source_stale"):
+            state += " (STALE: lost the API server)"
         generation, streams = str(r["source_generation"]), str(r["sync_streams"])
         rows.append((r["control"], r["replica"] or "-", generation, streams, state))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

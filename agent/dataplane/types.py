@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TypeAlias
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -15,6 +16,31 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTO_ANY = 0  # an Allow with protocol 0 admits every IP protocol (ICMP included), every port
 V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+class Reason(IntEnum):
+    """Why a packet was dropped: enum pf_reason of bpf/podfence.h (checked against the compiled
+    program by tests/privileged/test_bpf_mirror.py), numbered once, never renumbered, only
+    appended to. Metrics labels (podfence_drops_total{reason}) and flow logs use the names in
+    lower case; it lives here, beside the state both dataplanes enforce, so that code above the
+    dataplanes names drops without importing the bpf package."""
+
+    ALLOWED = 0
+    POLICY = 1
+    SPOOFED_SOURCE = 2
+    UNKNOWN_ENDPOINT = 3
+    MALFORMED = 4
+    ORPHAN_FRAGMENT = 5
+    UNSUPPORTED_L2 = 6
+    SPOOFED_ARP = 7
+    SPOOFED_NDP = 8
+    VLAN_TAGGED = 9
+    SPOOFED_MAC = 10
+    ROGUE_NDP = 11
+    IP_OPTIONS = 12
+
+
+REASON_MAX = 13
 
 
 def canonical_network(network: IPNetwork) -> IPNetwork:

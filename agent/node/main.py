@@ -20,19 +20,27 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from agent.dataplane.base import Dataplane, DataplaneError
-from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.dataplane.base import (
+    Adopting,
+    Dataplane,
+    DataplaneError,
+    DenyEventSource,
+    EgressHookReporting,
+    HookRepairing,
+)
+from agent.metrics_http import start_metrics_server
+from agent.node.flowlog import FlowLogger
 from agent.node.generation import GENERATION_DIR
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
-from agent.node.hookguard import HookGuard, HookRepairing
+from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
-from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 from agent.node.repair import DEFAULT_INTERVAL_S as DEFAULT_STATE_CHECK_S
 from agent.node.repair import StateGuard, StateRepairing
@@ -42,7 +50,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# Flags `--map-size-<map>` -> BpfDataplane keyword; the map names are those of the
+# Flags `--map-size-<map>` -> BpfSettings field; the map names are those of the
 # podfence_map_capacity{map=...} metric. Unset flags keep the dataplane's defaults.
 BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "ct": "ct_max",
@@ -53,13 +61,6 @@ BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "node-ips": "node_ips_max",
     "frag": "frag_max",
 }
-
-
-@runtime_checkable
-class Adopting(Protocol):
-    """A dataplane that reports whether start() found kernel state from a previous run."""
-
-    adopted: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of pinned state")
     parser.add_argument("--metrics-listen", default="0.0.0.0:9301", metavar="HOST:PORT")
+    parser.add_argument(
+        "--per-pod-metrics", choices=["on", "off"], default="on",
+        help="series per pod (namespace, pod labels); off leaves only the node's totals",
+    )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
@@ -244,6 +249,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
             unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
         )
     from agent.dataplane.bpf import BpfDataplane
+    from agent.dataplane.bpf.settings import BpfSettings
 
     options = vars(args)
     sizes: dict[str, Any] = {
@@ -253,13 +259,14 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     }
     if args.event_rate is not None:
         sizes["event_rate"] = args.event_rate
-    dataplane: Dataplane = BpfDataplane(
+    settings = BpfSettings(
         pin_dir=args.pin_dir,
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
         egress_hook=args.egress_hook,
         **sizes,
     )
+    dataplane: Dataplane = BpfDataplane(settings)
     return dataplane
 
 
@@ -357,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
                           credentials_factory=reloading_credentials(args, credentials),
-                          generation_file=generation_file(args, dataplane))
+                          generation_file=generation_file(args, dataplane),
+                          rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
@@ -365,8 +373,14 @@ def run(args: argparse.Namespace) -> int:
         state_interval = args.state_check_interval
         state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard, state_guard)
-        server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
+        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                               per_pod=args.per_pod_metrics == "on", state_guard=state_guard)
+        server, port = start_metrics_server(
+            args.metrics_listen,
+            registry,
+            ready=reconciler.ready,
+            not_ready="no policy version applied and no pinned state adopted yet",
+        )
         monitor = NetlinkMonitor(reconciler.interfaces_changed)
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
@@ -383,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
-        egress_hook = getattr(dataplane, "egress_hook_in_use", "")
+        egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""
         warn_if_ipvs()
         log.info(
             "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",

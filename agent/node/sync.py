@@ -242,10 +242,13 @@ class SyncClient:
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
         credentials_factory: Callable[[], grpc.ChannelCredentials] | None = None,
         generation_file: str | Path | None = None,
+        rejections: Callable[[], Sequence[str]] = list,
     ) -> None:
         self.node_name = node_name
         # Token identity: read again for every stream, as the kubelet rotates projected tokens.
         self._token = token
+        # what the dataplane left out of the version just applied, for its ack
+        self._rejections = rejections
         self.targets = control_targets(target)
         self._target_index = 0
         self._first_message_timeout = first_message_timeout
@@ -471,7 +474,7 @@ class SyncClient:
             return  # a later version has been received since; its own ack speaks for the node
         self.last_applied_version = version
         if self._outgoing is not None:
-            self._outgoing.put(pb.AgentMessage(ack=pb.Ack(version=version, ok=True)))
+            self._outgoing.put(self._ack_ok(version))
         log.info("acked version %d: programmed after its nack", version, extra={"version": version})
 
     def _handle(self, message: pb.ControlMessage) -> pb.AgentMessage:
@@ -510,4 +513,7 @@ class SyncClient:
             save_generation(self._generation_file, generation)
         self.last_applied_version = message.version
         log.debug("applied version %d (%d endpoints)", message.version, len(state.endpoints))
-        return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=True))
+        return self._ack_ok(message.version)
+
+    def _ack_ok(self, version: int) -> pb.AgentMessage:
+        return pb.AgentMessage(ack=pb.Ack(version=version, ok=True, rejected_policies=self._rejections()))

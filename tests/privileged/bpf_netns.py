@@ -16,6 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from agent.dataplane.bpf.settings import BpfSettings
 
 TOOL = Path(__file__).with_name("bpf_traffic_tool.py")
 PYTHON = sys.executable
@@ -76,6 +79,10 @@ class Node:
     @property
     def state_file(self) -> str:
         return f"/run/podfence-tests/{self.prefix}.json"
+
+    def settings(self, **overrides: Any) -> BpfSettings:
+        """The bpf dataplane's settings for this node: its pins, namespace and state file."""
+        return BpfSettings(pin_dir=self.pin_dir, netns=self.netns, state_file=self.state_file, **overrides)
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(*in_netns(self.netns, *argv), check=check)

@@ -24,7 +24,9 @@ import pytest
 
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
-from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
+from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from tests.privileged import bpf_frames as f
@@ -452,10 +454,12 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
     netns = f"{prefix}-pkt"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     dataplane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        established_on_change=established_on_change,
-        state_file=f"/run/podfence-tests/{prefix}.json",
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            established_on_change=established_on_change,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+        )
     )
     try:
         dataplane.start()

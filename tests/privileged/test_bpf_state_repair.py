@@ -45,8 +45,7 @@ def node() -> Iterator[Node]:
 
 
 def _dataplane(node: Node, egress_hook: str) -> Iterator[BpfDataplane]:
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file,
-                         egress_hook=egress_hook)
+    plane = BpfDataplane(node.settings(egress_hook=egress_hook))
     plane.start()
     try:
         yield plane
@@ -171,7 +170,7 @@ def test_removed_map_pins_are_pinned_again_and_nothing_opens(node: Node, datapla
     assert {name: verify.pinned_id(str(pins / name)) for name in ids} == ids  # the same maps
     # Why it matters: a restarted agent adopts the pinned state instead of empty maps.
     dataplane.close()
-    restarted = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    restarted = BpfDataplane(node.settings())
     restarted.start()
     try:
         assert restarted.adopted

@@ -172,8 +172,10 @@ def test_status_json_has_exactly_the_documented_shape(control, agents):
     agent.wait_for_state(lambda s: bool(s.endpoints))
     wait_until(lambda: _status(control)["nodes"].get("n1", {}).get("applied_version") == control.hub.version)
     status = _status(control)
-    assert set(status) == {"version", "nodes", "source_errors"}  # the contract's two, one extra
+    # the contract's two, and extras
+    assert set(status) == {"version", "nodes", "source_errors", "source_freshness"}
     assert status["source_errors"] == []
+    assert status["source_freshness"] is None, "no API server behind this hub's source"
     assert isinstance(status["version"], int) and status["version"] == control.hub.version
     assert status["nodes"] == {"n1": {"applied_version": control.hub.version, "connected": True,
                                       "last_error": None}}

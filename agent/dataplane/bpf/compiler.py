@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.dataplane.bpf.structs import (
@@ -197,28 +197,47 @@ def entries_for_members(
     identity_members: dict[int, list[int]],
     cidr_members: dict[CidrPeer, list[int]],
 ) -> dict[PolicyEntry, int]:
-    """Policy LPM entries given, for each identity and CIDR peer, the class ids containing it."""
+    """Policy LPM entries given, for each identity and CIDR peer, the class ids containing it.
+
+    The port ranges of all rules that land on one (policy, class, protocol) are merged before
+    they are split into prefixes: adjacent and overlapping ranges cost one cover (1-1000 and
+    1001-2000 are 1-2000: 16 prefixes, not 25), and ranges under an every-protocol allow of the
+    same class cost nothing (the 72-bit entry already matches them). Each entry counts the rules
+    that produced it (pf_policy_value.rule_count, informational)."""
     entries: dict[PolicyEntry, int] = {}
+    spans: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
     for content, policy_id in policies.items():
         for protocol, first, last, peer in content:
+            kind: int
             if isinstance(peer, IdentityPeer):
                 kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
             else:
                 kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
             for class_id in classes:
-                for entry in _rule_entries(policy_id, class_id, kind, protocol, first, last):
+                if protocol == PROTO_ANY:
+                    entry = (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
                     entries[entry] = entries.get(entry, 0) + 1
+                else:
+                    spans.setdefault((policy_id, class_id, kind, protocol), []).append((first, last))
+    for (policy_id, class_id, kind, protocol), ranges in spans.items():
+        if (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0) in entries:
+            continue
+        for first, last, rules in merge_port_ranges(ranges):
+            for value, bits in port_range_prefixes(first, last):
+                entries[(POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)] = rules
     return entries
 
 
-def _rule_entries(
-    policy_id: int, class_id: int, kind: int, protocol: int, first: int, last: int
-) -> Iterator[PolicyEntry]:
-    if protocol == PROTO_ANY:
-        yield (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
-        return
-    for value, bits in port_range_prefixes(first, last):
-        yield (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)
+def merge_port_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Overlapping and adjacent [first, last] ranges joined: (first, last, ranges joined) in order."""
+    merged: list[tuple[int, int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            start, end, count = merged[-1]
+            merged[-1] = (start, max(end, last), count + 1)
+        else:
+            merged.append((first, last, 1))
+    return merged
 
 
 def _inherited_policy_ids(
