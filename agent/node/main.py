@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--generation-file",
-        default="",
+        default=None,
         metavar="PATH",
         help="where the enforced source generation survives restarts (default: beside the bpf state "
         "file, /run/podfence/<pin dir name>.enforced-generation; iptables: "
