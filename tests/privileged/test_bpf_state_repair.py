@@ -22,6 +22,7 @@ from bcc import libbcc
 from agent.dataplane.bpf import attach, loader, verify
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.node.repair import StateGuard
+from tests.privileged import test_bpf_traffic
 from tests.privileged.bpf_netns import Node, wait_until
 from tests.privileged.test_bpf_traffic import endpoint, from_pod, isolated, state
 
@@ -33,15 +34,7 @@ pytestmark = pytest.mark.skipif(
 TCP = 6
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node().create(3)
-    try:
-        for pod in lab.pods:
-            lab.serve(pod, 8080)
-        yield lab
-    finally:
-        lab.destroy()
+node = test_bpf_traffic.node  # the fixture: a node netns with three pods serving 8080 and 9090
 
 
 def _dataplane(node: Node, egress_hook: str) -> Iterator[BpfDataplane]:

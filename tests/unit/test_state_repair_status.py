@@ -7,16 +7,12 @@ test_bpf_state_repair.py and test_iptables_state_repair.py remove and repair the
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-from contextlib import redirect_stdout
 
 import pytest
 
-from agent.control import status as status_cmd
 from agent.node.repair import StateGuard
-from tests.unit.control_helpers import small_cluster, start_control, wait_until
+from tests.unit.control_helpers import small_cluster, start_control, status_output, wait_until
 
 
 class RemovedFilter:
@@ -37,19 +33,10 @@ def control():
     ctl.stop()
 
 
-def _status(target: str, json_output: bool) -> str:
-    out = io.StringIO()
-    args = argparse.Namespace(control=target, json=json_output, insecure=False, tls_cert=None, tls_key=None,
-                              tls_ca=None, timeout=5.0)
-    with redirect_stdout(out):
-        assert status_cmd.run(args) == 0
-    return out.getvalue()
-
-
-def test_a_repair_shows_in_podfence_status(control, agents) -> None:
+def test_a_repair_shows_in_podfencestatus_output(control, agents) -> None:
     agent = agents("n1", control.target)
     agent.wait_for_state(lambda s: bool(s.endpoints))
-    assert "state_repairs" not in json.loads(_status(control.target, True))["nodes"]["n1"]  # nothing yet
+    assert "state_repairs" not in json.loads(status_output(control.target))["nodes"]["n1"]  # nothing yet
 
     guard = StateGuard(RemovedFilter())
     assert agent.client is not None
@@ -59,13 +46,17 @@ def test_a_repair_shows_in_podfence_status(control, agents) -> None:
     assert guard.check_once() == []
 
     def node_view() -> dict:
-        return json.loads(_status(control.target, True))["nodes"]["n1"]
+        return json.loads(status_output(control.target, True))["nodes"]["n1"]
 
     wait_until(lambda: node_view().get("state_repairs") == 1, what="the repair reported")
     assert node_view()["last_repair"] == "tc_filter: interface 7: egress (to pod) filter missing"
     assert node_view()["last_error"] is None  # a repaired node is not a failing one
-    table = _status(control.target, False)
+    table = status_output(control.target, False)
     assert "n1: 1 repair(s), last tc_filter: interface 7" in table
+
+
+def repairs_of_n1(target: str) -> int | None:
+    return json.loads(status_output(target))["nodes"]["n1"].get("state_repairs")
 
 
 def test_the_count_is_sent_again_on_a_new_stream(control, agents) -> None:
@@ -74,12 +65,12 @@ def test_the_count_is_sent_again_on_a_new_stream(control, agents) -> None:
     agent.wait_for_state(lambda s: bool(s.endpoints))
     assert agent.client is not None
     agent.client.report_repairs(3, "ipset: set pf-i4-1 has 0 members, not 1")
-    wait_until(lambda: json.loads(_status(control.target, True))["nodes"]["n1"].get("state_repairs") == 3,
+    wait_until(lambda: repairs_of_n1(control.target) == 3,
                what="the first report")
     agent.close()
     second = agents("n1", control.target)
     assert second.client is not None
     second.client.report_repairs(3, "ipset: set pf-i4-1 has 0 members, not 1")  # before any stream
     second.wait_for_state(lambda s: bool(s.endpoints))
-    wait_until(lambda: json.loads(_status(control.target, True))["nodes"]["n1"].get("state_repairs") == 3,
+    wait_until(lambda: repairs_of_n1(control.target) == 3,
                what="the report on the new stream")
