@@ -410,23 +410,24 @@ def test_iptables_layer2_chain_flushed_by_hand_is_rewritten(bridged: Node) -> No
     qinq = s_ether(a, b) / scapy.Dot1AD(vlan=7) / scapy.Dot1Q(vlan=9) / scapy.IP(src=a.ip, dst=b.ip)
     with podfence(bridged, "iptables", open_ingress=True) as plane:
 
-        def dropped_of_two() -> int:
-            """How far a's egress drop counter moves while a sends two tagged frames."""
+        def dropped_of_twenty() -> int:
+            """How far a's egress drop counter moves while a sends twenty tagged frames (another
+            drop of a's, say a router solicitation, may count too)."""
             def count() -> int:
                 counters = plane.call("counters")
                 return sum(c.denied_packets for c in counters if (c.key, c.direction) == ("ns/p1", "egress"))
 
             before = count()
-            send(a, qinq, qinq)
+            send(a, *[qinq] * 20)
             return count() - before
 
         assert plane.call("repair_state") == []
-        assert dropped_of_two() > 0
+        assert dropped_of_twenty() >= 20
         (chain,) = [line.split()[-1] for line in bridge_nat(bridged).splitlines()
                     if line.startswith(f"-A PF-L2 -i {a.host_if} ")]
         bridged.run("ebtables-nft", "-t", "nat", "-F", chain)
-        assert dropped_of_two() == 0, "the lab must show the chain is what drops"
+        assert dropped_of_twenty() < 20, "the lab must show the chain is what drops"
         found = plane.call("repair_state")
         assert [kind for kind, _ in found] == ["bridge_chain"] and chain in found[0][1], found
-        assert dropped_of_two() > 0
+        assert dropped_of_twenty() >= 20
         assert plane.call("repair_state") == []
