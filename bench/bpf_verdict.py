@@ -20,6 +20,8 @@ import secrets
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from agent.dataplane.bpf import loader
@@ -87,7 +89,10 @@ def _measure(plane: BpfDataplane, rules: int, kind: str = "identity") -> dict[st
     return figures
 
 
-def run() -> dict[str, Any]:
+@contextmanager
+def bench_plane() -> Iterator[BpfDataplane]:
+    """A started eBPF dataplane in a private netns with maps large enough for the rule counts,
+    its programs there to be test-run; torn down after."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-bench"
     subprocess.run(["ip", "netns", "add", netns], check=True)
@@ -102,11 +107,16 @@ def run() -> dict[str, Any]:
     )
     try:
         plane.start()
-        figures = {rules: _measure(plane, rules) for rules in RULE_COUNTS}
-        hosts = {rules: _measure(plane, rules, "host_cidr") for rules in RULE_COUNTS}
+        yield plane
     finally:
         plane.teardown()
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def run() -> dict[str, Any]:
+    with bench_plane() as plane:
+        figures = {rules: _measure(plane, rules) for rules in RULE_COUNTS}
+        hosts = {rules: _measure(plane, rules, "host_cidr") for rules in RULE_COUNTS}
 
     def ratios(by_count: dict[int, dict[str, float]]) -> dict[str, float]:
         low, high = by_count[RULE_COUNTS[0]], by_count[RULE_COUNTS[-1]]

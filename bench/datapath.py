@@ -45,6 +45,7 @@ import os
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from agent.dataplane.base import ConntrackReleasing
 from agent.dataplane.bpf import loader
 from agent.dataplane.netns import inside
 from agent.dataplane.types import (
@@ -63,6 +65,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
+from agent.node.ctrelease import ConntrackReleaser
 from bench import _netlab
 from bench._netlab import Topology
 
@@ -108,6 +111,8 @@ class Variant:
     live_dataplanes: list[tuple[str, Any]] = field(default_factory=list)  # (node netns, dataplane)
     enforcing: bool = False  # a port no rule allows was dropped (checked after programming)
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
+    # the eBPF dataplanes' periodic conntrack count, as the agent runs it (agent/node/ctrelease.py)
+    stop_counting: threading.Event = field(default_factory=threading.Event)
 
 
 # --- policy -----------------------------------------------------------------------------------
@@ -237,6 +242,9 @@ def build_variant(
                     variant.live_dataplanes.append((node.netns, plane))
                     plane.start()
                     plane.apply(state)
+                if isinstance(plane, ConntrackReleasing):
+                    count = ConntrackReleaser(plane).run
+                    threading.Thread(target=count, args=(variant.stop_counting,), daemon=True).start()
         variant.enforcing = drops_unallowed_port(variant)
         if dataplane in DATAPLANES and must_enforce and not variant.enforcing:
             raise RuntimeError(f"{name}: a port no rule allows was not dropped")
@@ -310,6 +318,7 @@ def socket_to(address: str, port: int) -> Iterator[None]:
 
 
 def destroy_variant(variant: Variant) -> None:
+    variant.stop_counting.set()
     for process in variant.servers:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

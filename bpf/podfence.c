@@ -99,15 +99,19 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	else if (pkt->flags & PF_PKT_MALFORMED)
 		return PF_DROP_MALFORMED;
 	else if (pf_policy_allows(policy_id, ep->generation,
-				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be))
+				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be,
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_TIERED : PF_EP_EGRESS_TIERED),
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN)))
 		reason = PF_REASON_ALLOWED;
 	else
 		reason = PF_DROP_POLICY;
 
-	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)))
-		pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
-			    direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
-			    direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0);
+	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h) */
+	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)) &&
+	    !pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
+			 direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
+			 direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
+		reason = PF_DROP_FLOW_LIMIT;
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);

@@ -32,7 +32,9 @@ enum pf_reason {
 	PF_DROP_IP_OPTIONS = 12,        /* IPv4 options from a pod other than a lone Router Alert
 					 * (source routes reach the node's forwarding after the
 					 * egress verdict saw the node as destination) */
-	PF_REASON_MAX = 13,
+	PF_DROP_FLOW_LIMIT = 13,        /* a new flow of a pod that already holds its bound of
+					 * conntrack entries (PF_CT_ENDPOINT_MAX, lib/conntrack.h) */
+	PF_REASON_MAX = 14,
 };
 
 /* Directions, seen from the pod: ingress = traffic to the pod, egress = traffic from it. */
@@ -70,7 +72,9 @@ struct pf_addr {
 /* endpoints: host-side ifindex -> the endpoint behind it. One map update flips an endpoint to new
  * policy ids AND the peer-map generation it reads, atomically: a packet sees either the old
  * policies with the old peer classes or the new ones with the new, never a mix. A policy id of 0
- * means "not isolated" (allow all) for that direction. */
+ * means "not isolated" (allow all) for that direction, unlooked. `flags` (PF_EP_*) say, per direction,
+ * whether its policy holds ClusterNetworkPolicy verdicts (look up both peer kinds and combine)
+ * and whether a packet that no entry decides passes (no NetworkPolicy isolates it) or drops. */
 struct pf_endpoint_key {
 	__u32 ifindex;
 };
@@ -82,8 +86,14 @@ struct pf_endpoint_value {
 	__u32 generation;           /* which generation of pf_ipcache / pf_cidr entries to read */
 	__u8 mac[6];                /* the pod's MAC: the only Ethernet source (and ARP/NDP link-layer
 				     * address) its frames may carry; all zero: not bound */
-	__u8 pad[2];
+	__u8 flags;                 /* PF_EP_*; 0 (what versions before tiers wrote): plain allow list */
+	__u8 pad;
 };
+
+#define PF_EP_INGRESS_OPEN   0x01  /* ingress: no entry decided -> allowed (not isolated) */
+#define PF_EP_EGRESS_OPEN    0x02
+#define PF_EP_INGRESS_TIERED 0x04  /* ingress policy holds tiered verdicts (pf_policy_value.verdict) */
+#define PF_EP_EGRESS_TIERED  0x08
 
 /* endpoint_ips: a local pod's address -> its host-side ifindex. Used for anti-spoofing on tc
  * ingress and to find the endpoint of a packet at the netfilter egress hook. */
@@ -143,8 +153,29 @@ struct pf_policy_key {
 
 struct pf_policy_value {
 	__u32 rule_count;           /* informational: how many allows produced this prefix */
-	__u32 reserved;
+	__u32 verdict;              /* PF_VERDICT_*; 0 (versions before tiers): a NetworkPolicy allow */
 };
+
+/* A policy entry's verdict for its cell (policy, peer class, protocol, port): for each of two
+ * tiers, the first matching entry (lowest rank) and its action, resolved by the compiler over
+ * every rule, peer of the class and overlapping port range (agent/dataplane/bpf/tiered.py).
+ *  - "admin": the ClusterNetworkPolicy Admin tier; PF_ACT_PASS hands over to the rest;
+ *  - "rest": the NetworkPolicy tier's allows (rank 0, Accept) or, when no NetworkPolicy isolates
+ *    the direction, the Baseline tier (its Pass compiled as Accept: only the default follows).
+ * The datapath combines the identity-class and CIDR-class entries by lowest rank per tier, so a
+ * new flow costs the same lookups whatever the number of rules. Ranks fit 14 and 13 bits; the
+ * compiler refuses more rules per endpoint direction. */
+#define PF_ACT_NONE   0
+#define PF_ACT_ACCEPT 1
+#define PF_ACT_DENY   2
+#define PF_ACT_PASS   3
+#define PF_VERDICT_SET (1u << 31)
+#define PF_VERDICT_ADMIN_ACTION(v) ((v) & 3)
+#define PF_VERDICT_REST_ACTION(v) (((v) >> 2) & 3)
+#define PF_VERDICT_ADMIN_RANK(v) (((v) >> 4) & 0x3fff)
+#define PF_VERDICT_REST_RANK(v) (((v) >> 18) & 0x1fff)
+/* what a value of verdict 0 means: a NetworkPolicy allow */
+#define PF_VERDICT_ALLOW (PF_VERDICT_SET | (PF_ACT_ACCEPT << 2))
 
 /* policy_exact: hash, the entries of single ports (prefixlen always 96) in the same key, so that
  * the allows most rules make cost one hash lookup whatever their number; policy (the LPM trie)
@@ -173,8 +204,15 @@ struct pf_ct_value {
 	__u8 flags[2];              /* per way: PF_CT_EGRESS_OK | PF_CT_INGRESS_OK | PF_CT_FROM_POD */
 	__u8 closing;               /* PF_CT_FIN_AB | PF_CT_FIN_BA | PF_CT_RST seen; any: the entry
 				     * expires after the closing timeout */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 owner;                /* endpoint_id + 1 of the pod whose verdict inserted the entry,
+				     * charged for it (pf_ct_charged); 0: nobody (older versions) */
 };
+
+/* ct_charged / ct_released: arrays indexed by endpoint_id, how many pf_ct entries the endpoint
+ * was charged for (written by the datapath only, atomically) and how many of those are gone
+ * (written by the agent only, after counting the live entries): each counter has one writer, so
+ * no update of one side is lost to the other (lib/conntrack.h). */
 
 /* ct_expect: LRU, what tc_from_pod saw a pod send last, for the egress verdict to confirm.
  * Keyed by the pod's end of the flow and the CPU: a packet meets tc ingress and the FORWARD /

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # `ebtables` package holds only ebtables-legacy, whose tables kernels >= 6.15 may lack).
 APT_PACKAGES=(
     python3 python3-venv python3-dev python3-bpfcc libbpfcc
-    linux-headers-amd64 iproute2 iptables ipset conntrack
+    linux-headers-amd64 iproute2 iptables ipset conntrack nftables
     iperf3 procps kmod tcpdump bpftool
 )
 

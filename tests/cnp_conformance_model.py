@@ -101,6 +101,9 @@ class CnpCluster:
     """The mutable cluster of one case: base topology plus the case's objects, as API dicts."""
 
     case: Case
+    # The lab's placement, when it differs: pod key -> its IP, and the two node names.
+    pod_ips: dict[str, str] = field(default_factory=dict)
+    node_names: tuple[str, str] = NODE_NAMES
     namespaces: dict[str, KubeDict] = field(default_factory=dict)
     pods: dict[str, KubeDict] = field(default_factory=dict)  # "ns/name" -> Pod
     nodes: dict[str, KubeDict] = field(default_factory=dict)
@@ -108,7 +111,7 @@ class CnpCluster:
 
     def __post_init__(self) -> None:
         topology = load_cases()["topology"]
-        for node, ip in zip(NODE_NAMES, NODE_IPS, strict=True):
+        for node, ip in zip(self.node_names, NODE_IPS, strict=True):
             self.nodes[node] = {
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -133,8 +136,10 @@ class CnpCluster:
         for pod in topology["pods"]:
             ordinal = int(pod["name"].rsplit("-", 1)[1])
             host = pod["hostNetwork"]
+            key = f"{pod['namespace']}/{pod['name']}"
             ip = NODE_IPS[ordinal] if host else _pod_ip(names.index(pod["namespace"]), ordinal)
-            self.pods[f"{pod['namespace']}/{pod['name']}"] = {
+            ip = self.pod_ips.get(key, ip)
+            self.pods[key] = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
@@ -143,7 +148,7 @@ class CnpCluster:
                     "labels": dict(pod["labels"]),
                 },
                 "spec": {
-                    "nodeName": NODE_NAMES[ordinal % len(NODE_NAMES)],
+                    "nodeName": self.node_names[ordinal % len(self.node_names)],
                     "hostNetwork": host,
                     "containers": [
                         {"name": c["name"], "ports": [dict(port) for port in c["declaredPorts"]]}

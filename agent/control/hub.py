@@ -52,17 +52,8 @@ class PolicyResolver(Protocol):
     def replace_all(self, objs: Any) -> None: ...
     def node_policy(self, node: str) -> NodePolicy: ...
     def take_dirty_nodes(self) -> set[str]: ...
-    def unenforced_policies(self) -> list[str]: ...
     @property
     def state(self) -> ClusterState: ...
-
-
-UNENFORCED_SOURCE = "control"
-UNENFORCED_MESSAGE = (
-    "ClusterNetworkPolicy {name}: NOT ENFORCED: the podfence dataplanes do not enforce "
-    "ClusterNetworkPolicy yet, so none of its rules (Deny included) applies to any packet; "
-    "`podfence explain` shows what it would decide"
-)
 
 
 class StreamClosed(Exception):
@@ -177,8 +168,7 @@ class StreamHandle:
 
 @dataclass(frozen=True)
 class SourceProblem:
-    """An invalid object or unreadable file of the source, or (source UNENFORCED_SOURCE) a valid
-    object no dataplane enforces yet, as `podfence status` shows it."""
+    """An invalid object or unreadable file of the source, as `podfence status` shows it."""
 
     object: str | None  # "Kind namespace/name", None when no object could be named
     source: str  # the file, or "kubernetes"
@@ -222,7 +212,6 @@ class PolicyHub:
         self._streams: dict[str, StreamHandle] = {}
         self._records: dict[str, NodeRecord] = {}
         self._source_problems: tuple[SourceProblem, ...] = ()
-        self._unenforced: tuple[str, ...] = ()
         self._next_stream_id = 0
         self._source = SourceMark()
         # The pod's name in a Deployment (HOSTNAME), so `podfence status` can say which replica.
@@ -267,21 +256,6 @@ class PolicyHub:
                 log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
                             self._max_pending)
         log.info("policy version %d: %d connected node(s) changed", version, changed)
-        self._note_unenforced_locked()
-
-    def _note_unenforced_locked(self) -> None:
-        """Objects the source holds that no dataplane enforces: a warning once per object in the
-        log, a gauge, and an entry in `podfence status` for as long as it exists, so an
-        administrator never takes a Deny rule for enforced."""
-        unenforced = tuple(self._resolver.unenforced_policies())
-        if unenforced == self._unenforced:
-            return
-        for name in sorted(set(unenforced) - set(self._unenforced)):
-            log.warning(UNENFORCED_MESSAGE.format(name=name))
-        for name in sorted(set(self._unenforced) - set(unenforced)):
-            log.info("ClusterNetworkPolicy %s removed", name)
-        self._unenforced = unenforced
-        self.metrics.unenforced_policies.labels("ClusterNetworkPolicy").set(len(unenforced))
 
     def note_source(self, generation: int, digest: str) -> None:
         """The source state the resolver holds now; call inside `change()` so the version it
@@ -426,13 +400,8 @@ class PolicyHub:
                     state_repairs=record.state_repairs,
                     last_repair=record.last_repair,
                 )
-            unenforced = tuple(
-                SourceProblem(f"ClusterNetworkPolicy {name}", UNENFORCED_SOURCE,
-                              UNENFORCED_MESSAGE.format(name=name), last_valid_in_force=False)
-                for name in self._unenforced
-            )
             freshness = self._freshness() if self._freshness is not None else None
-            return HubStatus(self._version, nodes, self._source_problems + unenforced, self._source,
+            return HubStatus(self._version, nodes, self._source_problems, self._source,
                              len(self._streams), self.draining, freshness)
 
     def _forget_long_gone_locked(self) -> None:

@@ -44,14 +44,6 @@ class ControlMetrics:
             "Invalid objects whose last valid form stays in force (an invalid edit never drops one).",
             registry=self.registry,
         )
-        self.unenforced_policies = Gauge(
-            "podfence_control_unenforced_policies",
-            "Policies the source holds that no dataplane enforces yet (ClusterNetworkPolicy until "
-            "the dataplanes support it): their rules, Deny included, apply to no packet.",
-            labelnames=["kind"],
-            registry=self.registry,
-        )
-        self.unenforced_policies.labels("ClusterNetworkPolicy").set(0)  # the series exists from the start
         self.streams_refused_total = Counter(
             "podfence_control_streams_refused",
             "Sync streams refused or ended before Hello: no Hello in time, too many streams awaiting "

@@ -130,5 +130,12 @@ class DenyEvent(Protocol):
 
 
 @runtime_checkable
+class ConntrackReleasing(Protocol):
+    def release_conntrack(self) -> int:
+        """Credit each pod with the conntrack entries it no longer holds (its flows-per-pod
+        bound); returns expired entries deleted."""
+
+
+@runtime_checkable
 class DenyEventSource(Protocol):
     def poll_events(self, timeout_ms: int) -> Iterable[DenyEvent]: ...

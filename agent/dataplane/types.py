@@ -38,9 +38,10 @@ class Reason(IntEnum):
     SPOOFED_MAC = 10
     ROGUE_NDP = 11
     IP_OPTIONS = 12
+    FLOW_LIMIT = 13
 
 
-REASON_MAX = 13
+REASON_MAX = 14
 
 
 def canonical_network(network: IPNetwork) -> IPNetwork:
@@ -82,6 +83,11 @@ class CidrPeer:
             return NotImplemented
         return self._key == other._key
 
+    @property
+    def int_key(self) -> tuple[int, ...]:
+        """(version, address, prefixlen) of the cidr, then of each except: a total order, in C."""
+        return self._key
+
 
 @dataclass(frozen=True, order=True)
 class IdentityPeer:
@@ -102,12 +108,48 @@ class Allow:
     policy: str = ""  # "namespace/name" that produced it; for logs, never for verdicts
 
 
+def allow_order(allow: Allow) -> tuple[object, ...]:
+    """The order of allow lists in a NodeState, so that equal lists are equal however they came
+    (a snapshot, or a patch of a list): identities first, then prefixes by address."""
+    peer = allow.peer
+    peer_key = (0, peer.identity) if isinstance(peer, IdentityPeer) else (1, *peer.int_key)
+    return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy)
+
+
+TIER_ADMIN, TIER_BASELINE = 1, 2
+ACTION_ACCEPT, ACTION_DENY, ACTION_PASS = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TieredAllow:
+    """A ClusterNetworkPolicy verdict: what `peer`/`protocol`/ports match gets `action` at
+    precedence `rank` (lower first) of `tier`; Pass (Admin only) hands over to NetworkPolicy."""
+
+    tier: int
+    rank: int
+    action: int
+    peer: Peer
+    protocol: int = PROTO_ANY
+    port_first: int = 0
+    port_last: int = 65535
+    policy: str = ""  # the ClusterNetworkPolicy's name; for logs, never for verdicts
+
+
 @dataclass(frozen=True)
 class DirectionPolicy:
-    """isolated=False allows everything; isolated=True allows only what `allows` match."""
+    """The NetworkPolicy tier: isolated=False allows everything; isolated=True allows only what
+    `allows` match. `tiered`: ClusterNetworkPolicy entries around it (docs/semantics.md): the
+    first Admin match decides unless it is a Pass; then NetworkPolicy when isolated; else the
+    first Baseline match; else allow."""
 
     isolated: bool = False
     allows: tuple[Allow, ...] = ()
+    tiered: tuple[TieredAllow, ...] = ()
+
+    @property
+    def judged(self) -> bool:
+        """Does anything restrict this direction (else every packet passes unlooked)?"""
+        return self.isolated or bool(self.tiered)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import (
     Adopting,
+    ConntrackReleasing,
     Dataplane,
     DataplaneError,
     DenyEventSource,
@@ -34,6 +35,7 @@ from agent.dataplane.base import (
     HookRepairing,
 )
 from agent.metrics_http import start_metrics_server
+from agent.node.ctrelease import ConntrackReleaser
 from agent.node.flowlog import FlowLogger
 from agent.node.generation import GENERATION_DIR
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
@@ -123,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="N",
             help=f"bpf {flag} map capacity (entries)",
         )
+    parser.add_argument(
+        "--flows-per-pod",
+        type=int,
+        default=None,
+        metavar="N",
+        help="conntrack entries one pod may hold; its new flows beyond are dropped (0: no bound; "
+        "default: a quarter of the bpf conntrack map, 16384 connections per address on iptables)",
+    )
     parser.add_argument(
         "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
     )
@@ -245,8 +255,11 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     if args.dataplane == "iptables":
         from agent.dataplane.iptables import IptablesDataplane
 
+        bound = {} if args.flows_per_pod is None else {"flows_per_pod": args.flows_per_pod}
         return IptablesDataplane(
-            unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
+            unknown_endpoints=args.unknown_endpoints,
+            established_on_change=args.established_on_change,
+            **bound,
         )
     from agent.dataplane.bpf import BpfDataplane
     from agent.dataplane.bpf.settings import BpfSettings
@@ -264,6 +277,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
         egress_hook=args.egress_hook,
+        flows_per_pod=args.flows_per_pod,
         **sizes,
     )
     dataplane: Dataplane = BpfDataplane(settings)
@@ -316,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.state_check_interval <= 3600:
             interval = args.state_check_interval
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if args.flows_per_pod is not None and args.flows_per_pod < 0:
+            raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:
         print(f"podfence agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -331,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         dataplane = build_dataplane(args)
         dataplane.start()
-    except (DataplaneError, ImportError, OSError) as exc:
+    except (DataplaneError, ImportError, OSError, ValueError) as exc:  # ValueError: --flows-per-pod > ct map
         print(f"podfence agent: cannot start the {args.dataplane} dataplane: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     # Everything allocated so far (BCC, pyroute2, gRPC, the loaded program) lives as long as the
@@ -394,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
             threads.append(_thread("state-check", lambda: checker.run(stop), failed, stop))
             if dataplane.name == "bpf":  # tc notifications wake the check (pod interfaces' filters)
                 threads.append(_thread("state-check-tc", lambda: checker.watch_tc(stop), failed, stop))
+        if isinstance(dataplane, ConntrackReleasing):
+            releaser = ConntrackReleaser(dataplane)
+            threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))

@@ -1,7 +1,8 @@
 """The agent's side of NodeSync: keeps this node's desired state in step with the control service.
 
 SyncClient opens one Sync stream, says Hello, replaces its state with each snapshot and patches it
-with each delta, hands the result (a dataplane NodeState) to `apply`, and acks the version only
+with each delta (whole endpoints, or the allow entries that leave and join an endpoint's lists),
+hands the result (a dataplane NodeState) to `apply`, and acks the version only
 when `apply` returned. A failed `apply` is nacked with its error; if the reconcile loop programs
 that version later after all (a full map freed, an interface that came back), `applied_late`
 acks it then, so the control service does not keep showing a stale error. Malformed data from
@@ -29,6 +30,7 @@ and a new stream always starts with a snapshot.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import queue
@@ -45,6 +47,11 @@ import grpc
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
+    ACTION_PASS,
+    TIER_ADMIN,
+    TIER_BASELINE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -53,6 +60,8 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    TieredAllow,
+    allow_order,
 )
 from agent.node.generation import load_generation, save_generation
 
@@ -116,6 +125,23 @@ def _allow(allow: pb.Allow, where: str) -> Allow:
     return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
+def _tiered(entry: pb.TieredAllow, where: str, cache: DecodeCache) -> TieredAllow:
+    if entry.tier not in (TIER_ADMIN, TIER_BASELINE):
+        raise MalformedMessage(f"{where}: unknown tier {entry.tier}")
+    if entry.action not in (ACTION_ACCEPT, ACTION_DENY, ACTION_PASS):
+        raise MalformedMessage(f"{where}: unknown action {entry.action}")
+    if not entry.HasField("allow"):
+        raise MalformedMessage(f"{where}: tiered entry without a match")
+    allow_wire = entry.allow.SerializeToString(deterministic=True)
+    allow = cache.allows.get(allow_wire)
+    if allow is None:
+        allow = cache.allows[allow_wire] = _allow(entry.allow, where)
+    return TieredAllow(
+        entry.tier, entry.rank, entry.action, allow.peer, allow.protocol, allow.port_first, allow.port_last,
+        allow.policy,
+    )
+
+
 class DecodeCache:
     """Decoded allows and directions by their wire bytes, kept from one message to the next.
 
@@ -136,6 +162,14 @@ class DecodeCache:
             self.directions.clear()
 
 
+def _cached_allow(allow: pb.Allow, where: str, cache: DecodeCache) -> Allow:
+    wire = allow.SerializeToString(deterministic=True)
+    decoded = cache.allows.get(wire)
+    if decoded is None:
+        decoded = cache.allows[wire] = _allow(allow, where)
+    return decoded
+
+
 def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) -> DirectionPolicy:
     if not direction.isolated and direction.allows:
         raise MalformedMessage(f"{where}: allows on a direction that is not isolated")
@@ -143,14 +177,10 @@ def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) ->
     known = cache.directions.get(wire)
     if known is not None:
         return known
-    allows = []
-    for allow in direction.allows:
-        allow_wire = allow.SerializeToString(deterministic=True)
-        decoded = cache.allows.get(allow_wire)
-        if decoded is None:
-            decoded = cache.allows[allow_wire] = _allow(allow, where)
-        allows.append(decoded)
-    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows))
+    # the control service sends its own order; the agent's must not depend on it (see _patched)
+    allows = sorted((_cached_allow(allow, where, cache) for allow in direction.allows), key=allow_order)
+    tiered = tuple(_tiered(entry, where, cache) for entry in direction.tiered)
+    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows), tiered)
     return decoded_direction
 
 
@@ -203,7 +233,49 @@ def apply_message(
         identities.pop(identity_id, None)
     for identity in delta.upsert_identities:
         identities[identity.id] = _identity_ips(identity)
+    patched: PatchMemo = {}
+    for patch in delta.patch_endpoints:
+        key = f"{patch.namespace}/{patch.name}"
+        held = endpoints.get(key)
+        if held is None:
+            raise MalformedMessage(f"patch of endpoint {key!r}, which the agent does not hold")
+        endpoints[key] = replace(
+            held,
+            ingress=_patched(held.ingress, patch.ingress, f"endpoint {key} ingress", cache, patched),
+            egress=_patched(held.egress, patch.egress, f"endpoint {key} egress", cache, patched),
+        )
     return replace(current, version=message.version, endpoints=endpoints, identities=identities)
+
+
+# (id of the direction patched, the patch's bytes) -> (that direction, kept alive; the result)
+PatchMemo = dict[tuple[int, bytes], tuple[DirectionPolicy, DirectionPolicy]]
+
+
+def _patched(
+    direction: DirectionPolicy, patch: pb.DirectionPatch, where: str, cache: DecodeCache, memo: PatchMemo
+) -> DirectionPolicy:
+    """`direction` less the allows the patch removes, plus those it adds. Endpoints that shared
+    one list before share the patched one (the compilers hash each list object once)."""
+    if not patch.remove and not patch.add:
+        return direction
+    if not direction.isolated:
+        raise MalformedMessage(f"{where}: allows patched on a direction that is not isolated")
+    wire = patch.SerializeToString(deterministic=True)
+    known = memo.get((id(direction), wire))
+    if known is not None:
+        return known[1]
+    leaving = {_cached_allow(allow, where, cache) for allow in patch.remove}
+    kept = [allow for allow in direction.allows if allow not in leaving]
+    if len(kept) != len(direction.allows) - len(leaving):
+        # The lists diverged from the control service's view: only a snapshot can mend that.
+        raise MalformedMessage(f"{where}: the patch removes an allow the list does not hold")
+    for allow in patch.add:
+        # in place, so that the list equals the one a snapshot would give (the iptables
+        # compiler names chains after their rules in order): O(log n) keys, one C memmove
+        bisect.insort(kept, _cached_allow(allow, where, cache), key=allow_order)
+    result = DirectionPolicy(True, tuple(kept), direction.tiered)  # a patch never changes tiers
+    memo[(id(direction), wire)] = (direction, result)
+    return result
 
 
 # --- the client -------------------------------------------------------------------------------------

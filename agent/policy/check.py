@@ -7,13 +7,22 @@ any connection, the compiled lists the node enforces are wrong.
 from __future__ import annotations
 
 from agent.model.objects import IPAddress
-from agent.policy.compiled import PROTOCOL_ANY, AllowEntry, CidrRef, NodePolicy
+from agent.policy.compiled import (
+    ACTION_DENY,
+    ACTION_PASS,
+    PROTOCOL_ANY,
+    TIER_ADMIN,
+    AllowEntry,
+    CidrRef,
+    NodePolicy,
+    TieredEntry,
+)
 
 INGRESS, EGRESS = "ingress", "egress"
 
 
 def entry_allows(
-    entry: AllowEntry, node_policy: NodePolicy, peer_ip: IPAddress, protocol: int, port: int
+    entry: AllowEntry | TieredEntry, node_policy: NodePolicy, peer_ip: IPAddress, protocol: int, port: int
 ) -> bool:
     if entry.protocol != PROTOCOL_ANY and entry.protocol != protocol:
         return False
@@ -39,6 +48,13 @@ def compiled_allows(
     """
     endpoint = node_policy.endpoints[endpoint_key]
     allows = endpoint.ingress if direction == INGRESS else endpoint.egress
-    if not allows.isolated:
-        return True
-    return any(entry_allows(e, node_policy, peer_ip, protocol, port) for e in allows.allows)
+    hits = [e for e in allows.tiered if entry_allows(e, node_policy, peer_ip, protocol, port)]
+    # Admin: the first (lowest-rank) hit decides unless it is a Pass, which skips to NetworkPolicy
+    admin = min((e for e in hits if e.tier == TIER_ADMIN), key=lambda e: e.rank, default=None)
+    if admin is not None and admin.action != ACTION_PASS:
+        return admin.action != ACTION_DENY
+    if allows.isolated:
+        return any(entry_allows(e, node_policy, peer_ip, protocol, port) for e in allows.allows)
+    # Baseline (compiled only when not isolated; its Pass is compiled as Accept), then allow
+    baseline = min((e for e in hits if e.tier != TIER_ADMIN), key=lambda e: e.rank, default=None)
+    return baseline is None or baseline.action != ACTION_DENY

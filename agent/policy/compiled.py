@@ -90,16 +90,59 @@ def normalize_allows(entries: Iterable[AllowEntry]) -> tuple[AllowEntry, ...]:
     return tuple(unique[key] for key in sorted(unique))
 
 
+# ClusterNetworkPolicy tiers and actions in the compiled form (agent.policy.tiered builds them).
+TIER_ADMIN, TIER_BASELINE = 1, 2
+ACTION_ACCEPT, ACTION_DENY, ACTION_PASS = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TieredEntry:
+    """A ClusterNetworkPolicy verdict: traffic with `peer` on `protocol` (0 = any) to ports
+    [port_first, port_last] gets `action` at precedence `rank` (lower first) of `tier`.
+
+    Ranks are compact per endpoint and direction: every entry of one rule shares its rank, and the
+    rules applying to the endpoint are numbered in tier order (policy priority, name, rule index).
+    A Baseline Pass is compiled as Accept (only the default allow follows it). `policy` names the
+    ClusterNetworkPolicy, for explain and logs.
+    """
+
+    tier: int
+    rank: int
+    action: int
+    peer: PeerRef
+    protocol: int
+    port_first: int = PORT_MIN
+    port_last: int = PORT_MAX
+    policy: str = ""
+    sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        key = (self.tier, self.rank, self.action, _peer_sort_key(self.peer), self.protocol)
+        object.__setattr__(self, "sort_key", (*key, self.port_first, self.port_last, self.policy))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TieredEntry):
+            return NotImplemented
+        return self.sort_key == other.sort_key
+
+    def __hash__(self) -> int:
+        return hash(self.sort_key)
+
+
 @dataclass(frozen=True)
 class DirectionAllows:
-    """One direction of one endpoint. Not isolated = everything allowed (allows is then empty)."""
+    """One direction of one endpoint. `isolated`: some NetworkPolicy isolates it, so only `allows`
+    pass the NetworkPolicy tier. `tiered`: the ClusterNetworkPolicy entries (Admin, and Baseline
+    when not isolated), sorted. Neither = everything allowed (allows is then empty)."""
 
     isolated: bool = False
     allows: tuple[AllowEntry, ...] = ()  # sorted, deduplicated (see normalize_allows)
+    tiered: tuple[TieredEntry, ...] = ()  # sorted by sort_key, deduplicated
 
     @property
     def identities(self) -> frozenset[int]:
-        return frozenset(e.peer.identity for e in self.allows if isinstance(e.peer, IdentityRef))
+        peers = [e.peer for e in self.allows] + [e.peer for e in self.tiered]
+        return frozenset(p.identity for p in peers if isinstance(p, IdentityRef))
 
 
 @dataclass(frozen=True)

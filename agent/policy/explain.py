@@ -6,8 +6,8 @@ control service does; the verdict uses every valid object.
 
 Each direction says which tier decided (Admin or Baseline ClusterNetworkPolicy, NetworkPolicy, or
 none: allowed by default), and for a ClusterNetworkPolicy the policy, its priority and the rule
-(index and name), plus any Pass rule that handed over to a later tier. Until the dataplanes
-enforce ClusterNetworkPolicy, a warning on stderr says so whenever one took part in the verdict.
+(index and name), plus any Pass rule that handed over to a later tier. Both dataplanes enforce
+the same order (docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -114,22 +114,6 @@ def _direction_text(name: str, subject: Endpoint, verdict: DirectionVerdict) -> 
     return f"  {where}: {passed}isolated by {isolating}; no {name} rule of these policies matches -> denied"
 
 
-def _unenforced_warning(verdict: Verdict) -> str | None:
-    """Until the dataplanes enforce ClusterNetworkPolicy (issue 23 phase 2): say so when one took part."""
-    names = {
-        m.policy
-        for direction in (verdict.egress, verdict.ingress)
-        for m in (*direction.passed, *([direction.rule] if direction.rule else []))
-    }
-    if not names:
-        return None
-    return (
-        f"warning: ClusterNetworkPolicy {', '.join(sorted(names))} took part in this verdict, but the "
-        "dataplanes do not enforce ClusterNetworkPolicy yet: the kernel judges this connection by "
-        "NetworkPolicy alone"
-    )
-
-
 def render_text(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
     outcome = "ALLOWED" if verdict.allowed else "DENIED"
     return "\n".join(
@@ -177,9 +161,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     protocol = Protocol(args.protocol)
     verdict = evaluate(state, src, dst, protocol, port)
-    warning = _unenforced_warning(verdict)
-    if warning:
-        print(warning, file=sys.stderr)
     render = render_json if args.json else render_text
     print(render(src, dst, protocol, port, verdict))
     return EXIT_OK

@@ -25,10 +25,12 @@ Each part keeps an index so one event touches only what depends on it:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from agent.model.cluster_policy import ClusterNetworkPolicy, Node
-from agent.model.objects import KubeObject, Namespace, NetworkPolicy, Pod
+from agent.model.objects import KubeObject, Namespace, NetworkPolicy, Pod, PolicyType
 from agent.policy.compiled import EndpointPolicy, NodePolicy
+from agent.policy.graph.cluster import ClusterTiers
 from agent.policy.graph.endpoints import EndpointCompiler
 from agent.policy.graph.identities import IdentityIndex, pod_identity
 from agent.policy.graph.named_ports import NamedPortIndex
@@ -57,6 +59,7 @@ class Resolver:
         self._templates = TemplateStore(state, self._selectors, self._named_ports, self._template_changed)
         self._endpoints = EndpointCompiler(state, self._templates)
         self._nodes = NodeOutputs(state, self._compile_endpoint, self._identities.ips)
+        self._tiers = ClusterTiers(state, self._identities)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -70,10 +73,14 @@ class Resolver:
         elif isinstance(obj, Pod):
             # A pod that turns Succeeded/Failed leaves every index here as a deletion would.
             self._put_pod(obj.key, obj if is_live(obj) else None)
-        elif isinstance(obj, ClusterNetworkPolicy | Node):
-            # Held for the evaluator and for `unenforced_policies`; not compiled into any node's
-            # policy: the dataplanes do not enforce ClusterNetworkPolicy yet (issue 23, phase 2).
-            self._state.put(obj)
+        elif isinstance(obj, ClusterNetworkPolicy):
+            if self._state.cluster_policies.get(obj.key) != obj:
+                self._state.put(obj)
+                self._cluster_changed()
+        elif isinstance(obj, Node):
+            if self._state.nodes.get(obj.key) != obj:
+                self._state.put(obj)
+                self._cluster_changed()
         else:
             self._put_policy(obj.key, obj)
 
@@ -85,21 +92,22 @@ class Resolver:
         elif kind == KIND_POLICY:
             self._put_policy(f"{namespace}/{name}", None)
         elif kind == KIND_CLUSTER_POLICY:
-            self._state.cluster_policies.pop(name, None)
+            if self._state.cluster_policies.pop(name, None) is not None:
+                self._cluster_changed(was_active=True)
         elif kind == KIND_NODE:
-            self._state.nodes.pop(name, None)
+            if self._state.nodes.pop(name, None) is not None:
+                self._cluster_changed()
         else:
             raise ValueError(f"unknown kind {kind!r}")
-
-    def unenforced_policies(self) -> list[str]:
-        """The ClusterNetworkPolicies held but enforced by no dataplane yet, by name."""
-        return sorted(self._state.cluster_policies)
 
     def replace_all(self, objs: Iterable[KubeObject]) -> None:
         """Resync to exactly `objs`; unchanged objects cause no work and no dirtiness."""
         fresh = ClusterState.from_objects(list(objs))
-        self._state.cluster_policies = dict(fresh.cluster_policies)
-        self._state.nodes = dict(fresh.nodes)
+        if (fresh.cluster_policies, fresh.nodes) != (self._state.cluster_policies, self._state.nodes):
+            was_active = self._tiers.active
+            self._state.cluster_policies = dict(fresh.cluster_policies)
+            self._state.nodes = dict(fresh.nodes)
+            self._cluster_changed(was_active)
         for key in set(self._state.policies) - set(fresh.policies):
             self._put_policy(key, None)
         for key in set(self._state.pods) - set(fresh.pods):
@@ -138,6 +146,7 @@ class Resolver:
         new_labels = effective_namespace_labels(name, ns)
         if effective_namespace_labels(name, old) != new_labels:
             self._selectors.namespace_relabelled(name, new_labels)
+            self._cluster_changed()
 
     def _put_pod(self, key: str, pod: Pod | None) -> None:
         old = self._state.pods.get(key)
@@ -165,6 +174,8 @@ class Resolver:
         if old is None or pod is None or old.labels != pod.labels or old.host_network != pod.host_network:
             self._selection.reselect(key, pod)
         self._nodes.pod_moved(key, old, pod)
+        if self._tiers.active and self._tiers.uses_destination_pods():
+            self._cluster_changed()
 
     def _put_policy(self, key: str, policy: NetworkPolicy | None) -> None:
         old = self._state.policies.get(key)
@@ -199,11 +210,16 @@ class Resolver:
         self._selectors.ensure_known_namespace(pod.namespace)
         self._identities.register(identity, pod)
         self._selectors.identity_appeared(identity, pod)
+        if self._tiers.active and self._tiers.matches_some_peer(pod.namespace, pod.labels):
+            self._cluster_changed()
 
     def _leave_identity(self, key: str, identity: int) -> None:
+        labels = self._identities.labels(identity)
         namespace = self._identities.remove_member(key, identity)
         if namespace is not None:
             self._selectors.identity_vanished(identity, namespace)
+            if self._tiers.active and self._tiers.matches_some_peer(namespace, labels):
+                self._cluster_changed()
         self._identity_ips_changed(identity)
 
     def _identity_ips_changed(self, identity: int) -> None:
@@ -219,5 +235,23 @@ class Resolver:
         for pod_key in self._selection.selected(policy_key):
             self._nodes.mark_pod(pod_key)
 
+    def _cluster_changed(self, was_active: bool = False) -> None:
+        """Something ClusterNetworkPolicy entries depend on changed: every endpoint recompiles
+        (rare events: a ClusterNetworkPolicy, Node, namespace label or identity set changed)."""
+        if not (self._tiers.active or was_active):
+            return
+        self._tiers.changed()
+        for pod_key in self._state.pods:
+            self._nodes.mark_pod(pod_key)
+
     def _compile_endpoint(self, pod: Pod) -> tuple[EndpointPolicy, frozenset[int]]:
-        return self._endpoints.compile(pod, self._selection.selecting(pod.key))
+        endpoint, identities = self._endpoints.compile(pod, self._selection.selecting(pod.key))
+        if not self._tiers.active:
+            return endpoint, identities
+        ingress = self._tiers.attach(pod, PolicyType.INGRESS, endpoint.ingress)
+        egress = self._tiers.attach(pod, PolicyType.EGRESS, endpoint.egress)
+        if ingress is endpoint.ingress and egress is endpoint.egress:
+            return endpoint, identities
+        endpoint = replace(endpoint, ingress=ingress, egress=egress)
+        # the base lists' identities are in `identities` already; the tiered ones once per list
+        return endpoint, identities | self._tiers.identities(ingress) | self._tiers.identities(egress)

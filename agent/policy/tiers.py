@@ -8,7 +8,7 @@ by name so that every replica, the evaluator and the dataplanes agree), and each
 list order. The first rule that matches decides: Accept and Deny end the evaluation of this
 direction, Pass skips the rest of the tier. Being a subject isolates nothing by itself.
 
-Decisions where the API leaves room (shared with the compiler of phase 2):
+Decisions where the API leaves room (shared with the compiler, agent.policy.graph.cluster):
 - Host-network pods and bare IPs are never subjects, and `namespaces`/`pods` peers never match
   them; `networks` and `nodes` peers match them by IP (a host-network pod's IP is its node's).
 - A pod talking to its own IP (hairpin without a Service) is not judged by any tier here.

@@ -39,6 +39,10 @@
 #ifndef PF_CT_EXPECT_NS
 #define PF_CT_EXPECT_NS (100ULL * 1000000ULL)
 #endif
+/* the most conntrack entries one endpoint may be charged for (lib/conntrack.h); 0: no bound */
+#ifndef PF_CT_ENDPOINT_MAX
+#define PF_CT_ENDPOINT_MAX 0
+#endif
 /* 1 = traffic of a guarded interface that no endpoint claims passes; 0 = dropped */
 #ifndef PF_UNKNOWN_ALLOW
 #define PF_UNKNOWN_ALLOW 0

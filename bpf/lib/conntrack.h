@@ -206,19 +206,56 @@ static __always_inline void pf_ct_find(struct pf_ct_flow *flow, const struct pf_
 	flow->entry = pf_ct_entry(&flow->key, flow->way, now, pkt);
 }
 
+/* What one endpoint may hold (issue 21, item 10). pf_ct is one LRU for the node: a pod opening
+ * flows faster than others' idle flows are used would evict every one of them (a reply of an
+ * egress-only flow is then dropped, in reset mode a TCP connection ends). So each entry is
+ * charged to the endpoint whose verdict inserted it (`owner`): the pod that opened the flow from
+ * this node, or, for a flow from elsewhere, the local pod it goes to. An endpoint charged for
+ * PF_CT_ENDPOINT_MAX live entries has its new flows dropped (PF_DROP_FLOW_LIMIT): a flood costs
+ * that pod, and the LRU never fills with one pod's flows. An LRU evicts silently, so the datapath
+ * cannot count what an endpoint still holds: it only adds to pf_ct_charged, and the agent
+ * (dataplane.release_conntrack) counts the live entries per owner, deletes the expired ones
+ * and writes pf_ct_released = charged before its count - live. Entries inserted during the count
+ * make `released` smaller, never larger: an endpoint is never credited with an entry it holds.
+ * Per endpoint and CPU the check and the charge are not one atomic step: a bound may be exceeded
+ * by one entry per CPU. */
+PF_PINNED("array", __u32, __u64, pf_ct_charged, PF_ENDPOINTS_MAX, 0);
+PF_PINNED("array", __u32, __u64, pf_ct_released, PF_ENDPOINTS_MAX, 0);
+
+/* Charges `owner` (endpoint_id + 1; 0: nobody) one entry; 0 when it already holds its bound. */
+static __always_inline int pf_ct_charge(__u32 owner)
+{
+	if (!PF_CT_ENDPOINT_MAX || !owner)
+		return 1;
+	__u32 index = owner - 1;
+	__u64 *charged = pf_ct_charged.lookup(&index);
+	__u64 *released = pf_ct_released.lookup(&index);
+	if (!charged || !released)
+		return 1;  /* endpoint ids are below PF_ENDPOINTS_MAX: not reached */
+	if ((__s64)(*charged - *released) >= PF_CT_ENDPOINT_MAX)
+		return 0;
+	__sync_fetch_and_add(charged, 1);
+	return 1;
+}
+
 /* Records that `flag` admitted the packet's way of `flow` (found by pf_ct_find for this packet).
  * `sender_slot` / `receiver_slot`: endpoint_id + 1 of the local pod sending / receiving it (0:
- * none or not known here); the receiver sends the replies, so its slot is the other way's. */
-static __always_inline void pf_ct_admit(struct pf_ct_flow *flow, __u32 flag, __u64 now, __u32 sender_slot,
-					__u32 receiver_slot)
+ * none or not known here); the receiver sends the replies, so its slot is the other way's.
+ * `owner`: endpoint_id + 1 of the pod whose verdict this is, charged for a new entry. Returns 0
+ * when a new entry was refused because the owner holds its bound (pf_ct_charge). */
+static __always_inline int pf_ct_admit(struct pf_ct_flow *flow, __u32 flag, __u64 now, __u32 sender_slot,
+				       __u32 receiver_slot, __u32 owner)
 {
 	if (flow->entry) {
 		pf_ct_way_mark(flow->entry, flow->way, flag, sender_slot, receiver_slot);
-		return;
+		return 1;
 	}
-	struct pf_ct_value fresh = {.last_seen_ns = now};
+	if (!pf_ct_charge(owner))
+		return 0;
+	struct pf_ct_value fresh = {.last_seen_ns = now, .owner = owner};
 	pf_ct_way_mark(&fresh, flow->way, flag, sender_slot, receiver_slot);
 	pf_ct.update(&flow->key, &fresh);
+	return 1;
 }
 
 #define PF_CT_MISS 0
@@ -426,7 +463,7 @@ static __always_inline void pf_ct_settle(struct pf_ct_expect_value *note, const 
 	struct pf_ct_flow sent;
 	sent.way = pf_ct_key_fill(&sent.key, &pkt->saddr, &daddr, pkt->sport_be, dport_be, pkt->protocol);
 	sent.entry = pf_ct_entry(&sent.key, sent.way, now, pkt);
-	pf_ct_admit(&sent, PF_CT_FROM_POD, now, slot, 0);
+	pf_ct_admit(&sent, PF_CT_FROM_POD, now, slot, 0, slot);
 }
 
 #endif /* PF_LIB_CONNTRACK_H */

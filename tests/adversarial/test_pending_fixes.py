@@ -37,9 +37,8 @@ FLOW_SPORT, FLOW_DPORT = 5353, 7000  # the victim's tracked flow to the bystande
 SEED_SPORT, SEED_DPORT = 6000, 7001  # the flow the attacker seeds towards the bystander
 BCT = "fixed on main for the eBPF dataplane (merge of h-bpfct)"
 # nf_conntrack takes an ICMP error from any source as related (a router on the path): the iptables
-# dataplane cannot compare the error's source with the quoted tuple (docs/security.md)
-IPTABLES_RELATED = "iptables: nf_conntrack admits errors from any router; documented limit"
-IPTABLES_LABS = ("iptables-routed", "iptables-bridged")
+# dataplane drops a related error from a pod unless it quotes a packet sent to that pod (u32)
+IPTABLES_RELATED = "iptables: a pod's related errors must quote a packet to the pod (u32 in PF-FROM)"
 L2 = "fixed on main (merge of h-l2)"
 L2_IPTABLES = "fixed on main for the iptables dataplane by ebtables rules (merge of h-ebt)"
 
@@ -202,7 +201,7 @@ PENDING = [
             setup=_victim_flow,
         ),
         "issue 21 item 1: an ICMP error from a pod that is no hop of the quoted flow is admitted as related",
-        passes_on=IPTABLES_LABS,
+        passes_on=(),
         fixed_on=f"{BCT}; {IPTABLES_RELATED}",
     ),
     Pending(
@@ -214,7 +213,7 @@ PENDING = [
         ),
         "issue 21 item 1: an ICMPv6 error from a pod that is no hop of the quoted flow is admitted"
         " as related",
-        passes_on=IPTABLES_LABS,
+        passes_on=(),
         fixed_on=f"{BCT}; {IPTABLES_RELATED}",
     ),
     Pending(
@@ -351,10 +350,9 @@ PENDING = [
             _arp_with_payload,
             topologies=("bridged",),
         ),
-        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods on the "
-        "iptables dataplane (docs/security.md: ebtables cannot match an ARP frame's length)",
-        passes_on=("iptables-bridged",),
-        fixed_on=L2,
+        "issue 21 item 5: ARP with trailing bytes carries payload between isolated pods",
+        passes_on=(),
+        fixed_on=f"{L2}; iptables: nft's ARP guard marks it, the port's ebtables chain drops it",
     ),
     Pending(
         Case(

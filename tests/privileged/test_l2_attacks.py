@@ -315,21 +315,20 @@ def s_ether(sender: Pod, receiver: Pod) -> Any:
     return scapy.Ether(src=link_mac(sender), dst=link_mac(receiver))
 
 
-ARP_LENGTH_IPTABLES = pytest.mark.xfail(
-    strict=True,
-    reason="iptables dataplane: ebtables has no frame length match, so ARP with trailing bytes "
-    "from the pod's own addresses passes",
-)
+# Trailing bytes: a payload, or the 18 bytes that pad ARP to 60 on the wire, not zero. On the
+# iptables dataplane nft's ARP guard marks them and the pod port's ebtables chain drops them.
+ARP_TRAILERS = {"payload": MARKER * 20, "non-zero padding": MARKER}  # MARKER: 18 bytes
 
 
-@pytest.mark.parametrize("kind", ["bpf", pytest.param("iptables", marks=ARP_LENGTH_IPTABLES)])
-def test_arp_carries_no_payload_between_isolated_pods(bridged: Node, kind: str) -> None:
+@pytest.mark.parametrize("trailer", sorted(ARP_TRAILERS))
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_arp_carries_no_payload_between_isolated_pods(bridged: Node, kind: str, trailer: str) -> None:
     a, b, _ = bridged.pods
     s = scapy
     arp = (
         s.Ether(src=link_mac(a), dst="ff:ff:ff:ff:ff:ff")
         / s.ARP(op=1, hwsrc=link_mac(a), psrc=a.ip, pdst=b.ip)
-        / s.Raw(MARKER * 20)
+        / s.Raw(ARP_TRAILERS[trailer])
     )
     without, with_it = both_ways(bridged, kind, lambda: delivered(a, b, arp))
     assert without >= 1, "without podfence the ARP trailer reaches the victim"
@@ -376,13 +375,23 @@ def test_iptables_layer2_chains_count_their_drops_and_leave_with_teardown(bridge
         after = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
         assert after[("ns/p1", "egress")] - before.get(("ns/p1", "egress"), 0) == 3
         assert after.get(("ns/p2", "egress"), 0) == before.get(("ns/p2", "egress"), 0)
+        # ARP with trailing bytes: marked by the nft guard, dropped (and counted) by p1's chain
+        trailer = s_ether(a, b) / scapy.ARP(op=1, hwsrc=link_mac(a), psrc=a.ip, pdst=b.ip) / scapy.Raw(MARKER)
+        send(a, trailer, trailer)
+        counted = {(c.key, c.direction): c.denied_packets for c in plane.call("counters")}
+        assert counted[("ns/p1", "egress")] - after[("ns/p1", "egress")] == 2
         # another tool removes the jump: the agent's hook check puts it back first
         bridged.run("ebtables-nft", "-t", "nat", "-D", "PREROUTING", "-j", "PF-L2")
         assert plane.call("repair_hooks") == ["bridge PREROUTING"]
         assert bridge_nat(bridged).split("-A PREROUTING ", 2)[1].strip() == "-j PF-L2"
+        # or the ARP guard's table: put back too
+        bridged.run("nft", "delete", "table", "bridge", "podfence")
+        assert plane.call("repair_hooks") == ["bridge podfence"]
+        assert "chain arp-length" in bridged.run("nft", "list", "table", "bridge", "podfence").stdout
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+    assert "podfence" not in bridged.run("nft", "list", "tables").stdout
 
 
 def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged: Node) -> None:
@@ -397,6 +406,7 @@ def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged:
     finally:
         worker.stop()  # the agent exits: its rules stay in force
     assert "-A PREROUTING -j PF-L2" in bridge_nat(bridged)
+    assert "bridge podfence" in bridged.run("nft", "list", "tables").stdout
     sh(*in_netns(bridged.netns, PYTHON, "-m", "agent.cli", "teardown", "--dataplane", "iptables"))
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
@@ -431,3 +441,4 @@ def test_iptables_layer2_chain_flushed_by_hand_is_rewritten(bridged: Node) -> No
         assert [kind for kind, _ in found] == ["bridge_chain"] and chain in found[0][1], found
         assert dropped_of_twenty() >= 20
         assert plane.call("repair_state") == []
+    assert "podfence" not in bridged.run("nft", "list", "tables").stdout

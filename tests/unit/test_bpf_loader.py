@@ -40,3 +40,24 @@ def test_knobs_become_define_flags() -> None:
     assert "-DPF_UNKNOWN_ALLOW=1" in flags
     assert "-DPF_POLICY_MAX=2" in flags and "-DPF_EVENT_RATE=8" in flags
     assert "-DPF_UNKNOWN_ALLOW=0" in knobs().cflags()
+
+
+def test_conntrack_timeouts_mirror_the_datapath_defaults() -> None:
+    """The agent's count of live conntrack entries expires them as the datapath does."""
+    from agent.dataplane.bpf import structs
+
+    text = (loader.BPF_SOURCE_DIR / "lib" / "common.h").read_text()
+    defined = {name: int(value) for name, value in re.findall(r"#define PF_CT_TIMEOUT_(\w+) (\d+)", text)}
+    assert defined == {
+        "TCP": structs.CT_TIMEOUT_TCP,
+        "TCP_CLOSING": structs.CT_TIMEOUT_TCP_CLOSING,
+        "UDP": structs.CT_TIMEOUT_UDP,
+        "SCTP": structs.CT_TIMEOUT_SCTP,
+        "ICMP": structs.CT_TIMEOUT_ICMP,
+        "OTHER": structs.CT_TIMEOUT_OTHER,
+    }
+
+
+def test_the_conntrack_bound_per_endpoint_is_a_define_flag() -> None:
+    assert "-DPF_CT_ENDPOINT_MAX=0" in knobs().cflags()
+    assert "-DPF_CT_ENDPOINT_MAX=64" in knobs(ct_endpoint_max=64).cflags()

@@ -1,17 +1,15 @@
-"""ClusterNetworkPolicy in the control service, before the dataplanes enforce it (issue 23, phase 1).
+"""ClusterNetworkPolicy in the control service (issue 23).
 
 - The folder source and the Kubernetes source (custom-objects API, replayed) read it; an invalid
   one is reported with its field path like any object.
-- Nothing a node enforces changes because of it, and that is never silent: one warning per policy
-  in the log, an entry in `podfence status` source errors for as long as it exists, and the gauge
-  podfence_control_unenforced_policies{kind="ClusterNetworkPolicy"}.
+- It reaches the nodes: the endpoints it selects carry its tiered entries (agent.policy.compiled),
+  and `podfence status` lists no valid one as a problem (the dataplanes enforce it).
 - A cluster without the CRD (404) is served: the kind counts as listed and empty.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client, watch
 
-from agent.control.hub import UNENFORCED_SOURCE, PolicyHub
+from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.source_folder import FolderSource
 from agent.control.source_kubernetes import KubernetesSource, _api_list_functions
@@ -51,16 +49,18 @@ def cnp_doc(name: str, port: int = 15000, priority: int = 10) -> dict[str, Any]:
     }
 
 
-def unenforced_gauge(metrics: ControlMetrics) -> float:
-    value = metrics.registry.get_sample_value(
-        "podfence_control_unenforced_policies", {"kind": "ClusterNetworkPolicy"}
-    )
-    assert value is not None
-    return value
+def enforced(resolver: Resolver, nodes: tuple[str, ...] = ("n1", "n2", "n3")) -> dict[str, set[int]]:
+    """ClusterNetworkPolicy name -> the ports of its tiered entries on the nodes' endpoints."""
+    found: dict[str, set[int]] = {}
+    for node in nodes:
+        for endpoint in resolver.node_policy(node).endpoints.values():
+            for entry in (*endpoint.ingress.tiered, *endpoint.egress.tiered):
+                found.setdefault(entry.policy, set()).add(entry.port_first)
+    return found
 
 
-def unenforced_entries(hub: PolicyHub) -> list[str]:
-    return [p.object or "" for p in hub.status().source_errors if p.source == UNENFORCED_SOURCE]
+def problems(hub: PolicyHub) -> list[str]:
+    return [p.object or "" for p in hub.status().source_errors]
 
 
 def base_hub() -> tuple[PolicyHub, Resolver, ControlMetrics]:
@@ -76,9 +76,7 @@ def base_hub() -> tuple[PolicyHub, Resolver, ControlMetrics]:
 # --- folder ------------------------------------------------------------------------------------
 
 
-def test_folder_cnp_is_held_reported_and_changes_no_node(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_folder_cnp_reaches_the_nodes_and_an_invalid_one_is_reported(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(
         yaml.safe_dump_all([ns_doc("shop"), *PODS, policy_doc("web-in", "web", 8080)])
     )
@@ -88,33 +86,26 @@ def test_folder_cnp_is_held_reported_and_changes_no_node(
     source = FolderSource(tmp_path, hub)
     source.scan()
     before = {node: resolver.node_policy(node) for node in ("n1", "n2", "n3")}
-    assert unenforced_gauge(metrics) == 0 and unenforced_entries(hub) == []
+    assert enforced(resolver) == {} and problems(hub) == []
 
     bad = cnp_doc("broken")
     bad["spec"]["priority"] = 5000
     (tmp_path / "admin.yaml").write_text(yaml.safe_dump_all([cnp_doc("mesh-guard"), bad]))
-    with caplog.at_level(logging.WARNING):
-        source.scan()
+    source.scan()
     assert set(resolver.state.cluster_policies) == {"mesh-guard"}
-    assert {node: resolver.node_policy(node) for node in ("n1", "n2", "n3")} == before
-    assert unenforced_entries(hub) == ["ClusterNetworkPolicy mesh-guard"]
-    assert unenforced_gauge(metrics) == 1
-    warnings = [r.getMessage() for r in caplog.records if "NOT ENFORCED" in r.getMessage()]
-    assert len(warnings) == 1 and "mesh-guard" in warnings[0]
+    assert enforced(resolver) == {"mesh-guard": {15000}}
     invalid = [p for p in hub.status().source_errors if p.object == "ClusterNetworkPolicy broken"]
     assert len(invalid) == 1 and "spec.priority" in invalid[0].error
+    assert problems(hub) == ["ClusterNetworkPolicy broken"]
 
-    caplog.clear()
     (tmp_path / "admin.yaml").write_text(yaml.safe_dump_all([cnp_doc("mesh-guard", port=15001)]))
-    with caplog.at_level(logging.WARNING):
-        source.scan()
-    assert resolver.state.cluster_policies["mesh-guard"].ingress[0].ports[0].first == 15001
-    assert not [r for r in caplog.records if "NOT ENFORCED" in r.getMessage()], "one warning per policy"
+    source.scan()
+    assert enforced(resolver) == {"mesh-guard": {15001}}
 
     (tmp_path / "admin.yaml").unlink()
     source.scan()
     assert resolver.state.cluster_policies == {}
-    assert unenforced_entries(hub) == [] and unenforced_gauge(metrics) == 0
+    assert {node: resolver.node_policy(node) for node in ("n1", "n2", "n3")} == before
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -180,7 +171,7 @@ def k8s_source(hub: PolicyHub, api: CustomObjectsApi) -> KubernetesSource:
 
 
 def test_kubernetes_source_lists_and_watches_cluster_network_policies() -> None:
-    hub, resolver, metrics = base_hub()
+    hub, resolver, _ = base_hub()
     before = resolver.node_policy("n1")
     invalid = cnp_doc("broken")
     invalid["spec"]["tier"] = "Platform"
@@ -201,12 +192,11 @@ def test_kubernetes_source_lists_and_watches_cluster_network_policies() -> None:
     assert set(resolver.state.cluster_policies) == {"mesh-guard"}
     assert resolver.state.cluster_policies["mesh-guard"].ingress[0].ports[0].first == 15001
     assert source.resource_versions["ClusterNetworkPolicy"] == "14"
-    assert resolver.node_policy("n1") == before
-    assert unenforced_entries(hub) == ["ClusterNetworkPolicy mesh-guard"]
-    assert unenforced_gauge(metrics) == 1
-    problems = [p for p in hub.status().source_errors if p.source == "kubernetes"]
-    assert [p.object for p in problems] == ["ClusterNetworkPolicy broken"]
-    assert "spec.tier" in problems[0].error
+    assert resolver.node_policy("n1") != before
+    assert enforced(resolver, ("n1",)) == {"mesh-guard": {15001}}
+    found = [p for p in hub.status().source_errors if p.source == "kubernetes"]
+    assert [p.object for p in found] == ["ClusterNetworkPolicy broken"]
+    assert "spec.tier" in found[0].error
 
 
 def test_kubernetes_source_without_the_crd_is_synced_and_retries() -> None:
@@ -224,7 +214,7 @@ def test_kubernetes_source_without_the_crd_is_synced_and_retries() -> None:
     assert set(resolver.state.cluster_policies) == {"mesh-guard"}
     api.missing = True  # and removed again: its objects go with it
     source.watch_kind("ClusterNetworkPolicy", threading.Event(), max_attempts=1)
-    assert resolver.state.cluster_policies == {} and unenforced_gauge(metrics) == 0
+    assert resolver.state.cluster_policies == {} and enforced(resolver) == {}
 
 
 def test_the_real_list_function_asks_the_custom_objects_api(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +248,7 @@ def parsed(doc: dict[str, Any]) -> KubeObject:
     return obj
 
 
-def test_the_resolver_holds_cluster_policies_and_nodes_without_compiling_them() -> None:
+def test_the_resolver_compiles_cluster_policies_and_forgets_them() -> None:
     node = parsed({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
                          "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}})
     resolver = Resolver()
@@ -268,11 +258,11 @@ def test_the_resolver_holds_cluster_policies_and_nodes_without_compiling_them() 
     before = {n: resolver.node_policy(n) for n in ("n1", "n2", "n3")}
     resolver.upsert(parsed(cnp_doc("mesh-guard")))
     resolver.upsert(node)
-    assert resolver.take_dirty_nodes() == set(), "phase 1: no node's compiled policy depends on them"
-    assert resolver.unenforced_policies() == ["mesh-guard"] and set(resolver.state.nodes) == {"n1"}
-    resolver.replace_all([*base, parsed(cnp_doc("other")), node])
-    assert resolver.unenforced_policies() == ["other"]
+    assert resolver.take_dirty_nodes() == set(before), "every endpoint may be a subject"
+    assert enforced(resolver) == {"mesh-guard": {15000}} and set(resolver.state.nodes) == {"n1"}
+    resolver.replace_all([*base, parsed(cnp_doc("other", port=9)), node])
+    assert enforced(resolver) == {"other": {9}}
     resolver.delete("ClusterNetworkPolicy", "", "other")
     resolver.delete("Node", "", "n1")
-    assert resolver.unenforced_policies() == [] and resolver.state.nodes == {}
+    assert enforced(resolver) == {} and resolver.state.nodes == {}
     assert {n: resolver.node_policy(n) for n in ("n1", "n2", "n3")} == before

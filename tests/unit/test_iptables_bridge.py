@@ -45,6 +45,7 @@ def test_a_bridged_endpoint_gets_mac_binding_no_tags_and_arp_for_its_own_address
         "-p 802_1Q -j DROP",
         "-p 0x88a8 -j DROP",
         f"-s ! {MAC} -j DROP",
+        "-p ARP --mark 0x100000/0x100000 -j DROP",  # not address resolution's length (ARP_GUARD)
         f"{arp} --arp-op Request --arp-mac-src {MAC} --arp-ip-src 10.0.0.5 -j RETURN",
         f"{arp} --arp-op Reply --arp-mac-src {MAC} --arp-ip-src 10.0.0.5 -j RETURN",
         f"{arp} --arp-op Request --arp-mac-src {MAC} --arp-ip-src 10.0.0.6 -j RETURN",

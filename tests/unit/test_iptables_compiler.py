@@ -117,12 +117,15 @@ def test_dispatch_anti_spoofing_unknown_and_bridged_interfaces() -> None:
     veth_a = [r for r in from_rules if "-i veth-a " in r]
     # IPv4 options (but a lone Router Alert) first: a source route would slip past the dispatch
     assert "podfence:ipopts ns/a" in veth_a[0] and "--u32" in veth_a[0] and veth_a[0].endswith("-j DROP")
-    assert "-s 10.0.0.1/32" in veth_a[1] and "-g PF-E" in veth_a[1]
+    # then, per own address, the related ICMP errors that do not quote a packet to it
+    assert "-s 10.0.0.1/32" in veth_a[1] and "podfence:icmperr ns/a 10.0.0.1" in veth_a[1]
+    assert "-s 10.0.0.1/32" in veth_a[2] and "-g PF-E" in veth_a[2]
     assert "podfence:spoof ns/a" in veth_a[-1] and veth_a[-1].endswith("-j DROP")
-    assert not any("--u32" in r for r in desired.chains[6][FROM_POD_CHAIN])
+    assert not any("podfence:ipopts" in r for r in desired.chains[6][FROM_POD_CHAIN])
     bridged = [r for r in from_rules if "--physdev-in veth-c " in r]
     assert "podfence:ipopts ns/m" in bridged[0]
-    assert [r.split(" -s ")[1].split()[0] for r in bridged[1:3]] == ["10.0.0.5/32", "10.0.0.6/32"]
+    dispatch = [r for r in bridged if "-g PF-E" in r]
+    assert [r.split(" -s ")[1].split()[0] for r in dispatch] == ["10.0.0.5/32", "10.0.0.6/32"]
     assert bridged[-1].endswith("-j DROP")
     assert any("--physdev-out veth-c --physdev-is-bridged" in r for r in to_rules)
     assert any("-o cni0 -d 10.0.0.5" in r and "! --physdev-is-bridged" in r for r in to_rules)
@@ -161,6 +164,21 @@ def test_reset_mode_refuses_tcp_pickup_mid_stream() -> None:
     rules = reset.chains[4][chain_of(reset, "ns/a", "egress")]
     assert "-p tcp ! --syn -m conntrack --ctstate NEW" in rules[1]
     assert chain_of(keep, "ns/a", "egress") != chain_of(reset, "ns/a", "egress")
+
+
+def test_a_pods_new_connections_beyond_its_bound_are_dropped_as_its_denials() -> None:
+    """Issue 21 item 10: connlimit by the pod's own address, source for egress, destination for
+    ingress, right after the established flows pass; no rule without a bound."""
+    bounded = compile_state(state(), IFACES, flows_per_pod=100)
+    for family, width in ((4, 32), (6, 128)):
+        for direction, end in (("egress", "saddr"), ("ingress", "daddr")):
+            rules = bounded.chains[family][chain_of(bounded, "ns/a", direction, family)]
+            assert rules[1] == (
+                "-m conntrack --ctstate NEW -m connlimit --connlimit-above 100 "
+                f'--connlimit-mask {width} --connlimit-{end} -m comment --comment "podfence:deny" -j DROP'
+            )
+    unbounded = compile_state(state(), IFACES)
+    assert not any("connlimit" in rule for rules in unbounded.chains[4].values() for rule in rules)
 
 
 def test_an_ipv4_mapped_peer_is_refused_before_any_ipv6_allow() -> None:
@@ -242,3 +260,18 @@ def test_set_entries_have_one_spelling() -> None:
     assert canonical_member("fd00::1,udp:53") == "fd00::1/128,udp:53"
     assert canonical_member("10.9.0.0/24 nomatch") == "10.9.0.0/24 nomatch"
     assert member_address("10.9.0.1/32,tcp:80") == "10.9.0.1/32"
+
+
+def test_a_pods_related_icmp_errors_must_quote_a_packet_sent_to_it() -> None:
+    """nf_conntrack takes an error from any router as related; a pod is none (issue 21 item 1)."""
+    endpoint = Endpoint(
+        "ns/e", (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("fd00::5")), ifindex=10
+    )
+    desired = compile_state(NodeState(1, {"ns/e": endpoint}, {}, (), frozenset({10})), IFACES)
+    (v4,) = [r for r in desired.chains[4][FROM_POD_CHAIN] if "podfence:icmperr" in r]
+    assert v4.startswith("-i veth-a -s 10.0.0.5/32 -p icmp -m conntrack --ctstate RELATED ")
+    assert '! --u32 "0>>22&0x3C@24=0xa000005"' in v4 and v4.endswith("-j DROP")
+    (v6,) = [r for r in desired.chains[6][FROM_POD_CHAIN] if "podfence:icmperr" in r]
+    assert "-s fd00::5/128 -p ipv6-icmp -m conntrack --ctstate RELATED " in v6
+    # no extension headers (next header ICMPv6), then the quoted destination word by word
+    assert '! --u32 "4>>8&0xFF=58&&72=0xfd000000&&76=0x0&&80=0x0&&84=0x5"' in v6

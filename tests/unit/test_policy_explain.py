@@ -232,7 +232,7 @@ def test_an_admin_deny_names_tier_policy_and_rule(tiered: Path, capsys: pytest.C
     assert ingress["tier"] == "Admin" and ingress["policies"] == ["mesh-guard"]
     assert ingress["rule"] == {"kind": "ClusterNetworkPolicy", "policy": "mesh-guard", "tier": "Admin",
                                "priority": 10, "index": 1, "name": "no-proxy-admin", "action": "Deny"}
-    assert "mesh-guard" in err and "do not enforce ClusterNetworkPolicy yet" in err
+    assert err == "", "enforced by the dataplanes: no warning"
     code, out, _ = explain(capsys, "--source", str(tiered), "--from", "shop/client", "--to", "shop/web",
                            "--port", "15000")
     assert "DENIED" in out.splitlines()[0]

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
+    EP_EGRESS_OPEN,
+    EP_EGRESS_TIERED,
+    EP_INGRESS_OPEN,
+    EP_INGRESS_TIERED,
     POLICY_PREFIX_ANY_PROTOCOL,
     POLICY_PREFIX_PROTOCOL,
     PeerKind,
     addr_bytes,
-    network_prefix,
 )
+from agent.dataplane.bpf.tiered import TieredRule, cell_entries, is_tiered, tiered_rule
 from agent.dataplane.types import (
     PROTO_ANY,
-    V4_MAPPED_SPACE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -41,12 +44,12 @@ from agent.dataplane.types import (
     NodeState,
 )
 
-# (protocol, port_first, port_last, peer): the part of an Allow that decides verdicts
-Rule = tuple[int, int, int, CidrPeer | IdentityPeer]
+# (protocol, port_first, port_last, peer): the part of an Allow that decides verdicts; a tiered
+# rule (ClusterNetworkPolicy) adds (tier, rank, action), see tiered.py
+Rule = tuple[int, int, int, CidrPeer | IdentityPeer] | TieredRule
 PolicyContent = frozenset[Rule]
 # (prefixlen, policy_id, peer_class, peer_kind, protocol, dport): one policy LPM entry
 PolicyEntry = tuple[int, int, int, int, int, int]
-CidrPrefix = tuple[int, bytes]  # (prefixlen in the 128-bit space, 16 address bytes)
 
 NOT_ISOLATED = 0  # policy id meaning "this direction allows everything"
 
@@ -72,6 +75,7 @@ class EndpointEntry:
     egress_policy_id: int
     generation: int = 0  # peer-map generation; chosen by the writer's plan, not the compiler
     mac: bytes = bytes(6)  # the pod's MAC; all zero: not bound
+    flags: int = 0  # structs.EP_*: per direction, tiered verdicts / allowed when no entry decides
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class Desired:
     node_ips: frozenset[bytes]
     ipcache: dict[bytes, int]  # address -> identity class
     cidr: dict[CidrPrefix, int]  # prefix -> cidr class (0 = no peer)
-    policy: dict[PolicyEntry, int]  # entry -> number of rules producing it
+    policy: dict[PolicyEntry, int]  # entry -> tiered.leaf_value (rules producing it, verdict)
     allocation: Allocation
     interfaces: frozenset[int]  # every ifindex to guard
 
@@ -106,10 +110,19 @@ def port_range_prefixes(first: int, last: int) -> tuple[tuple[int, int], ...]:
 
 
 def policy_content(direction: DirectionPolicy) -> PolicyContent | None:
-    """The verdict-relevant content of a direction; None when it is not isolated."""
-    if not direction.isolated:
+    """The verdict-relevant content of a direction; None when nothing restricts it."""
+    if not direction.judged:
         return None
-    return frozenset(_rule(allow) for allow in direction.allows)
+    rules: set[Rule] = {_rule(allow) for allow in direction.allows}
+    rules.update(tiered_rule(entry) for entry in direction.tiered)
+    return frozenset(rules)
+
+
+def endpoint_flags(ingress: DirectionPolicy, egress: DirectionPolicy) -> int:
+    flags = 0 if ingress.isolated else EP_INGRESS_OPEN
+    flags |= 0 if egress.isolated else EP_EGRESS_OPEN
+    flags |= EP_INGRESS_TIERED if ingress.tiered else 0
+    return flags | (EP_EGRESS_TIERED if egress.tiered else 0)
 
 
 def _rule(allow: Allow) -> Rule:
@@ -121,58 +134,6 @@ def _rule(allow: Allow) -> Rule:
 def peer_sort_key(peer: CidrPeer) -> tuple[int, str]:
     """A total order over peers of both families (IPv4Network and IPv6Network do not compare)."""
     return (peer.cidr.version, str(peer))
-
-
-def _same_family(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version
-
-
-def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[CidrPeer]]:
-    """For every cidr/except prefix: the peers containing the addresses whose longest match it is.
-
-    An address whose longest match is P lies inside a peer's cidr iff P is a subnet of that cidr
-    (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
-    over P's addresses. Prefixes nest or are disjoint, so one sweep in address order with a stack
-    of the enclosing prefixes finds each one's class from its parent's: O(n log n) plus the size
-    of the classes (comparing every prefix with every peer took 10^8 subnet tests, 110 s, for
-    10,000 host peers).
-    """
-    cidr_at: dict[IPNetwork, list[CidrPeer]] = {}
-    except_at: dict[IPNetwork, list[CidrPeer]] = {}
-    for peer in set(peers):
-        cidr_at.setdefault(peer.cidr, []).append(peer)
-        for carved in peer.excepts:
-            except_at.setdefault(carved, []).append(peer)
-    prefixes = cidr_at.keys() | except_at.keys()
-    # IPv4 lives at ::ffff:0:0/96 of the one LPM space, so an IPv6 prefix covering it (::/0)
-    # would be every IPv4 address's longest match: 0.0.0.0/0 (the /96) shadows it with the
-    # IPv4 peers' own class (empty unless some peer is 0.0.0.0/0).
-    if any(p.version == 6 and V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
-        prefixes.add(ipaddress.IPv4Network("0.0.0.0/0"))
-    classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
-    for version in (4, 6):
-        # (first address, prefixlen) order visits every prefix after all the prefixes enclosing it
-        ordered = sorted(
-            ((int(p.network_address), p.prefixlen, p) for p in prefixes if p.version == version),
-            key=lambda item: (item[0], item[1]),
-        )
-        # enclosing prefixes: (last address, prefix, its class)
-        stack: list[tuple[int, IPNetwork, frozenset[CidrPeer]]] = []
-        for first, _length, prefix in ordered:
-            while stack and stack[-1][0] < first:
-                stack.pop()
-            inherited = stack[-1][2] if stack else frozenset()
-            excepted: list[CidrPeer] = except_at.get(prefix, [])
-            members = inherited.difference(excepted) if excepted else inherited
-            # a peer whose cidr is this prefix still misses it when one of its excepts encloses it
-            joining = [p for p in cidr_at.get(prefix, []) if not any(
-                e.version == version and prefix.subnet_of(e) for e in p.excepts  # type: ignore[arg-type]
-            )]
-            if joining:
-                members = members.union(joining)
-            classes[prefix] = members
-            stack.append((first + (1 << (prefix.max_prefixlen - _length)) - 1, prefix, members))
-    return classes
 
 
 def policy_entries(
@@ -207,12 +168,11 @@ def entries_for_members(
     entries: dict[PolicyEntry, int] = {}
     spans: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
     for content, policy_id in policies.items():
-        for protocol, first, last, peer in content:
-            kind: int
-            if isinstance(peer, IdentityPeer):
-                kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
-            else:
-                kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
+        if is_tiered(content):
+            entries.update(_tiered_entries(policy_id, content, identity_members, cidr_members))
+            continue
+        for protocol, first, last, peer in content:  # type: ignore[misc]
+            kind, classes = _classes_of(peer, identity_members, cidr_members)
             for class_id in classes:
                 if protocol == PROTO_ANY:
                     entry = (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
@@ -225,6 +185,35 @@ def entries_for_members(
         for first, last, rules in merge_port_ranges(ranges):
             for value, bits in port_range_prefixes(first, last):
                 entries[(POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)] = rules
+    return entries
+
+
+def _classes_of(
+    peer: CidrPeer | IdentityPeer,
+    identity_members: dict[int, list[int]],
+    cidr_members: dict[CidrPeer, list[int]],
+) -> tuple[int, list[int]]:
+    """(peer kind, the class ids that contain `peer`)."""
+    if isinstance(peer, IdentityPeer):
+        return PeerKind.IDENTITY, identity_members.get(peer.identity, [])
+    return PeerKind.CIDR, cidr_members.get(peer, [])
+
+
+def _tiered_entries(
+    policy_id: int,
+    content: PolicyContent,
+    identity_members: dict[int, list[int]],
+    cidr_members: dict[CidrPeer, list[int]],
+) -> dict[PolicyEntry, int]:
+    """A tiered policy's entries: its rules gathered per (class, kind), overlaps resolved there."""
+    cells: dict[tuple[int, int], list[Rule]] = {}
+    for rule in content:
+        kind, classes = _classes_of(rule[3], identity_members, cidr_members)
+        for class_id in classes:
+            cells.setdefault((class_id, kind), []).append(rule)
+    entries: dict[PolicyEntry, int] = {}
+    for (class_id, kind), rules in cells.items():
+        entries.update(cell_entries(policy_id, class_id, kind, rules, port_range_prefixes))
     return entries
 
 
@@ -263,6 +252,9 @@ def _inherited_policy_ids(
         (content,) = now_read
         if (
             isinstance(content, frozenset)
+            # a tiered entry's value changes with its content: never rewritten in place
+            and not is_tiered(content)
+            and not is_tiered(old_contents.get(pid, ()))
             and content not in previous.policies
             and content not in inherited
             and old_contents.get(pid) not in live_contents
@@ -312,7 +304,8 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
     referenced_identities: set[int] = set()
     referenced_cidrs: set[CidrPeer] = set()
     for content in policies:
-        for _protocol, _first, _last, peer in content:
+        for rule in content:
+            peer = rule[3]
             if isinstance(peer, IdentityPeer):
                 referenced_identities.add(peer.identity)
             else:
@@ -336,16 +329,21 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
     # CIDR classes
     cidr_classes: dict[frozenset[CidrPeer], int] = {}
     cidr: dict[CidrPrefix, int] = {}
-    # in the datapath's address order, so that fresh ids do not depend on hash order
-    by_prefix = sorted(
-        (network_prefix(prefix), peers) for prefix, peers in cidr_classes_of(referenced_cidrs).items()
-    )
-    for lpm_prefix, peers in by_prefix:
+    unnamed: list[tuple[CidrPrefix, frozenset[CidrPeer]]] = []
+    for lpm_prefix, peers in lpm_cidr_classes(referenced_cidrs).items():
         if not peers:
             cidr[lpm_prefix] = 0
-            continue
+        elif peers in cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers]
+        elif peers in previous.cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers] = previous.cidr_classes[peers]
+        else:
+            unnamed.append((lpm_prefix, peers))
+    # fresh ids in the datapath's address order, so that they do not depend on hash order (only
+    # the new classes are sorted: one peer changed among 10,000 sorts one prefix)
+    for lpm_prefix, peers in sorted(unnamed):
         if peers not in cidr_classes:
-            cidr_classes[peers] = previous.cidr_classes.get(peers) or fresh_id()
+            cidr_classes[peers] = fresh_id()
         cidr[lpm_prefix] = cidr_classes[peers]
 
     # endpoints and their counter slots (slots of endpoints still present are kept)
@@ -364,7 +362,10 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
             continue
         ingress_id, egress_id = endpoint_policy_ids[key]
         mac = bytes.fromhex(endpoint.mac.replace(":", "")) if endpoint.mac else bytes(6)
-        endpoints[endpoint.ifindex] = EndpointEntry(key, slots[key], ingress_id, egress_id, mac=mac)
+        flags = endpoint_flags(endpoint.ingress, endpoint.egress)
+        endpoints[endpoint.ifindex] = EndpointEntry(
+            key, slots[key], ingress_id, egress_id, mac=mac, flags=flags
+        )
         for address in endpoint.ips:
             endpoint_ips[addr_bytes(address)] = endpoint.ifindex
 

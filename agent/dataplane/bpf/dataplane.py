@@ -35,7 +35,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, loader, maps, state_file, telemetry, verify
+from agent.dataplane.bpf import attach, ctbound, loader, maps, state_file, telemetry, verify
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
 from agent.dataplane.bpf.fitting import fit_and_plan
@@ -288,6 +288,14 @@ class BpfDataplane:
             self._programs[loader.PROGRAM_FROM_POD].fd,
             self._programs[loader.PROGRAM_TO_POD].fd,
         )
+
+    def release_conntrack(self) -> int:
+        """Credits each endpoint with the conntrack entries it no longer holds, so that one at
+        its bound (flows_per_pod) may open flows again (ctbound.py); deletes expired entries.
+        Returns how many."""
+        if self._module is None or not self.knobs.ct_endpoint_max:
+            return 0
+        return ctbound.release(self._module, lambda: self._lock, self.knobs.ct_endpoint_max)
 
     def _reset_conntrack(self, changes: _Changes) -> None:
         """Forget flows whose verdict may differ now (flow_reset.py): endpoints with new policy

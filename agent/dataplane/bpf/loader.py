@@ -78,6 +78,7 @@ class BuildKnobs:
     frag_max: int
     event_rate: int
     tcp_needs_syn: bool = False  # established_on_change="reset" (see bpf/lib/common.h)
+    ct_endpoint_max: int = 0  # conntrack entries one endpoint may hold; 0: no bound (lib/conntrack.h)
     # Benchmark builds only (bench/hook_floor.py), never the agent's: PF_BENCH_* macros of
     # bpf/lib/common.h to set to 1, each cutting the programs short at a fixed point.
     bench_defines: tuple[str, ...] = ()
@@ -102,6 +103,7 @@ class BuildKnobs:
             "PF_CT_EXPECT_MAX": CT_EXPECT_PER_CPU * possible_cpus(),
             "PF_EVENT_RATE": self.event_rate,
             "PF_TCP_NEEDS_SYN": int(self.tcp_needs_syn),
+            "PF_CT_ENDPOINT_MAX": self.ct_endpoint_max,
         }
         values.update({name: 1 for name in self.bench_defines})
         return [f"-D{name}={value}" for name, value in values.items()]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.dataplane.base import PermanentDataplaneError
+from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.compiler import Allocation, EndpointEntry, PolicyEntry
 from agent.dataplane.bpf.plan import PUT, CidrKey, IpcacheKey, Op, is_exact, is_host
 from agent.dataplane.bpf.structs import (
@@ -24,6 +25,7 @@ from agent.dataplane.bpf.structs import (
     Direction,
     make_addr,
 )
+from agent.dataplane.bpf.tiered import split_leaf_value
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,10 @@ def _keyed(table: Any, key: Any, op: Op, held: dict[Any, int]) -> None:
         held.pop(op.key, None)
 
 
-def _member(table: Any, key: Any, value: int, op: Op, held: set[Any]) -> None:
+def _member(table: Any, key: Any, value: int, op: Op, held: set[Any], second: int = 0) -> None:
     """An entry whose op.key is all `held` remembers (its value follows from the key)."""
     if op.action == PUT:
-        table[key] = table.Leaf(value, 0)
+        table[key] = table.Leaf(value, second)
         held.add(op.key)
     else:
         delete(table, key)
@@ -79,7 +81,10 @@ def _member(table: Any, key: Any, value: int, op: Op, held: set[Any]) -> None:
 
 def _write_policy(module: Any, live: Live, op: Op) -> None:
     table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
-    _member(table, policy_key(table, op.key), op.value, op, live.policy)
+    # op.value: the rule count and the verdict word (tiered.leaf_value); a put's value follows
+    # from its key, as a tiered policy's content never changes in place (compiler.py)
+    rule_count, verdict = split_leaf_value(op.value) if op.action == PUT else (0, 0)
+    _member(table, policy_key(table, op.key), rule_count, op, live.policy, verdict)
 
 
 def _write_ipcache(module: Any, live: Live, op: Op) -> None:
@@ -114,6 +119,7 @@ def _write_counters(module: Any, _live: Live, op: Op) -> None:
     for direction in Direction:
         per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
         counters[counters.Key(op.key * 2 + direction)] = per_cpu
+    ctbound.zero(module, op.key)  # nor its conntrack charge
 
 
 def _write_endpoint(module: Any, live: Live, op: Op) -> None:
@@ -124,6 +130,7 @@ def _write_endpoint(module: Any, live: Live, op: Op) -> None:
             entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
         )
         ctypes.memmove(leaf.mac, entry.mac, 6)
+        leaf.flags = entry.flags
         table[table.Key(op.key)] = leaf
         live.endpoints[op.key] = entry
     else:

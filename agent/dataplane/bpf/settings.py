@@ -20,6 +20,9 @@ class BpfSettings:
     egress_hook: str = "auto"  # where the egress verdict runs (egress_hook.py)
     # map sizes (entries); a pinned map keeps the size it was created with
     ct_max: int = 65536
+    # conntrack entries one pod may hold (ctbound.py); None: a quarter of the map, so that four
+    # flooding pods fill it, not one; 0: no bound
+    flows_per_pod: int | None = None
     policy_max: int = 65536
     ipcache_max: int = 65536
     cidr_max: int = 16384
@@ -38,6 +41,8 @@ class BpfSettings:
             raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
         if self.established_on_change not in ("keep", "reset"):
             raise ValueError("established_on_change must be 'keep' or 'reset'")
+        if self.flows_per_pod is not None and not 0 <= self.flows_per_pod <= self.ct_max:
+            raise ValueError("flows_per_pod must be between 0 (no bound) and ct_max")
         object.__setattr__(self, "pin_dir", self.pin_dir.rstrip("/"))
 
     @property
@@ -57,5 +62,6 @@ class BpfSettings:
             frag_max=self.frag_max,
             event_rate=self.event_rate,
             tcp_needs_syn=self.established_on_change == "reset",
+            ct_endpoint_max=self.ct_max // 4 if self.flows_per_pod is None else self.flows_per_pod,
             bench_defines=self.bench_defines,
         )

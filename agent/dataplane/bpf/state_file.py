@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.dataplane.bpf.compiler import Allocation
+from agent.dataplane.bpf.compiler import Allocation, Rule
 from agent.dataplane.types import CidrPeer, IdentityPeer
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
 def allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     return {
         "policies": [
-            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in content]]
+            [policy_id, [[*rule[:3], _peer_to_json(rule[3]), *rule[4:]] for rule in content]]
             for content, policy_id in allocation.policies.items()
         ],
         "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
@@ -90,13 +90,21 @@ def allocation_to_json(allocation: Allocation) -> dict[str, Any]:
     }
 
 
+def _rule_from_json(rule: list[Any]) -> Rule:
+    """[protocol, first, last, peer] or, for a tiered rule, the same and [tier, rank, action]."""
+    if len(rule) not in (4, 7):
+        raise ValueError(f"bad rule {rule!r}")
+    head = (int(rule[0]), int(rule[1]), int(rule[2]), _peer_from_json(rule[3]))
+    if len(rule) == 4:
+        return head
+    return (*head, int(rule[4]), int(rule[5]), int(rule[6]))
+
+
 def allocation_from_json(data: dict[str, Any]) -> Allocation | None:
     try:
         return Allocation(
             policies={
-                frozenset(
-                    (int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules
-                ): int(pid)
+                frozenset(_rule_from_json(rule) for rule in rules): int(pid)
                 for pid, rules in data["policies"]
             },
             identity_classes={

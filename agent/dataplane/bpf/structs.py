@@ -34,6 +34,17 @@ WAY_BA = 1
 CT_FIN_AB = 0x01
 CT_FIN_BA = 0x02
 CT_RST = 0x04
+# Conntrack idle timeouts in seconds (bpf/lib/common.h PF_CT_TIMEOUT_*), by IP protocol; the
+# agent's count of live entries (dataplane.release_conntrack) expires entries as the datapath does.
+CT_TIMEOUT_TCP, CT_TIMEOUT_TCP_CLOSING, CT_TIMEOUT_UDP = 7200, 10, 120
+CT_TIMEOUT_SCTP, CT_TIMEOUT_ICMP, CT_TIMEOUT_OTHER = 7200, 30, 120
+CT_TIMEOUTS = {  # by IP protocol number; any other: CT_TIMEOUT_OTHER
+    6: CT_TIMEOUT_TCP,
+    17: CT_TIMEOUT_UDP,
+    132: CT_TIMEOUT_SCTP,
+    1: CT_TIMEOUT_ICMP,
+    58: CT_TIMEOUT_ICMP,
+}
 
 # Bits of the policy LPM key before the protocol byte: policy_id + peer_class + peer_kind.
 POLICY_PREFIX_ANY_PROTOCOL = 72
@@ -59,8 +70,13 @@ class EndpointValue(ctypes.Structure):
         ("egress_policy_id", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
         ("mac", ctypes.c_uint8 * 6),  # all zero: no MAC bound
-        ("pad", ctypes.c_uint8 * 2),
+        ("flags", ctypes.c_uint8),  # EP_* below
+        ("pad", ctypes.c_uint8),
     ]
+
+
+# pf_endpoint_value.flags (bpf/podfence.h PF_EP_*)
+EP_INGRESS_OPEN, EP_EGRESS_OPEN, EP_INGRESS_TIERED, EP_EGRESS_TIERED = 0x01, 0x02, 0x04, 0x08
 
 
 class EndpointIpValue(ctypes.Structure):
@@ -95,7 +111,29 @@ class PolicyKey(ctypes.Structure):
 
 
 class PolicyValue(ctypes.Structure):
-    _fields_ = [("rule_count", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("rule_count", ctypes.c_uint32), ("verdict", ctypes.c_uint32)]
+
+
+# pf_policy_value.verdict (bpf/podfence.h PF_VERDICT_*): per tier the first hit's action and rank
+ACT_NONE, ACT_ACCEPT, ACT_DENY, ACT_PASS = 0, 1, 2, 3
+VERDICT_SET = 1 << 31
+ADMIN_RANK_MAX, REST_RANK_MAX = (1 << 14) - 1, (1 << 13) - 1
+
+
+def verdict_word(admin: tuple[int, int] | None, rest: tuple[int, int] | None) -> int:
+    """The verdict of a cell from its first Admin hit and first other hit, each (rank, action)."""
+    word = VERDICT_SET
+    if admin is not None:
+        rank, action = admin
+        if not 0 <= rank <= ADMIN_RANK_MAX:
+            raise ValueError(f"more than {ADMIN_RANK_MAX} Admin-tier rules apply to one endpoint direction")
+        word |= action | rank << 4
+    if rest is not None:
+        rank, action = rest
+        if not 0 <= rank <= REST_RANK_MAX:
+            raise ValueError(f"more than {REST_RANK_MAX} Baseline-tier rules apply to one endpoint direction")
+        word |= action << 2 | rank << 18
+    return word
 
 
 class CtKey(ctypes.Structure):
@@ -117,7 +155,8 @@ class CtValue(ctypes.Structure):
         ("slot", ctypes.c_uint32 * 2),  # per way: endpoint_id + 1 of the sending local pod, 0: none
         ("flags", ctypes.c_uint8 * 2),  # per way: CT_*
         ("closing", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 5),
+        ("pad", ctypes.c_uint8),
+        ("owner", ctypes.c_uint32),  # endpoint_id + 1 of the pod charged for the entry, 0: nobody
     ]
 
 
@@ -207,6 +246,8 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_ct_expect": (CtExpectKey, CtExpectValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
+    "pf_ct_charged": (ctypes.c_uint32, ctypes.c_uint64),
+    "pf_ct_released": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_event_budget": (ctypes.c_int, EventBudget),
     "pf_nf_clock": (ctypes.c_int, NfClock),
 }
@@ -280,8 +321,8 @@ def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
 def network_from_prefix(prefixlen: int, raw: bytes) -> IPNetwork:
     """The network a (prefixlen, 16 bytes) datapath prefix stands for: network_prefix undone."""
     if prefixlen >= V4_MAPPED_PREFIX and raw[:12] == _V4_MAPPED_BYTES:
-        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX))
-    return ipaddress.IPv6Network((raw, prefixlen))
+        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX), strict=False)
+    return ipaddress.IPv6Network((raw, prefixlen), strict=False)
 
 
 def make_addr(raw: bytes) -> Addr:

@@ -4,13 +4,12 @@ read live from the maps at scrape time (never cached)."""
 from __future__ import annotations
 
 import ctypes
-import errno
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.dataplane.base import EndpointCounters, TemporaryDataplaneError
+from agent.dataplane.base import EndpointCounters
+from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.compiler import EndpointEntry
 from agent.dataplane.bpf.loader import BuildKnobs
 from agent.dataplane.bpf.maps import Live, ntohs
@@ -88,27 +87,9 @@ def written_map_usage(live: Live, knobs: BuildKnobs) -> dict[str, tuple[int, int
 
 
 def count_entries(table: Any, chunk: int = 8192) -> int:
-    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead
-    of one get_next_key per entry (a full 65,536-entry conntrack: ~250 ms iterated from Python)."""
-    from bcc.libbcc import lib
-
-    size = min(chunk, table.max_entries)
-    keys, values = (table.Key * size)(), (table.Leaf * size)()
-    token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-    total, first = 0, True
-    while True:
-        count.value = size
-        result = lib.bpf_lookup_batch(
-            table.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
-            ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count),
-        )  # fmt: skip
-        error = ctypes.get_errno()
-        total += count.value
-        if result != 0:
-            if error == errno.ENOENT:
-                return total  # walked to the end
-            raise TemporaryDataplaneError(f"counting entries: {os.strerror(error)}")
-        token_in.value, first = token_out.value, False
+    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH (ctbound.lookup_batches): a
+    handful of syscalls instead of one get_next_key per entry."""
+    return sum(count for _, _, count in ctbound.lookup_batches(table, chunk))
 
 
 class DenyEvents:

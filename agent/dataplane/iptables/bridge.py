@@ -22,9 +22,15 @@ nf_tables' bridge family is there. ebtables-nft-restore commits a whole script a
 transaction: chains built, the dispatch rewritten and stale chains deleted become visible at once,
 and a failing script changes nothing.
 
-Not expressible in ebtables: the ARP frame's length (ARP with trailing bytes passes), the
-link-layer address options inside neighbour discovery, rule comments (the owner of a chain is
-known from the apply that built it, see `owners`).
+Not expressible in ebtables: the ARP frame's length, the link-layer address options inside
+neighbour discovery, rule comments (the owner of a chain is known from the apply that built it,
+see `owners`). ARP with trailing bytes would carry a payload between isolated pods (issue 21),
+so a table of podfence's own in the bridge family (`nft`, ARP_GUARD) marks, just before the
+ebtables chains, every ARP frame that is not address resolution's 42 bytes or 60 zero-padded
+ones (as the eBPF dataplane: bpf/lib/neigh.h); a pod port's chain drops the marked ones. The
+table is the same on every node and marks only: what a frame from a port that is no pod's
+becomes stays the business of whoever owns that port. A frame from a veth crosses a network
+namespace, which clears its mark, so a pod cannot set the bit itself.
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ L2_HOOKS = ("PREROUTING",)
 # rebuilds the header from it for the ethertype match, so tagged frames are matched either way.
 TAGGED_ETHERTYPES = ("802_1Q", "0x88a8")
 _ARP_OPS = ("Request", "Reply")
+# The mark bit ARP_GUARD sets on an ARP frame of any other length than address resolution's.
+ARP_MARK = 0x00100000
+ARP_GUARD_TABLE = "podfence"  # nft: table bridge podfence
+# Priority -301: just before ebtables' nat PREROUTING (-300), where the pod ports' chains are.
+# Lengths after the Ethernet header: 28 (42 on the wire) or 46 (60, padded) whose 18 padding
+# bytes (from bit 224 of the ARP header on) are zero.
+_MARK = f"meta mark set meta mark | {ARP_MARK:#010x}"
+ARP_GUARD = f"""table bridge {ARP_GUARD_TABLE} {{
+	chain arp-length {{
+		type filter hook prerouting priority -301; policy accept;
+		ether type arp meta length != {{ 28, 46 }} {_MARK}
+		ether type arp meta length 46 @nh,224,128 != 0 {_MARK}
+		ether type arp meta length 46 @nh,352,16 != 0 {_MARK}
+	}}
+}}
+"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,8 @@ def endpoint_rules(endpoint: Endpoint) -> list[str]:
     mac = f" --arp-mac-src {endpoint.mac}" if endpoint.mac else ""
     if endpoint.mac:
         rules.append(f"-s ! {endpoint.mac} -j DROP")
+    # ARP_GUARD marked it: trailing bytes, a payload address resolution does not need
+    rules.append(f"-p ARP --mark {ARP_MARK:#x}/{ARP_MARK:#x} -j DROP")
     senders = [str(ip) for ip in endpoint.ips if ip.version == 4] + ["0.0.0.0"]
     for sender in senders:
         for op in _ARP_OPS if sender != "0.0.0.0" else ("Request",):  # a probe only asks

@@ -5,11 +5,13 @@ Layout in the filter table of each family (iptables and ip6tables):
     FORWARD --(hook)--> PF-FWD:  -j PF-FROM ; -j PF-TO
     INPUT   --(hook)--> PF-FROM
     PF-FROM: per endpoint: IPv4 options but a lone Router Alert -> DROP (source routes);
+             per source IP  a related ICMP error not quoting a packet to that IP -> DROP;
              per source IP  "-i <if> -s <ip> -g PF-E<key>-<rules>"  (egress),
              then "-i <if> -j DROP" (anti-spoofing: any other source from that interface)
     PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
-    PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; (ingress) node IPs -> RETURN; allows -> RETURN;
-                 DROP.
+    PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; a NEW connection beyond the pod's bound (connlimit,
+                 by the pod's address: source in PF-E, destination in PF-I) -> DROP; (ingress)
+                 node IPs -> RETURN; allows -> RETURN; DROP.
 
 In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
 PF-TO: without it no IPv6 packet could flow at all. From pods (PF-FROM) only solicitations and
@@ -44,7 +46,10 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
+from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
     PROTO_ANY,
     V4_MAPPED_SPACE,
     Allow,
@@ -78,12 +83,31 @@ UNKNOWN = "podfence:unknown"
 DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
 SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
 IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
-# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>"
-FROM_POD_DROPS = (SPOOF, IP_OPTIONS)
+ICMP_ERROR = "podfence:icmperr"  # "podfence:icmperr <key> <source ip>"
+# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>[ <detail>]"
+FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
 # IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
 # four option bytes 0x94040000). A source route is why: the node rewrites the destination after
 # FORWARD, where the pod's chain judged a packet to the node.
 _IP_OPTIONS_MATCH = '-m u32 --u32 "0>>24&0xF=6:15" -m u32 ! --u32 "0>>24&0xF=6&&20=0x94040000"'
+
+
+def _icmp_error_match(ip: IPAddress) -> str:
+    """A related ICMP error from `ip` that does not quote a packet sent to `ip`.
+
+    nf_conntrack takes an error quoting a tracked flow as RELATED from any source (a router on
+    the path), so a pod could hand payload in errors about another pod's flow to a pod whose
+    ingress denies it (issue 21). Pods are not routers: an error a pod sends is its own only
+    when the packet it quotes was sent to the pod (as bpf/lib/conntrack.h pf_ct_related).
+    IPv4: the inner destination sits 8 (ICMP header) + 16 bytes past the outer header (IHL).
+    IPv6: at 40 + 8 + 24, which holds only without extension headers; an error with them is
+    dropped too (it cannot be read here, and a pod's own errors carry none)."""
+    if ip.version == 4:
+        return f'-p icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "0>>22&0x3C@24={int(ip):#x}"'
+    words = int(ip).to_bytes(16, "big")
+    quoted = "&&".join(f"{72 + 4 * i}={int.from_bytes(words[4 * i : 4 * i + 4], 'big'):#x}" for i in range(4))
+    return f'-p ipv6-icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "4>>8&0xFF=58&&{quoted}"'
+
 
 EGRESS = "egress"
 INGRESS = "ingress"
@@ -163,6 +187,8 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
+# what an Accept or Deny entry of a tier does (tiers.py)
+TARGETS = {ACTION_ACCEPT: f"{_comment(ALLOW)} -j RETURN", ACTION_DENY: f"{_comment(DENY)} -j DROP"}
 SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
@@ -182,12 +208,14 @@ class _Compiler:
         unknown_endpoints: str,
         tcp_needs_syn: bool,
         set_limit: int,
+        flows_per_pod: int,
     ) -> None:
         self.state = state
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
         self.set_limit = set_limit
+        self.flows_per_pod = flows_per_pod
         self.out = DesiredState()
 
     # -- sets ---------------------------------------------------------------------------------
@@ -242,7 +270,14 @@ class _Compiler:
         return {f"{network},{protocol}:{allow.port_first}" for network in networks}
 
     def _grouped_allows(
-        self, endpoint: Endpoint, direction: str, family: int, side: str, allows: tuple[Allow, ...]
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        side: str,
+        allows: tuple[Allow, ...],
+        run: str = "",
+        target: str = f"{_comment(ALLOW)} -j RETURN",
     ) -> tuple[str | None, list[Allow]]:
         """One set rule for the allows _port_entries can hold, if there are GROUP_MIN_ALLOWS of
         them (and their entries fit in a set), and the allows left to write one rule each."""
@@ -259,10 +294,10 @@ class _Compiler:
         if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
             return None, list(allows)
         letter = "i" if direction == INGRESS else "e"
-        name = f"{SET_PREFIX}g{family}{letter}-{_short_hash(endpoint.key, 12)}"
+        name = f"{SET_PREFIX}g{family}{letter}{run}-{_short_hash(endpoint.key, 12)}"
         self._add_set(name, family, "hash:net,port", entries, canonical=True)
         # the peer is the packet's source (ingress) or destination (egress); the port its destination
-        return f"-m set --match-set {name} {side},dst {_comment(ALLOW)} -j RETURN", rest
+        return f"-m set --match-set {name} {side},dst {target}", rest
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -284,7 +319,9 @@ class _Compiler:
         )
         return f"-p {name} -m {name} --dport {ports}"
 
-    def _allow_rule(self, allow: Allow, family: int, side: str) -> str | None:
+    def _allow_rule(
+        self, allow: Allow, family: int, side: str, target: str = f"{_comment(ALLOW)} -j RETURN"
+    ) -> str | None:
         peer = allow.peer
         if isinstance(peer, IdentityPeer):
             address: str | None = self._identity_match(peer, family, side)
@@ -296,8 +333,30 @@ class _Compiler:
             return None
         if address.startswith(SET_MATCH):
             self.out.set_users.setdefault(address.split()[3], set()).add(allow.policy)
-        parts = [address, self._protocol_match(allow, family), _comment(ALLOW), "-j RETURN"]
+        parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
+
+    def matching(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        allows: tuple[Allow, ...],
+        target: str,
+        run: str = "",
+    ) -> list[str]:
+        """Rules sending what any of `allows` matches to `target`: one set for the many
+        single-port ones (see _grouped_allows), a rule for each other."""
+        side = "src" if direction == INGRESS else "dst"
+        rules = []
+        grouped, rest = self._grouped_allows(endpoint, direction, family, side, allows, run, target)
+        if grouped is not None:
+            rules.append(grouped)
+        for allow in rest:
+            rule = self._allow_rule(allow, family, side, target)
+            if rule is not None and rule not in rules:
+                rules.append(rule)
+        return rules
 
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
@@ -308,11 +367,25 @@ class _Compiler:
             # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
             # entry (from whichever side speaks first); refusing it makes a deleted entry final.
             rules.append(f"-p tcp ! --syn -m conntrack --ctstate NEW {_comment(DENY)} -j DROP")
+        if self.flows_per_pod:
+            # nf_conntrack is one table for the node: a pod filling it stops every new flow on
+            # the node (an assured, established one is never evicted). connlimit counts the
+            # connections this rule let through that conntrack still holds, per pod address.
+            width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
+            rules.append(
+                f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
+            )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
             rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
-        if not policy.isolated:
+        if policy.tiered:
+            if family == 6:
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
+            rules += tiered_rules(self, endpoint, direction, family, policy)
+        elif not policy.isolated:
             rules.append(f"{_comment(ALLOW)} -j RETURN")
         else:
             if family == 6:
@@ -357,6 +430,10 @@ class _Compiler:
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
+            from_rules.append(
+                f"{came_from} -s {ip}/{width} {_icmp_error_match(ip)} "
+                f"{_comment(f'{ICMP_ERROR} {endpoint.key} {ip}')} -j DROP"
+            )
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
@@ -443,6 +520,7 @@ def compile_state(
     unknown_endpoints: str = "drop",
     tcp_needs_syn: bool = False,
     set_limit: int = DEFAULT_SET_LIMIT,
+    flows_per_pod: int = 0,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -450,7 +528,9 @@ def compile_state(
     established connections are reset on policy change, so that a reset one stays cut).
     Endpoints whose interface is unknown (ifindex None or not in `interfaces`) get no dispatch:
     there is no interface to filter yet, and its traffic cannot exist either.
-    set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem)."""
+    set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem).
+    flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
+    new ones beyond are dropped as denials); 0: no bound."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit).compile()
+    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod).compile()

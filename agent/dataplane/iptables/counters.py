@@ -56,7 +56,7 @@ def tally_chains(
                 tally.denied_packets += rule.packets
                 tally.denied_bytes += rule.bytes
         elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS)):
-            tally = tallies.setdefault((rule.comment.split(" ", 1)[1], EGRESS), Tally())
+            tally = tallies.setdefault((rule.comment.split(" ")[1], EGRESS), Tally())
             tally.denied_packets += rule.packets
             tally.denied_bytes += rule.bytes
     return tallies

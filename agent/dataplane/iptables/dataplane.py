@@ -24,6 +24,7 @@ import shutil
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
@@ -54,6 +55,7 @@ from agent.dataplane.iptables.compiler import (
 )
 from agent.dataplane.iptables.counters import Tally, endpoint_chain_owners, tally_chains
 from agent.dataplane.iptables.fitting import fit_sets
+from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
 from agent.dataplane.iptables.layer2 import Layer2
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
@@ -90,6 +92,8 @@ class IptablesDataplane:
         unknown_endpoints: str = "drop",
         established_on_change: str = "keep",
         ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
+        sets_verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
+        flows_per_pod: int = 16384,
     ) -> None:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
         endpoint claims.
@@ -108,18 +112,29 @@ class IptablesDataplane:
           peer ends, allowed or not, and clients reconnect under the new policy. The bpf
           dataplane behaves the same way (its `established_on_change`). An endpoint whose
           single-port allows sit in one hash:net,port set keeps its chain when only that set's
-          entries change: then the peers that entered or left the set are the ones reset."""
+          entries change: then the peers that entered or left the set are the ones reset.
+
+        sets_verify_interval_s: how often apply reads the ipsets back from the kernel instead of
+        trusting its own view of what it wrote (ipsets.py); also read at start and after a failure.
+
+        flows_per_pod: the most connections one pod address may hold in the kernel's conntrack
+        table, per direction (connlimit in its chains); its new connections beyond are dropped
+        and counted as its denials. 0: no bound. Issue 21, item 10: the table is the node's."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
             raise ValueError(
                 f"established_on_change must be 'keep' or 'reset', not {established_on_change!r}"
             )
+        if flows_per_pod < 0:
+            raise ValueError(f"flows_per_pod must be 0 (no bound) or more, not {flows_per_pod}")
         if established_on_change == "reset" and shutil.which("conntrack") is None:
             raise PermanentDataplaneError("established_on_change='reset' needs the conntrack tool")
         self.unknown_endpoints = unknown_endpoints
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
+        self._sets_view = SetsView(sets_verify_interval_s)
+        self.flows_per_pod = flows_per_pod
         self.adopted = False  # start() found endpoint chains left by a previous run
         # policies the last apply left out because their sets exceed maxelem (read by the node layer)
         self.rejected_policies: dict[str, Rejection] = {}
@@ -168,6 +183,7 @@ class IptablesDataplane:
                 name for r in table.rules if r.chain not in orphans for name in kernel.matched_sets(r.spec)
             }
         kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
+        self._sets_view.forget()
         self._committed = {}
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
@@ -184,6 +200,7 @@ class IptablesDataplane:
                 script = ["*filter", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
                 kernel.restore_filter_table(family, "\n".join(script) + "\n")
         kernel.destroy_sets(sorted(kernel.read_sets()))
+        self._sets_view.forget()
         self._layer2.teardown()
         self._committed = {}
         self._desired = None
@@ -222,7 +239,9 @@ class IptablesDataplane:
             sets_now = kernel.read_sets()
             drift = verify.drifted_sets({n: spec.members for n, spec in desired.sets.items()}, sets_now)
             if drift:  # first: a rewritten chain may match a set that was destroyed
+                self._sets_view.forget()  # until the restore is known to have worked
                 kernel.restore_sets(self._sets_script(desired, sets_now))
+                self._sets_view.wrote(desired.sets, self.ipset_maxelem)
             for family in FAMILIES:
                 found, script = verify.chain_repair(
                     kernel.read_filter_table(family), desired.chains[family], "chain", f"ipv{family} ",
@@ -250,12 +269,13 @@ class IptablesDataplane:
         first = FAMILIES[0]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
             first_table = reads.submit(kernel.read_filter_table, first)
-            sets_read = reads.submit(kernel.read_sets)
+            sets_read = reads.submit(kernel.read_sets) if self._sets_view.needs_read() else None
             desired, rejected = self._compile(state)
             tables = {first: first_table.result()}
-            sets_now = sets_read.result()
+            sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
 
         moved_peers = _changed_members(desired, sets_now)
+        self._sets_view.forget()  # until the sets are known to be what desired says
         kernel.restore_sets(self._sets_script(desired, sets_now))
         changed: set[tuple[str, str]] = set()
         repaired: list[str] = []
@@ -274,6 +294,8 @@ class IptablesDataplane:
         kernel.destroy_sets(stale_sets)
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
         self._desired = desired
+        # (a stale set still referenced survives destroy_sets; the next read finds it again)
+        self._sets_view.wrote(desired.sets, self.ipset_maxelem)
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
@@ -298,6 +320,7 @@ class IptablesDataplane:
                 self.unknown_endpoints,
                 tcp_needs_syn=self.established_on_change == "reset",
                 set_limit=self.ipset_maxelem,
+                flows_per_pod=self.flows_per_pod,
             ),
             self.ipset_maxelem,
         )
@@ -340,6 +363,10 @@ class IptablesDataplane:
                 continue
             if (current.kind, current.family) != (spec.kind, spec.family):
                 raise PermanentDataplaneError(f"ipset {name} exists as {current.kind}/ipv{current.family}")
+            edits = member_edits(name, spec, current, self.ipset_maxelem, partial(_set_member_text, spec))
+            if edits is not None:
+                lines += edits
+                continue
             # Fill a copy, then swap it in: a lookup sees the old members or the new, never half.
             temporary = f"{SET_PREFIX}tmp-{name[len(SET_PREFIX) :]}"[:31]
             if temporary in sets_now:

@@ -26,6 +26,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
+from agent.dataplane.iptables.bridge import ARP_GUARD_TABLE
 from agent.dataplane.iptables.compiler import (
     CHAIN_PREFIX,
     COMMENT_PREFIX,
@@ -293,3 +294,33 @@ def restore_bridge_table(script: str) -> None:
     """Commit `script` (a "*nat ... COMMIT" block) into the bridge family: one nf_tables transaction."""
     log.debug("restore bridge:\n%s", script)
     _run([_BRIDGE_RESTORE, "--noflush"], stdin=script)
+
+
+_NFT = "nft"  # Debian's nftables package: podfence's ARP guard table (bridge.ARP_GUARD)
+
+
+def nft_available() -> bool:
+    return shutil.which(_NFT) is not None
+
+
+def arp_guard_present() -> bool:
+    """Is podfence's ARP guard table there (as it was written: nobody else edits it)?"""
+    done = subprocess.run(
+        [_NFT, "list", "table", "bridge", ARP_GUARD_TABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return done.returncode == 0 and "chain arp-length" in done.stdout
+
+
+def write_arp_guard(script: str) -> None:
+    """Replace podfence's ARP guard table by `script` (bridge.ARP_GUARD): one nf_tables transaction."""
+    table = f"table bridge {ARP_GUARD_TABLE}"
+    _run([_NFT, "-f", "-"], stdin=f"{table}\ndelete {table}\n{script}")
+
+
+def delete_arp_guard() -> None:
+    if nft_available() and arp_guard_present():
+        _run([_NFT, "delete", "table", "bridge", ARP_GUARD_TABLE])

@@ -29,11 +29,17 @@ class Layer2:
             script = bridge.teardown_script(table)
             if script:
                 kernel.restore_bridge_table(script)
+            kernel.delete_arp_guard()
             self.owners, self.committed = {}, []
             return
         if not kernel.bridge_tool_available():
             raise PermanentDataplaneError(
                 "bridged pods need ebtables-nft-restore (Debian's iptables package) for their layer-2 rules"
+            )
+        if not kernel.nft_available():
+            raise PermanentDataplaneError(
+                "bridged pods need nft (Debian's nftables package) for the ARP length check of their"
+                " layer-2 rules"
             )
         table = kernel.read_bridge_table()
         stale = [c for c in bridge.ours(table) if c not in desired.chains]
@@ -42,8 +48,11 @@ class Layer2:
             and self.committed == desired.chains[bridge.L2_CHAIN]
             and all(c in table.chains for c in desired.chains)
             and bridge.hooks_in_place(table)
+            and kernel.arp_guard_present()
         ):
             return
+        # The guard first: a chain dropping marked ARP is only as good as the marks.
+        kernel.write_arp_guard(bridge.ARP_GUARD)
         stale_owners = {c: self.owners[c] for c in stale if c in self.owners}
         for key, (packets, byte_count) in bridge.drops(table, stale_owners).items():
             tally = retired.setdefault((key, EGRESS), Tally())
@@ -57,11 +66,15 @@ class Layer2:
         """The layer-2 jump first in PREROUTING again, where podfence put one."""
         if not (self.owners or self.committed):
             return []
+        repaired = []
+        if not kernel.arp_guard_present():
+            kernel.write_arp_guard(bridge.ARP_GUARD)
+            repaired.append(f"bridge {bridge.ARP_GUARD_TABLE}")
         script = bridge.hooks_script(kernel.read_bridge_table())
-        if not script:
-            return []
-        kernel.restore_bridge_table(script)
-        return [f"bridge {bridge.L2_HOOKS[0]}"]
+        if script:
+            kernel.restore_bridge_table(script)
+            repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
+        return repaired
 
     def repair_chains(self, desired: bridge.BridgeRules) -> list[verify.Drift]:
         """The chains of the last commit rewritten where someone emptied or edited them (the state
@@ -86,4 +99,5 @@ class Layer2:
             script = bridge.teardown_script(kernel.read_bridge_table())
             if script:
                 kernel.restore_bridge_table(script)
+            kernel.delete_arp_guard()
         self.owners, self.committed = {}, None

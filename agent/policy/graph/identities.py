@@ -57,6 +57,9 @@ class IdentityIndex:
         self._by_namespace[namespace].discard(identity)
         return namespace
 
+    def namespace(self, identity: int) -> str:
+        return self._info[identity][0]
+
     def labels(self, identity: int) -> dict[str, str]:
         return self._info[identity][1]
 
