@@ -97,6 +97,8 @@ class NodeRecord:
     rejected_policies: tuple[str, ...] = ()
     latest_change: int = 0  # version of the newest message queued for this node
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
+    state_repairs: int = 0  # kernel state its agent put back since it started (repair.py)
+    last_repair: str = ""
 
 
 class StreamHandle:
@@ -306,6 +308,9 @@ class PolicyHub:
             record = self._records.setdefault(node, NodeRecord())
             record.connected = True
             record.disconnected_at = None
+            # The agent says again what it repaired (its count since it started) on each stream;
+            # a restarted agent's count starts over.
+            record.state_repairs, record.last_repair = 0, ""
             # The agent's own number may come from another replica; whatever it says, it has not
             # acked the snapshot queued below yet, so it stays below that snapshot's version.
             record.acked_version = min(last_applied_version, self._version - 1)
@@ -356,6 +361,15 @@ class PolicyHub:
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,
                             record.last_error)
 
+    def state_repairs(self, handle: StreamHandle, total: int, last: str) -> None:
+        """Records what the node's agent reported putting back in its kernel state."""
+        with self._lock:
+            if self._streams.get(handle.node) is not handle:
+                return
+            record = self._records[handle.node]
+            record.state_repairs, record.last_repair = total, last[:500]  # bounded: status output
+        log.info("node %s repaired its kernel state (%d so far): %s", handle.node, total, last[:500])
+
     def close_all(self, reason: str) -> None:
         for stream in self.open_streams():
             stream.close(reason)
@@ -383,6 +397,8 @@ class PolicyHub:
                     rejected_policies=record.rejected_policies,
                     latest_change=record.latest_change,
                     disconnected_at=record.disconnected_at,
+                    state_repairs=record.state_repairs,
+                    last_repair=record.last_repair,
                 )
             freshness = self._freshness() if self._freshness is not None else None
             return HubStatus(self._version, nodes, self._source_problems, self._source,

@@ -245,6 +245,9 @@ class NodeSyncService:
         try:
             for raw in requests:
                 message = _parse(raw)
+                if message.WhichOneof("body") == "state_repairs":
+                    self._hub.state_repairs(handle, message.state_repairs.total, message.state_repairs.last)
+                    continue
                 if message.WhichOneof("body") != "ack":
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
                 ack = message.ack
@@ -296,6 +299,7 @@ class NodeSyncService:
             message.source.CopyFrom(pb.SourceState(
                 generation=item.source.generation, digest=item.source.digest, replica=self._hub.replica
             ))
+            message.accepts_state_repairs = True
             last_sent = time.monotonic()
             yield message
 
@@ -357,6 +361,8 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     applied_version=record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error or "",
+                    state_repairs=record.state_repairs,
+                    last_repair=record.last_repair,
                     rejected_policies=record.rejected_policies,
                 )
             )

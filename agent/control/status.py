@@ -3,7 +3,9 @@
 With --json it prints exactly one object, the contract in docs/design.md:
 {"version": <int>, "nodes": {"<node>": {"applied_version": <int>, "connected": <bool>,
 "last_error": <str|null>}}}, plus extra fields: per node that has some, "rejected_policies":
-[<str>], the policies it left out because its maps cannot hold them ("namespace/name: why"), and
+[<str>], the policies it left out because its maps cannot hold them ("namespace/name: why"), per
+node whose agent put back kernel state someone removed, "state_repairs": <int> and "last_repair":
+<str> (the last finding), and
 "source_errors": [{"object": <str|null>, "source": <str>, "error": <str>,
 "last_valid_in_force": <bool>}], the invalid objects and unreadable files of the policy source,
 and (source "control") every ClusterNetworkPolicy the source holds that the dataplanes do not
@@ -47,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
 
 
+def _repairs(status: pb.NodeStatus) -> dict[str, Any]:
+    if not status.state_repairs:
+        return {}  # the documented shape, unchanged for a node with nothing to report
+    return {"state_repairs": int(status.state_repairs), "last_repair": status.last_repair}
+
+
 def status_to_dict(response: pb.StatusResponse) -> dict[str, Any]:
     return {
         "version": int(response.version),
@@ -77,6 +85,7 @@ def _node_to_dict(status: pb.NodeStatus) -> dict[str, Any]:
     }
     if status.rejected_policies:  # only then: the contract's three fields otherwise
         node["rejected_policies"] = list(status.rejected_policies)
+    node.update(_repairs(status))
     return node
 
 
@@ -169,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
     for node, entry in status["nodes"].items():
         for rejection in entry.get("rejected_policies", ()):
             print(f"  {node}: policy {rejection}")
+    repaired = {node: entry for node, entry in status["nodes"].items() if entry.get("state_repairs")}
+    if repaired:
+        print(f"{len(repaired)} node(s) put back kernel state someone removed:")
+    for node, entry in repaired.items():
+        print(f"  {node}: {entry['state_repairs']} repair(s), last {entry['last_repair']}")
     if status["source_errors"]:
         print(f"{len(status['source_errors'])} source error(s):")
     for problem in status["source_errors"]:

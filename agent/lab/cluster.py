@@ -196,6 +196,8 @@ class PodfenceOnLab:
                     self.dataplane,
                     "--pin-dir",
                     node.pin_dir,
+                    "--generation-file",
+                    str(RUN_DIR / f"{node.name}.enforced-generation"),
                     "--metrics-listen",
                     f"{node.mgmt_ip}:9301",
                 ],

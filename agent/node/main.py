@@ -37,12 +37,15 @@ from agent.dataplane.base import (
 from agent.metrics_http import start_metrics_server
 from agent.node.ctrelease import ConntrackReleaser
 from agent.node.flowlog import FlowLogger
+from agent.node.generation import GENERATION_DIR
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
+from agent.node.repair import DEFAULT_INTERVAL_S as DEFAULT_STATE_CHECK_S
+from agent.node.repair import StateGuard, StateRepairing
 from agent.node.sync import SyncClient
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOOK_CHECK_S,
         metavar="SECONDS",
         help="how often the netfilter hooks are checked (and put back first) after other tools' changes",
+    )
+    parser.add_argument(
+        "--generation-file",
+        default=None,
+        metavar="PATH",
+        help="where the enforced source generation survives restarts (default: beside the bpf state "
+        "file, /run/podfence/<pin dir name>.enforced-generation; iptables: "
+        "/run/podfence/iptables-<node>.enforced-generation)",
+    )
+    parser.add_argument(
+        "--state-check-interval",
+        type=float,
+        default=DEFAULT_STATE_CHECK_S,
+        metavar="SECONDS",
+        help="how often the rest of podfence's kernel state (tc filters and qdiscs, pins, chains, "
+        "ipsets) is verified and repaired; bpf also checks on every tc change notification",
     )
 
 
@@ -265,6 +284,18 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     return dataplane
 
 
+def generation_file(args: argparse.Namespace, dataplane: Dataplane) -> Path:
+    """--generation-file, else beside the dataplane's state file (bpf: named after the pin
+    directory, so two agents with their own pins in one /run keep their own), else per node in
+    /run/podfence."""
+    if args.generation_file:
+        return Path(args.generation_file)
+    state_file = getattr(dataplane, "state_file", None)
+    if isinstance(state_file, Path):
+        return state_file.with_name(state_file.name.split(".", 1)[0] + ".enforced-generation")
+    return Path(GENERATION_DIR) / f"{dataplane.name}-{args.node}.enforced-generation"
+
+
 def _thread(
     name: str, target: Callable[[], None], failed: threading.Event, stop: threading.Event
 ) -> threading.Thread:
@@ -296,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.hook_check_interval <= 3600:  # also refuses nan
             interval = args.hook_check_interval
             raise UsageError(f"--hook-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if not 0.1 <= args.state_check_interval <= 3600:
+            interval = args.state_check_interval
+            raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
             raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:
@@ -346,14 +380,17 @@ def run(args: argparse.Namespace) -> int:
         sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
                           credentials_factory=reloading_credentials(args, credentials),
+                          generation_file=generation_file(args, dataplane),
                           rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
+        state_interval = args.state_check_interval
+        state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
         register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
-                               per_pod=args.per_pod_metrics == "on")
+                               per_pod=args.per_pod_metrics == "on", state_guard=state_guard)
         server, port = start_metrics_server(
             args.metrics_listen,
             registry,
@@ -367,6 +404,12 @@ def run(args: argparse.Namespace) -> int:
         if hook_guard is not None:
             guard = hook_guard
             threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))
+        if state_guard is not None:
+            checker = state_guard
+            checker.on_repair(lambda: sync.report_repairs(checker.repairs, checker.last))
+            threads.append(_thread("state-check", lambda: checker.run(stop), failed, stop))
+            if dataplane.name == "bpf":  # tc notifications wake the check (pod interfaces' filters)
+                threads.append(_thread("state-check-tc", lambda: checker.watch_tc(stop), failed, stop))
         if isinstance(dataplane, ConntrackReleasing):
             releaser = ConntrackReleaser(dataplane)
             threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))

@@ -23,6 +23,7 @@ Metrics (all read at scrape time):
   podfence_apply_errors_total                   failed programming attempts (retries included)
   podfence_hook_repairs_total                   netfilter hooks put back first after another tool
                                                 inserted rules above them or removed them
+  podfence_state_repairs_total{kind}            kernel state put back (repair.py; hooks as kind hook)
 
 Also podfence_build_info and the process_* family (agent.process_metrics).
 
@@ -34,7 +35,7 @@ the fixed set of dataplane maps (or ipsets).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
@@ -48,7 +49,10 @@ from prometheus_client.registry import Collector
 
 from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.reconcile import LatencyHistogram, Reconciler
+from agent.node.repair import KINDS
 from agent.process_metrics import register_process_metrics
+
+STATE_REPAIR_KINDS = ("hook", *KINDS)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,11 @@ class HookRepairCount(Protocol):
     def repairs(self) -> int: ...
 
 
+class StateRepairCounts(Protocol):
+    @property
+    def by_kind(self) -> Mapping[str, int]: ...
+
+
 class AgentCollector(Collector):
     def __init__(
         self,
@@ -71,12 +80,14 @@ class AgentCollector(Collector):
         sync: SyncStatus | None,
         hook_guard: HookRepairCount | None = None,
         per_pod: bool = True,
+        state_guard: StateRepairCounts | None = None,
     ) -> None:
         self._per_pod = per_pod  # off: no per-pod series at all, only the node's totals
         self._dataplane = dataplane
         self._reconciler = reconciler
         self._sync = sync
         self._hook_guard = hook_guard
+        self._state_guard = state_guard
 
     def describe(self) -> Iterable[Metric]:
         # Describing would read the kernel at registration time; an empty describe() makes
@@ -142,8 +153,18 @@ class AgentCollector(Collector):
             "podfence_hook_repairs",
             "podfence netfilter hooks put back first after another tool moved or removed them.",
         )
-        repairs.add_metric([], self._hook_guard.repairs if self._hook_guard is not None else 0)
+        hook_repairs = self._hook_guard.repairs if self._hook_guard is not None else 0
+        repairs.add_metric([], hook_repairs)
         yield repairs
+        state = CounterMetricFamily(
+            "podfence_state_repairs",
+            "Pieces of podfence's kernel state put back after someone removed or changed them, per kind.",
+            labels=["kind"],
+        )
+        found = self._state_guard.by_kind if self._state_guard is not None else {}
+        for kind in STATE_REPAIR_KINDS:  # a fixed set of labels, each present from the start
+            state.add_metric([kind], hook_repairs if kind == "hook" else found.get(kind, 0))
+        yield state
 
     def _endpoint_counters(self) -> Iterable[Metric]:
         totals = CounterMetricFamily(
@@ -228,8 +249,9 @@ def register_agent_metrics(
     sync: SyncStatus | None,
     hook_guard: HookRepairCount | None = None,
     per_pod: bool = True,
+    state_guard: StateRepairCounts | None = None,
 ) -> AgentCollector:
     register_process_metrics(registry)
-    collector = AgentCollector(dataplane, reconciler, sync, hook_guard, per_pod)
+    collector = AgentCollector(dataplane, reconciler, sync, hook_guard, per_pod, state_guard)
     registry.register(collector)
     return collector

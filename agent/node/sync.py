@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -62,6 +63,7 @@ from agent.dataplane.types import (
     TieredAllow,
     allow_order,
 )
+from agent.node.generation import load_generation, save_generation
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +313,7 @@ class SyncClient:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
         credentials_factory: Callable[[], grpc.ChannelCredentials] | None = None,
+        generation_file: str | Path | None = None,
         rejections: Callable[[], Sequence[str]] = list,
     ) -> None:
         self.node_name = node_name
@@ -323,7 +326,11 @@ class SyncClient:
         self._first_message_timeout = first_message_timeout
         self._heartbeat_interval = heartbeat_interval
         self._hold_timeout = hold_timeout
-        self.enforced_generation = 0  # source generation of the version the kernel enforces
+        # Source generation of the version the kernel enforces. Kept in a file beside the
+        # dataplane's state (/run: it lives as long as the kernel state it describes), so a
+        # restarted agent still refuses a lagging replica's first snapshot.
+        self._generation_file = Path(generation_file) if generation_file is not None else None
+        self.enforced_generation = load_generation(self._generation_file)
         self.held: str | None = None  # why the stream's newest version is not applied (a lagging replica)
         self._held_since: float | None = None
         self.replica = ""  # the replica that sent the last version
@@ -349,6 +356,10 @@ class SyncClient:
         self._nacked_version: int | None = None  # nacked because apply failed
         self._late_version: int | None = None  # programmed after apply() had failed
         self.state: NodeState | None = None  # the desired state built from the stream (applied or not)
+        # The state check's count and last finding, for `podfence status`; sent to a service that
+        # says it takes them (an older one ends a stream on an unknown message), on every stream.
+        self._repairs: pb.StateRepairs | None = None
+        self._repairs_accepted = False  # by the open stream's service
         self._decode_cache = DecodeCache()
 
     @property
@@ -417,6 +428,7 @@ class SyncClient:
 
         with self._ack_lock:
             self._outgoing, self._nacked_version = outgoing, None
+            self._repairs_accepted = False
         delivered = False
         metadata = None
         if self._token is not None:
@@ -445,6 +457,8 @@ class SyncClient:
                         self._heartbeats.set()
                     if broken or message.HasField("heartbeat"):
                         continue  # draining until the server ends the stream we half-closed
+                    if message.accepts_state_repairs and not self._repairs_accepted:
+                        self._accept_repairs()
                     self._connected.set()
                     delivered = True
                     self._send_reply(outgoing, self._handle(message))
@@ -492,6 +506,19 @@ class SyncClient:
             if verdict:
                 call.cancel()
                 return
+
+    def report_repairs(self, total: int, last: str) -> None:
+        """State-check callback: tell the control service (now, and on every later stream)."""
+        with self._ack_lock:
+            self._repairs = pb.StateRepairs(total=total, last=last)
+            if self._outgoing is not None and self._repairs_accepted:
+                self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
+
+    def _accept_repairs(self) -> None:
+        with self._ack_lock:
+            self._repairs_accepted = True
+            if self._outgoing is not None and self._repairs is not None:
+                self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
 
     def applied_late(self, version: int) -> None:
         """Reconciler callback: `version`, whose apply failed, is programmed now: ack it (after its
@@ -553,7 +580,9 @@ class SyncClient:
         except Exception as exc:  # any failure of the dataplane is reported upstream, never fatal here
             log.error("applying version %d failed: %s", message.version, exc)
             return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=str(exc) or repr(exc)))
-        self.enforced_generation = max(self.enforced_generation, generation)
+        if generation > self.enforced_generation:
+            self.enforced_generation = generation
+            save_generation(self._generation_file, generation)
         self.last_applied_version = message.version
         log.debug("applied version %d (%d endpoints)", message.version, len(state.endpoints))
         return self._ack_ok(message.version)

@@ -427,4 +427,34 @@ def test_podfence_teardown_removes_the_layer2_chains_of_a_stopped_agent(bridged:
     left = bridge_nat(bridged)
     assert "PF-L2" not in left
     assert "-A PREROUTING -i pfother0 -j ACCEPT" in left
+
+
+def test_iptables_layer2_chain_flushed_by_hand_is_rewritten(bridged: Node) -> None:
+    """The state check (repair_state) puts back a bridged pod's layer-2 chain someone emptied. Not
+    defended in between: the empty chain RETURNs, so the pod's tagged frames pass it until the repair."""
+    a, b, _ = bridged.pods
+    qinq = s_ether(a, b) / scapy.Dot1AD(vlan=7) / scapy.Dot1Q(vlan=9) / scapy.IP(src=a.ip, dst=b.ip)
+    with podfence(bridged, "iptables", open_ingress=True) as plane:
+
+        def dropped_of_twenty() -> int:
+            """How far a's egress drop counter moves while a sends twenty tagged frames (another
+            drop of a's, say a router solicitation, may count too)."""
+            def count() -> int:
+                counters = plane.call("counters")
+                return sum(c.denied_packets for c in counters if (c.key, c.direction) == ("ns/p1", "egress"))
+
+            before = count()
+            send(a, *[qinq] * 20)
+            return count() - before
+
+        assert plane.call("repair_state") == []
+        assert dropped_of_twenty() >= 20
+        (chain,) = [line.split()[-1] for line in bridge_nat(bridged).splitlines()
+                    if line.startswith(f"-A PF-L2 -i {a.host_if} ")]
+        bridged.run("ebtables-nft", "-t", "nat", "-F", chain)
+        assert dropped_of_twenty() < 20, "the lab must show the chain is what drops"
+        found = plane.call("repair_state")
+        assert [kind for kind, _ in found] == ["bridge_chain"] and chain in found[0][1], found
+        assert dropped_of_twenty() >= 20
+        assert plane.call("repair_state") == []
     assert "podfence" not in bridged.run("nft", "list", "tables").stdout

@@ -285,6 +285,8 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
         f"127.0.0.1:{metrics_port}",
         "--pin-dir",
         str(lab.pin_dir),
+        "--generation-file",
+        str(lab.logs / "enforced-generation"),
     )
     metrics = f"http://127.0.0.1:{metrics_port}"
     try:
@@ -341,6 +343,29 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
             and 'verdict="denied"' in line
         ]
         assert denied and any(float(line.rsplit(" ", 1)[1]) > 0 for line in denied), denied
+
+        # Root on the node removes a piece by hand: the agent puts it back (a tc notification or
+        # the 5 s state check), counts it and tells `podfence status`.
+        if dataplane == "bpf":
+            sh(f"nsenter --net=/run/netns/{lab.node} tc filter del dev hvserver egress")
+            kind = "tc_filter"
+        else:
+            sh(f"nsenter --net=/run/netns/{lab.node} iptables-legacy -F PF-TO")
+            kind = "chain"
+        repaired = f'podfence_state_repairs_total{{kind="{kind}"}} 1.0'
+        wait_for(
+            lambda: repaired in lab.fetch(f"{metrics}/metrics")[1],
+            12,
+            f"the agent to repair the removed {kind}",
+        )
+        assert not lab.connects("newcomer", "server") and lab.connects("client", "server")
+        shown = subprocess.run(  # the control service listens on the lab node's loopback
+            ["nsenter", f"--net=/run/netns/{lab.node}", "--", sys.executable, "-m", "agent.cli", "status",
+             "--control", f"127.0.0.1:{grpc_port}", "--insecure", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        )
+        node_view = json.loads(shown.stdout)["nodes"]["n1"]
+        assert node_view["state_repairs"] >= 1 and node_view["last_repair"].startswith(f"{kind}: "), node_view
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=20)
@@ -401,6 +426,8 @@ def test_agent_kill_and_restart_keeps_enforcing(lab: NodeLab):
             f"127.0.0.1:{metrics_port}",
             "--pin-dir",
             str(lab.pin_dir),
+            "--generation-file",
+            str(lab.logs / "enforced-generation"),
         )
         url = f"http://127.0.0.1:{metrics_port}"
 

@@ -308,3 +308,19 @@ class TestCA:
     def client_credentials(self, node: str) -> grpc.ChannelCredentials:
         issued = self.issue(node)
         return grpc.ssl_channel_credentials(self.pem, issued.key, issued.cert)
+
+
+def status_output(target: str, as_json: bool = True) -> str:
+    """What `podfence status` prints for the control service at `target` (plaintext)."""
+    import argparse
+    import io
+    from contextlib import redirect_stdout
+
+    from agent.control import status as status_cmd
+
+    out = io.StringIO()
+    args = argparse.Namespace(control=target, json=as_json, insecure=False, tls_cert=None, tls_key=None,
+                              tls_ca=None, timeout=5.0)
+    with redirect_stdout(out):
+        assert status_cmd.run(args) == 0
+    return out.getvalue()

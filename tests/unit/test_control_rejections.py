@@ -3,26 +3,16 @@ loopback; the agent's dataplane is the RecordingAgent's apply, its rejections a 
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import threading
-from contextlib import redirect_stdout
 
-from agent.control import status as status_cmd
 from agent.node.sync import SyncClient
-from tests.unit.control_helpers import allow_from, small_cluster, start_control, wait_until
+from tests.unit.control_helpers import allow_from, small_cluster, start_control, status_output, wait_until
 
 MESSAGE = "tenant-a/huge: rejected, it needs about 192 entries of pf_policy, more than this node has room for"
 
 
-def status(target: str, as_json: bool = True) -> str:
-    out = io.StringIO()
-    args = argparse.Namespace(control=target, json=as_json, insecure=False, tls_cert=None, tls_key=None,
-                              tls_ca=None, timeout=5.0)
-    with redirect_stdout(out):
-        assert status_cmd.run(args) == 0
-    return out.getvalue()
+status = status_output  # what `podfence status` prints
 
 
 def test_rejected_policies_ride_the_ack_into_status_and_leave_with_the_next_clean_ack() -> None:

@@ -291,3 +291,32 @@ def test_a_live_replica_keeps_an_idle_stream_open_with_heartbeats(agents):
             assert len(states) == 1
     finally:
         ctl.stop()
+
+
+def test_a_restarted_agent_still_refuses_a_lagging_replica(tmp_path, replicas):
+    """The enforced generation survives the agent process (a file beside its state in /run): an
+    agent restarted while only a lagging replica answers keeps the newer policy the kernel holds."""
+    old, new = replicas
+    generation_file = tmp_path / "run" / "enforced-generation"
+    first: list[NodeState] = []
+    with running(SyncClient("n1", new.target, first.append, generation_file=generation_file)):
+        wait_until(lambda: bool(first) and web_port(first[-1]) == 9090, what="the newer policy applied")
+    assert generation_file.read_text().strip() == str((T0 + 100) * 10**9)
+
+    new.stop()  # the agent restarts; only the lagging replica answers
+    states: list[NodeState] = []
+    restarted = SyncClient("n1", old.target, states.append, generation_file=generation_file,
+                           backoff_initial=0.05, backoff_max=0.2)
+    assert restarted.enforced_generation == (T0 + 100) * 10**9
+    with running(restarted):
+        wait_until(lambda: restarted.held is not None, what="the lagging snapshot held")
+        time.sleep(0.3)
+    assert states == [], "a restarted agent applied a lagging replica's older policy"
+
+
+def test_an_unreadable_generation_file_accepts_any_generation(tmp_path):
+    bad = tmp_path / "enforced-generation"
+    bad.write_text("not a number\n")
+    assert SyncClient("n1", "127.0.0.1:1", lambda _s: None, generation_file=bad).enforced_generation == 0
+    missing = tmp_path / "none"
+    assert SyncClient("n1", "127.0.0.1:1", lambda _s: None, generation_file=missing).enforced_generation == 0

@@ -35,7 +35,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, ctbound, loader, maps, state_file, telemetry
+from agent.dataplane.bpf import attach, ctbound, loader, maps, state_file, telemetry, verify
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
 from agent.dataplane.bpf.fitting import fit_and_plan
@@ -205,6 +205,17 @@ class BpfDataplane:
             return []
         with self._lock:
             return self.hook.repair()
+
+    def repair_state(self) -> list[verify.Drift]:
+        """Put back the clsact qdiscs, tc filters and bpffs pins someone removed (verify.py; the
+        egress hook is repair_hooks'); returns what was found."""
+        if self._module is None:
+            return []
+        with self._lock:
+            pins = verify.pins_of(self._module, self.pin_dir) | self.hook.program_pins(self._programs)
+            with attach.netlink(self.netns) as sock:
+                drift = verify.repair_tc(sock, self._live.interfaces, self._programs)
+            return drift + verify.repair_pins(pins)
 
     def _rooms(self) -> dict[str, int]:
         """Entries each map holds: the size asked for, or the pinned map's own if smaller."""

@@ -69,6 +69,13 @@ class EgressHook:
             return self.links.repair()
         return self.iptables.install(self._nf_pin)
 
+    def program_pins(self, programs: dict[str, Any]) -> dict[str, int]:
+        """bpffs path -> program fd of the pin the xt_bpf rule names (the state check re-pins it
+        if someone removed it: a firewall reload restoring the rule would otherwise fail)."""
+        if self.in_use != "iptables" or not self._nf_pin:
+            return {}
+        return {self._nf_pin: programs[loader.PROGRAM_NF_EGRESS].fd}
+
     def remove(self) -> None:
         """Remove both kinds of hook (teardown: whichever an earlier run left)."""
         self.links.remove()

@@ -34,7 +34,7 @@ from agent.dataplane.base import (
 )
 from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
-from agent.dataplane.iptables import kernel
+from agent.dataplane.iptables import kernel, verify
 from agent.dataplane.iptables.compiler import (
     CHAIN_PREFIX,
     EGRESS,
@@ -145,6 +145,7 @@ class IptablesDataplane:
         # nothing in a family (e.g. the IPv6 half of an IPv4-only change) writes nothing there.
         self._committed: dict[int, dict[str, tuple[str, ...]]] = {}
         self._layer2 = Layer2()  # bridged pods' layer-2 rules (layer2.py)
+        self._desired: DesiredState | None = None  # what the last apply committed (repair_state)
         # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
@@ -202,6 +203,7 @@ class IptablesDataplane:
         self._sets_view.forget()
         self._layer2.teardown()
         self._committed = {}
+        self._desired = None
         self._started = False
 
     # -- programming --------------------------------------------------------------------------
@@ -226,6 +228,29 @@ class IptablesDataplane:
         for family in FAMILIES:
             repaired += self._move_hooks_first(family, kernel.read_filter_table(family))
         return repaired + self._layer2.repair()
+
+    def repair_state(self) -> list[verify.Drift]:
+        """Put back the ipsets, chains and layer-2 chains of the last apply where someone emptied or
+        edited them (verify.py; the hooks are repair_hooks'); returns what was found."""
+        if not self._started or self._desired is None:
+            return []
+        with self._lock:
+            desired = self._desired
+            sets_now = kernel.read_sets()
+            drift = verify.drifted_sets({n: spec.members for n, spec in desired.sets.items()}, sets_now)
+            if drift:  # first: a rewritten chain may match a set that was destroyed
+                self._sets_view.forget()  # until the restore is known to have worked
+                kernel.restore_sets(self._sets_script(desired, sets_now))
+                self._sets_view.wrote(desired.sets, self.ipset_maxelem)
+            for family in FAMILIES:
+                found, script = verify.chain_repair(
+                    kernel.read_filter_table(family), desired.chains[family], "chain", f"ipv{family} ",
+                    "filter", "- [0:0]",
+                )
+                if script:
+                    kernel.restore_filter_table(family, script)
+                drift += found
+            return drift + self._layer2.repair_chains(desired.bridge)
 
     @staticmethod
     def _move_hooks_first(family: int, table: kernel.FilterTable) -> list[str]:
@@ -268,6 +293,7 @@ class IptablesDataplane:
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
+        self._desired = desired
         # (a stale set still referenced survives destroy_sets; the next read finds it again)
         self._sets_view.wrote(desired.sets, self.ipset_maxelem)
 

@@ -6,7 +6,7 @@ chains kept for the counters. The chains' owners are known only to the apply tha
 from __future__ import annotations
 
 from agent.dataplane.base import PermanentDataplaneError
-from agent.dataplane.iptables import bridge, kernel
+from agent.dataplane.iptables import bridge, kernel, verify
 from agent.dataplane.iptables.compiler import EGRESS
 from agent.dataplane.iptables.counters import Tally
 
@@ -75,6 +75,18 @@ class Layer2:
             kernel.restore_bridge_table(script)
             repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
         return repaired
+
+    def repair_chains(self, desired: bridge.BridgeRules) -> list[verify.Drift]:
+        """The chains of the last commit rewritten where someone emptied or edited them (the state
+        check, verify.py); returns what was found."""
+        if not self.committed:  # no bridged pod: nothing of ours to check
+            return []
+        found, script = verify.chain_repair(
+            kernel.read_bridge_table(), desired.chains, "bridge_chain", "", "nat", "RETURN"
+        )
+        if script:
+            kernel.restore_bridge_table(script)
+        return found
 
     def drops(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) dropped at layer 2 per endpoint key."""
