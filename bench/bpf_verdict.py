@@ -18,7 +18,6 @@ import ipaddress
 import json
 import secrets
 import statistics
-import subprocess
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
+from agent.lab import wiring
 from tests.privileged import bpf_frames as frames
 
 RULE_COUNTS = (10, 1000, 10000)
@@ -89,7 +89,7 @@ def _measure(plane: BpfDataplane, rules: int, kind: str = "identity") -> dict[st
 def run() -> dict[str, Any]:
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-bench"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     plane = BpfDataplane(
         pin_dir=f"/sys/fs/bpf/{prefix}",
         netns=netns,
@@ -103,7 +103,7 @@ def run() -> dict[str, Any]:
         hosts = {rules: _measure(plane, rules, "host_cidr") for rules in RULE_COUNTS}
     finally:
         plane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
     def ratios(by_count: dict[int, dict[str, float]]) -> dict[str, float]:
         low, high = by_count[RULE_COUNTS[0]], by_count[RULE_COUNTS[-1]]

@@ -11,11 +11,9 @@ and runs frames through the program of the hook that judges them:
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,11 +25,10 @@ from agent.dataplane.bpf import loader, structs
 from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.lab import wiring
 from tests.privileged import bpf_frames as f
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 POD, POD6 = "10.0.0.1", "fd00::1"
 PEER7, PEER7_6, PEER8 = "10.0.1.7", "fd00:1::7", "10.0.1.8"
@@ -450,7 +447,7 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
     """A started dataplane in a netns of its own with its own pins; torn down afterwards."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-pkt"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     dataplane = BpfDataplane(
         pin_dir=f"/sys/fs/bpf/{prefix}",
         netns=netns,
@@ -462,7 +459,7 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
         yield dataplane
     finally:
         dataplane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 @pytest.fixture(scope="module")
