@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from pyroute2 import netns
+from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.lab import wiring
@@ -295,23 +295,9 @@ class Lab:
 
     def _build_root_blackholes(self) -> None:
         with wiring.ipr() as ipr:
-            for net in BLACKHOLED_IN_ROOT:
-                ipr.route(
-                    "replace",
-                    dst=str(net),
-                    type="blackhole",
-                    priority=BLACKHOLE_METRIC,
-                    proto=LAB_ROUTE_PROTO,
-                )
-            for net6 in BLACKHOLED6_IN_ROOT if self.ipv6 else ():
-                ipr.route(
-                    "replace",
-                    family=socket.AF_INET6,
-                    dst=str(net6),
-                    type="blackhole",
-                    priority=BLACKHOLE_METRIC,
-                    proto=LAB_ROUTE_PROTO,
-                )
+            _blackhole(
+                ipr, BLACKHOLED_IN_ROOT + (BLACKHOLED6_IN_ROOT if self.ipv6 else ()), proto=LAB_ROUTE_PROTO
+            )
 
     def _build_fabric(self) -> None:
         wiring.create(FABRIC_NETNS)
@@ -340,33 +326,20 @@ class Lab:
         with wiring.ipr(node.netns) as ipr:
             eth0 = wiring.index(ipr, "eth0")
             ipr.addr("add", index=eth0, address=node.fabric_ip, prefixlen=FABRIC_NET.prefixlen)
+            if node.fabric_ip6:
+                ipr.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=FABRIC6_NET.prefixlen)
             mgmt0 = wiring.index(ipr, "mgmt0")
             ipr.addr("add", index=mgmt0, address=node.mgmt_ip, prefixlen=30)
             ipr.route("add", dst=str(MGMT_SUPERNET), gateway=node.mgmt_gateway, oif=mgmt0)
-            for net in BLACKHOLED_IN_NODES:
-                ipr.route("add", dst=str(net), type="blackhole", priority=BLACKHOLE_METRIC)
+            _blackhole(ipr, BLACKHOLED_IN_NODES + (BLACKHOLED6_IN_NODES if self.ipv6 else ()))
             for other in self.nodes.values():
-                if other.name != node.name:
-                    ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
-            if self.ipv6:
-                ipr.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=FABRIC6_NET.prefixlen)
-                for net6 in BLACKHOLED6_IN_NODES:
+                if other.name == node.name:
+                    continue
+                ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
+                if other.pod_cidr6:
                     ipr.route(
-                        "add",
-                        family=socket.AF_INET6,
-                        dst=str(net6),
-                        type="blackhole",
-                        priority=BLACKHOLE_METRIC,
+                        "add", family=socket.AF_INET6, dst=other.pod_cidr6, gateway=other.fabric_ip6, oif=eth0
                     )
-                for other in self.nodes.values():
-                    if other.name != node.name:
-                        ipr.route(
-                            "add",
-                            family=socket.AF_INET6,
-                            dst=other.pod_cidr6,
-                            gateway=other.fabric_ip6,
-                            oif=eth0,
-                        )
         if self.mode is CniMode.BRIDGED:
             wiring.add_bridge(node.netns, "cni0", *_bridge_gateways(node))
 
@@ -481,6 +454,17 @@ class Lab:
                 service_ip6=raw.get("service_ip6"),
             )
         return lab
+
+
+def _blackhole(
+    ipr: IPRoute, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], **extra: int
+) -> None:
+    """Lab ranges go nowhere unless a more specific route claims them: never out of the machine."""
+    for net in nets:
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        ipr.route(
+            "replace", family=family, dst=str(net), type="blackhole", priority=BLACKHOLE_METRIC, **extra
+        )
 
 
 def _bridge_gateways(node: LabNode) -> list[str]:

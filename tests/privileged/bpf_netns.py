@@ -77,15 +77,7 @@ class Node(NetnsNode):
         return pod
 
     def serve(self, pod: Pod, *ports: int) -> None:
-        process = subprocess.Popen(
-            in_netns(pod.netns, PYTHON, str(TOOL), "serve", *map(str, ports)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "ready"
-        self.processes.append(process)
+        self.start(pod.netns, PYTHON, str(TOOL), "serve", *map(str, ports), ready=True)
 
     def destroy(self) -> None:
         super().destroy()

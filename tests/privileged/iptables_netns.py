@@ -89,14 +89,10 @@ class Node(NetnsNode):
         self, pod: Pod, *, tcp: tuple[int, ...] = (), udp: tuple[int, ...] = (), sctp_log: str | None = None
     ) -> None:
         """Echo servers in the pod (TCP and UDP) and a raw SCTP sink, until destroy()."""
-        argv = in_netns(pod.netns, PYTHON, str(TRAFFIC), "serve")
-        argv += ["--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
+        argv = ["--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
         if sctp_log:
             argv += ["--sctp-log", sctp_log]
-        server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        self.processes.append(server)
+        self.start(pod.netns, PYTHON, str(TRAFFIC), "serve", *argv, ready=True)
 
     def probe(self, pod: Pod | None, kind: str, ip: str, port: int = 0, *extra: str) -> bool:
         """One new connection (or ping) from `pod` (None: from the node); True if answered."""
@@ -108,10 +104,7 @@ class Node(NetnsNode):
         return done.returncode == 0
 
     def spawn(self, pod: Pod, *args: str) -> subprocess.Popen[str]:
-        argv = in_netns(pod.netns, PYTHON, str(TRAFFIC), *args)
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.processes.append(process)
-        return process
+        return self.start(pod.netns, PYTHON, str(TRAFFIC), *args)
 
     def legacy_save(self, family: int = 4) -> str:
         return self.in_node("iptables-legacy-save" if family == 4 else "ip6tables-legacy-save").stdout

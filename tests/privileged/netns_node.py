@@ -102,6 +102,17 @@ class NetnsNode:
             self.netns, pod.netns, pod.host_if, bridge, address, address6, gateway=gateway
         )
 
+    def start(self, netns: str, *argv: str, ready: bool = False) -> subprocess.Popen[str]:
+        """`argv` running in `netns` until destroy(); with `ready`, once it printed "ready"."""
+        process = subprocess.Popen(
+            in_netns(netns, *argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.processes.append(process)
+        if ready:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        return process
+
     def destroy(self) -> None:
         for process in self.processes:
             with contextlib.suppress(ProcessLookupError):
