@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import pytest
 
 from agent.dataplane.types import DirectionPolicy, Endpoint, NodeState
+from agent.lab import wiring
 from tests.privileged.bpf_netns import PYTHON, Node, Pod, in_netns, ip, sh
 
 scapy = pytest.importorskip("scapy.all", reason="needs scapy (the test extra)")
@@ -61,8 +62,7 @@ def bridged() -> Iterator[Node]:
 
 
 def link_mac(pod: Pod) -> str:
-    line = pod.run("ip", "-o", "link", "show", "dev", "eth0").stdout
-    return line.split("link/ether ", 1)[1].split()[0]
+    return wiring.mac(pod.netns, "eth0")
 
 
 def state(node: Node, plane_kind: str, open_ingress: bool = False) -> NodeState:

@@ -350,7 +350,7 @@ def test_lean_link_dump_matches_pyroute2(lab):
         f"ip -n {lab.node} link add hv-b type veth peer name hv-b-peer",  # both ends here: no netnsid
     )
     out = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node}", "--", sys.executable, "-c", LINK_COMPARISON],
+        wiring.argv_in(lab.node, [sys.executable, "-c", LINK_COMPARISON]),
         check=True,
         capture_output=True,
         text=True,
