@@ -158,7 +158,7 @@ def run() -> dict[str, Any]:
     wiring.create(netns, loopback_up=False)
     try:
         for pod in range(PODS):
-            wiring.add_veth(netns, f"pfb{pod}", netns, f"pfbp{pod}")
+            wiring.add_veth(netns, f"pfb{pod}", None, f"pfbp{pod}")
         context = multiprocessing.get_context("fork")
         parent, child = context.Pipe()
         worker = context.Process(target=_measure, args=(netns, child))

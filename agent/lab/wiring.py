@@ -117,19 +117,21 @@ def mac(name: str, ifname: str) -> str:
 def add_veth(
     host_ns: str | None, host_ifname: str, peer_ns: str | None, peer_ifname: str = "eth0", *, up: bool = True
 ) -> int:
-    """A veth pair, `host_ifname` in `host_ns` and `peer_ifname` in `peer_ns` (None: the caller's
-    namespace for either), both up unless `up` is False; returns the host end's ifindex."""
+    """A veth pair, `host_ifname` in `host_ns` (None: the caller's namespace) and `peer_ifname` in
+    `peer_ns` (None: beside the host end), both up unless `up` is False; returns the host end's
+    ifindex."""
+    beside = peer_ns is None or peer_ns == host_ns
     with ipr(host_ns) as host:
-        peer: dict[str, str | int] = {"ifname": peer_ifname}
-        if peer_ns != host_ns and peer_ns is not None:
-            peer["net_ns_fd"] = peer_ns
+        peer: dict[str, str] = {"ifname": peer_ifname}
+        if not beside:
+            peer["net_ns_fd"] = str(peer_ns)
         host.link("add", ifname=host_ifname, kind="veth", peer=peer)
         host_index = index(host, host_ifname)
         if up:
             host.link("set", index=host_index, state="up")
-            if peer_ns == host_ns:
+            if beside:
                 host.link("set", index=index(host, peer_ifname), state="up")
-    if up and peer_ns != host_ns:
+    if up and not beside:
         with ipr(peer_ns) as other:
             other.link("set", index=index(other, peer_ifname), state="up")
     return host_index

@@ -412,7 +412,7 @@ def _bench(established_on_change: str) -> Iterator[Bench]:
         ifindexes = []
         for index in range(SLOTS + 1):
             host, pod = f"pfz{index}", f"pfz{index}p"
-            ifindexes.append(wiring.add_veth(netns, host, netns, pod, up=False))
+            ifindexes.append(wiring.add_veth(netns, host, None, pod, up=False))
         plane.start()  # one BCC compile for the whole module
         yield Bench(plane, netns, tuple(ifindexes))
     finally:
