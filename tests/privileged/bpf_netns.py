@@ -12,7 +12,6 @@ import ipaddress
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,15 +81,6 @@ class Node(NetnsNode):
     def destroy(self) -> None:
         super().destroy()
         Path(self.state_file).unlink(missing_ok=True)
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -17,7 +17,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.lab import wiring
-from tests.privileged.netns_node import NetnsNode, in_netns, sh
+from tests.privileged.netns_node import NetnsNode, in_netns, sh, wait_until
 
 TRAFFIC = Path(__file__).with_name("iptables_traffic.py")
 PYTHON = sys.executable
@@ -162,10 +161,4 @@ class DataplaneWorker:
         self.kill()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+wait_for = wait_until

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,16 @@ def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.Comple
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll until `predicate` holds (True) or `timeout` passes (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
 
 
 def in_netns(netns: str, *argv: str) -> list[str]:
