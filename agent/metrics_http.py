@@ -1,5 +1,9 @@
 """The HTTP server under /metrics, /healthz and /readyz of both processes, with bounded threads.
 
+`start_metrics_server` is the one both the agent and the control service run: /metrics from a
+registry (Prometheus text or OpenMetrics, as the scraper asks), /healthz and, where the process
+has a notion of ready, /readyz.
+
 http.server's ThreadingHTTPServer starts a thread per connection and reads the request on it
 with no time limit, so every idle connection (or one trickling a byte now and then) held a
 thread for ever, and enough of them exhaust the process. Here a connection gets a thread only
@@ -30,8 +34,12 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +215,61 @@ class BoundedHTTPServer(HTTPServer):
         super().server_close()
         for end in (self._wake_read, self._wake_write):
             self._close(end)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """ "HOST:PORT", "[v6]:PORT" or ":PORT" (every address) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def start_metrics_server(
+    address: str,
+    registry: CollectorRegistry,
+    healthy: Callable[[], bool] = lambda: True,
+    ready: Callable[[], bool] | None = None,
+    not_ready: str = "not ready",
+    health_detail: Callable[[], str] | None = None,
+) -> tuple[BoundedHTTPServer, int]:
+    """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread: /metrics,
+    /healthz (200 while `healthy()`, else 503; `health_detail()` adds a line to the body) and, if
+    `ready` is given, /readyz (200 while `ready()`, else 503 saying `not_ready`). Returns the
+    server (shutdown() stops it) and the port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._reply(200, encoder(registry), content_type)
+            elif path == "/healthz":
+                ok = healthy()
+                text = "ok\n" if ok else "starting\n"
+                if health_detail is not None:
+                    text += health_detail() + "\n"
+                self._reply(200 if ok else 503, text.encode())
+            elif path == "/readyz" and ready is not None:
+                if ready():
+                    self._reply(200, b"ready\n")
+                else:
+                    self._reply(503, f"{not_ready}\n".encode())
+            else:
+                self._reply(404, b"not found\n")
+
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            # Prometheus scrapes every few seconds; per-request access logs would drown the rest.
+            pass
+
+    server = BoundedHTTPServer(split_host_port(address), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, server.server_address[1]

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import run_program_timed
 from agent.dataplane.types import (
     Allow,
@@ -91,11 +92,13 @@ def run() -> dict[str, Any]:
     netns = f"{prefix}-bench"
     wiring.create(netns, loopback_up=False)
     plane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        policy_max=262144,
-        ipcache_max=65536,
-        state_file=f"/run/podfence-bench/{prefix}.json",
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            policy_max=262144,
+            ipcache_max=65536,
+            state_file=f"/run/podfence-bench/{prefix}.json",
+        )
     )
     try:
         plane.start()

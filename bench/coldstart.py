@@ -93,6 +93,7 @@ def one_endpoint_changed(state: NodeState) -> NodeState:
 
 def in_process(topology: Topology) -> dict[str, Any]:
     from agent.dataplane.bpf.dataplane import BpfDataplane
+    from agent.dataplane.bpf.settings import BpfSettings
 
     node = topology.nodes[_cluster.NODE]
     state = node_state(topology)
@@ -100,7 +101,7 @@ def in_process(topology: Topology) -> dict[str, Any]:
     start_s, apply_s, reapply_s, change_s = [], [], [], []
     with inside(node.netns):
         for _ in range(REPETITIONS):
-            plane = BpfDataplane(pin_dir=node.pin_dir)
+            plane = BpfDataplane(BpfSettings(pin_dir=node.pin_dir))
             try:
                 t0 = time.perf_counter()
                 plane.start()
@@ -151,8 +152,9 @@ def remove_kernel_state(dataplane: str, topology: Topology) -> None:
     with inside(node.netns):
         if dataplane == "bpf":
             from agent.dataplane.bpf.dataplane import BpfDataplane
+            from agent.dataplane.bpf.settings import BpfSettings
 
-            BpfDataplane(pin_dir=node.pin_dir).teardown()
+            BpfDataplane(BpfSettings(pin_dir=node.pin_dir)).teardown()
         else:
             from agent.dataplane.iptables import IptablesDataplane
 

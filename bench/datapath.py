@@ -174,10 +174,11 @@ def make_dataplane(kind: str, pin_dir: str, bench_defines: tuple[str, ...] = ())
 
         return IptablesDataplane()
     from agent.dataplane.bpf.dataplane import BpfDataplane
+    from agent.dataplane.bpf.settings import BpfSettings
 
     if kind == "bpfxt":  # the eBPF dataplane with its egress verdict on the xt_bpf rule
-        return BpfDataplane(pin_dir=pin_dir, egress_hook="iptables", bench_defines=bench_defines)
-    return BpfDataplane(pin_dir=pin_dir, bench_defines=bench_defines)
+        return BpfDataplane(BpfSettings(pin_dir=pin_dir, egress_hook="iptables", bench_defines=bench_defines))
+    return BpfDataplane(BpfSettings(pin_dir=pin_dir, bench_defines=bench_defines))
 
 
 # --- topology and servers ---------------------------------------------------------------------

@@ -12,7 +12,12 @@ A `pfbench-` node with 100 pods and the ring policies (bench/_cluster.py) runs `
   one core, peak RSS (sampled every event) and RSS afterwards. The control service's figures
   are reported beside, for scale.
 
-Both dataplanes are measured, each on its own node. Run: `.venv/bin/python -m bench.footprint`.
+Both dataplanes are measured, each on its own node; then again at issue 25's scale, SCALE_PODS
+pods and SCALE_RULES allow entries on the node (rules_policies: per-app policies of /32 ipBlock
+peers, SCALE_RULES / SCALE_PODS allows on every endpoint besides the ring's), reported under
+"<dataplane> 250 pods 10,000 rules". BENCH_SCALE=0 leaves the scale runs out, BENCH_SCALE=only
+runs nothing else.
+Run: `.venv/bin/python -m bench footprint`.
 """
 
 from __future__ import annotations
@@ -34,12 +39,29 @@ CHURN_EVENTS = 1_000
 CHURN_RATE = 200.0  # events per second: 5 s of churn, about 25 folder polls
 DATAPLANES = tuple(os.environ.get("BENCH_DATAPLANES", "bpf,iptables").split(","))
 CHURN_NET = ipaddress.IPv4Network("10.79.0.0/16")  # churn pods' addresses, routed nowhere
+SCALE = os.environ.get("BENCH_SCALE", "1")  # "0": no scale runs; "only": nothing else
+SCALE_PODS, SCALE_RULES = 250, 10_000  # issue 25
+RULES_NET = ipaddress.IPv4Network("10.80.0.0/16")  # the rules' peers, routed nowhere
 
 
 def churn_pod(index: int) -> dict[str, Any]:
     node = _cluster.NODE if index % 2 == 0 else "elsewhere"
     ip = str(CHURN_NET.network_address + 10 + index)
     return _cluster.pod_manifest(f"churn-{index}", ip, _cluster.pod_labels(index), node=node)
+
+
+def rules_policies(rules: int, pods: int) -> list[dict[str, Any]]:
+    """One policy per app admitting `rules // pods` distinct /32 peers on the serve port: every
+    endpoint (each carries one app's label) gets that many allows, `rules` on the node in all."""
+    per_endpoint = rules // pods
+    policies = []
+    for app in range(_cluster.APPS):
+        peers = [{"ipBlock": {"cidr": f"{RULES_NET.network_address + app * per_endpoint + i}/32"}}
+                 for i in range(per_endpoint)]
+        policy = _cluster.ingress_policy(f"rules-{app}", {"app": f"a{app}"}, {})
+        policy["spec"]["ingress"][0]["from"] = peers
+        policies.append(policy)
+    return policies
 
 
 def sample(pids: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -67,16 +89,18 @@ def churn(folder: Path, pids: dict[str, int]) -> dict[str, float]:
     return peak
 
 
-def measure(dataplane: str, tag: str) -> dict[str, Any]:
-    with _cluster.node_with_pods(tag, PODS) as topology, tempfile.TemporaryDirectory() as tmp:
+def measure(dataplane: str, tag: str, pods: int = PODS, rules: int = 0) -> dict[str, Any]:
+    with _cluster.node_with_pods(tag, pods) as topology, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "source"
         folder.mkdir()
         _cluster.write_base_folder(folder, topology, {})
+        if rules:
+            _cluster.write_yaml(folder / "30-rules.yaml", rules_policies(rules, pods))
         processes = _cluster.Processes(topology, folder, Path(tmp), dataplane)
         try:
             processes.start_control()
             processes.start_agent()
-            processes.wait(lambda: processes.caught_up(PODS), "agent caught up", 180)
+            processes.wait(lambda: processes.caught_up(pods), "agent caught up", 300)
             assert processes.control is not None and processes.agent is not None
             pids = {"agent": processes.agent.pid, "control": processes.control.pid}
             time.sleep(1.0)  # let start-up work (first metrics scrape, GC) finish
@@ -89,7 +113,7 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
             version_before = processes.control_version()
             peak = churn(folder, pids)
             processes.wait(
-                lambda: processes.control_version() > version_before and processes.caught_up(PODS),
+                lambda: processes.control_version() > version_before and processes.caught_up(pods),
                 "agent caught up after churn", 120, interval=0.05,
             )
             burst_seconds = time.monotonic() - burst_start
@@ -97,7 +121,8 @@ def measure(dataplane: str, tag: str) -> dict[str, Any]:
             versions = processes.control_version() - version_before
         finally:
             processes.stop()
-    report: dict[str, Any] = {"churn_events": CHURN_EVENTS, "churn_versions": versions}
+    report: dict[str, Any] = {"pods": pods, "rules": rules, "churn_events": CHURN_EVENTS,
+                              "churn_versions": versions}
     for name in pids:
         idle_cpu = idle[name]["cpu_s"] - before[name]["cpu_s"]
         burst_cpu = after[name]["cpu_s"] - idle[name]["cpu_s"]
@@ -121,11 +146,17 @@ def run() -> dict[str, Any]:
         "idle_seconds": IDLE_SECONDS,
         "churn_rate_per_s": CHURN_RATE,
     }
-    for index, dataplane in enumerate(DATAPLANES):
+    for index, dataplane in enumerate(DATAPLANES if SCALE != "only" else ()):
         try:
             results[dataplane] = measure(dataplane, f"f{index}")
         except Exception as exc:  # one dataplane that cannot run here must not hide the other
             results[dataplane] = {"error": repr(exc)}
+    for index, dataplane in enumerate(DATAPLANES if SCALE != "0" else ()):
+        name = f"{dataplane} {SCALE_PODS} pods {SCALE_RULES:,} rules"
+        try:
+            results[name] = measure(dataplane, f"s{index}", SCALE_PODS, SCALE_RULES)
+        except Exception as exc:
+            results[name] = {"error": repr(exc)}
     return results
 
 

@@ -78,8 +78,10 @@ class TimedDataplane:
 def _dataplane(kind: str, pin_dir: str) -> Dataplane:
     if kind == "bpf":
         from agent.dataplane.bpf import BpfDataplane
+        from agent.dataplane.bpf.settings import BpfSettings
 
-        return BpfDataplane(pin_dir=pin_dir, state_file=f"/run/podfence/{Path(pin_dir).name}.json")
+        state_file = f"/run/podfence/{Path(pin_dir).name}.json"
+        return BpfDataplane(BpfSettings(pin_dir=pin_dir, state_file=state_file))
     raise ValueError(kind)
 
 

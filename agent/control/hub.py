@@ -11,21 +11,31 @@ connected node that has acknowledged its latest change is reported at the curren
 versions since then did not change what that node enforces, so it is in sync with them.
 A node that stays disconnected longer than `forget_after_s` is forgotten (status, metrics), so
 a cluster that replaces its nodes does not grow this replica's node list forever.
+
+Replicas: versions are this replica's own counter, so each version also carries the source
+state it was built from (`SourceMark`: a generation that grows with the source, the same on every
+replica that read the same source, and a digest). Sources note it inside `change()`. An agent
+compares generations across replicas and never enforces an older one (agent/node/sync.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
+from agent.model.objects import Pod
 from agent.policy.compiled import NodePolicy
+from agent.policy.state import ClusterState
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,8 @@ class PolicyResolver(Protocol):
     def node_policy(self, node: str) -> NodePolicy: ...
     def take_dirty_nodes(self) -> set[str]: ...
     def unenforced_policies(self) -> list[str]: ...
+    @property
+    def state(self) -> ClusterState: ...
 
 
 UNENFORCED_SOURCE = "control"
@@ -66,6 +78,14 @@ class AckError(ValueError):
     """An ack that does not match anything this stream was sent (a malformed client message)."""
 
 
+@dataclass(frozen=True)
+class SourceMark:
+    """The source state a version was built from (proto SourceState)."""
+
+    generation: int = 0  # grows with the source; 0: not known
+    digest: str = ""
+
+
 @dataclass
 class Outgoing:
     """One message to send: the node's whole policy at `version`, as a snapshot or as a delta."""
@@ -74,6 +94,7 @@ class Outgoing:
     policy: NodePolicy
     snapshot: bool
     build_seconds: float = 0.0  # time already spent computing `policy`, for the snapshot histogram
+    source: SourceMark = SourceMark()
 
 
 @dataclass
@@ -81,6 +102,8 @@ class NodeRecord:
     acked_version: int = 0
     connected: bool = False
     last_error: str | None = None
+    # policies the node's last ack says it left out (its maps cannot hold them): "ns/name: why"
+    rejected_policies: tuple[str, ...] = ()
     latest_change: int = 0  # version of the newest message queued for this node
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
 
@@ -100,6 +123,7 @@ class StreamHandle:
         self._sent_order: deque[int] = deque()
         self.last_sent: NodePolicy | None = None  # what the agent has, if it applied everything
         self.queued_policy: NodePolicy | None = None  # newest policy queued (hub side, under hub lock)
+        self.applied_once = False  # the agent acked a version on this stream (hub side, under hub lock)
 
     def push(self, item: Outgoing) -> bool:
         """Queue a version; returns False when the stream was too far behind and got reset instead."""
@@ -109,7 +133,8 @@ class StreamHandle:
             reset = len(self._queue) >= self._max_pending
             if reset:
                 self._queue.clear()
-                item = Outgoing(item.version, item.policy, snapshot=True, build_seconds=item.build_seconds)
+                item = Outgoing(item.version, item.policy, snapshot=True, build_seconds=item.build_seconds,
+                                source=item.source)
             self._queue.append(item)
             self._cond.notify()
             return not reset
@@ -164,6 +189,10 @@ class HubStatus:
     version: int
     nodes: dict[str, NodeRecord] = field(default_factory=dict)  # copies, with the reported applied version
     source_errors: tuple[SourceProblem, ...] = ()
+    source: SourceMark = SourceMark()
+    streams: int = 0
+    draining: bool = False
+    source_freshness: Freshness | None = None  # None: the source has no remote end (a folder)
 
 
 class PolicyHub:
@@ -177,6 +206,7 @@ class PolicyHub:
         initial_version: int | None = None,
         forget_after_s: float = DEFAULT_FORGET_AFTER_S,
         clock: Callable[[], float] = time.monotonic,
+        replica: str | None = None,
     ) -> None:
         self._resolver = resolver
         self.metrics = metrics if metrics is not None else ControlMetrics()
@@ -192,7 +222,20 @@ class PolicyHub:
         self._source_problems: tuple[SourceProblem, ...] = ()
         self._unenforced: tuple[str, ...] = ()
         self._next_stream_id = 0
+        self._source = SourceMark()
+        # The pod's name in a Deployment (HOSTNAME), so `podfence status` can say which replica.
+        self.replica = replica or os.environ.get("HOSTNAME") or socket.gethostname()
+        self.draining = False
         self.metrics.watch_hub(self._metric_view)
+        self._freshness: Callable[[], Freshness] | None = None
+        # Called with a node's name when its agent acks its first version on a stream (the
+        # control service then lifts the node's not-ready taint); must not block.
+        self.on_node_applied: Callable[[str], None] | None = None
+
+    def set_freshness(self, read: Callable[[], Freshness]) -> None:
+        """How recently the source heard from the API server, for `podfence status` and the metrics."""
+        self._freshness = read
+        self.metrics.watch_freshness(read)
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -217,7 +260,7 @@ class PolicyHub:
             stream.queued_policy = policy
             self._records[node].latest_change = version
             changed += 1
-            if not stream.push(Outgoing(version, policy, snapshot=False)):
+            if not stream.push(Outgoing(version, policy, snapshot=False, source=self._source)):
                 self.metrics.streams_reset_total.inc()
                 log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
                             self._max_pending)
@@ -238,6 +281,17 @@ class PolicyHub:
         self._unenforced = unenforced
         self.metrics.unenforced_policies.labels("ClusterNetworkPolicy").set(len(unenforced))
 
+    def note_source(self, generation: int, digest: str) -> None:
+        """The source state the resolver holds now; call inside `change()` so the version it
+        publishes carries it. The generation never goes back (a re-list may report an older one)."""
+        with self._lock:
+            self._source = SourceMark(max(generation, self._source.generation), digest)
+
+    @property
+    def source(self) -> SourceMark:
+        with self._lock:
+            return self._source
+
     def set_source_problems(self, problems: list[SourceProblem]) -> None:
         """The source's current problems (replacing the previous list); also sets the gauges."""
         ordered = tuple(sorted(problems, key=lambda p: (p.source, p.object or "", p.error)))
@@ -252,6 +306,16 @@ class PolicyHub:
     def version(self) -> int:
         with self._lock:
             return self._version
+
+    def node_count(self) -> int:
+        """Nodes that the pod cache has pods on (each runs an agent): for a replica's share."""
+        with self._lock:
+            return len({pod.node_name for pod in self._resolver.state.pods.values() if pod.node_name})
+
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        """A live pod of the source (the pod cache token identity binds agents by)."""
+        with self._lock:
+            return self._resolver.state.pods.get(f"{namespace}/{name}")
 
     # --- streams ---------------------------------------------------------------------------------
 
@@ -276,7 +340,7 @@ class PolicyHub:
             handle.queued_policy = policy
             record.latest_change = self._version
             handle.push(Outgoing(self._version, policy, snapshot=True,
-                                 build_seconds=time.perf_counter() - started))
+                                 build_seconds=time.perf_counter() - started, source=self._source))
             log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
                      self._version)
             return handle
@@ -291,7 +355,9 @@ class PolicyHub:
                 record.disconnected_at = self._clock()
                 log.info("node %s disconnected: %s", handle.node, reason)
 
-    def ack(self, handle: StreamHandle, version: int, ok: bool, error: str) -> None:
+    def ack(
+        self, handle: StreamHandle, version: int, ok: bool, error: str, rejected: Sequence[str] = ()
+    ) -> None:
         """Records an agent's ack/nack; raises AckError for a version this stream was never sent."""
         if not handle.was_sent(version):
             raise AckError(f"ack for version {version}, which this stream was never sent")
@@ -300,18 +366,31 @@ class PolicyHub:
                 return  # a superseded stream's late ack says nothing about the node now
             record = self._records[handle.node]
             if ok:
+                if version >= record.acked_version:
+                    if tuple(rejected) != record.rejected_policies:
+                        for rejection in rejected:
+                            log.warning("node %s left out policy %s", handle.node, rejection)
+                    record.rejected_policies = tuple(rejected)
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
+                if not handle.applied_once:
+                    handle.applied_once = True
+                    if self.on_node_applied is not None:
+                        self.on_node_applied(handle.node)
             else:
                 record.last_error = error or "unspecified dataplane error"
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,
                             record.last_error)
 
     def close_all(self, reason: str) -> None:
+        for stream in self.open_streams():
+            stream.close(reason)
+
+    def open_streams(self) -> list[StreamHandle]:
+        """The current stream of every connected node, oldest first (not those already told to end)."""
         with self._lock:
             streams = list(self._streams.values())
-        for stream in streams:
-            stream.close(reason)
+        return sorted((h for h in streams if not h.closed), key=lambda handle: handle.stream_id)
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -327,6 +406,7 @@ class PolicyHub:
                     acked_version=self._version if in_sync else record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error,
+                    rejected_policies=record.rejected_policies,
                     latest_change=record.latest_change,
                     disconnected_at=record.disconnected_at,
                 )
@@ -335,7 +415,9 @@ class PolicyHub:
                               UNENFORCED_MESSAGE.format(name=name), last_valid_in_force=False)
                 for name in self._unenforced
             )
-            return HubStatus(self._version, nodes, self._source_problems + unenforced)
+            freshness = self._freshness() if self._freshness is not None else None
+            return HubStatus(self._version, nodes, self._source_problems + unenforced, self._source,
+                             len(self._streams), self.draining, freshness)
 
     def _forget_long_gone_locked(self) -> None:
         horizon = self._clock() - self._forget_after_s

@@ -9,19 +9,36 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 
+from agent.control.balance import StreamBalancer
+from agent.control.freshness import Freshness
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
+from agent.control.identity import (
+    DEFAULT_AGENT_SERVICE_ACCOUNT,
+    DEFAULT_REVIEW_TIMEOUT_S,
+    TOKEN_AUDIENCE,
+    TokenAuthenticator,
+    TokenReviewer,
+    service_account_user,
+)
 from agent.control.metrics import ControlMetrics
-from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, TlsFiles, create_server, stop_server
-from agent.metrics_http import BoundedHTTPServer
+from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, create_server, stop_server
+from agent.control.source_kubernetes import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_WATCH_TIMEOUT_S,
+)
+from agent.control.taint import NOT_READY_TAINT, TaintRemover
+from agent.control.tls_files import ReloadingTlsFiles
+from agent.metrics_http import split_host_port, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +53,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs agents' client certificates (PEM)")
     parser.add_argument(
+        "--identity", choices=["certificate", "token"], default="certificate",
+        help="how an agent proves its node: its client certificate's CN, or its pod's service-account "
+        "token checked by TokenReview",
+    )
+    parser.add_argument("--token-audience", default=TOKEN_AUDIENCE,
+                        help="token identity: the audience the agents' tokens are for")
+    parser.add_argument(
+        "--agent-service-account", default=DEFAULT_AGENT_SERVICE_ACCOUNT, metavar="NAMESPACE/NAME",
+        help="token identity: the service account of the agent pods (any other token is refused)",
+    )
+    parser.add_argument(
+        "--admin-users", default=None, metavar="NAMES",
+        help="token identity: TokenReview usernames (comma-separated) that see every node in podfence status",
+    )
+    parser.add_argument(
+        "--tokenreview-timeout", type=float, default=DEFAULT_REVIEW_TIMEOUT_S, metavar="SECONDS",
+        help="token identity: give up on a TokenReview (and refuse the stream) after this long",
+    )
+    parser.add_argument(
         "--admin-cn",
         default=DEFAULT_ADMIN_NAME,
         metavar="NAMES",
         help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
     )
     parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
+    parser.add_argument(
+        "--watch-timeout", type=int, default=DEFAULT_WATCH_TIMEOUT_S, metavar="SECONDS",
+        help="with --source kubernetes: each watch lasts a random SECONDS..2xSECONDS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
+        help="with --source kubernetes: a list request, or a watch silent past its own timeout, "
+             "gives up after SECONDS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--not-ready-taint", default=NOT_READY_TAINT, metavar="KEY",
+        help="with --source kubernetes: remove this NoSchedule taint from a node once its agent "
+             "applied a first version ('' turns it off; default %(default)s)",
+    )
+    parser.add_argument(
+        "--list-page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="N",
+        help="with --source kubernetes: objects per list page (default %(default)s)",
+    )
     parser.add_argument(
         "--metrics-listen", default="0.0.0.0:9300", help="/metrics, /healthz HOST:PORT (default %(default)s)"
     )
@@ -66,60 +120,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a node from status and metrics once disconnected this long",
     )
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="control replicas serving the cluster: above its share of the streams a replica moves "
+        "one agent per second to another replica (1: never)",
+    )
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _tls_from_args(args: argparse.Namespace) -> tuple[TlsFiles | None, str | None]:
-    """(credentials, usage error)."""
+def _tls_from_args(args: argparse.Namespace) -> tuple[ReloadingTlsFiles | None, str | None]:
+    """(credentials, usage error). The files are re-read when they change (tls_files.py)."""
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
+    token = args.identity == "token"
     if args.insecure:
         if given:
             return None, "--insecure and --tls-* exclude each other"
+        if token:
+            return None, "--identity token sends service-account tokens: it needs TLS, not --insecure"
         return None, None
-    if len(given) != 3:
+    if token and not (args.tls_cert and args.tls_key):
+        return None, "--identity token needs --tls-cert and --tls-key (and --tls-ca for mutual TLS)"
+    if not token and len(given) != 3:
         return None, "mutual TLS needs --tls-cert, --tls-key and --tls-ca (or pass --insecure explicitly)"
     try:
-        return TlsFiles.read(args.tls_cert, args.tls_key, args.tls_ca), None
-    except OSError as exc:
+        return ReloadingTlsFiles(args.tls_cert, args.tls_key, args.tls_ca), None
+    except (OSError, ssl.SSLError) as exc:
         return None, f"cannot read TLS files: {exc}"
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, healthy: threading.Event) -> BoundedHTTPServer:
-    """/metrics from `registry` and /healthz (200 once the source has been read) on a daemon thread."""
+def _authenticator(args: argparse.Namespace, hub: PolicyHub) -> TokenAuthenticator:
+    """Token identity: TokenReview through the same API configuration as a Kubernetes source."""
+    from agent.control.source_kubernetes import load_api_client
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/healthz"):
-                ok = healthy.is_set()
-                body = b"ok\n" if ok else b"starting\n"
-                self.send_response(200 if ok else 503)
-                content_type = "text/plain"
-            elif self.path.startswith("/metrics"):
-                body = generate_latest(registry)
-                self.send_response(200)
-                content_type = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body = b"not found\n"
-                self.send_response(404)
-                content_type = "text/plain"
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes every few seconds would drown the service's own log
-
-    host, port = _split_host_port(addr)
-    httpd = BoundedHTTPServer((host, port), Handler)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    return httpd
+    if not args.tokenreview_timeout > 0:
+        raise ValueError(f"--tokenreview-timeout must be > 0 seconds, not {args.tokenreview_timeout}")
+    try:
+        api_client = load_api_client(args.kubeconfig)
+    except Exception as exc:
+        raise ValueError(f"--identity token needs the Kubernetes API (TokenReview): {exc}") from exc
+    reviewer = TokenReviewer(api_client, args.token_audience, args.tokenreview_timeout)
+    admin_users = [name.strip() for name in (args.admin_users or "").split(",") if name.strip()]
+    return TokenAuthenticator(reviewer, hub.find_pod, args.agent_service_account, admin_users)
 
 
 def _make_resolver() -> Any:
@@ -134,11 +174,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"podfence control: {usage_error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _split_host_port(args.listen)
-        _split_host_port(args.metrics_listen)
+        split_host_port(args.listen)
+        split_host_port(args.metrics_listen)
         horizon = args.forget_disconnected_after
         if not horizon > 0:  # also refuses nan
             raise ValueError(f"--forget-disconnected-after must be > 0 seconds, not {horizon}")
+        service_account_user(args.agent_service_account)
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, not {args.replicas}")
     except ValueError as exc:
         print(f"podfence control: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -150,8 +193,16 @@ def run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         forget_after_s=args.forget_disconnected_after,
     )
+    authenticator = None
+    if args.identity == "token":
+        try:
+            authenticator = _authenticator(args, hub)
+        except ValueError as exc:
+            print(f"podfence control: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     stop = threading.Event()
     source_thread: threading.Thread
+    freshness: Callable[[], Freshness] | None = None
     # Set once the source has been read completely: before that a snapshot would tell agents to
     # enforce an empty cluster, so no Sync stream is served until then.
     synced = threading.Event()
@@ -163,7 +214,21 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"podfence control: no Kubernetes configuration: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        k8s = KubernetesSource(hub, api_client)
+        try:
+            k8s = KubernetesSource(
+                hub, api_client, watch_timeout_seconds=args.watch_timeout,
+                request_timeout_seconds=args.api_timeout, page_size=args.list_page_size,
+            )
+        except ValueError as exc:
+            print(f"podfence control: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        hub.set_freshness(k8s.freshness.read)
+        if args.not_ready_taint:
+            taints = TaintRemover(api_client, hub.metrics, key=args.not_ready_taint,
+                                  request_timeout_seconds=args.api_timeout)
+            hub.on_node_applied = taints.node_applied
+            threading.Thread(target=taints.run, args=(stop,), name="taints", daemon=True).start()
+        freshness = k8s.freshness.read
         synced = k8s.synced
         source_thread = threading.Thread(target=k8s.run, args=(stop,), name="source", daemon=True)
         log.info("source: Kubernetes API (%s)", args.kubeconfig or "in-cluster")
@@ -188,11 +253,16 @@ def run(args: argparse.Namespace) -> int:
 
     healthy = threading.Event()
     try:
-        httpd = serve_metrics(args.metrics_listen, registry, healthy)
+        # A replica whose source went stale stays healthy (200): restarting it would only trade
+        # the last state read for none. Its /healthz body says so, as do the metrics.
+        httpd, _ = start_metrics_server(
+            args.metrics_listen, registry, healthy=healthy.is_set,
+            health_detail=None if freshness is None else lambda: "source " + freshness().describe(),
+        )
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),
-            admin_names=admin_names,
+            admin_names=admin_names, authenticator=authenticator,
         )
     except (OSError, RuntimeError) as exc:
         print(f"podfence control: cannot listen: {exc}", file=sys.stderr)
@@ -214,8 +284,11 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
     server.start()
     healthy.set()
+    if args.replicas > 1:
+        balancer = StreamBalancer(hub, args.replicas)
+        threading.Thread(target=balancer.run, args=(stop,), name="balance", daemon=True).start()
     log.info("control service listening on %s (port %d, %s), metrics on %s", args.listen, port,
-             "mutual TLS" if credentials else "insecure", args.metrics_listen)
+             _transport(credentials, args.identity), args.metrics_listen)
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
     stop_server(server, hub, health_servicer, grace=args.shutdown_grace)
@@ -223,3 +296,10 @@ def run(args: argparse.Namespace) -> int:
     httpd.server_close()
     log.info("control service stopped")
     return EXIT_OK
+
+
+def _transport(credentials: ReloadingTlsFiles | None, identity: str) -> str:
+    if credentials is None:
+        return "insecure"
+    tls = "mutual TLS" if credentials.require_client_auth else "TLS"
+    return f"{tls}, node identity by {'service-account token' if identity == 'token' else 'certificate'}"

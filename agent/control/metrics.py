@@ -13,6 +13,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.control.admission import REFUSAL_REASONS
+from agent.control.freshness import Freshness
+from agent.process_metrics import register_process_metrics
 
 
 class ControlMetrics:
@@ -20,6 +22,7 @@ class ControlMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        register_process_metrics(self.registry)
         self.snapshot_build_seconds = Histogram(
             "podfence_control_snapshot_build_seconds",
             "Time to compute one node's policy and encode it as a snapshot message.",
@@ -63,10 +66,43 @@ class ControlMetrics:
             "Streams that fell too far behind and were resynchronised with a snapshot.",
             registry=self.registry,
         )
+        self.taint_removals_total = Counter(
+            "podfence_control_taint_removals",
+            "Attempts to lift a node's not-ready taint once its agent applied a first version: "
+            "removed, or failed (retried with backoff).",
+            labelnames=["result"],
+            registry=self.registry,
+        )
+        for result in ("removed", "failed"):
+            self.taint_removals_total.labels(result)
 
     def watch_hub(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
         """Register the scrape-time gauges; `read` returns (version, {node: (applied, connected)})."""
         self.registry.register(_HubCollector(read))
+
+    def watch_freshness(self, read: Callable[[], Freshness]) -> None:
+        """Register the scrape-time gauges of how recently the source heard from the API server."""
+        self.registry.register(_FreshnessCollector(read))
+
+
+class _FreshnessCollector(Collector):
+    def __init__(self, read: Callable[[], Freshness]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        freshness = self._read()
+        yield GaugeMetricFamily(
+            "podfence_control_source_last_heard_seconds",
+            "Seconds since the policy source last heard from the Kubernetes API server (the least "
+            "recently heard of its watched kinds).",
+            value=freshness.seconds_since_heard,
+        )
+        yield GaugeMetricFamily(
+            "podfence_control_source_stale",
+            "1 while the source has heard nothing for longer than a healthy watch stays silent: the "
+            "replica keeps serving the state it last read, which may be out of date.",
+            value=1.0 if freshness.stale else 0.0,
+        )
 
 
 class _HubCollector(Collector):

@@ -4,14 +4,20 @@ Sync requests are taken as raw bytes and parsed here, so a message that is not a
 ends only that stream, with INVALID_ARGUMENT (grpc's own deserializer would answer INTERNAL).
 Messages above the receive limit are refused by grpc itself with RESOURCE_EXHAUSTED.
 
-With mutual TLS the node name a stream may use is its client certificate's common name: an
-agent holding node A's certificate cannot ask for node B's policy (PERMISSION_DENIED).
+Which node a stream may speak for comes from one of two identities: with mutual TLS alone it is
+the client certificate's common name; in token mode (identity.py) it is the node of the agent pod
+whose service-account token the call carries, found by TokenReview and the pod cache. Either way
+an agent of node A cannot ask for node B's policy (PERMISSION_DENIED).
 
 Streams are admitted within bounds (admission.py): Hello within a deadline, a few streams per
 client awaiting Hello, a total below the thread pool. GetStatus answers with mutual TLS only what
 the caller may see: a node's certificate sees its own node's entry; a certificate whose CN is one
-of `admin_names` sees every node and the source's errors. Without TLS there is no caller identity,
+of `admin_names` sees every node and the source's errors. In token mode an agent's token sees its
+own node's entry and an admin user's token everything. Without TLS there is no caller identity,
 and anyone who can reach the port can subscribe as any node anyway: status shows everything.
+
+Every version sent carries the source state it was built from (hub.py), and an agent that asks
+for heartbeats gets one on an idle stream, so it can tell a wedged replica from a quiet one.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -31,10 +38,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.admission import REASON_HELLO_TIMEOUT, StreamAdmission, client_identity
+from agent.control.admission import REASON_HELLO_TIMEOUT, REASON_IDENTITY, StreamAdmission, client_identity
+from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
+from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
+from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +81,12 @@ class ServerSettings:
     min_client_ping_interval_ms: int = 10_000
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: bytes
-    key: bytes
-    ca: bytes
+class ServerTls(Protocol):
+    """TLS material for the server: fixed (TlsFiles) or re-read on change (ReloadingTlsFiles)."""
 
-    @classmethod
-    def read(cls, cert: str, key: str, ca: str) -> TlsFiles:
-        with open(cert, "rb") as c, open(key, "rb") as k, open(ca, "rb") as a:
-            return cls(c.read(), k.read(), a.read())
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
-        )
+    @property
+    def require_client_auth(self) -> bool: ...
+    def server_credentials(self) -> grpc.ServerCredentials: ...
 
 
 class _Abort(Exception):
@@ -128,13 +129,19 @@ class NodeSyncService:
     """NodeSync.Sync: Hello, then a snapshot and deltas out, acks in."""
 
     def __init__(self, hub: PolicyHub, require_client_cert: bool, settings: ServerSettings | None = None,
-                 admission: StreamAdmission | None = None) -> None:
+                 admission: StreamAdmission | None = None,
+                 authenticator: TokenAuthenticator | None = None) -> None:
         self._hub = hub
         self._require_client_cert = require_client_cert
+        self._authenticator = authenticator
         self._settings = settings or ServerSettings()
         self.admission = admission or stream_admission(self._settings, hub.metrics)
 
     def sync(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+        if self._hub.draining:
+            # Shutting down: the agent's next address is another replica.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down: this replica takes no new streams")
+            return
         client = client_identity(context, self._require_client_cert)
         refusal = self.admission.enter(client)
         if refusal is not None:
@@ -149,9 +156,18 @@ class NodeSyncService:
         if not context.add_callback(_once(release)):
             release()  # the call ended before the callback could be added
             return
+        bound_node: str | None = None  # token mode: the node of the caller's agent pod
+        if self._authenticator is not None:
+            try:
+                bound_node = self._authenticator.agent_node(bearer_token(context.invocation_metadata()))
+            except IdentityError as failure:
+                log.warning("refused a Sync stream from %s: %s", context.peer(), failure.message)
+                self._hub.metrics.streams_refused_total.labels(REASON_IDENTITY).inc()
+                context.abort(failure.code, failure.message)
+                return
         inbound = _Inbound()
-        reader = threading.Thread(target=self._read, args=(requests, context, inbound), name="sync-reader",
-                                  daemon=True)
+        reader = threading.Thread(target=self._read, args=(requests, context, inbound, bound_node),
+                                  name="sync-reader", daemon=True)
         reader.start()
         handle: StreamHandle | None = None
         try:
@@ -167,7 +183,7 @@ class NodeSyncService:
             opened = handle
             context.add_callback(lambda: opened.close("the stream ended"))
             inbound.start_acks(handle)
-            yield from self._send(handle, context)
+            yield from self._send(handle, context, _heartbeat_interval(hello))
         finally:
             if handle is None:
                 inbound.start_acks(None)  # the reader stops instead of waiting for a stream
@@ -185,9 +201,10 @@ class NodeSyncService:
             raise first
         return first
 
-    def _read(self, requests: Iterator[bytes], context: grpc.ServicerContext, inbound: _Inbound) -> None:
+    def _read(self, requests: Iterator[bytes], context: grpc.ServicerContext, inbound: _Inbound,
+              bound_node: str | None) -> None:
         try:
-            inbound.hello.put(self._read_hello(requests, context))
+            inbound.hello.put(self._read_hello(requests, context, bound_node))
         except _Abort as failure:
             inbound.hello.put(failure)
             return
@@ -198,7 +215,8 @@ class NodeSyncService:
         if handle is not None:
             self._read_acks(requests, handle)
 
-    def _read_hello(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.Hello:
+    def _read_hello(self, requests: Iterator[bytes], context: grpc.ServicerContext,
+                    bound_node: str | None) -> pb.Hello:
         raw = next(requests, None)
         if raw is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before Hello")
@@ -208,7 +226,13 @@ class NodeSyncService:
         node = message.hello.node_name
         if len(node) > 253 or not _NODE_NAME.match(node):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {node!r}")
-        if self._require_client_cert:
+        if self._authenticator is not None:
+            if node != bound_node:
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the token of an agent pod on node {bound_node!r} may not subscribe as node {node!r}",
+                )
+        elif self._require_client_cert:
             names = _common_names(context)
             if node not in names:
                 raise _Abort(
@@ -225,7 +249,7 @@ class NodeSyncService:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
                 ack = message.ack
                 try:
-                    self._hub.ack(handle, ack.version, ack.ok, ack.error)
+                    self._hub.ack(handle, ack.version, ack.ok, ack.error, tuple(ack.rejected_policies))
                 except AckError as exc:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except _Abort as failure:
@@ -236,21 +260,29 @@ class NodeSyncService:
         else:
             handle.close("the agent closed its side of the stream")
 
-    def _send(self, handle: StreamHandle, context: grpc.ServicerContext) -> Iterator[pb.ControlMessage]:
+    def _send(self, handle: StreamHandle, context: grpc.ServicerContext,
+              heartbeat_s: float | None) -> Iterator[pb.ControlMessage]:
+        last_sent = time.monotonic()
         while True:
+            wait = 5.0
+            if heartbeat_s is not None:
+                wait = max(0.0, min(wait, last_sent + heartbeat_s - time.monotonic()))
             try:
-                item = handle.next(timeout=5.0)
+                item = handle.next(timeout=wait)
             except StreamClosed as closed:
                 if closed.client_error:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, closed.reason)
                 if closed.reason.startswith("superseded"):
                     context.abort(grpc.StatusCode.CANCELLED, closed.reason)
-                if closed.reason.startswith("shutting down"):
+                if closed.reason.startswith((SHUTTING_DOWN, "rebalancing")):
                     context.abort(grpc.StatusCode.UNAVAILABLE, closed.reason)
                 return
             if item is None:
                 if not context.is_active():
                     return
+                if heartbeat_s is not None and time.monotonic() - last_sent >= heartbeat_s:
+                    last_sent = time.monotonic()
+                    yield pb.ControlMessage(heartbeat=pb.Heartbeat(sent_unix_ms=time.time_ns() // 1_000_000))
                 continue
             if item.snapshot or handle.last_sent is None:
                 started = time.perf_counter()
@@ -261,7 +293,21 @@ class NodeSyncService:
             else:
                 message = delta_message(item.version, handle.last_sent, item.policy)
             handle.mark_sent(item.version, item.policy)
+            message.source.CopyFrom(pb.SourceState(
+                generation=item.source.generation, digest=item.source.digest, replica=self._hub.replica
+            ))
+            last_sent = time.monotonic()
             yield message
+
+
+MIN_HEARTBEAT_S = 0.1  # an agent cannot make the service spin
+
+
+def _heartbeat_interval(hello: pb.Hello) -> float | None:
+    """Seconds between heartbeats on an idle stream, as the agent asked (None: it did not)."""
+    if not hello.heartbeat_interval_ms:
+        return None
+    return max(MIN_HEARTBEAT_S, hello.heartbeat_interval_ms / 1000)
 
 
 def _once(callback: Callable[[], None]) -> Callable[[], None]:
@@ -289,20 +335,29 @@ def _parse(raw: bytes) -> pb.AgentMessage:
 class ControlStatusService(pb_grpc.ControlStatusServicer):
     """GetStatus, scoped to the caller with mutual TLS (see the module docstring)."""
 
-    def __init__(self, hub: PolicyHub, tls: bool = False, admin_names: Collection[str] = ()) -> None:
+    def __init__(self, hub: PolicyHub, tls: bool = False, admin_names: Collection[str] = (),
+                 authenticator: TokenAuthenticator | None = None) -> None:
         self._hub = hub
         self._tls = tls
         self._admin_names = frozenset(admin_names)
+        self._authenticator = authenticator
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         status = self._visible(self._hub.status(), context)
-        response = pb.StatusResponse(version=status.version)
+        response = pb.StatusResponse(
+            version=status.version,
+            source=pb.SourceState(generation=status.source.generation, digest=status.source.digest,
+                                  replica=self._hub.replica),
+            sync_streams=status.streams,
+            draining=status.draining,
+        )
         for node, record in status.nodes.items():
             response.nodes[node].CopyFrom(
                 pb.NodeStatus(
                     applied_version=record.acked_version,
                     connected=record.connected,
                     last_error=record.last_error or "",
+                    rejected_policies=record.rejected_policies,
                 )
             )
         for problem in status.source_errors:
@@ -314,30 +369,48 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     last_valid_in_force=problem.last_valid_in_force,
                 )
             )
+        if status.source_freshness is not None:
+            fresh = status.source_freshness
+            response.source_freshness.CopyFrom(pb.SourceFreshness(
+                source=fresh.source, seconds_since_heard=fresh.seconds_since_heard, stale=fresh.stale,
+                stale_after_seconds=fresh.stale_after_seconds,
+            ))
         return response
 
     def _visible(self, status: HubStatus, context: grpc.ServicerContext) -> HubStatus:
-        if not self._tls:
+        if not self._tls and self._authenticator is None:
             return status
-        names = set(_common_names(context))
+        names = set(_common_names(context)) if self._tls else set()
         if names & self._admin_names:
             return status
+        if self._authenticator is not None:
+            # Token mode: an admin user's token sees everything, an agent's token its own node.
+            try:
+                caller = self._authenticator.caller(bearer_token(context.invocation_metadata()))
+            except IdentityError as failure:
+                context.abort(failure.code, failure.message)
+            if caller.admin:
+                return status
+            names = {caller.node} if caller.node else set()
         # A node's certificate: its own entry only. Other nodes' errors and the source's errors
         # name other tenants' objects, and a compromised node has no business reading them.
         own = {node: record for node, record in status.nodes.items() if node in names}
-        return HubStatus(status.version, own)
+        return replace(status, nodes=own, source_errors=())
 
 
 def create_server(
     addr: str,
     hub: PolicyHub,
-    credentials: TlsFiles | None = None,
+    credentials: ServerTls | None = None,
     settings: ServerSettings | None = None,
     admin_names: Collection[str] = (DEFAULT_ADMIN_NAME,),
     admission: StreamAdmission | None = None,
+    authenticator: TokenAuthenticator | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too.
-    With `credentials`, client certificates whose CN is in `admin_names` see all of GetStatus."""
+    With client certificates, those whose CN is in `admin_names` see all of GetStatus. With an
+    `authenticator` (token mode) streams are bound to nodes by service-account tokens instead of
+    certificate names; client certificates then only secure the transport."""
     settings = settings or ServerSettings()
     options = [
         ("grpc.max_send_message_length", settings.max_send_bytes),
@@ -355,8 +428,11 @@ def create_server(
         # streams that may stay open for hours.
         maximum_concurrent_rpcs=settings.max_workers,
     )
-    sync = NodeSyncService(hub, require_client_cert=credentials is not None, settings=settings,
-                           admission=admission)
+    client_certs = credentials is not None and credentials.require_client_auth
+    if credentials is not None and not client_certs and authenticator is None:
+        raise ValueError("without a token authenticator the node identity needs client certificates (a CA)")
+    sync = NodeSyncService(hub, require_client_cert=client_certs, settings=settings,
+                           admission=admission, authenticator=authenticator)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
@@ -371,7 +447,8 @@ def create_server(
         ]
     )
     pb_grpc.add_ControlStatusServicer_to_server(
-        ControlStatusService(hub, tls=credentials is not None, admin_names=admin_names), server
+        ControlStatusService(hub, tls=client_certs, admin_names=admin_names, authenticator=authenticator),
+        server
     )
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
@@ -391,7 +468,9 @@ def create_server(
 
 def stop_server(server: grpc.Server, hub: PolicyHub, health_servicer: health.HealthServicer,
                 grace: float = 5.0) -> None:
-    """Graceful stop: report NOT_SERVING, end every stream (agents reconnect elsewhere), drain."""
+    """Graceful stop: report NOT_SERVING, refuse new streams, end the open ones spread over most
+    of `grace` (agents reconnect elsewhere a few at a time: balance.py), then stop."""
     health_servicer.enter_graceful_shutdown()
-    hub.close_all("shutting down")
-    server.stop(grace).wait()
+    drain(hub, grace * 0.8)
+    hub.close_all(SHUTTING_DOWN)
+    server.stop(grace * 0.2).wait()

@@ -26,6 +26,7 @@ keeps its objects in force, invalid ones included.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import stat
 import threading
@@ -90,6 +91,7 @@ class FolderSource:
         self._merged: dict[ObjectKey, KubeObject] = {}
         self._started = False
         self._last_woken = float("-inf")  # when a file-system event last led to a pass (monotonic)
+        self._newest_ns = 0  # the newest modification seen in the folder (the source generation)
 
     @property
     def invalid_objects(self) -> list[str]:
@@ -150,9 +152,19 @@ class FolderSource:
         self._hub.set_source_problems(self.problems())
         return published
 
+    def _source_mark(self) -> tuple[int, str]:
+        """(generation, digest) of the files read: the newest change to the folder (a deletion
+        changes its directory), the same on replicas that share the folder's files."""
+        digest = hashlib.sha256()
+        for path, signature in sorted(self._signatures.items()):
+            line = f"{path.relative_to(self.folder)}\0{signature.size}\0{signature.mtime_ns}\n"
+            digest.update(line.encode())
+        return self._newest_ns, "files:" + digest.hexdigest()[:16]
+
     def _list_files(self) -> dict[Path, _Signature]:
         files: dict[Path, _Signature] = {}
         try:
+            self._newest_ns = max(self._newest_ns, self.folder.stat().st_mtime_ns)
             entries = list(self.folder.rglob("*"))
         except OSError as exc:
             self._report(self.folder, f"cannot list {self.folder}: {exc}")
@@ -161,14 +173,18 @@ class FolderSource:
             # Editors' swap and backup files, and kubectl's hidden caches, are not policy.
             if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
                 continue
-            if path.suffix not in SUFFIXES:
-                continue
+            directory = path.suffix not in SUFFIXES
             try:
+                if directory and not path.is_dir():
+                    continue
                 st = path.stat()
-            except FileNotFoundError:
+            except OSError:
                 continue  # deleted between listing and stat: the next pass sees it gone
-            if stat.S_ISREG(st.st_mode):
+            if directory:  # a deletion shows only in its directory's mtime
+                self._newest_ns = max(self._newest_ns, st.st_mtime_ns)
+            elif stat.S_ISREG(st.st_mode):
                 files[path] = _Signature(st.st_ino, st.st_size, st.st_mtime_ns)
+                self._newest_ns = max(self._newest_ns, st.st_mtime_ns)
         return files
 
     def _read(self, path: Path) -> None:
@@ -211,6 +227,7 @@ class FolderSource:
         if not first and not upserts and not deletes:
             return False
         with self._hub.change() as resolver:
+            self._hub.note_source(*self._source_mark())
             if first:
                 resolver.replace_all(list(merged.values()))
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TypeAlias
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -15,6 +16,31 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTO_ANY = 0  # an Allow with protocol 0 admits every IP protocol (ICMP included), every port
 V4_MAPPED_SPACE = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+class Reason(IntEnum):
+    """Why a packet was dropped: enum pf_reason of bpf/podfence.h (checked against the compiled
+    program by tests/privileged/test_bpf_mirror.py), numbered once, never renumbered, only
+    appended to. Metrics labels (podfence_drops_total{reason}) and flow logs use the names in
+    lower case; it lives here, beside the state both dataplanes enforce, so that code above the
+    dataplanes names drops without importing the bpf package."""
+
+    ALLOWED = 0
+    POLICY = 1
+    SPOOFED_SOURCE = 2
+    UNKNOWN_ENDPOINT = 3
+    MALFORMED = 4
+    ORPHAN_FRAGMENT = 5
+    UNSUPPORTED_L2 = 6
+    SPOOFED_ARP = 7
+    SPOOFED_NDP = 8
+    VLAN_TAGGED = 9
+    SPOOFED_MAC = 10
+    ROGUE_NDP = 11
+    IP_OPTIONS = 12
+
+
+REASON_MAX = 13
 
 
 def canonical_network(network: IPNetwork) -> IPNetwork:
@@ -56,6 +82,11 @@ class CidrPeer:
             return NotImplemented
         return self._key == other._key
 
+    @property
+    def int_key(self) -> tuple[int, ...]:
+        """(version, address, prefixlen) of the cidr, then of each except: a total order, in C."""
+        return self._key
+
 
 @dataclass(frozen=True, order=True)
 class IdentityPeer:
@@ -74,6 +105,14 @@ class Allow:
     port_first: int = 0
     port_last: int = 65535
     policy: str = ""  # "namespace/name" that produced it; for logs, never for verdicts
+
+
+def allow_order(allow: Allow) -> tuple[object, ...]:
+    """The order of allow lists in a NodeState, so that equal lists are equal however they came
+    (a snapshot, or a patch of a list): identities first, then prefixes by address."""
+    peer = allow.peer
+    peer_key = (0, peer.identity) if isinstance(peer, IdentityPeer) else (1, *peer.int_key)
+    return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ class Pod:
     ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
     terminated: bool = False
+    # metadata.uid: lets the control service tell a pod from a later one of the same name when
+    # it binds an agent's service-account token to a node (agent/control/identity.py).
+    uid: str = ""
 
     @property
     def key(self) -> str:

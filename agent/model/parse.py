@@ -133,6 +133,7 @@ def _parse_pod(p: FieldParser, doc: Mapping[Any, Any]) -> Pod:
         ports=tuple(ports),
         host_network=host_network,
         terminated=phase in TERMINAL_PHASES,
+        uid=p.string(p.mapping(doc.get("metadata"), "metadata").get("uid"), "metadata.uid") or "",
     )
 
 

@@ -11,45 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any
+
+from agent.dataplane.base import DenyEvent, DenyEventSource
 
 log = logging.getLogger("podfence.flow")
 
 _PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
-
-
-class DenyEvent(Protocol):
-    """What a dataplane reports for one denied packet (agent.dataplane.bpf.DenyEvent)."""
-
-    @property
-    def endpoint(self) -> str: ...  # "namespace/name"; "" for a pod interface no endpoint claims
-
-    @property
-    def direction(self) -> str: ...  # "ingress" (to the pod) | "egress" (from the pod)
-
-    @property
-    def protocol(self) -> int: ...
-
-    @property
-    def source(self) -> str: ...
-
-    @property
-    def destination(self) -> str: ...
-
-    @property
-    def source_port(self) -> int: ...
-
-    @property
-    def destination_port(self) -> int: ...
-
-    @property
-    def reason(self) -> str: ...  # drop reason name, as in podfence_drops_total{reason}
-
-
-@runtime_checkable
-class DenyEventSource(Protocol):
-    def poll_events(self, timeout_ms: int) -> Iterable[DenyEvent]: ...
 
 
 class TokenBucket:

@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol, runtime_checkable
 
-from agent.dataplane.base import DataplaneError
+from agent.dataplane.base import DataplaneError, HookRepairing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 2.0
-
-
-@runtime_checkable
-class HookRepairing(Protocol):
-    def repair_hooks(self) -> list[str]:
-        """Put podfence's hooks back first where they are not; returns what was repaired."""
 
 
 class HookGuard:

@@ -20,18 +20,26 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from agent.dataplane.base import Dataplane, DataplaneError
-from agent.node.flowlog import DenyEventSource, FlowLogger
+from agent.dataplane.base import (
+    Adopting,
+    Dataplane,
+    DataplaneError,
+    DenyEventSource,
+    EgressHookReporting,
+    HookRepairing,
+)
+from agent.metrics_http import start_metrics_server
+from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
-from agent.node.hookguard import HookGuard, HookRepairing
+from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.kubeproxy import warn_if_ipvs
-from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 from agent.node.sync import SyncClient
 
@@ -39,7 +47,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# Flags `--map-size-<map>` -> BpfDataplane keyword; the map names are those of the
+# Flags `--map-size-<map>` -> BpfSettings field; the map names are those of the
 # podfence_map_capacity{map=...} metric. Unset flags keep the dataplane's defaults.
 BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "ct": "ct_max",
@@ -50,13 +58,6 @@ BPF_MAP_SIZE_FLAGS: dict[str, str] = {
     "node-ips": "node_ips_max",
     "frag": "frag_max",
 }
-
-
-@runtime_checkable
-class Adopting(Protocol):
-    """A dataplane that reports whether start() found kernel state from a previous run."""
-
-    adopted: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +90,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pin-dir", default="/sys/fs/bpf/podfence", help="bpffs directory of pinned state")
     parser.add_argument("--metrics-listen", default="0.0.0.0:9301", metavar="HOST:PORT")
+    parser.add_argument(
+        "--per-pod-metrics", choices=["on", "off"], default="on",
+        help="series per pod (namespace, pod labels); off leaves only the node's totals",
+    )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
+    parser.add_argument(
+        "--token-file", metavar="FILE",
+        help="token identity: this pod's projected service-account token (audience podfence), re-read "
+        "for every stream; needs --tls-ca, --tls-cert/--tls-key only if the control service asks for them",
+    )
     parser.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC (only on a trusted network, for tests)"
     )
@@ -127,22 +137,57 @@ class UsageError(Exception):
 
 
 def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """mTLS credentials, or None for --insecure. Never a silent plaintext fallback."""
+    """TLS credentials, or None for --insecure. Never a silent plaintext fallback.
+
+    Certificate identity needs all three --tls-* files. With --token-file the token names the
+    node, and a client certificate is only needed if the control service asks for one."""
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    token_file = getattr(args, "token_file", None)
     if args.insecure:
         if any(tls):
             raise UsageError("--insecure and --tls-* exclude each other")
+        if token_file:
+            raise UsageError("--token-file sends a service-account token: it needs --tls-ca, not --insecure")
         return None
-    if not all(tls):
+    if token_file:
+        if not args.tls_ca or bool(args.tls_cert) != bool(args.tls_key):
+            raise UsageError("--token-file needs --tls-ca (and --tls-cert with --tls-key, or neither)")
+        try:
+            Path(token_file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file: {exc}") from exc
+    elif not all(tls):
         raise UsageError("give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure")
     try:
         return grpc.ssl_channel_credentials(
             root_certificates=Path(args.tls_ca).read_bytes(),
-            private_key=Path(args.tls_key).read_bytes(),
-            certificate_chain=Path(args.tls_cert).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
         )
     except OSError as exc:
         raise UsageError(f"cannot read TLS material: {exc}") from exc
+
+
+def reloading_credentials(
+    args: argparse.Namespace, initial: grpc.ChannelCredentials | None
+) -> Callable[[], grpc.ChannelCredentials] | None:
+    """Reads the TLS files again for each new channel (a rotated Secret); on a read failure (a
+    rotation half done) the previous credentials serve, and the next reconnect tries again."""
+    if initial is None:
+        return None
+    current = [initial]
+
+    def load() -> grpc.ChannelCredentials:
+        try:
+            fresh = channel_credentials(args)
+        except UsageError as exc:
+            log.warning("cannot re-read the TLS files (%s); using the previous ones", exc)
+        else:
+            if fresh is not None:
+                current[0] = fresh
+        return current[0]
+
+    return load
 
 
 def _dest(map_flag: str) -> str:
@@ -185,6 +230,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
             unknown_endpoints=args.unknown_endpoints, established_on_change=args.established_on_change
         )
     from agent.dataplane.bpf import BpfDataplane
+    from agent.dataplane.bpf.settings import BpfSettings
 
     options = vars(args)
     sizes: dict[str, Any] = {
@@ -194,13 +240,14 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     }
     if args.event_rate is not None:
         sizes["event_rate"] = args.event_rate
-    dataplane: Dataplane = BpfDataplane(
+    settings = BpfSettings(
         pin_dir=args.pin_dir,
         unknown_endpoints=args.unknown_endpoints,
         established_on_change=args.established_on_change,
         egress_hook=args.egress_hook,
         **sizes,
     )
+    dataplane: Dataplane = BpfDataplane(settings)
     return dataplane
 
 
@@ -279,14 +326,24 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, Adopting) and dataplane.adopted:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
-        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials)
+        token_file = args.token_file
+        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
+                          token=(lambda: Path(token_file).read_text()) if token_file else None,
+                          credentials_factory=reloading_credentials(args, credentials),
+                          rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard)
-        server, port = start_http_server(args.metrics_listen, registry, reconciler.ready)
+        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                               per_pod=args.per_pod_metrics == "on")
+        server, port = start_metrics_server(
+            args.metrics_listen,
+            registry,
+            ready=reconciler.ready,
+            not_ready="no policy version applied and no pinned state adopted yet",
+        )
         monitor = NetlinkMonitor(reconciler.interfaces_changed)
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
@@ -297,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
-        egress_hook = getattr(dataplane, "egress_hook_in_use", "")
+        egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""
         warn_if_ipvs()
         log.info(
             "agent for node %s running: %s dataplane%s, control %s, metrics on port %d",

@@ -4,13 +4,17 @@ One custom collector reads the dataplane's counters and maps, the reconcile loop
 the sync client's connection state each time Prometheus scrapes; nothing is copied in between.
 
 Metrics (all read at scrape time):
-  podfence_endpoint_packets_total{endpoint,direction,verdict}  packets judged per pod
-  podfence_endpoint_bytes_total{endpoint,direction,verdict}    bytes judged per pod
+  podfence_packets_total{direction,verdict}     packets judged, all pods of the node together
+  podfence_endpoint_packets_total{namespace,pod,direction,verdict}  packets judged per pod
+  podfence_endpoint_bytes_total{namespace,pod,direction,verdict}    bytes judged per pod
+                                                (both off with --per-pod-metrics off)
   podfence_drops_total{reason}                  drops per reason (bpf drop-reason list)
   podfence_policy_programming_seconds           histogram: version received -> kernel enforces it
   podfence_interface_programming_seconds        histogram: netlink change -> kernel enforces it
   podfence_applied_version                      last version enforced (-1: none yet)
   podfence_sync_connected                       1 while the stream to the control service is up
+  podfence_sync_held                            1 while the stream's replica lags behind the
+                                                enforced source generation (its versions held)
   podfence_managed_endpoints                    pods of this node with policy
   podfence_located_endpoints                    ... whose host interface was found
   podfence_pod_interfaces                       host-side pod interfaces guarded
@@ -20,7 +24,9 @@ Metrics (all read at scrape time):
   podfence_hook_repairs_total                   netfilter hooks put back first after another tool
                                                 inserted rules above them or removed them
 
-Cardinality: `endpoint` labels are the pods on this node (bounded by the kubelet's max pods),
+Also podfence_build_info and the process_* family (agent.process_metrics).
+
+Cardinality: `namespace`/`pod` labels are the pods on this node (bounded by the kubelet's max pods),
 times 2 directions and 2 verdicts; `reason` labels are the fixed drop-reason list; `map` labels
 the fixed set of dataplane maps (or ipsets).
 """
@@ -28,13 +34,10 @@ the fixed set of dataplane maps (or ipsets).
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,31 +46,11 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.dataplane.base import Dataplane
-from agent.metrics_http import BoundedHTTPServer
+from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.reconcile import LatencyHistogram, Reconciler
+from agent.process_metrics import register_process_metrics
 
 log = logging.getLogger(__name__)
-
-# --- optional dataplane features (the bpf dataplane has them all; others may not) ---------------
-
-
-@runtime_checkable
-class DropReasons(Protocol):
-    def drop_reason_counts(self) -> Mapping[str, int]:
-        """Packets dropped so far, per drop reason name."""
-
-
-@runtime_checkable
-class MapUsage(Protocol):
-    def map_usage(self) -> Mapping[str, tuple[int, int]]:
-        """Per map (or ipset): (entries in use, capacity)."""
-
-
-@runtime_checkable
-class EventsLost(Protocol):
-    def events_lost(self) -> int:
-        """Deny events the ring buffer could not take."""
 
 
 class SyncStatus(Protocol):
@@ -87,7 +70,9 @@ class AgentCollector(Collector):
         reconciler: Reconciler,
         sync: SyncStatus | None,
         hook_guard: HookRepairCount | None = None,
+        per_pod: bool = True,
     ) -> None:
+        self._per_pod = per_pod  # off: no per-pod series at all, only the node's totals
         self._dataplane = dataplane
         self._reconciler = reconciler
         self._sync = sync
@@ -122,6 +107,12 @@ class AgentCollector(Collector):
         )
         connected.add_metric([], 1 if self._sync is not None and self._sync.connected else 0)
         yield connected
+        held = GaugeMetricFamily(
+            "podfence_sync_held",
+            "1 while the control replica lags behind the enforced policy and its versions are held.",
+        )
+        held.add_metric([], 1 if getattr(self._sync, "held", None) else 0)
+        yield held
         yield _gauge(
             "podfence_managed_endpoints",
             "Pods of this node the agent enforces policy for.",
@@ -137,6 +128,11 @@ class AgentCollector(Collector):
             "Host-side pod interfaces guarded (known pod or not).",
             status.pod_interfaces,
         )
+        yield _gauge(
+            "podfence_rejected_policies",
+            "Policies left out because this node's maps cannot hold them (names in the log and status).",
+            len(status.rejected_policies),
+        )
         errors = CounterMetricFamily(
             "podfence_apply_errors", "Failed attempts to program the kernel (retried ones included)."
         )
@@ -150,29 +146,43 @@ class AgentCollector(Collector):
         yield repairs
 
     def _endpoint_counters(self) -> Iterable[Metric]:
+        totals = CounterMetricFamily(
+            "podfence_packets",
+            "Packets seen by the filters of this node's pods, per direction and verdict (all pods).",
+            labels=["direction", "verdict"],
+        )
         packets = CounterMetricFamily(
             "podfence_endpoint_packets",
             "Packets seen by the filter of a pod, per direction and verdict.",
-            labels=["endpoint", "direction", "verdict"],
+            labels=["namespace", "pod", "direction", "verdict"],
         )
         octets = CounterMetricFamily(
             "podfence_endpoint_bytes",
             "Bytes seen by the filter of a pod, per direction and verdict.",
-            labels=["endpoint", "direction", "verdict"],
+            labels=["namespace", "pod", "direction", "verdict"],
         )
         try:
             counters = self._dataplane.counters()
         except Exception as exc:  # a scrape must not fail because one kernel read did
             log.warning("reading endpoint counters failed: %s", exc)
             counters = []
+        summed = {(direction, verdict): 0 for direction in ("ingress", "egress")
+                  for verdict in ("allowed", "denied")}  # every series exists from the start
         for counter in counters:
-            allowed = [counter.key, counter.direction, "allowed"]
-            denied = [counter.key, counter.direction, "denied"]
+            for verdict, value in (("allowed", counter.allowed_packets), ("denied", counter.denied_packets)):
+                summed[(counter.direction, verdict)] = summed.get((counter.direction, verdict), 0) + value
+            if not self._per_pod:
+                continue
+            namespace, _, pod = counter.key.partition("/")
+            allowed = [namespace, pod, counter.direction, "allowed"]
+            denied = [namespace, pod, counter.direction, "denied"]
             packets.add_metric(allowed, counter.allowed_packets)
             packets.add_metric(denied, counter.denied_packets)
             octets.add_metric(allowed, counter.allowed_bytes)
             octets.add_metric(denied, counter.denied_bytes)
-        return [packets, octets]
+        for (direction, verdict), value in sorted(summed.items()):
+            totals.add_metric([direction, verdict], value)
+        return [totals, packets, octets] if self._per_pod else [totals]
 
     def _dataplane_features(self) -> Iterable[Metric]:
         dataplane = self._dataplane
@@ -217,51 +227,9 @@ def register_agent_metrics(
     reconciler: Reconciler,
     sync: SyncStatus | None,
     hook_guard: HookRepairCount | None = None,
+    per_pod: bool = True,
 ) -> AgentCollector:
-    collector = AgentCollector(dataplane, reconciler, sync, hook_guard)
+    register_process_metrics(registry)
+    collector = AgentCollector(dataplane, reconciler, sync, hook_guard, per_pod)
     registry.register(collector)
     return collector
-
-
-# --- HTTP: /metrics, /healthz, /readyz ------------------------------------------------------------
-
-
-def start_http_server(
-    address: str, registry: CollectorRegistry, ready: Callable[[], bool]
-) -> tuple[BoundedHTTPServer, int]:
-    """Serve on `address` ("HOST:PORT"; port 0 picks one) from a daemon thread.
-    Returns the server (call shutdown() to stop) and the bound port."""
-    host, _, port_text = address.rpartition(":")
-    host = host.strip("[]")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._reply(200, encoder(registry), content_type)
-            elif path == "/healthz":
-                self._reply(200, b"ok\n")
-            elif path == "/readyz":
-                if ready():
-                    self._reply(200, b"ready\n")
-                else:
-                    self._reply(503, b"no policy version applied and no pinned state adopted yet\n")
-            else:
-                self._reply(404, b"not found\n")
-
-        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            # Prometheus scrapes every few seconds; per-request access logs would drown the rest.
-            pass
-
-    server = BoundedHTTPServer((host, int(port_text)), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-    return server, server.server_address[1]

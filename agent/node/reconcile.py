@@ -22,11 +22,12 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from agent.dataplane.base import Dataplane, DataplaneError, TemporaryDataplaneError
+from agent.dataplane.fit import Rejection
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
 from agent.node.interfaces import EVERYTHING, NEIGHBOUR, DiscoveryError, HostView, Link
 
@@ -93,6 +94,9 @@ class ReconcileStatus:
     resolved_endpoints: int  # endpoints whose interface was found
     pod_interfaces: int
     adopted: bool  # the dataplane adopted kernel state left by a previous run
+    # policies the dataplane left out because the node cannot hold them (agent/dataplane/fit.py):
+    # "namespace/name" -> the map or set they did not fit, and the message
+    rejected_policies: tuple[tuple[str, str, str], ...] = ()
 
 
 class Reconciler:
@@ -472,7 +476,19 @@ class Reconciler:
             resolved_endpoints=sum(1 for ep in endpoints if ep.ifindex is not None),
             pod_interfaces=len(programmed.pod_interfaces) if programmed is not None else 0,
             adopted=self._adopted,
+            rejected_policies=tuple(
+                (policy, rejection.table, rejection.message) for policy, rejection in self._rejections()
+            ),
         )
+
+    def rejected_policy_messages(self) -> list[str]:
+        """What the ack of an applied version reports: one "namespace/name: why" per rejection."""
+        return [rejection.message for _policy, rejection in self._rejections()]
+
+    def _rejections(self) -> list[tuple[str, Rejection]]:
+        # Only dataplanes with fixed capacities reject policies; others have no such attribute.
+        found: Mapping[str, Rejection] = getattr(self._dataplane, "rejected_policies", {})
+        return sorted(found.items())
 
     def ready(self) -> bool:
         return self._applied_version is not None or self._adopted

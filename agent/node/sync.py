@@ -1,17 +1,28 @@
 """The agent's side of NodeSync: keeps this node's desired state in step with the control service.
 
 SyncClient opens one Sync stream, says Hello, replaces its state with each snapshot and patches it
-with each delta, hands the result (a dataplane NodeState) to `apply`, and acks the version only
+with each delta (whole endpoints, or the allow entries that leave and join an endpoint's lists),
+hands the result (a dataplane NodeState) to `apply`, and acks the version only
 when `apply` returned. A failed `apply` is nacked with its error; if the reconcile loop programs
 that version later after all (a full map freed, an interface that came back), `applied_late`
 acks it then, so the control service does not keep showing a stale error. Malformed data from
 the server is nacked too, and the stream is reopened so the next snapshot starts from a known state.
 
+With a service-account token (token identity), every stream carries it as `authorization:
+Bearer` metadata, read from its file anew for each stream (the kubelet rotates it).
+
 While the control service is unreachable it reconnects with jittered exponential backoff and does
 nothing to the kernel: the last programmed state keeps being enforced.
 
 A stream that brings no message within `first_message_timeout` (a replica that accepts streams
-but never answers: overloaded, stuck, or hostile) is cancelled and reopened. Given several
+but never answers: overloaded, stuck, or hostile) is cancelled and reopened. After that the agent
+asks for a heartbeat on idle streams (`heartbeat_interval`); three intervals without any message
+mean the replica is wedged (its gRPC core may still answer pings): the stream is reopened.
+
+Replicas may lag behind each other. Every version names the source generation it was built
+from; a version older than the one the kernel enforces is never applied: the agent keeps what it
+enforces, nacks the version as held (so the replica's `podfence status` shows it), applies
+again once that replica catches up, and after `hold_timeout` moves on to the next address. Given several
 control addresses ("HOST:PORT,HOST:PORT"), each new stream goes to the next address in turn, so
 an agent whose replica stops answering moves to another; every replica serves the same policy,
 and a new stream always starts with a snapshot.
@@ -19,6 +30,7 @@ and a new stream always starts with a snapshot.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import queue
@@ -42,6 +54,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    allow_order,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,8 @@ DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 # A snapshot of a busy node is built and sent in well under a second; this leaves room for a slow
 # network or a loaded replica before the agent tries again (or tries the next replica).
 DEFAULT_FIRST_MESSAGE_TIMEOUT_S = 20.0
+DEFAULT_HEARTBEAT_S = 10.0  # asked of the server; 3 intervals of silence = a wedged replica
+DEFAULT_HOLD_TIMEOUT_S = 30.0  # how long to wait for a lagging replica before trying the next
 # The server accepts idle pings every 10 s at most; 20 s finds a dead control service in ~30 s.
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -122,6 +137,14 @@ class DecodeCache:
             self.directions.clear()
 
 
+def _cached_allow(allow: pb.Allow, where: str, cache: DecodeCache) -> Allow:
+    wire = allow.SerializeToString(deterministic=True)
+    decoded = cache.allows.get(wire)
+    if decoded is None:
+        decoded = cache.allows[wire] = _allow(allow, where)
+    return decoded
+
+
 def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) -> DirectionPolicy:
     if not direction.isolated and direction.allows:
         raise MalformedMessage(f"{where}: allows on a direction that is not isolated")
@@ -129,13 +152,8 @@ def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) ->
     known = cache.directions.get(wire)
     if known is not None:
         return known
-    allows = []
-    for allow in direction.allows:
-        allow_wire = allow.SerializeToString(deterministic=True)
-        decoded = cache.allows.get(allow_wire)
-        if decoded is None:
-            decoded = cache.allows[allow_wire] = _allow(allow, where)
-        allows.append(decoded)
+    # the control service sends its own order; the agent's must not depend on it (see _patched)
+    allows = sorted((_cached_allow(allow, where, cache) for allow in direction.allows), key=allow_order)
     decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows))
     return decoded_direction
 
@@ -189,7 +207,49 @@ def apply_message(
         identities.pop(identity_id, None)
     for identity in delta.upsert_identities:
         identities[identity.id] = _identity_ips(identity)
+    patched: PatchMemo = {}
+    for patch in delta.patch_endpoints:
+        key = f"{patch.namespace}/{patch.name}"
+        held = endpoints.get(key)
+        if held is None:
+            raise MalformedMessage(f"patch of endpoint {key!r}, which the agent does not hold")
+        endpoints[key] = replace(
+            held,
+            ingress=_patched(held.ingress, patch.ingress, f"endpoint {key} ingress", cache, patched),
+            egress=_patched(held.egress, patch.egress, f"endpoint {key} egress", cache, patched),
+        )
     return replace(current, version=message.version, endpoints=endpoints, identities=identities)
+
+
+# (id of the direction patched, the patch's bytes) -> (that direction, kept alive; the result)
+PatchMemo = dict[tuple[int, bytes], tuple[DirectionPolicy, DirectionPolicy]]
+
+
+def _patched(
+    direction: DirectionPolicy, patch: pb.DirectionPatch, where: str, cache: DecodeCache, memo: PatchMemo
+) -> DirectionPolicy:
+    """`direction` less the allows the patch removes, plus those it adds. Endpoints that shared
+    one list before share the patched one (the compilers hash each list object once)."""
+    if not patch.remove and not patch.add:
+        return direction
+    if not direction.isolated:
+        raise MalformedMessage(f"{where}: allows patched on a direction that is not isolated")
+    wire = patch.SerializeToString(deterministic=True)
+    known = memo.get((id(direction), wire))
+    if known is not None:
+        return known[1]
+    leaving = {_cached_allow(allow, where, cache) for allow in patch.remove}
+    kept = [allow for allow in direction.allows if allow not in leaving]
+    if len(kept) != len(direction.allows) - len(leaving):
+        # The lists diverged from the control service's view: only a snapshot can mend that.
+        raise MalformedMessage(f"{where}: the patch removes an allow the list does not hold")
+    for allow in patch.add:
+        # in place, so that the list equals the one a snapshot would give (the iptables
+        # compiler names chains after their rules in order): O(log n) keys, one C memmove
+        bisect.insort(kept, _cached_allow(allow, where, cache), key=allow_order)
+    result = DirectionPolicy(True, tuple(kept))
+    memo[(id(direction), wire)] = (direction, result)
+    return result
 
 
 # --- the client -------------------------------------------------------------------------------------
@@ -223,13 +283,32 @@ class SyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
         first_message_timeout: float = DEFAULT_FIRST_MESSAGE_TIMEOUT_S,
+        token: Callable[[], str] | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
+        credentials_factory: Callable[[], grpc.ChannelCredentials] | None = None,
+        rejections: Callable[[], Sequence[str]] = list,
     ) -> None:
         self.node_name = node_name
+        # Token identity: read again for every stream, as the kubelet rotates projected tokens.
+        self._token = token
+        # what the dataplane left out of the version just applied, for its ack
+        self._rejections = rejections
         self.targets = control_targets(target)
         self._target_index = 0
         self._first_message_timeout = first_message_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._hold_timeout = hold_timeout
+        self.enforced_generation = 0  # source generation of the version the kernel enforces
+        self.held: str | None = None  # why the stream's newest version is not applied (a lagging replica)
+        self._held_since: float | None = None
+        self.replica = ""  # the replica that sent the last version
+        self._last_message = 0.0  # monotonic time of the open stream's last message
+        self._heartbeats = threading.Event()  # the open stream's replica sends heartbeats
         self._apply = apply
         self._credentials = credentials
+        # TLS files re-read for every new channel, so a rotated CA or certificate is picked up.
+        self._credentials_factory = credentials_factory
         self._agent_version = agent_version
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -287,6 +366,8 @@ class SyncClient:
             delay = min(self._backoff_max, delay * 2)
 
     def _channel(self) -> grpc.Channel:
+        if self._credentials_factory is not None:
+            self._credentials = self._credentials_factory()
         if self._credentials is not None:
             return grpc.secure_channel(self.target, self._credentials, options=self._options)
         return grpc.insecure_channel(self.target, options=self._options)
@@ -300,6 +381,8 @@ class SyncClient:
                     node_name=self.node_name,
                     agent_version=self._agent_version,
                     last_applied_version=self.last_applied_version,
+                    heartbeat_interval_ms=int(self._heartbeat_interval * 1000),
+                    enforced_generation=self.enforced_generation,
                 )
             )
         )
@@ -311,11 +394,21 @@ class SyncClient:
         with self._ack_lock:
             self._outgoing, self._nacked_version = outgoing, None
         delivered = False
+        metadata = None
+        if self._token is not None:
+            try:
+                metadata = [("authorization", f"Bearer {self._token().strip()}")]
+            except OSError as exc:
+                raise _StreamBroken(f"cannot read the service-account token: {exc}") from exc
         with self._channel() as channel:
-            call = pb_grpc.NodeSyncStub(channel).Sync(requests())
-            ended, answered, timed_out = threading.Event(), threading.Event(), threading.Event()
+            call = pb_grpc.NodeSyncStub(channel).Sync(requests(), metadata=metadata)
+            # Heartbeats are expected only from a replica that shows it knows them (an older one,
+            # mid-upgrade, sends none: its idle streams must not be taken for wedged).
+            ended, answered, self._heartbeats = threading.Event(), threading.Event(), threading.Event()
+            verdict: list[str] = []  # why the watcher cancelled the stream
+            self._last_message = time.monotonic()
             watcher = threading.Thread(
-                target=self._watch_stream, args=(stop, ended, answered, timed_out, call), name="sync-watch",
+                target=self._watch_stream, args=(stop, ended, answered, verdict, call), name="sync-watch",
                 daemon=True,
             )
             watcher.start()
@@ -323,7 +416,10 @@ class SyncClient:
             try:
                 for message in call:
                     answered.set()
-                    if broken:
+                    self._last_message = time.monotonic()
+                    if message.HasField("heartbeat") or message.HasField("source"):
+                        self._heartbeats.set()
+                    if broken or message.HasField("heartbeat"):
                         continue  # draining until the server ends the stream we half-closed
                     self._connected.set()
                     delivered = True
@@ -336,12 +432,11 @@ class SyncClient:
             except grpc.RpcError:
                 if stop.is_set():
                     return delivered
-                if timed_out.is_set():
-                    raise _StreamBroken(
-                        f"no snapshot from {self.target} within {self._first_message_timeout:g} s"
-                    ) from None
+                if verdict:
+                    raise _StreamBroken(verdict[0]) from None
                 raise
             finally:
+                self._held_since = None
                 ended.set()
                 with self._ack_lock:
                     self._outgoing = None
@@ -351,15 +446,26 @@ class SyncClient:
         return delivered
 
     def _watch_stream(self, stop: threading.Event, ended: threading.Event, answered: threading.Event,
-                      timed_out: threading.Event, call: Any) -> None:
-        """Cancels the stream on `stop`, or when its first message is overdue."""
+                      verdict: list[str], call: Any) -> None:
+        """Cancels the stream on `stop`, when its first message or a heartbeat is overdue, or when
+        its replica has lagged behind the enforced policy for `hold_timeout`."""
         deadline = time.monotonic() + self._first_message_timeout
+        silence = 3 * self._heartbeat_interval
+        tick = min(0.2, self._heartbeat_interval / 4)
         while not ended.is_set():
-            if stop.wait(0.2):
+            if stop.wait(tick):
                 call.cancel()
                 return
-            if not answered.is_set() and time.monotonic() >= deadline:
-                timed_out.set()
+            now = time.monotonic()
+            if not answered.is_set():
+                if now >= deadline:
+                    verdict.append(f"no snapshot from {self.target} within {self._first_message_timeout:g} s")
+            elif self._heartbeats.is_set() and now - self._last_message > silence:
+                verdict.append(f"no message or heartbeat from {self.target} for {silence:g} s: the replica "
+                               "is wedged")
+            elif self._held_since is not None and now - self._held_since > self._hold_timeout:
+                verdict.append(f"{self.target} lags behind the enforced policy for {self._hold_timeout:g} s")
+            if verdict:
                 call.cancel()
                 return
 
@@ -389,7 +495,7 @@ class SyncClient:
             return  # a later version has been received since; its own ack speaks for the node
         self.last_applied_version = version
         if self._outgoing is not None:
-            self._outgoing.put(pb.AgentMessage(ack=pb.Ack(version=version, ok=True)))
+            self._outgoing.put(self._ack_ok(version))
         log.info("acked version %d: programmed after its nack", version, extra={"version": version})
 
     def _handle(self, message: pb.ControlMessage) -> pb.AgentMessage:
@@ -401,6 +507,21 @@ class SyncClient:
             self.state = None
             return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=f"malformed: {exc}"))
         self.state = state
+        generation = message.source.generation
+        self.replica = message.source.replica
+        if generation and generation < self.enforced_generation:
+            # A lagging replica: what it has is older than what the kernel enforces. Keep that;
+            # the stream's state stays built, so a later version that catches up applies whole.
+            source = self.replica or self.target
+            self.held = (f"held: version {message.version} of replica {source} was built from source "
+                         f"generation {generation}, older than the enforced {self.enforced_generation}")
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+                log.warning("%s; keeping the enforced policy", self.held)
+            return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=self.held))
+        if self.held is not None:
+            log.info("replica %s caught up (generation %d)", self.replica or self.target, generation)
+        self.held, self._held_since = None, None
         with self._ack_lock:
             self._late_version = None  # only a success from here on can ack this version late
         try:
@@ -408,6 +529,10 @@ class SyncClient:
         except Exception as exc:  # any failure of the dataplane is reported upstream, never fatal here
             log.error("applying version %d failed: %s", message.version, exc)
             return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=False, error=str(exc) or repr(exc)))
+        self.enforced_generation = max(self.enforced_generation, generation)
         self.last_applied_version = message.version
         log.debug("applied version %d (%d endpoints)", message.version, len(state.endpoints))
-        return pb.AgentMessage(ack=pb.Ack(version=message.version, ok=True))
+        return self._ack_ok(message.version)
+
+    def _ack_ok(self, version: int) -> pb.AgentMessage:
+        return pb.AgentMessage(ack=pb.Ack(version=version, ok=True, rejected_policies=self._rejections()))

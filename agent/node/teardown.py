@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     if args.dataplane in ("bpf", "all"):
         from agent.dataplane.bpf import BpfDataplane
+        from agent.dataplane.bpf.settings import BpfSettings
 
         try:
-            BpfDataplane(pin_dir=args.pin_dir).teardown()
+            BpfDataplane(BpfSettings(pin_dir=args.pin_dir)).teardown()
             print(f"podfence teardown: removed the bpf dataplane's filters, hooks and pins ({args.pin_dir})")
         except (DataplaneError, ImportError, OSError) as exc:
             print(f"podfence teardown: bpf dataplane: {exc}", file=sys.stderr)

@@ -126,7 +126,7 @@ class Case:
     name: str
     policy: str  # a key of POLICIES
     frames: Frames
-    reason: str | None = None  # what the bpf datapath counts the drop as (structs.Reason, lower case)
+    reason: str | None = None  # what the bpf datapath counts the drop as (dataplane.types.Reason, lower case)
     match: Matcher = contains  # marker -> does this received frame show the case got through?
     topologies: tuple[str, ...] = TOPOLOGIES
     # labs ("<dataplane>-<topology>") where the frame passes today: tested in test_pending_fixes

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.netns import inside
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, IPAddress, NodeState
@@ -151,9 +152,11 @@ class BpfGuard(Guard):
 
     def __init__(self, node: Node) -> None:
         self.plane = BpfDataplane(
-            pin_dir=f"/sys/fs/bpf/{node.prefix}",
-            netns=node.netns,
-            state_file=f"/run/podfence-tests/{node.prefix}.json",
+            BpfSettings(
+                pin_dir=f"/sys/fs/bpf/{node.prefix}",
+                netns=node.netns,
+                state_file=f"/run/podfence-tests/{node.prefix}.json",
+            )
         )
         self.plane.start()
         self.version = 0
@@ -172,14 +175,14 @@ class BpfGuard(Guard):
     def unguard(self) -> None:
         self._apply(NodeState(0))  # no pod interface: every tc filter is detached
         if self.linked:
-            self.plane._links.remove()
+            self.plane.hook.links.remove()
             self.linked = False
         self._forget_flows()
 
     def guard(self, state: NodeState) -> None:
         self._forget_flows()
         if not self.linked:
-            self.plane._install_egress_hook()
+            self.plane.hook.install(self.plane._module, self.plane._programs)
             self.linked = True
         self._apply(state)
 
@@ -188,7 +191,7 @@ class BpfGuard(Guard):
 
     @property
     def reassembles(self) -> bool:
-        return self.plane.egress_hook_in_use == "netfilter" and self.plane._links.defrag
+        return self.plane.egress_hook_in_use == "netfilter" and self.plane.hook.links.defrag
 
     def close(self) -> None:
         self.plane.teardown()

@@ -8,12 +8,13 @@ import sys
 import time
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 
 
 def main(pin_dir: str, netns: str, state_file: str, node_state_pickle: str) -> None:
     with open(node_state_pickle, "rb") as handle:
         node_state = pickle.load(handle)
-    plane = BpfDataplane(pin_dir=pin_dir, netns=netns, state_file=state_file)
+    plane = BpfDataplane(BpfSettings(pin_dir=pin_dir, netns=netns, state_file=state_file))
     plane.start()
     plane.apply(node_state)
     print("applied", flush=True)

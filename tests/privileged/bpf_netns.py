@@ -14,7 +14,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from agent.dataplane.bpf.settings import BpfSettings
 from tests.privileged.netns_node import NetnsNode, in_netns, sh
 
 TOOL = Path(__file__).with_name("bpf_traffic_tool.py")
@@ -55,6 +57,10 @@ class Node(NetnsNode):
     @property
     def state_file(self) -> str:
         return f"/run/podfence-tests/{self.prefix}.json"
+
+    def settings(self, **overrides: Any) -> BpfSettings:
+        """The bpf dataplane's settings for this node: its pins, namespace and state file."""
+        return BpfSettings(pin_dir=self.pin_dir, netns=self.netns, state_file=self.state_file, **overrides)
 
     def create(self, pod_count: int, service_backend: int = 2, service_port: int = 8080) -> Node:
         self.create_node((f"{NODE_IP}/32", f"{NODE_IP6}/128"), "10.97.0.0/16")

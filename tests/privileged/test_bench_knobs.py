@@ -13,6 +13,7 @@ import pytest
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from agent.lab import wiring
@@ -32,10 +33,12 @@ def plane(request: pytest.FixtureRequest) -> Iterator[tuple[tuple[str, ...], Bpf
     netns = f"{prefix}-knob"
     wiring.create(netns, loopback_up=False)
     dataplane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        state_file=f"/run/podfence-tests/{prefix}.json",
-        bench_defines=defines,
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+            bench_defines=defines,
+        )
     )
     try:
         dataplane.start()
@@ -61,7 +64,7 @@ def passes(plane: BpfDataplane, hook: str, frame: bytes) -> bool:
     if hook == "nf_egress":  # iptables' bpf match: non-zero = drop
         return run_program(programs[loader.PROGRAM_NF_EGRESS].fd, frame) == 0
     if hook == "nf_egress_link":
-        return run_netfilter_program(plane._links.program_fd, frame) == NF_ACCEPT
+        return run_netfilter_program(plane.hook.links.program_fd, frame) == NF_ACCEPT
     result = run_program(programs[hook].fd, frame)
     assert result in (TC_ACT_OK, TC_ACT_SHOT)
     return result == TC_ACT_OK

@@ -15,7 +15,7 @@ Hostile: one endpoint isolated both ways with a narrow allow list. Mutated frame
 every length, random header bytes, any IHL, long IPv6 extension chains, fragments out of order,
 spoofed sources) never pass unless the oracle admits the tuple the frame claims, as read by
 `claim()`, an independent parser of the RFC 791/8200 layouts. A frame that parser finds malformed
-is dropped, and counted under the reason (structs.Reason) the datapath documents. The two egress
+is dropped, and counted under the reason (dataplane.types.Reason) the datapath documents. The two egress
 programs give every hostile frame the same verdict.
 
 The endpoints sit behind veths in a private "pfb-" netns. A test run names the host-side ifindex
@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
-from agent.dataplane.bpf.structs import Reason
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.netns import inside
 from agent.dataplane.types import (
@@ -52,6 +52,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
     Peer,
+    Reason,
 )
 from agent.lab import wiring
 from tests.privileged import bpf_frames as f
@@ -373,7 +374,7 @@ class Bench:
         try:
             with inside(self.netns):
                 if hook == "nf_egress_link":
-                    result = run_netfilter_program(self.plane._links.program_fd, frame)
+                    result = run_netfilter_program(self.plane.hook.links.program_fd, frame)
                 else:
                     result = run_program(programs[name].fd, frame, ifindex)
         except OSError as error:
@@ -403,10 +404,12 @@ def _bench(established_on_change: str) -> Iterator[Bench]:
     netns = f"{prefix}-fuzz"
     wiring.create(netns, loopback_up=False)
     plane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        state_file=f"/run/podfence-tests/{prefix}.json",
-        established_on_change=established_on_change,
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+            established_on_change=established_on_change,
+        )
     )
     try:
         ifindexes = []

@@ -29,9 +29,7 @@ def node() -> Iterator[Node]:
 
 @pytest.fixture(params=["netfilter", "iptables"])
 def dataplane(node: Node, request: pytest.FixtureRequest) -> Iterator[BpfDataplane]:
-    plane = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook=request.param
-    )
+    plane = BpfDataplane(node.settings(egress_hook=request.param))
     plane.start()
     try:
         yield plane

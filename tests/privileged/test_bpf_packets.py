@@ -22,7 +22,9 @@ import pytest
 
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
-from agent.dataplane.bpf.dataplane import BpfDataplane, count_entries
+from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from agent.lab import wiring
@@ -449,10 +451,12 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
     netns = f"{prefix}-pkt"
     wiring.create(netns, loopback_up=False)
     dataplane = BpfDataplane(
-        pin_dir=f"/sys/fs/bpf/{prefix}",
-        netns=netns,
-        established_on_change=established_on_change,
-        state_file=f"/run/podfence-tests/{prefix}.json",
+        BpfSettings(
+            pin_dir=f"/sys/fs/bpf/{prefix}",
+            netns=netns,
+            established_on_change=established_on_change,
+            state_file=f"/run/podfence-tests/{prefix}.json",
+        )
     )
     try:
         dataplane.start()

@@ -57,7 +57,7 @@ def node() -> Iterator[Node]:
 
 @pytest.fixture
 def dataplane(node: Node) -> Iterator[BpfDataplane]:
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     try:
         yield plane
@@ -233,7 +233,7 @@ def test_agent_kill_9_keeps_enforcing_and_a_restart_adopts_the_state(node: Node,
         agent.wait(timeout=10)
         assert not a.tcp(c.ip, 8080)  # still enforced with no agent at all
         assert a.tcp(b.ip, 8080)
-        restarted = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+        restarted = BpfDataplane(node.settings())
         restarted.start()  # adopts the pinned maps, swaps programs in place
         assert restarted.adopted
         restarted.apply(node_state)
@@ -257,7 +257,7 @@ def test_agent_kill_9_keeps_enforcing_and_a_restart_adopts_the_state(node: Node,
         if restarted is not None:
             restarted.teardown()
         else:
-            BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+            BpfDataplane(node.settings()).teardown()
 
 
 def test_pod_that_rewrites_its_own_network_still_cannot_spoof(node: Node, dataplane: BpfDataplane) -> None:
@@ -287,7 +287,7 @@ def test_pod_that_rewrites_its_own_network_still_cannot_spoof(node: Node, datapl
 
 def test_full_map_raises_capacity_error_and_leaves_the_live_state_alone(node: Node) -> None:
     a, b, c = node.pods
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, policy_max=4)
+    plane = BpfDataplane(node.settings(policy_max=4))
     plane.start()
     try:
         plane.apply(
@@ -383,9 +383,8 @@ def test_removed_pod_is_swept_and_a_vanished_interface_does_not_fail_the_update(
 @pytest.fixture
 def xt_dataplane(node: Node) -> Iterator[BpfDataplane]:
     """The egress verdict from the iptables rule (xt_bpf), as on kernels without netfilter links."""
-    plane = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="iptables"
-    )
+    plane = BpfDataplane(node.settings(egress_hook="iptables"
+    ))
     plane.start()
     try:
         yield plane
@@ -439,9 +438,8 @@ def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Nod
     planes = []
     try:
         for hook in ("iptables", "netfilter", "iptables"):
-            plane = BpfDataplane(
-                pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook=hook
-            )
+            plane = BpfDataplane(node.settings(egress_hook=hook
+            ))
             plane.start()  # over the previous one's pins: adopts the maps, replaces the hook
             planes.append(plane)
             plane.apply(node_state)
@@ -454,7 +452,7 @@ def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Nod
     finally:
         for plane in planes:
             plane.close()
-        BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+        BpfDataplane(node.settings()).teardown()
 
 
 def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_them(node: Node) -> None:
@@ -467,9 +465,8 @@ def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_the
     planes = []
     try:
         for generation in range(3):
-            plane = BpfDataplane(
-                pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="netfilter"
-            )
+            plane = BpfDataplane(node.settings(egress_hook="netfilter"
+            ))
             plane.start()  # raises if a link cannot be made
             planes.append(plane)
             plane.apply(node_state)
@@ -480,7 +477,7 @@ def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_the
     finally:
         for plane in planes:
             plane.close()
-        BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file).teardown()
+        BpfDataplane(node.settings()).teardown()
 
 
 def test_auto_falls_back_to_the_iptables_rule_where_the_kernel_refuses_netfilter_links(
@@ -491,13 +488,12 @@ def test_auto_falls_back_to_the_iptables_rule_where_the_kernel_refuses_netfilter
 
     monkeypatch.setattr(netfilter, "load_program", refused)
     a, b, c = node.pods
-    strict = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, egress_hook="netfilter"
-    )
+    strict = BpfDataplane(node.settings(egress_hook="netfilter"
+    ))
     with pytest.raises(netfilter.NetfilterUnsupported):
         strict.start()  # asked for links explicitly: a clear error, no silent downgrade
     strict.teardown()
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     try:
         assert plane.egress_hook_in_use == "iptables"
@@ -573,9 +569,8 @@ def test_icmp_errors_related_to_an_allowed_flow_reach_an_isolated_pod(
 @pytest.mark.parametrize("on_change", ["keep", "reset"])
 def test_established_connections_on_policy_change(node: Node, on_change: str) -> None:
     a, b, c = node.pods
-    plane = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, established_on_change=on_change
-    )
+    plane = BpfDataplane(node.settings(established_on_change=on_change
+    ))
     plane.start()
     try:
         plane.apply(
@@ -601,9 +596,8 @@ def test_established_connections_on_policy_change(node: Node, on_change: str) ->
 
 def test_reset_also_cuts_flows_of_a_peer_that_left_the_allowed_identity(node: Node) -> None:
     a, b, c = node.pods
-    plane = BpfDataplane(
-        pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file, established_on_change="reset"
-    )
+    plane = BpfDataplane(node.settings(established_on_change="reset"
+    ))
     plane.start()
     try:
         allowed = state(
@@ -650,7 +644,7 @@ def test_bridged_pods_are_judged_through_br_netfilter(bridged_node: Node) -> Non
     node = bridged_node
     a, b, c = node.pods
     assert a.tcp(c.ip, 8080)  # bridged, unfiltered
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     try:
         plane.apply(
@@ -685,7 +679,7 @@ def test_bridged_pods_are_judged_through_br_netfilter(bridged_node: Node) -> Non
 
 def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
     a, b, c = node.pods
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
     # another tool's filter on the same clsact, and its own iptables rule
@@ -707,7 +701,7 @@ def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
 
 def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state_file(node: Node) -> None:
     a, b, c = node.pods
-    plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    plane = BpfDataplane(node.settings())
     plane.start()
     plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b, ingress=isolated()), endpoint(c)))
     plane.close()  # the agent stopped: its enforcement stays
@@ -729,14 +723,14 @@ def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state
 
 def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:
     a, b, c = node.pods
-    first = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    first = BpfDataplane(node.settings())
     first.start()
     first.apply(state(node, endpoint(a), endpoint(b), endpoint(c)))
     first.close()
     saved = Path(node.state_file).read_text()
     first.teardown()  # removes pins, filters and the state file...
     Path(node.state_file).write_text(saved)  # ...but suppose /run kept an old state file
-    fresh = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    fresh = BpfDataplane(node.settings())
     fresh.start()
     try:
         assert not fresh.adopted
@@ -749,7 +743,7 @@ def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:
 
 def test_restart_without_the_state_file_reconciles_without_reusing_live_ids(node: Node) -> None:
     a, b, c = node.pods
-    first = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    first = BpfDataplane(node.settings())
     first.start()
     # a: isolated without allows (a policy id with no entries at all); b allows only from c
     first.apply(
@@ -757,7 +751,7 @@ def test_restart_without_the_state_file_reconciles_without_reusing_live_ids(node
     )
     first.close()
     Path(node.state_file).unlink()  # /run lost, pins kept
-    second = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+    second = BpfDataplane(node.settings())
     second.start()
     try:
         assert second.adopted

@@ -95,7 +95,7 @@ def podfence(node: Node, kind: str, open_ingress: bool = False) -> Iterator[Any]
     if kind == "bpf":
         from agent.dataplane.bpf.dataplane import BpfDataplane
 
-        plane = BpfDataplane(pin_dir=node.pin_dir, netns=node.netns, state_file=node.state_file)
+        plane = BpfDataplane(node.settings())
         plane.start()
         try:
             plane.apply(state(node, kind, open_ingress))

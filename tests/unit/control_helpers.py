@@ -21,7 +21,14 @@ from cryptography.x509.oid import NameOID
 from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import ServerSettings, TlsFiles, create_server, stop_server, stream_admission
+from agent.control.server import (
+    ServerSettings,
+    ServerTls,
+    TlsFiles,
+    create_server,
+    stop_server,
+    stream_admission,
+)
 from agent.dataplane.types import NodeState
 from agent.model.objects import (
     ContainerPort,
@@ -50,6 +57,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str =
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def control_healthy(metrics_port: int) -> bool:
+    """Whether a control process's /healthz on loopback answers 200 (its source has been read)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
 
 
 # --- a small cluster ----------------------------------------------------------------------------------
@@ -151,17 +169,19 @@ class Control:
 def start_control(
     objects: list,
     addr: str = "127.0.0.1:0",
-    tls: TlsFiles | None = None,
+    tls: ServerTls | None = None,
     settings: ServerSettings | None = None,
     initial_version: int = 100,
     max_pending: int = 32,
+    authenticator: Any = None,
 ) -> Control:
     metrics = ControlMetrics()
     hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
     with hub.change() as resolver:
         resolver.replace_all(objects)
     admission = stream_admission(settings or ServerSettings(), metrics)
-    server, port, health = create_server(addr, hub, tls, settings, admission=admission)
+    server, port, health = create_server(addr, hub, tls, settings, admission=admission,
+                                         authenticator=authenticator(hub) if authenticator else None)
     server.start()
     return Control(hub, server, port, health, metrics, admission)
 
@@ -184,6 +204,7 @@ class RecordingAgent:
     thread: threading.Thread | None = None
     options: tuple = ()
     first_message_timeout: float = 20.0
+    token: Callable[[], str] | None = None  # token identity: the service-account token to present
 
     def apply(self, state: NodeState) -> None:
         if self.hold is not None:
@@ -196,7 +217,7 @@ class RecordingAgent:
         self.client = SyncClient(
             self.node, self.target, self.apply, credentials=self.credentials,
             backoff_initial=0.05, backoff_max=0.3, channel_options=self.options,
-            first_message_timeout=self.first_message_timeout,
+            first_message_timeout=self.first_message_timeout, token=self.token,
         )
         self.thread = threading.Thread(target=self.client.run, args=(self.stop,), daemon=True)
         self.thread.start()

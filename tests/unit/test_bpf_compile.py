@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from agent.dataplane.bpf.cidr_classes import cidr_classes_of
 from agent.dataplane.bpf.compiler import (
     NOT_ISOLATED,
     Allocation,
-    cidr_classes_of,
     compile_node_state,
     port_range_prefixes,
 )

@@ -6,7 +6,7 @@ import ipaddress
 import json
 
 from agent.dataplane.bpf.compiler import compile_node_state
-from agent.dataplane.bpf.dataplane import _allocation_from_json, _allocation_to_json, _merge_allocations
+from agent.dataplane.bpf.state_file import allocation_from_json, allocation_to_json, merge_allocations
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 
 
@@ -23,20 +23,20 @@ def sample_state() -> NodeState:
 
 def test_allocation_round_trips_through_json() -> None:
     allocation = compile_node_state(sample_state()).allocation
-    restored = _allocation_from_json(json.loads(json.dumps(_allocation_to_json(allocation))))
+    restored = allocation_from_json(json.loads(json.dumps(allocation_to_json(allocation))))
     assert restored == allocation
     # and a restarted compiler given it reproduces the same ids (no churn after a restart)
     assert compile_node_state(sample_state(), restored) == compile_node_state(sample_state(), allocation)
 
 
 def test_unreadable_state_is_ignored_not_fatal() -> None:
-    assert _allocation_from_json({"policies": "garbage"}) is None
+    assert allocation_from_json({"policies": "garbage"}) is None
 
 
 def test_merged_allocation_keeps_every_live_id_and_the_highest_counter() -> None:
     first = compile_node_state(sample_state()).allocation
     changed = NodeState(2, {"ns/a": Endpoint("ns/a", (), DirectionPolicy(True, ()), ifindex=4)})
     second = compile_node_state(changed, first, inherit=False).allocation
-    merged = _merge_allocations(first, second)
+    merged = merge_allocations(first, second)
     assert set(merged.policies.values()) == set(first.policies.values()) | set(second.policies.values())
     assert merged.next_id == second.next_id > first.next_id

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.unit.control_helpers import PODS, RecordingAgent, ns_doc, policy_doc, wait_until
+from tests.unit.control_helpers import PODS, RecordingAgent, control_healthy, ns_doc, policy_doc, wait_until
 
 CLI = [sys.executable, "-m", "agent.cli"]
 
@@ -56,15 +56,8 @@ def control_process(tmp_path: Path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_until(healthy, timeout=30, what="control /healthz")
+        wait_until(lambda: control_healthy(metrics_port), timeout=30, what="control /healthz")
         yield process, f"127.0.0.1:{grpc_port}", metrics_port
     finally:
         if process.poll() is None:

@@ -44,20 +44,6 @@ def control():
     ctl.stop()
 
 
-@pytest.fixture
-def agents():
-    started: list[RecordingAgent] = []
-
-    def make(node: str, target: str, **kwargs) -> RecordingAgent:
-        agent = RecordingAgent(node, target, **kwargs).start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.close()
-
-
 class RawStream:
     """A hand-driven Sync stream, to see the exact messages (snapshot vs delta) on the wire."""
 
@@ -186,8 +172,10 @@ def test_status_json_has_exactly_the_documented_shape(control, agents):
     agent.wait_for_state(lambda s: bool(s.endpoints))
     wait_until(lambda: _status(control)["nodes"].get("n1", {}).get("applied_version") == control.hub.version)
     status = _status(control)
-    assert set(status) == {"version", "nodes", "source_errors"}  # the contract's two, one extra
+    # the contract's two, and extras
+    assert set(status) == {"version", "nodes", "source_errors", "source_freshness"}
     assert status["source_errors"] == []
+    assert status["source_freshness"] is None, "no API server behind this hub's source"
     assert isinstance(status["version"], int) and status["version"] == control.hub.version
     assert status["nodes"] == {"n1": {"applied_version": control.hub.version, "connected": True,
                                       "last_error": None}}

@@ -418,11 +418,35 @@ def test_kubernetes_pods_list_watch_bookmark_and_relist_after_410():
     assert source.relists["Pod"] == 2
     assert api.list_calls == 3
     assert source.resource_versions["Pod"] == "301"
+    assert hub.source.generation == 301  # the version published last says what it was built from
     resolver = hub._resolver
     assert resolver.node_policy("n1").endpoints == {}  # web-1 deleted by the last event
     assert set(resolver.node_policy("n2").endpoints) == {"shop/web-2"}
     assert not resolver.node_policy("n2").endpoints["shop/web-2"].ingress.isolated  # relabelled to db
     assert set(resolver.node_policy("n3").endpoints) == {"shop/web-3"}  # db-1 gone after the re-list
+
+
+def test_kubernetes_versions_carry_the_oldest_of_the_kinds_resource_versions():
+    """Every kind is known at least up to the oldest kind's resourceVersion: that is the generation
+    a version was built from, comparable across replicas; it never goes back."""
+    hub = PolicyHub(Resolver(), ControlMetrics(), initial_version=1)
+    unused = RecordedApi([("1", [])], [], "V1PodList")
+    kinds = ("Pod", "NetworkPolicy", "ClusterNetworkPolicy")
+    source = KubernetesSource(hub, client.ApiClient(), watch_factory=unused.watch,
+                              list_functions={kind: unused.list_function for kind in kinds})
+    source.resource_versions.update(Pod="500", NetworkPolicy="420", ClusterNetworkPolicy=None)  # CRD absent
+    with hub.change():
+        source._note_source("Pod", "510")
+    first = hub.source
+    assert first.generation == 420 and first.digest.startswith("rv:")
+    source.resource_versions.update(Pod="510")
+    with hub.change():
+        source._note_source("NetworkPolicy", "600")
+    assert hub.source.generation == 510 and hub.source.digest != first.digest
+    source.resource_versions.update(NetworkPolicy="600")
+    with hub.change():
+        source._note_source("ClusterNetworkPolicy", "400")  # the CRD appears, listed (say) by a lagging cache
+    assert hub.source.generation == 510  # never back
 
 
 def test_kubernetes_invalid_objects_and_watch_errors_are_counted_not_fatal():

@@ -5,7 +5,7 @@
 - Every PODFENCE_* variable a container sets is read by a flag of the subcommand it runs (built
   from the real `agent.cli.build_parser()`), and its value parses and is an allowed choice.
 - The pieces agree with each other: Service ports and selectors, probe ports, mounted TLS paths,
-  the agent's control address, RBAC limited to list/watch.
+  the agent's control address, RBAC limited to list/watch (and TokenReview for token identity).
 - deploy/issue-node-cert.sh makes a CA, a server and a node certificate that complete a real
   mutual-TLS handshake in which the server reads the node name from the client's CN.
 """
@@ -228,9 +228,10 @@ def test_agent_daemonset_has_what_a_kernel_enforcer_needs() -> None:
     assert spec["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in spec["tolerations"]
     assert container["securityContext"]["privileged"] is True
+    # Kernel state survives an agent's restart: a rollout may take a share of the nodes at once.
     assert daemonset["spec"]["updateStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+        "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0},
     }
     assert set(container["resources"]) == {"requests", "limits"}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -240,6 +241,9 @@ def test_agent_daemonset_has_what_a_kernel_enforcer_needs() -> None:
         assert mounts[path]["readOnly"] is True
         assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
     assert volumes[mounts["/run/xtables.lock"]["name"]]["hostPath"]["type"] == "FileOrCreate"
+    # The agent's record of its kernel state outlives the pod, so its successor adopts that state.
+    assert volumes[mounts["/run/podfence"]["name"]]["hostPath"] == {
+        "path": "/run/podfence", "type": "DirectoryOrCreate"}
     env = container_env(container)
     assert env["PODFENCE_NODE"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["PODFENCE_PIN_DIR"].startswith("/sys/fs/bpf/")  # pins land in the host's bpffs
@@ -275,7 +279,19 @@ WATCHED_RESOURCES = {  # what agent.control.source_kubernetes lists and watches,
 }
 
 
-def test_control_rbac_is_list_and_watch_of_the_watched_resources() -> None:
+def test_the_namespace_admits_the_privileged_agent() -> None:
+    labels = find("Namespace", "podfence-system")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+def test_the_control_service_runs_on_nodes_it_has_not_untainted_yet() -> None:
+    from agent.control.taint import NOT_READY_TAINT
+
+    spec = find("Deployment", "podfence-control")["spec"]["template"]["spec"]
+    assert {"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_control_rbac_is_list_and_watch_of_the_watched_resources_and_tokenreviews() -> None:
     from agent.control.source_kubernetes import API_VERSIONS
 
     assert set(API_VERSIONS) == set(WATCHED_RESOURCES)
@@ -287,11 +303,14 @@ def test_control_rbac_is_list_and_watch_of_the_watched_resources() -> None:
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+    # and the writes: TokenReviews, and the not-ready taint of a node whose agent enforces
+    # (agent.control.taint)
     assert granted == {
         (group, resource, verb)
         for group, resource in WATCHED_RESOURCES.values()
         for verb in ("list", "watch")
-    }
+    } | {("authentication.k8s.io", "tokenreviews", "create")} | {  # agent/control/identity.py
+        ("", "nodes", "get"), ("", "nodes", "patch")}
     binding = find("ClusterRoleBinding", "podfence-control")
     deployment = find("Deployment", "podfence-control")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -406,3 +425,22 @@ def test_node_keys_are_private_and_bad_names_refused(pki: Path) -> None:
     refused = issue(pki, "node", "Worker_1")
     assert refused.returncode == 2
     assert not (pki / "nodes" / "Worker_1").exists()
+
+
+def test_the_agent_mounts_a_projected_token_for_the_control_service_only() -> None:
+    from agent.control.identity import TOKEN_AUDIENCE
+
+    spec = find("DaemonSet", "podfence-agent")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "podfence-token")
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == TOKEN_AUDIENCE
+    assert source["serviceAccountToken"]["expirationSeconds"] <= 3600
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "podfence-token")
+    assert mount["readOnly"] is True
+    assert spec["automountServiceAccountToken"] is False  # no token for the API server itself
+
+
+def test_the_control_services_replica_count_matches_its_deployment() -> None:
+    deployment = find("Deployment", "podfence-control")
+    env = container_env(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert int(env["PODFENCE_REPLICAS"]) == deployment["spec"]["replicas"]

@@ -13,9 +13,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from agent.control.main import serve_metrics
-from agent.metrics_http import MAX_REQUEST_BYTES, BoundedHTTPServer
-from agent.node.metrics import start_http_server
+from agent.metrics_http import MAX_REQUEST_BYTES, BoundedHTTPServer, start_metrics_server
 from tests.unit.control_helpers import wait_until
 
 IDLE = 300
@@ -40,12 +38,13 @@ def _registry() -> CollectorRegistry:
 @pytest.fixture(params=["agent", "control"])
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[BoundedHTTPServer, str]]:
     if request.param == "agent":
-        httpd, port = start_http_server("127.0.0.1:0", _registry(), lambda: True)
+        # as the agent runs it: always healthy, ready once a policy version is applied
+        httpd, port = start_metrics_server("127.0.0.1:0", _registry(), ready=lambda: True)
     else:
+        # as the control service runs it: healthy once the source has been read, no /readyz
         healthy = threading.Event()
         healthy.set()
-        httpd = serve_metrics("127.0.0.1:0", _registry(), healthy)
-        port = httpd.server_address[1]
+        httpd, port = start_metrics_server("127.0.0.1:0", _registry(), healthy=healthy.is_set)
     yield httpd, f"http://127.0.0.1:{port}"
     httpd.shutdown()
     httpd.server_close()

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import pytest
 
 from agent.cli import main
+from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.logs import JsonFormatter
 from agent.node.flowlog import FlowLogger, TokenBucket
 from agent.node.main import bpffs_mount_of
 
-
-@dataclass(frozen=True)
-class Event:
-    endpoint: str
-    direction: str
-    protocol: int
-    source: str
-    destination: str
-    source_port: int
-    destination_port: int
-    reason: str
+Event = DenyEvent  # what the bpf dataplane reports
 
 
 EVENT = Event("ns/web", "ingress", 6, "10.0.0.9", "10.0.0.5", 40000, 22, "policy")

@@ -17,10 +17,9 @@ from contextlib import redirect_stdout
 import pytest
 
 from agent.control import status as status_cmd
-from agent.dataplane.base import CapacityError, EndpointCounters
+from agent.dataplane.base import Adopting, CapacityError, EndpointCounters
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
 from agent.node.interfaces import DiscoveryError, HostView, Link
-from agent.node.main import Adopting
 from agent.node.reconcile import Reconciler, RetryPolicy
 from agent.node.sync import SyncClient
 from tests.unit.control_helpers import allow_from, small_cluster, start_control, wait_until

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
+from agent.metrics_http import start_metrics_server
 from agent.node.interfaces import HostView, Link
-from agent.node.metrics import register_agent_metrics, start_http_server
+from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 
 DOCUMENTED = {
@@ -24,6 +25,7 @@ DOCUMENTED = {
     "podfence_policy_programming_seconds",
     "podfence_applied_version",
     "podfence_sync_connected",
+    "podfence_sync_held",
     "podfence_managed_endpoints",
     "podfence_map_entries",
     "podfence_map_capacity",
@@ -89,7 +91,7 @@ def served():
     reconciler = Reconciler(dataplane, OneInterfaceDiscoveryDouble())
     registry = CollectorRegistry()
     register_agent_metrics(registry, dataplane, reconciler, ConnectedDouble())
-    server, port = start_http_server("127.0.0.1:0", registry, reconciler.ready)
+    server, port = start_metrics_server("127.0.0.1:0", registry, ready=reconciler.ready)
     try:
         yield dataplane, reconciler, f"http://127.0.0.1:{port}"
     finally:
@@ -119,7 +121,7 @@ def test_documented_names_served_and_read_live(served):
     families = _scrape(base)
     denied = (
         "podfence_endpoint_packets_total",
-        (("direction", "ingress"), ("endpoint", "ns/a"), ("verdict", "denied")),
+        (("direction", "ingress"), ("namespace", "ns"), ("pod", "a"), ("verdict", "denied")),
     )
     assert families["podfence_endpoint_packets"][denied] == 4
     assert families["podfence_drops"][("podfence_drops_total", (("reason", "policy_denied"),))] == 4
@@ -139,3 +141,31 @@ def test_readiness_follows_the_first_applied_version(served):
     assert not_ready.value.code == 503
     reconciler.apply(NodeState(version=1))
     assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
+
+
+def _families(registry: CollectorRegistry) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    from prometheus_client import generate_latest
+
+    return {
+        family.name: {tuple(sorted(s.labels.items())): s.value for s in family.samples}
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+
+
+@pytest.mark.parametrize("per_pod", [True, False])
+def test_per_pod_series_switch_off_and_the_node_totals_stay(per_pod: bool) -> None:
+    dataplane = CountingDataplaneDouble()
+    dataplane.denied_packets = 4
+    registry = CollectorRegistry()
+    register_agent_metrics(registry, dataplane, Reconciler(dataplane, OneInterfaceDiscoveryDouble()),
+                           ConnectedDouble(), per_pod=per_pod)
+    families = _families(registry)
+    totals = families["podfence_packets"]
+    assert totals[(("direction", "ingress"), ("verdict", "denied"))] == 4
+    assert totals[(("direction", "ingress"), ("verdict", "allowed"))] == 10
+    assert totals[(("direction", "egress"), ("verdict", "denied"))] == 0, "every series from the start"
+    assert ("podfence_endpoint_packets" in families) is per_pod
+    assert ("podfence_endpoint_bytes" in families) is per_pod
+    (build,) = families["podfence_build_info"].items()
+    assert build[1] == 1 and dict(build[0])["version"]
+    assert families["process_resident_memory_bytes"][()] > 0

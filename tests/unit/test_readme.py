@@ -8,7 +8,6 @@ Metrics: each process's table equals what its collectors expose (names, types, l
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 from collections.abc import Iterator, Mapping
 
@@ -16,11 +15,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.cli import ENV_PREFIX, build_parser
+from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.dataplane.base import EndpointCounters
-from agent.dataplane.bpf import BpfDataplane
-from agent.dataplane.bpf.structs import Reason
-from agent.dataplane.types import IPAddress, NodeState
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.types import IPAddress, NodeState, Reason
 from agent.node.interfaces import HostView, Link
 from agent.node.main import BPF_MAP_SIZE_FLAGS
 from agent.node.metrics import register_agent_metrics
@@ -76,7 +75,7 @@ def _expected_default(command: str, flag: str, action: argparse.Action) -> str:
         return "off"
     if action.default is None or action.default == []:
         if command == "agent" and flag in DATAPLANE_KNOBS:
-            return str(inspect.signature(BpfDataplane.__init__).parameters[DATAPLANE_KNOBS[flag]].default)
+            return str(getattr(BpfSettings(), DATAPLANE_KNOBS[flag]))
         return NO_DEFAULT
     return str(action.default)
 
@@ -188,16 +187,20 @@ def test_agent_metrics_table_is_what_the_agent_exposes():
     scrape = generate_latest(registry).decode()
     documented = documented_metrics()["agent"]
     assert exposition_problems(documented, scrape) == []
-    assert exposed_families(scrape) == {metric.family for metric in documented}
+    exposed = exposed_families(scrape) | exposed_families(scrape, "process_")  # process_*: every process
+    assert exposed == {metric.family for metric in documented}
 
 
 def test_control_metrics_table_is_what_the_control_service_exposes():
     registry = CollectorRegistry()
-    ControlMetrics(registry).watch_hub(lambda: (7, {"node-a": (6, True)}))
+    metrics = ControlMetrics(registry)
+    metrics.watch_hub(lambda: (7, {"node-a": (6, True)}))
+    metrics.watch_freshness(lambda: Freshness("kubernetes", 3.0, False, 270.0))  # --source kubernetes
     scrape = generate_latest(registry).decode()
     documented = documented_metrics()["control"]
     assert exposition_problems(documented, scrape) == []
-    assert exposed_families(scrape) == {metric.family for metric in documented}
+    exposed = exposed_families(scrape) | exposed_families(scrape, "process_")  # process_*: every process
+    assert exposed == {metric.family for metric in documented}
 
 
 def test_documented_drop_reasons_are_the_datapath_list():

@@ -11,14 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.dataplane.bpf.dataplane import BpfDataplane, DenyEvent
+    from agent.dataplane.bpf.dataplane import BpfDataplane
+    from agent.dataplane.bpf.telemetry import DenyEvent
 
 __all__ = ["BpfDataplane", "DenyEvent"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from agent.dataplane.bpf import dataplane
+    if name == "BpfDataplane":
+        from agent.dataplane.bpf.dataplane import BpfDataplane
 
-        return getattr(dataplane, name)
+        return BpfDataplane
+    if name == "DenyEvent":
+        from agent.dataplane.bpf.telemetry import DenyEvent
+
+        return DenyEvent
     raise AttributeError(name)

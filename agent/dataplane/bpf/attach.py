@@ -169,11 +169,3 @@ class Iptables:
                     pass
             self._run(command, "-F", IPTABLES_CHAIN, check=False)
             self._run(command, "-X", IPTABLES_CHAIN, check=False)
-
-
-def enable_bridge_netfilter(netns: str | None) -> None:
-    """Bridged pod traffic reaches FORWARD only with br_netfilter (kube-proxy needs it too)."""
-    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
-    subprocess.run(["modprobe", "br_netfilter"], capture_output=True, check=False)
-    for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"):
-        subprocess.run([*prefix, "sysctl", "-qw", f"{key}=1"], capture_output=True, check=False)

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
     POLICY_PREFIX_ANY_PROTOCOL,
     POLICY_PREFIX_PROTOCOL,
     PeerKind,
     addr_bytes,
-    network_prefix,
 )
 from agent.dataplane.types import (
     PROTO_ANY,
-    V4_MAPPED_SPACE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -46,7 +44,6 @@ Rule = tuple[int, int, int, CidrPeer | IdentityPeer]
 PolicyContent = frozenset[Rule]
 # (prefixlen, policy_id, peer_class, peer_kind, protocol, dport): one policy LPM entry
 PolicyEntry = tuple[int, int, int, int, int, int]
-CidrPrefix = tuple[int, bytes]  # (prefixlen in the 128-bit space, 16 address bytes)
 
 NOT_ISOLATED = 0  # policy id meaning "this direction allows everything"
 
@@ -123,58 +120,6 @@ def peer_sort_key(peer: CidrPeer) -> tuple[int, str]:
     return (peer.cidr.version, str(peer))
 
 
-def _same_family(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version
-
-
-def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[CidrPeer]]:
-    """For every cidr/except prefix: the peers containing the addresses whose longest match it is.
-
-    An address whose longest match is P lies inside a peer's cidr iff P is a subnet of that cidr
-    (every cidr is itself a prefix of the set), and likewise for excepts, so the answer is uniform
-    over P's addresses. Prefixes nest or are disjoint, so one sweep in address order with a stack
-    of the enclosing prefixes finds each one's class from its parent's: O(n log n) plus the size
-    of the classes (comparing every prefix with every peer took 10^8 subnet tests, 110 s, for
-    10,000 host peers).
-    """
-    cidr_at: dict[IPNetwork, list[CidrPeer]] = {}
-    except_at: dict[IPNetwork, list[CidrPeer]] = {}
-    for peer in set(peers):
-        cidr_at.setdefault(peer.cidr, []).append(peer)
-        for carved in peer.excepts:
-            except_at.setdefault(carved, []).append(peer)
-    prefixes = cidr_at.keys() | except_at.keys()
-    # IPv4 lives at ::ffff:0:0/96 of the one LPM space, so an IPv6 prefix covering it (::/0)
-    # would be every IPv4 address's longest match: 0.0.0.0/0 (the /96) shadows it with the
-    # IPv4 peers' own class (empty unless some peer is 0.0.0.0/0).
-    if any(p.version == 6 and V4_MAPPED_SPACE.subnet_of(p) for p in prefixes):  # type: ignore[arg-type]
-        prefixes.add(ipaddress.IPv4Network("0.0.0.0/0"))
-    classes: dict[IPNetwork, frozenset[CidrPeer]] = {}
-    for version in (4, 6):
-        # (first address, prefixlen) order visits every prefix after all the prefixes enclosing it
-        ordered = sorted(
-            ((int(p.network_address), p.prefixlen, p) for p in prefixes if p.version == version),
-            key=lambda item: (item[0], item[1]),
-        )
-        # enclosing prefixes: (last address, prefix, its class)
-        stack: list[tuple[int, IPNetwork, frozenset[CidrPeer]]] = []
-        for first, _length, prefix in ordered:
-            while stack and stack[-1][0] < first:
-                stack.pop()
-            inherited = stack[-1][2] if stack else frozenset()
-            excepted: list[CidrPeer] = except_at.get(prefix, [])
-            members = inherited.difference(excepted) if excepted else inherited
-            # a peer whose cidr is this prefix still misses it when one of its excepts encloses it
-            joining = [p for p in cidr_at.get(prefix, []) if not any(
-                e.version == version and prefix.subnet_of(e) for e in p.excepts  # type: ignore[arg-type]
-            )]
-            if joining:
-                members = members.union(joining)
-            classes[prefix] = members
-            stack.append((first + (1 << (prefix.max_prefixlen - _length)) - 1, prefix, members))
-    return classes
-
-
 def policy_entries(
     policies: dict[PolicyContent, int],
     identity_classes: dict[frozenset[int], int],
@@ -197,28 +142,47 @@ def entries_for_members(
     identity_members: dict[int, list[int]],
     cidr_members: dict[CidrPeer, list[int]],
 ) -> dict[PolicyEntry, int]:
-    """Policy LPM entries given, for each identity and CIDR peer, the class ids containing it."""
+    """Policy LPM entries given, for each identity and CIDR peer, the class ids containing it.
+
+    The port ranges of all rules that land on one (policy, class, protocol) are merged before
+    they are split into prefixes: adjacent and overlapping ranges cost one cover (1-1000 and
+    1001-2000 are 1-2000: 16 prefixes, not 25), and ranges under an every-protocol allow of the
+    same class cost nothing (the 72-bit entry already matches them). Each entry counts the rules
+    that produced it (pf_policy_value.rule_count, informational)."""
     entries: dict[PolicyEntry, int] = {}
+    spans: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
     for content, policy_id in policies.items():
         for protocol, first, last, peer in content:
+            kind: int
             if isinstance(peer, IdentityPeer):
                 kind, classes = PeerKind.IDENTITY, identity_members.get(peer.identity, [])
             else:
                 kind, classes = PeerKind.CIDR, cidr_members.get(peer, [])
             for class_id in classes:
-                for entry in _rule_entries(policy_id, class_id, kind, protocol, first, last):
+                if protocol == PROTO_ANY:
+                    entry = (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
                     entries[entry] = entries.get(entry, 0) + 1
+                else:
+                    spans.setdefault((policy_id, class_id, kind, protocol), []).append((first, last))
+    for (policy_id, class_id, kind, protocol), ranges in spans.items():
+        if (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0) in entries:
+            continue
+        for first, last, rules in merge_port_ranges(ranges):
+            for value, bits in port_range_prefixes(first, last):
+                entries[(POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)] = rules
     return entries
 
 
-def _rule_entries(
-    policy_id: int, class_id: int, kind: int, protocol: int, first: int, last: int
-) -> Iterator[PolicyEntry]:
-    if protocol == PROTO_ANY:
-        yield (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
-        return
-    for value, bits in port_range_prefixes(first, last):
-        yield (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)
+def merge_port_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Overlapping and adjacent [first, last] ranges joined: (first, last, ranges joined) in order."""
+    merged: list[tuple[int, int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            start, end, count = merged[-1]
+            merged[-1] = (start, max(end, last), count + 1)
+        else:
+            merged.append((first, last, 1))
+    return merged
 
 
 def _inherited_policy_ids(
@@ -317,16 +281,21 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
     # CIDR classes
     cidr_classes: dict[frozenset[CidrPeer], int] = {}
     cidr: dict[CidrPrefix, int] = {}
-    # in the datapath's address order, so that fresh ids do not depend on hash order
-    by_prefix = sorted(
-        (network_prefix(prefix), peers) for prefix, peers in cidr_classes_of(referenced_cidrs).items()
-    )
-    for lpm_prefix, peers in by_prefix:
+    unnamed: list[tuple[CidrPrefix, frozenset[CidrPeer]]] = []
+    for lpm_prefix, peers in lpm_cidr_classes(referenced_cidrs).items():
         if not peers:
             cidr[lpm_prefix] = 0
-            continue
+        elif peers in cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers]
+        elif peers in previous.cidr_classes:
+            cidr[lpm_prefix] = cidr_classes[peers] = previous.cidr_classes[peers]
+        else:
+            unnamed.append((lpm_prefix, peers))
+    # fresh ids in the datapath's address order, so that they do not depend on hash order (only
+    # the new classes are sorted: one peer changed among 10,000 sorts one prefix)
+    for lpm_prefix, peers in sorted(unnamed):
         if peers not in cidr_classes:
-            cidr_classes[peers] = previous.cidr_classes.get(peers) or fresh_id()
+            cidr_classes[peers] = fresh_id()
         cidr[lpm_prefix] = cidr_classes[peers]
 
     # endpoints and their counter slots (slots of endpoints still present are kept)

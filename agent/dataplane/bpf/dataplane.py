@@ -2,8 +2,9 @@
 
 One apply: compile (compiler.py, pure), check every map's capacity against old+new entries
 before touching anything, execute the ordered plan (plan.py, pure: add policies and peers, flip
-endpoints, remove old), then with established_on_change="reset" forget the conntrack entries of
-endpoints whose policy changed and of peers whose identity or CIDR class changed.
+endpoints, remove old; maps.py writes each op), then with established_on_change="reset" forget
+the conntrack entries of endpoints whose policy changed and of peers whose identity or CIDR
+class changed.
 
 established_on_change: "keep" (default) lets flows the conntrack map already admitted continue
 whatever the new policy says. "reset" deletes those flows' entries (every protocol) after the
@@ -12,101 +13,43 @@ TCP must then restart with a SYN (the program is built with -DPF_TCP_NEEDS_SYN=1
 connection of an affected endpoint or peer ends. The iptables dataplane's modes behave the same.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
-file beside the pins (in /run, the same lifetime as bpffs).
+file beside the pins (state_file.py).
 
-egress_hook: where the egress verdict (after DNAT) runs. "netfilter": netfilter links
-(netfilter.py, kernel >= 6.4); "iptables": an xt_bpf rule first in FORWARD and INPUT; "auto"
-(default): links where the kernel can, else the rule. Switching either way installs the new hook
-before removing the old one.
+The egress verdict runs from netfilter links or an xt_bpf rule (egress_hook.py); counters,
+drop reasons, map usage and deny events are read by telemetry.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
-import ipaddress
-import json
 import logging
-import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
-    CapacityError,
     DataplaneError,
     EndpointCounters,
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, loader, netfilter
-from agent.dataplane.bpf.compiler import (
-    Allocation,
-    CidrPrefix,
-    Desired,
-    EndpointEntry,
-    PolicyEntry,
-)
-from agent.dataplane.bpf.plan import (
-    PUT,
-    CidrKey,
-    IpcacheKey,
-    Op,
-    compile_and_plan,
-    is_exact,
-    is_host,
-    peak_sizes,
-    peer_view,
-)
-from agent.dataplane.bpf.structs import (
-    GENERATION_PREFIX,
-    HOST_PREFIX,
-    POLICY_PREFIX_FULL,
-    REASON_MAX,
-    DenyEventStruct,
-    Direction,
-    Reason,
-    address_from_bytes,
-    make_addr,
-)
+from agent.dataplane.bpf import attach, loader, maps, state_file, telemetry
+from agent.dataplane.bpf.compiler import CidrPrefix, Desired
+from agent.dataplane.bpf.egress_hook import EgressHook
+from agent.dataplane.bpf.fitting import fit_and_plan
+from agent.dataplane.bpf.maps import Live
+from agent.dataplane.bpf.plan import PUT, Op, peer_view
+from agent.dataplane.bpf.settings import BpfSettings
+from agent.dataplane.bpf.structs import address_from_bytes, network_from_prefix, network_prefix
+from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.dataplane.bpf.transition import with_union
-from agent.dataplane.types import CidrPeer, IdentityPeer, NodeState
+from agent.dataplane.fit import Rejection, report_rejections
+from agent.dataplane.flow_reset import FlowReset
+from agent.dataplane.types import IPAddress, IPNetwork, NodeState
 
 log = logging.getLogger(__name__)
-
-NF_PROGRAM_PIN = "nf_egress"
-EGRESS_HOOKS = ("auto", "netfilter", "iptables")
-
-
-@dataclass(frozen=True)
-class DenyEvent:
-    endpoint: str  # endpoint key, "" when the interface has no endpoint
-    direction: str
-    protocol: int
-    source: str
-    destination: str
-    source_port: int
-    destination_port: int
-    reason: str
-
-
-@dataclass
-class _Live:
-    """What this process believes the kernel holds (read back from the maps on start)."""
-
-    endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
-    endpoint_ips: dict[bytes, int] = field(default_factory=dict)
-    node_ips: set[bytes] = field(default_factory=set)
-    ipcache: dict[IpcacheKey, int] = field(default_factory=dict)
-    cidr: dict[CidrKey, int] = field(default_factory=dict)
-    policy: set[PolicyEntry] = field(default_factory=set)
-    interfaces: set[int] = field(default_factory=set)
-    allocation: Allocation | None = None
 
 
 @dataclass
@@ -124,64 +67,32 @@ class _Changes:
 class BpfDataplane:
     name = "bpf"
 
-    def __init__(
-        self,
-        pin_dir: str = "/sys/fs/bpf/podfence",
-        unknown_endpoints: str = "drop",
-        established_on_change: str = "keep",
-        ct_max: int = 65536,
-        policy_max: int = 65536,
-        ipcache_max: int = 65536,
-        cidr_max: int = 16384,
-        endpoints_max: int = 1024,
-        node_ips_max: int = 64,
-        frag_max: int = 8192,
-        event_rate: int = 100,
-        netns: str | None = None,
-        state_file: str | None = None,
-        egress_hook: str = "auto",
-        bench_defines: tuple[str, ...] = (),
-    ) -> None:
-        if egress_hook not in EGRESS_HOOKS:
-            raise ValueError(f"egress_hook must be one of {', '.join(EGRESS_HOOKS)}")
-        if unknown_endpoints not in ("drop", "allow"):
-            raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
-        if established_on_change not in ("keep", "reset"):
-            raise ValueError("established_on_change must be 'keep' or 'reset'")
-        self.pin_dir = pin_dir.rstrip("/")
-        self.established_on_change = established_on_change
-        self.netns = netns  # where the pod interfaces live (None: the agent's namespace)
-        self.knobs = loader.BuildKnobs(
-            pin_dir=self.pin_dir,
-            unknown_allow=unknown_endpoints == "allow",
-            ct_max=ct_max,
-            policy_max=policy_max,
-            ipcache_max=ipcache_max,
-            cidr_max=cidr_max,
-            endpoints_max=endpoints_max,
-            node_ips_max=node_ips_max,
-            frag_max=frag_max,
-            event_rate=event_rate,
-            tcp_needs_syn=established_on_change == "reset",
-            bench_defines=bench_defines,  # benchmark builds only (loader.BENCH_DEFINES)
-        )
-        self.state_file = Path(state_file or f"/run/podfence/{Path(self.pin_dir).name}.bpf-state.json")
+    def __init__(self, settings: BpfSettings | None = None) -> None:
+        settings = settings or BpfSettings()
+        self.settings = settings
+        self.pin_dir = settings.pin_dir
+        self.established_on_change = settings.established_on_change
+        self.netns = settings.netns  # where the pod interfaces live (None: the agent's namespace)
+        self.hook = EgressHook(settings.egress_hook, self.pin_dir, settings.netns)
+        self.knobs = settings.knobs()
+        self.state_file = settings.state_path
         self._module: Any = None
         self._programs: dict[str, Any] = {}
-        self._live = _Live()
-        self._events: list[DenyEvent] = []
-        self.egress_hook = egress_hook
-        self.egress_hook_in_use = ""  # "netfilter" or "iptables" once started
-        self._iptables = attach.Iptables(netns)
-        self._links = netfilter.NetfilterLinks(self.pin_dir, netns)
+        self._live = Live()
+        self._events = telemetry.DenyEvents()
         # apply() runs on the reconcile thread while metrics and flow logs read from others
         self._lock = threading.Lock()
-        self._endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
         self._bridge_netfilter_enabled = False
-        self._nf_pin = ""  # bpffs path of the egress program the iptables rule runs
         self._capacity: dict[str, int] = {}  # real max_entries of the pinned maps (a pin keeps its size)
         # True once start() found state of a previous run in the pinned maps (read by the node layer)
         self.adopted = False
+        # policies the last apply left out because they do not fit (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
+
+    @property
+    def egress_hook_in_use(self) -> str:
+        """The egress hook installed by start(): "netfilter" or "iptables" ("" before)."""
+        return self.hook.in_use
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -198,56 +109,18 @@ class BpfDataplane:
         except Exception as error:  # a pinned map of another layout, unreadable maps
             message = f"cannot adopt the pinned maps in {self.pin_dir}: {error}"
             raise PermanentDataplaneError(message) from error
-        self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-        self._install_egress_hook()
+        self._events.endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+        self.hook.install(self._module, self._programs)
         with attach.netlink(self.netns) as sock:
             for ifindex in sorted(self._live.interfaces):
                 with contextlib.suppress(TemporaryDataplaneError):  # vanished: swept on apply
                     self._attach(sock, ifindex)
-        self._move_exact_policy_entries()
-        self._move_host_prefixes()
+        maps.move_exact_policy_entries(self._module)
+        maps.move_host_prefixes(self._module)
         try:
-            self._module[b"pf_events"].open_ring_buffer(self._on_event)
+            self._events.open(self._module)
         except Exception as error:
             raise PermanentDataplaneError(f"cannot open the deny-event ring buffer: {error}") from error
-
-    def _move_exact_policy_entries(self) -> None:
-        """A version before pf_policy_exact kept single-port entries in the LPM trie: copy each
-        into the hash, then delete it from the trie, so the writer finds every entry where it
-        looks (a stale copy would keep allowing after its rule is gone). The allow is in one map
-        or both at every moment; this runs once the programs, which read both, are in place."""
-        trie, exact = self._module[b"pf_policy"], self._module[b"pf_policy_exact"]
-        # the trie's own keys: a lookup there would answer with the longest match, maybe another
-        stranded = [(key, trie[key]) for key in list(trie.keys()) if key.prefixlen == POLICY_PREFIX_FULL]
-        for key, value in stranded:
-            entry = (
-                key.prefixlen,
-                key.policy_id,
-                key.peer_class,
-                key.peer_kind,
-                key.protocol,
-                _ntohs(key.dport_be),
-            )
-            exact[_policy_key(exact, entry)] = exact.Leaf(value.rule_count, 0)
-            _delete(trie, key)
-        if stranded:
-            log.info(
-                "moved %d single-port policy entries from the LPM trie to pf_policy_exact", len(stranded)
-            )
-
-    def _move_host_prefixes(self) -> None:
-        """A version before pf_cidr_host kept host prefixes in the LPM trie: copy each into the
-        hash, then delete it from the trie (the programs, in place by now, read the hash first
-        and find the same class in either), so the writer finds every entry where it looks."""
-        trie, host = self._module[b"pf_cidr"], self._module[b"pf_cidr_host"]
-        stranded = [(key, trie[key]) for key in list(trie.keys())
-                    if key.prefixlen == GENERATION_PREFIX + HOST_PREFIX]  # fmt: skip
-        for key, value in stranded:
-            cidr_key = (key.generation, HOST_PREFIX, bytes(key.addr.bytes))
-            host[_cidr_host_key(host, cidr_key)] = host.Leaf(value.class_id, 0)
-            _delete(trie, key)
-        if stranded:
-            log.info("moved %d host prefixes from the CIDR LPM trie to pf_cidr_host", len(stranded))
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -256,78 +129,85 @@ class BpfDataplane:
                 self._module.cleanup()
         self._module = None
         self._programs = {}
-        self._links.close()
+        self.hook.close()
 
     def teardown(self) -> None:
         """Remove every filter, rule, pin and file podfence created (started or not: also our tc
         filters on interfaces no record names, e.g. after the state file was lost)."""
         interfaces = set(self._live.interfaces) | set(self._live.endpoints)
-        interfaces |= set(self._read_state_file().get("interfaces", []))
+        interfaces |= set(state_file.read(self.state_file).get("interfaces", []))
         with attach.netlink(self.netns) as sock:
             for link in sock.get_links():
                 if link["index"] not in interfaces and attach.has_our_filters(sock, link["index"]):
                     interfaces.add(link["index"])
             for ifindex in interfaces:
                 attach.detach_tc(sock, ifindex)
-        self._links.remove()
-        if self._iptables.available():
-            self._iptables.remove()
+        self.hook.remove()
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
-        self._live = _Live()
+        self._live = Live()
 
     # ---- apply -------------------------------------------------------------------------------
 
     def apply(self, state: NodeState) -> None:
         if self._module is None:
             raise PermanentDataplaneError("BpfDataplane.apply() before start()")
-        old_allocation = self._live.allocation
         with self._lock:
-            try:
-                desired, ops, union = compile_and_plan(self._live, state, old_allocation)
-            except ValueError as error:
-                raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
-            allocation = with_union(desired.allocation, union)
-            self._check_capacity(desired, ops)
-            # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
-            changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
-            try:
-                self._write(ops)
-            except Exception as error:
-                # Half written: ids of both allocations may be live in the maps now. Remember
-                # both, so the retry never hands a live id to different content.
-                self._live.allocation = _merge_allocations(old_allocation, allocation)
-                self._save_state_file()
-                if isinstance(error, DataplaneError):
-                    raise
-                # BCC map errors are bare Exceptions / KeyErrors
-                raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
-            finally:
-                self._endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
-            self._live.allocation = allocation
-            self._save_state_file()
-            self._repair_egress_hook()  # self-heal (iptables reloads and reordering, unpinned links)
+            rejected, changes = self._apply_locked(state)
+            if rejected:
+                # Capacity is checked at the maps' fullest, old and new entries side by side: a
+                # policy left out for want of that transient room may fit from the state just
+                # written (a policy that grew under a fresh id needed its old and new entries).
+                rejected, more = self._apply_locked(state)
+                changes.endpoint_keys |= more.endpoint_keys
+                changes.peer_addresses |= more.peer_addresses
+                changes.prefixes |= more.prefixes
+            self.rejected_policies = report_rejections(self.rejected_policies, rejected)
+            self.hook.repair()  # self-heal (iptables reloads and reordering, unpinned links)
         if changes and self.established_on_change == "reset":
             self._reset_conntrack(changes)
+
+    def _apply_locked(self, state: NodeState) -> tuple[dict[str, Rejection], _Changes]:
+        old_allocation = self._live.allocation
+        try:
+            desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+        except ValueError as error:
+            raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
+        allocation = with_union(desired.allocation, union)
+        # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
+        changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
+        try:
+            self._write(ops)
+        except Exception as error:
+            # Half written: ids of both allocations may be live in the maps now. Remember
+            # both, so the retry never hands a live id to different content.
+            self._live.allocation = state_file.merge_allocations(old_allocation, allocation)
+            self._save_state_file()
+            if isinstance(error, DataplaneError):
+                raise
+            # BCC map errors are bare Exceptions / KeyErrors
+            raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
+        finally:
+            self._events.endpoint_names = {
+                e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()
+            }
+        self._live.allocation = allocation
+        self._save_state_file()
+        return rejected, changes
 
     def repair_hooks(self) -> list[str]:
         """Put the egress hook back where it must be if something moved or removed it (the xt_bpf
         rule first in FORWARD and INPUT running the current program; every netfilter link pinned);
         returns what was repaired."""
-        if self._module is None or not self.egress_hook_in_use:
+        if self._module is None or not self.hook.in_use:
             return []
         with self._lock:
-            return self._repair_egress_hook()
+            return self.hook.repair()
 
-    def _repair_egress_hook(self) -> list[str]:
-        if self.egress_hook_in_use == "netfilter":
-            return self._links.repair()
-        return self._iptables.install(self._nf_pin)
-
-    def _check_capacity(self, desired: Desired, ops: list[Op]) -> None:
-        peaks = peak_sizes(self._live, ops)
+    def _rooms(self) -> dict[str, int]:
+        """Entries each map holds: the size asked for, or the pinned map's own if smaller."""
         knobs = self.knobs
         requested = {
             "pf_policy": knobs.policy_max,
@@ -340,20 +220,7 @@ class BpfDataplane:
             "pf_node_ips": knobs.node_ips_max,
             "pf_counters": knobs.endpoints_max * 2,
         }
-
-        def capacity(name: str) -> int:
-            return min(requested[name], self._capacity.get(name, requested[name]))
-
-        checks = [(f"pf_{table}", size, capacity(f"pf_{table}")) for table, size in peaks.items()]
-        slots = desired.allocation.endpoint_slots.values()
-        if slots and (max(slots) + 1) * 2 > capacity("pf_counters"):
-            checks.append(("pf_counters", (max(slots) + 1) * 2, capacity("pf_counters")))
-        for name, needed, room in checks:
-            if needed > room:
-                raise CapacityError(
-                    f"BPF map {name} would need {needed} entries during this update but holds {room}; "
-                    "nothing was changed (raise the map size)"
-                )
+        return {name: min(size, self._capacity.get(name, size)) for name, size in requested.items()}
 
     def _semantic_changes(self, desired: Desired) -> _Changes:
         """What the update changes for verdicts (not which entries move between generations)."""
@@ -382,92 +249,26 @@ class BpfDataplane:
         new_interfaces = [op.key for op in ops if op.table == "tc" and op.action == PUT]
         # bridged pods reach FORWARD (the egress judge) only through br_netfilter
         if not self._bridge_netfilter_enabled and any(_is_bridge_port(self.netns, i) for i in new_interfaces):
-            attach.enable_bridge_netfilter(self.netns)
+            bridge_netfilter.enable(self.netns)
             self._bridge_netfilter_enabled = True
         with attach.netlink(self.netns) as sock:
             for op in ops:
                 self._execute(op, sock)
 
     def _execute(self, op: Op, sock: Any) -> None:
-        module, live = self._module, self._live
-        put = op.action == PUT
-        if op.table == "policy":
-            table = module[b"pf_policy_exact" if is_exact(op.key) else b"pf_policy"]
-            if put:
-                table[_policy_key(table, op.key)] = table.Leaf(op.value, 0)
-                live.policy.add(op.key)
-            else:
-                _delete(table, _policy_key(table, op.key))
-                live.policy.discard(op.key)
-        elif op.table == "ipcache":
-            table = module[b"pf_ipcache"]
-            key = table.Key()
-            key.generation = op.key[0]
-            ctypes.memmove(key.addr.bytes, op.key[1], 16)
-            if put:
-                table[key] = table.Leaf(op.value, 0)
-                live.ipcache[op.key] = op.value
-            else:
-                _delete(table, key)
-                live.ipcache.pop(op.key, None)
-        elif op.table == "endpoint_ips":
-            table = module[b"pf_endpoint_ips"]
-            if put:
-                table[make_addr(op.key)] = table.Leaf(op.value, 0)
-                live.endpoint_ips[op.key] = op.value
-            else:
-                _delete(table, make_addr(op.key))
-                live.endpoint_ips.pop(op.key, None)
-        elif op.table == "cidr":
-            if is_host(op.key):
-                table = module[b"pf_cidr_host"]
-                key = _cidr_host_key(table, op.key)
-            else:
-                table = module[b"pf_cidr"]
-                key = _cidr_key(table, op.key)
-            if put:
-                table[key] = table.Leaf(op.value, 0)
-                live.cidr[op.key] = op.value
-            else:
-                _delete(table, key)
-                live.cidr.pop(op.key, None)
-        elif op.table == "node_ips":
-            table = module[b"pf_node_ips"]
-            if put:
-                table[make_addr(op.key)] = table.Leaf(1, 0)
-                live.node_ips.add(op.key)
-            else:
-                _delete(table, make_addr(op.key))
-                live.node_ips.discard(op.key)
-        elif op.table == "counters":
-            self._zero_counters(module[b"pf_counters"], op.key)
-        elif op.table == "endpoints":
-            table = module[b"pf_endpoints"]
-            if put:
-                entry: EndpointEntry = op.value
-                leaf = table.Leaf(
-                    entry.endpoint_id, entry.ingress_policy_id, entry.egress_policy_id, entry.generation
-                )
-                ctypes.memmove(leaf.mac, entry.mac, 6)
-                table[table.Key(op.key)] = leaf
-                live.endpoints[op.key] = entry
-            else:
-                _delete(table, table.Key(op.key))
-                live.endpoints.pop(op.key, None)
-        elif op.table == "tc":
-            if put:
-                try:
-                    self._attach(sock, op.key)
-                except attach.InterfaceVanished:
-                    # nothing left to guard; the node layer drops it from the next snapshot
-                    log.info("pod interface %d vanished before it could be guarded", op.key)
-                    return
-                live.interfaces.add(op.key)
-            else:
-                attach.detach_tc(sock, op.key)
-                live.interfaces.discard(op.key)
-        else:  # pragma: no cover - plan.py and this executor are written together
-            raise PermanentDataplaneError(f"unknown plan operation {op}")
+        if op.table != "tc":
+            maps.write(self._module, self._live, op)
+        elif op.action == PUT:
+            try:
+                self._attach(sock, op.key)
+            except attach.InterfaceVanished:
+                # nothing left to guard; the node layer drops it from the next snapshot
+                log.info("pod interface %d vanished before it could be guarded", op.key)
+                return
+            self._live.interfaces.add(op.key)
+        else:
+            attach.detach_tc(sock, op.key)
+            self._live.interfaces.discard(op.key)
 
     def _attach(self, sock: Any, ifindex: int) -> None:
         attach.attach_tc(
@@ -477,24 +278,25 @@ class BpfDataplane:
             self._programs[loader.PROGRAM_TO_POD].fd,
         )
 
-    def _zero_counters(self, counters: Any, endpoint_id: int) -> None:
-        """A reused slot must not inherit the previous endpoint's numbers."""
-        for direction in Direction:
-            per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
-            counters[counters.Key(endpoint_id * 2 + direction)] = per_cpu
-
     def _reset_conntrack(self, changes: _Changes) -> None:
-        """Forget flows whose verdict may differ now: endpoints with new policy ids, peers whose
-        identity class changed, addresses under a changed CIDR prefix. Their next packet is
-        judged afresh against the new policy."""
-        addresses = set(changes.peer_addresses) | {
-            address
-            for address, ifindex in self._live.endpoint_ips.items()
-            if ifindex in self._live.endpoints
-            and self._live.endpoints[ifindex].endpoint_key in changes.endpoint_keys
-        }
-        # removed endpoints are no longer in endpoint_ips; their flows die with the interface
-        prefixes = [(plen, int.from_bytes(raw, "big") >> (128 - plen)) for plen, raw in changes.prefixes]
+        """Forget flows whose verdict may differ now (flow_reset.py): endpoints with new policy
+        ids, peers whose identity class changed, addresses under a changed CIDR prefix. Their
+        next packet is judged afresh against the new policy."""
+        live = self._live
+        endpoint_ips: dict[str, list[IPAddress]] = {}
+        for raw, ifindex in live.endpoint_ips.items():
+            if ifindex in live.endpoints:
+                key = live.endpoints[ifindex].endpoint_key
+                endpoint_ips.setdefault(key, []).append(address_from_bytes(raw))
+        moved: list[IPAddress | IPNetwork] = [address_from_bytes(raw) for raw in changes.peer_addresses]
+        moved += [network_from_prefix(plen, raw) for plen, raw in changes.prefixes]
+        reset = FlowReset.of(changes.endpoint_keys, endpoint_ips, moved)
+        hosts, prefixes = set(), []
+        for plen, raw in map(network_prefix, reset.networks):
+            if plen == 128:
+                hosts.add(raw)
+            else:
+                prefixes.append((plen, int.from_bytes(raw, "big") >> (128 - plen)))
 
         def under_changed_prefix(raw: bytes) -> bool:
             value = int.from_bytes(raw, "big")
@@ -503,276 +305,60 @@ class BpfDataplane:
         ct = self._module[b"pf_ct"]
         for key in list(ct):
             for side in (bytes(key.addr_a.bytes), bytes(key.addr_b.bytes)):
-                if side in addresses or (prefixes and under_changed_prefix(side)):
-                    _delete(ct, key)
+                if side in hosts or (prefixes and under_changed_prefix(side)):
+                    maps.delete(ct, key)
                     break
 
     # ---- adoption and the state file ---------------------------------------------------------------
 
     def _adopt(self) -> None:
         """Read what a previous run left in the pinned maps so the next apply is a diff."""
-        module, live = self._module, _Live()
-        saved = self._read_state_file()
-        slot_of_key: dict[int, str] = {v: k for k, v in saved.get("endpoint_slots", {}).items()}
-        for key, value in module[b"pf_endpoints"].items():
-            endpoint_key = slot_of_key.get(value.endpoint_id, f"adopted/{key.ifindex}")
-            live.endpoints[key.ifindex] = EndpointEntry(
-                endpoint_key,
-                value.endpoint_id,
-                value.ingress_policy_id,
-                value.egress_policy_id,
-                value.generation,
-                bytes(value.mac),
-            )
-        for key, value in module[b"pf_endpoint_ips"].items():
-            live.endpoint_ips[bytes(key.bytes)] = value.ifindex
-        live.node_ips = {bytes(key.bytes) for key in module[b"pf_node_ips"]}
-        live.ipcache = {
-            (k.generation, bytes(k.addr.bytes)): v.class_id for k, v in module[b"pf_ipcache"].items()
-        }
-        live.cidr = {
-            (k.generation, k.prefixlen - GENERATION_PREFIX, bytes(k.addr.bytes)): v.class_id
-            for k, v in module[b"pf_cidr"].items()
-        }
-        for k, v in module[b"pf_cidr_host"].items():
-            live.cidr[(k.generation, HOST_PREFIX, bytes(k.addr.bytes))] = v.class_id
-        live.policy = {
-            (k.prefixlen, k.policy_id, k.peer_class, k.peer_kind, k.protocol, _ntohs(k.dport_be))
-            for name in (b"pf_policy", b"pf_policy_exact")
-            for k in module[name]
-        }
-        if not (live.endpoints or live.endpoint_ips or live.policy or live.ipcache or live.cidr):
-            # Fresh pins (bpffs was emptied, e.g. reboot or an uninstall that kept /run): the state
-            # file describes a kernel that no longer exists, and its ifindexes may now name other
-            # interfaces. Start clean.
-            saved = {}
+        live, saved = maps.read_live(self._module, state_file.read(self.state_file))
         live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
-        live.allocation = _allocation_from_json(saved) if saved else None
+        live.allocation = state_file.allocation_from_json(saved) if saved else None
         if live.allocation is None and (live.policy or live.ipcache or live.cidr or live.endpoints):
-            # No record of what the ids mean: hand out ids above everything in use (endpoints'
-            # policy ids too: an isolated endpoint without allows has no policy entry) so new
-            # entries never give a live id a different meaning before the flips.
-            highest = max(
-                [e[1] for e in live.policy]
-                + [e[2] for e in live.policy]
-                + list(live.ipcache.values())
-                + list(live.cidr.values())
-                + [e.ingress_policy_id for e in live.endpoints.values()]
-                + [e.egress_policy_id for e in live.endpoints.values()]
-                + [0]
-            )
-            live.allocation = Allocation(next_id=highest + 1)
+            live.allocation = maps.unknown_meaning_allocation(live)
         self._live = live
         self.adopted = bool(live.endpoints or live.endpoint_ips or live.policy or live.interfaces)
 
-    def _read_state_file(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
     def _save_state_file(self) -> None:
-        allocation = self._live.allocation or Allocation()
-        data = _allocation_to_json(allocation)
-        data["interfaces"] = sorted(self._live.interfaces)
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.state_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(data))
-        os.replace(temporary, self.state_file)  # atomic: a crash leaves the old or the new file
+        state_file.save(self.state_file, self._live.allocation, self._live.interfaces)
 
-    def _install_egress_hook(self) -> None:
-        """Run this agent's egress program from netfilter links or the iptables rule, and only then
-        remove the other kind of hook (left by an earlier run with another setting or kernel)."""
-        if self.egress_hook != "iptables":
-            try:
-                program_fd = netfilter.load_program(self._module, loader.PROGRAM_NF_EGRESS_LINK)
-                self._links.install(program_fd)
-            except netfilter.NetfilterUnsupported as error:
-                if self.egress_hook == "netfilter":
-                    raise
-                log.warning("no netfilter links, the egress verdict runs from iptables (xt_bpf): %s", error)
-            else:
-                self.egress_hook_in_use = "netfilter"
-                if not self._links.defrag:
-                    log.warning("netfilter links without IP defragmentation (Linux < 6.6): later "
-                                "fragments take the verdict of their first fragment")
-                if self._iptables.available():
-                    self._iptables.remove()
-                self._unpin_nf_programs(keep="")
-                return
-        self._install_nf_program()
-        self.egress_hook_in_use = "iptables"
-        self._links.remove()
-
-    def _install_nf_program(self) -> None:
-        """Pin the new egress program under a fresh name, point the iptables rule at it, unpin the old."""
-        from bcc import libbcc
-
-        fd = self._programs[loader.PROGRAM_NF_EGRESS].fd
-        pin = f"{self.pin_dir}/{NF_PROGRAM_PIN}_{time.monotonic_ns()}"  # bpffs names allow no dots
-        if libbcc.lib.bpf_obj_pin(fd, pin.encode()) != 0:
-            reason = os.strerror(ctypes.get_errno())
-            raise PermanentDataplaneError(f"cannot pin the egress program at {pin}: {reason}")
-        self._iptables.install(pin)
-        self._nf_pin = pin
-        self._unpin_nf_programs(keep=pin)
-
-    def _unpin_nf_programs(self, keep: str) -> None:
-        for name in os.listdir(self.pin_dir):
-            old = f"{self.pin_dir}/{name}"
-            if name.startswith(f"{NF_PROGRAM_PIN}_") and old != keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(old)
-
-    # ---- observability -------------------------------------------------------------------------
+    # ---- observability (telemetry.py) ------------------------------------------------------------
 
     def counters(self) -> list[EndpointCounters]:
         if self._module is None:
             return []
-        table = self._module[b"pf_counters"]
-        result = []
         with self._lock:
             entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
-        for entry in entries:
-            for direction in Direction:
-                per_cpu = table.getvalue(table.Key(entry.endpoint_id * 2 + direction))
-                result.append(
-                    EndpointCounters(
-                        key=entry.endpoint_key,
-                        direction=direction.name.lower(),
-                        allowed_packets=sum(v.allowed_packets for v in per_cpu),
-                        allowed_bytes=sum(v.allowed_bytes for v in per_cpu),
-                        denied_packets=sum(v.denied_packets for v in per_cpu),
-                        denied_bytes=sum(v.denied_bytes for v in per_cpu),
-                    )
-                )
-        return result
+        return telemetry.endpoint_counters(self._module, entries)
 
     def drop_reason_counts(self) -> dict[str, int]:
         if self._module is None:
             return {}
-        table = self._module[b"pf_drop_reasons"]
-        counts = {}
-        for index in range(1, REASON_MAX):
-            try:
-                counts[Reason(index).name.lower()] = int(sum(table.getvalue(table.Key(index))))
-            except Exception:  # a map pinned by an older version with fewer reasons
-                counts[Reason(index).name.lower()] = 0
-        return counts
+        return telemetry.drop_reason_counts(self._module)
 
     def events_lost(self) -> int:
         if self._module is None:
             return 0
-        table = self._module[b"pf_events_lost"]
-        return int(sum(table.getvalue(table.Key(0))))
+        return telemetry.events_lost(self._module)
 
     def map_usage(self) -> dict[str, tuple[int, int]]:
         if self._module is None:
             return {}
-        live, knobs = self._live, self.knobs
         with self._lock:
-            exact = sum(1 for entry in live.policy if is_exact(entry))
-            hosts = sum(1 for key in live.cidr if is_host(key))
-            usage = {
-                "policy": (len(live.policy) - exact, knobs.policy_max),
-                "policy_exact": (exact, knobs.policy_max),
-                "ipcache": (len(live.ipcache), knobs.ipcache_max),
-                "cidr": (len(live.cidr) - hosts, knobs.cidr_max),
-                "cidr_host": (hosts, knobs.cidr_max),
-                "endpoints": (len(live.endpoints), knobs.endpoints_max),
-                "endpoint_ips": (len(live.endpoint_ips), knobs.endpoints_max * 4),
-                "node_ips": (len(live.node_ips), knobs.node_ips_max),
-            }
+            usage = telemetry.written_map_usage(self._live, self.knobs)
         # conntrack is written by the datapath only: count what the kernel holds
-        usage["ct"] = (count_entries(self._module[b"pf_ct"]), knobs.ct_max)
+        usage["ct"] = (telemetry.count_entries(self._module[b"pf_ct"]), self.knobs.ct_max)
         return usage
 
     def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
         if self._module is None:
             return []
-        self._module.ring_buffer_poll(timeout_ms)
-        events, self._events = self._events, []
-        return events
-
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
-        raw = ctypes.cast(data, ctypes.POINTER(DenyEventStruct)).contents
-        endpoint = self._endpoint_names.get(raw.endpoint_id, "")
-        reason = Reason(raw.reason).name.lower() if raw.reason < REASON_MAX else str(raw.reason)
-        self._events.append(
-            DenyEvent(
-                endpoint=endpoint,
-                direction=Direction(raw.direction).name.lower(),
-                protocol=raw.protocol,
-                source=str(address_from_bytes(bytes(raw.saddr.bytes))),
-                destination=str(address_from_bytes(bytes(raw.daddr.bytes))),
-                source_port=_ntohs(raw.sport_be),
-                destination_port=_ntohs(raw.dport_be),
-                reason=reason,
-            )
-        )
+        return self._events.poll(self._module, timeout_ms)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def _ntohs(value: int) -> int:
-    return int.from_bytes(int(value).to_bytes(2, "little"), "big")
-
-
-def _htons(value: int) -> int:
-    return _ntohs(value)
-
-
-def _policy_key(table: Any, entry: PolicyEntry) -> Any:
-    prefixlen, policy_id, peer_class, peer_kind, protocol, port = entry
-    return table.Key(prefixlen, policy_id, peer_class, peer_kind, protocol, _htons(port))
-
-
-def _cidr_key(table: Any, cidr_key: CidrKey) -> Any:
-    generation, prefixlen, address = cidr_key
-    key = table.Key()
-    key.prefixlen = GENERATION_PREFIX + prefixlen
-    key.generation = generation
-    ctypes.memmove(key.addr.bytes, address, 16)
-    return key
-
-
-def _cidr_host_key(table: Any, cidr_key: CidrKey) -> Any:
-    generation, _prefixlen, address = cidr_key
-    key = table.Key()
-    key.generation = generation
-    ctypes.memmove(key.addr.bytes, address, 16)
-    return key
-
-
-def count_entries(table: Any, chunk: int = 8192) -> int:
-    """Entries of a hash map, counted with BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead
-    of one get_next_key per entry (a full 65,536-entry conntrack: ~250 ms iterated from Python)."""
-    from bcc.libbcc import lib
-
-    size = min(chunk, table.max_entries)
-    keys, values = (table.Key * size)(), (table.Leaf * size)()
-    token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-    total, first = 0, True
-    while True:
-        count.value = size
-        result = lib.bpf_lookup_batch(
-            table.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
-            ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count),
-        )  # fmt: skip
-        error = ctypes.get_errno()
-        total += count.value
-        if result != 0:
-            if error == errno.ENOENT:
-                return total  # walked to the end
-            raise TemporaryDataplaneError(f"counting entries: {os.strerror(error)}")
-        token_in.value, first = token_out.value, False
-
-
-def _delete(table: Any, key: Any) -> None:
-    with contextlib.suppress(KeyError):
-        del table[key]
 
 
 def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
@@ -790,83 +376,3 @@ def _is_bridge_port(netns: str | None, ifindex: int) -> bool:
             for link in links
         )
     )
-
-
-def _merge_allocations(old: Allocation | None, new: Allocation) -> Allocation:
-    if old is None:
-        return new
-    reused = set(new.policies.values())  # an id whose content changed in place: the new content
-    return Allocation(
-        policies={**{c: i for c, i in old.policies.items() if i not in reused}, **new.policies},
-        identity_classes={**old.identity_classes, **new.identity_classes},
-        cidr_classes={**old.cidr_classes, **new.cidr_classes},
-        endpoint_slots={**old.endpoint_slots, **new.endpoint_slots},
-        endpoint_policy_ids={**old.endpoint_policy_ids, **new.endpoint_policy_ids},
-        next_id=max(old.next_id, new.next_id),
-    )
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def _peer_to_json(peer: CidrPeer | IdentityPeer) -> dict[str, Any]:
-    """Cached (the state file is written on every apply; callers only serialise the result)."""
-    if isinstance(peer, IdentityPeer):
-        return {"identity": peer.identity}
-    return {"cidr": str(peer.cidr), "excepts": [str(e) for e in peer.excepts]}
-
-
-def _peer_from_json(data: dict[str, Any]) -> CidrPeer | IdentityPeer:
-    if "identity" in data:
-        return IdentityPeer(int(data["identity"]))
-    excepts = tuple(ipaddress.ip_network(e) for e in data["excepts"])
-    return CidrPeer(ipaddress.ip_network(data["cidr"]), excepts)
-
-
-def _cidr_peer_from_json(data: dict[str, Any]) -> CidrPeer:
-    peer = _peer_from_json(data)
-    if not isinstance(peer, CidrPeer):
-        raise ValueError(f"not a CIDR peer: {data}")
-    return peer
-
-
-def _allocation_to_json(allocation: Allocation) -> dict[str, Any]:
-    return {
-        "policies": [
-            [policy_id, [[p, f, last, _peer_to_json(peer)] for p, f, last, peer in content]]
-            for content, policy_id in allocation.policies.items()
-        ],
-        "identity_classes": [[cid, sorted(ids)] for ids, cid in allocation.identity_classes.items()],
-        "cidr_classes": [
-            [cid, [_peer_to_json(p) for p in peers]]
-            for peers, cid in allocation.cidr_classes.items()
-        ],
-        "endpoint_slots": allocation.endpoint_slots,
-        "endpoint_policy_ids": allocation.endpoint_policy_ids,
-        "next_id": allocation.next_id,
-    }
-
-
-def _allocation_from_json(data: dict[str, Any]) -> Allocation | None:
-    try:
-        return Allocation(
-            policies={
-                frozenset(
-                    (int(p), int(f), int(last), _peer_from_json(peer)) for p, f, last, peer in rules
-                ): int(pid)
-                for pid, rules in data["policies"]
-            },
-            identity_classes={
-                frozenset(int(i) for i in ids): int(cid) for cid, ids in data["identity_classes"]
-            },
-            cidr_classes={
-                frozenset(_cidr_peer_from_json(p) for p in peers): int(cid)
-                for cid, peers in data["cidr_classes"]
-            },
-            endpoint_slots={str(k): int(v) for k, v in data["endpoint_slots"].items()},
-            endpoint_policy_ids={
-                str(k): (int(v[0]), int(v[1])) for k, v in data.get("endpoint_policy_ids", {}).items()
-            },
-            next_id=int(data["next_id"]),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        log.warning("ignoring unreadable BPF state file: %s", error)
-        return None

@@ -1,7 +1,7 @@
 """The writer's plan: the ordered map operations that move the kernel from what it holds to the
 desired state. Pure (no I/O), so the claim "every packet is answered as by the old or by the new
 state, never by a mix" is checked by replaying plans op by op (tests/unit/test_bpf_plan.py);
-dataplane.py executes them.
+dataplane.py executes them (maps.py writes each map op).
 
 Peer maps (ipcache, CIDR LPM) are double-buffered by *generation*: an endpoint's map value names
 its policy ids and the generation of peer entries it reads, and one map update flips both. So:

@@ -1,5 +1,6 @@
 """Python mirrors of bpf/podfence.h: ctypes Structures for every map key/value and IntEnums for
-the reason/direction/peer-kind codes. tests/privileged/test_bpf_mirror.py checks them against the
+the direction/peer-kind codes (the drop reasons, shared by both dataplanes, are
+agent.dataplane.types.Reason). tests/privileged/test_bpf_mirror.py checks them against the
 compiled program. Byte order lives in field names; `addr_bytes` is the one place that turns an
 ipaddress object into the 16-byte (v4-mapped) form the datapath uses.
 """
@@ -10,28 +11,7 @@ import ctypes
 import ipaddress
 from enum import IntEnum
 
-from agent.dataplane.types import IPAddress, IPNetwork
-
-
-class Reason(IntEnum):
-    """enum pf_reason: numbered once, never renumbered (metrics labels and events use the names)."""
-
-    ALLOWED = 0
-    POLICY = 1
-    SPOOFED_SOURCE = 2
-    UNKNOWN_ENDPOINT = 3
-    MALFORMED = 4
-    ORPHAN_FRAGMENT = 5
-    UNSUPPORTED_L2 = 6
-    SPOOFED_ARP = 7
-    SPOOFED_NDP = 8
-    VLAN_TAGGED = 9
-    SPOOFED_MAC = 10
-    ROGUE_NDP = 11
-    IP_OPTIONS = 12
-
-
-REASON_MAX = 13
+from agent.dataplane.types import REASON_MAX, IPAddress, IPNetwork, Reason
 
 
 class Direction(IntEnum):
@@ -295,6 +275,13 @@ def network_prefix(network: IPNetwork) -> tuple[int, bytes]:
     if isinstance(network, ipaddress.IPv4Network):
         return V4_MAPPED_PREFIX + network.prefixlen, _V4_MAPPED_BYTES + network.network_address.packed
     return network.prefixlen, network.network_address.packed
+
+
+def network_from_prefix(prefixlen: int, raw: bytes) -> IPNetwork:
+    """The network a (prefixlen, 16 bytes) datapath prefix stands for: network_prefix undone."""
+    if prefixlen >= V4_MAPPED_PREFIX and raw[:12] == _V4_MAPPED_BYTES:
+        return ipaddress.IPv4Network((raw[12:16], prefixlen - V4_MAPPED_PREFIX))
+    return ipaddress.IPv6Network((raw, prefixlen))
 
 
 def make_addr(raw: bytes) -> Addr:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.dataplane.bpf.cidr_classes import lpm_cidr_classes
 from agent.dataplane.bpf.compiler import (
     NOT_ISOLATED,
     Allocation,
@@ -34,11 +35,9 @@ from agent.dataplane.bpf.compiler import (
     Desired,
     EndpointEntry,
     PolicyEntry,
-    cidr_classes_of,
     entries_for_members,
     policy_entries,
 )
-from agent.dataplane.bpf.structs import network_prefix
 from agent.dataplane.types import CidrPeer
 
 
@@ -142,8 +141,8 @@ def union_view(
         cidr = dict(old_cidr)
         cidr_ids = {old_cidrs[cid]: cid for cid in set(old_cidr.values()) if cid}
     else:
-        for network, members in cidr_classes_of(old_peers | new_peers).items():
-            cidr[network_prefix(network)] = (
+        for lpm_prefix, members in lpm_cidr_classes(old_peers | new_peers).items():
+            cidr[lpm_prefix] = (
                 plain_id(members, cidr_ids, desired.allocation.cidr_classes, previous.cidr_classes)
                 if members
                 else 0

@@ -128,6 +128,9 @@ class DesiredState:
     # (key, direction) -> family -> endpoint chain name
     endpoint_chains: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
     uses_bridges: bool = False
+    # set name -> the policies ("ns/name") whose allows match on it, so that a set too big for
+    # maxelem can be charged to them (agent/dataplane/fit.py)
+    set_users: dict[str, set[str]] = field(default_factory=dict)
     # the bridge family's chains for bridged pod ports (bridge.py)
     bridge: BridgeRules = field(default_factory=BridgeRules)
 
@@ -158,6 +161,9 @@ def _family(item: IPAddress | IPNetwork) -> int:
 
 def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
+
+
+SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
 def _identity_set(identity: int, family: int) -> str:
@@ -288,6 +294,8 @@ class _Compiler:
             address = self._cidr_match(peer, family, side)
         if address is None:
             return None
+        if address.startswith(SET_MATCH):
+            self.out.set_users.setdefault(address.split()[3], set()).add(allow.policy)
         parts = [address, self._protocol_match(allow, family), _comment(ALLOW), "-j RETURN"]
         return " ".join(p for p in parts if p)
 

@@ -18,25 +18,25 @@ always allowed, and the node's IPs are in every ingress chain for traffic it for
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import partial
 
+from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
-    CapacityError,
     EndpointCounters,
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.iptables import bridge, kernel
+from agent.dataplane.fit import Rejection, report_rejections
+from agent.dataplane.flow_reset import FlowReset
+from agent.dataplane.iptables import kernel
 from agent.dataplane.iptables.compiler import (
-    ALLOW,
     CHAIN_PREFIX,
-    DENY,
-    DISPATCH,
     EGRESS,
     FAMILIES,
     FIXED_CHAINS,
@@ -53,57 +53,16 @@ from agent.dataplane.iptables.compiler import (
     compile_state,
     member_address,
 )
+from agent.dataplane.iptables.counters import Tally, endpoint_chain_owners, tally_chains
+from agent.dataplane.iptables.fitting import fit_sets
+from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
+from agent.dataplane.iptables.layer2 import Layer2
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IPSET_MAXELEM = 65536
-
-
-@dataclass
-class _Tally:
-    allowed_packets: int = 0
-    allowed_bytes: int = 0
-    denied_packets: int = 0
-    denied_bytes: int = 0
-
-    def add(self, other: _Tally) -> None:
-        self.allowed_packets += other.allowed_packets
-        self.allowed_bytes += other.allowed_bytes
-        self.denied_packets += other.denied_packets
-        self.denied_bytes += other.denied_bytes
-
-
-def endpoint_chain_owners(table: kernel.FilterTable) -> dict[str, tuple[str, str]]:
-    """Endpoint chain -> (key, direction), read back from the dispatch rules' comments."""
-    owners: dict[str, tuple[str, str]] = {}
-    for rule in table.rules:
-        if rule.chain in (FROM_POD_CHAIN, TO_POD_CHAIN) and rule.comment.startswith(DISPATCH + " "):
-            _, direction, key = rule.comment.split(" ", 2)
-            owners[rule.target] = (key, direction)
-    return owners
-
-
-def _tally_chains(
-    table: kernel.FilterTable, owners: dict[str, tuple[str, str]]
-) -> dict[tuple[str, str], _Tally]:
-    tallies: dict[tuple[str, str], _Tally] = {}
-    for rule in table.rules:
-        if rule.chain in owners:
-            comment = rule.comment
-            tally = tallies.setdefault(owners[rule.chain], _Tally())
-            if comment == ALLOW:
-                tally.allowed_packets += rule.packets
-                tally.allowed_bytes += rule.bytes
-            elif comment == DENY:
-                tally.denied_packets += rule.packets
-                tally.denied_bytes += rule.bytes
-        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS)):
-            tally = tallies.setdefault((rule.comment.split(" ", 1)[1], EGRESS), _Tally())
-            tally.denied_packets += rule.packets
-            tally.denied_bytes += rule.bytes
-    return tallies
 
 
 def _changed_members(desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> set[str]:
@@ -133,6 +92,7 @@ class IptablesDataplane:
         unknown_endpoints: str = "drop",
         established_on_change: str = "keep",
         ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
+        sets_verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
     ) -> None:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
         endpoint claims.
@@ -151,7 +111,10 @@ class IptablesDataplane:
           peer ends, allowed or not, and clients reconnect under the new policy. The bpf
           dataplane behaves the same way (its `established_on_change`). An endpoint whose
           single-port allows sit in one hash:net,port set keeps its chain when only that set's
-          entries change: then the peers that entered or left the set are the ones reset."""
+          entries change: then the peers that entered or left the set are the ones reset.
+
+        sets_verify_interval_s: how often apply reads the ipsets back from the kernel instead of
+        trusting its own view of what it wrote (ipsets.py); also read at start and after a failure."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
@@ -163,17 +126,17 @@ class IptablesDataplane:
         self.unknown_endpoints = unknown_endpoints
         self.established_on_change = established_on_change
         self.ipset_maxelem = ipset_maxelem
+        self._sets_view = SetsView(sets_verify_interval_s)
         self.adopted = False  # start() found endpoint chains left by a previous run
+        # policies the last apply left out because their sets exceed maxelem (read by the node layer)
+        self.rejected_policies: dict[str, Rejection] = {}
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
-        self._retired: dict[tuple[str, str], _Tally] = {}
+        self._retired: dict[tuple[str, str], Tally] = {}
         # What the last commit wrote into the fixed chains, per family: an apply that changes
         # nothing in a family (e.g. the IPv6 half of an IPv4-only change) writes nothing there.
         self._committed: dict[int, dict[str, tuple[str, ...]]] = {}
-        # The bridge family's endpoint chains -> endpoint key (ebtables rules carry no comment,
-        # so only the apply that built a chain knows whose it is), and the dispatch last written.
-        self._l2_owners: dict[str, str] = {}
-        self._l2_committed: list[str] | None = None
+        self._layer2 = Layer2()  # bridged pods' layer-2 rules (layer2.py)
         # apply() runs on the reconcile thread; counters() (scrapes) and repair_hooks() (the
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
@@ -211,6 +174,7 @@ class IptablesDataplane:
                 name for r in table.rules if r.chain not in orphans for name in kernel.matched_sets(r.spec)
             }
         kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
+        self._sets_view.forget()
         self._committed = {}
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
@@ -227,12 +191,9 @@ class IptablesDataplane:
                 script = ["*filter", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
                 kernel.restore_filter_table(family, "\n".join(script) + "\n")
         kernel.destroy_sets(sorted(kernel.read_sets()))
-        if kernel.bridge_tool_available():  # without the tool nothing of ours can be there
-            l2_script = bridge.teardown_script(kernel.read_bridge_table())
-            if l2_script:
-                kernel.restore_bridge_table(l2_script)
+        self._sets_view.forget()
+        self._layer2.teardown()
         self._committed = {}
-        self._l2_owners, self._l2_committed = {}, None
         self._started = False
 
     # -- programming --------------------------------------------------------------------------
@@ -256,12 +217,7 @@ class IptablesDataplane:
         repaired = []
         for family in FAMILIES:
             repaired += self._move_hooks_first(family, kernel.read_filter_table(family))
-        if self._l2_owners or self._l2_committed:  # the layer-2 jump, where podfence put one
-            script = bridge.hooks_script(kernel.read_bridge_table())
-            if script:
-                kernel.restore_bridge_table(script)
-                repaired.append(f"bridge {bridge.L2_HOOKS[0]}")
-        return repaired
+        return repaired + self._layer2.repair()
 
     @staticmethod
     def _move_hooks_first(family: int, table: kernel.FilterTable) -> list[str]:
@@ -280,12 +236,13 @@ class IptablesDataplane:
         first = FAMILIES[0]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
             first_table = reads.submit(kernel.read_filter_table, first)
-            sets_read = reads.submit(kernel.read_sets)
-            desired = self._compile(state)
+            sets_read = reads.submit(kernel.read_sets) if self._sets_view.needs_read() else None
+            desired, rejected = self._compile(state)
             tables = {first: first_table.result()}
-            sets_now = sets_read.result()
+            sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
 
         moved_peers = _changed_members(desired, sets_now)
+        self._sets_view.forget()  # until the sets are known to be what desired says
         kernel.restore_sets(self._sets_script(desired, sets_now))
         changed: set[tuple[str, str]] = set()
         repaired: list[str] = []
@@ -299,38 +256,42 @@ class IptablesDataplane:
         if repaired:
             log.warning("podfence hooks were not first; moved back to the top: %s", ", ".join(repaired))
         # After the IP rules: if the layer-2 commit fails, the policy itself is in force already.
-        self._commit_bridge(desired.bridge)
+        self._layer2.commit(desired.bridge, self._retired)
         stale_sets = sorted(set(sets_now) - set(desired.sets))
         kernel.destroy_sets(stale_sets)
+        self.rejected_policies = report_rejections(self.rejected_policies, rejected)
+        # (a stale set still referenced survives destroy_sets; the next read finds it again)
+        self._sets_view.wrote(desired.sets, self.ipset_maxelem)
 
         if self.established_on_change == "reset" and (changed or moved_peers):
             keys = {key for key, _ in changed}
-            addresses = {str(ip) for key in keys if key in state.endpoints for ip in state.endpoints[key].ips}
+            endpoint_ips = {key: endpoint.ips for key, endpoint in state.endpoints.items()}
+            moved = [ipaddress.ip_network(peer, strict=False) for peer in moved_peers]
             log.info(
                 "resetting connections of endpoints whose policy changed and of peers that moved",
                 extra={"endpoints": sorted(keys), "peers": sorted(moved_peers)},
             )
-            kernel.forget_connections(sorted(addresses | moved_peers))
+            kernel.forget_connections(FlowReset.of(keys, endpoint_ips, moved).texts())
 
-    def _compile(self, state: NodeState) -> DesiredState:
+    def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
+        """The chains and sets of `state`, less the policies whose sets exceed maxelem (fitting.py)."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
         )
-        desired = compile_state(
+        desired, rejected = fit_sets(
             state,
-            interfaces,
-            self.unknown_endpoints,
-            tcp_needs_syn=self.established_on_change == "reset",
-            set_limit=self.ipset_maxelem,
+            lambda fitted: compile_state(
+                fitted,
+                interfaces,
+                self.unknown_endpoints,
+                tcp_needs_syn=self.established_on_change == "reset",
+                set_limit=self.ipset_maxelem,
+            ),
+            self.ipset_maxelem,
         )
-        for spec in desired.sets.values():
-            if len(spec.members) > self.ipset_maxelem:
-                raise CapacityError(
-                    f"ipset {spec.name} needs {len(spec.members)} entries, maxelem is {self.ipset_maxelem}"
-                )
         if desired.uses_bridges:
-            kernel.enable_bridge_netfilter()
-        return desired
+            bridge_netfilter.enable()
+        return desired, rejected
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
@@ -367,6 +328,10 @@ class IptablesDataplane:
                 continue
             if (current.kind, current.family) != (spec.kind, spec.family):
                 raise PermanentDataplaneError(f"ipset {name} exists as {current.kind}/ipv{current.family}")
+            edits = member_edits(name, spec, current, self.ipset_maxelem, partial(_set_member_text, spec))
+            if edits is not None:
+                lines += edits
+                continue
             # Fill a copy, then swap it in: a lookup sees the old members or the new, never half.
             temporary = f"{SET_PREFIX}tmp-{name[len(SET_PREFIX) :]}"[:31]
             if temporary in sets_now:
@@ -417,10 +382,10 @@ class IptablesDataplane:
 
         # Keep what the replaced chains counted (read in this apply, before the commit that
         # deletes them; what they count in between is lost).
-        for owner, tally in _tally_chains(
+        for owner, tally in tally_chains(
             table, {c: o for c, o in owners_before.items() if c in stale}
         ).items():
-            self._retired.setdefault(owner, _Tally()).add(tally)
+            self._retired.setdefault(owner, Tally()).add(tally)
         kernel.restore_filter_table(family, "\n".join(lines))
         self._committed[family] = fixed
 
@@ -439,55 +404,20 @@ class IptablesDataplane:
             )
         return changed
 
-    def _commit_bridge(self, desired: bridge.BridgeRules) -> None:
-        """The layer-2 rules of bridged pods (bridge.py): one nf_tables transaction."""
-        if not desired.owners and not desired.chains[bridge.L2_CHAIN]:
-            # No bridged pod: touch the bridge family only to remove what an earlier run left.
-            if self._l2_committed == [] or not kernel.bridge_tool_available():
-                return
-            table = kernel.read_bridge_table()
-            script = bridge.teardown_script(table)
-            if script:
-                kernel.restore_bridge_table(script)
-            self._l2_owners, self._l2_committed = {}, []
-            return
-        if not kernel.bridge_tool_available():
-            raise PermanentDataplaneError(
-                "bridged pods need ebtables-nft-restore (Debian's iptables package) for their layer-2 rules"
-            )
-        table = kernel.read_bridge_table()
-        stale = [c for c in bridge.ours(table) if c not in desired.chains]
-        if (
-            not stale
-            and self._l2_committed == desired.chains[bridge.L2_CHAIN]
-            and all(c in table.chains for c in desired.chains)
-            and bridge.hooks_in_place(table)
-        ):
-            return
-        stale_owners = {c: self._l2_owners[c] for c in stale if c in self._l2_owners}
-        for key, (packets, byte_count) in bridge.drops(table, stale_owners).items():
-            tally = self._retired.setdefault((key, EGRESS), _Tally())
-            tally.denied_packets += packets
-            tally.denied_bytes += byte_count
-        kernel.restore_bridge_table(bridge.commit_script(desired, table))
-        self._l2_owners = dict(desired.owners)
-        self._l2_committed = list(desired.chains[bridge.L2_CHAIN])
-
     # -- observation --------------------------------------------------------------------------
 
     def counters(self) -> list[EndpointCounters]:
-        totals: dict[tuple[str, str], _Tally] = {}
+        totals: dict[tuple[str, str], Tally] = {}
         with self._lock:  # the kernel's chains and _retired from the same moment
             for family in FAMILIES:
                 table = kernel.read_filter_table(family)
-                for owner, tally in _tally_chains(table, endpoint_chain_owners(table)).items():
-                    totals.setdefault(owner, _Tally()).add(tally)
-            if self._l2_owners:  # frames dropped at layer 2 count as the endpoint's egress drops
-                l2_drops = bridge.drops(kernel.read_bridge_table(), self._l2_owners)
-                for key, (packets, byte_count) in l2_drops.items():
-                    tally = totals.setdefault((key, EGRESS), _Tally())
-                    tally.denied_packets += packets
-                    tally.denied_bytes += byte_count
+                for owner, tally in tally_chains(table, endpoint_chain_owners(table)).items():
+                    totals.setdefault(owner, Tally()).add(tally)
+            # frames dropped at layer 2 count as the endpoint's egress drops
+            for key, (packets, byte_count) in self._layer2.drops().items():
+                tally = totals.setdefault((key, EGRESS), Tally())
+                tally.denied_packets += packets
+                tally.denied_bytes += byte_count
             for owner, tally in self._retired.items():
                 if owner in totals:
                     totals[owner].add(tally)

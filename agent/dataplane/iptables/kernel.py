@@ -24,7 +24,6 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 from agent.dataplane.iptables.compiler import (
@@ -41,8 +40,6 @@ _SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 _RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
 _BRIDGE_SAVE = "ebtables-nft-save"  # not -legacy: see bridge.py
 _BRIDGE_RESTORE = "ebtables-nft-restore"
-_BRIDGE_SYSCTLS = {4: "bridge-nf-call-iptables", 6: "bridge-nf-call-ip6tables"}
-_BRIDGE_VLAN_SYSCTL = "bridge-nf-filter-vlan-tagged"
 _TEMPORARY_HINTS = ("Resource temporarily unavailable", "Another app is currently holding the xtables lock")
 _COMMENT = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
 _TARGET = re.compile(r"\s-[gj] (\S+)")
@@ -254,22 +251,6 @@ def remove_hooks(family: int) -> None:
 
 
 # -- other kernel knobs ------------------------------------------------------------------------------
-
-
-def enable_bridge_netfilter() -> None:
-    """Bridged pod-to-pod traffic reaches FORWARD only with br_netfilter on (per network namespace).
-
-    VLAN-tagged frames skip br_netfilter's IP hooks unless bridge-nf-filter-vlan-tagged is on:
-    a pod could tag its traffic (VLAN 0 included, which the receiving pod's kernel takes as
-    untagged) and so pass its own egress chain. With it on, a tagged IP frame is judged like
-    any other (iptables sees it without the tag)."""
-    for name in (*_BRIDGE_SYSCTLS.values(), _BRIDGE_VLAN_SYSCTL):
-        path = Path("/proc/sys/net/bridge") / name
-        try:
-            if path.read_text().strip() != "1":
-                path.write_text("1\n")
-        except OSError as exc:
-            raise PermanentDataplaneError(f"bridged pod interfaces need br_netfilter ({path})") from exc
 
 
 def forget_connections(addresses: list[str]) -> None:

@@ -1,0 +1,62 @@
+"""Per-endpoint counters of the iptables dataplane, read back from the rule counters of each
+endpoint chain (its owner named by the dispatch rule's comment) and of the from-pod drops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.dataplane.iptables import kernel
+from agent.dataplane.iptables.compiler import (
+    ALLOW,
+    DENY,
+    DISPATCH,
+    EGRESS,
+    FROM_POD_CHAIN,
+    FROM_POD_DROPS,
+    TO_POD_CHAIN,
+)
+
+
+@dataclass
+class Tally:
+    allowed_packets: int = 0
+    allowed_bytes: int = 0
+    denied_packets: int = 0
+    denied_bytes: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.allowed_packets += other.allowed_packets
+        self.allowed_bytes += other.allowed_bytes
+        self.denied_packets += other.denied_packets
+        self.denied_bytes += other.denied_bytes
+
+
+def endpoint_chain_owners(table: kernel.FilterTable) -> dict[str, tuple[str, str]]:
+    """Endpoint chain -> (key, direction), read back from the dispatch rules' comments."""
+    owners: dict[str, tuple[str, str]] = {}
+    for rule in table.rules:
+        if rule.chain in (FROM_POD_CHAIN, TO_POD_CHAIN) and rule.comment.startswith(DISPATCH + " "):
+            _, direction, key = rule.comment.split(" ", 2)
+            owners[rule.target] = (key, direction)
+    return owners
+
+
+def tally_chains(
+    table: kernel.FilterTable, owners: dict[str, tuple[str, str]]
+) -> dict[tuple[str, str], Tally]:
+    tallies: dict[tuple[str, str], Tally] = {}
+    for rule in table.rules:
+        if rule.chain in owners:
+            comment = rule.comment
+            tally = tallies.setdefault(owners[rule.chain], Tally())
+            if comment == ALLOW:
+                tally.allowed_packets += rule.packets
+                tally.allowed_bytes += rule.bytes
+            elif comment == DENY:
+                tally.denied_packets += rule.packets
+                tally.denied_bytes += rule.bytes
+        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS)):
+            tally = tallies.setdefault((rule.comment.split(" ", 1)[1], EGRESS), Tally())
+            tally.denied_packets += rule.packets
+            tally.denied_bytes += rule.bytes
+    return tallies
