@@ -13,23 +13,19 @@ its veth, and other nodes' pod /24s over a direct veth link between the two node
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
+from agent.lab import wiring
 
 PREFIX = "pfbench-"
 BPF_FS = Path("/sys/fs/bpf")
 BPF_STATE_DIR = Path("/run/podfence")
-GATEWAY = "169.254.1.1"
 NODE_LINK_NET = ipaddress.IPv4Network("10.78.0.0/24")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,27 +87,26 @@ class Topology:
             link_ip=str(NODE_LINK_NET.network_address + index),
             pin_dir=str(BPF_FS / f"{self.prefix}{name}"),
         )
-        netns.create(node.netns)
-        run_in(
+        wiring.create(node.netns)
+        wiring.sysctl(
             node.netns,
-            ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-             "net.ipv4.conf.default.rp_filter=0"],
+            {
+                "net.ipv4.ip_forward": 1,
+                "net.ipv4.conf.all.rp_filter": 0,
+                "net.ipv4.conf.default.rp_filter": 0,
+            },
         )
-        with IPRoute(netns=node.netns) as ipr:
-            loopback = ipr.link_lookup(ifname="lo")[0]
-            ipr.link("set", index=loopback, state="up")
+        with wiring.ipr(node.netns) as ipr:
             # The node address lives on lo, so a node without a link to another node still has one.
-            ipr.addr("add", index=loopback, address=node.link_ip, prefixlen=32)
+            ipr.addr("add", index=wiring.index(ipr, "lo"), address=node.link_ip, prefixlen=32)
         self.nodes[name] = node
 
     def _link_nodes(self) -> None:
         first, second = self.nodes["n1"], self.nodes["n2"]
-        with IPRoute(netns=first.netns) as ipr:
-            ipr.link("add", ifname="link0", kind="veth", peer={"ifname": "link0", "net_ns_fd": second.netns})
+        wiring.add_veth(first.netns, "link0", second.netns, "link0")
         for node, other in ((first, second), (second, first)):
-            with IPRoute(netns=node.netns) as ipr:
-                link = ipr.link_lookup(ifname="link0")[0]
-                ipr.link("set", index=link, state="up")
+            with wiring.ipr(node.netns) as ipr:
+                link = wiring.index(ipr, "link0")
                 ipr.route("add", dst=f"{other.link_ip}/32", oif=link, scope=253)
                 ipr.route("add", dst=str(pod_cidr(other.index)), gateway=other.link_ip, oif=link)
 
@@ -120,21 +115,9 @@ class Topology:
         ip = str(pod_cidr(node.index).network_address + 10 + len(local))
         pod_ns = f"{self.prefix}{node.name}-{name}"
         host_ifname = f"pfb{name}"[:15]
-        netns.create(pod_ns)
-        with IPRoute(netns=node.netns) as ipr:
-            ipr.link("add", ifname=host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod_ns})
-            host = ipr.link_lookup(ifname=host_ifname)[0]
-            ipr.addr("add", index=host, address=GATEWAY, prefixlen=32, scope=253)
-            ipr.link("set", index=host, state="up")
-            ipr.route("add", dst=f"{ip}/32", oif=host, scope=253, prefsrc=node.link_ip)
-        with IPRoute(netns=pod_ns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            eth0 = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=eth0, address=ip, prefixlen=32)
-            ipr.link("set", index=eth0, state="up")
-            ipr.route("add", dst=f"{GATEWAY}/32", oif=eth0, scope=253)
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=eth0)
-        self.pods[name] = BenchPod(name, node.name, ip, pod_ns, host_ifname, int(host))
+        wiring.create(pod_ns)
+        host = wiring.wire_routed(node.netns, pod_ns, host_ifname, ip, src=node.link_ip)
+        self.pods[name] = BenchPod(name, node.name, ip, pod_ns, host_ifname, host)
 
     def teardown(self) -> None:
         remove_all(self.prefix)
@@ -142,27 +125,18 @@ class Topology:
 
 def remove_all(prefix: str = PREFIX) -> None:
     """Delete every namespace and bpffs pin directory whose name starts with `prefix`. Idempotent."""
-    for name in netns.listnetns():
-        if name.startswith(prefix):
-            with contextlib.suppress(OSError, NetlinkError):
-                netns.remove(name)
+    wiring.remove_prefixed(prefix)
     for pin_dir in BPF_FS.glob(prefix + "*"):
         shutil.rmtree(pin_dir, ignore_errors=True)
     for state_file in BPF_STATE_DIR.glob(prefix + "*"):  # BpfDataplane's id state beside the pins
         state_file.unlink(missing_ok=True)
 
 
-def in_netns_argv(netns_name: str, argv: Sequence[str]) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{netns_name}", "--", *argv]
+in_netns_argv = wiring.argv_in
 
 
 def run_in(netns_name: str, argv: Sequence[str], timeout: float = 60.0) -> str:
-    result = subprocess.run(
-        in_netns_argv(netns_name, argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} in {netns_name} failed: {result.stderr.strip()}")
-    return result.stdout
+    return wiring.run_in(netns_name, argv, timeout=timeout).stdout
 
 
 def python_argv(module: str, *args: str) -> list[str]:

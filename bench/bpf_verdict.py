@@ -18,7 +18,6 @@ import ipaddress
 import json
 import secrets
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
+from agent.lab import wiring
 from tests.privileged import bpf_frames as frames
 
 RULE_COUNTS = (10, 1000, 10000)
@@ -95,7 +95,7 @@ def bench_plane() -> Iterator[BpfDataplane]:
     its programs there to be test-run; torn down after."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-bench"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     plane = BpfDataplane(
         BpfSettings(
             pin_dir=f"/sys/fs/bpf/{prefix}",
@@ -110,7 +110,7 @@ def bench_plane() -> Iterator[BpfDataplane]:
         yield plane
     finally:
         plane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 def run() -> dict[str, Any]:

@@ -23,6 +23,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from agent.lab import wiring
+
 PODS = 100
 ALLOWS_PER_DIRECTION = 10
 IDENTITIES = 50
@@ -153,12 +155,10 @@ def _measure(netns: str, conn: Connection) -> None:
 
 def run() -> dict[str, Any]:
     netns = f"pfi-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     try:
-        batch = "".join(
-            f"link add pfb{pod} type veth peer name pfbp{pod}\nlink set pfb{pod} up\n" for pod in range(PODS)
-        )
-        subprocess.run(["ip", "-n", netns, "-batch", "-"], input=batch, text=True, check=True)
+        for pod in range(PODS):
+            wiring.add_veth(netns, f"pfb{pod}", None, f"pfbp{pod}")
         context = multiprocessing.get_context("fork")
         parent, child = context.Pipe()
         worker = context.Process(target=_measure, args=(netns, child))
@@ -172,7 +172,7 @@ def run() -> dict[str, Any]:
             raise RuntimeError(result["error"])
         return result
     finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pyroute2 import IPRoute
 
 from agent.dataplane.base import Dataplane, EndpointCounters
 from agent.dataplane.types import Endpoint, NodeState
+from agent.lab import wiring
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.reconcile import Reconciler
 
@@ -74,10 +75,6 @@ class TimedDataplane:
             return next((t for t, guarded in self.applied if t >= after and ifindex in guarded), None)
 
 
-def _sh(command: str) -> None:
-    subprocess.run(command, shell=True, check=True, capture_output=True)
-
-
 def _dataplane(kind: str, pin_dir: str) -> Dataplane:
     if kind == "bpf":
         from agent.dataplane.bpf import BpfDataplane
@@ -97,17 +94,13 @@ def measure_inside(kind: str, pods_ns: str, pin_dir: str) -> dict[str, Any]:
     reconciler: Reconciler | None = None
     ipr = IPRoute()
     try:
-        ipr.link("add", ifname="up0", kind="veth", peer={"ifname": "up0", "net_ns_fd": pods_ns})
-        uplink = ipr.link_lookup(ifname="up0")[0]
+        uplink = wiring.add_veth(None, "up0", pods_ns, "up0")
         ipr.addr("add", index=uplink, address="192.168.78.2", prefixlen=24)
-        ipr.link("set", index=uplink, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway="192.168.78.1")
         endpoints = {}
         for index in range(EXISTING):
             host, ip = f"ex{index}", POD_NET.network_address + 10 + index
-            ipr.link("add", ifname=host, kind="veth", peer={"ifname": f"p{index}", "net_ns_fd": pods_ns})
-            host_index = ipr.link_lookup(ifname=host)[0]
-            ipr.link("set", index=host_index, state="up")
+            host_index = wiring.add_veth(None, host, pods_ns, f"p{index}")
             ipr.route("add", dst=f"{ip}/32", oif=host_index)
             endpoints[f"bench/pod-{index}"] = Endpoint(f"bench/pod-{index}", (ip,))
         dataplane = TimedDataplane(_dataplane(kind, pin_dir))
@@ -181,21 +174,11 @@ def measure(kind: str) -> dict[str, Any]:
     pin_dir = f"/sys/fs/bpf/{prefix}"
     try:
         for name in (node, pods_ns):
-            _sh(f"ip netns add {name}")
-        # nsenter, not `ip netns exec` (which remounts /sys and hides bpffs).
+            wiring.create(name, loopback_up=False)
         result = subprocess.run(
-            [
-                "nsenter",
-                f"--net=/run/netns/{node}",
-                "--",
-                sys.executable,
-                "-m",
-                "bench.node_attach",
-                "--inside",
-                kind,
-                pods_ns,
-                pin_dir,
-            ],
+            wiring.argv_in(
+                node, [sys.executable, "-m", "bench.node_attach", "--inside", kind, pods_ns, pin_dir]
+            ),
             capture_output=True,
             text=True,
             check=False,
@@ -207,7 +190,7 @@ def measure(kind: str) -> dict[str, Any]:
         return figures
     finally:
         for name in (node, pods_ns):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            wiring.remove(name)
         shutil.rmtree(pin_dir, ignore_errors=True)
         Path(f"/run/podfence/{prefix}.json").unlink(missing_ok=True)
 

@@ -16,6 +16,7 @@ a Note in the summary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,22 +94,21 @@ class _Deriver:
             return f"{host}.cluster.local"
         return host
 
+    def specs(self, kind: str) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+        """(namespace, name, where, spec) of each document of `kind`, `where` naming it in notes."""
+        for _, doc in self.documents:
+            if doc.get("kind") == kind:
+                namespace, name = meta(doc, kind)
+                where = f"{kind} {namespace}/{name}"
+                yield namespace, name, where, mapping(doc.get("spec"), where)
+
     # -- Gateways ---------------------------------------------------------------------------
 
     def read_gateways(self) -> None:
-        for _, doc in self.documents:
-            if doc.get("kind") != "Gateway":
-                continue
-            namespace, name = meta(doc, "Gateway")
-            where = f"Gateway {namespace}/{name}"
-            spec = mapping(doc.get("spec"), where)
+        for namespace, name, where, spec in self.specs("Gateway"):
             selector = string_map(spec.get("selector"), f"{where}: spec.selector")
             # An empty selector would take in every workload: never a gateway anyone means.
-            pods = [
-                w
-                for w in self.graph.workloads
-                if selector and all(dict(w.labels).get(k) == v for k, v in selector.items())
-            ]
+            pods = [w for w in self.graph.workloads if selector and _labelled(w, selector)]
             if not pods:
                 self.notes.append(
                     Note(
@@ -156,12 +156,7 @@ class _Deriver:
     # -- Destinations -----------------------------------------------------------------------
 
     def read_subsets(self) -> None:
-        for _, doc in self.documents:
-            if doc.get("kind") != "DestinationRule":
-                continue
-            namespace, name = meta(doc, "DestinationRule")
-            where = f"DestinationRule {namespace}/{name}"
-            spec = mapping(doc.get("spec"), where)
+        for namespace, _, where, spec in self.specs("DestinationRule"):
             host = self.fqdn(str(spec.get("host", "")), namespace)
             for i, subset in enumerate(sequence(spec.get("subsets"), f"{where}: spec.subsets")):
                 subset = mapping(subset, f"{where}: spec.subsets[{i}]")
@@ -215,9 +210,7 @@ class _Deriver:
             )
         targets = []
         for workload in self.graph.workloads:
-            if not service.selects(workload) or any(
-                dict(workload.labels).get(k) != v for k, v in labels.items()
-            ):
+            if not service.selects(workload) or not _labelled(workload, labels):
                 continue
             for port in ports:
                 target = service.target_port(port, workload)
@@ -260,12 +253,7 @@ class _Deriver:
     def read_virtual_services(self) -> set[str]:
         """Adds every route's edges; returns the hosts whose mesh traffic a VirtualService routes."""
         routed: set[str] = set()
-        for _, doc in self.documents:
-            if doc.get("kind") != "VirtualService":
-                continue
-            namespace, name = meta(doc, "VirtualService")
-            where = f"VirtualService {namespace}/{name}"
-            spec = mapping(doc.get("spec"), where)
+        for namespace, name, where, spec in self.specs("VirtualService"):
             bound = [str(g) for g in sequence(spec.get("gateways"), where)] or ["mesh"]
             if "mesh" in bound:
                 routed |= {self.fqdn(str(h), namespace) for h in sequence(spec.get("hosts"), where)}
@@ -335,7 +323,7 @@ class _Deriver:
                 sources = [
                     s
                     for s in sources
-                    if all(dict(s.labels).get(k) == v for k, v in source_labels.items())
+                    if _labelled(s, source_labels)
                     and (source_ns is None or s.namespace == source_ns)
                     and (gateway, s) not in taken
                 ]
@@ -386,6 +374,12 @@ class _Deriver:
                 self.graph.add_edge(
                     Edge(workload, istiod, Protocol.TCP, XDS_PORT, "proxy configuration from istiod")
                 )
+
+
+def _labelled(workload: Workload, wanted: dict[str, str]) -> bool:
+    """Does the workload carry every label of `wanted` (all of them, when `wanted` is empty)?"""
+    labels = dict(workload.labels)
+    return all(labels.get(key) == value for key, value in wanted.items())
 
 
 def derive_istio(

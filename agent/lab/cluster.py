@@ -26,6 +26,7 @@ import grpc
 import yaml
 
 from agent.control.status import fetch_status, status_to_dict
+from agent.lab import wiring
 from agent.lab.topology import RUN_DIR, Lab, LabError, child_environment, stop_pid_file
 
 log = logging.getLogger(__name__)
@@ -181,26 +182,26 @@ class PodfenceOnLab:
         for node in self.lab.nodes.values():
             self._spawn(
                 f"agent-{node.name}",
-                [
-                    "nsenter",
-                    f"--net=/run/netns/{node.netns}",
-                    "--",
-                    *podfence,
-                    "agent",
-                    "--node",
-                    node.name,
-                    "--control",
-                    self.control_address,
-                    "--insecure",
-                    "--dataplane",
-                    self.dataplane,
-                    "--pin-dir",
-                    node.pin_dir,
-                    "--generation-file",
-                    str(RUN_DIR / f"{node.name}.enforced-generation"),
-                    "--metrics-listen",
-                    f"{node.mgmt_ip}:9301",
-                ],
+                wiring.argv_in(
+                    node.netns,
+                    [
+                        *podfence,
+                        "agent",
+                        "--node",
+                        node.name,
+                        "--control",
+                        self.control_address,
+                        "--insecure",
+                        "--dataplane",
+                        self.dataplane,
+                        "--pin-dir",
+                        node.pin_dir,
+                        "--generation-file",
+                        str(RUN_DIR / f"{node.name}.enforced-generation"),
+                        "--metrics-listen",
+                        f"{node.mgmt_ip}:9301",
+                    ],
+                ),
             )
         self.wait_applied(timeout=timeout)
 

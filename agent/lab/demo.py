@@ -41,7 +41,6 @@ from agent.lab.prober import Probe, TruthTable, resolve, run_probes
 from agent.lab.scenarios import pods_from_file
 from agent.lab.topology import (
     DEFAULT_LOCK_WAIT_S,
-    ROUTED_GATEWAY,
     CniMode,
     Lab,
     LabError,
@@ -49,6 +48,7 @@ from agent.lab.topology import (
     run_in_netns,
     teardown,
 )
+from agent.lab.wiring import GATEWAY as ROUTED_GATEWAY
 from agent.model.load import parse_object
 from agent.model.objects import NetworkPolicy
 

@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -45,6 +45,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.lab import wiring
 from agent.lab.dns import service_name
 from agent.lab.prober import forget_namespaces, send_hello_from
 
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 LAB_PREFIX = "pflab-"
 RUN_DIR = Path("/run/podfence-lab")
-NETNS_DIR = Path("/run/netns")
 BPF_FS = Path("/sys/fs/bpf")
 FABRIC_NETNS = LAB_PREFIX + "fabric"
 LOCK_PATH = Path("/run/podfence-lab.lock")  # outside RUN_DIR, which teardown empties
@@ -73,8 +73,6 @@ BLACKHOLED_IN_ROOT = (POD_SUPERNET, SERVICE_SUPERNET, FABRIC_NET, MGMT_SUPERNET)
 BLACKHOLED6_IN_ROOT = (POD6_SUPERNET, SERVICE6_SUPERNET, ipaddress.IPv6Network("fd00:10:250::/48"))
 BLACKHOLED_IN_NODES = (POD_SUPERNET, SERVICE_SUPERNET)
 BLACKHOLED6_IN_NODES = (POD6_SUPERNET, SERVICE6_SUPERNET)
-ROUTED_GATEWAY = "169.254.1.1"
-ROUTED_GATEWAY6 = "fe80::1"  # link-local, like Calico's; every host veth holds it
 # Blackholes lose to any real route of the same prefix length; the metric documents that intent.
 BLACKHOLE_METRIC = 4000
 # Routes the lab adds to the root netns carry this protocol number, so teardown finds exactly them.
@@ -180,39 +178,14 @@ def pod_netns_name(pod: PodSpec) -> str:
     return f"{LAB_PREFIX}{pod.node}-{pod.namespace}-{pod.name}"
 
 
-def _netns_path(name: str) -> str:
-    return str(NETNS_DIR / name)
-
-
 def run_in_netns(
     netns_name: str, argv: list[str], stdin: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run a command inside a lab netns (network namespace only, mounts stay shared)."""
-    command = ["nsenter", f"--net={_netns_path(netns_name)}", "--", *argv]
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
-    if check and result.returncode != 0:
-        raise LabError(f"{' '.join(argv)} in {netns_name} failed: {result.stderr.strip()}")
-    return result
-
-
-def _sysctl(netns_name: str, settings: dict[str, str]) -> None:
-    run_in_netns(netns_name, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())])
-
-
-@contextlib.contextmanager
-def _ipr(netns_name: str | None = None) -> Iterator[IPRoute]:
-    ipr = IPRoute(netns=netns_name) if netns_name else IPRoute()
     try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LabError(f"interface {ifname} not found")
-    return int(found[0])
+        return wiring.run_in(netns_name, argv, stdin=stdin, check=check)
+    except wiring.WiringError as err:
+        raise LabError(str(err)) from err
 
 
 @dataclass
@@ -310,42 +283,28 @@ class Lab:
             self._program_services()
             start_servers(pods)
             announce_pods(pods)
-        except BaseException:
+        except BaseException as err:
             if os.getpid() != builder_pid:
                 # A helper pyroute2 forked to create a namespace, interrupted (Ctrl-C reaches the
                 # whole process group) before it could exit: it must not tear down the lab.
                 os._exit(1)
             teardown()
+            if isinstance(err, wiring.WiringError):
+                raise LabError(str(err)) from err
             raise
 
     def _build_root_blackholes(self) -> None:
-        with _ipr() as ipr:
-            for net in BLACKHOLED_IN_ROOT:
-                ipr.route(
-                    "replace",
-                    dst=str(net),
-                    type="blackhole",
-                    priority=BLACKHOLE_METRIC,
-                    proto=LAB_ROUTE_PROTO,
-                )
-            for net6 in BLACKHOLED6_IN_ROOT if self.ipv6 else ():
-                ipr.route(
-                    "replace",
-                    family=socket.AF_INET6,
-                    dst=str(net6),
-                    type="blackhole",
-                    priority=BLACKHOLE_METRIC,
-                    proto=LAB_ROUTE_PROTO,
-                )
+        with wiring.ipr() as ipr:
+            _blackhole(
+                ipr, BLACKHOLED_IN_ROOT + (BLACKHOLED6_IN_ROOT if self.ipv6 else ()), proto=LAB_ROUTE_PROTO
+            )
 
     def _build_fabric(self) -> None:
-        netns.create(FABRIC_NETNS)
-        with _ipr(FABRIC_NETNS) as ipr:
-            ipr.link("add", ifname="fabric0", kind="bridge")
-            ipr.link("set", index=_index(ipr, "fabric0"), state="up")
+        wiring.create(FABRIC_NETNS)
+        wiring.add_bridge(FABRIC_NETNS, "fabric0")
 
     def _build_node(self, node: LabNode) -> None:
-        netns.create(node.netns)
+        wiring.create(node.netns)
         settings = {
             "net.ipv4.ip_forward": "1",
             "net.ipv4.conf.all.rp_filter": "0",
@@ -357,107 +316,61 @@ class Lab:
         if self.mode is CniMode.BRIDGED:
             settings["net.bridge.bridge-nf-call-iptables"] = "1"
             settings["net.bridge.bridge-nf-call-ip6tables"] = "1"
-        _sysctl(node.netns, settings)
-        fabric_port = f"{LAB_PREFIX}f{node.index}"
-        mgmt_root = f"{LAB_PREFIX}m{node.index}"
-        with _ipr(FABRIC_NETNS) as fabric:
-            fabric.link(
-                "add", ifname=fabric_port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": node.netns}
-            )
-            port_index = _index(fabric, fabric_port)
-            fabric.link("set", index=port_index, master=_index(fabric, "fabric0"), state="up")
-        with _ipr() as root:
-            root.link("add", ifname=mgmt_root, kind="veth", peer={"ifname": "mgmt0", "net_ns_fd": node.netns})
-            mgmt_index = _index(root, mgmt_root)
+        wiring.sysctl(node.netns, settings)
+        port_index = wiring.add_veth(FABRIC_NETNS, f"{LAB_PREFIX}f{node.index}", node.netns)
+        with wiring.ipr(FABRIC_NETNS) as fabric:
+            fabric.link("set", index=port_index, master=wiring.index(fabric, "fabric0"))
+        mgmt_index = wiring.add_veth(None, f"{LAB_PREFIX}m{node.index}", node.netns, "mgmt0")
+        with wiring.ipr() as root:
             root.addr("add", index=mgmt_index, address=node.mgmt_gateway, prefixlen=30)
-            root.link("set", index=mgmt_index, state="up")
-        with _ipr(node.netns) as ipr:
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
-            eth0 = _index(ipr, "eth0")
+        with wiring.ipr(node.netns) as ipr:
+            eth0 = wiring.index(ipr, "eth0")
             ipr.addr("add", index=eth0, address=node.fabric_ip, prefixlen=FABRIC_NET.prefixlen)
-            ipr.link("set", index=eth0, state="up")
-            mgmt0 = _index(ipr, "mgmt0")
-            ipr.addr("add", index=mgmt0, address=node.mgmt_ip, prefixlen=30)
-            ipr.link("set", index=mgmt0, state="up")
-            ipr.route("add", dst=str(MGMT_SUPERNET), gateway=node.mgmt_gateway, oif=mgmt0)
-            for net in BLACKHOLED_IN_NODES:
-                ipr.route("add", dst=str(net), type="blackhole", priority=BLACKHOLE_METRIC)
-            for other in self.nodes.values():
-                if other.name != node.name:
-                    ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
-            if self.ipv6:
+            if node.fabric_ip6:
                 ipr.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=FABRIC6_NET.prefixlen)
-                for net6 in BLACKHOLED6_IN_NODES:
+            mgmt0 = wiring.index(ipr, "mgmt0")
+            ipr.addr("add", index=mgmt0, address=node.mgmt_ip, prefixlen=30)
+            ipr.route("add", dst=str(MGMT_SUPERNET), gateway=node.mgmt_gateway, oif=mgmt0)
+            _blackhole(ipr, BLACKHOLED_IN_NODES + (BLACKHOLED6_IN_NODES if self.ipv6 else ()))
+            for other in self.nodes.values():
+                if other.name == node.name:
+                    continue
+                ipr.route("add", dst=other.pod_cidr, gateway=other.fabric_ip, oif=eth0)
+                if other.pod_cidr6:
                     ipr.route(
-                        "add",
-                        family=socket.AF_INET6,
-                        dst=str(net6),
-                        type="blackhole",
-                        priority=BLACKHOLE_METRIC,
+                        "add", family=socket.AF_INET6, dst=other.pod_cidr6, gateway=other.fabric_ip6, oif=eth0
                     )
-                for other in self.nodes.values():
-                    if other.name != node.name:
-                        ipr.route(
-                            "add",
-                            family=socket.AF_INET6,
-                            dst=other.pod_cidr6,
-                            gateway=other.fabric_ip6,
-                            oif=eth0,
-                        )
-            if self.mode is CniMode.BRIDGED:
-                ipr.link("add", ifname="cni0", kind="bridge")
-                cni0 = _index(ipr, "cni0")
-                gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
-                ipr.addr("add", index=cni0, address=str(gateway), prefixlen=24)
-                if node.pod_cidr6:
-                    gateway6 = ipaddress.IPv6Network(node.pod_cidr6).network_address + 1
-                    ipr.addr("add", index=cni0, address=str(gateway6), prefixlen=64)
-                ipr.link("set", index=cni0, state="up")
+        if self.mode is CniMode.BRIDGED:
+            wiring.add_bridge(node.netns, "cni0", *_bridge_gateways(node))
 
     def _build_pod(self, pod: LabPod) -> None:
         node = self.nodes[pod.spec.node]
-        netns.create(pod.netns)
+        wiring.create(pod.netns)
         if self.ipv6:
-            _sysctl(pod.netns, IPV6_SETTINGS)
-        with _ipr(node.netns) as ipr:
-            ipr.link(
-                "add", ifname=pod.host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns}
+            wiring.sysctl(pod.netns, IPV6_SETTINGS)
+        if self.mode is CniMode.ROUTED:
+            wiring.wire_routed(
+                node.netns,
+                pod.netns,
+                pod.host_ifname,
+                pod.ip,
+                pod.ip6,
+                src=node.fabric_ip,
+                src6=node.fabric_ip6,
             )
-            host = _index(ipr, pod.host_ifname)
-            if self.mode is CniMode.ROUTED:
-                # Every host veth answers for the pods' gateway, so pods need no per-node config.
-                ipr.addr("add", index=host, address=ROUTED_GATEWAY, prefixlen=32, scope=253)
-                ipr.link("set", index=host, state="up")
-                ipr.route("add", dst=f"{pod.ip}/32", oif=host, scope=253, prefsrc=node.fabric_ip)
-                if pod.ip6:
-                    ipr.addr("add", index=host, address=ROUTED_GATEWAY6, prefixlen=64)
-                    ipr.route(
-                        "add", family=socket.AF_INET6, dst=f"{pod.ip6}/128", oif=host, prefsrc=node.fabric_ip6
-                    )
-            else:
-                ipr.link("set", index=host, master=_index(ipr, "cni0"), state="up")
-                # Hairpin lets a pod reach itself through its own Service, as the bridge plugin does.
-                ipr.brport("set", index=host, hairpin_mode=1)
-        with _ipr(pod.netns) as ipr:
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
-            eth0 = _index(ipr, "eth0")
-            if self.mode is CniMode.ROUTED:
-                ipr.addr("add", index=eth0, address=pod.ip, prefixlen=32)
-                ipr.link("set", index=eth0, state="up")
-                ipr.route("add", dst=f"{ROUTED_GATEWAY}/32", oif=eth0, scope=253)
-                ipr.route("add", dst="0.0.0.0/0", gateway=ROUTED_GATEWAY, oif=eth0)
-                if pod.ip6:
-                    ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=128)
-                    ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=ROUTED_GATEWAY6, oif=eth0)
-            else:
-                gateway = ipaddress.IPv4Network(node.pod_cidr).network_address + 1
-                ipr.addr("add", index=eth0, address=pod.ip, prefixlen=24)
-                ipr.link("set", index=eth0, state="up")
-                ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=eth0)
-                if pod.ip6 and node.pod_cidr6:
-                    gateway6 = ipaddress.IPv6Network(node.pod_cidr6).network_address + 1
-                    ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=64)
-                    ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=str(gateway6), oif=eth0)
+            return
+        gateway, *gateway6 = (address.split("/")[0] for address in _bridge_gateways(node))
+        wiring.wire_bridged(
+            node.netns,
+            pod.netns,
+            pod.host_ifname,
+            "cni0",
+            f"{pod.ip}/24",
+            f"{pod.ip6}/64" if pod.ip6 else None,
+            gateway=gateway,
+            gateway6=gateway6[0] if pod.ip6 and gateway6 else None,
+            hairpin=True,
+        )
 
     def _program_services(self) -> None:
         rules = [
@@ -541,6 +454,25 @@ class Lab:
                 service_ip6=raw.get("service_ip6"),
             )
         return lab
+
+
+def _blackhole(
+    ipr: IPRoute, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], **extra: int
+) -> None:
+    """Lab ranges go nowhere unless a more specific route claims them: never out of the machine."""
+    for net in nets:
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        ipr.route(
+            "replace", family=family, dst=str(net), type="blackhole", priority=BLACKHOLE_METRIC, **extra
+        )
+
+
+def _bridge_gateways(node: LabNode) -> list[str]:
+    """The bridged gateway addresses of a node ("ip/prefixlen"): .1 of its pod /24 and /64."""
+    gateways = [f"{ipaddress.IPv4Network(node.pod_cidr).network_address + 1}/24"]
+    if node.pod_cidr6:
+        gateways.append(f"{ipaddress.IPv6Network(node.pod_cidr6).network_address + 1}/64")
+    return gateways
 
 
 def child_environment() -> dict[str, str]:
@@ -690,7 +622,7 @@ def _lab_netns_inodes() -> set[int]:
     for name in netns.listnetns():
         if name.startswith(LAB_PREFIX):
             with contextlib.suppress(OSError):
-                inodes.add(os.stat(NETNS_DIR / name).st_ino)
+                inodes.add(os.stat(wiring.path(name)).st_ino)
     return inodes
 
 
@@ -749,12 +681,8 @@ def _remove_everything() -> list[str]:
             stop_pid_file(pid_file)
             removed.append(f"process {pid_file.stem}")
     removed += [f"stray process {pid}" for pid in stop_processes_in_lab_namespaces()]
-    for name in netns.listnetns():
-        if name.startswith(LAB_PREFIX):
-            with contextlib.suppress(OSError):
-                netns.remove(name)
-                removed.append(f"netns {name}")
-    with _ipr() as root:
+    removed += [f"netns {name}" for name in wiring.remove_prefixed(LAB_PREFIX)]
+    with wiring.ipr() as root:
         for link in root.get_links():
             ifname = link.get_attr("IFLA_IFNAME")
             if ifname and ifname.startswith(LAB_PREFIX):
@@ -789,7 +717,7 @@ def _remove_everything() -> list[str]:
 def leftovers() -> list[str]:
     """What of a lab still exists (empty after a clean teardown); tests assert on this."""
     found = [f"netns {n}" for n in netns.listnetns() if n.startswith(LAB_PREFIX)]
-    with _ipr() as root:
+    with wiring.ipr() as root:
         found += [
             f"root link {link.get_attr('IFLA_IFNAME')}"
             for link in root.get_links()

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from tests.adversarial.cases import GotThrough
 from tests.adversarial.harness import Lab, lab_of
+from tests.privileged.conftest import missing
 
-MISSING = [
-    what
-    for what, present in (
-        ("root", os.geteuid() == 0),
-        ("nsenter", shutil.which("nsenter") is not None),
-        ("bpffs at /sys/fs/bpf", os.path.isdir("/sys/fs/bpf")),
-        ("iptables-legacy-restore", shutil.which("iptables-legacy-restore") is not None),
-        ("ipset", shutil.which("ipset") is not None),
-    )
-    if not present
-]
+# the privileged tier's one check of root and tools: these labs are built as its are
+MISSING = missing("nsenter", "bpffs", "iptables-legacy", "ipset")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -33,6 +33,7 @@ from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.netns import inside
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, IPAddress, NodeState
+from agent.lab import wiring
 from tests.privileged.iptables_netns import (
     BRIDGE,
     BRIDGE_GATEWAY,
@@ -41,7 +42,6 @@ from tests.privileged.iptables_netns import (
     DataplaneWorker,
     Node,
     Pod,
-    sh,
 )
 
 ETH_P_ALL = 0x0003
@@ -390,35 +390,43 @@ def allow_from(index: int, protocol: int = 0, first: int = 0, last: int = 65535)
     return Allow(IdentityPeer(index + 1), protocol, first, last)
 
 
-def mac_of(netns: str, ifname: str) -> str:
-    return sh("ip", "netns", "exec", netns, "cat", f"/sys/class/net/{ifname}/address").stdout.strip()
-
-
 def build(topology: str, dataplane: str) -> Lab:
     """Three pods on one node, guarded by `dataplane`, wired routed or bridged; unguarded."""
     node = Node()
     try:
         node.create(0)
         # the permissive node: source routes accepted (a pod may name the hops), no rp_filter
-        node.in_node("sysctl", "-qw", "net.ipv4.conf.all.accept_source_route=1")
-        node.in_node("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+        wiring.sysctl(
+            node.netns, {"net.ipv4.conf.all.accept_source_route": 1, "net.ipv4.conf.all.rp_filter": 0}
+        )
         members = []
         for index in (1, 2, 3):
             if topology == "routed":
                 pod = node.add_pod(index)
                 assert pod.ip6 is not None
                 members.append(
-                    Member(pod, pod.ip, pod.ip6, mac_of(pod.netns, "eth0"), mac_of(node.netns, pod.host_if))
+                    Member(
+                        pod,
+                        pod.ip,
+                        pod.ip6,
+                        wiring.mac(pod.netns, "eth0"),
+                        wiring.mac(node.netns, pod.host_if),
+                    )
                 )
             else:
                 pod = node.add_bridged_pod(index)
                 if index == 1:
-                    node.in_node("ip", "-6", "addr", "add", f"{BRIDGE_GATEWAY6}/64", "dev", BRIDGE, "nodad")
+                    with wiring.ipr(node.netns) as ipr:
+                        wiring.add_address(ipr, wiring.index(ipr, BRIDGE), f"{BRIDGE_GATEWAY6}/64")
                 pod.ip6 = f"fd00:2::{index}"
-                node.in_pod(pod, "ip", "-6", "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
-                node.in_pod(pod, "ip", "-6", "route", "add", "default", "via", BRIDGE_GATEWAY6)
+                with wiring.ipr(pod.netns) as ipr:
+                    eth0 = wiring.index(ipr, "eth0")
+                    wiring.add_address(ipr, eth0, f"{pod.ip6}/64")
+                    ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=BRIDGE_GATEWAY6, oif=eth0)
                 members.append(
-                    Member(pod, pod.ip, pod.ip6, mac_of(pod.netns, "eth0"), mac_of(node.netns, BRIDGE))
+                    Member(
+                        pod, pod.ip, pod.ip6, wiring.mac(pod.netns, "eth0"), wiring.mac(node.netns, BRIDGE)
+                    )
                 )
         guard: Guard = BpfGuard(node) if dataplane == "bpf" else IptablesGuard(node)
     except BaseException:

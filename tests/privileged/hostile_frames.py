@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.lab import wiring
+
 TOOL = Path(__file__).with_name("raw_frames_tool.py")
 UDP = 17
 
@@ -42,19 +44,22 @@ def ipv4_udp(
     """`length_delta`: added to the header's total length (not to the packet)."""
     payload = struct.pack("!HHHH", sport, dport, 8, 0)  # UDP checksum 0: none (IPv4 allows it)
     ihl = 5 + len(options) // 4
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        (4 << 4) | ihl,
-        0,
-        ihl * 4 + len(payload) + length_delta,
-        secrets.randbelow(65536),
-        0,
-        ttl,
-        UDP,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    ) + options
+    header = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            (4 << 4) | ihl,
+            0,
+            ihl * 4 + len(payload) + length_delta,
+            secrets.randbelow(65536),
+            0,
+            ttl,
+            UDP,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+        + options
+    )
     check = checksum(header) ^ (0xFFFF if bad_sum else 0)
     return header[:10] + struct.pack("!H", check) + header[12:] + payload
 
@@ -127,14 +132,10 @@ FORWARDED: dict[int, Callable[[Attack], bytes]] = {
 
 
 def enter(netns: str, *argv: str) -> list[str]:
-    return ["nsenter", f"--net=/var/run/netns/{netns}", *argv]
+    return wiring.argv_in(netns, argv)
 
 
-def link_mac(netns: str, iface: str) -> str:
-    # iproute2 inside the namespace: under nsenter, /sys shows the caller's interfaces
-    show = enter(netns, "ip", "-o", "link", "show", "dev", iface)
-    line = subprocess.run(show, capture_output=True, text=True, check=True).stdout
-    return line.split("link/ether ", 1)[1].split()[0]
+link_mac = wiring.mac
 
 
 def reply_reaches(attacker_netns: str, peer_netns: str, attack: Attack, frame: bytes) -> bool:

@@ -1,7 +1,7 @@
 """A simulated node for the iptables dataplane tests: network namespaces, veths, real traffic.
 
-One "node" netns with the node IP on its loopback, and "pod" netns attached by veth
-pairs (host side in the node, /32 routes, proxy ARP, as routed CNIs such as Calico do), plus a
+One "node" netns (netns_node.py) with the node IP on its loopback, and "pod" netns attached by
+veth pairs (host side in the node, /32 routes, proxy ARP, as routed CNIs such as Calico do), plus a
 fake ClusterIP DNAT in the node's nat PREROUTING. The dataplane itself runs in a forked worker
 that entered the node netns (python-iptables programs the netns of the calling process).
 Every name starts with "pfi-" (namespaces) or "pfv" (interfaces inside them); nothing here
@@ -17,12 +17,14 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from agent.lab import wiring
+from tests.privileged.netns_node import NetnsNode, in_netns, sh, wait_until
 
 TRAFFIC = Path(__file__).with_name("iptables_traffic.py")
 PYTHON = sys.executable
@@ -31,13 +33,6 @@ NODE_IP6 = "fd99::1"
 BRIDGE = "pfvbr"
 BRIDGE_GATEWAY = "10.2.0.254"
 CLUSTER_IP = "10.96.0.10"
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-    return done
 
 
 @dataclass
@@ -50,26 +45,13 @@ class Pod:
 
 
 @dataclass
-class Node:
+class Node(NetnsNode):
     prefix: str = field(default_factory=lambda: f"pfi-{secrets.token_hex(3)}")
     pods: list[Pod] = field(default_factory=list)
-    servers: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    @property
-    def netns(self) -> str:
-        return f"{self.prefix}-node"
 
     def create(self, pod_count: int) -> Node:
-        sh("ip", "netns", "add", self.netns)
-        self.in_node("ip", "link", "set", "lo", "up")
-        self.in_node("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        self.in_node("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        self.in_node("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
-        self.in_node("ip", "addr", "add", f"{NODE_IP6}/128", "dev", "lo")
-        # No dummy driver in this kernel: the node IP lives on lo.
-        self.in_node("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
-        # The service range needs a route so proxy ARP answers for ClusterIPs; DNAT rewrites first.
-        self.in_node("ip", "route", "add", "10.96.0.0/12", "dev", "lo")
+        sysctls = {"net.ipv6.conf.default.accept_dad": 0}
+        self.create_node((f"{NODE_IP6}/128", f"{NODE_IP}/32"), "10.96.0.0/12", sysctls)
         for index in range(1, pod_count + 1):
             self.add_pod(index)
         return self
@@ -77,50 +59,24 @@ class Node:
     def add_pod(self, index: int) -> Pod:
         """A routed pod (ptp/Calico style): 10.1.0.<index>/32 and fd00::<index>/128."""
         pod = Pod(f"{self.prefix}-p{index}", f"pfv{index}", f"10.1.0.{index}", ip6=f"fd00::{index}")
-        self._veth(pod)
-        self.in_node("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
-        # Proxy ARP answers after a random delay of up to 0.8 s by default: longer than a probe.
-        self.in_node("sysctl", "-qw", f"net.ipv4.neigh.{pod.host_if}.proxy_delay=0")
-        self.in_node("ip", "addr", "add", "fe80::1/64", "dev", pod.host_if, "nodad")
-        self.in_node("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
-        self.in_node("ip", "-6", "route", "add", f"{pod.ip6}/128", "dev", pod.host_if)
-        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/32", "dev", "eth0")
-        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip6}/128", "dev", "eth0", "nodad")
-        self.in_pod(pod, "ip", "route", "add", "default", "dev", "eth0")
-        self.in_pod(pod, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+        self.add_routed(pod, pod.ip6, no_dad=True)
+        self.pods.append(pod)
         return pod
 
     def add_bridged_pod(self, index: int) -> Pod:
         """A pod on the node's bridge (bridge/flannel style): 10.2.0.<index>/24 via the bridge."""
         if not any(p.host_if.startswith("pfvb") for p in self.pods):
-            self.in_node("ip", "link", "add", BRIDGE, "type", "bridge")
-            self.in_node("ip", "addr", "add", f"{BRIDGE_GATEWAY}/24", "dev", BRIDGE)
-            self.in_node("ip", "link", "set", BRIDGE, "up")
+            wiring.add_bridge(self.netns, BRIDGE, f"{BRIDGE_GATEWAY}/24")
         pod = Pod(f"{self.prefix}-b{index}", f"pfvb{index}", f"10.2.0.{index}")
-        self._veth(pod)
-        self.in_node("ip", "link", "set", pod.host_if, "master", BRIDGE)
-        self.in_pod(pod, "ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
-        self.in_pod(pod, "ip", "route", "add", "default", "via", BRIDGE_GATEWAY)
+        self.add_bridged(pod, BRIDGE, 24, BRIDGE_GATEWAY, no_dad=True)
+        self.pods.append(pod)
         return pod
 
-    def _veth(self, pod: Pod) -> None:
-        sh("ip", "netns", "add", pod.netns)
-        self.in_pod(pod, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
-        self.in_node(
-            "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
-        )
-        self.in_node("ip", "link", "set", pod.host_if, "up")
-        self.in_pod(pod, "ip", "link", "set", "lo", "up")
-        self.in_pod(pod, "ip", "link", "set", "eth0", "up")
-        out = self.in_node("cat", f"/sys/class/net/{pod.host_if}/ifindex").stdout
-        pod.ifindex = int(out.strip())
-        self.pods.append(pod)
-
     def in_node(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "netns", "exec", self.netns, *argv, check=check)
+        return self.run(*argv, check=check)
 
     def in_pod(self, pod: Pod, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "netns", "exec", pod.netns, *argv, check=check)
+        return sh(*in_netns(pod.netns, *argv), check=check)
 
     def add_cluster_ip(self, port: int, backend: Pod, backend_port: int) -> None:
         self.in_node(
@@ -132,40 +88,25 @@ class Node:
         self, pod: Pod, *, tcp: tuple[int, ...] = (), udp: tuple[int, ...] = (), sctp_log: str | None = None
     ) -> None:
         """Echo servers in the pod (TCP and UDP) and a raw SCTP sink, until destroy()."""
-        argv = ["ip", "netns", "exec", pod.netns, PYTHON, str(TRAFFIC), "serve"]
-        argv += ["--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
+        argv = ["--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
         if sctp_log:
             argv += ["--sctp-log", sctp_log]
-        server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        self.servers.append(server)
+        self.start(pod.netns, PYTHON, str(TRAFFIC), "serve", *argv, ready=True)
 
     def probe(self, pod: Pod | None, kind: str, ip: str, port: int = 0, *extra: str) -> bool:
         """One new connection (or ping) from `pod` (None: from the node); True if answered."""
         netns = self.netns if pod is None else pod.netns
         argv = [PYTHON, str(TRAFFIC), "probe", kind, ip, str(port), *extra]
-        done = sh("ip", "netns", "exec", netns, *argv, check=False)
+        done = sh(*in_netns(netns, *argv), check=False)
         if done.returncode not in (0, 1):
             raise RuntimeError(f"probe failed: {done.stderr}")
         return done.returncode == 0
 
     def spawn(self, pod: Pod, *args: str) -> subprocess.Popen[str]:
-        argv = ["ip", "netns", "exec", pod.netns, PYTHON, str(TRAFFIC), *args]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.servers.append(process)
-        return process
+        return self.start(pod.netns, PYTHON, str(TRAFFIC), *args)
 
     def legacy_save(self, family: int = 4) -> str:
         return self.in_node("iptables-legacy-save" if family == 4 else "ip6tables-legacy-save").stdout
-
-    def destroy(self) -> None:
-        for server in self.servers:
-            server.kill()
-            server.wait()
-        for pod in self.pods:
-            sh("ip", "netns", "del", pod.netns, check=False)
-        sh("ip", "netns", "del", self.netns, check=False)
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -220,10 +161,4 @@ class DataplaneWorker:
         self.kill()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+wait_for = wait_until

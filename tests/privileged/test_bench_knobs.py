@@ -6,9 +6,7 @@ drops port 81 both ways."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -18,12 +16,11 @@ from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.lab import wiring
 from bench import hook_floor
 from tests.privileged import bpf_frames as f
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 POD, PEER, NODE = "10.0.0.1", "10.0.1.7", "10.0.9.1"
 PEER_IDENTITY = 7
@@ -34,7 +31,7 @@ def plane(request: pytest.FixtureRequest) -> Iterator[tuple[tuple[str, ...], Bpf
     defines = request.param[0] if request.param else ()
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-knob"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     dataplane = BpfDataplane(
         BpfSettings(
             pin_dir=f"/sys/fs/bpf/{prefix}",
@@ -59,7 +56,7 @@ def plane(request: pytest.FixtureRequest) -> Iterator[tuple[tuple[str, ...], Bpf
         yield defines, dataplane
     finally:
         dataplane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 def passes(plane: BpfDataplane, hook: str, frame: bytes) -> bool:

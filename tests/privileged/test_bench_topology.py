@@ -15,8 +15,6 @@ from agent.dataplane.netns import inside
 from bench import datapath
 from bench._netlab import Topology
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_SYS_ADMIN) to create netns")
-
 
 @pytest.fixture
 def topology() -> Iterator[Topology]:

@@ -36,9 +36,7 @@ from tests.privileged.test_bpf_packets import (
     verdict,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 SERVICE = "10.96.0.10"  # a ClusterIP: the pod sends to it, the egress hook sees the backend
 ROUTER, ROUTER6 = "192.0.2.99", "2001:db8::99"  # no pod's address: may report on flows it routes

@@ -25,13 +25,10 @@ made from the test thread moved into that netns for the call (setns is per threa
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
-import os
 import secrets
 import struct
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +41,7 @@ from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import NF_ACCEPT, TC_ACT_OK, TC_ACT_SHOT, run_netfilter_program, run_program
+from agent.dataplane.netns import inside
 from agent.dataplane.types import (
     PROTO_ANY,
     Allow,
@@ -56,15 +54,11 @@ from agent.dataplane.types import (
     Peer,
     Reason,
 )
+from agent.lab import wiring
 from tests.privileged import bpf_frames as f
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN for bpf() and netns) and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("bpffs")
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 FUZZ = settings(
     max_examples=200,
@@ -358,22 +352,6 @@ class Bench:
     refused: set[int] = field(default_factory=set)  # frame lengths the kernel would not test-run
     egress: str = "nf_egress_link"  # which egress program egress_path runs (EGRESS_PROGRAMS)
 
-    @contextmanager
-    def _inside(self) -> Iterator[None]:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/var/run/netns/{self.netns}", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.netns}")
-            try:
-                yield
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:  # never leave the test thread elsewhere
-                    raise OSError(ctypes.get_errno(), "setns back home")
-        finally:
-            os.close(home)
-            os.close(target)
-
     def apply(self, state: NodeState) -> None:
         self.version += 1
         self.plane.apply(
@@ -394,7 +372,7 @@ class Bench:
             hook, loader.PROGRAM_NF_EGRESS
         )
         try:
-            with self._inside():
+            with inside(self.netns):
                 if hook == "nf_egress_link":
                     result = run_netfilter_program(self.plane.hook.links.program_fd, frame)
                 else:
@@ -424,7 +402,7 @@ class Bench:
 def _bench(established_on_change: str) -> Iterator[Bench]:
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-fuzz"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     plane = BpfDataplane(
         BpfSettings(
             pin_dir=f"/sys/fs/bpf/{prefix}",
@@ -437,18 +415,12 @@ def _bench(established_on_change: str) -> Iterator[Bench]:
         ifindexes = []
         for index in range(SLOTS + 1):
             host, pod = f"pfz{index}", f"pfz{index}p"
-            subprocess.run(
-                ["ip", "-n", netns, "link", "add", host, "type", "veth", "peer", "name", pod], check=True
-            )
-            shown = subprocess.run(
-                ["ip", "-n", netns, "-o", "link", "show", host], check=True, capture_output=True, text=True
-            )
-            ifindexes.append(int(shown.stdout.split(":", 1)[0]))
+            ifindexes.append(wiring.add_veth(netns, host, None, pod, up=False))
         plane.start()  # one BCC compile for the whole module
         yield Bench(plane, netns, tuple(ifindexes))
     finally:
         plane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ Nothing may reach the pod: no verdict admitted what it sent."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -17,10 +15,7 @@ from tests.privileged import hostile_frames as h
 from tests.privileged.bpf_netns import Node
 from tests.privileged.test_bpf_traffic import IDENTITY_OF_POD, UDP, endpoint, isolated, state
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")
 
 
 @pytest.fixture

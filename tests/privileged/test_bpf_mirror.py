@@ -24,9 +24,7 @@ from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.bpf import loader, structs
 from agent.dataplane.bpf.testrun import run_program
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 
 def expectations() -> list[tuple[str, str, int]]:

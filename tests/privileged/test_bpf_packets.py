@@ -11,11 +11,9 @@ and runs frames through the program of the hook that judges them:
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,11 +27,10 @@ from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.bpf.testrun import TC_ACT_OK, TC_ACT_SHOT, run_program
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
+from agent.lab import wiring
 from tests.privileged import bpf_frames as f
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 POD, POD6 = "10.0.0.1", "fd00::1"
 PEER7, PEER7_6, PEER8 = "10.0.1.7", "fd00:1::7", "10.0.1.8"
@@ -452,7 +449,7 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
     """A started dataplane in a netns of its own with its own pins; torn down afterwards."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-pkt"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    wiring.create(netns, loopback_up=False)
     dataplane = BpfDataplane(
         BpfSettings(
             pin_dir=f"/sys/fs/bpf/{prefix}",
@@ -466,7 +463,7 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
         yield dataplane
     finally:
         dataplane.teardown()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        wiring.remove(netns)
 
 
 @pytest.fixture(scope="module")

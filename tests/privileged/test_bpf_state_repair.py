@@ -23,7 +23,8 @@ from agent.dataplane.bpf import attach, loader, verify
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.node.repair import StateGuard
 from tests.privileged import test_bpf_traffic
-from tests.privileged.bpf_netns import Node, wait_until
+from tests.privileged.bpf_netns import Node
+from tests.privileged.netns_node import wait_until
 from tests.privileged.test_bpf_traffic import endpoint, from_pod, isolated, state
 
 pytestmark = pytest.mark.skipif(

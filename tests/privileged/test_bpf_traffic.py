@@ -11,7 +11,6 @@ import ipaddress
 import os
 import pickle
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,13 +33,11 @@ from agent.dataplane.types import (
     IPAddress,
     NodeState,
 )
+from agent.lab import wiring
 from agent.node.hookguard import HookGuard
-from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip, sh
+from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")
 
 TCP, UDP = 6, 17
 SERVED_PORTS = (8080, 9090)
@@ -270,11 +267,7 @@ def test_pod_that_rewrites_its_own_network_still_cannot_spoof(node: Node, datapl
     assert c.tcp(b.ip, 8080) and not a.tcp(b.ip, 8080)
     # a has CAP_NET_ADMIN in its netns: flush its tc, iptables and routes, then take c's address,
     # with a static neighbour entry so that no ARP is needed before the spoofed IP packets leave
-    host_mac = node.run("cat", f"/sys/class/net/{a.host_if}/address", check=False).stdout.strip()
-    if not host_mac:
-        host_mac = (
-            node.run("ip", "-o", "link", "show", "dev", a.host_if).stdout.split("link/ether ")[1].split()[0]
-        )
+    host_mac = wiring.mac(node.netns, a.host_if)
     a.run("tc", "qdisc", "del", "dev", "eth0", "clsact", check=False)
     a.run("iptables", "-F", check=False)
     for new_address in (c.ip, "10.2.0.99"):  # another pod's address, then one nobody owns
@@ -466,8 +459,9 @@ def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_the
     """The kernel allows one BPF link per hook and priority: the new agent's links must take the
     other priority, not fall back to the iptables rule (which `netfilter` would refuse)."""
     a, b, c = node.pods
-    node_state = state(node, endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080))), endpoint(b),
-                       endpoint(c))
+    node_state = state(
+        node, endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080))), endpoint(b), endpoint(c)
+    )
     planes = []
     try:
         for generation in range(3):
@@ -632,28 +626,13 @@ def test_reset_also_cuts_flows_of_a_peer_that_left_the_allowed_identity(node: No
 def bridged_node() -> Iterator[Node]:
     """Pods as ports of one bridge (flannel / bridge plugin style) instead of routed /32s."""
     lab = Node()
-    sh("ip", "netns", "add", lab.netns)
     try:
-        lab.run("ip", "link", "set", "lo", "up")
-        lab.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        lab.run("ip", "link", "add", "pfbbr0", "type", "bridge")
-        lab.run("ip", "addr", "add", "10.3.0.1/24", "dev", "pfbbr0")
-        lab.run("ip", "link", "set", "pfbbr0", "up")
+        lab.create_bridge_node("pfbbr0", ("10.3.0.1/24",))
         for index in (1, 2, 3):
             pod = Pod(
                 index, f"{lab.prefix}-p{index}", f"pfbv{index}", f"10.3.0.{index + 1}", f"fd00:3::{index + 1}"
             )
-            sh("ip", "netns", "add", pod.netns)
-            lab.run(
-                "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
-            )
-            lab.run("ip", "link", "set", pod.host_if, "master", "pfbbr0")
-            lab.run("ip", "link", "set", pod.host_if, "up")
-            pod.run("ip", "link", "set", "lo", "up")
-            pod.run("ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
-            pod.run("ip", "link", "set", "eth0", "up")
-            pod.run("ip", "route", "add", "default", "via", "10.3.0.1")
-            pod.ifindex = int(lab.run("ip", "-o", "link", "show", "dev", pod.host_if).stdout.split(":", 1)[0])
+            lab.add_bridged(pod, "pfbbr0", 24, "10.3.0.1")
             lab.pods.append(pod)
             lab.serve(pod, *SERVED_PORTS)
         yield lab

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-import os
-import shutil
 import sys
 import threading
 import time
@@ -45,8 +43,7 @@ from tests.privileged.iptables_netns import (
 
 TCP, UDP, SCTP = 6, 17, 132
 
-if os.geteuid() != 0 or shutil.which("iptables-legacy-restore") is None or shutil.which("ipset") is None:
-    pytest.skip("needs root, iptables-legacy-restore and ipset", allow_module_level=True)
+pytestmark = pytest.mark.needs("iptables-legacy", "ipset")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ dataplane only (see test_bpf_packets.py for the tables).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +21,12 @@ from typing import Any, Protocol
 import pytest
 
 from agent.dataplane.types import DirectionPolicy, Endpoint, NodeState
+from agent.lab import wiring
 from tests.privileged.bpf_netns import PYTHON, Node, Pod, in_netns, ip, sh
 
 scapy = pytest.importorskip("scapy.all", reason="needs scapy (the test extra)")
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"), reason="needs root and bpffs at /sys/fs/bpf"
-)
+pytestmark = pytest.mark.needs("bpffs")
 
 TOOL = Path(__file__).with_name("l2_tool.py")
 BRIDGE = "pfbbr1"
@@ -46,14 +44,8 @@ class Plane(Protocol):
 def bridged() -> Iterator[Node]:
     """Three pods as ports of one bridge; IPv4 /24 and IPv6 /64 on the bridge's subnet."""
     node = Node()
-    sh("ip", "netns", "add", node.netns)
     try:
-        node.run("ip", "link", "set", "lo", "up")
-        node.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        node.run("ip", "link", "add", BRIDGE, "type", "bridge")
-        node.run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
-        node.run("ip", "-6", "addr", "add", f"{GATEWAY6}/64", "dev", BRIDGE, "nodad")
-        node.run("ip", "link", "set", BRIDGE, "up")
+        node.create_bridge_node(BRIDGE, (f"{GATEWAY}/24", f"{GATEWAY6}/64"))
         for index in (1, 2, 3):
             pod = Pod(
                 index,
@@ -62,19 +54,7 @@ def bridged() -> Iterator[Node]:
                 f"10.4.0.{index + 1}",
                 f"fd00:4::{index + 1}",
             )
-            sh("ip", "netns", "add", pod.netns)
-            node.run(
-                "ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns
-            )
-            node.run("ip", "link", "set", pod.host_if, "master", BRIDGE)
-            node.run("ip", "link", "set", pod.host_if, "up")
-            pod.run("ip", "link", "set", "lo", "up")
-            pod.run("ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
-            pod.run("ip", "-6", "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
-            pod.run("ip", "link", "set", "eth0", "up")
-            pod.ifindex = int(
-                node.run("ip", "-o", "link", "show", "dev", pod.host_if).stdout.split(":", 1)[0]
-            )
+            node.add_bridged(pod, BRIDGE, 24, None, address6=f"{pod.ip6}/64")
             node.pods.append(pod)
         yield node
     finally:
@@ -82,8 +62,7 @@ def bridged() -> Iterator[Node]:
 
 
 def link_mac(pod: Pod) -> str:
-    line = pod.run("ip", "-o", "link", "show", "dev", "eth0").stdout
-    return line.split("link/ether ", 1)[1].split()[0]
+    return wiring.mac(pod.netns, "eth0")
 
 
 def state(node: Node, plane_kind: str, open_ingress: bool = False) -> NodeState:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from agent.lab import wiring
 from agent.lab.prober import Endpoint, Probe, TruthTable, probe_table, run_probes, server_reply
 from agent.lab.scenarios import upstream_pods
 from agent.lab.topology import (
@@ -156,9 +157,7 @@ def test_agents_can_find_pod_interfaces_without_names(lab: Lab) -> None:
             route = run_in_netns(node.netns, ["ip", "route", "get", pod.ip]).stdout
             assert f"dev {pod.host_ifname}" in route
         else:
-            # Not /sys/class/net: sysfs keeps showing the root netns after nsenter --net.
-            link = run_in_netns(pod.netns, ["ip", "-o", "link", "show", "eth0"]).stdout.split()
-            mac = link[link.index("link/ether") + 1]
+            mac = wiring.mac(pod.netns, "eth0")
             fdb = run_in_netns(node.netns, ["bridge", "fdb", "show", "br", "cni0"]).stdout
             assert f"{mac} dev {pod.host_ifname}" in fdb
 

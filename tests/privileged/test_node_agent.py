@@ -9,7 +9,6 @@ is dropped silently, so a deny shows as a timeout).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -24,13 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.lab import wiring
 from tests.readme_tables import documented_metrics, exposition_problems
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8080
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for network namespaces)"
-)
 
 LISTENER = textwrap.dedent(
     f"""
@@ -42,10 +39,6 @@ LISTENER = textwrap.dedent(
         c, _ = s.accept(); c.close()
     """
 )
-
-
-def sh(command: str) -> None:
-    subprocess.run(command, shell=True, check=True, capture_output=True)
 
 
 def free_port() -> int:
@@ -77,31 +70,27 @@ class NodeLab:
 
     def build(self) -> None:
         self._add_netns(self.node)
-        sh(f"ip netns exec {self.node} sysctl -qw net.ipv4.ip_forward=1")
+        wiring.sysctl(self.node, {"net.ipv4.ip_forward": 1})
         # An uplink with the node's address and default route, as on a real node; its peer is
         # in another netns too, so only the route and the address tell it from a pod's veth.
         outside = f"{self.prefix}-out"
         self._add_netns(outside)
-        sh(f"ip -n {self.node} link add up0 type veth peer name eth0 netns {outside}")
-        sh(f"ip -n {self.node} addr add 192.168.77.2/24 dev up0")
-        sh(f"ip -n {self.node} link set up0 up")
-        sh(f"ip -n {outside} link set eth0 up")
-        sh(f"ip -n {self.node} route add default via 192.168.77.1")
+        uplink = wiring.add_veth(self.node, "up0", outside)
+        with wiring.ipr(self.node) as ipr:
+            ipr.addr("add", index=uplink, address="192.168.77.2", prefixlen=24)
+            ipr.route("add", dst="0.0.0.0/0", gateway="192.168.77.1")
         if self.cni == "bridged":
-            sh(f"ip -n {self.node} link add br0 type bridge")
-            sh(f"ip -n {self.node} addr add 10.244.0.1/24 dev br0")
-            sh(f"ip -n {self.node} link set br0 up")
+            wiring.add_bridge(self.node, "br0", "10.244.0.1/24")
             # Bridged traffic through iptables and conntrack, as the bridge CNI plugin sets it.
-            sh(f"ip netns exec {self.node} sysctl -qw net.bridge.bridge-nf-call-iptables=1")
+            wiring.sysctl(self.node, {"net.bridge.bridge-nf-call-iptables": 1})
         self._write(
             "namespace.yaml",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns", "labels": {"name": "ns"}}},
         )
 
     def _add_netns(self, name: str) -> None:
-        sh(f"ip netns add {name}")
+        wiring.create(name)
         self.namespaces.append(name)
-        sh(f"ip -n {name} link set lo up")
 
     def _write(self, filename: str, obj: dict) -> None:
         # JSON is YAML; write atomically so the control service never reads half a file.
@@ -114,23 +103,11 @@ class NodeLab:
         """What a CNI plugin does: netns, veth, address, route or bridge port; podfence is not told."""
         netns = f"{self.prefix}-{name}"
         self._add_netns(netns)
-        host = f"hv{name}"
-        sh(f"ip -n {self.node} link add {host} type veth peer name eth0 netns {netns}")
-        sh(f"ip -n {netns} link set eth0 up")
         if self.cni == "routed":  # ptp/Calico style
-            sh(f"ip -n {self.node} addr add 169.254.1.1/32 dev {host} scope link")
-            sh(f"ip -n {self.node} link set {host} up")
-            sh(f"ip -n {self.node} route add {ip}/32 dev {host}")
-            sh(f"ip -n {netns} addr add {ip}/32 dev eth0")
-            sh(f"ip -n {netns} route add 169.254.1.1/32 dev eth0 scope link")
-            sh(f"ip -n {netns} route add default via 169.254.1.1 dev eth0")
+            wiring.wire_routed(self.node, netns, f"hv{name}", ip)
         else:  # bridge plugin / flannel style
-            sh(f"ip -n {self.node} link set {host} master br0 up")
-            sh(f"ip -n {netns} addr add {ip}/24 dev eth0")
-            sh(f"ip -n {netns} route add default via 10.244.0.1 dev eth0")
-        self.processes.append(
-            subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER])
-        )
+            wiring.wire_bridged(self.node, netns, f"hv{name}", "br0", f"{ip}/24", gateway="10.244.0.1")
+        self.processes.append(subprocess.Popen(wiring.argv_in(netns, [sys.executable, "-c", LISTENER])))
         pod = Pod(name, ip, labels, netns)
         self.pods[name] = pod
         return pod
@@ -162,8 +139,7 @@ class NodeLab:
     def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
         process = subprocess.Popen(
-            # nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs.
-            ["nsenter", f"--net=/run/netns/{self.node}", "--", sys.executable, "-m", "agent.cli", *argv],
+            wiring.argv_in(self.node, [sys.executable, "-m", "agent.cli", *argv]),
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -180,7 +156,7 @@ class NodeLab:
             f"try: socket.create_connection(('{self.pods[dst].ip}', {PORT}), timeout={timeout}).close()\n"
             "except OSError: sys.exit(1)\n"
         )
-        result = subprocess.run(["ip", "netns", "exec", self.pods[src].netns, sys.executable, "-c", code])
+        result = subprocess.run(wiring.argv_in(self.pods[src].netns, [sys.executable, "-c", code]))
         return result.returncode == 0
 
     def fetch(self, url: str) -> tuple[int, str]:
@@ -191,7 +167,7 @@ class NodeLab:
             "print(r.status); print(r.read().decode())\n"
         )
         out = subprocess.run(
-            ["ip", "netns", "exec", self.node, sys.executable, "-c", code], capture_output=True, text=True
+            wiring.argv_in(self.node, [sys.executable, "-c", code]), capture_output=True, text=True
         ).stdout
         status, _, body = out.partition("\n")
         return int(status or 0), body
@@ -206,7 +182,7 @@ class NodeLab:
                     process.kill()
                     process.wait()
         for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            wiring.remove(name)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         # The bpf dataplane keeps its id bookkeeping beside the pins' lifetime, in /run.
         Path(f"/run/podfence/{self.pin_dir.name}.bpf-state.json").unlink(missing_ok=True)
@@ -347,10 +323,10 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
         # Root on the node removes a piece by hand: the agent puts it back (a tc notification or
         # the 5 s state check), counts it and tells `podfence status`.
         if dataplane == "bpf":
-            sh(f"nsenter --net=/run/netns/{lab.node} tc filter del dev hvserver egress")
+            wiring.run_in(lab.node, ["tc", "filter", "del", "dev", "hvserver", "egress"])
             kind = "tc_filter"
         else:
-            sh(f"nsenter --net=/run/netns/{lab.node} iptables-legacy -F PF-TO")
+            wiring.run_in(lab.node, ["iptables-legacy", "-F", "PF-TO"])
             kind = "chain"
         repaired = f'podfence_state_repairs_total{{kind="{kind}"}} 1.0'
         wait_for(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,12 +16,11 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.types import NodeState
+from agent.lab import wiring
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
 from agent.node.reconcile import Reconciler
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for network namespaces)"
-)
+RTNH_F_ONLINK = 4  # the gateway is on the link, whatever the pod's addresses say
 
 
 def sh(*commands: str) -> None:
@@ -31,10 +29,8 @@ def sh(*commands: str) -> None:
 
 
 def ifindex(netns: str, name: str) -> int:
-    out = subprocess.run(
-        ["ip", "-n", netns, "-j", "link", "show", "dev", name], check=True, capture_output=True
-    )
-    return int(json.loads(out.stdout)[0]["ifindex"])
+    with wiring.ipr(netns) as ipr:
+        return wiring.index(ipr, name)
 
 
 class Lab:
@@ -49,24 +45,25 @@ class Lab:
             self.add_netns(name)
 
     def add_netns(self, name: str) -> str:
-        sh(f"ip netns add {name}", f"ip -n {name} link set lo up")
+        wiring.create(name)
         self.namespaces.append(name)
         return name
 
     def pod(self, name: str, host_if: str, ip: str, prefixlen: int, gateway: str | None = None) -> str:
+        """A pod's netns and veth; the host end stays down and unaddressed, for the test to shape."""
         netns = self.add_netns(f"{self.prefix}-{name}")
-        sh(
-            f"ip -n {self.node} link add {host_if} type veth peer name eth0 netns {netns}",
-            f"ip -n {netns} addr add {ip}/{prefixlen} dev eth0",
-            f"ip -n {netns} link set eth0 up",
-        )
-        if gateway:
-            sh(f"ip -n {netns} route add default via {gateway} dev eth0 onlink")
+        wiring.add_veth(self.node, host_if, netns, up=False)
+        with wiring.ipr(netns) as ipr:
+            eth0 = wiring.index(ipr, "eth0")
+            ipr.addr("add", index=eth0, address=ip, prefixlen=prefixlen)
+            ipr.link("set", index=eth0, state="up")
+            if gateway:
+                ipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth0, flags=RTNH_F_ONLINK)
         return netns
 
     def close(self) -> None:
         for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            wiring.remove(name)
 
 
 @pytest.fixture
@@ -353,7 +350,7 @@ def test_lean_link_dump_matches_pyroute2(lab):
         f"ip -n {lab.node} link add hv-b type veth peer name hv-b-peer",  # both ends here: no netnsid
     )
     out = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node}", "--", sys.executable, "-c", LINK_COMPARISON],
+        wiring.argv_in(lab.node, [sys.executable, "-c", LINK_COMPARISON]),
         check=True,
         capture_output=True,
         text=True,

@@ -4,7 +4,6 @@ namespace with kube-proxy's interface, and against a copy of the kernel's IPVS t
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -13,11 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.netns import inside
+from agent.lab import wiring
 from agent.node.kubeproxy import IPVS_INTERFACE, ipvs_signs, warn_if_ipvs
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN for network namespaces)"
-)
 
 # /proc/net/ip_vs with one virtual service (10.96.0.1:443, round robin) and one real server
 IPVS_TABLE = """IP Virtual Server version 1.2.1 (size=4096)
@@ -32,11 +28,11 @@ EMPTY_IPVS_TABLE = "\n".join(IPVS_TABLE.splitlines()[:3]) + "\n"
 @pytest.fixture
 def netns() -> Iterator[str]:
     name = f"pfk-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    wiring.create(name, loopback_up=False)
     try:
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        wiring.remove(name)
 
 
 def test_a_namespace_without_ipvs_shows_no_sign(netns: str, tmp_path: Path) -> None:

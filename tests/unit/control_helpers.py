@@ -45,6 +45,7 @@ from agent.model.objects import (
 )
 from agent.node.sync import SyncClient
 from agent.policy.resolver import Resolver
+from tests.unit import model_builders
 
 WAIT = 10.0
 
@@ -73,13 +74,9 @@ def control_healthy(metrics_port: int) -> bool:
 
 
 def pod(name: str, node: str, ip: str, app: str, namespace: str = "shop") -> Pod:
-    return Pod(
-        namespace=namespace,
-        name=name,
-        node_name=node,
-        labels={"app": app},
-        ips=(ipaddress.ip_address(ip),),
-        ports=(ContainerPort(8080, Protocol.TCP, "http"),),
+    """A pod serving "http" on TCP 8080, labelled app=`app`."""
+    return model_builders.pod(
+        namespace, name, ip, node=node, ports=(ContainerPort(8080, Protocol.TCP, "http"),), app=app
     )
 
 

@@ -39,21 +39,13 @@ from agent.model.objects import (
     PortSpec,
     Protocol,
     Rule,
-    labels_from_dict,
 )
 from agent.policy.evaluator import DirectionVerdict, Verdict, evaluate
 from agent.policy.state import ClusterState
+from tests.unit.model_builders import pod, sel
 
 EVERYTHING = LabelSelector()
 BOTH = frozenset({PolicyType.INGRESS, PolicyType.EGRESS})
-
-
-def sel(**labels: str) -> LabelSelector:
-    return LabelSelector(labels_from_dict(labels))
-
-
-def pod(ns: str, name: str, ip: str, host: bool = False, **labels: str) -> Pod:
-    return Pod(ns, name, "n1", labels=labels, ips=(ipaddress.ip_address(ip),), host_network=host)
 
 
 def cnp(
@@ -78,7 +70,7 @@ ALL_NAMESPACES = ClusterPeer(namespaces=EVERYTHING)
 SHOP = Namespace("shop", {"team": "shop"})
 WEB = pod("shop", "web", "10.0.0.1", app="web")
 CLIENT = pod("shop", "client", "10.0.0.2", app="client")
-NODE_AGENT = pod("kube-system", "agent", "192.168.0.5", host=True)
+NODE_AGENT = pod("kube-system", "agent", "192.168.0.5", host_network=True)
 ALLOW_ALL_NP = NetworkPolicy("shop", "allow-all", EVERYTHING, BOTH, ingress=(Rule(),), egress=(Rule(),))
 DENY_ALL_NP = NetworkPolicy("shop", "deny-all", EVERYTHING, BOTH)
 
@@ -277,9 +269,7 @@ def network_policies(draw: st.DrawFn, index: int) -> NetworkPolicy:
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[list[object], Pod | ipaddress.IPv4Address, Pod, Protocol, int]:
     namespaces = [Namespace(n, draw(st.sampled_from([{}, {"team": "t1"}]))) for n in NAMESPACES]
-    pods = [
-        Pod(ns, name, "n1", labels=draw(LABELS), ips=(ipaddress.ip_address(ip),)) for ns, name, ip in PODS
-    ]
+    pods = [replace(pod(ns, name, ip), labels=draw(LABELS)) for ns, name, ip in PODS]
     cnps = [draw(cluster_policies(i)) for i in range(draw(st.integers(0, 4)))]
     nps = [draw(network_policies(i)) for i in range(draw(st.integers(0, 3)))]
     sources: list[Pod | ipaddress.IPv4Address] = [*pods, ipaddress.IPv4Address("192.0.2.9")]

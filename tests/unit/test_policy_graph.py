@@ -37,6 +37,7 @@ from agent.policy.graph.rules import (
 )
 from agent.policy.graph.selectors import SelectorIndex
 from agent.policy.state import ClusterState
+from tests.unit.model_builders import pod
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
 BOTH = frozenset({PolicyType.INGRESS, PolicyType.EGRESS})
@@ -49,10 +50,6 @@ def policy(
     *, ingress: tuple[Rule, ...] = (), egress: tuple[Rule, ...] = (), types: frozenset[PolicyType] = BOTH
 ) -> NetworkPolicy:
     return NetworkPolicy("x", "p", LabelSelector(), types, ingress, egress)
-
-
-def pod(ns: str, name: str, ip: str, node: str = "n1", **labels: str) -> Pod:
-    return Pod(ns, name, node, dict(labels), (ipaddress.ip_address(ip),))
 
 
 # ---- rules: pure derivations -----------------------------------------------------------------

@@ -45,6 +45,7 @@ from agent.policy.compiled import (
 from agent.policy.evaluator import evaluate
 from agent.policy.resolver import Resolver, identity_id
 from agent.policy.state import ClusterState
+from tests.unit.model_builders import sel
 
 IN, EG = frozenset({PolicyType.INGRESS}), frozenset({PolicyType.EGRESS})
 TCP, UDP, SCTP = Protocol.TCP, Protocol.UDP, Protocol.SCTP
@@ -56,10 +57,6 @@ def ip(text: str) -> IPAddress:
 
 def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text)
-
-
-def sel(**labels: str) -> LabelSelector:
-    return LabelSelector(match_labels=labels_from_dict(labels))
 
 
 def pod(
