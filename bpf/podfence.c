@@ -89,10 +89,7 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
-	if (PF_TCP_NEEDS_SYN && pkt->protocol == PF_IPPROTO_TCP && !(pkt->flags & PF_PKT_MALFORMED) &&
-	    (pkt->tcp_flags & 0x12) != 0x02)
-		reason = PF_DROP_POLICY;  /* not a SYN, and no flow to continue: see PF_TCP_NEEDS_SYN */
-	else if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
+	if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;
@@ -104,6 +101,12 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN)))
 		reason = PF_REASON_ALLOWED;
 	else
+		reason = PF_DROP_POLICY;
+	/* not a SYN, and no flow to continue: see PF_TCP_NEEDS_SYN. Asked after the verdict, not
+	 * before it: splitting on the TCP flags ahead of the policy lookups multiplied the paths the
+	 * verifier walks past its limit (nf_egress_link of the reset build, 2026-12-07) */
+	if (PF_TCP_NEEDS_SYN && reason == PF_REASON_ALLOWED && pkt->protocol == PF_IPPROTO_TCP &&
+	    !(pkt->flags & PF_PKT_MALFORMED) && (pkt->tcp_flags & 0x12) != 0x02)
 		reason = PF_DROP_POLICY;
 
 	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h) */

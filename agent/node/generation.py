@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 GENERATION_DIR = "/run/podfence"  # beside the dataplane state (main.generation_file)
 
 
+def beside_state_file(state_file: Path) -> Path:
+    """The generation file of a dataplane whose state file is `state_file` (bpf: named after the
+    pin directory, so two agents with their own pins in one /run keep their own)."""
+    return state_file.with_name(state_file.name.split(".", 1)[0] + ".enforced-generation")
+
+
+def per_node(dataplane: str, node: str) -> Path:
+    """The generation file of a dataplane without a state file of its own (iptables)."""
+    return Path(GENERATION_DIR) / f"{dataplane}-{node}.enforced-generation"
+
+
 def load_generation(path: Path | None) -> int:
     """The generation saved by a previous run; 0 (accept any) when there is none or it is unreadable."""
     if path is None:

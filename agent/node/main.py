@@ -35,9 +35,9 @@ from agent.dataplane.base import (
     HookRepairing,
 )
 from agent.metrics_http import start_metrics_server
+from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
 from agent.node.flowlog import FlowLogger
-from agent.node.generation import GENERATION_DIR
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
 from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
@@ -292,8 +292,8 @@ def generation_file(args: argparse.Namespace, dataplane: Dataplane) -> Path:
         return Path(args.generation_file)
     state_file = getattr(dataplane, "state_file", None)
     if isinstance(state_file, Path):
-        return state_file.with_name(state_file.name.split(".", 1)[0] + ".enforced-generation")
-    return Path(GENERATION_DIR) / f"{dataplane.name}-{args.node}.enforced-generation"
+        return generation.beside_state_file(state_file)
+    return generation.per_node(dataplane.name, args.node)
 
 
 def _thread(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from pathlib import Path
 
 from agent.dataplane.base import DataplaneError
+from agent.node import generation
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -36,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         from agent.dataplane.bpf.settings import BpfSettings
 
         try:
-            BpfDataplane(BpfSettings(pin_dir=args.pin_dir)).teardown()
+            settings = BpfSettings(pin_dir=args.pin_dir)
+            BpfDataplane(settings).teardown()
+            generation.beside_state_file(settings.state_path).unlink(missing_ok=True)
             print(f"podfence teardown: removed the bpf dataplane's filters, hooks and pins ({args.pin_dir})")
         except (DataplaneError, ImportError, OSError) as exc:
             print(f"podfence teardown: bpf dataplane: {exc}", file=sys.stderr)
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             IptablesDataplane().teardown()
+            for path in Path(generation.GENERATION_DIR).glob(generation.per_node("iptables", "*").name):
+                path.unlink(missing_ok=True)
             print("podfence teardown: removed the iptables dataplane's chains (bridge family's too) and sets")
         except (DataplaneError, ImportError, OSError) as exc:
             print(f"podfence teardown: iptables dataplane: {exc}", file=sys.stderr)

@@ -25,7 +25,8 @@ DENY_INGRESS_X = {
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PODFENCE, *argv], capture_output=True, text=True, timeout=120, check=False)
+    # longer than the 240 s `--lock-wait` below plus the work itself: another lab may hold the lock
+    return subprocess.run([*PODFENCE, *argv], capture_output=True, text=True, timeout=360, check=False)
 
 
 def _blocked_cells(probe_output: str) -> set[tuple[str, str]]:

@@ -24,6 +24,7 @@ import pytest
 from agent.dataplane.base import CapacityError
 from agent.dataplane.bpf import netfilter
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.types import (
     Allow,
     CidrPeer,
@@ -34,6 +35,7 @@ from agent.dataplane.types import (
     NodeState,
 )
 from agent.lab import wiring
+from agent.node import generation
 from agent.node.hookguard import HookGuard
 from tests.privileged.bpf_netns import CLUSTER_IP, CLUSTER_PORT, NODE_IP, TOOL, Node, Pod, in_netns, ip
 
@@ -708,6 +710,10 @@ def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state
     os.unlink(node.state_file)  # and the record of its interfaces is gone
     node.run("iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")  # another tool's
     assert not a.tcp(c.ip, 8080) and not c.tcp(b.ip, 8080)
+    # the generation an agent of this pin directory enforced (agent/node/generation.py)
+    enforced = generation.beside_state_file(BpfSettings(pin_dir=node.pin_dir).state_path)
+    enforced.parent.mkdir(parents=True, exist_ok=True)
+    enforced.write_text("42\n")
     argv = [sys.executable, "-m", "agent.cli", "teardown", "--dataplane", "bpf", "--pin-dir", node.pin_dir]
     done = subprocess.run(
         in_netns(node.netns, *argv), capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
@@ -718,6 +724,7 @@ def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state
         assert "podfence" not in node.run("tc", "filter", "show", "dev", pod.host_if, "ingress").stdout
         assert "podfence" not in node.run("tc", "filter", "show", "dev", pod.host_if, "egress").stdout
     assert not os.path.exists(node.pin_dir)
+    assert not enforced.exists()
     assert "--dport 9 -j ACCEPT" in node.run("iptables", "-S").stdout
 
 
