@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import pytest
 
@@ -34,6 +35,9 @@ def test_the_netfilter_program_of_every_build_passes_the_verifier(
         established_on_change=established_on_change,
         unknown_endpoints=unknown_endpoints,
     )
-    module = loader.compile_module(settings.knobs())
-    fd = netfilter.load_program(module, loader.PROGRAM_NF_EGRESS_LINK)  # raises with the verifier's log
-    os.close(fd)
+    try:
+        module = loader.compile_module(settings.knobs())  # pins its maps under pin_dir
+        fd = netfilter.load_program(module, loader.PROGRAM_NF_EGRESS_LINK)  # raises with the verifier's log
+        os.close(fd)
+    finally:
+        shutil.rmtree(settings.pin_dir, ignore_errors=True)
