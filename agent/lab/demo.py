@@ -86,8 +86,9 @@ def bookinfo_files() -> Iterator[tuple[str, str]]:
 
 
 def admin_documents(name: str) -> list[dict[str, Any]]:
-    """The documents of one file of the cluster administrator's story (bookinfo/admin/)."""
-    text = resources.files("agent.lab").joinpath("bookinfo", "admin", name).read_text()
+    """The documents of one file of the cluster administrator's story (agent/lab/admin/: beside
+    bookinfo/, whose folder holds the application's own policies only)."""
+    text = resources.files("agent.lab").joinpath("admin", name).read_text()
     return [d for d in yaml.safe_load_all(text) if d]
 
 
@@ -246,7 +247,7 @@ class Demo:
     def admin_guardrails(self) -> None:
         """ClusterNetworkPolicy: an Admin-tier Deny that a namespace's allow-all cannot override,
         and a Baseline-tier default deny that a namespace's own NetworkPolicy opens for its pods."""
-        print("namespace owners and the cluster admin (bookinfo/admin/):")
+        print("namespace owners and the cluster admin (agent/lab/admin/):")
         self.change("  the owner of istio-system allows everything into the gateway",
                     {"admin-gateway.yaml": "gateway-owner.yaml"})
         self.expect("client -> ingress:15000 (opened by the owner)", "client",
@@ -271,7 +272,7 @@ class Demo:
         print()
 
     def change(self, what: str, files: dict[str, str | None]) -> None:
-        """Write each source file from bookinfo/admin/ (None: remove it), then wait for every node."""
+        """Write each source file from agent/lab/admin/ (None: remove it), then wait for every node."""
         version = self.podfence.current_version()
         for target, source in files.items():
             if source is None:
