@@ -19,6 +19,7 @@ REQUIREMENTS: dict[str, tuple[str, Callable[[], bool]]] = {
         lambda: shutil.which("iptables-legacy-restore") is not None,
     ),
     "ipset": ("ipset", lambda: shutil.which("ipset") is not None),
+    "conntrack": ("the conntrack tool", lambda: shutil.which("conntrack") is not None),
 }
 
 

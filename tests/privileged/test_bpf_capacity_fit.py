@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -21,10 +19,7 @@ from agent.dataplane.bpf.telemetry import count_entries
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 from tests.privileged.bpf_netns import NODE_IP, Node, Pod, ip
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")  # and root (conftest.py)
 
 TCP = 6
 IDENTITY_OF_POD = {1: 101, 2: 102, 3: 103}

@@ -9,7 +9,6 @@ beyond the bound are dropped as flow_limit, and a's flow keeps working."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,10 +22,7 @@ from tests.privileged.bpf_netns import NODE_IP, Node, Pod
 from tests.privileged.flood_lab import flood, idle_flow_survives_a_flood
 from tests.privileged.test_bpf_traffic import IDENTITY_OF_POD, UDP, endpoint, isolated, state
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")  # and root (conftest.py)
 
 CT_MAX = 1024  # small, so that a flood of FLOOD flows fills it in well under a second
 FLOOD = 20000

@@ -8,9 +8,7 @@ for both, and judged by the datapath's lookup rules (tests/unit/test_bpf_plan.py
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -33,10 +31,7 @@ from agent.policy.compiled import (
 from tests.privileged.bpf_netns import NODE_IP, Node, ip
 from tests.unit.test_bpf_plan import datapath_allows
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")  # and root (conftest.py)
 
 PEERS = 400
 TCP = 6

@@ -10,7 +10,6 @@ opens nothing (the programs hold their maps).
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +26,7 @@ from tests.privileged.bpf_netns import Node
 from tests.privileged.netns_node import wait_until
 from tests.privileged.test_bpf_traffic import endpoint, from_pod, isolated, state
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or not os.path.isdir("/sys/fs/bpf"),
-    reason="needs root, nsenter and bpffs at /sys/fs/bpf",
-)
+pytestmark = pytest.mark.needs("nsenter", "bpffs")  # and root (conftest.py)
 
 TCP = 6
 

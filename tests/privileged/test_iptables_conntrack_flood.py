@@ -10,8 +10,6 @@ flood is admitted and tracked (the control)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -21,10 +19,7 @@ from tests.privileged.flood_lab import idle_flow_survives_a_flood
 from tests.privileged.iptables_netns import NODE_IP, DataplaneWorker, Node
 from tests.privileged.test_iptables_dataplane import UDP, from_pod, isolated, node_state
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("conntrack") is None,
-    reason="needs root and the conntrack tool",
-)
+pytestmark = pytest.mark.needs("conntrack")  # and root (conftest.py)
 
 FLOOD = 400
 BOUND = 64
