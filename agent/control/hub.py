@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agent.control.freshness import Freshness
@@ -390,16 +390,9 @@ class PolicyHub:
                 in_sync = record.connected and record.last_error is None and (
                     record.acked_version >= record.latest_change
                 )
-                nodes[node] = NodeRecord(
-                    acked_version=self._version if in_sync else record.acked_version,
-                    connected=record.connected,
-                    last_error=record.last_error,
-                    rejected_policies=record.rejected_policies,
-                    latest_change=record.latest_change,
-                    disconnected_at=record.disconnected_at,
-                    state_repairs=record.state_repairs,
-                    last_repair=record.last_repair,
-                )
+                # a copy, so that a field added to NodeRecord reaches status without being named here
+                acked = self._version if in_sync else record.acked_version
+                nodes[node] = replace(record, acked_version=acked)
             freshness = self._freshness() if self._freshness is not None else None
             return HubStatus(self._version, nodes, self._source_problems, self._source,
                              len(self._streams), self.draining, freshness)
