@@ -22,6 +22,7 @@ from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.server import (
+    ControlServer,
     ServerSettings,
     ServerTls,
     TlsFiles,
@@ -148,7 +149,7 @@ PODS = [
 @dataclass
 class Control:
     hub: PolicyHub
-    server: grpc.Server
+    server: ControlServer
     port: int
     health: object
     metrics: ControlMetrics
