@@ -172,7 +172,10 @@ class NodeSyncService:
                            bound_node: str | None) -> pb.Hello:
         timeout = self._hello_timeout_s
         try:
-            raw = await asyncio.wait_for(anext(requests, None), timeout)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for drops a cancellation (the
+            # client went away) that arrives as the Hello does, and the stream would go on.
+            async with asyncio.timeout(timeout):
+                raw = await anext(requests, None)
         except TimeoutError:
             self._hub.metrics.streams_refused_total.labels(REASON_HELLO_TIMEOUT).inc()
             raise CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, f"no Hello within {timeout:g} s") from None
