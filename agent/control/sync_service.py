@@ -219,8 +219,8 @@ class NodeSyncService:
         except MalformedMessage as failure:
             log.warning("node %s sent a malformed message: %s", handle.node, failure)
             handle.close(str(failure), client_error=True)
-        except grpc.RpcError:
-            pass  # the stream is gone; grpc cancels the sender too
+        except (grpc.RpcError, grpc.aio.AbortError):
+            pass  # the call is over (the client left, or the sender ended it): nothing to record
         except Exception:  # a bug here must end this stream alone, and say so
             log.exception("node %s: reading its stream failed", handle.node)
             handle.close("internal error reading the stream")

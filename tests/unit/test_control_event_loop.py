@@ -5,6 +5,7 @@ stream's snapshot. Real gRPC over loopback; the agents are raw aio streams on on
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -150,3 +151,24 @@ def test_a_stream_gone_while_its_snapshot_waits_is_not_left_connected(
     wait_until(lambda: "n3" in control.hub.status().nodes, what="the late stream registered")
     wait_until(lambda: not control.hub.status().nodes["n3"].connected, what="the late stream closed")
     assert control.hub.status().streams == 0
+
+
+def test_a_shutdown_drains_every_stream_with_unavailable_and_logs_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ctl = start_control(small_cluster())
+    client = ClientLoop(ctl.target)
+    try:
+        calls = [client.open(f"node-{i}", heartbeat_ms=200) for i in range(5)]
+        for call in calls:
+            assert client.receive(call).WhichOneof("body") == "snapshot"
+        with caplog.at_level(logging.WARNING):
+            ctl.stop()
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    client.receive(call)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        ctl.stop()
+        client.close()
