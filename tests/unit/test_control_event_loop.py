@@ -15,7 +15,14 @@ import pytest
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from tests.unit.control_helpers import Control, allow_from, small_cluster, start_control, wait_until
+from tests.unit.control_helpers import (
+    Control,
+    allow_from,
+    change_held_open,
+    small_cluster,
+    start_control,
+    wait_until,
+)
 
 STREAMS = 100
 
@@ -98,26 +105,12 @@ def test_status_heartbeats_and_other_streams_go_on_while_a_change_is_resolved(
     snapshot = client.receive(idle)
     assert snapshot.WhichOneof("body") == "snapshot"
     client.run(idle.write(pb.AgentMessage(ack=pb.Ack(version=snapshot.version, ok=True))))
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_change() -> None:
-        with control.hub.change() as resolver:
-            resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
-            inside.set()
-            release.wait(20)
-
-    source = threading.Thread(target=slow_change)
-    source.start()
-    try:
-        assert inside.wait(5)
+    with change_held_open(control.hub, allow_from("web-from-client", "web", "client", 9090)):
         newcomer = client.open("n2")  # its snapshot waits for the change, off the loop
         with grpc.insecure_channel(control.target) as channel:
             status = pb_grpc.ControlStatusStub(channel).GetStatus(pb.StatusRequest(), timeout=2)
         assert status.nodes["n1"].connected and status.nodes["n1"].applied_version == snapshot.version
         assert client.receive(idle, timeout=2).HasField("heartbeat")
-    finally:
-        release.set()
-        source.join(5)
     assert client.receive(newcomer).WhichOneof("body") == "snapshot"
     while (message := client.receive(idle)).HasField("heartbeat"):
         pass
@@ -128,25 +121,12 @@ def test_a_stream_gone_while_its_snapshot_waits_is_not_left_connected(
         control: Control, client: ClientLoop) -> None:
     """The agent leaves while the hub computes its snapshot (in the loop's executor): the stream
     the hub then registers is closed again, not left connected with nobody reading it."""
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_change() -> None:
-        with control.hub.change():
-            inside.set()
-            release.wait(20)
-
-    source = threading.Thread(target=slow_change)
-    source.start()
-    try:
-        assert inside.wait(5)
+    with change_held_open(control.hub):
         leaving = client.open("n3")
         wait_until(lambda: control.admission.open_streams == 1 and control.admission.awaiting_hello == 0,
                    what="the stream's Hello read (its snapshot now waits for the change)")
         client.cancel(leaving)
         wait_until(lambda: control.admission.open_streams == 0, what="the stream's slot freed")
-    finally:
-        release.set()
-        source.join(5)
     # The snapshot is computed once the change is out; the stream it registers is closed at once.
     wait_until(lambda: "n3" in control.hub.status().nodes, what="the late stream registered")
     wait_until(lambda: not control.hub.status().nodes["n3"].connected, what="the late stream closed")

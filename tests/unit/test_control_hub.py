@@ -15,7 +15,7 @@ from agent.control.metrics import ControlMetrics
 from agent.dataplane.types import IdentityPeer
 from agent.node.sync import DecodeCache, MalformedMessage, apply_message
 from agent.policy.resolver import Resolver
-from tests.unit.control_helpers import allow_from, pod, small_cluster
+from tests.unit.control_helpers import allow_from, change_held_open, pod, small_cluster
 
 
 def make_hub(max_pending: int = 32) -> PolicyHub:
@@ -196,18 +196,7 @@ def test_acks_status_and_closes_go_on_while_a_change_is_being_resolved():
     first = n1.next(0)
     assert first is not None
     n1.mark_sent(first.version, first.policy)
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_change() -> None:
-        with hub.change() as resolver:
-            resolver.upsert(allow_from("web-from-client", "web", "client", 9090))
-            inside.set()
-            release.wait(10)
-
-    source = threading.Thread(target=slow_change)
-    source.start()
-    try:
-        assert inside.wait(5)
+    with change_held_open(hub, allow_from("web-from-client", "web", "client", 9090)):
         done = threading.Event()
 
         def loop_side() -> None:
@@ -222,9 +211,6 @@ def test_acks_status_and_closes_go_on_while_a_change_is_being_resolved():
         assert status.nodes["n1"].acked_version == status.version  # in sync before the change lands
         assert status.nodes["n1"].state_repairs == 1
         assert not status.nodes["n2"].connected
-    finally:
-        release.set()
-        source.join(5)
     update = n1.next(0)
     assert update is not None and update.version == hub.version, "the change still reaches n1"
     assert hub.status().nodes["n1"].acked_version < hub.version, "not acked yet"
