@@ -39,6 +39,7 @@ from agent.control.balance import SHUTTING_DOWN
 from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
+from agent.policy.compiled import NodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +268,10 @@ class NodeSyncService:
                     timer.cancel()
                 continue
             if item.snapshot or handle.last_sent is None:
-                started = time.perf_counter()
-                message = snapshot_message(item.version, item.policy)
-                self._hub.metrics.snapshot_build_seconds.observe(
-                    item.build_seconds + time.perf_counter() - started
-                )
+                # Off the loop: a busy node's snapshot (up to max_send_bytes) takes long enough
+                # to encode that every other stream, and status, would wait for it.
+                message, seconds = await _off_loop(_timed_snapshot, item.version, item.policy)
+                self._hub.metrics.snapshot_build_seconds.observe(item.build_seconds + seconds)
             else:
                 message = delta_message(item.version, handle.last_sent, item.policy)
             handle.mark_sent(item.version, item.policy)
@@ -281,6 +281,13 @@ class NodeSyncService:
             message.accepts_state_repairs = True
             last_sent = time.monotonic()
             await context.write(message)
+
+
+def _timed_snapshot(version: int, policy: NodePolicy) -> tuple[pb.ControlMessage, float]:
+    """The snapshot message, and the seconds it took to encode (not those it waited for a thread)."""
+    started = time.perf_counter()
+    message = snapshot_message(version, policy)
+    return message, time.perf_counter() - started
 
 
 def _closing_code(closed: StreamClosed) -> grpc.StatusCode | None:
