@@ -49,7 +49,7 @@ from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.hub import HubStatus, PolicyHub
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
-from agent.control.sync_service import LoopWaker, NodeSyncService, common_names
+from agent.control.sync_service import LoopWaker, NodeSyncService, common_names, off_loop
 from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,8 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
         if self._authenticator is not None:
             # Token mode: an admin user's token sees everything, an agent's token its own node.
             try:
-                # a TokenReview: off the event loop
-                caller = await asyncio.get_running_loop().run_in_executor(
-                    None, self._authenticator.caller, bearer_token(context.invocation_metadata()))
+                token = bearer_token(context.invocation_metadata())
+                caller = await off_loop(self._authenticator.caller, token)  # a TokenReview
             except IdentityError as failure:
                 await context.abort(failure.code, failure.message)
             if caller.admin:

@@ -145,7 +145,7 @@ class NodeSyncService:
             self.admission.greeted(client)
             pending = False
             ready = asyncio.Event()
-            handle = await _off_loop(self._hub.open_stream, hello.node_name, hello.last_applied_version,
+            handle = await off_loop(self._hub.open_stream, hello.node_name, hello.last_applied_version,
                                      self._waker.waker(ready),
                                      undo=lambda opened: self._hub.close_stream(opened, "the stream ended"))
             reader = asyncio.create_task(self._read_messages(requests, handle),
@@ -164,7 +164,7 @@ class NodeSyncService:
             return None
         token = bearer_token(context.invocation_metadata())
         try:
-            return await _off_loop(self._authenticator.agent_node, token)
+            return await off_loop(self._authenticator.agent_node, token)
         except IdentityError as failure:
             self._hub.metrics.streams_refused_total.labels(REASON_IDENTITY).inc()
             raise CallRefused(failure.code, failure.message) from failure
@@ -270,7 +270,7 @@ class NodeSyncService:
             if item.snapshot or handle.last_sent is None:
                 # Off the loop: a busy node's snapshot (up to max_send_bytes) takes long enough
                 # to encode that every other stream, and status, would wait for it.
-                message, seconds = await _off_loop(_timed_snapshot, item.version, item.policy)
+                message, seconds = await off_loop(_timed_snapshot, item.version, item.policy)
                 self._hub.metrics.snapshot_build_seconds.observe(item.build_seconds + seconds)
             else:
                 message = delta_message(item.version, handle.last_sent, item.policy)
@@ -301,7 +301,7 @@ def _closing_code(closed: StreamClosed) -> grpc.StatusCode | None:
     return None
 
 
-async def _off_loop(function: Callable[..., T], *args: object,
+async def off_loop(function: Callable[..., T], *args: object,
                     undo: Callable[[T], None] | None = None) -> T:
     """`function(*args)` in the loop's executor. If the call is cancelled meanwhile (the client
     went away), `undo` is applied to the result once it arrives, so nothing stays registered."""
