@@ -152,3 +152,20 @@ def test_a_shutdown_drains_every_stream_with_unavailable_and_logs_no_error(
     finally:
         ctl.stop()
         client.close()
+
+
+def test_a_message_kind_without_a_handler_ends_only_its_stream(control: Control, client: ClientLoop) -> None:
+    """After Hello each AgentMessage kind goes to its registered handler; a second Hello has none."""
+    bystander = client.open("n1")
+    assert client.receive(bystander).WhichOneof("body") == "snapshot"
+    rude = client.open("n2")
+    assert client.receive(rude).WhichOneof("body") == "snapshot"
+    client.run(rude.write(pb.AgentMessage(hello=pb.Hello(node_name="n2"))))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            client.receive(rude)
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only these messages are allowed: ack, state_repairs" in (ended.value.details() or "")
+    with control.hub.change() as resolver:
+        resolver.upsert(allow_from("web-from-client", "web", "client", 7070))
+    assert client.receive(bystander).WhichOneof("body") == "delta"
