@@ -8,7 +8,8 @@ import datetime
 import ipaddress
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
 from agent.control.server import (
+    ControlServer,
     ServerSettings,
     ServerTls,
     TlsFiles,
@@ -148,7 +150,7 @@ PODS = [
 @dataclass
 class Control:
     hub: PolicyHub
-    server: grpc.Server
+    server: ControlServer
     port: int
     health: object
     metrics: ControlMetrics
@@ -184,6 +186,29 @@ def start_control(
                                          authenticator=authenticator(hub) if authenticator else None)
     server.start()
     return Control(hub, server, port, health, metrics, admission)
+
+
+@contextmanager
+def change_held_open(hub: PolicyHub, *objects: Any) -> Iterator[None]:
+    """A source resolving a long change: `hub.change()` (upserting `objects`) held open in a thread
+    while the block runs; the change is published when the block ends."""
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_change() -> None:
+        with hub.change() as resolver:
+            for obj in objects:
+                resolver.upsert(obj)
+            inside.set()
+            release.wait(20)
+
+    source = threading.Thread(target=slow_change, name="slow-change", daemon=True)
+    source.start()
+    try:
+        assert inside.wait(5), "the change did not start"
+        yield
+    finally:
+        release.set()
+        source.join(5)
 
 
 # --- a recording agent --------------------------------------------------------------------------------
