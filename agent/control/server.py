@@ -41,9 +41,11 @@ from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control.admission import REASON_HELLO_TIMEOUT, REASON_IDENTITY, StreamAdmission, client_identity
 from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.encode import delta_message, snapshot_message
+from agent.control.flow_relay import FlowRelay
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
+from agent.control.observe_service import OBSERVE_SERVICE, FlowObserverService
 from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,18 @@ class ServerSettings:
     keepalive_timeout_ms: int = 10_000
     # Agents ping at most this often while idle (their keepalive must not be shorter).
     min_client_ping_interval_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class ObserveSettings:
+    """The flow relay and who may read it (observe_service.py)."""
+
+    enabled: bool = True  # False: no relay, no FlowObserver, flows refused (as before issue 24)
+    # Certificate CNs or token usernames ("NAMESPACE/NAME" for a service account) that may
+    # observe, besides the status admins.
+    allowed: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False  # without TLS: anyone (the node lab on loopback)
+    relay: FlowRelay | None = None  # None: one with the default bounds
 
 
 class ServerTls(Protocol):
@@ -130,10 +144,11 @@ class NodeSyncService:
 
     def __init__(self, hub: PolicyHub, require_client_cert: bool, settings: ServerSettings | None = None,
                  admission: StreamAdmission | None = None,
-                 authenticator: TokenAuthenticator | None = None) -> None:
+                 authenticator: TokenAuthenticator | None = None, relay: FlowRelay | None = None) -> None:
         self._hub = hub
         self._require_client_cert = require_client_cert
         self._authenticator = authenticator
+        self._relay = relay  # None: flow records are refused like any unknown message
         self._settings = settings or ServerSettings()
         self.admission = admission or stream_admission(self._settings, hub.metrics)
 
@@ -248,6 +263,10 @@ class NodeSyncService:
                 if message.WhichOneof("body") == "state_repairs":
                     self._hub.state_repairs(handle, message.state_repairs.total, message.state_repairs.last)
                     continue
+                if message.WhichOneof("body") == "flows" and self._relay is not None:
+                    # tagged with the node this stream is bound to, never one the agent names
+                    self._relay.publish(handle.node, message.flows)
+                    continue
                 if message.WhichOneof("body") != "ack":
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "after Hello only Acks are allowed")
                 ack = message.ack
@@ -300,6 +319,7 @@ class NodeSyncService:
                 generation=item.source.generation, digest=item.source.digest, replica=self._hub.replica
             ))
             message.accepts_state_repairs = True
+            message.accepts_flows = self._relay is not None
             last_sent = time.monotonic()
             yield message
 
@@ -412,11 +432,13 @@ def create_server(
     admin_names: Collection[str] = (DEFAULT_ADMIN_NAME,),
     admission: StreamAdmission | None = None,
     authenticator: TokenAuthenticator | None = None,
+    observe: ObserveSettings | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too.
     With client certificates, those whose CN is in `admin_names` see all of GetStatus. With an
     `authenticator` (token mode) streams are bound to nodes by service-account tokens instead of
-    certificate names; client certificates then only secure the transport."""
+    certificate names; client certificates then only secure the transport. `observe` sets up the
+    flow relay (ObserveSettings(enabled=False): none, as before issue 24)."""
     settings = settings or ServerSettings()
     options = [
         ("grpc.max_send_message_length", settings.max_send_bytes),
@@ -437,8 +459,10 @@ def create_server(
     client_certs = credentials is not None and credentials.require_client_auth
     if credentials is not None and not client_certs and authenticator is None:
         raise ValueError("without a token authenticator the node identity needs client certificates (a CA)")
+    observe = observe or ObserveSettings()
+    relay = (observe.relay or FlowRelay(hub.metrics, hub.pod_names_by_ip)) if observe.enabled else None
     sync = NodeSyncService(hub, require_client_cert=client_certs, settings=settings,
-                           admission=admission, authenticator=authenticator)
+                           admission=admission, authenticator=authenticator, relay=relay)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
@@ -456,12 +480,18 @@ def create_server(
         ControlStatusService(hub, tls=client_certs, admin_names=admin_names, authenticator=authenticator),
         server
     )
+    if relay is not None:
+        pb_grpc.add_FlowObserverServicer_to_server(FlowObserverService(
+            relay, tls=client_certs, allowed_names=(*admin_names, *observe.allowed),
+            authenticator=authenticator, allowed_users=observe.allowed,
+            allow_unauthenticated=observe.allow_unauthenticated,
+        ), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SYNC_SERVICE, STATUS_SERVICE):
+    for service in ("", SYNC_SERVICE, STATUS_SERVICE, *((OBSERVE_SERVICE,) if relay is not None else ())):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if credentials is not None:
         port = server.add_secure_port(addr, credentials.server_credentials())

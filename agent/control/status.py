@@ -101,7 +101,8 @@ def fetch_status(
                                                             metadata=metadata)
 
 
-def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+def client_credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """The channel credentials the TLS flags ask for (None: plain text), or why they are wrong."""
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
     token_file = getattr(args, "token_file", None)
     if args.insecure:
@@ -123,6 +124,18 @@ def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | No
         return None, f"cannot read TLS files: {exc}"
 
 
+def read_token(args: argparse.Namespace) -> str | None:
+    """The --token-file's token (None without one); OSError when it cannot be read."""
+    token_file = getattr(args, "token_file", None)
+    if not token_file:
+        return None
+    try:
+        with open(token_file) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read --token-file: {exc}") from exc
+
+
 def _read(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -131,14 +144,13 @@ def _read(path: str | None) -> bytes | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    credentials, usage_error = _credentials(args)
+    credentials, usage_error = client_credentials(args)
     token = None
-    if not usage_error and getattr(args, "token_file", None):
+    if not usage_error:
         try:
-            with open(args.token_file) as f:
-                token = f.read().strip()
+            token = read_token(args)
         except OSError as exc:
-            usage_error = f"cannot read --token-file: {exc}"
+            usage_error = str(exc)
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,304 @@
+"""The control service's flow relay (issue 24): agents' flow records in, `podfence observe` out.
+
+Each agent pushes FlowBatches over its Sync stream (server.py); `publish` checks every record
+(a malformed one is counted and dropped, never stored), tags it with the node the stream is
+bound to (whatever the agent wrote there), names the pods that own its addresses from the
+control's own pod cache, keeps it in that node's bounded ring (the newest `ring_size`; late readers
+ask for `since` or `last`) and offers it to every Observe reader whose filter it matches.
+
+Readers never slow the hub or each other: each has its own bounded queue, filled without
+waiting; a record that does not fit is lost for that reader alone, counted, and the next record
+it does get says how many it lost before it (`lost_before`). Publishing costs one pass over the
+readers under the relay's lock, never a network write.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.api import podfence_pb2 as pb
+from agent.control.metrics import ControlMetrics
+
+VERDICTS = ("allowed", "denied", "audit-denied")  # agent/dataplane/flows.py FlowVerdict
+DIRECTIONS = ("ingress", "egress")
+DEFAULT_RING_SIZE = 4096  # records kept per node for late readers
+DEFAULT_READER_QUEUE = 1024  # records waiting for one slow reader before it starts losing them
+DEFAULT_MAX_READERS = 64  # Observe streams at once; each holds a server thread
+DEFAULT_MAX_NODES = 10_000  # rings kept; the node silent longest gives its ring up first
+_MAX_TEXT = 512  # longest string field accepted from an agent
+
+
+class FilterError(ValueError):
+    """An ObserveRequest that cannot be a filter (the caller's mistake: INVALID_ARGUMENT)."""
+
+
+def _peer(text: str, what: str) -> str:
+    """A filter peer: "namespace/pod", "namespace/" or an IP address (normalised)."""
+    if "/" in text:
+        namespace, _, name = text.partition("/")
+        if not namespace or "/" in name:
+            raise FilterError(f"{what} {text!r}: expected NAMESPACE/POD, NAMESPACE/ or an IP address")
+        return text
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise FilterError(f"{what} {text!r}: expected NAMESPACE/POD, NAMESPACE/ or an IP address") from None
+
+
+def _peer_matches(wanted: frozenset[str], address: str, pod: str) -> bool:
+    if address in wanted or pod in wanted:
+        return True
+    return bool(pod) and pod.partition("/")[0] + "/" in wanted
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """What one reader asked for; an empty set matches everything."""
+
+    from_peers: frozenset[str] = frozenset()
+    to_peers: frozenset[str] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    pods: frozenset[str] = frozenset()
+    verdicts: frozenset[str] = frozenset()
+    protocols: frozenset[int] = frozenset()
+    ports: frozenset[int] = frozenset()
+    policies: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_request(cls, request: pb.ObserveRequest) -> FlowFilter:
+        bad = [v for v in request.verdicts if v not in VERDICTS]
+        if bad:
+            raise FilterError(f"unknown verdict {bad[0]!r}; one of {', '.join(VERDICTS)}")
+        for pod in request.pods:
+            namespace, sep, name = pod.partition("/")
+            if not sep or not namespace or not name:
+                raise FilterError(f"pod {pod!r}: expected NAMESPACE/POD")
+        if any(p > 255 for p in request.protocols):
+            raise FilterError("a protocol number above 255")
+        if any(p > 65535 for p in request.ports):
+            raise FilterError("a port above 65535")
+        return cls(
+            from_peers=frozenset(_peer(p, "from") for p in request.from_peers),
+            to_peers=frozenset(_peer(p, "to") for p in request.to_peers),
+            namespaces=frozenset(request.namespaces),
+            pods=frozenset(request.pods),
+            verdicts=frozenset(request.verdicts),
+            protocols=frozenset(request.protocols),
+            ports=frozenset(request.ports),
+            policies=frozenset(request.policies),
+            nodes=frozenset(request.nodes),
+        )
+
+    def matches(self, record: pb.FlowRecord) -> bool:
+        if self.verdicts and record.verdict not in self.verdicts:
+            return False
+        if self.nodes and record.node not in self.nodes:
+            return False
+        if self.protocols and record.protocol not in self.protocols:
+            return False
+        if self.ports and record.source_port not in self.ports and record.destination_port not in self.ports:
+            return False
+        if self.policies and record.policy not in self.policies:
+            return False
+        if self.from_peers and not _peer_matches(self.from_peers, record.source, record.source_pod):
+            return False
+        if self.to_peers and not _peer_matches(self.to_peers, record.destination, record.destination_pod):
+            return False
+        if self.pods and record.source_pod not in self.pods and record.destination_pod not in self.pods:
+            return False
+        if self.namespaces:
+            sides = {record.source_pod.partition("/")[0], record.destination_pod.partition("/")[0]}
+            if not sides & self.namespaces:
+                return False
+        return True
+
+
+def invalid_reason(record: pb.FlowRecord) -> str | None:
+    """Why an agent's record cannot be relayed; None when it can."""
+    if record.verdict not in VERDICTS:
+        return "verdict"
+    if record.direction not in DIRECTIONS:
+        return "direction"
+    if record.protocol > 255 or record.source_port > 65535 or record.destination_port > 65535:
+        return "protocol or port"
+    texts = (record.endpoint, record.reason, record.tier, record.policy, record.rule)
+    if any(len(text) > _MAX_TEXT for text in texts):
+        return "text too long"
+    try:
+        ipaddress.ip_address(record.source)
+        ipaddress.ip_address(record.destination)
+    except ValueError:
+        return "address"
+    return None
+
+
+class Reader:
+    """One Observe stream's bounded queue: filled by `offer` without waiting, drained by `next`."""
+
+    def __init__(self, flow_filter: FlowFilter, max_queued: int) -> None:
+        self.filter = flow_filter
+        self._max = max_queued
+        self._queue: deque[pb.FlowRecord] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._lost = 0  # since the last record handed out
+        self.lost_total = 0
+
+    def offer(self, record: pb.FlowRecord) -> bool:
+        """Queue `record` if there is room; False when it was lost (the reader is too slow)."""
+        with self._cond:
+            if self._closed:
+                return True
+            if len(self._queue) >= self._max:
+                self._lost += 1
+                self.lost_total += 1
+                return False
+            self._queue.append(record)
+            self._cond.notify()
+            return True
+
+    def next(self, timeout: float) -> pb.FlowRecord | None:
+        """The next record (with what was lost before it), or None after `timeout` or once closed."""
+        with self._cond:
+            if not self._queue and not self._closed:
+                self._cond.wait(timeout)
+            if not self._queue:
+                return None
+            record = self._queue.popleft()
+            if self._lost:
+                record = _copy(record)
+                record.lost_before = self._lost
+                self._lost = 0
+            return record
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _copy(record: pb.FlowRecord) -> pb.FlowRecord:
+    fresh = pb.FlowRecord()
+    fresh.CopyFrom(record)
+    return fresh
+
+
+class TooManyReaders(Exception):
+    """The relay holds `max_readers` Observe streams already."""
+
+
+class FlowRelay:
+    """Per-node rings of recent records and the fan-out to Observe readers."""
+
+    def __init__(
+        self,
+        metrics: ControlMetrics,
+        pods_by_ip: Callable[[], Mapping[str, str]] = dict,
+        ring_size: int = DEFAULT_RING_SIZE,
+        reader_queue: int = DEFAULT_READER_QUEUE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        max_nodes: int = DEFAULT_MAX_NODES,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        if ring_size < 1 or reader_queue < 1 or max_readers < 1 or max_nodes < 1:
+            raise ValueError("flow relay bounds must be at least 1")
+        self.metrics = metrics
+        self._pods_by_ip = pods_by_ip
+        self._ring_size = ring_size
+        self._reader_queue = reader_queue
+        self._max_readers = max_readers
+        self._max_nodes = max_nodes
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rings: OrderedDict[str, deque[pb.FlowRecord]] = OrderedDict()
+        self._readers: set[Reader] = set()
+        metrics.watch_flow_readers(self.reader_count)
+
+    def publish(self, node: str, batch: pb.FlowBatch) -> None:
+        """Relays the records `node`'s agent sent; bad ones are counted and left out."""
+        if batch.lost:
+            self.metrics.flow_agent_lost_total.inc(batch.lost)
+        owners = self._pods_by_ip()
+        accepted: list[pb.FlowRecord] = []
+        for record in batch.records:
+            if invalid_reason(record) is not None:
+                self.metrics.flow_records_total.labels("invalid").inc()
+                continue
+            record = _copy(record)  # a stored one must not keep its whole batch alive
+            record.node = node
+            record.source_pod = owners.get(record.source, "")
+            record.destination_pod = owners.get(record.destination, "")
+            record.lost_before = 0
+            accepted.append(record)
+        if not accepted:
+            return
+        self.metrics.flow_records_total.labels("accepted").inc(len(accepted))
+        lost = 0
+        with self._lock:
+            ring = self._rings.get(node)
+            if ring is None:
+                ring = self._rings[node] = deque(maxlen=self._ring_size)
+                while len(self._rings) > self._max_nodes:
+                    self._rings.popitem(last=False)
+            self._rings.move_to_end(node)
+            ring.extend(accepted)
+            for reader in self._readers:
+                for record in accepted:
+                    if reader.filter.matches(record) and not reader.offer(record):
+                        lost += 1
+        if lost:
+            self.metrics.flow_reader_lost_total.inc(lost)
+
+    def subscribe(self, flow_filter: FlowFilter, since_seconds: float = 0.0, last: int = 0,
+                  follow: bool = False) -> tuple[list[pb.FlowRecord], Reader | None]:
+        """The stored records asked for (oldest first) and, with `follow`, a reader registered in
+        the same step, so that nothing falls between the two nor comes twice."""
+        with self._lock:
+            if follow and len(self._readers) >= self._max_readers:
+                raise TooManyReaders(f"{self._max_readers} Observe streams are open already")
+            backlog = self._stored(flow_filter, since_seconds, last)
+            reader = None
+            if follow:
+                reader = Reader(flow_filter, self._reader_queue)
+                self._readers.add(reader)
+        return backlog, reader
+
+    def _stored(self, flow_filter: FlowFilter, since_seconds: float, last: int) -> list[pb.FlowRecord]:
+        if since_seconds <= 0 and last <= 0:
+            return []
+        oldest = self._clock() - int(since_seconds * 1e9) if since_seconds > 0 else None
+        found = [
+            record for ring in self._rings.values() for record in ring
+            if (oldest is None or record.time_ns >= oldest) and flow_filter.matches(record)
+        ]
+        found.sort(key=lambda record: record.time_ns)
+        if oldest is None:
+            found = found[-last:]
+        return found
+
+    def unsubscribe(self, reader: Reader) -> None:
+        reader.close()
+        with self._lock:
+            self._readers.discard(reader)
+
+    def sent(self, count: int = 1) -> None:
+        self.metrics.flow_relayed_total.inc(count)
+
+    def reader_count(self) -> int:
+        with self._lock:
+            return len(self._readers)
+
+    def nodes(self) -> Iterable[str]:
+        with self._lock:
+            return list(self._rings)
