@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agent.control.balance import StreamBalancer
-from agent.control.flow_relay import DEFAULT_RING_SIZE, FlowRelay
+from agent.control.flow_relay import DEFAULT_RING_SIZE
 from agent.control.freshness import Freshness
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.identity import (
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         observe = ObserveSettings(
             allowed=tuple(name.strip() for name in args.observe_allow.split(",") if name.strip()),
             allow_unauthenticated=args.observe_without_identity,
-            relay=FlowRelay(hub.metrics, hub.pod_names_by_ip, ring_size=args.flow_ring),
+            ring_size=args.flow_ring,
         )
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),

@@ -41,7 +41,7 @@ from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control.admission import REASON_HELLO_TIMEOUT, REASON_IDENTITY, StreamAdmission, client_identity
 from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.encode import delta_message, snapshot_message
-from agent.control.flow_relay import FlowRelay
+from agent.control.flow_relay import DEFAULT_MAX_READERS, DEFAULT_READER_QUEUE, DEFAULT_RING_SIZE, FlowRelay
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
@@ -92,7 +92,9 @@ class ObserveSettings:
     # observe, besides the status admins.
     allowed: tuple[str, ...] = ()
     allow_unauthenticated: bool = False  # without TLS: anyone (the node lab on loopback)
-    relay: FlowRelay | None = None  # None: one with the default bounds
+    ring_size: int = DEFAULT_RING_SIZE  # records kept per node for late readers
+    reader_queue: int = DEFAULT_READER_QUEUE  # records waiting for one reader before it loses some
+    max_readers: int = DEFAULT_MAX_READERS  # Observe streams with follow at once
 
 
 class ServerTls(Protocol):
@@ -460,7 +462,9 @@ def create_server(
     if credentials is not None and not client_certs and authenticator is None:
         raise ValueError("without a token authenticator the node identity needs client certificates (a CA)")
     observe = observe or ObserveSettings()
-    relay = (observe.relay or FlowRelay(hub.metrics, hub.pod_names_by_ip)) if observe.enabled else None
+    relay = FlowRelay(hub.metrics, hub.pod_names_by_ip, ring_size=observe.ring_size,
+                      reader_queue=observe.reader_queue, max_readers=observe.max_readers,
+                      ) if observe.enabled else None
     sync = NodeSyncService(hub, require_client_cert=client_certs, settings=settings,
                            admission=admission, authenticator=authenticator, relay=relay)
     server.add_generic_rpc_handlers(
