@@ -192,8 +192,11 @@ def _note_lost(record: pb.FlowRecord, err: TextIO) -> None:
 
 
 def observe(stub: pb_grpc.FlowObserverStub, request: pb.ObserveRequest, output: str, timeout: float,
-            token: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Runs one Observe call and prints what it brings; returns the exit code."""
+            token: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Runs one Observe call and prints what it brings (to stdout and stderr unless given);
+    returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     metadata = [("authorization", f"Bearer {token}")] if token else None
     call = stub.Observe(request, metadata=metadata, timeout=None if request.follow else timeout)
     collected: list[dict[str, Any]] = []
