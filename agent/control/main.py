@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
     )
     parser.add_argument(
-        "--observe-allow", default="", metavar="NAMES",
+        "--observe-allow", default=None, metavar="NAMES",
         help="who may read flow records (podfence observe) besides the status admins: client "
         "certificate CNs, or with token identity TokenReview usernames or NAMESPACE/NAME service "
         "accounts (comma-separated)",
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--replicas must be at least 1, not {args.replicas}")
         if args.flow_ring < 1:
             raise ValueError(f"--flow-ring must be at least 1, not {args.flow_ring}")
-        observe_users(name.strip() for name in args.observe_allow.split(",") if name.strip())
+        observe_users(name.strip() for name in (args.observe_allow or "").split(",") if name.strip())
         if args.observe_without_identity and credentials is not None:
             raise ValueError("--observe-without-identity is for --insecure only (with TLS: --observe-allow)")
     except ValueError as exc:
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         )
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
         observe = ObserveSettings(
-            allowed=tuple(name.strip() for name in args.observe_allow.split(",") if name.strip()),
+            allowed=tuple(name.strip() for name in (args.observe_allow or "").split(",") if name.strip()),
             allow_unauthenticated=args.observe_without_identity,
             ring_size=args.flow_ring,
         )
