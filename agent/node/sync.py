@@ -526,14 +526,17 @@ class SyncClient:
             if self._outgoing is not None and self._repairs_accepted:
                 self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
 
-    def offer_flows(self, batch: pb.FlowBatch) -> bool:
-        """Flow buffer callback: queue `batch` on the open stream; False (keep it) when there is
-        none, its service takes no flows (an older one), or it holds enough unsent batches already."""
+    def offer_flows(self, batch: pb.FlowBatch, wait: float = 0.5) -> bool:
+        """Flow buffer callback: queue `batch` on the open stream, waiting up to `wait` while the
+        stream holds enough unsent batches already (only the buffer's sender waits, never the
+        feed); False (keep it) when there is no stream or its service takes no flows (an older one)."""
         with self._ack_lock:
-            if self._outgoing is None or not self._flows_accepted or self._flow_slots is None:
-                return False
-            if not self._flow_slots.acquire(blocking=False):
-                return False
+            slots = self._flow_slots if self._outgoing is not None and self._flows_accepted else None
+        if slots is None or not slots.acquire(timeout=wait):
+            return False
+        with self._ack_lock:
+            if self._flow_slots is not slots or self._outgoing is None or not self._flows_accepted:
+                return False  # that stream ended meanwhile (its slots go with it)
             self._outgoing.put(pb.AgentMessage(flows=batch))
             return True
 
