@@ -28,7 +28,7 @@ import grpc
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.status import client_credentials, read_token
+from agent.control.status import add_connection_arguments, client_credentials, read_token
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_LAST = 20
@@ -44,14 +44,8 @@ class UsageError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control", required=True, help="control service HOST:PORT")
-    parser.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-*)")
-    parser.add_argument("--tls-cert", help="client certificate (PEM); its CN must be allowed to observe")
-    parser.add_argument("--tls-key", help="client private key (PEM)")
-    parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
-    parser.add_argument("--token-file", metavar="FILE",
-                        help="token identity: a service-account token to present (needs --tls-ca)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the control service")
+    add_connection_arguments(parser, cert_help="client certificate (PEM); its CN must be allowed to observe",
+                             timeout_help="seconds to reach the control service")
     parser.add_argument("--from", dest="from_peers", metavar="PEERS",
                         help="source: NAMESPACE/POD, NAMESPACE/ (any pod of it) or an IP (comma-separated)")
     parser.add_argument("--to", dest="to_peers", metavar="PEERS", help="destination, the same forms")

@@ -38,15 +38,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control", required=True, help="control service HOST:PORT")
+    add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, cert_help: str = "client certificate (PEM)",
+                             timeout_help: str = "seconds before giving up") -> None:
+    """How a client command reaches the control service (status, observe): address, TLS, token."""
+    parser.add_argument("--control", required=True, help="control service HOST:PORT")
     parser.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-*)")
-    parser.add_argument("--tls-cert", help="client certificate (PEM)")
+    parser.add_argument("--tls-cert", help=cert_help)
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
     parser.add_argument("--token-file", metavar="FILE",
                         help="token identity: a service-account token to present (needs --tls-ca)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
+    parser.add_argument("--timeout", type=float, default=5.0, help=timeout_help)
 
 
 def _repairs(status: pb.NodeStatus) -> dict[str, Any]:
