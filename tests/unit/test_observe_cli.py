@@ -175,3 +175,31 @@ def test_follow_prints_new_flows_until_interrupted(fed):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _control_usage(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "control", "--source", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--insecure", "--flow-ring", "0"], "--flow-ring must be at least 1"),
+    (["--insecure", "--observe-allow", "monitoring/flow-ui/extra"], "NAMESPACE/NAME"),
+])
+def test_control_refuses_bad_observe_settings(tmp_path, flags, says):
+    done = _control_usage(tmp_path, *flags)
+    assert done.returncode == 2 and says in done.stderr
+
+
+def test_control_refuses_observe_without_identity_with_tls(tmp_path):
+    ca = TestCA()
+    issued = ca.issue("podfence-control", server=True)
+    files = {"cert.pem": issued.cert, "key.pem": issued.key, "ca.pem": ca.pem}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    source = tmp_path / "objects"
+    source.mkdir()
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+           "--tls-ca", str(tmp_path / "ca.pem")]
+    done = _control_usage(source, *tls, "--observe-without-identity")
+    assert done.returncode == 2 and "--observe-without-identity is for --insecure only" in done.stderr
