@@ -119,23 +119,24 @@ class FlowFilter:
         return True
 
 
-def invalid_reason(record: pb.FlowRecord) -> str | None:
-    """Why an agent's record cannot be relayed; None when it can."""
-    if record.verdict not in VERDICTS:
-        return "verdict"
-    if record.direction not in DIRECTIONS:
-        return "direction"
+def checked(record: pb.FlowRecord) -> pb.FlowRecord | None:
+    """A copy of an agent's record fit to relay (addresses in their one text form, so filters
+    and pod names match however the agent wrote them); None when it is malformed."""
+    if record.verdict not in VERDICTS or record.direction not in DIRECTIONS:
+        return None
     if record.protocol > 255 or record.source_port > 65535 or record.destination_port > 65535:
-        return "protocol or port"
+        return None
     texts = (record.endpoint, record.reason, record.tier, record.policy, record.rule)
     if any(len(text) > _MAX_TEXT for text in texts):
-        return "text too long"
+        return None
     try:
-        ipaddress.ip_address(record.source)
-        ipaddress.ip_address(record.destination)
+        source = str(ipaddress.ip_address(record.source))
+        destination = str(ipaddress.ip_address(record.destination))
     except ValueError:
-        return "address"
-    return None
+        return None
+    fresh = _copy(record)  # a stored record must not keep its whole batch alive
+    fresh.source, fresh.destination = source, destination
+    return fresh
 
 
 class Reader:
@@ -231,11 +232,11 @@ class FlowRelay:
             self.metrics.flow_agent_lost_total.inc(batch.lost)
         owners = self._pods_by_ip()
         accepted: list[pb.FlowRecord] = []
-        for record in batch.records:
-            if invalid_reason(record) is not None:
+        for wire in batch.records:
+            record = checked(wire)
+            if record is None:
                 self.metrics.flow_records_total.labels("invalid").inc()
                 continue
-            record = _copy(record)  # a stored one must not keep its whole batch alive
             record.node = node
             record.source_pod = owners.get(record.source, "")
             record.destination_pod = owners.get(record.destination, "")

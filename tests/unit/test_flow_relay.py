@@ -54,3 +54,14 @@ def test_a_reader_that_left_gets_nothing_more_and_costs_nothing():
     relay.publish("n1", batch(5))
     assert relay.reader_count() == 0 and reader.next(timeout=0) is None
     assert metrics.flow_reader_lost_total._value.get() == 0
+
+
+def test_addresses_are_relayed_in_one_text_form_whatever_the_agent_wrote():
+    relay = FlowRelay(ControlMetrics(), pods_by_ip=lambda: {"fd00::a": "shop/web-1"})
+    wire = batch(1)
+    wire.records[0].source, wire.records[0].destination = "FD00:0:0::B", "fd00:0000::a"
+    relay.publish("n1", wire)
+    (record,), _ = relay.subscribe(FlowFilter(), last=1)
+    assert (record.source, record.destination, record.destination_pod) == ("fd00::b", "fd00::a", "shop/web-1")
+    (found,), _ = relay.subscribe(FlowFilter(from_peers=frozenset({"fd00::b"})), last=1)
+    assert found.source == "fd00::b"
