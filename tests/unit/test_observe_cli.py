@@ -203,3 +203,10 @@ def test_control_refuses_observe_without_identity_with_tls(tmp_path):
            "--tls-ca", str(tmp_path / "ca.pem")]
     done = _control_usage(source, *tls, "--observe-without-identity")
     assert done.returncode == 2 and "--observe-without-identity is for --insecure only" in done.stderr
+
+
+def test_the_agent_refuses_an_empty_flow_buffer():
+    argv = ["agent", "--node", "n1", "--control", "127.0.0.1:1", "--insecure", "--flow-buffer", "0"]
+    done = subprocess.run([sys.executable, "-m", "agent.cli", *argv], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "--flow-buffer must be at least 1" in done.stderr
