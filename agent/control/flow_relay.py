@@ -28,7 +28,7 @@ VERDICTS = ("allowed", "denied", "audit-denied")  # agent/dataplane/flows.py Flo
 DIRECTIONS = ("ingress", "egress")
 DEFAULT_RING_SIZE = 4096  # records kept per node for late readers
 DEFAULT_READER_QUEUE = 1024  # records waiting for one slow reader before it starts losing them
-DEFAULT_MAX_READERS = 64  # Observe streams at once; each holds a server thread
+DEFAULT_MAX_READERS = 16  # Observe --follow streams at once; each holds a thread of the reserve (server.py)
 DEFAULT_MAX_NODES = 10_000  # rings kept; the node silent longest gives its ring up first
 _MAX_TEXT = 512  # longest string field accepted from an agent
 

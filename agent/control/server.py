@@ -66,7 +66,8 @@ class ServerSettings:
     max_receive_bytes: int = 4 * 1024 * 1024
     # Every open stream holds one worker thread. Calls beyond the pool are refused at once
     # (never queued behind idle streams); Sync streams stop `reserved_workers` short of it, so
-    # GetStatus always finds a thread.
+    # GetStatus always finds a thread (and Observe: at most ObserveSettings.max_readers, 16,
+    # of these follow streams at once).
     max_workers: int = 2048
     reserved_workers: int = 48
     # A stream must say Hello this soon; a client may have this many streams awaiting Hello.
