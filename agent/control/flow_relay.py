@@ -122,7 +122,7 @@ class FlowFilter:
 def checked(record: pb.FlowRecord) -> pb.FlowRecord | None:
     """A copy of an agent's record fit to relay (addresses in their one text form, so filters
     and pod names match however the agent wrote them); None when it is malformed."""
-    if record.verdict not in VERDICTS or record.direction not in DIRECTIONS:
+    if record.verdict not in VERDICTS or record.direction not in DIRECTIONS or record.time_ns <= 0:
         return None
     if record.protocol > 255 or record.source_port > 65535 or record.destination_port > 65535:
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from functools import partial
+from typing import Any
 
 import grpc
 import pytest
@@ -141,13 +142,13 @@ def test_malformed_records_are_counted_and_dropped_and_the_rest_relayed(control,
     good = pb.FlowRecord(time_ns=1, endpoint="shop/web-1", direction="ingress", protocol=6,
                          source="10.0.1.11", destination="10.0.1.10", destination_port=8080,
                          verdict="allowed")
-    bad = [pb.FlowRecord(), pb.FlowRecord(verdict="maybe", direction="ingress", source="10.0.0.1",
-                                          destination="10.0.0.2"),
-           pb.FlowRecord(verdict="allowed", direction="ingress", source="not-an-ip", destination="10.0.0.2"),
-           pb.FlowRecord(verdict="allowed", direction="ingress", source="10.0.0.1", destination="10.0.0.2",
-                         destination_port=70000),
-           pb.FlowRecord(verdict="allowed", direction="ingress", source="10.0.0.1", destination="10.0.0.2",
-                         policy="x" * 5000)]
+    fine: dict[str, Any] = {"time_ns": 1, "verdict": "allowed", "direction": "ingress",
+                            "source": "10.0.0.1", "destination": "10.0.0.2"}
+    spoilers: tuple[dict[str, Any], ...] = (
+        {"verdict": "maybe"}, {"direction": "sideways"}, {"source": "not-an-ip"}, {"destination_port": 70000},
+        {"protocol": 256}, {"policy": "x" * 5000}, {"time_ns": -5},
+    )
+    bad = [pb.FlowRecord(), *(pb.FlowRecord(**{**fine, **spoilt}) for spoilt in spoilers)]
     assert n1.agent.client is not None
     wait_until(lambda: n1.agent.client.offer_flows(pb.FlowBatch(records=[*bad, good])), what="the stream")
     (record,) = stored(control, 1)
