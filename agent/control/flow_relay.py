@@ -15,6 +15,7 @@ readers under the relay's lock, never a network write.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,6 +31,9 @@ DEFAULT_RING_SIZE = 4096  # records kept per node for late readers
 DEFAULT_READER_QUEUE = 1024  # records waiting for one slow reader before it starts losing them
 DEFAULT_MAX_READERS = 16  # Observe --follow streams at once; each holds a thread of the reserve (server.py)
 DEFAULT_MAX_NODES = 10_000  # rings kept; the node silent longest gives its ring up first
+# Records stored over all rings (~270 bytes each stored: ~70 MB). Past it, rings shrink to an
+# equal share, so many nodes get smaller rings rather than one unbounded pile.
+DEFAULT_MAX_RECORDS = 262_144
 _MAX_TEXT = 512  # longest string field accepted from an agent
 
 
@@ -210,9 +214,10 @@ class FlowRelay:
         reader_queue: int = DEFAULT_READER_QUEUE,
         max_readers: int = DEFAULT_MAX_READERS,
         max_nodes: int = DEFAULT_MAX_NODES,
+        max_records: int = DEFAULT_MAX_RECORDS,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        if ring_size < 1 or reader_queue < 1 or max_readers < 1 or max_nodes < 1:
+        if min(ring_size, reader_queue, max_readers, max_nodes, max_records) < 1:
             raise ValueError("flow relay bounds must be at least 1")
         self.metrics = metrics
         self._pods_by_ip = pods_by_ip
@@ -220,9 +225,12 @@ class FlowRelay:
         self._reader_queue = reader_queue
         self._max_readers = max_readers
         self._max_nodes = max_nodes
+        self._max_records = max_records
+        self._stored_count = 0
         self._clock = clock
         self._lock = threading.Lock()
-        self._rings: OrderedDict[str, deque[pb.FlowRecord]] = OrderedDict()
+        # Stored serialised, (time_ns, bytes): a parsed record costs ~1.2 KB, its bytes ~200 B.
+        self._rings: OrderedDict[str, deque[tuple[int, bytes]]] = OrderedDict()
         self._readers: set[Reader] = set()
         metrics.watch_flow_readers(self.reader_count)
 
@@ -246,14 +254,19 @@ class FlowRelay:
             return
         self.metrics.flow_records_total.labels("accepted").inc(len(accepted))
         lost = 0
+        stored = [(record.time_ns, record.SerializeToString()) for record in accepted]
         with self._lock:
             ring = self._rings.get(node)
             if ring is None:
                 ring = self._rings[node] = deque(maxlen=self._ring_size)
                 while len(self._rings) > self._max_nodes:
-                    self._rings.popitem(last=False)
+                    _, gone = self._rings.popitem(last=False)
+                    self._stored_count -= len(gone)
             self._rings.move_to_end(node)
-            ring.extend(accepted)
+            before = len(ring)
+            ring.extend(stored)
+            self._stored_count += len(ring) - before
+            self._keep_within_budget(ring)
             for reader in self._readers:
                 for record in accepted:
                     if reader.filter.matches(record) and not reader.offer(record):
@@ -261,32 +274,54 @@ class FlowRelay:
         if lost:
             self.metrics.flow_reader_lost_total.inc(lost)
 
+    def _keep_within_budget(self, publishing: deque[tuple[int, bytes]]) -> None:
+        """Past `max_records`, shrink rings to an equal share: the publishing one first, then the
+        longest silent ones. Some ring is above the share whenever the total is above the budget,
+        and every record trimmed was stored once: the work is bounded by what was published."""
+        if self._stored_count <= self._max_records:
+            return
+        share = max(1, self._max_records // len(self._rings))
+        for ring in itertools.chain((publishing,), self._rings.values()):
+            while len(ring) > share and self._stored_count > self._max_records:
+                ring.popleft()
+                self._stored_count -= 1
+            if self._stored_count <= self._max_records:
+                return
+
     def subscribe(self, flow_filter: FlowFilter, since_seconds: float = 0.0, last: int = 0,
                   follow: bool = False) -> tuple[list[pb.FlowRecord], Reader | None]:
         """The stored records asked for (oldest first) and, with `follow`, a reader registered in
-        the same step, so that nothing falls between the two nor comes twice."""
+        the same step, so that nothing falls between the two nor comes twice. The stored records
+        are parsed and filtered outside the lock: publishing never waits for a reader's query."""
+        oldest = self._clock() - int(since_seconds * 1e9) if since_seconds > 0 else None
+        wanted = since_seconds > 0 or last > 0
         with self._lock:
             if follow and len(self._readers) >= self._max_readers:
                 raise TooManyReaders(f"{self._max_readers} Observe streams are open already")
-            backlog = self._stored(flow_filter, since_seconds, last)
+            candidates = [entry for ring in self._rings.values() for entry in ring
+                          if oldest is None or entry[0] >= oldest] if wanted else []
             reader = None
             if follow:
                 reader = Reader(flow_filter, self._reader_queue)
                 self._readers.add(reader)
-        return backlog, reader
+        candidates.sort(key=lambda entry: entry[0])
+        if oldest is not None:
+            found = [record for record in (pb.FlowRecord.FromString(data) for _, data in candidates)
+                     if flow_filter.matches(record)]
+            return found, reader
+        newest: list[pb.FlowRecord] = []  # the newest `last` that match: parse from the newest back
+        for _, data in reversed(candidates):
+            if len(newest) >= last:
+                break
+            record = pb.FlowRecord.FromString(data)
+            if flow_filter.matches(record):
+                newest.append(record)
+        newest.reverse()
+        return newest, reader
 
-    def _stored(self, flow_filter: FlowFilter, since_seconds: float, last: int) -> list[pb.FlowRecord]:
-        if since_seconds <= 0 and last <= 0:
-            return []
-        oldest = self._clock() - int(since_seconds * 1e9) if since_seconds > 0 else None
-        found = [
-            record for ring in self._rings.values() for record in ring
-            if (oldest is None or record.time_ns >= oldest) and flow_filter.matches(record)
-        ]
-        found.sort(key=lambda record: record.time_ns)
-        if oldest is None:
-            found = found[-last:]
-        return found
+    def stored_count(self) -> int:
+        with self._lock:
+            return self._stored_count
 
     def unsubscribe(self, reader: Reader) -> None:
         reader.close()

@@ -65,3 +65,14 @@ def test_addresses_are_relayed_in_one_text_form_whatever_the_agent_wrote():
     assert (record.source, record.destination, record.destination_pod) == ("fd00::b", "fd00::a", "shop/web-1")
     (found,), _ = relay.subscribe(FlowFilter(from_peers=frozenset({"fd00::b"})), last=1)
     assert found.source == "fd00::b"
+
+
+def test_the_records_of_all_nodes_stay_within_the_budget_shared_out_equally():
+    relay = FlowRelay(ControlMetrics(), ring_size=1000, max_records=1000)
+    for round_ in range(3):
+        for node in range(20):  # 20 nodes of 256 records each, three times over
+            relay.publish(f"n{node}", batch(256, time_ns=round_ + 1))
+            assert relay.stored_count() <= 1000
+    stored, _ = relay.subscribe(FlowFilter(), last=10_000)
+    per_node = {r.node for r in stored}
+    assert len(stored) == relay.stored_count() and len(per_node) == 20  # every node kept some
