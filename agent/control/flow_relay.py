@@ -3,8 +3,9 @@
 Each agent pushes FlowBatches over its Sync stream (server.py); `publish` checks every record
 (a malformed one is counted and dropped, never stored), tags it with the node the stream is
 bound to (whatever the agent wrote there), names the pods that own its addresses from the
-control's own pod cache, keeps it in that node's bounded ring (the newest `ring_size`; late readers
-ask for `since` or `last`) and offers it to every Observe reader whose filter it matches.
+control's own pod cache, keeps it in that node's bounded ring (the newest `ring_size`, within
+one budget for all nodes, `max_records`; late readers ask for `since` or `last`) and offers it
+to every Observe reader whose filter it matches.
 
 Readers never slow the hub or each other: each has its own bounded queue, filled without
 waiting; a record that does not fit is lost for that reader alone, counted, and the next record
