@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent.api import podfence_pb2 as pb
 from agent.control.metrics import ControlMetrics
@@ -147,9 +148,13 @@ def checked(record: pb.FlowRecord) -> pb.FlowRecord | None:
 class Reader:
     """One Observe stream's bounded queue: filled by `offer` without waiting, drained by `next`."""
 
-    def __init__(self, flow_filter: FlowFilter, max_queued: int) -> None:
+    def __init__(self, flow_filter: FlowFilter, max_queued: int,
+                 wake: Callable[[], None] | None = None) -> None:
         self.filter = flow_filter
         self._max = max_queued
+        # An event-loop reader cannot wait on the condition: `wake` (thread-safe, quick) tells it
+        # a record was queued (observe_service.py AsyncFlowObserverService).
+        self._wake = wake
         self._queue: deque[pb.FlowRecord] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -165,9 +170,12 @@ class Reader:
                 self._lost += 1
                 self.lost_total += 1
                 return False
+            was_empty = not self._queue
             self._queue.append(record)
             self._cond.notify()
-            return True
+        if was_empty and self._wake is not None:  # a reader that found none clears, then checks
+            self._wake()
+        return True
 
     def next(self, timeout: float) -> pb.FlowRecord | None:
         """The next record (with what was lost before it), or None after `timeout` or once closed."""
@@ -188,6 +196,8 @@ class Reader:
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
+        if self._wake is not None:
+            self._wake()
 
     @property
     def closed(self) -> bool:
@@ -290,7 +300,8 @@ class FlowRelay:
                 return
 
     def subscribe(self, flow_filter: FlowFilter, since_seconds: float = 0.0, last: int = 0,
-                  follow: bool = False) -> tuple[list[pb.FlowRecord], Reader | None]:
+                  follow: bool = False, wake: Callable[[], None] | None = None,
+                  ) -> tuple[list[pb.FlowRecord], Reader | None]:
         """The stored records asked for (oldest first) and, with `follow`, a reader registered in
         the same step, so that nothing falls between the two nor comes twice. The stored records
         are parsed and filtered outside the lock: publishing never waits for a reader's query."""
@@ -303,7 +314,7 @@ class FlowRelay:
                           if oldest is None or entry[0] >= oldest] if wanted else []
             reader = None
             if follow:
-                reader = Reader(flow_filter, self._reader_queue)
+                reader = Reader(flow_filter, self._reader_queue, wake)
                 self._readers.add(reader)
         candidates.sort(key=lambda entry: entry[0])
         if oldest is not None:
@@ -328,6 +339,11 @@ class FlowRelay:
         reader.close()
         with self._lock:
             self._readers.discard(reader)
+
+    def handle_message(self, handle: Any, message: pb.AgentMessage) -> None:
+        """An AgentMessage handler (the event-loop Sync service's `add_message_handler("flows",
+        ...)`): `handle.node` is the node the stream is bound to."""
+        self.publish(handle.node, message.flows)
 
     def sent(self, count: int = 1) -> None:
         self.metrics.flow_relayed_total.inc(count)

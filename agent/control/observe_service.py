@@ -7,18 +7,27 @@ The status admins (`--admin-cn`, `--admin-users`) are allowed too. A node's cert
 token is not: an agent sees its own flows already. Without TLS there is no caller identity, and
 Observe is refused unless the service was started with `allow_unauthenticated` (the node lab on
 loopback, where anyone who can reach the port can subscribe as any node anyway).
+
+Two servicers over one FlowRelay: FlowObserverService for the thread-pool gRPC server, and
+AsyncFlowObserverService for a grpc.aio server (one event loop): there a reader is woken by the
+relay through the loop instead of waiting on a condition, and what can block (a TokenReview,
+parsing stored records) runs in the loop's executor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from dataclasses import dataclass
 
 import grpc
+import grpc.aio
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.flow_relay import FilterError, FlowFilter, FlowRelay, TooManyReaders
+from agent.control.flow_relay import FilterError, FlowFilter, FlowRelay, Reader, TooManyReaders
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token, service_account_user
 
 log = logging.getLogger(__name__)
@@ -34,28 +43,84 @@ def observe_users(names: Iterable[str]) -> frozenset[str]:
                      for name in names)
 
 
-class FlowObserverService(pb_grpc.FlowObserverServicer):
-    def __init__(self, relay: FlowRelay, tls: bool = False, allowed_names: Collection[str] = (),
+@dataclass(frozen=True)
+class _Caller:
+    """What the call says about its caller, read on the call's own thread or loop."""
+
+    names: frozenset[str]  # client certificate CNs
+    token: str | None
+    peer: str
+
+
+def _caller(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> _Caller:
+    names = frozenset(v.decode(errors="replace") for v in context.auth_context().get("x509_common_name", []))
+    return _Caller(names, bearer_token(context.invocation_metadata()), context.peer())
+
+
+class ObserveAccess:
+    """Who may observe (see the module docstring)."""
+
+    def __init__(self, tls: bool = False, allowed_names: Collection[str] = (),
                  authenticator: TokenAuthenticator | None = None, allowed_users: Collection[str] = (),
                  allow_unauthenticated: bool = False) -> None:
-        self._relay = relay
         self._tls = tls
         self._allowed_names = frozenset(allowed_names)
         self._authenticator = authenticator
         self._allowed_users = observe_users(allowed_users)
         self._allow_unauthenticated = allow_unauthenticated
 
-    def Observe(self, request: pb.ObserveRequest, context: grpc.ServicerContext) -> Iterator[pb.FlowRecord]:
-        refusal = self._refusal(context)
+    def refusal(self, caller: _Caller) -> tuple[grpc.StatusCode, str] | None:
+        """Why `caller` may not observe; None when it may. May block (a TokenReview)."""
+        refusal = self._refusal(caller)
         if refusal is not None:
-            log.warning("refused an Observe call from %s: %s", context.peer(), refusal[1])
+            log.warning("refused an Observe call from %s: %s", caller.peer, refusal[1])
+        return refusal
+
+    def _refusal(self, caller: _Caller) -> tuple[grpc.StatusCode, str] | None:
+        if not self._tls and self._authenticator is None:
+            if self._allow_unauthenticated:
+                return None
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    "observe needs an authenticated caller: this control service runs without TLS")
+        if self._tls and caller.names & self._allowed_names:
+            return None
+        if self._authenticator is not None:
+            try:
+                who = self._authenticator.caller(caller.token)
+            except IdentityError as failure:
+                return failure.code, failure.message
+            if who.admin or who.user in self._allowed_users:
+                return None
+            return grpc.StatusCode.PERMISSION_DENIED, f"{who.user} may not observe flows"
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"client certificate for {sorted(caller.names) or 'no name'} may not observe flows")
+
+
+def _request_filter(request: pb.ObserveRequest) -> FlowFilter | tuple[grpc.StatusCode, str]:
+    """The request's filter, or why it is refused."""
+    if not request.since_seconds >= 0:  # also refuses nan
+        return grpc.StatusCode.INVALID_ARGUMENT, "since_seconds must be >= 0"
+    try:
+        return FlowFilter.from_request(request)
+    except FilterError as exc:
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+
+
+class FlowObserverService(pb_grpc.FlowObserverServicer):
+    """Observe for the thread-pool server: each follow stream waits on its reader's condition."""
+
+    def __init__(self, relay: FlowRelay, access: ObserveAccess) -> None:
+        self._relay = relay
+        self._access = access
+
+    def Observe(self, request: pb.ObserveRequest, context: grpc.ServicerContext) -> Iterator[pb.FlowRecord]:
+        refusal = self._access.refusal(_caller(context))
+        if refusal is not None:
             context.abort(*refusal)
-        try:
-            flow_filter = FlowFilter.from_request(request)
-        except FilterError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not request.since_seconds >= 0:  # also refuses nan
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "since_seconds must be >= 0")
+        flow_filter = _request_filter(request)
+        if not isinstance(flow_filter, FlowFilter):
+            context.abort(*flow_filter)
+            return  # abort raises; this tells the type checker
         try:
             backlog, reader = self._relay.subscribe(flow_filter, request.since_seconds, request.last,
                                                     request.follow)
@@ -76,23 +141,56 @@ class FlowObserverService(pb_grpc.FlowObserverServicer):
             if reader is not None:
                 self._relay.unsubscribe(reader)
 
-    def _refusal(self, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
-        """Why the caller may not observe; None when it may."""
-        if not self._tls and self._authenticator is None:
-            if self._allow_unauthenticated:
-                return None
-            return (grpc.StatusCode.UNAUTHENTICATED,
-                    "observe needs an authenticated caller: this control service runs without TLS")
-        names = {v.decode(errors="replace") for v in context.auth_context().get("x509_common_name", [])}
-        if self._tls and names & self._allowed_names:
-            return None
-        if self._authenticator is not None:
-            try:
-                caller = self._authenticator.caller(bearer_token(context.invocation_metadata()))
-            except IdentityError as failure:
-                return failure.code, failure.message
-            if caller.admin or caller.user in self._allowed_users:
-                return None
-            return grpc.StatusCode.PERMISSION_DENIED, f"{caller.user} may not observe flows"
-        return (grpc.StatusCode.PERMISSION_DENIED,
-                f"client certificate for {sorted(names) or 'no name'} may not observe flows")
+
+class AsyncFlowObserverService(pb_grpc.FlowObserverServicer):
+    """Observe for a grpc.aio server: a follow stream sleeps on an asyncio.Event that the relay
+    sets through the loop when a record is queued for it; nothing here blocks the loop."""
+
+    def __init__(self, relay: FlowRelay, access: ObserveAccess) -> None:
+        self._relay = relay
+        self._access = access
+
+    async def Observe(self, request: pb.ObserveRequest,  # type: ignore[override]
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FlowRecord]:
+        loop = asyncio.get_running_loop()
+        refusal = await loop.run_in_executor(None, self._access.refusal, _caller(context))
+        if refusal is not None:
+            await context.abort(*refusal)
+        flow_filter = _request_filter(request)
+        if not isinstance(flow_filter, FlowFilter):
+            await context.abort(*flow_filter)
+            return
+        queued = asyncio.Event()
+
+        def wake() -> None:  # called by the relay from any thread
+            loop.call_soon_threadsafe(queued.set)
+
+        try:
+            backlog, reader = await loop.run_in_executor(
+                None, lambda: self._relay.subscribe(flow_filter, request.since_seconds, request.last,
+                                                    request.follow, wake))
+        except TooManyReaders as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        try:
+            for record in backlog:
+                yield record
+            self._relay.sent(len(backlog))
+            if reader is not None:
+                async for fresh in self._follow(reader, queued):
+                    yield fresh
+                    self._relay.sent()
+        finally:
+            if reader is not None:
+                self._relay.unsubscribe(reader)
+
+    @staticmethod
+    async def _follow(reader: Reader, queued: asyncio.Event) -> AsyncIterator[pb.FlowRecord]:
+        while not reader.closed:
+            queued.clear()  # first clear, then look: a record queued after the look sets it again
+            fresh = reader.next(timeout=0)
+            if fresh is not None:
+                yield fresh
+                continue
+            with contextlib.suppress(TimeoutError):  # a look now and then, whatever happens
+                await asyncio.wait_for(queued.wait(), _POLL_S)

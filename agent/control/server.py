@@ -45,7 +45,7 @@ from agent.control.flow_relay import DEFAULT_MAX_READERS, DEFAULT_READER_QUEUE, 
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
-from agent.control.observe_service import OBSERVE_SERVICE, FlowObserverService
+from agent.control.observe_service import OBSERVE_SERVICE, FlowObserverService, ObserveAccess
 from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
 log = logging.getLogger(__name__)
@@ -486,11 +486,10 @@ def create_server(
         server
     )
     if relay is not None:
-        pb_grpc.add_FlowObserverServicer_to_server(FlowObserverService(
-            relay, tls=client_certs, allowed_names=(*admin_names, *observe.allowed),
-            authenticator=authenticator, allowed_users=observe.allowed,
-            allow_unauthenticated=observe.allow_unauthenticated,
-        ), server)
+        access = ObserveAccess(tls=client_certs, allowed_names=(*admin_names, *observe.allowed),
+                               authenticator=authenticator, allowed_users=observe.allowed,
+                               allow_unauthenticated=observe.allow_unauthenticated)
+        pb_grpc.add_FlowObserverServicer_to_server(FlowObserverService(relay, access), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
