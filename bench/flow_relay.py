@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.control.server import ObserveSettings
+from agent.control.observe_service import ObserveSettings
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.node.flowbuffer import FlowBuffer
 from tests.unit.control_helpers import RecordingAgent, small_cluster, start_control, wait_until

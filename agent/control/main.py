@@ -31,10 +31,9 @@ from agent.control.identity import (
     service_account_user,
 )
 from agent.control.metrics import ControlMetrics
-from agent.control.observe_service import observe_users
+from agent.control.observe_service import ObserveSettings, observe_users
 from agent.control.server import (
     DEFAULT_ADMIN_NAME,
-    ObserveSettings,
     ServerSettings,
     create_server,
     stop_server,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -27,8 +27,18 @@ import grpc.aio
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.flow_relay import FilterError, FlowFilter, FlowRelay, Reader, TooManyReaders
+from agent.control.flow_relay import (
+    DEFAULT_MAX_READERS,
+    DEFAULT_READER_QUEUE,
+    DEFAULT_RING_SIZE,
+    FilterError,
+    FlowFilter,
+    FlowRelay,
+    Reader,
+    TooManyReaders,
+)
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token, service_account_user
+from agent.control.metrics import ControlMetrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,34 @@ def observe_users(names: Iterable[str]) -> frozenset[str]:
     when malformed), anything else a username as it is."""
     return frozenset(service_account_user(name) if "/" in name and ":" not in name else name
                      for name in names)
+
+
+@dataclass(frozen=True)
+class ObserveSettings:
+    """The flow relay and who may read it."""
+
+    enabled: bool = True  # False: no relay, no FlowObserver, flows refused (as before issue 24)
+    # Certificate CNs or token usernames ("NAMESPACE/NAME" for a service account) that may
+    # observe, besides the status admins.
+    allowed: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False  # without TLS: anyone (the node lab on loopback)
+    ring_size: int = DEFAULT_RING_SIZE  # records kept per node for late readers
+    reader_queue: int = DEFAULT_READER_QUEUE  # records waiting for one reader before it loses some
+    max_readers: int = DEFAULT_MAX_READERS  # Observe streams with follow at once
+
+
+def build_observe(settings: ObserveSettings, metrics: ControlMetrics,
+                  pods_by_ip: Callable[[], Mapping[str, str]], tls: bool, admin_names: Collection[str],
+                  authenticator: TokenAuthenticator | None) -> tuple[FlowRelay | None, ObserveAccess | None]:
+    """The relay and its access rule for a server (both None when `settings` disable flows)."""
+    if not settings.enabled:
+        return None, None
+    relay = FlowRelay(metrics, pods_by_ip, ring_size=settings.ring_size,
+                      reader_queue=settings.reader_queue, max_readers=settings.max_readers)
+    access = ObserveAccess(tls=tls, allowed_names=(*admin_names, *settings.allowed),
+                           authenticator=authenticator, allowed_users=settings.allowed,
+                           allow_unauthenticated=settings.allow_unauthenticated)
+    return relay, access
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control.admission import REASON_HELLO_TIMEOUT, REASON_IDENTITY, StreamAdmission, client_identity
 from agent.control.balance import SHUTTING_DOWN, drain
 from agent.control.encode import delta_message, snapshot_message
-from agent.control.flow_relay import DEFAULT_MAX_READERS, DEFAULT_READER_QUEUE, DEFAULT_RING_SIZE, FlowRelay
+from agent.control.flow_relay import FlowRelay
 from agent.control.hub import AckError, HubStatus, PolicyHub, StreamClosed, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
-from agent.control.observe_service import OBSERVE_SERVICE, FlowObserverService, ObserveAccess
+from agent.control.observe_service import OBSERVE_SERVICE, FlowObserverService, ObserveSettings, build_observe
 from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
 log = logging.getLogger(__name__)
@@ -82,20 +82,6 @@ class ServerSettings:
     keepalive_timeout_ms: int = 10_000
     # Agents ping at most this often while idle (their keepalive must not be shorter).
     min_client_ping_interval_ms: int = 10_000
-
-
-@dataclass(frozen=True)
-class ObserveSettings:
-    """The flow relay and who may read it (observe_service.py)."""
-
-    enabled: bool = True  # False: no relay, no FlowObserver, flows refused (as before issue 24)
-    # Certificate CNs or token usernames ("NAMESPACE/NAME" for a service account) that may
-    # observe, besides the status admins.
-    allowed: tuple[str, ...] = ()
-    allow_unauthenticated: bool = False  # without TLS: anyone (the node lab on loopback)
-    ring_size: int = DEFAULT_RING_SIZE  # records kept per node for late readers
-    reader_queue: int = DEFAULT_READER_QUEUE  # records waiting for one reader before it loses some
-    max_readers: int = DEFAULT_MAX_READERS  # Observe streams with follow at once
 
 
 class ServerTls(Protocol):
@@ -462,10 +448,8 @@ def create_server(
     client_certs = credentials is not None and credentials.require_client_auth
     if credentials is not None and not client_certs and authenticator is None:
         raise ValueError("without a token authenticator the node identity needs client certificates (a CA)")
-    observe = observe or ObserveSettings()
-    relay = FlowRelay(hub.metrics, hub.pod_names_by_ip, ring_size=observe.ring_size,
-                      reader_queue=observe.reader_queue, max_readers=observe.max_readers,
-                      ) if observe.enabled else None
+    relay, access = build_observe(observe or ObserveSettings(), hub.metrics, hub.pod_names_by_ip,
+                                  tls=client_certs, admin_names=admin_names, authenticator=authenticator)
     sync = NodeSyncService(hub, require_client_cert=client_certs, settings=settings,
                            admission=admission, authenticator=authenticator, relay=relay)
     server.add_generic_rpc_handlers(
@@ -485,10 +469,7 @@ def create_server(
         ControlStatusService(hub, tls=client_certs, admin_names=admin_names, authenticator=authenticator),
         server
     )
-    if relay is not None:
-        access = ObserveAccess(tls=client_certs, allowed_names=(*admin_names, *observe.allowed),
-                               authenticator=authenticator, allowed_users=observe.allowed,
-                               allow_unauthenticated=observe.allow_unauthenticated)
+    if relay is not None and access is not None:
         pb_grpc.add_FlowObserverServicer_to_server(FlowObserverService(relay, access), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,

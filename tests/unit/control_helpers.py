@@ -21,8 +21,8 @@ from cryptography.x509.oid import NameOID
 from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
+from agent.control.observe_service import ObserveSettings
 from agent.control.server import (
-    ObserveSettings,
     ServerSettings,
     ServerTls,
     TlsFiles,

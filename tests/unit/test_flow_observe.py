@@ -15,7 +15,7 @@ import pytest
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.server import ObserveSettings
+from agent.control.observe_service import ObserveSettings
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.node.flowbuffer import FlowBuffer
 from tests.unit.control_helpers import WAIT, RecordingAgent, TestCA, small_cluster, start_control, wait_until

@@ -15,7 +15,7 @@ import pytest
 
 from agent.cli import build_parser
 from agent.control import observe as observe_cmd
-from agent.control.server import ObserveSettings
+from agent.control.observe_service import ObserveSettings
 from agent.dataplane.flows import FlowVerdict
 from tests.unit.control_helpers import TestCA, small_cluster, start_control, wait_until
 from tests.unit.test_flow_observe import OPEN, Node, flow, stored
