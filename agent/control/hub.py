@@ -237,6 +237,7 @@ class PolicyHub:
         # Called with a node's name when its agent acks its first version on a stream (the
         # control service then lifts the node's not-ready taint); must not block.
         self.on_node_applied: Callable[[str], None] | None = None
+        self._pods_by_ip: tuple[int, dict[str, str]] | None = None  # (version, names)
 
     def set_freshness(self, read: Callable[[], Freshness]) -> None:
         """How recently the source heard from the API server, for `podfence status` and the metrics."""
@@ -311,6 +312,17 @@ class PolicyHub:
         """A live pod of the source (the pod cache token identity binds agents by)."""
         with self._resolver_lock:
             return self._resolver.state.pods.get(f"{namespace}/{name}")
+
+    def pod_names_by_ip(self) -> dict[str, str]:
+        """IP -> "namespace/name" of the live pod holding it, for naming flow records' peers;
+        rebuilt at most once per version (the flow relay asks once per batch)."""
+        cached = self._pods_by_ip
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        with self._resolver_lock:
+            names = {ip: pod.key for ip, pod in self._resolver.state.pod_by_ip().items()}
+            self._pods_by_ip = (self._version, names)
+            return names
 
     # --- streams ---------------------------------------------------------------------------------
 

@@ -46,9 +46,15 @@ from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
 from agent.control.admission import StreamAdmission
 from agent.control.balance import SHUTTING_DOWN, drain
-from agent.control.hub import HubStatus, PolicyHub
+from agent.control.hub import HubStatus, PolicyHub, StreamHandle
 from agent.control.identity import IdentityError, TokenAuthenticator, bearer_token
 from agent.control.metrics import ControlMetrics
+from agent.control.observe_service import (
+    OBSERVE_SERVICE,
+    AsyncFlowObserverService,
+    ObserveSettings,
+    build_observe,
+)
 from agent.control.sync_service import LoopWaker, NodeSyncService, common_names, off_loop
 from agent.control.tls_files import TlsFiles as TlsFiles  # re-exported: older imports
 
@@ -230,11 +236,13 @@ def create_server(
     admin_names: Collection[str] = (DEFAULT_ADMIN_NAME,),
     admission: StreamAdmission | None = None,
     authenticator: TokenAuthenticator | None = None,
+    observe: ObserveSettings | None = None,
 ) -> tuple[ControlServer, int, health_aio.HealthServicer]:
     """Builds (not starts) the server bound to `addr` ("host:0" picks a port); returns its port too.
     With client certificates, those whose CN is in `admin_names` see all of GetStatus. With an
     `authenticator` (token mode) streams are bound to nodes by service-account tokens instead of
-    certificate names; client certificates then only secure the transport."""
+    certificate names; client certificates then only secure the transport. `observe` sets up the
+    flow relay (ObserveSettings(enabled=False): none, as before issue 24)."""
     settings = settings or ServerSettings()
     client_certs = credentials is not None and credentials.require_client_auth
     if credentials is not None and not client_certs and authenticator is None:
@@ -244,6 +252,7 @@ def create_server(
         port, health_servicer = control.call(_build(
             control, addr, hub, credentials, settings, admin_names,
             admission or stream_admission(settings, hub.metrics), authenticator, client_certs,
+            observe or ObserveSettings(),
         ))
     except BaseException:
         control.stop(0)
@@ -253,8 +262,8 @@ def create_server(
 
 async def _build(control: ControlServer, addr: str, hub: PolicyHub, credentials: ServerTls | None,
                  settings: ServerSettings, admin_names: Collection[str], admission: StreamAdmission,
-                 authenticator: TokenAuthenticator | None,
-                 client_certs: bool) -> tuple[int, health_aio.HealthServicer]:
+                 authenticator: TokenAuthenticator | None, client_certs: bool,
+                 observe: ObserveSettings) -> tuple[int, health_aio.HealthServicer]:
     """Runs on the server's loop: grpc.aio binds a server to the loop it is created on."""
     options = [
         ("grpc.max_send_message_length", settings.max_send_bytes),
@@ -282,9 +291,20 @@ async def _build(control: ControlServer, addr: str, hub: PolicyHub, credentials:
         ControlStatusService(hub, tls=client_certs, admin_names=admin_names, authenticator=authenticator),
         server,
     )
+    relay, access = build_observe(observe, hub.metrics, hub.pod_names_by_ip, client_certs, admin_names,
+                                  authenticator)
+    if relay is not None and access is not None:
+        flows = relay
+
+        async def relay_flows(handle: StreamHandle, message: pb.AgentMessage) -> None:
+            # off the loop: naming the records' pods may wait for the resolver
+            await off_loop(flows.handle_message, handle, message)
+
+        sync.add_message_handler("flows", relay_flows)
+        pb_grpc.add_FlowObserverServicer_to_server(AsyncFlowObserverService(relay, access), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SYNC_SERVICE, STATUS_SERVICE):
+    for service in ("", SYNC_SERVICE, STATUS_SERVICE, *((OBSERVE_SERVICE,) if relay is not None else ())):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if credentials is not None:
         port = server.add_secure_port(addr, credentials.server_credentials())

@@ -279,6 +279,7 @@ class NodeSyncService:
                 generation=item.source.generation, digest=item.source.digest, replica=self._hub.replica
             ))
             message.accepts_state_repairs = True
+            message.accepts_flows = "flows" in self.message_handlers
             last_sent = time.monotonic()
             await context.write(message)
 

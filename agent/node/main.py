@@ -37,6 +37,8 @@ from agent.dataplane.base import (
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
+from agent.node.flowbuffer import DEFAULT_CAPACITY as DEFAULT_FLOW_BUFFER
+from agent.node.flowbuffer import FlowBuffer
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
@@ -158,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often the rest of podfence's kernel state (tc filters and qdiscs, pins, chains, "
         "ipsets) is verified and repaired; bpf also checks on every tc change notification",
+    )
+    parser.add_argument(
+        "--flow-buffer", type=int, default=DEFAULT_FLOW_BUFFER, metavar="N",
+        help="flow records kept for the control service while they wait for the stream (the newest N; "
+        "older ones are dropped and counted)",
     )
 
 
@@ -330,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.state_check_interval <= 3600:
             interval = args.state_check_interval
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if args.flow_buffer < 1:
+            raise UsageError(f"--flow-buffer must be at least 1, not {args.flow_buffer}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
             raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:
@@ -383,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
                           generation_file=generation_file(args, dataplane),
                           rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
+        # The flow feed's sink (issue 24): records wait here, bounded, for the Sync stream.
+        flow_buffer = FlowBuffer(sync.offer_flows, args.flow_buffer)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
@@ -401,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
         threads.append(_thread("sync", lambda: sync.run(stop), failed, stop))
+        threads.append(_thread("flow-buffer", lambda: flow_buffer.run(stop), failed, stop))
         if hook_guard is not None:
             guard = hook_guard
             threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))

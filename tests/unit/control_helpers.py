@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
+from agent.control.observe_service import ObserveSettings
 from agent.control.server import (
     ControlServer,
     ServerSettings,
@@ -176,6 +177,7 @@ def start_control(
     initial_version: int = 100,
     max_pending: int = 32,
     authenticator: Any = None,
+    observe: ObserveSettings | None = None,
 ) -> Control:
     metrics = ControlMetrics()
     hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
@@ -183,7 +185,8 @@ def start_control(
         resolver.replace_all(objects)
     admission = stream_admission(settings or ServerSettings(), metrics)
     server, port, health = create_server(addr, hub, tls, settings, admission=admission,
-                                         authenticator=authenticator(hub) if authenticator else None)
+                                         authenticator=authenticator(hub) if authenticator else None,
+                                         observe=observe)
     server.start()
     return Control(hub, server, port, health, metrics, admission)
 

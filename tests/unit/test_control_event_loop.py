@@ -165,7 +165,7 @@ def test_a_message_kind_without_a_handler_ends_only_its_stream(control: Control,
         while True:
             client.receive(rude)
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "only these messages are allowed: ack, state_repairs" in (ended.value.details() or "")
+    assert "only these messages are allowed: ack, flows, state_repairs" in (ended.value.details() or "")
     with control.hub.change() as resolver:
         resolver.upsert(allow_from("web-from-client", "web", "client", 7070))
     assert client.receive(bystander).WhichOneof("body") == "delta"
