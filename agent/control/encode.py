@@ -59,7 +59,9 @@ def _encode_allow(entry: AllowEntry) -> pb.Allow:
 
 
 def _tiered(entry: TieredEntry) -> pb.TieredAllow:
-    allow = AllowEntry(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy, entry.rule)
+    allow = AllowEntry(
+        entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy, entry.rule
+    )
     return pb.TieredAllow(allow=_allow(allow), tier=entry.tier, rank=entry.rank, action=entry.action)
 
 

@@ -134,7 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: a quarter of the bpf conntrack map, 16384 connections per address on iptables)",
     )
     parser.add_argument(
-        "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+        "--event-rate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bpf flow records per second per CPU at most",
     )
     parser.add_argument(
         "--hook-check-interval",

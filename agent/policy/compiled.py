@@ -74,7 +74,14 @@ class AllowEntry(_KeyedEntry):
     sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        key = (_peer_sort_key(self.peer), self.protocol, self.port_first, self.port_last, self.policy, self.rule)
+        key = (
+            _peer_sort_key(self.peer),
+            self.protocol,
+            self.port_first,
+            self.port_last,
+            self.policy,
+            self.rule,
+        )
         object.__setattr__(self, "sort_key", key)
 
 

@@ -6,8 +6,24 @@ from __future__ import annotations
 
 from agent.api import podfence_pb2 as pb
 from agent.control.encode import snapshot_message
-from agent.model.cluster_policy import Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, Tier
-from agent.model.objects import LabelSelector, Namespace, NetworkPolicy, Peer, PolicyType, PortSpec, Protocol, Rule
+from agent.model.cluster_policy import (
+    Action,
+    ClusterNetworkPolicy,
+    ClusterPeer,
+    ClusterPort,
+    ClusterRule,
+    Tier,
+)
+from agent.model.objects import (
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Peer,
+    PolicyType,
+    PortSpec,
+    Protocol,
+    Rule,
+)
 from agent.node.sync import apply_message
 from agent.policy.resolver import Resolver
 from tests.unit.model_builders import pod, sel
@@ -54,7 +70,10 @@ def test_each_entry_names_its_rule_fresh_and_after_a_patch() -> None:
         fresh.upsert(obj)
     patched = resolver.node_policy("n1").endpoints["shop/web"]
     assert patched == fresh.node_policy("n1").endpoints["shop/web"]
-    assert {(e.port_first, e.rule) for e in patched.ingress.allows} == {(80, "ingress[0]"), (443, "ingress[1]")}
+    assert {(e.port_first, e.rule) for e in patched.ingress.allows} == {
+        (80, "ingress[0]"),
+        (443, "ingress[1]"),
+    }
     assert len(patched.ingress.allows) == 4  # two identities x two rules
 
 
@@ -75,10 +94,16 @@ def test_cluster_policy_rules_are_named_by_name_else_index_and_cross_the_wire() 
         resolver.upsert(obj)
     node = resolver.node_policy("n1")
     tiered = node.endpoints["shop/web"].ingress.tiered
-    assert {(e.port_first, e.policy, e.rule) for e in tiered} == {(22, "guard", "no-ssh"), (80, "guard", "ingress[1]")}
+    assert {(e.port_first, e.policy, e.rule) for e in tiered} == {
+        (22, "guard", "no-ssh"),
+        (80, "guard", "ingress[1]"),
+    }
 
     wire = pb.ControlMessage.FromString(snapshot_message(1, node).SerializeToString())
     state = apply_message(None, wire)
     endpoint = state.endpoints["shop/web"]
-    assert {(a.port_first, a.rule) for a in endpoint.ingress.allows} == {(80, "ingress[0]"), (443, "ingress[1]")}
+    assert {(a.port_first, a.rule) for a in endpoint.ingress.allows} == {
+        (80, "ingress[0]"),
+        (443, "ingress[1]"),
+    }
     assert {(t.port_first, t.rule) for t in endpoint.ingress.tiered} == {(22, "no-ssh"), (80, "ingress[1]")}

@@ -176,7 +176,9 @@ class ClusterTiers:
             for index, rule in enumerate(policy.ingress if ingress else policy.egress):
                 ranks[policy.tier] += 1
                 label = rule.name or rule_label(ingress, index)
-                yield from self._rule_entries(policy, policy.tier, ranks[policy.tier], rule, label, pod, direction)
+                yield from self._rule_entries(
+                    policy, policy.tier, ranks[policy.tier], rule, label, pod, direction
+                )
 
     def matches_some_peer(self, namespace: str, labels: dict[str, str]) -> bool:
         """Would an identity of (namespace, labels) be named by some `namespaces`/`pods` peer?
