@@ -34,9 +34,11 @@ from agent.dataplane.base import (
     EgressHookReporting,
     HookRepairing,
 )
+from agent.dataplane.flows import FlowRecordSource
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
+from agent.node.flowfeed import FLOW_METRICS_MODES, FlowFeed
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
@@ -98,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-pod-metrics", choices=["on", "off"], default="on",
         help="series per pod (namespace, pod labels); off leaves only the node's totals",
+    )
+    parser.add_argument(
+        "--flow-metrics",
+        choices=list(FLOW_METRICS_MODES),
+        default="verdict",
+        help="podfence_flows_total labels: verdict (and direction), policy (also the deciding policy), none",
     )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
@@ -393,8 +401,9 @@ def run(args: argparse.Namespace) -> int:
         state_interval = args.state_check_interval
         state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
-                               per_pod=args.per_pod_metrics == "on", state_guard=state_guard)
+        collector = register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                                           per_pod=args.per_pod_metrics == "on", state_guard=state_guard,
+                                           flow_metrics=args.flow_metrics)
         server, port = start_metrics_server(
             args.metrics_listen,
             registry,
@@ -417,7 +426,13 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, ConntrackReleasing):
             releaser = ConntrackReleaser(dataplane)
             threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
-        if isinstance(dataplane, DenyEventSource):
+        if isinstance(dataplane, FlowRecordSource):
+            # one reader of the dataplane's records, many sinks (flowfeed.py)
+            feed = FlowFeed(dataplane, [FlowLogger().handle_record])
+            if collector.flows is not None:  # exposed whatever the dataplane, empty without flows
+                feed.add_sink(collector.flows)
+            threads.append(_thread("flow-feed", lambda: feed.run(stop), failed, stop))
+        elif isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
         egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""
