@@ -16,7 +16,7 @@ allow-all or deny-all window opens. Ids and their content survive restarts in a 
 file beside the pins (state_file.py).
 
 The egress verdict runs from netfilter links or an xt_bpf rule (egress_hook.py); counters,
-drop reasons, map usage and deny events are read by telemetry.py.
+drop reasons and map usage are read by telemetry.py, flow records by flow_records.py.
 """
 
 from __future__ import annotations
