@@ -2,8 +2,9 @@
 
 Wiring, in start order: the dataplane (adopting what a previous run pinned, so enforcement never
 pauses), interface discovery and the reconcile loop, the netlink monitor, the metrics server,
-the sync client, and the flow feed (flow records to the deny log and podfence_flows_total). SIGTERM/SIGINT stop the threads and release user-space
-resources; the kernel keeps enforcing the last programmed state (a restart or upgrade adopts it).
+the sync client, and the flow feed (flow records to the deny log and podfence_flows_total).
+SIGTERM/SIGINT stop the threads and release user-space resources; the kernel keeps enforcing the
+last programmed state (a restart or upgrade adopts it).
 
 Exit codes: 0 after a clean stop, 1 on a runtime failure (e.g. BPF unavailable: the message says
 which capability is missing), 2 on bad usage.
