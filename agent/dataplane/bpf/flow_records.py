@@ -80,21 +80,27 @@ class RawFlow:
 
 
 def raw_flow(event: FlowEventStruct) -> RawFlow:
+    return _raw(event, event, event.time_ns, event.verdict)
+
+
+def _raw(where: Any, what: Any, time_ns: int, verdict: int) -> RawFlow:
+    """A RawFlow from the struct naming the flow (`where`: a flow event, or a pf_flow_denied key)
+    and the one saying what decided and how much (`what`: the event, or the key's pending value)."""
     return RawFlow(
-        time_ns=event.time_ns,
-        endpoint_id=event.endpoint_id,
-        direction=event.direction,
-        verdict=event.verdict,
-        reason=event.reason,
-        protocol=event.protocol,
-        source=address_from_bytes(bytes(event.saddr.bytes)),
-        destination=address_from_bytes(bytes(event.daddr.bytes)),
-        source_port=ntohs(event.sport_be),
-        destination_port=ntohs(event.dport_be),
-        policy_id=event.policy_id,
-        verdict_word=event.verdict_word,
-        packets=event.packets,
-        bytes=event.bytes,
+        time_ns=time_ns,
+        endpoint_id=where.endpoint_id,
+        direction=where.direction,
+        verdict=verdict,
+        reason=where.reason,
+        protocol=where.protocol,
+        source=address_from_bytes(bytes(where.saddr.bytes)),
+        destination=address_from_bytes(bytes(where.daddr.bytes)),
+        source_port=ntohs(where.sport_be),
+        destination_port=ntohs(where.dport_be),
+        policy_id=what.policy_id,
+        verdict_word=what.verdict_word,
+        packets=what.packets,
+        bytes=what.bytes,
     )
 
 
@@ -290,22 +296,5 @@ def sweep_denied(module: Any, now_ns: int, interval_ns: int) -> list[RawFlow]:
         except KeyError:
             continue  # evicted meanwhile
         if pending.packets:
-            swept.append(
-                RawFlow(
-                    time_ns=now_ns,
-                    endpoint_id=key.endpoint_id,
-                    direction=key.direction,
-                    verdict=FLOW_DENIED,
-                    reason=key.reason,
-                    protocol=key.protocol,
-                    source=address_from_bytes(bytes(key.saddr.bytes)),
-                    destination=address_from_bytes(bytes(key.daddr.bytes)),
-                    source_port=ntohs(key.sport_be),
-                    destination_port=ntohs(key.dport_be),
-                    policy_id=pending.policy_id,
-                    verdict_word=pending.verdict_word,
-                    packets=pending.packets,
-                    bytes=pending.bytes,
-                )
-            )
+            swept.append(_raw(key, pending, now_ns, FLOW_DENIED))
     return swept
