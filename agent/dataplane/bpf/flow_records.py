@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.maps import ntohs
 from agent.dataplane.bpf.structs import (
     ACT_ACCEPT,
@@ -284,13 +285,20 @@ class FlowEvents:
 
 def sweep_denied(module: Any, now_ns: int, interval_ns: int) -> list[RawFlow]:
     """The pending packets of denied flows quiet for `interval_ns`, their entries deleted (the
-    flow's next denied packet starts a new record). A packet the datapath counts between the
-    read and the delete is lost to the records (a window of one syscall)."""
+    flow's next denied packet starts a new record). Read in batches (ctbound.lookup_batches): a
+    full map is a few syscalls, then one delete per quiet flow. A packet the datapath counts
+    between the read and the delete is lost to the records (a window of one syscall)."""
     table = module[b"pf_flow_denied"]
+    quiet = []
+    for keys, values, count in ctbound.lookup_batches(table):
+        for index in range(count):
+            pending = values[index]
+            if now_ns - pending.recorded_ns >= interval_ns:  # copies: the buffers are reused
+                quiet.append(
+                    (type(keys[index]).from_buffer_copy(keys[index]), type(pending).from_buffer_copy(pending))
+                )
     swept = []
-    for key, pending in list(table.items()):
-        if now_ns - pending.recorded_ns < interval_ns:
-            continue
+    for key, pending in quiet:
         try:
             del table[key]
         except KeyError:
