@@ -42,7 +42,7 @@ def tier_runs(entries: tuple[TieredAllow, ...], tier: int) -> list[tuple[int, tu
         action = entry.action
         if tier == TIER_BASELINE and action == ACTION_PASS:
             action = ACTION_ACCEPT
-        allow = Allow(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy)
+        allow = Allow(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy, entry.rule)
         if runs and runs[-1][0] == action:
             runs[-1][1].append(allow)
         else:
