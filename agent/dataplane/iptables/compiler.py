@@ -45,7 +45,17 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.dataplane.flows import FlowVerdict
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
+from agent.dataplane.iptables.flowrecords import (
+    NO_POLICY,
+    NO_RULE,
+    RuleName,
+    log_chain_name,
+    log_chain_rules,
+    rule_name,
+    rule_ref,
+)
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -157,6 +167,8 @@ class DesiredState:
     set_users: dict[str, set[str]] = field(default_factory=dict)
     # the bridge family's chains for bridged pod ports (bridge.py)
     bridge: BridgeRules = field(default_factory=BridgeRules)
+    # rule_ref -> what it names, for every log chain written (flowrecords.py); empty when off
+    rule_names: dict[int, RuleName] = field(default_factory=dict)
 
 
 def canonical_member(text: str) -> str:
@@ -209,8 +221,10 @@ class _Compiler:
         tcp_needs_syn: bool,
         set_limit: int,
         flows_per_pod: int,
+        flow_group: int | None,
     ) -> None:
         self.state = state
+        self.flow_group = flow_group
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
@@ -336,25 +350,67 @@ class _Compiler:
         parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
 
+    def decided(self, family: int, action: int, name: RuleName) -> str:
+        """The target of a rule that decides for `name`: RETURN (Accept) or DROP (Deny), through
+        the log chain of its rule_ref when flow records are on (flowrecords.py)."""
+        if not self.flow_group:
+            return TARGETS[action]
+        verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
+        ref = rule_ref(name)
+        chain = log_chain_name(verdict, ref)
+        chains = self.out.chains[family]
+        if chain not in chains:
+            chains[chain] = log_chain_rules(verdict, ref, self.flow_group)
+        self.out.rule_names[ref] = name
+        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
+
     def matching(
         self,
         endpoint: Endpoint,
         direction: str,
         family: int,
         allows: tuple[Allow, ...],
-        target: str,
+        target: str | int,
         run: str = "",
+        tier: int = 0,
     ) -> list[str]:
-        """Rules sending what any of `allows` matches to `target`: one set for the many
-        single-port ones (see _grouped_allows), a rule for each other."""
+        """Rules sending what any of `allows` matches to `target`: a rule target, or an action
+        (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (see `decided`). One set for
+        the many single-port ones (see _grouped_allows), a rule for each other; with flow
+        records on, allows are grouped by their rule so that each group's target names it."""
+        if isinstance(target, str) or not self.flow_group:
+            fixed = target if isinstance(target, str) else TARGETS[target]
+            return self._matching(endpoint, direction, family, allows, fixed, run)
+        groups: dict[RuleName, list[Allow]] = {}
+        for allow in allows:
+            groups.setdefault(rule_name(direction, tier, allow), []).append(allow)
+        rules: list[str] = []
+        for index, (name, members) in enumerate(groups.items()):
+            group_run = run if len(groups) == 1 else f"{run}r{index}"
+            rules += self._matching(
+                endpoint, direction, family, tuple(members), self.decided(family, target, name), group_run
+            )
+        return rules
+
+    def _matching(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        allows: tuple[Allow, ...],
+        target: str,
+        run: str,
+    ) -> list[str]:
         side = "src" if direction == INGRESS else "dst"
         rules = []
         grouped, rest = self._grouped_allows(endpoint, direction, family, side, allows, run, target)
         if grouped is not None:
             rules.append(grouped)
+        seen: set[str] = set()
         for allow in rest:
             rule = self._allow_rule(allow, family, side, target)
-            if rule is not None and rule not in rules:
+            if rule is not None and rule not in seen:
+                seen.add(rule)
                 rules.append(rule)
         return rules
 
@@ -386,23 +442,15 @@ class _Compiler:
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
             rules += tiered_rules(self, endpoint, direction, family, policy)
         elif not policy.isolated:
-            rules.append(f"{_comment(ALLOW)} -j RETURN")
+            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
         else:
             if family == 6:
                 # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
                 # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
                 flag = "-s" if side == "src" else "-d"
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows)
-            if grouped is not None:
-                rules.append(grouped)
-            seen: set[str] = set()
-            for allow in rest:
-                rule = self._allow_rule(allow, family, side)
-                if rule is not None and rule not in seen:
-                    seen.add(rule)
-                    rules.append(rule)
-            rules.append(f"{_comment(DENY)} -j DROP")
+            rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
+            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
         self.out.chains[family][name] = rules
@@ -521,6 +569,7 @@ def compile_state(
     tcp_needs_syn: bool = False,
     set_limit: int = DEFAULT_SET_LIMIT,
     flows_per_pod: int = 0,
+    flow_group: int | None = None,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -530,7 +579,11 @@ def compile_state(
     there is no interface to filter yet, and its traffic cannot exist either.
     set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem).
     flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
-    new ones beyond are dropped as denials); 0: no bound."""
+    new ones beyond are dropped as denials); 0: no bound.
+    flow_group: the NFLOG group the deciding rules log new flows to (flowrecords.py); None: no
+    flow records, the deciding rules RETURN or DROP themselves."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod).compile()
+    return _Compiler(
+        state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod, flow_group
+    ).compile()
