@@ -164,7 +164,45 @@ def decode_tuple(payload: bytes) -> Tuple5 | None:
     return None
 
 
-# -- denied packets, added up per flow ------------------------------------------------------------
+# -- allowed flows, once; denied packets, added up per flow ---------------------------------------
+
+ALLOWED_REPEAT_S = 30.0  # an allowed flow's first packet logged again within this: no new record
+
+
+def flow_key(record: FlowRecord) -> tuple[object, ...]:
+    return (
+        record.endpoint, record.direction, record.protocol, record.source, record.destination,
+        record.source_port, record.destination_port, record.rule_ref, record.policy, record.rule,
+    )  # fmt: skip
+
+
+class AllowedFlows:
+    """Allowed flows reported in the last `window_s`. A flow whose packets the next hop drops
+    (the peer's ingress denies it) never gets its conntrack entry confirmed, so each of its
+    packets is NEW again on the sender's side and logged again: one record stands for them."""
+
+    def __init__(
+        self, window_s: float = ALLOWED_REPEAT_S, capacity: int = 65536, clock=time.monotonic
+    ) -> None:  # type: ignore[no-untyped-def]
+        self.window_s = window_s
+        self.capacity = capacity
+        self._clock = clock
+        self._seen: OrderedDict[tuple[object, ...], float] = OrderedDict()
+
+    def first(self, record: FlowRecord) -> bool:
+        """Is this the flow's first record within the window (then it is remembered)?"""
+        now = self._clock()
+        key = flow_key(record)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen < self.window_s:
+            return False
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.capacity or (
+            self._seen and now - next(iter(self._seen.values())) >= self.window_s
+        ):
+            self._seen.popitem(last=False)
+        return True
 
 
 @dataclass
@@ -187,17 +225,10 @@ class DeniedFlows:
         self._clock = clock
         self._flows: OrderedDict[tuple[object, ...], _Denied] = OrderedDict()
 
-    @staticmethod
-    def _key(record: FlowRecord) -> tuple[object, ...]:
-        return (
-            record.endpoint, record.direction, record.protocol, record.source, record.destination,
-            record.source_port, record.destination_port, record.rule_ref, record.policy, record.rule,
-        )  # fmt: skip
-
     def add(self, record: FlowRecord) -> list[FlowRecord]:
         """Records due now because of this denied packet (its flow's first, or an evicted one's)."""
         now = self._clock()
-        key = self._key(record)
+        key = flow_key(record)
         flow = self._flows.get(key)
         if flow is not None:
             flow.packets += record.packets

@@ -63,7 +63,7 @@ _BE32 = struct.Struct(">I")
 COPY_BYTES = 128
 # Kernel-side batching: a message waits at most this long (1/100 s) before it is sent.
 _FLUSH_TIMEOUT_CS = 5
-_RECEIVE_BUFFER = 4 << 20  # socket receive buffer: what queues while the reader is busy
+RECEIVE_BUFFER = 4 << 20  # socket receive buffer: what queues while the reader is busy (~20k messages)
 
 
 class NflogError(OSError):
@@ -145,7 +145,7 @@ class NflogReader:
     `lost` counts messages the kernel dropped (sequence gaps, plus a receive-buffer overrun the
     sequence cannot see yet); `malformed` counts messages that could not be decoded."""
 
-    def __init__(self, group: int) -> None:
+    def __init__(self, group: int, receive_buffer: int = RECEIVE_BUFFER) -> None:
         if not 0 <= group <= 0xFFFF:
             raise ValueError(f"an NFLOG group is 0..65535, not {group}")
         self.group = group
@@ -158,9 +158,9 @@ class NflogReader:
         )
         try:
             try:  # beyond rmem_max: root may (SO_RCVBUFFORCE); else the plain option's ceiling
-                self._sock.setsockopt(socket.SOL_SOCKET, 33, _RECEIVE_BUFFER)  # SO_RCVBUFFORCE
+                self._sock.setsockopt(socket.SOL_SOCKET, 33, receive_buffer)  # SO_RCVBUFFORCE
             except OSError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             self._sock.bind((0, 0))
             self._configure(_attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
             self._configure(
