@@ -94,7 +94,14 @@ def of(records: list[FlowRecord], endpoint: str, direction: str) -> list[FlowRec
     return [r for r in records if r.endpoint == endpoint and r.direction == direction]
 
 
-def test_an_allowed_flow_is_one_record_naming_its_policy_and_rule(node: Node, dataplane: DataplaneWorker) -> None:
+def denied(records: list[FlowRecord]) -> list[FlowRecord]:
+    """The denied records of pod2's ingress (where the tests' denied flows end)."""
+    return [r for r in of(records, "default/pod2", "ingress") if r.verdict == FlowVerdict.DENIED]
+
+
+def test_an_allowed_flow_is_one_record_naming_its_policy_and_rule(
+    node: Node, dataplane: DataplaneWorker
+) -> None:
     p1, p2, _ = node.pods
     dataplane.call("apply", node_state(node, ingress={2: DirectionPolicy(True, (web_allow(p1),))}))
     assert node.probe(p1, "tcp", p2.ip, 80)
@@ -104,13 +111,27 @@ def test_an_allowed_flow_is_one_record_naming_its_policy_and_rule(node: Node, da
 
     [ingress] = of(records, "default/pod2", "ingress")
     assert ingress.verdict == FlowVerdict.ALLOWED
-    assert (ingress.tier, ingress.policy, ingress.rule) == ("networkpolicy", "default/web", "ingress[0]" if HAS_RULE else "")
+    assert (ingress.tier, ingress.policy, ingress.rule) == (
+        "networkpolicy",
+        "default/web",
+        "ingress[0]" if HAS_RULE else "",
+    )
     assert ingress.rule_ref != 0 and ingress.reason == ""
-    assert (ingress.protocol, ingress.source, ingress.destination, ingress.destination_port) == (TCP, p1.ip, p2.ip, 80)
+    assert (ingress.protocol, ingress.source, ingress.destination, ingress.destination_port) == (
+        TCP,
+        p1.ip,
+        p2.ip,
+        80,
+    )
     assert ingress.packets == 1 and ingress.bytes > 0
     # pod1 is selected by no policy: its egress allows everything, and says so
     [egress] = of(records, "default/pod1", "egress")
-    assert (egress.verdict, egress.rule, egress.rule_ref, egress.tier) == (FlowVerdict.ALLOWED, NO_POLICY, 0, "default")
+    assert (egress.verdict, egress.rule, egress.rule_ref, egress.tier) == (
+        FlowVerdict.ALLOWED,
+        NO_POLICY,
+        0,
+        "default",
+    )
     # the handshake's replies and the data are established: no record of theirs
     assert len(records) == 2, records
 
@@ -121,7 +142,6 @@ def test_a_denied_flow_of_n_packets_is_records_summing_to_n(node: Node, dataplan
     count = 7
 
     send_udp(node, p1, p2.ip, 53, count)
-    denied = lambda records: [r for r in of(records, "default/pod2", "ingress") if r.verdict == FlowVerdict.DENIED]  # noqa: E731
     records = collect(dataplane, lambda r: sum(x.packets for x in denied(r)) >= count)
     records += collect(dataplane, lambda r: False, timeout=0.8)  # a late extra record would show here
 
@@ -131,7 +151,12 @@ def test_a_denied_flow_of_n_packets_is_records_summing_to_n(node: Node, dataplan
     assert flow[0].packets == 1  # the first packet is reported at once
     for record in flow:
         assert (record.reason, record.rule, record.rule_ref, record.policy) == ("policy", NO_RULE, 0, "")
-        assert (record.protocol, record.source, record.destination, record.destination_port) == (UDP, p1.ip, p2.ip, 53)
+        assert (record.protocol, record.source, record.destination, record.destination_port) == (
+            UDP,
+            p1.ip,
+            p2.ip,
+            53,
+        )
     # the sender's side allowed every packet (each NEW again: the peer dropped it unconfirmed),
     # yet it is one flow and one record
     assert len(of(records, "default/pod1", "egress")) == 1
@@ -161,7 +186,7 @@ def test_a_denied_flood_is_bounded_counted_and_traffic_flows(node: Node, datapla
     assert node.probe(p1, "tcp", p2.ip, 80)  # the allowed traffic is unaffected
     records = collect(dataplane, lambda r: False, timeout=1.5)
 
-    flow = [r for r in of(records, "default/pod2", "ingress") if r.verdict == FlowVerdict.DENIED]
+    flow = denied(records)
     logged = sum(r.packets for r in flow)
     unlogged = dataplane.call("denied_unlogged")
     assert logged + unlogged == flood  # every denied packet is either in a record or counted
@@ -202,7 +227,9 @@ def test_records_off_leave_the_chains_as_they_were(node: Node) -> None:
     dataplane = DataplaneWorker(node.netns, IptablesDataplane)
     try:
         dataplane.call("start")
-        dataplane.call("apply", node_state(node, ingress={2: DirectionPolicy(True, (web_allow(node.pods[0]),))}))
+        dataplane.call(
+            "apply", node_state(node, ingress={2: DirectionPolicy(True, (web_allow(node.pods[0]),))})
+        )
         saved = node.legacy_save()
         assert "NFLOG" not in saved and "PF-L" not in saved
         assert dataplane.call("poll_flows", 0) == [] and dataplane.call("flows_lost") == 0
