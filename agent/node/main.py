@@ -34,6 +34,7 @@ from agent.dataplane.base import (
     EgressHookReporting,
     HookRepairing,
 )
+from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
@@ -135,6 +136,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+    )
+    parser.add_argument(
+        "--nflog-group",
+        type=int,
+        default=DEFAULT_NFLOG_GROUP,
+        metavar="N",
+        help="iptables: the NFLOG group flow records are logged to and read from (1..65535; 0: no "
+        "flow records, and no deny log)",
     )
     parser.add_argument(
         "--hook-check-interval",
@@ -259,6 +268,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         return IptablesDataplane(
             unknown_endpoints=args.unknown_endpoints,
             established_on_change=args.established_on_change,
+            flow_group=args.nflog_group,
             **bound,
         )
     from agent.dataplane.bpf import BpfDataplane
@@ -330,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.state_check_interval <= 3600:
             interval = args.state_check_interval
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if not 0 <= args.nflog_group <= 0xFFFF:
+            raise UsageError(f"--nflog-group must be 0 (off) to 65535, not {args.nflog_group}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
             raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:

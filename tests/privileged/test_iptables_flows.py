@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import fields
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ def node() -> Iterator[Node]:
         lab.destroy()
 
 
-def worker(node: Node, **options: object) -> DataplaneWorker:
+def worker(node: Node, **options: Any) -> DataplaneWorker:
     factory = functools.partial(IptablesDataplane, flow_group=GROUP, denied_flow_interval_s=0.3, **options)
     dataplane = DataplaneWorker(node.netns, factory)
     dataplane.call("start")
