@@ -5,13 +5,15 @@ real traffic are tested in tests/privileged/test_iptables_flows.py."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import struct
+import time
 
 import pytest
 
 from agent.dataplane.flows import FlowRecord, FlowVerdict
-from agent.dataplane.iptables import nflog
+from agent.dataplane.iptables import IptablesDataplane, nflog
 from agent.dataplane.iptables.compiler import DesiredState, compile_state
 from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
@@ -37,6 +39,7 @@ from agent.dataplane.types import (
     NodeState,
     TieredAllow,
 )
+from agent.node.flowlog import FlowLogger
 from tests.unit.test_iptables_compiler import IFACES, chain_of, state
 
 GROUP = 1247
@@ -273,3 +276,24 @@ def test_no_policy_and_unselected_pods_compile_as_before_when_off() -> None:
     endpoint = Endpoint("ns/c", (ipaddress.ip_address("10.0.0.3"),), ifindex=10)
     off = compile_state(NodeState(1, {"ns/c": endpoint}), IFACES)
     assert "PF-L" not in repr(off.chains) and off.rule_names == {}
+
+
+def test_the_deny_log_takes_denied_records_as_its_events(caplog: pytest.LogCaptureFixture) -> None:
+    class Source:
+        def poll_events(self, timeout_ms: int) -> list[FlowRecord]:
+            return [_record()]
+
+    logger = FlowLogger(Source())
+    with caplog.at_level(logging.INFO, logger="podfence.flow"):
+        for event in Source().poll_events(0):
+            logger.handle(event)
+    assert logger.logged == 1
+    assert "denied UDP 10.1.0.1:1000 -> 10.1.0.2:53 ingress ns/a" in caplog.text
+
+
+def test_records_off_poll_waits_instead_of_spinning() -> None:
+    dataplane = IptablesDataplane()  # no kernel touched: flow_group 0
+    started = time.monotonic()
+    assert dataplane.poll_flows(50) == [] and dataplane.poll_events(50) == []
+    assert time.monotonic() - started >= 0.09
+    assert dataplane.flows_lost() == 0 and dataplane.denied_unlogged() == 0

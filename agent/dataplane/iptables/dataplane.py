@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -493,7 +494,8 @@ class IptablesDataplane:
     # -- flow records (FlowRecordSource; DenyEventSource for the deny log) ----------------------
 
     def poll_flows(self, timeout_ms: int) -> list[FlowRecord]:
-        if self._flows is None:
+        if self._flows is None:  # records off: a poller loop waits instead of spinning
+            time.sleep(max(timeout_ms, 0) / 1000)
             return []
         return self._flows.poll_flows(timeout_ms)
 
@@ -506,6 +508,7 @@ class IptablesDataplane:
     def poll_events(self, timeout_ms: int = 0) -> list[FlowRecord]:
         """Denied flow records: the deny log's events (one per record, not per packet)."""
         if self._flows is None:
+            time.sleep(max(timeout_ms, 0) / 1000)
             return []
         return self._flows.poll_events(timeout_ms)
 

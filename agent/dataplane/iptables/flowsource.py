@@ -17,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from agent.dataplane.base import TemporaryDataplaneError
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
@@ -33,6 +32,7 @@ from agent.dataplane.iptables.nflog import RECEIVE_BUFFER, NflogError, NflogPack
 log = logging.getLogger(__name__)
 
 QUEUE_RECORDS = 8192  # records kept for a consumer between two of its polls
+RETRY_S = 30.0  # after the group could not be bound
 _EGRESS = "egress"
 
 
@@ -72,7 +72,7 @@ def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
         source_port=tuple5.source_port,
         destination_port=tuple5.destination_port,
         verdict=verdict,
-        reason="" if verdict == FlowVerdict.ALLOWED else "policy",
+        reason="policy" if verdict == FlowVerdict.DENIED else "",  # audit-denied passes
         rule_ref=ref if name.decided_by_rule else 0,
         tier=name.tier,
         policy=name.policy,
@@ -112,6 +112,7 @@ class FlowSource:
         self._allowed = AllowedFlows()
         self._reader: NflogReader | None = None
         self._receive_buffer = receive_buffer
+        self._retry_at = 0.0
         self._flows = _Queue()
         self._events = _Queue()
         self._lock = threading.Lock()
@@ -139,15 +140,27 @@ class FlowSource:
     def _poll(self, queue: _Queue, timeout_ms: int) -> list[FlowRecord]:
         with self._lock:
             reader = self._open()
+            if reader is None:
+                time.sleep(max(timeout_ms, 0) / 1000)  # a poller loop must not spin
+                return queue.take()
             self._pump(reader, 0 if queue.records else timeout_ms)
             return queue.take()
 
-    def _open(self) -> NflogReader:
+    def _open(self) -> NflogReader | None:
+        """The reader; None while the group cannot be bound (tried again every RETRY_S, and
+        said so each time: the deny log and the flow feed poll often)."""
         if self._reader is None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return None
             try:
                 self._reader = NflogReader(self.group, self._receive_buffer)
             except NflogError as exc:
-                raise TemporaryDataplaneError(f"flow records: {exc.strerror}") from exc
+                self._retry_at = now + RETRY_S
+                log.warning(
+                    "no flow records for %.0f s: %s", RETRY_S, exc.strerror, extra={"nflog_group": self.group}
+                )
+                return None
             log.info(
                 "reading flow records from NFLOG group %d", self.group, extra={"nflog_group": self.group}
             )
@@ -159,7 +172,7 @@ class FlowSource:
             record = record_of(packet, view)
             if record is None:
                 self.foreign += 1
-            elif record.verdict == FlowVerdict.ALLOWED:
+            elif record.verdict != FlowVerdict.DENIED:  # allowed, audit-denied: its first packet
                 if self._allowed.first(record):
                     self._put(record)
             else:
@@ -170,7 +183,7 @@ class FlowSource:
 
     def _put(self, record: FlowRecord) -> None:
         self._flows.put(record)
-        if record.verdict != FlowVerdict.ALLOWED:
+        if record.verdict == FlowVerdict.DENIED:
             self._events.put(record)
 
 
