@@ -239,3 +239,35 @@ def test_records_off_leave_the_chains_as_they_were(node: Node) -> None:
             dataplane.call("teardown")
         finally:
             dataplane.stop()
+
+
+def test_ipv6_and_bridged_pods_name_their_endpoint(node: Node, dataplane: DataplaneWorker) -> None:
+    p1, p2, _ = node.pods
+    node.in_node("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")  # the dataplane turns it on
+    b1, b2 = node.add_bridged_pod(11), node.add_bridged_pod(12)
+    for pod in (b1, b2):
+        node.serve(pod, tcp=(80,))
+    policy = DirectionPolicy(True, (web_allow(p1), web_allow(b1)))
+    dataplane.call("apply", node_state(node, ingress={2: policy, 5: policy}))
+    assert p2.ip6 is not None
+    assert node.probe(p1, "tcp", p2.ip6, 80)  # IPv6
+    assert node.probe(b1, "tcp", b2.ip, 80)  # bridge to bridge: physdev ports
+    assert not node.probe(p2, "tcp", b2.ip, 80)  # routed into the bridge: the address names it
+
+    def complete(records: list[FlowRecord]) -> bool:
+        return len(of(records, "default/pod5", "ingress")) >= 2 and bool(
+            of(records, "default/pod2", "ingress")
+        )
+
+    records = collect(dataplane, complete)
+    [six] = of(records, "default/pod2", "ingress")
+    assert (six.source, six.destination, six.verdict, six.policy) == (
+        p1.ip6,
+        p2.ip6,
+        FlowVerdict.ALLOWED,
+        "default/web",
+    )
+    bridged = {(r.source, r.verdict) for r in of(records, "default/pod5", "ingress")}
+    assert bridged == {(b1.ip, FlowVerdict.ALLOWED), (p2.ip, FlowVerdict.DENIED)}
+    assert [r.verdict for r in of(records, "default/pod4", "egress")] == [FlowVerdict.ALLOWED]
+    assert not [r for r in records if r.endpoint == ""]
