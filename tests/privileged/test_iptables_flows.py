@@ -6,6 +6,7 @@ worker inside the node netns, where its NFLOG socket listens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -19,7 +20,7 @@ from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE
 from agent.dataplane.types import Allow, DirectionPolicy, IdentityPeer
-from tests.privileged.iptables_netns import DataplaneWorker, Node, Pod
+from tests.privileged.iptables_netns import DataplaneWorker, Node, Pod, running
 from tests.privileged.test_iptables_dataplane import identity_of, node_state
 
 pytestmark = pytest.mark.needs("iptables-legacy", "ipset")
@@ -41,24 +42,20 @@ def node() -> Iterator[Node]:
         lab.destroy()
 
 
-def worker(node: Node, **options: Any) -> DataplaneWorker:
+@contextlib.contextmanager
+def recording(node: Node, **options: Any) -> Iterator[DataplaneWorker]:
+    """A dataplane with flow records on, its NFLOG group bound (what is logged before has no
+    listener), torn down after."""
     factory = functools.partial(IptablesDataplane, flow_group=GROUP, denied_flow_interval_s=0.3, **options)
-    dataplane = DataplaneWorker(node.netns, factory)
-    dataplane.call("start")
-    dataplane.call("poll_flows", 0)  # binds the group: what is logged before has no listener
-    return dataplane
+    with running(node.netns, factory) as dataplane:
+        dataplane.call("poll_flows", 0)
+        yield dataplane
 
 
 @pytest.fixture
 def dataplane(node: Node) -> Iterator[DataplaneWorker]:
-    dataplane = worker(node)
-    try:
+    with recording(node) as dataplane:
         yield dataplane
-    finally:
-        try:
-            dataplane.call("teardown")
-        finally:
-            dataplane.stop()
 
 
 def web_allow(peer: Pod) -> Allow:
@@ -199,8 +196,7 @@ def test_a_denied_flood_is_bounded_counted_and_traffic_flows(node: Node, datapla
 
 def test_new_flows_beyond_the_socket_are_lost_and_counted_exactly(node: Node) -> None:
     p1, p2, _ = node.pods
-    dataplane = worker(node, flow_receive_buffer=16384)  # a few dozen records queue, no more
-    try:
+    with recording(node, flow_receive_buffer=16384) as dataplane:  # a few dozen records queue, no more
         dataplane.call("apply", node_state(node, ingress={2: DirectionPolicy(True, (web_allow(p1),))}))
         flows = 400
         # new allowed flows (one source port each) to pod2's UDP echo... denied at pod2: udp/53 is
@@ -217,28 +213,15 @@ def test_new_flows_beyond_the_socket_are_lost_and_counted_exactly(node: Node) ->
         assert len(records) + lost == 2 * (flows + 1), (len(records), lost)  # nothing vanishes uncounted
         # and the datapath never waited for the reader
         assert node.probe(p1, "tcp", p2.ip, 80)
-    finally:
-        try:
-            dataplane.call("teardown")
-        finally:
-            dataplane.stop()
 
 
 def test_records_off_leave_the_chains_as_they_were(node: Node) -> None:
-    dataplane = DataplaneWorker(node.netns, IptablesDataplane)
-    try:
-        dataplane.call("start")
-        dataplane.call(
-            "apply", node_state(node, ingress={2: DirectionPolicy(True, (web_allow(node.pods[0]),))})
-        )
+    with running(node.netns, IptablesDataplane) as dataplane:
+        allow = DirectionPolicy(True, (web_allow(node.pods[0]),))
+        dataplane.call("apply", node_state(node, ingress={2: allow}))
         saved = node.legacy_save()
         assert "NFLOG" not in saved and "PF-L" not in saved
         assert dataplane.call("poll_flows", 0) == [] and dataplane.call("flows_lost") == 0
-    finally:
-        try:
-            dataplane.call("teardown")
-        finally:
-            dataplane.stop()
 
 
 def test_ipv6_and_bridged_pods_name_their_endpoint(node: Node, dataplane: DataplaneWorker) -> None:
