@@ -75,6 +75,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	__u32 policy_id = direction == PF_DIR_INGRESS ? ep->ingress_policy_id : ep->egress_policy_id;
 	__u32 reason;
 
+	pkt->policy_id = policy_id;
+
 	if (pkt->flags & PF_PKT_NDP)
 		return PF_REASON_ALLOWED;
 	if (pkt->flags & PF_PKT_FRAG_LATER) {
@@ -98,7 +100,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	else if (pf_policy_allows(policy_id, ep->generation,
 				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be,
 				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_TIERED : PF_EP_EGRESS_TIERED),
-				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN)))
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN),
+				  &pkt->verdict_word))
 		reason = PF_REASON_ALLOWED;
 	else
 		reason = PF_DROP_POLICY;
@@ -109,19 +112,32 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	    !(pkt->flags & PF_PKT_MALFORMED) && (pkt->tcp_flags & 0x12) != 0x02)
 		reason = PF_DROP_POLICY;
 
-	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h) */
-	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)) &&
-	    !pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
-			 direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
-			 direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
-		reason = PF_DROP_FLOW_LIMIT;
+	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h); one
+	 * admitted here is due its allowed flow record (pf_account) */
+	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR))) {
+		if (pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
+				direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
+				direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
+			pkt->flags |= PF_PKT_ADMITTED;
+		else
+			reason = PF_DROP_FLOW_LIMIT;
+	}
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);
 	return reason;
 }
 
-/* Counters, drop reasons and events for one verdict. */
+/* The allowed record of a flow pf_judge newly admitted (established packets never get here). */
+static __always_inline void pf_flow_admitted(const struct pf_packet *pkt, __u32 endpoint_id, int direction,
+					     __u32 bytes, __u64 now)
+{
+	if (pkt->flags & PF_PKT_ADMITTED)
+		pf_emit_flow(pkt, endpoint_id, direction, PF_REASON_ALLOWED, PF_FLOW_ALLOWED, 0, 1, bytes,
+			     pkt->policy_id, pkt->verdict_word, now);
+}
+
+/* Counters, drop reasons and flow records for one verdict. */
 static __always_inline void pf_account(struct pf_packet *pkt, __u32 endpoint_id, int direction, __u32 reason,
 				       __u32 bytes, __u64 now)
 {
@@ -129,7 +145,9 @@ static __always_inline void pf_account(struct pf_packet *pkt, __u32 endpoint_id,
 		pf_count(endpoint_id, direction, reason == PF_REASON_ALLOWED, bytes);
 	if (reason != PF_REASON_ALLOWED) {
 		pf_count_drop(reason);
-		pf_emit_deny(pkt, endpoint_id, direction, reason, now);
+		pf_flow_denied_packet(pkt, endpoint_id, direction, reason, bytes, now);
+	} else {
+		pf_flow_admitted(pkt, endpoint_id, direction, bytes, now);
 	}
 }
 
@@ -232,6 +250,7 @@ int tc_from_pod(struct __sk_buff *skb)
 		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
 		return TC_ACT_SHOT;
 	}
+	pf_flow_admitted(&pkt, ep->endpoint_id, PF_DIR_EGRESS, skb->len, now);
 	return TC_ACT_OK;
 }
 

@@ -98,7 +98,7 @@ class MapUsage(Protocol):
 @runtime_checkable
 class EventsLost(Protocol):
     def events_lost(self) -> int:
-        """Deny events the ring buffer could not take."""
+        """Flow records (deny events) the dataplane could not deliver."""
 
 
 class DenyEvent(Protocol):

@@ -2,8 +2,9 @@
 
 Wiring, in start order: the dataplane (adopting what a previous run pinned, so enforcement never
 pauses), interface discovery and the reconcile loop, the netlink monitor, the metrics server,
-the sync client, and deny-event flow logs. SIGTERM/SIGINT stop the threads and release user-space
-resources; the kernel keeps enforcing the last programmed state (a restart or upgrade adopts it).
+the sync client, and the flow feed (flow records to the deny log and podfence_flows_total).
+SIGTERM/SIGINT stop the threads and release user-space resources; the kernel keeps enforcing the
+last programmed state (a restart or upgrade adopts it).
 
 Exit codes: 0 after a clean stop, 1 on a runtime failure (e.g. BPF unavailable: the message says
 which capability is missing), 2 on bad usage.
@@ -34,10 +35,12 @@ from agent.dataplane.base import (
     EgressHookReporting,
     HookRepairing,
 )
+from agent.dataplane.flows import FlowRecordSource
 from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
+from agent.node.flowfeed import FLOW_METRICS_MODES, FlowFeed
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
@@ -100,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-pod-metrics", choices=["on", "off"], default="on",
         help="series per pod (namespace, pod labels); off leaves only the node's totals",
     )
+    parser.add_argument(
+        "--flow-metrics",
+        choices=list(FLOW_METRICS_MODES),
+        default="verdict",
+        help="podfence_flows_total labels: verdict (and direction), policy (also the deciding policy), none",
+    )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
@@ -135,7 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: a quarter of the bpf conntrack map, 16384 connections per address on iptables)",
     )
     parser.add_argument(
-        "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+        "--event-rate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bpf flow records per second per CPU at most",
     )
     parser.add_argument(
         "--nflog-group",
@@ -401,8 +414,9 @@ def run(args: argparse.Namespace) -> int:
         state_interval = args.state_check_interval
         state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
-                               per_pod=args.per_pod_metrics == "on", state_guard=state_guard)
+        collector = register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                                           per_pod=args.per_pod_metrics == "on", state_guard=state_guard,
+                                           flow_metrics=args.flow_metrics)
         server, port = start_metrics_server(
             args.metrics_listen,
             registry,
@@ -425,7 +439,13 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, ConntrackReleasing):
             releaser = ConntrackReleaser(dataplane)
             threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
-        if isinstance(dataplane, DenyEventSource):
+        if isinstance(dataplane, FlowRecordSource):
+            # one reader of the dataplane's records, many sinks (flowfeed.py)
+            feed = FlowFeed(dataplane, [FlowLogger().handle_record])
+            if collector.flows is not None:  # exposed whatever the dataplane, empty without flows
+                feed.add_sink(collector.flows)
+            threads.append(_thread("flow-feed", lambda: feed.run(stop), failed, stop))
+        elif isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
         egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""
