@@ -278,15 +278,10 @@ def test_no_policy_and_unselected_pods_compile_as_before_when_off() -> None:
     assert "PF-L" not in repr(off.chains) and off.rule_names == {}
 
 
-def test_the_deny_log_takes_denied_records_as_its_events(caplog: pytest.LogCaptureFixture) -> None:
-    class Source:
-        def poll_events(self, timeout_ms: int) -> list[FlowRecord]:
-            return [_record()]
-
-    logger = FlowLogger(Source())
+def test_the_deny_log_takes_the_denied_records_of_the_feed(caplog: pytest.LogCaptureFixture) -> None:
+    logger = FlowLogger()
     with caplog.at_level(logging.INFO, logger="podfence.flow"):
-        for event in Source().poll_events(0):
-            logger.handle(event)
+        logger.handle_record(_record())
     assert logger.logged == 1
     assert "denied UDP 10.1.0.1:1000 -> 10.1.0.2:53 ingress ns/a" in caplog.text
 
@@ -294,6 +289,6 @@ def test_the_deny_log_takes_denied_records_as_its_events(caplog: pytest.LogCaptu
 def test_records_off_poll_waits_instead_of_spinning() -> None:
     dataplane = IptablesDataplane()  # no kernel touched: flow_group 0
     started = time.monotonic()
-    assert dataplane.poll_flows(50) == [] and dataplane.poll_events(50) == []
+    assert dataplane.poll_flows(50) == [] and dataplane.poll_flows(50) == []
     assert time.monotonic() - started >= 0.09
-    assert dataplane.flows_lost() == 0 and dataplane.denied_unlogged() == 0
+    assert dataplane.flows_lost() == 0 and dataplane.events_lost() == 0 and dataplane.denied_unlogged() == 0

@@ -491,7 +491,7 @@ class IptablesDataplane:
             for (key, direction), t in sorted(totals.items())
         ]
 
-    # -- flow records (FlowRecordSource; DenyEventSource for the deny log) ----------------------
+    # -- flow records (FlowRecordSource) ----------------------------------------------------------
 
     def poll_flows(self, timeout_ms: int) -> list[FlowRecord]:
         if self._flows is None:  # records off: a poller loop waits instead of spinning
@@ -505,12 +505,9 @@ class IptablesDataplane:
         for them in time."""
         return self._flows.lost() if self._flows is not None else 0
 
-    def poll_events(self, timeout_ms: int = 0) -> list[FlowRecord]:
-        """Denied flow records: the deny log's events (one per record, not per packet)."""
-        if self._flows is None:
-            time.sleep(max(timeout_ms, 0) / 1000)
-            return []
-        return self._flows.poll_events(timeout_ms)
+    def events_lost(self) -> int:
+        """podfence_events_lost_total: the flow records lost."""
+        return self.flows_lost()
 
     def denied_unlogged(self) -> int:
         """Denied packets not logged because their flow exceeded the per-flow log rate (they

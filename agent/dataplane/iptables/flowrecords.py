@@ -26,7 +26,7 @@ import hashlib
 import ipaddress
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import TIER_ADMIN, TIER_BASELINE, Allow, TieredAllow
@@ -86,16 +86,12 @@ def rule_ref(name: RuleName) -> int:
 
 
 def allow_of(entry: TieredAllow) -> Allow:
-    """The Allow of a ClusterNetworkPolicy entry, with every field the two share (`rule` too,
-    once both carry it)."""
-    names = {f.name for f in fields(Allow)}
-    return Allow(**{f.name: getattr(entry, f.name) for f in fields(TieredAllow) if f.name in names})
+    """The Allow of a ClusterNetworkPolicy entry: its match, policy and rule names."""
+    return Allow(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy, entry.rule)
 
 
 def rule_name(direction: str, tier: int, allow: Allow) -> RuleName:
-    return RuleName(
-        direction, TIER_NAMES.get(tier, "networkpolicy"), allow.policy, getattr(allow, "rule", "")
-    )
+    return RuleName(direction, TIER_NAMES.get(tier, "networkpolicy"), allow.policy, allow.rule)
 
 
 def log_chain_name(verdict: FlowVerdict, ref: int) -> str:

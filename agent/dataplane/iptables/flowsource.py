@@ -1,11 +1,9 @@
 """The iptables dataplane's flow records: NFLOG packets of its log chains -> FlowRecords.
 
-One reader serves two consumers: the flow records (FlowRecordSource, every verdict) and the
-deny log (DenyEventSource, agent/node/flowlog.py: the denied records). Each has its own bounded
-queue, filled only once its consumer has asked, so a consumer the agent does not run costs
-nothing and a slow one loses its oldest records, counted, without holding the other back. The
-kernel never waits for either: nfnetlink_log drops what a full socket cannot take, and the
-group's sequence numbers count it (nflog.py).
+One consumer, the node's flow feed (agent/node/flowfeed.py, which hands the denied records to the
+deny log too), polls them. Records wait in a bounded queue between two polls; a feed that falls
+behind loses the oldest, counted. The kernel never waits for the reader: nfnetlink_log drops what
+a full socket cannot take, and the group's sequence numbers count it (nflog.py).
 """
 
 from __future__ import annotations
@@ -82,54 +80,36 @@ def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
     )
 
 
-class _Queue:
-    def __init__(self) -> None:
-        self.wanted = False  # its consumer has polled at least once
-        self.records: deque[FlowRecord] = deque()
-        self.dropped = 0
-
-    def put(self, record: FlowRecord) -> None:
-        if not self.wanted:
-            return
-        if len(self.records) >= QUEUE_RECORDS:
-            self.records.popleft()
-            self.dropped += 1
-        self.records.append(record)
-
-    def take(self) -> list[FlowRecord]:
-        taken = list(self.records)
-        self.records.clear()
-        return taken
-
-
 class FlowSource:
     def __init__(
         self, group: int, denied_interval_s: float = 5.0, receive_buffer: int = RECEIVE_BUFFER
     ) -> None:
         self.group = group
-        self.view = FlowView()  # replaced whole by the apply thread, read by the pollers
+        self.view = FlowView()  # replaced whole by the apply thread, read by the poller
         self._denied = DeniedFlows(denied_interval_s)
         self._allowed = AllowedFlows()
         self._reader: NflogReader | None = None
         self._receive_buffer = receive_buffer
         self._retry_at = 0.0
-        self._flows = _Queue()
-        self._events = _Queue()
+        self._records: deque[FlowRecord] = deque(maxlen=QUEUE_RECORDS)
+        self._dropped = 0  # records the queue dropped for want of a poll
         self._lock = threading.Lock()
         self.foreign = 0  # packets in the group that are not podfence's records
 
     def poll_flows(self, timeout_ms: int) -> list[FlowRecord]:
-        self._flows.wanted = True
-        return self._poll(self._flows, timeout_ms)
-
-    def poll_events(self, timeout_ms: int) -> list[FlowRecord]:
-        """Denied records, for the deny log (they carry what a DenyEvent does)."""
-        self._events.wanted = True
-        return self._poll(self._events, timeout_ms)
+        with self._lock:
+            reader = self._open()
+            if reader is None:
+                time.sleep(max(timeout_ms, 0) / 1000)  # a poller loop must not spin
+            else:
+                self._pump(reader, 0 if self._records else timeout_ms)
+            taken = list(self._records)
+            self._records.clear()
+            return taken
 
     def lost(self) -> int:
         reader = self._reader
-        return (reader.lost if reader is not None else 0) + self._flows.dropped
+        return (reader.lost if reader is not None else 0) + self._dropped
 
     def close(self) -> None:
         with self._lock:
@@ -137,18 +117,9 @@ class FlowSource:
                 self._reader.close()
                 self._reader = None
 
-    def _poll(self, queue: _Queue, timeout_ms: int) -> list[FlowRecord]:
-        with self._lock:
-            reader = self._open()
-            if reader is None:
-                time.sleep(max(timeout_ms, 0) / 1000)  # a poller loop must not spin
-                return queue.take()
-            self._pump(reader, 0 if queue.records else timeout_ms)
-            return queue.take()
-
     def _open(self) -> NflogReader | None:
         """The reader; None while the group cannot be bound (tried again every RETRY_S, and
-        said so each time: the deny log and the flow feed poll often)."""
+        said so each time)."""
         if self._reader is None:
             now = time.monotonic()
             if now < self._retry_at:
@@ -182,9 +153,9 @@ class FlowSource:
             self._put(due)
 
     def _put(self, record: FlowRecord) -> None:
-        self._flows.put(record)
-        if record.verdict == FlowVerdict.DENIED:
-            self._events.put(record)
+        if len(self._records) == self._records.maxlen:
+            self._dropped += 1  # the deque drops its oldest
+        self._records.append(record)
 
 
 def flow_view(
