@@ -364,6 +364,18 @@ class _Compiler:
         self.out.rule_names[ref] = name
         return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
 
+    def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
+        """The target of a rule dropping for `reason` (a types.Reason name) rather than by a
+        policy's rule: DROP, through a log chain naming the reason when flow records are on."""
+        if not self.flow_group:
+            return "-j DROP"
+        name = RuleName(direction, "", "", why, reason)
+        ref = rule_ref(name)
+        chain = log_chain_name(FlowVerdict.DENIED, ref)
+        self.out.chains[family].setdefault(chain, log_chain_rules(FlowVerdict.DENIED, ref, self.flow_group))
+        self.out.rule_names[ref] = name
+        return f"-g {chain}"
+
     def matching(
         self,
         endpoint: Endpoint,
@@ -430,7 +442,8 @@ class _Compiler:
             width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
             rules.append(
                 f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
-                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
+                + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
             )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
@@ -474,7 +487,8 @@ class _Compiler:
         came_from = self._from_match(interface)
         if family == 4:
             from_rules.append(
-                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} -j DROP"
+                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} "
+                + self.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
@@ -485,7 +499,8 @@ class _Compiler:
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
+        spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
+        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
@@ -521,12 +536,15 @@ class _Compiler:
         if self.unknown_endpoints == "allow":
             return
         comment = _comment(UNKNOWN)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} -j DROP")
+        unknown = "interface of no known pod"
+        egress = self.dropped(family, EGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} {egress}")
         if interface.bridge is None:
             to = f"-o {interface.name}"
         else:
             to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} -j DROP")
+        ingress = self.dropped(family, INGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} {ingress}")
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}

@@ -72,6 +72,7 @@ class RuleName:
     tier: str
     policy: str
     rule: str
+    reason: str = "policy"  # of a denial: the drop reason name (types.Reason, lower case)
 
     @property
     def decided_by_rule(self) -> bool:
@@ -81,7 +82,7 @@ class RuleName:
 def rule_ref(name: RuleName) -> int:
     """A stable 48-bit reference: the same rule gets the same log chain across restarts, so an
     unchanged endpoint chain keeps its name (and counters). Never 0 (the contract's "none")."""
-    text = "\0".join((name.direction, name.tier, name.policy, name.rule))
+    text = "\0".join((name.direction, name.tier, name.policy, name.rule, name.reason))
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:6], "big") or 1
 
 
