@@ -297,3 +297,16 @@ def test_records_off_poll_waits_instead_of_spinning() -> None:
     assert dataplane.poll_flows(50) == [] and dataplane.poll_flows(50) == []
     assert time.monotonic() - started >= 0.09
     assert dataplane.flows_lost() == 0 and dataplane.events_lost() == 0 and dataplane.denied_unlogged() == 0
+
+
+def test_another_group_is_another_log_chain_and_endpoint_chain() -> None:
+    allow = DirectionPolicy(
+        True, (Allow(CidrPeer(ipaddress.ip_network("10.9.0.0/16")), 6, 80, 80, "ns/web"),)
+    )
+    one = compile_state(state(allow), IFACES, flow_group=GROUP)
+    other = compile_state(state(allow), IFACES, flow_group=GROUP + 1)
+    assert not {c for c in one.chains[4] if c.startswith("PF-L")} & {
+        c for c in other.chains[4] if c.startswith("PF-L")
+    }
+    assert chain_of(one, "ns/a", "ingress") != chain_of(other, "ns/a", "ingress")
+    assert one.rule_names == other.rule_names  # the same rules, logged elsewhere

@@ -51,8 +51,7 @@ from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
     RuleName,
-    log_chain_name,
-    log_chain_rules,
+    log_chain,
     rule_name,
     rule_ref,
 )
@@ -356,12 +355,7 @@ class _Compiler:
         if not self.flow_group:
             return TARGETS[action]
         verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
-        ref = rule_ref(name)
-        chain = log_chain_name(verdict, ref)
-        chains = self.out.chains[family]
-        if chain not in chains:
-            chains[chain] = log_chain_rules(verdict, ref, self.flow_group)
-        self.out.rule_names[ref] = name
+        chain = self._log_chain(family, verdict, name)
         return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
 
     def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
@@ -369,12 +363,15 @@ class _Compiler:
         policy's rule: DROP, through a log chain naming the reason when flow records are on."""
         if not self.flow_group:
             return "-j DROP"
-        name = RuleName(direction, "", "", why, reason)
+        return f"-g {self._log_chain(family, FlowVerdict.DENIED, RuleName(direction, '', '', why, reason))}"
+
+    def _log_chain(self, family: int, verdict: FlowVerdict, name: RuleName) -> str:
+        assert self.flow_group
         ref = rule_ref(name)
-        chain = log_chain_name(FlowVerdict.DENIED, ref)
-        self.out.chains[family].setdefault(chain, log_chain_rules(FlowVerdict.DENIED, ref, self.flow_group))
+        chain, rules = log_chain(verdict, ref, self.flow_group)
+        self.out.chains[family].setdefault(chain, rules)
         self.out.rule_names[ref] = name
-        return f"-g {chain}"
+        return chain
 
     def matching(
         self,

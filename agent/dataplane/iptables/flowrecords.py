@@ -95,11 +95,15 @@ def rule_name(direction: str, tier: int, allow: Allow) -> RuleName:
     return RuleName(direction, TIER_NAMES.get(tier, "networkpolicy"), allow.policy, allow.rule)
 
 
-def log_chain_name(verdict: FlowVerdict, ref: int) -> str:
-    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}"
+def log_chain(verdict: FlowVerdict, ref: int, group: int) -> tuple[str, list[str]]:
+    """The name and rules of the log chain of `ref`. The name carries a hash of the rules, so
+    another group (or log rate) is a new chain, swapped in like a changed endpoint chain."""
+    rules = _log_chain_rules(verdict, ref, group)
+    digest = hashlib.sha1("\n".join(rules).encode()).hexdigest()[:6]
+    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}{digest}", rules
 
 
-def log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
+def _log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
     prefix = nflog_prefix(verdict, ref)
     nflog = f'-j NFLOG --nflog-group {group} --nflog-prefix "{prefix}" --nflog-size {NFLOG_SIZE}'
     if verdict == FlowVerdict.ALLOWED:
