@@ -36,6 +36,7 @@ from agent.dataplane.base import (
     HookRepairing,
 )
 from agent.dataplane.flows import FlowRecordSource
+from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
@@ -150,6 +151,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="bpf flow records per second per CPU at most",
+    )
+    parser.add_argument(
+        "--nflog-group",
+        type=int,
+        default=DEFAULT_NFLOG_GROUP,
+        metavar="N",
+        help="iptables: the NFLOG group flow records are logged to and read from (1..65535; 0: no "
+        "flow records, and no deny log)",
     )
     parser.add_argument(
         "--hook-check-interval",
@@ -279,6 +288,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         return IptablesDataplane(
             unknown_endpoints=args.unknown_endpoints,
             established_on_change=args.established_on_change,
+            flow_group=args.nflog_group,
             **bound,
         )
     from agent.dataplane.bpf import BpfDataplane
@@ -352,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
         if args.flow_buffer < 1:
             raise UsageError(f"--flow-buffer must be at least 1, not {args.flow_buffer}")
+        if not 0 <= args.nflog_group <= 0xFFFF:
+            raise UsageError(f"--nflog-group must be 0 (off) to 65535, not {args.nflog_group}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
             raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:

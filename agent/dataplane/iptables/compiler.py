@@ -45,7 +45,16 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.dataplane.flows import FlowVerdict
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
+from agent.dataplane.iptables.flowrecords import (
+    NO_POLICY,
+    NO_RULE,
+    RuleName,
+    log_chain,
+    rule_name,
+    rule_ref,
+)
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -157,6 +166,8 @@ class DesiredState:
     set_users: dict[str, set[str]] = field(default_factory=dict)
     # the bridge family's chains for bridged pod ports (bridge.py)
     bridge: BridgeRules = field(default_factory=BridgeRules)
+    # rule_ref -> what it names, for every log chain written (flowrecords.py); empty when off
+    rule_names: dict[int, RuleName] = field(default_factory=dict)
 
 
 def canonical_member(text: str) -> str:
@@ -209,8 +220,10 @@ class _Compiler:
         tcp_needs_syn: bool,
         set_limit: int,
         flows_per_pod: int,
+        flow_group: int | None,
     ) -> None:
         self.state = state
+        self.flow_group = flow_group
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
@@ -336,25 +349,77 @@ class _Compiler:
         parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
 
+    def decided(self, family: int, action: int, name: RuleName) -> str:
+        """The target of a rule that decides for `name`: RETURN (Accept) or DROP (Deny), through
+        the log chain of its rule_ref when flow records are on (flowrecords.py)."""
+        if not self.flow_group:
+            return TARGETS[action]
+        verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
+        chain = self._log_chain(family, verdict, name)
+        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
+
+    def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
+        """The target of a rule dropping for `reason` (a types.Reason name) rather than by a
+        policy's rule: DROP, through a log chain naming the reason when flow records are on."""
+        if not self.flow_group:
+            return "-j DROP"
+        return f"-g {self._log_chain(family, FlowVerdict.DENIED, RuleName(direction, '', '', why, reason))}"
+
+    def _log_chain(self, family: int, verdict: FlowVerdict, name: RuleName) -> str:
+        assert self.flow_group
+        ref = rule_ref(name)
+        chain, rules = log_chain(verdict, ref, self.flow_group)
+        self.out.chains[family].setdefault(chain, rules)
+        self.out.rule_names[ref] = name
+        return chain
+
     def matching(
         self,
         endpoint: Endpoint,
         direction: str,
         family: int,
         allows: tuple[Allow, ...],
-        target: str,
+        target: str | int,
         run: str = "",
+        tier: int = 0,
     ) -> list[str]:
-        """Rules sending what any of `allows` matches to `target`: one set for the many
-        single-port ones (see _grouped_allows), a rule for each other."""
+        """Rules sending what any of `allows` matches to `target`: a rule target, or an action
+        (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (see `decided`). One set for
+        the many single-port ones (see _grouped_allows), a rule for each other; with flow
+        records on, allows are grouped by their rule so that each group's target names it."""
+        if isinstance(target, str) or not self.flow_group:
+            fixed = target if isinstance(target, str) else TARGETS[target]
+            return self._matching(endpoint, direction, family, allows, fixed, run)
+        groups: dict[RuleName, list[Allow]] = {}
+        for allow in allows:
+            groups.setdefault(rule_name(direction, tier, allow), []).append(allow)
+        rules: list[str] = []
+        for index, (name, members) in enumerate(groups.items()):
+            group_run = run if len(groups) == 1 else f"{run}r{index}"
+            rules += self._matching(
+                endpoint, direction, family, tuple(members), self.decided(family, target, name), group_run
+            )
+        return rules
+
+    def _matching(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        allows: tuple[Allow, ...],
+        target: str,
+        run: str,
+    ) -> list[str]:
         side = "src" if direction == INGRESS else "dst"
         rules = []
         grouped, rest = self._grouped_allows(endpoint, direction, family, side, allows, run, target)
         if grouped is not None:
             rules.append(grouped)
+        seen: set[str] = set()
         for allow in rest:
             rule = self._allow_rule(allow, family, side, target)
-            if rule is not None and rule not in rules:
+            if rule is not None and rule not in seen:
+                seen.add(rule)
                 rules.append(rule)
         return rules
 
@@ -374,7 +439,8 @@ class _Compiler:
             width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
             rules.append(
                 f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
-                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
+                + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
             )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
@@ -386,23 +452,15 @@ class _Compiler:
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
             rules += tiered_rules(self, endpoint, direction, family, policy)
         elif not policy.isolated:
-            rules.append(f"{_comment(ALLOW)} -j RETURN")
+            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
         else:
             if family == 6:
                 # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
                 # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
                 flag = "-s" if side == "src" else "-d"
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows)
-            if grouped is not None:
-                rules.append(grouped)
-            seen: set[str] = set()
-            for allow in rest:
-                rule = self._allow_rule(allow, family, side)
-                if rule is not None and rule not in seen:
-                    seen.add(rule)
-                    rules.append(rule)
-            rules.append(f"{_comment(DENY)} -j DROP")
+            rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
+            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
         self.out.chains[family][name] = rules
@@ -426,7 +484,8 @@ class _Compiler:
         came_from = self._from_match(interface)
         if family == 4:
             from_rules.append(
-                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} -j DROP"
+                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} "
+                + self.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
@@ -437,7 +496,8 @@ class _Compiler:
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
+        spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
+        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
@@ -473,12 +533,15 @@ class _Compiler:
         if self.unknown_endpoints == "allow":
             return
         comment = _comment(UNKNOWN)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} -j DROP")
+        unknown = "interface of no known pod"
+        egress = self.dropped(family, EGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} {egress}")
         if interface.bridge is None:
             to = f"-o {interface.name}"
         else:
             to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} -j DROP")
+        ingress = self.dropped(family, INGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} {ingress}")
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}
@@ -521,6 +584,7 @@ def compile_state(
     tcp_needs_syn: bool = False,
     set_limit: int = DEFAULT_SET_LIMIT,
     flows_per_pod: int = 0,
+    flow_group: int | None = None,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -530,7 +594,11 @@ def compile_state(
     there is no interface to filter yet, and its traffic cannot exist either.
     set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem).
     flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
-    new ones beyond are dropped as denials); 0: no bound."""
+    new ones beyond are dropped as denials); 0: no bound.
+    flow_group: the NFLOG group the deciding rules log new flows to (flowrecords.py); None: no
+    flow records, the deciding rules RETURN or DROP themselves."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod).compile()
+    return _Compiler(
+        state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod, flow_group
+    ).compile()
