@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from agent.control.compat import fallback_message, without_tiers
 from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.model.objects import Pod
@@ -99,14 +100,18 @@ class NodeRecord:
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
     state_repairs: int = 0  # kernel state its agent put back since it started (repair.py)
     last_repair: str = ""
+    # non-empty: its agent predates tiers and some directions are sent as deny all (compat.py)
+    tier_fallback: str = ""
 
 
 class StreamHandle:
     """One node's open Sync stream: a bounded queue of versions to send, filled by the hub."""
 
-    def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int) -> None:
+    def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int,
+                 enforces_tiers: bool = True) -> None:
         self.hub = hub
         self.node = node
+        self.enforces_tiers = enforces_tiers  # its Hello said so; else tiered state is withheld
         self.stream_id = stream_id
         self._max_pending = max_pending
         self._cond = threading.Condition()
@@ -245,7 +250,7 @@ class PolicyHub:
             stream = self._streams.get(node)
             if stream is None:
                 continue  # it gets a snapshot when it connects
-            policy = self._resolver.node_policy(node)
+            policy = self._node_policy_locked(stream)
             if policy == stream.queued_policy:
                 continue
             stream.queued_policy = policy
@@ -295,11 +300,12 @@ class PolicyHub:
 
     # --- streams ---------------------------------------------------------------------------------
 
-    def open_stream(self, node: str, last_applied_version: int) -> StreamHandle:
-        """Registers a node's new stream (closing an older one) and queues its snapshot."""
+    def open_stream(self, node: str, last_applied_version: int, enforces_tiers: bool = True) -> StreamHandle:
+        """Registers a node's new stream (closing an older one) and queues its snapshot.
+        `enforces_tiers`: the agent's Hello says it enforces ClusterNetworkPolicy tiers."""
         with self._lock:
             self._next_stream_id += 1
-            handle = StreamHandle(self, node, self._next_stream_id, self._max_pending)
+            handle = StreamHandle(self, node, self._next_stream_id, self._max_pending, enforces_tiers)
             older = self._streams.get(node)
             if older is not None:
                 older.close(f"superseded by a newer stream for node {node}")
@@ -315,7 +321,8 @@ class PolicyHub:
             # acked the snapshot queued below yet, so it stays below that snapshot's version.
             record.acked_version = min(last_applied_version, self._version - 1)
             started = time.perf_counter()
-            policy = self._resolver.node_policy(node)
+            record.tier_fallback = ""  # an upgraded agent's new stream starts clean
+            policy = self._node_policy_locked(handle)
             handle.queued_policy = policy
             record.latest_change = self._version
             handle.push(Outgoing(self._version, policy, snapshot=True,
@@ -323,6 +330,23 @@ class PolicyHub:
             log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
                      self._version)
             return handle
+
+    def _node_policy_locked(self, handle: StreamHandle) -> NodePolicy:
+        """The node's policy as its stream's agent can enforce it (compat.py), noting on its
+        record when directions had to be closed for an agent without tiers."""
+        policy = self._resolver.node_policy(handle.node)
+        if handle.enforces_tiers:
+            return policy
+        policy, closed = without_tiers(policy)
+        record = self._records[handle.node]
+        message = fallback_message(closed)
+        if message != record.tier_fallback:
+            record.tier_fallback = message
+            if message:
+                log.warning("node %s: %s", handle.node, message)
+            else:
+                log.info("node %s: no pod direction denies all for want of tiers any more", handle.node)
+        return policy
 
     def close_stream(self, handle: StreamHandle, reason: str) -> None:
         handle.close(reason)

@@ -179,7 +179,11 @@ class NodeSyncService:
                 return
             self.admission.greeted(client)
             pending[0] = False
-            handle = self._hub.open_stream(hello.node_name, hello.last_applied_version)
+            handle = self._hub.open_stream(hello.node_name, hello.last_applied_version, hello.enforces_tiers)
+            if not hello.enforces_tiers:
+                log.warning("node %s: agent %r does not say it enforces ClusterNetworkPolicy tiers; its "
+                            "pods' directions with ClusterNetworkPolicy are sent as deny all",
+                            hello.node_name, hello.agent_version)
             opened = handle
             context.add_callback(lambda: opened.close("the stream ended"))
             inbound.start_acks(handle)
@@ -364,6 +368,7 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     state_repairs=record.state_repairs,
                     last_repair=record.last_repair,
                     rejected_policies=record.rejected_policies,
+                    tier_fallback=record.tier_fallback,
                 )
             )
         for problem in status.source_errors:
