@@ -7,9 +7,11 @@ matching the client, as the resolver compiles 1,000 admin rules (the worst case 
 by runs: the action changes at every rank). The client's connections miss every Admin entry and
 are admitted by a NetworkPolicy allow, so a new flow pays the whole Admin tier.
 
-Variants: `none` (no filter), `bpf_<N>`, `iptables_<N>` for N in 10 and 1,000, and
+Variants: `none` (no filter), `bpf_<N>`, `iptables_<N>` for N in 10 and 1,000,
 `iptables_runs_1000`: the iptables dataplane with the tier written as runs of one action
-(tiers.py before the per-action sets, kept for tiers with port ranges): what the sets remove.
+(tiers.py before the per-action sets, still used for entries wider than one port): what the sets
+remove, and `<plane>_again_10`, `<plane>_10` built a second time: the A/A control, whose ratio
+against `<plane>_10` is what the instrument reads when nothing differs.
 Reported per variant, same-node path, over SLICED_REPETITIONS time-sliced runs: connections per
 second (`conn_per_s_sliced`: one connect/request/response/close each, new flows) and the bulk
 TCP stream (`tcp_gbps_sliced`: established flows), and the ratios 1,000 vs 10 per dataplane
@@ -88,8 +90,14 @@ def _as_runs(runs: bool) -> Iterator[None]:
         yield
 
 
-def build(index: int, plane: str | None, admin: int, runs: bool = False) -> datapath.Variant:
-    name = "none" if plane is None else f"{plane}{'_runs' if runs else ''}_{admin}"
+def _name(plane: str | None, admin: int, kind: str) -> str:
+    return "none" if plane is None else f"{plane}{kind}_{admin}"
+
+
+def build(index: int, plane: str | None, admin: int, kind: str = "") -> datapath.Variant:
+    """`kind`: "" , "_runs" (iptables tiers as runs) or "_again" (the A/A control)."""
+    name = _name(plane, admin, kind)
+    runs = kind == "_runs"
     topology = Topology(tag=f"c{index}")
     topology.build(2, [("client", 1), ("local", 1), ("remote", 2)])
     variant = datapath.Variant(name=name, dataplane=plane, rules=admin, topology=topology)
@@ -116,12 +124,13 @@ def build(index: int, plane: str | None, admin: int, runs: bool = False) -> data
     return variant
 
 
-def _plan() -> list[tuple[str | None, int, bool]]:
-    plan: list[tuple[str | None, int, bool]] = [(None, 0, False)]
+def _plan() -> list[tuple[str | None, int, str]]:
+    plan: list[tuple[str | None, int, str]] = [(None, 0, "")]
     for plane in datapath.DATAPLANES:
-        plan += [(plane, count, False) for count in ADMIN_COUNTS]
+        plan += [(plane, count, "") for count in ADMIN_COUNTS]
+        plan.append((plane, ADMIN_COUNTS[0], "_again"))
     if "iptables" in datapath.DATAPLANES:
-        plan.append(("iptables", ADMIN_COUNTS[-1], True))
+        plan.append(("iptables", ADMIN_COUNTS[-1], "_runs"))
     return plan
 
 
@@ -133,11 +142,11 @@ def run() -> dict[str, Any]:
     samples: dict[str, dict[str, list[float]]] = {}
     failures: list[str] = []
     try:
-        for index, (plane, admin, runs) in enumerate(_plan()):
+        for index, (plane, admin, kind) in enumerate(_plan()):
             try:
-                variants.append(build(index, plane, admin, runs))
+                variants.append(build(index, plane, admin, kind))
             except Exception as exc:  # a dataplane that cannot run here is reported, not fatal
-                unavailable[f"{plane}{'_runs' if runs else ''}_{admin}"] = repr(exc)
+                unavailable[_name(plane, admin, kind)] = repr(exc)
         for _ in range(SLICED_REPETITIONS):
             for metric, seconds in (("conn_per_s_sliced", CRR_SECONDS), ("tcp_gbps_sliced", STREAM_SECONDS)):
                 try:
@@ -158,9 +167,10 @@ def run() -> dict[str, Any]:
     }
     ratios: dict[str, Any] = {}
     low, high = ADMIN_COUNTS[0], ADMIN_COUNTS[-1]
-    for plane in (*datapath.DATAPLANES, "iptables_runs"):
-        few_name = f"{plane.removesuffix('_runs')}_{low}"
-        many_name = f"{plane}_{high}"
+    pairs = [(f"{plane}_{high}", f"{plane}_{low}") for plane in datapath.DATAPLANES]
+    pairs += [(f"{plane}_again_{low}", f"{plane}_{low}") for plane in datapath.DATAPLANES]
+    pairs.append((f"iptables_runs_{high}", f"iptables_{low}"))
+    for many_name, few_name in pairs:
         measured = samples.get("conn_per_s_sliced", {})
         if few_name not in measured or many_name not in measured:
             continue

@@ -9,20 +9,18 @@ then drives the real control service over gRPC on loopback with an old Hello and
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from agent.api import podfence_pb2 as pb
 from agent.control.hub import StreamHandle
 from agent.model.load import parse_object
-from tests.unit.control_helpers import WAIT, Control, RecordingAgent, small_cluster, start_control, wait_until
+from tests.unit.control_helpers import Control, RecordingAgent, small_cluster, start_control, wait_until
 from tests.unit.test_cnp_control import cnp_doc
+from tests.unit.test_control_grpc import RawStream
 
 
 def _old_schema() -> dict[str, Any]:
@@ -48,51 +46,14 @@ def _as_old_agent_reads_it(message: pb.ControlMessage) -> Any:
     return OLD["podfence.v1.ControlMessage"].FromString(message.SerializeToString())
 
 
-class Stream:
-    """A hand-driven Sync stream opened with a Hello serialized from either schema."""
-
-    def __init__(self, target: str, node: str, hello: bytes) -> None:
-        self.channel = grpc.insecure_channel(target)
-        self.outgoing: queue.Queue[bytes | None] = queue.Queue()
-        self.outgoing.put(hello)
-        sync = self.channel.stream_stream(
-            "/podfence.v1.NodeSync/Sync",
-            request_serializer=lambda raw: raw,
-            response_deserializer=pb.ControlMessage.FromString,
-        )
-        self.call = sync(self._requests())
-        self.received: queue.Queue[pb.ControlMessage | grpc.RpcError] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _requests(self) -> Iterator[bytes]:
-        while (raw := self.outgoing.get()) is not None:
-            yield raw
-
-    def _read(self) -> None:
-        try:
-            for message in self.call:
-                self.received.put(message)
-        except grpc.RpcError as exc:
-            self.received.put(exc)
-
-    def next(self) -> pb.ControlMessage:
-        item = self.received.get(timeout=WAIT)
-        assert isinstance(item, pb.ControlMessage), f"stream ended: {item}"
-        return item
-
-    def close(self) -> None:
-        self.outgoing.put(None)
-        self.call.cancel()
-        self.channel.close()
-
-
-def _old_hello(node: str) -> bytes:
+def _old_hello(node: str) -> pb.Hello:
+    """The Hello an old agent sends, as the wire carries it (the current class reads the same bytes)."""
     hello = OLD["podfence.v1.Hello"](node_name=node, agent_version="0.9-before-tiers")
-    return OLD["podfence.v1.AgentMessage"](hello=hello).SerializeToString()
+    return pb.Hello.FromString(hello.SerializeToString())
 
 
-def _new_hello(node: str) -> bytes:
-    return pb.AgentMessage(hello=pb.Hello(node_name=node, enforces_tiers=True)).SerializeToString()
+def _new_hello(node: str) -> pb.Hello:
+    return pb.Hello(node_name=node, enforces_tiers=True)
 
 
 @pytest.fixture
@@ -126,7 +87,7 @@ def test_an_old_agent_drops_tiered_entries_as_an_unknown_field() -> None:
 
 
 def test_an_agent_without_tiers_gets_deny_all_where_tiers_apply_and_status_says_so(control: Control) -> None:
-    stream = Stream(control.target, "n1", _old_hello("n1"))
+    stream = RawStream(control.target, "n1", hello=_old_hello("n1"))
     try:
         first = stream.next()
         assert first.WhichOneof("body") == "snapshot"
@@ -155,7 +116,7 @@ def test_an_agent_without_tiers_gets_deny_all_where_tiers_apply_and_status_says_
 
 
 def test_an_agent_that_enforces_tiers_gets_the_entries(control: Control) -> None:
-    stream = Stream(control.target, "n1", _new_hello("n1"))
+    stream = RawStream(control.target, "n1", hello=_new_hello("n1"))
     try:
         first = stream.next()
         directions = _directions(first)
