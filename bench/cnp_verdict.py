@@ -10,8 +10,8 @@ established one (`established_ns`: one allowed by a NetworkPolicy allow, then it
 flat from 10 to 1,000 Admin rules (ratio ~1, the issue asks >= 0.97 in rate terms) because
 precedence is resolved at compile time (agent/dataplane/bpf/tiered.py). Also: apply() time.
 
-Run: `.venv/bin/python -m bench cnp_verdict` (root). eBPF only: the iptables dataplane walks one
-set lookup per change of action (agent/dataplane/iptables/tiers.py) and is not measured here.
+Run: `.venv/bin/python -m bench cnp_verdict` (root). eBPF only (BPF_PROG_TEST_RUN); both
+dataplanes on real traffic, iptables included: bench/cnp_datapath.py.
 """
 
 from __future__ import annotations

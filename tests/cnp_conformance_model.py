@@ -101,9 +101,11 @@ class CnpCluster:
     """The mutable cluster of one case: base topology plus the case's objects, as API dicts."""
 
     case: Case
-    # The lab's placement, when it differs: pod key -> its IP, and the two node names.
+    # The lab's placement, when it differs: pod key -> its IP, the two node names and their IPs
+    # (a host-network pod's IP is its node's).
     pod_ips: dict[str, str] = field(default_factory=dict)
     node_names: tuple[str, str] = NODE_NAMES
+    node_ips: tuple[str, str] = NODE_IPS
     namespaces: dict[str, KubeDict] = field(default_factory=dict)
     pods: dict[str, KubeDict] = field(default_factory=dict)  # "ns/name" -> Pod
     nodes: dict[str, KubeDict] = field(default_factory=dict)
@@ -111,7 +113,7 @@ class CnpCluster:
 
     def __post_init__(self) -> None:
         topology = load_cases()["topology"]
-        for node, ip in zip(self.node_names, NODE_IPS, strict=True):
+        for node, ip in zip(self.node_names, self.node_ips, strict=True):
             self.nodes[node] = {
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -137,7 +139,7 @@ class CnpCluster:
             ordinal = int(pod["name"].rsplit("-", 1)[1])
             host = pod["hostNetwork"]
             key = f"{pod['namespace']}/{pod['name']}"
-            ip = NODE_IPS[ordinal] if host else _pod_ip(names.index(pod["namespace"]), ordinal)
+            ip = self.node_ips[ordinal] if host else _pod_ip(names.index(pod["namespace"]), ordinal)
             ip = self.pod_ips.get(key, ip)
             self.pods[key] = {
                 "apiVersion": "v1",

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from agent.control.compat import fallback_message, without_tiers
 from agent.control.freshness import Freshness
 from agent.control.metrics import ControlMetrics
 from agent.model.objects import Pod
@@ -105,15 +106,18 @@ class NodeRecord:
     disconnected_at: float | None = None  # hub clock of the last disconnect, None while connected
     state_repairs: int = 0  # kernel state its agent put back since it started (repair.py)
     last_repair: str = ""
+    # non-empty: its agent predates tiers and some directions are sent as deny all (compat.py)
+    tier_fallback: str = ""
 
 
 class StreamHandle:
     """One node's open Sync stream: a bounded queue of versions to send, filled by the hub."""
 
     def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int,
-                 wake: Callable[[], None] | None = None) -> None:
+                 wake: Callable[[], None] | None = None, enforces_tiers: bool = True) -> None:
         self.hub = hub
         self.node = node
+        self.enforces_tiers = enforces_tiers  # its Hello said so; else tiered state is withheld
         self.stream_id = stream_id
         self._max_pending = max_pending
         # Called (from any thread) after a push or close, for a sender that does not block in
@@ -262,7 +266,7 @@ class PolicyHub:
             streams = [stream for node in dirty if (stream := self._streams.get(node)) is not None]
         # Nodes without a stream get a snapshot when they connect. The policies are computed
         # without the state lock: acks and status go on meanwhile.
-        queued = [(stream, self._resolver.node_policy(stream.node)) for stream in streams]
+        queued = [(stream, self._node_policy(stream.node, stream.enforces_tiers)) for stream in streams]
         changed = 0
         with self._state_lock:
             for stream, policy in queued:
@@ -327,21 +331,41 @@ class PolicyHub:
     # --- streams ---------------------------------------------------------------------------------
 
     def open_stream(self, node: str, last_applied_version: int,
-                    wake: Callable[[], None] | None = None) -> StreamHandle:
+                    wake: Callable[[], None] | None = None, enforces_tiers: bool = True) -> StreamHandle:
         """Registers a node's new stream (closing an older one) and queues its snapshot; `wake`
-        is called whenever the stream has something to send or is closed. Computes the node's
-        policy: it may wait for a change being resolved, so not on an event loop."""
+        is called whenever the stream has something to send or is closed. `enforces_tiers`: the
+        agent's Hello says it enforces ClusterNetworkPolicy tiers. Computes the node's policy: it
+        may wait for a change being resolved, so not on an event loop."""
         with self._resolver_lock:
             started = time.perf_counter()
-            policy = self._resolver.node_policy(node)
+            policy = self._node_policy(node, enforces_tiers)
             build_seconds = time.perf_counter() - started
             with self._state_lock:
-                return self._register_locked(node, last_applied_version, policy, build_seconds, wake)
+                return self._register_locked(node, last_applied_version, policy, build_seconds, wake,
+                                             enforces_tiers)
+
+    def _node_policy(self, node: str, enforces_tiers: bool) -> NodePolicy:
+        """The node's policy as its agent can enforce it (compat.py), noting on its record when
+        directions had to be closed for an agent without tiers. Called with the resolver lock."""
+        policy = self._resolver.node_policy(node)
+        message = ""
+        if not enforces_tiers:
+            policy, closed = without_tiers(policy)
+            message = fallback_message(closed)
+        with self._state_lock:
+            record = self._records.setdefault(node, NodeRecord())
+            changed, record.tier_fallback = message != record.tier_fallback, message
+        if changed and message:
+            log.warning("node %s: %s", node, message)
+        elif changed:
+            log.info("node %s: no pod direction denies all for want of tiers any more", node)
+        return policy
 
     def _register_locked(self, node: str, last_applied_version: int, policy: NodePolicy,
-                         build_seconds: float, wake: Callable[[], None] | None) -> StreamHandle:
+                         build_seconds: float, wake: Callable[[], None] | None,
+                         enforces_tiers: bool) -> StreamHandle:
         self._next_stream_id += 1
-        handle = StreamHandle(self, node, self._next_stream_id, self._max_pending, wake)
+        handle = StreamHandle(self, node, self._next_stream_id, self._max_pending, wake, enforces_tiers)
         older = self._streams.get(node)
         if older is not None:
             older.close(f"superseded by a newer stream for node {node}")

@@ -140,6 +140,7 @@ class ControlStatusService(pb_grpc.ControlStatusServicer):
                     state_repairs=record.state_repairs,
                     last_repair=record.last_repair,
                     rejected_policies=record.rejected_policies,
+                    tier_fallback=record.tier_fallback,
                 )
             )
         for problem in status.source_errors:

@@ -5,7 +5,8 @@ With --json it prints exactly one object, the contract in docs/design.md:
 "last_error": <str|null>}}}, plus extra fields: per node that has some, "rejected_policies":
 [<str>], the policies it left out because its maps cannot hold them ("namespace/name: why"), per
 node whose agent put back kernel state someone removed, "state_repairs": <int> and "last_repair":
-<str> (the last finding), and
+<str> (the last finding), per node whose agent predates ClusterNetworkPolicy tiers while some
+of its pods have ClusterNetworkPolicy, "tier_fallback": <str> (those directions deny all), and
 "source_errors": [{"object": <str|null>, "source": <str>, "error": <str>,
 "last_valid_in_force": <bool>}], the invalid objects and unreadable files of the policy source,
 and (source "control") every ClusterNetworkPolicy the source holds that the dataplanes do not
@@ -92,6 +93,8 @@ def _node_to_dict(status: pb.NodeStatus) -> dict[str, Any]:
     if status.rejected_policies:  # only then: the contract's three fields otherwise
         node["rejected_policies"] = list(status.rejected_policies)
     node.update(_repairs(status))
+    if status.tier_fallback:  # its agent predates tiers (agent/control/compat.py)
+        node["tier_fallback"] = status.tier_fallback
     return node
 
 
@@ -196,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     for node, entry in status["nodes"].items():
         for rejection in entry.get("rejected_policies", ()):
             print(f"  {node}: policy {rejection}")
+    for node, entry in status["nodes"].items():
+        if entry.get("tier_fallback"):
+            print(f"  {node}: {entry['tier_fallback']}")
     repaired = {node: entry for node, entry in status["nodes"].items() if entry.get("state_repairs")}
     if repaired:
         print(f"{len(repaired)} node(s) put back kernel state someone removed:")

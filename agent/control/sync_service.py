@@ -145,8 +145,12 @@ class NodeSyncService:
             self.admission.greeted(client)
             pending = False
             ready = asyncio.Event()
+            if not hello.enforces_tiers:
+                log.warning("node %s: agent %r does not say it enforces ClusterNetworkPolicy tiers; its "
+                            "pods' directions with ClusterNetworkPolicy are sent as deny all",
+                            hello.node_name, hello.agent_version)
             handle = await off_loop(self._hub.open_stream, hello.node_name, hello.last_applied_version,
-                                     self._waker.waker(ready),
+                                     self._waker.waker(ready), hello.enforces_tiers,
                                      undo=lambda opened: self._hub.close_stream(opened, "the stream ended"))
             reader = asyncio.create_task(self._read_messages(requests, handle),
                                          name=f"sync-reader {hello.node_name}")

@@ -59,6 +59,7 @@ def pod_object(lab: Lab, key: str, labels: dict[str, str]) -> dict[str, Any]:
         "metadata": {"namespace": pod.spec.namespace, "name": pod.spec.name, "labels": dict(labels)},
         "spec": {
             "nodeName": pod.spec.node,
+            "hostNetwork": pod.spec.host_network,
             "containers": [
                 {
                     "name": f"cont-{sp.port}-{sp.protocol.value.lower()}",

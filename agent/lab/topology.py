@@ -116,6 +116,9 @@ class PodSpec:
     node: str
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     ports: tuple[ServerPort, ...] = ()
+    # hostNetwork: no netns or veth of its own; it serves in its node's netns on the node's IP
+    # (so no podfence endpoint: traffic to it is judged as traffic to the node)
+    host_network: bool = False
 
     @property
     def key(self) -> str:
@@ -231,12 +234,19 @@ class Lab:
             if spec.key in self.pods:
                 raise LabError(f"pod {spec.key} defined twice")
             offset = per_node.get(spec.node, 0)
-            per_node[spec.node] = offset + 1
+            per_node[spec.node] = offset + (not spec.host_network)
             if POD_HOST_OFFSET + offset > MAX_POD_HOST:
                 raise LabError(
                     f"node {spec.node} cannot hold more than {MAX_POD_HOST - POD_HOST_OFFSET + 1} pods"
                 )
             node = self.nodes[spec.node]
+            if spec.host_network:
+                self.pods[spec.key] = LabPod(
+                    spec=spec, ip=node.fabric_ip, ip6=node.fabric_ip6, netns=node.netns, host_ifname="",
+                    service_ip=str(SERVICE_SUPERNET.network_address + POD_HOST_OFFSET + service_index),
+                )
+                planned.append(self.pods[spec.key])
+                continue
             node_net = ipaddress.IPv4Network(node.pod_cidr)
             ip6 = service_ip6 = None
             if node.pod_cidr6:
@@ -279,10 +289,11 @@ class Lab:
             for node in self.nodes.values():
                 self._build_node(node)
             for pod in pods:
-                self._build_pod(pod)
+                if not pod.spec.host_network:
+                    self._build_pod(pod)
             self._program_services()
             start_servers(pods)
-            announce_pods(pods)
+            announce_pods(p for p in pods if not p.spec.host_network)
         except BaseException as err:
             if os.getpid() != builder_pid:
                 # A helper pyroute2 forked to create a namespace, interrupted (Ctrl-C reaches the
@@ -443,6 +454,7 @@ class Lab:
                 node=spec["node"],
                 labels=spec["labels"],
                 ports=tuple(ServerPort(port, Protocol(proto)) for port, proto in spec["ports"]),
+                host_network=spec.get("host_network", False),
             )
             lab.pods[pod_spec.key] = LabPod(
                 spec=pod_spec,

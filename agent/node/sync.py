@@ -422,6 +422,7 @@ class SyncClient:
                     last_applied_version=self.last_applied_version,
                     heartbeat_interval_ms=int(self._heartbeat_interval * 1000),
                     enforced_generation=self.enforced_generation,
+                    enforces_tiers=True,  # both dataplanes enforce DirectionPolicy.tiered
                 )
             )
         )

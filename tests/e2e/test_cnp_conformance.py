@@ -2,15 +2,15 @@
 
 One lab per dataplane (routed CNI mode) holds the base topology's pods (tests/data/npa/cases.json)
 spread over two nodes by ordinal as tests/cnp_conformance_model.py places them, each serving the
-ports its containers listen on (TCP, UDP, and SCTP answered by raw sockets). For each case, every
+ports its containers listen on (TCP, UDP, and SCTP answered by raw sockets). The host-network
+pods (centaur-<i>) serve in their node's own netns on the node's fabric IP, which the Node
+objects give as their InternalIP: the probes to `nodeIP` reach them there. For each case, every
 step's objects (Nodes, Namespaces, Pods, NetworkPolicies and ClusterNetworkPolicies, with the lab's
 node names and pod IPs) are written into the control service's folder; the step waits until every
 node applied the new version, then runs the step's pod-IP probes at once (agent.lab.prober). Like
 upstream, a step whose probes disagree is probed again (up to 3 times, 1 s apart) before it fails.
 
-Not run here: the 9 probes to `nodeIP` (a host-network pod): the lab has no host-network pods
-(test_node_ip_probes_need_host_network_pods says so); the evaluator and the compiled form judge
-them in tests/unit.
+Every probe runs, the 9 to `nodeIP` (nodes peers, experimental channel) included.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ LAB_NODES = (node_name(1), node_name(2))
 
 
 def _lab_pods() -> list[PodSpec]:
-    """The topology's pods that are not host-network, on the nodes the model places them."""
+    """The topology's pods, on the nodes the model places them."""
     specs = []
     for pod in load_cases()["topology"]["pods"]:
-        if pod["hostNetwork"]:
-            continue
         ordinal = int(pod["name"].rsplit("-", 1)[1])
         ports = tuple(
             ServerPort(listen["port"], LabProtocol(listen["protocol"]))
@@ -48,7 +46,8 @@ def _lab_pods() -> list[PodSpec]:
             for listen in container["listens"]
         )
         specs.append(
-            PodSpec(pod["namespace"], pod["name"], LAB_NODES[ordinal % 2], dict(pod["labels"]), ports)
+            PodSpec(pod["namespace"], pod["name"], LAB_NODES[ordinal % 2], dict(pod["labels"]), ports,
+                    host_network=pod["hostNetwork"])
         )
     return specs
 
@@ -60,7 +59,10 @@ class CnpLabRun:
 
     def cluster(self, case: Case) -> CnpCluster:
         return CnpCluster(
-            case, pod_ips={key: pod.ip for key, pod in self.lab.pods.items()}, node_names=LAB_NODES
+            case,
+            pod_ips={key: pod.ip for key, pod in self.lab.pods.items()},
+            node_names=LAB_NODES,
+            node_ips=(self.lab.nodes[LAB_NODES[0]].fabric_ip, self.lab.nodes[LAB_NODES[1]].fabric_ip),
         )
 
     def write(self, cluster: CnpCluster) -> None:
@@ -122,7 +124,7 @@ def test_cnp_case(cnp_lab: CnpLabRun, case: Case) -> None:
             cnp_lab.write(cluster)
         except LabError as err:
             pytest.fail(f"step {step.number}: podfence did not apply the step: {err}")
-        probes = [p for p in step.probes if p.target == "podIP"]
+        probes = list(step.probes)  # to a host-network pod (nodeIP), lab.pods holds its node's IP
         wrong: list[str] = []
         for attempt in range(ATTEMPTS):
             observed = cnp_lab.probe(probes)
@@ -140,7 +142,9 @@ def test_cnp_case(cnp_lab: CnpLabRun, case: Case) -> None:
     assert not failures, f"{case.id}\n" + "\n".join(failures)
 
 
-def test_node_ip_probes_need_host_network_pods() -> None:
+def test_the_lab_places_host_network_pods_on_their_node_ip(cnp_lab: CnpLabRun) -> None:
     node_ip = [p for c in CASES for s in c.steps for p in s.probes if p.target == "nodeIP"]
     assert len(node_ip) == 9
-    pytest.skip("9 probes to nodeIP need host-network pods, which the lab does not build")
+    for probe in node_ip:
+        pod = cnp_lab.lab.pods[probe.destination]
+        assert pod.spec.host_network and pod.ip == cnp_lab.lab.nodes[pod.spec.node].fabric_ip, probe

@@ -47,10 +47,11 @@ def control():
 class RawStream:
     """A hand-driven Sync stream, to see the exact messages (snapshot vs delta) on the wire."""
 
-    def __init__(self, target: str, node: str, last_applied: int = 0) -> None:
+    def __init__(self, target: str, node: str, last_applied: int = 0, hello: pb.Hello | None = None) -> None:
         self.channel = grpc.insecure_channel(target)
         self.outgoing: queue.Queue[pb.AgentMessage | None] = queue.Queue()
-        self.outgoing.put(pb.AgentMessage(hello=pb.Hello(node_name=node, last_applied_version=last_applied)))
+        hello = hello or pb.Hello(node_name=node, last_applied_version=last_applied)
+        self.outgoing.put(pb.AgentMessage(hello=hello))
         self.call = pb_grpc.NodeSyncStub(self.channel).Sync(self._requests())
         self.received: queue.Queue[pb.ControlMessage | grpc.RpcError] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -1,18 +1,30 @@
-"""ClusterNetworkPolicy in iptables: a tier's entries as runs of one action, in precedence order.
+"""ClusterNetworkPolicy in iptables: each tier as one set per action, or as runs of one action.
 
-First match decides within a tier, and entries of equal action decide alike whatever their order,
-so a maximal run of consecutive entries (by rank) with one action can be matched as a set: the
-compiler writes each run as one hash:net,port set lookup for its single-port entries plus a rule
-for each other entry, all with the run's target. A new flow then walks one set lookup per change
-of action in the tier's precedence order, not one rule per ClusterNetworkPolicy rule: 1,000 Deny
-rules of one port each are one lookup. Entries whose action alternates rank by rank still cost a
-lookup per run; the eBPF dataplane has no such term (agent/dataplane/bpf/tiered.py).
+A tier whose entries are all single-port TCP/UDP/SCTP (the usual admin guardrail: a port, from
+or to some peers) has its precedence resolved at compile time into disjoint hash:net,port sets,
+one per action (tier_sets.py): a new flow costs one set lookup per action, at most three, the
+same for 10 rules as for 1,000 however their actions alternate, as the eBPF dataplane's verdict
+words (agent/dataplane/bpf/tiered.py). The sets are named after the endpoint, direction, tier
+and action, so a change of rules or identity members is a set swap.
+
+A tier holding another entry (a port range, every port, another protocol) is written as runs:
+first match decides within a tier and entries of equal action decide alike whatever their
+order, so each maximal run of consecutive entries (by rank) of one action is one hash:net,port
+lookup for its single-port entries plus a rule for each other entry, all with the run's target.
+Such a tier costs one lookup per change of action in its precedence order.
+
+With flow records on (compiler.flow_group) every tier is written as runs: a record names its
+deciding rule through the NFLOG prefix of that rule's log chain, which one set per action
+cannot give (a member of the Deny set may come from any Deny rule). Records on iptables thus
+cost a tier one lookup per change of action; the eBPF dataplane names the rule from the
+verdict word and stays flat.
 
 Layout of a tiered endpoint chain (compiler._tiered_chains):
-    PF-I…/PF-E…:  established, node IPs, v4-mapped as before; Admin runs (Accept -> RETURN,
-                  Deny -> DROP, Pass -> goto PF-…n); goto PF-…n
+    PF-I…/PF-E…:  established, node IPs, v4-mapped as before; Admin sets or runs (Accept ->
+                  RETURN, Deny -> DROP, Pass -> goto PF-…n); goto PF-…n
     PF-…n:        isolated: the NetworkPolicy allows -> RETURN; DROP
-                  not isolated: Baseline runs (Accept or Pass -> RETURN, Deny -> DROP); RETURN
+                  not isolated: Baseline sets or runs (Accept or Pass -> RETURN, Deny -> DROP);
+                  RETURN
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, RuleName, allow_of
+from agent.dataplane.iptables.tier_sets import resolve_tier
 from agent.dataplane.types import (
     ACTION_ACCEPT,
     ACTION_DENY,
@@ -52,28 +65,66 @@ def tier_runs(entries: tuple[TieredAllow, ...], tier: int) -> list[tuple[int, tu
     return [(action, tuple(allows)) for action, allows in runs]
 
 
+_ACTION_LETTERS = {ACTION_ACCEPT: "a", ACTION_DENY: "d", ACTION_PASS: "p"}
+
+
+def _tier_rules(
+    compiler: _Compiler,
+    endpoint: Endpoint,
+    direction: str,
+    family: int,
+    policy: DirectionPolicy,
+    tier: int,
+    pass_target: str,
+) -> list[str]:
+    """The rules judging `tier`: one per action set (tier_sets.py), then the runs of the entries
+    no set holds; all of them as runs if a set would outgrow the set limit or flow records are
+    on. Accept and Deny decide (compiler.decided); Pass goes to `pass_target`."""
+    from agent.dataplane.iptables.compiler import INGRESS, SET_PREFIX, TARGETS, _short_hash
+
+    entries = [e for e in policy.tiered if e.tier == tier]
+    letter = "a" if tier == TIER_ADMIN else "b"
+    rules = []
+    runs: tuple[TieredAllow, ...] = tuple(entries)
+    resolved = None if compiler.flow_group else resolve_tier(entries, family, compiler.state.identities)
+    if resolved is not None and all(len(m) <= compiler.set_limit for m in resolved.members.values()):
+        side = "src" if direction == INGRESS else "dst"
+        runs = resolved.wide
+        for action in sorted(resolved.members):
+            name = (
+                f"{SET_PREFIX}t{family}{direction[0]}{letter}{_ACTION_LETTERS[action]}-"
+                f"{_short_hash(endpoint.key, 12)}"
+            )
+            compiler._add_set(name, family, "hash:net,port", resolved.members[action])
+            compiler.out.set_users.setdefault(name, set()).update(resolved.policies.get(action, set()))
+            # the sets are disjoint: their order does not matter
+            target = pass_target if action == ACTION_PASS else TARGETS[action]
+            rules.append(f"-m set --match-set {name} {side},dst {target}")
+    for index, (action, allows) in enumerate(tier_runs(runs, tier)):
+        run_target: str | int = pass_target if action == ACTION_PASS else action
+        rules += compiler.matching(endpoint, direction, family, allows, run_target, f"{letter}{index}", tier)
+    return rules
+
+
 def tiered_rules(
     compiler: _Compiler, endpoint: Endpoint, direction: str, family: int, policy: DirectionPolicy
 ) -> list[str]:
     """The rules after the common head of a direction with tiered entries (see the layout above);
     the chain of the rest is added to the compiler's output."""
     # the compiler imports this module: its names are read at call time
-    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, _short_hash
+    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, TARGETS, _short_hash
 
     rest: list[str] = []
     if policy.isolated:
         rest += compiler.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT, "n")
         rest.append(compiler.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
-    for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_BASELINE)):
-        rest += compiler.matching(endpoint, direction, family, allows, action, f"b{index}", TIER_BASELINE)
-    if not policy.isolated:
+    else:
+        accept = TARGETS[ACTION_ACCEPT]  # a Baseline Pass: only the default allow follows
+        rest += _tier_rules(compiler, endpoint, direction, family, policy, TIER_BASELINE, accept)
         rest.append(compiler.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
     letter = "I" if direction == INGRESS else "E"
     rest_chain = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rest))}n"
     compiler.out.chains[family][rest_chain] = rest
-    rules: list[str] = []
-    for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_ADMIN)):
-        target: str | int = f"-g {rest_chain}" if action == ACTION_PASS else action
-        rules += compiler.matching(endpoint, direction, family, allows, target, f"a{index}", TIER_ADMIN)
+    rules = _tier_rules(compiler, endpoint, direction, family, policy, TIER_ADMIN, f"-g {rest_chain}")
     rules.append(f"-g {rest_chain}")
     return rules
