@@ -11,31 +11,46 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.model.objects import (
     IPBlock,
     LabelSelector,
     Namespace,
     NetworkPolicy,
+    Operator,
     Peer,
     Pod,
     PolicyType,
     PortSpec,
     Protocol,
+    Requirement,
     Rule,
     labels_from_dict,
 )
-from agent.policy.compiled import PORT_MAX, PORT_MIN, PROTOCOL_ANY, DirectionAllows, EndpointPolicy
+from agent.policy.compiled import (
+    PORT_MAX,
+    PORT_MIN,
+    PROTOCOL_ANY,
+    AllowEntry,
+    CidrRef,
+    DirectionAllows,
+    EndpointPolicy,
+    normalize_allows,
+)
 from agent.policy.graph.identities import IdentityIndex, pod_identity
 from agent.policy.graph.nodes import NodeOutputs
 from agent.policy.graph.rules import (
     NamedEgressDeps,
     SelectorKey,
+    identity_ref,
     named_egress_deps,
     patch_plan,
     port_ranges,
 )
 from agent.policy.graph.selectors import SelectorIndex
+from agent.policy.graph.templates import entry_identities, patched_entries
 from agent.policy.state import ClusterState
 from tests.unit.model_builders import pod
 
@@ -232,6 +247,59 @@ def test_selector_shared_by_two_policies_lives_until_the_last_release() -> None:
     assert h.selectors.matches == {OWN_A: {a}}
     h.selectors.release(OWN_A, "x/q")
     assert h.selectors.matches == {}
+
+
+def test_new_namespace_selector_sees_current_labels_through_the_label_index() -> None:
+    """A namespace selector acquired after namespaces changed labels is evaluated only against the
+    namespaces holding its matchLabels pairs now: not one that lost the pair, one that gained it."""
+    h = SelectorHarness()
+    x = h.add_pod(pod("x", "a", "10.0.0.1", app="a"))
+    y = h.add_pod(pod("y", "a", "10.0.0.2", app="a"))
+    h.add_pod(pod("z", "a", "10.0.0.3", app="a"))
+    h.relabel_namespace(Namespace("x", {"team": "blue"}))
+    h.relabel_namespace(Namespace("z", {"team": "blue", "env": "dev"}))
+    h.relabel_namespace(Namespace("z", {"env": "dev"}))  # lost the pair
+    h.relabel_namespace(Namespace("y", {"team": "blue"}))  # gained it after x
+    h.selectors.acquire(BLUE_ANY, "x/p")
+    assert h.selectors.matches[BLUE_ANY] == {x, y}
+    # a selector with only expressions still sees every known namespace
+    dev = LabelSelector(match_expressions=(Requirement("env", Operator.EXISTS),))
+    h.selectors.acquire((None, dev, None), "x/q")
+    assert h.selectors.matches[(None, dev, None)] == {pod_identity(pod("z", "a", "10.0.0.3", app="a"))}
+
+
+# ---- templates: a selector's identities patched into a policy's entries ----------------------
+
+
+IDENTITY_SETS = st.frozensets(st.integers(1, 40))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    start=IDENTITY_SETS,
+    steps=st.lists(st.tuples(IDENTITY_SETS, IDENTITY_SETS), max_size=8),
+)
+def test_patched_entries_equal_a_rebuild_through_membership_churn(
+    start: frozenset[int], steps: list[tuple[frozenset[int], frozenset[int]]]
+) -> None:
+    """A selector's members join and leave (a peer set's membership deltas); the patched entries
+    and identity set equal the ones built from scratch from the current members, with CIDR
+    entries of the same list kept in place."""
+    slots = [((6, 80, 80), (17, 53, 53)), ((6, 80, 80),)]
+    cidr = AllowEntry(CidrRef(ipaddress.ip_network("10.0.0.0/8")), 6, 443, 443, "x/p")
+
+    def rebuilt(members: set[int]) -> tuple[AllowEntry, ...]:
+        fresh = [AllowEntry(identity_ref(i), *r, "x/p") for i in members for ranges in slots for r in ranges]
+        return normalize_allows([cidr, *fresh])
+
+    members = set(start)
+    entries, identities = rebuilt(members), frozenset(members)
+    for added, removed in steps:
+        added_now, removed_now = set(added - members), set(removed & members) - set(added)
+        members = (members | added_now) - removed_now
+        entries, identities = patched_entries(entries, identities, "x/p", slots, added_now, removed_now)
+        assert entries == rebuilt(members)
+        assert identities == entry_identities(entries) == members
 
 
 # ---- nodes: the identity table -----------------------------------------------------------------

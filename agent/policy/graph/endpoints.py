@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from agent.model.objects import Pod, PolicyType
 from agent.policy.compiled import AllowEntry, DirectionAllows, EndpointPolicy, normalize_allows
-from agent.policy.graph.templates import TemplateStore
+from agent.policy.graph.templates import TemplateStore, entry_identities
 from agent.policy.state import ClusterState
 
 # Endpoint memo entries are cheap to rebuild; the cap only bounds memory after long churn.
@@ -60,23 +60,30 @@ class EndpointCompiler:
                         )
             parts.append(normalize_allows(named_entries))
             allows = DirectionAllows(isolated, union(parts))
-            ingress = self._remember(ingress_key, policy_keys, allows)
+            names = entry_identities(named_entries).union(*(t.ingress_identities for t in templates))
+            ingress = self._remember(ingress_key, policy_keys, allows, names)
         egress_key = ("egress", versions)
         egress = self._memo.get(egress_key)
         if egress is None:
             isolated = any(PolicyType.EGRESS in p.policy_types for p in policies)
             allows = DirectionAllows(isolated, union([t.egress_entries for t in templates]))
-            egress = self._remember(egress_key, policy_keys, allows)
+            names = frozenset().union(*(t.egress_identities for t in templates))
+            egress = self._remember(egress_key, policy_keys, allows, names)
         endpoint = EndpointPolicy(pod.namespace, pod.name, pod.ips, ingress[0], egress[0])
         return endpoint, ingress[1] | egress[1]
 
     def _remember(
-        self, key: tuple[object, ...], policy_keys: list[str], allows: DirectionAllows
+        self,
+        key: tuple[object, ...],
+        policy_keys: list[str],
+        allows: DirectionAllows,
+        identities: frozenset[int],
     ) -> tuple[DirectionAllows, frozenset[int]]:
+        """Memoises `allows`, which name `identities` (the union of its templates' sets)."""
         if len(self._memo) >= MEMO_LIMIT:
             self._memo.clear()
             self._memo_keys_by_policy.clear()
-        value = (allows, allows.identities)
+        value = (allows, identities)
         self._memo[key] = value
         for policy_key in policy_keys:
             self._memo_keys_by_policy[policy_key].add(key)
