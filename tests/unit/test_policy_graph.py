@@ -265,7 +265,18 @@ def test_new_namespace_selector_sees_current_labels_through_the_label_index() ->
     # a selector with only expressions still sees every known namespace
     dev = LabelSelector(match_expressions=(Requirement("env", Operator.EXISTS),))
     h.selectors.acquire((None, dev, None), "x/q")
-    assert h.selectors.matches[(None, dev, None)] == {pod_identity(pod("z", "a", "10.0.0.3", app="a"))}
+    z = pod_identity(pod("z", "a", "10.0.0.3", app="a"))
+    assert h.selectors.matches[(None, dev, None)] == {z}
+    h.take()
+    # a relabel re-evaluates the selectors reading a changed key: an unrelated key changes nothing,
+    # a key that disappears moves the namespace out of an expression's scope
+    h.relabel_namespace(Namespace("x", {"team": "blue", "owner": "ann"}))
+    assert h.take() == []
+    h.relabel_namespace(Namespace("z", {}))
+    assert h.take() == [((None, dev, None), set(), {z})]
+    h.relabel_namespace(Namespace("x", {"team": "red", "env": "prod"}))
+    expected = [(BLUE_ANY, set(), {x}), ((None, dev, None), {x}, set())]
+    assert sorted(h.take(), key=repr) == sorted(expected, key=repr)
 
 
 # ---- templates: a selector's identities patched into a policy's entries ----------------------
