@@ -39,6 +39,7 @@ from agent.policy.compiled import (
     EndpointPolicy,
     normalize_allows,
 )
+from agent.policy.graph.endpoints import union
 from agent.policy.graph.identities import IdentityIndex, pod_identity
 from agent.policy.graph.nodes import NodeOutputs
 from agent.policy.graph.rules import (
@@ -311,6 +312,23 @@ def test_patched_entries_equal_a_rebuild_through_membership_churn(
         entries, identities = patched_entries(entries, identities, "x/p", slots, added_now, removed_now)
         assert entries == rebuilt(members)
         assert identities == entry_identities(entries) == members
+
+
+ENTRIES = st.builds(
+    lambda i, port, policy: AllowEntry(identity_ref(i), 6, port, port, policy),
+    st.integers(1, 30),
+    st.sampled_from([80, 443]),
+    st.sampled_from(["x/p", "x/q"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(parts=st.lists(st.lists(ENTRIES, max_size=90), max_size=4))
+def test_union_of_allow_lists_equals_normalising_them_together(parts: list[list[AllowEntry]]) -> None:
+    """Short lists inserted into the longest one (or, past the insert limit, all re-sorted) give
+    the same normalised list, overlaps counted once."""
+    normalised = [normalize_allows(part) for part in parts]
+    assert union(normalised) == normalize_allows(e for part in parts for e in part)
 
 
 # ---- nodes: the identity table -----------------------------------------------------------------

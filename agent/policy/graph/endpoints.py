@@ -12,22 +12,31 @@ from collections.abc import Iterable
 
 from agent.model.objects import Pod, PolicyType
 from agent.policy.compiled import AllowEntry, DirectionAllows, EndpointPolicy, normalize_allows
-from agent.policy.graph.templates import TemplateStore, entry_identities
+from agent.policy.graph.templates import TemplateStore, entry_identities, insert_sorted
 from agent.policy.state import ClusterState
 
 # Endpoint memo entries are cheap to rebuild; the cap only bounds memory after long churn.
 MEMO_LIMIT = 20_000
+# Up to this many entries outside the longest list are inserted into it rather than all re-sorted.
+INSERT_LIMIT = 64
 
 
 def union(parts: list[tuple[AllowEntry, ...]]) -> tuple[AllowEntry, ...]:
     """Normalised union of normalised allow lists; a single non-empty one is reused as is (the
-    common case: one policy selects the pod)."""
-    non_empty = [part for part in parts if part]
+    common case: one policy selects the pod). A few entries beside one long list (a front pod's
+    3,333 peers and its monitoring rule) are inserted into it by binary search."""
+    non_empty = sorted((part for part in parts if part), key=len)
     if not non_empty:
         return ()
     if len(non_empty) == 1:
         return non_empty[0]
-    return normalize_allows(entry for part in non_empty for entry in part)
+    *short, longest = non_empty
+    if sum(map(len, short)) > INSERT_LIMIT:
+        return normalize_allows(entry for part in non_empty for entry in part)
+    merged = list(longest)
+    for part in short:
+        insert_sorted(merged, part)
+    return tuple(merged)
 
 
 class EndpointCompiler:

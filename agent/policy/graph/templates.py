@@ -99,16 +99,22 @@ def patched_entries(
         for ranges in slot_ranges
         for protocol, first, last in ranges
     ]
-    for entry in fresh:
-        at = bisect.bisect_left(patched, entry.sort_key, key=_sort_key)
-        if at == len(patched) or patched[at].sort_key != entry.sort_key:
-            patched.insert(at, entry)
+    insert_sorted(patched, fresh)
     named = (identities - removed) | {e.peer.identity for e in fresh}  # type: ignore[union-attr]
     return tuple(patched), frozenset(named)
 
 
 def _sort_key(entry: AllowEntry) -> tuple[object, ...]:
     return entry.sort_key
+
+
+def insert_sorted(entries: list[AllowEntry], more: Iterable[AllowEntry]) -> None:
+    """Inserts `more` into the normalised list `entries`, keeping it normalised (sorted, each
+    entry once): a binary search and a move in C per entry, for a few entries into a long list."""
+    for entry in more:
+        at = bisect.bisect_left(entries, entry.sort_key, key=_sort_key)
+        if at == len(entries) or entries[at].sort_key != entry.sort_key:
+            entries.insert(at, entry)
 
 
 class TemplateStore:
