@@ -278,6 +278,11 @@ def test_new_namespace_selector_sees_current_labels_through_the_label_index() ->
     h.relabel_namespace(Namespace("x", {"team": "red", "env": "prod"}))
     expected = [(BLUE_ANY, set(), {x}), ((None, dev, None), {x}, set())]
     assert sorted(h.take(), key=repr) == sorted(expected, key=repr)
+    # a value neither blue before nor after leaves team=blue alone; then blue brings it in
+    h.relabel_namespace(Namespace("x", {"team": "green", "env": "prod"}))
+    assert h.take() == []
+    h.relabel_namespace(Namespace("x", {"team": "blue", "env": "prod"}))
+    assert h.take() == [(BLUE_ANY, {x}, set())]
 
 
 # ---- templates: a selector's identities patched into a policy's entries ----------------------
