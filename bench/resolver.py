@@ -8,7 +8,8 @@ same-namespace pod selectors, namespace selectors (by label and by the automatic
 resolution time (all objects in, NodePolicy for every node out), median/p99 incremental update
 time per event kind (the event plus take_dirty_nodes() plus node_policy() for every dirty node,
 i.e. what the control service does per event) and peak RSS. Run: `.venv/bin/python -m bench
-resolver` (both sizes), or `.venv/bin/python -m bench.resolver [SIZE]` for one.
+resolver` (both sizes), or `.venv/bin/python -m bench.resolver [SIZE]` for one; SIZE `30k` is a
+third of the large size (same shapes, ~3 minutes) for iterating, not run by `run()`.
 """
 
 from __future__ import annotations
