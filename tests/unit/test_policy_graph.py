@@ -51,7 +51,7 @@ from agent.policy.graph.rules import (
     port_ranges,
 )
 from agent.policy.graph.selectors import SelectorIndex
-from agent.policy.graph.templates import entry_identities, patched_entries
+from agent.policy.graph.templates import entry_identities, normalised, patched_entries
 from agent.policy.state import ClusterState
 from tests.unit.model_builders import pod
 
@@ -334,6 +334,16 @@ def test_union_of_allow_lists_equals_normalising_them_together(parts: list[list[
     the same normalised list, overlaps counted once."""
     normalised = [normalize_allows(part) for part in parts]
     assert union(normalised) == normalize_allows(e for part in parts for e in part)
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=st.lists(ENTRIES, max_size=40), presorted=st.booleans())
+def test_template_entries_in_order_already_are_kept_as_normalising_would(
+    entries: list[AllowEntry], presorted: bool
+) -> None:
+    """Sorted input (with or without repeats) and any other order give normalize_allows' list."""
+    given = sorted(entries, key=lambda e: e.sort_key) if presorted else entries
+    assert normalised(given) == normalize_allows(entries)
 
 
 # ---- nodes: the identity table -----------------------------------------------------------------

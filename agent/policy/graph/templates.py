@@ -9,6 +9,8 @@ told only when a template really differs, so endpoints recompile only then.
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -106,6 +108,15 @@ def patched_entries(
 
 def _sort_key(entry: AllowEntry) -> tuple[object, ...]:
     return entry.sort_key
+
+
+def normalised(entries: list[AllowEntry]) -> tuple[AllowEntry, ...]:
+    """normalize_allows(entries), without its dictionary and sort when `entries` are in order
+    already: one rule's peers come sorted, and that check costs a fifth of the normalising."""
+    keys = [entry.sort_key for entry in entries]
+    if all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        return tuple(entries)
+    return normalize_allows(entries)
 
 
 def insert_sorted(entries: list[AllowEntry], more: Iterable[AllowEntry]) -> None:
@@ -243,6 +254,6 @@ class TemplateStore:
                     ):
                         peer = CidrRef(host_network(ip))
                         egress_entries.append(AllowEntry(peer, proto.number, port, port, key))
-        ingress, egress = normalize_allows(ingress_entries), normalize_allows(egress_entries)
+        ingress, egress = normalised(ingress_entries), normalised(egress_entries)
         named = tuple(ingress_named)
         return Template(ingress, named, egress, entry_identities(ingress), entry_identities(egress))
