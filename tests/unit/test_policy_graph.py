@@ -11,31 +11,47 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.model.objects import (
     IPBlock,
     LabelSelector,
     Namespace,
     NetworkPolicy,
+    Operator,
     Peer,
     Pod,
     PolicyType,
     PortSpec,
     Protocol,
+    Requirement,
     Rule,
     labels_from_dict,
 )
-from agent.policy.compiled import PORT_MAX, PORT_MIN, PROTOCOL_ANY, DirectionAllows, EndpointPolicy
+from agent.policy.compiled import (
+    PORT_MAX,
+    PORT_MIN,
+    PROTOCOL_ANY,
+    AllowEntry,
+    CidrRef,
+    DirectionAllows,
+    EndpointPolicy,
+    normalize_allows,
+)
+from agent.policy.graph.endpoints import union
 from agent.policy.graph.identities import IdentityIndex, pod_identity
 from agent.policy.graph.nodes import NodeOutputs
 from agent.policy.graph.rules import (
     NamedEgressDeps,
     SelectorKey,
+    identity_ref,
     named_egress_deps,
     patch_plan,
     port_ranges,
 )
 from agent.policy.graph.selectors import SelectorIndex
+from agent.policy.graph.templates import entry_identities, normalised, patched_entries
 from agent.policy.state import ClusterState
 from tests.unit.model_builders import pod
 
@@ -232,6 +248,107 @@ def test_selector_shared_by_two_policies_lives_until_the_last_release() -> None:
     assert h.selectors.matches == {OWN_A: {a}}
     h.selectors.release(OWN_A, "x/q")
     assert h.selectors.matches == {}
+
+
+def test_new_namespace_selector_sees_current_labels_through_the_label_index() -> None:
+    """A namespace selector acquired after namespaces changed labels is evaluated only against the
+    namespaces holding its matchLabels pairs now: not one that lost the pair, one that gained it."""
+    h = SelectorHarness()
+    x = h.add_pod(pod("x", "a", "10.0.0.1", app="a"))
+    y = h.add_pod(pod("y", "a", "10.0.0.2", app="a"))
+    h.add_pod(pod("z", "a", "10.0.0.3", app="a"))
+    h.relabel_namespace(Namespace("x", {"team": "blue"}))
+    h.relabel_namespace(Namespace("z", {"team": "blue", "env": "dev"}))
+    h.relabel_namespace(Namespace("z", {"env": "dev"}))  # lost the pair
+    h.relabel_namespace(Namespace("y", {"team": "blue"}))  # gained it after x
+    h.selectors.acquire(BLUE_ANY, "x/p")
+    assert h.selectors.matches[BLUE_ANY] == {x, y}
+    # a selector with only expressions still sees every known namespace
+    dev = LabelSelector(match_expressions=(Requirement("env", Operator.EXISTS),))
+    h.selectors.acquire((None, dev, None), "x/q")
+    z = pod_identity(pod("z", "a", "10.0.0.3", app="a"))
+    assert h.selectors.matches[(None, dev, None)] == {z}
+    h.take()
+    # a relabel re-evaluates the selectors reading a changed key: an unrelated key changes nothing,
+    # a key that disappears moves the namespace out of an expression's scope
+    h.relabel_namespace(Namespace("x", {"team": "blue", "owner": "ann"}))
+    assert h.take() == []
+    h.relabel_namespace(Namespace("z", {}))
+    assert h.take() == [((None, dev, None), set(), {z})]
+    h.relabel_namespace(Namespace("x", {"team": "red", "env": "prod"}))
+    expected = [(BLUE_ANY, set(), {x}), ((None, dev, None), {x}, set())]
+    assert sorted(h.take(), key=repr) == sorted(expected, key=repr)
+    # a value neither blue before nor after leaves team=blue alone; then blue brings it in
+    h.relabel_namespace(Namespace("x", {"team": "green", "env": "prod"}))
+    assert h.take() == []
+    h.relabel_namespace(Namespace("x", {"team": "blue", "env": "prod"}))
+    assert h.take() == [(BLUE_ANY, {x}, set())]
+
+
+# ---- templates: a selector's identities patched into a policy's entries ----------------------
+
+
+IDENTITY_SETS = st.frozensets(st.integers(1, 40))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    start=IDENTITY_SETS,
+    steps=st.lists(st.tuples(IDENTITY_SETS, IDENTITY_SETS), max_size=8),
+)
+def test_patched_entries_equal_a_rebuild_through_membership_churn(
+    start: frozenset[int], steps: list[tuple[frozenset[int], frozenset[int]]]
+) -> None:
+    """A selector's members join and leave (a peer set's membership deltas); the patched entries
+    and identity set equal the ones built from scratch from the current members, with CIDR
+    entries of the same list kept in place."""
+    slots = [(((6, 80, 80), (17, 53, 53)), "ingress[0]"), (((6, 80, 80),), "ingress[1]")]
+    cidr = AllowEntry(CidrRef(ipaddress.ip_network("10.0.0.0/8")), 6, 443, 443, "x/p")
+
+    def rebuilt(members: set[int]) -> tuple[AllowEntry, ...]:
+        fresh = [
+            AllowEntry(identity_ref(i), *r, "x/p", rule)
+            for i in members
+            for ranges, rule in slots
+            for r in ranges
+        ]
+        return normalize_allows([cidr, *fresh])
+
+    members = set(start)
+    entries, identities = rebuilt(members), frozenset(members)
+    for added, removed in steps:
+        added_now, removed_now = set(added - members), set(removed & members) - set(added)
+        members = (members | added_now) - removed_now
+        entries, identities = patched_entries(entries, identities, "x/p", slots, added_now, removed_now)
+        assert entries == rebuilt(members)
+        assert identities == entry_identities(entries) == members
+
+
+ENTRIES = st.builds(
+    lambda i, port, policy: AllowEntry(identity_ref(i), 6, port, port, policy),
+    st.integers(1, 30),
+    st.sampled_from([80, 443]),
+    st.sampled_from(["x/p", "x/q"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(parts=st.lists(st.lists(ENTRIES, max_size=90), max_size=4))
+def test_union_of_allow_lists_equals_normalising_them_together(parts: list[list[AllowEntry]]) -> None:
+    """Short lists inserted into the longest one (or, past the insert limit, all re-sorted) give
+    the same normalised list, overlaps counted once."""
+    normalised = [normalize_allows(part) for part in parts]
+    assert union(normalised) == normalize_allows(e for part in parts for e in part)
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=st.lists(ENTRIES, max_size=40), presorted=st.booleans())
+def test_template_entries_in_order_already_are_kept_as_normalising_would(
+    entries: list[AllowEntry], presorted: bool
+) -> None:
+    """Sorted input (with or without repeats) and any other order give normalize_allows' list."""
+    given = sorted(entries, key=lambda e: e.sort_key) if presorted else entries
+    assert normalised(given) == normalize_allows(entries)
 
 
 # ---- nodes: the identity table -----------------------------------------------------------------

@@ -41,8 +41,11 @@ PortRange = tuple[int, int, int]
 Slots = tuple[tuple[bool, tuple[PortRange, ...], str], ...]
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def identity_id(namespace: str, labels: Labels) -> int:
-    """Stable 64-bit id of (namespace, label set): the same in every process and replica, never 0."""
+    """Stable 64-bit id of (namespace, label set): the same in every process and replica, never 0.
+    Cached: the pods of a Deployment share one label set, and hashing its JSON text per pod event
+    was a tenth of the 30,000-pod full load."""
     canonical = json.dumps([namespace, [list(kv) for kv in labels]], separators=(",", ":"))
     value = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big")
     return value or 1

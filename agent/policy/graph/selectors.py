@@ -5,6 +5,10 @@ set of namespaces (its policy's own, or those its namespace selector matches); o
 vanished identity in scope, or a namespace entering or leaving the scope, changes its matches, and
 each change is reported to `on_change(selector, added, removed)` (the template store). A namespace
 relabel re-evaluates only the namespace selectors in use.
+
+A namespace selector seen for the first time is evaluated only against the namespaces carrying
+one of its matchLabels pairs (an index of the known namespaces' effective labels): 1,350
+selectors evaluated against all of 5,000 namespaces was a third of the 100,000-pod full load.
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ class SelectorIndex:
         self._users: dict[SelectorKey, set[str]] = defaultdict(set)
         self._ns_sel_matches: dict[LabelSelector, set[str]] = {}
         self._ns_sel_keys: dict[LabelSelector, set[SelectorKey]] = defaultdict(set)
+        # what decides a namespace selector in use: its matchLabels pairs (key, value) and its
+        # expressions' keys (key, None); a relabel re-evaluates only the selectors it touches
+        self._ns_sel_by_deciding: dict[tuple[str, str | None], set[LabelSelector]] = defaultdict(set)
+        self._ns_sel_rank: dict[LabelSelector, int] = {}  # the order of first use
+        self._ns_sel_count = 0
         self._scope_index: dict[str, set[SelectorKey]] = defaultdict(set)  # namespace -> keys in scope
         self._known_namespaces: set[str] = set()  # with an object or a pod; ns selectors evaluated
+        self._ns_labels: dict[str, dict[str, str]] = {}  # known namespace -> its effective labels
+        self._ns_by_label: dict[tuple[str, str], set[str]] = defaultdict(set)  # (key, value) -> known ns
 
     def users(self, sel: SelectorKey) -> Set[str]:
         """The policies using selector `sel`."""
@@ -54,9 +65,11 @@ class SelectorIndex:
             scope = {own_namespace}
         else:
             if ns_selector not in self._ns_sel_matches:
-                self._ns_sel_matches[ns_selector] = {
-                    n for n in self._known_namespaces if ns_selector.matches(self._state.namespace_labels(n))
-                }
+                self._ns_sel_matches[ns_selector] = self._matching_namespaces(ns_selector)
+                self._ns_sel_count += 1
+                self._ns_sel_rank[ns_selector] = self._ns_sel_count
+                for deciding in _deciding(ns_selector):
+                    self._ns_sel_by_deciding[deciding].add(ns_selector)
             self._ns_sel_keys[ns_selector].add(sel)
             scope = self._ns_sel_matches[ns_selector]
         for namespace in scope:
@@ -81,12 +94,57 @@ class SelectorIndex:
         if not keys:
             del self._ns_sel_keys[ns_selector]
             del self._ns_sel_matches[ns_selector]
+            del self._ns_sel_rank[ns_selector]
+            for deciding in _deciding(ns_selector):
+                readers = self._ns_sel_by_deciding[deciding]
+                readers.discard(ns_selector)
+                if not readers:
+                    del self._ns_sel_by_deciding[deciding]
 
     # ---- namespaces --------------------------------------------------------------------------
 
+    def _matching_namespaces(self, ns_selector: LabelSelector) -> set[str]:
+        """The known namespaces `ns_selector` matches; only those with its rarest matchLabels
+        pair are evaluated (every known namespace when it has no matchLabels)."""
+        candidates: Set[str] = self._known_namespaces
+        for pair in ns_selector.match_labels:
+            holders = self._ns_by_label.get(pair, set())
+            if len(holders) < len(candidates):
+                candidates = holders
+        return {n for n in candidates if ns_selector.matches(self._ns_labels[n])}
+
+    def _index_labels(self, name: str, labels: dict[str, str]) -> None:
+        for pair in self._ns_labels.get(name, {}).items():
+            holders = self._ns_by_label[pair]
+            holders.discard(name)
+            if not holders:
+                del self._ns_by_label[pair]
+        self._ns_labels[name] = dict(labels)
+        for pair in labels.items():
+            self._ns_by_label[pair].add(name)
+
     def namespace_relabelled(self, name: str, labels: dict[str, str]) -> None:
-        """Namespace `name` now carries `labels`: moves it into or out of namespace selectors."""
-        for ns_selector, matching in self._ns_sel_matches.items():
+        """Namespace `name` now carries `labels`: moves it into or out of namespace selectors.
+
+        Only a selector with an expression on a key whose value changed, or requiring the old or
+        the new value of such a key, can change its answer; one requiring a third value fails
+        both before and after (1,350 selectors evaluated per relabel at 100,000 pods, against
+        a handful)."""
+        if name in self._known_namespaces:
+            old = self._ns_labels[name]
+            touched: set[tuple[str, str | None]] = set()
+            for label in old.keys() | labels.keys():
+                before, after = old.get(label), labels.get(label)
+                if before != after:
+                    touched.add((label, None))
+                    touched.update((label, value) for value in (before, after) if value is not None)
+            reading = {sel for deciding in touched for sel in self._ns_sel_by_deciding.get(deciding, ())}
+            self._index_labels(name, labels)
+            readers = sorted(reading, key=self._ns_sel_rank.__getitem__)  # as visiting every one did
+        else:
+            readers = list(self._ns_sel_matches)
+        for ns_selector in readers:
+            matching = self._ns_sel_matches[ns_selector]
             was, now = name in matching, ns_selector.matches(labels)
             if was == now:
                 continue
@@ -103,6 +161,7 @@ class SelectorIndex:
             return
         self._known_namespaces.add(name)
         labels = self._state.namespace_labels(name)
+        self._index_labels(name, labels)
         for ns_selector, matching in self._ns_sel_matches.items():
             if ns_selector.matches(labels):
                 matching.add(name)
@@ -146,3 +205,8 @@ class SelectorIndex:
             if identity in matches:
                 matches.discard(identity)
                 self._on_change(sel, set(), {identity})
+
+
+def _deciding(selector: LabelSelector) -> set[tuple[str, str | None]]:
+    """The (key, value) pairs `selector` requires and the (key, None) of each key it tests."""
+    return {*selector.match_labels} | {(r.key, None) for r in selector.match_expressions}

@@ -8,8 +8,11 @@ told only when a template really differs, so endpoints recompile only then.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.model.objects import NetworkPolicy, PolicyType, Protocol, Rule
 from agent.policy.compiled import (
@@ -48,39 +51,83 @@ class NamedIngress:
     rule: str = ""  # AllowEntry.rule of the rule it came from
 
 
+def entry_identities(entries: Iterable[AllowEntry]) -> frozenset[int]:
+    """The identities `entries` name."""
+    return frozenset(e.peer.identity for e in entries if isinstance(e.peer, IdentityRef))
+
+
 @dataclass(frozen=True)
 class Template:
-    """One policy with its peers resolved; independent of which pod it is applied to."""
+    """One policy with its peers resolved; independent of which pod it is applied to.
+
+    `*_identities` are the identities each direction's entries name, kept beside them so that an
+    endpoint's identity set is a union of these sets instead of a walk over its entries (a front
+    pod's list names thousands: that walk was a third of a new identity's cost at 30,000 pods)."""
 
     ingress_entries: tuple[AllowEntry, ...]
     ingress_named: tuple[NamedIngress, ...]
     egress_entries: tuple[AllowEntry, ...]
+    ingress_identities: frozenset[int] = field(default=frozenset(), compare=False)
+    egress_identities: frozenset[int] = field(default=frozenset(), compare=False)
+
+
+def _peer_key(entry: AllowEntry) -> tuple[object, ...]:
+    return entry.peer.sort_key
 
 
 def patched_entries(
     entries: tuple[AllowEntry, ...],
+    identities: frozenset[int],
     policy_key: str,
     slot_ranges: list[tuple[tuple[PortRange, ...], str]],
     added: set[int],
     removed: set[int],
-) -> tuple[AllowEntry, ...]:
-    """`entries` with identities `removed` dropped and `added` allowed on each of `slot_ranges`
-    (a rule's port ranges and its name)."""
+) -> tuple[tuple[AllowEntry, ...], frozenset[int]]:
+    """`entries` (normalised) with identities `removed` dropped and `added` allowed on each of
+    `slot_ranges` (a rule's port ranges and its name), and the identities they then name.
+
+    By binary search on the sorted list (an identity's entries are contiguous: the peer leads the
+    sort key): re-sorting a wide selector's 3,333 entries in each of its 1,250 policies for one
+    new identity was most of a pod relabel's p99."""
     if not slot_ranges:
-        return entries
-    if removed:
-        entries = tuple(
-            e for e in entries if not (isinstance(e.peer, IdentityRef) and e.peer.identity in removed)
-        )
-    if added:
-        fresh = [
-            AllowEntry(identity_ref(identity), protocol, first, last, policy_key, rule)
-            for identity in added
-            for ranges, rule in slot_ranges
-            for protocol, first, last in ranges
-        ]
-        entries = normalize_allows([*entries, *fresh])
-    return entries
+        return entries, identities
+    patched = list(entries)
+    for identity in removed:
+        peer = identity_ref(identity).sort_key
+        low = bisect.bisect_left(patched, peer, key=_peer_key)
+        high = bisect.bisect_right(patched, peer, lo=low, key=_peer_key)
+        del patched[low:high]
+    fresh = [
+        AllowEntry(identity_ref(identity), protocol, first, last, policy_key, rule)
+        for identity in added
+        for ranges, rule in slot_ranges
+        for protocol, first, last in ranges
+    ]
+    insert_sorted(patched, fresh)
+    named = (identities - removed) | {e.peer.identity for e in fresh}  # type: ignore[union-attr]
+    return tuple(patched), frozenset(named)
+
+
+def _sort_key(entry: AllowEntry) -> tuple[object, ...]:
+    return entry.sort_key
+
+
+def normalised(entries: list[AllowEntry]) -> tuple[AllowEntry, ...]:
+    """normalize_allows(entries), without its dictionary and sort when `entries` are in order
+    already: one rule's peers come sorted, and that check costs a fifth of the normalising."""
+    keys = [entry.sort_key for entry in entries]
+    if all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        return tuple(entries)
+    return normalize_allows(entries)
+
+
+def insert_sorted(entries: list[AllowEntry], more: Iterable[AllowEntry]) -> None:
+    """Inserts `more` into the normalised list `entries`, keeping it normalised (sorted, each
+    entry once): a binary search and a move in C per entry, for a few entries into a long list."""
+    for entry in more:
+        at = bisect.bisect_left(entries, entry.sort_key, key=_sort_key)
+        if at == len(entries) or entries[at].sort_key != entry.sort_key:
+            entries.insert(at, entry)
 
 
 class TemplateStore:
@@ -150,10 +197,14 @@ class TemplateStore:
                 continue  # the selector is only in rules of a direction the policy does not enforce
             ingress = [(r, name) for i, r, name in slots if i]
             egress = [(r, name) for i, r, name in slots if not i]
+            ingress_entries, ingress_identities = patched_entries(
+                template.ingress_entries, template.ingress_identities, policy_key, ingress, added, removed
+            )
+            egress_entries, egress_identities = patched_entries(
+                template.egress_entries, template.egress_identities, policy_key, egress, added, removed
+            )
             patched = Template(
-                patched_entries(template.ingress_entries, policy_key, ingress, added, removed),
-                template.ingress_named,
-                patched_entries(template.egress_entries, policy_key, egress, added, removed),
+                ingress_entries, template.ingress_named, egress_entries, ingress_identities, egress_identities
             )
             self._install(policy_key, patched)
 
@@ -209,6 +260,6 @@ class TemplateStore:
                     ):
                         peer = CidrRef(host_network(ip))
                         egress_entries.append(AllowEntry(peer, proto.number, port, port, key, label))
-        return Template(
-            normalize_allows(ingress_entries), tuple(ingress_named), normalize_allows(egress_entries)
-        )
+        ingress, egress = normalised(ingress_entries), normalised(egress_entries)
+        named = tuple(ingress_named)
+        return Template(ingress, named, egress, entry_identities(ingress), entry_identities(egress))
