@@ -38,6 +38,7 @@ from agent.dataplane.base import (
 from agent.dataplane.bpf import attach, ctbound, loader, maps, state_file, telemetry, verify
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
+from agent.dataplane.bpf.entry_memo import Memos
 from agent.dataplane.bpf.fitting import fit_and_plan
 from agent.dataplane.bpf.maps import Live
 from agent.dataplane.bpf.plan import PUT, Op, peer_view
@@ -79,6 +80,8 @@ class BpfDataplane:
         self._module: Any = None
         self._programs: dict[str, Any] = {}
         self._live = Live()
+        # policy entries of the last apply, so that a patched allow list costs its change
+        self._memos = Memos()
         self._events = telemetry.DenyEvents()
         # apply() runs on the reconcile thread while metrics and flow logs read from others
         self._lock = threading.Lock()
@@ -172,7 +175,9 @@ class BpfDataplane:
     def _apply_locked(self, state: NodeState) -> tuple[dict[str, Rejection], _Changes]:
         old_allocation = self._live.allocation
         try:
-            desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+            desired, ops, union, rejected = fit_and_plan(
+                self._live, state, old_allocation, self._rooms(), self._memos
+            )
         except ValueError as error:
             raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
         allocation = with_union(desired.allocation, union)
