@@ -13,7 +13,7 @@ TCP must then restart with a SYN (the program is built with -DPF_TCP_NEEDS_SYN=1
 connection of an affected endpoint or peer ends. The iptables dataplane's modes behave the same.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
-file beside the pins (state_file.py).
+file and its journal beside the pins (state_file.py).
 
 The egress verdict runs from netfilter links or an xt_bpf rule (egress_hook.py); counters,
 drop reasons, map usage and deny events are read by telemetry.py.
@@ -77,6 +77,7 @@ class BpfDataplane:
         self.hook = EgressHook(settings.egress_hook, self.pin_dir, settings.netns)
         self.knobs = settings.knobs()
         self.state_file = settings.state_path
+        self._state = state_file.StateFile(self.state_file)
         self._module: Any = None
         self._programs: dict[str, Any] = {}
         self._live = Live()
@@ -148,8 +149,7 @@ class BpfDataplane:
         self.hook.remove()
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.state_file.unlink()
+        state_file.remove(self.state_file)
         self._live = Live()
 
     # ---- apply -------------------------------------------------------------------------------
@@ -183,6 +183,10 @@ class BpfDataplane:
         allocation = with_union(desired.allocation, union)
         # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
         changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
+        # write-ahead: every id the maps may hold once any op ran is on record before the first
+        # one runs (a crash mid-write then never leaves a live id unknown to the next start)
+        ahead = state_file.merge_allocations(old_allocation, allocation)
+        self._state.save(ahead, self._live.interfaces | desired.interfaces)
         try:
             self._write(ops)
         except Exception as error:
@@ -337,7 +341,7 @@ class BpfDataplane:
 
     def _adopt(self) -> None:
         """Read what a previous run left in the pinned maps so the next apply is a diff."""
-        live, saved = maps.read_live(self._module, state_file.read(self.state_file))
+        live, saved = maps.read_live(self._module, self._state.load())
         live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
         live.allocation = state_file.allocation_from_json(saved) if saved else None
         if live.allocation is None and (live.policy or live.ipcache or live.cidr or live.endpoints):
@@ -346,7 +350,7 @@ class BpfDataplane:
         self.adopted = bool(live.endpoints or live.endpoint_ips or live.policy or live.interfaces)
 
     def _save_state_file(self) -> None:
-        state_file.save(self.state_file, self._live.allocation, self._live.interfaces)
+        self._state.save(self._live.allocation, self._live.interfaces)
 
     # ---- observability (telemetry.py) ------------------------------------------------------------
 
