@@ -187,6 +187,14 @@ def entries_for_members(
 def group_entries(policy_id: int, class_id: int, kind: int, rules: list[Rule]) -> dict[PolicyEntry, int]:
     """The entries of one plain policy on one class: `rules` are those of its rules whose peer is
     a member of the class (entry_memo.py recomputes one such group when a patch touches it)."""
+    if len(rules) == 1:  # most groups: nothing to merge
+        protocol, first, last = rules[0][:3]
+        if protocol == PROTO_ANY:
+            return {(POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0): 1}
+        return {
+            (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value): 1
+            for value, bits in port_range_prefixes(first, last)
+        }
     anys = sum(1 for rule in rules if rule[0] == PROTO_ANY)
     if anys:  # the every-protocol entry already matches every port of every protocol
         return {(POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0): anys}

@@ -148,7 +148,7 @@ class EntryMemo:
             if is_tiered(content):
                 tiered[content] = policy_id
             else:
-                self._add_rules(policy_id, self.books.setdefault(policy_id, _Book(content)), content, dirty)
+                self._open(policy_id, content)
         for policy_id, groups in dirty.items():
             book = self.books.get(policy_id)
             if book is not None:
@@ -183,16 +183,40 @@ class EntryMemo:
 
     def _add_rules(
         self, policy_id: int, book: _Book, rules: Iterable[Rule], dirty: dict[int, set[Group]]
-    ) -> None:
+    ) -> dict[Group, list[Rule]]:
+        """Files `rules` in `book` and marks their groups dirty; returns the rules by group."""
         groups = dirty.setdefault(policy_id, set())
+        by_group: dict[Group, list[Rule]] = {}
+        classes_of = {kind: self.indexes[kind].classes_of for kind in _KINDS}
+        readers, held_rules = self.readers, book.rules
         for rule in rules:
-            key = _member(rule[3])
-            held = book.rules.get(key)
+            peer = rule[3]
+            if isinstance(peer, IdentityPeer):
+                kind, key = PeerKind.IDENTITY, (PeerKind.IDENTITY, peer.identity)
+            else:
+                kind, key = PeerKind.CIDR, (PeerKind.CIDR, peer)
+            held = held_rules.get(key)
             if held is None:
-                held = book.rules[key] = []
-                self.readers.setdefault(key, set()).add(policy_id)
+                held = held_rules[key] = []
+                readers.setdefault(key, set()).add(policy_id)
             held.append(rule)
-            groups.update((class_id, key[0]) for class_id in self.indexes[key[0]].classes_of.get(key[1], ()))
+            for class_id in classes_of[kind].get(key[1], ()):
+                group = (class_id, kind)
+                rules_of_group = by_group.get(group)
+                if rules_of_group is None:
+                    by_group[group] = [rule]
+                    groups.add(group)
+                else:
+                    rules_of_group.append(rule)
+        return by_group
+
+    def _open(self, policy_id: int, content: PolicyContent) -> None:
+        """A new book: every group computed at once from its rules (no member walks)."""
+        book = self.books[policy_id] = _Book(content)
+        for (class_id, kind), rules in self._add_rules(policy_id, book, content, {}).items():
+            entries = group_entries(policy_id, class_id, kind, rules)
+            book.groups[(class_id, kind)] = entries
+            self.entries.update(entries)
 
     def _regroup(self, policy_id: int, book: _Book, group: Group) -> None:
         for entry in book.groups.pop(group, ()):
