@@ -191,6 +191,7 @@ class EntryMemo:
         readers, held_rules = self.readers, book.rules
         for rule in rules:
             peer = rule[3]
+            key: tuple[int, Any]
             if isinstance(peer, IdentityPeer):
                 kind, key = PeerKind.IDENTITY, (PeerKind.IDENTITY, peer.identity)
             else:
