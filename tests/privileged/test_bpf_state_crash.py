@@ -4,32 +4,20 @@ content, and its first apply enforces the new state exactly. Real maps, real tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from agent.dataplane.bpf import maps
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.plan import Op
 from tests.privileged.bpf_netns import Node
-from tests.privileged.test_bpf_traffic import SERVED_PORTS, TCP, endpoint, from_pod, isolated, state
+from tests.privileged.test_bpf_traffic import TCP, endpoint, from_pod, isolated, state
+from tests.privileged.test_bpf_traffic import node as node  # the same three-pod lab fixture
 
 pytestmark = pytest.mark.needs("nsenter", "bpffs")
 
 
 class Crash(BaseException):
     """The process dying: no `except Exception` of the dataplane runs its recovery."""
-
-
-@pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node().create(3)
-    try:
-        for pod in lab.pods:
-            lab.serve(pod, *SERVED_PORTS)
-        yield lab
-    finally:
-        lab.destroy()
 
 
 @pytest.mark.parametrize("ops_before_crash", [1, 3])
