@@ -47,24 +47,31 @@ class ClassIndex:
         self.members: dict[int, frozenset[Any]] = {}  # class id -> members
         self.classes_of: dict[Any, set[int]] = {}  # member -> class ids
 
-    def update(self, pairs: Set[ClassPair]) -> dict[int, set[Any]]:
-        """Move to `pairs`; for each class id that came, went or changed members, the members
-        it had or has (whose groups may differ now)."""
+    def update(self, pairs: Set[ClassPair], report: bool = True) -> dict[int, list[frozenset[Any]]]:
+        """Move to `pairs`; with `report`, for each class id that came, went or changed members,
+        the members it had and has (whose groups may differ now)."""
         gone, came = self.pairs - pairs, pairs - self.pairs
-        changed: dict[int, set[Any]] = {}
+        changed: dict[int, list[frozenset[Any]]] = {}
+        members_by_id, classes_of = self.members, self.classes_of
         for members, class_id in gone:
-            changed.setdefault(class_id, set()).update(members)
-            self.members.pop(class_id, None)  # a class id that came again is put back below
+            if report:
+                changed.setdefault(class_id, []).append(members)
+            members_by_id.pop(class_id, None)  # a class id that came again is put back below
             for member in members:
-                held = self.classes_of[member]
+                held = classes_of[member]
                 held.discard(class_id)
                 if not held:
-                    del self.classes_of[member]
+                    del classes_of[member]
         for members, class_id in came:
-            changed.setdefault(class_id, set()).update(members)
-            self.members[class_id] = members
+            if report:
+                changed.setdefault(class_id, []).append(members)
+            members_by_id[class_id] = members
             for member in members:
-                self.classes_of.setdefault(member, set()).add(class_id)
+                joined = classes_of.get(member)
+                if joined is None:
+                    classes_of[member] = {class_id}
+                else:
+                    joined.add(class_id)
         self.pairs -= gone
         self.pairs |= came
         return changed
@@ -129,10 +136,13 @@ class EntryMemo:
     ) -> dict[PolicyEntry, int]:
         dirty: dict[int, set[Group]] = {}  # policy id -> groups to recompute
         for kind in _KINDS:
-            for class_id, members in self.indexes[kind].update(classes[kind]).items():
-                for member in members:
-                    for policy_id in self.readers.get((kind, member), ()):
-                        dirty.setdefault(policy_id, set()).add((class_id, kind))
+            # no book yet (a first load): nothing to redo, no changes to report
+            changed = self.indexes[kind].update(classes[kind], report=bool(self.readers))
+            for class_id, member_sets in changed.items():
+                for members in member_sets:
+                    for member in members:
+                        for policy_id in self.readers.get((kind, member), ()):
+                            dirty.setdefault(policy_id, set()).add((class_id, kind))
         wanted = {policy_id: content for content, policy_id in policies.items()}
         for policy_id in [pid for pid in self.books if pid not in wanted]:
             self._drop_book(policy_id)
@@ -168,6 +178,10 @@ class EntryMemo:
         added, removed = content - book.content, book.content - content
         if any(len(rule) != 4 for rule in added):
             return False
+        if len(added) + len(removed) > len(content) // 2:  # mostly new: cheaper built afresh
+            self._drop_book(policy_id)
+            self._open(policy_id, content)
+            return True
         book.content = content
         groups = dirty.setdefault(policy_id, set())
         for rule in removed:
