@@ -8,9 +8,12 @@ from __future__ import annotations
 import ipaddress
 import random
 
-from agent.dataplane.bpf.compiler import PolicyContent, Rule, entries_for_members
+import pytest
+
+from agent.dataplane.bpf import transition
+from agent.dataplane.bpf.compiler import PolicyContent, Rule, compile_node_state, entries_for_members
 from agent.dataplane.bpf.entry_memo import ClassPair, EntryMemo, Memos
-from agent.dataplane.bpf.plan import compile_and_plan
+from agent.dataplane.bpf.plan import compile_and_plan, plan
 from agent.dataplane.bpf.transition import with_union
 from agent.dataplane.types import ACTION_ACCEPT, ACTION_DENY, TIER_ADMIN, CidrPeer, IdentityPeer
 from tests.unit.test_bpf_plan import Maps, random_state, small_edit
@@ -184,3 +187,36 @@ def test_a_remembering_apply_plans_exactly_what_a_fresh_one_plans() -> None:
         memo_allocation = with_union(got.allocation, union)
         state = small_edit(rng, state, version) if rng.random() < 0.85 else random_state(rng, version)
     assert unions > 50  # the in-place path (and its union memos) was taken
+
+
+def test_union_entries_copied_from_the_compile_equal_the_expanded_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """transition._entries_as_compiled (the union's classes are the new state's) against the
+    union view's own expansion, over the same random edits: the same union views."""
+    rng = random.Random(31)
+    maps = Maps()
+    allocation = None
+    state = random_state(rng, 1)
+    copied = 0
+    real = transition._entries_as_compiled
+
+    def counting(*args: object) -> object:
+        nonlocal copied
+        answer = real(*args)  # type: ignore[arg-type]
+        copied += answer is not None
+        return answer
+
+    for version in range(2, 120):
+        desired = compile_node_state(state, allocation)
+        monkeypatch.setattr(transition, "_entries_as_compiled", counting)
+        ops, union = plan(maps, desired, allocation)
+        monkeypatch.setattr(transition, "_entries_as_compiled", lambda *args: None)
+        expanded_ops, expanded = plan(maps, desired, allocation)
+        assert union == expanded, version
+        assert sorted(map(repr, ops)) == sorted(map(repr, expanded_ops)), version  # puts in dict order
+        for op in ops:
+            maps.execute(op)
+        allocation = with_union(desired.allocation, union)
+        state = small_edit(rng, state, version) if rng.random() < 0.85 else random_state(rng, version)
+    assert copied > 20  # the copy was taken

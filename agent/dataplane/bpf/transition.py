@@ -173,7 +173,7 @@ def union_view(
     views = [(pid, content, pid in old_view) for pid, content in contents.items()]
     views += [(interim_ids[pid], contents[pid], False) for pid in interim_ids]
 
-    policy = _union_entries(views, identity_ids, split_ids, cidr_ids, memos)
+    policy = _union_entries(views, identity_ids, split_ids, cidr_ids, memos, desired)
     # Interim copies are read until the peers are new, while they move union -> new: their
     # entries on the new classes too.
     for pid, interim in interim_ids.items():
@@ -191,9 +191,15 @@ def _union_entries(
     split_ids: dict[tuple[frozenset[int], frozenset[int]], int],
     cidr_ids: dict[frozenset[CidrPeer], int],
     memos: Memos | None,
+    desired: Desired | None = None,
 ) -> dict[PolicyEntry, int]:
     """The entries of each (policy id, content, reads the old memberships) view on the union
-    classes: a split class's members are its old identities or its new ones, by view."""
+    classes: a split class's members are its old identities or its new ones, by view. With
+    `desired`, views the compile already expanded on these very classes are copied from it."""
+    if desired is not None and not split_ids:
+        copied = _entries_as_compiled(views, identity_ids, cidr_ids, desired)
+        if copied is not None:
+            return copied
     if memos is not None:
         answer: dict[PolicyEntry, int] = {}
         for reads_old, memo in ((True, memos.union_old), (False, memos.union_new)):
@@ -227,6 +233,29 @@ def _union_entries(
             if flag == reads_old:
                 policy.update(entries_for_members({content: pid}, merged, cidr_members))
     return policy
+
+
+def _entries_as_compiled(
+    views: list[tuple[int, PolicyContent, bool]],
+    identity_ids: dict[frozenset[int], int],
+    cidr_ids: dict[frozenset[CidrPeer], int],
+    desired: Desired,
+) -> dict[PolicyEntry, int] | None:
+    """When the union classes are the new state's (peers only joined, no address changed
+    identities: a first load, a list that only grew), every view reads the classes the compile
+    read: an id with the content it has in `desired` has the compile's entries, and only the
+    others (ids on their way out, interim copies) are expanded. None when the classes differ."""
+    allocation = desired.allocation
+    if cidr_ids != allocation.cidr_classes or identity_ids != allocation.identity_classes:
+        return None
+    same = {pid for pid, content, _reads_old in views if allocation.policies.get(content) == pid}
+    answer = {entry: count for entry, count in desired.policy.items() if entry[1] in same}
+    for pid, content, _reads_old in views:
+        if pid not in same:
+            answer.update(
+                policy_entries({content: pid}, allocation.identity_classes, allocation.cidr_classes)
+            )
+    return answer
 
 
 def with_union(allocation: Allocation, union: UnionView | None) -> Allocation:
