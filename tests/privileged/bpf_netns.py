@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.dataplane.bpf import state_file
 from agent.dataplane.bpf.settings import BpfSettings
 from tests.privileged.netns_node import NetnsNode, in_netns, sh
 
@@ -86,7 +87,7 @@ class Node(NetnsNode):
 
     def destroy(self) -> None:
         super().destroy()
-        Path(self.state_file).unlink(missing_ok=True)
+        state_file.remove(Path(self.state_file))
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.dataplane.bpf import state_file
 from agent.lab import wiring
 from tests.readme_tables import documented_metrics, exposition_problems
 
@@ -185,7 +186,7 @@ class NodeLab:
             wiring.remove(name)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         # The bpf dataplane keeps its id bookkeeping beside the pins' lifetime, in /run.
-        Path(f"/run/podfence/{self.pin_dir.name}.bpf-state.json").unlink(missing_ok=True)
+        state_file.remove(Path(f"/run/podfence/{self.pin_dir.name}.bpf-state.json"))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:

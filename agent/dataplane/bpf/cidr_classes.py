@@ -66,7 +66,7 @@ def cidr_classes_of(peers: Iterable[CidrPeer]) -> dict[IPNetwork, frozenset[Cidr
             excepted: list[CidrPeer] = except_at.get(prefix, [])
             members = inherited.difference(excepted) if excepted else inherited
             # a peer whose cidr is this prefix still misses it when one of its excepts encloses it
-            joining = [p for p in cidr_at.get(prefix, []) if not any(
+            joining = [p for p in cidr_at.get(prefix, []) if not p.excepts or not any(
                 e.version == version and prefix.subnet_of(e) for e in p.excepts  # type: ignore[arg-type]
             )]
             if joining:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
@@ -33,6 +34,9 @@ from agent.dataplane.bpf.structs import (
     PeerKind,
     addr_bytes,
 )
+
+if TYPE_CHECKING:  # entry_memo.py builds on this module
+    from agent.dataplane.bpf.entry_memo import EntryMemo
 from agent.dataplane.bpf.tiered import TieredRule, cell_entries, is_tiered, tiered_rule
 from agent.dataplane.types import (
     PROTO_ANY,
@@ -166,25 +170,42 @@ def entries_for_members(
     same class cost nothing (the 72-bit entry already matches them). Each entry counts the rules
     that produced it (pf_policy_value.rule_count, informational)."""
     entries: dict[PolicyEntry, int] = {}
-    spans: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
     for content, policy_id in policies.items():
         if is_tiered(content):
             entries.update(_tiered_entries(policy_id, content, identity_members, cidr_members))
             continue
-        for protocol, first, last, peer in content:  # type: ignore[misc]
-            kind, classes = _classes_of(peer, identity_members, cidr_members)
+        groups: dict[tuple[int, int], list[Rule]] = {}
+        for rule in content:
+            kind, classes = _classes_of(rule[3], identity_members, cidr_members)
             for class_id in classes:
-                if protocol == PROTO_ANY:
-                    entry = (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0)
-                    entries[entry] = entries.get(entry, 0) + 1
-                else:
-                    spans.setdefault((policy_id, class_id, kind, protocol), []).append((first, last))
-    for (policy_id, class_id, kind, protocol), ranges in spans.items():
-        if (POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0) in entries:
-            continue
-        for first, last, rules in merge_port_ranges(ranges):
+                groups.setdefault((class_id, kind), []).append(rule)
+        for (class_id, kind), rules in groups.items():
+            entries.update(group_entries(policy_id, class_id, kind, rules))
+    return entries
+
+
+def group_entries(policy_id: int, class_id: int, kind: int, rules: list[Rule]) -> dict[PolicyEntry, int]:
+    """The entries of one plain policy on one class: `rules` are those of its rules whose peer is
+    a member of the class (entry_memo.py recomputes one such group when a patch touches it)."""
+    if len(rules) == 1:  # most groups: nothing to merge
+        protocol, first, last = rules[0][:3]
+        if protocol == PROTO_ANY:
+            return {(POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0): 1}
+        return {
+            (POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value): 1
+            for value, bits in port_range_prefixes(first, last)
+        }
+    anys = sum(1 for rule in rules if rule[0] == PROTO_ANY)
+    if anys:  # the every-protocol entry already matches every port of every protocol
+        return {(POLICY_PREFIX_ANY_PROTOCOL, policy_id, class_id, kind, 0, 0): anys}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for rule in rules:
+        spans.setdefault(rule[0], []).append((rule[1], rule[2]))
+    entries: dict[PolicyEntry, int] = {}
+    for protocol, ranges in spans.items():
+        for first, last, count in merge_port_ranges(ranges):
             for value, bits in port_range_prefixes(first, last):
-                entries[(POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)] = rules
+                entries[(POLICY_PREFIX_PROTOCOL + bits, policy_id, class_id, kind, protocol, value)] = count
     return entries
 
 
@@ -263,9 +284,12 @@ def _inherited_policy_ids(
     return inherited
 
 
-def compile_node_state(state: NodeState, previous: Allocation | None = None, inherit: bool = True) -> Desired:
+def compile_node_state(
+    state: NodeState, previous: Allocation | None = None, inherit: bool = True, memo: EntryMemo | None = None
+) -> Desired:
     """Desired map contents for `state`, reusing the ids of `previous` for unchanged content (and,
-    with `inherit`, for a changed allow list all of whose readers move together)."""
+    with `inherit`, for a changed allow list all of whose readers move together). With `memo`,
+    policy entries are those of its last answer updated by what changed (entry_memo.py)."""
     previous = previous or Allocation()
     counter = [previous.next_id]
 
@@ -383,7 +407,11 @@ def compile_node_state(state: NodeState, previous: Allocation | None = None, inh
         node_ips=frozenset(addr_bytes(address) for address in state.node_ips),
         ipcache=ipcache,
         cidr=cidr,
-        policy=policy_entries(policies, identity_classes, cidr_classes),
+        policy=(
+            memo.entries_for(policies, identity_classes.items(), cidr_classes.items())
+            if memo is not None
+            else policy_entries(policies, identity_classes, cidr_classes)
+        ),
         allocation=allocation,
         interfaces=frozenset(state.pod_interfaces) | frozenset(endpoints),
     )

@@ -13,7 +13,7 @@ TCP must then restart with a SYN (the program is built with -DPF_TCP_NEEDS_SYN=1
 connection of an affected endpoint or peer ends. The iptables dataplane's modes behave the same.
 Every intermediate state answers each packet as the old or the new state would, so no
 allow-all or deny-all window opens. Ids and their content survive restarts in a small JSON state
-file beside the pins (state_file.py).
+file and its journal beside the pins (state_file.py).
 
 The egress verdict runs from netfilter links or an xt_bpf rule (egress_hook.py); counters,
 drop reasons and map usage are read by telemetry.py, flow records by flow_records.py.
@@ -38,6 +38,7 @@ from agent.dataplane.base import (
 from agent.dataplane.bpf import attach, ctbound, flow_records, loader, maps, state_file, telemetry, verify
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
+from agent.dataplane.bpf.entry_memo import Memos
 from agent.dataplane.bpf.fitting import fit_and_plan
 from agent.dataplane.bpf.maps import Live
 from agent.dataplane.bpf.plan import PUT, Op, peer_view
@@ -77,10 +78,13 @@ class BpfDataplane:
         self.hook = EgressHook(settings.egress_hook, self.pin_dir, settings.netns)
         self.knobs = settings.knobs()
         self.state_file = settings.state_path
+        self._state = state_file.StateFile(self.state_file)
         self._module: Any = None
         self._programs: dict[str, Any] = {}
         self._live = Live()
         self._flows = flow_records.FlowEvents(flow_records.FlowNamer(), settings.flow_deny_interval)
+        # policy entries of the last apply, so that a patched allow list costs its change
+        self._memos = Memos()
         # apply() runs on the reconcile thread while metrics and flow logs read from others
         self._lock = threading.Lock()
         self._bridge_netfilter_enabled = False
@@ -146,8 +150,7 @@ class BpfDataplane:
         self.hook.remove()
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.state_file.unlink()
+        state_file.remove(self.state_file)
         self._live = Live()
 
     # ---- apply -------------------------------------------------------------------------------
@@ -173,12 +176,18 @@ class BpfDataplane:
     def _apply_locked(self, state: NodeState) -> tuple[dict[str, Rejection], _Changes]:
         old_allocation = self._live.allocation
         try:
-            desired, ops, union, rejected = fit_and_plan(self._live, state, old_allocation, self._rooms())
+            desired, ops, union, rejected = fit_and_plan(
+                self._live, state, old_allocation, self._rooms(), self._memos
+            )
         except ValueError as error:
             raise PermanentDataplaneError(f"cannot compile node state: {error}") from error
         allocation = with_union(desired.allocation, union)
         # O(peers): only "reset" needs it (10,000 peers: ~30 ms of every apply)
         changes = self._semantic_changes(desired) if self.established_on_change == "reset" else _Changes()
+        # write-ahead: every id the maps may hold once any op ran is on record before the first
+        # one runs (a crash mid-write then never leaves a live id unknown to the next start)
+        ahead = state_file.merge_allocations(old_allocation, allocation)
+        self._state.save(ahead, self._live.interfaces | desired.interfaces)
         try:
             self._write(ops)
         except Exception as error:
@@ -331,7 +340,7 @@ class BpfDataplane:
 
     def _adopt(self) -> None:
         """Read what a previous run left in the pinned maps so the next apply is a diff."""
-        live, saved = maps.read_live(self._module, state_file.read(self.state_file))
+        live, saved = maps.read_live(self._module, self._state.load())
         live.interfaces = set(saved.get("interfaces", [])) | set(live.endpoints)
         live.allocation = state_file.allocation_from_json(saved) if saved else None
         if live.allocation is None and (live.policy or live.ipcache or live.cidr or live.endpoints):
@@ -343,7 +352,7 @@ class BpfDataplane:
         return {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
 
     def _save_state_file(self) -> None:
-        state_file.save(self.state_file, self._live.allocation, self._live.interfaces)
+        self._state.save(self._live.allocation, self._live.interfaces)
 
     # ---- observability (telemetry.py) ------------------------------------------------------------
 

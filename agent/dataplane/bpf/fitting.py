@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.bpf.compiler import Allocation, Desired, port_range_prefixes
+from agent.dataplane.bpf.entry_memo import Memos
 from agent.dataplane.bpf.plan import MapContents, Op, compile_and_plan, peak_sizes
 from agent.dataplane.bpf.structs import POLICY_PREFIX_FULL, POLICY_PREFIX_PROTOCOL
 from agent.dataplane.bpf.transition import UnionView
@@ -82,7 +83,11 @@ def overflows(
 
 
 def fit_and_plan(
-    live: MapContents, state: NodeState, previous: Allocation | None, rooms: Mapping[str, int]
+    live: MapContents,
+    state: NodeState,
+    previous: Allocation | None,
+    rooms: Mapping[str, int],
+    memos: Memos | None = None,
 ) -> tuple[Desired, list[Op], UnionView | None, dict[str, Rejection]]:
     """Compile and plan `state` (plan.compile_and_plan), rejecting whole policies, the largest
     in the overflowing map first, until the plan fits `rooms`; the rejections by policy.
@@ -91,7 +96,7 @@ def fit_and_plan(
     rejected: dict[str, Rejection] = {}
     fitted = state
     while True:
-        desired, ops, union = compile_and_plan(live, fitted, previous)
+        desired, ops, union = compile_and_plan(live, fitted, previous, memos)
         over = overflows(live, desired, ops, rooms)
         if not over:
             return desired, ops, union, rejected

@@ -36,6 +36,7 @@ from agent.dataplane.bpf.compiler import (
     PolicyEntry,
     compile_node_state,
 )
+from agent.dataplane.bpf.entry_memo import Memos
 from agent.dataplane.bpf.structs import HOST_PREFIX, POLICY_PREFIX_FULL
 from agent.dataplane.bpf.transition import UnionView, deletion_order, insertion_order, union_view
 from agent.dataplane.types import NodeState
@@ -93,30 +94,32 @@ def target_generation(live: MapContents, desired: Desired) -> tuple[int, bool]:
 
 
 def plan(
-    live: MapContents, desired: Desired, previous: Allocation | None = None
+    live: MapContents, desired: Desired, previous: Allocation | None = None, memos: Memos | None = None
 ) -> tuple[list[Op], UnionView | None]:
     """The ops to reach `desired`, in place where `previous` (what the live ids stand for) allows;
-    the union view used, if any (its ids must be remembered with the new allocation)."""
+    the union view used, if any (its ids must be remembered with the new allocation). `memos`
+    keep policy entries between calls (entry_memo.py)."""
     generation = _single_generation(live)
     if previous is not None and generation is not None:
         old_ipcache, old_cidr = peer_view(live, generation)
-        union = union_view(live.endpoints, old_ipcache, old_cidr, previous, desired)
+        union = union_view(live.endpoints, old_ipcache, old_cidr, previous, desired, memos)
         if union is not None:
             return _plan_in_place(live, desired, generation, old_ipcache, old_cidr, union), union
     return _plan_double_buffer(live, desired), None
 
 
 def compile_and_plan(
-    live: MapContents, state: NodeState, previous: Allocation | None
+    live: MapContents, state: NodeState, previous: Allocation | None, memos: Memos | None = None
 ) -> tuple[Desired, list[Op], UnionView | None]:
     """Compile `state` and plan it. An allow list that kept its id while its content changed is
     updated in place, which only the union view can do safely (the double buffer would show new
     rules on old peer entries): when the plan falls back, compile again with fresh ids."""
-    desired = compile_node_state(state, previous)
-    ops, union = plan(live, desired, previous)
+    memo = memos.compile if memos is not None else None
+    desired = compile_node_state(state, previous, memo=memo)
+    ops, union = plan(live, desired, previous, memos)
     if union is None and previous is not None and _renamed(previous, desired):
-        desired = compile_node_state(state, previous, inherit=False)
-        ops, union = plan(live, desired, previous)
+        desired = compile_node_state(state, previous, inherit=False, memo=memo)
+        ops, union = plan(live, desired, previous, memos)
     return desired, ops, union
 
 

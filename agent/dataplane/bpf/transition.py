@@ -34,10 +34,12 @@ from agent.dataplane.bpf.compiler import (
     CidrPrefix,
     Desired,
     EndpointEntry,
+    PolicyContent,
     PolicyEntry,
     entries_for_members,
     policy_entries,
 )
+from agent.dataplane.bpf.entry_memo import ClassPair, Memos
 from agent.dataplane.types import CidrPeer
 
 
@@ -62,6 +64,7 @@ def union_view(
     old_cidr: dict[CidrPrefix, int],
     previous: Allocation,
     desired: Desired,
+    memos: Memos | None = None,
 ) -> UnionView | None:
     """The union of the live peer view (`old_*`, read through `previous`) and `desired`'s; None
     when a live id is not in `previous` (then only the double buffer is safe).
@@ -170,6 +173,44 @@ def union_view(
     views = [(pid, content, pid in old_view) for pid, content in contents.items()]
     views += [(interim_ids[pid], contents[pid], False) for pid in interim_ids]
 
+    policy = _union_entries(views, identity_ids, split_ids, cidr_ids, memos, desired)
+    # Interim copies are read until the peers are new, while they move union -> new: their
+    # entries on the new classes too.
+    for pid, interim in interim_ids.items():
+        policy.update(
+            policy_entries(
+                {contents[pid]: interim}, desired.allocation.identity_classes, desired.allocation.cidr_classes
+            )
+        )
+    return UnionView(ipcache, cidr, policy, interim_ids, identity_ids, cidr_ids, counter[0])
+
+
+def _union_entries(
+    views: list[tuple[int, PolicyContent, bool]],
+    identity_ids: dict[frozenset[int], int],
+    split_ids: dict[tuple[frozenset[int], frozenset[int]], int],
+    cidr_ids: dict[frozenset[CidrPeer], int],
+    memos: Memos | None,
+    desired: Desired | None = None,
+) -> dict[PolicyEntry, int]:
+    """The entries of each (policy id, content, reads the old memberships) view on the union
+    classes: a split class's members are its old identities or its new ones, by view. With
+    `desired`, views the compile already expanded on these very classes are copied from it."""
+    if desired is not None and not split_ids:
+        copied = _entries_as_compiled(views, identity_ids, cidr_ids, desired)
+        if copied is not None:
+            return copied
+    if memos is not None:
+        answer: dict[PolicyEntry, int] = {}
+        for reads_old, memo in ((True, memos.union_old), (False, memos.union_new)):
+            chosen = {content: pid for pid, content, flag in views if flag == reads_old}
+            if len(chosen) != sum(1 for view in views if view[2] == reads_old):
+                break  # a content standing for two ids in one view: expanded one id at a time
+            identity_pairs: set[ClassPair] = set(identity_ids.items())
+            identity_pairs.update((pair[0] if reads_old else pair[1], cid) for pair, cid in split_ids.items())
+            answer.update(memo.entries_for(chosen, identity_pairs, cidr_ids.items()))
+        else:
+            return answer
     identity_members: dict[int, list[int]] = {}
     for identities, class_id in identity_ids.items():
         for identity in identities:
@@ -191,15 +232,30 @@ def union_view(
         for pid, content, flag in views:
             if flag == reads_old:
                 policy.update(entries_for_members({content: pid}, merged, cidr_members))
-    # Interim copies are read until the peers are new, while they move union -> new: their
-    # entries on the new classes too.
-    for pid, interim in interim_ids.items():
-        policy.update(
-            policy_entries(
-                {contents[pid]: interim}, desired.allocation.identity_classes, desired.allocation.cidr_classes
+    return policy
+
+
+def _entries_as_compiled(
+    views: list[tuple[int, PolicyContent, bool]],
+    identity_ids: dict[frozenset[int], int],
+    cidr_ids: dict[frozenset[CidrPeer], int],
+    desired: Desired,
+) -> dict[PolicyEntry, int] | None:
+    """When the union classes are the new state's (peers only joined, no address changed
+    identities: a first load, a list that only grew), every view reads the classes the compile
+    read: an id with the content it has in `desired` has the compile's entries, and only the
+    others (ids on their way out, interim copies) are expanded. None when the classes differ."""
+    allocation = desired.allocation
+    if cidr_ids != allocation.cidr_classes or identity_ids != allocation.identity_classes:
+        return None
+    same = {pid for pid, content, _reads_old in views if allocation.policies.get(content) == pid}
+    answer = {entry: count for entry, count in desired.policy.items() if entry[1] in same}
+    for pid, content, _reads_old in views:
+        if pid not in same:
+            answer.update(
+                policy_entries({content: pid}, allocation.identity_classes, allocation.cidr_classes)
             )
-        )
-    return UnionView(ipcache, cidr, policy, interim_ids, identity_ids, cidr_ids, counter[0])
+    return answer
 
 
 def with_union(allocation: Allocation, union: UnionView | None) -> Allocation:
