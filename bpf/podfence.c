@@ -31,6 +31,7 @@
 #include "lib/endpoint.h"
 #include "lib/neigh.h"
 #include "lib/policy.h"
+#include "lib/audit.h"
 #include "lib/conntrack.h"
 #include "lib/frag.h"
 #include "lib/metrics.h"
@@ -68,7 +69,7 @@ static __always_inline int pf_is_node_sent(const struct pf_packet *pkt)
  * the lookup that found it also serves the admission; `record`: 0 to admit without recording it
  * (pf_ct_expect_lets_record). Cost: <= 1 conntrack lookup (pf_flow_of)
  * and 1 insert, 1 node-address lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM
- * lookups, or 1 fragment lookup. */
+ * lookups, or 1 fragment lookup; a new flow of a direction with an audit view, as many again. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
 				      __u64 now, struct pf_ct_flow *flow, int record)
 {
@@ -89,7 +90,9 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
-	if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
+	/* node traffic is admitted whatever any policy says, audit ones included */
+	int by_node = direction == PF_DIR_INGRESS && pf_is_node_sent(pkt);
+	if (by_node)
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;
@@ -115,6 +118,10 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 			 direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
 			 direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
 		reason = PF_DROP_FLOW_LIMIT;
+	/* a new flow admitted and recorded: what its audit view says, if it has one (lib/audit.h) */
+	if (reason == PF_REASON_ALLOWED && record && !by_node && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)) &&
+	    (ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_AUDIT : PF_EP_EGRESS_AUDIT)))
+		pf_audit_denies(pkt, ep, direction);
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);

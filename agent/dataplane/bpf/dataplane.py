@@ -352,6 +352,13 @@ class BpfDataplane:
             entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
         return telemetry.endpoint_counters(self._module, entries)
 
+    def audit_denied(self) -> dict[tuple[str, str], int]:
+        if self._module is None:
+            return {}
+        with self._lock:
+            entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
+        return telemetry.audit_denied(self._module, entries)
+
     def drop_reason_counts(self) -> dict[str, int]:
         if self._module is None:
             return {}

@@ -1,0 +1,140 @@
+"""Differential: audit (staged) policies in the eBPF dataplane, reference evaluator vs the kernel.
+
+Hypothesis draws small clusters mixing ClusterNetworkPolicy and NetworkPolicy
+(tests/cnp_scenarios.py) and puts a random part of their policies in audit
+(`podfence.io/mode: audit`). The StagedResolver compiles each node's policy, which crosses the wire
+as the agent gets it (control.encode snapshot -> node.sync decode), and BpfDataplane.apply
+programs the maps. Then every connection between the scenario's pods, on TCP, UDP, SCTP and ICMP
+echo, runs as a first packet through the real programs (BPF_PROG_TEST_RUN) of every local
+endpoint it concerns. For each direction:
+  - the kernel's verdict is the evaluator's enforced verdict (an audit policy changes no fate);
+  - pf_audit_denied of that endpoint direction grows by one exactly when the evaluator's
+    enforced verdict admits it and its audit view (every policy enforced) denies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.control.encode import snapshot_message
+from agent.dataplane.types import DirectionPolicy, Endpoint, NodeState
+from agent.model.cluster_policy import ClusterNetworkPolicy
+from agent.model.objects import NetworkPolicy
+from agent.node.sync import apply_message
+from agent.policy.audit import audit_view
+from agent.policy.evaluator import evaluate
+from agent.policy.staged import StagedResolver
+from agent.policy.state import ClusterState
+from tests.cnp_scenarios import NODES, PROBE_PORTS, Scenario, scenarios
+from tests.privileged.test_bpf_fuzz import SLOTS, Bench, _bench, ip_frame, l4_bytes, pytestmark  # noqa: F401
+from tests.privileged.test_bpf_tiers import _frame
+
+AUDIT = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[Bench]:
+    with _bench("keep") as made:
+        yield made
+
+
+@st.composite
+def staged_scenarios(draw: st.DrawFn) -> Scenario:
+    """A scenario with each of its policies in audit or not, at random (at least one in audit)."""
+    scenario = draw(scenarios())
+    objects = []
+    for obj in scenario.objects:
+        if isinstance(obj, NetworkPolicy | ClusterNetworkPolicy):
+            obj = dataclasses.replace(obj, audit=draw(st.booleans()))
+        objects.append(obj)
+    return Scenario(tuple(objects))
+
+
+def _node_state(resolver: StagedResolver, node: str, bench: Bench) -> tuple[NodeState, dict[str, int]]:
+    decoded = apply_message(None, snapshot_message(1, resolver.node_policy(node)))
+    local = dict(zip(sorted(decoded.endpoints)[:SLOTS], bench.ifindexes, strict=False))
+    endpoints = {key: dataclasses.replace(e, ifindex=local.get(key)) for key, e in decoded.endpoints.items()}
+    return NodeState(0, endpoints, decoded.identities), local
+
+
+def _kernel_passes(bench: Bench, direction: str, frame: bytes, ifindex: int) -> bool | None:
+    """A first packet through the programs of one direction of the endpoint on `ifindex`."""
+    if direction == "egress":
+        return bench.egress_path(frame, ifindex)
+    return bench.passes("to_pod", frame, ifindex)
+
+
+def audit_disagreements(bench: Bench, scenario: Scenario) -> list[str]:
+    resolver = StagedResolver()
+    resolver.replace_all(scenario.objects)
+    state = ClusterState.from_objects(list(scenario.objects))
+    view = audit_view(state)
+    wrong = []
+    for node in NODES:
+        node_state, local = _node_state(resolver, node, bench)
+        bench.apply(node_state)
+        for src in state.pods.values():
+            for dst in state.pods.values():
+                if src.key == dst.key or not ({src.key, dst.key} & local.keys()):
+                    continue
+                for protocol, port in PROBE_PORTS:
+                    enforced = evaluate(state, src, dst, protocol, port)
+                    audit = evaluate(view, src, dst, protocol, port)
+                    frame = _frame(src, dst, protocol, port)
+                    probes = []
+                    if src.key in local:
+                        probes.append(("egress", src.key, enforced.egress.allowed, audit.egress.allowed))
+                    if dst.key in local:
+                        probes.append(("ingress", dst.key, enforced.ingress.allowed, audit.ingress.allowed))
+                    for direction, key, allowed, audit_allowed in probes:
+                        bench.forget_flows()
+                        before = bench.plane.audit_denied()[(key, direction)]
+                        kernel = _kernel_passes(bench, direction, frame, local[key])
+                        counted = bench.plane.audit_denied()[(key, direction)] - before
+                        where = f"{direction} {src.key}->{dst.key} {protocol}/{port}"
+                        if kernel != allowed:
+                            wrong.append(f"{where}: kernel {kernel}, enforced verdict {allowed}")
+                        if counted != int(allowed and not audit_allowed):
+                            wrong.append(
+                                f"{where}: audit-denied counted {counted}, audit says {audit_allowed}"
+                            )
+    return wrong
+
+
+@AUDIT
+@given(staged_scenarios())
+def test_audit_policies_change_no_fate_and_count_exactly_what_they_would_deny(
+    bench: Bench, scenario: Scenario
+) -> None:
+    wrong = audit_disagreements(bench, scenario)
+    assert not wrong, wrong[:10]
+
+
+def test_an_established_flow_is_not_judged_by_the_audit_view_again(bench: Bench) -> None:
+    """Only a flow's first packet looks the audit view up: the second one finds conntrack."""
+    source, target = "10.7.0.1", "10.7.0.2"
+    isolated = DirectionPolicy(isolated=True)
+    endpoint = Endpoint(
+        "ns/server",
+        (ipaddress.ip_address(target),),
+        ingress=DirectionPolicy(audit=isolated),
+        ifindex=bench.ifindexes[0],
+    )
+    bench.apply(NodeState(0, {"ns/server": endpoint}))
+    bench.forget_flows()
+    number, l4 = l4_bytes("udp", 4, 40000, 53)
+    frame = ip_frame(4, ipaddress.ip_address(source), ipaddress.ip_address(target), number, l4)
+    before = bench.plane.audit_denied()[("ns/server", "ingress")]
+    assert bench.passes("to_pod", frame, bench.ifindexes[0])
+    assert bench.passes("to_pod", frame, bench.ifindexes[0])
+    assert bench.plane.audit_denied()[("ns/server", "ingress")] - before == 1
