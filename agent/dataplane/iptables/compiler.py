@@ -48,8 +48,6 @@ from dataclasses import dataclass, field
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
-    ACTION_ACCEPT,
-    ACTION_DENY,
     PROTO_ANY,
     V4_MAPPED_SPACE,
     Allow,
@@ -84,6 +82,9 @@ DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
 SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
 IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
 ICMP_ERROR = "podfence:icmperr"  # "podfence:icmperr <key> <source ip>"
+# A new flow the enforced rules admitted and the audit view would deny: "podfence:auditdeny
+# <direction> <key>", a RETURN (an audit chain never drops)
+AUDIT_DENY = "podfence:auditdeny"
 # PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>[ <detail>]"
 FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
 # IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
@@ -187,8 +188,6 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
-# what an Accept or Deny entry of a tier does (tiers.py)
-TARGETS = {ACTION_ACCEPT: f"{_comment(ALLOW)} -j RETURN", ACTION_DENY: f"{_comment(DENY)} -j DROP"}
 SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
@@ -358,10 +357,53 @@ class _Compiler:
                 rules.append(rule)
         return rules
 
+    def _policy_rules(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        policy: DirectionPolicy,
+        allow: str,
+        deny: str,
+        run: str = "",
+    ) -> list[str]:
+        """What `policy` says of a packet past the endpoint chain's head: rules ending in the
+        `allow` or `deny` target (the audit chain's differ from the enforced chain's)."""
+        side = "src" if direction == INGRESS else "dst"
+        # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted by an IPv6
+        # allow such as ::/0 (the eBPF datapath drops it as malformed)
+        mapped = [f"{'-s' if side == 'src' else '-d'} {V4_MAPPED_SPACE} {deny}"] if family == 6 else []
+        if policy.tiered:
+            return mapped + tiered_rules(self, endpoint, direction, family, policy, allow, deny, run)
+        if not policy.isolated:
+            return [allow]
+        rules = list(mapped)
+        grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows, run, allow)
+        if grouped is not None:
+            rules.append(grouped)
+        seen: set[str] = set()
+        for entry in rest:
+            rule = self._allow_rule(entry, family, side, allow)
+            if rule is not None and rule not in seen:
+                seen.add(rule)
+                rules.append(rule)
+        rules.append(deny)
+        return rules
+
+    def _audit_chain(self, endpoint: Endpoint, direction: str, family: int, audit: DirectionPolicy) -> str:
+        """The audit view of one endpoint direction, entered (goto) by the enforced chain's allows
+        only, so only by packets the enforced rules admit: every way out is a RETURN, and a
+        denial is a counted RETURN (AUDIT_DENY). Never a drop: an audit policy changes no fate."""
+        allow = "-j RETURN"
+        deny = f"{_comment(f'{AUDIT_DENY} {direction} {endpoint.key}')} -j RETURN"
+        rules = self._policy_rules(endpoint, direction, family, audit, allow, deny, "u")
+        letter = "I" if direction == INGRESS else "E"
+        name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}u"
+        self.out.chains[family][name] = rules
+        return name
+
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
-        # Peers are the packet's source for ingress and its destination for egress.
-        side = "src" if direction == INGRESS else "dst"
         rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_comment(ALLOW)} -j RETURN"]
         if self.tcp_needs_syn:
             # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
@@ -380,29 +422,11 @@ class _Compiler:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
             rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
-        if policy.tiered:
-            if family == 6:
-                flag = "-s" if side == "src" else "-d"
-                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            rules += tiered_rules(self, endpoint, direction, family, policy)
-        elif not policy.isolated:
-            rules.append(f"{_comment(ALLOW)} -j RETURN")
-        else:
-            if family == 6:
-                # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
-                # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
-                flag = "-s" if side == "src" else "-d"
-                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows)
-            if grouped is not None:
-                rules.append(grouped)
-            seen: set[str] = set()
-            for allow in rest:
-                rule = self._allow_rule(allow, family, side)
-                if rule is not None and rule not in seen:
-                    seen.add(rule)
-                    rules.append(rule)
-            rules.append(f"{_comment(DENY)} -j DROP")
+        allow = f"{_comment(ALLOW)} -j RETURN"
+        if policy.audit is not None:
+            # a new flow the enforced rules admit goes on to be judged by the audit view
+            allow = f"{_comment(ALLOW)} -g {self._audit_chain(endpoint, direction, family, policy.audit)}"
+        rules += self._policy_rules(endpoint, direction, family, policy, allow, f"{_comment(DENY)} -j DROP")
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
         self.out.chains[family][name] = rules

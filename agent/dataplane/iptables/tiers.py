@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from agent.dataplane.types import (
     ACTION_ACCEPT,
+    ACTION_DENY,
     ACTION_PASS,
     TIER_ADMIN,
     TIER_BASELINE,
@@ -51,28 +52,28 @@ def tier_runs(entries: tuple[TieredAllow, ...], tier: int) -> list[tuple[int, tu
 
 
 def tiered_rules(
-    compiler: _Compiler, endpoint: Endpoint, direction: str, family: int, policy: DirectionPolicy
+    compiler: _Compiler,
+    endpoint: Endpoint,
+    direction: str,
+    family: int,
+    policy: DirectionPolicy,
+    allow: str,
+    deny: str,
+    run: str = "",
 ) -> list[str]:
-    """The rules after the common head of a direction with tiered entries (see the layout above);
-    the chain of the rest is added to the compiler's output."""
+    """The rules after the common head of a direction with tiered entries (see the layout above),
+    Accepts ending in `allow` and Denies in `deny`; the chain of the rest is added to the
+    compiler's output. `run` sets the grouped sets of an audit view (compiler._audit_chain) apart."""
     # the compiler imports this module: its names are read at call time
-    from agent.dataplane.iptables.compiler import (
-        ALLOW,
-        CHAIN_PREFIX,
-        DENY,
-        INGRESS,
-        TARGETS,
-        _comment,
-        _short_hash,
-    )
+    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, _short_hash
 
-    allow, deny = f"{_comment(ALLOW)} -j RETURN", f"{_comment(DENY)} -j DROP"
+    targets = {ACTION_ACCEPT: allow, ACTION_DENY: deny}
     rest: list[str] = []
     if policy.isolated:
-        rest += compiler.matching(endpoint, direction, family, policy.allows, allow, "n")
+        rest += compiler.matching(endpoint, direction, family, policy.allows, allow, f"{run}n")
         rest.append(deny)
     for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_BASELINE)):
-        rest += compiler.matching(endpoint, direction, family, allows, TARGETS[action], f"b{index}")
+        rest += compiler.matching(endpoint, direction, family, allows, targets[action], f"{run}b{index}")
     if not policy.isolated:
         rest.append(allow)
     letter = "I" if direction == INGRESS else "E"
@@ -80,7 +81,7 @@ def tiered_rules(
     compiler.out.chains[family][rest_chain] = rest
     rules: list[str] = []
     for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_ADMIN)):
-        target = f"-g {rest_chain}" if action == ACTION_PASS else TARGETS[action]
-        rules += compiler.matching(endpoint, direction, family, allows, target, f"a{index}")
+        target = f"-g {rest_chain}" if action == ACTION_PASS else targets[action]
+        rules += compiler.matching(endpoint, direction, family, allows, target, f"{run}a{index}")
     rules.append(f"-g {rest_chain}")
     return rules
