@@ -161,6 +161,15 @@ class DirectionPolicy:
         return self if self.audit is None else replace(self, audit=None)
 
 
+def audit_everything_state(state: NodeState) -> NodeState:
+    """`state` under the agent's `--audit-all`: every endpoint direction through audit_everything."""
+    endpoints = {
+        key: replace(e, ingress=audit_everything(e.ingress), egress=audit_everything(e.egress))
+        for key, e in state.endpoints.items()
+    }
+    return replace(state, endpoints=endpoints)
+
+
 def audit_everything(direction: DirectionPolicy) -> DirectionPolicy:
     """`direction` under the agent's `--audit-all`: nothing enforced (every packet passes), and
     everything the control service would have enforced, its audit view included, in audit."""

@@ -44,7 +44,7 @@ from agent.model.objects import (
     labels_from_dict,
 )
 from agent.node.sync import apply_message
-from agent.policy.audit import audit_view
+from agent.policy.audit import audit_view, enforced_view
 from agent.policy.evaluator import evaluate
 from agent.policy.staged import StagedResolver
 from agent.policy.state import ClusterState
@@ -116,10 +116,13 @@ class Expect:
     audit_denied: frozenset[tuple[str, str]]  # (endpoint key, direction) that count a denial
 
 
-def expectations(objects: list[KubeObject], tcp_port: int, udp_port: int) -> list[Expect]:
-    state = ClusterState.from_objects(objects)
-    view = audit_view(state)
-    pods = [state.pods[f"{NAMESPACE}/p{i + 1}"] for i in range(len(APPS))]
+def expectations(
+    objects: list[KubeObject], tcp_port: int, udp_port: int, audit_all: bool = False
+) -> list[Expect]:
+    """Per probe: the fate and the counting directions. `audit_all`: as the agent's --audit-all."""
+    view = audit_view(ClusterState.from_objects(objects))
+    state = enforced_view(ClusterState.from_objects(objects), audit_all)
+    pods = [view.pods[f"{NAMESPACE}/p{i + 1}"] for i in range(len(APPS))]
     found = []
     for s, src in enumerate(pods):
         for t, dst in enumerate(pods):

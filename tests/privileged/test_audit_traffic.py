@@ -9,12 +9,14 @@ audit denial around it. eBPF: pf_audit_denied; iptables: the audit chains' AUDIT
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.iptables import IptablesDataplane
+from agent.dataplane.types import audit_everything_state
 from tests.privileged import bpf_netns, iptables_netns
 from tests.privileged.audit_lab import ICMP, Expect, disagreements, expectations, lab_objects, node_state
 
@@ -41,7 +43,8 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
     plane.start()
     try:
         keys = {f"lab/p{p.index}": p.ifindex for p in pods}
-        plane.apply(node_state(objects, keys, (bpf_netns.NODE_IP,)))
+        node_ips = (bpf_netns.NODE_IP,)
+        plane.apply(node_state(objects, keys, node_ips))
 
         def run(expect: Expect) -> bool:
             source, target = pods[expect.source], pods[expect.target]
@@ -53,6 +56,19 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
 
         expected = expectations(objects, BPF_TCP, BPF_UDP)
         assert any(e.audit_denied for e in expected) and any(not e.passes for e in expected)
+        wrong = disagreements(expected, run, plane.audit_denied)
+        assert not wrong, wrong
+
+        # the agent's --audit-all: nothing enforced, every policy counted
+        plane.apply(
+            dataclasses.replace(audit_everything_state(node_state(objects, keys, node_ips)), version=2)
+        )
+        expected = expectations(objects, BPF_TCP, BPF_UDP, audit_all=True)
+        assert all(e.passes for e in expected)
+        assert {ref for e in expected for ref in e.audit_denied} >= {
+            ("lab/p2", "ingress"),
+            ("lab/p1", "egress"),
+        }
         wrong = disagreements(expected, run, plane.audit_denied)
         assert not wrong, wrong
     finally:
