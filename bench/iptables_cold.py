@@ -5,7 +5,8 @@ interfaces. Each pod gets 10 ingress and 10 egress allows (identity peers, CIDR 
 without excepts, single ports and ranges, TCP/UDP/SCTP/any), so 2,000 rules in all, spread over
 50 shared identities. Measured, in one run: start() + apply() on an empty table (cold), the same
 state re-applied (no-op), one endpoint's policy changed (incremental), teardown(), and as the
-baseline that batching avoids, 200 of the same rules added one `iptables -A` at a time.
+baseline that batching avoids, 200 of the same rules added one `iptables -A` at a time; then
+the same cold start with flow records on (`flow_records`: log chains per distinct rule).
 
     python -m bench.iptables_cold        (root; prints one JSON object)
 """
@@ -57,7 +58,10 @@ def _node_state(ifindexes: dict[int, int], version: int = 1, changed_pod: int | 
                 peer = IdentityPeer(seed % IDENTITIES)
             if pod == changed_pod:
                 first, last = 2, 2
-            result.append(Allow(peer, protocol, first if protocol else 0, last if protocol else 65535))
+            # five NetworkPolicies per pod, two rules each: the rule_refs flow records log by
+            policy = f"bench/np{pod % 20 * 5 + n % 5}"
+            ports = (first, last) if protocol else (0, 65535)
+            result.append(Allow(peer, protocol, *ports, policy))
         return tuple(result)
 
     def pod_ip(pod: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -102,6 +106,7 @@ def _measure(netns: str, conn: Connection) -> None:
     from pyroute2 import netns as pyroute2_netns
 
     from agent.dataplane.iptables import IptablesDataplane
+    from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 
     try:
         pyroute2_netns.setns(netns)
@@ -132,6 +137,16 @@ def _measure(netns: str, conn: Connection) -> None:
         started = time.perf_counter()
         dataplane.teardown()
         teardown = time.perf_counter() - started
+
+        # The same state with flow records on: the deciding rules go through log chains
+        flows = IptablesDataplane(flow_group=DEFAULT_NFLOG_GROUP)
+        started = time.perf_counter()
+        flows.start()
+        flows.apply(state)
+        flows_cold = time.perf_counter() - started
+        flows_saved = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True).stdout
+        flows_rules = flows_saved.count("\n-A PF-")
+        flows.teardown()
         conn.send(
             {
                 "pods": PODS,
@@ -147,6 +162,13 @@ def _measure(netns: str, conn: Connection) -> None:
                 "one_by_one_ms_per_rule": round(one_by_one * 1000, 2),
                 "batch_ms_per_rule": round(cold / kernel_rules * 1000, 3),
                 "batch_speedup": round(one_by_one / (cold / kernel_rules), 1),
+                "flow_records": {
+                    "kernel_rules_ipv4": flows_rules,
+                    "log_chains_ipv4": flows_saved.count("\n:PF-L"),
+                    "rules_ratio": round(flows_rules / kernel_rules, 3),
+                    "cold_seconds": round(flows_cold, 3),
+                    "cold_ratio": round(flows_cold / cold, 2),
+                },
             }
         )
     except Exception as exc:

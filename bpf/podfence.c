@@ -31,10 +31,10 @@
 #include "lib/endpoint.h"
 #include "lib/neigh.h"
 #include "lib/policy.h"
-#include "lib/audit.h"
 #include "lib/conntrack.h"
 #include "lib/frag.h"
 #include "lib/metrics.h"
+#include "lib/audit.h"
 
 #define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
 
@@ -76,6 +76,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	__u32 policy_id = direction == PF_DIR_INGRESS ? ep->ingress_policy_id : ep->egress_policy_id;
 	__u32 reason;
 
+	pkt->policy_id = policy_id;
+
 	if (pkt->flags & PF_PKT_NDP)
 		return PF_REASON_ALLOWED;
 	if (pkt->flags & PF_PKT_FRAG_LATER) {
@@ -101,7 +103,8 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	else if (pf_policy_allows(policy_id, ep->generation,
 				  direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be,
 				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_TIERED : PF_EP_EGRESS_TIERED),
-				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN)))
+				  ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_OPEN : PF_EP_EGRESS_OPEN),
+				  &pkt->verdict_word))
 		reason = PF_REASON_ALLOWED;
 	else
 		reason = PF_DROP_POLICY;
@@ -112,23 +115,39 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 	    !(pkt->flags & PF_PKT_MALFORMED) && (pkt->tcp_flags & 0x12) != 0x02)
 		reason = PF_DROP_POLICY;
 
-	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h) */
-	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)) &&
-	    !pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
-			 direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
-			 direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
-		reason = PF_DROP_FLOW_LIMIT;
-	/* a new flow admitted and recorded: what its audit view says, if it has one (lib/audit.h) */
-	if (reason == PF_REASON_ALLOWED && record && !by_node && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR)) &&
-	    (ep->flags & (direction == PF_DIR_INGRESS ? PF_EP_INGRESS_AUDIT : PF_EP_EGRESS_AUDIT)))
-		pf_audit_denies(pkt, ep, direction);
+	/* a new flow of a pod that holds its bound of entries is dropped (lib/conntrack.h); one
+	 * admitted here is due its allowed flow record (pf_account) */
+	if (reason == PF_REASON_ALLOWED && record && !(pkt->flags & (PF_PKT_MALFORMED | PF_PKT_ICMP_ERROR))) {
+		if (pf_ct_admit(flow, direction == PF_DIR_INGRESS ? PF_CT_INGRESS_OK : PF_CT_EGRESS_OK, now,
+				direction == PF_DIR_EGRESS ? ep->endpoint_id + 1 : 0,
+				direction == PF_DIR_INGRESS ? ep->endpoint_id + 1 : 0, ep->endpoint_id + 1))
+			pkt->flags |= PF_PKT_ADMITTED;
+		else
+			reason = PF_DROP_FLOW_LIMIT;
+	}
+	/* a new flow admitted and recorded: what its ingress audit view says, if it has one
+	 * (lib/audit.h); the egress one is asked by pf_egress_drops, last (see there) */
+	if (direction == PF_DIR_INGRESS && (pkt->flags & PF_PKT_ADMITTED) && !by_node &&
+	    (ep->flags & PF_EP_INGRESS_AUDIT))
+		pf_audit_judge(pkt, ep, direction);
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);
 	return reason;
 }
 
-/* Counters, drop reasons and events for one verdict. */
+/* The allowed record of a flow pf_judge newly admitted (established packets never get here). */
+static __always_inline void pf_flow_admitted(const struct pf_packet *pkt, __u32 endpoint_id, int direction,
+					     __u32 bytes, __u64 now)
+{
+	/* audit-denied: passes, recorded with what the audit view decided (pf_audit_judge) */
+	if (pkt->flags & PF_PKT_ADMITTED)
+		pf_emit_flow(pkt, endpoint_id, direction, PF_REASON_ALLOWED,
+			     pkt->flags & PF_PKT_AUDIT_DENIED ? PF_FLOW_AUDIT_DENIED : PF_FLOW_ALLOWED, 0, 1, bytes,
+			     pkt->policy_id, pkt->verdict_word, now);
+}
+
+/* Counters, drop reasons and flow records for one verdict. */
 static __always_inline void pf_account(struct pf_packet *pkt, __u32 endpoint_id, int direction, __u32 reason,
 				       __u32 bytes, __u64 now)
 {
@@ -136,7 +155,9 @@ static __always_inline void pf_account(struct pf_packet *pkt, __u32 endpoint_id,
 		pf_count(endpoint_id, direction, reason == PF_REASON_ALLOWED, bytes);
 	if (reason != PF_REASON_ALLOWED) {
 		pf_count_drop(reason);
-		pf_emit_deny(pkt, endpoint_id, direction, reason, now);
+		pf_flow_denied_packet(pkt, endpoint_id, direction, reason, bytes, now);
+	} else {
+		pf_flow_admitted(pkt, endpoint_id, direction, bytes, now);
 	}
 }
 
@@ -239,6 +260,7 @@ int tc_from_pod(struct __sk_buff *skb)
 		pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, skb->len, now);
 		return TC_ACT_SHOT;
 	}
+	pf_flow_admitted(&pkt, ep->endpoint_id, PF_DIR_EGRESS, skb->len, now);
 	return TC_ACT_OK;
 }
 
@@ -311,6 +333,24 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	int opens = pf_opens_flow(&pkt);
 	struct pf_ct_expect_value *note = opens ? pf_ct_expectation(&pkt) : NULL;
 	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow, pf_ct_expect_lets_record(note, &pkt, now));
+	if ((pkt.flags & PF_PKT_ADMITTED) && (ep->flags & PF_EP_EGRESS_AUDIT)) {
+		/* a newly admitted flow with an audit view: it passes, its record waits for the audit
+		 * view's word (lib/audit.h pf_audit_egress, which explains why it is asked last) */
+		pf_count(ep->endpoint_id, PF_DIR_EGRESS, 1, len);
+		if (opens)
+			pf_ct_settle(note, &pkt, 1, ep->endpoint_id + 1, now);
+		__u32 zero = 0;
+		struct pf_audit_scratch *scratch = pf_audit_scratch_map.lookup(&zero);
+		if (scratch) {
+			__builtin_memcpy(&scratch->pkt, &pkt, sizeof(pkt));
+			scratch->now = now;
+			scratch->endpoint_id = ep->endpoint_id;
+			scratch->generation = ep->generation;
+			scratch->bytes = len;
+			pf_audit_egress();
+		}
+		return 0;
+	}
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, len, now);
 	if (opens)
 		pf_ct_settle(note, &pkt, reason == PF_REASON_ALLOWED, ep->endpoint_id + 1, now);

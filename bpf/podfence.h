@@ -14,7 +14,7 @@
 #define PODFENCE_H
 
 /* Verdict and drop reasons: one numbered list shared by the datapath, the drop-reason counters,
- * the deny events and the metrics labels. NEVER renumber; only append before PF_REASON_MAX. */
+ * the flow events and the metrics labels. NEVER renumber; only append before PF_REASON_MAX. */
 enum pf_reason {
 	PF_REASON_ALLOWED = 0,          /* not a drop */
 	PF_DROP_POLICY = 1,             /* isolated and no allow matched */
@@ -273,21 +273,67 @@ struct pf_counter_value {
 	__u64 denied_bytes;
 };
 
-/* deny events sent through the ring buffer (rate limited per CPU). */
-struct pf_deny_event {
+/* Flow events, sent through the ring buffer (issue 24): one per flow, not per packet.
+ *  - allowed: when a judgement newly admits a way of a flow (the packet that inserts or marks the
+ *    conntrack entry: pf_judge), so established packets never emit;
+ *  - denied: the first denied packet of a flow, and then the denied packets of the same flow
+ *    (pf_flow_denied) aggregated into `packets`/`bytes`, sent when a denied packet meets the
+ *    entry PF_FLOW_DENY_INTERVAL seconds after the last record (user space sends what an idle
+ *    entry still holds, flows.py).
+ * Every record takes a token of the per-CPU budget (pf_event_budget); one the budget or the ring
+ * buffer refuses is counted in pf_events_lost. `policy_id` / `verdict_word` say what decided, for
+ * user space to name the rule: the direction's policy id (0: no policy selects the pod) and, for
+ * a tiered direction, the merged verdict word of the cells (its ranks name the rules). */
+#define PF_FLOW_ALLOWED      0
+#define PF_FLOW_DENIED       1
+#define PF_FLOW_AUDIT_DENIED 2
+
+#define PF_FLOW_FIRST        0x02  /* denied: the flow's first record (not a later aggregate) */
+
+struct pf_flow_event {
+	__u64 time_ns;              /* pf_now() of the packet (CLOCK_MONOTONIC) */
+	__u64 packets;              /* packets the record stands for (denied: aggregated) */
+	__u64 bytes;
 	__u32 endpoint_id;
+	__u32 policy_id;            /* the judged direction's policy id; 0: none selects the pod */
+	__u32 verdict_word;         /* tiered direction: the merged PF_VERDICT_* word; else 0 */
 	__u8 direction;
-	__u8 reason;
+	__u8 reason;                /* enum pf_reason */
+	__u8 verdict;               /* PF_FLOW_ALLOWED | PF_FLOW_DENIED | PF_FLOW_AUDIT_DENIED */
 	__u8 protocol;
-	__u8 family;                /* 4 or 6 */
+	__u8 family;                /* 4 or 6 (0: no IP header read) */
+	__u8 flags;                 /* PF_FLOW_* */
 	__be16 sport_be;
 	__be16 dport_be;
-	__u32 pad;
+	__u8 pad[6];
 	struct pf_addr saddr;
 	struct pf_addr daddr;
 };
 
-/* event_budget: per-CPU token bucket for deny events. */
+/* flow_denied: LRU, the denied flows seen lately, keyed by what a record names, with the packets
+ * and bytes denied since the flow's last record. An entry the LRU evicts takes its counts along
+ * (they are then missing from the records, never sent twice). */
+struct pf_flow_key {
+	struct pf_addr saddr;
+	struct pf_addr daddr;
+	__be16 sport_be;
+	__be16 dport_be;
+	__u8 protocol;
+	__u8 direction;
+	__u8 reason;
+	__u8 pad;
+	__u32 endpoint_id;
+};
+
+struct pf_flow_pending {
+	__u64 packets;              /* denied since the last record (atomic adds) */
+	__u64 bytes;
+	__u64 recorded_ns;          /* pf_now() of the last record */
+	__u32 policy_id;
+	__u32 verdict_word;
+};
+
+/* event_budget: per-CPU token bucket for flow events. */
 struct pf_event_budget {
 	__u64 tokens;
 	__u64 last_refill_ns;

@@ -54,11 +54,14 @@ def _encode_allow(entry: AllowEntry) -> pb.Allow:
         port_first=entry.port_first,
         port_last=entry.port_last,
         policy=entry.policy,
+        rule=entry.rule,
     )
 
 
 def _tiered(entry: TieredEntry) -> pb.TieredAllow:
-    allow = AllowEntry(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy)
+    allow = AllowEntry(
+        entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy, entry.rule
+    )
     return pb.TieredAllow(allow=_allow(allow), tier=entry.tier, rank=entry.rank, action=entry.action)
 
 

@@ -105,7 +105,7 @@ class AuditCounting(Protocol):
 @runtime_checkable
 class EventsLost(Protocol):
     def events_lost(self) -> int:
-        """Deny events the ring buffer could not take."""
+        """Flow records (deny events) the dataplane could not deliver."""
 
 
 class DenyEvent(Protocol):

@@ -3,8 +3,9 @@
 One record per flow, not per packet: the first packet of an allowed flow, the first denied
 packet of a denied flow (later denied packets of the same flow are aggregated into `packets`
 and `bytes` of a later record, never one record each), and a verdict change. The dataplane
-fills the tuple, the verdict and an opaque `rule_ref`; the node layer, which knows which policy
-and rule each compiled entry came from, names the deciding `tier`, `policy` and `rule`.
+fills the tuple and the verdict, names the deciding `tier`, `policy` and `rule` from the
+Allow/TieredAllow it was given (their `policy` and `rule`), and interns (tier, policy, rule)
+into `rule_ref` itself; the node layer passes records on as they are.
 
 This is the contract between the dataplanes (producers), the node's flow buffer and the
 control service's relay (consumers): add fields at the end, with defaults, never rename.
@@ -40,9 +41,9 @@ class FlowRecord:
     # "" for an allowed flow.
     reason: str = ""
     # Opaque reference to the compiled entry that decided (0: none, e.g. no policy selects the
-    # pod, or isolated and no rule matched). Only the dataplane and the node layer read it.
+    # pod, or isolated and no rule matched): the dataplane's interned (tier, policy, rule).
     rule_ref: int = 0
-    # Filled in by the node layer from rule_ref and the endpoint's policies:
+    # Filled in by the dataplane from the Allow/TieredAllow that decided:
     tier: str = ""  # "admin" | "networkpolicy" | "baseline" | "default" ("" unknown)
     policy: str = ""  # "namespace/name" (NetworkPolicy) or "name" (ClusterNetworkPolicy)
     rule: str = ""  # e.g. "ingress[0]", or why no rule decided: "no policy selects the pod"

@@ -106,6 +106,7 @@ class Allow:
     port_first: int = 0
     port_last: int = 65535
     policy: str = ""  # "namespace/name" that produced it; for logs, never for verdicts
+    rule: str = ""  # which of its rules: "ingress[0]", "egress[2]"; for flow records, never verdicts
 
 
 def allow_order(allow: Allow) -> tuple[object, ...]:
@@ -113,7 +114,7 @@ def allow_order(allow: Allow) -> tuple[object, ...]:
     (a snapshot, or a patch of a list): identities first, then prefixes by address."""
     peer = allow.peer
     peer_key = (0, peer.identity) if isinstance(peer, IdentityPeer) else (1, *peer.int_key)
-    return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy)
+    return (peer_key, allow.protocol, allow.port_first, allow.port_last, allow.policy, allow.rule)
 
 
 TIER_ADMIN, TIER_BASELINE = 1, 2
@@ -133,6 +134,7 @@ class TieredAllow:
     port_first: int = 0
     port_last: int = 65535
     policy: str = ""  # the ClusterNetworkPolicy's name; for logs, never for verdicts
+    rule: str = ""  # its rule's name, else "ingress[i]" / "egress[i]"; never for verdicts
 
 
 @dataclass(frozen=True)

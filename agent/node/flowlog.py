@@ -1,9 +1,11 @@
-"""Deny-event flow logs: one structured log line per denied packet the dataplane reports.
+"""Deny logs: one structured log line per denied flow record (a sink of flowfeed.FlowFeed), or
+per deny event of a dataplane that has only those (DenyEventSource, its own thread).
 
-The kernel already rate-limits deny events (a per-CPU token bucket); this thread limits again
-in user space so that a flood of denied traffic cannot flood the logs either, and reports how
-many lines it suppressed. Each line carries the pod (namespace/name), direction, 5-tuple and
-drop reason as `extra` fields, so `--log-format json` turns it into a flow record.
+The kernel already rate-limits records (a per-CPU token bucket) and aggregates a denied flow's
+packets; this limits again in user space so that a flood of denied traffic cannot flood the logs
+either, and reports how many lines it suppressed. Each line carries the pod (namespace/name),
+direction, 5-tuple and drop reason (with a record: the deciding policy and rule, and the packets
+it stands for) as `extra` fields, so `--log-format json` turns it into a flow record.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.dataplane.base import DenyEvent, DenyEventSource
+from agent.dataplane.flows import FlowRecord, FlowVerdict
 
 log = logging.getLogger("podfence.flow")
 
@@ -39,7 +42,7 @@ class TokenBucket:
         return False
 
 
-def flow_fields(event: DenyEvent) -> dict[str, Any]:
+def flow_fields(event: DenyEvent | FlowRecord) -> dict[str, Any]:
     """The structured fields of one flow record."""
     return {
         "pod": event.endpoint or "<unknown endpoint>",
@@ -54,10 +57,23 @@ def flow_fields(event: DenyEvent) -> dict[str, Any]:
     }
 
 
+def record_fields(record: FlowRecord) -> dict[str, Any]:
+    """The structured fields of a denied flow record: the deny event's, and what decided."""
+    fields = flow_fields(record)  # a FlowRecord has every field a DenyEvent has
+    fields.update(
+        verdict=record.verdict.value,
+        policy=record.policy,
+        rule=record.rule,
+        tier=record.tier,
+        packets=record.packets,
+    )
+    return fields
+
+
 class FlowLogger:
     def __init__(
         self,
-        source: DenyEventSource,
+        source: DenyEventSource | None = None,
         *,
         rate_per_s: float = 50.0,
         burst: int = 200,
@@ -83,11 +99,31 @@ class FlowLogger:
         )
         self.logged += 1
 
+    def handle_record(self, record: FlowRecord) -> None:
+        """A flow feed sink: logs the denied records (allowed ones are for observe and metrics)."""
+        if record.verdict == FlowVerdict.ALLOWED:
+            return
+        if not self._bucket.take():
+            self.suppressed += 1
+            return
+        fields = record_fields(record)
+        log.info(
+            "%(verdict)s %(protocol)s %(src)s:%(sport)s -> %(dst)s:%(dport)s %(direction)s %(pod)s: "
+            "%(reason)s (%(rule)s%(policy)s, %(packets)s packets)",
+            {**fields, "policy": f" of {fields['policy']}" if fields["policy"] else ""},
+            extra={"flow": fields},
+        )
+        self.logged += 1
+        self._report_suppressed()
+
     def run(self, stop: threading.Event, poll_timeout_ms: int = 200) -> None:
         """Blocks until `stop` is set."""
+        source = self._source
+        if source is None:
+            raise ValueError("FlowLogger.run() needs a DenyEventSource")
         while not stop.is_set():
             try:
-                for event in self._source.poll_events(poll_timeout_ms):
+                for event in source.poll_events(poll_timeout_ms):
                     self.handle(event)
             except Exception as exc:  # a bad event must not end flow logging for good
                 log.warning("reading deny events failed: %s", exc)

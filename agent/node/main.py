@@ -2,8 +2,9 @@
 
 Wiring, in start order: the dataplane (adopting what a previous run pinned, so enforcement never
 pauses), interface discovery and the reconcile loop, the netlink monitor, the metrics server,
-the sync client, and deny-event flow logs. SIGTERM/SIGINT stop the threads and release user-space
-resources; the kernel keeps enforcing the last programmed state (a restart or upgrade adopts it).
+the sync client, and the flow feed (flow records to the deny log and podfence_flows_total).
+SIGTERM/SIGINT stop the threads and release user-space resources; the kernel keeps enforcing the
+last programmed state (a restart or upgrade adopts it).
 
 Exit codes: 0 after a clean stop, 1 on a runtime failure (e.g. BPF unavailable: the message says
 which capability is missing), 2 on bad usage.
@@ -34,10 +35,13 @@ from agent.dataplane.base import (
     EgressHookReporting,
     HookRepairing,
 )
+from agent.dataplane.flows import FlowRecordSource
+from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 from agent.dataplane.types import NodeState, audit_everything_state
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
+from agent.node.flowfeed import FLOW_METRICS_MODES, FlowFeed
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
@@ -100,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-pod-metrics", choices=["on", "off"], default="on",
         help="series per pod (namespace, pod labels); off leaves only the node's totals",
     )
+    parser.add_argument(
+        "--flow-metrics",
+        choices=list(FLOW_METRICS_MODES),
+        default="verdict",
+        help="podfence_flows_total labels: verdict (and direction), policy (also the deciding policy), none",
+    )
     parser.add_argument("--tls-cert", help="client certificate (PEM), names this node")
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that signed the control service's certificate")
@@ -141,7 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: a quarter of the bpf conntrack map, 16384 connections per address on iptables)",
     )
     parser.add_argument(
-        "--event-rate", type=int, default=None, metavar="N", help="bpf deny events per second per CPU at most"
+        "--event-rate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bpf flow records per second per CPU at most",
+    )
+    parser.add_argument(
+        "--nflog-group",
+        type=int,
+        default=DEFAULT_NFLOG_GROUP,
+        metavar="N",
+        help="iptables: the NFLOG group flow records are logged to and read from (1..65535; 0: no "
+        "flow records, and no deny log)",
     )
     parser.add_argument(
         "--hook-check-interval",
@@ -266,6 +288,7 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
         return IptablesDataplane(
             unknown_endpoints=args.unknown_endpoints,
             established_on_change=args.established_on_change,
+            flow_group=args.nflog_group,
             **bound,
         )
     from agent.dataplane.bpf import BpfDataplane
@@ -346,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.state_check_interval <= 3600:
             interval = args.state_check_interval
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if not 0 <= args.nflog_group <= 0xFFFF:
+            raise UsageError(f"--nflog-group must be 0 (off) to 65535, not {args.nflog_group}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
             raise UsageError(f"--flows-per-pod must be 0 (no bound) or more, not {args.flows_per_pod}")
     except UsageError as exc:
@@ -409,8 +434,9 @@ def run(args: argparse.Namespace) -> int:
         state_interval = args.state_check_interval
         state_guard = StateGuard(dataplane, state_interval) if isinstance(dataplane, StateRepairing) else None
         registry = CollectorRegistry()
-        register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
-                               per_pod=args.per_pod_metrics == "on", state_guard=state_guard)
+        collector = register_agent_metrics(registry, dataplane, reconciler, sync, hook_guard,
+                                           per_pod=args.per_pod_metrics == "on", state_guard=state_guard,
+                                           flow_metrics=args.flow_metrics)
         server, port = start_metrics_server(
             args.metrics_listen,
             registry,
@@ -433,7 +459,13 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(dataplane, ConntrackReleasing):
             releaser = ConntrackReleaser(dataplane)
             threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
-        if isinstance(dataplane, DenyEventSource):
+        if isinstance(dataplane, FlowRecordSource):
+            # one reader of the dataplane's records, many sinks (flowfeed.py)
+            feed = FlowFeed(dataplane, [FlowLogger().handle_record])
+            if collector.flows is not None:  # exposed whatever the dataplane, empty without flows
+                feed.add_sink(collector.flows)
+            threads.append(_thread("flow-feed", lambda: feed.run(stop), failed, stop))
+        elif isinstance(dataplane, DenyEventSource):
             flows = FlowLogger(dataplane)
             threads.append(_thread("flow-log", lambda: flows.run(stop), failed, stop))
         egress_hook = dataplane.egress_hook_in_use if isinstance(dataplane, EgressHookReporting) else ""

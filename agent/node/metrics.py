@@ -19,7 +19,8 @@ Metrics (all read at scrape time):
   podfence_located_endpoints                    ... whose host interface was found
   podfence_pod_interfaces                       host-side pod interfaces guarded
   podfence_map_entries{map}, podfence_map_capacity{map}   map usage against capacity
-  podfence_events_lost_total                    deny events the ring buffer dropped
+  podfence_events_lost_total                    flow records the budget or ring buffer dropped
+  (podfence_flows_total: agent.node.flowfeed.FlowMetrics)
   podfence_apply_errors_total                   failed programming attempts (retries included)
   podfence_hook_repairs_total                   netfilter hooks put back first after another tool
                                                 inserted rules above them or removed them
@@ -48,6 +49,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from agent.dataplane.base import AuditCounting, Dataplane, DropReasons, EventsLost, MapUsage
+from agent.node.flowfeed import FlowMetrics
 from agent.node.reconcile import LatencyHistogram, Reconciler
 from agent.node.repair import KINDS
 from agent.process_metrics import register_process_metrics
@@ -88,6 +90,7 @@ class AgentCollector(Collector):
         self._sync = sync
         self._hook_guard = hook_guard
         self._state_guard = state_guard
+        self.flows: FlowMetrics | None = None  # podfence_flows_total, a collector of its own
 
     def describe(self) -> Iterable[Metric]:
         # Describing would read the kernel at registration time; an empty describe() makes
@@ -210,7 +213,7 @@ class AgentCollector(Collector):
         drops = CounterMetricFamily("podfence_drops", "Packets dropped, per drop reason.", labels=["reason"])
         entries = GaugeMetricFamily("podfence_map_entries", "Entries in use per map.", labels=["map"])
         capacity = GaugeMetricFamily("podfence_map_capacity", "Capacity per map.", labels=["map"])
-        lost = CounterMetricFamily("podfence_events_lost", "Deny events the ring buffer could not take.")
+        lost = CounterMetricFamily("podfence_events_lost", "Flow records not sent (budget or ring buffer).")
         audit = CounterMetricFamily(
             "podfence_audit_denied",
             "New flows admitted that the policies in audit would deny, per direction (all pods).",
@@ -261,8 +264,14 @@ def register_agent_metrics(
     hook_guard: HookRepairCount | None = None,
     per_pod: bool = True,
     state_guard: StateRepairCounts | None = None,
+    flow_metrics: str = "verdict",
 ) -> AgentCollector:
+    """`flow_metrics` (--flow-metrics): the labels of podfence_flows_total, whose counter is a flow
+    feed sink (collector.flows), or "none"."""
     register_process_metrics(registry)
     collector = AgentCollector(dataplane, reconciler, sync, hook_guard, per_pod, state_guard)
     registry.register(collector)
+    if flow_metrics != "none":
+        collector.flows = FlowMetrics(flow_metrics)
+        registry.register(collector.flows)
     return collector

@@ -122,7 +122,7 @@ def _allow(allow: pb.Allow, where: str) -> Allow:
         raise MalformedMessage(f"{where}: bad IP protocol {allow.protocol}")
     if not allow.port_first <= allow.port_last <= 65535:
         raise MalformedMessage(f"{where}: bad port range {allow.port_first}-{allow.port_last}")
-    return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy)
+    return Allow(peer, allow.protocol, allow.port_first, allow.port_last, allow.policy, allow.rule)
 
 
 def _tiered(entry: pb.TieredAllow, where: str, cache: DecodeCache) -> TieredAllow:
@@ -138,7 +138,7 @@ def _tiered(entry: pb.TieredAllow, where: str, cache: DecodeCache) -> TieredAllo
         allow = cache.allows[allow_wire] = _allow(entry.allow, where)
     return TieredAllow(
         entry.tier, entry.rank, entry.action, allow.peer, allow.protocol, allow.port_first, allow.port_last,
-        allow.policy,
+        allow.policy, allow.rule,
     )
 
 

@@ -59,7 +59,8 @@ class AllowEntry(_KeyedEntry):
     """Traffic with `peer` on `protocol` (0 = any) to ports [port_first, port_last] is allowed.
 
     The port is the destination port: the endpoint's own port on ingress, the peer's on egress.
-    `policy` ("ns/name") says which NetworkPolicy contributed the entry, for counters and explain.
+    `policy` ("ns/name") says which NetworkPolicy contributed the entry and `rule` which of its
+    rules ("ingress[0]", "egress[2]"), for flow records, counters and explain.
     """
 
     peer: PeerRef
@@ -67,12 +68,20 @@ class AllowEntry(_KeyedEntry):
     port_first: int = PORT_MIN
     port_last: int = PORT_MAX
     policy: str = ""
+    rule: str = ""
     # Computed once: allow lists are re-sorted on every union, and a Python key call per entry
     # per sort dominated the resolver's update time.
     sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        key = (_peer_sort_key(self.peer), self.protocol, self.port_first, self.port_last, self.policy)
+        key = (
+            _peer_sort_key(self.peer),
+            self.protocol,
+            self.port_first,
+            self.port_last,
+            self.policy,
+            self.rule,
+        )
         object.__setattr__(self, "sort_key", key)
 
 
@@ -108,7 +117,8 @@ class TieredEntry(_KeyedEntry):
     Ranks are compact per endpoint and direction: every entry of one rule shares its rank, and the
     rules applying to the endpoint are numbered in tier order (policy priority, name, rule index).
     A Baseline Pass is compiled as Accept (only the default allow follows it). `policy` names the
-    ClusterNetworkPolicy, for explain and logs.
+    ClusterNetworkPolicy and `rule` its rule (the rule's name, else "ingress[i]"/"egress[i]"),
+    for flow records, explain and logs.
     """
 
     tier: int
@@ -119,11 +129,12 @@ class TieredEntry(_KeyedEntry):
     port_first: int = PORT_MIN
     port_last: int = PORT_MAX
     policy: str = ""
+    rule: str = ""
     sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         key = (self.tier, self.rank, self.action, _peer_sort_key(self.peer), self.protocol)
-        object.__setattr__(self, "sort_key", (*key, self.port_first, self.port_last, self.policy))
+        object.__setattr__(self, "sort_key", (*key, self.port_first, self.port_last, self.policy, self.rule))
 
 
 @dataclass(frozen=True)

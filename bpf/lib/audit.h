@@ -15,22 +15,57 @@
 PF_PINNED("array", u32, struct pf_audit_value, pf_audit, PF_ENDPOINTS_MAX * 2, 0);
 PF_PINNED("percpu_array", u32, u64, pf_audit_denied, PF_ENDPOINTS_MAX * 2, 0);
 
-/* Does the audit view of `direction` of `ep` deny this new flow? Counted when it does. */
-static __always_inline int pf_audit_denies(const struct pf_packet *pkt, const struct pf_endpoint_value *ep,
-					   int direction)
+/* The audit view of `direction` of `ep` for a new flow the enforced view admitted: a denial is
+ * counted and marks the packet (PF_PKT_AUDIT_DENIED) so that its flow record is audit-denied,
+ * naming the audit view's policy id and verdict word. */
+static __always_inline void pf_audit_judge(struct pf_packet *pkt, const struct pf_endpoint_value *ep, int direction)
 {
 	__u32 slot = ep->endpoint_id * 2 + direction;
 	struct pf_audit_value *audit = pf_audit.lookup(&slot);
 	if (!audit || audit->policy_id == 0)
-		return 0;
+		return;
+	__u32 word = 0;
 	if (pf_policy_allows(audit->policy_id, ep->generation,
 			     direction == PF_DIR_INGRESS ? &pkt->saddr : &pkt->daddr, pkt->protocol, pkt->dport_be,
-			     audit->flags & PF_AUDIT_TIERED, audit->flags & PF_AUDIT_OPEN))
-		return 0;
+			     audit->flags & PF_AUDIT_TIERED, audit->flags & PF_AUDIT_OPEN, &word))
+		return;
+	pkt->flags |= PF_PKT_AUDIT_DENIED;
+	pkt->policy_id = audit->policy_id;
+	pkt->verdict_word = word;
 	u64 *count = pf_audit_denied.lookup(&slot);
 	if (count)
 		*count += 1;
-	return 1;
+}
+
+/* The egress audit of nf_egress: everything it needs copied into a per-CPU scratch entry, so that
+ * pf_audit_egress reads nothing the verifier tracks from the paths before it. Asked last (the
+ * verdict and its conntrack work done), the verifier then prunes it as one state instead of
+ * walking it once per path of the verdict: inline, nf_egress_link with flow records took more
+ * than its 1,000,000-instruction limit (2026-12-07). */
+struct pf_audit_scratch {
+	struct pf_packet pkt;
+	__u64 now;
+	__u32 endpoint_id;
+	__u32 generation;
+	__u32 bytes;
+	__u32 pad;
+};
+
+BPF_PERCPU_ARRAY(pf_audit_scratch_map, struct pf_audit_scratch, 1);
+
+/* Judges, counts and records (allowed or audit-denied) the newly admitted egress flow whose
+ * packet pf_egress_drops left in the scratch entry. */
+static __always_inline void pf_audit_egress(void)
+{
+	__u32 zero = 0;
+	struct pf_audit_scratch *scratch = pf_audit_scratch_map.lookup(&zero);
+	if (!scratch)
+		return;
+	struct pf_endpoint_value ep = {.endpoint_id = scratch->endpoint_id, .generation = scratch->generation};
+	pf_audit_judge(&scratch->pkt, &ep, PF_DIR_EGRESS);
+	pf_emit_flow(&scratch->pkt, scratch->endpoint_id, PF_DIR_EGRESS, PF_REASON_ALLOWED,
+		     scratch->pkt.flags & PF_PKT_AUDIT_DENIED ? PF_FLOW_AUDIT_DENIED : PF_FLOW_ALLOWED, 0, 1,
+		     scratch->bytes, scratch->pkt.policy_id, scratch->pkt.verdict_word, scratch->now);
 }
 
 #endif /* PF_LIB_AUDIT_H */

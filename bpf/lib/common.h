@@ -67,9 +67,17 @@
 #ifndef PF_BENCH_NO_FLOW_STATE
 #define PF_BENCH_NO_FLOW_STATE 0
 #endif
-/* deny events per second per CPU (token bucket, burst = one second's worth) */
+/* flow events per second per CPU (token bucket, burst = one second's worth) */
 #ifndef PF_EVENT_RATE
-#define PF_EVENT_RATE 100
+#define PF_EVENT_RATE 1000
+#endif
+/* a denied flow's packets are aggregated into one record per this many seconds at most */
+#ifndef PF_FLOW_DENY_INTERVAL
+#define PF_FLOW_DENY_INTERVAL 5
+#endif
+/* denied flows remembered for aggregation (LRU) */
+#ifndef PF_FLOW_DENIED_MAX
+#define PF_FLOW_DENIED_MAX 16384
 #endif
 #ifndef PF_EVENT_RING_PAGES
 #define PF_EVENT_RING_PAGES 64

@@ -22,6 +22,10 @@
 #define PF_PKT_NDP         0x10  /* ICMPv6 neighbour discovery / MLD: link plumbing */
 #define PF_PKT_IP_OPTIONS  0x20  /* IPv4 header with options (IHL > 5) */
 #define PF_PKT_NODE_SENT   0x40  /* sent by the node itself (tc_to_pod: entered no device) */
+#define PF_PKT_ADMITTED    0x80  /* pf_judge newly admitted the packet's way of its flow: the
+				    * flow's allowed record is due (lib/metrics.h) */
+#define PF_PKT_AUDIT_DENIED 0x100 /* admitted, but the direction's audit view denies it: its
+				    * record is audit-denied, policy_id/verdict_word the audit view's */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 /* Where a program reads packet bytes: tc and xt_bpf programs through their skb with
@@ -60,6 +64,10 @@ struct pf_packet {
 	__u32 frag_id;
 	__u8 tcp_flags;  /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
 	__u8 hop_limit;  /* IPv6 only */
+	/* what decided, for its flow record (pf_judge): the direction's policy id and, tiered, the
+	 * merged verdict word; 0 until a policy was looked up */
+	__u32 policy_id;
+	__u32 verdict_word;
 } __attribute__((aligned(8)));
 
 static __always_inline void pf_addr_from_v4(struct pf_addr *addr, __be32 v4)

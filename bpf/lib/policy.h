@@ -52,9 +52,11 @@ static __always_inline __u32 pf_verdict_merge(__u32 a, __u32 b)
 /* Does policy `policy_id` admit `peer` (classes of peer-map `generation`) for (protocol, dport)?
  * `tiered`: the policy holds ClusterNetworkPolicy verdicts, so both peer kinds are looked up and
  * combined (the first Admin hit decides unless it is a Pass; then the rest's first hit); else
- * any hit is an allow and the first one ends the search. `open`: what no hit means. */
+ * any hit is an allow and the first one ends the search. `open`: what no hit means. `word`
+ * receives a tiered direction's merged verdict word, whose ranks name the deciding rules in the
+ * flow record (untouched otherwise). */
 static __always_inline int pf_policy_allows(__u32 policy_id, __u32 generation, const struct pf_addr *peer,
-					    __u8 protocol, __be16 dport_be, int tiered, int open)
+					    __u8 protocol, __be16 dport_be, int tiered, int open, __u32 *word)
 {
 	__u32 verdict = 0;
 	struct pf_ipcache_key ipcache_key = {.generation = generation};
@@ -83,6 +85,7 @@ static __always_inline int pf_policy_allows(__u32 policy_id, __u32 generation, c
 	}
 	if (!tiered)
 		return open;
+	*word = verdict;
 	__u32 admin = PF_VERDICT_ADMIN_ACTION(verdict);
 	if (admin == PF_ACT_ACCEPT || admin == PF_ACT_DENY)
 		return admin == PF_ACT_ACCEPT;

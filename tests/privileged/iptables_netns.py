@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -159,6 +159,20 @@ class DataplaneWorker:
             with contextlib.suppress(OSError, EOFError, TimeoutError):
                 self.call("exit")
         self.kill()
+
+
+@contextlib.contextmanager
+def running(netns: str, factory: Callable[[], Any]) -> Iterator[DataplaneWorker]:
+    """A started dataplane in a worker inside `netns`, torn down (its kernel state removed) after."""
+    worker = DataplaneWorker(netns, factory)
+    try:
+        worker.call("start")
+        yield worker
+    finally:
+        try:
+            worker.call("teardown")
+        finally:
+            worker.stop()
 
 
 wait_for = wait_until

@@ -38,6 +38,7 @@ from tests.privileged.iptables_netns import (
     Node,
     Pod,
     ip,
+    running,
     wait_for,
 )
 
@@ -60,15 +61,8 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 @pytest.fixture
 def dataplane(node: Node) -> Iterator[DataplaneWorker]:
-    worker = DataplaneWorker(node.netns, IptablesDataplane)
-    try:
-        worker.call("start")
+    with running(node.netns, IptablesDataplane) as worker:
         yield worker
-    finally:
-        try:
-            worker.call("teardown")
-        finally:
-            worker.stop()
 
 
 def addresses(pod: Pod) -> tuple[IPAddress, ...]:

@@ -12,7 +12,7 @@ import pytest
 
 from agent.dataplane.iptables import IptablesDataplane
 from tests.privileged import hostile_frames as h
-from tests.privileged.iptables_netns import DataplaneWorker, Node
+from tests.privileged.iptables_netns import DataplaneWorker, Node, running
 from tests.privileged.test_iptables_dataplane import UDP, from_pod, isolated, node_state
 
 
@@ -28,15 +28,8 @@ def node() -> Iterator[Node]:
 
 @pytest.fixture
 def dataplane(node: Node) -> Iterator[DataplaneWorker]:
-    worker = DataplaneWorker(node.netns, IptablesDataplane)
-    try:
-        worker.call("start")
+    with running(node.netns, IptablesDataplane) as worker:
         yield worker
-    finally:
-        try:
-            worker.call("teardown")
-        finally:
-            worker.stop()
 
 
 def test_packets_dropped_before_forward_open_no_reply_path(node: Node, dataplane: DataplaneWorker) -> None:

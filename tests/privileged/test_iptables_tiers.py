@@ -12,6 +12,7 @@ examples than the eBPF differential: each denied probe waits out its timeout (pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,10 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from agent.control.encode import snapshot_message
+from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.types import NodeState
 from agent.node.sync import apply_message
-from agent.policy.evaluator import evaluate
+from agent.policy.evaluator import Verdict, evaluate
 from agent.policy.resolver import Resolver
 from tests.cnp_scenarios import ICMP, NODES, SCTP, TCP, UDP, Scenario, scenarios
 from tests.privileged.iptables_netns import NODE_IP, NODE_IP6, DataplaneWorker, Node, ip
@@ -35,6 +37,7 @@ if os.geteuid() != 0 or shutil.which("iptables-legacy-restore") is None or shuti
     pytest.skip("needs root, iptables-legacy-restore and ipset", allow_module_level=True)
 
 LAB_IPS = ("10.1.0.1", "10.1.0.2", "10.1.0.3")
+FLOW_GROUP = 2472
 PROBES = ((TCP, "tcp", 80), (TCP, "tcp", 8080), (UDP, "udp", 53), (SCTP, "sctp", 80), (ICMP, "icmp", 0))
 TIERS = settings(
     max_examples=6,
@@ -49,10 +52,11 @@ class Lab:
     plane: DataplaneWorker
     sctp_dir: Path
     version: int = 0
+    flows: bool = False  # flow records on: each probe's records must agree with the evaluator
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=[0, FLOW_GROUP], ids=["records-off", "records-on"])
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
     sctp_dir = tmp_path_factory.mktemp("sctp")
     node = Node()
     try:
@@ -60,10 +64,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert tuple(p.ip for p in node.pods) == LAB_IPS
         for pod in node.pods:
             node.serve(pod, tcp=(80, 8080), udp=(53,), sctp_log=str(sctp_dir / f"{pod.netns}.sctp"))
-        worker = DataplaneWorker(node.netns, IptablesDataplane)
+        factory = functools.partial(IptablesDataplane, flow_group=request.param, denied_flow_interval_s=0.2)
+        worker = DataplaneWorker(node.netns, factory)
         try:
             worker.call("start")
-            yield Lab(node, worker, sctp_dir)
+            worker.call("poll_flows", 0)  # binds the NFLOG group (records on)
+            yield Lab(node, worker, sctp_dir, flows=bool(request.param))
         finally:
             try:
                 worker.call("teardown")
@@ -106,11 +112,52 @@ def test_iptables_agrees_with_the_evaluator(lab: Lab, scenario: Scenario) -> Non
         extra = ("--sctp-log", str(lab.sctp_dir / f"{target.netns}.sctp")) if kind == "sctp" else ()
         return lab.node.probe(source, kind, target.ip, port, *extra)
 
+    lab.plane.call("poll_flows", 500)  # the last example's late records
     with ThreadPoolExecutor(max_workers=8) as pool:  # each probe is its own process: run at once
         answered = list(pool.map(probe, runs))
     wrong = []
+    verdicts = {}
     for (source, target, protocol, kind, port), passed in zip(runs, answered, strict=True):
         src, dst = by_ip[source.ip], by_ip[target.ip]
-        if passed != evaluate(resolver.state, src, dst, protocol, port).allowed:
+        verdict = evaluate(resolver.state, src, dst, protocol, port)
+        verdicts[protocol, source.ip, target.ip, port] = verdict
+        if passed != verdict.allowed:
             wrong.append(f"{src.key}->{dst.key} {kind}/{port}: {'passed' if passed else 'dropped'}")
     assert not wrong, wrong
+    if lab.flows:
+        assert not records_disagreeing(lab.plane.call("poll_flows", 1000), verdicts)
+
+
+def records_disagreeing(
+    records: list[FlowRecord], verdicts: dict[tuple[int, str, str, int], Verdict]
+) -> list[str]:
+    """What the flow records of the probes say against the evaluator: each direction judged has
+    a record of its verdict (the ingress only when the egress allowed), the denied ones naming
+    the ClusterNetworkPolicy that denied where one did; none says otherwise. Allowed TCP/UDP
+    only: an allowed SCTP/ICMP probe repeats its tuple across examples, one record per 30 s."""
+    seen: dict[tuple[object, ...], set[FlowVerdict]] = {}
+    policies: dict[tuple[object, ...], set[str]] = {}
+    wrong = []
+    for record in records:
+        port = record.destination_port if record.protocol in (TCP, UDP, SCTP) else 0
+        key = (record.protocol, record.source, record.destination, port)
+        if key not in verdicts:
+            continue
+        judged = getattr(verdicts[key], record.direction)
+        expected = FlowVerdict.ALLOWED if judged.allowed else FlowVerdict.DENIED
+        if record.verdict != expected:
+            wrong.append(f"{record.direction} {key}: recorded {record.verdict}, evaluator {expected}")
+        seen.setdefault((*key, record.direction), set()).add(record.verdict)
+        policies.setdefault((*key, record.direction), set()).add(record.policy)
+    for key, verdict in verdicts.items():
+        directions = ["egress"] + (["ingress"] if verdict.egress.allowed else [])
+        for direction in directions:
+            judged = getattr(verdict, direction)
+            if judged.allowed and key[0] not in (TCP, UDP):
+                continue
+            said = "allowed" if judged.allowed else "denied"
+            if not seen.get((*key, direction)):
+                wrong.append(f"{direction} {key}: no record, evaluator {said}")
+            elif said == "denied" and judged.rule and judged.rule.policy not in policies[(*key, direction)]:
+                wrong.append(f"{direction} {key}: denied by {judged.rule.policy}, recorded {policies}")
+    return wrong

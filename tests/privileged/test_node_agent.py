@@ -351,7 +351,7 @@ def test_new_pod_dropped_until_known_then_enforced(lab: NodeLab, dataplane: str,
     assert not lab.connects("newcomer", "server")
     assert lab.connects("client", "server")
     if dataplane == "bpf":
-        # Deny events became structured flow records naming the pod and the reason.
+        # Denied flow records became structured log lines naming the pod and the reason.
         records = [json.loads(line) for line in lab.log_text("agent").splitlines() if line.startswith("{")]
         flows = [r["flow"] for r in records if "flow" in r]
         assert any(

@@ -81,7 +81,7 @@ BLUE_ANY: SelectorKey = (None, BLUE, None)
         # a selector used on one direction: its identities land on that direction's port ranges
         (
             policy(ingress=(Rule((Peer(APP_A),), (PortSpec(TCP, 80),)),)),
-            {OWN_A: ((True, ((TCP.number, 80, 80),)),)},
+            {OWN_A: ((True, ((TCP.number, 80, 80),), "ingress[0]"),)},
         ),
         # one selector on both directions, two slots; ipBlock peers have no slot
         (
@@ -91,8 +91,8 @@ BLUE_ANY: SelectorKey = (None, BLUE, None)
             ),
             {
                 OWN_A: (
-                    (True, ((PROTOCOL_ANY, PORT_MIN, PORT_MAX),)),
-                    (False, ((UDP.number, 53, 53),)),
+                    (True, ((PROTOCOL_ANY, PORT_MIN, PORT_MAX),), "ingress[0]"),
+                    (False, ((UDP.number, 53, 53),), "egress[0]"),
                 )
             },
         ),

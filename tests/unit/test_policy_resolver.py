@@ -135,7 +135,8 @@ def test_peer_without_namespace_selector_means_policy_namespace() -> None:
     compiled = compile_objects(*BASE, policy("x", "p", sel(app="a"), IN, ingress=rule))
     ingress = compiled.endpoints["x/a"].ingress
     assert ingress.isolated
-    assert set(ingress.allows) == allows(AllowEntry(IdentityRef(ident("x", app="b")), 0, 0, 65535, "x/p"))
+    expected = AllowEntry(IdentityRef(ident("x", app="b")), 0, 0, 65535, "x/p", "ingress[0]")
+    assert set(ingress.allows) == allows(expected)
     assert compiled.identities == {ident("x", app="b"): (ip("10.0.0.2"),)}
 
 
@@ -167,7 +168,8 @@ def test_namespace_selector_sees_automatic_name_label() -> None:
 def test_rule_without_peers_is_every_address_and_without_ports_every_protocol() -> None:
     compiled = compile_objects(*BASE, policy("x", "p", sel(app="a"), EG, egress=Rule()))
     assert set(compiled.endpoints["x/a"].egress.allows) == allows(
-        AllowEntry(CidrRef(IPV4_ALL), 0, 0, 65535, "x/p"), AllowEntry(CidrRef(IPV6_ALL), 0, 0, 65535, "x/p")
+        AllowEntry(CidrRef(IPV4_ALL), 0, 0, 65535, "x/p", "egress[0]"),
+        AllowEntry(CidrRef(IPV6_ALL), 0, 0, 65535, "x/p", "egress[0]"),
     )
 
 
@@ -195,9 +197,9 @@ def test_ip_block_with_excepts_and_ports() -> None:
     compiled = compile_objects(*BASE, policy("x", "p", sel(app="a"), IN, ingress=rule))
     peer = CidrRef(net("10.0.0.0/8"), (net("10.0.1.0/24"),))
     assert set(compiled.endpoints["x/a"].ingress.allows) == allows(
-        AllowEntry(peer, 6, 80, 80, "x/p"),
-        AllowEntry(peer, 17, 1000, 2000, "x/p"),
-        AllowEntry(peer, 132, 0, 65535, "x/p"),
+        AllowEntry(peer, 6, 80, 80, "x/p", "ingress[0]"),
+        AllowEntry(peer, 17, 1000, 2000, "x/p", "ingress[0]"),
+        AllowEntry(peer, 132, 0, 65535, "x/p", "ingress[0]"),
     )
 
 

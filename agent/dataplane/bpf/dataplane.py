@@ -16,7 +16,7 @@ allow-all or deny-all window opens. Ids and their content survive restarts in a 
 file beside the pins (state_file.py).
 
 The egress verdict runs from netfilter links or an xt_bpf rule (egress_hook.py); counters,
-drop reasons, map usage and deny events are read by telemetry.py.
+drop reasons and map usage are read by telemetry.py, flow records by flow_records.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from agent.dataplane.base import (
     PermanentDataplaneError,
     TemporaryDataplaneError,
 )
-from agent.dataplane.bpf import attach, ctbound, loader, maps, state_file, telemetry, verify
+from agent.dataplane.bpf import attach, ctbound, flow_records, loader, maps, state_file, telemetry, verify
 from agent.dataplane.bpf.compiler import CidrPrefix, Desired
 from agent.dataplane.bpf.egress_hook import EgressHook
 from agent.dataplane.bpf.fitting import fit_and_plan
@@ -47,6 +47,7 @@ from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.dataplane.bpf.transition import with_union
 from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
+from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import IPAddress, IPNetwork, NodeState
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class BpfDataplane:
         self._module: Any = None
         self._programs: dict[str, Any] = {}
         self._live = Live()
-        self._events = telemetry.DenyEvents()
+        self._flows = flow_records.FlowEvents(flow_records.FlowNamer(), settings.flow_deny_interval)
         # apply() runs on the reconcile thread while metrics and flow logs read from others
         self._lock = threading.Lock()
         self._bridge_netfilter_enabled = False
@@ -109,7 +110,7 @@ class BpfDataplane:
         except Exception as error:  # a pinned map of another layout, unreadable maps
             message = f"cannot adopt the pinned maps in {self.pin_dir}: {error}"
             raise PermanentDataplaneError(message) from error
-        self._events.endpoint_names = {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+        self._flows.namer.update(NodeState(version=0), self._endpoint_keys())
         self.hook.install(self._module, self._programs)
         with attach.netlink(self.netns) as sock:
             for ifindex in sorted(self._live.interfaces):
@@ -118,9 +119,9 @@ class BpfDataplane:
         maps.move_exact_policy_entries(self._module)
         maps.move_host_prefixes(self._module)
         try:
-            self._events.open(self._module)
+            self._flows.open(self._module)
         except Exception as error:
-            raise PermanentDataplaneError(f"cannot open the deny-event ring buffer: {error}") from error
+            raise PermanentDataplaneError(f"cannot open the flow-event ring buffer: {error}") from error
 
     def close(self) -> None:
         """Drop user-space handles. Pinned maps, pinned program and attached filters stay."""
@@ -190,9 +191,7 @@ class BpfDataplane:
             # BCC map errors are bare Exceptions / KeyErrors
             raise TemporaryDataplaneError(f"writing BPF maps failed: {error}") from error
         finally:
-            self._events.endpoint_names = {
-                e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()
-            }
+            self._flows.namer.update(state, self._endpoint_keys())
         self._live.allocation = allocation
         self._save_state_file()
         return rejected, changes
@@ -340,6 +339,9 @@ class BpfDataplane:
         self._live = live
         self.adopted = bool(live.endpoints or live.endpoint_ips or live.policy or live.interfaces)
 
+    def _endpoint_keys(self) -> dict[int, str]:
+        return {e.endpoint_id: e.endpoint_key for e in self._live.endpoints.values()}
+
     def _save_state_file(self) -> None:
         state_file.save(self.state_file, self._live.allocation, self._live.interfaces)
 
@@ -378,10 +380,21 @@ class BpfDataplane:
         usage["ct"] = (telemetry.count_entries(self._module[b"pf_ct"]), self.knobs.ct_max)
         return usage
 
-    def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
+    def poll_flows(self, timeout_ms: int = 0) -> list[FlowRecord]:
+        """Flow records (agent.dataplane.flows.FlowRecordSource): from one thread at a time."""
         if self._module is None:
             return []
-        return self._events.poll(self._module, timeout_ms)
+        return self._flows.poll(self._module, timeout_ms)
+
+    def flows_lost(self) -> int:
+        return self.events_lost()
+
+    def poll_events(self, timeout_ms: int = 0) -> list[DenyEvent]:
+        """The denied flow records as DenyEvents (DenyEventSource); takes the allowed records
+        away from poll_flows: a node uses one or the other."""
+        return [
+            telemetry.deny_event(r) for r in self.poll_flows(timeout_ms) if r.verdict != FlowVerdict.ALLOWED
+        ]
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class BuildKnobs:
     node_ips_max: int
     frag_max: int
     event_rate: int
+    flow_deny_interval: int = 5  # seconds (PF_FLOW_DENY_INTERVAL, lib/metrics.h)
     tcp_needs_syn: bool = False  # established_on_change="reset" (see bpf/lib/common.h)
     ct_endpoint_max: int = 0  # conntrack entries one endpoint may hold; 0: no bound (lib/conntrack.h)
     # Benchmark builds only (bench/hook_floor.py), never the agent's: PF_BENCH_* macros of
@@ -102,6 +103,7 @@ class BuildKnobs:
             "PF_FRAG_MAX": self.frag_max,
             "PF_CT_EXPECT_MAX": CT_EXPECT_PER_CPU * possible_cpus(),
             "PF_EVENT_RATE": self.event_rate,
+            "PF_FLOW_DENY_INTERVAL": self.flow_deny_interval,
             "PF_TCP_NEEDS_SYN": int(self.tcp_needs_syn),
             "PF_CT_ENDPOINT_MAX": self.ct_endpoint_max,
         }

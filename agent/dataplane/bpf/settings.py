@@ -29,7 +29,8 @@ class BpfSettings:
     endpoints_max: int = 1024
     node_ips_max: int = 64
     frag_max: int = 8192
-    event_rate: int = 100  # deny events per second and CPU
+    event_rate: int = 1000  # flow records per second and CPU (the rest only counted)
+    flow_deny_interval: int = 5  # seconds: a denied flow's packets make one record per interval
     netns: str | None = None  # where the pod interfaces live (None: the agent's namespace)
     state_file: str | None = None  # None: /run/podfence/<pin dir name>.bpf-state.json
     bench_defines: tuple[str, ...] = ()  # benchmark builds only (loader.BENCH_DEFINES)
@@ -41,6 +42,8 @@ class BpfSettings:
             raise ValueError("unknown_endpoints must be 'drop' or 'allow'")
         if self.established_on_change not in ("keep", "reset"):
             raise ValueError("established_on_change must be 'keep' or 'reset'")
+        if not 1 <= self.flow_deny_interval <= 3600:
+            raise ValueError("flow_deny_interval must be 1 to 3600 seconds")
         if self.flows_per_pod is not None and not 0 <= self.flows_per_pod <= self.ct_max:
             raise ValueError("flows_per_pod must be between 0 (no bound) and ct_max")
         object.__setattr__(self, "pin_dir", self.pin_dir.rstrip("/"))
@@ -61,6 +64,7 @@ class BpfSettings:
             node_ips_max=self.node_ips_max,
             frag_max=self.frag_max,
             event_rate=self.event_rate,
+            flow_deny_interval=self.flow_deny_interval,
             tcp_needs_syn=self.established_on_change == "reset",
             ct_endpoint_max=self.ct_max // 4 if self.flows_per_pod is None else self.flows_per_pod,
             bench_defines=self.bench_defines,

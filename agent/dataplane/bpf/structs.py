@@ -220,18 +220,54 @@ class CounterValue(ctypes.Structure):
     ]
 
 
-class DenyEventStruct(ctypes.Structure):
+# struct pf_flow_event.verdict and flags (bpf/podfence.h)
+FLOW_ALLOWED, FLOW_DENIED, FLOW_AUDIT_DENIED = 0, 1, 2
+FLOW_FIRST = 0x02
+
+
+class FlowEventStruct(ctypes.Structure):
     _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
         ("endpoint_id", ctypes.c_uint32),
+        ("policy_id", ctypes.c_uint32),
+        ("verdict_word", ctypes.c_uint32),
         ("direction", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
         ("protocol", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
         ("sport_be", ctypes.c_uint16),
         ("dport_be", ctypes.c_uint16),
-        ("pad", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 6),
         ("saddr", Addr),
         ("daddr", Addr),
+    ]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("daddr", Addr),
+        ("sport_be", ctypes.c_uint16),
+        ("dport_be", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("endpoint_id", ctypes.c_uint32),
+    ]
+
+
+class FlowPending(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("recorded_ns", ctypes.c_uint64),
+        ("policy_id", ctypes.c_uint32),
+        ("verdict_word", ctypes.c_uint32),
     ]
 
 
@@ -263,6 +299,7 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_ct_released": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_event_budget": (ctypes.c_int, EventBudget),
     "pf_nf_clock": (ctypes.c_int, NfClock),
+    "pf_flow_denied": (FlowKey, FlowPending),
 }
 
 
@@ -286,7 +323,9 @@ C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     FragKey: "pf_frag_key",
     FragValue: "pf_frag_value",
     CounterValue: "pf_counter_value",
-    DenyEventStruct: "pf_deny_event",
+    FlowEventStruct: "pf_flow_event",
+    FlowKey: "pf_flow_key",
+    FlowPending: "pf_flow_pending",
     EventBudget: "pf_event_budget",
     NfClock: "pf_nf_clock",
 }
@@ -311,6 +350,10 @@ C_CONSTANTS: dict[str, int] = {
     "PF_EP_EGRESS_AUDIT": EP_EGRESS_AUDIT,
     "PF_AUDIT_OPEN": AUDIT_OPEN,
     "PF_AUDIT_TIERED": AUDIT_TIERED,
+    "PF_FLOW_ALLOWED": FLOW_ALLOWED,
+    "PF_FLOW_DENIED": FLOW_DENIED,
+    "PF_FLOW_AUDIT_DENIED": FLOW_AUDIT_DENIED,
+    "PF_FLOW_FIRST": FLOW_FIRST,
 }
 
 

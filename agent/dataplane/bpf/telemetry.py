@@ -1,9 +1,8 @@
-"""What the BPF dataplane reports: per-endpoint counters, drop reasons, map usage and deny events,
-read live from the maps at scrape time (never cached)."""
+"""What the BPF dataplane reports: per-endpoint counters, drop reasons and map usage, read live
+from the maps at scrape time (never cached). Flow records: flow_records.py."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -12,15 +11,10 @@ from agent.dataplane.base import EndpointCounters
 from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.compiler import EndpointEntry
 from agent.dataplane.bpf.loader import BuildKnobs
-from agent.dataplane.bpf.maps import Live, ntohs
+from agent.dataplane.bpf.maps import Live
 from agent.dataplane.bpf.plan import is_exact, is_host
-from agent.dataplane.bpf.structs import (
-    REASON_MAX,
-    DenyEventStruct,
-    Direction,
-    Reason,
-    address_from_bytes,
-)
+from agent.dataplane.bpf.structs import REASON_MAX, Direction, Reason
+from agent.dataplane.flows import FlowRecord
 
 
 @dataclass(frozen=True)
@@ -103,34 +97,15 @@ def count_entries(table: Any, chunk: int = 8192) -> int:
     return sum(count for _, _, count in ctbound.lookup_batches(table, chunk))
 
 
-class DenyEvents:
-    """The deny-event ring buffer, decoded into DenyEvents named after their endpoint."""
-
-    def __init__(self) -> None:
-        self._events: list[DenyEvent] = []
-        self.endpoint_names: dict[int, str] = {}  # endpoint_id -> key, replaced whole after apply
-
-    def open(self, module: Any) -> None:
-        module[b"pf_events"].open_ring_buffer(self._on_event)
-
-    def poll(self, module: Any, timeout_ms: int) -> list[DenyEvent]:
-        module.ring_buffer_poll(timeout_ms)
-        events, self._events = self._events, []
-        return events
-
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
-        raw = ctypes.cast(data, ctypes.POINTER(DenyEventStruct)).contents
-        endpoint = self.endpoint_names.get(raw.endpoint_id, "")
-        reason = Reason(raw.reason).name.lower() if raw.reason < REASON_MAX else str(raw.reason)
-        self._events.append(
-            DenyEvent(
-                endpoint=endpoint,
-                direction=Direction(raw.direction).name.lower(),
-                protocol=raw.protocol,
-                source=str(address_from_bytes(bytes(raw.saddr.bytes))),
-                destination=str(address_from_bytes(bytes(raw.daddr.bytes))),
-                source_port=ntohs(raw.sport_be),
-                destination_port=ntohs(raw.dport_be),
-                reason=reason,
-            )
-        )
+def deny_event(record: FlowRecord) -> DenyEvent:
+    """A denied flow record in the older DenyEvent shape (agent.dataplane.base.DenyEventSource)."""
+    return DenyEvent(
+        endpoint=record.endpoint,
+        direction=record.direction,
+        protocol=record.protocol,
+        source=record.source,
+        destination=record.destination,
+        source_port=record.source_port,
+        destination_port=record.destination_port,
+        reason=record.reason,
+    )

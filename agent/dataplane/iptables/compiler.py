@@ -45,9 +45,21 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.dataplane.flows import FlowVerdict
 from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
+from agent.dataplane.iptables.flowrecords import (
+    NO_POLICY,
+    NO_RULE,
+    RuleName,
+    log_chain_name,
+    log_chain_rules,
+    rule_name,
+    rule_ref,
+)
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
+    ACTION_ACCEPT,
+    ACTION_DENY,
     PROTO_ANY,
     V4_MAPPED_SPACE,
     Allow,
@@ -158,6 +170,8 @@ class DesiredState:
     set_users: dict[str, set[str]] = field(default_factory=dict)
     # the bridge family's chains for bridged pod ports (bridge.py)
     bridge: BridgeRules = field(default_factory=BridgeRules)
+    # rule_ref -> what it names, for every log chain written (flowrecords.py); empty when off
+    rule_names: dict[int, RuleName] = field(default_factory=dict)
 
 
 def canonical_member(text: str) -> str:
@@ -188,6 +202,8 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
+# what an Accept or Deny entry of a tier does (tiers.py)
+TARGETS = {ACTION_ACCEPT: f"{_comment(ALLOW)} -j RETURN", ACTION_DENY: f"{_comment(DENY)} -j DROP"}
 SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
@@ -208,8 +224,15 @@ class _Compiler:
         tcp_needs_syn: bool,
         set_limit: int,
         flows_per_pod: int,
+        flow_group: int | None,
     ) -> None:
         self.state = state
+        self.flow_group = flow_group
+        # while an audit chain is built (_audit_chain): (the enforced allow's target, endpoint
+        # key, direction); decided() then sends Accepts there and makes Denies counted RETURNs
+        self._auditing: tuple[str, str, str] | None = None
+        # while an endpoint direction with an audit view is compiled: what its audit chains judge
+        self._audit_of: tuple[Endpoint, str, int, DirectionPolicy] | None = None
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
@@ -293,7 +316,8 @@ class _Compiler:
         if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
             return None, list(allows)
         letter = "i" if direction == INGRESS else "e"
-        name = f"{SET_PREFIX}g{family}{letter}{run}-{_short_hash(endpoint.key, 12)}"
+        audit = "u" if self._auditing is not None else ""  # an audit view's sets are its own
+        name = f"{SET_PREFIX}g{family}{letter}{audit}{run}-{_short_hash(endpoint.key, 12)}"
         self._add_set(name, family, "hash:net,port", entries, canonical=True)
         # the peer is the packet's source (ingress) or destination (egress); the port its destination
         return f"-m set --match-set {name} {side},dst {target}", rest
@@ -335,68 +359,130 @@ class _Compiler:
         parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
 
+    def decided(self, family: int, action: int, name: RuleName) -> str:
+        """The target of a rule that decides for `name`: RETURN (Accept) or DROP (Deny), through
+        the log chain of its rule_ref when flow records are on (flowrecords.py). In an audit
+        chain: an Accept is the enforced allow's own target, a Deny a counted RETURN (logged as
+        audit-denied, naming the audit rule, when flow records are on)."""
+        if self._auditing is not None:
+            allow_target, key, direction = self._auditing
+            if action == ACTION_ACCEPT:
+                return allow_target
+            counted = _comment(f"{AUDIT_DENY} {direction} {key}")
+            if not self.flow_group:
+                return f"{counted} -j RETURN"
+            ref = rule_ref(name)
+            chain = log_chain_name(FlowVerdict.AUDIT_DENIED, ref)
+            chains = self.out.chains[family]
+            if chain not in chains:
+                chains[chain] = log_chain_rules(FlowVerdict.AUDIT_DENIED, ref, self.flow_group)
+            self.out.rule_names[ref] = name
+            return f"{counted} -g {chain}"
+        if self._audit_of is not None and action == ACTION_ACCEPT:
+            enforced = self._enforced_target(family, action, name)
+            return f"{_comment(ALLOW)} -g {self._audit_chain(family, enforced)}"
+        return self._enforced_target(family, action, name)
+
+    def _enforced_target(self, family: int, action: int, name: RuleName) -> str:
+        if not self.flow_group:
+            return TARGETS[action]
+        verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
+        ref = rule_ref(name)
+        chain = log_chain_name(verdict, ref)
+        chains = self.out.chains[family]
+        if chain not in chains:
+            chains[chain] = log_chain_rules(verdict, ref, self.flow_group)
+        self.out.rule_names[ref] = name
+        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
+
     def matching(
         self,
         endpoint: Endpoint,
         direction: str,
         family: int,
         allows: tuple[Allow, ...],
-        target: str,
+        target: str | int,
         run: str = "",
+        tier: int = 0,
     ) -> list[str]:
-        """Rules sending what any of `allows` matches to `target`: one set for the many
-        single-port ones (see _grouped_allows), a rule for each other."""
+        """Rules sending what any of `allows` matches to `target`: a rule target, or an action
+        (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (see `decided`). One set for
+        the many single-port ones (see _grouped_allows), a rule for each other; with flow
+        records on, allows are grouped by their rule so that each group's target names it."""
+        plain = not self.flow_group and self._auditing is None and self._audit_of is None
+        if isinstance(target, str) or plain:
+            fixed = target if isinstance(target, str) else TARGETS[target]
+            return self._matching(endpoint, direction, family, allows, fixed, run)
+        groups: dict[RuleName, list[Allow]] = {}
+        for allow in allows:
+            groups.setdefault(rule_name(direction, tier, allow), []).append(allow)
+        rules: list[str] = []
+        for index, (name, members) in enumerate(groups.items()):
+            group_run = run if len(groups) == 1 else f"{run}r{index}"
+            rules += self._matching(
+                endpoint, direction, family, tuple(members), self.decided(family, target, name), group_run
+            )
+        return rules
+
+    def _matching(
+        self,
+        endpoint: Endpoint,
+        direction: str,
+        family: int,
+        allows: tuple[Allow, ...],
+        target: str,
+        run: str,
+    ) -> list[str]:
         side = "src" if direction == INGRESS else "dst"
         rules = []
         grouped, rest = self._grouped_allows(endpoint, direction, family, side, allows, run, target)
         if grouped is not None:
             rules.append(grouped)
+        seen: set[str] = set()
         for allow in rest:
             rule = self._allow_rule(allow, family, side, target)
-            if rule is not None and rule not in rules:
+            if rule is not None and rule not in seen:
+                seen.add(rule)
                 rules.append(rule)
         return rules
 
     def _policy_rules(
-        self,
-        endpoint: Endpoint,
-        direction: str,
-        family: int,
-        policy: DirectionPolicy,
-        allow: str,
-        deny: str,
-        run: str = "",
+        self, endpoint: Endpoint, direction: str, family: int, policy: DirectionPolicy
     ) -> list[str]:
-        """What `policy` says of a packet past the endpoint chain's head: rules ending in the
-        `allow` or `deny` target (the audit chain's differ from the enforced chain's)."""
+        """What `policy` says of a new flow past the endpoint chain's head."""
         side = "src" if direction == INGRESS else "dst"
-        # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted by an IPv6
-        # allow such as ::/0 (the eBPF datapath drops it as malformed)
-        mapped = [f"{'-s' if side == 'src' else '-d'} {V4_MAPPED_SPACE} {deny}"] if family == 6 else []
+        rules: list[str] = []
+        mapped = f"{_comment(DENY)} -j DROP"
+        if self._auditing is not None:  # an audit chain never drops
+            mapped = self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE))
         if policy.tiered:
-            return mapped + tiered_rules(self, endpoint, direction, family, policy, allow, deny, run)
-        if not policy.isolated:
-            return [allow]
-        rules = list(mapped)
-        grouped, rest = self._grouped_allows(endpoint, direction, family, side, policy.allows, run, allow)
-        if grouped is not None:
-            rules.append(grouped)
-        seen: set[str] = set()
-        for entry in rest:
-            rule = self._allow_rule(entry, family, side, allow)
-            if rule is not None and rule not in seen:
-                seen.add(rule)
-                rules.append(rule)
-        rules.append(deny)
+            if family == 6:
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
+            rules += tiered_rules(self, endpoint, direction, family, policy)
+        elif not policy.isolated:
+            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
+        else:
+            if family == 6:
+                # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
+                # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
+            rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
+            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
         return rules
 
-    def _audit_chain(self, endpoint: Endpoint, direction: str, family: int, audit: DirectionPolicy) -> str:
-        """The audit view of one endpoint direction, entered (goto) by the enforced chain's allows
-        only, so only by packets the enforced rules admit: every way out is a RETURN, and a
-        denial is a counted RETURN (AUDIT_DENY). Never a drop: an audit policy changes no fate."""
-        allow = "-j RETURN"
-        deny = f"{_comment(f'{AUDIT_DENY} {direction} {endpoint.key}')} -j RETURN"
-        rules = self._policy_rules(endpoint, direction, family, audit, allow, deny, "u")
+    def _audit_chain(self, family: int, allow_target: str) -> str:
+        """The audit view of the endpoint direction being compiled, for the new flows of one
+        enforced allow: its Accepts end as that allow would (`allow_target`), its Denies in a
+        counted RETURN (AUDIT_DENY). Every exit passes: an audit policy changes no fate."""
+        assert self._audit_of is not None
+        endpoint, direction, _, audit = self._audit_of
+        self._audit_of, self._auditing = None, (allow_target, endpoint.key, direction)
+        try:
+            rules = self._policy_rules(endpoint, direction, family, audit)
+        finally:
+            self._audit_of, self._auditing = (endpoint, direction, family, audit), None
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}u"
         self.out.chains[family][name] = rules
@@ -422,11 +508,16 @@ class _Compiler:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
             rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
-        allow = f"{_comment(ALLOW)} -j RETURN"
-        if policy.audit is not None:
-            # a new flow the enforced rules admit goes on to be judged by the audit view
-            allow = f"{_comment(ALLOW)} -g {self._audit_chain(endpoint, direction, family, policy.audit)}"
-        rules += self._policy_rules(endpoint, direction, family, policy, allow, f"{_comment(DENY)} -j DROP")
+        if policy.audit is None:
+            rules += self._policy_rules(endpoint, direction, family, policy)
+        else:
+            # each enforced allow sends its new flows on to the audit view, which then returns or
+            # logs them as that allow would (audit_chain)
+            self._audit_of = (endpoint, direction, family, policy.audit)
+            try:
+                rules += self._policy_rules(endpoint, direction, family, policy)
+            finally:
+                self._audit_of = None
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
         self.out.chains[family][name] = rules
@@ -545,6 +636,7 @@ def compile_state(
     tcp_needs_syn: bool = False,
     set_limit: int = DEFAULT_SET_LIMIT,
     flows_per_pod: int = 0,
+    flow_group: int | None = None,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -554,7 +646,11 @@ def compile_state(
     there is no interface to filter yet, and its traffic cannot exist either.
     set_limit: the most entries a grouped hash:net,port set may get (the sets' maxelem).
     flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
-    new ones beyond are dropped as denials); 0: no bound."""
+    new ones beyond are dropped as denials); 0: no bound.
+    flow_group: the NFLOG group the deciding rules log new flows to (flowrecords.py); None: no
+    flow records, the deciding rules RETURN or DROP themselves."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod).compile()
+    return _Compiler(
+        state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod, flow_group
+    ).compile()

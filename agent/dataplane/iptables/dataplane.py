@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -34,6 +35,7 @@ from agent.dataplane.base import (
 )
 from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
+from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import kernel, verify
 from agent.dataplane.iptables.compiler import (
     CHAIN_PREFIX,
@@ -55,8 +57,11 @@ from agent.dataplane.iptables.compiler import (
 )
 from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
 from agent.dataplane.iptables.fitting import fit_sets
+from agent.dataplane.iptables.flowrecords import UNLOGGED, RuleName
+from agent.dataplane.iptables.flowsource import FlowSource, flow_view
 from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
 from agent.dataplane.iptables.layer2 import Layer2
+from agent.dataplane.iptables.nflog import RECEIVE_BUFFER
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState
 
@@ -94,6 +99,9 @@ class IptablesDataplane:
         ipset_maxelem: int = DEFAULT_IPSET_MAXELEM,
         sets_verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
         flows_per_pod: int = 16384,
+        flow_group: int = 0,
+        denied_flow_interval_s: float = 5.0,
+        flow_receive_buffer: int = RECEIVE_BUFFER,
     ) -> None:
         """unknown_endpoints: "drop" (default) or "allow" the traffic of pod interfaces that no
         endpoint claims.
@@ -119,13 +127,20 @@ class IptablesDataplane:
 
         flows_per_pod: the most connections one pod address may hold in the kernel's conntrack
         table, per direction (connlimit in its chains); its new connections beyond are dropped
-        and counted as its denials. 0: no bound. Issue 21, item 10: the table is the node's."""
+        and counted as its denials. 0: no bound. Issue 21, item 10: the table is the node's.
+
+        flow_group: the NFLOG group of flow records (flowrecords.py): the deciding rules log a new
+        flow's first packet and denied packets there, and poll_flows reads them. 0: no flow
+        records (and no log chains). denied_flow_interval_s: how often the denied packets of a
+        flow that keeps sending are reported (summed) after its first record."""
         if unknown_endpoints not in ("drop", "allow"):
             raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
         if established_on_change not in ("keep", "reset"):
             raise ValueError(
                 f"established_on_change must be 'keep' or 'reset', not {established_on_change!r}"
             )
+        if not 0 <= flow_group <= 0xFFFF:
+            raise ValueError(f"flow_group must be an NFLOG group 1..65535 (0: off), not {flow_group}")
         if flows_per_pod < 0:
             raise ValueError(f"flows_per_pod must be 0 (no bound) or more, not {flows_per_pod}")
         if established_on_change == "reset" and shutil.which("conntrack") is None:
@@ -151,6 +166,11 @@ class IptablesDataplane:
         # agent's hook check) on others. A scrape between "old chain counted into _retired" and
         # "old chain deleted" would count it twice, and the next scrape would go down.
         self._lock = threading.Lock()
+        self.flow_group = flow_group
+        self._flows = None
+        if flow_group:
+            self._flows = FlowSource(flow_group, denied_flow_interval_s, flow_receive_buffer)
+        self._rule_names: dict[int, RuleName] = {}  # of the last apply, for the flow view
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -190,7 +210,9 @@ class IptablesDataplane:
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
 
     def close(self) -> None:
-        """Nothing held in user space: the kernel keeps enforcing what was applied."""
+        """Only the flow records' socket is held in user space: the kernel keeps enforcing."""
+        if self._flows is not None:
+            self._flows.close()
 
     def teardown(self) -> None:
         for family in FAMILIES:
@@ -206,6 +228,7 @@ class IptablesDataplane:
         self._committed = {}
         self._desired = None
         self._started = False
+        self.close()
 
     # -- programming --------------------------------------------------------------------------
 
@@ -271,7 +294,7 @@ class IptablesDataplane:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="iptables-read") as reads:
             first_table = reads.submit(kernel.read_filter_table, first)
             sets_read = reads.submit(kernel.read_sets) if self._sets_view.needs_read() else None
-            desired, rejected = self._compile(state)
+            desired, rejected, interfaces = self._compile(state)
             tables = {first: first_table.result()}
             sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
 
@@ -295,6 +318,10 @@ class IptablesDataplane:
         kernel.destroy_sets(stale_sets)
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
         self._desired = desired
+        if self._flows is not None:
+            endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
+            self._flows.view = flow_view(endpoints, interfaces, desired.rule_names, self._rule_names)
+            self._rule_names = desired.rule_names
         # (a stale set still referenced survives destroy_sets; the next read finds it again)
         self._sets_view.wrote(desired.sets, self.ipset_maxelem)
 
@@ -308,7 +335,7 @@ class IptablesDataplane:
             )
             kernel.forget_connections(FlowReset.of(keys, endpoint_ips, moved).texts())
 
-    def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection]]:
+    def _compile(self, state: NodeState) -> tuple[DesiredState, dict[str, Rejection], set[int]]:
         """The chains and sets of `state`, less the policies whose sets exceed maxelem (fitting.py)."""
         interfaces = self._interfaces(
             {e.ifindex for e in state.endpoints.values() if e.ifindex is not None} | set(state.pod_interfaces)
@@ -322,12 +349,13 @@ class IptablesDataplane:
                 tcp_needs_syn=self.established_on_change == "reset",
                 set_limit=self.ipset_maxelem,
                 flows_per_pod=self.flows_per_pod,
+                flow_group=self.flow_group or None,
             ),
             self.ipset_maxelem,
         )
         if desired.uses_bridges:
             bridge_netfilter.enable()
-        return desired, rejected
+        return desired, rejected, set(interfaces)
 
     def _interfaces(self, ifindexes: Iterable[int]) -> dict[int, Interface]:
         wanted = set(ifindexes)
@@ -477,6 +505,36 @@ class IptablesDataplane:
             )
             for (key, direction), t in sorted(totals.items())
         ]
+
+    # -- flow records (FlowRecordSource) ----------------------------------------------------------
+
+    def poll_flows(self, timeout_ms: int) -> list[FlowRecord]:
+        if self._flows is None:  # records off: a poller loop waits instead of spinning
+            time.sleep(max(timeout_ms, 0) / 1000)
+            return []
+        return self._flows.poll_flows(timeout_ms)
+
+    def flows_lost(self) -> int:
+        """Records the kernel could not queue to the reader (counted from the gap in sequence
+        numbers the next record shows), and records dropped because poll_flows did not come
+        for them in time."""
+        return self._flows.lost() if self._flows is not None else 0
+
+    def events_lost(self) -> int:
+        """podfence_events_lost_total: the flow records lost."""
+        return self.flows_lost()
+
+    def denied_unlogged(self) -> int:
+        """Denied packets not logged because their flow exceeded the per-flow log rate (they
+        were dropped all the same, and counted as their endpoint's denials)."""
+        if self._flows is None:
+            return 0
+        return sum(
+            rule.packets
+            for family in FAMILIES
+            for rule in kernel.read_filter_table(family).rules
+            if rule.comment == UNLOGGED
+        )
 
 
 __all__ = ["EGRESS", "INGRESS", "IptablesDataplane"]

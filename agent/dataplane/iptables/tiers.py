@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, RuleName, allow_of
 from agent.dataplane.types import (
     ACTION_ACCEPT,
     ACTION_DENY,
@@ -43,7 +44,7 @@ def tier_runs(entries: tuple[TieredAllow, ...], tier: int) -> list[tuple[int, tu
         action = entry.action
         if tier == TIER_BASELINE and action == ACTION_PASS:
             action = ACTION_ACCEPT
-        allow = Allow(entry.peer, entry.protocol, entry.port_first, entry.port_last, entry.policy)
+        allow = allow_of(entry)
         if runs and runs[-1][0] == action:
             runs[-1][1].append(allow)
         else:
@@ -52,36 +53,27 @@ def tier_runs(entries: tuple[TieredAllow, ...], tier: int) -> list[tuple[int, tu
 
 
 def tiered_rules(
-    compiler: _Compiler,
-    endpoint: Endpoint,
-    direction: str,
-    family: int,
-    policy: DirectionPolicy,
-    allow: str,
-    deny: str,
-    run: str = "",
+    compiler: _Compiler, endpoint: Endpoint, direction: str, family: int, policy: DirectionPolicy
 ) -> list[str]:
-    """The rules after the common head of a direction with tiered entries (see the layout above),
-    Accepts ending in `allow` and Denies in `deny`; the chain of the rest is added to the
-    compiler's output. `run` sets the grouped sets of an audit view (compiler._audit_chain) apart."""
+    """The rules after the common head of a direction with tiered entries (see the layout above);
+    the chain of the rest is added to the compiler's output."""
     # the compiler imports this module: its names are read at call time
     from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, _short_hash
 
-    targets = {ACTION_ACCEPT: allow, ACTION_DENY: deny}
     rest: list[str] = []
     if policy.isolated:
-        rest += compiler.matching(endpoint, direction, family, policy.allows, allow, f"{run}n")
-        rest.append(deny)
+        rest += compiler.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT, "n")
+        rest.append(compiler.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
     for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_BASELINE)):
-        rest += compiler.matching(endpoint, direction, family, allows, targets[action], f"{run}b{index}")
+        rest += compiler.matching(endpoint, direction, family, allows, action, f"b{index}", TIER_BASELINE)
     if not policy.isolated:
-        rest.append(allow)
+        rest.append(compiler.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
     letter = "I" if direction == INGRESS else "E"
     rest_chain = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rest))}n"
     compiler.out.chains[family][rest_chain] = rest
     rules: list[str] = []
     for index, (action, allows) in enumerate(tier_runs(policy.tiered, TIER_ADMIN)):
-        target = f"-g {rest_chain}" if action == ACTION_PASS else targets[action]
-        rules += compiler.matching(endpoint, direction, family, allows, target, f"{run}a{index}")
+        target: str | int = f"-g {rest_chain}" if action == ACTION_PASS else action
+        rules += compiler.matching(endpoint, direction, family, allows, target, f"a{index}", TIER_ADMIN)
     rules.append(f"-g {rest_chain}")
     return rules

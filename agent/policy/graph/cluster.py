@@ -47,6 +47,7 @@ from agent.policy.compiled import (
 )
 from agent.policy.graph.endpoints import MEMO_LIMIT
 from agent.policy.graph.identities import IdentityIndex
+from agent.policy.graph.rules import rule_label
 from agent.policy.state import ClusterState, takes_part_in_selectors
 from agent.policy.tiers import ordered, peer_matches, selects
 
@@ -171,9 +172,13 @@ class ClusterTiers:
     ) -> Iterable[TieredEntry]:
         ranks = dict.fromkeys(Tier, 0)
         for policy in applying:
-            for rule in policy.ingress if direction is PolicyType.INGRESS else policy.egress:
+            ingress = direction is PolicyType.INGRESS
+            for index, rule in enumerate(policy.ingress if ingress else policy.egress):
                 ranks[policy.tier] += 1
-                yield from self._rule_entries(policy, policy.tier, ranks[policy.tier], rule, pod, direction)
+                label = rule.name or rule_label(ingress, index)
+                yield from self._rule_entries(
+                    policy, policy.tier, ranks[policy.tier], rule, label, pod, direction
+                )
 
     def matches_some_peer(self, namespace: str, labels: dict[str, str]) -> bool:
         """Would an identity of (namespace, labels) be named by some `namespaces`/`pods` peer?
@@ -198,6 +203,7 @@ class ClusterTiers:
         tier: Tier,
         rank: int,
         rule: ClusterRule,
+        label: str,
         pod: Pod,
         direction: PolicyType,
     ) -> Iterable[TieredEntry]:
@@ -206,7 +212,7 @@ class ClusterTiers:
             action = ACTION_ACCEPT  # after Baseline comes only the default allow
 
         def entry(peer: PeerRef, protocol: int, first: int, last: int) -> TieredEntry:
-            return TieredEntry(_TIERS[tier], rank, action, peer, protocol, first, last, policy.name)
+            return TieredEntry(_TIERS[tier], rank, action, peer, protocol, first, last, policy.name, label)
 
         if _fails_closed(rule):
             for everything in (IPV4_ALL, IPV6_ALL):

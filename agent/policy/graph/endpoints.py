@@ -56,7 +56,7 @@ class EndpointCompiler:
                     if port is not None:
                         number = named.protocol.number
                         named_entries.extend(
-                            AllowEntry(p, number, port, port, policy.key) for p in named.peers
+                            AllowEntry(p, number, port, port, policy.key, named.rule) for p in named.peers
                         )
             parts.append(normalize_allows(named_entries))
             allows = DirectionAllows(isolated, union(parts))

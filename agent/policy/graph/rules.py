@@ -37,7 +37,8 @@ PortRange = tuple[int, int, int]
 
 # Where one selector's identities land in a policy's template: (is ingress, numeric port ranges)
 # per rule that names it. None = some rule pairs it with named ports; recompute the template.
-Slots = tuple[tuple[bool, tuple[PortRange, ...]], ...]
+# (ingress?, the rule's port ranges, the rule's name as AllowEntry.rule spells it)
+Slots = tuple[tuple[bool, tuple[PortRange, ...], str], ...]
 
 
 def identity_id(namespace: str, labels: Labels) -> int:
@@ -120,8 +121,13 @@ def named_egress_deps(policy: NetworkPolicy) -> NamedEgressDeps | None:
     return NamedEgressDeps(frozenset(names), frozenset(selectors), any_pod)
 
 
+def rule_label(is_ingress: bool, index: int) -> str:
+    """How AllowEntry.rule names the `index`th rule of a direction: "ingress[0]", "egress[2]"."""
+    return f"{'ingress' if is_ingress else 'egress'}[{index}]"
+
+
 def patch_plan(policy: NetworkPolicy) -> dict[SelectorKey, Slots | None]:
-    slots: dict[SelectorKey, list[tuple[bool, tuple[PortRange, ...]]]] = defaultdict(list)
+    slots: dict[SelectorKey, list[tuple[bool, tuple[PortRange, ...], str]]] = defaultdict(list)
     with_named: set[SelectorKey] = set()
     for is_ingress, policy_type, rules in (
         (True, PolicyType.INGRESS, policy.ingress),
@@ -129,12 +135,12 @@ def patch_plan(policy: NetworkPolicy) -> dict[SelectorKey, Slots | None]:
     ):
         if policy_type not in policy.policy_types:
             continue
-        for rule in rules:
+        for index, rule in enumerate(rules):
             for peer in rule.peers:
                 if peer.ip_block is not None:
                     continue
                 sel = selector_key(policy, peer)
-                slots[sel].append((is_ingress, port_ranges(rule)))
+                slots[sel].append((is_ingress, port_ranges(rule), rule_label(is_ingress, index)))
                 if named_ports(rule):
                     with_named.add(sel)
     return {sel: None if sel in with_named else tuple(s) for sel, s in slots.items()}

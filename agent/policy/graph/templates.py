@@ -31,6 +31,7 @@ from agent.policy.graph.rules import (
     named_ports,
     patch_plan,
     port_ranges,
+    rule_label,
     selector_key,
 )
 from agent.policy.graph.selectors import SelectorIndex
@@ -44,6 +45,7 @@ class NamedIngress:
     peers: tuple[PeerRef, ...]
     name: str
     protocol: Protocol
+    rule: str = ""  # AllowEntry.rule of the rule it came from
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,12 @@ class Template:
 def patched_entries(
     entries: tuple[AllowEntry, ...],
     policy_key: str,
-    slot_ranges: list[tuple[PortRange, ...]],
+    slot_ranges: list[tuple[tuple[PortRange, ...], str]],
     added: set[int],
     removed: set[int],
 ) -> tuple[AllowEntry, ...]:
-    """`entries` with identities `removed` dropped and `added` allowed on each of `slot_ranges`."""
+    """`entries` with identities `removed` dropped and `added` allowed on each of `slot_ranges`
+    (a rule's port ranges and its name)."""
     if not slot_ranges:
         return entries
     if removed:
@@ -71,9 +74,9 @@ def patched_entries(
         )
     if added:
         fresh = [
-            AllowEntry(identity_ref(identity), protocol, first, last, policy_key)
+            AllowEntry(identity_ref(identity), protocol, first, last, policy_key, rule)
             for identity in added
-            for ranges in slot_ranges
+            for ranges, rule in slot_ranges
             for protocol, first, last in ranges
         ]
         entries = normalize_allows([*entries, *fresh])
@@ -145,8 +148,8 @@ class TemplateStore:
                 continue
             if not slots:
                 continue  # the selector is only in rules of a direction the policy does not enforce
-            ingress = [r for i, r in slots if i]
-            egress = [r for i, r in slots if not i]
+            ingress = [(r, name) for i, r, name in slots if i]
+            egress = [(r, name) for i, r, name in slots if not i]
             patched = Template(
                 patched_entries(template.ingress_entries, policy_key, ingress, added, removed),
                 template.ingress_named,
@@ -185,23 +188,27 @@ class TemplateStore:
         egress_entries: list[AllowEntry] = []
         key = policy.key
         if PolicyType.INGRESS in policy.policy_types:
-            for rule in policy.ingress:
+            for index, rule in enumerate(policy.ingress):
                 peers = self._peer_refs(policy, rule)
+                label = rule_label(True, index)
                 for protocol, first, last in port_ranges(rule):
-                    ingress_entries.extend(AllowEntry(p, protocol, first, last, key) for p in peers)
-                ingress_named.extend(NamedIngress(peers, name, proto) for name, proto in named_ports(rule))
+                    ingress_entries.extend(AllowEntry(p, protocol, first, last, key, label) for p in peers)
+                ingress_named.extend(
+                    NamedIngress(peers, name, proto, label) for name, proto in named_ports(rule)
+                )
         if PolicyType.EGRESS in policy.policy_types:
-            for rule in policy.egress:
+            for index, rule in enumerate(policy.egress):
                 peers = self._peer_refs(policy, rule)
+                label = rule_label(False, index)
                 for protocol, first, last in port_ranges(rule):
-                    egress_entries.extend(AllowEntry(p, protocol, first, last, key) for p in peers)
+                    egress_entries.extend(AllowEntry(p, protocol, first, last, key, label) for p in peers)
                 for name, proto in named_ports(rule):
                     for ip, port in sorted(
                         self._named.destinations(policy, rule, name, proto),
                         key=lambda d: (d[0].version, int(d[0]), d[1]),
                     ):
                         peer = CidrRef(host_network(ip))
-                        egress_entries.append(AllowEntry(peer, proto.number, port, port, key))
+                        egress_entries.append(AllowEntry(peer, proto.number, port, port, key, label))
         return Template(
             normalize_allows(ingress_entries), tuple(ingress_named), normalize_allows(egress_entries)
         )

@@ -1,0 +1,319 @@
+"""Flow records of the BPF dataplane (issue 24): the ring buffer's flow events, named.
+
+The datapath (bpf/lib/metrics.h) sends one event when a judgement newly admits a way of a flow
+and, for a denied flow, its first packet and then one aggregate per PF_FLOW_DENY_INTERVAL; what a
+denied flow still holds when it goes quiet is sent from here (`sweep_denied`), by reading and
+deleting its pf_flow_denied entry. An event carries what decided: the direction's policy id and,
+for a tiered direction, the merged verdict word, whose ranks name ClusterNetworkPolicy rules.
+
+Naming happens here, from the NodeState the dataplane last applied (`FlowNamer.update`), so the
+datapath pays nothing for it. A NetworkPolicy allow is found among the endpoint's allows by the
+flow's peer, protocol and port: the kernel merges the allows of a policy id into one entry per
+cell (identical lists of different policies share it), so it cannot tell which of several
+allows matching the same packet it used; any of them decides, and the first in the list is
+named. The (tier, policy, rule) named is interned into the record's `rule_ref`. A flow judged
+under a state older than the last apply is named after the new one (a race of one apply).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.dataplane.bpf.maps import ntohs
+from agent.dataplane.bpf.structs import (
+    ACT_ACCEPT,
+    ACT_DENY,
+    FLOW_ALLOWED,
+    FLOW_AUDIT_DENIED,
+    FLOW_DENIED,
+    REASON_MAX,
+    Direction,
+    FlowEventStruct,
+    Reason,
+    address_from_bytes,
+)
+from agent.dataplane.flows import FlowRecord, FlowVerdict
+from agent.dataplane.types import (
+    PROTO_ANY,
+    TIER_ADMIN,
+    Allow,
+    CidrPeer,
+    DirectionPolicy,
+    IPAddress,
+    NodeState,
+    TieredAllow,
+)
+
+# why no rule decided (FlowRecord.rule when rule_ref is 0)
+NO_POLICY = "no policy selects the pod"
+NO_RULE_MATCHED = "isolated, no rule matched"
+NO_RULE_OPEN = "no rule matched, not isolated"
+NODE_TRAFFIC = "node traffic"
+
+_VERDICTS = {FLOW_ALLOWED: FlowVerdict.ALLOWED, FLOW_AUDIT_DENIED: FlowVerdict.AUDIT_DENIED}
+_TIER_NAMES = {TIER_ADMIN: "admin"}
+
+
+@dataclass(frozen=True)
+class RawFlow:
+    """One flow event as the datapath sent it (struct pf_flow_event), or a swept aggregate."""
+
+    time_ns: int  # CLOCK_MONOTONIC
+    endpoint_id: int
+    direction: int
+    verdict: int
+    reason: int
+    protocol: int
+    source: IPAddress
+    destination: IPAddress
+    source_port: int
+    destination_port: int
+    policy_id: int
+    verdict_word: int
+    packets: int
+    bytes: int
+
+
+def raw_flow(event: FlowEventStruct) -> RawFlow:
+    return RawFlow(
+        time_ns=event.time_ns,
+        endpoint_id=event.endpoint_id,
+        direction=event.direction,
+        verdict=event.verdict,
+        reason=event.reason,
+        protocol=event.protocol,
+        source=address_from_bytes(bytes(event.saddr.bytes)),
+        destination=address_from_bytes(bytes(event.daddr.bytes)),
+        source_port=ntohs(event.sport_be),
+        destination_port=ntohs(event.dport_be),
+        policy_id=event.policy_id,
+        verdict_word=event.verdict_word,
+        packets=event.packets,
+        bytes=event.bytes,
+    )
+
+
+@dataclass
+class _View:
+    """The applied state flows are named after; the address index is built on first use."""
+
+    state: NodeState
+    endpoint_keys: dict[int, str]  # endpoint_id -> "namespace/name"
+    _identities: dict[IPAddress, frozenset[int]] | None = field(default=None, repr=False)
+    _node_ips: frozenset[IPAddress] = frozenset()
+
+    def __post_init__(self) -> None:
+        self._node_ips = frozenset(self.state.node_ips)
+
+    def identities_of(self, address: IPAddress) -> frozenset[int]:
+        if self._identities is None:
+            index: dict[IPAddress, set[int]] = {}
+            for identity, addresses in self.state.identities.items():
+                for each in addresses:
+                    index.setdefault(each, set()).add(identity)
+            self._identities = {a: frozenset(ids) for a, ids in index.items()}
+        return self._identities.get(address, frozenset())
+
+    def is_node(self, address: IPAddress) -> bool:
+        return address in self._node_ips
+
+
+def _peer_holds(view: _View, peer: object, address: IPAddress) -> bool:
+    if isinstance(peer, CidrPeer):
+        if address.version != peer.cidr.version or address not in peer.cidr:
+            return False
+        return not any(address in excluded for excluded in peer.excepts)
+    return getattr(peer, "identity", None) in view.identities_of(address)
+
+
+def _matches(view: _View, rule: Allow | TieredAllow, peer: IPAddress, protocol: int, port: int) -> bool:
+    if rule.protocol != PROTO_ANY and (
+        rule.protocol != protocol or not rule.port_first <= port <= rule.port_last
+    ):
+        return False
+    return _peer_holds(view, rule.peer, peer)
+
+
+class FlowNamer:
+    """Names flow events after the NodeState last applied; interns what it names into rule_ref."""
+
+    def __init__(self) -> None:
+        self._view = _View(NodeState(version=0), {})
+        self._refs: dict[tuple[str, str, str], int] = {}
+        self._lock = threading.Lock()  # interning: named from the feed thread, read from others
+
+    def update(self, state: NodeState, endpoint_keys: dict[int, str]) -> None:
+        """After an apply: `endpoint_keys` maps each endpoint_id to its key. Replaced whole."""
+        self._view = _View(state, dict(endpoint_keys))
+
+    def endpoint_key(self, endpoint_id: int) -> str:
+        return self._view.endpoint_keys.get(endpoint_id, "")
+
+    def rule_ref(self, tier: str, policy: str, rule: str) -> int:
+        with self._lock:
+            return self._refs.setdefault((tier, policy, rule), len(self._refs) + 1)
+
+    def rule_of(self, rule_ref: int) -> tuple[str, str, str] | None:
+        """(tier, policy, rule) a rule_ref stands for; None for 0 or one never handed out."""
+        with self._lock:
+            for named, ref in self._refs.items():
+                if ref == rule_ref:
+                    return named
+        return None
+
+    def name(self, raw: RawFlow, now_mono_ns: int, now_wall_ns: int) -> FlowRecord:
+        view = self._view
+        key = view.endpoint_keys.get(raw.endpoint_id, "")
+        direction = Direction(raw.direction).name.lower() if raw.direction in (0, 1) else str(raw.direction)
+        reason = Reason(raw.reason) if raw.reason < REASON_MAX else None
+        verdict = _VERDICTS.get(raw.verdict, FlowVerdict.DENIED)
+        tier, policy, rule = self._decider(view, key, raw, reason)
+        ref = self.rule_ref(tier, policy, rule) if policy else 0
+        return FlowRecord(
+            time_ns=now_wall_ns - max(0, now_mono_ns - raw.time_ns),
+            endpoint=key,
+            direction=direction,
+            protocol=raw.protocol,
+            source=str(raw.source),
+            destination=str(raw.destination),
+            source_port=raw.source_port,
+            destination_port=raw.destination_port,
+            verdict=verdict,
+            reason="" if reason is Reason.ALLOWED else (reason.name.lower() if reason else str(raw.reason)),
+            rule_ref=ref,
+            tier=tier,
+            policy=policy,
+            rule=rule,
+            packets=raw.packets,
+            bytes=raw.bytes,
+        )
+
+    def _decider(self, view: _View, key: str, raw: RawFlow, reason: Reason | None) -> tuple[str, str, str]:
+        """(tier, policy, rule) of what decided; policy "" when no rule did (rule says why)."""
+        if reason not in (Reason.ALLOWED, Reason.POLICY):
+            return "", "", ""  # spoofed source, malformed, ...: the reason says it all
+        ingress = raw.direction == Direction.INGRESS
+        peer = raw.source if ingress else raw.destination
+        if reason is Reason.ALLOWED and ingress and view.is_node(raw.source):
+            return "default", "", NODE_TRAFFIC
+        if raw.policy_id == 0:
+            return "default", "", NO_POLICY
+        endpoint = view.state.endpoints.get(key)
+        if endpoint is None:
+            return "", "", ""
+        policy = endpoint.ingress if ingress else endpoint.egress
+        if raw.verdict == FLOW_AUDIT_DENIED:
+            # what the audit view (bpf/lib/audit.h) decided: its policy id and verdict word
+            audit = policy.audit
+            if audit is None:
+                return "", "", ""
+            if audit.tiered:
+                return _tiered_decider(view, audit, raw, peer)
+            return "networkpolicy", "", NO_RULE_MATCHED
+        if policy.tiered:
+            return _tiered_decider(view, policy, raw, peer)
+        if reason is Reason.ALLOWED:
+            allow = _first_allow(view, policy.allows, peer, raw)
+            if allow is not None:
+                return "networkpolicy", allow.policy, allow.rule
+            return "networkpolicy", "", ""
+        return "networkpolicy", "", NO_RULE_MATCHED
+
+
+def _first_allow(view: _View, allows: Iterable[Allow], peer: IPAddress, raw: RawFlow) -> Allow | None:
+    for allow in allows:
+        if _matches(view, allow, peer, raw.protocol, raw.destination_port):
+            return allow
+    return None
+
+
+def _tiered_decider(
+    view: _View, policy: DirectionPolicy, raw: RawFlow, peer: IPAddress
+) -> tuple[str, str, str]:
+    """What the merged verdict word (bpf/lib/policy.h pf_policy_allows) says decided."""
+    word = raw.verdict_word
+    admin_action, rest_action = word & 3, (word >> 2) & 3
+    admin_rank, rest_rank = (word >> 4) & 0x3FFF, (word >> 18) & 0x1FFF
+    if admin_action in (ACT_ACCEPT, ACT_DENY):
+        return _ranked(policy, TIER_ADMIN, admin_rank)
+    if rest_action:
+        if rest_rank == 0:  # a NetworkPolicy allow (rank 0 of the rest)
+            allow = _first_allow(view, policy.allows, peer, raw)
+            return ("networkpolicy", allow.policy, allow.rule) if allow else ("networkpolicy", "", "")
+        return _ranked(policy, None, rest_rank)
+    if policy.isolated:
+        return "networkpolicy", "", NO_RULE_MATCHED
+    return "default", "", NO_RULE_OPEN
+
+
+def _ranked(policy: DirectionPolicy, tier: int | None, rank: int) -> tuple[str, str, str]:
+    for entry in policy.tiered:
+        if entry.rank == rank and (entry.tier == TIER_ADMIN) == (tier == TIER_ADMIN):
+            return _TIER_NAMES.get(entry.tier, "baseline"), entry.policy, entry.rule
+    return ("admin" if tier == TIER_ADMIN else "baseline"), "", ""
+
+
+class FlowEvents:
+    """The flow-event ring buffer and the aggregates of quiet denied flows, named by a FlowNamer."""
+
+    def __init__(self, namer: FlowNamer, deny_interval_s: float) -> None:
+        self.namer = namer
+        self._raw: list[RawFlow] = []
+        self._interval_ns = int(deny_interval_s * 1e9)
+        self._last_sweep_ns = 0
+
+    def open(self, module: Any) -> None:
+        module[b"pf_events"].open_ring_buffer(self._on_event)
+
+    def poll(self, module: Any, timeout_ms: int) -> list[FlowRecord]:
+        module.ring_buffer_poll(timeout_ms)
+        now = time.monotonic_ns()
+        if now - self._last_sweep_ns >= self._interval_ns // 5:
+            self._last_sweep_ns = now
+            self._raw.extend(sweep_denied(module, now, self._interval_ns))
+        raw, self._raw = self._raw, []
+        wall = time.time_ns()
+        return [self.namer.name(each, now, wall) for each in raw]
+
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        self._raw.append(raw_flow(ctypes.cast(data, ctypes.POINTER(FlowEventStruct)).contents))
+
+
+def sweep_denied(module: Any, now_ns: int, interval_ns: int) -> list[RawFlow]:
+    """The pending packets of denied flows quiet for `interval_ns`, their entries deleted (the
+    flow's next denied packet starts a new record). A packet the datapath counts between the
+    read and the delete is lost to the records (a window of one syscall)."""
+    table = module[b"pf_flow_denied"]
+    swept = []
+    for key, pending in list(table.items()):
+        if now_ns - pending.recorded_ns < interval_ns:
+            continue
+        try:
+            del table[key]
+        except KeyError:
+            continue  # evicted meanwhile
+        if pending.packets:
+            swept.append(
+                RawFlow(
+                    time_ns=now_ns,
+                    endpoint_id=key.endpoint_id,
+                    direction=key.direction,
+                    verdict=FLOW_DENIED,
+                    reason=key.reason,
+                    protocol=key.protocol,
+                    source=address_from_bytes(bytes(key.saddr.bytes)),
+                    destination=address_from_bytes(bytes(key.daddr.bytes)),
+                    source_port=ntohs(key.sport_be),
+                    destination_port=ntohs(key.dport_be),
+                    policy_id=pending.policy_id,
+                    verdict_word=pending.verdict_word,
+                    packets=pending.packets,
+                    bytes=pending.bytes,
+                )
+            )
+    return swept
