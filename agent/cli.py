@@ -1,4 +1,4 @@
-"""The `podfence` command line: control, agent, status, explain, derive, suggest, lab, demo, ...
+"""The `podfence` command line: control, agent, status, observe, explain, derive, suggest, lab, demo, ...
 
 Every flag can also be set through a PODFENCE_<FLAG> environment variable (dashes become
 underscores), so manifests configure podfence with env vars. Exit codes: 0 success,
@@ -45,6 +45,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "control": ("run the control service (policy source -> per-node gRPC streams)", "agent.control.main"),
     "agent": ("run the node agent (gRPC stream -> kernel filters)", "agent.node.main"),
     "status": ("print the control service's view of every node", "agent.control.status"),
+    "observe": ("print every node's flows with their verdict and deciding rule", "agent.control.observe"),
     "explain": ("evaluate one connection with the reference evaluator", "agent.policy.explain"),
     "derive": ("NetworkPolicies from an Istio configuration's routes", "agent.derive.derive_main"),
     "suggest": ("least-privilege NetworkPolicies from observed flow records", "agent.derive.suggest_main"),

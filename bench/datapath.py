@@ -30,7 +30,7 @@ packets per second over many distinct flows (counted as delivered on the receivi
 
 Run: `.venv/bin/python -m bench.datapath` (root). `BENCH_QUICK=1` shortens every run for a smoke test;
 `BENCH_REPETITIONS=N` sets the number of per-run repetitions, `BENCH_SLICED_REPETITIONS=N` that of
-time-sliced runs. `BENCH_DATAPLANES` (default `bpf,iptables`)
+time-sliced runs. `BENCH_DATAPLANES` (default `bpf,iptables`; `iptflows` is iptables with flow records on)
 picks the dataplanes; `bpfxt` is the eBPF dataplane with its egress verdict on the xt_bpf rule
 instead of netfilter links (`--egress-hook iptables`).
 """
@@ -174,10 +174,12 @@ def node_state(topology: Topology, node: str, rules: int, version: int = 1) -> N
 def make_dataplane(kind: str, pin_dir: str, bench_defines: tuple[str, ...] = ()) -> Any:
     """A dataplane of `kind`; imported lazily so a missing one fails only its own variants.
     `bench_defines`: the eBPF programs' benchmark-only build knobs (bench/hook_floor.py)."""
-    if kind == "iptables":
+    if kind in ("iptables", "iptflows"):
         from agent.dataplane.iptables import IptablesDataplane
+        from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 
-        return IptablesDataplane()
+        # iptflows: flow records on (NFLOG on each new flow's first packet), read as the agent does
+        return IptablesDataplane(flow_group=DEFAULT_NFLOG_GROUP if kind == "iptflows" else 0)
     from agent.dataplane.bpf.dataplane import BpfDataplane
     from agent.dataplane.bpf.settings import BpfSettings
 
@@ -245,6 +247,9 @@ def build_variant(
                 if isinstance(plane, ConntrackReleasing):
                     count = ConntrackReleaser(plane).run
                     threading.Thread(target=count, args=(variant.stop_counting,), daemon=True).start()
+                if dataplane == "iptflows":
+                    args = (variant.stop_counting, node.netns, plane)
+                    threading.Thread(target=_read_flows, args=args, daemon=True).start()
         variant.enforcing = drops_unallowed_port(variant)
         if dataplane in DATAPLANES and must_enforce and not variant.enforcing:
             raise RuntimeError(f"{name}: a port no rule allows was not dropped")
@@ -252,6 +257,14 @@ def build_variant(
         destroy_variant(variant)
         raise
     return variant
+
+
+def _read_flows(stop: threading.Event, netns: str, plane: Any) -> None:
+    """What the agent's flow feed does: read the records as they come (in the node's netns,
+    where the NFLOG group is bound)."""
+    with inside(netns):
+        while not stop.is_set():
+            plane.poll_flows(200)
 
 
 def start_servers(variant: Variant) -> None:

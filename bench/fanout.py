@@ -4,8 +4,8 @@ version, and until the control service's status shows every ack (polled every ST
 Issue 25's target: the change at every agent's ack, p99 over the changes < 1 s.
 
 The control service runs as its own process (`podfence control --source DIR`), so its RSS and CPU
-are its own. Its stream caps stay at their defaults (ServerSettings: 2,048 worker threads, of
-which 2,000 for Sync streams, 8 streams per client address awaiting Hello) and `--replicas` at 1,
+are its own. Its stream caps stay at their defaults (ServerSettings: 2,048 concurrent calls,
+of which 2,000 for Sync streams, 8 streams per client address awaiting Hello) and `--replicas` at 1,
 so nothing is shed; the run checks that every stream was admitted and reports the caps. The
 agents are simulated (bench/_simagents.py): real Sync streams over loopback, one connection each,
 spread over AGENT_PROCESSES asyncio processes, each acking every version as it arrives, without

@@ -91,3 +91,9 @@ class StreamAdmission:
     def open_streams(self) -> int:
         with self._lock:
             return self._open
+
+    @property
+    def awaiting_hello(self) -> int:
+        """Streams admitted that have not said Hello yet."""
+        with self._lock:
+            return sum(self._pending.values())

@@ -16,6 +16,12 @@ Replicas: versions are this replica's own counter, so each version also carries 
 state it was built from (`SourceMark`: a generation that grows with the source, the same on every
 replica that read the same source, and a digest). Sources note it inside `change()`. An agent
 compares generations across replicas and never enforces an older one (agent/node/sync.py).
+
+Two locks, so that the gRPC event loop never waits on the resolver: `_resolver_lock` is held
+while a source mutates the resolver and while node policies are computed from it (a large
+change holds it for a second or more); `_state_lock` guards the version, the streams and the
+records, and is only ever held for a few dictionary operations. Acks, status and stream closes
+take the state lock alone, so they go on while a change is being resolved.
 """
 
 from __future__ import annotations
@@ -104,11 +110,15 @@ class NodeRecord:
 class StreamHandle:
     """One node's open Sync stream: a bounded queue of versions to send, filled by the hub."""
 
-    def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int) -> None:
+    def __init__(self, hub: PolicyHub, node: str, stream_id: int, max_pending: int,
+                 wake: Callable[[], None] | None = None) -> None:
         self.hub = hub
         self.node = node
         self.stream_id = stream_id
         self._max_pending = max_pending
+        # Called (from any thread) after a push or close, for a sender that does not block in
+        # next(): the gRPC event loop (server.py) waits on its own event instead.
+        self._wake = wake
         self._cond = threading.Condition()
         self._queue: deque[Outgoing] = deque()
         self._closed: StreamClosed | None = None
@@ -130,7 +140,9 @@ class StreamHandle:
                                 source=item.source)
             self._queue.append(item)
             self._cond.notify()
-            return not reset
+        if self._wake is not None:
+            self._wake()
+        return not reset
 
     def next(self, timeout: float | None = None) -> Outgoing | None:
         """The next message to send; None on timeout; raises StreamClosed once closed."""
@@ -159,6 +171,8 @@ class StreamHandle:
             if self._closed is None:
                 self._closed = StreamClosed(reason, client_error)
             self._cond.notify_all()
+        if self._wake is not None:
+            self._wake()
 
     @property
     def closed(self) -> bool:
@@ -208,7 +222,8 @@ class PolicyHub:
         # Wall-clock milliseconds as the starting point keep versions growing across restarts of
         # this service, so a status reader never sees the version go backwards after a restart.
         self._version = initial_version if initial_version is not None else time.time_ns() // 1_000_000
-        self._lock = threading.RLock()
+        self._resolver_lock = threading.RLock()
+        self._state_lock = threading.Lock()
         self._streams: dict[str, StreamHandle] = {}
         self._records: dict[str, NodeRecord] = {}
         self._source_problems: tuple[SourceProblem, ...] = ()
@@ -222,6 +237,7 @@ class PolicyHub:
         # Called with a node's name when its agent acks its first version on a stream (the
         # control service then lifts the node's not-ready taint); must not block.
         self.on_node_applied: Callable[[str], None] | None = None
+        self._pods_by_ip: tuple[int, dict[str, str]] | None = None  # (version, names)
 
     def set_freshness(self, read: Callable[[], Freshness]) -> None:
         """How recently the source heard from the API server, for `podfence status` and the metrics."""
@@ -233,45 +249,49 @@ class PolicyHub:
     @contextmanager
     def change(self) -> Iterator[PolicyResolver]:
         """Mutate the resolver inside the block; on exit, publish one new version to affected nodes."""
-        with self._lock:
+        with self._resolver_lock:
             yield self._resolver
-            self._publish_locked()
+            self._publish()
 
-    def _publish_locked(self) -> None:
-        self._version += 1
-        version = self._version
+    def _publish(self) -> None:
+        """Called with the resolver lock held (so no stream opens meanwhile)."""
+        dirty = self._resolver.take_dirty_nodes()
+        with self._state_lock:
+            self._version += 1
+            version, source = self._version, self._source
+            streams = [stream for node in dirty if (stream := self._streams.get(node)) is not None]
+        # Nodes without a stream get a snapshot when they connect. The policies are computed
+        # without the state lock: acks and status go on meanwhile.
+        queued = [(stream, self._resolver.node_policy(stream.node)) for stream in streams]
         changed = 0
-        for node in self._resolver.take_dirty_nodes():
-            stream = self._streams.get(node)
-            if stream is None:
-                continue  # it gets a snapshot when it connects
-            policy = self._resolver.node_policy(node)
-            if policy == stream.queued_policy:
-                continue
-            stream.queued_policy = policy
-            self._records[node].latest_change = version
-            changed += 1
-            if not stream.push(Outgoing(version, policy, snapshot=False, source=self._source)):
-                self.metrics.streams_reset_total.inc()
-                log.warning("node %s fell %d versions behind; resetting it to a snapshot", node,
-                            self._max_pending)
+        with self._state_lock:
+            for stream, policy in queued:
+                if self._streams.get(stream.node) is not stream or policy == stream.queued_policy:
+                    continue  # closed meanwhile, or nothing it enforces changed
+                stream.queued_policy = policy
+                self._records[stream.node].latest_change = version
+                changed += 1
+                if not stream.push(Outgoing(version, policy, snapshot=False, source=source)):
+                    self.metrics.streams_reset_total.inc()
+                    log.warning("node %s fell %d versions behind; resetting it to a snapshot", stream.node,
+                                self._max_pending)
         log.info("policy version %d: %d connected node(s) changed", version, changed)
 
     def note_source(self, generation: int, digest: str) -> None:
         """The source state the resolver holds now; call inside `change()` so the version it
         publishes carries it. The generation never goes back (a re-list may report an older one)."""
-        with self._lock:
+        with self._state_lock:
             self._source = SourceMark(max(generation, self._source.generation), digest)
 
     @property
     def source(self) -> SourceMark:
-        with self._lock:
+        with self._state_lock:
             return self._source
 
     def set_source_problems(self, problems: list[SourceProblem]) -> None:
         """The source's current problems (replacing the previous list); also sets the gauges."""
         ordered = tuple(sorted(problems, key=lambda p: (p.source, p.object or "", p.error)))
-        with self._lock:
+        with self._state_lock:
             self._source_problems = ordered
         self.metrics.invalid_objects.set(sum(1 for p in ordered if p.object is not None))
         self.metrics.last_valid_objects.set(
@@ -280,53 +300,73 @@ class PolicyHub:
 
     @property
     def version(self) -> int:
-        with self._lock:
+        with self._state_lock:
             return self._version
 
     def node_count(self) -> int:
         """Nodes that the pod cache has pods on (each runs an agent): for a replica's share."""
-        with self._lock:
+        with self._resolver_lock:
             return len({pod.node_name for pod in self._resolver.state.pods.values() if pod.node_name})
 
     def find_pod(self, namespace: str, name: str) -> Pod | None:
         """A live pod of the source (the pod cache token identity binds agents by)."""
-        with self._lock:
+        with self._resolver_lock:
             return self._resolver.state.pods.get(f"{namespace}/{name}")
+
+    def pod_names_by_ip(self) -> dict[str, str]:
+        """IP -> "namespace/name" of the live pod holding it, for naming flow records' peers;
+        rebuilt at most once per version (the flow relay asks once per batch)."""
+        cached = self._pods_by_ip
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        with self._resolver_lock:
+            names = {ip: pod.key for ip, pod in self._resolver.state.pod_by_ip().items()}
+            self._pods_by_ip = (self._version, names)
+            return names
 
     # --- streams ---------------------------------------------------------------------------------
 
-    def open_stream(self, node: str, last_applied_version: int) -> StreamHandle:
-        """Registers a node's new stream (closing an older one) and queues its snapshot."""
-        with self._lock:
-            self._next_stream_id += 1
-            handle = StreamHandle(self, node, self._next_stream_id, self._max_pending)
-            older = self._streams.get(node)
-            if older is not None:
-                older.close(f"superseded by a newer stream for node {node}")
-                log.info("node %s: newer stream replaces stream %d", node, older.stream_id)
-            self._streams[node] = handle
-            record = self._records.setdefault(node, NodeRecord())
-            record.connected = True
-            record.disconnected_at = None
-            # The agent says again what it repaired (its count since it started) on each stream;
-            # a restarted agent's count starts over.
-            record.state_repairs, record.last_repair = 0, ""
-            # The agent's own number may come from another replica; whatever it says, it has not
-            # acked the snapshot queued below yet, so it stays below that snapshot's version.
-            record.acked_version = min(last_applied_version, self._version - 1)
+    def open_stream(self, node: str, last_applied_version: int,
+                    wake: Callable[[], None] | None = None) -> StreamHandle:
+        """Registers a node's new stream (closing an older one) and queues its snapshot; `wake`
+        is called whenever the stream has something to send or is closed. Computes the node's
+        policy: it may wait for a change being resolved, so not on an event loop."""
+        with self._resolver_lock:
             started = time.perf_counter()
             policy = self._resolver.node_policy(node)
-            handle.queued_policy = policy
-            record.latest_change = self._version
-            handle.push(Outgoing(self._version, policy, snapshot=True,
-                                 build_seconds=time.perf_counter() - started, source=self._source))
-            log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
-                     self._version)
-            return handle
+            build_seconds = time.perf_counter() - started
+            with self._state_lock:
+                return self._register_locked(node, last_applied_version, policy, build_seconds, wake)
+
+    def _register_locked(self, node: str, last_applied_version: int, policy: NodePolicy,
+                         build_seconds: float, wake: Callable[[], None] | None) -> StreamHandle:
+        self._next_stream_id += 1
+        handle = StreamHandle(self, node, self._next_stream_id, self._max_pending, wake)
+        older = self._streams.get(node)
+        if older is not None:
+            older.close(f"superseded by a newer stream for node {node}")
+            log.info("node %s: newer stream replaces stream %d", node, older.stream_id)
+        self._streams[node] = handle
+        record = self._records.setdefault(node, NodeRecord())
+        record.connected = True
+        record.disconnected_at = None
+        # The agent says again what it repaired (its count since it started) on each stream;
+        # a restarted agent's count starts over.
+        record.state_repairs, record.last_repair = 0, ""
+        # The agent's own number may come from another replica; whatever it says, it has not
+        # acked the snapshot queued below yet, so it stays below that snapshot's version.
+        record.acked_version = min(last_applied_version, self._version - 1)
+        handle.queued_policy = policy
+        record.latest_change = self._version
+        handle.push(Outgoing(self._version, policy, snapshot=True,
+                             build_seconds=build_seconds, source=self._source))
+        log.info("node %s connected (stream %d), snapshot at version %d", node, handle.stream_id,
+                 self._version)
+        return handle
 
     def close_stream(self, handle: StreamHandle, reason: str) -> None:
         handle.close(reason)
-        with self._lock:
+        with self._state_lock:
             if self._streams.get(handle.node) is handle:
                 del self._streams[handle.node]
                 record = self._records[handle.node]
@@ -340,7 +380,8 @@ class PolicyHub:
         """Records an agent's ack/nack; raises AckError for a version this stream was never sent."""
         if not handle.was_sent(version):
             raise AckError(f"ack for version {version}, which this stream was never sent")
-        with self._lock:
+        first_apply = False
+        with self._state_lock:
             if self._streams.get(handle.node) is not handle:
                 return  # a superseded stream's late ack says nothing about the node now
             record = self._records[handle.node]
@@ -352,18 +393,17 @@ class PolicyHub:
                     record.rejected_policies = tuple(rejected)
                 record.acked_version = max(record.acked_version, version)
                 record.last_error = None
-                if not handle.applied_once:
-                    handle.applied_once = True
-                    if self.on_node_applied is not None:
-                        self.on_node_applied(handle.node)
+                first_apply, handle.applied_once = not handle.applied_once, True
             else:
                 record.last_error = error or "unspecified dataplane error"
                 log.warning("node %s failed to apply version %d: %s", handle.node, version,
                             record.last_error)
+        if first_apply and self.on_node_applied is not None:
+            self.on_node_applied(handle.node)
 
     def state_repairs(self, handle: StreamHandle, total: int, last: str) -> None:
         """Records what the node's agent reported putting back in its kernel state."""
-        with self._lock:
+        with self._state_lock:
             if self._streams.get(handle.node) is not handle:
                 return
             record = self._records[handle.node]
@@ -376,14 +416,15 @@ class PolicyHub:
 
     def open_streams(self) -> list[StreamHandle]:
         """The current stream of every connected node, oldest first (not those already told to end)."""
-        with self._lock:
+        with self._state_lock:
             streams = list(self._streams.values())
         return sorted((h for h in streams if not h.closed), key=lambda handle: handle.stream_id)
 
     # --- status ----------------------------------------------------------------------------------
 
     def status(self) -> HubStatus:
-        with self._lock:
+        freshness = self._freshness() if self._freshness is not None else None
+        with self._state_lock:
             self._forget_long_gone_locked()
             nodes = {}
             for node, record in self._records.items():
@@ -393,7 +434,6 @@ class PolicyHub:
                 # a copy, so that a field added to NodeRecord reaches status without being named here
                 acked = self._version if in_sync else record.acked_version
                 nodes[node] = replace(record, acked_version=acked)
-            freshness = self._freshness() if self._freshness is not None else None
             return HubStatus(self._version, nodes, self._source_problems, self._source,
                              len(self._streams), self.draining, freshness)
 

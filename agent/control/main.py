@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agent.control.balance import StreamBalancer
+from agent.control.flow_relay import DEFAULT_RING_SIZE
 from agent.control.freshness import Freshness
 from agent.control.hub import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_PENDING, PolicyHub
 from agent.control.identity import (
@@ -30,7 +31,13 @@ from agent.control.identity import (
     service_account_user,
 )
 from agent.control.metrics import ControlMetrics
-from agent.control.server import DEFAULT_ADMIN_NAME, ServerSettings, create_server, stop_server
+from agent.control.observe_service import ObserveSettings, observe_users
+from agent.control.server import (
+    DEFAULT_ADMIN_NAME,
+    ServerSettings,
+    create_server,
+    stop_server,
+)
 from agent.control.source_kubernetes import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -76,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ADMIN_NAME,
         metavar="NAMES",
         help="mutual TLS: client certificate CNs (comma-separated) that see every node in podfence status",
+    )
+    parser.add_argument(
+        "--observe-allow", default=None, metavar="NAMES",
+        help="who may read flow records (podfence observe) besides the status admins: client "
+        "certificate CNs, or with token identity TokenReview usernames or NAMESPACE/NAME service "
+        "accounts (comma-separated)",
+    )
+    parser.add_argument(
+        "--observe-without-identity", action="store_true",
+        help="with --insecure: let anyone who reaches the port observe flows (a lab on loopback only)",
+    )
+    parser.add_argument(
+        "--flow-ring", type=int, default=DEFAULT_RING_SIZE, metavar="N",
+        help="flow records kept per node for late podfence observe readers (--since, --last)",
     )
     parser.add_argument("--kubeconfig", help="with --source kubernetes: kubeconfig instead of in-cluster")
     parser.add_argument(
@@ -182,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
         service_account_user(args.agent_service_account)
         if args.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, not {args.replicas}")
+        if args.flow_ring < 1:
+            raise ValueError(f"--flow-ring must be at least 1, not {args.flow_ring}")
+        observe_users(name.strip() for name in (args.observe_allow or "").split(",") if name.strip())
+        if args.observe_without_identity and credentials is not None:
+            raise ValueError("--observe-without-identity is for --insecure only (with TLS: --observe-allow)")
     except ValueError as exc:
         print(f"podfence control: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -260,9 +286,14 @@ def run(args: argparse.Namespace) -> int:
             health_detail=None if freshness is None else lambda: "source " + freshness().describe(),
         )
         admin_names = [name.strip() for name in args.admin_cn.split(",") if name.strip()]
+        observe = ObserveSettings(
+            allowed=tuple(name.strip() for name in (args.observe_allow or "").split(",") if name.strip()),
+            allow_unauthenticated=args.observe_without_identity,
+            ring_size=args.flow_ring,
+        )
         server, port, health_servicer = create_server(
             args.listen, hub, credentials, ServerSettings(max_send_bytes=args.max_message_bytes),
-            admin_names=admin_names, authenticator=authenticator,
+            admin_names=admin_names, authenticator=authenticator, observe=observe,
         )
     except (OSError, RuntimeError) as exc:
         print(f"podfence control: cannot listen: {exc}", file=sys.stderr)

@@ -67,10 +67,43 @@ class ControlMetrics:
         )
         for result in ("removed", "failed"):
             self.taint_removals_total.labels(result)
+        # Flow relay (issue 24, flow_relay.py)
+        self.flow_records_total = Counter(
+            "podfence_control_flow_records",
+            "Flow records agents pushed: accepted (stored and relayed), or invalid (malformed, dropped).",
+            labelnames=["result"],
+            registry=self.registry,
+        )
+        for result in ("accepted", "invalid"):
+            self.flow_records_total.labels(result)
+        self.flow_agent_lost_total = Counter(
+            "podfence_control_flow_agent_lost",
+            "Flow records agents report they dropped before sending (their buffer was full).",
+            registry=self.registry,
+        )
+        self.flow_relayed_total = Counter(
+            "podfence_control_flow_relayed",
+            "Flow records sent to podfence observe readers.",
+            registry=self.registry,
+        )
+        self.flow_reader_lost_total = Counter(
+            "podfence_control_flow_reader_lost",
+            "Flow records a slow podfence observe reader lost (its queue was full); nobody else waits.",
+            registry=self.registry,
+        )
+        self.flow_readers = Gauge(
+            "podfence_control_flow_readers",
+            "Open podfence observe --follow streams.",
+            registry=self.registry,
+        )
 
     def watch_hub(self, read: Callable[[], tuple[int, Mapping[str, tuple[int, bool]]]]) -> None:
         """Register the scrape-time gauges; `read` returns (version, {node: (applied, connected)})."""
         self.registry.register(_HubCollector(read))
+
+    def watch_flow_readers(self, count: Callable[[], int]) -> None:
+        """Read the number of open Observe streams at scrape time."""
+        self.flow_readers.set_function(count)
 
     def watch_freshness(self, read: Callable[[], Freshness]) -> None:
         """Register the scrape-time gauges of how recently the source heard from the API server."""

@@ -38,15 +38,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control", required=True, help="control service HOST:PORT")
+    add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, cert_help: str = "client certificate (PEM)",
+                             timeout_help: str = "seconds before giving up") -> None:
+    """How a client command reaches the control service (status, observe): address, TLS, token."""
+    parser.add_argument("--control", required=True, help="control service HOST:PORT")
     parser.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-*)")
-    parser.add_argument("--tls-cert", help="client certificate (PEM)")
+    parser.add_argument("--tls-cert", help=cert_help)
     parser.add_argument("--tls-key", help="client private key (PEM)")
     parser.add_argument("--tls-ca", help="CA of the control service's certificate (PEM)")
     parser.add_argument("--token-file", metavar="FILE",
                         help="token identity: a service-account token to present (needs --tls-ca)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
+    parser.add_argument("--timeout", type=float, default=5.0, help=timeout_help)
 
 
 def _repairs(status: pb.NodeStatus) -> dict[str, Any]:
@@ -101,7 +107,8 @@ def fetch_status(
                                                             metadata=metadata)
 
 
-def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+def client_credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """The channel credentials the TLS flags ask for (None: plain text), or why they are wrong."""
     given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f]
     token_file = getattr(args, "token_file", None)
     if args.insecure:
@@ -123,6 +130,18 @@ def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | No
         return None, f"cannot read TLS files: {exc}"
 
 
+def read_token(args: argparse.Namespace) -> str | None:
+    """The --token-file's token (None without one); OSError when it cannot be read."""
+    token_file = getattr(args, "token_file", None)
+    if not token_file:
+        return None
+    try:
+        with open(token_file) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read --token-file: {exc}") from exc
+
+
 def _read(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -131,14 +150,13 @@ def _read(path: str | None) -> bytes | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    credentials, usage_error = _credentials(args)
+    credentials, usage_error = client_credentials(args)
     token = None
-    if not usage_error and getattr(args, "token_file", None):
+    if not usage_error:
         try:
-            with open(args.token_file) as f:
-                token = f.read().strip()
+            token = read_token(args)
         except OSError as exc:
-            usage_error = f"cannot read --token-file: {exc}"
+            usage_error = str(exc)
     if usage_error:
         print(f"podfence status: {usage_error}", file=sys.stderr)
         return EXIT_USAGE

@@ -173,6 +173,9 @@ class PodfenceOnLab:
                 "--listen",
                 self.control_address,
                 "--insecure",
+                # the lab's plaintext control, on an address of this host only: `podfence observe`
+                # reads its flows without an identity (a real deployment names its readers)
+                "--observe-without-identity",
                 "--metrics-listen",
                 f"{address}:{free_port(address)}",
                 "--poll-interval",

@@ -41,6 +41,8 @@ from agent.dataplane.types import NodeState, audit_everything_state
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
+from agent.node.flowbuffer import DEFAULT_CAPACITY as DEFAULT_FLOW_BUFFER
+from agent.node.flowbuffer import FlowBuffer
 from agent.node.flowfeed import FLOW_METRICS_MODES, FlowFeed
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
@@ -187,6 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often the rest of podfence's kernel state (tc filters and qdiscs, pins, chains, "
         "ipsets) is verified and repaired; bpf also checks on every tc change notification",
+    )
+    parser.add_argument(
+        "--flow-buffer", type=int, default=DEFAULT_FLOW_BUFFER, metavar="N",
+        help="flow records kept for the control service while they wait for the stream (the newest N; "
+        "older ones are dropped and counted)",
     )
 
 
@@ -369,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0.1 <= args.state_check_interval <= 3600:
             interval = args.state_check_interval
             raise UsageError(f"--state-check-interval must be 0.1 to 3600 seconds, not {interval}")
+        if args.flow_buffer < 1:
+            raise UsageError(f"--flow-buffer must be at least 1, not {args.flow_buffer}")
         if not 0 <= args.nflog_group <= 0xFFFF:
             raise UsageError(f"--nflog-group must be 0 (off) to 65535, not {args.nflog_group}")
         if args.flows_per_pod is not None and args.flows_per_pod < 0:
@@ -428,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
                           generation_file=generation_file(args, dataplane),
                           rejections=reconciler.rejected_policy_messages)
         reconciler.on_recovered(sync.applied_late)
+        # The flow feed's sink (issue 24): records wait here, bounded, for the Sync stream.
+        flow_buffer = FlowBuffer(sync.offer_flows, args.flow_buffer)
         hook_guard = (
             HookGuard(dataplane, args.hook_check_interval) if isinstance(dataplane, HookRepairing) else None
         )
@@ -447,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
         threads.append(_thread("netlink-monitor", lambda: monitor.run(stop), failed, stop))
         threads.append(_thread("reconcile", lambda: reconciler.run(stop), failed, stop))
         threads.append(_thread("sync", lambda: sync.run(stop), failed, stop))
+        threads.append(_thread("flow-buffer", lambda: flow_buffer.run(stop), failed, stop))
         if hook_guard is not None:
             guard = hook_guard
             threads.append(_thread("hook-guard", lambda: guard.run(stop), failed, stop))
@@ -461,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
             threads.append(_thread("conntrack-release", lambda: releaser.run(stop), failed, stop))
         if isinstance(dataplane, FlowRecordSource):
             # one reader of the dataplane's records, many sinks (flowfeed.py)
-            feed = FlowFeed(dataplane, [FlowLogger().handle_record])
+            feed = FlowFeed(dataplane, [FlowLogger().handle_record, flow_buffer.sink])
             if collector.flows is not None:  # exposed whatever the dataplane, empty without flows
                 feed.add_sink(collector.flows)
             threads.append(_thread("flow-feed", lambda: feed.run(stop), failed, stop))

@@ -74,6 +74,7 @@ DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 DEFAULT_FIRST_MESSAGE_TIMEOUT_S = 20.0
 DEFAULT_HEARTBEAT_S = 10.0  # asked of the server; 3 intervals of silence = a wedged replica
 DEFAULT_HOLD_TIMEOUT_S = 30.0  # how long to wait for a lagging replica before trying the next
+MAX_FLOW_BATCHES_QUEUED = 4  # flow batches a stream holds unsent; more wait in the flow buffer
 # The server accepts idle pings every 10 s at most; 20 s finds a dead control service in ~30 s.
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -367,6 +368,9 @@ class SyncClient:
         # says it takes them (an older one ends a stream on an unknown message), on every stream.
         self._repairs: pb.StateRepairs | None = None
         self._repairs_accepted = False  # by the open stream's service
+        # Flow batches (flowbuffer.py) go only to a service that says it takes them, a few at a time.
+        self._flows_accepted = False  # by the open stream's service
+        self._flow_slots: threading.BoundedSemaphore | None = None  # the open stream's
         self._decode_cache = DecodeCache()
 
     @property
@@ -429,13 +433,18 @@ class SyncClient:
             )
         )
 
+        flow_slots = threading.BoundedSemaphore(MAX_FLOW_BATCHES_QUEUED)
+
         def requests() -> Iterator[pb.AgentMessage]:
             while (message := outgoing.get()) is not None:
+                if message.HasField("flows"):
+                    flow_slots.release()  # handed to gRPC: the flow buffer may offer the next
                 yield message
 
         with self._ack_lock:
             self._outgoing, self._nacked_version = outgoing, None
             self._repairs_accepted = False
+            self._flows_accepted, self._flow_slots = False, flow_slots
         delivered = False
         metadata = None
         if self._token is not None:
@@ -466,6 +475,9 @@ class SyncClient:
                         continue  # draining until the server ends the stream we half-closed
                     if message.accepts_state_repairs and not self._repairs_accepted:
                         self._accept_repairs()
+                    if message.accepts_flows and not self._flows_accepted:
+                        with self._ack_lock:
+                            self._flows_accepted = True
                     self._connected.set()
                     delivered = True
                     self._send_reply(outgoing, self._handle(message))
@@ -520,6 +532,20 @@ class SyncClient:
             self._repairs = pb.StateRepairs(total=total, last=last)
             if self._outgoing is not None and self._repairs_accepted:
                 self._outgoing.put(pb.AgentMessage(state_repairs=self._repairs))
+
+    def offer_flows(self, batch: pb.FlowBatch, wait: float = 0.5) -> bool:
+        """Flow buffer callback: queue `batch` on the open stream, waiting up to `wait` while the
+        stream holds enough unsent batches already (only the buffer's sender waits, never the
+        feed); False (keep it) when there is no stream or its service takes no flows (an older one)."""
+        with self._ack_lock:
+            slots = self._flow_slots if self._outgoing is not None and self._flows_accepted else None
+        if slots is None or not slots.acquire(timeout=wait):
+            return False
+        with self._ack_lock:
+            if self._flow_slots is not slots or self._outgoing is None or not self._flows_accepted:
+                return False  # that stream ended meanwhile (its slots go with it)
+            self._outgoing.put(pb.AgentMessage(flows=batch))
+            return True
 
     def _accept_repairs(self) -> None:
         with self._ack_lock:

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from agent.dataplane import xtables
 from agent.dataplane.base import DataplaneError
 from agent.node import generation
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"podfence teardown: bpf dataplane: {exc}", file=sys.stderr)
             failed = True
     if args.dataplane in ("iptables", "all"):
-        tools = ("iptables-legacy", "ip6tables-legacy", "ipset")
+        tools = (*xtables.IPTABLES.values(), "ipset")
         if args.dataplane == "all" and not all(shutil.which(tool) for tool in tools):
             return EXIT_FAILURE if failed else EXIT_OK  # the iptables dataplane never ran here
         from agent.dataplane.iptables import IptablesDataplane

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -24,10 +23,8 @@ from agent.control.encode import snapshot_message
 from agent.dataplane.bpf import loader
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.flow_records import NO_POLICY, NO_RULE_MATCHED
-from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.bpf.testrun import TC_ACT_OK, run_program
 from agent.dataplane.flows import FlowRecord, FlowVerdict
-from agent.lab import wiring
 from agent.model.objects import (
     IPBlock,
     LabelSelector,
@@ -44,6 +41,7 @@ from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.resolver import Resolver
 from agent.policy.state import ClusterState
 from tests.privileged import bpf_frames as f
+from tests.privileged.test_bpf_packets import started_plane
 from tests.unit.model_builders import pod, sel
 
 pytestmark = pytest.mark.needs("bpffs")
@@ -62,23 +60,7 @@ _sports = itertools.count(20000)
 
 @pytest.fixture(scope="module")
 def plane() -> Iterator[BpfDataplane]:
-    prefix = f"pfb-{secrets.token_hex(3)}"
-    netns = f"{prefix}-evl"
-    wiring.create(netns, loopback_up=False)
-    dataplane = BpfDataplane(
-        BpfSettings(
-            pin_dir=f"/sys/fs/bpf/{prefix}",
-            netns=netns,
-            state_file=f"/run/podfence-tests/{prefix}.json",
-            event_rate=100_000,  # every flow of an example gets its record
-        )
-    )
-    try:
-        dataplane.start()
-        yield dataplane
-    finally:
-        dataplane.teardown()
-        wiring.remove(netns)
+    yield from started_plane("keep", event_rate=100_000)  # every flow of an example gets its record
 
 
 peers = st.sampled_from(

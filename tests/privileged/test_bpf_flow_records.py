@@ -9,7 +9,6 @@ network namespaces: test_bpf_flow_traffic.py.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 
@@ -17,7 +16,6 @@ import pytest
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.flow_records import NO_POLICY, NO_RULE_MATCHED
-from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -28,9 +26,8 @@ from agent.dataplane.types import (
     IdentityPeer,
     TieredAllow,
 )
-from agent.lab import wiring
 from tests.privileged import bpf_frames as f
-from tests.privileged.test_bpf_packets import PEER7, PEER8, POD, apply, iso, verdict
+from tests.privileged.test_bpf_packets import PEER7, PEER8, POD, apply, iso, started_plane, verdict
 
 pytestmark = pytest.mark.needs("bpffs")
 
@@ -40,24 +37,8 @@ ACK = 0x10
 
 @pytest.fixture(scope="module")
 def plane() -> Iterator[BpfDataplane]:
-    prefix = f"pfb-{secrets.token_hex(3)}"
-    netns = f"{prefix}-flw"
-    wiring.create(netns, loopback_up=False)
-    dataplane = BpfDataplane(
-        BpfSettings(
-            pin_dir=f"/sys/fs/bpf/{prefix}",
-            netns=netns,
-            established_on_change="reset",  # each test's policy forgets the flows of the last
-            state_file=f"/run/podfence-tests/{prefix}.json",
-            flow_deny_interval=1,
-        )
-    )
-    try:
-        dataplane.start()
-        yield dataplane
-    finally:
-        dataplane.teardown()
-        wiring.remove(netns)
+    # "reset": each test's policy forgets the flows of the last
+    yield from started_plane("reset", flow_deny_interval=1)
 
 
 def records(plane: BpfDataplane, timeout_ms: int = 100) -> list[FlowRecord]:

@@ -17,6 +17,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -445,8 +446,9 @@ ROWS = [
 ]
 
 
-def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
-    """A started dataplane in a netns of its own with its own pins; torn down afterwards."""
+def started_plane(established_on_change: str, **overrides: Any) -> Iterator[BpfDataplane]:
+    """A started dataplane in a netns of its own with its own pins; torn down afterwards.
+    `overrides`: other BpfSettings fields."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-pkt"
     wiring.create(netns, loopback_up=False)
@@ -456,6 +458,7 @@ def started_plane(established_on_change: str) -> Iterator[BpfDataplane]:
             netns=netns,
             established_on_change=established_on_change,
             state_file=f"/run/podfence-tests/{prefix}.json",
+            **overrides,
         )
     )
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from bcc import libbcc
 
+from agent.dataplane import xtables
 from agent.dataplane.bpf import attach, loader, verify
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.node.repair import StateGuard
@@ -182,6 +183,6 @@ def test_the_egress_program_pin_of_the_iptables_hook_is_pinned_again(
     assert found == [("pin", f"{pin}: missing")], found
     assert pin.exists()
     # an iptables-restore of the saved rules (a firewall reload) can open the path again
-    saved = node.run("iptables-save", "-t", "filter").stdout
-    node.run("sh", "-c", f"printf '%s' '{saved}' | iptables-restore")
+    saved = node.run(xtables.SAVE[4], "-t", "filter").stdout
+    node.run("sh", "-c", f"printf '%s' '{saved}' | {xtables.RESTORE[4]}")
     assert not a.tcp(b.ip, 8080)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.dataplane import xtables
 from agent.dataplane.base import CapacityError
-from agent.dataplane.bpf import netfilter
+from agent.dataplane.bpf import attach, netfilter
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.types import (
@@ -45,6 +46,9 @@ TCP, UDP = 6, 17
 SERVED_PORTS = (8080, 9090)
 IDENTITY_OF_POD = {1: 101, 2: 102, 3: 103}  # pod index -> identity id
 
+
+# podfence writes x_tables through one backend; what a test inserts must be seen by it
+IPTABLES, IP6TABLES = xtables.IPTABLES[4], xtables.IPTABLES[6]
 
 @pytest.fixture
 def node() -> Iterator[Node]:
@@ -405,16 +409,16 @@ def test_netfilter_links_judge_egress_and_no_iptables_change_bypasses_them(
     assert dataplane.egress_hook_in_use == "netfilter"  # this kernel (6.4+) has netfilter links
     allow_b = endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080)))
     dataplane.apply(state(node, allow_b, endpoint(b), endpoint(c)))
-    assert "PODFENCE" not in node.run("iptables", "-S").stdout + node.run("ip6tables", "-S").stdout
+    assert "PODFENCE" not in node.run(IPTABLES, "-S").stdout + node.run(IP6TABLES, "-S").stdout
     assert len(link_pins(node)) == 4  # IPv4 and IPv6, FORWARD and LOCAL_IN
     assert a.tcp(b.ip, 8080) and a.tcp(b.ip6, 8080)
     assert not a.tcp(c.ip, 8080) and not a.tcp(c.ip6, 8080)
     # what let pods escape an iptables rule has no hold on a hook of its own
-    node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")
-    node.run("ip6tables", "-I", "FORWARD", "1", "-j", "ACCEPT")
+    node.run(IPTABLES, "-I", "FORWARD", "1", "-j", "ACCEPT")
+    node.run(IP6TABLES, "-I", "FORWARD", "1", "-j", "ACCEPT")
     assert not a.tcp(c.ip, 8080) and not a.tcp(c.ip6, 8080)
-    node.run("iptables", "-F")
-    node.run("iptables", "-P", "FORWARD", "ACCEPT")
+    node.run(IPTABLES, "-F")
+    node.run(IPTABLES, "-P", "FORWARD", "ACCEPT")
     assert not a.tcp(c.ip, 8080)
     assert a.tcp(b.ip, 8080)
 
@@ -446,7 +450,7 @@ def test_switching_the_egress_hook_keeps_enforcing_and_leaves_one_kind(node: Nod
             planes.append(plane)
             plane.apply(node_state)
             assert plane.egress_hook_in_use == hook
-            iptables_rules = "PODFENCE-EGRESS" in node.run("iptables", "-S", "FORWARD").stdout
+            iptables_rules = "PODFENCE-EGRESS" in node.run(IPTABLES, "-S", "FORWARD").stdout
             assert iptables_rules == (hook == "iptables")
             assert len(link_pins(node)) == (4 if hook == "netfilter" else 0)
             assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080)
@@ -474,7 +478,7 @@ def test_a_restarted_agent_links_again_beside_the_old_links_and_then_removes_the
             plane.apply(node_state)
             assert plane.egress_hook_in_use == "netfilter", generation
             assert len(link_pins(node)) == 4  # the old generation's links are gone
-            assert "PODFENCE-EGRESS" not in node.run("iptables", "-S").stdout
+            assert "PODFENCE-EGRESS" not in node.run(IPTABLES, "-S").stdout
             assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080)
     finally:
         for plane in planes:
@@ -501,7 +505,7 @@ def test_auto_falls_back_to_the_iptables_rule_where_the_kernel_refuses_netfilter
         assert plane.egress_hook_in_use == "iptables"
         assert "no netfilter links" in caplog.text and "simulated" in caplog.text
         plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c)))
-        assert "PODFENCE-EGRESS" in node.run("iptables", "-S", "FORWARD").stdout and not link_pins(node)
+        assert "PODFENCE-EGRESS" in node.run(IPTABLES, "-S", "FORWARD").stdout and not link_pins(node)
         assert not a.tcp(b.ip, 8080) and not a.tcp(b.ip6, 8080)
         assert b.tcp(a.ip, 8080)
     finally:
@@ -516,14 +520,39 @@ def test_egress_hook_is_repaired_when_a_rule_is_inserted_above_it_or_its_chain_f
     denying = state(node, endpoint(a, egress=isolated()), endpoint(b), endpoint(c))
     dataplane.apply(denying)
     assert not a.tcp(b.ip, 8080)
-    node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")  # e.g. another tool inserting at the top
+    node.run(IPTABLES, "-I", "FORWARD", "1", "-j", "ACCEPT")  # e.g. another tool inserting at the top
     assert a.tcp(b.ip, 8080)  # bypassed until the next apply: that is what the repair is for
     dataplane.apply(denying)
     assert not a.tcp(b.ip, 8080)
-    node.run("iptables", "-F", "PODFENCE-EGRESS")
+    node.run(IPTABLES, "-F", "PODFENCE-EGRESS")
     dataplane.apply(denying)
     assert not a.tcp(b.ip, 8080)
-    assert "-A FORWARD -j ACCEPT" in node.run("iptables", "-S", "FORWARD").stdout  # others' rules untouched
+    assert "-A FORWARD -j ACCEPT" in node.run(IPTABLES, "-S", "FORWARD").stdout  # others' rules untouched
+
+
+def test_the_iptables_hook_uses_one_backend_and_removes_an_older_releases_nft_hook(node: Node) -> None:
+    """Releases before agent/dataplane/xtables.py wrote the xt_bpf hook with Debian's default
+    `iptables` (nft) while the iptables dataplane wrote legacy rules. The hook now lives in the
+    legacy tables only, and an upgraded agent removes the old nft one once its own is in place."""
+    a, b, c = node.pods
+    stale = xtables.STALE_BACKEND[4]
+    comment = ["-m", "comment", "--comment", attach.IPTABLES_COMMENT]
+    node.run(stale, "-N", attach.IPTABLES_CHAIN)
+    node.run(stale, "-A", attach.IPTABLES_CHAIN, "-j", "DROP")  # an old program's rule, here a plain DROP
+    node.run(stale, "-I", "FORWARD", "1", *comment, "-j", attach.IPTABLES_CHAIN)
+    node.run(stale, "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")  # another tool's rule
+    plane = BpfDataplane(node.settings(egress_hook="iptables"))
+    plane.start()
+    try:
+        allow_b = endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080)))
+        plane.apply(state(node, allow_b, endpoint(b), endpoint(c)))
+        assert attach.IPTABLES_CHAIN in node.run(IPTABLES, "-S", "FORWARD").stdout
+        left = node.run(stale, "-S").stdout
+        assert attach.IPTABLES_CHAIN not in left and "--dport 9 -j ACCEPT" in left, left
+        assert a.tcp(b.ip, 8080) and not a.tcp(c.ip, 8080)  # the stale DROP-all is gone, ours judges
+    finally:
+        plane.teardown()
+    assert attach.IPTABLES_CHAIN not in node.run(IPTABLES, "-S").stdout
 
 
 def test_the_periodic_hook_check_outranks_a_rule_inserted_above_the_egress_hook(
@@ -538,13 +567,13 @@ def test_the_periodic_hook_check_outranks_a_rule_inserted_above_the_egress_hook(
     checker.start()
     try:
         assert not a.tcp(b.ip, 8080)
-        node.run("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT")  # no apply follows this time
+        node.run(IPTABLES, "-I", "FORWARD", "1", "-j", "ACCEPT")  # no apply follows this time
         deadline = time.monotonic() + 3
         while guard.repairs == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert guard.repairs == 1, "no repair within the check period"
         assert not a.tcp(b.ip, 8080)
-        forward = [line for line in node.run("iptables", "-S", "FORWARD").stdout.splitlines() if "-A" in line]
+        forward = [line for line in node.run(IPTABLES, "-S", "FORWARD").stdout.splitlines() if "-A" in line]
         assert forward[0].endswith("-j PODFENCE-EGRESS") and forward[1] == "-A FORWARD -j ACCEPT", forward
     finally:
         stop.set()
@@ -687,7 +716,7 @@ def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
     # another tool's filter on the same clsact, and its own iptables rule
     foreign_filter = "prio 7 u32 match u32 0 0 flowid :1"  # no tc action modules on this kernel
     node.run("tc", "filter", "add", "dev", a.host_if, "ingress", *foreign_filter.split())
-    node.run("iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")
+    node.run(IPTABLES, "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")
     ours = node.run("tc", "filter", "show", "dev", a.host_if, "ingress").stdout
     assert "podfence_from_pod" in ours and "u32" in ours
     assert not a.tcp(b.ip, 8080)
@@ -695,7 +724,7 @@ def test_teardown_removes_only_what_podfence_created(node: Node) -> None:
     left = node.run("tc", "filter", "show", "dev", a.host_if, "ingress").stdout
     assert "podfence" not in left and "u32" in left
     assert "podfence_to_pod" not in node.run("tc", "filter", "show", "dev", a.host_if, "egress").stdout
-    rules = node.run("iptables", "-S").stdout
+    rules = node.run(IPTABLES, "-S").stdout
     assert "PODFENCE" not in rules and "--dport 9 -j ACCEPT" in rules
     assert not os.path.exists(node.pin_dir) and not os.path.exists(node.state_file)
     assert a.tcp(b.ip, 8080)  # nothing of podfence enforces any more
@@ -708,7 +737,7 @@ def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state
     plane.apply(state(node, endpoint(a, egress=isolated()), endpoint(b, ingress=isolated()), endpoint(c)))
     plane.close()  # the agent stopped: its enforcement stays
     os.unlink(node.state_file)  # and the record of its interfaces is gone
-    node.run("iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")  # another tool's
+    node.run(IPTABLES, "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "ACCEPT")  # another tool's
     assert not a.tcp(c.ip, 8080) and not c.tcp(b.ip, 8080)
     # the generation an agent of this pin directory enforced (agent/node/generation.py)
     enforced = generation.beside_state_file(BpfSettings(pin_dir=node.pin_dir).state_path)
@@ -725,7 +754,7 @@ def test_podfence_teardown_removes_a_stopped_agents_state_even_without_its_state
         assert "podfence" not in node.run("tc", "filter", "show", "dev", pod.host_if, "egress").stdout
     assert not os.path.exists(node.pin_dir)
     assert not enforced.exists()
-    assert "--dport 9 -j ACCEPT" in node.run("iptables", "-S").stdout
+    assert "--dport 9 -j ACCEPT" in node.run(IPTABLES, "-S").stdout
 
 
 def test_a_state_file_without_its_pins_is_ignored(node: Node) -> None:

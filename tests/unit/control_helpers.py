@@ -8,7 +8,8 @@ import datetime
 import ipaddress
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,9 @@ from cryptography.x509.oid import NameOID
 from agent.control.admission import StreamAdmission
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
+from agent.control.observe_service import ObserveSettings
 from agent.control.server import (
+    ControlServer,
     ServerSettings,
     ServerTls,
     TlsFiles,
@@ -148,7 +151,7 @@ PODS = [
 @dataclass
 class Control:
     hub: PolicyHub
-    server: grpc.Server
+    server: ControlServer
     port: int
     health: object
     metrics: ControlMetrics
@@ -174,6 +177,7 @@ def start_control(
     initial_version: int = 100,
     max_pending: int = 32,
     authenticator: Any = None,
+    observe: ObserveSettings | None = None,
 ) -> Control:
     metrics = ControlMetrics()
     hub = PolicyHub(Resolver(), metrics, max_pending=max_pending, initial_version=initial_version)
@@ -181,9 +185,33 @@ def start_control(
         resolver.replace_all(objects)
     admission = stream_admission(settings or ServerSettings(), metrics)
     server, port, health = create_server(addr, hub, tls, settings, admission=admission,
-                                         authenticator=authenticator(hub) if authenticator else None)
+                                         authenticator=authenticator(hub) if authenticator else None,
+                                         observe=observe)
     server.start()
     return Control(hub, server, port, health, metrics, admission)
+
+
+@contextmanager
+def change_held_open(hub: PolicyHub, *objects: Any) -> Iterator[None]:
+    """A source resolving a long change: `hub.change()` (upserting `objects`) held open in a thread
+    while the block runs; the change is published when the block ends."""
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_change() -> None:
+        with hub.change() as resolver:
+            for obj in objects:
+                resolver.upsert(obj)
+            inside.set()
+            release.wait(20)
+
+    source = threading.Thread(target=slow_change, name="slow-change", daemon=True)
+    source.start()
+    try:
+        assert inside.wait(5), "the change did not start"
+        yield
+    finally:
+        release.set()
+        source.join(5)
 
 
 # --- a recording agent --------------------------------------------------------------------------------

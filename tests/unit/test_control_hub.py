@@ -4,6 +4,7 @@ and the agent-side conversion of Sync messages into dataplane NodeState (incl. m
 from __future__ import annotations
 
 import ipaddress
+import threading
 
 import pytest
 
@@ -14,7 +15,7 @@ from agent.control.metrics import ControlMetrics
 from agent.dataplane.types import IdentityPeer
 from agent.node.sync import DecodeCache, MalformedMessage, apply_message
 from agent.policy.resolver import Resolver
-from tests.unit.control_helpers import allow_from, pod, small_cluster
+from tests.unit.control_helpers import allow_from, change_held_open, pod, small_cluster
 
 
 def make_hub(max_pending: int = 32) -> PolicyHub:
@@ -184,3 +185,32 @@ def test_a_delta_must_follow_a_snapshot_and_move_forward():
     state = apply_message(None, pb.ControlMessage(version=4, snapshot=pb.Snapshot()))
     with pytest.raises(MalformedMessage, match="does not follow"):
         apply_message(state, delta)
+
+
+def test_acks_status_and_closes_go_on_while_a_change_is_being_resolved():
+    """The gRPC event loop records acks and answers status: none of that may wait for the source
+    resolving a change (a large one holds the resolver for seconds). Before the hub split its
+    lock, each of these calls blocked until the change below was published."""
+    hub = make_hub()
+    n1, n2 = hub.open_stream("n1", 0), hub.open_stream("n2", 0)
+    first = n1.next(0)
+    assert first is not None
+    n1.mark_sent(first.version, first.policy)
+    with change_held_open(hub, allow_from("web-from-client", "web", "client", 9090)):
+        done = threading.Event()
+
+        def loop_side() -> None:
+            hub.ack(n1, first.version, True, "")
+            hub.state_repairs(n1, 1, "tc filter on eth0")
+            hub.close_stream(n2, "the agent went away")
+            done.set()
+
+        threading.Thread(target=loop_side, daemon=True).start()
+        assert done.wait(2), "an ack, a repair report or a close waited for the change"
+        status = hub.status()
+        assert status.nodes["n1"].acked_version == status.version  # in sync before the change lands
+        assert status.nodes["n1"].state_repairs == 1
+        assert not status.nodes["n2"].connected
+    update = n1.next(0)
+    assert update is not None and update.version == hub.version, "the change still reaches n1"
+    assert hub.status().nodes["n1"].acked_version < hub.version, "not acked yet"

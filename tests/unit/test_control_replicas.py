@@ -26,7 +26,7 @@ from agent.control import status as status_cmd
 from agent.control.balance import StreamBalancer
 from agent.control.hub import PolicyHub
 from agent.control.metrics import ControlMetrics
-from agent.control.server import SYNC_SERVICE, create_server, stop_server
+from agent.control.server import SYNC_SERVICE, ControlServer, create_server, stop_server
 from agent.control.source_folder import FolderSource
 from agent.dataplane.types import NodeState
 from agent.node.sync import SyncClient
@@ -51,7 +51,7 @@ class FolderControl:
     folder: Path
     source: FolderSource
     hub: PolicyHub
-    server: grpc.Server
+    server: ControlServer
     port: int
     health: object
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError, NetNS
 
+from agent.dataplane import xtables
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 
 TC_PRIORITY = 0xC0DE & 0x7FFF  # fixed: identifies podfence's filters among others on clsact
@@ -27,7 +28,7 @@ TC_PARENT_EGRESS = "ffff:fff3"  # clsact egress: packets TO the pod
 IPTABLES_CHAIN = "PODFENCE-EGRESS"
 IPTABLES_COMMENT = "podfence: pod egress judged after DNAT"
 IPTABLES_BASE_CHAINS = ("FORWARD", "INPUT")
-IPTABLES_COMMANDS = ("iptables", "ip6tables")
+IPTABLES_COMMANDS = (xtables.IPTABLES[4], xtables.IPTABLES[6])
 
 
 class InterfaceVanished(TemporaryDataplaneError):
@@ -94,6 +95,7 @@ class Iptables:
 
     def __init__(self, netns: str | None) -> None:
         self._prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+        self._stale_checked = False  # an older release's nft-backend hook looked for and removed
 
     def _run(self, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [*self._prefix, command, "-w", *args]
@@ -142,6 +144,7 @@ class Iptables:
                 fixed.append(f"{command} {base} jump")
             if len(script) > 1:
                 self._restore(command, "\n".join([*script, "COMMIT", ""]))
+        self.remove_stale_backend()  # only once ours is in place: no moment without a hook
         return fixed
 
     def _restore(self, command: str, script: str) -> None:
@@ -160,8 +163,18 @@ class Iptables:
         return all(shutil.which(command) for command in IPTABLES_COMMANDS)
 
     def remove(self) -> None:
+        self._remove(IPTABLES_COMMANDS)
+        self.remove_stale_backend()
+
+    def remove_stale_backend(self) -> None:
+        """Remove the hook an older release wrote with the nft backend's tools, if any."""
+        if not self._stale_checked:
+            self._stale_checked = True
+            self._remove(tuple(c for c in xtables.STALE_BACKEND.values() if shutil.which(c)))
+
+    def _remove(self, commands: tuple[str, ...]) -> None:
         jump = ["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", IPTABLES_CHAIN]
-        for command in IPTABLES_COMMANDS:
+        for command in commands:
             if f"-N {IPTABLES_CHAIN}" not in self._run(command, "-S", check=False).stdout.splitlines():
                 continue  # no chain, so no jump to it either
             for base in IPTABLES_BASE_CHAINS:

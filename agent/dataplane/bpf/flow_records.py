@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.dataplane.bpf import ctbound
 from agent.dataplane.bpf.maps import ntohs
 from agent.dataplane.bpf.structs import (
     ACT_ACCEPT,
@@ -80,21 +81,27 @@ class RawFlow:
 
 
 def raw_flow(event: FlowEventStruct) -> RawFlow:
+    return _raw(event, event, event.time_ns, event.verdict)
+
+
+def _raw(where: Any, what: Any, time_ns: int, verdict: int) -> RawFlow:
+    """A RawFlow from the struct naming the flow (`where`: a flow event, or a pf_flow_denied key)
+    and the one saying what decided and how much (`what`: the event, or the key's pending value)."""
     return RawFlow(
-        time_ns=event.time_ns,
-        endpoint_id=event.endpoint_id,
-        direction=event.direction,
-        verdict=event.verdict,
-        reason=event.reason,
-        protocol=event.protocol,
-        source=address_from_bytes(bytes(event.saddr.bytes)),
-        destination=address_from_bytes(bytes(event.daddr.bytes)),
-        source_port=ntohs(event.sport_be),
-        destination_port=ntohs(event.dport_be),
-        policy_id=event.policy_id,
-        verdict_word=event.verdict_word,
-        packets=event.packets,
-        bytes=event.bytes,
+        time_ns=time_ns,
+        endpoint_id=where.endpoint_id,
+        direction=where.direction,
+        verdict=verdict,
+        reason=where.reason,
+        protocol=where.protocol,
+        source=address_from_bytes(bytes(where.saddr.bytes)),
+        destination=address_from_bytes(bytes(where.daddr.bytes)),
+        source_port=ntohs(where.sport_be),
+        destination_port=ntohs(where.dport_be),
+        policy_id=what.policy_id,
+        verdict_word=what.verdict_word,
+        packets=what.packets,
+        bytes=what.bytes,
     )
 
 
@@ -286,34 +293,24 @@ class FlowEvents:
 
 def sweep_denied(module: Any, now_ns: int, interval_ns: int) -> list[RawFlow]:
     """The pending packets of denied flows quiet for `interval_ns`, their entries deleted (the
-    flow's next denied packet starts a new record). A packet the datapath counts between the
-    read and the delete is lost to the records (a window of one syscall)."""
+    flow's next denied packet starts a new record). Read in batches (ctbound.lookup_batches): a
+    full map is a few syscalls, then one delete per quiet flow. A packet the datapath counts
+    between the read and the delete is lost to the records (a window of one syscall)."""
     table = module[b"pf_flow_denied"]
+    quiet = []
+    for keys, values, count in ctbound.lookup_batches(table):
+        for index in range(count):
+            pending = values[index]
+            if now_ns - pending.recorded_ns >= interval_ns:  # copies: the buffers are reused
+                quiet.append(
+                    (type(keys[index]).from_buffer_copy(keys[index]), type(pending).from_buffer_copy(pending))
+                )
     swept = []
-    for key, pending in list(table.items()):
-        if now_ns - pending.recorded_ns < interval_ns:
-            continue
+    for key, pending in quiet:
         try:
             del table[key]
         except KeyError:
             continue  # evicted meanwhile
         if pending.packets:
-            swept.append(
-                RawFlow(
-                    time_ns=now_ns,
-                    endpoint_id=key.endpoint_id,
-                    direction=key.direction,
-                    verdict=FLOW_DENIED,
-                    reason=key.reason,
-                    protocol=key.protocol,
-                    source=address_from_bytes(bytes(key.saddr.bytes)),
-                    destination=address_from_bytes(bytes(key.daddr.bytes)),
-                    source_port=ntohs(key.sport_be),
-                    destination_port=ntohs(key.dport_be),
-                    policy_id=pending.policy_id,
-                    verdict_word=pending.verdict_word,
-                    packets=pending.packets,
-                    bytes=pending.bytes,
-                )
-            )
+            swept.append(_raw(key, pending, now_ns, FLOW_DENIED))
     return swept

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from agent.dataplane import xtables
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 from agent.dataplane.iptables.bridge import ARP_GUARD_TABLE
 from agent.dataplane.iptables.compiler import (
@@ -37,8 +38,6 @@ from agent.dataplane.iptables.compiler import (
 
 log = logging.getLogger(__name__)
 
-_SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
-_RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
 _BRIDGE_SAVE = "ebtables-nft-save"  # not -legacy: see bridge.py
 _BRIDGE_RESTORE = "ebtables-nft-restore"
 _TEMPORARY_HINTS = ("Resource temporarily unavailable", "Another app is currently holding the xtables lock")
@@ -131,14 +130,14 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
 
 def read_filter_table(family: int) -> FilterTable:
     table = FilterTable()
-    table.read(_run([_SAVE[family], "-c", "-t", "filter"]), "filter")
+    table.read(_run([xtables.SAVE[family], "-c", "-t", "filter"]), "filter")
     return table
 
 
 def restore_filter_table(family: int, script: str) -> None:
     """Commit `script` (a "*filter ... COMMIT" block) into the kernel in one atomic table swap."""
     log.debug("restore ipv%d:\n%s", family, script)
-    _run([_RESTORE[family], "--noflush", "--wait", "--counters"], stdin=script)
+    _run([xtables.RESTORE[family], "--noflush", "--wait", "--counters"], stdin=script)
 
 
 def read_sets() -> dict[str, KernelSet]:
