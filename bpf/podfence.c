@@ -69,7 +69,7 @@ static __always_inline int pf_is_node_sent(const struct pf_packet *pkt)
  * the lookup that found it also serves the admission; `record`: 0 to admit without recording it
  * (pf_ct_expect_lets_record). Cost: <= 1 conntrack lookup (pf_flow_of)
  * and 1 insert, 1 node-address lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM
- * lookups, or 1 fragment lookup; a new flow of a direction with an audit view, as many again. */
+ * lookups, or 1 fragment lookup; a new ingress flow of a direction with an audit view, as many again. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
 				      __u64 now, struct pf_ct_flow *flow, int record)
 {
@@ -126,7 +126,7 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 			reason = PF_DROP_FLOW_LIMIT;
 	}
 	/* a new flow admitted and recorded: what its ingress audit view says, if it has one
-	 * (lib/audit.h); the egress one is asked by pf_egress_drops, last (see there) */
+	 * (lib/audit.h). Egress audit verdicts are the agent's, from the allowed record: see there */
 	if (direction == PF_DIR_INGRESS && (pkt->flags & PF_PKT_ADMITTED) && !by_node &&
 	    (ep->flags & PF_EP_INGRESS_AUDIT))
 		pf_audit_judge(pkt, ep, direction);
@@ -333,24 +333,6 @@ static __always_inline int pf_egress_drops(const struct pf_source *src, __be16 e
 	int opens = pf_opens_flow(&pkt);
 	struct pf_ct_expect_value *note = opens ? pf_ct_expectation(&pkt) : NULL;
 	__u32 reason = pf_judge(&pkt, ep, PF_DIR_EGRESS, now, &flow, pf_ct_expect_lets_record(note, &pkt, now));
-	if ((pkt.flags & PF_PKT_ADMITTED) && (ep->flags & PF_EP_EGRESS_AUDIT)) {
-		/* a newly admitted flow with an audit view: it passes, its record waits for the audit
-		 * view's word (lib/audit.h pf_audit_egress, which explains why it is asked last) */
-		pf_count(ep->endpoint_id, PF_DIR_EGRESS, 1, len);
-		if (opens)
-			pf_ct_settle(note, &pkt, 1, ep->endpoint_id + 1, now);
-		__u32 zero = 0;
-		struct pf_audit_scratch *scratch = pf_audit_scratch_map.lookup(&zero);
-		if (scratch) {
-			__builtin_memcpy(&scratch->pkt, &pkt, sizeof(pkt));
-			scratch->now = now;
-			scratch->endpoint_id = ep->endpoint_id;
-			scratch->generation = ep->generation;
-			scratch->bytes = len;
-			pf_audit_egress();
-		}
-		return 0;
-	}
 	pf_account(&pkt, ep->endpoint_id, PF_DIR_EGRESS, reason, len, now);
 	if (opens)
 		pf_ct_settle(note, &pkt, reason == PF_REASON_ALLOWED, ep->endpoint_id + 1, now);

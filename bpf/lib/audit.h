@@ -2,8 +2,12 @@
  *
  * A policy in audit (`podfence.io/mode: audit`) is left out of the endpoint's own policy ids; the
  * compiler gives a direction whose audit view (every policy enforced) judges differently a policy
- * id of its own in pf_audit. That view is looked up only on a flow's first packet, once the
- * enforced view has admitted it (pf_judge), and only for an endpoint whose flags say it has one:
+ * id of its own in pf_audit. The kernel asks it for INGRESS only (tc_to_pod): that view is looked
+ * up only on a flow's first packet, once the enforced view has admitted it (pf_judge), and only
+ * for an endpoint whose flags say it has one. The egress audit verdict is the agent's, computed
+ * from the flow's allowed record (agent/dataplane/bpf/audit_egress.py): nf_egress_link is near
+ * the verifier's 1,000,000-instruction limit, and every placement of the lookup in it tried went
+ * over (2026-12-07); the egress slots of pf_audit are written but unread. Here:
  * established packets and endpoints without audit policies pay nothing. Its verdict never
  * touches the packet: a flow it would deny passes and counts in pf_audit_denied, per endpoint
  * direction (user space reads it: agent/dataplane/bpf/telemetry.py). Written by the writer
@@ -35,37 +39,6 @@ static __always_inline void pf_audit_judge(struct pf_packet *pkt, const struct p
 	u64 *count = pf_audit_denied.lookup(&slot);
 	if (count)
 		*count += 1;
-}
-
-/* The egress audit of nf_egress: everything it needs copied into a per-CPU scratch entry, so that
- * pf_audit_egress reads nothing the verifier tracks from the paths before it. Asked last (the
- * verdict and its conntrack work done), the verifier then prunes it as one state instead of
- * walking it once per path of the verdict: inline, nf_egress_link with flow records took more
- * than its 1,000,000-instruction limit (2026-12-07). */
-struct pf_audit_scratch {
-	struct pf_packet pkt;
-	__u64 now;
-	__u32 endpoint_id;
-	__u32 generation;
-	__u32 bytes;
-	__u32 pad;
-};
-
-BPF_PERCPU_ARRAY(pf_audit_scratch_map, struct pf_audit_scratch, 1);
-
-/* Judges, counts and records (allowed or audit-denied) the newly admitted egress flow whose
- * packet pf_egress_drops left in the scratch entry. */
-static __always_inline void pf_audit_egress(void)
-{
-	__u32 zero = 0;
-	struct pf_audit_scratch *scratch = pf_audit_scratch_map.lookup(&zero);
-	if (!scratch)
-		return;
-	struct pf_endpoint_value ep = {.endpoint_id = scratch->endpoint_id, .generation = scratch->generation};
-	pf_audit_judge(&scratch->pkt, &ep, PF_DIR_EGRESS);
-	pf_emit_flow(&scratch->pkt, scratch->endpoint_id, PF_DIR_EGRESS, PF_REASON_ALLOWED,
-		     scratch->pkt.flags & PF_PKT_AUDIT_DENIED ? PF_FLOW_AUDIT_DENIED : PF_FLOW_ALLOWED, 0, 1,
-		     scratch->bytes, scratch->pkt.policy_id, scratch->pkt.verdict_word, scratch->now);
 }
 
 #endif /* PF_LIB_AUDIT_H */

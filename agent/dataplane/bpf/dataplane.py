@@ -359,7 +359,11 @@ class BpfDataplane:
             return {}
         with self._lock:
             entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
-        return telemetry.audit_denied(self._module, entries)
+        counts = telemetry.audit_denied(self._module, entries)
+        # egress audit verdicts are the agent's, counted as their records are named (flow_records)
+        for key, count in self._flows.namer.egress_audit_denied().items():
+            counts[(key, "egress")] = counts.get((key, "egress"), 0) + count
+        return counts
 
     def drop_reason_counts(self) -> dict[str, int]:
         if self._module is None:
