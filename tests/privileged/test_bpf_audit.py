@@ -8,8 +8,13 @@ programs the maps. Then every connection between the scenario's pods, on TCP, UD
 echo, runs as a first packet through the real programs (BPF_PROG_TEST_RUN) of every local
 endpoint it concerns. For each direction:
   - the kernel's verdict is the evaluator's enforced verdict (an audit policy changes no fate);
-  - pf_audit_denied of that endpoint direction grows by one exactly when the evaluator's
-    enforced verdict admits it and its audit view (every policy enforced) denies it.
+  - the flow's record is audit-denied exactly when the evaluator's enforced verdict admits it and
+    its audit view (every policy enforced) denies it, and then names what the evaluator says
+    denied it (the ClusterNetworkPolicy rule, or isolation); the audit-denied count of that
+    endpoint direction grows by one exactly then.
+Ingress audit verdicts are the kernel's (tc_to_pod); egress ones the agent's, from the allowed
+record of the flow's first packet (agent/dataplane/bpf/flow_records.py): both are checked here
+through the records and the counter the agent reports, so either place failing shows.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.control.encode import snapshot_message
+from agent.dataplane.bpf.flow_records import NO_RULE_MATCHED
+from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import DirectionPolicy, Endpoint, NodeState
 from agent.model.cluster_policy import ClusterNetworkPolicy
 from agent.model.objects import NetworkPolicy
 from agent.node.sync import apply_message
 from agent.policy.audit import audit_view
-from agent.policy.evaluator import evaluate
+from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.staged import StagedResolver
 from agent.policy.state import ClusterState
 from tests.cnp_scenarios import NODES, PROBE_PORTS, Scenario, scenarios
@@ -74,6 +81,27 @@ def _kernel_passes(bench: Bench, direction: str, frame: bytes, ifindex: int) -> 
     return bench.passes("to_pod", frame, ifindex)
 
 
+def _record_disagreement(
+    records: list[FlowRecord], key: str, direction: str, denied: bool, audit: DirectionVerdict
+) -> str | None:
+    """What is wrong with the records one first packet of `key`'s `direction` produced."""
+    mine = [r for r in records if r.endpoint == key and r.direction == direction]
+    audited = [r for r in mine if r.verdict is FlowVerdict.AUDIT_DENIED]
+    if not denied:
+        return f"audit-denied records {audited}, the audit view admits it" if audited else None
+    if len(audited) != 1 or len(mine) != 1:
+        return f"records {mine}, expected one audit-denied"
+    (record,) = audited
+    if audit.rule is not None:  # a ClusterNetworkPolicy rule denied it
+        rule = audit.rule.name or f"{direction}[{audit.rule.index}]"
+        expected = (audit.rule.tier.value.lower(), audit.rule.policy, rule)
+        if (record.tier, record.policy, record.rule) != expected:
+            return f"record names {record.tier}/{record.policy}/{record.rule}, evaluator {audit.rule}"
+    elif (record.policy, record.rule) != ("", NO_RULE_MATCHED) or not audit.isolated:
+        return f"record names {record.policy}/{record.rule}, evaluator: isolated by {audit.isolating}"
+    return None
+
+
 def audit_disagreements(bench: Bench, scenario: Scenario) -> list[str]:
     resolver = StagedResolver()
     resolver.replace_all(scenario.objects)
@@ -93,21 +121,29 @@ def audit_disagreements(bench: Bench, scenario: Scenario) -> list[str]:
                     frame = _frame(src, dst, protocol, port)
                     probes = []
                     if src.key in local:
-                        probes.append(("egress", src.key, enforced.egress.allowed, audit.egress.allowed))
+                        probes.append(("egress", src.key, enforced.egress.allowed, audit.egress))
                     if dst.key in local:
-                        probes.append(("ingress", dst.key, enforced.ingress.allowed, audit.ingress.allowed))
-                    for direction, key, allowed, audit_allowed in probes:
+                        probes.append(("ingress", dst.key, enforced.ingress.allowed, audit.ingress))
+                    for direction, key, allowed, audit_verdict in probes:
                         bench.forget_flows()
+                        bench.plane.poll_flows(0)
                         before = bench.plane.audit_denied()[(key, direction)]
+                        lost = bench.plane.events_lost()
                         kernel = _kernel_passes(bench, direction, frame, local[key])
+                        records = bench.plane.poll_flows(0)  # names them: counts egress audit denials
                         counted = bench.plane.audit_denied()[(key, direction)] - before
                         where = f"{direction} {src.key}->{dst.key} {protocol}/{port}"
+                        assert bench.plane.events_lost() == lost, f"{where}: a record was lost"
+                        denied = allowed and not audit_verdict.allowed
                         if kernel != allowed:
                             wrong.append(f"{where}: kernel {kernel}, enforced verdict {allowed}")
-                        if counted != int(allowed and not audit_allowed):
+                        if counted != int(denied):
                             wrong.append(
-                                f"{where}: audit-denied counted {counted}, audit says {audit_allowed}"
+                                f"{where}: audit-denied counted {counted}, audit says {audit_verdict.allowed}"
                             )
+                        problem = _record_disagreement(records, key, direction, denied, audit_verdict)
+                        if kernel and problem:
+                            wrong.append(f"{where}: {problem}")
     return wrong
 
 

@@ -236,7 +236,8 @@ class FlowNamer:
         endpoint = view.state.endpoints.get(key)
         if endpoint is None or endpoint.egress.audit is None:
             return None
-        denial = audit_denial(view, endpoint.egress.audit, raw.destination, raw.protocol, raw.destination_port)
+        audit = endpoint.egress.audit
+        denial = audit_denial(view, audit, raw.destination, raw.protocol, raw.destination_port)
         if denial is not None:
             with self._lock:
                 self._egress_audit_denied[key] = self._egress_audit_denied.get(key, 0) + 1
