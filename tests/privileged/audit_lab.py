@@ -20,6 +20,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 
 from agent.control.encode import snapshot_message
+from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import NodeState
 from agent.model.cluster_policy import (
     Action,
@@ -45,7 +46,7 @@ from agent.model.objects import (
 )
 from agent.node.sync import apply_message
 from agent.policy.audit import audit_view, enforced_view
-from agent.policy.evaluator import evaluate
+from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.staged import StagedResolver
 from agent.policy.state import ClusterState
 
@@ -114,6 +115,9 @@ class Expect:
     port: int
     passes: bool  # the enforced verdict: the packet's fate
     audit_denied: frozenset[tuple[str, str]]  # (endpoint key, direction) that count a denial
+    # (endpoint key, direction, policy) of each: the ClusterNetworkPolicy whose rule denies, or ""
+    # when a NetworkPolicy isolates without a matching rule (the record says so, naming no policy)
+    audit_named: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def expectations(
@@ -131,13 +135,21 @@ def expectations(
             for protocol, port in ((Protocol.TCP, tcp_port), (Protocol.UDP, udp_port), (ICMP, 0)):
                 enforced = evaluate(state, src, dst, protocol, port)
                 audit = evaluate(view, src, dst, protocol, port)
-                counted = set()
+                counted, named = set(), set()
                 if enforced.egress.allowed and not audit.egress.allowed:
                     counted.add((src.key, "egress"))
+                    named.add((src.key, "egress", _denier(audit.egress)))
                 if enforced.egress.allowed and enforced.ingress.allowed and not audit.ingress.allowed:
                     counted.add((dst.key, "ingress"))  # judged only once the egress admitted it
-                found.append(Expect(s, t, protocol, port, enforced.allowed, frozenset(counted)))
+                    named.add((dst.key, "ingress", _denier(audit.ingress)))
+                found.append(
+                    Expect(s, t, protocol, port, enforced.allowed, frozenset(counted), frozenset(named))
+                )
     return found
+
+
+def _denier(verdict: DirectionVerdict) -> str:
+    return verdict.rule.policy if verdict.rule is not None else ""
 
 
 def node_state(objects: list[KubeObject], ifindexes: dict[str, int], node_ips: tuple[str, ...]) -> NodeState:
@@ -159,16 +171,32 @@ def disagreements(
     expected: list[Expect],
     run_probe: Callable[[Expect], bool],
     audit_denied: Callable[[], Mapping[tuple[str, str], int]],
+    records: Callable[[], Sequence[FlowRecord]] | None = None,
 ) -> list[str]:
     """Runs each probe alone (run_probe(expect) -> answered) and diffs the audit counters
-    (audit_denied() -> {(key, direction): count}) around it."""
+    (audit_denied() -> {(key, direction): count}) around it. `records`: the flow records since
+    the last call, if the dataplane's are to be checked: exactly one audit-denied record per
+    direction the evaluator names, naming its denying policy, and none elsewhere. Read before
+    the counters: the agent counts egress audit denials as it names their records."""
     wrong = []
     for expect in expected:
+        if records is not None:
+            records()
         before = audit_denied()
         passed = run_probe(expect)
+        where = f"p{expect.source + 1}->p{expect.target + 1} {expect.protocol}/{expect.port}"
+        if records is not None:
+            audited = sorted(
+                (r.endpoint, r.direction, r.policy)
+                for r in records()
+                if r.verdict is FlowVerdict.AUDIT_DENIED
+            )
+            if audited != sorted(expect.audit_named):
+                wrong.append(
+                    f"{where}: audit-denied records {audited}, expected {sorted(expect.audit_named)}"
+                )
         after = audit_denied()
         grew = {ref for ref, count in after.items() if count > before.get(ref, 0)}
-        where = f"p{expect.source + 1}->p{expect.target + 1} {expect.protocol}/{expect.port}"
         if passed != expect.passes:
             wrong.append(f"{where}: {'passed' if passed else 'dropped'}, enforced verdict {expect.passes}")
         if grew != expect.audit_denied:

@@ -4,7 +4,10 @@ Pods in their own network namespaces behind veths of a node namespace; the node'
 from the objects through the StagedResolver and the wire. Each probe (a TCP connection, a UDP
 exchange, a ping) runs alone: its fate must be the evaluator's enforced verdict (the audit
 policies change none), and exactly the endpoint directions the evaluator names must count an
-audit denial around it. eBPF: pf_audit_denied; iptables: the audit chains' AUDIT_DENY rules.
+audit denial around it. eBPF: pf_audit_denied (ingress) and the agent's count of egress
+audit-denied records (the egress verdict is the agent's, bpf/lib/audit.h), and the flow records
+themselves: one audit-denied record per direction the evaluator names, naming its policy;
+iptables: the audit chains' AUDIT_DENY rules.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.dataplane.bpf.dataplane import BpfDataplane
+from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.types import audit_everything_state
 from tests.privileged import bpf_netns, iptables_netns
@@ -54,9 +58,16 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
                 return source.tcp(target.ip, BPF_TCP)
             return source.udp(target.ip, BPF_UDP)
 
+        def records() -> list[FlowRecord]:
+            seen, polled = [], plane.poll_flows(100)
+            while polled:
+                seen.extend(polled)
+                polled = plane.poll_flows(20)
+            return seen
+
         expected = expectations(objects, BPF_TCP, BPF_UDP)
         assert any(e.audit_denied for e in expected) and any(not e.passes for e in expected)
-        wrong = disagreements(expected, run, plane.audit_denied)
+        wrong = disagreements(expected, run, plane.audit_denied, records)
         assert not wrong, wrong
 
         # the agent's --audit-all: nothing enforced, every policy counted
@@ -69,7 +80,7 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
             ("lab/p2", "ingress"),
             ("lab/p1", "egress"),
         }
-        wrong = disagreements(expected, run, plane.audit_denied)
+        wrong = disagreements(expected, run, plane.audit_denied, records)
         assert not wrong, wrong
     finally:
         plane.teardown()
