@@ -174,3 +174,28 @@ def test_an_established_flow_is_not_judged_by_the_audit_view_again(bench: Bench)
     assert bench.passes("to_pod", frame, bench.ifindexes[0])
     assert bench.passes("to_pod", frame, bench.ifindexes[0])
     assert bench.plane.audit_denied()[("ns/server", "ingress")] - before == 1
+
+
+def test_an_established_egress_flow_makes_one_audit_denied_record(bench: Bench) -> None:
+    """The agent judges egress from the first packet's allowed record: later packets of the flow
+    find conntrack and send none, so the flow is audit-denied and counted once."""
+    source, target = "10.7.0.1", "10.7.0.2"
+    endpoint = Endpoint(
+        "ns/client",
+        (ipaddress.ip_address(source),),
+        egress=DirectionPolicy(audit=DirectionPolicy(isolated=True)),
+        ifindex=bench.ifindexes[0],
+    )
+    bench.apply(NodeState(0, {"ns/client": endpoint}))
+    bench.forget_flows()
+    bench.plane.poll_flows(0)
+    number, l4 = l4_bytes("udp", 4, 40000, 53)
+    frame = ip_frame(4, ipaddress.ip_address(source), ipaddress.ip_address(target), number, l4)
+    before = bench.plane.audit_denied()[("ns/client", "egress")]
+    assert bench.egress_path(frame, bench.ifindexes[0])
+    assert bench.egress_path(frame, bench.ifindexes[0])
+    records = [r for r in bench.plane.poll_flows(0) if r.endpoint == "ns/client"]
+    assert [(r.verdict, r.direction, r.rule) for r in records] == [
+        (FlowVerdict.AUDIT_DENIED, "egress", NO_RULE_MATCHED)
+    ]
+    assert bench.plane.audit_denied()[("ns/client", "egress")] - before == 1
