@@ -21,7 +21,8 @@ hold the lookup. `audit_denial` judges the record's tuple by the endpoint's egre
 the matching the kernel's lookup does (pf_policy_allows: identity or CIDR peer, protocol, port,
 tiered ranks); a denial turns the record audit-denied, naming the audit view's rule, and counts
 in `egress_audit_denied`. Exact for every recorded flow; a flow whose record the datapath could not
-send (its budget) is counted in events lost, not audited.
+send (its budget) is counted in events lost, not audited. Judged by the audit view of the state
+last applied, like the naming (the same race of one apply).
 """
 
 from __future__ import annotations
