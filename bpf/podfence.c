@@ -34,6 +34,7 @@
 #include "lib/conntrack.h"
 #include "lib/frag.h"
 #include "lib/metrics.h"
+#include "lib/audit.h"
 
 #define PF_UNKNOWN_ENDPOINT_ID 0xffffffff
 
@@ -68,7 +69,7 @@ static __always_inline int pf_is_node_sent(const struct pf_packet *pkt)
  * the lookup that found it also serves the admission; `record`: 0 to admit without recording it
  * (pf_ct_expect_lets_record). Cost: <= 1 conntrack lookup (pf_flow_of)
  * and 1 insert, 1 node-address lookup, 1 ipcache + 1 CIDR LPM + 2 exact-port hash + 2 policy LPM
- * lookups, or 1 fragment lookup. */
+ * lookups, or 1 fragment lookup; a new ingress flow of a direction with an audit view, as many again. */
 static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_value *ep, int direction,
 				      __u64 now, struct pf_ct_flow *flow, int record)
 {
@@ -91,7 +92,9 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		reason = PF_REASON_ALLOWED;
 		goto out;
 	}
-	if (direction == PF_DIR_INGRESS && pf_is_node_sent(pkt))
+	/* node traffic is admitted whatever any policy says, audit ones included */
+	int by_node = direction == PF_DIR_INGRESS && pf_is_node_sent(pkt);
+	if (by_node)
 		reason = PF_REASON_ALLOWED;
 	else if (policy_id == 0)
 		reason = PF_REASON_ALLOWED;
@@ -122,6 +125,11 @@ static __always_inline __u32 pf_judge(struct pf_packet *pkt, struct pf_endpoint_
 		else
 			reason = PF_DROP_FLOW_LIMIT;
 	}
+	/* a new flow admitted and recorded: what its ingress audit view says, if it has one
+	 * (lib/audit.h). Egress audit verdicts are the agent's, from the allowed record: see there */
+	if (direction == PF_DIR_INGRESS && (pkt->flags & PF_PKT_ADMITTED) && !by_node &&
+	    (ep->flags & PF_EP_INGRESS_AUDIT))
+		pf_audit_judge(pkt, ep, direction);
 out:
 	if (pkt->flags & PF_PKT_FRAG_FIRST)
 		pf_frag_remember(pkt, direction, reason, now);
@@ -132,8 +140,10 @@ out:
 static __always_inline void pf_flow_admitted(const struct pf_packet *pkt, __u32 endpoint_id, int direction,
 					     __u32 bytes, __u64 now)
 {
+	/* audit-denied: passes, recorded with what the audit view decided (pf_audit_judge) */
 	if (pkt->flags & PF_PKT_ADMITTED)
-		pf_emit_flow(pkt, endpoint_id, direction, PF_REASON_ALLOWED, PF_FLOW_ALLOWED, 0, 1, bytes,
+		pf_emit_flow(pkt, endpoint_id, direction, PF_REASON_ALLOWED,
+			     pkt->flags & PF_PKT_AUDIT_DENIED ? PF_FLOW_AUDIT_DENIED : PF_FLOW_ALLOWED, 0, 1, bytes,
 			     pkt->policy_id, pkt->verdict_word, now);
 }
 

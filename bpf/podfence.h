@@ -94,6 +94,20 @@ struct pf_endpoint_value {
 #define PF_EP_EGRESS_OPEN    0x02
 #define PF_EP_INGRESS_TIERED 0x04  /* ingress policy holds tiered verdicts (pf_policy_value.verdict) */
 #define PF_EP_EGRESS_TIERED  0x08
+#define PF_EP_INGRESS_AUDIT  0x10  /* ingress has an audit view: pf_audit[endpoint_id * 2 + 0] */
+#define PF_EP_EGRESS_AUDIT   0x20  /* egress has an audit view: pf_audit[endpoint_id * 2 + 1] */
+
+/* audit (array, endpoint_id * 2 + direction -> value): the audit view of an endpoint direction,
+ * read only when the endpoint's flags say it has one (PF_EP_*_AUDIT), on a new flow the enforced
+ * view admitted (lib/audit.h). A policy id and flags as the endpoint's own for that direction
+ * (PF_AUDIT_*); policy id 0: the audit view allows everything. */
+struct pf_audit_value {
+	__u32 policy_id;
+	__u32 flags;
+};
+
+#define PF_AUDIT_OPEN   0x01  /* no entry decided -> allowed (no NetworkPolicy isolates it) */
+#define PF_AUDIT_TIERED 0x02  /* the policy holds tiered verdicts */
 
 /* endpoint_ips: a local pod's address -> its host-side ifindex. Used for anti-spoofing on tc
  * ingress and to find the endpoint of a packet at the netfilter egress hook. */

@@ -80,6 +80,8 @@ def _direction(direction: DirectionAllows, memo: Memo) -> pb.DirectionPolicy:
         allows=[_allow(a) for a in direction.allows],
         tiered=[_tiered(t) for t in direction.tiered],
     )
+    if direction.audit is not None:
+        encoded.audit.CopyFrom(_direction(direction.audit, memo))
     memo[id(direction)] = (direction, encoded)
     return encoded
 
@@ -117,13 +119,14 @@ def _direction_patch(
     before: DirectionAllows, after: DirectionAllows, memo: PatchMemo
 ) -> pb.DirectionPatch | None:
     """The entries leaving and joining an isolated list, or None when a patch cannot say the
-    change (isolation or the ClusterNetworkPolicy entries change) or would not be shorter than
+    change (isolation, the ClusterNetworkPolicy entries or the audit view change) or would not be shorter than
     the list itself."""
     known = memo.get((id(before), id(after)))
     if known is not None:
         return known[2]
     patch: pb.DirectionPatch | None = None
-    if before.isolated == after.isolated and before.tiered == after.tiered:
+    # a patch says nothing of the audit view: a change of it goes as a whole endpoint
+    if before.isolated == after.isolated and before.tiered == after.tiered and before.audit == after.audit:
         patch = pb.DirectionPatch()
         if before.allows != after.allows:
             old, new = set(before.allows), set(after.allows)

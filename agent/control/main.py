@@ -184,9 +184,9 @@ def _authenticator(args: argparse.Namespace, hub: PolicyHub) -> TokenAuthenticat
 
 
 def _make_resolver() -> Any:
-    from agent.policy.resolver import Resolver
+    from agent.policy.staged import StagedResolver
 
-    return Resolver()
+    return StagedResolver()
 
 
 def run(args: argparse.Namespace) -> int:

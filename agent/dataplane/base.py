@@ -96,6 +96,13 @@ class MapUsage(Protocol):
 
 
 @runtime_checkable
+class AuditCounting(Protocol):
+    def audit_denied(self) -> Mapping[tuple[str, str], int]:
+        """Per (endpoint key, "ingress"|"egress"): new flows the enforced policy of that
+        direction admitted and its audit view (policies in audit enforced) would deny."""
+
+
+@runtime_checkable
 class EventsLost(Protocol):
     def events_lost(self) -> int:
         """Flow records (deny events) the dataplane could not deliver."""

@@ -7,7 +7,7 @@ discovered; a Dataplane makes the kernel match it. Nothing here knows about Kube
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import TypeAlias
 
@@ -147,11 +147,36 @@ class DirectionPolicy:
     isolated: bool = False
     allows: tuple[Allow, ...] = ()
     tiered: tuple[TieredAllow, ...] = ()
+    # The audit view: this direction with the policies in audit (`podfence.io/mode: audit`)
+    # enforced, only when it judges differently. Never enforced: a new flow that the fields above
+    # allow and this denies passes, and is counted and recorded as audit-denied.
+    audit: DirectionPolicy | None = None
 
     @property
     def judged(self) -> bool:
         """Does anything restrict this direction (else every packet passes unlooked)?"""
         return self.isolated or bool(self.tiered)
+
+    @property
+    def enforced(self) -> DirectionPolicy:
+        """This direction without its audit view: what the kernel enforces."""
+        return self if self.audit is None else replace(self, audit=None)
+
+
+def audit_everything_state(state: NodeState) -> NodeState:
+    """`state` under the agent's `--audit-all`: every endpoint direction through audit_everything."""
+    endpoints = {
+        key: replace(e, ingress=audit_everything(e.ingress), egress=audit_everything(e.egress))
+        for key, e in state.endpoints.items()
+    }
+    return replace(state, endpoints=endpoints)
+
+
+def audit_everything(direction: DirectionPolicy) -> DirectionPolicy:
+    """`direction` under the agent's `--audit-all`: nothing enforced (every packet passes), and
+    everything the control service would have enforced, its audit view included, in audit."""
+    audit = direction.audit if direction.audit is not None else direction
+    return DirectionPolicy(audit=audit) if audit.judged else DirectionPolicy()
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class ClusterNetworkPolicy:
     subject_pods: NamespacedPods | None = None
     ingress: tuple[ClusterRule, ...] = ()
     egress: tuple[ClusterRule, ...] = ()
+    audit: bool = False  # `podfence.io/mode: audit` (agent.model.objects.MODE_ANNOTATION)
 
     @property
     def key(self) -> str:

@@ -170,10 +170,18 @@ class NetworkPolicy:
     policy_types: frozenset[PolicyType]  # defaulted as the API server does when absent
     ingress: tuple[Rule, ...] = ()
     egress: tuple[Rule, ...] = ()
+    # `podfence.io/mode: audit`: evaluated, never enforced (see MODE_ANNOTATION)
+    audit: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+# A NetworkPolicy or ClusterNetworkPolicy annotated `podfence.io/mode: audit` is evaluated but not
+# enforced: what it would newly deny passes and is recorded as audit-denied (docs/semantics.md).
+MODE_ANNOTATION = "podfence.io/mode"
+MODE_AUDIT, MODE_ENFORCE = "audit", "enforce"
 
 
 KubeObject: TypeAlias = "Namespace | Pod | NetworkPolicy | ClusterNetworkPolicy | Node"

@@ -8,6 +8,7 @@ Kinds podfence does not read give None; an invalid object raises PolicyError.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from agent.model import cluster_policy_load
@@ -15,6 +16,9 @@ from agent.model.cluster_policy import CNP_API_VERSION
 from agent.model.errors import ModelError, PolicyError
 from agent.model.fields import Budget, FieldParser
 from agent.model.objects import (
+    MODE_ANNOTATION,
+    MODE_AUDIT,
+    MODE_ENFORCE,
     TERMINAL_PHASES,
     ContainerPort,
     IPAddress,
@@ -75,6 +79,21 @@ def _parse_metadata(
             p.fail("metadata.namespace", f'"{namespace}": {problem}')
     labels = p.labels(metadata.get("labels"), "metadata.labels")
     return namespace, name, labels
+
+
+def _parse_mode(p: FieldParser, doc: Mapping[Any, Any]) -> bool:
+    """Is the policy in audit mode (`podfence.io/mode: audit`)? Absent or `enforce`: enforced. Any
+    other value rejects the object: a typo must not silently enforce what was meant as a trial
+    (or leave in audit what was meant to be enforced)."""
+    metadata = p.mapping(doc.get("metadata"), "metadata")
+    path = f"metadata.annotations[{MODE_ANNOTATION}]"
+    annotations = p.mapping(metadata.get("annotations"), "metadata.annotations")
+    mode = p.string(annotations.get(MODE_ANNOTATION), path)
+    if mode is None or mode == MODE_ENFORCE:
+        return False
+    if mode != MODE_AUDIT:
+        p.fail(path, f'Unsupported value: "{mode}": supported values: "{MODE_AUDIT}", "{MODE_ENFORCE}"')
+    return True
 
 
 def _parse_namespace(p: FieldParser, doc: Mapping[Any, Any]) -> Namespace:
@@ -251,12 +270,14 @@ def _parse_network_policy(p: FieldParser, doc: Mapping[Any, Any]) -> NetworkPoli
         policy_types=frozenset(policy_types),
         ingress=ingress,
         egress=egress,
+        audit=_parse_mode(p, doc),
     )
 
 
 def _parse_cluster_network_policy(p: FieldParser, doc: Mapping[Any, Any]) -> KubeObject:
     _, name, _ = _parse_metadata(p, doc, namespaced=False, name_problem=dns1123_subdomain_problem)
-    return cluster_policy_load.parse_cluster_network_policy(p, doc, name)
+    policy = cluster_policy_load.parse_cluster_network_policy(p, doc, name)
+    return replace(policy, audit=_parse_mode(p, doc))
 
 
 def _parse_node(p: FieldParser, doc: Mapping[Any, Any]) -> KubeObject:

@@ -37,6 +37,7 @@ from agent.dataplane.base import (
 )
 from agent.dataplane.flows import FlowRecordSource
 from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
+from agent.dataplane.types import NodeState, audit_everything_state
 from agent.metrics_http import start_metrics_server
 from agent.node import generation
 from agent.node.ctrelease import ConntrackReleaser
@@ -121,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC (only on a trusted network, for tests)"
+    )
+    parser.add_argument(
+        "--audit-all",
+        action="store_true",
+        help="enforce no policy on this node: judge every policy in audit, counting what it would deny "
+        "(a trial before enforcing; not fail-closed)",
     )
     parser.add_argument(
         "--uplink",
@@ -314,6 +321,15 @@ def build_dataplane(args: argparse.Namespace) -> Dataplane:
     return dataplane
 
 
+def _audit_all(apply: Callable[[NodeState], None]) -> Callable[[NodeState], None]:
+    """`apply` of every state with every policy in audit (agent.dataplane.types.audit_everything)."""
+
+    def apply_in_audit(state: NodeState) -> None:
+        apply(audit_everything_state(state))
+
+    return apply_in_audit
+
+
 def generation_file(args: argparse.Namespace, dataplane: Dataplane) -> Path:
     """--generation-file, else beside the dataplane's state file (bpf: named after the pin
     directory, so two agents with their own pins in one /run keep their own), else per node in
@@ -411,7 +427,11 @@ def run(args: argparse.Namespace) -> int:
             reconciler.mark_adopted()
             log.info("adopted the kernel state of a previous run; it stays enforced until the first snapshot")
         token_file = args.token_file
-        sync = SyncClient(args.node, targets, reconciler.apply, credentials=credentials,
+        apply: Callable[[NodeState], None] = reconciler.apply
+        if args.audit_all:
+            log.warning("--audit-all: no policy is enforced on this node, every policy is in audit")
+            apply = _audit_all(reconciler.apply)
+        sync = SyncClient(args.node, targets, apply, credentials=credentials,
                           token=(lambda: Path(token_file).read_text()) if token_file else None,
                           credentials_factory=reloading_credentials(args, credentials),
                           generation_file=generation_file(args, dataplane),

@@ -48,7 +48,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.dataplane.base import Dataplane, DropReasons, EventsLost, MapUsage
+from agent.dataplane.base import AuditCounting, Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.flowfeed import FlowMetrics
 from agent.node.reconcile import LatencyHistogram, Reconciler
 from agent.node.repair import KINDS
@@ -214,7 +214,16 @@ class AgentCollector(Collector):
         entries = GaugeMetricFamily("podfence_map_entries", "Entries in use per map.", labels=["map"])
         capacity = GaugeMetricFamily("podfence_map_capacity", "Capacity per map.", labels=["map"])
         lost = CounterMetricFamily("podfence_events_lost", "Flow records not sent (budget or ring buffer).")
+        audit = CounterMetricFamily(
+            "podfence_audit_denied",
+            "New flows admitted that the policies in audit would deny, per direction (all pods).",
+            labels=["direction"],
+        )
+        audited = {"ingress": 0, "egress": 0}  # both series exist from the start
         try:
+            if isinstance(dataplane, AuditCounting):
+                for (_, direction), count in dataplane.audit_denied().items():
+                    audited[direction] = audited.get(direction, 0) + count
             if isinstance(dataplane, DropReasons):
                 for reason, count in sorted(dataplane.drop_reason_counts().items()):
                     drops.add_metric([reason], count)
@@ -225,7 +234,9 @@ class AgentCollector(Collector):
             lost.add_metric([], dataplane.events_lost() if isinstance(dataplane, EventsLost) else 0)
         except Exception as exc:
             log.warning("reading dataplane statistics failed: %s", exc)
-        return [drops, entries, capacity, lost]
+        for direction, count in sorted(audited.items()):
+            audit.add_metric([direction], count)
+        return [drops, entries, capacity, lost, audit]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -181,8 +181,14 @@ def _direction(direction: pb.DirectionPolicy, where: str, cache: DecodeCache) ->
     # the control service sends its own order; the agent's must not depend on it (see _patched)
     allows = sorted((_cached_allow(allow, where, cache) for allow in direction.allows), key=allow_order)
     tiered = tuple(_tiered(entry, where, cache) for entry in direction.tiered)
-    decoded_direction = cache.directions[wire] = DirectionPolicy(direction.isolated, tuple(allows), tiered)
-    return decoded_direction
+    audit = None
+    if direction.HasField("audit"):
+        if direction.audit.HasField("audit"):
+            raise MalformedMessage(f"{where}: an audit view inside an audit view")
+        audit = _direction(direction.audit, f"{where} audit", cache)
+    decoded = DirectionPolicy(direction.isolated, tuple(allows), tiered, audit)
+    cache.directions[wire] = decoded
+    return decoded
 
 
 def endpoint_from_proto(endpoint: pb.Endpoint, cache: DecodeCache | None = None) -> Endpoint:
@@ -274,7 +280,8 @@ def _patched(
         # in place, so that the list equals the one a snapshot would give (the iptables
         # compiler names chains after their rules in order): O(log n) keys, one C memmove
         bisect.insort(kept, _cached_allow(allow, where, cache), key=allow_order)
-    result = DirectionPolicy(True, tuple(kept), direction.tiered)  # a patch never changes tiers
+    # a patch never changes tiers nor the audit view (agent.control.encode)
+    result = DirectionPolicy(True, tuple(kept), direction.tiered, direction.audit)
     memo[(id(direction), wire)] = (direction, result)
     return result
 

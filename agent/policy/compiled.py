@@ -158,11 +158,16 @@ class DirectionAllows:
     isolated: bool = False
     allows: tuple[AllowEntry, ...] = ()  # sorted, deduplicated (see normalize_allows)
     tiered: tuple[TieredEntry, ...] = ()  # sorted by sort_key, deduplicated
+    # The audit view (agent.policy.audit): this direction as it would be with every audit policy
+    # enforced; present only when it differs. Never enforced: the kernel looks it up only on a new
+    # flow the fields above allow, to record the flow as audit-denied.
+    audit: DirectionAllows | None = None
 
     @property
     def identities(self) -> frozenset[int]:
         peers = [e.peer for e in self.allows] + [e.peer for e in self.tiered]
-        return frozenset(p.identity for p in peers if isinstance(p, IdentityRef))
+        own = frozenset(p.identity for p in peers if isinstance(p, IdentityRef))
+        return own if self.audit is None else own | self.audit.identities
 
 
 @dataclass(frozen=True)

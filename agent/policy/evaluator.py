@@ -92,11 +92,13 @@ def _selector_pod(endpoint: Endpoint) -> Pod | None:
 
 
 def policies_selecting(state: ClusterState, pod: Pod, direction: PolicyType) -> list[NetworkPolicy]:
-    """Policies that select `pod` and have `direction` in policyTypes, in key order."""
+    """Enforced policies (audit ones take no part: agent.policy.audit) that select `pod` and have
+    `direction` in policyTypes, in key order."""
     return [
         policy
         for key, policy in sorted(state.policies.items())
-        if policy.namespace == pod.namespace
+        if not policy.audit
+        and policy.namespace == pod.namespace
         and direction in policy.policy_types
         and policy.pod_selector.matches(pod.labels)
     ]

@@ -7,7 +7,9 @@ control service does; the verdict uses every valid object.
 Each direction says which tier decided (Admin or Baseline ClusterNetworkPolicy, NetworkPolicy, or
 none: allowed by default), and for a ClusterNetworkPolicy the policy, its priority and the rule
 (index and name), plus any Pass rule that handed over to a later tier. Both dataplanes enforce
-the same order (docs/semantics.md).
+the same order (docs/semantics.md). With policies in audit (`podfence.io/mode: audit`, or
+`--audit-all` as the agent's switch) the audit view's verdict follows the enforced one
+(agent.policy.audit).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 from agent.model.load import LoadResult, load_file, load_folder
 from agent.model.objects import Pod, Protocol
-from agent.policy.evaluator import DirectionVerdict, Endpoint, Verdict, evaluate, parse_endpoint
+from agent.policy.audit import StagedVerdict, evaluate_staged
+from agent.policy.evaluator import DirectionVerdict, Endpoint, Verdict, parse_endpoint
 from agent.policy.state import ClusterState
 from agent.policy.tiers import ClusterRuleMatch
 
@@ -40,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", required=True, help="destination port, 1-65535")
     parser.add_argument(
         "--protocol", default="TCP", type=str.upper, choices=[p.value for p in Protocol], help="default TCP"
+    )
+    parser.add_argument(
+        "--audit-all",
+        action="store_true",
+        help="judge as a node running `podfence agent --audit-all` enforces: every policy in audit",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -114,27 +122,49 @@ def _direction_text(name: str, subject: Endpoint, verdict: DirectionVerdict) -> 
     return f"  {where}: {passed}isolated by {isolating}; no {name} rule of these policies matches -> denied"
 
 
-def render_text(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
+def _verdict_lines(src: Endpoint, dst: Endpoint, verdict: Verdict) -> list[str]:
+    return [_direction_text("egress", src, verdict.egress), _direction_text("ingress", dst, verdict.ingress)]
+
+
+def render_text(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, staged: StagedVerdict) -> str:
+    """The enforced verdict (the packet's fate) and, when a policy is in audit, the audit one."""
+    verdict = staged.enforced
     outcome = "ALLOWED" if verdict.allowed else "DENIED"
-    return "\n".join(
-        [
-            f"{_describe(src)} -> {_describe(dst)} {protocol.value}/{port}: {outcome}",
-            _direction_text("egress", src, verdict.egress),
-            _direction_text("ingress", dst, verdict.ingress),
-        ]
-    )
+    if staged.audit_denied:
+        outcome += " (AUDIT-DENIED: the policies in audit would deny it)"
+    lines = [f"{_describe(src)} -> {_describe(dst)} {protocol.value}/{port}: {outcome}"]
+    lines += _verdict_lines(src, dst, verdict)
+    if staged.audit is not None:
+        audit_outcome = "allowed" if staged.audit.allowed else "denied"
+        lines.append(f"with the policies in audit enforced: {audit_outcome}")
+        lines += _verdict_lines(src, dst, staged.audit)
+    return "\n".join(lines)
 
 
-def render_json(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, verdict: Verdict) -> str:
+def _verdict_json(verdict: Verdict) -> dict[str, Any]:
+    return {
+        "allowed": verdict.allowed,
+        "egress": _direction_json(verdict.egress),
+        "ingress": _direction_json(verdict.ingress),
+    }
+
+
+def render_json(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, staged: StagedVerdict) -> str:
+    """`allowed`, `egress`, `ingress`: the enforced verdict; `audit`: the audit view's verdict
+    (null when no policy is in audit); `verdict`: allowed, denied or audit-denied."""
+    verdict = staged.enforced
+    name = "audit-denied" if staged.audit_denied else ("allowed" if verdict.allowed else "denied")
     return json.dumps(
         {
             "allowed": verdict.allowed,
+            "verdict": name,
             "from": src.key if isinstance(src, Pod) else str(src),
             "to": dst.key if isinstance(dst, Pod) else str(dst),
             "protocol": protocol.value,
             "port": port,
             "egress": _direction_json(verdict.egress),
             "ingress": _direction_json(verdict.ingress),
+            "audit": None if staged.audit is None else _verdict_json(staged.audit),
         }
     )
 
@@ -160,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"podfence explain: {exc}", file=sys.stderr)
         return EXIT_USAGE
     protocol = Protocol(args.protocol)
-    verdict = evaluate(state, src, dst, protocol, port)
+    verdict = evaluate_staged(state, src, dst, protocol, port, audit_all=args.audit_all)
     render = render_json if args.json else render_text
     print(render(src, dst, protocol, port, verdict))
     return EXIT_OK

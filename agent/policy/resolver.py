@@ -68,6 +68,13 @@ class Resolver:
         return self._state
 
     def upsert(self, obj: KubeObject) -> None:
+        if isinstance(obj, NetworkPolicy | ClusterNetworkPolicy) and obj.audit:
+            # An audit policy is never enforced (agent.policy.audit): it is as good as absent here,
+            # and an enforced policy switched to audit leaves the compiled state.
+            kind = KIND_POLICY if isinstance(obj, NetworkPolicy) else KIND_CLUSTER_POLICY
+            namespace = obj.namespace if isinstance(obj, NetworkPolicy) else None
+            self.delete(kind, namespace, obj.name)
+            return
         if isinstance(obj, Namespace):
             self._put_namespace(obj.name, obj)
         elif isinstance(obj, Pod):
@@ -102,7 +109,8 @@ class Resolver:
 
     def replace_all(self, objs: Iterable[KubeObject]) -> None:
         """Resync to exactly `objs`; unchanged objects cause no work and no dirtiness."""
-        fresh = ClusterState.from_objects(list(objs))
+        enforced = [o for o in objs if not (isinstance(o, NetworkPolicy | ClusterNetworkPolicy) and o.audit)]
+        fresh = ClusterState.from_objects(enforced)
         if (fresh.cluster_policies, fresh.nodes) != (self._state.cluster_policies, self._state.nodes):
             was_active = self._tiers.active
             self._state.cluster_policies = dict(fresh.cluster_policies)

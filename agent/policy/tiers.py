@@ -127,9 +127,11 @@ def rule_matches(
 
 
 def ordered(state: ClusterState, tier: Tier) -> list[ClusterNetworkPolicy]:
-    """The tier's policies in precedence order (priority, then name)."""
+    """The tier's enforced policies (audit ones take no part: agent.policy.audit) in precedence
+    order (priority, then name)."""
     return sorted(
-        (p for p in state.cluster_policies.values() if p.tier is tier), key=ClusterNetworkPolicy.order
+        (p for p in state.cluster_policies.values() if p.tier is tier and not p.audit),
+        key=ClusterNetworkPolicy.order,
     )
 
 

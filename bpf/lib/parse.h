@@ -24,6 +24,8 @@
 #define PF_PKT_NODE_SENT   0x40  /* sent by the node itself (tc_to_pod: entered no device) */
 #define PF_PKT_ADMITTED    0x80  /* pf_judge newly admitted the packet's way of its flow: the
 				    * flow's allowed record is due (lib/metrics.h) */
+#define PF_PKT_AUDIT_DENIED 0x100 /* admitted, but the direction's audit view denies it: its
+				    * record is audit-denied, policy_id/verdict_word the audit view's */
 #define PF_PKT_IS_FRAGMENT (PF_PKT_FRAG_FIRST | PF_PKT_FRAG_LATER)
 
 /* Where a program reads packet bytes: tc and xt_bpf programs through their skb with

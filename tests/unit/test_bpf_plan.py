@@ -58,6 +58,7 @@ class Maps:
     cidr: dict[tuple[int, int, bytes], int] = field(default_factory=dict)
     policy: set[PolicyEntry] = field(default_factory=set)
     interfaces: set[int] = field(default_factory=set)
+    audit: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def execute(self, op: Op) -> None:
         put = op.action == PUT

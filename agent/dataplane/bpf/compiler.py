@@ -25,8 +25,12 @@ from typing import TYPE_CHECKING
 
 from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
+    AUDIT_OPEN,
+    AUDIT_TIERED,
+    EP_EGRESS_AUDIT,
     EP_EGRESS_OPEN,
     EP_EGRESS_TIERED,
+    EP_INGRESS_AUDIT,
     EP_INGRESS_OPEN,
     EP_INGRESS_TIERED,
     POLICY_PREFIX_ANY_PROTOCOL,
@@ -94,6 +98,9 @@ class Desired:
     policy: dict[PolicyEntry, int]  # entry -> tiered.leaf_value (rules producing it, verdict)
     allocation: Allocation
     interfaces: frozenset[int]  # every ifindex to guard
+    # endpoint_id * 2 + direction -> (policy id, structs.AUDIT_*) of the audit view of each
+    # endpoint direction that has one (bpf/lib/audit.h)
+    audit: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -126,7 +133,14 @@ def endpoint_flags(ingress: DirectionPolicy, egress: DirectionPolicy) -> int:
     flags = 0 if ingress.isolated else EP_INGRESS_OPEN
     flags |= 0 if egress.isolated else EP_EGRESS_OPEN
     flags |= EP_INGRESS_TIERED if ingress.tiered else 0
+    flags |= EP_INGRESS_AUDIT if ingress.audit is not None else 0
+    flags |= EP_EGRESS_AUDIT if egress.audit is not None else 0
     return flags | (EP_EGRESS_TIERED if egress.tiered else 0)
+
+
+def audit_flags(audit: DirectionPolicy) -> int:
+    """pf_audit_value.flags of an audit view: as the endpoint's flags say of its own direction."""
+    return (0 if audit.isolated else AUDIT_OPEN) | (AUDIT_TIERED if audit.tiered else 0)
 
 
 def _rule(allow: Allow) -> Rule:
@@ -251,7 +265,9 @@ def merge_port_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int, int
 
 
 def _inherited_policy_ids(
-    endpoint_contents: dict[str, tuple[PolicyContent | None, PolicyContent | None]], previous: Allocation
+    endpoint_contents: dict[str, tuple[PolicyContent | None, PolicyContent | None]],
+    previous: Allocation,
+    audit_contents: set[PolicyContent] | frozenset[PolicyContent] = frozenset(),
 ) -> dict[PolicyContent, int]:
     """New contents that keep the id of the content they replace: when every endpoint direction
     that read id P now has content B, B is new and P's old content is gone, B takes P. Its
@@ -259,7 +275,8 @@ def _inherited_policy_ids(
     10,000 under a fresh id), and no endpoint flips, so nothing reads P's entries through
     another view than its own (transition.py)."""
     old_contents = {pid: content for content, pid in previous.policies.items()}
-    live_contents = {content for pair in endpoint_contents.values() for content in pair}
+    # audit views read ids too (pf_audit): an id whose content one still reads is not rewritten
+    live_contents = {content for pair in endpoint_contents.values() for content in pair} | set(audit_contents)
     readers: dict[int, set[PolicyContent | str | None]] = {}
     for key, old_pair in previous.endpoint_policy_ids.items():
         new_pair: tuple[PolicyContent | str | None, ...] = endpoint_contents.get(key, ("gone", "gone"))
@@ -311,7 +328,17 @@ def compile_node_state(
                 known = contents[id(direction)] = (direction, policy_content(direction))
             found.append(known[1])
         endpoint_contents[key] = (found[0], found[1])
-    inherited = _inherited_policy_ids(endpoint_contents, previous) if inherit else {}
+    # audit views (bpf/lib/audit.h): their contents get policy ids like any other, never in place
+    audit_contents: dict[tuple[str, int], PolicyContent | None] = {}
+    for key, endpoint in sorted(state.endpoints.items()):
+        for index, direction in enumerate((endpoint.ingress, endpoint.egress)):
+            if direction.audit is not None:
+                known = contents.get(id(direction.audit))
+                if known is None:
+                    known = contents[id(direction.audit)] = (direction.audit, policy_content(direction.audit))
+                audit_contents[(key, index)] = known[1]
+    read_by_audit = {c for c in audit_contents.values() if c is not None}
+    inherited = _inherited_policy_ids(endpoint_contents, previous, read_by_audit) if inherit else {}
     policies: dict[PolicyContent, int] = {}
     endpoint_policy_ids: dict[str, tuple[int, int]] = {}
     for key, pair in endpoint_contents.items():
@@ -324,6 +351,14 @@ def compile_node_state(
                 policies[content] = previous.policies.get(content) or inherited.get(content) or fresh_id()
             ids.append(policies[content])
         endpoint_policy_ids[key] = (ids[0], ids[1])
+    audit_ids: dict[tuple[str, int], int] = {}
+    for ref, content in audit_contents.items():
+        if content is None:
+            audit_ids[ref] = NOT_ISOLATED
+            continue
+        if content not in policies:
+            policies[content] = previous.policies.get(content) or fresh_id()
+        audit_ids[ref] = policies[content]
 
     referenced_identities: set[int] = set()
     referenced_cidrs: set[CidrPeer] = set()
@@ -376,6 +411,7 @@ def compile_node_state(
     next_slot = 0
     endpoints: dict[int, EndpointEntry] = {}
     endpoint_ips: dict[bytes, int] = {}
+    audit: dict[int, tuple[int, int]] = {}
     for key, endpoint in sorted(state.endpoints.items()):
         if key not in slots:
             while next_slot in used:
@@ -390,6 +426,9 @@ def compile_node_state(
         endpoints[endpoint.ifindex] = EndpointEntry(
             key, slots[key], ingress_id, egress_id, mac=mac, flags=flags
         )
+        for index, direction in enumerate((endpoint.ingress, endpoint.egress)):
+            if direction.audit is not None:
+                audit[slots[key] * 2 + index] = (audit_ids[(key, index)], audit_flags(direction.audit))
         for address in endpoint.ips:
             endpoint_ips[addr_bytes(address)] = endpoint.ifindex
 
@@ -414,6 +453,7 @@ def compile_node_state(
         ),
         allocation=allocation,
         interfaces=frozenset(state.pod_interfaces) | frozenset(endpoints),
+        audit=audit,
     )
 
 

@@ -363,6 +363,17 @@ class BpfDataplane:
             entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
         return telemetry.endpoint_counters(self._module, entries)
 
+    def audit_denied(self) -> dict[tuple[str, str], int]:
+        if self._module is None:
+            return {}
+        with self._lock:
+            entries = sorted(self._live.endpoints.values(), key=lambda e: e.endpoint_key)
+        counts = telemetry.audit_denied(self._module, entries)
+        # egress audit verdicts are the agent's, counted as their records are named (flow_records)
+        for key, count in self._flows.namer.egress_audit_denied().items():
+            counts[(key, "egress")] = counts.get((key, "egress"), 0) + count
+        return counts
+
     def drop_reason_counts(self) -> dict[str, int]:
         if self._module is None:
             return {}

@@ -13,6 +13,16 @@ cell (identical lists of different policies share it), so it cannot tell which o
 allows matching the same packet it used; any of them decides, and the first in the list is
 named. The (tier, policy, rule) named is interned into the record's `rule_ref`. A flow judged
 under a state older than the last apply is named after the new one (a race of one apply).
+
+Audit verdicts: the kernel judges a new INGRESS flow by its audit view and sends the record
+audit-denied (bpf/lib/audit.h). The EGRESS audit verdict is computed here instead, from the allowed
+record every newly admitted egress flow gets: nf_egress_link is too near the verifier's limit to
+hold the lookup. `audit_denial` judges the record's tuple by the endpoint's egress audit view with
+the matching the kernel's lookup does (pf_policy_allows: identity or CIDR peer, protocol, port,
+tiered ranks); a denial turns the record audit-denied, naming the audit view's rule, and counts
+in `egress_audit_denied`. Exact for every recorded flow; a flow whose record the datapath could not
+send (its budget) is counted in events lost, not audited. Judged by the audit view of the state
+last applied, like the naming (the same race of one apply).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from agent.dataplane.bpf.maps import ntohs
 from agent.dataplane.bpf.structs import (
     ACT_ACCEPT,
     ACT_DENY,
+    ACT_PASS,
     FLOW_ALLOWED,
     FLOW_AUDIT_DENIED,
     FLOW_DENIED,
@@ -42,6 +53,7 @@ from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import (
     PROTO_ANY,
     TIER_ADMIN,
+    TIER_BASELINE,
     Allow,
     CidrPeer,
     DirectionPolicy,
@@ -153,10 +165,15 @@ class FlowNamer:
         self._view = _View(NodeState(version=0), {})
         self._refs: dict[tuple[str, str, str], int] = {}
         self._lock = threading.Lock()  # interning: named from the feed thread, read from others
+        self._egress_audit_denied: dict[str, int] = {}  # endpoint key -> audit-denied egress records
 
     def update(self, state: NodeState, endpoint_keys: dict[int, str]) -> None:
-        """After an apply: `endpoint_keys` maps each endpoint_id to its key. Replaced whole."""
+        """After an apply: `endpoint_keys` maps each endpoint_id to its key. Replaced whole; the
+        egress audit counts of endpoints gone go with them, as their kernel counter slots do."""
         self._view = _View(state, dict(endpoint_keys))
+        keys = set(endpoint_keys.values())
+        with self._lock:
+            self._egress_audit_denied = {k: n for k, n in self._egress_audit_denied.items() if k in keys}
 
     def endpoint_key(self, endpoint_id: int) -> str:
         return self._view.endpoint_keys.get(endpoint_id, "")
@@ -173,13 +190,23 @@ class FlowNamer:
                     return named
         return None
 
+    def egress_audit_denied(self) -> dict[str, int]:
+        """Per endpoint key, the egress flows named audit-denied (the kernel counts ingress ones)."""
+        with self._lock:
+            return dict(self._egress_audit_denied)
+
     def name(self, raw: RawFlow, now_mono_ns: int, now_wall_ns: int) -> FlowRecord:
         view = self._view
         key = view.endpoint_keys.get(raw.endpoint_id, "")
         direction = Direction(raw.direction).name.lower() if raw.direction in (0, 1) else str(raw.direction)
         reason = Reason(raw.reason) if raw.reason < REASON_MAX else None
         verdict = _VERDICTS.get(raw.verdict, FlowVerdict.DENIED)
-        tier, policy, rule = self._decider(view, key, raw, reason)
+        denial = self._egress_audit(view, key, raw, reason)
+        if denial is not None:
+            verdict = FlowVerdict.AUDIT_DENIED
+            tier, policy, rule = denial
+        else:
+            tier, policy, rule = self._decider(view, key, raw, reason)
         ref = self.rule_ref(tier, policy, rule) if policy else 0
         return FlowRecord(
             time_ns=now_wall_ns - max(0, now_mono_ns - raw.time_ns),
@@ -200,6 +227,23 @@ class FlowNamer:
             bytes=raw.bytes,
         )
 
+    def _egress_audit(
+        self, view: _View, key: str, raw: RawFlow, reason: Reason | None
+    ) -> tuple[str, str, str] | None:
+        """What the egress audit view denying a newly admitted egress flow names; None when there
+        is no such view or it admits the flow. Counted once per record (one per admission)."""
+        if raw.direction != Direction.EGRESS or raw.verdict != FLOW_ALLOWED or reason is not Reason.ALLOWED:
+            return None
+        endpoint = view.state.endpoints.get(key)
+        if endpoint is None or endpoint.egress.audit is None:
+            return None
+        audit = endpoint.egress.audit
+        denial = audit_denial(view, audit, raw.destination, raw.protocol, raw.destination_port)
+        if denial is not None:
+            with self._lock:
+                self._egress_audit_denied[key] = self._egress_audit_denied.get(key, 0) + 1
+        return denial
+
     def _decider(self, view: _View, key: str, raw: RawFlow, reason: Reason | None) -> tuple[str, str, str]:
         """(tier, policy, rule) of what decided; policy "" when no rule did (rule says why)."""
         if reason not in (Reason.ALLOWED, Reason.POLICY):
@@ -214,6 +258,14 @@ class FlowNamer:
         if endpoint is None:
             return "", "", ""
         policy = endpoint.ingress if ingress else endpoint.egress
+        if raw.verdict == FLOW_AUDIT_DENIED:
+            # what the audit view (bpf/lib/audit.h) decided: its policy id and verdict word
+            audit = policy.audit
+            if audit is None:
+                return "", "", ""
+            if audit.tiered:
+                return _tiered_decider(view, audit, raw, peer)
+            return "networkpolicy", "", NO_RULE_MATCHED
         if policy.tiered:
             return _tiered_decider(view, policy, raw, peer)
         if reason is Reason.ALLOWED:
@@ -229,6 +281,39 @@ def _first_allow(view: _View, allows: Iterable[Allow], peer: IPAddress, raw: Raw
         if _matches(view, allow, peer, raw.protocol, raw.destination_port):
             return allow
     return None
+
+
+def audit_denial(
+    view: _View, audit: DirectionPolicy, peer: IPAddress, protocol: int, port: int
+) -> tuple[str, str, str] | None:
+    """(tier, policy, rule) of what makes `audit` deny a new flow to or from `peer`; None when it
+    admits it. The kernel's answer (bpf/lib/policy.h pf_policy_allows) for the same view: without
+    tiers, any allow matching admits, else isolation denies; with tiers, the lowest-ranked Admin
+    hit decides unless it passes, then the lowest-ranked other hit (a NetworkPolicy allow ranks
+    0; a Baseline Pass admits, tiered.tiered_rule), then isolation."""
+    if not audit.judged:
+        return None  # the view allows everything (policy id 0 in pf_audit)
+    if any(_matches(view, allow, peer, protocol, port) for allow in audit.allows):
+        if not audit.tiered:
+            return None
+        rest: tuple[int, int, str, str, str] | None = (0, ACT_ACCEPT, "networkpolicy", "", "")
+    else:
+        rest = None
+    admin = None
+    for entry in audit.tiered:
+        if not _matches(view, entry, peer, protocol, port):
+            continue
+        if entry.tier == TIER_ADMIN:
+            if admin is None or entry.rank < admin.rank:
+                admin = entry
+        elif rest is None or entry.rank < rest[0]:
+            action = ACT_ACCEPT if entry.tier == TIER_BASELINE and entry.action == ACT_PASS else entry.action
+            rest = (entry.rank, action, _TIER_NAMES.get(entry.tier, "baseline"), entry.policy, entry.rule)
+    if admin is not None and admin.action in (ACT_ACCEPT, ACT_DENY):
+        return None if admin.action == ACT_ACCEPT else ("admin", admin.policy, admin.rule)
+    if rest is not None:
+        return None if rest[1] != ACT_DENY else rest[2:]
+    return ("networkpolicy", "", NO_RULE_MATCHED) if audit.isolated else None
 
 
 def _tiered_decider(

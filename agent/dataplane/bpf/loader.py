@@ -201,6 +201,8 @@ PINNED_MAPS = (
     "pf_ct_expect",
     "pf_frag",
     "pf_counters",
+    "pf_audit",
+    "pf_audit_denied",
     "pf_drop_reasons",
     "pf_events_lost",
 )

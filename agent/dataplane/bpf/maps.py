@@ -42,6 +42,7 @@ class Live:
     policy: set[PolicyEntry] = field(default_factory=set)
     interfaces: set[int] = field(default_factory=set)
     allocation: Allocation | None = None
+    audit: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (policy id, flags)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -119,7 +120,23 @@ def _write_counters(module: Any, _live: Live, op: Op) -> None:
     for direction in Direction:
         per_cpu = counters.Leaf(*[counters.sLeaf() for _ in range(counters.total_cpu)])
         counters[counters.Key(op.key * 2 + direction)] = per_cpu
+    audit_denied = module[b"pf_audit_denied"]
+    for direction in Direction:
+        audit_denied[audit_denied.Key(op.key * 2 + direction)] = audit_denied.Leaf(
+            *[0] * audit_denied.total_cpu
+        )
     ctbound.zero(module, op.key)  # nor its conntrack charge
+
+
+def _write_audit(module: Any, live: Live, op: Op) -> None:
+    """pf_audit is an array: a delete writes the slot's zero value (no audit view)."""
+    table = module[b"pf_audit"]
+    policy_id, flags = op.value if op.action == PUT else (0, 0)
+    table[table.Key(op.key)] = table.Leaf(policy_id, flags)
+    if op.action == PUT:
+        live.audit[op.key] = op.value
+    else:
+        live.audit.pop(op.key, None)
 
 
 def _write_endpoint(module: Any, live: Live, op: Op) -> None:
@@ -147,6 +164,7 @@ WRITERS: dict[str, Callable[[Any, Live, Op], None]] = {
     "node_ips": _write_node_ip,
     "counters": _write_counters,
     "endpoints": _write_endpoint,
+    "audit": _write_audit,
 }
 
 
@@ -171,6 +189,9 @@ def read_live(module: Any, saved: dict[str, Any]) -> tuple[Live, dict[str, Any]]
         )
     for key, value in module[b"pf_endpoint_ips"].items():
         live.endpoint_ips[bytes(key.bytes)] = value.ifindex
+    live.audit = {
+        int(k.value): (v.policy_id, v.flags) for k, v in module[b"pf_audit"].items() if v.policy_id or v.flags
+    }
     live.node_ips = {bytes(key.bytes) for key in module[b"pf_node_ips"]}
     live.ipcache = {(k.generation, bytes(k.addr.bytes)): v.class_id for k, v in module[b"pf_ipcache"].items()}
     live.cidr = {
@@ -203,6 +224,7 @@ def unknown_meaning_allocation(live: Live) -> Allocation:
         + list(live.cidr.values())
         + [e.ingress_policy_id for e in live.endpoints.values()]
         + [e.egress_policy_id for e in live.endpoints.values()]
+        + [policy_id for policy_id, _ in live.audit.values()]
         + [0]
     )
     return Allocation(next_id=highest + 1)

@@ -10,8 +10,9 @@ its policy ids and the generation of peer entries it reads, and one map update f
      generation that no endpoint reads yet (order within it is irrelevant); if it did not, the
      current generation is kept and nothing is written;
   3. node addresses and endpoint addresses are added (they only admit);
-  4. counter slots of new endpoints are zeroed, then one update per endpoint flips it to
-     (new policy ids, new generation): its packets see the old pair or the new pair;
+  4. counter slots of new endpoints are zeroed, the audit views are written (bpf/lib/audit.h;
+     read only through an endpoint whose flags name one), then one update per endpoint flips it
+     to (new policy ids, new generation): its packets see the old pair or the new pair;
   5. tc filters go on new interfaces (their endpoint entry exists already), off vanished ones;
   6. removals, now unreferenced: endpoints, endpoint and node addresses, peer entries of every
      other generation, policy entries the new state does not use.
@@ -63,6 +64,8 @@ class MapContents(Protocol):
     def policy(self) -> Set[PolicyEntry]: ...
     @property
     def interfaces(self) -> Set[int]: ...
+    @property
+    def audit(self) -> Mapping[int, tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,12 @@ def _endpoint_ops(
         for address, ifindex in desired.endpoint_ips.items()
         if live.endpoint_ips.get(address) != ifindex
     ]
+    # audit views before the flips that name them (their policy entries are in by now)
+    ops += [
+        Op("audit", PUT, slot, value)
+        for slot, value in sorted(desired.audit.items())
+        if live.audit.get(slot) != value
+    ]
     for ifindex, compiled in desired.endpoints.items():
         entry = dataclasses.replace(compiled, generation=generation)
         previous = live.endpoints.get(ifindex)
@@ -268,6 +277,8 @@ def _removals(
         ("endpoints", set(live.endpoints) - set(desired.endpoints) if endpoints else set()),
         ("endpoint_ips", set(live.endpoint_ips) - set(desired.endpoint_ips)),
         ("node_ips", set(live.node_ips) - desired.node_ips),
+        # no endpoint's flags name these any more (a delete zeroes the array slot)
+        ("audit", set(live.audit) - set(desired.audit)),
     ]
     if peers:
         removals += [("ipcache", set(live.ipcache) - wanted_ipcache), ("cidr", set(live.cidr) - wanted_cidr)]

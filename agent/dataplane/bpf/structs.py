@@ -77,6 +77,17 @@ class EndpointValue(ctypes.Structure):
 
 # pf_endpoint_value.flags (bpf/podfence.h PF_EP_*)
 EP_INGRESS_OPEN, EP_EGRESS_OPEN, EP_INGRESS_TIERED, EP_EGRESS_TIERED = 0x01, 0x02, 0x04, 0x08
+EP_INGRESS_AUDIT, EP_EGRESS_AUDIT = 0x10, 0x20  # the direction has an audit view in pf_audit
+
+
+class AuditValue(ctypes.Structure):
+    """pf_audit[endpoint_id * 2 + direction]: the audit view of an endpoint direction."""
+
+    _fields_ = [("policy_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+# pf_audit_value.flags (bpf/podfence.h PF_AUDIT_*)
+AUDIT_OPEN, AUDIT_TIERED = 0x01, 0x02
 
 
 class EndpointIpValue(ctypes.Structure):
@@ -282,6 +293,8 @@ MAP_MIRRORS: dict[str, tuple[type, type]] = {
     "pf_ct_expect": (CtExpectKey, CtExpectValue),
     "pf_frag": (FragKey, FragValue),
     "pf_counters": (ctypes.c_uint32, CounterValue),
+    "pf_audit": (ctypes.c_uint32, AuditValue),
+    "pf_audit_denied": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_ct_charged": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_ct_released": (ctypes.c_uint32, ctypes.c_uint64),
     "pf_event_budget": (ctypes.c_int, EventBudget),
@@ -296,6 +309,7 @@ C_STRUCT_NAMES: dict[type[ctypes.Structure], str] = {
     EndpointKey: "pf_endpoint_key",
     EndpointValue: "pf_endpoint_value",
     EndpointIpValue: "pf_endpoint_ip_value",
+    AuditValue: "pf_audit_value",
     IpcacheKey: "pf_ipcache_key",
     IpcacheValue: "pf_ipcache_value",
     CidrKey: "pf_cidr_key",
@@ -332,6 +346,10 @@ C_CONSTANTS: dict[str, int] = {
     "PF_CT_FIN_AB": CT_FIN_AB,
     "PF_CT_FIN_BA": CT_FIN_BA,
     "PF_CT_RST": CT_RST,
+    "PF_EP_INGRESS_AUDIT": EP_INGRESS_AUDIT,
+    "PF_EP_EGRESS_AUDIT": EP_EGRESS_AUDIT,
+    "PF_AUDIT_OPEN": AUDIT_OPEN,
+    "PF_AUDIT_TIERED": AUDIT_TIERED,
     "PF_FLOW_ALLOWED": FLOW_ALLOWED,
     "PF_FLOW_DENIED": FLOW_DENIED,
     "PF_FLOW_AUDIT_DENIED": FLOW_AUDIT_DENIED,

@@ -48,6 +48,17 @@ def endpoint_counters(module: Any, entries: Iterable[EndpointEntry]) -> list[End
     return result
 
 
+def audit_denied(module: Any, entries: Iterable[EndpointEntry]) -> dict[tuple[str, str], int]:
+    """pf_audit_denied per endpoint direction (bpf/lib/audit.h), summed over CPUs."""
+    table = module[b"pf_audit_denied"]
+    counts = {}
+    for entry in entries:
+        for direction in Direction:
+            per_cpu = table.getvalue(table.Key(entry.endpoint_id * 2 + direction))
+            counts[(entry.endpoint_key, direction.name.lower())] = int(sum(per_cpu))
+    return counts
+
+
 def drop_reason_counts(module: Any) -> dict[str, int]:
     table = module[b"pf_drop_reasons"]
     counts = {}

@@ -51,7 +51,8 @@ from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
     RuleName,
-    log_chain,
+    log_chain_name,
+    log_chain_rules,
     rule_name,
     rule_ref,
 )
@@ -93,6 +94,9 @@ DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
 SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
 IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
 ICMP_ERROR = "podfence:icmperr"  # "podfence:icmperr <key> <source ip>"
+# A new flow the enforced rules admitted and the audit view would deny: "podfence:auditdeny
+# <direction> <key>", a RETURN (an audit chain never drops)
+AUDIT_DENY = "podfence:auditdeny"
 # PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>[ <detail>]"
 FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
 # IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
@@ -224,6 +228,11 @@ class _Compiler:
     ) -> None:
         self.state = state
         self.flow_group = flow_group
+        # while an audit chain is built (_audit_chain): (the enforced allow's target, endpoint
+        # key, direction); decided() then sends Accepts there and makes Denies counted RETURNs
+        self._auditing: tuple[str, str, str] | None = None
+        # while an endpoint direction with an audit view is compiled: what its audit chains judge
+        self._audit_of: tuple[Endpoint, str, int, DirectionPolicy] | None = None
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self.tcp_needs_syn = tcp_needs_syn
@@ -307,7 +316,8 @@ class _Compiler:
         if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
             return None, list(allows)
         letter = "i" if direction == INGRESS else "e"
-        name = f"{SET_PREFIX}g{family}{letter}{run}-{_short_hash(endpoint.key, 12)}"
+        audit = "u" if self._auditing is not None else ""  # an audit view's sets are its own
+        name = f"{SET_PREFIX}g{family}{letter}{audit}{run}-{_short_hash(endpoint.key, 12)}"
         self._add_set(name, family, "hash:net,port", entries, canonical=True)
         # the peer is the packet's source (ingress) or destination (egress); the port its destination
         return f"-m set --match-set {name} {side},dst {target}", rest
@@ -351,27 +361,39 @@ class _Compiler:
 
     def decided(self, family: int, action: int, name: RuleName) -> str:
         """The target of a rule that decides for `name`: RETURN (Accept) or DROP (Deny), through
-        the log chain of its rule_ref when flow records are on (flowrecords.py)."""
+        the log chain of its rule_ref when flow records are on (flowrecords.py). In an audit
+        chain: an Accept is the enforced allow's own target, a Deny a counted RETURN (logged as
+        audit-denied, naming the audit rule, when flow records are on)."""
+        if self._auditing is not None:
+            allow_target, key, direction = self._auditing
+            if action == ACTION_ACCEPT:
+                return allow_target
+            counted = _comment(f"{AUDIT_DENY} {direction} {key}")
+            if not self.flow_group:
+                return f"{counted} -j RETURN"
+            ref = rule_ref(name)
+            chain = log_chain_name(FlowVerdict.AUDIT_DENIED, ref)
+            chains = self.out.chains[family]
+            if chain not in chains:
+                chains[chain] = log_chain_rules(FlowVerdict.AUDIT_DENIED, ref, self.flow_group)
+            self.out.rule_names[ref] = name
+            return f"{counted} -g {chain}"
+        if self._audit_of is not None and action == ACTION_ACCEPT:
+            enforced = self._enforced_target(family, action, name)
+            return f"{_comment(ALLOW)} -g {self._audit_chain(family, enforced)}"
+        return self._enforced_target(family, action, name)
+
+    def _enforced_target(self, family: int, action: int, name: RuleName) -> str:
         if not self.flow_group:
             return TARGETS[action]
         verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
-        chain = self._log_chain(family, verdict, name)
-        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
-
-    def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
-        """The target of a rule dropping for `reason` (a types.Reason name) rather than by a
-        policy's rule: DROP, through a log chain naming the reason when flow records are on."""
-        if not self.flow_group:
-            return "-j DROP"
-        return f"-g {self._log_chain(family, FlowVerdict.DENIED, RuleName(direction, '', '', why, reason))}"
-
-    def _log_chain(self, family: int, verdict: FlowVerdict, name: RuleName) -> str:
-        assert self.flow_group
         ref = rule_ref(name)
-        chain, rules = log_chain(verdict, ref, self.flow_group)
-        self.out.chains[family].setdefault(chain, rules)
+        chain = log_chain_name(verdict, ref)
+        chains = self.out.chains[family]
+        if chain not in chains:
+            chains[chain] = log_chain_rules(verdict, ref, self.flow_group)
         self.out.rule_names[ref] = name
-        return chain
+        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
 
     def matching(
         self,
@@ -387,7 +409,8 @@ class _Compiler:
         (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (see `decided`). One set for
         the many single-port ones (see _grouped_allows), a rule for each other; with flow
         records on, allows are grouped by their rule so that each group's target names it."""
-        if isinstance(target, str) or not self.flow_group:
+        plain = not self.flow_group and self._auditing is None and self._audit_of is None
+        if isinstance(target, str) or plain:
             fixed = target if isinstance(target, str) else TARGETS[target]
             return self._matching(endpoint, direction, family, allows, fixed, run)
         groups: dict[RuleName, list[Allow]] = {}
@@ -423,10 +446,50 @@ class _Compiler:
                 rules.append(rule)
         return rules
 
+    def _policy_rules(
+        self, endpoint: Endpoint, direction: str, family: int, policy: DirectionPolicy
+    ) -> list[str]:
+        """What `policy` says of a new flow past the endpoint chain's head."""
+        side = "src" if direction == INGRESS else "dst"
+        rules: list[str] = []
+        mapped = f"{_comment(DENY)} -j DROP"
+        if self._auditing is not None:  # an audit chain never drops
+            mapped = self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE))
+        if policy.tiered:
+            if family == 6:
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
+            rules += tiered_rules(self, endpoint, direction, family, policy)
+        elif not policy.isolated:
+            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
+        else:
+            if family == 6:
+                # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
+                # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
+                flag = "-s" if side == "src" else "-d"
+                rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
+            rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
+            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
+        return rules
+
+    def _audit_chain(self, family: int, allow_target: str) -> str:
+        """The audit view of the endpoint direction being compiled, for the new flows of one
+        enforced allow: its Accepts end as that allow would (`allow_target`), its Denies in a
+        counted RETURN (AUDIT_DENY). Every exit passes: an audit policy changes no fate."""
+        assert self._audit_of is not None
+        endpoint, direction, _, audit = self._audit_of
+        self._audit_of, self._auditing = None, (allow_target, endpoint.key, direction)
+        try:
+            rules = self._policy_rules(endpoint, direction, family, audit)
+        finally:
+            self._audit_of, self._auditing = (endpoint, direction, family, audit), None
+        letter = "I" if direction == INGRESS else "E"
+        name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}u"
+        self.out.chains[family][name] = rules
+        return name
+
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
-        # Peers are the packet's source for ingress and its destination for egress.
-        side = "src" if direction == INGRESS else "dst"
         rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_comment(ALLOW)} -j RETURN"]
         if self.tcp_needs_syn:
             # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
@@ -439,28 +502,22 @@ class _Compiler:
             width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
             rules.append(
                 f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
-                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
-                + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
             )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
             node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
             rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
-        if policy.tiered:
-            if family == 6:
-                flag = "-s" if side == "src" else "-d"
-                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            rules += tiered_rules(self, endpoint, direction, family, policy)
-        elif not policy.isolated:
-            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
+        if policy.audit is None:
+            rules += self._policy_rules(endpoint, direction, family, policy)
         else:
-            if family == 6:
-                # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
-                # by an IPv6 allow such as ::/0 (the eBPF datapath drops it as malformed)
-                flag = "-s" if side == "src" else "-d"
-                rules.append(f"{flag} {V4_MAPPED_SPACE} {_comment(DENY)} -j DROP")
-            rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
-            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
+            # each enforced allow sends its new flows on to the audit view, which then returns or
+            # logs them as that allow would (audit_chain)
+            self._audit_of = (endpoint, direction, family, policy.audit)
+            try:
+                rules += self._policy_rules(endpoint, direction, family, policy)
+            finally:
+                self._audit_of = None
         letter = "I" if direction == INGRESS else "E"
         name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
         self.out.chains[family][name] = rules
@@ -484,8 +541,7 @@ class _Compiler:
         came_from = self._from_match(interface)
         if family == 4:
             from_rules.append(
-                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} "
-                + self.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
+                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} -j DROP"
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
@@ -496,8 +552,7 @@ class _Compiler:
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
-        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
+        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
@@ -533,15 +588,12 @@ class _Compiler:
         if self.unknown_endpoints == "allow":
             return
         comment = _comment(UNKNOWN)
-        unknown = "interface of no known pod"
-        egress = self.dropped(family, EGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} {egress}")
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} -j DROP")
         if interface.bridge is None:
             to = f"-o {interface.name}"
         else:
             to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
-        ingress = self.dropped(family, INGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} {ingress}")
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} -j DROP")
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}

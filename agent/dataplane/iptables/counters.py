@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from agent.dataplane.iptables import kernel
 from agent.dataplane.iptables.compiler import (
     ALLOW,
+    AUDIT_DENY,
     DENY,
     DISPATCH,
     EGRESS,
@@ -60,3 +61,14 @@ def tally_chains(
             tally.denied_packets += rule.packets
             tally.denied_bytes += rule.bytes
     return tallies
+
+
+def audit_denials(table: kernel.FilterTable, chains: set[str] | None = None) -> dict[tuple[str, str], int]:
+    """(key, direction) -> packets the AUDIT_DENY rules counted (of `chains` only, if given):
+    the first packets of new flows the enforced rules admitted and the audit view would deny."""
+    counts: dict[tuple[str, str], int] = {}
+    for rule in table.rules:
+        if rule.comment.startswith(AUDIT_DENY + " ") and (chains is None or rule.chain in chains):
+            _, direction, key = rule.comment.split(" ", 2)
+            counts[(key, direction)] = counts.get((key, direction), 0) + rule.packets
+    return counts

@@ -55,7 +55,7 @@ from agent.dataplane.iptables.compiler import (
     compile_state,
     member_address,
 )
-from agent.dataplane.iptables.counters import Tally, endpoint_chain_owners, tally_chains
+from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
 from agent.dataplane.iptables.fitting import fit_sets
 from agent.dataplane.iptables.flowrecords import UNLOGGED, RuleName
 from agent.dataplane.iptables.flowsource import FlowSource, flow_view
@@ -156,6 +156,7 @@ class IptablesDataplane:
         self._started = False
         # Counters of endpoint chains replaced since start (rule counters die with their chain).
         self._retired: dict[tuple[str, str], Tally] = {}
+        self._retired_audit: dict[tuple[str, str], int] = {}  # audit denials of replaced chains
         # What the last commit wrote into the fixed chains, per family: an apply that changes
         # nothing in a family (e.g. the IPv6 half of an IPv4-only change) writes nothing there.
         self._committed: dict[int, dict[str, tuple[str, ...]]] = {}
@@ -449,6 +450,10 @@ class IptablesDataplane:
             table, {c: o for c, o in owners_before.items() if c in stale}
         ).items():
             self._retired.setdefault(owner, Tally()).add(tally)
+        for owner, count in audit_denials(table, set(stale)).items():
+            self._retired_audit[owner] = self._retired_audit.get(owner, 0) + count
+        for owner in [o for o in self._retired_audit if o not in desired.endpoint_chains]:
+            del self._retired_audit[owner]  # the endpoint is gone: nothing reports it any more
         kernel.restore_filter_table(family, "\n".join(lines))
         self._committed[family] = fixed
 
@@ -468,6 +473,16 @@ class IptablesDataplane:
         return changed
 
     # -- observation --------------------------------------------------------------------------
+
+    def audit_denied(self) -> dict[tuple[str, str], int]:
+        """New flows each endpoint direction admitted that its audit view would deny (the
+        AUDIT_DENY rules of its audit chains, and of the chains they replaced)."""
+        with self._lock:
+            totals = dict(self._retired_audit)
+            for family in FAMILIES:
+                for owner, count in audit_denials(kernel.read_filter_table(family)).items():
+                    totals[owner] = totals.get(owner, 0) + count
+        return totals
 
     def counters(self) -> list[EndpointCounters]:
         totals: dict[tuple[str, str], Tally] = {}

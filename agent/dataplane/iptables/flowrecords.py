@@ -6,6 +6,7 @@ has that (direction, tier, policy, rule), so they add two or three rules per dis
 per allow: 10,000 allows of one NetworkPolicy rule cost one more chain, not 10,000 more rules.
 
     PF-LA<ref>:  NEW -> NFLOG "pf1 a <ref>" ; RETURN            (allowed: the flow's first packet)
+    PF-LU<ref>:  NEW -> NFLOG "pf1 u <ref>" ; RETURN            (audit-denied: passes, compiler._audit_chain)
     PF-LD<ref>:  over the per-flow rate (hashlimit) -> DROP, counted as unlogged ;
                  NFLOG "pf1 d <ref>" ; DROP                      (denied: every packet, up to it)
 
@@ -72,7 +73,6 @@ class RuleName:
     tier: str
     policy: str
     rule: str
-    reason: str = "policy"  # of a denial: the drop reason name (types.Reason, lower case)
 
     @property
     def decided_by_rule(self) -> bool:
@@ -82,7 +82,7 @@ class RuleName:
 def rule_ref(name: RuleName) -> int:
     """A stable 48-bit reference: the same rule gets the same log chain across restarts, so an
     unchanged endpoint chain keeps its name (and counters). Never 0 (the contract's "none")."""
-    text = "\0".join((name.direction, name.tier, name.policy, name.rule, name.reason))
+    text = "\0".join((name.direction, name.tier, name.policy, name.rule))
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:6], "big") or 1
 
 
@@ -95,18 +95,14 @@ def rule_name(direction: str, tier: int, allow: Allow) -> RuleName:
     return RuleName(direction, TIER_NAMES.get(tier, "networkpolicy"), allow.policy, allow.rule)
 
 
-def log_chain(verdict: FlowVerdict, ref: int, group: int) -> tuple[str, list[str]]:
-    """The name and rules of the log chain of `ref`. The name carries a hash of the rules, so
-    another group (or log rate) is a new chain, swapped in like a changed endpoint chain."""
-    rules = _log_chain_rules(verdict, ref, group)
-    digest = hashlib.sha1("\n".join(rules).encode()).hexdigest()[:6]
-    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}{digest}", rules
+def log_chain_name(verdict: FlowVerdict, ref: int) -> str:
+    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}"
 
 
-def _log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
+def log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
     prefix = nflog_prefix(verdict, ref)
     nflog = f'-j NFLOG --nflog-group {group} --nflog-prefix "{prefix}" --nflog-size {NFLOG_SIZE}'
-    if verdict == FlowVerdict.ALLOWED:
+    if verdict in (FlowVerdict.ALLOWED, FlowVerdict.AUDIT_DENIED):  # audit-denied passes too
         return [f"-m conntrack --ctstate NEW {nflog}", "-j RETURN"]
     return [
         f"-m hashlimit --hashlimit-above {DENIED_LOG_RATE} --hashlimit-burst {DENIED_LOG_BURST} "
