@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, RuleName, allow_of
+from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, TIER_NAMES, RuleName, allow_of
 from agent.dataplane.iptables.tier_sets import resolve_tier
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -80,7 +80,7 @@ def _tier_rules(
     """The rules judging `tier`: one per action set (tier_sets.py), then the runs of the entries
     no set holds; all of them as runs if a set would outgrow the set limit or flow records are
     on. Accept and Deny decide (compiler.decided); Pass goes to `pass_target`."""
-    from agent.dataplane.iptables.compiler import INGRESS, SET_PREFIX, TARGETS, _short_hash
+    from agent.dataplane.iptables.compiler import INGRESS, SET_PREFIX, _short_hash
 
     entries = [e for e in policy.tiered if e.tier == tier]
     letter = "a" if tier == TIER_ADMIN else "b"
@@ -98,7 +98,10 @@ def _tier_rules(
             compiler._add_set(name, family, "hash:net,port", resolved.members[action])
             compiler.out.set_users.setdefault(name, set()).update(resolved.policies.get(action, set()))
             # the sets are disjoint: their order does not matter
-            target = pass_target if action == ACTION_PASS else TARGETS[action]
+            # decided(): in an audit chain a Deny is a counted RETURN and an Accept the enforced
+            # allow's target; with an audit view an Accept goes on to it (compiler.py)
+            decided = RuleName(direction, TIER_NAMES[tier], "", f"{TIER_NAMES[tier]} {action} set")
+            target = pass_target if action == ACTION_PASS else compiler.decided(family, action, decided)
             rules.append(f"-m set --match-set {name} {side},dst {target}")
     for index, (action, allows) in enumerate(tier_runs(runs, tier)):
         run_target: str | int = pass_target if action == ACTION_PASS else action
