@@ -18,6 +18,7 @@ from agent.dataplane.iptables.compiler import DesiredState, compile_state
 from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
+    SET_RULE,
     AllowedFlows,
     DeniedFlows,
     RuleName,
@@ -26,7 +27,7 @@ from agent.dataplane.iptables.flowrecords import (
     parse_prefix,
     rule_ref,
 )
-from agent.dataplane.iptables.flowsource import FlowView, record_of
+from agent.dataplane.iptables.flowsource import FlowView, flow_view, record_of
 from agent.dataplane.types import (
     ACTION_ACCEPT,
     ACTION_DENY,
@@ -129,21 +130,45 @@ def test_single_port_allows_of_different_rules_get_a_set_each() -> None:
     assert len(grouped) == 2 and len({r.rsplit(" ", 1)[1] for r in grouped}) == 2
 
 
-def test_cluster_policy_entries_log_with_their_tier_and_pass_logs_nothing() -> None:
-    peer = CidrPeer(ipaddress.ip_network("10.9.0.0/16"))
+def test_cluster_policy_sets_log_per_action_and_the_reader_names_the_rule() -> None:
+    """A tier's precedence is one set per action (tiers.py); its matches log through one chain
+    per (direction, tier, action), and the reader names the rule each packet's peer and port
+    stand for, by rank. A Pass logs nothing (the next tier decides and logs)."""
+    wide = CidrPeer(ipaddress.ip_network("10.9.0.0/16"))
+    narrow = CidrPeer(ipaddress.ip_network("10.9.1.0/24"))
     tiered = (
-        TieredAllow(TIER_ADMIN, 1, ACTION_DENY, peer, 6, 22, 22, "no-ssh"),
-        TieredAllow(TIER_ADMIN, 2, ACTION_PASS, peer, 6, 80, 80, "delegate"),
-        TieredAllow(TIER_ADMIN, 3, ACTION_ACCEPT, peer, 6, 443, 443, "tls"),
+        TieredAllow(TIER_ADMIN, 1, ACTION_DENY, narrow, 6, 22, 22, "no-ssh-lab", "deny-lab"),
+        TieredAllow(TIER_ADMIN, 2, ACTION_ACCEPT, wide, 6, 22, 22, "ssh", "allow-ssh"),
+        TieredAllow(TIER_ADMIN, 3, ACTION_PASS, wide, 6, 80, 80, "delegate", "pass"),
+        TieredAllow(TIER_ADMIN, 4, ACTION_ACCEPT, wide, 6, 443, 443, "tls", "allow-tls"),
     )
-    desired = compile_state(state(DirectionPolicy(False, (), tiered)), IFACES, flow_group=GROUP)
+    endpoint_state = state(DirectionPolicy(False, (), tiered))
+    desired = compile_state(endpoint_state, IFACES, flow_group=GROUP)
     chain = desired.chains[4][chain_of(desired, "ns/a", "ingress")]
-    names = {(n.tier, n.policy) for n in desired.rule_names.values() if n.direction == "ingress"}
-    assert {("admin", "no-ssh"), ("admin", "tls"), ("default", "")} <= names
+    sets = [r for r in chain if "--match-set pf-t4ia" in r]
+    assert len(sets) == 3  # Accept, Deny, Pass: one lookup each, whatever the rule count
+    assert "-g PF-LD" in next(r for r in sets if "pf-t4iad" in r)
+    assert "-g PF-LA" in next(r for r in sets if "pf-t4iaa" in r)
+    assert "PF-L" not in next(r for r in sets if "pf-t4iap" in r)
     assert not any(n.policy == "delegate" for n in desired.rule_names.values())
-    assert "-g PF-LD" in next(r for r in chain if "--dport 22" in r)
-    assert "-g PF-LA" in next(r for r in chain if "--dport 443" in r)
-    assert "PF-L" not in next(r for r in chain if "--dport 80" in r)
+    view = flow_view(
+        {"ns/a": (10, (ipaddress.ip_address("10.1.0.1"),))}, {10}, desired.rule_names, {},
+        {("ns/a", "ingress"): tiered}, endpoint_state.identities,
+    )  # fmt: skip
+
+    def named(verdict: FlowVerdict, source: str, port: int) -> tuple[str, str, str]:
+        ref = rule_ref(RuleName("ingress", "admin", "", SET_RULE))
+        payload = _ipv4(6, source, "10.1.0.1", struct.pack(">HH", 40000, port) + b"\0" * 16)
+        packet = nflog.decode_packet(
+            {nflog.NFULA_PREFIX: nflog_prefix(verdict, ref).encode() + b"\0", nflog.NFULA_PAYLOAD: payload}
+        )
+        record = record_of(packet, view)
+        assert record is not None
+        return record.tier, record.policy, record.rule
+
+    assert named(FlowVerdict.DENIED, "10.9.1.5", 22) == ("admin", "no-ssh-lab", "deny-lab")
+    assert named(FlowVerdict.ALLOWED, "10.9.2.5", 22) == ("admin", "ssh", "allow-ssh")
+    assert named(FlowVerdict.ALLOWED, "10.9.2.5", 443) == ("admin", "tls", "allow-tls")
 
 
 def _ipv4(protocol: int, source: str, destination: str, l4: bytes, fragment: int = 0) -> bytes:

@@ -320,7 +320,15 @@ class IptablesDataplane:
         self._desired = desired
         if self._flows is not None:
             endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
-            self._flows.view = flow_view(endpoints, interfaces, desired.rule_names, self._rule_names)
+            tiered = {
+                (key, direction): policy.tiered
+                for key, e in state.endpoints.items()
+                for direction, policy in (("ingress", e.ingress), ("egress", e.egress))
+                if policy.tiered
+            }
+            self._flows.view = flow_view(
+                endpoints, interfaces, desired.rule_names, self._rule_names, tiered, state.identities
+            )
             self._rule_names = desired.rule_names
         # (a stale set still referenced survives destroy_sets; the next read finds it again)
         self._sets_view.wrote(desired.sets, self.ipset_maxelem)

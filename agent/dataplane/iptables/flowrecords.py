@@ -46,6 +46,8 @@ UNLOGGED = "podfence:unlogged"  # comment of the rule counting denied packets ov
 NO_POLICY = "no policy selects the pod"
 NO_RULE = "isolated, no rule matched"
 TIER_NAMES = {TIER_ADMIN: "admin", TIER_BASELINE: "baseline", 0: "networkpolicy"}
+# The rule of a tier's per-action set (tiers.py): the reader names the entry the set stood for.
+SET_RULE = "@set"
 
 
 def nflog_prefix(verdict: FlowVerdict, rule_ref: int) -> str:

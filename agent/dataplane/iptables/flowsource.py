@@ -13,12 +13,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
+    SET_RULE,
+    TIER_NAMES,
     AllowedFlows,
     DeniedFlows,
     RuleName,
@@ -26,6 +29,7 @@ from agent.dataplane.iptables.flowrecords import (
     parse_prefix,
 )
 from agent.dataplane.iptables.nflog import RECEIVE_BUFFER, NflogError, NflogPacket, NflogReader
+from agent.dataplane.types import PROTO_ANY, CidrPeer, IdentityPeer, TieredAllow
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,39 @@ class FlowView:
     interfaces: dict[int, str] = field(default_factory=dict)  # host-side ifindex -> endpoint key
     addresses: dict[str, str] = field(default_factory=dict)  # pod address -> endpoint key
     rules: dict[int, RuleName] = field(default_factory=dict)  # rule_ref -> rule
+    # A tier's precedence written as one set per action (tiers.py) logs through one chain per
+    # (direction, tier, action), SET_RULE: the deciding rule is found here, by the same "first
+    # entry by rank" the compiler resolved the sets with. (endpoint key, direction) -> entries
+    # by rank; identity -> its addresses.
+    tiered: dict[tuple[str, str], tuple[TieredAllow, ...]] = field(default_factory=dict)
+    identities: dict[int, frozenset[str]] = field(default_factory=dict)
+
+
+_PORTED = frozenset({6, 17, 132})
+
+
+def _decided_by_set(view: FlowView, endpoint: str, name: RuleName, peer: str, protocol: int,
+                    port: int) -> RuleName:
+    """The rule among `endpoint`'s entries of `name.tier` that a set rule's match stood for."""
+    address = ipaddress.ip_address(peer)
+    for entry in view.tiered.get((endpoint, name.direction), ()):
+        if TIER_NAMES.get(entry.tier) != name.tier:
+            continue
+        if entry.protocol != PROTO_ANY and entry.protocol != protocol:
+            continue
+        if entry.protocol in _PORTED and not entry.port_first <= port <= entry.port_last:
+            continue
+        matched = entry.peer
+        if isinstance(matched, IdentityPeer):
+            if peer not in view.identities.get(matched.identity, frozenset()):
+                continue
+        elif isinstance(matched, CidrPeer):
+            if address.version != matched.cidr.version or address not in matched.cidr:
+                continue
+            if any(address in excepted for excepted in matched.excepts):
+                continue
+        return RuleName(name.direction, name.tier, entry.policy, entry.rule)
+    return name
 
 
 def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
@@ -57,6 +94,9 @@ def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
         endpoint = view.interfaces.get(packet.physoutdev or packet.outdev) or view.addresses.get(
             tuple5.destination
         )
+    if name.rule == SET_RULE and endpoint:
+        peer = tuple5.destination if name.direction == _EGRESS else tuple5.source
+        name = _decided_by_set(view, endpoint, name, peer, tuple5.protocol, tuple5.destination_port)
     rule = name.rule
     if not name.decided_by_rule and not rule:
         rule = NO_RULE if verdict != FlowVerdict.ALLOWED else NO_POLICY
@@ -163,10 +203,13 @@ def flow_view(
     interfaces: set[int],
     rules: dict[int, RuleName],
     last_rules: dict[int, RuleName],
+    tiered: dict[tuple[str, str], tuple[TieredAllow, ...]] | None = None,
+    identities: Mapping[int, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]] | None = None,
 ) -> FlowView:
     """The view of an apply: endpoints by interface (the first key claims it, as in the compiler)
     and address; the rules of this apply and the last (records of packets logged just before
-    the change still find their rule)."""
+    the change still find their rule); the tiered entries (by rank) that set rules stand for,
+    with the addresses of the identities they name."""
     by_interface: dict[int, str] = {}
     by_address: dict[str, str] = {}
     for key in sorted(endpoints):
@@ -175,4 +218,10 @@ def flow_view(
             by_interface.setdefault(ifindex, key)
         for ip in ips:
             by_address.setdefault(str(ip), key)
-    return FlowView(by_interface, by_address, {**last_rules, **rules})
+    ordered = {
+        key: tuple(sorted(entries, key=lambda e: (e.tier, e.rank))) for key, entries in (tiered or {}).items()
+    }
+    named = {e.peer.identity for each in ordered.values() for e in each if isinstance(e.peer, IdentityPeer)}
+    addresses = identities or {}
+    members = {identity: frozenset(str(ip) for ip in addresses.get(identity, ())) for identity in named}
+    return FlowView(by_interface, by_address, {**last_rules, **rules}, ordered, members)

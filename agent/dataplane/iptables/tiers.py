@@ -13,11 +13,10 @@ order, so each maximal run of consecutive entries (by rank) of one action is one
 lookup for its single-port entries plus a rule for each other entry, all with the run's target.
 Such a tier costs one lookup per change of action in its precedence order.
 
-With flow records on (compiler.flow_group) every tier is written as runs: a record names its
-deciding rule through the NFLOG prefix of that rule's log chain, which one set per action
-cannot give (a member of the Deny set may come from any Deny rule). Records on iptables thus
-cost a tier one lookup per change of action; the eBPF dataplane names the rule from the
-verdict word and stays flat.
+With flow records on, a set's match logs through one chain per (direction, tier, action) whose
+rule is SET_RULE: a member of the Deny set may come from any Deny rule, so the reader
+(flowsource.py) names the deciding rule from the packet's peer and port, by the same first
+entry by rank the sets were resolved with. A run's rule logs its own name.
 
 Layout of a tiered endpoint chain (compiler._tiered_chains):
     PF-I…/PF-E…:  established, node IPs, v4-mapped as before; Admin sets or runs (Accept ->
@@ -31,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, TIER_NAMES, RuleName, allow_of
+from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, SET_RULE, TIER_NAMES, RuleName, allow_of
 from agent.dataplane.iptables.tier_sets import resolve_tier
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -75,19 +74,20 @@ def _tier_rules(
     family: int,
     policy: DirectionPolicy,
     tier: int,
-    pass_target: str,
+    pass_target: str | None,
 ) -> list[str]:
     """The rules judging `tier`: one per action set (tier_sets.py), then the runs of the entries
-    no set holds; all of them as runs if a set would outgrow the set limit or flow records are
-    on. Accept and Deny decide (compiler.decided); Pass goes to `pass_target`."""
+    no set holds; all of them as runs if a set would outgrow the set limit. Accept and Deny
+    decide (compiler.decided); Pass goes to `pass_target`, or (None: the Baseline tier, where
+    only the default allow follows) decides as an Accept."""
     from agent.dataplane.iptables.compiler import INGRESS, SET_PREFIX, _short_hash
 
     entries = [e for e in policy.tiered if e.tier == tier]
     letter = "a" if tier == TIER_ADMIN else "b"
     rules = []
     runs: tuple[TieredAllow, ...] = tuple(entries)
-    resolved = None if compiler.flow_group else resolve_tier(entries, family, compiler.state.identities)
-    if resolved is not None and all(len(m) <= compiler.set_limit for m in resolved.members.values()):
+    resolved = resolve_tier(entries, family, compiler.state.identities)
+    if all(len(m) <= compiler.set_limit for m in resolved.members.values()):
         side = "src" if direction == INGRESS else "dst"
         runs = resolved.wide
         for action in sorted(resolved.members):
@@ -100,11 +100,15 @@ def _tier_rules(
             # the sets are disjoint: their order does not matter
             # decided(): in an audit chain a Deny is a counted RETURN and an Accept the enforced
             # allow's target; with an audit view an Accept goes on to it (compiler.py)
-            decided = RuleName(direction, TIER_NAMES[tier], "", f"{TIER_NAMES[tier]} {action} set")
-            target = pass_target if action == ACTION_PASS else compiler.decided(family, action, decided)
+            decided = RuleName(direction, TIER_NAMES[tier], "", SET_RULE)
+            if action == ACTION_PASS and pass_target is not None:
+                target = pass_target
+            else:
+                target = compiler.decided(family, ACTION_ACCEPT if action == ACTION_PASS else action, decided)
             rules.append(f"-m set --match-set {name} {side},dst {target}")
     for index, (action, allows) in enumerate(tier_runs(runs, tier)):
-        run_target: str | int = pass_target if action == ACTION_PASS else action
+        # tier_runs made a Baseline Pass an Accept already
+        run_target: str | int = pass_target if action == ACTION_PASS and pass_target is not None else action
         rules += compiler.matching(endpoint, direction, family, allows, run_target, f"{letter}{index}", tier)
     return rules
 
@@ -115,15 +119,14 @@ def tiered_rules(
     """The rules after the common head of a direction with tiered entries (see the layout above);
     the chain of the rest is added to the compiler's output."""
     # the compiler imports this module: its names are read at call time
-    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, TARGETS, _short_hash
+    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, _short_hash
 
     rest: list[str] = []
     if policy.isolated:
         rest += compiler.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT, "n")
         rest.append(compiler.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
     else:
-        accept = TARGETS[ACTION_ACCEPT]  # a Baseline Pass: only the default allow follows
-        rest += _tier_rules(compiler, endpoint, direction, family, policy, TIER_BASELINE, accept)
+        rest += _tier_rules(compiler, endpoint, direction, family, policy, TIER_BASELINE, None)
         rest.append(compiler.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
     letter = "I" if direction == INGRESS else "E"
     rest_chain = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rest))}n"
