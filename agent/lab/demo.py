@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from agent.lab import demo_derive
+from agent.lab import demo_derive, demo_observe
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.dns import service_name
 from agent.lab.prober import Probe, TruthTable, resolve, run_probes
@@ -271,6 +271,27 @@ class Demo:
                     dict.fromkeys(("admin-gateway.yaml", "admin-guardrails.yaml", "admin-outside.yaml")))
         print()
 
+    def audit_rollout(self) -> None:
+        """An audit (staged) policy is evaluated, not enforced: the connection it would deny still
+        passes, and `podfence observe` shows it as audit-denied, naming the policy and rule."""
+        print("staging a guardrail in audit mode, then reading the flows (podfence observe):")
+        self.change("  Admin tier, annotated podfence.io/mode: audit: no plain HTTP from 'outside'",
+                    {"admin-staged.yaml": "staged-http.yaml"})
+        self.expect("client -> ingress:80 (the staged Deny changes no fate)", "client",
+                    Column("ingress", 80, "TCP"), True)
+        policy = "staged-no-plain-http"
+        records = demo_observe.observed(self.podfence.control_address, "--verdict", "audit-denied",
+                                        "--policy", policy)
+        for record in records[-2:]:
+            print(f"    {demo_observe.one_line(record)}")
+        ok = any(r["rule"] == "no-http-to-gateway" and r["source"]["pod"] == "client" for r in records)
+        print(f"  [{'ok' if ok else 'FAIL'}] podfence observe --verdict audit-denied: client -> ingress:80 "
+              f"by {policy}")
+        if not ok:
+            self.failures.append(f"no audit-denied flow record of client -> ingress:80 naming {policy}")
+        self.change("  back to the application's policies alone", {"admin-staged.yaml": None})
+        print()
+
     def change(self, what: str, files: dict[str, str | None]) -> None:
         """Write each source file from agent/lab/admin/ (None: remove it), then wait for every node."""
         version = self.podfence.current_version()
@@ -347,6 +368,7 @@ class Demo:
         self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
         self.check_dns()
         self.admin_guardrails()
+        self.audit_rollout()
         # The same application graph twice more: derived from bookinfo's Istio configuration, then
         # suggested from the connections just seen. TCP/UDP only: both leave kube-system to its
         # owners, so ICMP to the DNS pod, which the hand-written dns-only policy blocks, stays open.

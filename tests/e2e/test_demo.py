@@ -47,6 +47,11 @@ def test_demo_passes_quickly_and_cleans_up(dataplane: str, mode: str) -> None:
     assert "declared connections, every one allowed by the reference evaluator" in result.stdout
     assert "AFTER derived policies" in result.stdout and "AFTER suggested policies" in result.stdout
     assert "observed connections, every one allowed by the reference evaluator" in result.stdout
+    # the staged guardrail: its Deny changed no fate, and observe named it on the flow it would deny
+    assert "[ok] client -> ingress:80 (the staged Deny changes no fate): reachable" in result.stdout
+    assert "[ok] podfence observe --verdict audit-denied: client -> ingress:80 by staged-no-plain-http" in (
+        result.stdout
+    )
     assert elapsed < DEMO_BUDGET_S, f"demo took {elapsed:.1f} s"
     assert leftovers() == []
 

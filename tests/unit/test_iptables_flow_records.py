@@ -153,7 +153,7 @@ def test_cluster_policy_sets_log_per_action_and_the_reader_names_the_rule() -> N
     assert not any(n.policy == "delegate" for n in desired.rule_names.values())
     view = flow_view(
         {"ns/a": (10, (ipaddress.ip_address("10.1.0.1"),))}, {10}, desired.rule_names, {},
-        {("ns/a", "ingress"): tiered}, endpoint_state.identities,
+        {("ns/a", "ingress", False): tiered}, endpoint_state.identities,
     )  # fmt: skip
 
     def named(verdict: FlowVerdict, source: str, port: int) -> tuple[str, str, str]:

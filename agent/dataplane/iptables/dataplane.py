@@ -321,10 +321,11 @@ class IptablesDataplane:
         if self._flows is not None:
             endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
             tiered = {
-                (key, direction): policy.tiered
+                (key, direction, view is not policy): view.tiered
                 for key, e in state.endpoints.items()
                 for direction, policy in (("ingress", e.ingress), ("egress", e.egress))
-                if policy.tiered
+                for view in (policy, policy.audit)
+                if view is not None and view.tiered
             }
             self._flows.view = flow_view(
                 endpoints, interfaces, desired.rule_names, self._rule_names, tiered, state.identities

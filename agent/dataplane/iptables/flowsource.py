@@ -47,9 +47,9 @@ class FlowView:
     rules: dict[int, RuleName] = field(default_factory=dict)  # rule_ref -> rule
     # A tier's precedence written as one set per action (tiers.py) logs through one chain per
     # (direction, tier, action), SET_RULE: the deciding rule is found here, by the same "first
-    # entry by rank" the compiler resolved the sets with. (endpoint key, direction) -> entries
-    # by rank; identity -> its addresses.
-    tiered: dict[tuple[str, str], tuple[TieredAllow, ...]] = field(default_factory=dict)
+    # entry by rank" the compiler resolved the sets with. (endpoint key, direction, audit view?)
+    # -> entries by rank; identity -> its addresses.
+    tiered: dict[tuple[str, str, bool], tuple[TieredAllow, ...]] = field(default_factory=dict)
     identities: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
@@ -57,10 +57,11 @@ _PORTED = frozenset({6, 17, 132})
 
 
 def _decided_by_set(view: FlowView, endpoint: str, name: RuleName, peer: str, protocol: int,
-                    port: int) -> RuleName:
-    """The rule among `endpoint`'s entries of `name.tier` that a set rule's match stood for."""
+                    port: int, audit: bool) -> RuleName:
+    """The rule among `endpoint`'s entries of `name.tier` (in its audit view: `audit`) that a
+    set rule's match stood for."""
     address = ipaddress.ip_address(peer)
-    for entry in view.tiered.get((endpoint, name.direction), ()):
+    for entry in view.tiered.get((endpoint, name.direction, audit), ()):
         if TIER_NAMES.get(entry.tier) != name.tier:
             continue
         if entry.protocol != PROTO_ANY and entry.protocol != protocol:
@@ -96,7 +97,8 @@ def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
         )
     if name.rule == SET_RULE and endpoint:
         peer = tuple5.destination if name.direction == _EGRESS else tuple5.source
-        name = _decided_by_set(view, endpoint, name, peer, tuple5.protocol, tuple5.destination_port)
+        audit = verdict == FlowVerdict.AUDIT_DENIED
+        name = _decided_by_set(view, endpoint, name, peer, tuple5.protocol, tuple5.destination_port, audit)
     rule = name.rule
     if not name.decided_by_rule and not rule:
         rule = NO_RULE if verdict != FlowVerdict.ALLOWED else NO_POLICY
@@ -203,7 +205,7 @@ def flow_view(
     interfaces: set[int],
     rules: dict[int, RuleName],
     last_rules: dict[int, RuleName],
-    tiered: dict[tuple[str, str], tuple[TieredAllow, ...]] | None = None,
+    tiered: dict[tuple[str, str, bool], tuple[TieredAllow, ...]] | None = None,
     identities: Mapping[int, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]] | None = None,
 ) -> FlowView:
     """The view of an apply: endpoints by interface (the first key claims it, as in the compiler)

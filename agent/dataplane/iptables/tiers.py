@@ -91,8 +91,9 @@ def _tier_rules(
         side = "src" if direction == INGRESS else "dst"
         runs = resolved.wide
         for action in sorted(resolved.members):
+            audit = "u" if compiler._auditing is not None else ""  # an audit view's sets are its own
             name = (
-                f"{SET_PREFIX}t{family}{direction[0]}{letter}{_ACTION_LETTERS[action]}-"
+                f"{SET_PREFIX}t{family}{direction[0]}{letter}{_ACTION_LETTERS[action]}{audit}-"
                 f"{_short_hash(endpoint.key, 12)}"
             )
             compiler._add_set(name, family, "hash:net,port", resolved.members[action])
