@@ -44,7 +44,7 @@ from agent.model.objects import (
     Rule,
     labels_from_dict,
 )
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.audit import audit_view, enforced_view
 from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.staged import StagedResolver

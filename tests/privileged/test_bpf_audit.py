@@ -33,7 +33,7 @@ from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import DirectionPolicy, Endpoint, NodeState
 from agent.model.cluster_policy import ClusterNetworkPolicy
 from agent.model.objects import NetworkPolicy
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.audit import audit_view
 from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.staged import StagedResolver

@@ -18,7 +18,7 @@ from agent.control.encode import delta_message, snapshot_message
 from agent.dataplane.bpf import cidr_classes, maps
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.types import NodeState
-from agent.node.sync import DecodeCache, apply_message
+from agent.node.decode import DecodeCache, apply_message
 from agent.policy.compiled import (
     AllowEntry,
     CidrRef,

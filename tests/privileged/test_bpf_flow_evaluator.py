@@ -36,7 +36,7 @@ from agent.model.objects import (
     Protocol,
     Rule,
 )
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.evaluator import DirectionVerdict, evaluate
 from agent.policy.resolver import Resolver
 from agent.policy.state import ClusterState

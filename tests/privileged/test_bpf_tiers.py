@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from agent.control.encode import snapshot_message
 from agent.dataplane.types import NodeState
 from agent.model.objects import Pod
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.evaluator import evaluate
 from agent.policy.resolver import Resolver
 from tests.cnp_scenarios import ICMP, NODES, PROBE_PORTS, SCTP, TCP, UDP, Scenario, scenarios

@@ -27,7 +27,7 @@ from agent.control.encode import snapshot_message
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.types import NodeState
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.evaluator import Verdict, evaluate
 from agent.policy.resolver import Resolver
 from tests.cnp_scenarios import ICMP, NODES, SCTP, TCP, UDP, Scenario, scenarios

@@ -27,7 +27,7 @@ from agent.model.cluster_policy import (
     Tier,
 )
 from agent.model.objects import IPAddress, KubeObject, LabelSelector, NetworkPolicy, Pod, PolicyType, Protocol
-from agent.node.sync import MalformedMessage, apply_message
+from agent.node.decode import MalformedMessage, apply_message
 from agent.policy.audit import as_enforced, audit_view
 from agent.policy.check import EGRESS, INGRESS, compiled_allows
 from agent.policy.compiled import AllowEntry, CidrRef, DirectionAllows, EndpointPolicy, NodePolicy

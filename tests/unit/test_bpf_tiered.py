@@ -24,7 +24,7 @@ from agent.dataplane.bpf.structs import (
 )
 from agent.dataplane.bpf.tiered import PolicyEntry, cell_entries, split_leaf_value
 from agent.dataplane.types import TIER_ADMIN, TIER_BASELINE, CidrPeer, IdentityPeer
-from agent.node.sync import MalformedMessage, apply_message
+from agent.node.decode import MalformedMessage, apply_message
 from agent.policy.compiled import (
     CidrRef,
     DirectionAllows,

@@ -13,7 +13,7 @@ from agent.control.encode import delta_message, snapshot_message
 from agent.control.hub import AckError, PolicyHub, StreamClosed
 from agent.control.metrics import ControlMetrics
 from agent.dataplane.types import IdentityPeer
-from agent.node.sync import DecodeCache, MalformedMessage, apply_message
+from agent.node.decode import DecodeCache, MalformedMessage, apply_message
 from agent.policy.resolver import Resolver
 from tests.unit.control_helpers import allow_from, change_held_open, pod, small_cluster
 

@@ -24,7 +24,7 @@ from agent.model.objects import (
     Protocol,
     Rule,
 )
-from agent.node.sync import apply_message
+from agent.node.decode import apply_message
 from agent.policy.resolver import Resolver
 from tests.unit.model_builders import pod, sel
 

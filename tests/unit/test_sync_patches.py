@@ -19,7 +19,7 @@ from agent.control.encode import delta_message, snapshot_message
 from agent.dataplane.bpf.compiler import compile_node_state
 from agent.dataplane.iptables.compiler import Interface, compile_state
 from agent.dataplane.types import NodeState
-from agent.node.sync import DecodeCache, MalformedMessage, apply_message
+from agent.node.decode import DecodeCache, MalformedMessage, apply_message
 from agent.policy.compiled import (
     ACTION_DENY,
     ACTION_PASS,
