@@ -137,6 +137,23 @@ class TieredAllow:
     rule: str = ""  # its rule's name, else "ingress[i]" / "egress[i]"; never for verdicts
 
 
+def matches(entry: Allow | TieredAllow, address: IPAddress, identities: frozenset[int], protocol: int,
+            port: int) -> bool:
+    """Does `entry` cover a packet to or from `address` (which carries `identities`) with this
+    protocol and destination port? For naming what the kernel decided in user space (flow
+    records, audit verdicts), never for the verdict itself."""
+    if entry.protocol != PROTO_ANY and (
+        entry.protocol != protocol or not entry.port_first <= port <= entry.port_last
+    ):
+        return False
+    peer = entry.peer
+    if isinstance(peer, CidrPeer):
+        if address.version != peer.cidr.version or address not in peer.cidr:
+            return False
+        return not any(address in excluded for excluded in peer.excepts)
+    return peer.identity in identities
+
+
 @dataclass(frozen=True)
 class DirectionPolicy:
     """The NetworkPolicy tier: isolated=False allows everything; isolated=True allows only what

@@ -51,15 +51,14 @@ from agent.dataplane.bpf.structs import (
 )
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.types import (
-    PROTO_ANY,
     TIER_ADMIN,
     TIER_BASELINE,
     Allow,
-    CidrPeer,
     DirectionPolicy,
     IPAddress,
     NodeState,
     TieredAllow,
+    matches,
 )
 
 # why no rule decided (FlowRecord.rule when rule_ref is 0)
@@ -142,20 +141,8 @@ class _View:
         return address in self._node_ips
 
 
-def _peer_holds(view: _View, peer: object, address: IPAddress) -> bool:
-    if isinstance(peer, CidrPeer):
-        if address.version != peer.cidr.version or address not in peer.cidr:
-            return False
-        return not any(address in excluded for excluded in peer.excepts)
-    return getattr(peer, "identity", None) in view.identities_of(address)
-
-
 def _matches(view: _View, rule: Allow | TieredAllow, peer: IPAddress, protocol: int, port: int) -> bool:
-    if rule.protocol != PROTO_ANY and (
-        rule.protocol != protocol or not rule.port_first <= port <= rule.port_last
-    ):
-        return False
-    return _peer_holds(view, rule.peer, peer)
+    return matches(rule, peer, view.identities_of(peer), protocol, port)
 
 
 class FlowNamer:

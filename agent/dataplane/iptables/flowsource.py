@@ -29,7 +29,7 @@ from agent.dataplane.iptables.flowrecords import (
     parse_prefix,
 )
 from agent.dataplane.iptables.nflog import RECEIVE_BUFFER, NflogError, NflogPacket, NflogReader
-from agent.dataplane.types import PROTO_ANY, CidrPeer, IdentityPeer, TieredAllow
+from agent.dataplane.types import IdentityPeer, TieredAllow, matches
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ class FlowView:
     # A tier's precedence written as one set per action (tiers.py) logs through one chain per
     # (direction, tier, action), SET_RULE: the deciding rule is found here, by the same "first
     # entry by rank" the compiler resolved the sets with. (endpoint key, direction, audit view?)
-    # -> entries by rank; identity -> its addresses.
+    # -> entries by rank; address -> the identities these entries name that it carries.
     tiered: dict[tuple[str, str, bool], tuple[TieredAllow, ...]] = field(default_factory=dict)
-    identities: dict[int, frozenset[str]] = field(default_factory=dict)
-
-
-_PORTED = frozenset({6, 17, 132})
+    identities: dict[str, frozenset[int]] = field(default_factory=dict)
 
 
 def _decided_by_set(view: FlowView, endpoint: str, name: RuleName, peer: str, protocol: int,
@@ -61,23 +58,10 @@ def _decided_by_set(view: FlowView, endpoint: str, name: RuleName, peer: str, pr
     """The rule among `endpoint`'s entries of `name.tier` (in its audit view: `audit`) that a
     set rule's match stood for."""
     address = ipaddress.ip_address(peer)
+    identities = view.identities.get(peer, frozenset())
     for entry in view.tiered.get((endpoint, name.direction, audit), ()):
-        if TIER_NAMES.get(entry.tier) != name.tier:
-            continue
-        if entry.protocol != PROTO_ANY and entry.protocol != protocol:
-            continue
-        if entry.protocol in _PORTED and not entry.port_first <= port <= entry.port_last:
-            continue
-        matched = entry.peer
-        if isinstance(matched, IdentityPeer):
-            if peer not in view.identities.get(matched.identity, frozenset()):
-                continue
-        elif isinstance(matched, CidrPeer):
-            if address.version != matched.cidr.version or address not in matched.cidr:
-                continue
-            if any(address in excepted for excepted in matched.excepts):
-                continue
-        return RuleName(name.direction, name.tier, entry.policy, entry.rule)
+        if TIER_NAMES.get(entry.tier) == name.tier and matches(entry, address, identities, protocol, port):
+            return RuleName(name.direction, name.tier, entry.policy, entry.rule)
     return name
 
 
@@ -224,6 +208,9 @@ def flow_view(
         key: tuple(sorted(entries, key=lambda e: (e.tier, e.rank))) for key, entries in (tiered or {}).items()
     }
     named = {e.peer.identity for each in ordered.values() for e in each if isinstance(e.peer, IdentityPeer)}
-    addresses = identities or {}
-    members = {identity: frozenset(str(ip) for ip in addresses.get(identity, ())) for identity in named}
+    carried: dict[str, set[int]] = {}
+    for identity in named:
+        for ip in (identities or {}).get(identity, ()):
+            carried.setdefault(str(ip), set()).add(identity)
+    members = {address: frozenset(ids) for address, ids in carried.items()}
     return FlowView(by_interface, by_address, {**last_rules, **rules}, ordered, members)
