@@ -234,5 +234,34 @@ def test_ipv6_and_bridged_pods_name_their_endpoint(node: Node, dataplane: Datapl
     )
     bridged = {(r.source, r.verdict) for r in of(records, "default/pod5", "ingress")}
     assert bridged == {(b1.ip, FlowVerdict.ALLOWED), (p2.ip, FlowVerdict.DENIED)}
-    assert [r.verdict for r in of(records, "default/pod4", "egress")] == [FlowVerdict.ALLOWED]
+    egress = of(records, "default/pod4", "egress")
+    assert [r.verdict for r in egress if r.reason != "spoofed_source"] == [FlowVerdict.ALLOWED], egress
     assert not [r for r in records if r.endpoint == ""]
+
+
+def test_drops_for_other_reasons_are_records_naming_the_reason(
+    node: Node, dataplane: DataplaneWorker
+) -> None:
+    p1, p2, p3 = node.pods
+    dataplane.call("apply", node_state(node, unclaimed=(3,)))  # pod3's interface: no known pod
+    node.in_pod(p1, "ip", "addr", "add", "10.1.0.99/32", "dev", "eth0")
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind((sys.argv[1], 0))\n"
+        "s.sendto(b'x', (sys.argv[2], 53))\n"
+    )
+    node.in_pod(p1, sys.executable, "-c", script, "10.1.0.99", p2.ip)  # not pod1's address
+    send_udp(node, p3, p2.ip, 53, 1)
+
+    def complete(records: list[FlowRecord]) -> bool:
+        return {r.reason for r in records} >= {"spoofed_source", "unknown_endpoint"}
+
+    records = collect(dataplane, complete)
+    [spoofed] = [r for r in records if r.reason == "spoofed_source"]
+    assert (spoofed.endpoint, spoofed.direction, spoofed.source, spoofed.verdict) == (
+        "default/pod1", "egress", "10.1.0.99", FlowVerdict.DENIED,
+    )  # fmt: skip
+    [unknown] = [r for r in records if r.reason == "unknown_endpoint"]
+    assert (unknown.endpoint, unknown.direction, unknown.source) == ("", "egress", p3.ip)
+    assert spoofed.rule_ref == unknown.rule_ref == 0 and spoofed.rule and unknown.rule

@@ -81,14 +81,18 @@ def test_deciding_rules_go_through_log_chains_shared_by_endpoints() -> None:
     log_chains = {name: rules for name, rules in on.chains[4].items() if name.startswith("PF-L")}
     refs = {rule_ref(name): name for name in on.rule_names.values()}
     assert set(on.rule_names) == set(refs)
-    # ns/a ingress: ns/web's rule and "no rule matched"; every other direction: no policy
-    assert {(n.direction, n.policy, n.rule) for n in on.rule_names.values()} == {
-        ("ingress", "ns/web", ""),
-        ("ingress", "", NO_RULE),
-        ("ingress", "", NO_POLICY),
-        ("egress", "", NO_POLICY),
+    # ns/a ingress: ns/web's rule and "no rule matched"; every other direction: no policy; and
+    # the drops for other reasons than a policy (a source not the pod's, IP options)
+    assert {
+        (n.direction, n.policy, n.rule, n.reason) for n in on.rule_names.values() if n.reason == "policy"
+    } == {
+        ("ingress", "ns/web", "", "policy"),
+        ("ingress", "", NO_RULE, "policy"),
+        ("ingress", "", NO_POLICY, "policy"),
+        ("egress", "", NO_POLICY, "policy"),
     }
-    assert len(log_chains) == 4  # ns/b's ingress and both egresses share the "no policy" chains
+    assert {n.reason for n in on.rule_names.values()} == {"policy", "spoofed_source", "ip_options"}
+    assert len(log_chains) == 6  # ns/b's ingress and both egresses share the "no policy" chains
     allowed_chain = log_chains[allowed.rsplit(" ", 1)[1]]
     assert allowed_chain[0].startswith("-m conntrack --ctstate NEW -j NFLOG --nflog-group 1247")
     assert allowed_chain[-1] == "-j RETURN"
@@ -111,8 +115,9 @@ def test_ten_thousand_allows_of_a_hundred_rules_do_not_double_the_rules() -> Non
     off = compile_state(state(DirectionPolicy(True, allows)), IFACES)
     on = compile_state(state(DirectionPolicy(True, allows)), IFACES, flow_group=GROUP)
     assert _rules(off) > 10_000
-    # two rules per allowed rule's log chain, three per denied one: +2 x 100 + a handful
-    assert _rules(on) - _rules(off) <= 2 * 100 + 3 + 2 * 3
+    # two rules per allowing rule's log chain, three per denying one: 100 rules, "no rule
+    # matched", "no policy" (ingress, egress), "spoofed source", "IP options"
+    assert _rules(on) - _rules(off) == 2 * 100 + 3 + 2 * 2 + 3 * 2
     assert _rules(on) < 1.05 * _rules(off)
 
 
@@ -317,3 +322,16 @@ def test_records_off_poll_waits_instead_of_spinning() -> None:
     assert dataplane.poll_flows(50) == [] and dataplane.poll_flows(50) == []
     assert time.monotonic() - started >= 0.09
     assert dataplane.flows_lost() == 0 and dataplane.events_lost() == 0 and dataplane.denied_unlogged() == 0
+
+
+def test_another_group_is_another_log_chain_and_endpoint_chain() -> None:
+    allow = DirectionPolicy(
+        True, (Allow(CidrPeer(ipaddress.ip_network("10.9.0.0/16")), 6, 80, 80, "ns/web"),)
+    )
+    one = compile_state(state(allow), IFACES, flow_group=GROUP)
+    other = compile_state(state(allow), IFACES, flow_group=GROUP + 1)
+    assert not {c for c in one.chains[4] if c.startswith("PF-L")} & {
+        c for c in other.chains[4] if c.startswith("PF-L")
+    }
+    assert chain_of(one, "ns/a", "ingress") != chain_of(other, "ns/a", "ingress")
+    assert one.rule_names == other.rule_names  # the same rules, logged elsewhere

@@ -51,8 +51,7 @@ from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
     RuleName,
-    log_chain_name,
-    log_chain_rules,
+    log_chain,
     rule_name,
     rule_ref,
 )
@@ -371,13 +370,7 @@ class _Compiler:
             counted = _comment(f"{AUDIT_DENY} {direction} {key}")
             if not self.flow_group:
                 return f"{counted} -j RETURN"
-            ref = rule_ref(name)
-            chain = log_chain_name(FlowVerdict.AUDIT_DENIED, ref)
-            chains = self.out.chains[family]
-            if chain not in chains:
-                chains[chain] = log_chain_rules(FlowVerdict.AUDIT_DENIED, ref, self.flow_group)
-            self.out.rule_names[ref] = name
-            return f"{counted} -g {chain}"
+            return f"{counted} -g {self._log_chain(family, FlowVerdict.AUDIT_DENIED, name)}"
         if self._audit_of is not None and action == ACTION_ACCEPT:
             enforced = self._enforced_target(family, action, name)
             return f"{_comment(ALLOW)} -g {self._audit_chain(family, enforced)}"
@@ -387,13 +380,23 @@ class _Compiler:
         if not self.flow_group:
             return TARGETS[action]
         verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
-        ref = rule_ref(name)
-        chain = log_chain_name(verdict, ref)
-        chains = self.out.chains[family]
-        if chain not in chains:
-            chains[chain] = log_chain_rules(verdict, ref, self.flow_group)
-        self.out.rule_names[ref] = name
+        chain = self._log_chain(family, verdict, name)
         return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
+
+    def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
+        """The target of a rule dropping for `reason` (a types.Reason name) rather than by a
+        policy's rule: DROP, through a log chain naming the reason when flow records are on."""
+        if not self.flow_group:
+            return "-j DROP"
+        return f"-g {self._log_chain(family, FlowVerdict.DENIED, RuleName(direction, '', '', why, reason))}"
+
+    def _log_chain(self, family: int, verdict: FlowVerdict, name: RuleName) -> str:
+        assert self.flow_group
+        ref = rule_ref(name)
+        chain, rules = log_chain(verdict, ref, self.flow_group)
+        self.out.chains[family].setdefault(chain, rules)
+        self.out.rule_names[ref] = name
+        return chain
 
     def matching(
         self,
@@ -502,7 +505,8 @@ class _Compiler:
             width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
             rules.append(
                 f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
-                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} -j DROP"
+                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
+                + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
             )
         if direction == INGRESS:
             node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
@@ -541,7 +545,8 @@ class _Compiler:
         came_from = self._from_match(interface)
         if family == 4:
             from_rules.append(
-                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} -j DROP"
+                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} "
+                + self.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
@@ -552,7 +557,8 @@ class _Compiler:
             from_rules.append(
                 f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} -j DROP")
+        spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
+        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
@@ -588,12 +594,15 @@ class _Compiler:
         if self.unknown_endpoints == "allow":
             return
         comment = _comment(UNKNOWN)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} -j DROP")
+        unknown = "interface of no known pod"
+        egress = self.dropped(family, EGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} {egress}")
         if interface.bridge is None:
             to = f"-o {interface.name}"
         else:
             to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} -j DROP")
+        ingress = self.dropped(family, INGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} {ingress}")
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}

@@ -75,6 +75,7 @@ class RuleName:
     tier: str
     policy: str
     rule: str
+    reason: str = "policy"  # of a denial: the drop reason name (types.Reason, lower case)
 
     @property
     def decided_by_rule(self) -> bool:
@@ -84,7 +85,7 @@ class RuleName:
 def rule_ref(name: RuleName) -> int:
     """A stable 48-bit reference: the same rule gets the same log chain across restarts, so an
     unchanged endpoint chain keeps its name (and counters). Never 0 (the contract's "none")."""
-    text = "\0".join((name.direction, name.tier, name.policy, name.rule))
+    text = "\0".join((name.direction, name.tier, name.policy, name.rule, name.reason))
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:6], "big") or 1
 
 
@@ -97,11 +98,15 @@ def rule_name(direction: str, tier: int, allow: Allow) -> RuleName:
     return RuleName(direction, TIER_NAMES.get(tier, "networkpolicy"), allow.policy, allow.rule)
 
 
-def log_chain_name(verdict: FlowVerdict, ref: int) -> str:
-    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}"
+def log_chain(verdict: FlowVerdict, ref: int, group: int) -> tuple[str, list[str]]:
+    """The name and rules of the log chain of `ref`. The name carries a hash of the rules, so
+    another group (or log rate) is a new chain, swapped in like a changed endpoint chain."""
+    rules = _log_chain_rules(verdict, ref, group)
+    digest = hashlib.sha1("\n".join(rules).encode()).hexdigest()[:6]
+    return f"PF-L{_VERDICT_CODES[verdict].upper()}{ref:012x}{digest}", rules
 
 
-def log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
+def _log_chain_rules(verdict: FlowVerdict, ref: int, group: int) -> list[str]:
     prefix = nflog_prefix(verdict, ref)
     nflog = f'-j NFLOG --nflog-group {group} --nflog-prefix "{prefix}" --nflog-size {NFLOG_SIZE}'
     if verdict in (FlowVerdict.ALLOWED, FlowVerdict.AUDIT_DENIED):  # audit-denied passes too

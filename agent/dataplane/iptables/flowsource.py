@@ -96,7 +96,7 @@ def record_of(packet: NflogPacket, view: FlowView) -> FlowRecord | None:
         source_port=tuple5.source_port,
         destination_port=tuple5.destination_port,
         verdict=verdict,
-        reason="policy" if verdict == FlowVerdict.DENIED else "",  # audit-denied passes
+        reason=name.reason if verdict == FlowVerdict.DENIED else "",  # audit-denied passes
         rule_ref=ref if name.decided_by_rule else 0,
         tier=name.tier,
         policy=name.policy,
