@@ -264,6 +264,100 @@ def test_a_pod_cannot_send_router_advertisements_to_its_neighbours(bridged: Node
     assert with_it == 64
 
 
+def node_neighbour_mac(node: Node, address: str) -> str | None:
+    """The MAC the node's neighbour cache holds for `address` on the bridge, if any."""
+    fields = node.run("ip", "-6", "neigh", "show", address, "dev", BRIDGE).stdout.split()
+    return fields[fields.index("lladdr") + 1] if "lladdr" in fields else None
+
+
+@pytest.mark.parametrize("source", ["link-local", "own address"])
+@pytest.mark.parametrize("kind", ["bpf", "iptables"])
+def test_a_pod_cannot_advertise_another_pods_address(bridged: Node, kind: str, source: str) -> None:
+    """An unsolicited neighbour advertisement (override) naming the victim's IPv6 address with the
+    attacker's MAC: the node's cache would send the victim's traffic to the attacker."""
+    a, b, _ = bridged.pods
+    s = scapy
+    attacker_mac = link_mac(a)
+    sender = "fe80::" + s.in6_mactoifaceid(attacker_mac) if source == "link-local" else a.ip6
+    advert = (
+        s.Ether(src=attacker_mac, dst="33:33:00:00:00:01")
+        / s.IPv6(src=sender, dst="ff02::1", hlim=255)
+        / s.ICMPv6ND_NA(tgt=b.ip6, R=0, S=0, O=1)
+        / s.ICMPv6NDOptDstLLAddr(lladdr=attacker_mac)
+    )
+
+    def attack() -> str | None:
+        # the node knows the victim, as after any exchange with it
+        known = ("lladdr", link_mac(b), "dev", BRIDGE, "nud", "stale")
+        bridged.run("ip", "-6", "neigh", "replace", b.ip6, *known)
+        send(a, advert)
+        return node_neighbour_mac(bridged, b.ip6)
+
+    without, with_it = both_ways(bridged, kind, attack)
+    assert without == attacker_mac, "without podfence the node's cache takes the attacker's MAC"
+    assert with_it == link_mac(b)
+
+
+def test_iptables_holds_neighbour_discovery_to_address_resolution_with_egress_open(bridged: Node) -> None:
+    """A pod whose egress no policy isolates still sends only what address resolution needs:
+    each hostile message is dropped and counted as its egress denial, the legitimate ones pass."""
+    from dataclasses import replace
+
+    a, b, _ = bridged.pods
+    s = scapy
+    for pod in bridged.pods:  # their own router solicitations and MLD reports stay out of the counts
+        pod.run("sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
+    mine, theirs = link_mac(a), link_mac(b)
+    own_link_local = "fe80::" + s.in6_mactoifaceid(mine)
+
+    node_mac = wiring.mac(bridged.netns, BRIDGE)
+
+    def nd(source: str, message: Any) -> bytes:
+        """To the node only (a multicast frame would be judged once per bridge port it floods to)."""
+        return bytes(s.Ether(src=mine, dst=node_mac) / s.IPv6(src=source, dst=GATEWAY6, hlim=255) / message)
+
+    hostile = [
+        nd(a.ip6, s.ICMPv6ND_NA(tgt=b.ip6, O=1) / s.ICMPv6NDOptDstLLAddr(lladdr=mine)),  # another's address
+        nd(a.ip6, s.ICMPv6ND_NA(tgt=a.ip6, O=1) / s.ICMPv6NDOptDstLLAddr(lladdr=theirs)),  # another's MAC
+        nd(own_link_local, s.ICMPv6ND_NS(tgt=b.ip6) / s.ICMPv6NDOptSrcLLAddr(lladdr=theirs)),
+        nd(a.ip6, s.ICMPv6ND_RA(chlim=1, routerlifetime=0)),  # a router advertisement
+        nd(a.ip6, s.ICMPv6ND_NA(tgt=a.ip6) / s.ICMPv6NDOptDstLLAddr(lladdr=mine) / s.ICMPv6NDOptMTU()),
+        bytes(  # behind a hop-by-hop header, where fixed offsets would read the wrong bytes
+            s.Ether(src=mine, dst=node_mac) / s.IPv6(src=a.ip6, dst=GATEWAY6, hlim=255)
+            / s.IPv6ExtHdrHopByHop() / s.ICMPv6ND_NA(tgt=b.ip6, O=1) / s.ICMPv6NDOptDstLLAddr(lladdr=mine)
+        ),
+    ]
+    legitimate = [
+        nd(a.ip6, s.ICMPv6ND_NA(tgt=a.ip6, O=1) / s.ICMPv6NDOptDstLLAddr(lladdr=mine)),
+        nd(own_link_local, s.ICMPv6ND_NA(tgt=own_link_local)),
+        nd(a.ip6, s.ICMPv6ND_NS(tgt=b.ip6) / s.ICMPv6NDOptSrcLLAddr(lladdr=mine)),
+        nd("::", s.ICMPv6ND_NS(tgt=a.ip6) / s.ICMPv6NDOptUnknown(type=14, len=1, data=b"\x01" * 6)),
+        nd(own_link_local, s.ICMPv6ND_RS() / s.ICMPv6NDOptSrcLLAddr(lladdr=mine)),
+    ]
+    opened = state(bridged, "iptables", open_ingress=True)
+    endpoints = {key: replace(e, egress=DirectionPolicy()) for key, e in opened.endpoints.items()}
+    opened = replace(opened, endpoints=endpoints)
+    with podfence(bridged, "iptables") as plane:
+        plane.call("apply", opened)
+
+        def denied() -> int:
+            counters = plane.call("counters")
+            return sum(c.denied_packets for c in counters if (c.key, c.direction) == ("ns/p1", "egress"))
+
+        before = denied()
+        sh(*in_netns(a.netns, PYTHON, str(TOOL), "send", "eth0", *(f.hex() for f in legitimate)))
+        assert denied() == before, "address resolution's own messages pass"
+        sh(*in_netns(a.netns, PYTHON, str(TOOL), "send", "eth0", *(f.hex() for f in hostile)))
+        assert denied() - before == len(hostile)
+        # a spoofed source, dropped in PF-FROM; then another pod's chains are replaced: what
+        # was counted stays counted once
+        send(a, s.Ether(src=mine, dst=node_mac) / s.IP(src="10.4.0.99", dst=GATEWAY) / s.UDP(dport=9))
+        assert denied() - before == len(hostile) + 1
+        endpoints["ns/p2"] = replace(endpoints["ns/p2"], egress=DENY_ALL)
+        plane.call("apply", replace(opened, version=opened.version + 1, endpoints=endpoints))
+        assert denied() - before == len(hostile) + 1
+
+
 def solicited_node(address: str) -> tuple[str, str]:
     """(group address, its multicast MAC) of an IPv6 address."""
     import ipaddress

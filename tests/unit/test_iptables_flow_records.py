@@ -82,7 +82,8 @@ def test_deciding_rules_go_through_log_chains_shared_by_endpoints() -> None:
     refs = {rule_ref(name): name for name in on.rule_names.values()}
     assert set(on.rule_names) == set(refs)
     # ns/a ingress: ns/web's rule and "no rule matched"; every other direction: no policy; and
-    # the drops for other reasons than a policy (a source not the pod's, IP options)
+    # the drops for other reasons than a policy (a source not the pod's, IP options, and in
+    # IPv6 neighbour discovery a pod may not send)
     assert {
         (n.direction, n.policy, n.rule, n.reason) for n in on.rule_names.values() if n.reason == "policy"
     } == {
@@ -91,7 +92,9 @@ def test_deciding_rules_go_through_log_chains_shared_by_endpoints() -> None:
         ("ingress", "", NO_POLICY, "policy"),
         ("egress", "", NO_POLICY, "policy"),
     }
-    assert {n.reason for n in on.rule_names.values()} == {"policy", "spoofed_source", "ip_options"}
+    assert {n.reason for n in on.rule_names.values()} == {
+        "policy", "spoofed_source", "ip_options", "spoofed_ndp", "rogue_ndp"
+    }
     assert len(log_chains) == 6  # ns/b's ingress and both egresses share the "no policy" chains
     allowed_chain = log_chains[allowed.rsplit(" ", 1)[1]]
     assert allowed_chain[0].startswith("-m conntrack --ctstate NEW -j NFLOG --nflog-group 1247")

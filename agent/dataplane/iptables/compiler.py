@@ -16,7 +16,9 @@ Layout in the filter table of each family (iptables and ip6tables):
 In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
 PF-TO: without it no IPv6 packet could flow at all. From pods (PF-FROM) only solicitations and
 neighbour advertisements of address resolution's length pass so; router advertisements and
-longer messages meet the pod's own chains like any packet.
+longer messages meet the pod's own chains like any packet. Before that, a known pod's neighbour
+discovery meets a chain of its own (PF-N..., neighbour.py) that drops what address resolution
+does not need: advertisements of addresses not the pod's, link-layer addresses not its MAC.
 
 Allowed traffic RETURNs instead of ACCEPTing, so other software's FORWARD/INPUT rules still
 see it: podfence only ever removes traffic. `-g` (goto) makes an endpoint chain's RETURN leave
@@ -55,6 +57,7 @@ from agent.dataplane.iptables.flowrecords import (
     rule_name,
     rule_ref,
 )
+from agent.dataplane.iptables.neighbour import NEIGHBOUR_CHAIN, NEIGHBOUR_DISPATCH, neighbour_rules
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -234,6 +237,7 @@ class _Compiler:
         self._audit_of: tuple[Endpoint, str, int, DirectionPolicy] | None = None
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
+        self._neighbour_dispatch: list[str] = []  # the IPv6 pods' neighbour chains, by interface
         self.tcp_needs_syn = tcp_needs_syn
         self.set_limit = set_limit
         self.flows_per_pod = flows_per_pod
@@ -559,6 +563,8 @@ class _Compiler:
             )
         spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
         from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
+        if family == 6:
+            self._neighbour_chain(endpoint, came_from)
 
         to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
@@ -574,6 +580,18 @@ class _Compiler:
             to_rules.append(
                 f"-o {interface.bridge} -d {ip} -m physdev ! --physdev-is-bridged {to_comment} -g {ingress}"
             )
+
+    def _neighbour_chain(self, endpoint: Endpoint, came_from: str) -> None:
+        """The chain holding `endpoint`'s neighbour discovery to what address resolution needs
+        (neighbour.py), and its rule in the neighbour dispatch."""
+        spoofed = self.dropped(6, EGRESS, "spoofed_ndp", "advertises an address not the pod's")
+        rogue = self.dropped(6, EGRESS, "rogue_ndp", "neighbour discovery a pod may not send")
+        denied, passed = _comment(DENY), f"{_comment(NDP)} -j RETURN"
+        rules = neighbour_rules(endpoint, passed, f"{denied} {spoofed}", f"{denied} {rogue}")
+        name = f"{NEIGHBOUR_CHAIN}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
+        self.out.chains[6][name] = rules
+        dispatch = _comment(f"{DISPATCH} {EGRESS} {endpoint.key}")
+        self._neighbour_dispatch.append(f"{came_from} {dispatch} -g {name}")
 
     @staticmethod
     def _ndp_rules(from_pod: bool) -> list[str]:
@@ -624,6 +642,11 @@ class _Compiler:
             for ifindex in sorted(self.state.pod_interfaces - claimed.keys()):
                 if ifindex in self.interfaces:
                     self._dispatch_unknown(self.interfaces[ifindex], family)
+        if self._neighbour_dispatch:
+            # ICMPv6 that may be neighbour discovery (hop limit 255) meets its pod's chain first
+            dispatch = f"{NEIGHBOUR_DISPATCH}{_short_hash(chr(10).join(self._neighbour_dispatch))}"
+            self.out.chains[6][dispatch] = self._neighbour_dispatch
+            self.out.chains[6][FROM_POD_CHAIN].insert(0, f"-p ipv6-icmp -m hl --hl-eq 255 -j {dispatch}")
         ports = [
             BridgePort(self.interfaces[i].name, claimed.get(i))
             for i in sorted(set(claimed) | set(self.state.pod_interfaces))

@@ -16,6 +16,7 @@ from agent.dataplane.iptables.compiler import (
     FROM_POD_DROPS,
     TO_POD_CHAIN,
 )
+from agent.dataplane.iptables.neighbour import NEIGHBOUR_DISPATCH
 
 
 @dataclass
@@ -32,19 +33,26 @@ class Tally:
         self.denied_bytes += other.denied_bytes
 
 
-def endpoint_chain_owners(table: kernel.FilterTable) -> dict[str, tuple[str, str]]:
-    """Endpoint chain -> (key, direction), read back from the dispatch rules' comments."""
+def endpoint_chain_owners(
+    table: kernel.FilterTable, *, neighbour: bool = False
+) -> dict[str, tuple[str, str]]:
+    """Endpoint chain -> (key, direction), read back from the dispatch rules' comments; with
+    `neighbour`, the pods' neighbour discovery chains too (whose drops are egress denials)."""
     owners: dict[str, tuple[str, str]] = {}
     for rule in table.rules:
-        if rule.chain in (FROM_POD_CHAIN, TO_POD_CHAIN) and rule.comment.startswith(DISPATCH + " "):
+        dispatching = rule.chain in (FROM_POD_CHAIN, TO_POD_CHAIN) or (
+            neighbour and rule.chain.startswith(NEIGHBOUR_DISPATCH)
+        )
+        if dispatching and rule.comment.startswith(DISPATCH + " "):
             _, direction, key = rule.comment.split(" ", 2)
             owners[rule.target] = (key, direction)
     return owners
 
 
 def tally_chains(
-    table: kernel.FilterTable, owners: dict[str, tuple[str, str]]
+    table: kernel.FilterTable, owners: dict[str, tuple[str, str]], *, from_pod_drops: bool = True
 ) -> dict[tuple[str, str], Tally]:
+    """What the rules of the `owners` chains counted, and (`from_pod_drops`) PF-FROM's drops."""
     tallies: dict[tuple[str, str], Tally] = {}
     for rule in table.rules:
         if rule.chain in owners:
@@ -56,7 +64,11 @@ def tally_chains(
             elif comment == DENY:
                 tally.denied_packets += rule.packets
                 tally.denied_bytes += rule.bytes
-        elif rule.chain == FROM_POD_CHAIN and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS)):
+        elif (
+            from_pod_drops
+            and rule.chain == FROM_POD_CHAIN
+            and rule.comment.startswith(tuple(f"{p} " for p in FROM_POD_DROPS))
+        ):
             tally = tallies.setdefault((rule.comment.split(" ")[1], EGRESS), Tally())
             tally.denied_packets += rule.packets
             tally.denied_bytes += rule.bytes

@@ -455,8 +455,11 @@ class IptablesDataplane:
 
         # Keep what the replaced chains counted (read in this apply, before the commit that
         # deletes them; what they count in between is lost).
+        # (PF-FROM's own drops are written back with its rules above: not retired, or they would
+        # count twice)
+        counted = endpoint_chain_owners(table, neighbour=True)
         for owner, tally in tally_chains(
-            table, {c: o for c, o in owners_before.items() if c in stale}
+            table, {c: o for c, o in counted.items() if c in stale}, from_pod_drops=False
         ).items():
             self._retired.setdefault(owner, Tally()).add(tally)
         for owner, count in audit_denials(table, set(stale)).items():
@@ -498,7 +501,7 @@ class IptablesDataplane:
         with self._lock:  # the kernel's chains and _retired from the same moment
             for family in FAMILIES:
                 table = kernel.read_filter_table(family)
-                for owner, tally in tally_chains(table, endpoint_chain_owners(table)).items():
+                for owner, tally in tally_chains(table, endpoint_chain_owners(table, neighbour=True)).items():
                     totals.setdefault(owner, Tally()).add(tally)
             # frames dropped at layer 2 count as the endpoint's egress drops
             for key, (packets, byte_count) in self._layer2.drops().items():
