@@ -57,6 +57,9 @@ class PinnedMap:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def __iter__(self) -> Iterator[Any]:
+        return self.keys()
+
     def keys(self) -> Iterator[Any]:
         key, following = self.key_type(), self.key_type()
         previous: Any = None

@@ -44,6 +44,8 @@ _PROTOCOL = re.compile(r"(?:^|\s)(!\s)?-p (\S+)")
 _PORTS = re.compile(r"--dports? (\S+)")
 _SET = re.compile(r"--match-set (\S+) (\S+)")
 _INTERFACE = re.compile(r"(?:^|\s)-[io] (\S+)|--physdev-(?:in|out) (\S+)")
+# what the head of every endpoint chain denies, whatever the policy (compiler._endpoint_chain)
+_GUARDS = ("new flows beyond the pod's conntrack bound", "a new TCP flow not starting with SYN")
 _OWN_SOURCE = re.compile(r"-s (\S+?)(?:/(?:32|128))?(?:\s|$)")
 NO_RECORD_NOTE = (
     "the iptables dataplane keeps no record besides the kernel: chain names, rule counts and set "
@@ -92,9 +94,9 @@ def decode_rule(rule: kernel.Rule, family: int, sets: dict[str, kernel.KernelSet
     if "--ctstate RELATED,ESTABLISHED" in spec:
         peers.append("flows conntrack knows (established, related)")
     elif "--connlimit-above" in spec:
-        peers.append("new flows beyond the pod's conntrack bound")
+        peers.append(_GUARDS[0])
     elif "! --syn" in spec:
-        peers.append("a new TCP flow not starting with SYN")
+        peers.append(_GUARDS[1])
     protocol = _PROTOCOL.search(spec)
     ports = _PORTS.search(spec)
     return ProgrammedRule(
@@ -114,20 +116,28 @@ def _dispatch(table: kernel.FilterTable, key: str, direction: str) -> list[kerne
     return [rule for rule in table.chain_rules(chain) if rule.comment == comment]
 
 
-def _chains_below(table: kernel.FilterTable, chain: str) -> list[str]:
-    """`chain` and the podfence chains its rules go to (not log chains), depth first, once each."""
+def _chains_below(rules: dict[str, list[str]], chain: str) -> list[str]:
+    """`chain` and the podfence chains its rules (`rules`: chain -> rule specs) go to, but log
+    chains, breadth first, once each."""
     order: list[str] = []
     pending = [chain]
     while pending:
         name = pending.pop(0)
-        if name in order:
+        if name in order or name not in rules:
             continue
         order.append(name)
-        for rule in table.chain_rules(name):
-            target = rule.target
+        for spec in rules[name]:
+            target = kernel.Rule(name, spec, 0, 0).target
             if target.startswith(CHAIN_PREFIX) and not target.startswith(LOG_CHAIN_PREFIX):
                 pending.append(target)
     return order
+
+
+def _specs(table: kernel.FilterTable) -> dict[str, list[str]]:
+    specs: dict[str, list[str]] = {name: [] for name in table.chains}
+    for rule in table.rules:
+        specs.setdefault(rule.chain, []).append(rule.spec)
+    return specs
 
 
 def _interface_index(dispatch: list[kernel.Rule]) -> int | None:
@@ -168,7 +178,7 @@ def read_endpoint(
                         f"{direction}: ipv{family} dispatch goes to {chain}, which is missing"
                     )
                     continue
-                for name in _chains_below(table, chain):
+                for name in _chains_below(_specs(table), chain):
                     for rule in table.chain_rules(name):
                         decoded = decode_rule(rule, family, held.sets)
                         target.rules.append(decoded)
@@ -197,12 +207,14 @@ def read_endpoint(
 
 
 def _mode(rules: list[ProgrammedRule]) -> str:
-    """open: nothing is denied; isolated: a deny of whatever no rule before allowed ends it;
-    tiered: denies of some peers only (ClusterNetworkPolicy Deny rules)."""
-    denies = [r for r in rules if r.action == "deny" and r.peer == "any address" and r.protocol == "any"]
-    if not any(r.action == "deny" for r in rules):
+    """open: nothing but the guards at the head denies; isolated: a deny of whatever no rule before
+    allowed ends it; tiered: denies of some peers only (ClusterNetworkPolicy Deny rules)."""
+    denies = [r for r in rules if r.action == "deny" and r.peer not in _GUARDS]
+    if not denies:
         return "open"
-    return "isolated" if denies else "tiered"
+    if any(r.peer == "any address" and r.protocol == "any" for r in denies):
+        return "isolated"
+    return "tiered"
 
 
 def _count(target: ProgrammedDirection, rule: kernel.Rule) -> None:
@@ -234,17 +246,21 @@ def _against_desired(
     if chains != [wanted]:
         found.append(f"{label} dispatch goes to {', '.join(chains)}, desired {wanted}")
     written = desired.chains.get(family, {})
-    for name in _chains_below(table, wanted):
-        if name not in written:
+    for name in _chains_below(_specs(table), wanted):
+        if name in written and len(table.chain_rules(name)) != len(written[name]):
+            found.append(
+                f"{label} chain {name} has {len(table.chain_rules(name))} rules, desired {len(written[name])}"
+            )
+    # the sets the desired chains match (not the kernel's rules: a deleted rule's set counts too)
+    wanted_sets = {s for name in _chains_below(written, wanted) for spec in written[name]
+                   for s in kernel.matched_sets(spec)}  # fmt: skip
+    for set_name in sorted(wanted_sets):
+        spec, now = desired.sets.get(set_name), sets.get(set_name)
+        if spec is None:
             continue
-        have, want = len(table.chain_rules(name)), len(written[name])
-        if have != want:
-            found.append(f"{label} chain {name} has {have} rules, desired {want}")
-        for rule in table.chain_rules(name):
-            for set_name in kernel.matched_sets(rule.spec):
-                spec = desired.sets.get(set_name)
-                now = sets.get(set_name)
-                if spec is not None and now is not None and now.members != spec.members:
-                    lost, extra = sorted(spec.members - now.members), sorted(now.members - spec.members)
-                    found.append(f"{label} set {set_name} lacks {lost} and holds {extra} beyond the desired")
-    return sorted(set(found))
+        if now is None:
+            found.append(f"{label} set {set_name} is missing")
+        elif now.members != spec.members:
+            lost, extra = sorted(spec.members - now.members), sorted(now.members - spec.members)
+            found.append(f"{label} set {set_name} lacks {lost} and holds {extra} beyond the desired")
+    return found
