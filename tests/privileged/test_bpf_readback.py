@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bcc import libbcc
@@ -78,12 +79,12 @@ def test_the_read_back_is_the_applied_allow_list_with_counters(node: Node, datap
     assert read(node, "ns/pod2").differences == []
 
 
-def _delete(pin_dir: str, name: str, key: object) -> None:
+def _delete(pin_dir: str, name: str, key: Any) -> None:
     with PinnedMap(pin_dir, name) as table:
         assert libbcc.lib.bpf_delete_elem(table.fd, ctypes.byref(key)) == 0
 
 
-def _tcp_8080_entry(pin_dir: str) -> object:
+def _tcp_8080_entry(pin_dir: str) -> Any:
     with PinnedMap(pin_dir, "pf_policy_exact") as table:
         (key,) = [k for k in table if k.protocol == TCP and ntohs(k.dport_be) == 8080]
     return key
@@ -122,7 +123,7 @@ def test_a_stray_entry_is_reported(node: Node, dataplane: BpfDataplane) -> None:
     apply_a_egress(node, dataplane)
     assert not a.tcp(b.ip, 9090)
     key = _tcp_8080_entry(node.pin_dir)
-    key.dport_be = htons(9090)  # type: ignore[attr-defined]
+    key.dport_be = htons(9090)
     with PinnedMap(node.pin_dir, "pf_policy_exact") as table:
         value = table.value_type(1, 0)
         assert libbcc.lib.bpf_update_elem(table.fd, ctypes.byref(key), ctypes.byref(value), 0) == 0

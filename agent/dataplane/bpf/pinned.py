@@ -24,7 +24,8 @@ class PinnedMap:
 
         self._lib = libbcc.lib
         self.name = name
-        self.key_type, self.value_type = structs.MAP_MIRRORS[name]
+        mirrors: tuple[Any, Any] = structs.MAP_MIRRORS[name]  # ctypes classes
+        self.key_type, self.value_type = mirrors
         path = Path(pin_dir) / name
         self.fd = self._lib.bpf_obj_get(str(path).encode())
         if self.fd < 0:
