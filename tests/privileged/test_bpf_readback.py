@@ -22,7 +22,7 @@ from agent.dataplane.bpf.maps import htons, ntohs
 from agent.dataplane.bpf.pinned import PinnedMap
 from agent.dataplane.bpf.readback import read_endpoint
 from agent.dataplane.readback import EndpointReadback, ProgrammedRule
-from agent.dataplane.types import Allow, CidrPeer
+from agent.dataplane.types import ACTION_DENY, TIER_ADMIN, Allow, CidrPeer, DirectionPolicy, TieredAllow
 from tests.privileged import test_bpf_traffic
 from tests.privileged.bpf_netns import Node
 from tests.privileged.test_bpf_traffic import endpoint, from_pod, isolated, state
@@ -130,3 +130,32 @@ def test_a_stray_entry_is_reported(node: Node, dataplane: BpfDataplane) -> None:
     assert a.tcp(b.ip, 9090), "the lab must show the stray entry allows"
     (found,) = read(node).differences
     assert "tcp 9090" in found and "in the kernel but not recorded" in found, found
+
+
+def test_tier_verdicts_and_audit_views_are_read_back(node: Node, dataplane: BpfDataplane) -> None:
+    """c's ingress: an Admin-tier Deny of a on tcp/8080; b's ingress: open, with an audit view
+    that would admit a only."""
+    a, b, c = node.pods
+    guardrail = TieredAllow(TIER_ADMIN, 0, ACTION_DENY, from_pod(a).peer, TCP, 8080, 8080)
+    staged = DirectionPolicy(audit=isolated(from_pod(a)))
+    dataplane.apply(
+        state(
+            node,
+            endpoint(a),
+            endpoint(b, ingress=staged),
+            endpoint(c, ingress=DirectionPolicy(tiered=(guardrail,))),
+        )
+    )
+    assert not a.tcp(c.ip, 8080) and a.tcp(c.ip, 9090)
+    on_c = read(node, "ns/pod3")
+    assert on_c.differences == []
+    (ingress_c,) = [d for d in on_c.directions if d.direction == "ingress"]
+    assert ingress_c.mode == "tiered"
+    assert [(r.protocol, r.ports, r.action) for r in ingress_c.rules] == [("tcp", "8080", "admin#0 deny")]
+    assert a.ip in ingress_c.rules[0].peer
+    on_b = read(node, "ns/pod2")
+    assert on_b.differences == []
+    (ingress_b,) = [d for d in on_b.directions if d.direction == "ingress"]
+    assert ingress_b.mode == "open"
+    assert [(r.protocol, r.ports, r.action) for r in ingress_b.rules] == [("tcp", "any", "audit: allow")]
+    assert any(note.startswith("audit view: policy id") for note in ingress_b.notes)

@@ -19,7 +19,7 @@ packet of every flow, established ones included, so none is kept.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from agent.dataplane.bpf.structs import (
     ACT_ACCEPT,
     ACT_DENY,
     ACT_PASS,
+    EP_EGRESS_AUDIT,
     EP_EGRESS_OPEN,
     EP_EGRESS_TIERED,
+    EP_INGRESS_AUDIT,
     EP_INGRESS_OPEN,
     EP_INGRESS_TIERED,
     GENERATION_PREFIX,
@@ -235,6 +237,36 @@ def _find_endpoint(pin_dir: str, slot: int) -> tuple[int, Any] | None:
     return None
 
 
+def _audit_views(pin_dir: str, slot: int, flags: int) -> dict[Direction, int]:
+    """direction -> the policy id of its audit view (pf_audit), for the directions that have one."""
+    views = {}
+    with PinnedMap(pin_dir, "pf_audit") as table:
+        for direction, flag in ((Direction.INGRESS, EP_INGRESS_AUDIT), (Direction.EGRESS, EP_EGRESS_AUDIT)):
+            if flags & flag:
+                found = table.lookup(ctypes.c_uint32(slot * 2 + direction))
+                views[direction] = found[0].policy_id if found else NOT_ISOLATED
+    return views
+
+
+def _policy_view(
+    label: str,
+    policy_id: int,
+    allocation: Allocation,
+    generation: int,
+    kernel: _Kernel,
+    meanings: dict[tuple[int, int], str],
+) -> tuple[list[ProgrammedRule], list[str]]:
+    """The rules of one policy id as the kernel holds them, and where they differ from the record."""
+    if policy_id == NOT_ISOLATED:
+        return [], []
+    entries = {e: v for e, v in kernel.policy.items() if e[1] == policy_id}
+    rules = decode_rules(entries, generation, kernel, meanings)
+    expected = expected_entries(allocation, policy_id, generation, kernel)
+    if expected is None:
+        return rules, [f"{label}: policy id {policy_id} is not in the state file"]
+    return rules, compare_entries(label, entries, expected)
+
+
 def _mode(flags: int, open_flag: int, tiered_flag: int, policy_id: int) -> str:
     isolated = not flags & open_flag
     tiered = bool(flags & tiered_flag)
@@ -262,7 +294,8 @@ def read_endpoint(pin_dir: str, state_path: Path, key: str) -> EndpointReadback:
         readback.differences.append(f"slot {slot} of {key} has no pf_endpoints entry (no interface yet?)")
         return readback
     value = found[1]
-    policy_ids = {value.ingress_policy_id, value.egress_policy_id} - {NOT_ISOLATED}
+    audits = _audit_views(pin_dir, slot, value.flags)
+    policy_ids = {value.ingress_policy_id, value.egress_policy_id, *audits.values()} - {NOT_ISOLATED}
     kernel = _read_kernel(pin_dir, policy_ids)
     meanings = _meanings(allocation)
     recorded = allocation.endpoint_policy_ids.get(key)
@@ -273,8 +306,18 @@ def read_endpoint(pin_dir: str, state_path: Path, key: str) -> EndpointReadback:
     for direction, policy_id, open_flag, tiered_flag in sides:
         label = direction.name.lower()
         target = ProgrammedDirection(label, _mode(value.flags, open_flag, tiered_flag, policy_id))
-        entries = {e: v for e, v in kernel.policy.items() if e[1] == policy_id}
-        target.rules = decode_rules(entries, value.generation, kernel, meanings)
+        views = [(label, policy_id, "")]
+        if direction in audits:
+            views.append((f"{label} audit view", audits[direction], "audit: "))
+            target.notes.append(
+                f"audit view: policy id {audits[direction]}, its verdicts recorded, never enforced"
+            )
+        for view, view_policy, prefix in views:
+            rules, differences = _policy_view(
+                view, view_policy, allocation, value.generation, kernel, meanings
+            )
+            target.rules += [replace(rule, action=prefix + rule.action) for rule in rules]
+            readback.differences += differences
         if policy_id != NOT_ISOLATED:
             target.notes.append(f"policy id {policy_id}, peer generation {value.generation}")
         target.notes.append(NO_ENTRY_COUNTERS)
@@ -284,13 +327,6 @@ def read_endpoint(pin_dir: str, state_path: Path, key: str) -> EndpointReadback:
             readback.differences.append(
                 f"{label}: the kernel reads policy id {policy_id}, the record says {recorded[direction]}"
             )
-        if policy_id == NOT_ISOLATED:
-            continue
-        expected = expected_entries(allocation, policy_id, value.generation, kernel)
-        if expected is None:
-            readback.differences.append(f"{label}: policy id {policy_id} is not in the state file")
-        else:
-            readback.differences += compare_entries(label, entries, expected)
     with PinnedMap(pin_dir, "pf_endpoint_ips") as table:
         readback.addresses = sorted(
             str(address_from_bytes(bytes(k.bytes))) for k, v in table.items() if v.ifindex == found[0]
