@@ -146,13 +146,11 @@ def decode_rules(
 ) -> list[ProgrammedRule]:
     """One rule per (peer class, protocol, verdict): its entries' port prefixes joined into ranges."""
     grouped: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
-    counts: dict[tuple[int, int, int, int], int] = {}
-    for entry, (rule_count, verdict) in entries.items():
+    for entry, (_rule_count, verdict) in entries.items():
         prefixlen, _pid, class_id, kind, protocol, _port = entry
         any_protocol = prefixlen == POLICY_PREFIX_ANY_PROTOCOL
         group = (kind, class_id, 0 if any_protocol else protocol, verdict)
         grouped.setdefault(group, []).append((0, 65535) if any_protocol else _port_range(entry))
-        counts[group] = max(counts.get(group, 0), rule_count)
     rules = []
     for group in sorted(grouped):
         kind, class_id, protocol, verdict = group
@@ -165,7 +163,7 @@ def decode_rules(
                 ports=port_ranges(grouped[group]),
                 action=verdict_text(verdict) if verdict else "allow",
                 meaning=meanings.get((kind, class_id), "not in the state file"),
-                detail=f"{len(grouped[group])} entries from {counts[group]} rules",
+                detail=f"{len(grouped[group])} kernel entries",
             )
         )
     return rules
