@@ -56,3 +56,15 @@ def test_missing_stray_and_changed_entries_are_told_apart() -> None:
         "ingress", {entry: (1, verdict_word((0, ACT_ACCEPT), None))}, {entry: leaf_value(1, deny)}
     )
     assert "admin#0 allow" in changed and "recorded admin#0 deny" in changed
+
+
+def test_inspect_refuses_a_bad_pod_name_and_reports_a_missing_record(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from agent.cli import build_parser
+
+    parser, runners = build_parser()
+    bad = parser.parse_args(["inspect", "--pod", "no-namespace"])
+    assert runners["inspect"](bad) == 2
+    args = parser.parse_args(["inspect", "--dataplane", "bpf", "--pin-dir", str(tmp_path), "--state-file",
+                              str(tmp_path / "none.json"), "--pod", "ns/pod"])  # fmt: skip
+    assert runners["inspect"](args) == 1
+    assert "no readable bpf state file" in capsys.readouterr().err
