@@ -11,6 +11,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,28 @@ def test_tier_verdicts_and_audit_views_are_read_back(node: Node, dataplane: BpfD
     assert ingress_b.mode == "open"
     assert [(r.protocol, r.ports, r.action) for r in ingress_b.rules] == [("tcp", "any", "audit: allow")]
     assert any(note.startswith("audit view: policy id") for note in ingress_b.notes)
+
+
+def test_the_read_back_stays_clean_across_updates(node: Node, dataplane: BpfDataplane) -> None:
+    """Each apply builds the new peer generation beside the old one and flips the endpoints: the
+    record and the kernel must agree after every step (no stale class or entry reported)."""
+    a, b, c = node.pods
+    apply_a_egress(node, dataplane)
+    for version, port in ((2, 9090), (3, 7070)):
+        grown = state(
+            node,
+            endpoint(a, egress=isolated(from_pod(b, TCP, 8080, 8080), from_pod(b, TCP, port, port))),
+            endpoint(b),
+            endpoint(c),
+            version=version,
+        )
+        # identity 102 now also holds c's addresses: a new generation of the peer maps
+        identities = {**grown.identities, 102: grown.identities[102] + grown.identities[103]}
+        dataplane.apply(replace(grown, identities=identities))
+        readback = read(node)
+        assert readback.differences == [], (version, readback.differences)
+        (rule,) = rules(readback, "egress")
+        assert (
+            rule.ports == f"{min(port, 8080)}, {max(port, 8080)}" and c.ip in rule.peer and b.ip in rule.peer
+        )
+    assert a.tcp(c.ip, 8080) and not a.tcp(c.ip, 9090)  # c serves 8080 and 9090; 9090 left the list
