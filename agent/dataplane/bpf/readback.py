@@ -86,7 +86,11 @@ def verdict_text(word: int) -> str:
 
 
 def _read_kernel(pin_dir: str, policy_ids: set[int]) -> _Kernel:
+    """The entries of `policy_ids` and every class's members (the maps walked whole: ~1.5 s for
+    10,000 peers); nothing for an endpoint whose directions are all open."""
     kernel = _Kernel()
+    if not policy_ids:
+        return kernel
     for name in ("pf_policy", "pf_policy_exact"):
         with PinnedMap(pin_dir, name) as table:
             for key, value in table.items():
