@@ -22,7 +22,7 @@ class ProgrammedRule:
     meaning: str = ""  # what the peer stands for per the dataplane's record ("identities 101")
     packets: int | None = None  # None: the kernel keeps no counter for this entry
     bytes: int | None = None
-    detail: str = ""  # anything else the entry says (its chain, the rules behind it)
+    detail: str = ""  # where it sits: its family and chain (iptables), its number of map entries (bpf)
 
 
 @dataclass
