@@ -1,4 +1,4 @@
-"""The `podfence` command line: control, agent, status, observe, explain, derive, suggest, lab, demo, ...
+"""The `podfence` command line: control, agent, status, observe, explain, inspect, derive, lab, ...
 
 Every flag can also be set through a PODFENCE_<FLAG> environment variable (dashes become
 underscores), so manifests configure podfence with env vars. Exit codes: 0 success,
@@ -47,6 +47,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("print the control service's view of every node", "agent.control.status"),
     "observe": ("print every node's flows with their verdict and deciding rule", "agent.control.observe"),
     "explain": ("evaluate one connection with the reference evaluator", "agent.policy.explain"),
+    "inspect": ("a pod's allow lists and counters as this node's kernel holds them", "agent.node.inspect"),
     "derive": ("NetworkPolicies from an Istio configuration's routes", "agent.derive.derive_main"),
     "suggest": ("least-privilege NetworkPolicies from observed flow records", "agent.derive.suggest_main"),
     "lab": ("build or tear down simulated nodes on this machine", "agent.lab.cli"),
