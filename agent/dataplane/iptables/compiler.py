@@ -11,7 +11,8 @@ Layout in the filter table of each family (iptables and ip6tables):
     PF-TO:   per endpoint                "-o <if> -g PF-I<key>-<rules>"          (ingress)
     PF-E…/PF-I…: ESTABLISHED,RELATED -> RETURN; a NEW connection beyond the pod's bound (connlimit,
                  by the pod's address: source in PF-E, destination in PF-I) -> DROP; (ingress)
-                 node IPs -> RETURN; allows -> RETURN; DROP.
+                 allows -> RETURN; DROP. (The node's own traffic leaves through OUTPUT:
+                 nothing of it reaches these chains.)
 
 In the IPv6 table, neighbour discovery (hop limit 255, so never routed) passes first in PF-FROM and
 PF-TO: without it no IPv6 packet could flow at all. From pods (PF-FROM) only solicitations and
@@ -30,7 +31,7 @@ unchanged one keeps its name, its counters and its place across restarts.
 
 Sets: one hash:ip per identity and family (`pf-i4-<id>`), one hash:net per CIDR peer that has
 excepts (`pf-n4-<hash>`, excepts as `nomatch` entries, so excepts of one peer never carve out of
-another), and the node's own IPs (`pf-node4`). CIDR peers without excepts are matched inline.
+another). CIDR peers without excepts are matched inline.
 
 An endpoint chain with GROUP_MIN_ALLOWS or more allows of one protocol and one port each (from
 an identity, or a CIDR without excepts) matches all of those through one hash:net,port set
@@ -211,10 +212,6 @@ SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match w
 
 def _identity_set(identity: int, family: int) -> str:
     return f"pf-i{family}-{identity}"
-
-
-def _node_set(family: int) -> str:
-    return f"pf-node{family}"
 
 
 class _Compiler:
@@ -512,10 +509,11 @@ class _Compiler:
                 f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
                 + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
             )
-        if direction == INGRESS:
-            node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
-            node_set = self._add_set(_node_set(family), family, "hash:ip", node_ips)
-            rules.append(f"-m set --match-set {node_set} src {_comment(ALLOW)} -j RETURN")
+        # No exemption for the node's addresses here: what the node sends (kubelet probes) leaves
+        # through OUTPUT and never meets these chains, which FORWARD alone reaches. A forwarded
+        # packet with the node's address as its source was forged by whoever sent it (nothing
+        # on the path checks an IPv6 source, nor a bridged frame's), as the eBPF dataplane
+        # judges too (only what the node sent itself is node traffic).
         if policy.audit is None:
             rules += self._policy_rules(endpoint, direction, family, policy)
         else:
@@ -634,9 +632,6 @@ class _Compiler:
                 FROM_POD_CHAIN: self._ndp_rules(from_pod=True) if family == 6 else [],
                 TO_POD_CHAIN: self._ndp_rules(from_pod=False) if family == 6 else [],
             }
-            # The node set exists even before any endpoint does, so it can be swapped in place.
-            node_ips = {str(ip) for ip in self.state.node_ips if ip.version == family}
-            self._add_set(_node_set(family), family, "hash:ip", node_ips)
             for ifindex in sorted(claimed):
                 self._dispatch_endpoint(claimed[ifindex], self.interfaces[ifindex], family)
             for ifindex in sorted(self.state.pod_interfaces - claimed.keys()):
