@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from agent.dataplane.base import ConntrackReleasing, DataplaneError
+from agent.dataplane.base import ConntrackReleasing
+from agent.node.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +22,17 @@ DEFAULT_INTERVAL_S = 2.0
 class ConntrackReleaser:
     def __init__(self, dataplane: ConntrackReleasing, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._dataplane = dataplane
-        self.interval_s = interval_s
+        # a failed map read (a busy kernel, a map replaced under us) is retried next round
+        self._loop = Periodic("counting the conntrack entries each pod holds", interval_s, self._release)
 
     def release_once(self) -> None:
-        try:
-            deleted = self._dataplane.release_conntrack()
-        except DataplaneError as exc:
-            # the map read failed (a busy kernel, a map replaced under us): the next count retries
-            log.warning("counting the conntrack entries each pod holds failed: %s", exc)
-            return
+        self._loop.once()
+
+    def _release(self) -> None:
+        deleted = self._dataplane.release_conntrack()
         if deleted:
             log.debug("deleted %d expired conntrack entries", deleted)
 
     def run(self, stop: threading.Event) -> None:
         """Counts every `interval_s` until `stop` is set."""
-        while not stop.wait(self.interval_s):
-            self.release_once()
+        self._loop.run(stop)

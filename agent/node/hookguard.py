@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from agent.dataplane.base import DataplaneError, HookRepairing
+from agent.dataplane.base import HookRepairing
+from agent.node.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +27,16 @@ DEFAULT_INTERVAL_S = 2.0
 class HookGuard:
     def __init__(self, dataplane: HookRepairing, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._dataplane = dataplane
-        self.interval_s = interval_s
+        # a failed check (a busy xtables lock, a table changing under us) is retried next round
+        self._loop = Periodic("checking podfence's netfilter hooks", interval_s, self._check)
         self.repairs = 0  # hooks put back since the agent started (podfence_hook_repairs_total)
         self._warned = False
 
     def check_once(self) -> list[str]:
-        try:
-            repaired = self._dataplane.repair_hooks()
-        except DataplaneError as exc:
-            # A busy xtables lock or a table changing under us: the next check tries again.
-            log.warning("checking podfence's netfilter hooks failed: %s", exc)
-            return []
+        return self._loop.once() or []
+
+    def _check(self) -> list[str]:
+        repaired = self._dataplane.repair_hooks()
         if repaired:
             self.repairs += len(repaired)
             message = "podfence hooks were moved or removed (by another tool); restored: %s"
@@ -49,5 +49,4 @@ class HookGuard:
 
     def run(self, stop: threading.Event) -> None:
         """Checks every `interval_s` until `stop` is set."""
-        while not stop.wait(self.interval_s):
-            self.check_once()
+        self._loop.run(stop)

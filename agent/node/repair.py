@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_TC
 
-from agent.dataplane.base import DataplaneError
+from agent.node.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ class StateRepairing(Protocol):
 class StateGuard:
     def __init__(self, dataplane: StateRepairing, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._dataplane = dataplane
-        self.interval_s = interval_s
+        # a failed check (a busy xtables lock, an interface vanishing under us) is retried next round
+        self._loop = Periodic("checking podfence's kernel state", interval_s, self._check)
         self.by_kind: Counter[str] = Counter()  # repairs since the agent started, per kind
         self.last = ""  # the last finding, for `podfence status`
         self.last_at = 0.0  # its wall-clock time
         self.checks = 0
-        self._wake = threading.Event()
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -64,13 +64,11 @@ class StateGuard:
         self._listeners.append(listener)
 
     def check_once(self) -> list[tuple[str, str]]:
+        return self._loop.once() or []
+
+    def _check(self) -> list[tuple[str, str]]:
         self.checks += 1
-        try:
-            found = self._dataplane.repair_state()
-        except DataplaneError as exc:
-            # A busy xtables lock, an interface vanishing under us: the next check tries again.
-            log.warning("checking podfence's kernel state failed: %s", exc)
-            return []
+        found = self._dataplane.repair_state()
         if not found:
             return []
         for kind, what in found:
@@ -85,16 +83,11 @@ class StateGuard:
 
     def wake(self) -> None:
         """Check now (a tc notification)."""
-        self._wake.set()
+        self._loop.wake()
 
     def run(self, stop: threading.Event) -> None:
         """Checks every `interval_s` and whenever woken, until `stop` is set."""
-        while not stop.is_set():
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-            if stop.is_set():
-                return
-            self.check_once()
+        self._loop.run(stop)
 
     def watch_tc(self, stop: threading.Event, netns: str | None = None, poll_s: float = 0.2) -> None:
         """Wakes the check on tc qdisc and filter notifications in `netns`, until `stop` is set.
