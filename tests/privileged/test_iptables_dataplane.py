@@ -19,7 +19,8 @@ import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.iptables import IptablesDataplane
-from agent.dataplane.iptables.compiler import GROUP_MIN_ALLOWS, TO_POD_CHAIN
+from agent.dataplane.iptables.compiler import GROUP_MIN_ALLOWS
+from agent.dataplane.iptables.layout import TO_POD_CHAIN
 from agent.dataplane.types import (
     Allow,
     CidrPeer,

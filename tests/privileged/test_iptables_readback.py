@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.dataplane.iptables.compiler import DesiredState, Interface, compile_state
+from agent.dataplane.iptables.compiler import compile_state
+from agent.dataplane.iptables.layout import DesiredState, Interface
 from agent.dataplane.iptables.readback import read_endpoint
 from agent.dataplane.readback import EndpointReadback, ProgrammedDirection
 from agent.dataplane.types import NodeState

@@ -14,7 +14,7 @@ import pytest
 
 from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.iptables import kernel as iptables_kernel
-from agent.dataplane.iptables.compiler import SET_PREFIX
+from agent.dataplane.iptables.layout import SET_PREFIX
 from tests.privileged.iptables_netns import DataplaneWorker, Node
 from tests.privileged.test_iptables_dataplane import TCP, from_pod, identity_of, isolated, node_state
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 
 from agent.dataplane.iptables import bridge
-from agent.dataplane.iptables.compiler import Interface, compile_state
+from agent.dataplane.iptables.compiler import compile_state
 from agent.dataplane.iptables.kernel import BridgeTable, Rule
+from agent.dataplane.iptables.layout import Interface
 from agent.dataplane.types import Endpoint, NodeState
 
 MAC = "02:00:00:00:00:05"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from agent.dataplane.iptables.compiler import (
+from agent.dataplane.iptables.compiler import GROUP_MIN_ALLOWS, compile_state
+from agent.dataplane.iptables.layout import (
     FROM_POD_CHAIN,
-    GROUP_MIN_ALLOWS,
     TO_POD_CHAIN,
     Interface,
     canonical_member,
-    compile_state,
     member_address,
 )
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState

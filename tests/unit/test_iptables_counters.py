@@ -17,8 +17,8 @@ import pytest
 
 from agent.dataplane.iptables import dataplane as iptables_dataplane
 from agent.dataplane.iptables import kernel
-from agent.dataplane.iptables.compiler import ALLOW, DENY, Interface
 from agent.dataplane.iptables.dataplane import IptablesDataplane
+from agent.dataplane.iptables.layout import ALLOW, DENY, Interface
 from agent.dataplane.types import Allow, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 
 POD = Endpoint("ns/a", (ipaddress.ip_address("10.0.0.1"),), ifindex=10)

@@ -10,8 +10,9 @@ import pytest
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.fit import Rejection
-from agent.dataplane.iptables.compiler import DesiredState, Interface, compile_state
+from agent.dataplane.iptables.compiler import compile_state
 from agent.dataplane.iptables.fitting import fit_sets
+from agent.dataplane.iptables.layout import DesiredState, Interface
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, Endpoint, IdentityPeer, NodeState
 
 TCP = 6

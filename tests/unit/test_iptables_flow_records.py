@@ -14,7 +14,7 @@ import pytest
 
 from agent.dataplane.flows import FlowRecord, FlowVerdict
 from agent.dataplane.iptables import IptablesDataplane, nflog
-from agent.dataplane.iptables.compiler import DesiredState, compile_state
+from agent.dataplane.iptables.compiler import compile_state
 from agent.dataplane.iptables.flowrecords import (
     NO_POLICY,
     NO_RULE,
@@ -28,6 +28,7 @@ from agent.dataplane.iptables.flowrecords import (
     rule_ref,
 )
 from agent.dataplane.iptables.flowsource import FlowView, flow_view, record_of
+from agent.dataplane.iptables.layout import DesiredState
 from agent.dataplane.types import (
     ACTION_ACCEPT,
     ACTION_DENY,

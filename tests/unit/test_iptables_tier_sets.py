@@ -16,7 +16,8 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dataplane.iptables.compiler import Interface, compile_state
+from agent.dataplane.iptables.compiler import compile_state
+from agent.dataplane.iptables.layout import Interface
 from agent.dataplane.iptables.tier_sets import resolve_tier
 from agent.dataplane.types import (
     ACTION_ACCEPT,

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import EndpointCounters, HookRepairing, TemporaryDataplaneError
 from agent.dataplane.iptables import kernel
-from agent.dataplane.iptables.compiler import HOOK, HOOKS
+from agent.dataplane.iptables.layout import HOOK, HOOKS
 from agent.dataplane.types import NodeState
 from agent.node.hookguard import HookGuard
 from agent.node.metrics import register_agent_metrics

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from agent.api import podfence_pb2 as pb
 from agent.control.encode import delta_message, snapshot_message
 from agent.dataplane.bpf.compiler import compile_node_state
-from agent.dataplane.iptables.compiler import Interface, compile_state
+from agent.dataplane.iptables.compiler import compile_state
+from agent.dataplane.iptables.layout import Interface
 from agent.dataplane.types import NodeState
 from agent.node.decode import DecodeCache, MalformedMessage, apply_message
 from agent.policy.compiled import (

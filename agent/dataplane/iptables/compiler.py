@@ -40,25 +40,45 @@ costs one set lookup instead of a walk over thousands of rules. The set is named
 endpoint and direction, not its content, so a peer joining or leaving an identity is a set swap,
 as for the identity sets. Fewer such allows keep a rule each, which reads better in
 iptables-save and costs the same.
+
+Beside this module: the names and the DesiredState it fills (layout.py), the checks that head
+PF-FROM and PF-TO (frompod.py), the targets of deciding rules with flow records or an audit view
+on (targets.py), ClusterNetworkPolicy tiers (tiers.py) and the bridge family's chains (bridge.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-from dataclasses import dataclass, field
 
-from agent.dataplane.flows import FlowVerdict
-from agent.dataplane.iptables.bridge import BridgePort, BridgeRules, compile_bridge
-from agent.dataplane.iptables.flowrecords import (
-    NO_POLICY,
-    NO_RULE,
-    RuleName,
-    log_chain,
-    rule_name,
-    rule_ref,
+from agent.dataplane.iptables.bridge import BridgePort, compile_bridge
+from agent.dataplane.iptables.flowrecords import RuleName, rule_name
+from agent.dataplane.iptables.frompod import IP_OPTIONS_MATCH, icmp_error_match, ndp_rules
+from agent.dataplane.iptables.layout import (
+    ALLOW,
+    DENY,
+    DISPATCH,
+    EGRESS,
+    FAMILIES,
+    FORWARD_CHAIN,
+    FROM_POD_CHAIN,
+    ICMP_ERROR,
+    INGRESS,
+    IP_OPTIONS,
+    NDP,
+    SET_PREFIX,
+    SPOOF,
+    TO_POD_CHAIN,
+    UNKNOWN,
+    DesiredState,
+    Interface,
+    IpSetSpec,
+    canonical_member,
+    comment,
+    endpoint_chain_name,
+    short_hash,
 )
 from agent.dataplane.iptables.neighbour import NEIGHBOUR_CHAIN, NEIGHBOUR_DISPATCH, neighbour_rules
+from agent.dataplane.iptables.targets import TARGETS, Targets
 from agent.dataplane.iptables.tiers import tiered_rules
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -75,138 +95,13 @@ from agent.dataplane.types import (
     NodeState,
 )
 
-FAMILIES = (4, 6)
-CHAIN_PREFIX = "PF-"
-SET_PREFIX = "pf-"
-COMMENT_PREFIX = "podfence:"
-
-FORWARD_CHAIN = "PF-FWD"
-FROM_POD_CHAIN = "PF-FROM"
-TO_POD_CHAIN = "PF-TO"
-FIXED_CHAINS = (FORWARD_CHAIN, FROM_POD_CHAIN, TO_POD_CHAIN)
-# Built-in chain -> podfence chain it jumps to (the only rules podfence adds to others' chains).
-HOOKS = {"FORWARD": FORWARD_CHAIN, "INPUT": FROM_POD_CHAIN}
-
-# Rule comments: what each rule counts as, and which endpoint a dispatch rule serves.
-ALLOW = "podfence:allow"
-DENY = "podfence:deny"
-HOOK = "podfence:hook"
-NDP = "podfence:ndp"
-UNKNOWN = "podfence:unknown"
-DISPATCH = "podfence:ep"  # "podfence:ep <direction> <key>"
-SPOOF = "podfence:spoof"  # "podfence:spoof <key>"
-IP_OPTIONS = "podfence:ipopts"  # "podfence:ipopts <key>"
-ICMP_ERROR = "podfence:icmperr"  # "podfence:icmperr <key> <source ip>"
-# A new flow the enforced rules admitted and the audit view would deny: "podfence:auditdeny
-# <direction> <key>", a RETURN (an audit chain never drops)
-AUDIT_DENY = "podfence:auditdeny"
-# PF-FROM drops counted per endpoint (as its egress denials): comment "<prefix> <key>[ <detail>]"
-FROM_POD_DROPS = (SPOOF, IP_OPTIONS, ICMP_ERROR)
-# IPv4 options from a pod, but for a lone Router Alert (IGMP): IHL 6..15, and not (IHL 6 with the
-# four option bytes 0x94040000). A source route is why: the node rewrites the destination after
-# FORWARD, where the pod's chain judged a packet to the node.
-_IP_OPTIONS_MATCH = '-m u32 --u32 "0>>24&0xF=6:15" -m u32 ! --u32 "0>>24&0xF=6&&20=0x94040000"'
-
-
-def _icmp_error_match(ip: IPAddress) -> str:
-    """A related ICMP error from `ip` that does not quote a packet sent to `ip`.
-
-    nf_conntrack takes an error quoting a tracked flow as RELATED from any source (a router on
-    the path), so a pod could hand payload in errors about another pod's flow to a pod whose
-    ingress denies it (issue 21). Pods are not routers: an error a pod sends is its own only
-    when the packet it quotes was sent to the pod (as bpf/lib/conntrack.h pf_ct_related).
-    IPv4: the inner destination sits 8 (ICMP header) + 16 bytes past the outer header (IHL).
-    IPv6: at 40 + 8 + 24, which holds only without extension headers; an error with them is
-    dropped too (it cannot be read here, and a pod's own errors carry none)."""
-    if ip.version == 4:
-        return f'-p icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "0>>22&0x3C@24={int(ip):#x}"'
-    words = int(ip).to_bytes(16, "big")
-    quoted = "&&".join(f"{72 + 4 * i}={int.from_bytes(words[4 * i : 4 * i + 4], 'big'):#x}" for i in range(4))
-    return f'-p ipv6-icmp -m conntrack --ctstate RELATED -m u32 ! --u32 "4>>8&0xFF=58&&{quoted}"'
-
-
-EGRESS = "egress"
-INGRESS = "ingress"
-
 _PORT_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
 GROUP_MIN_ALLOWS = 8
 DEFAULT_SET_LIMIT = 65536  # a grouped set that would hold more entries is not built
-_ICMPV6_NDP_TYPES = (133, 134, 135, 136)  # router/neighbour solicitation and advertisement
-# What a pod may send of them, by IPv6 packet length (header included): router and neighbour
-# solicitations and neighbour advertisements with at most one 8-byte option (its link-layer
-# address, or a DAD nonce). No router advertisements from pods; anything longer carries more
-# than address resolution needs and is judged like any other packet.
-_ICMPV6_NDP_FROM_POD = {133: "48:56", 135: "64:72", 136: "64:72"}
-
-
-@dataclass(frozen=True)
-class Interface:
-    """A host-side pod interface as the kernel names it; `bridge` is its master bridge, if any."""
-
-    ifindex: int
-    name: str
-    bridge: str | None = None
-
-
-@dataclass(frozen=True)
-class IpSetSpec:
-    name: str
-    family: int
-    kind: str  # "hash:ip" | "hash:net" | "hash:net,port"
-    members: frozenset[str]  # canonical "addr/len", "addr/len nomatch", "addr/len,tcp:80" (canonical_member)
-
-    @property
-    def inet(self) -> str:
-        return "inet" if self.family == 4 else "inet6"
-
-
-@dataclass
-class DesiredState:
-    sets: dict[str, IpSetSpec] = field(default_factory=dict)
-    # family -> chain name -> rule specs (the text after "-A <chain> "), in order
-    chains: dict[int, dict[str, list[str]]] = field(default_factory=dict)
-    # (key, direction) -> family -> endpoint chain name
-    endpoint_chains: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
-    uses_bridges: bool = False
-    # set name -> the policies ("ns/name") whose allows match on it, so that a set too big for
-    # maxelem can be charged to them (agent/dataplane/fit.py)
-    set_users: dict[str, set[str]] = field(default_factory=dict)
-    # the bridge family's chains for bridged pod ports (bridge.py)
-    bridge: BridgeRules = field(default_factory=BridgeRules)
-    # rule_ref -> what it names, for every log chain written (flowrecords.py); empty when off
-    rule_names: dict[int, RuleName] = field(default_factory=dict)
-
-
-def canonical_member(text: str) -> str:
-    """One spelling per set entry, whatever `ipset save` or we wrote: "10.0.0.1/32 nomatch",
-    "10.0.0.1/32,tcp:80" (ipset saves a host without its /32)."""
-    entry, _, flag = text.partition(" ")
-    address, comma, port = entry.partition(",")
-    member = str(ipaddress.ip_network(address, strict=False))
-    if comma:
-        member = f"{member},{port}"
-    return f"{member} nomatch" if flag.strip() == "nomatch" else member
-
-
-def member_address(member: str) -> str:
-    """The address (or network) part of a canonical set entry."""
-    return member.split(" ", 1)[0].split(",", 1)[0]
-
-
-def _short_hash(text: str, length: int = 8) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:length]
-
-
 def _family(item: IPAddress | IPNetwork) -> int:
     return item.version
 
 
-def _comment(text: str) -> str:
-    return f'-m comment --comment "{text}"'
-
-
-# what an Accept or Deny entry of a tier does (tiers.py)
-TARGETS = {ACTION_ACCEPT: f"{_comment(ALLOW)} -j RETURN", ACTION_DENY: f"{_comment(DENY)} -j DROP"}
 SET_MATCH = "-m set --match-set "  # the match _identity_match and _cidr_match write, then the name
 
 
@@ -226,12 +121,6 @@ class _Compiler:
         flow_group: int | None,
     ) -> None:
         self.state = state
-        self.flow_group = flow_group
-        # while an audit chain is built (_audit_chain): (the enforced allow's target, endpoint
-        # key, direction); decided() then sends Accepts there and makes Denies counted RETURNs
-        self._auditing: tuple[str, str, str] | None = None
-        # while an endpoint direction with an audit view is compiled: what its audit chains judge
-        self._audit_of: tuple[Endpoint, str, int, DirectionPolicy] | None = None
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self._neighbour_dispatch: list[str] = []  # the IPv6 pods' neighbour chains, by interface
@@ -239,6 +128,8 @@ class _Compiler:
         self.set_limit = set_limit
         self.flows_per_pod = flows_per_pod
         self.out = DesiredState()
+        # what each deciding rule jumps to: flow-record log chains, audit chains (targets.py)
+        self.targets = Targets(self.out, flow_group, self._policy_rules)
 
     # -- sets ---------------------------------------------------------------------------------
 
@@ -263,7 +154,7 @@ class _Compiler:
         if not excepts:
             return "" if peer.cidr.prefixlen == 0 else f"{flag} {peer.cidr}"
         key = f"{peer.cidr}|{','.join(sorted(str(e) for e in excepts))}"
-        name = f"pf-n{family}-{_short_hash(key, 12)}"  # named by its content: built once
+        name = f"pf-n{family}-{short_hash(key, 12)}"  # named by its content: built once
         if name not in self.out.sets:
             # hash:net cannot hold a /0: cover it with its two halves.
             covers = list(peer.cidr.subnets(1)) if peer.cidr.prefixlen == 0 else [peer.cidr]
@@ -299,7 +190,7 @@ class _Compiler:
         side: str,
         allows: tuple[Allow, ...],
         run: str = "",
-        target: str = f"{_comment(ALLOW)} -j RETURN",
+        target: str = f"{comment(ALLOW)} -j RETURN",
     ) -> tuple[str | None, list[Allow]]:
         """One set rule for the allows _port_entries can hold, if there are GROUP_MIN_ALLOWS of
         them (and their entries fit in a set), and the allows left to write one rule each."""
@@ -316,8 +207,8 @@ class _Compiler:
         if held < GROUP_MIN_ALLOWS or len(entries) > self.set_limit:
             return None, list(allows)
         letter = "i" if direction == INGRESS else "e"
-        audit = "u" if self._auditing is not None else ""  # an audit view's sets are its own
-        name = f"{SET_PREFIX}g{family}{letter}{audit}{run}-{_short_hash(endpoint.key, 12)}"
+        audit = "u" if self.targets.auditing is not None else ""  # an audit view's sets are its own
+        name = f"{SET_PREFIX}g{family}{letter}{audit}{run}-{short_hash(endpoint.key, 12)}"
         self._add_set(name, family, "hash:net,port", entries, canonical=True)
         # the peer is the packet's source (ingress) or destination (egress); the port its destination
         return f"-m set --match-set {name} {side},dst {target}", rest
@@ -343,7 +234,7 @@ class _Compiler:
         return f"-p {name} -m {name} --dport {ports}"
 
     def _allow_rule(
-        self, allow: Allow, family: int, side: str, target: str = f"{_comment(ALLOW)} -j RETURN"
+        self, allow: Allow, family: int, side: str, target: str = f"{comment(ALLOW)} -j RETURN"
     ) -> str | None:
         peer = allow.peer
         if isinstance(peer, IdentityPeer):
@@ -359,46 +250,6 @@ class _Compiler:
         parts = [address, self._protocol_match(allow, family), target]
         return " ".join(p for p in parts if p)
 
-    def decided(self, family: int, action: int, name: RuleName) -> str:
-        """The target of a rule that decides for `name`: RETURN (Accept) or DROP (Deny), through
-        the log chain of its rule_ref when flow records are on (flowrecords.py). In an audit
-        chain: an Accept is the enforced allow's own target, a Deny a counted RETURN (logged as
-        audit-denied, naming the audit rule, when flow records are on)."""
-        if self._auditing is not None:
-            allow_target, key, direction = self._auditing
-            if action == ACTION_ACCEPT:
-                return allow_target
-            counted = _comment(f"{AUDIT_DENY} {direction} {key}")
-            if not self.flow_group:
-                return f"{counted} -j RETURN"
-            return f"{counted} -g {self._log_chain(family, FlowVerdict.AUDIT_DENIED, name)}"
-        if self._audit_of is not None and action == ACTION_ACCEPT:
-            enforced = self._enforced_target(family, action, name)
-            return f"{_comment(ALLOW)} -g {self._audit_chain(family, enforced)}"
-        return self._enforced_target(family, action, name)
-
-    def _enforced_target(self, family: int, action: int, name: RuleName) -> str:
-        if not self.flow_group:
-            return TARGETS[action]
-        verdict = FlowVerdict.ALLOWED if action == ACTION_ACCEPT else FlowVerdict.DENIED
-        chain = self._log_chain(family, verdict, name)
-        return f"{_comment(ALLOW if action == ACTION_ACCEPT else DENY)} -g {chain}"
-
-    def dropped(self, family: int, direction: str, reason: str, why: str) -> str:
-        """The target of a rule dropping for `reason` (a types.Reason name) rather than by a
-        policy's rule: DROP, through a log chain naming the reason when flow records are on."""
-        if not self.flow_group:
-            return "-j DROP"
-        return f"-g {self._log_chain(family, FlowVerdict.DENIED, RuleName(direction, '', '', why, reason))}"
-
-    def _log_chain(self, family: int, verdict: FlowVerdict, name: RuleName) -> str:
-        assert self.flow_group
-        ref = rule_ref(name)
-        chain, rules = log_chain(verdict, ref, self.flow_group)
-        self.out.chains[family].setdefault(chain, rules)
-        self.out.rule_names[ref] = name
-        return chain
-
     def matching(
         self,
         endpoint: Endpoint,
@@ -410,11 +261,10 @@ class _Compiler:
         tier: int = 0,
     ) -> list[str]:
         """Rules sending what any of `allows` matches to `target`: a rule target, or an action
-        (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (see `decided`). One set for
+        (ACTION_ACCEPT, ACTION_DENY) that each allow's rule decides (Targets.decided). One set for
         the many single-port ones (see _grouped_allows), a rule for each other; with flow
         records on, allows are grouped by their rule so that each group's target names it."""
-        plain = not self.flow_group and self._auditing is None and self._audit_of is None
-        if isinstance(target, str) or plain:
+        if isinstance(target, str) or self.targets.plain:
             fixed = target if isinstance(target, str) else TARGETS[target]
             return self._matching(endpoint, direction, family, allows, fixed, run)
         groups: dict[RuleName, list[Allow]] = {}
@@ -423,9 +273,8 @@ class _Compiler:
         rules: list[str] = []
         for index, (name, members) in enumerate(groups.items()):
             group_run = run if len(groups) == 1 else f"{run}r{index}"
-            rules += self._matching(
-                endpoint, direction, family, tuple(members), self.decided(family, target, name), group_run
-            )
+            decided = self.targets.decided(family, target, name)
+            rules += self._matching(endpoint, direction, family, tuple(members), decided, group_run)
         return rules
 
     def _matching(
@@ -456,16 +305,16 @@ class _Compiler:
         """What `policy` says of a new flow past the endpoint chain's head."""
         side = "src" if direction == INGRESS else "dst"
         rules: list[str] = []
-        mapped = f"{_comment(DENY)} -j DROP"
-        if self._auditing is not None:  # an audit chain never drops
-            mapped = self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE))
+        mapped = TARGETS[ACTION_DENY]
+        if self.targets.auditing is not None:  # an audit chain never drops
+            mapped = self.targets.isolated_deny(family, direction)
         if policy.tiered:
             if family == 6:
                 flag = "-s" if side == "src" else "-d"
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
             rules += tiered_rules(self, endpoint, direction, family, policy)
         elif not policy.isolated:
-            rules.append(self.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
+            rules.append(self.targets.default_allow(family, direction))
         else:
             if family == 6:
                 # an IPv4-mapped peer (::ffff:0:0/96) only deceives on the wire: never admitted
@@ -473,32 +322,16 @@ class _Compiler:
                 flag = "-s" if side == "src" else "-d"
                 rules.append(f"{flag} {V4_MAPPED_SPACE} {mapped}")
             rules += self.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT)
-            rules.append(self.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
+            rules.append(self.targets.isolated_deny(family, direction))
         return rules
-
-    def _audit_chain(self, family: int, allow_target: str) -> str:
-        """The audit view of the endpoint direction being compiled, for the new flows of one
-        enforced allow: its Accepts end as that allow would (`allow_target`), its Denies in a
-        counted RETURN (AUDIT_DENY). Every exit passes: an audit policy changes no fate."""
-        assert self._audit_of is not None
-        endpoint, direction, _, audit = self._audit_of
-        self._audit_of, self._auditing = None, (allow_target, endpoint.key, direction)
-        try:
-            rules = self._policy_rules(endpoint, direction, family, audit)
-        finally:
-            self._audit_of, self._auditing = (endpoint, direction, family, audit), None
-        letter = "I" if direction == INGRESS else "E"
-        name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}u"
-        self.out.chains[family][name] = rules
-        return name
 
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
-        rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_comment(ALLOW)} -j RETURN"]
+        rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {comment(ALLOW)} -j RETURN"]
         if self.tcp_needs_syn:
             # Conntrack's loose pickup would turn a mid-stream packet into a new "established"
             # entry (from whichever side speaks first); refusing it makes a deleted entry final.
-            rules.append(f"-p tcp ! --syn -m conntrack --ctstate NEW {_comment(DENY)} -j DROP")
+            rules.append(f"-p tcp ! --syn -m conntrack --ctstate NEW {comment(DENY)} -j DROP")
         if self.flows_per_pod:
             # nf_conntrack is one table for the node: a pod filling it stops every new flow on
             # the node (an assured, established one is never evicted). connlimit counts the
@@ -506,26 +339,19 @@ class _Compiler:
             width, end = (32 if family == 4 else 128), "saddr" if direction == EGRESS else "daddr"
             rules.append(
                 f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {self.flows_per_pod} "
-                f"--connlimit-mask {width} --connlimit-{end} {_comment(DENY)} "
-                + self.dropped(family, direction, "flow_limit", "over the pod's flow bound")
+                f"--connlimit-mask {width} --connlimit-{end} {comment(DENY)} "
+                + self.targets.dropped(family, direction, "flow_limit", "over the pod's flow bound")
             )
         # No exemption for the node's addresses here: what the node sends (kubelet probes) leaves
         # through OUTPUT and never meets these chains, which FORWARD alone reaches. A forwarded
         # packet with the node's address as its source was forged by whoever sent it (nothing
         # on the path checks an IPv6 source, nor a bridged frame's), as the eBPF dataplane
         # judges too (only what the node sent itself is node traffic).
-        if policy.audit is None:
+        # With an audit view, each enforced allow sends its new flows on to it, which then
+        # returns or logs them as that allow would (targets.py).
+        with self.targets.audited(endpoint, direction, policy.audit):
             rules += self._policy_rules(endpoint, direction, family, policy)
-        else:
-            # each enforced allow sends its new flows on to the audit view, which then returns or
-            # logs them as that allow would (audit_chain)
-            self._audit_of = (endpoint, direction, family, policy.audit)
-            try:
-                rules += self._policy_rules(endpoint, direction, family, policy)
-            finally:
-                self._audit_of = None
-        letter = "I" if direction == INGRESS else "E"
-        name = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
+        name = endpoint_chain_name(endpoint.key, direction, rules)
         self.out.chains[family][name] = rules
         self.out.endpoint_chains.setdefault((endpoint.key, direction), {})[family] = name
         return name
@@ -547,24 +373,24 @@ class _Compiler:
         came_from = self._from_match(interface)
         if family == 4:
             from_rules.append(
-                f"{came_from} {_IP_OPTIONS_MATCH} {_comment(f'{IP_OPTIONS} {endpoint.key}')} "
-                + self.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
+                f"{came_from} {IP_OPTIONS_MATCH} {comment(f'{IP_OPTIONS} {endpoint.key}')} "
+                + self.targets.dropped(family, EGRESS, "ip_options", "IPv4 options (a source route)")
             )
         for ip in own_ips:
             width = 32 if family == 4 else 128
             from_rules.append(
-                f"{came_from} -s {ip}/{width} {_icmp_error_match(ip)} "
-                f"{_comment(f'{ICMP_ERROR} {endpoint.key} {ip}')} -j DROP"
+                f"{came_from} -s {ip}/{width} {icmp_error_match(ip)} "
+                f"{comment(f'{ICMP_ERROR} {endpoint.key} {ip}')} -j DROP"
             )
             from_rules.append(
-                f"{came_from} -s {ip}/{width} {_comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
+                f"{came_from} -s {ip}/{width} {comment(f'{DISPATCH} {EGRESS} {endpoint.key}')} -g {egress}"
             )
-        spoofed = self.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
-        from_rules.append(f"{came_from} {_comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
+        spoofed = self.targets.dropped(family, EGRESS, "spoofed_source", "not the pod's source address")
+        from_rules.append(f"{came_from} {comment(f'{SPOOF} {endpoint.key}')} {spoofed}")
         if family == 6:
             self._neighbour_chain(endpoint, came_from)
 
-        to_comment = _comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
+        to_comment = comment(f"{DISPATCH} {INGRESS} {endpoint.key}")
         if interface.bridge is None:
             to_rules.append(f"-o {interface.name} {to_comment} -g {ingress}")
             return
@@ -582,43 +408,27 @@ class _Compiler:
     def _neighbour_chain(self, endpoint: Endpoint, came_from: str) -> None:
         """The chain holding `endpoint`'s neighbour discovery to what address resolution needs
         (neighbour.py), and its rule in the neighbour dispatch."""
-        spoofed = self.dropped(6, EGRESS, "spoofed_ndp", "advertises an address not the pod's")
-        rogue = self.dropped(6, EGRESS, "rogue_ndp", "neighbour discovery a pod may not send")
-        denied, passed = _comment(DENY), f"{_comment(NDP)} -j RETURN"
+        spoofed = self.targets.dropped(6, EGRESS, "spoofed_ndp", "advertises an address not the pod's")
+        rogue = self.targets.dropped(6, EGRESS, "rogue_ndp", "neighbour discovery a pod may not send")
+        denied, passed = comment(DENY), f"{comment(NDP)} -j RETURN"
         rules = neighbour_rules(endpoint, passed, f"{denied} {spoofed}", f"{denied} {rogue}")
-        name = f"{NEIGHBOUR_CHAIN}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rules))}"
+        name = f"{NEIGHBOUR_CHAIN}{short_hash(endpoint.key)}-{short_hash(chr(10).join(rules))}"
         self.out.chains[6][name] = rules
-        dispatch = _comment(f"{DISPATCH} {EGRESS} {endpoint.key}")
+        dispatch = comment(f"{DISPATCH} {EGRESS} {endpoint.key}")
         self._neighbour_dispatch.append(f"{came_from} {dispatch} -g {name}")
-
-    @staticmethod
-    def _ndp_rules(from_pod: bool) -> list[str]:
-        # IPv6 neighbour discovery (from link-local, unspecified or global sources) never leaves
-        # the link (hop limit 255 proves it was not routed); without it nothing else works.
-        if from_pod:
-            return [
-                f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -m hl --hl-eq 255 "
-                f"-m length --length {length} {_comment(NDP)} -j RETURN"
-                for icmp_type, length in _ICMPV6_NDP_FROM_POD.items()
-            ]
-        return [
-            f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -m hl --hl-eq 255 {_comment(NDP)} -j RETURN"
-            for icmp_type in _ICMPV6_NDP_TYPES
-        ]
 
     def _dispatch_unknown(self, interface: Interface, family: int) -> None:
         if self.unknown_endpoints == "allow":
             return
-        comment = _comment(UNKNOWN)
-        unknown = "interface of no known pod"
-        egress = self.dropped(family, EGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {comment} {egress}")
+        counted, unknown = comment(UNKNOWN), "interface of no known pod"
+        egress = self.targets.dropped(family, EGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {counted} {egress}")
         if interface.bridge is None:
             to = f"-o {interface.name}"
         else:
             to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
-        ingress = self.dropped(family, INGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {comment} {ingress}")
+        ingress = self.targets.dropped(family, INGRESS, "unknown_endpoint", unknown)
+        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {counted} {ingress}")
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}
@@ -629,8 +439,8 @@ class _Compiler:
         for family in FAMILIES:
             self.out.chains[family] = {
                 FORWARD_CHAIN: [f"-j {FROM_POD_CHAIN}", f"-j {TO_POD_CHAIN}"],
-                FROM_POD_CHAIN: self._ndp_rules(from_pod=True) if family == 6 else [],
-                TO_POD_CHAIN: self._ndp_rules(from_pod=False) if family == 6 else [],
+                FROM_POD_CHAIN: ndp_rules(from_pod=True) if family == 6 else [],
+                TO_POD_CHAIN: ndp_rules(from_pod=False) if family == 6 else [],
             }
             for ifindex in sorted(claimed):
                 self._dispatch_endpoint(claimed[ifindex], self.interfaces[ifindex], family)
@@ -639,7 +449,7 @@ class _Compiler:
                     self._dispatch_unknown(self.interfaces[ifindex], family)
         if self._neighbour_dispatch:
             # ICMPv6 that may be neighbour discovery (hop limit 255) meets its pod's chain first
-            dispatch = f"{NEIGHBOUR_DISPATCH}{_short_hash(chr(10).join(self._neighbour_dispatch))}"
+            dispatch = f"{NEIGHBOUR_DISPATCH}{short_hash(chr(10).join(self._neighbour_dispatch))}"
             self.out.chains[6][dispatch] = self._neighbour_dispatch
             self.out.chains[6][FROM_POD_CHAIN].insert(0, f"-p ipv6-icmp -m hl --hl-eq 255 -j {dispatch}")
         ports = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.dataplane.iptables import kernel
-from agent.dataplane.iptables.compiler import (
+from agent.dataplane.iptables.layout import (
     ALLOW,
     AUDIT_DENY,
     DENY,

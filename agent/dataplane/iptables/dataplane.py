@@ -37,7 +37,14 @@ from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
 from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import kernel, verify
-from agent.dataplane.iptables.compiler import (
+from agent.dataplane.iptables.compiler import compile_state
+from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
+from agent.dataplane.iptables.fitting import fit_sets
+from agent.dataplane.iptables.flowrecords import UNLOGGED, RuleName
+from agent.dataplane.iptables.flowsource import FlowSource, flow_view
+from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
+from agent.dataplane.iptables.layer2 import Layer2
+from agent.dataplane.iptables.layout import (
     CHAIN_PREFIX,
     EGRESS,
     FAMILIES,
@@ -52,15 +59,8 @@ from agent.dataplane.iptables.compiler import (
     DesiredState,
     Interface,
     IpSetSpec,
-    compile_state,
     member_address,
 )
-from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
-from agent.dataplane.iptables.fitting import fit_sets
-from agent.dataplane.iptables.flowrecords import UNLOGGED, RuleName
-from agent.dataplane.iptables.flowsource import FlowSource, flow_view
-from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
-from agent.dataplane.iptables.layer2 import Layer2
 from agent.dataplane.iptables.nflog import RECEIVE_BUFFER
 from agent.dataplane.linkdump import dump_links
 from agent.dataplane.types import NodeState

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from agent.dataplane.base import CapacityError
 from agent.dataplane.fit import Overflow, Rejection, strip_policies
-from agent.dataplane.iptables.compiler import DesiredState
+from agent.dataplane.iptables.layout import DesiredState
 from agent.dataplane.types import NodeState
 
 

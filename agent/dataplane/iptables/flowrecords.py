@@ -6,7 +6,7 @@ has that (direction, tier, policy, rule), so they add two or three rules per dis
 per allow: 10,000 allows of one NetworkPolicy rule cost one more chain, not 10,000 more rules.
 
     PF-LA<ref>:  NEW -> NFLOG "pf1 a <ref>" ; RETURN            (allowed: the flow's first packet)
-    PF-LU<ref>:  NEW -> NFLOG "pf1 u <ref>" ; RETURN            (audit-denied: passes, compiler._audit_chain)
+    PF-LU<ref>:  NEW -> NFLOG "pf1 u <ref>" ; RETURN            (audit-denied: passes, targets.py)
     PF-LD<ref>:  over the per-flow rate (hashlimit) -> DROP, counted as unlogged ;
                  NFLOG "pf1 d <ref>" ; DROP                      (denied: every packet, up to it)
 

@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from agent.dataplane.iptables.compiler import IpSetSpec
 from agent.dataplane.iptables.kernel import KernelSet
+from agent.dataplane.iptables.layout import IpSetSpec
 
 log = logging.getLogger(__name__)
 

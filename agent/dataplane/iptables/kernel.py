@@ -28,13 +28,7 @@ from dataclasses import dataclass, field
 from agent.dataplane import xtables
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 from agent.dataplane.iptables.bridge import ARP_GUARD_TABLE
-from agent.dataplane.iptables.compiler import (
-    CHAIN_PREFIX,
-    COMMENT_PREFIX,
-    HOOK,
-    SET_PREFIX,
-    canonical_member,
-)
+from agent.dataplane.iptables.layout import CHAIN_PREFIX, COMMENT_PREFIX, HOOK, SET_PREFIX, canonical_member
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.iptables import bridge, kernel, verify
-from agent.dataplane.iptables.compiler import EGRESS
 from agent.dataplane.iptables.counters import Tally
+from agent.dataplane.iptables.layout import EGRESS
 
 
 class Layer2:

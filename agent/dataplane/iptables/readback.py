@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from agent.dataplane.iptables import kernel
-from agent.dataplane.iptables.compiler import (
+from agent.dataplane.iptables.layout import (
     ALLOW,
     AUDIT_DENY,
     CHAIN_PREFIX,

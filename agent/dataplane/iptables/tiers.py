@@ -18,7 +18,7 @@ rule is SET_RULE: a member of the Deny set may come from any Deny rule, so the r
 (flowsource.py) names the deciding rule from the packet's peer and port, by the same first
 entry by rank the sets were resolved with. A run's rule logs its own name.
 
-Layout of a tiered endpoint chain (compiler._tiered_chains):
+Layout of a tiered endpoint chain (tiered_rules):
     PF-I…/PF-E…:  established, node IPs, v4-mapped as before; Admin sets or runs (Accept ->
                   RETURN, Deny -> DROP, Pass -> goto PF-…n); goto PF-…n
     PF-…n:        isolated: the NetworkPolicy allows -> RETURN; DROP
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent.dataplane.iptables.flowrecords import NO_POLICY, NO_RULE, SET_RULE, TIER_NAMES, RuleName, allow_of
+from agent.dataplane.iptables.flowrecords import SET_RULE, TIER_NAMES, RuleName, allow_of
+from agent.dataplane.iptables.layout import INGRESS, SET_PREFIX, endpoint_chain_name, short_hash
 from agent.dataplane.iptables.tier_sets import resolve_tier
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -78,10 +79,8 @@ def _tier_rules(
 ) -> list[str]:
     """The rules judging `tier`: one per action set (tier_sets.py), then the runs of the entries
     no set holds; all of them as runs if a set would outgrow the set limit. Accept and Deny
-    decide (compiler.decided); Pass goes to `pass_target`, or (None: the Baseline tier, where
+    decide (Targets.decided); Pass goes to `pass_target`, or (None: the Baseline tier, where
     only the default allow follows) decides as an Accept."""
-    from agent.dataplane.iptables.compiler import INGRESS, SET_PREFIX, _short_hash
-
     entries = [e for e in policy.tiered if e.tier == tier]
     letter = "a" if tier == TIER_ADMIN else "b"
     rules = []
@@ -91,21 +90,22 @@ def _tier_rules(
         side = "src" if direction == INGRESS else "dst"
         runs = resolved.wide
         for action in sorted(resolved.members):
-            audit = "u" if compiler._auditing is not None else ""  # an audit view's sets are its own
+            audit = "u" if compiler.targets.auditing is not None else ""  # an audit view's sets are its own
             name = (
                 f"{SET_PREFIX}t{family}{direction[0]}{letter}{_ACTION_LETTERS[action]}{audit}-"
-                f"{_short_hash(endpoint.key, 12)}"
+                f"{short_hash(endpoint.key, 12)}"
             )
             compiler._add_set(name, family, "hash:net,port", resolved.members[action])
             compiler.out.set_users.setdefault(name, set()).update(resolved.policies.get(action, set()))
             # the sets are disjoint: their order does not matter
             # decided(): in an audit chain a Deny is a counted RETURN and an Accept the enforced
-            # allow's target; with an audit view an Accept goes on to it (compiler.py)
+            # allow's target; with an audit view an Accept goes on to it (targets.py)
             decided = RuleName(direction, TIER_NAMES[tier], "", SET_RULE)
             if action == ACTION_PASS and pass_target is not None:
                 target = pass_target
             else:
-                target = compiler.decided(family, ACTION_ACCEPT if action == ACTION_PASS else action, decided)
+                accepts = ACTION_ACCEPT if action == ACTION_PASS else action
+                target = compiler.targets.decided(family, accepts, decided)
             rules.append(f"-m set --match-set {name} {side},dst {target}")
     for index, (action, allows) in enumerate(tier_runs(runs, tier)):
         # tier_runs made a Baseline Pass an Accept already
@@ -119,18 +119,14 @@ def tiered_rules(
 ) -> list[str]:
     """The rules after the common head of a direction with tiered entries (see the layout above);
     the chain of the rest is added to the compiler's output."""
-    # the compiler imports this module: its names are read at call time
-    from agent.dataplane.iptables.compiler import CHAIN_PREFIX, INGRESS, _short_hash
-
     rest: list[str] = []
     if policy.isolated:
         rest += compiler.matching(endpoint, direction, family, policy.allows, ACTION_ACCEPT, "n")
-        rest.append(compiler.decided(family, ACTION_DENY, RuleName(direction, "networkpolicy", "", NO_RULE)))
+        rest.append(compiler.targets.isolated_deny(family, direction))
     else:
         rest += _tier_rules(compiler, endpoint, direction, family, policy, TIER_BASELINE, None)
-        rest.append(compiler.decided(family, ACTION_ACCEPT, RuleName(direction, "default", "", NO_POLICY)))
-    letter = "I" if direction == INGRESS else "E"
-    rest_chain = f"{CHAIN_PREFIX}{letter}{_short_hash(endpoint.key)}-{_short_hash(chr(10).join(rest))}n"
+        rest.append(compiler.targets.default_allow(family, direction))
+    rest_chain = endpoint_chain_name(endpoint.key, direction, rest, "n")
     compiler.out.chains[family][rest_chain] = rest
     rules = _tier_rules(compiler, endpoint, direction, family, policy, TIER_ADMIN, f"-g {rest_chain}")
     rules.append(f"-g {rest_chain}")
