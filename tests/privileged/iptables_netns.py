@@ -109,6 +109,26 @@ class Node(NetnsNode):
         return self.in_node("iptables-legacy-save" if family == 4 else "ip6tables-legacy-save").stdout
 
 
+# What each pod of the usual lab serves (three_pods): enough for every module's probes.
+LAB_TCP = (80, 8080)
+LAB_UDP = (53, 54)
+
+
+@contextlib.contextmanager
+def three_pods(sctp_dir: Path) -> Iterator[Node]:
+    """The usual lab of the iptables tests: a node with pods 1..3 (10.1.0.<n>, fd00::<n>), each
+    echoing TCP LAB_TCP and UDP LAB_UDP and logging the SCTP it receives to
+    `sctp_dir`/<netns>.sctp; destroyed after (conftest.py's `node` fixture)."""
+    lab = Node()
+    try:
+        lab.create(3)
+        for pod in lab.pods:
+            lab.serve(pod, tcp=LAB_TCP, udp=LAB_UDP, sctp_log=str(sctp_dir / f"{pod.netns}.sctp"))
+        yield lab
+    finally:
+        lab.destroy()
+
+
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 

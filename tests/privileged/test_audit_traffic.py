@@ -25,7 +25,7 @@ from tests.privileged import bpf_netns, iptables_netns
 from tests.privileged.audit_lab import ICMP, Expect, disagreements, expectations, lab_objects, node_state
 
 BPF_TCP, BPF_UDP = 8080, 9090
-IPT_TCP, IPT_UDP = 8080, 53
+IPT_TCP, IPT_UDP = iptables_netns.LAB_TCP[1], iptables_netns.LAB_UDP[0]  # 8080, 53: served
 
 
 @pytest.fixture
@@ -86,25 +86,14 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
         plane.teardown()
 
 
-@pytest.fixture
-def ipt_node() -> Iterator[iptables_netns.Node]:
-    lab = iptables_netns.Node()
-    try:
-        lab.create(3)
-        for pod in lab.pods:
-            lab.serve(pod, tcp=(IPT_TCP,), udp=(IPT_UDP,))
-        yield lab
-    finally:
-        lab.destroy()
-
-
 @pytest.mark.needs("iptables-legacy", "ipset")
 def test_iptables_audit_changes_no_fate_and_counts_what_the_evaluator_denies(
-    ipt_node: iptables_netns.Node,
+    node: iptables_netns.Node,
 ) -> None:
-    pods = ipt_node.pods
+    """`node`: conftest.py's, whose pods serve IPT_TCP and IPT_UDP among others."""
+    pods = node.pods
     objects = lab_objects([(p.ip, p.ip6 or p.ip) for p in pods], IPT_TCP, IPT_UDP)
-    worker = iptables_netns.DataplaneWorker(ipt_node.netns, IptablesDataplane)
+    worker = iptables_netns.DataplaneWorker(node.netns, IptablesDataplane)
     try:
         worker.call("start")
         keys = {f"lab/p{i + 1}": p.ifindex for i, p in enumerate(pods)}
@@ -114,9 +103,9 @@ def test_iptables_audit_changes_no_fate_and_counts_what_the_evaluator_denies(
         def run(expect: Expect) -> bool:
             source, target = pods[expect.source], pods[expect.target]
             if expect.protocol == ICMP:
-                return ipt_node.probe(source, "icmp", target.ip, 0)
+                return node.probe(source, "icmp", target.ip, 0)
             kind = "tcp" if expect.port == IPT_TCP else "udp"
-            return ipt_node.probe(source, kind, target.ip, expect.port)
+            return node.probe(source, kind, target.ip, expect.port)
 
         expected = expectations(objects, IPT_TCP, IPT_UDP)
         wrong = disagreements(expected, run, lambda: worker.call("audit_denied"))

@@ -20,7 +20,6 @@ from agent.dataplane.iptables import IptablesDataplane
 from agent.dataplane.types import Allow, CidrPeer, DirectionPolicy, IdentityPeer
 from tests.privileged.iptables_netns import DataplaneWorker, Node, Pod
 from tests.privileged.test_iptables_dataplane import assert_flows, identity_of, node_state
-from tests.privileged.test_iptables_dataplane import node as lab_node  # noqa: F401 (the `node` fixture)
 
 if os.geteuid() != 0 or shutil.which("iptables-legacy-restore") is None or shutil.which("ipset") is None:
     pytest.skip("needs root, iptables-legacy-restore and ipset", allow_module_level=True)
@@ -37,8 +36,8 @@ class ReportingDataplane(IptablesDataplane):
 
 
 @pytest.fixture
-def worker(lab_node: Node) -> Iterator[DataplaneWorker]:  # noqa: F811 (the imported fixture)
-    dataplane = DataplaneWorker(lab_node.netns, lambda: ReportingDataplane(ipset_maxelem=MAXELEM))
+def worker(node: Node) -> Iterator[DataplaneWorker]:
+    dataplane = DataplaneWorker(node.netns, lambda: ReportingDataplane(ipset_maxelem=MAXELEM))
     try:
         dataplane.call("start")
         yield dataplane
@@ -64,11 +63,10 @@ def iso(*allows: Allow) -> DirectionPolicy:
 
 
 def test_an_oversized_ipblock_is_rejected_alone_and_others_keep_applying(
-    lab_node: Node,  # noqa: F811 (the imported fixture)
+    node: Node,
     worker: DataplaneWorker,
     tmp_path: Path,
 ) -> None:
-    node = lab_node
     p1, p2, p3 = node.pods
     a_base = from_pod(p2, 80, "tenant-a/base")
     b_web = (from_pod(p1, 80, "tenant-b/web"), from_pod(p3, 80, "tenant-b/web"))

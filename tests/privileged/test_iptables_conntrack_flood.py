@@ -10,8 +10,6 @@ flood is admitted and tracked (the control)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from agent.dataplane.iptables import IptablesDataplane
@@ -23,16 +21,6 @@ pytestmark = pytest.mark.needs("conntrack")  # and root (conftest.py)
 
 FLOOD = 400
 BOUND = 64
-
-
-@pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node()
-    try:
-        lab.create(3)
-        yield lab
-    finally:
-        lab.destroy()
 
 
 def tracked_from(node: Node, address: str) -> int:

@@ -49,18 +49,6 @@ pytestmark = pytest.mark.needs("iptables-legacy", "ipset")
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    lab = Node()
-    try:
-        lab.create(3)
-        for pod in lab.pods:
-            lab.serve(pod, tcp=(80, 8080), udp=(53, 54), sctp_log=str(tmp_path / f"{pod.netns}.sctp"))
-        yield lab
-    finally:
-        lab.destroy()
-
-
-@pytest.fixture
 def dataplane(node: Node) -> Iterator[DataplaneWorker]:
     with running(node.netns, IptablesDataplane) as worker:
         yield worker

@@ -28,18 +28,6 @@ TCP, UDP = 6, 17
 GROUP = 2471  # not the agent's default: a test never competes with an agent on this machine
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node()
-    try:
-        lab.create(3)
-        for pod in lab.pods:
-            lab.serve(pod, tcp=(80,), udp=(53,))
-        yield lab
-    finally:
-        lab.destroy()
-
-
 @contextlib.contextmanager
 def recording(node: Node, **options: Any) -> Iterator[DataplaneWorker]:
     """A dataplane with flow records on, its NFLOG group bound (what is logged before has no

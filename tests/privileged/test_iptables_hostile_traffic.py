@@ -19,16 +19,6 @@ from tests.privileged.test_iptables_dataplane import UDP, from_pod, isolated, no
 
 
 @pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node()
-    try:
-        lab.create(3)
-        yield lab
-    finally:
-        lab.destroy()
-
-
-@pytest.fixture
 def dataplane(node: Node) -> Iterator[DataplaneWorker]:
     with running(node.netns, IptablesDataplane) as worker:
         yield worker

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,18 +52,6 @@ class ObservedDataplane(IptablesDataplane):
     def observed(self) -> tuple[int, list[str]]:
         lines, self.restored_lines = self.restored_lines, []
         return self.set_reads, lines
-
-
-@pytest.fixture
-def node() -> Iterator[Node]:
-    lab = Node()
-    try:
-        lab.create(3)
-        for pod in lab.pods:
-            lab.serve(pod, tcp=(80,))
-        yield lab
-    finally:
-        lab.destroy()
 
 
 def set_members(node: Node, holding: str) -> tuple[str, set[str]]:

@@ -16,7 +16,7 @@ from tests.privileged import test_iptables_dataplane as base
 from tests.privileged.iptables_netns import DataplaneWorker, Node, wait_for
 from tests.privileged.test_iptables_dataplane import TCP, from_pod, identity_of, isolated, node_state
 
-node, dataplane = base.node, base.dataplane  # the fixtures: a node netns with three pods, a worker
+dataplane = base.dataplane  # the fixture: a started worker in conftest.py's node (three pods)
 
 
 def p2_admits_p1(node: Node, dataplane: DataplaneWorker) -> None:

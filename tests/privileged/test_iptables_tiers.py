@@ -31,7 +31,7 @@ from agent.node.decode import apply_message
 from agent.policy.evaluator import Verdict, evaluate
 from agent.policy.resolver import Resolver
 from tests.cnp_scenarios import ICMP, NODES, SCTP, TCP, UDP, Scenario, scenarios
-from tests.privileged.iptables_netns import NODE_IP, NODE_IP6, DataplaneWorker, Node, ip
+from tests.privileged.iptables_netns import NODE_IP, NODE_IP6, DataplaneWorker, Node, ip, running, three_pods
 
 if os.geteuid() != 0 or shutil.which("iptables-legacy-restore") is None or shutil.which("ipset") is None:
     pytest.skip("needs root, iptables-legacy-restore and ipset", allow_module_level=True)
@@ -58,25 +58,12 @@ class Lab:
 @pytest.fixture(scope="module", params=[0, FLOW_GROUP], ids=["records-off", "records-on"])
 def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
     sctp_dir = tmp_path_factory.mktemp("sctp")
-    node = Node()
-    try:
-        node.create(3)
+    with three_pods(sctp_dir) as node:
         assert tuple(p.ip for p in node.pods) == LAB_IPS
-        for pod in node.pods:
-            node.serve(pod, tcp=(80, 8080), udp=(53,), sctp_log=str(sctp_dir / f"{pod.netns}.sctp"))
         factory = functools.partial(IptablesDataplane, flow_group=request.param, denied_flow_interval_s=0.2)
-        worker = DataplaneWorker(node.netns, factory)
-        try:
-            worker.call("start")
+        with running(node.netns, factory) as worker:
             worker.call("poll_flows", 0)  # binds the NFLOG group (records on)
             yield Lab(node, worker, sctp_dir, flows=bool(request.param))
-        finally:
-            try:
-                worker.call("teardown")
-            finally:
-                worker.stop()
-    finally:
-        node.destroy()
 
 
 def _apply(lab: Lab, resolver: Resolver) -> None:
