@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from agent.dataplane import bridge_netfilter
 from agent.dataplane.base import (
@@ -42,7 +41,7 @@ from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_cha
 from agent.dataplane.iptables.fitting import fit_sets
 from agent.dataplane.iptables.flowrecords import UNLOGGED, RuleName
 from agent.dataplane.iptables.flowsource import FlowSource, flow_view
-from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, member_edits
+from agent.dataplane.iptables.ipsets import DEFAULT_VERIFY_INTERVAL_S, SetsView, moved_members, sets_script
 from agent.dataplane.iptables.layer2 import Layer2
 from agent.dataplane.iptables.layout import (
     CHAIN_PREFIX,
@@ -51,15 +50,11 @@ from agent.dataplane.iptables.layout import (
     FIXED_CHAINS,
     FORWARD_CHAIN,
     FROM_POD_CHAIN,
-    FROM_POD_DROPS,
     HOOKS,
     INGRESS,
-    SET_PREFIX,
     TO_POD_CHAIN,
     DesiredState,
     Interface,
-    IpSetSpec,
-    member_address,
 )
 from agent.dataplane.iptables.nflog import RECEIVE_BUFFER
 from agent.dataplane.linkdump import dump_links
@@ -68,25 +63,6 @@ from agent.dataplane.types import NodeState
 log = logging.getLogger(__name__)
 
 DEFAULT_IPSET_MAXELEM = 65536
-
-
-def _changed_members(desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> set[str]:
-    """Addresses (or networks) that join or leave a set kept under its name: a peer whose identity
-    changed. The chains matching the set are unchanged, so only this says whose flows moved.
-    New and removed sets need nothing here: the chains using them change, and with them the
-    endpoint's chain name."""
-    moved: set[str] = set()
-    for name, spec in desired.sets.items():
-        current = sets_now.get(name)
-        if current is not None:
-            moved |= {member_address(member) for member in current.members ^ spec.members}
-    return moved
-
-
-def _set_member_text(spec: IpSetSpec, member: str) -> str:
-    if spec.kind == "hash:ip":  # hash:ip takes plain addresses (a /len would mean a range)
-        return member.split("/", 1)[0]
-    return member
 
 
 class IptablesDataplane:
@@ -264,7 +240,7 @@ class IptablesDataplane:
             drift = verify.drifted_sets({n: spec.members for n, spec in desired.sets.items()}, sets_now)
             if drift:  # first: a rewritten chain may match a set that was destroyed
                 self._sets_view.forget()  # until the restore is known to have worked
-                kernel.restore_sets(self._sets_script(desired, sets_now))
+                kernel.restore_sets(sets_script(desired.sets, sets_now, self.ipset_maxelem))
                 self._sets_view.wrote(desired.sets, self.ipset_maxelem)
             for family in FAMILIES:
                 found, script = verify.chain_repair(
@@ -298,9 +274,9 @@ class IptablesDataplane:
             tables = {first: first_table.result()}
             sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
 
-        moved_peers = _changed_members(desired, sets_now)
+        moved_peers = moved_members(desired.sets, sets_now)
         self._sets_view.forget()  # until the sets are known to be what desired says
-        kernel.restore_sets(self._sets_script(desired, sets_now))
+        kernel.restore_sets(sets_script(desired.sets, sets_now, self.ipset_maxelem))
         changed: set[tuple[str, str]] = set()
         repaired: list[str] = []
         for family in FAMILIES:
@@ -386,34 +362,6 @@ class IptablesDataplane:
             found[ifindex] = Interface(ifindex, link.name, bridge)
         return found
 
-    def _sets_script(self, desired: DesiredState, sets_now: dict[str, kernel.KernelSet]) -> str:
-        lines: list[str] = []
-        for name in sorted(desired.sets):
-            spec = desired.sets[name]
-            current = sets_now.get(name)
-            if current is not None and current.members == spec.members:
-                continue
-            header = f"{spec.kind} family {spec.inet} maxelem {self.ipset_maxelem}"
-            adds = sorted(_set_member_text(spec, m) for m in spec.members)
-            if current is None:
-                lines.append(f"create {name} {header}")
-                lines += [f"add {name} {m}" for m in adds]
-                continue
-            if (current.kind, current.family) != (spec.kind, spec.family):
-                raise PermanentDataplaneError(f"ipset {name} exists as {current.kind}/ipv{current.family}")
-            edits = member_edits(name, spec, current, self.ipset_maxelem, partial(_set_member_text, spec))
-            if edits is not None:
-                lines += edits
-                continue
-            # Fill a copy, then swap it in: a lookup sees the old members or the new, never half.
-            temporary = f"{SET_PREFIX}tmp-{name[len(SET_PREFIX) :]}"[:31]
-            if temporary in sets_now:
-                lines.append(f"destroy {temporary}")
-            lines.append(f"create {temporary} {header}")
-            lines += [f"add {temporary} {m}" for m in adds]
-            lines += [f"swap {temporary} {name}", f"destroy {temporary}"]
-        return "\n".join(lines) + "\n" if lines else ""
-
     def _commit_family(
         self, family: int, desired: DesiredState, table: kernel.FilterTable
     ) -> set[tuple[str, str]]:
@@ -435,24 +383,6 @@ class IptablesDataplane:
         ):
             return set()  # the kernel holds what the last commit wrote: one restore saved
 
-        # Flushing PF-FROM would zero its drop counters: write them back with the rules.
-        spoof_counters = {
-            r.comment: (r.packets, r.bytes)
-            for r in table.chain_rules(FROM_POD_CHAIN)
-            if r.comment.startswith(FROM_POD_DROPS)
-        }
-        lines = ["*filter", *(f":{c} - [0:0]" for c in (*FIXED_CHAINS, *new, *stale))]
-        for chain in (*FIXED_CHAINS, *new):
-            for spec in chains[chain]:
-                prefix = ""
-                if chain == FROM_POD_CHAIN and any(f'"{p} ' in spec for p in FROM_POD_DROPS):
-                    comment = spec.split('--comment "', 1)[1].split('"', 1)[0]
-                    packets, byte_count = spoof_counters.get(comment, (0, 0))
-                    prefix = f"[{packets}:{byte_count}] "
-                lines.append(f"{prefix}-A {chain} {spec}")
-        lines += [f"-X {c}" for c in stale]
-        lines += ["COMMIT", ""]
-
         # Keep what the replaced chains counted (read in this apply, before the commit that
         # deletes them; what they count in between is lost).
         # (PF-FROM's own drops are written back with its rules above: not retired, or they would
@@ -466,7 +396,7 @@ class IptablesDataplane:
             self._retired_audit[owner] = self._retired_audit.get(owner, 0) + count
         for owner in [o for o in self._retired_audit if o not in desired.endpoint_chains]:
             del self._retired_audit[owner]  # the endpoint is gone: nothing reports it any more
-        kernel.restore_filter_table(family, "\n".join(lines))
+        kernel.restore_filter_table(family, kernel.commit_script(table, chains, new, stale))
         self._committed[family] = fixed
 
         changed = set()

@@ -1,4 +1,5 @@
-"""What podfence's ipsets hold, without asking the kernel on every apply (issue 27).
+"""What podfence's ipsets hold, without asking the kernel on every apply (issue 27), and the
+`ipset restore` script that makes them hold what the compiler wants (sets_script).
 
 `ipset save` of 10,000 identity members, and its parse, cost most of an apply that moves one
 remote pod; so the dataplane keeps its own view of what it wrote (SetsView) and reads the kernel
@@ -12,9 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 
+from agent.dataplane.base import PermanentDataplaneError
 from agent.dataplane.iptables.kernel import KernelSet
-from agent.dataplane.iptables.layout import IpSetSpec
+from agent.dataplane.iptables.layout import SET_PREFIX, IpSetSpec, member_address
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +94,54 @@ def member_edits(name: str, spec: IpSetSpec, current: KernelSet, maxelem: int,
     lines = [f"add {name} {text(member)}" for member in sorted(added)]
     lines += [f"del {name} {text(member)}" for member in sorted(removed)]
     return lines
+
+
+def sets_script(desired: Mapping[str, IpSetSpec], sets_now: Mapping[str, KernelSet], maxelem: int) -> str:
+    """The `ipset restore` script that turns `sets_now` into `desired` ("" when they agree): new
+    sets created and filled, changed ones edited in place (member_edits) or filled as a copy
+    and swapped in. Sets only in `sets_now` are left: chains may still match them."""
+    lines: list[str] = []
+    for name in sorted(desired):
+        spec = desired[name]
+        current = sets_now.get(name)
+        if current is not None and current.members == spec.members:
+            continue
+        header = f"{spec.kind} family {spec.inet} maxelem {maxelem}"
+        adds = sorted(_member_text(spec, m) for m in spec.members)
+        if current is None:
+            lines.append(f"create {name} {header}")
+            lines += [f"add {name} {m}" for m in adds]
+            continue
+        if (current.kind, current.family) != (spec.kind, spec.family):
+            raise PermanentDataplaneError(f"ipset {name} exists as {current.kind}/ipv{current.family}")
+        edits = member_edits(name, spec, current, maxelem, partial(_member_text, spec))
+        if edits is not None:
+            lines += edits
+            continue
+        # Fill a copy, then swap it in: a lookup sees the old members or the new, never half.
+        temporary = f"{SET_PREFIX}tmp-{name[len(SET_PREFIX) :]}"[:31]
+        if temporary in sets_now:
+            lines.append(f"destroy {temporary}")
+        lines.append(f"create {temporary} {header}")
+        lines += [f"add {temporary} {m}" for m in adds]
+        lines += [f"swap {temporary} {name}", f"destroy {temporary}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def moved_members(desired: Mapping[str, IpSetSpec], sets_now: Mapping[str, KernelSet]) -> set[str]:
+    """Addresses (or networks) that join or leave a set kept under its name: a peer whose identity
+    changed. The chains matching the set are unchanged, so only this says whose flows moved.
+    New and removed sets need nothing here: the chains using them change, and with them the
+    endpoint's chain name."""
+    moved: set[str] = set()
+    for name, spec in desired.items():
+        current = sets_now.get(name)
+        if current is not None:
+            moved |= {member_address(member) for member in current.members ^ spec.members}
+    return moved
+
+
+def _member_text(spec: IpSetSpec, member: str) -> str:
+    if spec.kind == "hash:ip":  # hash:ip takes plain addresses (a /len would mean a range)
+        return member.split("/", 1)[0]
+    return member

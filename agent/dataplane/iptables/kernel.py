@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from agent.dataplane import xtables
 from agent.dataplane.base import PermanentDataplaneError, TemporaryDataplaneError
 from agent.dataplane.iptables.bridge import ARP_GUARD_TABLE
-from agent.dataplane.iptables.layout import CHAIN_PREFIX, COMMENT_PREFIX, HOOK, SET_PREFIX, canonical_member
+from agent.dataplane.iptables.layout import (
+    CHAIN_PREFIX,
+    COMMENT_PREFIX,
+    FIXED_CHAINS,
+    FROM_POD_CHAIN,
+    FROM_POD_DROPS,
+    HOOK,
+    SET_PREFIX,
+    canonical_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,28 @@ def restore_filter_table(family: int, script: str) -> None:
     """Commit `script` (a "*filter ... COMMIT" block) into the kernel in one atomic table swap."""
     log.debug("restore ipv%d:\n%s", family, script)
     _run([xtables.RESTORE[family], "--noflush", "--wait", "--counters"], stdin=script)
+
+
+def commit_script(table: FilterTable, chains: dict[str, list[str]], new: list[str], stale: list[str]) -> str:
+    """The `iptables-restore --noflush` script of one family's commit: the fixed chains rewritten
+    from `chains`, the `new` endpoint chains built, the `stale` ones deleted, in one table swap."""
+    # Flushing PF-FROM would zero its drop counters: write them back with the rules.
+    drop_counters = {
+        r.comment: (r.packets, r.bytes)
+        for r in table.chain_rules(FROM_POD_CHAIN)
+        if r.comment.startswith(FROM_POD_DROPS)
+    }
+    lines = ["*filter", *(f":{c} - [0:0]" for c in (*FIXED_CHAINS, *new, *stale))]
+    for chain in (*FIXED_CHAINS, *new):
+        for spec in chains[chain]:
+            prefix = ""
+            if chain == FROM_POD_CHAIN and any(f'"{p} ' in spec for p in FROM_POD_DROPS):
+                comment = spec.split('--comment "', 1)[1].split('"', 1)[0]
+                packets, byte_count = drop_counters.get(comment, (0, 0))
+                prefix = f"[{packets}:{byte_count}] "
+            lines.append(f"{prefix}-A {chain} {spec}")
+    lines += [f"-X {c}" for c in stale]
+    return "\n".join([*lines, "COMMIT", ""])
 
 
 def read_sets() -> dict[str, KernelSet]:
