@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
+from agent.lab.machine import DEFAULT_LOCK_WAIT_S, RUN_DIR, LabError, teardown
 from agent.lab.prober import PROTOCOLS, Endpoint, probe_table
 from agent.lab.scenarios import pods_from_file, upstream_pods
-from agent.lab.topology import DEFAULT_LOCK_WAIT_S, RUN_DIR, CniMode, Lab, LabError, LabPod, teardown
+from agent.lab.topology import CniMode, Lab, LabPod
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

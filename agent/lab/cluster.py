@@ -27,7 +27,8 @@ import yaml
 
 from agent.control.status import fetch_status, status_to_dict
 from agent.lab import wiring
-from agent.lab.topology import RUN_DIR, Lab, LabError, child_environment, stop_pid_file
+from agent.lab.machine import RUN_DIR, LabError, child_environment, stop_pid_file
+from agent.lab.topology import Lab
 
 log = logging.getLogger(__name__)
 

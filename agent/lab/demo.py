@@ -37,17 +37,10 @@ import yaml
 from agent.lab import demo_derive, demo_observe
 from agent.lab.cluster import DATAPLANES, PodfenceOnLab
 from agent.lab.dns import service_name
+from agent.lab.machine import DEFAULT_LOCK_WAIT_S, LabError, teardown
 from agent.lab.prober import Probe, TruthTable, resolve, run_probes
 from agent.lab.scenarios import pods_from_file
-from agent.lab.topology import (
-    DEFAULT_LOCK_WAIT_S,
-    CniMode,
-    Lab,
-    LabError,
-    LabPod,
-    run_in_netns,
-    teardown,
-)
+from agent.lab.topology import CniMode, Lab, LabPod, run_in_netns
 from agent.lab.wiring import GATEWAY as ROUTED_GATEWAY
 from agent.model.load import parse_object
 from agent.model.objects import NetworkPolicy

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from agent.lab.topology import LabError, PodSpec, Protocol, ServerPort, node_name
+from agent.lab.machine import LabError
+from agent.lab.topology import PodSpec, Protocol, ServerPort, node_name
 
 UPSTREAM_NAMESPACES = ("x", "y", "z")
 UPSTREAM_POD_NAMES = ("a", "b", "c")

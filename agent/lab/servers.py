@@ -6,6 +6,7 @@ belongs to the netns it was created in, so this process enters each pod's netns 
 pod's sockets there, and then serves them all from one selector loop.
 
 Run as `python -m agent.lab.servers CONFIG READY_FILE`; READY_FILE appears once every socket is bound.
+The lab starts it with `start(pods)`, which writes CONFIG and waits for READY_FILE.
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ import random
 import selectors
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2.netns import setns
 
 from agent.lab import dns
+from agent.lab.machine import RUN_DIR, LabError, child_environment
 from agent.lab.sctp import CHUNK_INIT, IPPROTO_SCTP, build_init_ack, parse_sctp, strip_ipv4_header
+
+if TYPE_CHECKING:
+    from agent.lab.topology import LabPod
 
 log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket], None]
@@ -124,6 +131,52 @@ def main(argv: list[str]) -> int:
     config_path, ready_path = argv
     serve(json.loads(Path(config_path).read_text()), Path(ready_path))
     return 0
+
+
+SERVERS_PID = "servers.pid"
+
+
+def start(pods: Iterable[LabPod]) -> None:
+    """Start the one process that serves every pod's ports, and wait until all are bound.
+
+    A pod serving UDP 53 is the cluster DNS: it resolves every pod's Service name (agent.lab.dns).
+    """
+    pods = list(pods)
+    records = {
+        dns.service_name(p.spec.namespace, p.spec.name): [a for a in (p.service_ip, p.service_ip6) if a]
+        for p in pods
+    }
+    config = {
+        "pods": [
+            {
+                "netns": p.netns,
+                "name": p.spec.name,
+                "ports": [[sp.port, sp.protocol.value] for sp in p.spec.ports],
+            }
+            for p in pods
+        ],
+        "dns_records": records,
+    }
+    config_path = RUN_DIR / "servers.json"
+    ready_path = RUN_DIR / "servers.ready"
+    config_path.write_text(json.dumps(config))
+    ready_path.unlink(missing_ok=True)
+    log_file = (RUN_DIR / "servers.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.lab.servers", str(config_path), str(ready_path)],
+        stdout=log_file,
+        stderr=log_file,
+        env=child_environment(),
+        start_new_session=True,  # a Ctrl-C in the terminal reaches the lab's cleanup, not the servers
+    )
+    (RUN_DIR / SERVERS_PID).write_text(str(process.pid))
+    deadline = time.monotonic() + 15
+    while not ready_path.exists():
+        if process.poll() is not None:
+            raise LabError(f"pod servers exited with {process.returncode}; see {RUN_DIR / 'servers.log'}")
+        if time.monotonic() > deadline:
+            raise LabError("pod servers did not become ready within 15 s")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

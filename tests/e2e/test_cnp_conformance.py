@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from agent.lab.cluster import PodfenceOnLab
+from agent.lab.machine import LabError, teardown
 from agent.lab.prober import Probe, run_probes
-from agent.lab.topology import CniMode, Lab, LabError, PodSpec, ServerPort, node_name, teardown
+from agent.lab.topology import CniMode, Lab, PodSpec, ServerPort, node_name
 from agent.lab.topology import Protocol as LabProtocol
 from tests.cnp_conformance_model import Case, CnpCluster, cases, load_cases
 from tests.cnp_conformance_model import Probe as CnpProbe

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from agent.lab.cluster import PodfenceOnLab
+from agent.lab.machine import LabError, teardown
 from agent.lab.prober import Endpoint, TruthTable, comparison, probe_table
-from agent.lab.topology import CniMode, Lab, LabError, PodSpec, teardown
+from agent.lab.topology import CniMode, Lab, PodSpec
 from tests.conformance_model import (
     ALL_PODS,
     OLD,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent.lab.topology import leftovers
+from agent.lab.machine import leftovers
 from tests.e2e.test_conformance import _missing_dataplane
 
 DEMO_BUDGET_S = 60

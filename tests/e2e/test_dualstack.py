@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from agent.lab.cluster import PodfenceOnLab
+from agent.lab.machine import teardown
 from agent.lab.prober import Endpoint, TruthTable, comparison, probe_table
 from agent.lab.scenarios import upstream_pods
-from agent.lab.topology import CniMode, Lab, teardown
+from agent.lab.topology import CniMode, Lab
 from tests.e2e.test_conformance import LAB_LOCK_WAIT_S, _missing_dataplane
 
 PODS = [f"{ns}/{pod}" for ns in "xyz" for pod in "abc"]

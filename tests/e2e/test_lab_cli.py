@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.lab.topology import RUN_DIR, leftovers
+from agent.lab.machine import RUN_DIR, leftovers
 from tests.e2e.test_conformance import _missing_dataplane
 
 PODFENCE = [sys.executable, "-m", "agent.cli"]

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from agent.lab.topology import LabError, leftovers, teardown
+from agent.lab.machine import LabError, leftovers, teardown
 
 HOLDER = """
 import sys, time
-from agent.lab.topology import acquire_lab_lock
+from agent.lab.machine import acquire_lab_lock
 acquire_lab_lock()
 print("held", flush=True)
 time.sleep(float(sys.argv[1]))

@@ -15,6 +15,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from agent.lab import wiring
+from agent.lab.machine import RUN_DIR, LabError, leftovers, teardown
 from agent.lab.prober import Endpoint, Probe, TruthTable, probe_table, run_probes, server_reply
 from agent.lab.scenarios import upstream_pods
 from agent.lab.topology import (
@@ -22,13 +23,9 @@ from agent.lab.topology import (
     BLACKHOLED6_IN_ROOT,
     BLACKHOLED_IN_NODES,
     BLACKHOLED_IN_ROOT,
-    RUN_DIR,
     CniMode,
     Lab,
-    LabError,
-    leftovers,
     run_in_netns,
-    teardown,
 )
 
 RTN_BLACKHOLE = 6

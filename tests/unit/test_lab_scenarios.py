@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.lab.machine import LabError
 from agent.lab.scenarios import pods_from_file
-from agent.lab.topology import LabError, Protocol, ServerPort
+from agent.lab.topology import Protocol, ServerPort
 
 
 def test_pods_file_gives_nodes_labels_and_ports(tmp_path: Path) -> None:
