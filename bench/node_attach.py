@@ -32,7 +32,8 @@ from pyroute2 import IPRoute
 from agent.dataplane.base import Dataplane, EndpointCounters
 from agent.dataplane.types import Endpoint, NodeState
 from agent.lab import wiring
-from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.interfaces import InterfaceDiscovery
+from agent.node.monitor import NetlinkMonitor
 from agent.node.reconcile import Reconciler
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"

@@ -47,9 +47,10 @@ from agent.node.flowfeed import FLOW_METRICS_MODES, FlowFeed
 from agent.node.flowlog import FlowLogger
 from agent.node.hookguard import DEFAULT_INTERVAL_S as DEFAULT_HOOK_CHECK_S
 from agent.node.hookguard import HookGuard
-from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.interfaces import InterfaceDiscovery
 from agent.node.kubeproxy import warn_if_ipvs
 from agent.node.metrics import register_agent_metrics
+from agent.node.monitor import NetlinkMonitor
 from agent.node.reconcile import Reconciler
 from agent.node.repair import DEFAULT_INTERVAL_S as DEFAULT_STATE_CHECK_S
 from agent.node.repair import StateGuard, StateRepairing

@@ -29,7 +29,8 @@ from typing import Protocol
 from agent.dataplane.base import Dataplane, DataplaneError, TemporaryDataplaneError
 from agent.dataplane.fit import Rejection
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
-from agent.node.interfaces import EVERYTHING, NEIGHBOUR, DiscoveryError, HostView, Link
+from agent.node.interfaces import DiscoveryError, HostView, Link
+from agent.node.monitor import EVERYTHING, NEIGHBOUR
 
 log = logging.getLogger(__name__)
 

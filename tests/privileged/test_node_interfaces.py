@@ -17,7 +17,8 @@ import pytest
 
 from agent.dataplane.types import NodeState
 from agent.lab import wiring
-from agent.node.interfaces import InterfaceDiscovery, NetlinkMonitor
+from agent.node.interfaces import InterfaceDiscovery
+from agent.node.monitor import NetlinkMonitor
 from agent.node.reconcile import Reconciler
 
 RTNH_F_ONLINK = 4  # the gateway is on the link, whatever the pod's addresses say
