@@ -6,5 +6,6 @@ host-side interface of every local pod (`monitor` says when to look again), `rec
 to the dataplane, `hookguard` keeps the netfilter hooks first, `repair` puts back removed kernel
 state and `ctrelease` counts the pods' conntrack entries (all three on `periodic`'s loop),
 `flowfeed` hands the dataplane's flow records to `flowlog`, `flowbuffer` (relayed to the control
-service) and `metrics`, and `main`/`teardown` are the commands. Imports agent.api and agent.dataplane only.
+service) and `metrics`, and `main`/`teardown` are the commands (`build` makes the dataplane the
+flags describe). Imports agent.api and agent.dataplane only.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-GENERATION_DIR = "/run/podfence"  # beside the dataplane state (main.generation_file)
+GENERATION_DIR = "/run/podfence"  # beside the dataplane state (build.generation_file)
 
 
 def beside_state_file(state_file: Path) -> Path:

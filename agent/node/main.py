@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,7 +28,6 @@ from prometheus_client import CollectorRegistry
 from agent.dataplane.base import (
     Adopting,
     ConntrackReleasing,
-    Dataplane,
     DataplaneError,
     DenyEventSource,
     EgressHookReporting,
@@ -39,7 +37,7 @@ from agent.dataplane.flows import FlowRecordSource
 from agent.dataplane.iptables.flowrecords import DEFAULT_NFLOG_GROUP
 from agent.dataplane.types import NodeState, audit_everything_state
 from agent.metrics_http import start_metrics_server
-from agent.node import generation
+from agent.node.build import BPF_MAP_SIZE_FLAGS, bpffs_mount_of, build_dataplane, generation_file
 from agent.node.ctrelease import ConntrackReleaser
 from agent.node.flowbuffer import DEFAULT_CAPACITY as DEFAULT_FLOW_BUFFER
 from agent.node.flowbuffer import FlowBuffer
@@ -59,19 +57,6 @@ from agent.node.sync import SyncClient
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-# Flags `--map-size-<map>` -> BpfSettings field; the map names are those of the
-# podfence_map_capacity{map=...} metric. Unset flags keep the dataplane's defaults.
-BPF_MAP_SIZE_FLAGS: dict[str, str] = {
-    "ct": "ct_max",
-    "policy": "policy_max",
-    "ipcache": "ipcache_max",
-    "cidr": "cidr_max",
-    "endpoints": "endpoints_max",
-    "node-ips": "node_ips_max",
-    "frag": "frag_max",
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", required=True, help="this node's name (pods with spec.nodeName == NODE)")
@@ -256,72 +241,6 @@ def reloading_credentials(
     return load
 
 
-def _dest(map_flag: str) -> str:
-    return "map_size_" + map_flag.replace("-", "_")
-
-
-def bpffs_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The bpf filesystem mount point that `path` lives under, or None."""
-    target = os.path.abspath(path)
-    try:
-        lines = Path(mountinfo).read_text().splitlines()
-    except OSError:
-        return None
-    # Mounts in order; a mount hides every earlier one at or below its mount point (as
-    # `ip netns exec` remounting /sys hides /sys/fs/bpf). The longest visible one containing
-    # `path` is where it lives.
-    visible: dict[str, str] = {}
-    for line in lines:
-        fields = line.split()
-        # id parent major:minor root mount-point options [optional...] - fstype source options
-        if "-" not in fields:
-            continue
-        mount_point = fields[4].replace("\\040", " ")
-        for hidden in [m for m in visible if _under(m, mount_point)]:
-            del visible[hidden]
-        visible[mount_point] = fields[fields.index("-") + 1]
-    covering = max((m for m in visible if _under(target, m)), key=len, default=None)
-    return covering if covering is not None and visible[covering] == "bpf" else None
-
-
-def _under(path: str, mount_point: str) -> bool:
-    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-
-
-def build_dataplane(args: argparse.Namespace) -> Dataplane:
-    if args.dataplane == "iptables":
-        from agent.dataplane.iptables import IptablesDataplane
-
-        bound = {} if args.flows_per_pod is None else {"flows_per_pod": args.flows_per_pod}
-        return IptablesDataplane(
-            unknown_endpoints=args.unknown_endpoints,
-            established_on_change=args.established_on_change,
-            flow_group=args.nflog_group,
-            **bound,
-        )
-    from agent.dataplane.bpf import BpfDataplane
-    from agent.dataplane.bpf.settings import BpfSettings
-
-    options = vars(args)
-    sizes: dict[str, Any] = {
-        keyword: options[_dest(flag)]
-        for flag, keyword in BPF_MAP_SIZE_FLAGS.items()
-        if options[_dest(flag)] is not None
-    }
-    if args.event_rate is not None:
-        sizes["event_rate"] = args.event_rate
-    settings = BpfSettings(
-        pin_dir=args.pin_dir,
-        unknown_endpoints=args.unknown_endpoints,
-        established_on_change=args.established_on_change,
-        egress_hook=args.egress_hook,
-        flows_per_pod=args.flows_per_pod,
-        **sizes,
-    )
-    dataplane: Dataplane = BpfDataplane(settings)
-    return dataplane
-
-
 def _audit_all(apply: Callable[[NodeState], None]) -> Callable[[NodeState], None]:
     """`apply` of every state with every policy in audit (agent.dataplane.types.audit_everything)."""
 
@@ -329,18 +248,6 @@ def _audit_all(apply: Callable[[NodeState], None]) -> Callable[[NodeState], None
         apply(audit_everything_state(state))
 
     return apply_in_audit
-
-
-def generation_file(args: argparse.Namespace, dataplane: Dataplane) -> Path:
-    """--generation-file, else beside the dataplane's state file (bpf: named after the pin
-    directory, so two agents with their own pins in one /run keep their own), else per node in
-    /run/podfence."""
-    if args.generation_file:
-        return Path(args.generation_file)
-    state_file = getattr(dataplane, "state_file", None)
-    if isinstance(state_file, Path):
-        return generation.beside_state_file(state_file)
-    return generation.per_node(dataplane.name, args.node)
 
 
 def _thread(

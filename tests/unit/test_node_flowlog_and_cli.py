@@ -10,8 +10,8 @@ import pytest
 from agent.cli import main
 from agent.dataplane.bpf.telemetry import DenyEvent
 from agent.logs import JsonFormatter
+from agent.node.build import bpffs_mount_of
 from agent.node.flowlog import FlowLogger, TokenBucket
-from agent.node.main import bpffs_mount_of
 
 Event = DenyEvent  # what the bpf dataplane reports
 

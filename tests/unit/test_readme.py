@@ -20,8 +20,8 @@ from agent.control.metrics import ControlMetrics
 from agent.dataplane.base import EndpointCounters
 from agent.dataplane.bpf.settings import BpfSettings
 from agent.dataplane.types import IPAddress, NodeState, Reason
+from agent.node.build import BPF_MAP_SIZE_FLAGS
 from agent.node.interfaces import HostView, Link
-from agent.node.main import BPF_MAP_SIZE_FLAGS
 from agent.node.metrics import register_agent_metrics
 from agent.node.reconcile import Reconciler
 from tests.readme_tables import (
