@@ -50,7 +50,8 @@ from prometheus_client.registry import Collector
 
 from agent.dataplane.base import AuditCounting, Dataplane, DropReasons, EventsLost, MapUsage
 from agent.node.flowfeed import FlowMetrics
-from agent.node.reconcile import LatencyHistogram, Reconciler
+from agent.node.histogram import LatencyHistogram
+from agent.node.reconcile import Reconciler
 from agent.node.repair import KINDS
 from agent.process_metrics import register_process_metrics
 

@@ -11,8 +11,9 @@ import pytest
 
 from agent.dataplane.base import CapacityError, EndpointCounters, TemporaryDataplaneError
 from agent.dataplane.types import Endpoint, IPAddress, NodeState
+from agent.node.histogram import LatencyHistogram
 from agent.node.interfaces import DiscoveryError, HostView, Link
-from agent.node.reconcile import LatencyHistogram, Reconciler, RetryPolicy
+from agent.node.reconcile import Reconciler, RetryPolicy
 
 POD_A = ipaddress.ip_address("10.0.0.5")
 POD_B = ipaddress.ip_address("10.0.0.6")
