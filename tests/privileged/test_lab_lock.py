@@ -13,7 +13,7 @@ from agent.lab.machine import LabError, leftovers, teardown
 HOLDER = """
 import sys, time
 from agent.lab.machine import acquire_lab_lock
-acquire_lab_lock()
+acquire_lab_lock(240)  # another helper's lab may hold it for minutes on a shared machine
 print("held", flush=True)
 time.sleep(float(sys.argv[1]))
 """
