@@ -25,7 +25,7 @@ pytestmark = pytest.mark.needs("iptables-legacy", "ipset", "nsenter")  # and roo
 
 UDP = 17
 KEY = "default/pod2"
-node, dataplane = base.node, base.dataplane  # the fixtures: a node netns with three pods, a worker
+dataplane = base.dataplane  # the fixture: a started worker in conftest.py's node (three pods)
 
 
 class Reader:
