@@ -129,6 +129,7 @@ class Processes:
     control_metrics_port: int = field(default_factory=free_port)
     agent_metrics_port: int = field(default_factory=free_port)
     agent_log_level: str = "info"
+    control_args: tuple[str, ...] = ()  # more `podfence control` flags
     control: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
@@ -153,7 +154,7 @@ class Processes:
                 "agent.cli", "--log-format", "json", "control", "--source", str(self.folder), "--insecure",
                 "--listen", f"127.0.0.1:{self.control_port}",
                 "--metrics-listen", f"127.0.0.1:{self.control_metrics_port}",
-                "--poll-interval", str(self.poll_interval),
+                "--poll-interval", str(self.poll_interval), *self.control_args,
             ),
         )
         self.wait(lambda: self.control_version() >= 0, "control service metrics", 30)

@@ -1,8 +1,9 @@
 """Flow relay benchmark (issue 24): records from an agent's flow buffer to `podfence observe`.
 
 A real control service and a real SyncClient on loopback (in this process), and READERS
-`--follow` readers, each a process of its own reading every record over gRPC. The agent's flow
-buffer is fed RECORDS records as fast as the feed can hand them over. Reports the feed's cost
+`--follow` readers, each a process of its own reading every record over gRPC, once with Observe
+(a message per record) and once with ObserveBatches (the queued records in one message). The
+agent's flow buffer is fed RECORDS records as fast as the feed can hand them over. Reports the feed's cost
 per record (what the node's flow feed pays: the sink never waits for the network), how soon the
 control service had accepted every record, how soon the slowest reader had them all, the CPU
 of this process (agent and control together) per record, and what was lost (nothing expected:
@@ -32,12 +33,17 @@ _READER = """
 import sys, time
 import grpc
 from agent.api import podfence_pb2 as pb, podfence_pb2_grpc as pb_grpc
-target, wanted = sys.argv[1], int(sys.argv[2])
+target, wanted, rpc = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 got = 0
 with grpc.insecure_channel(target) as channel:
     print("ready", flush=True)
-    for record in pb_grpc.FlowObserverStub(channel).Observe(pb.ObserveRequest(follow=True)):
-        got += 1 + record.lost_before
+    stub = pb_grpc.FlowObserverStub(channel)
+    if rpc == "Observe":  # one record per message
+        messages = ([record] for record in stub.Observe(pb.ObserveRequest(follow=True)))
+    else:
+        messages = (batch.records for batch in stub.ObserveBatches(pb.ObserveRequest(follow=True)))
+    for records in messages:
+        got += sum(1 + record.lost_before for record in records)
         if got >= wanted:
             break
 print(time.time(), flush=True)
@@ -56,6 +62,11 @@ def _readers(ctl: Any) -> float | None:
 
 
 def run() -> dict[str, Any]:
+    """Both Observe RPCs, one after the other in this run (compare their ratio, not the figures)."""
+    return {rpc: measure(rpc) for rpc in ("Observe", "ObserveBatches")}
+
+
+def measure(rpc: str) -> dict[str, Any]:
     ctl = start_control(small_cluster(), observe=ObserveSettings(
         allow_unauthenticated=True, ring_size=RECORDS, reader_queue=RECORDS))
     agent = RecordingAgent("n1", ctl.target).start()
@@ -64,7 +75,7 @@ def run() -> dict[str, Any]:
     sender = threading.Thread(target=buffer.run, args=(agent.stop,), daemon=True)
     sender.start()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    readers = [subprocess.Popen([sys.executable, "-c", _READER, ctl.target, str(RECORDS)], env=env,
+    readers = [subprocess.Popen([sys.executable, "-c", _READER, ctl.target, str(RECORDS), rpc], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(READERS)]
     try:
         agent.wait_for_state(lambda state: True, "a snapshot")

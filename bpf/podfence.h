@@ -94,13 +94,13 @@ struct pf_endpoint_value {
 #define PF_EP_EGRESS_OPEN    0x02
 #define PF_EP_INGRESS_TIERED 0x04  /* ingress policy holds tiered verdicts (pf_policy_value.verdict) */
 #define PF_EP_EGRESS_TIERED  0x08
-#define PF_EP_INGRESS_AUDIT  0x10  /* ingress has an audit view: pf_audit[endpoint_id * 2 + 0] */
-#define PF_EP_EGRESS_AUDIT   0x20  /* egress has an audit view: pf_audit[endpoint_id * 2 + 1] */
+#define PF_EP_INGRESS_AUDIT  0x10  /* ingress has an audit view: pf_audit[endpoint_id] */
+/* 0x20 was PF_EP_EGRESS_AUDIT, never read: the agent judges egress audit views (lib/audit.h) */
 
-/* audit (array, endpoint_id * 2 + direction -> value): the audit view of an endpoint direction,
- * read only when the endpoint's flags say it has one (PF_EP_*_AUDIT), on a new flow the enforced
- * view admitted (lib/audit.h). A policy id and flags as the endpoint's own for that direction
- * (PF_AUDIT_*); policy id 0: the audit view allows everything. */
+/* audit (array, endpoint_id -> value): the audit view of an endpoint's ingress, read only when
+ * the endpoint's flags say it has one (PF_EP_INGRESS_AUDIT), on a new flow the enforced view
+ * admitted (lib/audit.h). A policy id and flags as the endpoint's own for ingress (PF_AUDIT_*);
+ * policy id 0: the audit view allows everything. */
 struct pf_audit_value {
 	__u32 policy_id;
 	__u32 flags;

@@ -191,6 +191,16 @@ class Reader:
                 self._lost = 0
             return record
 
+    def drain(self, limit: int) -> list[pb.FlowRecord]:
+        """Up to `limit` queued records without waiting (the first with what was lost before it)."""
+        with self._cond:
+            taken = [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
+            if taken and self._lost:
+                taken[0] = _copy(taken[0])
+                taken[0].lost_before = self._lost
+                self._lost = 0
+            return taken
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -21,7 +21,7 @@ import datetime
 import json
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 import grpc
@@ -185,6 +185,25 @@ def _note_lost(record: pb.FlowRecord, err: TextIO) -> None:
               file=err, flush=True)
 
 
+def _records(stub: pb_grpc.FlowObserverStub, request: pb.ObserveRequest, metadata: Any,
+             timeout: float | None, calls: list[Any]) -> Iterator[pb.FlowRecord]:
+    """The records of ObserveBatches (many per message), or of Observe from a control service
+    older than it (UNIMPLEMENTED, which comes before any record). `calls` collects the calls
+    for the caller to cancel."""
+    call = stub.ObserveBatches(request, metadata=metadata, timeout=timeout)
+    calls.append(call)
+    try:
+        for batch in call:
+            yield from batch.records
+        return
+    except grpc.RpcError as exc:
+        if not (isinstance(exc, grpc.Call) and exc.code() is grpc.StatusCode.UNIMPLEMENTED):
+            raise
+    call = stub.Observe(request, metadata=metadata, timeout=timeout)
+    calls.append(call)
+    yield from call
+
+
 def observe(stub: pb_grpc.FlowObserverStub, request: pb.ObserveRequest, output: str, timeout: float,
             token: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Runs one Observe call and prints what it brings (to stdout and stderr unless given);
@@ -192,12 +211,12 @@ def observe(stub: pb_grpc.FlowObserverStub, request: pb.ObserveRequest, output: 
     out = out or sys.stdout
     err = err or sys.stderr
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    call = stub.Observe(request, metadata=metadata, timeout=None if request.follow else timeout)
+    calls: list[Any] = []
     collected: list[dict[str, Any]] = []
     if output == "table":
         print(_line(TABLE_HEADER), file=out, flush=True)
     try:
-        for record in call:
+        for record in _records(stub, request, metadata, None if request.follow else timeout, calls):
             _note_lost(record, err)
             flow = record_to_dict(record)
             if output == "json":
@@ -212,7 +231,8 @@ def observe(stub: pb_grpc.FlowObserverStub, request: pb.ObserveRequest, output: 
         print(f"podfence observe: {code.name if code else 'error'}: {details}", file=err)
         return EXIT_USAGE if code is grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILURE
     finally:
-        call.cancel()
+        for call in calls:
+            call.cancel()
     if output == "json":
         print(json.dumps(collected), file=out)
     return EXIT_OK

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 OBSERVE_SERVICE = "podfence.v1.FlowObserver"
 _POLL_S = 1.0  # how often a quiet follow stream looks at its reader whatever it was told
+# Records per ObserveBatches message: ~50 KB, far below gRPC's 4 MiB; enough that a busy reader
+# pays for a message per batch, not per record.
+BATCH_RECORDS = 256
 
 
 def observe_users(names: Iterable[str]) -> frozenset[str]:
@@ -153,6 +156,20 @@ class AsyncFlowObserverService(pb_grpc.FlowObserverServicer):
 
     async def Observe(self, request: pb.ObserveRequest,  # type: ignore[override]
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FlowRecord]:
+        """One record per message (readers older than ObserveBatches)."""
+        async for batch in self._batches(request, context, limit=1):
+            for record in batch:
+                yield record
+
+    async def ObserveBatches(self, request: pb.ObserveRequest,  # type: ignore[override]
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ObservedFlows]:
+        async for batch in self._batches(request, context, limit=BATCH_RECORDS):
+            yield pb.ObservedFlows(records=batch)
+
+    async def _batches(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext,
+                       limit: int) -> AsyncIterator[list[pb.FlowRecord]]:
+        """The records a reader asked for, in lists of at most `limit`: the stored ones, then (with
+        follow) what is queued for it each time it is woken."""
         loop = asyncio.get_running_loop()
         refusal = await loop.run_in_executor(None, self._access.refusal, _caller(context))
         if refusal is not None:
@@ -174,23 +191,24 @@ class AsyncFlowObserverService(pb_grpc.FlowObserverServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
         try:
-            for record in backlog:
-                yield record
+            for start in range(0, len(backlog), limit):
+                yield backlog[start : start + limit]
             self._relay.sent(len(backlog))
             if reader is not None:
-                async for fresh in self._follow(reader, queued):
+                async for fresh in self._follow(reader, queued, limit):
                     yield fresh
-                    self._relay.sent()
+                    self._relay.sent(len(fresh))
         finally:
             if reader is not None:
                 self._relay.unsubscribe(reader)
 
     @staticmethod
-    async def _follow(reader: Reader, queued: asyncio.Event) -> AsyncIterator[pb.FlowRecord]:
+    async def _follow(reader: Reader, queued: asyncio.Event,
+                      limit: int) -> AsyncIterator[list[pb.FlowRecord]]:
         while not reader.closed:
             queued.clear()  # first clear, then look: a record queued after the look sets it again
-            fresh = reader.next(timeout=0)
-            if fresh is not None:
+            fresh = reader.drain(limit)
+            if fresh:
                 yield fresh
                 continue
             with contextlib.suppress(TimeoutError):  # a look now and then, whatever happens

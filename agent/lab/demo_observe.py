@@ -12,7 +12,9 @@ import sys
 import time
 from typing import Any
 
-RECORD_WAIT_S = 20.0  # the records of a busy minute can queue for seconds on their way (iptables)
+# A bound, not a wait: a record is here ~1.5 s after its packet, the CLI's start-up included
+# (tens of ms of it on the way, bench/flow_latency.py); generous for a loaded machine.
+RECORD_WAIT_S = 20.0
 
 
 def observed(control_address: str, *filters: str, timeout_s: float = RECORD_WAIT_S) -> list[dict[str, Any]]:

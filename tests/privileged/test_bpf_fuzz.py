@@ -32,6 +32,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -399,7 +400,8 @@ class Bench:
 
 
 @contextmanager
-def _bench(established_on_change: str) -> Iterator[Bench]:
+def _bench(established_on_change: str, **overrides: Any) -> Iterator[Bench]:
+    """`overrides`: other BpfSettings fields."""
     prefix = f"pfb-{secrets.token_hex(3)}"
     netns = f"{prefix}-fuzz"
     wiring.create(netns, loopback_up=False)
@@ -409,6 +411,7 @@ def _bench(established_on_change: str) -> Iterator[Bench]:
             netns=netns,
             state_file=f"/run/podfence-tests/{prefix}.json",
             established_on_change=established_on_change,
+            **overrides,
         )
     )
     try:

@@ -15,6 +15,7 @@ from agent.dataplane.bpf.compiler import (
     port_range_prefixes,
 )
 from agent.dataplane.bpf.structs import (
+    EP_INGRESS_AUDIT,
     POLICY_PREFIX_ANY_PROTOCOL,
     POLICY_PREFIX_PROTOCOL,
     PeerKind,
@@ -347,3 +348,26 @@ def test_compiled_maps_answer_like_the_allow_lists_on_random_states() -> None:
                 port,
             )
     assert outcomes[True] > 100 and outcomes[False] > 100  # both verdicts were exercised
+
+
+def test_only_ingress_audit_views_reach_the_kernel() -> None:
+    """The kernel judges ingress audit views (pf_audit[endpoint slot], PF_EP_INGRESS_AUDIT); the
+    agent judges egress ones from the flow's record, so they get no slot, flag or policy id."""
+    view, egress_view = iso(Allow(IdentityPeer(1), 6, 80, 80)), iso(Allow(IdentityPeer(2)))
+    state = NodeState(
+        1,
+        {
+            "ns/a": endpoint("ns/a", "10.0.0.1", 5, ingress=DirectionPolicy(audit=view)),
+            "ns/b": endpoint("ns/b", "10.0.0.2", 6, egress=DirectionPolicy(audit=egress_view)),
+        },
+        {1: (addr("10.0.0.9"),), 2: (addr("10.0.0.8"),)},
+    )
+    desired = compile_node_state(state)
+    a, b = desired.endpoints[5], desired.endpoints[6]
+    assert a.flags & EP_INGRESS_AUDIT and not b.flags & 0x20  # 0x20: once PF_EP_EGRESS_AUDIT
+    plain = compile_node_state(NodeState(1, {"ns/b": endpoint("ns/b", "10.0.0.2", 6)}))
+    assert b.flags == plain.endpoints[6].flags
+    (audit_id, _) = desired.audit[a.endpoint_id]
+    assert desired.audit == {a.endpoint_id: (audit_id, 0)}
+    assert {key[1] for key in desired.policy} == {audit_id}  # no entries for b's egress view
+    assert addr_bytes(addr("10.0.0.8")) not in desired.ipcache

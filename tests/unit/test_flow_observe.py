@@ -67,12 +67,15 @@ def n1(control):
 
 
 def observe(target: str, credentials: grpc.ChannelCredentials | None = None, metadata=None,
-            **request) -> list[pb.FlowRecord]:
-    """The records a call without follow brings."""
+            batches: bool = False, **request) -> list[pb.FlowRecord]:
+    """The records a call without follow brings (of ObserveBatches with `batches`)."""
     channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
     with channel:
-        return list(pb_grpc.FlowObserverStub(channel).Observe(pb.ObserveRequest(**request), timeout=WAIT,
-                                                               metadata=metadata))
+        stub = pb_grpc.FlowObserverStub(channel)
+        if batches:
+            calls = stub.ObserveBatches(pb.ObserveRequest(**request), timeout=WAIT, metadata=metadata)
+            return [record for batch in calls for record in batch.records]
+        return list(stub.Observe(pb.ObserveRequest(**request), timeout=WAIT, metadata=metadata))
 
 
 def stored(control, count: int, **request) -> list[pb.FlowRecord]:
@@ -315,12 +318,14 @@ def test_with_mutual_tls_only_allowed_certificates_observe():
                         observe=ObserveSettings(allowed=("flow-reader",)))
     target = f"localhost:{ctl.port}"
     try:
-        assert observe(target, ca.client_credentials("flow-reader"), last=1) == []
-        assert observe(target, ca.client_credentials("podfence-admin"), last=1) == []  # a status admin
-        for name in ("n1", "someone-else"):  # a node's own certificate is not a reader's
-            with pytest.raises(grpc.RpcError) as raised:
-                observe(target, ca.client_credentials(name), last=1)
-            assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED, name
+        for batches in (False, True):  # Observe and ObserveBatches: the same readers
+            assert observe(target, ca.client_credentials("flow-reader"), batches=batches, last=1) == []
+            # a status admin
+            assert observe(target, ca.client_credentials("podfence-admin"), batches=batches, last=1) == []
+            for name in ("n1", "someone-else"):  # a node's own certificate is not a reader's
+                with pytest.raises(grpc.RpcError) as raised:
+                    observe(target, ca.client_credentials(name), batches=batches, last=1)
+                assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED, name
     finally:
         ctl.stop()
 

@@ -27,7 +27,7 @@ from agent.dataplane.iptables.flowrecords import (
     parse_prefix,
     rule_ref,
 )
-from agent.dataplane.iptables.flowsource import FlowView, flow_view, record_of
+from agent.dataplane.iptables.flowsource import FlowSource, FlowView, flow_view, record_of
 from agent.dataplane.iptables.layout import DesiredState
 from agent.dataplane.types import (
     ACTION_ACCEPT,
@@ -339,3 +339,35 @@ def test_another_group_is_another_log_chain_and_endpoint_chain() -> None:
     }
     assert chain_of(one, "ns/a", "ingress") != chain_of(other, "ns/a", "ingress")
     assert one.rule_names == other.rule_names  # the same rules, logged elsewhere
+
+
+class _ReaderAcrossAnApply:
+    """Stands in for the NFLOG socket (nflog.NflogReader.read): while the poll waits, an apply
+    publishes a view naming its new rule, and a packet that rule logged comes in."""
+
+    lost = 0
+
+    def __init__(self, source: FlowSource, view: FlowView, packet: nflog.NflogPacket) -> None:
+        self._source, self._view, self._packet = source, view, packet
+
+    def read(self, timeout_ms: int) -> list[nflog.NflogPacket]:
+        self._source.view = self._view
+        return [self._packet]
+
+
+def test_a_packet_logged_by_rules_applied_during_the_poll_is_named_by_them() -> None:
+    """Named with the view of when it arrived: with the one of before the wait its rule was
+    unknown, the record had no direction and the control service refused it."""
+    rule = RuleName("egress", "admin", "staged", "no-http")
+    ref = rule_ref(rule)
+    payload = _ipv4(6, "10.1.0.1", "10.1.0.2", struct.pack(">HH", 40000, 80))
+    packet = nflog.decode_packet({
+        nflog.NFULA_PREFIX: nflog_prefix(FlowVerdict.AUDIT_DENIED, ref).encode() + b"\0",
+        nflog.NFULA_PAYLOAD: payload, nflog.NFULA_IFINDEX_INDEV: struct.pack(">I", 10),
+    })  # fmt: skip
+    source = FlowSource(GROUP)
+    source._reader = _ReaderAcrossAnApply(source, FlowView({10: "ns/a"}, {}, {ref: rule}), packet)  # type: ignore[assignment]
+    [record] = source.poll_flows(200)
+    assert (record.endpoint, record.direction, record.tier, record.policy, record.rule) == (
+        "ns/a", "egress", "admin", "staged", "no-http",
+    )  # fmt: skip

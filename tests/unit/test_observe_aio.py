@@ -5,9 +5,12 @@ threads, as the Sync streams' readers do, and through the AgentMessage handler."
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -15,9 +18,10 @@ import pytest
 
 from agent.api import podfence_pb2 as pb
 from agent.api import podfence_pb2_grpc as pb_grpc
-from agent.control.flow_relay import FlowRelay
+from agent.control.flow_relay import FlowFilter, FlowRelay, Reader
 from agent.control.metrics import ControlMetrics
-from agent.control.observe_service import AsyncFlowObserverService, ObserveAccess
+from agent.control.observe import observe
+from agent.control.observe_service import BATCH_RECORDS, AsyncFlowObserverService, ObserveAccess
 from tests.unit.control_helpers import WAIT, wait_until
 
 
@@ -43,15 +47,18 @@ async def _run(call) -> None:
     call()
 
 
-def _serve(access: ObserveAccess) -> Iterator[LoopServer]:
-    relay = FlowRelay(ControlMetrics(), max_readers=2)
+def _serve(access: ObserveAccess, relay: FlowRelay | None = None,
+           servicer: Any = None) -> Iterator[LoopServer]:
+    """`servicer`: wraps the service (to serve only some of its methods)."""
+    relay = relay or FlowRelay(ControlMetrics(), max_readers=2)
     loop = asyncio.new_event_loop()
     ready: list[tuple[grpc.aio.Server, int]] = []
     started = threading.Event()
 
     async def start() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_FlowObserverServicer_to_server(AsyncFlowObserverService(relay, access), server)
+        service = AsyncFlowObserverService(relay, access)
+        pb_grpc.add_FlowObserverServicer_to_server(servicer(service) if servicer else service, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         ready.append((server, port))
@@ -117,9 +124,12 @@ def test_filters_and_bounds_hold_on_the_event_loop(served):
 def test_without_identity_the_event_loop_service_refuses_too():
     for served in _serve(ObserveAccess()):
         target = f"127.0.0.1:{served.port}"
-        with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as raised:
-            list(pb_grpc.FlowObserverStub(channel).Observe(pb.ObserveRequest(last=1), timeout=WAIT))
-        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.FlowObserverStub(channel)
+            for rpc in (stub.Observe, stub.ObserveBatches):
+                with pytest.raises(grpc.RpcError) as raised:
+                    list(rpc(pb.ObserveRequest(last=1), timeout=WAIT))
+                assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 @dataclass
@@ -127,3 +137,65 @@ class _Handle:
     """The one attribute of hub.StreamHandle that the flows handler reads."""
 
     node: str
+
+
+def test_observe_batches_sends_many_records_per_message_and_what_a_reader_lost(served):
+    served.publish("n1", *range(1, 301))  # stored: 300 records, more than one message holds
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        call = pb_grpc.FlowObserverStub(channel).ObserveBatches(pb.ObserveRequest(follow=True, last=300))
+        try:
+            stored = [next(call), next(call)]
+            assert [len(batch.records) for batch in stored] == [BATCH_RECORDS, 300 - BATCH_RECORDS]
+            assert [r.destination_port for b in stored for r in b.records] == list(range(1, 301))
+            served.publish("n1", *range(1000, 1100))  # live, in one agent batch
+            live: list[pb.FlowRecord] = []
+            messages = 0
+            while len(live) < 100:
+                live += next(call).records
+                messages += 1
+            assert [r.destination_port for r in live] == list(range(1000, 1100))
+            assert messages < 100  # the queued ones travel together
+        finally:
+            call.cancel()
+    wait_until(lambda: served.relay.reader_count() == 0, what="the reader to leave")
+
+
+def test_a_drained_reader_names_what_it_lost_on_the_first_record_it_gets():
+    reader = Reader(FlowFilter(), max_queued=2)
+    for port in (1, 2, 3, 4):
+        reader.offer(pb.FlowRecord(destination_port=port))
+    first = reader.drain(10)
+    assert [(r.destination_port, r.lost_before) for r in first] == [(1, 2), (2, 0)]
+    reader.offer(pb.FlowRecord(destination_port=5))
+    assert [(r.destination_port, r.lost_before) for r in reader.drain(10)] == [(5, 0)]
+
+
+class _BeforeBatches(pb_grpc.FlowObserverServicer):
+    """A control service from before ObserveBatches: only Observe (the rest UNIMPLEMENTED)."""
+
+    def __init__(self, service: AsyncFlowObserverService) -> None:
+        self.Observe = service.Observe  # type: ignore[method-assign]
+
+
+class _BatchesOnly(pb_grpc.FlowObserverServicer):
+    """Only ObserveBatches: a CLI that still called Observe would get UNIMPLEMENTED."""
+
+    def __init__(self, service: AsyncFlowObserverService) -> None:
+        self.ObserveBatches = service.ObserveBatches  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("servicer", [_BatchesOnly, _BeforeBatches])
+def test_podfence_observe_reads_batches_and_falls_back_to_observe(servicer):
+    relay = FlowRelay(ControlMetrics())
+    relay.publish("n1", pb.FlowBatch(records=[
+        pb.FlowRecord(time_ns=1 + port, endpoint="shop/web-1", direction="ingress", protocol=6,
+                      source="10.0.1.11", destination="10.0.1.10", destination_port=port, verdict="allowed")
+        for port in (80, 81)
+    ]))
+    for served in _serve(ObserveAccess(allow_unauthenticated=True), relay, servicer):
+        out, err = io.StringIO(), io.StringIO()
+        with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            code = observe(pb_grpc.FlowObserverStub(channel), pb.ObserveRequest(last=10), "jsonl", WAIT,
+                           None, out=out, err=err)
+        assert code == 0, err.getvalue()
+        assert [json.loads(line)["destination"]["port"] for line in out.getvalue().splitlines()] == [80, 81]

@@ -27,7 +27,6 @@ from agent.dataplane.bpf.cidr_classes import CidrPrefix, lpm_cidr_classes
 from agent.dataplane.bpf.structs import (
     AUDIT_OPEN,
     AUDIT_TIERED,
-    EP_EGRESS_AUDIT,
     EP_EGRESS_OPEN,
     EP_EGRESS_TIERED,
     EP_INGRESS_AUDIT,
@@ -98,8 +97,8 @@ class Desired:
     policy: dict[PolicyEntry, int]  # entry -> tiered.leaf_value (rules producing it, verdict)
     allocation: Allocation
     interfaces: frozenset[int]  # every ifindex to guard
-    # endpoint_id * 2 + direction -> (policy id, structs.AUDIT_*) of the audit view of each
-    # endpoint direction that has one (bpf/lib/audit.h)
+    # endpoint_id -> (policy id, structs.AUDIT_*) of the audit view of each endpoint ingress that
+    # has one (bpf/lib/audit.h); egress audit views are the agent's (flow_records.py), not the kernel's
     audit: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
@@ -134,7 +133,6 @@ def endpoint_flags(ingress: DirectionPolicy, egress: DirectionPolicy) -> int:
     flags |= 0 if egress.isolated else EP_EGRESS_OPEN
     flags |= EP_INGRESS_TIERED if ingress.tiered else 0
     flags |= EP_INGRESS_AUDIT if ingress.audit is not None else 0
-    flags |= EP_EGRESS_AUDIT if egress.audit is not None else 0
     return flags | (EP_EGRESS_TIERED if egress.tiered else 0)
 
 
@@ -328,15 +326,16 @@ def compile_node_state(
                 known = contents[id(direction)] = (direction, policy_content(direction))
             found.append(known[1])
         endpoint_contents[key] = (found[0], found[1])
-    # audit views (bpf/lib/audit.h): their contents get policy ids like any other, never in place
-    audit_contents: dict[tuple[str, int], PolicyContent | None] = {}
+    # ingress audit views (bpf/lib/audit.h): their contents get policy ids like any other, never in
+    # place. Egress ones are judged by the agent from the flow's record: nothing in the kernel.
+    audit_contents: dict[str, PolicyContent | None] = {}
     for key, endpoint in sorted(state.endpoints.items()):
-        for index, direction in enumerate((endpoint.ingress, endpoint.egress)):
-            if direction.audit is not None:
-                known = contents.get(id(direction.audit))
-                if known is None:
-                    known = contents[id(direction.audit)] = (direction.audit, policy_content(direction.audit))
-                audit_contents[(key, index)] = known[1]
+        audit_view = endpoint.ingress.audit
+        if audit_view is not None:
+            known = contents.get(id(audit_view))
+            if known is None:
+                known = contents[id(audit_view)] = (audit_view, policy_content(audit_view))
+            audit_contents[key] = known[1]
     read_by_audit = {c for c in audit_contents.values() if c is not None}
     inherited = _inherited_policy_ids(endpoint_contents, previous, read_by_audit) if inherit else {}
     policies: dict[PolicyContent, int] = {}
@@ -351,7 +350,7 @@ def compile_node_state(
                 policies[content] = previous.policies.get(content) or inherited.get(content) or fresh_id()
             ids.append(policies[content])
         endpoint_policy_ids[key] = (ids[0], ids[1])
-    audit_ids: dict[tuple[str, int], int] = {}
+    audit_ids: dict[str, int] = {}
     for ref, content in audit_contents.items():
         if content is None:
             audit_ids[ref] = NOT_ISOLATED
@@ -426,9 +425,8 @@ def compile_node_state(
         endpoints[endpoint.ifindex] = EndpointEntry(
             key, slots[key], ingress_id, egress_id, mac=mac, flags=flags
         )
-        for index, direction in enumerate((endpoint.ingress, endpoint.egress)):
-            if direction.audit is not None:
-                audit[slots[key] * 2 + index] = (audit_ids[(key, index)], audit_flags(direction.audit))
+        if endpoint.ingress.audit is not None:
+            audit[slots[key]] = (audit_ids[key], audit_flags(endpoint.ingress.audit))
         for address in endpoint.ips:
             endpoint_ips[addr_bytes(address)] = endpoint.ifindex
 

@@ -32,7 +32,6 @@ from agent.dataplane.bpf.structs import (
     ACT_ACCEPT,
     ACT_DENY,
     ACT_PASS,
-    EP_EGRESS_AUDIT,
     EP_EGRESS_OPEN,
     EP_EGRESS_TIERED,
     EP_INGRESS_AUDIT,
@@ -240,14 +239,13 @@ def _find_endpoint(pin_dir: str, slot: int) -> tuple[int, Any] | None:
 
 
 def _audit_views(pin_dir: str, slot: int, flags: int) -> dict[Direction, int]:
-    """direction -> the policy id of its audit view (pf_audit), for the directions that have one."""
-    views = {}
+    """direction -> the policy id of its audit view (pf_audit[slot]): ingress only, the one view
+    the kernel holds (an egress audit view is the agent's, judged from the flow's record)."""
+    if not flags & EP_INGRESS_AUDIT:
+        return {}
     with PinnedMap(pin_dir, "pf_audit") as table:
-        for direction, flag in ((Direction.INGRESS, EP_INGRESS_AUDIT), (Direction.EGRESS, EP_EGRESS_AUDIT)):
-            if flags & flag:
-                found = table.lookup(ctypes.c_uint32(slot * 2 + direction))
-                views[direction] = found[0].policy_id if found else NOT_ISOLATED
-    return views
+        found = table.lookup(ctypes.c_uint32(slot))
+        return {Direction.INGRESS: found[0].policy_id if found else NOT_ISOLATED}
 
 
 def _policy_view(

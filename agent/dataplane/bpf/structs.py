@@ -77,11 +77,11 @@ class EndpointValue(ctypes.Structure):
 
 # pf_endpoint_value.flags (bpf/podfence.h PF_EP_*)
 EP_INGRESS_OPEN, EP_EGRESS_OPEN, EP_INGRESS_TIERED, EP_EGRESS_TIERED = 0x01, 0x02, 0x04, 0x08
-EP_INGRESS_AUDIT, EP_EGRESS_AUDIT = 0x10, 0x20  # the direction has an audit view in pf_audit
+EP_INGRESS_AUDIT = 0x10  # ingress has an audit view in pf_audit (0x20: unused, egress is the agent's)
 
 
 class AuditValue(ctypes.Structure):
-    """pf_audit[endpoint_id * 2 + direction]: the audit view of an endpoint direction."""
+    """pf_audit[endpoint_id]: the audit view of an endpoint's ingress."""
 
     _fields_ = [("policy_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
@@ -347,7 +347,6 @@ C_CONSTANTS: dict[str, int] = {
     "PF_CT_FIN_BA": CT_FIN_BA,
     "PF_CT_RST": CT_RST,
     "PF_EP_INGRESS_AUDIT": EP_INGRESS_AUDIT,
-    "PF_EP_EGRESS_AUDIT": EP_EGRESS_AUDIT,
     "PF_AUDIT_OPEN": AUDIT_OPEN,
     "PF_AUDIT_TIERED": AUDIT_TIERED,
     "PF_FLOW_ALLOWED": FLOW_ALLOWED,

@@ -260,6 +260,21 @@ class IptablesDataplane:
         kernel.restore_filter_table(family, script)
         return [f"ipv{family} {line.split()[1]}" for line in script.splitlines() if line.startswith("-I ")]
 
+    def _publish_flow_view(self, state: NodeState, desired: DesiredState, interfaces: set[int]) -> None:
+        if self._flows is None:
+            return
+        endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
+        tiered = {
+            (key, direction, view is not policy): view.tiered
+            for key, e in state.endpoints.items()
+            for direction, policy in (("ingress", e.ingress), ("egress", e.egress))
+            for view in (policy, policy.audit)
+            if view is not None and view.tiered
+        }
+        self._flows.view = flow_view(
+            endpoints, interfaces, desired.rule_names, self._rule_names, tiered, state.identities
+        )
+
     def _apply_locked(self, state: NodeState) -> None:
         if not self._started:
             self.start()
@@ -273,6 +288,10 @@ class IptablesDataplane:
             desired, rejected, interfaces = self._compile(state)
             tables = {first: first_table.result()}
             sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
+        # The records' view before the rules it names are in the kernel: a packet those rules log
+        # at once is named by their rule, not dropped as an unknown one (the control refuses a
+        # record without a direction). It keeps the last apply's names for packets logged before.
+        self._publish_flow_view(state, desired, interfaces)
 
         moved_peers = moved_members(desired.sets, sets_now)
         self._sets_view.forget()  # until the sets are known to be what desired says
@@ -295,17 +314,6 @@ class IptablesDataplane:
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
         self._desired = desired
         if self._flows is not None:
-            endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
-            tiered = {
-                (key, direction, view is not policy): view.tiered
-                for key, e in state.endpoints.items()
-                for direction, policy in (("ingress", e.ingress), ("egress", e.egress))
-                for view in (policy, policy.audit)
-                if view is not None and view.tiered
-            }
-            self._flows.view = flow_view(
-                endpoints, interfaces, desired.rule_names, self._rule_names, tiered, state.identities
-            )
             self._rule_names = desired.rule_names
         # (a stale set still referenced survives destroy_sets; the next read finds it again)
         self._sets_view.wrote(desired.sets, self.ipset_maxelem)

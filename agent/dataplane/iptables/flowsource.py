@@ -164,8 +164,12 @@ class FlowSource:
         return self._reader
 
     def _pump(self, reader: NflogReader, timeout_ms: int) -> None:
+        packets = reader.read(timeout_ms)
+        # the view of now, not of before the wait: a packet that came during it may have been
+        # logged by the rules of an apply made meanwhile (the dataplane publishes a view that
+        # names them before it commits them)
         view = self.view
-        for packet in reader.read(timeout_ms):
+        for packet in packets:
             record = record_of(packet, view)
             if record is None:
                 self.foreign += 1

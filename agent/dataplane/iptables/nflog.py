@@ -62,8 +62,9 @@ _BE32 = struct.Struct(">I")
 # Bytes of each packet copied to user space: the IPv4/IPv6 header, a few extension headers and
 # the ports. Records need no more, and a small copy keeps a flood cheap to queue.
 COPY_BYTES = 128
-# Kernel-side batching: a message waits at most this long (1/100 s) before it is sent.
-_FLUSH_TIMEOUT_CS = 5
+# Kernel-side batching: a message waits at most this long (1/100 s) before it is sent. A lone
+# flow waits it in full (no batch fills), so it is part of every quiet flow's delay to `observe`.
+_FLUSH_TIMEOUT_CS = 1
 # Messages the kernel gathers into one netlink packet before sending (or the page-sized buffer
 # fills, or the timeout passes): a new-connection storm costs the reader one wake-up and one
 # recv per batch instead of per flow.
