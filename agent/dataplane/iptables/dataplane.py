@@ -36,6 +36,7 @@ from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
 from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import kernel, verify
+from agent.dataplane.iptables.chain_memo import ChainMemo
 from agent.dataplane.iptables.compiler import compile_state
 from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
 from agent.dataplane.iptables.fitting import fit_sets
@@ -147,6 +148,7 @@ class IptablesDataplane:
         if flow_group:
             self._flows = FlowSource(flow_group, denied_flow_interval_s, flow_receive_buffer)
         self._rule_names: dict[int, RuleName] = {}  # of the last apply, for the flow view
+        self._chain_memo = ChainMemo()  # the last compile's endpoint chains (chain_memo.py)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -335,6 +337,7 @@ class IptablesDataplane:
                 set_limit=self.ipset_maxelem,
                 flows_per_pod=self.flows_per_pod,
                 flow_group=self.flow_group or None,
+                memo=self._chain_memo,
             ),
             self.ipset_maxelem,
         )
