@@ -149,6 +149,10 @@ class IptablesDataplane:
             self._flows = FlowSource(flow_group, denied_flow_interval_s, flow_receive_buffer)
         self._rule_names: dict[int, RuleName] = {}  # of the last apply, for the flow view
         self._chain_memo = ChainMemo()  # the last compile's endpoint chains (chain_memo.py)
+        # False only while every commit since start wrote no audit chain (no endpoint has an
+        # audit view): then the kernel holds no AUDIT_DENY rule of ours and audit_denied need
+        # not read the table. True from start: adopted chains may hold some.
+        self._audit_chains_possible = True
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -184,6 +188,7 @@ class IptablesDataplane:
         kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
         self._sets_view.forget()
         self._committed = {}
+        self._audit_chains_possible = True  # adopted chains may hold audit rules
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
 
@@ -276,6 +281,10 @@ class IptablesDataplane:
             tables = {first: first_table.result()}
             sets_now = self._sets_view.read(sets_read.result()) if sets_read else self._sets_view.current()
 
+        audits = any(
+            e.ingress.audit is not None or e.egress.audit is not None for e in state.endpoints.values()
+        )
+        self._audit_chains_possible |= audits  # before the first commit that may write one
         moved_peers = moved_members(desired.sets, sets_now)
         self._sets_view.forget()  # until the sets are known to be what desired says
         kernel.restore_sets(sets_script(desired.sets, sets_now, self.ipset_maxelem))
@@ -296,6 +305,7 @@ class IptablesDataplane:
         kernel.destroy_sets(stale_sets)
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
         self._desired = desired
+        self._audit_chains_possible = audits  # every family committed: the kernel holds `desired`
         if self._flows is not None:
             endpoints = {key: (e.ifindex, e.ips) for key, e in state.endpoints.items()}
             tiered = {
@@ -424,6 +434,8 @@ class IptablesDataplane:
         AUDIT_DENY rules of its audit chains, and of the chains they replaced)."""
         with self._lock:
             totals = dict(self._retired_audit)
+            if not self._audit_chains_possible:
+                return totals  # nothing in the kernel counts them: no table read (a scrape's half)
             for family in FAMILIES:
                 for owner, count in audit_denials(kernel.read_filter_table(family)).items():
                     totals[owner] = totals.get(owner, 0) + count
