@@ -38,7 +38,7 @@ from pathlib import Path
 from agent.control.folder_watch import FolderWatch
 from agent.control.hub import PolicyHub, SourceProblem
 from agent.model.errors import ModelError
-from agent.model.load import load_file
+from agent.model.load import ParseMemo, load_file
 from agent.model.objects import KubeObject
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class FolderSource:
         self.errors: dict[Path, str] = {}  # files that do not parse, with why
         self.last_error: str | None = None
         self._merged: dict[ObjectKey, KubeObject] = {}
+        # per file, its last read's parsed documents: an edit re-parses what it changed only
+        self._memos: dict[Path, ParseMemo] = {}
         self._started = False
         self._last_woken = float("-inf")  # when a file-system event last led to a pass (monotonic)
         self._newest_ns = 0  # the newest modification seen in the folder (the source generation)
@@ -134,6 +136,7 @@ class FolderSource:
         for path in sorted(set(self._signatures) - set(current)):
             log.info("file %s deleted", path)
             del self._signatures[path]
+            self._memos.pop(path, None)
             self._good.pop(path, None)
             self._invalid.pop(path, None)
             self._rejected.pop(path, None)
@@ -188,7 +191,7 @@ class FolderSource:
         return files
 
     def _read(self, path: Path) -> None:
-        result = load_file(path)
+        result = load_file(path, self._memos.setdefault(path, ParseMemo()))
         if result.unreadable:
             # A half-written or broken file: none of it replaces what the file held before, so an
             # editor's intermediate save never drops policy that is in force.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from agent.model.fields import MAX_ITEMS_PER_OBJECT, MAX_ITEMS_PER_TEXT
 from agent.model.parse import API_VERSIONS, CLUSTER_SCOPED, parse_object
+from agent.model.parse_memo import ParseMemo
 from agent.model.read import (
     MAX_FAST_NESTING,
     MAX_FILE_BYTES,
@@ -62,6 +63,7 @@ __all__ = [
     "MAX_LIST_DEPTH",
     "SUFFIXES",
     "LoadResult",
+    "ParseMemo",
     "dns1123_label_problem",
     "dns1123_subdomain_problem",
     "folder_files",

@@ -22,6 +22,7 @@ from agent.model.errors import ModelError, PolicyError
 from agent.model.fields import Budget
 from agent.model.objects import KubeObject
 from agent.model.parse import parse_object
+from agent.model.parse_memo import ParseMemo
 from agent.model.validation import type_name
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -122,7 +123,13 @@ def _within(where: str, path: str) -> str:
 
 
 def _add_document(
-    result: LoadResult, doc: object, source: str, where: str, budget: Budget, depth: int = 0
+    result: LoadResult,
+    doc: object,
+    source: str,
+    where: str,
+    budget: Budget,
+    depth: int = 0,
+    memo: ParseMemo | None = None,
 ) -> None:
     if doc is None:
         return  # an empty document, e.g. after a trailing '---'
@@ -157,8 +164,21 @@ def _add_document(
         for i, item in enumerate(items):
             if item_kind and isinstance(item, Mapping) and "kind" not in item:
                 item = {"kind": item_kind, **item}
-            _add_document(result, item, source, _within(where, f"items[{i}]"), budget, depth + 1)
+            _add_document(result, item, source, _within(where, f"items[{i}]"), budget, depth + 1, memo)
         return
+    spelling = memo.spelling(doc) if memo is not None else None
+    if spelling is not None and memo is not None:
+        found = memo.lookup(spelling)
+        # The same document parses alike but for the text's budget, which it used `used` of
+        # (monotonically): with at least that left it passes again; otherwise the parse itself
+        # says where the budget ran out, as without a memo.
+        if found is not None and budget.items_left >= found[1]:
+            obj, used = found
+            budget.items_left -= used
+            memo.remember(spelling, obj, used)
+            _append_object(result, obj)
+            return
+    before = budget.items_left
     try:
         obj = parse_object(doc, source, budget)
     except PolicyError as exc:
@@ -170,6 +190,12 @@ def _add_document(
     except RecursionError:
         result.errors.append(_input_error(source, where, "nested too deeply"))
         return
+    if spelling is not None and memo is not None:
+        memo.remember(spelling, obj, before - budget.items_left)
+    _append_object(result, obj)
+
+
+def _append_object(result: LoadResult, obj: KubeObject | None) -> None:
     if obj is None:
         result.ignored += 1
     else:
@@ -214,16 +240,30 @@ class _DuplicateKey(Exception):
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
+    obj = dict(pairs)  # in C: called for every JSON object of the text
+    if len(obj) != len(pairs):  # the exact test only on a collision
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return obj
 
 
-def load_text(text: str, source: str = "<string>") -> LoadResult:
-    """Every object of a YAML or JSON text; never raises for bad input."""
+def load_text(text: str, source: str = "<string>", memo: ParseMemo | None = None) -> LoadResult:
+    """Every object of a YAML or JSON text; never raises for bad input. With a `memo` (the same
+    one for each read of one source), the documents of a JSON text that were in its last read
+    are not parsed again (parse_memo.py)."""
+    if memo is None:
+        return _load_text(text, source, None)
+    memo.begin()
+    try:
+        return _load_text(text, source, memo)
+    finally:
+        memo.end()
+
+
+def _load_text(text: str, source: str, memo: ParseMemo | None) -> LoadResult:
     result = LoadResult()
     if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         result.errors.append(
@@ -244,7 +284,7 @@ def load_text(text: str, source: str = "<string>") -> LoadResult:
         except (ValueError, RecursionError):
             pass  # YAML flow style also starts with '{' or '['; let the YAML parser judge
         else:
-            _add_document(result, document, source, "", budget)
+            _add_document(result, document, source, "", budget, memo=memo)
             return result
     try:
         documents = list(_yaml_documents(text))
@@ -275,8 +315,9 @@ def _load_chunks(text: str, source: str, first_error: Exception, budget: Budget)
     return result
 
 
-def load_file(path: str | Path) -> LoadResult:
-    """Every object of one file; unreadable, oversized and non-UTF-8 files become errors."""
+def load_file(path: str | Path, memo: ParseMemo | None = None) -> LoadResult:
+    """Every object of one file; unreadable, oversized and non-UTF-8 files become errors. `memo`:
+    as load_text's, kept by the caller per file."""
     path = Path(path)
     source = str(path)
     try:
@@ -298,7 +339,7 @@ def load_file(path: str | Path) -> LoadResult:
         text = data.decode("utf-8-sig")  # tolerate a BOM, as kubectl does
     except UnicodeDecodeError as exc:
         return LoadResult(errors=[_input_error(source, "", f"not UTF-8 text (byte {exc.start})")])
-    return load_text(text, source)
+    return load_text(text, source, memo)
 
 
 SUFFIXES = (".yaml", ".yml", ".json")

@@ -20,7 +20,7 @@ import pytest
 from agent.dataplane.bpf.dataplane import BpfDataplane
 from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import IptablesDataplane
-from agent.dataplane.types import audit_everything_state
+from agent.dataplane.types import NodeState, audit_everything_state
 from tests.privileged import bpf_netns, iptables_netns
 from tests.privileged.audit_lab import ICMP, Expect, disagreements, expectations, lab_objects, node_state
 
@@ -86,6 +86,15 @@ def test_bpf_audit_changes_no_fate_and_counts_what_the_evaluator_denies(bpf_node
         plane.teardown()
 
 
+def without_audit(state: NodeState) -> NodeState:
+    plain = dataclasses.replace
+    endpoints = {
+        key: plain(e, ingress=plain(e.ingress, audit=None), egress=plain(e.egress, audit=None))
+        for key, e in state.endpoints.items()
+    }
+    return dataclasses.replace(state, endpoints=endpoints)
+
+
 @pytest.mark.needs("iptables-legacy", "ipset")
 def test_iptables_audit_changes_no_fate_and_counts_what_the_evaluator_denies(
     node: iptables_netns.Node,
@@ -98,7 +107,11 @@ def test_iptables_audit_changes_no_fate_and_counts_what_the_evaluator_denies(
         worker.call("start")
         keys = {f"lab/p{i + 1}": p.ifindex for i, p in enumerate(pods)}
         node_ips = (iptables_netns.NODE_IP, iptables_netns.NODE_IP6)
-        worker.call("apply", node_state(objects, keys, node_ips))
+        state = node_state(objects, keys, node_ips)
+        # First without any audit view: the dataplane then skips reading the table for audit
+        # denials, and must start again as soon as an apply writes audit chains.
+        worker.call("apply", without_audit(state))
+        worker.call("apply", state)
 
         def run(expect: Expect) -> bool:
             source, target = pods[expect.source], pods[expect.target]
@@ -110,6 +123,10 @@ def test_iptables_audit_changes_no_fate_and_counts_what_the_evaluator_denies(
         expected = expectations(objects, IPT_TCP, IPT_UDP)
         wrong = disagreements(expected, run, lambda: worker.call("audit_denied"))
         assert not wrong, wrong
+        counted = worker.call("audit_denied")
+        assert counted
+        worker.call("apply", without_audit(state))  # the audit chains go: what they counted stays
+        assert worker.call("audit_denied") == counted
     finally:
         try:
             worker.call("teardown")

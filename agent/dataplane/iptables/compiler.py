@@ -49,8 +49,11 @@ on (targets.py), ClusterNetworkPolicy tiers (tiers.py) and the bridge family's c
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
+from typing import Any
 
 from agent.dataplane.iptables.bridge import BridgePort, compile_bridge
+from agent.dataplane.iptables.chain_memo import ChainMemo
 from agent.dataplane.iptables.flowrecords import RuleName, rule_name
 from agent.dataplane.iptables.frompod import IP_OPTIONS_MATCH, icmp_error_match, ndp_rules
 from agent.dataplane.iptables.layout import (
@@ -119,8 +122,10 @@ class _Compiler:
         set_limit: int,
         flows_per_pod: int,
         flow_group: int | None,
+        memo: ChainMemo | None = None,
     ) -> None:
         self.state = state
+        self.memo = memo
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
         self._neighbour_dispatch: list[str] = []  # the IPv6 pods' neighbour chains, by interface
@@ -326,6 +331,25 @@ class _Compiler:
         return rules
 
     def _endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
+        if self.memo is None:
+            return self._compile_endpoint_chain(endpoint, direction, family)
+        flow_group = self.targets.flow_group
+        settings = (self.tcp_needs_syn, self.flows_per_pod, flow_group, self.set_limit)
+
+        def compile_alone(identities: Any) -> tuple[str, DesiredState]:
+            alone = _Compiler(
+                replace(self.state, identities=identities), self.interfaces, self.unknown_endpoints,
+                self.tcp_needs_syn, self.set_limit, self.flows_per_pod, flow_group,
+            )  # fmt: skip
+            alone.out.chains[family] = {}
+            return alone._compile_endpoint_chain(endpoint, direction, family), alone.out
+
+        return self.memo.endpoint_chain(
+            endpoint, direction, family, settings, self.state.node_ips, self.state.identities, self.out,
+            compile_alone,
+        )  # fmt: skip
+
+    def _compile_endpoint_chain(self, endpoint: Endpoint, direction: str, family: int) -> str:
         policy: DirectionPolicy = endpoint.ingress if direction == INGRESS else endpoint.egress
         rules = [f"-m conntrack --ctstate RELATED,ESTABLISHED {comment(ALLOW)} -j RETURN"]
         if self.tcp_needs_syn:
@@ -474,6 +498,7 @@ def compile_state(
     set_limit: int = DEFAULT_SET_LIMIT,
     flows_per_pod: int = 0,
     flow_group: int | None = None,
+    memo: ChainMemo | None = None,
 ) -> DesiredState:
     """The chains and sets that make the kernel enforce `state` on the given interfaces.
 
@@ -485,9 +510,18 @@ def compile_state(
     flows_per_pod: the most connections a pod address may hold in conntrack per direction (its
     new ones beyond are dropped as denials); 0: no bound.
     flow_group: the NFLOG group the deciding rules log new flows to (flowrecords.py); None: no
-    flow records, the deciding rules RETURN or DROP themselves."""
+    flow records, the deciding rules RETURN or DROP themselves.
+    memo: the endpoint chains of the last compile with this memo, taken again where their inputs
+    are unchanged (chain_memo.py): the same result, in time proportional to what changed."""
     if unknown_endpoints not in ("drop", "allow"):
         raise ValueError(f"unknown_endpoints must be 'drop' or 'allow', not {unknown_endpoints!r}")
-    return _Compiler(
-        state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod, flow_group
-    ).compile()
+    compiler = _Compiler(
+        state, interfaces, unknown_endpoints, tcp_needs_syn, set_limit, flows_per_pod, flow_group, memo
+    )
+    if memo is None:
+        return compiler.compile()
+    memo.begin()
+    try:
+        return compiler.compile()
+    finally:
+        memo.end()

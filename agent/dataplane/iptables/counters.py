@@ -79,8 +79,13 @@ def audit_denials(table: kernel.FilterTable, chains: set[str] | None = None) -> 
     """(key, direction) -> packets the AUDIT_DENY rules counted (of `chains` only, if given):
     the first packets of new flows the enforced rules admitted and the audit view would deny."""
     counts: dict[tuple[str, str], int] = {}
+    marker = AUDIT_DENY + " "
     for rule in table.rules:
-        if rule.comment.startswith(AUDIT_DENY + " ") and (chains is None or rule.chain in chains):
+        # the comment is part of the spec: the substring test (C) spares the comment's regex
+        # on every rule of the table, most of this function's cost at 10,000 endpoint chains
+        if marker not in rule.spec:
+            continue
+        if rule.comment.startswith(marker) and (chains is None or rule.chain in chains):
             _, direction, key = rule.comment.split(" ", 2)
             counts[(key, direction)] = counts.get((key, direction), 0) + rule.packets
     return counts

@@ -36,6 +36,7 @@ from agent.dataplane.fit import Rejection, report_rejections
 from agent.dataplane.flow_reset import FlowReset
 from agent.dataplane.flows import FlowRecord
 from agent.dataplane.iptables import kernel, verify
+from agent.dataplane.iptables.chain_memo import ChainMemo
 from agent.dataplane.iptables.compiler import compile_state
 from agent.dataplane.iptables.counters import Tally, audit_denials, endpoint_chain_owners, tally_chains
 from agent.dataplane.iptables.fitting import fit_sets
@@ -147,6 +148,11 @@ class IptablesDataplane:
         if flow_group:
             self._flows = FlowSource(flow_group, denied_flow_interval_s, flow_receive_buffer)
         self._rule_names: dict[int, RuleName] = {}  # of the last apply, for the flow view
+        self._chain_memo = ChainMemo()  # the last compile's endpoint chains (chain_memo.py)
+        # False only while every commit since start wrote no audit chain (no endpoint has an
+        # audit view): then the kernel holds no AUDIT_DENY rule of ours and audit_denied need
+        # not read the table. True from start: adopted chains may hold some.
+        self._audit_chains_possible = True
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -182,6 +188,7 @@ class IptablesDataplane:
         kernel.destroy_sets(sorted(set(kernel.read_sets()) - referenced_sets))
         self._sets_view.forget()
         self._committed = {}
+        self._audit_chains_possible = True  # adopted chains may hold audit rules
         self._started = True
         log.info("iptables dataplane started", extra={"adopted": self.adopted})
 
@@ -293,6 +300,10 @@ class IptablesDataplane:
         # record without a direction). It keeps the last apply's names for packets logged before.
         self._publish_flow_view(state, desired, interfaces)
 
+        audits = any(
+            e.ingress.audit is not None or e.egress.audit is not None for e in state.endpoints.values()
+        )
+        self._audit_chains_possible |= audits  # before the first commit that may write one
         moved_peers = moved_members(desired.sets, sets_now)
         self._sets_view.forget()  # until the sets are known to be what desired says
         kernel.restore_sets(sets_script(desired.sets, sets_now, self.ipset_maxelem))
@@ -313,6 +324,7 @@ class IptablesDataplane:
         kernel.destroy_sets(stale_sets)
         self.rejected_policies = report_rejections(self.rejected_policies, rejected)
         self._desired = desired
+        self._audit_chains_possible = audits  # every family committed: the kernel holds `desired`
         if self._flows is not None:
             self._rule_names = desired.rule_names
         # (a stale set still referenced survives destroy_sets; the next read finds it again)
@@ -343,6 +355,7 @@ class IptablesDataplane:
                 set_limit=self.ipset_maxelem,
                 flows_per_pod=self.flows_per_pod,
                 flow_group=self.flow_group or None,
+                memo=self._chain_memo,
             ),
             self.ipset_maxelem,
         )
@@ -429,6 +442,8 @@ class IptablesDataplane:
         AUDIT_DENY rules of its audit chains, and of the chains they replaced)."""
         with self._lock:
             totals = dict(self._retired_audit)
+            if not self._audit_chains_possible:
+                return totals  # nothing in the kernel counts them: no table read (a scrape's half)
             for family in FAMILIES:
                 for owner, count in audit_denials(kernel.read_filter_table(family)).items():
                     totals[owner] = totals.get(owner, 0) + count
