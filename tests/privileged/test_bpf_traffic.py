@@ -309,7 +309,20 @@ def test_full_map_raises_capacity_error_and_leaves_the_live_state_alone(node: No
         plane.teardown()
 
 
-def test_fifty_policy_changes_open_no_window(node: Node, dataplane: BpfDataplane, tmp_path: Path) -> None:
+@pytest.fixture
+def unmetered(node: Node) -> Iterator[BpfDataplane]:
+    """A dataplane whose flow-record budget no test run can spend: a test that reads every
+    record as evidence must not lose one to the per-CPU rate (1,000/s by default)."""
+    plane = BpfDataplane(node.settings(event_rate=100_000))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.teardown()
+
+
+def test_fifty_policy_changes_open_no_window(node: Node, unmetered: BpfDataplane, tmp_path: Path) -> None:
+    dataplane = unmetered
     a, b, c = node.pods
     # both states deny a -> c:8080 and allow a -> b:8080, through different ids, classes and rules
     first = state(
