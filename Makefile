@@ -15,12 +15,16 @@ lint: bootstrap
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
-# --durations: the slowest tests are listed, to keep the suite well inside CI's time limit
+# --durations: the slowest tests are listed, to keep the suite well inside CI's time limit.
+# The unit tier is pure Python and CPU-bound: two workers (pytest-xdist). The other tiers share
+# the kernel, the node lab and their probes' timeouts, so they run one test at a time, after it.
 test: lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests/unit; unit=$$?; \
+	$(PY) -m pytest -q --durations=15 tests --ignore=tests/unit; rest=$$?; \
+	exit $$(( unit || rest ))
 
 unit: bootstrap
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n 2 tests/unit
 
 privileged: bootstrap
 	$(PY) -m pytest -q tests/privileged

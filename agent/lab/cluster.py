@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,17 @@ class PodfenceOnLab:
 
     def stop(self) -> None:
         # Agents first: a control service that goes away first only fills their logs with retries.
-        for name in sorted(self.processes, key=lambda n: n == "control"):
-            stop_pid_file(RUN_DIR / f"{name}.pid", grace_seconds=5.0)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.processes.pop(name).wait(timeout=1)
+        # The agents stop side by side: each one's stop is mostly waiting for its threads.
+        agents = [name for name in self.processes if name != "control"]
+        with ThreadPoolExecutor(max_workers=max(1, len(agents)), thread_name_prefix="stop") as pool:
+            list(pool.map(self._stop_one, agents))
+        if "control" in self.processes:
+            self._stop_one("control")
+
+    def _stop_one(self, name: str) -> None:
+        stop_pid_file(RUN_DIR / f"{name}.pid", grace_seconds=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.processes.pop(name).wait(timeout=1)
 
     def logs(self, tail_lines: int = 30) -> str:
         parts = []

@@ -134,47 +134,64 @@ class Demo:
     def pod(self, short: str) -> LabPod:
         return next(p for p in self.lab.pods.values() if short_name(p) == short)
 
-    def observe(self, columns: list[Column], sources: list[str] = SOURCES) -> TruthTable:
+    def probe(self, cells: list[tuple[str, Column]]) -> dict[tuple[str, str], bool]:
+        """Whether each (source, column) connects, all probed at once: a blocked cell costs one
+        probe timeout, however many there are."""
         probes = {}
-        for source in sources:
-            for column in columns:
-                if column.pod == source:
-                    continue
-                src, dst = self.pod(source), self.pod(column.pod)
-                address = dst.ip if column.protocol == "ICMP" else dst.service_ip
-                probes[(source, column.label)] = Probe(
-                    source, src.netns, column.label, address, column.port, column.protocol
-                )
-        verdicts = run_probes(list(probes.values()), timeout=PROBE_TIMEOUT)
-        table = TruthTable(sources, [c.label for c in columns])
-        for source in sources:
-            for column in columns:
-                probe = probes.get((source, column.label))
-                table.cells[(source, column.label)] = verdicts[probe] if probe else True
-                if probe is None:
-                    table.ignored.add((source, column.label))
-        return table
-
-    def check_matrix(self, title: str, columns: list[Column], policies_applied: bool) -> TruthTable:
-        expected = expected_table(columns, policies_applied)
-        observed = self.observe(columns)
-        print(observed.render(f"{title} (rows: from, columns: to; . reachable, X blocked)"))
-        differences = expected.differences(observed)
-        for source, target, want, got in differences:
-            verdict = (
-                f"expected {'reachable' if want else 'blocked'}, got {'reachable' if got else 'blocked'}"
+        for source, column in cells:
+            src, dst = self.pod(source), self.pod(column.pod)
+            address = dst.ip if column.protocol == "ICMP" else dst.service_ip
+            probes[(source, column.label)] = Probe(
+                source, src.netns, column.label, address, column.port, column.protocol
             )
-            self.failures.append(f"{title}: {source} -> {target}: {verdict}")
-            print(f"  MISMATCH {source} -> {target}: {verdict}")
-        print()
+        verdicts = run_probes(list(probes.values()), timeout=PROBE_TIMEOUT)
+        return {cell: verdicts[probe] for cell, probe in probes.items()}
+
+    def observe(self, matrices: list[list[Column]], sources: list[str] = SOURCES) -> list[TruthTable]:
+        """One table per list of columns, probed together."""
+        cells = [(s, c) for columns in matrices for s in sources for c in columns if c.pod != s]
+        verdicts = self.probe(cells)
+        tables = []
+        for columns in matrices:
+            table = TruthTable(sources, [c.label for c in columns])
+            for source in sources:
+                for column in columns:
+                    cell = (source, column.label)
+                    table.cells[cell] = verdicts.get(cell, True)
+                    if cell not in verdicts:
+                        table.ignored.add(cell)
+            tables.append(table)
+        return tables
+
+    def check_matrices(
+        self, matrices: list[tuple[str, list[Column]]], policies_applied: bool
+    ) -> list[TruthTable]:
+        """Probe each (title, columns) matrix, all at once; print each and note every mismatch."""
+        observed = self.observe([columns for _, columns in matrices])
+        for (title, columns), table in zip(matrices, observed, strict=True):
+            expected = expected_table(columns, policies_applied)
+            print(table.render(f"{title} (rows: from, columns: to; . reachable, X blocked)"))
+            for source, target, want, got in expected.differences(table):
+                verdict = (
+                    f"expected {'reachable' if want else 'blocked'}, got {'reachable' if got else 'blocked'}"
+                )
+                self.failures.append(f"{title}: {source} -> {target}: {verdict}")
+                print(f"  MISMATCH {source} -> {target}: {verdict}")
+            print()
         return observed
 
-    def expect(self, description: str, source: str, column: Column, reachable: bool) -> None:
-        got = self.observe([column], [source]).cells[(source, column.label)]
-        ok = got == reachable
-        print(f"  [{'ok' if ok else 'FAIL'}] {description}: {'reachable' if got else 'blocked'}")
-        if not ok:
-            self.failures.append(f"{description}: expected {'reachable' if reachable else 'blocked'}")
+    def check_matrix(self, title: str, columns: list[Column], policies_applied: bool) -> TruthTable:
+        return self.check_matrices([(title, columns)], policies_applied)[0]
+
+    def expect(self, *checks: tuple[str, str, Column, bool]) -> None:
+        """Each check (description, source, column, reachable?), probed at once, printed in order."""
+        got = self.probe([(source, column) for _, source, column, _ in checks])
+        for description, source, column, reachable in checks:
+            seen = got[(source, column.label)]
+            ok = seen == reachable
+            print(f"  [{'ok' if ok else 'FAIL'}] {description}: {'reachable' if seen else 'blocked'}")
+            if not ok:
+                self.failures.append(f"{description}: expected {'reachable' if reachable else 'blocked'}")
 
     def build(self) -> None:
         pods_text = dict(bookinfo_files())["pods.yaml"]
@@ -243,23 +260,27 @@ class Demo:
         print("namespace owners and the cluster admin (agent/lab/admin/):")
         self.change("  the owner of istio-system allows everything into the gateway",
                     {"admin-gateway.yaml": "gateway-owner.yaml"})
-        self.expect("client -> ingress:15000 (opened by the owner)", "client",
-                    Column("ingress", 15000, "TCP"), True)
+        self.expect(("client -> ingress:15000 (opened by the owner)", "client",
+                     Column("ingress", 15000, "TCP"), True))
         self.change(
             "  Admin tier: no proxy admin port, no metadata address; Baseline: 'outside' opens nothing",
             {"admin-guardrails.yaml": "guardrails.yaml"},
         )
-        self.expect("client -> ingress:15000 (the Admin Deny beats the owner's allow-all)", "client",
-                    Column("ingress", 15000, "TCP"), False)
-        self.expect("client -> ingress:80 (Baseline default deny for 'outside')", "client",
-                    Column("ingress", 80, "TCP"), False)
+        self.expect(
+            ("client -> ingress:15000 (the Admin Deny beats the owner's allow-all)", "client",
+             Column("ingress", 15000, "TCP"), False),
+            ("client -> ingress:80 (Baseline default deny for 'outside')", "client",
+             Column("ingress", 80, "TCP"), False),
+        )
         self.change(
             "  the owner of 'outside' allows its client's egress",
             {"admin-outside.yaml": "outside-owner.yaml"},
         )
-        self.expect("client -> ingress:80 (its namespace's policy takes over from Baseline)", "client",
-                    Column("ingress", 80, "TCP"), True)
-        self.expect("client -> ingress:15000 still (Admin)", "client", Column("ingress", 15000, "TCP"), False)
+        self.expect(
+            ("client -> ingress:80 (its namespace's policy takes over from Baseline)", "client",
+             Column("ingress", 80, "TCP"), True),
+            ("client -> ingress:15000 still (Admin)", "client", Column("ingress", 15000, "TCP"), False),
+        )
         self.change("  back to the application's policies alone",
                     dict.fromkeys(("admin-gateway.yaml", "admin-guardrails.yaml", "admin-outside.yaml")))
         print()
@@ -270,8 +291,8 @@ class Demo:
         print("staging a guardrail in audit mode, then reading the flows (podfence observe):")
         self.change("  Admin tier, annotated podfence.io/mode: audit: no plain HTTP from 'outside'",
                     {"admin-staged.yaml": "staged-http.yaml"})
-        self.expect("client -> ingress:80 (the staged Deny changes no fate)", "client",
-                    Column("ingress", 80, "TCP"), True)
+        self.expect(("client -> ingress:80 (the staged Deny changes no fate)", "client",
+                     Column("ingress", 80, "TCP"), True))
         policy = "staged-no-plain-http"
         records = demo_observe.observed(self.podfence.control_address, "--verdict", "audit-denied",
                                         "--policy", policy)
@@ -319,18 +340,12 @@ class Demo:
             note = "" if result.returncode == 0 else f"   ({result.stderr.strip() or 'nothing to remove'})"
             print(f"  # {' '.join(argv)}{note}")
         self.expect(
-            "ingress -> ratings:9080 after flushing its own rules",
-            "ingress",
-            Column("ratings", 9080, "TCP"),
-            False,
+            ("ingress -> ratings:9080 after flushing its own rules", "ingress",
+             Column("ratings", 9080, "TCP"), False),
+            ("ingress -> productpage:9080 (its network still works)", "ingress",
+             Column("productpage", 9080, "TCP"), True),
+            ("ingress -> ratings ICMP", "ingress", Column("ratings", 0, "ICMP"), False),
         )
-        self.expect(
-            "ingress -> productpage:9080 (its network still works)",
-            "ingress",
-            Column("productpage", 9080, "TCP"),
-            True,
-        )
-        self.expect("ingress -> ratings ICMP", "ingress", Column("ratings", 0, "ICMP"), False)
         spoofed = str(ipaddress.ip_network(node.pod_cidr).network_address + 250)
         for argv in (
             ["ip", "addr", "flush", "dev", "eth0"],
@@ -346,19 +361,25 @@ class Demo:
         ):
             run_in_netns(ingress.netns, argv, check=False)
             print(f"  # {' '.join(argv)}")
-        self.expect(f"ingress as {spoofed} -> ratings:9080", "ingress", Column("ratings", 9080, "TCP"), False)
         self.expect(
-            "client -> ingress:15000 (Envoy admin) still", "client", Column("ingress", 15000, "TCP"), False
+            (f"ingress as {spoofed} -> ratings:9080", "ingress", Column("ratings", 9080, "TCP"), False),
+            ("client -> ingress:15000 (Envoy admin) still", "client", Column("ingress", 15000, "TCP"), False),
         )
         print()
 
     def run(self) -> int:
         self.build()
-        self.check_matrix("BEFORE policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, False)
-        self.check_matrix("BEFORE policies: ICMP echo to pod IPs", ICMP_COLUMNS, False)
+        self.check_matrices(
+            [("BEFORE policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS),
+             ("BEFORE policies: ICMP echo to pod IPs", ICMP_COLUMNS)],
+            False,
+        )
         self.apply_policies()
-        after = self.check_matrix("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS, True)
-        self.check_matrix("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS, True)
+        after, _ = self.check_matrices(
+            [("AFTER policies: TCP/UDP through Service ClusterIPs", SERVICE_COLUMNS),
+             ("AFTER policies: ICMP echo to pod IPs", ICMP_COLUMNS)],
+            True,
+        )
         self.check_dns()
         self.admin_guardrails()
         self.audit_rollout()

@@ -57,6 +57,7 @@ from agent.node.sync import SyncClient
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+THREAD_STOP_S = 10  # how long a stopping agent waits for each worker thread
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", required=True, help="this node's name (pods with spec.nodeName == NODE)")
@@ -323,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     discovery: InterfaceDiscovery | None = None
+    reconciler: Reconciler | None = None
     server = None
     threads: list[threading.Thread] = []
     try:
@@ -411,8 +413,13 @@ def run(args: argparse.Namespace) -> int:
         failed.set()
     finally:
         stop.set()
+        if reconciler is not None:
+            reconciler.wake()  # it waits for interface changes, not for `stop`
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=THREAD_STOP_S)
+            if thread.is_alive():  # a loop that does not watch `stop`: exiting would wait for it
+                log.warning("the %s thread did not stop within %d s; exiting without it", thread.name,
+                            THREAD_STOP_S)
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -159,6 +159,11 @@ class Reconciler:
                 self._changed_at = self._clock()
             self._changed.set()
 
+    def wake(self) -> None:
+        """Wake `run` at once, so that a stop just set is seen now, not after the resync interval
+        (which would hold up the agent's exit on SIGTERM)."""
+        self._changed.set()
+
     def on_recovered(self, callback: Callable[[int], None]) -> None:
         """Call `callback(version)` when the background loop programs a version that had failed
         (SyncClient.applied_late: it was nacked, now it is acked)."""

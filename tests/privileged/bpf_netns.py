@@ -12,12 +12,17 @@ import ipaddress
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netns import setns
+
 from agent.dataplane.bpf import state_file
 from agent.dataplane.bpf.settings import BpfSettings
+from tests.privileged import bpf_traffic_tool as traffic
 from tests.privileged.netns_node import NetnsNode, in_netns, sh
 
 TOOL = Path(__file__).with_name("bpf_traffic_tool.py")
@@ -40,14 +45,28 @@ class Pod:
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(*in_netns(self.netns, *argv), check=check)
 
+    # The probes are the tool's own (bpf_traffic_tool.py), run by a thread of this process that
+    # enters the pod's netns: no Python process started per probe.
     def tcp(self, host: str, port: int) -> bool:
-        return self.run(PYTHON, str(TOOL), "tcp", host, str(port), check=False).returncode == 0
+        return _from_netns(self.netns, lambda: traffic.tcp_once(host, port)) == 0
 
     def udp(self, host: str, port: int) -> bool:
-        return self.run(PYTHON, str(TOOL), "udp", host, str(port), check=False).returncode == 0
+        return _from_netns(self.netns, lambda: traffic.udp_once(host, port)) == 0
 
     def ping(self, host: str) -> bool:
-        return self.run(PYTHON, str(TOOL), "ping", host, check=False).returncode == 0
+        # an ident of its own: every probe of this process shares its pid
+        return _from_netns(self.netns, lambda: traffic.ping_once(host, secrets.randbelow(0x10000))) == 0
+
+
+def _from_netns(netns: str, probe: Callable[[], int]) -> int:
+    """`probe()` in a helper thread that enters `netns` (the calling thread stays where it is)."""
+
+    def entered() -> int:
+        setns(netns, flags=0)  # flags=0: never creates the namespace
+        return probe()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe") as pool:
+        return pool.submit(entered).result()
 
 
 @dataclass

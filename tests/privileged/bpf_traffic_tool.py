@@ -102,10 +102,11 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def ping_once(host: str) -> int:
-    """One ICMP/ICMPv6 echo over a raw socket (no ping binary on this machine)."""
+def ping_once(host: str, ident: int | None = None) -> int:
+    """One ICMP/ICMPv6 echo over a raw socket (no ping binary on this machine); `ident` names the
+    echo (default: this process's pid)."""
     v6 = ":" in host
-    ident = os.getpid() & 0xFFFF
+    ident = os.getpid() & 0xFFFF if ident is None else ident
     request_type, reply_type = (128, 129) if v6 else (8, 0)
     payload = b"podfence"
     header = struct.pack("!BBHHH", request_type, 0, 0, ident, 1)
