@@ -757,3 +757,31 @@ def test_a_family_the_change_does_not_touch_is_not_rewritten_and_tampering_is_re
     assert node.probe(p3, "tcp", p2.ip6, 80), "the lab must show the flushed chain is what filtered"
     dataplane.call("apply", node_state(node, ingress={2: v4_only}, version=3))
     assert not node.probe(p3, "tcp", p2.ip6, 80) and node.probe(p1, "tcp", p2.ip6, 80)
+
+
+def test_a_pod_interface_enslaved_after_the_apply_stays_guarded(
+    node: Node, dataplane: DataplaneWorker
+) -> None:
+    """A CNI creates a pod's veth, then makes it a bridge port. Seen before that (no master) and
+    guarded with "-i <veth>", its frames would come in through the bridge once enslaved, match
+    no rule and pass until the agent noticed the new master. On a node with bridged pods the
+    guard matches the bridge port too."""
+    from agent.lab import wiring
+    from tests.privileged.iptables_netns import BRIDGE, LAB_TCP
+    from tests.privileged.iptables_netns import Pod as LabPod
+
+    bridged = node.add_bridged_pod(5)
+    node.serve(bridged, tcp=LAB_TCP)
+    newcomer = LabPod(f"{node.prefix}-b9", "pfvb9", "10.2.0.9")
+    node._create(newcomer.netns)
+    newcomer.ifindex = wiring.add_veth(node.netns, newcomer.host_if, newcomer.netns)
+    with wiring.ipr(newcomer.netns) as ipr:
+        wiring.add_address(ipr, wiring.index(ipr, "eth0"), "10.2.0.9/24")
+    node.pods.append(newcomer)
+    unknown = len(node.pods)
+    dataplane.call("apply", node_state(node, unclaimed=(unknown,)))
+    with wiring.ipr(node.netns) as ipr:  # the CNI's second step, after the agent's apply
+        ipr.link("set", index=newcomer.ifindex, master=wiring.index(ipr, BRIDGE))
+    assert not node.probe(newcomer, "tcp", bridged.ip, LAB_TCP[0])
+    dataplane.call("apply", node_state(node, version=2))  # now known, nothing isolates it
+    assert node.probe(newcomer, "tcp", bridged.ip, LAB_TCP[0]), "the control: the path is open"

@@ -128,6 +128,7 @@ class _Compiler:
         self.memo = memo
         self.interfaces = interfaces
         self.unknown_endpoints = unknown_endpoints
+        self._bridged_node = any(i.bridge is not None for i in interfaces.values())
         self._neighbour_dispatch: list[str] = []  # the IPv6 pods' neighbour chains, by interface
         self.tcp_needs_syn = tcp_needs_syn
         self.set_limit = set_limit
@@ -446,13 +447,22 @@ class _Compiler:
             return
         counted, unknown = comment(UNKNOWN), "interface of no known pod"
         egress = self.targets.dropped(family, EGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][FROM_POD_CHAIN].append(f"{self._from_match(interface)} {counted} {egress}")
-        if interface.bridge is None:
-            to = f"-o {interface.name}"
-        else:
-            to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
         ingress = self.targets.dropped(family, INGRESS, "unknown_endpoint", unknown)
-        self.out.chains[family][TO_POD_CHAIN].append(f"{to} {counted} {ingress}")
+        port_from = f"-m physdev --physdev-in {interface.name}"
+        port_to = f"-m physdev --physdev-out {interface.name} --physdev-is-bridged"
+        if interface.bridge is not None:
+            froms, tos = [port_from], [port_to]
+        else:
+            froms, tos = [f"-i {interface.name}"], [f"-o {interface.name}"]
+            # A CNI makes a new veth a bridge port after creating it: seen before that, its
+            # frames would then come in through the bridge and match no "-i" rule until the
+            # agent noticed the new master. On a node with bridged pods the port is guarded too
+            # (not on others: a physdev rule loads br_netfilter, which changes every bridge).
+            if self._bridged_node:
+                froms.append(port_from)
+                tos.append(port_to)
+        self.out.chains[family][FROM_POD_CHAIN] += [f"{match} {counted} {egress}" for match in froms]
+        self.out.chains[family][TO_POD_CHAIN] += [f"{match} {counted} {ingress}" for match in tos]
 
     def compile(self) -> DesiredState:
         claimed: dict[int, Endpoint] = {}
