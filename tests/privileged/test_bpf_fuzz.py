@@ -206,7 +206,9 @@ def ip_frame(
 class Claim:
     """What a frame says about itself, read from the RFC layouts (not from the datapath)."""
 
-    layer: str  # "ip", "arp", "other" (another ethertype) or "bad_l3" (no usable IP header)
+    # "ip", "arp", "vlan" (an 802.1Q/802.1ad tag), "other" (another ethertype) or "bad_l3" (no
+    # usable IP header)
+    layer: str
     family: int = 0
     source: IPAddress | None = None
     destination: IPAddress | None = None
@@ -235,6 +237,8 @@ def claim(frame: bytes) -> Claim:
         return _claim_ipv4(body)
     if ethertype == f.ETH_IP6:
         return _claim_ipv6(body)
+    if ethertype in (0x8100, 0x88A8):  # 802.1Q, 802.1ad: refused from a pod as tagged
+        return Claim("vlan")
     return Claim("other")
 
 
@@ -756,8 +760,10 @@ def hostile_verdict(bench: Bench, hook: str, frame: bytes) -> bool:
     shown = f"{hook} {frame.hex()} claims {said} -> {'pass' if verdict else 'drop'} {counted}"
 
     expected_reason = None  # a drop whose reason the datapath documents
-    if said.layer == "other":
+    if said.layer == "other" or (said.layer == "vlan" and hook == "to_pod"):
         expected_reason = Reason.UNSUPPORTED_L2
+    elif said.layer == "vlan":
+        expected_reason = Reason.VLAN_TAGGED  # tc_from_pod refuses tags (lib/neigh.h)
     elif said.layer == "bad_l3" or (said.layer == "arp" and said.malformed):
         expected_reason = Reason.MALFORMED
     if hook == "to_pod":
@@ -818,6 +824,15 @@ def test_truncation_at_every_length_never_allows_what_the_frame_does_not_carry(h
             # BPF_PROG_TEST_RUN refuses a frame whose fixed IP header is cut (a pod can still send
             # one: there the bounds-checked loads make it malformed); every longer one runs
             assert ran == (length >= fixed_header), f"{hook} {frame[:length].hex()} ran: {ran}"
+
+
+@pytest.mark.parametrize("tag", [b"\x81\x00", b"\x88\xa8"])
+@pytest.mark.parametrize("hook", ["egress", "to_pod"])
+def test_a_tag_where_the_ethertype_was_is_refused_as_tagged(hostile: Bench, hook: str, tag: bytes) -> None:
+    """What the random edits below found once (CI, 2026-12-08): bytes 12-13 edited into an
+    802.1Q or 802.1ad tag, refused from a pod as tagged, to a pod as another ethertype."""
+    frame = next(frame for kind, frame in HOSTILE_BASES if kind == hook and frame[12:14] == b"\x08\x00")
+    assert hostile_verdict(hostile, hook, frame[:12] + tag + frame[14:])
 
 
 @FUZZ
