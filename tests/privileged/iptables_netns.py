@@ -11,6 +11,7 @@ touches the root namespace's networking.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import multiprocessing
 import os
@@ -136,6 +137,10 @@ def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def _serve_worker(netns: str, conn: Connection, factory: Callable[[], Any]) -> None:
     from pyroute2 import netns as pyroute2_netns
 
+    # Forked from the test process, which may hold gRPC's objects (its threads are not copied):
+    # collecting them here crashed a worker once (CI, 2026-12-08, "Segmentation fault" while
+    # garbage-collecting). What the fork copied is never collected in the worker.
+    gc.freeze()
     pyroute2_netns.setns(netns)
     dataplane = factory()
     while True:
