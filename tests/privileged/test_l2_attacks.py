@@ -116,6 +116,11 @@ def podfence(node: Node, kind: str, open_ingress: bool = False) -> Iterator[Any]
         worker.stop()
 
 
+def egress_denials(plane: Any, key: str) -> int:
+    """What the iptables dataplane `plane` (a DataplaneWorker) counts as `key`'s egress denials."""
+    return sum(c.denied_packets for c in plane.call("counters") if (c.key, c.direction) == (key, "egress"))
+
+
 def send(pod: Pod, *frames: Any) -> None:
     sh(*in_netns(pod.netns, PYTHON, str(TOOL), "send", "eth0", *(bytes(f).hex() for f in frames)))
 
@@ -341,8 +346,7 @@ def test_iptables_holds_neighbour_discovery_to_address_resolution_with_egress_op
         plane.call("apply", opened)
 
         def denied() -> int:
-            counters = plane.call("counters")
-            return sum(c.denied_packets for c in counters if (c.key, c.direction) == ("ns/p1", "egress"))
+            return egress_denials(plane, "ns/p1")
 
         before = denied()
         sh(*in_netns(a.netns, PYTHON, str(TOOL), "send", "eth0", *(f.hex() for f in legitimate)))
@@ -516,13 +520,9 @@ def test_iptables_layer2_chain_flushed_by_hand_is_rewritten(bridged: Node) -> No
         def dropped_of_twenty() -> int:
             """How far a's egress drop counter moves while a sends twenty tagged frames (another
             drop of a's, say a router solicitation, may count too)."""
-            def count() -> int:
-                counters = plane.call("counters")
-                return sum(c.denied_packets for c in counters if (c.key, c.direction) == ("ns/p1", "egress"))
-
-            before = count()
+            before = egress_denials(plane, "ns/p1")
             send(a, *[qinq] * 20)
-            return count() - before
+            return egress_denials(plane, "ns/p1") - before
 
         assert plane.call("repair_state") == []
         assert dropped_of_twenty() >= 20
